@@ -1,0 +1,304 @@
+"""Typed wrapper over the native page-diff engine (native/pagediff.c).
+
+Buffers are anything that exposes the buffer protocol (mmap of a RAM file,
+bytearray, memoryview, numpy array) and are passed to C without copying.
+RAM, shadow and image buffers must be page-aligned and a whole number of
+pages; use :func:`alloc_pages` to get one.  Every C error code becomes a
+:class:`PageDiffError` naming what was wrong.  The C calls release the GIL.
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from mirror._pagediff import ffi, lib
+
+PAGE_SIZE: int = lib.PD_PAGE_SIZE
+HASH_SIZE: int = lib.PD_HASH_SIZE
+MAX_THREADS: int = lib.PD_MAX_THREADS
+
+Buffer = Any  # an object with the buffer protocol
+
+
+class PageKind(IntEnum):
+    """How one page travels in a checkpoint."""
+
+    RAW = lib.PD_KIND_RAW
+    ZERO = lib.PD_KIND_ZERO
+    DELTA = lib.PD_KIND_DELTA
+
+
+class PageDiffError(ValueError):
+    """A bad argument or malformed input given to the page-diff engine."""
+
+
+class CorruptEncoding(PageDiffError):
+    """Encoded pages that do not decode: nothing was written."""
+
+
+_ERRORS = {
+    lib.PD_EINVAL: "invalid argument",
+    lib.PD_EBOUNDS: "page index outside the image",
+    lib.PD_ECORRUPT: "malformed encoded page data",
+    lib.PD_ENOSPC: "output buffer too small",
+}
+
+
+def _check(rc: int, what: str) -> int:
+    if rc >= 0:
+        return rc
+    cls = CorruptEncoding if rc == lib.PD_ECORRUPT else PageDiffError
+    raise cls(f"{what}: {_ERRORS.get(rc, f'error {rc}')}")
+
+
+def alloc_pages(npages: int) -> mmap.mmap:
+    """Anonymous, page-aligned, zero-filled memory of ``npages`` pages."""
+    if npages < 1:
+        raise PageDiffError(f"npages must be at least 1, got {npages}")
+    return mmap.mmap(-1, npages * PAGE_SIZE)
+
+
+def _view(obj: Buffer, name: str, *, writable: bool = False) -> memoryview:
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise PageDiffError(
+            f"{name} must support the buffer protocol, got {type(obj).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise PageDiffError(f"{name} must be C-contiguous")
+    if writable and view.readonly:
+        raise PageDiffError(f"{name} is read-only but must be written to")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _pages(obj: Buffer, name: str, *, writable: bool = False) -> tuple[Any, int]:
+    """A page-aligned whole-page buffer as (cdata, npages)."""
+    view = _view(obj, name, writable=writable)
+    if view.nbytes == 0 or view.nbytes % PAGE_SIZE:
+        raise PageDiffError(
+            f"{name} is {view.nbytes} bytes, not a positive multiple of the "
+            f"page size {PAGE_SIZE}"
+        )
+    ptr = ffi.from_buffer("uint8_t[]", view, require_writable=writable)
+    addr = int(ffi.cast("uintptr_t", ptr))
+    if addr % PAGE_SIZE:
+        raise PageDiffError(
+            f"{name} starts at 0x{addr:x}, which is not aligned to the page size "
+            f"{PAGE_SIZE}; map it with mmap or alloc_pages()"
+        )
+    return ptr, view.nbytes // PAGE_SIZE
+
+
+def _bytes(obj: Buffer, name: str, *, writable: bool = False) -> tuple[Any, int]:
+    view = _view(obj, name, writable=writable)
+    return ffi.from_buffer("uint8_t[]", view, require_writable=writable), view.nbytes
+
+
+def _threads(threads: int) -> int:
+    if not 1 <= threads <= MAX_THREADS:
+        raise PageDiffError(f"threads must be 1..{MAX_THREADS}, got {threads}")
+    return threads
+
+
+def _index(dirty: Sequence[int] | array[int], npages: int) -> tuple[Any, int]:
+    arr = dirty if isinstance(dirty, array) and dirty.typecode == "I" else array("I", dirty)
+    for i in (arr[0], arr[-1]) if len(arr) else ():
+        if i >= npages:
+            raise PageDiffError(f"page index {i} is outside the image of {npages} pages")
+    return ffi.from_buffer("uint32_t[]", arr), len(arr)
+
+
+def hash_table_size(ram_bytes: int) -> int:
+    """Bytes of hash table that a hashed scan of ``ram_bytes`` of RAM needs."""
+    return (ram_bytes // PAGE_SIZE) * HASH_SIZE
+
+
+def scan_exact(
+    ram: Buffer, shadow: Buffer, *, update_shadow: bool = True, threads: int = 1
+) -> array[int]:
+    """Indices of the pages where ``ram`` differs from ``shadow``, ascending.
+
+    With ``update_shadow`` the shadow copy of each dirty page is refreshed.
+    """
+    ram_p, npages = _pages(ram, "ram")
+    sh_p, sh_pages = _pages(shadow, "shadow", writable=True)
+    if sh_pages != npages:
+        raise PageDiffError(f"shadow has {sh_pages} pages but ram has {npages}")
+    out = array("I", bytes(4 * npages))
+    n = _check(
+        lib.pd_scan_exact(
+            ram_p, sh_p, npages, int(update_shadow), ffi.from_buffer("uint32_t[]", out),
+            _threads(threads),
+        ),
+        "exact scan",
+    )
+    del out[n:]
+    return out
+
+
+def scan_hashed(ram: Buffer, table: Buffer, *, threads: int = 1) -> array[int]:
+    """Indices of the pages whose 128-bit hash differs from ``table``; updates it."""
+    ram_p, npages = _pages(ram, "ram")
+    tab_p, tab_len = _bytes(table, "hash table", writable=True)
+    if tab_len != npages * HASH_SIZE:
+        raise PageDiffError(
+            f"hash table is {tab_len} bytes but {npages} pages need "
+            f"{npages * HASH_SIZE} ({HASH_SIZE} a page)"
+        )
+    out = array("I", bytes(4 * npages))
+    n = _check(
+        lib.pd_scan_hashed(ram_p, tab_p, npages, ffi.from_buffer("uint32_t[]", out),
+                           _threads(threads)),
+        "hashed scan",
+    )
+    del out[n:]
+    return out
+
+
+@dataclass(frozen=True)
+class EncodedPages:
+    """A batch of pages ready to send: kinds and lengths per page, one payload."""
+
+    index: array[int]
+    kinds: bytes
+    lens: array[int]
+    data: bytes
+
+    @property
+    def raw_bytes(self) -> int:
+        return len(self.index) * PAGE_SIZE
+
+
+def gather(ram: Buffer, dirty: Sequence[int] | array[int]) -> EncodedPages:
+    """Copy the listed pages of ``ram`` into one buffer; zero pages become flags."""
+    ram_p, npages = _pages(ram, "ram")
+    idx_p, n = _index(dirty, npages)
+    kinds = bytearray(n)
+    out = bytearray(n * PAGE_SIZE)
+    size = _check(
+        lib.pd_gather(ram_p, npages, idx_p, n, ffi.from_buffer("uint8_t[]", kinds),
+                      ffi.from_buffer("uint8_t[]", out), len(out)),
+        "gather",
+    )
+    lens = array("I", (PAGE_SIZE if k == PageKind.RAW else 0 for k in kinds))
+    return EncodedPages(array("I", idx_p), bytes(kinds), lens, bytes(out[:size]))
+
+
+def encode_pages(
+    ram: Buffer, shadow: Buffer, dirty: Sequence[int] | array[int], *, delta: bool = True
+) -> EncodedPages:
+    """Encode the listed pages (zero flag, delta against ``shadow``, or raw).
+
+    The shadow copy of each listed page is then set to its new content, so
+    ``shadow`` must hold exactly what the receiver's image holds.
+    """
+    ram_p, npages = _pages(ram, "ram")
+    sh_p, sh_pages = _pages(shadow, "shadow", writable=True)
+    if sh_pages != npages:
+        raise PageDiffError(f"shadow has {sh_pages} pages but ram has {npages}")
+    idx_p, n = _index(dirty, npages)
+    kinds = bytearray(n)
+    lens = array("I", bytes(4 * n))
+    out = bytearray(n * PAGE_SIZE)
+    size = _check(
+        lib.pd_encode_pages(
+            ram_p, sh_p, npages, idx_p, n, int(delta), ffi.from_buffer("uint8_t[]", kinds),
+            ffi.from_buffer("uint32_t[]", lens), ffi.from_buffer("uint8_t[]", out), len(out),
+        ),
+        "encode pages",
+    )
+    return EncodedPages(array("I", idx_p), bytes(kinds), lens, bytes(out[:size]))
+
+
+def apply_pages(
+    image: Buffer,
+    index: Sequence[int] | array[int],
+    kinds: Buffer,
+    lens: Sequence[int] | array[int] | None,
+    data: Buffer,
+) -> None:
+    """Write encoded pages into ``image``: all of them, or (on any error) none."""
+    img_p, npages = _pages(image, "image", writable=True)
+    idx_arr = index if isinstance(index, array) and index.typecode == "I" else array("I", index)
+    kinds_p, nk = _bytes(kinds, "kinds")
+    if nk != len(idx_arr):
+        raise PageDiffError(f"{nk} kinds for {len(idx_arr)} pages")
+    lens_p = ffi.NULL
+    if lens is not None:
+        lens_arr = lens if isinstance(lens, array) and lens.typecode == "I" else array("I", lens)
+        if len(lens_arr) != len(idx_arr):
+            raise PageDiffError(f"{len(lens_arr)} lengths for {len(idx_arr)} pages")
+        lens_p = ffi.from_buffer("uint32_t[]", lens_arr)
+    data_p, data_len = _bytes(data, "data")
+    _check(
+        lib.pd_apply_pages(img_p, npages, ffi.from_buffer("uint32_t[]", idx_arr), len(idx_arr),
+                           kinds_p, lens_p, data_p, data_len),
+        "apply pages",
+    )
+
+
+def apply_encoded(image: Buffer, pages: EncodedPages) -> None:
+    """Apply a batch from :func:`gather` or :func:`encode_pages` to ``image``."""
+    apply_pages(image, pages.index, pages.kinds, pages.lens, pages.data)
+
+
+def _one_page(obj: Buffer, name: str, *, writable: bool = False) -> Any:
+    ptr, size = _bytes(obj, name, writable=writable)
+    if size != PAGE_SIZE:
+        raise PageDiffError(f"{name} is {size} bytes; a page is {PAGE_SIZE}")
+    return ptr
+
+
+def delta_encode(old: Buffer, new: Buffer) -> bytes | None:
+    """The delta from ``old`` to ``new`` (one page each), or None if not smaller."""
+    out = bytearray(PAGE_SIZE - 1)
+    rc = lib.pd_delta_encode(_one_page(old, "old page"), _one_page(new, "new page"),
+                             ffi.from_buffer("uint8_t[]", out), len(out))
+    if rc == lib.PD_ENOSPC:
+        return None
+    return bytes(out[: _check(rc, "delta encode")])
+
+
+def delta_decode(page: Buffer, enc: Buffer) -> None:
+    """Apply a delta to ``page`` in place; a malformed delta leaves it untouched."""
+    enc_p, enc_len = _bytes(enc, "delta")
+    _check(lib.pd_delta_decode(_one_page(page, "page", writable=True), enc_p, enc_len),
+           "delta decode")
+
+
+def checksums(base: Buffer, dirty: Sequence[int] | array[int]) -> array[int]:
+    """A 64-bit XXH3 checksum of each listed page of ``base``."""
+    base_p, npages = _pages(base, "buffer")
+    idx_p, n = _index(dirty, npages)
+    out = array("Q", bytes(8 * n))
+    _check(lib.pd_checksum_pages(base_p, npages, idx_p, n, ffi.from_buffer("uint64_t[]", out)),
+           "checksum")
+    return out
+
+
+def memcmp_ceiling(a: Buffer, b: Buffer, *, threads: int = 1) -> int:
+    """Benchmark ceiling: plain page-by-page memcmp; returns the differing count."""
+    a_p, na = _pages(a, "a")
+    b_p, nb = _pages(b, "b")
+    if na != nb:
+        raise PageDiffError(f"buffers differ in size: {na} and {nb} pages")
+    return _check(lib.pd_memcmp_pages(a_p, b_p, na, _threads(threads)), "memcmp")
+
+
+def read_ceiling(buf: Buffer, *, threads: int = 1) -> int:
+    """Benchmark ceiling: one plain read pass; returns an OR-fold of the words."""
+    p, npages = _pages(buf, "buffer")
+    fold = ffi.new("uint64_t *")
+    _check(lib.pd_read_pass(p, npages, _threads(threads), fold), "read pass")
+    return int(fold[0])
+
+
+def simd_flavour() -> str:
+    """The instruction set the hashed scan uses on this CPU ("avx2" or "sse2")."""
+    return str(ffi.string(lib.pd_simd_flavour()).decode())
