@@ -82,8 +82,7 @@ def _pages(obj: Buffer, name: str, *, writable: bool = False) -> tuple[Any, int]
     view = _view(obj, name, writable=writable)
     if view.nbytes == 0 or view.nbytes % PAGE_SIZE:
         raise PageDiffError(
-            f"{name} is {view.nbytes} bytes, not a positive multiple of the "
-            f"page size {PAGE_SIZE}"
+            f"{name} is {view.nbytes} bytes, not a positive multiple of the page size {PAGE_SIZE}"
         )
     ptr = ffi.from_buffer("uint8_t[]", view, require_writable=writable)
     addr = int(ffi.cast("uintptr_t", ptr))
@@ -133,7 +132,11 @@ def scan_exact(
     out = array("I", bytes(4 * npages))
     n = _check(
         lib.pd_scan_exact(
-            ram_p, sh_p, npages, int(update_shadow), ffi.from_buffer("uint32_t[]", out),
+            ram_p,
+            sh_p,
+            npages,
+            int(update_shadow),
+            ffi.from_buffer("uint32_t[]", out),
             _threads(threads),
         ),
         "exact scan",
@@ -153,8 +156,9 @@ def scan_hashed(ram: Buffer, table: Buffer, *, threads: int = 1) -> array[int]:
         )
     out = array("I", bytes(4 * npages))
     n = _check(
-        lib.pd_scan_hashed(ram_p, tab_p, npages, ffi.from_buffer("uint32_t[]", out),
-                           _threads(threads)),
+        lib.pd_scan_hashed(
+            ram_p, tab_p, npages, ffi.from_buffer("uint32_t[]", out), _threads(threads)
+        ),
         "hashed scan",
     )
     del out[n:]
@@ -168,35 +172,61 @@ class EncodedPages:
     index: array[int]
     kinds: bytes
     lens: array[int]
-    data: bytes
+    data: bytes | memoryview  # a view into the caller's ``out`` buffer when one was given
 
     @property
     def raw_bytes(self) -> int:
         return len(self.index) * PAGE_SIZE
 
 
-def gather(ram: Buffer, dirty: Sequence[int] | array[int]) -> EncodedPages:
-    """Copy the listed pages of ``ram`` into one buffer; zero pages become flags."""
+def _out_buffer(out: bytearray | None, n: int) -> tuple[bytearray, Any]:
+    """The caller's reusable output buffer (checked for room), or a new one."""
+    if out is None:
+        out = bytearray(n * PAGE_SIZE)
+    elif len(out) < n * PAGE_SIZE:
+        raise PageDiffError(f"out is {len(out)} bytes but {n} pages may need {n * PAGE_SIZE}")
+    return out, ffi.from_buffer("uint8_t[]", out, require_writable=True)
+
+
+def _payload(out: bytearray, size: int, reused: bool) -> bytes | memoryview:
+    return memoryview(out)[:size] if reused else bytes(out[:size])
+
+
+def gather(
+    ram: Buffer, dirty: Sequence[int] | array[int], *, out: bytearray | None = None
+) -> EncodedPages:
+    """Copy the listed pages of ``ram`` into one buffer; zero pages become flags.
+
+    Pass a reusable ``out`` (room for every listed page) to avoid an
+    allocation and a copy: the result's ``data`` is then a view into it.
+    """
     ram_p, npages = _pages(ram, "ram")
     idx_p, n = _index(dirty, npages)
     kinds = bytearray(n)
-    out = bytearray(n * PAGE_SIZE)
+    buf, buf_p = _out_buffer(out, n)
     size = _check(
-        lib.pd_gather(ram_p, npages, idx_p, n, ffi.from_buffer("uint8_t[]", kinds),
-                      ffi.from_buffer("uint8_t[]", out), len(out)),
+        lib.pd_gather(
+            ram_p, npages, idx_p, n, ffi.from_buffer("uint8_t[]", kinds), buf_p, len(buf)
+        ),
         "gather",
     )
     lens = array("I", (PAGE_SIZE if k == PageKind.RAW else 0 for k in kinds))
-    return EncodedPages(array("I", idx_p), bytes(kinds), lens, bytes(out[:size]))
+    return EncodedPages(array("I", idx_p), bytes(kinds), lens, _payload(buf, size, out is not None))
 
 
 def encode_pages(
-    ram: Buffer, shadow: Buffer, dirty: Sequence[int] | array[int], *, delta: bool = True
+    ram: Buffer,
+    shadow: Buffer,
+    dirty: Sequence[int] | array[int],
+    *,
+    delta: bool = True,
+    out: bytearray | None = None,
 ) -> EncodedPages:
     """Encode the listed pages (zero flag, delta against ``shadow``, or raw).
 
     The shadow copy of each listed page is then set to its new content, so
-    ``shadow`` must hold exactly what the receiver's image holds.
+    ``shadow`` must hold exactly what the receiver's image holds.  ``out``
+    works as for :func:`gather`.
     """
     ram_p, npages = _pages(ram, "ram")
     sh_p, sh_pages = _pages(shadow, "shadow", writable=True)
@@ -205,15 +235,23 @@ def encode_pages(
     idx_p, n = _index(dirty, npages)
     kinds = bytearray(n)
     lens = array("I", bytes(4 * n))
-    out = bytearray(n * PAGE_SIZE)
+    buf, buf_p = _out_buffer(out, n)
     size = _check(
         lib.pd_encode_pages(
-            ram_p, sh_p, npages, idx_p, n, int(delta), ffi.from_buffer("uint8_t[]", kinds),
-            ffi.from_buffer("uint32_t[]", lens), ffi.from_buffer("uint8_t[]", out), len(out),
+            ram_p,
+            sh_p,
+            npages,
+            idx_p,
+            n,
+            int(delta),
+            ffi.from_buffer("uint8_t[]", kinds),
+            ffi.from_buffer("uint32_t[]", lens),
+            buf_p,
+            len(buf),
         ),
         "encode pages",
     )
-    return EncodedPages(array("I", idx_p), bytes(kinds), lens, bytes(out[:size]))
+    return EncodedPages(array("I", idx_p), bytes(kinds), lens, _payload(buf, size, out is not None))
 
 
 def apply_pages(
@@ -237,8 +275,16 @@ def apply_pages(
         lens_p = ffi.from_buffer("uint32_t[]", lens_arr)
     data_p, data_len = _bytes(data, "data")
     _check(
-        lib.pd_apply_pages(img_p, npages, ffi.from_buffer("uint32_t[]", idx_arr), len(idx_arr),
-                           kinds_p, lens_p, data_p, data_len),
+        lib.pd_apply_pages(
+            img_p,
+            npages,
+            ffi.from_buffer("uint32_t[]", idx_arr),
+            len(idx_arr),
+            kinds_p,
+            lens_p,
+            data_p,
+            data_len,
+        ),
         "apply pages",
     )
 
@@ -258,8 +304,12 @@ def _one_page(obj: Buffer, name: str, *, writable: bool = False) -> Any:
 def delta_encode(old: Buffer, new: Buffer) -> bytes | None:
     """The delta from ``old`` to ``new`` (one page each), or None if not smaller."""
     out = bytearray(PAGE_SIZE - 1)
-    rc = lib.pd_delta_encode(_one_page(old, "old page"), _one_page(new, "new page"),
-                             ffi.from_buffer("uint8_t[]", out), len(out))
+    rc = lib.pd_delta_encode(
+        _one_page(old, "old page"),
+        _one_page(new, "new page"),
+        ffi.from_buffer("uint8_t[]", out),
+        len(out),
+    )
     if rc == lib.PD_ENOSPC:
         return None
     return bytes(out[: _check(rc, "delta encode")])
@@ -268,8 +318,9 @@ def delta_encode(old: Buffer, new: Buffer) -> bytes | None:
 def delta_decode(page: Buffer, enc: Buffer) -> None:
     """Apply a delta to ``page`` in place; a malformed delta leaves it untouched."""
     enc_p, enc_len = _bytes(enc, "delta")
-    _check(lib.pd_delta_decode(_one_page(page, "page", writable=True), enc_p, enc_len),
-           "delta decode")
+    _check(
+        lib.pd_delta_decode(_one_page(page, "page", writable=True), enc_p, enc_len), "delta decode"
+    )
 
 
 def checksums(base: Buffer, dirty: Sequence[int] | array[int]) -> array[int]:
@@ -277,8 +328,10 @@ def checksums(base: Buffer, dirty: Sequence[int] | array[int]) -> array[int]:
     base_p, npages = _pages(base, "buffer")
     idx_p, n = _index(dirty, npages)
     out = array("Q", bytes(8 * n))
-    _check(lib.pd_checksum_pages(base_p, npages, idx_p, n, ffi.from_buffer("uint64_t[]", out)),
-           "checksum")
+    _check(
+        lib.pd_checksum_pages(base_p, npages, idx_p, n, ffi.from_buffer("uint64_t[]", out)),
+        "checksum",
+    )
     return out
 
 

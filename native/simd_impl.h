@@ -18,6 +18,8 @@ uint64_t PD_SIMD(hash_range)(const uint8_t *ram, uint8_t *table,
 {
     uint64_t n = 0;
     for (uint64_t i = start; i < end; i++) {
+        if (i + PD_PREFETCH_PAGES < end)
+            pd_prefetch_page(ram + (i + PD_PREFETCH_PAGES) * PD_PAGE_SIZE);
         XXH128_hash_t h = XXH3_128bits(ram + i * PD_PAGE_SIZE, PD_PAGE_SIZE);
         uint8_t *slot = table + i * PD_HASH_SIZE;
         uint64_t old[2];

@@ -28,17 +28,28 @@ def fuzz_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if cc is None:
         pytest.skip("no C compiler on this machine to build the ASan harness")
     out = tmp_path_factory.mktemp("asan") / "fuzz_codec"
-    cmd = [cc, "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-           "-fno-omit-frame-pointer", f"-I{NATIVE}", *(str(NATIVE / s) for s in SOURCES),
-           "-lpthread", "-o", str(out)]
+    cmd = [
+        cc,
+        "-O1",
+        "-g",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-fno-omit-frame-pointer",
+        f"-I{NATIVE}",
+        *(str(NATIVE / s) for s in SOURCES),
+        "-lpthread",
+        "-o",
+        str(out),
+    ]
     subprocess.run(cmd, check=True)
     return out
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_codec_fuzz_under_asan(fuzz_binary: Path, seed: int) -> None:
-    run = subprocess.run([str(fuzz_binary), "60000", str(seed)], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [str(fuzz_binary), "60000", str(seed)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     match = re.search(r"(\d+) damaged deltas accepted, (\d+) rejected", run.stdout)
     assert match, run.stdout

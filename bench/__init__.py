@@ -1,0 +1,1 @@
+"""Benchmarks of mirror: pytest-benchmark suites and `python -m bench.report`."""
