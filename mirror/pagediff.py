@@ -355,3 +355,69 @@ def read_ceiling(buf: Buffer, *, threads: int = 1) -> int:
 def simd_flavour() -> str:
     """The instruction set the hashed scan uses on this CPU ("avx2" or "sse2")."""
     return str(ffi.string(lib.pd_simd_flavour()).decode())
+
+
+def checksum_bytes(buf: Buffer) -> int:
+    """XXH3-64 of a byte string (device state, whole frames)."""
+    p, n = _bytes(buf, "buffer")
+    return int(lib.pd_checksum_bytes(p, n))
+
+
+class StagedBatch:
+    """A verified batch of pages, ready to commit to its image in one step.
+
+    Made by :func:`stage_pages`; holds references to the received frames
+    and the delta pages already decoded into scratch memory.
+    """
+
+    def __init__(self, image_p: Any, args: tuple[Any, ...], keep: tuple[Any, ...]) -> None:
+        self._image_p = image_p
+        self._args = args
+        self._keep = keep  # the buffers the cdata pointers point into
+        self.committed = False
+
+    def commit(self) -> None:
+        if self.committed:
+            raise PageDiffError("this batch was already committed")
+        lib.pd_commit_staged(self._image_p, *self._args)
+        self.committed = True
+
+
+def stage_pages(
+    image: Buffer,
+    index: array[int],
+    kinds: Buffer,
+    lens: array[int],
+    data: Buffer,
+    checksums: array[int],
+) -> StagedBatch:
+    """Validate a batch and verify every page's new content against its checksum.
+
+    Nothing is written to ``image``; :meth:`StagedBatch.commit` writes it.
+    Raises :class:`CorruptEncoding` naming the first bad page.
+    """
+    img_p, npages = _pages(image, "image", writable=True)
+    n = len(index)
+    kinds_p, nk = _bytes(kinds, "kinds")
+    if nk != n or len(lens) != n or len(checksums) != n:
+        raise PageDiffError(
+            f"batch of {n} pages has {nk} kinds, {len(lens)} lengths, {len(checksums)} checksums"
+        )
+    idx_p = ffi.from_buffer("uint32_t[]", index)
+    lens_p = ffi.from_buffer("uint32_t[]", lens)
+    sums_p = ffi.from_buffer("uint64_t[]", checksums)
+    data_p, data_len = _bytes(data, "data")
+    has_delta = PageKind.DELTA in memoryview(kinds).cast("B")
+    scratch = bytearray(n * PAGE_SIZE) if has_delta else bytearray(1)
+    scratch_p = ffi.from_buffer("uint8_t[]", scratch)
+    bad = ffi.new("uint64_t *")
+    rc = lib.pd_stage_pages(img_p, npages, idx_p, n, kinds_p, lens_p, data_p, data_len, sums_p,
+                            scratch_p, bad)
+    if rc == lib.PD_ECORRUPT and n:
+        pos = int(bad[0])
+        raise CorruptEncoding(
+            f"stage pages: page {index[pos]} (position {pos} of {n}) does not verify"
+        )
+    _check(rc, "stage pages")
+    return StagedBatch(img_p, (idx_p, n, kinds_p, lens_p, data_p, scratch_p),
+                       (image, index, kinds, lens, data, scratch))

@@ -14,7 +14,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["pagediff.c", "simd_sse2.c", "simd_avx2.c"]
+SOURCES = ["pagediff.c", "simd_sse2.c", "simd_avx2.c", "synthguest.c"]
 
 
 def read_cdef() -> str:

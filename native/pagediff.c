@@ -391,13 +391,11 @@ int64_t pd_encode_pages(const uint8_t *ram, uint8_t *shadow, uint64_t npages,
     return (int64_t)o;
 }
 
-int pd_apply_pages(uint8_t *image, uint64_t npages, const uint32_t *idx,
-                   uint64_t n, const uint8_t *kinds, const uint32_t *lens,
-                   const uint8_t *data, uint64_t data_len)
+/* Checks a batch's indices, kinds, lengths and delta streams. */
+static int validate_batch(uint64_t npages, const uint32_t *idx, uint64_t n,
+                          const uint8_t *kinds, const uint32_t *lens,
+                          const uint8_t *data, uint64_t data_len)
 {
-    if (!image || (n && (!idx || !kinds)) || (!data && data_len))
-        return PD_EINVAL;
-    /* pass 1: check everything, write nothing */
     uint64_t o = 0;
     for (uint64_t k = 0; k < n; k++) {
         if (idx[k] >= npages)
@@ -421,10 +419,19 @@ int pd_apply_pages(uint8_t *image, uint64_t npages, const uint32_t *idx,
             return PD_ECORRUPT;
         o += len;
     }
-    if (o != data_len)
-        return PD_ECORRUPT;
-    /* pass 2: apply */
-    o = 0;
+    return o == data_len ? 0 : PD_ECORRUPT;
+}
+
+int pd_apply_pages(uint8_t *image, uint64_t npages, const uint32_t *idx,
+                   uint64_t n, const uint8_t *kinds, const uint32_t *lens,
+                   const uint8_t *data, uint64_t data_len)
+{
+    if (!image || (n && (!idx || !kinds)) || (!data && data_len))
+        return PD_EINVAL;
+    int rc = validate_batch(npages, idx, n, kinds, lens, data, data_len);
+    if (rc)
+        return rc;
+    uint64_t o = 0;
     for (uint64_t k = 0; k < n; k++) {
         uint8_t *dst = image + (uint64_t)idx[k] * PS;
         switch (kinds[k]) {
@@ -442,6 +449,72 @@ int pd_apply_pages(uint8_t *image, uint64_t npages, const uint32_t *idx,
         }
     }
     return 0;
+}
+
+int pd_stage_pages(const uint8_t *image, uint64_t npages, const uint32_t *idx,
+                   uint64_t n, const uint8_t *kinds, const uint32_t *lens,
+                   const uint8_t *data, uint64_t data_len,
+                   const uint64_t *checksums, uint8_t *scratch,
+                   uint64_t *bad_page)
+{
+    if (!image || (n && (!idx || !kinds || !lens || !checksums || !scratch)) ||
+        (!data && data_len) || !bad_page)
+        return PD_EINVAL;
+    *bad_page = 0;
+    int rc = validate_batch(npages, idx, n, kinds, lens, data, data_len);
+    if (rc)
+        return rc;
+    static const uint8_t zero[PD_PAGE_SIZE];
+    const uint64_t zero_sum = checksum_page(zero);
+    uint64_t o = 0;
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t sum;
+        switch (kinds[k]) {
+        case PD_KIND_RAW:
+            sum = checksum_page(data + o);
+            break;
+        case PD_KIND_ZERO:
+            sum = zero_sum;
+            break;
+        default: {
+            uint8_t *page = scratch + k * PS;
+            memcpy(page, image + (uint64_t)idx[k] * PS, PS);
+            delta_apply(page, data + o, lens[k]);
+            sum = checksum_page(page);
+        }
+        }
+        o += lens[k];
+        if (sum != checksums[k]) {
+            *bad_page = k;
+            return PD_ECORRUPT;
+        }
+    }
+    return 0;
+}
+
+void pd_commit_staged(uint8_t *image, const uint32_t *idx, uint64_t n,
+                      const uint8_t *kinds, const uint32_t *lens,
+                      const uint8_t *data, const uint8_t *scratch)
+{
+    uint64_t o = 0;
+    for (uint64_t k = 0; k < n; k++) {
+        uint8_t *dst = image + (uint64_t)idx[k] * PS;
+        switch (kinds[k]) {
+        case PD_KIND_RAW: memcpy(dst, data + o, PS); break;
+        case PD_KIND_ZERO: memset(dst, 0, PS); break;
+        default: memcpy(dst, scratch + k * PS, PS); break;
+        }
+        o += lens[k];
+    }
+}
+
+uint64_t pd_checksum_bytes(const uint8_t *buf, uint64_t len)
+{
+#ifdef PD_HAVE_AVX2_BUILD
+    if (have_avx2())
+        return pd_checksum_bytes_avx2(buf, len);
+#endif
+    return pd_checksum_bytes_base(buf, len);
 }
 
 int pd_checksum_pages(const uint8_t *base, uint64_t npages,

@@ -90,6 +90,36 @@ int pd_delta_validate(const uint8_t *enc, uint64_t len);
  * left untouched. */
 int pd_delta_decode(uint8_t *page, const uint8_t *enc, uint64_t len);
 
+/* Stage a batch for an atomic commit: validate it like pd_apply_pages, then
+ * build the new content of every delta page in scratch (room for n pages)
+ * and check every page's new content against checksums (XXH3-64, one per
+ * page).  Writes nothing to image.  Returns 0, or PD_ECORRUPT with
+ * *bad_page set to the position in the batch of the first page that failed. */
+int pd_stage_pages(const uint8_t *image, uint64_t npages, const uint32_t *idx,
+                   uint64_t n, const uint8_t *kinds, const uint32_t *lens,
+                   const uint8_t *data, uint64_t data_len,
+                   const uint64_t *checksums, uint8_t *scratch,
+                   uint64_t *bad_page);
+
+/* Commit a batch that pd_stage_pages accepted (with the same arguments). */
+void pd_commit_staged(uint8_t *image, const uint32_t *idx, uint64_t n,
+                      const uint8_t *kinds, const uint32_t *lens,
+                      const uint8_t *data, const uint8_t *scratch);
+
+/* XXH3-64 of any byte string (device state, whole frames). */
+uint64_t pd_checksum_bytes(const uint8_t *buf, uint64_t len);
+
+/* The synthetic guest's CPU: one tick dirties `pages` pages chosen by shape
+ * (0 uniform, 1 hot set of hot_pages pages taking 90% of writes,
+ * 2 sequential), then reads a page chosen by its RNG and returns an output
+ * payload that depends on what it read.  regs = {seq, rng, cursor}; seq
+ * counts outputs.  Deterministic: the same RAM and regs give the same ticks. */
+uint64_t pd_synth_tick(uint8_t *ram, uint64_t npages, uint64_t *regs,
+                       uint32_t pages, int shape, uint64_t hot_pages);
+
+/* Boot-time content: pct% of the pages filled from seed, the rest zero. */
+void pd_synth_fill(uint8_t *ram, uint64_t npages, uint64_t seed, int pct);
+
 /* 64-bit XXH3 checksum of each listed page, for end-to-end verification. */
 int pd_checksum_pages(const uint8_t *base, uint64_t npages,
                       const uint32_t *idx, uint64_t n, uint64_t *out);

@@ -20,12 +20,14 @@ static inline void pd_prefetch_page(const uint8_t *page)
 uint64_t pd_hash_range_base(const uint8_t *ram, uint8_t *table, uint64_t start,
                             uint64_t end, uint32_t *dirty);
 uint64_t pd_checksum_base(const uint8_t *page);
+uint64_t pd_checksum_bytes_base(const uint8_t *buf, uint64_t len);
 uint64_t pd_read_range_base(const uint8_t *buf, uint64_t start, uint64_t end);
 #if defined(__x86_64__) || defined(__i386__)
 #define PD_HAVE_AVX2_BUILD 1
 uint64_t pd_hash_range_avx2(const uint8_t *ram, uint8_t *table, uint64_t start,
                             uint64_t end, uint32_t *dirty);
 uint64_t pd_checksum_avx2(const uint8_t *page);
+uint64_t pd_checksum_bytes_avx2(const uint8_t *buf, uint64_t len);
 uint64_t pd_read_range_avx2(const uint8_t *buf, uint64_t start, uint64_t end);
 #endif
 #endif

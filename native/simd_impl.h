@@ -41,6 +41,11 @@ uint64_t PD_SIMD(checksum)(const uint8_t *page)
     return XXH3_64bits(page, PD_PAGE_SIZE);
 }
 
+uint64_t PD_SIMD(checksum_bytes)(const uint8_t *buf, uint64_t len)
+{
+    return XXH3_64bits(buf, (size_t)len);
+}
+
 /* Four independent accumulators of the widest vector keep several loads in
  * flight; OR is as cheap as a read gets. */
 typedef uint64_t pd_vec __attribute__((vector_size(32), aligned(1)));

@@ -1,0 +1,96 @@
+"""The Guest interface: what the checkpoint engine and the standby need of a VM.
+
+A guest has RAM that mirror can map (a shared file), can be paused and
+resumed, can save its device state while paused, can be launched on another
+host from a RAM image and a device state, and emits outputs.  Backends
+(synthetic, qemu, later libvirt) implement it; pick one by name with
+:func:`create`.
+"""
+
+from __future__ import annotations
+
+import mmap
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class GuestError(RuntimeError):
+    """A guest could not be started, paused, resumed or saved."""
+
+
+@dataclass(frozen=True)
+class GuestOutput:
+    """One output of the guest, as it left the guest (before output commit)."""
+
+    seq: int
+    payload: bytes
+    produced_at: float  # time.monotonic() when mirror received it
+
+
+OutputHandler = Callable[[GuestOutput], None]
+
+
+class Guest(ABC):
+    """One running guest on this host."""
+
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def ram(self) -> mmap.mmap:
+        """The guest's RAM, mapped shared: what the scans read."""
+
+    @property
+    @abstractmethod
+    def ram_path(self) -> Path:
+        """The file that backs the guest's RAM."""
+
+    @abstractmethod
+    def pause(self) -> None:
+        """Stop the guest; returns only once it no longer touches RAM and every
+        output it produced before stopping has been handed to the handler."""
+
+    @abstractmethod
+    def resume(self) -> None:
+        """Let a paused guest run again."""
+
+    @abstractmethod
+    def save_state(self) -> bytes:
+        """The device/CPU state of a paused guest (no RAM)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """End the guest and release what it holds (idempotent)."""
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool:
+        """Whether the guest is still there (not crashed or stopped)."""
+
+
+GuestFactory = Callable[..., Guest]
+_REGISTRY: dict[str, type[Guest]] = {}
+
+
+def register(cls: type[Guest]) -> type[Guest]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def backend(kind: str) -> type[Guest]:
+    """The Guest class registered under ``kind``."""
+    from mirror.guests import synthetic  # noqa: F401  (registers itself)
+
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise GuestError(
+            f"unknown guest kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def describe(guest: Any) -> str:
+    return f"{type(guest).__name__}({getattr(guest, 'ram_path', '?')})"

@@ -1,0 +1,350 @@
+"""The synthetic guest: a small deterministic guest process for tests, demos and benches.
+
+Its whole state is a RAM file (in /dev/shm) plus three registers (output
+sequence, RNG state, cursor).  Each tick dirties pages with a chosen shape
+and emits one numbered output whose payload depends on RAM contents, so a
+guest resumed from a wrong image shows it.  Resumed from any committed
+checkpoint it produces exactly the outputs the original would have.
+
+The guest runs as its own process (``python -m mirror.guests.synthetic``),
+writing the shared RAM file as a hypervisor would; the agent drives it over
+a socketpair with length-prefixed msgpack messages:
+
+    agent -> guest: ["init", {...}], ["pause"], ["resume"], ["state"], ["quit"]
+    guest -> agent: ["ready"], ["outs", [[seq, payload], ...]], ["paused", seq],
+                    ["state", bytes]
+
+Outputs travel on the same ordered channel as the "paused" reply, so every
+output made before a pause reaches the agent before pause() returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import queue
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from dataclasses import asdict, dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from mirror._pagediff import ffi, lib
+from mirror.framing import ChannelClosed, recv_msg, send_msg
+from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler, register
+from mirror.pagediff import PAGE_SIZE
+
+STATE_VERSION = 1
+SHM_DIR = Path("/dev/shm")
+
+
+class Shape(IntEnum):
+    """Where a tick's writes land."""
+
+    UNIFORM = 0
+    HOT = 1  # 90% of writes in a hot set of hot_pct% of the pages
+    SEQUENTIAL = 2
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    ram_mib: int = 64
+    dirty_pages_per_s: int = 20000
+    outputs_per_s: int = 200
+    shape: Shape = Shape.UNIFORM
+    hot_pct: int = 10
+    seed: int = 1
+    fill_pct: int = 50  # share of pages with content at boot
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.ram_mib <= 1 << 20, "ram_mib", "1..1048576"),
+            (0 <= self.dirty_pages_per_s <= 10**8, "dirty_pages_per_s", "0..100000000"),
+            (1 <= self.outputs_per_s <= 100_000, "outputs_per_s", "1..100000"),
+            (1 <= self.hot_pct <= 100, "hot_pct", "1..100"),
+            (0 <= self.fill_pct <= 100, "fill_pct", "0..100"),
+            (0 <= self.seed < 1 << 63, "seed", "0..2^63-1"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ValueError(f"synthetic guest: {name} must be {allowed}, got {getattr(self, name)}")
+
+    @property
+    def npages(self) -> int:
+        return self.ram_mib * 1024 * 1024 // PAGE_SIZE
+
+    @property
+    def hot_pages(self) -> int:
+        return max(1, self.npages * self.hot_pct // 100)
+
+    def pages_for_tick(self, seq: int) -> int:
+        """Pages the tick that makes output ``seq + 1`` dirties (a pure function of seq)."""
+        rate, per = self.dirty_pages_per_s, self.outputs_per_s
+        return (seq + 1) * rate // per - seq * rate // per
+
+    def to_dict(self) -> dict[str, int]:
+        d = asdict(self)
+        d["shape"] = int(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SyntheticParams:
+        return cls(**{**d, "shape": Shape(d["shape"])})
+
+
+def initial_regs(params: SyntheticParams) -> list[int]:
+    return [0, params.seed, 0]
+
+
+def pack_state(params: SyntheticParams, regs: list[int]) -> bytes:
+    return bytes(msgpack.packb({"v": STATE_VERSION, "params": params.to_dict(), "regs": regs}))
+
+
+def unpack_state(state: bytes) -> tuple[SyntheticParams, list[int]]:
+    try:
+        d = msgpack.unpackb(state, raw=False)
+        if d["v"] != STATE_VERSION:
+            raise GuestError(f"synthetic guest state version {d['v']}, expected {STATE_VERSION}")
+        regs = [int(r) for r in d["regs"]]
+        if len(regs) != 3:
+            raise ValueError(f"{len(regs)} registers")
+        return SyntheticParams.from_dict(d["params"]), regs
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
+        raise GuestError(f"malformed synthetic guest state: {e}") from e
+
+
+class Cpu:
+    """The deterministic core, usable in-process: tests use it as the reference."""
+
+    def __init__(self, ram: Any, params: SyntheticParams, regs: list[int]) -> None:
+        self.params = params
+        self.regs = array("Q", regs)
+        self._ram_p = ffi.from_buffer("uint8_t[]", ram, require_writable=True)
+        self._regs_p = ffi.from_buffer("uint64_t[]", self.regs)
+        if len(ram) != params.npages * PAGE_SIZE:
+            raise GuestError(f"RAM is {len(ram)} bytes, the guest has {params.ram_mib} MiB")
+
+    def boot(self) -> None:
+        lib.pd_synth_fill(self._ram_p, self.params.npages, self.params.seed, self.params.fill_pct)
+
+    def tick(self) -> tuple[int, bytes]:
+        p = self.params
+        value = lib.pd_synth_tick(self._ram_p, p.npages, self._regs_p,
+                                  p.pages_for_tick(self.regs[0]), int(p.shape), p.hot_pages)
+        return int(self.regs[0]), f"{value:016x}".encode()
+
+
+def reference_outputs(params: SyntheticParams, count: int) -> list[tuple[int, bytes]]:
+    """The first ``count`` outputs of a freshly booted guest, computed in-process."""
+    ram = mmap.mmap(-1, params.npages * PAGE_SIZE)
+    cpu = Cpu(ram, params, initial_regs(params))
+    cpu.boot()
+    return [cpu.tick() for _ in range(count)]
+
+
+# ---- the guest process ---------------------------------------------------
+
+
+def _guest_main(fd: int, ram_path: str) -> int:
+    sock = socket.socket(fileno=fd)
+    init = recv_msg(sock)
+    if init[0] != "init":
+        raise SystemExit(f"synthetic guest: expected init, got {init[0]!r}")
+    params = SyntheticParams.from_dict(init[1]["params"])
+    with open(ram_path, "r+b") as f:
+        ram = mmap.mmap(f.fileno(), params.npages * PAGE_SIZE)
+    cpu = Cpu(ram, params, init[1]["regs"])
+    if init[1]["boot"]:
+        cpu.boot()
+    send_msg(sock, ["ready"])
+    running, t0, done = False, 0.0, 0
+    rate = params.outputs_per_s
+    burst = max(1, rate // 50)  # stay responsive to the agent: at most 20 ms of ticks at once
+    while True:
+        timeout: float | None = None
+        if running:
+            due = int((time.monotonic() - t0) * rate) - done
+            if due > 0:
+                outs = [cpu.tick() for _ in range(min(due, burst))]
+                done += len(outs)
+                send_msg(sock, ["outs", outs])
+                timeout = 0
+            else:
+                timeout = max(0.0, t0 + (done + 1) / rate - time.monotonic())
+        if not select.select([sock], [], [], timeout)[0]:
+            continue
+        try:
+            msg = recv_msg(sock)
+        except ChannelClosed:
+            return 0
+        match msg[0]:
+            case "pause":
+                running = False
+                send_msg(sock, ["paused", int(cpu.regs[0])])
+            case "resume":
+                running, t0, done = True, time.monotonic(), 0
+            case "state":
+                send_msg(sock, ["state", pack_state(params, list(cpu.regs))])
+            case "quit":
+                return 0
+
+
+# ---- the agent's handle on it -----------------------------------------------
+
+
+@register
+class SyntheticGuest(Guest):
+    """A synthetic guest process whose RAM is a shared file."""
+
+    kind = "synthetic"
+
+    def __init__(self, ram_path: Path, params: SyntheticParams, regs: list[int], *,
+                 boot: bool, on_output: OutputHandler, owns_ram: bool) -> None:
+        self._ram_path = ram_path
+        self.params = params
+        self._owns_ram = owns_ram
+        self._on_output = on_output
+        self._paused = threading.Event()
+        self._replies: queue.Queue[Any] = queue.Queue()
+        self._stopped = False
+        size = params.npages * PAGE_SIZE
+        with open(ram_path, "r+b") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                raise GuestError(f"RAM file {ram_path} is {os.fstat(f.fileno()).st_size} bytes, "
+                                 f"the guest has {size}")
+            self._ram = mmap.mmap(f.fileno(), size)
+        ours, theirs = socket.socketpair()
+        self._sock = ours
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mirror.guests.synthetic", "--fd", str(theirs.fileno()),
+             "--ram", str(ram_path)],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        send_msg(ours, ["init", {"params": params.to_dict(), "regs": regs, "boot": boot}])
+        self._reader = threading.Thread(target=self._read, name="synthetic-guest", daemon=True)
+        self._reader.start()
+        self._expect("ready", timeout=60)
+        self._paused.set()  # booted paused; resume() starts it
+
+    @classmethod
+    def boot(cls, params: SyntheticParams, ram_path: Path, on_output: OutputHandler
+             ) -> SyntheticGuest:
+        """A fresh guest: creates its RAM file and fills it as its boot does."""
+        create_ram_file(ram_path, params.npages * PAGE_SIZE)
+        try:
+            return cls(ram_path, params, initial_regs(params), boot=True, on_output=on_output,
+                       owns_ram=True)
+        except BaseException:
+            ram_path.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def launch_from(cls, image_path: Path, state: bytes, on_output: OutputHandler, *,
+                    owns_ram: bool = False) -> SyntheticGuest:
+        """A guest that goes on from a RAM image and a saved state (a checkpoint)."""
+        params, regs = unpack_state(state)
+        return cls(image_path, params, regs, boot=False, on_output=on_output, owns_ram=owns_ram)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = recv_msg(self._sock)
+                match msg[0]:
+                    case "outs":
+                        now = time.monotonic()
+                        for seq, payload in msg[1]:
+                            self._on_output(GuestOutput(seq, payload, now))
+                    case "paused":
+                        self._paused.set()
+                    case _:
+                        self._replies.put(msg)
+        except (ChannelClosed, OSError):
+            self._replies.put(["closed"])
+            self._paused.set()
+
+    def _expect(self, what: str, timeout: float = 10) -> Any:
+        try:
+            msg = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise GuestError(f"synthetic guest did not answer {what!r} in {timeout:g} s") from None
+        if msg[0] != what:
+            raise GuestError(f"synthetic guest answered {msg[0]!r} to {what!r} "
+                             f"(exit code {self._proc.poll()})")
+        return msg
+
+    @property
+    def ram(self) -> mmap.mmap:
+        return self._ram
+
+    @property
+    def ram_path(self) -> Path:
+        return self._ram_path
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and self._proc.poll() is None
+
+    def pause(self) -> None:
+        self._paused.clear()
+        send_msg(self._sock, ["pause"])
+        if not self._paused.wait(10) or not self.alive:
+            raise GuestError("synthetic guest did not pause")
+
+    def resume(self) -> None:
+        send_msg(self._sock, ["resume"])
+
+    def save_state(self) -> bytes:
+        send_msg(self._sock, ["state"])
+        return bytes(self._expect("state")[1])
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            send_msg(self._sock, ["quit"])
+        except OSError:
+            pass
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._sock.close()
+        self._ram.close()
+        if self._owns_ram:
+            self._ram_path.unlink(missing_ok=True)
+
+
+def create_ram_file(path: Path, size: int) -> None:
+    """A new RAM file of ``size`` bytes, all of it allocated now (clear error if not)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise GuestError(f"cannot allocate {size >> 20} MiB for {path}: {e.strerror}") from e
+    os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="synthetic guest process (started by mirror)")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--ram", required=True)
+    args = ap.parse_args(argv)
+    return _guest_main(args.fd, args.ram)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
