@@ -1,0 +1,317 @@
+"""The primary's epoch engine: pre-copy, then a checkpoint every epoch, outputs released on ack.
+
+One checkpoint (docs/ARCHITECTURE.md, "the checkpoint epoch"):
+
+    pause guest -> scan RAM -> [gather] -> save device state -> resume
+                -> (guest runs epoch N+1) gather from the shadow, checksums, send N
+    ... ack N -> release the outputs of epochs <= N
+
+With the exact scan (the default) the scan itself copies each dirty page
+into the shadow while the guest is paused, so the pause is the scan plus a
+memcpy of the dirty bytes, and the send buffer is gathered from the shadow
+after the guest runs again.  The hashed scan has no shadow: it gathers from
+RAM inside the pause.  Delta encoding compares against the shadow inside the
+pause.  At most ``max_in_flight`` checkpoints wait for their ack; when the
+window is full the epoch stretches until an ack comes.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mirror import pagediff as pd
+from mirror import wire
+from mirror.config import CheckpointConfig
+from mirror.guests.base import Guest
+from mirror.hoststate import percentile
+from mirror.link import Link
+from mirror.outputs import OutputBuffer
+
+log = logging.getLogger("mirror.checkpoint")
+PS = pd.PAGE_SIZE
+_ZERO_SUM = pd.checksums(pd.alloc_pages(1), [0])[0]
+
+
+class ReplicationError(RuntimeError):
+    """The standby refused the pair or could not be reached."""
+
+
+@dataclass
+class CheckpointRecord:
+    epoch: int
+    stop_ms: float
+    scan_ms: float
+    gather_ms: float
+    state_ms: float
+    resume_ms: float
+    pause_ms: float
+    pages: int
+    bytes_sent: int
+    outputs: int
+    sent_at: float = 0.0
+    ack_ms: float | None = None
+
+
+@dataclass
+class Progress:
+    done_pages: int
+    total_pages: int
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    precopy_s: float = 0.0
+    precopy_pages: int = 0
+    records: list[CheckpointRecord] = field(default_factory=list)
+    rejects: int = 0
+
+    def summary(self, outputs: OutputBuffer) -> dict[str, Any]:
+        recs = self.records
+        pauses = [r.pause_ms for r in recs]
+        acked = [r.ack_ms for r in recs if r.ack_ms is not None]
+        span = (recs[-1].sent_at - recs[0].sent_at) if len(recs) > 1 else 0.0
+        dirty = sum(r.pages for r in recs[1:]) * PS
+        lat = [x * 1000 for x in outputs.latencies]
+
+        def split(name: str) -> float:
+            return round(percentile([getattr(r, name) for r in recs], 50), 3)
+
+        return {
+            "checkpoints": len(recs),
+            "acked": len(acked),
+            "pause_ms_p50": round(percentile(pauses, 50), 3),
+            "pause_ms_p99": round(percentile(pauses, 99), 3),
+            "pause_split_ms_p50": {k: split(f"{k}_ms")
+                                   for k in ("stop", "scan", "gather", "state", "resume")},
+            "ack_ms_p50": round(percentile(acked, 50), 3),
+            "dirty_pages_p50": percentile([float(r.pages) for r in recs], 50),
+            "dirty_mb_per_s": round(dirty / span / 1e6, 2) if span else 0.0,
+            "bytes_sent": sum(r.bytes_sent for r in recs),
+            "output_latency_ms_p50": round(percentile(lat, 50), 3),
+            "output_latency_ms_p99": round(percentile(lat, 99), 3),
+            "outputs_released": outputs.released,
+            "outputs_held": outputs.held,
+            "precopy_s": round(self.precopy_s, 3),
+            "precopy_pages": self.precopy_pages,
+            "rejects": self.rejects,
+        }
+
+
+def _page_sums(batch: pd.EncodedPages, source: mmap.mmap) -> array[int]:
+    """The checksum of each page's new content, taken from ``source`` (the shadow)."""
+    return pd.checksums(source, batch.index)
+
+
+def _gathered_sums(batch: pd.EncodedPages, buf: mmap.mmap) -> array[int]:
+    """Checksums of a gathered batch, computed from the send buffer itself."""
+    raw = [i for i, k in enumerate(batch.kinds) if k == pd.PageKind.RAW]
+    sums_raw = iter(pd.checksums(buf, range(len(raw))) if raw else [])
+    return array("Q", (next(sums_raw) if k == pd.PageKind.RAW else _ZERO_SUM
+                       for k in batch.kinds))
+
+
+class CheckpointEngine:
+    def __init__(self, guest: Guest, link: Link, cfg: CheckpointConfig, outputs: OutputBuffer,
+                 *, pair: str, generation: int, node: str) -> None:
+        self.guest, self.link, self.cfg, self.outputs = guest, link, cfg, outputs
+        self.pair, self.generation, self.node = pair, generation, node
+        self.npages = len(guest.ram) // PS
+        self.exact = cfg.scan == "exact"
+        self.shadow = pd.alloc_pages(self.npages) if self.exact or cfg.encoding == "delta" else None
+        self.table = bytearray(pd.hash_table_size(len(guest.ram))) if not self.exact else None
+        self.epoch = 0  # last checkpoint taken
+        self.acked = 0
+        self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
+        self.stats = Stats()
+
+    # -- session ---------------------------------------------------------------
+
+    def handshake(self, timeout: float = 30.0) -> int:
+        """HELLO until WELCOME; returns the standby's committed epoch."""
+        hello = wire.Hello(self.pair, self.generation, self.node, len(self.guest.ram))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.link.send(hello)
+            reply = self._recv(1.0)
+            if isinstance(reply, wire.Welcome):
+                log.info("paired with %s (generation %d), its committed epoch %d",
+                         reply.node, reply.generation, reply.committed)
+                return reply.committed
+            if isinstance(reply, wire.Reject):
+                raise ReplicationError(f"the standby refused this primary: {reply.reason}")
+        raise ReplicationError(f"no answer from the standby at {self.link.endpoint.host}:"
+                               f"{self.link.endpoint.data_port} in {timeout:g} s")
+
+    def _recv(self, timeout: float) -> wire.Message | None:
+        try:
+            return self.link.recv(timeout)
+        except wire.WireError as e:
+            log.error("malformed frame from the standby ignored: %s", e)
+            return None
+
+    # -- pre-copy -------------------------------------------------------------
+
+    def precopy(self, progress: Callable[[Progress], None] | None = None) -> None:
+        """Copy all of RAM to the standby while the guest runs."""
+        t0 = time.monotonic()
+        ram = self.guest.ram
+        if self.exact:
+            assert self.shadow is not None
+            pd.scan_exact(ram, self.shadow, threads=self.cfg.threads)  # shadow := RAM, live
+            source: mmap.mmap = self.shadow
+        else:
+            assert self.table is not None
+            pd.scan_hashed(ram, self.table, threads=self.cfg.threads)
+            source = ram
+            if self.shadow is not None:  # delta encoding needs the shadow too
+                self.shadow[:] = ram
+                source = self.shadow
+        chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
+        parts = [range(s, min(s + chunk, self.npages)) for s in range(0, self.npages, chunk)]
+        window = max(2, self.cfg.max_in_flight)
+        sent, acked = 0, 0
+        for n, pages in enumerate(parts):
+            buf = pd.alloc_pages(len(pages))
+            batch = pd.gather(source, pages, out=buf)  # type: ignore[arg-type]
+            sums = _gathered_sums(batch, buf)
+            self.link.send(wire.Pages(0, n, n == len(parts) - 1, batch.index, batch.kinds,
+                                      batch.lens, sums, batch.data, b"", 0, []))
+            sent += 1
+            while sent - acked >= window or (n == len(parts) - 1 and acked < sent):
+                reply = self._recv(10.0)
+                if reply is None:
+                    raise ReplicationError("the standby stopped answering during pre-copy")
+                if isinstance(reply, wire.Reject):
+                    raise ReplicationError(f"the standby rejected pre-copy part {reply.part}: "
+                                           f"{reply.reason}")
+                if isinstance(reply, wire.Ack) and reply.epoch == 0:
+                    acked += 1
+                    if progress:
+                        progress(Progress(min(self.npages, acked * chunk), self.npages))
+        self.stats.precopy_s = time.monotonic() - t0
+        self.stats.precopy_pages = self.npages
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def checkpoint(self, *, resume: bool = True) -> CheckpointRecord:
+        """Take and send one checkpoint (the guest is running when called); with
+        ``resume=False`` the guest stays paused at it."""
+        guest, ram, cfg = self.guest, self.guest.ram, self.cfg
+        epoch = self.epoch + 1
+        t0 = time.perf_counter()
+        guest.pause()
+        t1 = time.perf_counter()
+        buf = None
+        if self.exact:
+            assert self.shadow is not None
+            delta = cfg.encoding == "delta"
+            dirty = pd.scan_exact(ram, self.shadow, update_shadow=not delta, threads=cfg.threads)
+        else:
+            assert self.table is not None
+            dirty = pd.scan_hashed(ram, self.table, threads=cfg.threads)
+        t2 = time.perf_counter()
+        batch = None
+        if cfg.encoding == "delta":
+            assert self.shadow is not None
+            batch = pd.encode_pages(ram, self.shadow, dirty)
+        elif not self.exact:
+            buf = pd.alloc_pages(max(1, len(dirty)))
+            batch = pd.gather(ram, dirty, out=buf)  # type: ignore[arg-type]
+        t3 = time.perf_counter()
+        state = guest.save_state()
+        outs = self.outputs.close_epoch()
+        t4 = time.perf_counter()
+        if resume:
+            guest.resume()
+        t5 = time.perf_counter()
+        # The guest runs again; what follows is off the pause.
+        if batch is None:  # exact scan, raw: the shadow holds the checkpoint's pages
+            assert self.shadow is not None
+            buf = pd.alloc_pages(max(1, len(dirty)))
+            batch = pd.gather(self.shadow, dirty, out=buf)  # type: ignore[arg-type]
+            sums = _gathered_sums(batch, buf)
+        elif buf is not None:
+            sums = _gathered_sums(batch, buf)
+        else:
+            assert self.shadow is not None
+            sums = _page_sums(batch, self.shadow)
+        msg = wire.Pages(epoch, 0, True, batch.index, batch.kinds, batch.lens, sums, batch.data,
+                         state, pd.checksum_bytes(state), outs)
+        ms = 1000.0
+        rec = CheckpointRecord(epoch, (t1 - t0) * ms, (t2 - t1) * ms, (t3 - t2) * ms,
+                               (t4 - t3) * ms, (t5 - t4) * ms, (t5 - t0) * ms, len(dirty),
+                               len(batch.data) + len(state), len(outs))
+        rec.sent_at = time.monotonic()
+        self.link.send(msg)
+        self.epoch = epoch
+        self.in_flight[epoch] = (msg, rec)
+        self.stats.records.append(rec)
+        return rec
+
+    def on_reply(self, reply: wire.Message) -> None:
+        if isinstance(reply, wire.Ack) and reply.epoch > self.acked:
+            now = time.monotonic()
+            for e in sorted(e for e in self.in_flight if e <= reply.epoch):
+                _, rec = self.in_flight.pop(e)
+                rec.ack_ms = (now - rec.sent_at) * 1000
+            self.acked = reply.epoch
+            self.outputs.release_through(reply.epoch)
+        elif isinstance(reply, wire.Reject):
+            self.stats.rejects += 1
+            log.error("the standby rejected checkpoint %d: %s; re-pairing", reply.epoch,
+                      reply.reason)
+            self.resync()
+
+    def resync(self) -> None:
+        """After a reject: say HELLO again and resend what the standby lacks."""
+        committed = self.handshake()
+        if committed < self.acked or (committed == 0 and self.acked == 0 and self.in_flight
+                                      and min(self.in_flight) > 1):
+            raise ReplicationError(f"the standby lost committed checkpoints (it has "
+                                   f"{committed}, {self.acked} were acknowledged): "
+                                   f"a full re-pairing is needed")
+        if committed > self.acked:
+            self.on_reply(wire.Ack(committed, 0))
+        for e in sorted(self.in_flight):
+            self.link.send(self.in_flight[e][0])
+
+    def pump(self, until: float) -> None:
+        """Handle replies until the monotonic time ``until``."""
+        while True:
+            left = until - time.monotonic()
+            reply = self._recv(max(0.0, left))
+            if reply is not None:
+                self.on_reply(reply)
+            if left <= 0:
+                return
+
+    def run(self, should_stop: Callable[[], bool], *, epochs: int | None = None) -> None:
+        """Checkpoint every epoch until ``should_stop()``, or after ``epochs`` checkpoints
+        (then wait for their acks and leave the guest paused at the last one)."""
+        interval = self.cfg.epoch_ms / 1000
+        next_at = time.monotonic() + interval
+        while not should_stop():
+            self.pump(next_at)
+            if len(self.in_flight) >= self.cfg.max_in_flight:
+                next_at = time.monotonic() + 0.001  # window full: the epoch stretches
+                continue
+            if epochs is not None and self.epoch == epochs - 1:
+                self._final_checkpoint(should_stop)
+                return
+            self.checkpoint()
+            next_at = max(next_at + interval, time.monotonic() + interval / 4)
+
+    def _final_checkpoint(self, should_stop: Callable[[], bool]) -> None:
+        self.checkpoint(resume=False)
+        while self.in_flight and not should_stop():
+            self.pump(time.monotonic() + 0.05)
+
+    def records_json(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.stats.records]

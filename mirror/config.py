@@ -1,0 +1,175 @@
+"""Host configuration: TOML files read into frozen dataclasses, with clear errors.
+
+Every section and key is listed here with its default and its allowed range;
+README.md documents them.  Unknown sections or keys, wrong types and values
+out of range are errors that name the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from mirror.guests.synthetic import Shape, SyntheticParams
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+def _range(lo: float, hi: float) -> dict[str, Any]:
+    return {"range": (lo, hi)}
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    name: str = field(default="mirror", metadata=_range(1, 64))  # length
+    generation: int = field(default=1, metadata=_range(1, 2**62))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = field(default="host", metadata=_range(1, 64))
+    state_dir: str = "/var/lib/mirror"
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    host: str = "127.0.0.1"
+    data_port: int = field(default=7400, metadata=_range(1, 65535))
+    heartbeat_port: int = field(default=7401, metadata=_range(1, 65535))
+    heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    epoch_ms: int = field(default=50, metadata=_range(10, 1000))
+    max_in_flight: int = field(default=2, metadata=_range(1, 16))
+    scan: str = field(default="exact", metadata=_choices("exact", "hashed"))
+    threads: int = field(default=1, metadata=_range(1, 64))
+    encoding: str = field(default="raw", metadata=_choices("raw", "delta"))
+    precopy_chunk_mib: int = field(default=32, metadata=_range(1, 4096))
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    kind: str = field(default="synthetic", metadata=_choices("synthetic"))
+    ram_mib: int = field(default=256, metadata=_range(1, 1 << 20))
+    dirty_pages_per_s: int = field(default=20000, metadata=_range(0, 10**8))
+    outputs_per_s: int = field(default=200, metadata=_range(1, 100_000))
+    shape: str = field(default="uniform", metadata=_choices("uniform", "hot", "sequential"))
+    hot_pct: int = field(default=10, metadata=_range(1, 100))
+    seed: int = field(default=1, metadata=_range(0, 2**63 - 1))
+    fill_pct: int = field(default=50, metadata=_range(0, 100))
+
+    def synthetic(self) -> SyntheticParams:
+        return SyntheticParams(ram_mib=self.ram_mib, dirty_pages_per_s=self.dirty_pages_per_s,
+                               outputs_per_s=self.outputs_per_s, shape=Shape[self.shape.upper()],
+                               hot_pct=self.hot_pct, seed=self.seed, fill_pct=self.fill_pct)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    observer: str = "127.0.0.1:7500"  # HOST:PORT that receives released outputs
+
+    def address(self) -> tuple[str, int]:
+        return parse_hostport(self.observer, "output.observer")
+
+
+@dataclass(frozen=True)
+class Config:
+    pair: PairConfig = PairConfig()
+    node: NodeConfig = NodeConfig()
+    link: LinkConfig = LinkConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guest: GuestConfig = GuestConfig()
+    output: OutputConfig = OutputConfig()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.node.state_dir)
+
+
+def parse_hostport(text: str, where: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT with a port in 1..65535, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _check_value(cls: type, f: dataclasses.Field[Any], value: Any, where: str) -> Any:
+    want = get_type_hints(cls)[f.name]
+    if want is int and (type(value) is not int):
+        raise ConfigError(f"{where}: must be an integer, got {value!r}")
+    if want is str and type(value) is not str:
+        raise ConfigError(f"{where}: must be a string, got {value!r}")
+    if "range" in f.metadata:
+        lo, hi = f.metadata["range"]
+        measured = len(value) if isinstance(value, str) else value
+        if not lo <= measured <= hi:
+            what = "length" if isinstance(value, str) else "value"
+            raise ConfigError(f"{where}: {what} must be within {lo}..{hi}, got {value!r}")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f"{where}: must be one of {', '.join(f.metadata['choices'])}, "
+                          f"got {value!r}")
+    return value
+
+
+def _section(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(fields)}")
+    return cls(**{k: _check_value(cls, fields[k], v, f"{where}.{k}") for k, v in table.items()})
+
+
+def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = get_type_hints(Config)
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sections)}")
+    cfg = Config(**{name: _section(hints[name], table, f"{source}: [{name}]")
+                    for name, table in data.items()})
+    if cfg.link.data_port == cfg.link.heartbeat_port:
+        raise ConfigError(f"{source}: [link] data_port and heartbeat_port must differ, "
+                          f"both are {cfg.link.data_port}")
+    cfg.output.address()
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return from_dict(data, str(path))
+
+
+def to_toml(cfg: Config) -> str:
+    """The TOML text of ``cfg`` (every key written out)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            v = getattr(getattr(cfg, section.name), f.name)
+            lines.append(f"{f.name} = {v!r}".replace("'", '"') if isinstance(v, str)
+                         else f"{f.name} = {v}")
+        lines.append("")
+    return "\n".join(lines)

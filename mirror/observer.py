@@ -1,0 +1,85 @@
+"""An external observer of the guest's outputs: a TCP server reading ``<seq> <payload>`` lines.
+
+It is what a client of the VM sees.  It records every output with the time
+it arrived and counts gaps and duplicates across all connections (a new
+primary after a failover connects anew).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Seen:
+    outputs: list[tuple[int, bytes, float]] = field(default_factory=list)
+    malformed: int = 0
+
+    @property
+    def seqs(self) -> list[int]:
+        return [s for s, _, _ in self.outputs]
+
+    def gaps(self) -> int:
+        seqs = sorted(set(self.seqs))
+        if not seqs:
+            return 0
+        return (seqs[-1] - seqs[0] + 1) - len(seqs) + (seqs[0] - 1)
+
+    def duplicates(self) -> int:
+        return len(self.seqs) - len(set(self.seqs))
+
+
+class Observer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = socket.create_server((host, port))
+        self.address = self.server.getsockname()[:2]
+        self.seen = Seen()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+        self._accept = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accept.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.address[1])
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._read, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _read(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while chunk := conn.recv(65536):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                now = time.monotonic()
+                with self._lock:
+                    for line in lines:
+                        seq, _, payload = line.partition(b" ")
+                        if seq.isdigit():
+                            self.seen.outputs.append((int(seq), payload, now))
+                        else:
+                            self.seen.malformed += 1
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.seen.outputs)
+
+    def snapshot(self) -> list[tuple[int, bytes, float]]:
+        with self._lock:
+            return list(self.seen.outputs)
+
+    def close(self) -> None:
+        self._closing = True
+        self.server.close()

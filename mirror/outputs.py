@@ -1,0 +1,89 @@
+"""Output commit: the guest's outputs held per epoch until their checkpoint is acknowledged.
+
+Rule 1 of docs/ARCHITECTURE.md: whatever the guest emits during epoch N
+stays here until the secondary acknowledges checkpoint N; then it is
+released, in order, to the sink (the outside world).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from mirror.guests.base import GuestOutput
+
+Sink = Callable[[list[GuestOutput]], None]
+
+
+class OutputBuffer:
+    """Epoch-tagged outputs; thread-safe (the guest's reader thread adds)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._held: deque[tuple[int, GuestOutput]] = deque()
+        self.epoch = 1  # the epoch now running: outputs added now belong to it
+        self.released = 0
+        # seconds from produced to released, of outputs made after the first
+        # checkpoint (those made during the pre-copy wait for it by design)
+        self.latencies: list[float] = []
+        self.precopy_latencies: list[float] = []
+
+    def add(self, output: GuestOutput) -> None:
+        with self._lock:
+            self._held.append((self.epoch, output))
+
+    def close_epoch(self) -> list[tuple[int, bytes]]:
+        """End the running epoch (guest paused); returns its outputs, which ride
+        in the checkpoint so that a promoted standby knows them."""
+        with self._lock:
+            ended = self.epoch
+            self.epoch += 1
+            return [(o.seq, o.payload) for e, o in self._held if e == ended]
+
+    def release_through(self, epoch: int) -> int:
+        """Release every output of epochs <= ``epoch`` to the sink; returns how many."""
+        out: list[tuple[int, GuestOutput]] = []
+        with self._lock:
+            while self._held and self._held[0][0] <= epoch:
+                out.append(self._held.popleft())
+        if out:
+            self._sink([o for _, o in out])
+            now = time.monotonic()
+            for e, o in out:
+                (self.latencies if e > 1 else self.precopy_latencies).append(now - o.produced_at)
+            self.released += len(out)
+        return len(out)
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+
+class ObserverSink:
+    """Sends released outputs to a TCP endpoint, one line per output: ``<seq> <payload>``."""
+
+    def __init__(self, host: str, port: int, *, connect_timeout: float = 10.0) -> None:
+        self.address = (host, port)
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                self._sock = socket.create_connection(self.address, timeout=5)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"cannot reach the observer at {host}:{port}: {e.strerror or e}"
+                    ) from e
+                time.sleep(0.1)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def __call__(self, outputs: list[GuestOutput]) -> None:
+        self._sock.sendall(b"".join(b"%d %s\n" % (o.seq, o.payload) for o in outputs))
+
+    def close(self) -> None:
+        self._sock.close()

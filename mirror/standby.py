@@ -1,0 +1,204 @@
+"""The secondary: a reserved standby image that is always exactly one committed checkpoint.
+
+Rule 2 of docs/ARCHITECTURE.md.  The image (a file in /dev/shm, reserved and
+pre-faulted at start) changes only when a checkpoint is complete and every
+page of it verifies: each PAGES message is validated (wire.py), staged (new
+content of delta pages built aside, every page's checksum checked), and
+only then committed in one step, with its device state written beside the
+image; then it is acknowledged.  A bad frame or a checkpoint that fails to
+verify is rejected with a logged error, the session reset (the primary must
+say HELLO again), and the image left as the last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mirror import pagediff as pd
+from mirror import wire
+from mirror.config import Config
+from mirror.hoststate import write_atomic, write_json
+from mirror.link import Endpoint, Link
+
+log = logging.getLogger("mirror.standby")
+SHM = Path("/dev/shm")
+
+
+class StandbyError(RuntimeError):
+    """The standby cannot start or go on (e.g. its memory cannot be had)."""
+
+
+class StandbyImage:
+    """The standby's RAM image: a file of the guest's RAM size, all of it reserved now."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise StandbyError(f"standby image {path} already exists: another standby of this "
+                               f"pair runs here, or one died without cleaning up (remove it)") from None
+        try:
+            os.posix_fallocate(fd, 0, size)
+            self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except OSError as e:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise StandbyError(f"cannot reserve {size >> 20} MiB for the standby image {path}: "
+                               f"{e.strerror}; free memory or lower guest.ram_mib") from e
+        os.close(fd)
+
+    def close(self, remove: bool = True) -> None:
+        self.map.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+class Standby:
+    def __init__(self, cfg: Config, *, image_dir: Path = SHM) -> None:
+        self.cfg = cfg
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ram_bytes = cfg.guest.ram_mib << 20
+        self.image = StandbyImage(
+            image_dir / f"mirror-{cfg.pair.name}-{cfg.node.name}-standby.img", self.ram_bytes)
+        self.state_path = self.state_dir / "committed.state"
+        self.committed = 0  # epoch of the checkpoint the image holds (0: none yet)
+        self.generation = cfg.pair.generation
+        self.session: wire.Hello | None = None
+        self.precopied = 0
+        self.rejected = 0
+        self.commits = 0
+        self.apply_ms: list[float] = []
+        self.outputs_tail: list[tuple[int, bytes]] = []
+        self._status_at = 0.0
+        self.link: Link | None = None
+
+    # -- the protocol ---------------------------------------------------------
+
+    def handle(self, msg: wire.Message) -> wire.Message | None:
+        """The reply to one decoded message (None: no reply)."""
+        match msg:
+            case wire.Hello():
+                return self._hello(msg)
+            case wire.Pages():
+                if self.session is None:
+                    return self._reject(msg.epoch, msg.part, "no session: send HELLO first")
+                return self._pages(msg)
+            case wire.Heartbeat() | wire.Ack() | wire.Welcome() | wire.Reject():
+                return self._reject(0, 0, f"unexpected {type(msg).__name__} on the data link")
+        return None
+
+    def _hello(self, h: wire.Hello) -> wire.Message:
+        problem = None
+        if h.pair != self.cfg.pair.name:
+            problem = f"pair {h.pair!r} is not this standby's pair {self.cfg.pair.name!r}"
+        elif h.generation < self.generation:
+            problem = (f"generation {h.generation} is older than this standby's "
+                       f"generation {self.generation}")
+        elif h.ram_bytes != self.ram_bytes:
+            problem = (f"guest RAM of {h.ram_bytes} bytes does not match this standby's "
+                       f"{self.ram_bytes} (guest.ram_mib = {self.cfg.guest.ram_mib})")
+        if problem:
+            log.error("HELLO from %s refused: %s", h.node, problem)
+            return self._reject(0, 0, problem)
+        self.session = h
+        self.generation = h.generation
+        log.info("session with %s (generation %d), committed epoch %d", h.node, h.generation,
+                 self.committed)
+        return wire.Welcome(self.cfg.pair.name, self.generation, self.cfg.node.name,
+                            self.committed)
+
+    def _reject(self, epoch: int, part: int, reason: str) -> wire.Reject:
+        self.rejected += 1
+        self.session = None
+        return wire.Reject(epoch, part, reason)
+
+    def _pages(self, m: wire.Pages) -> wire.Message:
+        if m.epoch == 0:
+            if self.committed:
+                # A new pre-copy overwrites the image: it holds no committed checkpoint
+                # again until the next commit.
+                log.warning("pre-copy after commit %d: standby unprotected until the next "
+                            "checkpoint", self.committed)
+                self.committed = 0
+        elif m.epoch != self.committed + 1:
+            return self._reject(m.epoch, m.part, f"checkpoint {m.epoch} out of order: "
+                                f"committed is {self.committed}")
+        t0 = time.monotonic()
+        try:
+            if m.state and pd.checksum_bytes(m.state) != m.state_sum:
+                raise pd.CorruptEncoding("device state does not match its checksum")
+            staged = pd.stage_pages(self.image.map, m.index, m.kinds, m.lens, m.data,
+                                    m.checksums)
+        except pd.PageDiffError as e:
+            log.error("checkpoint %d part %d rejected: %s; image stays at checkpoint %d",
+                      m.epoch, m.part, e, self.committed)
+            return self._reject(m.epoch, m.part, str(e))
+        staged.commit()
+        if m.epoch == 0:
+            self.precopied += m.count
+        else:
+            write_atomic(self.state_path, bytes(m.state))
+            self.committed = m.epoch
+            self.commits += 1
+            self.outputs_tail = (self.outputs_tail + m.outputs)[-1000:]
+            if self.link:
+                self.link.committed[0] = m.epoch
+        self.apply_ms.append((time.monotonic() - t0) * 1000)
+        return wire.Ack(m.epoch, m.part)
+
+    # -- running -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        peer = self.link.peer if self.link else None
+        return {
+            "role": "secondary", "pair": self.cfg.pair.name, "node": self.cfg.node.name,
+            "generation": self.generation, "committed": self.committed,
+            "image": str(self.image.path), "state": str(self.state_path),
+            "session": self.session.node if self.session else None,
+            "precopied_pages": self.precopied, "commits": self.commits,
+            "rejected": self.rejected, "pid": os.getpid(),
+            "heartbeat_age_s": peer.age() if peer else None,
+            "last_outputs": [[s, p.decode(errors="replace")] for s, p in self.outputs_tail[-5:]],
+        }
+
+    def write_status(self) -> None:
+        write_json(self.state_dir / "status.json", self.status())
+        self._status_at = time.monotonic()
+
+    def serve(self, stop: threading.Event) -> None:
+        link_cfg = self.cfg.link
+        self.link = Link.server(
+            Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
+            self.cfg.node.name, heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000)
+        log.info("standby of pair %s listening on %s:%d, image %s (%d MiB reserved)",
+                 self.cfg.pair.name, link_cfg.host, link_cfg.data_port, self.image.path,
+                 self.ram_bytes >> 20)
+        try:
+            self.write_status()
+            while not stop.is_set():
+                try:
+                    msg = self.link.recv(0.2)
+                except wire.WireError as e:
+                    log.error("frame rejected: %s; session reset", e)
+                    reply: wire.Message | None = self._reject(0, 0, f"malformed frame: {e}")
+                else:
+                    reply = self.handle(msg) if msg is not None else None
+                if reply is not None:
+                    self.link.send(reply)
+                if isinstance(reply, wire.Reject) or time.monotonic() - self._status_at > 0.2:
+                    self.write_status()
+        finally:
+            self.write_status()
+            self.link.close()
+
+    def close(self) -> None:
+        self.image.close()
+        self.state_path.unlink(missing_ok=True)

@@ -1,0 +1,306 @@
+"""Messages of the interconnect: msgpack headers plus raw frames, validated on receipt.
+
+A message is a zmq multipart: frame 0 is a msgpack map with a kind ``k``;
+page-carrying messages add raw frames.  Everything a peer sends is untrusted:
+:func:`decode` checks every field's type and range and the sizes of the raw
+frames against the header, and raises :class:`WireError` (nothing applied)
+on the first thing wrong.  Page contents are verified later, by per-page
+checksums, when the standby stages them.
+
+    HELLO       {k, version, pair, generation, node, ram_bytes, page_size}
+    WELCOME     {k, version, pair, generation, node, committed}
+    PAGES       {k, epoch, part, final, count, data_len, state_len, state_sum, outputs}
+                + frames: index (u32 LE), kinds (u8), lens (u32 LE), checksums (u64 LE),
+                          data, state
+    ACK         {k, epoch, part}
+    REJECT      {k, epoch, part, reason}
+    HEARTBEAT   {k, node, seq, committed}
+
+PAGES with epoch 0 are parts of the pre-copy (applied as they come: nothing
+is committed yet); epoch N >= 1 is checkpoint N, whose ``final`` part
+commits it (checkpoints are sent as one part today).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from mirror.pagediff import PAGE_SIZE, PageKind
+
+PROTOCOL_VERSION = 1
+MAX_HEADER = 1 << 20
+MAX_NAME = 128
+MAX_PAGES = 1 << 32
+MAX_OUTPUTS = 1 << 20
+MAX_PAYLOAD = 1 << 16
+MAX_STATE = 1 << 30
+
+
+class Kind(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    PAGES = 3
+    ACK = 4
+    REJECT = 5
+    HEARTBEAT = 6
+
+
+class WireError(ValueError):
+    """A frame that does not follow the protocol: rejected, nothing applied."""
+
+
+class VersionMismatch(WireError):
+    """The peer speaks another protocol version."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    pair: str
+    generation: int
+    node: str
+    ram_bytes: int
+    page_size: int = PAGE_SIZE
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Welcome:
+    pair: str
+    generation: int
+    node: str
+    committed: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Pages:
+    """A batch of pages (a pre-copy part or a checkpoint) and its frames."""
+
+    epoch: int
+    part: int
+    final: bool
+    index: array[int]
+    kinds: bytes | memoryview
+    lens: array[int]
+    checksums: array[int]
+    data: bytes | memoryview
+    state: bytes | memoryview
+    state_sum: int
+    outputs: list[tuple[int, bytes]]
+
+    @property
+    def count(self) -> int:
+        return len(self.index)
+
+
+@dataclass(frozen=True)
+class Ack:
+    epoch: int
+    part: int
+
+
+@dataclass(frozen=True)
+class Reject:
+    epoch: int
+    part: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    node: str
+    seq: int
+    committed: int
+
+
+Message = Hello | Welcome | Pages | Ack | Reject | Heartbeat
+_LE = sys.byteorder == "little"
+
+
+def _u(arr: array[int]) -> bytes | memoryview:
+    if _LE:
+        return memoryview(arr).cast("B")
+    other = array(arr.typecode, arr)
+    other.byteswap()
+    return other.tobytes()
+
+
+def _header(obj: dict[str, Any]) -> bytes:
+    return bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """The frames of ``msg``."""
+    match msg:
+        case Hello():
+            return [_header({"k": Kind.HELLO, "version": msg.version, "pair": msg.pair,
+                             "generation": msg.generation, "node": msg.node,
+                             "ram_bytes": msg.ram_bytes, "page_size": msg.page_size})]
+        case Welcome():
+            return [_header({"k": Kind.WELCOME, "version": msg.version, "pair": msg.pair,
+                             "generation": msg.generation, "node": msg.node,
+                             "committed": msg.committed})]
+        case Pages():
+            head = _header({"k": Kind.PAGES, "epoch": msg.epoch, "part": msg.part,
+                            "final": msg.final, "count": msg.count,
+                            "data_len": len(msg.data), "state_len": len(msg.state),
+                            "state_sum": msg.state_sum,
+                            "outputs": [[s, p] for s, p in msg.outputs]})
+            return [head, _u(msg.index), msg.kinds, _u(msg.lens), _u(msg.checksums),
+                    msg.data, msg.state]
+        case Ack():
+            return [_header({"k": Kind.ACK, "epoch": msg.epoch, "part": msg.part})]
+        case Reject():
+            return [_header({"k": Kind.REJECT, "epoch": msg.epoch, "part": msg.part,
+                             "reason": msg.reason[:1000]})]
+        case Heartbeat():
+            return [_header({"k": Kind.HEARTBEAT, "node": msg.node, "seq": msg.seq,
+                             "committed": msg.committed})]
+    raise TypeError(f"not a wire message: {msg!r}")
+
+
+# ---- decoding untrusted frames ----------------------------------------------
+
+_FIELDS: dict[Kind, set[str]] = {
+    Kind.HELLO: {"k", "version", "pair", "generation", "node", "ram_bytes", "page_size"},
+    Kind.WELCOME: {"k", "version", "pair", "generation", "node", "committed"},
+    Kind.PAGES: {"k", "epoch", "part", "final", "count", "data_len", "state_len", "state_sum",
+                 "outputs"},
+    Kind.ACK: {"k", "epoch", "part"},
+    Kind.REJECT: {"k", "epoch", "part", "reason"},
+    Kind.HEARTBEAT: {"k", "node", "seq", "committed"},
+}
+
+
+def _int(h: dict[str, Any], name: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    v = h[name]
+    if type(v) is not int or not lo <= v <= hi:
+        raise WireError(f"field {name!r} must be an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _str(h: dict[str, Any], name: str) -> str:
+    v = h[name]
+    if type(v) is not str or not 1 <= len(v) <= MAX_NAME:
+        raise WireError(f"field {name!r} must be a string of 1..{MAX_NAME} characters, got {v!r}")
+    return v
+
+
+def _array(frame: bytes | memoryview, typecode: str, count: int, name: str) -> array[int]:
+    arr = array(typecode)
+    if len(frame) != arr.itemsize * count:
+        raise WireError(f"{name} frame is {len(frame)} bytes, {count} pages need "
+                        f"{arr.itemsize * count}")
+    arr.frombytes(frame)
+    if not _LE:
+        arr.byteswap()
+    return arr
+
+
+def _outputs(v: Any) -> list[tuple[int, bytes]]:
+    if type(v) is not list or len(v) > MAX_OUTPUTS:
+        raise WireError(f"field 'outputs' must be a list of at most {MAX_OUTPUTS} entries")
+    out = []
+    for item in v:
+        if (type(item) is not list or len(item) != 2 or type(item[0]) is not int
+                or not 0 <= item[0] < 1 << 63 or type(item[1]) is not bytes
+                or len(item[1]) > MAX_PAYLOAD):
+            raise WireError(f"malformed output entry {item!r:.80}")
+        out.append((item[0], item[1]))
+    return out
+
+
+def _check_version(h: dict[str, Any]) -> int:
+    version = h["version"]
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"peer speaks protocol version {version!r}, "
+                              f"this node speaks version {PROTOCOL_VERSION}")
+    return PROTOCOL_VERSION
+
+
+def decode(frames: Sequence[bytes | memoryview]) -> Message:
+    """The message in ``frames``, fully validated; raises :class:`WireError`."""
+    if not frames:
+        raise WireError("empty message")
+    if len(frames[0]) > MAX_HEADER:
+        raise WireError(f"header of {len(frames[0])} bytes exceeds {MAX_HEADER}")
+    try:
+        h = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD,
+                            max_str_len=4096, max_array_len=MAX_OUTPUTS, max_map_len=32)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"header is not valid msgpack: {e}") from None
+    if type(h) is not dict:
+        raise WireError(f"header must be a map, got {type(h).__name__}")
+    try:
+        kind = Kind(h["k"])
+    except (ValueError, KeyError, TypeError):
+        raise WireError(f"unknown message kind {h.get('k')!r}") from None
+    if set(h) != _FIELDS[kind]:
+        missing, extra = _FIELDS[kind] - set(h), set(h) - _FIELDS[kind]
+        raise WireError(f"{kind.name} header: missing {sorted(missing)}, unexpected "
+                        f"{sorted(map(str, extra))}")
+    if kind is not Kind.PAGES and len(frames) != 1:
+        raise WireError(f"{kind.name} has {len(frames)} frames, expected 1")
+    match kind:
+        case Kind.HELLO:
+            _check_version(h)
+            page_size = _int(h, "page_size", 1)
+            if page_size != PAGE_SIZE:
+                raise WireError(f"peer uses pages of {page_size} bytes, this node {PAGE_SIZE}")
+            ram = _int(h, "ram_bytes", PAGE_SIZE, MAX_PAGES * PAGE_SIZE)
+            if ram % PAGE_SIZE:
+                raise WireError(f"ram_bytes {ram} is not a multiple of the page size")
+            return Hello(_str(h, "pair"), _int(h, "generation"), _str(h, "node"), ram)
+        case Kind.WELCOME:
+            _check_version(h)
+            return Welcome(_str(h, "pair"), _int(h, "generation"), _str(h, "node"),
+                           _int(h, "committed"))
+        case Kind.ACK:
+            return Ack(_int(h, "epoch"), _int(h, "part"))
+        case Kind.REJECT:
+            reason = h["reason"]
+            if type(reason) is not str:
+                raise WireError("field 'reason' must be a string")
+            return Reject(_int(h, "epoch"), _int(h, "part"), reason)
+        case Kind.HEARTBEAT:
+            return Heartbeat(_str(h, "node"), _int(h, "seq"), _int(h, "committed"))
+    return _decode_pages(h, frames)
+
+
+def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview]) -> Pages:
+    if len(frames) != 7:
+        raise WireError(f"PAGES has {len(frames)} frames, expected 7")
+    count = _int(h, "count", 0, MAX_PAGES - 1)
+    if type(h["final"]) is not bool:
+        raise WireError(f"field 'final' must be a boolean, got {h['final']!r}")
+    _, index_f, kinds_f, lens_f, sums_f, data, state = frames
+    if len(kinds_f) != count:
+        raise WireError(f"kinds frame is {len(kinds_f)} bytes for {count} pages")
+    index = _array(index_f, "I", count, "index")
+    lens = _array(lens_f, "I", count, "lens")
+    sums = _array(sums_f, "Q", count, "checksums")
+    kinds = bytes(kinds_f)
+    expected_len = 0
+    for i, (kind, n) in enumerate(zip(kinds, lens, strict=True)):
+        if kind not in PageKind._value2member_map_:
+            raise WireError(f"page {index[i]} has unknown encoding {kind}")
+        want = {PageKind.RAW: PAGE_SIZE, PageKind.ZERO: 0}.get(PageKind(kind))
+        if (want is not None and n != want) or n > PAGE_SIZE:
+            raise WireError(f"page {index[i]} of kind {PageKind(kind).name} has length {n}")
+        expected_len += n
+    data_len = _int(h, "data_len", 0, MAX_PAGES * PAGE_SIZE)
+    if data_len != len(data) or data_len != expected_len:
+        raise WireError(f"data frame is {len(data)} bytes, header says {data_len}, "
+                        f"page lengths add up to {expected_len}")
+    state_len = _int(h, "state_len", 0, MAX_STATE)
+    if state_len != len(state):
+        raise WireError(f"state frame is {len(state)} bytes, header says {state_len}")
+    return Pages(_int(h, "epoch"), _int(h, "part"), h["final"], index, kinds, lens, sums,
+                 data, state, _int(h, "state_sum", 0, (1 << 64) - 1), _outputs(h["outputs"]))

@@ -1,0 +1,63 @@
+"""The output-commit buffer: nothing leaves before its epoch is acknowledged."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from mirror.guests.base import GuestOutput
+from mirror.outputs import ObserverSink, OutputBuffer
+
+
+def out(seq: int) -> GuestOutput:
+    return GuestOutput(seq, b"p%d" % seq, 0.0)
+
+
+def test_outputs_are_released_only_through_the_acked_epoch():
+    sent: list[int] = []
+    buf = OutputBuffer(lambda outs: sent.extend(o.seq for o in outs))
+    buf.add(out(1))
+    buf.add(out(2))
+    assert buf.close_epoch() == [(1, b"p1"), (2, b"p2")]  # epoch 1 captured
+    buf.add(out(3))
+    assert buf.close_epoch() == [(3, b"p3")]  # epoch 2 captured
+    buf.add(out(4))  # epoch 3, running
+    assert buf.release_through(0) == 0 and sent == []
+    assert buf.release_through(1) == 2 and sent == [1, 2]
+    assert buf.held == 2
+    assert buf.release_through(1) == 0  # an ack repeated releases nothing again
+    assert buf.release_through(2) == 1 and sent == [1, 2, 3]
+    assert buf.held == 1 and buf.released == 3
+
+
+def test_acks_out_of_order_release_in_order():
+    sent: list[int] = []
+    buf = OutputBuffer(lambda outs: sent.extend(o.seq for o in outs))
+    for seq in range(1, 7):
+        buf.add(out(seq))
+        if seq % 2 == 0:
+            buf.close_epoch()
+    buf.release_through(3)
+    buf.release_through(1)
+    assert sent == [1, 2, 3, 4, 5, 6]
+
+
+def test_observer_sink_writes_one_line_per_output():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    got = bytearray()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        while chunk := conn.recv(4096):
+            got.extend(chunk)
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    sink = ObserverSink("127.0.0.1", port)
+    sink([out(1), out(2)])
+    sink.close()
+    t.join(5)
+    server.close()
+    assert got == b"1 p1\n2 p2\n"
