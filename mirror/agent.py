@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mirror.checkpoint import CheckpointEngine, Progress
@@ -57,16 +56,19 @@ def progress_bar(prefix: str) -> Callable[[Progress], None]:
         frac = p.done_pages / p.total_pages if p.total_pages else 1.0
         bar = "#" * int(frac * width)
         mib = p.done_pages * 4096 >> 20
-        sys.stderr.write(f"\r{prefix} [{bar:<{width}}] {frac:4.0%} {mib}/"
-                         f"{p.total_pages * 4096 >> 20} MiB")
+        sys.stderr.write(
+            f"\r{prefix} [{bar:<{width}}] {frac:4.0%} {mib}/{p.total_pages * 4096 >> 20} MiB"
+        )
         if p.done_pages >= p.total_pages:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
     return show
 
 
-def run_primary(cfg: Config, stop: threading.Event, *, duration: float | None = None,
-                epochs: int | None = None) -> int:
+def run_primary(
+    cfg: Config, stop: threading.Event, *, duration: float | None = None, epochs: int | None = None
+) -> int:
     """Boot the guest, pair, pre-copy, then checkpoint until stopped.
 
     ``duration``: stop after that many seconds of checkpoints.  ``epochs``:
@@ -80,17 +82,36 @@ def run_primary(cfg: Config, stop: threading.Event, *, duration: float | None = 
     outputs = OutputBuffer(sink)
     ram_path = SHM_DIR / f"mirror-{cfg.pair.name}-{cfg.node.name}-{os.getpid()}.ram"
     guest = SyntheticGuest.boot(cfg.guest.synthetic(), ram_path, outputs.add)
-    link = Link.client(Endpoint(cfg.link.host, cfg.link.data_port, cfg.link.heartbeat_port),
-                       cfg.node.name, heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000)
-    engine = CheckpointEngine(guest, link, cfg.checkpoint, outputs, pair=cfg.pair.name,
-                              generation=cfg.pair.generation, node=cfg.node.name)
+    link = Link.client(
+        Endpoint(cfg.link.host, cfg.link.data_port, cfg.link.heartbeat_port),
+        cfg.node.name,
+        heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
+    )
+    engine = CheckpointEngine(
+        guest,
+        link,
+        cfg.checkpoint,
+        outputs,
+        pair=cfg.pair.name,
+        generation=cfg.pair.generation,
+        node=cfg.node.name,
+    )
     phase = "pairing"
 
     def status() -> dict[str, Any]:
-        return {"role": "primary", "phase": phase, "pair": cfg.pair.name,
-                "node": cfg.node.name, "generation": cfg.pair.generation, "pid": os.getpid(),
-                "ram": str(ram_path), "epoch": engine.epoch, "acked": engine.acked,
-                "heartbeat_age_s": link.peer.age(), "summary": engine.stats.summary(outputs)}
+        return {
+            "role": "primary",
+            "phase": phase,
+            "pair": cfg.pair.name,
+            "node": cfg.node.name,
+            "generation": cfg.pair.generation,
+            "pid": os.getpid(),
+            "ram": str(ram_path),
+            "epoch": engine.epoch,
+            "acked": engine.acked,
+            "heartbeat_age_s": link.peer.age(),
+            "summary": engine.stats.summary(outputs),
+        }
 
     try:
         write_json(state_dir / "status.json", status())
@@ -99,8 +120,12 @@ def run_primary(cfg: Config, stop: threading.Event, *, duration: float | None = 
         phase = "precopy"
         engine.precopy(progress_bar("pre-copy"))
         phase = "protected"
-        log.info("pre-copy of %d MiB done in %.2f s; checkpoints every %d ms",
-                 cfg.guest.ram_mib, engine.stats.precopy_s, cfg.checkpoint.epoch_ms)
+        log.info(
+            "pre-copy of %d MiB done in %.2f s; checkpoints every %d ms",
+            cfg.guest.ram_mib,
+            engine.stats.precopy_s,
+            cfg.checkpoint.epoch_ms,
+        )
         end = None if duration is None else time.monotonic() + duration
         last_status = 0.0
 
@@ -121,11 +146,11 @@ def run_primary(cfg: Config, stop: threading.Event, *, duration: float | None = 
         phase = "stopped"
         return 0
     finally:
-        write_json(state_dir / "stats.json", {"summary": engine.stats.summary(outputs),
-                                              "checkpoints": engine.records_json()})
+        write_json(
+            state_dir / "stats.json",
+            {"summary": engine.stats.summary(outputs), "checkpoints": engine.records_json()},
+        )
         write_json(state_dir / "status.json", status())
         guest.stop()
         link.close()
         sink.close()
-
-

@@ -88,8 +88,9 @@ class Stats:
             "acked": len(acked),
             "pause_ms_p50": round(percentile(pauses, 50), 3),
             "pause_ms_p99": round(percentile(pauses, 99), 3),
-            "pause_split_ms_p50": {k: split(f"{k}_ms")
-                                   for k in ("stop", "scan", "gather", "state", "resume")},
+            "pause_split_ms_p50": {
+                k: split(f"{k}_ms") for k in ("stop", "scan", "gather", "state", "resume")
+            },
             "ack_ms_p50": round(percentile(acked, 50), 3),
             "dirty_pages_p50": percentile([float(r.pages) for r in recs], 50),
             "dirty_mb_per_s": round(dirty / span / 1e6, 2) if span else 0.0,
@@ -113,13 +114,21 @@ def _gathered_sums(batch: pd.EncodedPages, buf: mmap.mmap) -> array[int]:
     """Checksums of a gathered batch, computed from the send buffer itself."""
     raw = [i for i, k in enumerate(batch.kinds) if k == pd.PageKind.RAW]
     sums_raw = iter(pd.checksums(buf, range(len(raw))) if raw else [])
-    return array("Q", (next(sums_raw) if k == pd.PageKind.RAW else _ZERO_SUM
-                       for k in batch.kinds))
+    return array("Q", (next(sums_raw) if k == pd.PageKind.RAW else _ZERO_SUM for k in batch.kinds))
 
 
 class CheckpointEngine:
-    def __init__(self, guest: Guest, link: Link, cfg: CheckpointConfig, outputs: OutputBuffer,
-                 *, pair: str, generation: int, node: str) -> None:
+    def __init__(
+        self,
+        guest: Guest,
+        link: Link,
+        cfg: CheckpointConfig,
+        outputs: OutputBuffer,
+        *,
+        pair: str,
+        generation: int,
+        node: str,
+    ) -> None:
         self.guest, self.link, self.cfg, self.outputs = guest, link, cfg, outputs
         self.pair, self.generation, self.node = pair, generation, node
         self.npages = len(guest.ram) // PS
@@ -141,13 +150,19 @@ class CheckpointEngine:
             self.link.send(hello)
             reply = self._recv(1.0)
             if isinstance(reply, wire.Welcome):
-                log.info("paired with %s (generation %d), its committed epoch %d",
-                         reply.node, reply.generation, reply.committed)
+                log.info(
+                    "paired with %s (generation %d), its committed epoch %d",
+                    reply.node,
+                    reply.generation,
+                    reply.committed,
+                )
                 return reply.committed
             if isinstance(reply, wire.Reject):
                 raise ReplicationError(f"the standby refused this primary: {reply.reason}")
-        raise ReplicationError(f"no answer from the standby at {self.link.endpoint.host}:"
-                               f"{self.link.endpoint.data_port} in {timeout:g} s")
+        raise ReplicationError(
+            f"no answer from the standby at {self.link.endpoint.host}:"
+            f"{self.link.endpoint.data_port} in {timeout:g} s"
+        )
 
     def _recv(self, timeout: float) -> wire.Message | None:
         try:
@@ -176,21 +191,21 @@ class CheckpointEngine:
         chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
         parts = [range(s, min(s + chunk, self.npages)) for s in range(0, self.npages, chunk)]
         window = max(2, self.cfg.max_in_flight)
-        sent, acked = 0, 0
+        acked = 0
         for n, pages in enumerate(parts):
             buf = pd.alloc_pages(len(pages))
             batch = pd.gather(source, pages, out=buf)  # type: ignore[arg-type]
             sums = _gathered_sums(batch, buf)
-            self.link.send(wire.Pages(0, n, n == len(parts) - 1, batch.index, batch.kinds,
-                                      batch.lens, sums, batch.data, b"", 0, []))
-            sent += 1
+            self.link.send(wire.Pages.of(0, batch, sums, part=n, final=n == len(parts) - 1))
+            sent = n + 1
             while sent - acked >= window or (n == len(parts) - 1 and acked < sent):
                 reply = self._recv(10.0)
                 if reply is None:
                     raise ReplicationError("the standby stopped answering during pre-copy")
                 if isinstance(reply, wire.Reject):
-                    raise ReplicationError(f"the standby rejected pre-copy part {reply.part}: "
-                                           f"{reply.reason}")
+                    raise ReplicationError(
+                        f"the standby rejected pre-copy part {reply.part}: {reply.reason}"
+                    )
                 if isinstance(reply, wire.Ack) and reply.epoch == 0:
                     acked += 1
                     if progress:
@@ -242,12 +257,20 @@ class CheckpointEngine:
         else:
             assert self.shadow is not None
             sums = _page_sums(batch, self.shadow)
-        msg = wire.Pages(epoch, 0, True, batch.index, batch.kinds, batch.lens, sums, batch.data,
-                         state, pd.checksum_bytes(state), outs)
+        msg = wire.Pages.of(epoch, batch, sums, state=state, outputs=outs)
         ms = 1000.0
-        rec = CheckpointRecord(epoch, (t1 - t0) * ms, (t2 - t1) * ms, (t3 - t2) * ms,
-                               (t4 - t3) * ms, (t5 - t4) * ms, (t5 - t0) * ms, len(dirty),
-                               len(batch.data) + len(state), len(outs))
+        rec = CheckpointRecord(
+            epoch,
+            (t1 - t0) * ms,
+            (t2 - t1) * ms,
+            (t3 - t2) * ms,
+            (t4 - t3) * ms,
+            (t5 - t4) * ms,
+            (t5 - t0) * ms,
+            len(dirty),
+            len(batch.data) + len(state),
+            len(outs),
+        )
         rec.sent_at = time.monotonic()
         self.link.send(msg)
         self.epoch = epoch
@@ -265,18 +288,22 @@ class CheckpointEngine:
             self.outputs.release_through(reply.epoch)
         elif isinstance(reply, wire.Reject):
             self.stats.rejects += 1
-            log.error("the standby rejected checkpoint %d: %s; re-pairing", reply.epoch,
-                      reply.reason)
+            log.error(
+                "the standby rejected checkpoint %d: %s; re-pairing", reply.epoch, reply.reason
+            )
             self.resync()
 
     def resync(self) -> None:
         """After a reject: say HELLO again and resend what the standby lacks."""
         committed = self.handshake()
-        if committed < self.acked or (committed == 0 and self.acked == 0 and self.in_flight
-                                      and min(self.in_flight) > 1):
-            raise ReplicationError(f"the standby lost committed checkpoints (it has "
-                                   f"{committed}, {self.acked} were acknowledged): "
-                                   f"a full re-pairing is needed")
+        if committed < self.acked or (
+            committed == 0 and self.acked == 0 and self.in_flight and min(self.in_flight) > 1
+        ):
+            raise ReplicationError(
+                f"the standby lost committed checkpoints (it has "
+                f"{committed}, {self.acked} were acknowledged): "
+                f"a full re-pairing is needed"
+            )
         if committed > self.acked:
             self.on_reply(wire.Ack(committed, 0))
         for e in sorted(self.in_flight):

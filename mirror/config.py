@@ -70,9 +70,15 @@ class GuestConfig:
     fill_pct: int = field(default=50, metadata=_range(0, 100))
 
     def synthetic(self) -> SyntheticParams:
-        return SyntheticParams(ram_mib=self.ram_mib, dirty_pages_per_s=self.dirty_pages_per_s,
-                               outputs_per_s=self.outputs_per_s, shape=Shape[self.shape.upper()],
-                               hot_pct=self.hot_pct, seed=self.seed, fill_pct=self.fill_pct)
+        return SyntheticParams(
+            ram_mib=self.ram_mib,
+            dirty_pages_per_s=self.dirty_pages_per_s,
+            outputs_per_s=self.outputs_per_s,
+            shape=Shape[self.shape.upper()],
+            hot_pct=self.hot_pct,
+            seed=self.seed,
+            fill_pct=self.fill_pct,
+        )
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,9 @@ def _check_value(cls: type, f: dataclasses.Field[Any], value: Any, where: str) -
             what = "length" if isinstance(value, str) else "value"
             raise ConfigError(f"{where}: {what} must be within {lo}..{hi}, got {value!r}")
     if "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise ConfigError(f"{where}: must be one of {', '.join(f.metadata['choices'])}, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"{where}: must be one of {', '.join(f.metadata['choices'])}, got {value!r}"
+        )
     return value
 
 
@@ -128,8 +135,9 @@ def _section(cls: type, table: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(fields)}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}"
+        )
     return cls(**{k: _check_value(cls, fields[k], v, f"{where}.{k}") for k, v in table.items()})
 
 
@@ -138,13 +146,20 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
     hints = get_type_hints(Config)
     unknown = sorted(set(data) - set(sections))
     if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sections)}")
-    cfg = Config(**{name: _section(hints[name], table, f"{source}: [{name}]")
-                    for name, table in data.items()})
+        raise ConfigError(
+            f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sections)}"
+        )
+    cfg = Config(
+        **{
+            name: _section(hints[name], table, f"{source}: [{name}]")
+            for name, table in data.items()
+        }
+    )
     if cfg.link.data_port == cfg.link.heartbeat_port:
-        raise ConfigError(f"{source}: [link] data_port and heartbeat_port must differ, "
-                          f"both are {cfg.link.data_port}")
+        raise ConfigError(
+            f"{source}: [link] data_port and heartbeat_port must differ, "
+            f"both are {cfg.link.data_port}"
+        )
     cfg.output.address()
     return cfg
 
@@ -169,7 +184,8 @@ def to_toml(cfg: Config) -> str:
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(getattr(cfg, section.name)):
             v = getattr(getattr(cfg, section.name), f.name)
-            lines.append(f"{f.name} = {v!r}".replace("'", '"') if isinstance(v, str)
-                         else f"{f.name} = {v}")
+            lines.append(
+                f"{f.name} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{f.name} = {v}"
+            )
         lines.append("")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ process group, and removes its files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,8 +53,11 @@ class Host:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mirror", role, "--config", str(self.config_path), *extra],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -62,19 +66,15 @@ class Host:
             return None
 
     def signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM to the whole group, then SIGKILL if it lingers."""
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.signal(signal.SIGKILL)  # anything left of the group
         self.proc.wait()
 
@@ -102,14 +102,22 @@ def wait_for(what: str, cond: Any, timeout: float, hosts: list[Host]) -> Any:
             return value
         for h in hosts:
             if h.proc.poll() is not None:
-                raise RuntimeError(f"{h.name} ({h.role}) exited with code {h.proc.returncode} "
-                                   f"while waiting for {what}:\n{h.log_tail()}")
+                raise RuntimeError(
+                    f"{h.name} ({h.role}) exited with code {h.proc.returncode} "
+                    f"while waiting for {what}:\n{h.log_tail()}"
+                )
         time.sleep(0.05)
     raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def run(base: Config, *, duration: float, observer: str | None = None, keep: bool = False,
-        quiet: bool = False) -> dict[str, Any]:
+def run(
+    base: Config,
+    *,
+    duration: float,
+    observer: str | None = None,
+    keep: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="mirror-demo-"))
     own_observer = Observer() if observer is None else None
     address = f"127.0.0.1:{own_observer.port}" if own_observer else str(observer)
@@ -127,8 +135,10 @@ def run(base: Config, *, duration: float, observer: str | None = None, keep: boo
         say(f"secondary hostB up: standby image of {base.guest.ram_mib} MiB reserved")
         a = Host("hostA", "primary", cfg_a, root, "--duration", str(duration))
         hosts.append(a)
-        say(f"primary hostA: synthetic guest, {base.guest.dirty_pages_per_s} pages/s dirtied, "
-            f"epoch {base.checkpoint.epoch_ms} ms, for {duration:g} s")
+        say(
+            f"primary hostA: synthetic guest, {base.guest.dirty_pages_per_s} pages/s dirtied, "
+            f"epoch {base.checkpoint.epoch_ms} ms, for {duration:g} s"
+        )
         last = 0.0
         while a.proc.poll() is None:
             time.sleep(0.1)
@@ -136,9 +146,11 @@ def run(base: Config, *, duration: float, observer: str | None = None, keep: boo
             if st and time.monotonic() - last >= 1:
                 last = time.monotonic()
                 s = st["summary"]
-                say(f"  {st['phase']:>9}: checkpoint {st['epoch']}, acked {st['acked']}, "
+                say(
+                    f"  {st['phase']:>9}: checkpoint {st['epoch']}, acked {st['acked']}, "
                     f"pause p50 {s['pause_ms_p50']} ms, outputs released "
-                    f"{s['outputs_released']}")
+                    f"{s['outputs_released']}"
+                )
             if time.monotonic() > 0 and a.proc.poll() is None and st is None:
                 continue
         if a.proc.returncode != 0:
@@ -147,14 +159,20 @@ def run(base: Config, *, duration: float, observer: str | None = None, keep: boo
         standby = b.status() or {}
         stats = read_json(a.dir / "stats.json")["summary"]
         result: dict[str, Any] = {
-            "ram_mib": base.guest.ram_mib, "epoch_ms": base.checkpoint.epoch_ms,
-            "dirty_pages_per_s": base.guest.dirty_pages_per_s, "duration_s": duration,
-            **stats, "standby_committed": standby.get("committed"),
+            "ram_mib": base.guest.ram_mib,
+            "epoch_ms": base.checkpoint.epoch_ms,
+            "dirty_pages_per_s": base.guest.dirty_pages_per_s,
+            "duration_s": duration,
+            **stats,
+            "standby_committed": standby.get("committed"),
         }
         if own_observer:
             seen = own_observer.seen
-            result.update(observer_outputs=own_observer.count(), observer_gaps=seen.gaps(),
-                          observer_duplicates=seen.duplicates())
+            result.update(
+                observer_outputs=own_observer.count(),
+                observer_gaps=seen.gaps(),
+                observer_duplicates=seen.duplicates(),
+            )
         return result
     finally:
         for h in reversed(hosts):
@@ -171,21 +189,32 @@ def print_summary(r: dict[str, Any]) -> None:
     rows = [
         ("guest", f"{r['ram_mib']} MiB synthetic, {r['dirty_pages_per_s']} pages/s dirtied"),
         ("pre-copy", f"{r['precopy_pages'] * 4096 >> 20} MiB in {r['precopy_s']} s"),
-        ("checkpoints", f"{r['checkpoints']} ({r['acked']} acknowledged), epoch "
-                        f"{r['epoch_ms']} ms"),
+        (
+            "checkpoints",
+            f"{r['checkpoints']} ({r['acked']} acknowledged), epoch {r['epoch_ms']} ms",
+        ),
         ("pause", f"p50 {r['pause_ms_p50']} ms, p99 {r['pause_ms_p99']} ms"),
         ("pause split p50", ", ".join(f"{k} {v} ms" for k, v in r["pause_split_ms_p50"].items())),
         ("ack after send", f"p50 {r['ack_ms_p50']} ms"),
         ("replicated", f"{r['dirty_mb_per_s']} MB/s of dirty pages"),
-        ("output latency added", f"p50 {r['output_latency_ms_p50']} ms, "
-                                 f"p99 {r['output_latency_ms_p99']} ms"),
-        ("outputs released", f"{r['outputs_released']} ({r['outputs_held']} still held "
-                             f"at the end)"),
+        (
+            "output latency added",
+            f"p50 {r['output_latency_ms_p50']} ms, p99 {r['output_latency_ms_p99']} ms",
+        ),
+        (
+            "outputs released",
+            f"{r['outputs_released']} ({r['outputs_held']} still held at the end)",
+        ),
         ("standby", f"holds checkpoint {r['standby_committed']}"),
     ]
     if "observer_outputs" in r:
-        rows.append(("observer", f"{r['observer_outputs']} outputs, {r['observer_gaps']} gaps, "
-                                 f"{r['observer_duplicates']} duplicates"))
+        rows.append(
+            (
+                "observer",
+                f"{r['observer_outputs']} outputs, {r['observer_gaps']} gaps, "
+                f"{r['observer_duplicates']} duplicates",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:>{width}}: {v}")

@@ -62,8 +62,15 @@ def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]
 class _Heartbeats(threading.Thread):
     """Sends our heartbeat every interval (client) or answers each one (server)."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], url: str, node: str,
-                 interval: float, server: bool, committed: list[int]) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        url: str,
+        node: str,
+        interval: float,
+        server: bool,
+        committed: list[int],
+    ) -> None:
         super().__init__(name="heartbeats", daemon=True)
         self.sock = _socket(ctx, zmq.ROUTER if server else zmq.DEALER)
         (self.sock.bind if server else self.sock.connect)(url)
@@ -76,8 +83,9 @@ class _Heartbeats(threading.Thread):
 
     def _mine(self) -> list[bytes]:
         self._seq += 1
-        return [bytes(f) for f in wire.encode(wire.Heartbeat(self.node, self._seq,
-                                                             self.committed[0]))]
+        return [
+            bytes(f) for f in wire.encode(wire.Heartbeat(self.node, self._seq, self.committed[0]))
+        ]
 
     def run(self) -> None:
         next_beat = time.monotonic()
@@ -92,7 +100,7 @@ class _Heartbeats(threading.Thread):
                 frames = self.sock.recv_multipart()
                 ident = frames[:1] if self.server else []
                 try:
-                    hb = wire.decode(list(frames[len(ident):]))
+                    hb = wire.decode(list(frames[len(ident) :]))
                 except wire.WireError as e:
                     self.rejected += 1
                     log.error("heartbeat rejected: %s", e)
@@ -114,8 +122,9 @@ class _Heartbeats(threading.Thread):
 class Link:
     """One side of the interconnect.  Use :meth:`server` (secondary) or :meth:`client`."""
 
-    def __init__(self, endpoint: Endpoint, node: str, *, server: bool,
-                 heartbeat_interval: float = 0.1) -> None:
+    def __init__(
+        self, endpoint: Endpoint, node: str, *, server: bool, heartbeat_interval: float = 0.1
+    ) -> None:
         self.endpoint = endpoint
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.is_server = server
@@ -126,14 +135,22 @@ class Link:
             else:
                 self.data.connect(endpoint.url(endpoint.data_port))
             self.committed = [0]
-            self.heartbeats = _Heartbeats(self.ctx, endpoint.url(endpoint.heartbeat_port), node,
-                                          heartbeat_interval, server, self.committed)
+            self.heartbeats = _Heartbeats(
+                self.ctx,
+                endpoint.url(endpoint.heartbeat_port),
+                node,
+                heartbeat_interval,
+                server,
+                self.committed,
+            )
         except zmq.ZMQError as e:
             self.data.close()
             self.ctx.term()
-            raise ConnectionError(f"cannot {'bind' if server else 'connect'} the interconnect on "
-                                  f"{endpoint.host} ports {endpoint.data_port}/"
-                                  f"{endpoint.heartbeat_port}: {e}") from e
+            raise ConnectionError(
+                f"cannot {'bind' if server else 'connect'} the interconnect on "
+                f"{endpoint.host} ports {endpoint.data_port}/"
+                f"{endpoint.heartbeat_port}: {e}"
+            ) from e
         self.heartbeats.start()
         self._peer_id: bytes | None = None  # server: the primary's zmq identity
 

@@ -411,13 +411,17 @@ def stage_pages(
     scratch = bytearray(n * PAGE_SIZE) if has_delta else bytearray(1)
     scratch_p = ffi.from_buffer("uint8_t[]", scratch)
     bad = ffi.new("uint64_t *")
-    rc = lib.pd_stage_pages(img_p, npages, idx_p, n, kinds_p, lens_p, data_p, data_len, sums_p,
-                            scratch_p, bad)
+    rc = lib.pd_stage_pages(
+        img_p, npages, idx_p, n, kinds_p, lens_p, data_p, data_len, sums_p, scratch_p, bad
+    )
     if rc == lib.PD_ECORRUPT and n:
         pos = int(bad[0])
         raise CorruptEncoding(
             f"stage pages: page {index[pos]} (position {pos} of {n}) does not verify"
         )
     _check(rc, "stage pages")
-    return StagedBatch(img_p, (idx_p, n, kinds_p, lens_p, data_p, scratch_p),
-                       (image, index, kinds, lens, data, scratch))
+    return StagedBatch(
+        img_p,
+        (idx_p, n, kinds_p, lens_p, data_p, scratch_p),
+        (image, index, kinds, lens, data, scratch),
+    )

@@ -42,16 +42,20 @@ class StandbyImage:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            raise StandbyError(f"standby image {path} already exists: another standby of this "
-                               f"pair runs here, or one died without cleaning up (remove it)") from None
+            raise StandbyError(
+                f"standby image {path} already exists: another standby of this "
+                f"pair runs here, or one died without cleaning up (remove it)"
+            ) from None
         try:
             os.posix_fallocate(fd, 0, size)
             self.map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except OSError as e:
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise StandbyError(f"cannot reserve {size >> 20} MiB for the standby image {path}: "
-                               f"{e.strerror}; free memory or lower guest.ram_mib") from e
+            raise StandbyError(
+                f"cannot reserve {size >> 20} MiB for the standby image {path}: "
+                f"{e.strerror}; free memory or lower guest.ram_mib"
+            ) from e
         os.close(fd)
 
     def close(self, remove: bool = True) -> None:
@@ -67,7 +71,8 @@ class Standby:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ram_bytes = cfg.guest.ram_mib << 20
         self.image = StandbyImage(
-            image_dir / f"mirror-{cfg.pair.name}-{cfg.node.name}-standby.img", self.ram_bytes)
+            image_dir / f"mirror-{cfg.pair.name}-{cfg.node.name}-standby.img", self.ram_bytes
+        )
         self.state_path = self.state_dir / "committed.state"
         self.committed = 0  # epoch of the checkpoint the image holds (0: none yet)
         self.generation = cfg.pair.generation
@@ -100,20 +105,27 @@ class Standby:
         if h.pair != self.cfg.pair.name:
             problem = f"pair {h.pair!r} is not this standby's pair {self.cfg.pair.name!r}"
         elif h.generation < self.generation:
-            problem = (f"generation {h.generation} is older than this standby's "
-                       f"generation {self.generation}")
+            problem = (
+                f"generation {h.generation} is older than this standby's "
+                f"generation {self.generation}"
+            )
         elif h.ram_bytes != self.ram_bytes:
-            problem = (f"guest RAM of {h.ram_bytes} bytes does not match this standby's "
-                       f"{self.ram_bytes} (guest.ram_mib = {self.cfg.guest.ram_mib})")
+            problem = (
+                f"guest RAM of {h.ram_bytes} bytes does not match this standby's "
+                f"{self.ram_bytes} (guest.ram_mib = {self.cfg.guest.ram_mib})"
+            )
         if problem:
             log.error("HELLO from %s refused: %s", h.node, problem)
             return self._reject(0, 0, problem)
         self.session = h
         self.generation = h.generation
-        log.info("session with %s (generation %d), committed epoch %d", h.node, h.generation,
-                 self.committed)
-        return wire.Welcome(self.cfg.pair.name, self.generation, self.cfg.node.name,
-                            self.committed)
+        log.info(
+            "session with %s (generation %d), committed epoch %d",
+            h.node,
+            h.generation,
+            self.committed,
+        )
+        return wire.Welcome(self.cfg.pair.name, self.generation, self.cfg.node.name, self.committed)
 
     def _reject(self, epoch: int, part: int, reason: str) -> wire.Reject:
         self.rejected += 1
@@ -125,21 +137,28 @@ class Standby:
             if self.committed:
                 # A new pre-copy overwrites the image: it holds no committed checkpoint
                 # again until the next commit.
-                log.warning("pre-copy after commit %d: standby unprotected until the next "
-                            "checkpoint", self.committed)
+                log.warning(
+                    "pre-copy after commit %d: standby unprotected until the next checkpoint",
+                    self.committed,
+                )
                 self.committed = 0
         elif m.epoch != self.committed + 1:
-            return self._reject(m.epoch, m.part, f"checkpoint {m.epoch} out of order: "
-                                f"committed is {self.committed}")
+            return self._reject(
+                m.epoch, m.part, f"checkpoint {m.epoch} out of order: committed is {self.committed}"
+            )
         t0 = time.monotonic()
         try:
             if m.state and pd.checksum_bytes(m.state) != m.state_sum:
                 raise pd.CorruptEncoding("device state does not match its checksum")
-            staged = pd.stage_pages(self.image.map, m.index, m.kinds, m.lens, m.data,
-                                    m.checksums)
+            staged = pd.stage_pages(self.image.map, m.index, m.kinds, m.lens, m.data, m.checksums)
         except pd.PageDiffError as e:
-            log.error("checkpoint %d part %d rejected: %s; image stays at checkpoint %d",
-                      m.epoch, m.part, e, self.committed)
+            log.error(
+                "checkpoint %d part %d rejected: %s; image stays at checkpoint %d",
+                m.epoch,
+                m.part,
+                e,
+                self.committed,
+            )
             return self._reject(m.epoch, m.part, str(e))
         staged.commit()
         if m.epoch == 0:
@@ -159,12 +178,18 @@ class Standby:
     def status(self) -> dict[str, Any]:
         peer = self.link.peer if self.link else None
         return {
-            "role": "secondary", "pair": self.cfg.pair.name, "node": self.cfg.node.name,
-            "generation": self.generation, "committed": self.committed,
-            "image": str(self.image.path), "state": str(self.state_path),
+            "role": "secondary",
+            "pair": self.cfg.pair.name,
+            "node": self.cfg.node.name,
+            "generation": self.generation,
+            "committed": self.committed,
+            "image": str(self.image.path),
+            "state": str(self.state_path),
             "session": self.session.node if self.session else None,
-            "precopied_pages": self.precopied, "commits": self.commits,
-            "rejected": self.rejected, "pid": os.getpid(),
+            "precopied_pages": self.precopied,
+            "commits": self.commits,
+            "rejected": self.rejected,
+            "pid": os.getpid(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for s, p in self.outputs_tail[-5:]],
         }
@@ -177,10 +202,17 @@ class Standby:
         link_cfg = self.cfg.link
         self.link = Link.server(
             Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
-            self.cfg.node.name, heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000)
-        log.info("standby of pair %s listening on %s:%d, image %s (%d MiB reserved)",
-                 self.cfg.pair.name, link_cfg.host, link_cfg.data_port, self.image.path,
-                 self.ram_bytes >> 20)
+            self.cfg.node.name,
+            heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
+        )
+        log.info(
+            "standby of pair %s listening on %s:%d, image %s (%d MiB reserved)",
+            self.cfg.pair.name,
+            link_cfg.host,
+            link_cfg.data_port,
+            self.image.path,
+            self.ram_bytes >> 20,
+        )
         try:
             self.write_status()
             while not stop.is_set():

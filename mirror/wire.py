@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from mirror.pagediff import PAGE_SIZE, PageKind
+from mirror.pagediff import PAGE_SIZE, EncodedPages, PageKind, checksum_bytes
 
 PROTOCOL_VERSION = 1
 MAX_HEADER = 1 << 20
@@ -99,6 +99,33 @@ class Pages:
     def count(self) -> int:
         return len(self.index)
 
+    @classmethod
+    def of(
+        cls,
+        epoch: int,
+        batch: EncodedPages,
+        checksums: array[int],
+        *,
+        part: int = 0,
+        final: bool = True,
+        state: bytes = b"",
+        outputs: list[tuple[int, bytes]] | None = None,
+    ) -> Pages:
+        """A PAGES message carrying an encoded batch (and device state, outputs)."""
+        return cls(
+            epoch,
+            part,
+            final,
+            batch.index,
+            batch.kinds,
+            batch.lens,
+            checksums,
+            batch.data,
+            state,
+            checksum_bytes(state) if state else 0,
+            outputs or [],
+        )
+
 
 @dataclass(frozen=True)
 class Ack:
@@ -140,29 +167,79 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     """The frames of ``msg``."""
     match msg:
         case Hello():
-            return [_header({"k": Kind.HELLO, "version": msg.version, "pair": msg.pair,
-                             "generation": msg.generation, "node": msg.node,
-                             "ram_bytes": msg.ram_bytes, "page_size": msg.page_size})]
+            return [
+                _header(
+                    {
+                        "k": Kind.HELLO,
+                        "version": msg.version,
+                        "pair": msg.pair,
+                        "generation": msg.generation,
+                        "node": msg.node,
+                        "ram_bytes": msg.ram_bytes,
+                        "page_size": msg.page_size,
+                    }
+                )
+            ]
         case Welcome():
-            return [_header({"k": Kind.WELCOME, "version": msg.version, "pair": msg.pair,
-                             "generation": msg.generation, "node": msg.node,
-                             "committed": msg.committed})]
+            return [
+                _header(
+                    {
+                        "k": Kind.WELCOME,
+                        "version": msg.version,
+                        "pair": msg.pair,
+                        "generation": msg.generation,
+                        "node": msg.node,
+                        "committed": msg.committed,
+                    }
+                )
+            ]
         case Pages():
-            head = _header({"k": Kind.PAGES, "epoch": msg.epoch, "part": msg.part,
-                            "final": msg.final, "count": msg.count,
-                            "data_len": len(msg.data), "state_len": len(msg.state),
-                            "state_sum": msg.state_sum,
-                            "outputs": [[s, p] for s, p in msg.outputs]})
-            return [head, _u(msg.index), msg.kinds, _u(msg.lens), _u(msg.checksums),
-                    msg.data, msg.state]
+            head = _header(
+                {
+                    "k": Kind.PAGES,
+                    "epoch": msg.epoch,
+                    "part": msg.part,
+                    "final": msg.final,
+                    "count": msg.count,
+                    "data_len": len(msg.data),
+                    "state_len": len(msg.state),
+                    "state_sum": msg.state_sum,
+                    "outputs": [[s, p] for s, p in msg.outputs],
+                }
+            )
+            return [
+                head,
+                _u(msg.index),
+                msg.kinds,
+                _u(msg.lens),
+                _u(msg.checksums),
+                msg.data,
+                msg.state,
+            ]
         case Ack():
             return [_header({"k": Kind.ACK, "epoch": msg.epoch, "part": msg.part})]
         case Reject():
-            return [_header({"k": Kind.REJECT, "epoch": msg.epoch, "part": msg.part,
-                             "reason": msg.reason[:1000]})]
+            return [
+                _header(
+                    {
+                        "k": Kind.REJECT,
+                        "epoch": msg.epoch,
+                        "part": msg.part,
+                        "reason": msg.reason[:1000],
+                    }
+                )
+            ]
         case Heartbeat():
-            return [_header({"k": Kind.HEARTBEAT, "node": msg.node, "seq": msg.seq,
-                             "committed": msg.committed})]
+            return [
+                _header(
+                    {
+                        "k": Kind.HEARTBEAT,
+                        "node": msg.node,
+                        "seq": msg.seq,
+                        "committed": msg.committed,
+                    }
+                )
+            ]
     raise TypeError(f"not a wire message: {msg!r}")
 
 
@@ -171,8 +248,17 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 _FIELDS: dict[Kind, set[str]] = {
     Kind.HELLO: {"k", "version", "pair", "generation", "node", "ram_bytes", "page_size"},
     Kind.WELCOME: {"k", "version", "pair", "generation", "node", "committed"},
-    Kind.PAGES: {"k", "epoch", "part", "final", "count", "data_len", "state_len", "state_sum",
-                 "outputs"},
+    Kind.PAGES: {
+        "k",
+        "epoch",
+        "part",
+        "final",
+        "count",
+        "data_len",
+        "state_len",
+        "state_sum",
+        "outputs",
+    },
     Kind.ACK: {"k", "epoch", "part"},
     Kind.REJECT: {"k", "epoch", "part", "reason"},
     Kind.HEARTBEAT: {"k", "node", "seq", "committed"},
@@ -196,8 +282,9 @@ def _str(h: dict[str, Any], name: str) -> str:
 def _array(frame: bytes | memoryview, typecode: str, count: int, name: str) -> array[int]:
     arr = array(typecode)
     if len(frame) != arr.itemsize * count:
-        raise WireError(f"{name} frame is {len(frame)} bytes, {count} pages need "
-                        f"{arr.itemsize * count}")
+        raise WireError(
+            f"{name} frame is {len(frame)} bytes, {count} pages need {arr.itemsize * count}"
+        )
     arr.frombytes(frame)
     if not _LE:
         arr.byteswap()
@@ -209,9 +296,14 @@ def _outputs(v: Any) -> list[tuple[int, bytes]]:
         raise WireError(f"field 'outputs' must be a list of at most {MAX_OUTPUTS} entries")
     out = []
     for item in v:
-        if (type(item) is not list or len(item) != 2 or type(item[0]) is not int
-                or not 0 <= item[0] < 1 << 63 or type(item[1]) is not bytes
-                or len(item[1]) > MAX_PAYLOAD):
+        if (
+            type(item) is not list
+            or len(item) != 2
+            or type(item[0]) is not int
+            or not 0 <= item[0] < 1 << 63
+            or type(item[1]) is not bytes
+            or len(item[1]) > MAX_PAYLOAD
+        ):
             raise WireError(f"malformed output entry {item!r:.80}")
         out.append((item[0], item[1]))
     return out
@@ -220,8 +312,9 @@ def _outputs(v: Any) -> list[tuple[int, bytes]]:
 def _check_version(h: dict[str, Any]) -> int:
     version = h["version"]
     if version != PROTOCOL_VERSION:
-        raise VersionMismatch(f"peer speaks protocol version {version!r}, "
-                              f"this node speaks version {PROTOCOL_VERSION}")
+        raise VersionMismatch(
+            f"peer speaks protocol version {version!r}, this node speaks version {PROTOCOL_VERSION}"
+        )
     return PROTOCOL_VERSION
 
 
@@ -232,8 +325,15 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
     if len(frames[0]) > MAX_HEADER:
         raise WireError(f"header of {len(frames[0])} bytes exceeds {MAX_HEADER}")
     try:
-        h = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD,
-                            max_str_len=4096, max_array_len=MAX_OUTPUTS, max_map_len=32)
+        h = msgpack.unpackb(
+            frames[0],
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_PAYLOAD,
+            max_str_len=4096,
+            max_array_len=MAX_OUTPUTS,
+            max_map_len=32,
+        )
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WireError(f"header is not valid msgpack: {e}") from None
     if type(h) is not dict:
@@ -244,8 +344,9 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
         raise WireError(f"unknown message kind {h.get('k')!r}") from None
     if set(h) != _FIELDS[kind]:
         missing, extra = _FIELDS[kind] - set(h), set(h) - _FIELDS[kind]
-        raise WireError(f"{kind.name} header: missing {sorted(missing)}, unexpected "
-                        f"{sorted(map(str, extra))}")
+        raise WireError(
+            f"{kind.name} header: missing {sorted(missing)}, unexpected {sorted(map(str, extra))}"
+        )
     if kind is not Kind.PAGES and len(frames) != 1:
         raise WireError(f"{kind.name} has {len(frames)} frames, expected 1")
     match kind:
@@ -260,8 +361,9 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
             return Hello(_str(h, "pair"), _int(h, "generation"), _str(h, "node"), ram)
         case Kind.WELCOME:
             _check_version(h)
-            return Welcome(_str(h, "pair"), _int(h, "generation"), _str(h, "node"),
-                           _int(h, "committed"))
+            return Welcome(
+                _str(h, "pair"), _int(h, "generation"), _str(h, "node"), _int(h, "committed")
+            )
         case Kind.ACK:
             return Ack(_int(h, "epoch"), _int(h, "part"))
         case Kind.REJECT:
@@ -297,10 +399,23 @@ def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview]) -> Pa
         expected_len += n
     data_len = _int(h, "data_len", 0, MAX_PAGES * PAGE_SIZE)
     if data_len != len(data) or data_len != expected_len:
-        raise WireError(f"data frame is {len(data)} bytes, header says {data_len}, "
-                        f"page lengths add up to {expected_len}")
+        raise WireError(
+            f"data frame is {len(data)} bytes, header says {data_len}, "
+            f"page lengths add up to {expected_len}"
+        )
     state_len = _int(h, "state_len", 0, MAX_STATE)
     if state_len != len(state):
         raise WireError(f"state frame is {len(state)} bytes, header says {state_len}")
-    return Pages(_int(h, "epoch"), _int(h, "part"), h["final"], index, kinds, lens, sums,
-                 data, state, _int(h, "state_sum", 0, (1 << 64) - 1), _outputs(h["outputs"]))
+    return Pages(
+        _int(h, "epoch"),
+        _int(h, "part"),
+        h["final"],
+        index,
+        kinds,
+        lens,
+        sums,
+        data,
+        state,
+        _int(h, "state_sum", 0, (1 << 64) - 1),
+        _outputs(h["outputs"]),
+    )

@@ -21,6 +21,7 @@ output made before a pause reaches the agent before pause() returns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import queue
@@ -76,7 +77,9 @@ class SyntheticParams:
         ]
         for ok, name, allowed in checks:
             if not ok:
-                raise ValueError(f"synthetic guest: {name} must be {allowed}, got {getattr(self, name)}")
+                raise ValueError(
+                    f"synthetic guest: {name} must be {allowed}, got {getattr(self, name)}"
+                )
 
     @property
     def npages(self) -> int:
@@ -138,8 +141,14 @@ class Cpu:
 
     def tick(self) -> tuple[int, bytes]:
         p = self.params
-        value = lib.pd_synth_tick(self._ram_p, p.npages, self._regs_p,
-                                  p.pages_for_tick(self.regs[0]), int(p.shape), p.hot_pages)
+        value = lib.pd_synth_tick(
+            self._ram_p,
+            p.npages,
+            self._regs_p,
+            p.pages_for_tick(self.regs[0]),
+            int(p.shape),
+            p.hot_pages,
+        )
         return int(self.regs[0]), f"{value:016x}".encode()
 
 
@@ -207,8 +216,16 @@ class SyntheticGuest(Guest):
 
     kind = "synthetic"
 
-    def __init__(self, ram_path: Path, params: SyntheticParams, regs: list[int], *,
-                 boot: bool, on_output: OutputHandler, owns_ram: bool) -> None:
+    def __init__(
+        self,
+        ram_path: Path,
+        params: SyntheticParams,
+        regs: list[int],
+        *,
+        boot: bool,
+        on_output: OutputHandler,
+        owns_ram: bool,
+    ) -> None:
         self._ram_path = ram_path
         self.params = params
         self._owns_ram = owns_ram
@@ -219,14 +236,23 @@ class SyntheticGuest(Guest):
         size = params.npages * PAGE_SIZE
         with open(ram_path, "r+b") as f:
             if os.fstat(f.fileno()).st_size != size:
-                raise GuestError(f"RAM file {ram_path} is {os.fstat(f.fileno()).st_size} bytes, "
-                                 f"the guest has {size}")
+                raise GuestError(
+                    f"RAM file {ram_path} is {os.fstat(f.fileno()).st_size} bytes, "
+                    f"the guest has {size}"
+                )
             self._ram = mmap.mmap(f.fileno(), size)
         ours, theirs = socket.socketpair()
         self._sock = ours
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "mirror.guests.synthetic", "--fd", str(theirs.fileno()),
-             "--ram", str(ram_path)],
+            [
+                sys.executable,
+                "-m",
+                "mirror.guests.synthetic",
+                "--fd",
+                str(theirs.fileno()),
+                "--ram",
+                str(ram_path),
+            ],
             pass_fds=[theirs.fileno()],
         )
         theirs.close()
@@ -237,20 +263,28 @@ class SyntheticGuest(Guest):
         self._paused.set()  # booted paused; resume() starts it
 
     @classmethod
-    def boot(cls, params: SyntheticParams, ram_path: Path, on_output: OutputHandler
-             ) -> SyntheticGuest:
+    def boot(
+        cls, params: SyntheticParams, ram_path: Path, on_output: OutputHandler
+    ) -> SyntheticGuest:
         """A fresh guest: creates its RAM file and fills it as its boot does."""
         create_ram_file(ram_path, params.npages * PAGE_SIZE)
         try:
-            return cls(ram_path, params, initial_regs(params), boot=True, on_output=on_output,
-                       owns_ram=True)
+            return cls(
+                ram_path,
+                params,
+                initial_regs(params),
+                boot=True,
+                on_output=on_output,
+                owns_ram=True,
+            )
         except BaseException:
             ram_path.unlink(missing_ok=True)
             raise
 
     @classmethod
-    def launch_from(cls, image_path: Path, state: bytes, on_output: OutputHandler, *,
-                    owns_ram: bool = False) -> SyntheticGuest:
+    def launch_from(
+        cls, image_path: Path, state: bytes, on_output: OutputHandler, *, owns_ram: bool = False
+    ) -> SyntheticGuest:
         """A guest that goes on from a RAM image and a saved state (a checkpoint)."""
         params, regs = unpack_state(state)
         return cls(image_path, params, regs, boot=False, on_output=on_output, owns_ram=owns_ram)
@@ -278,8 +312,9 @@ class SyntheticGuest(Guest):
         except queue.Empty:
             raise GuestError(f"synthetic guest did not answer {what!r} in {timeout:g} s") from None
         if msg[0] != what:
-            raise GuestError(f"synthetic guest answered {msg[0]!r} to {what!r} "
-                             f"(exit code {self._proc.poll()})")
+            raise GuestError(
+                f"synthetic guest answered {msg[0]!r} to {what!r} (exit code {self._proc.poll()})"
+            )
         return msg
 
     @property
@@ -311,10 +346,8 @@ class SyntheticGuest(Guest):
         if self._stopped:
             return
         self._stopped = True
-        try:
+        with contextlib.suppress(OSError):
             send_msg(self._sock, ["quit"])
-        except OSError:
-            pass
         try:
             self._proc.wait(5)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,78 @@
+"""Fixtures that run real hosts: each `mirror` role is its own process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.config import CheckpointConfig, Config, GuestConfig
+from mirror.demo import Host, pair_configs, wait_for
+from mirror.observer import Observer
+
+SHM = Path("/dev/shm")
+
+
+def shm_files() -> set[str]:
+    return {p.name for p in SHM.glob("mirror-*")}
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    before = shm_files()
+    yield
+    time.sleep(0.1)
+    assert shm_files() - before == set(), "a test left files in /dev/shm"
+
+
+class Pair:
+    def __init__(self, root: Path, base: Config) -> None:
+        self.root = root
+        self.observer = Observer()
+        self.cfg_a, self.cfg_b = pair_configs(root, base, f"127.0.0.1:{self.observer.port}")
+        self.hosts: list[Host] = []
+
+    def start_secondary(self) -> Host:
+        b = Host("hostB", "secondary", self.cfg_b, self.root)
+        self.hosts.append(b)
+        wait_for("the secondary", b.status, 30, self.hosts)
+        return b
+
+    def start_primary(self, *extra: str) -> Host:
+        a = Host("hostA", "primary", self.cfg_a, self.root, *extra)
+        self.hosts.append(a)
+        return a
+
+    def wait(self, what: str, cond: Callable[[], Any], timeout: float = 30) -> Any:
+        return wait_for(what, cond, timeout, self.hosts)
+
+    def close(self) -> None:
+        for h in reversed(self.hosts):
+            h.signal(signal.SIGCONT)
+            h.stop()
+        self.observer.close()
+
+
+SMALL = replace(
+    Config(),
+    guest=replace(GuestConfig(), ram_mib=16, dirty_pages_per_s=4000, outputs_per_s=200),
+    checkpoint=replace(CheckpointConfig(), epoch_ms=30),
+)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, no_leftovers: None) -> Iterator[Pair]:
+    p = Pair(tmp_path, SMALL)
+    try:
+        yield p
+    finally:
+        p.close()
+    for h in p.hosts:  # every process of every group is gone
+        with pytest.raises(ProcessLookupError):
+            os.killpg(h.proc.pid, 0)

@@ -1,0 +1,88 @@
+"""The `mirror` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_demo_json_summary(no_leftovers: None) -> None:
+    run = mirror("demo", "--ram-mib", "16", "--duration", "3", "--epoch-ms", "40", "--json")
+    assert run.returncode == 0, run.stderr
+    r = json.loads(run.stdout)
+    assert r["checkpoints"] >= 20 and r["acked"] >= r["checkpoints"] - 2
+    assert r["outputs_released"] > 100
+    assert r["observer_outputs"] == r["outputs_released"]
+    assert r["observer_gaps"] == 0 and r["observer_duplicates"] == 0
+    assert r["standby_committed"] >= r["acked"]
+    assert r["pause_ms_p50"] > 0 and r["pause_ms_p99"] >= r["pause_ms_p50"]
+
+
+def test_demo_human_summary_with_an_external_observer(no_leftovers: None) -> None:
+    from mirror.observer import Observer
+
+    obs = Observer()
+    try:
+        run = mirror(
+            "demo", "--ram-mib", "8", "--duration", "2", "--observer", f"127.0.0.1:{obs.port}"
+        )
+        assert run.returncode == 0, run.stderr
+        assert "pause: p50" in run.stdout and "output latency added" in run.stdout
+        assert obs.count() > 50 and obs.seen.gaps() == 0
+    finally:
+        obs.close()
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "[checkpoint]\nepoch_ms = 5\n",
+            "[checkpoint].epoch_ms: value must be within 10..1000, got 5",
+        ),
+        ("[guest]\nram = 1\n", "[guest]: unknown key(s) ram"),
+        ("[link\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_a_clear_error(
+    tmp_path: Path, text: str, message: str, no_leftovers: None
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    for role in ("primary", "secondary"):
+        run = mirror(role, "--config", str(cfg))
+        assert run.returncode == 2
+        assert message in run.stderr, run.stderr
+
+
+def test_missing_config_and_bad_options(tmp_path: Path) -> None:
+    run = mirror("primary", "--config", str(tmp_path / "none.toml"))
+    assert run.returncode == 2 and "cannot read config" in run.stderr
+    run = mirror("demo", "--epoch-ms", "5")
+    assert run.returncode == 2 and "must be within 10..1000" in run.stderr
+    run = mirror("demo", "--observer", "nowhere")
+    assert run.returncode == 2 and "expected HOST:PORT" in run.stderr
+
+
+def test_status_reports_what_the_agent_wrote(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[node]\nname = "hostB"\nstate_dir = "{tmp_path}"\n')
+    run = mirror("status", "--config", str(cfg))
+    assert run.returncode == 1 and "no agent has reported" in run.stderr
+    (tmp_path / "status.json").write_text('{"role": "secondary", "committed": 7}')
+    run = mirror("status", "--config", str(cfg), "--json")
+    assert run.returncode == 0 and json.loads(run.stdout)["committed"] == 7
