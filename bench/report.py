@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bench import checkpoint as ckpt
 from bench.workloads import DeltaWorkload, Workload, time_round_robin
 from mirror import pagediff as pd
 
@@ -173,6 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--repeat", type=int, default=7, help="timings per case (default: 7)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    ap.add_argument(
+        "--suite",
+        nargs="+",
+        choices=["engine", "checkpoint"],
+        default=["engine", "checkpoint"],
+        help="what to measure (default: both): the page-diff engine, and/or "
+        "checkpoints of a synthetic guest replicated to a real secondary",
+    )
+    ap.add_argument(
+        "--checkpoint-dirty-pct",
+        type=float,
+        nargs="+",
+        default=[1, 10],
+        metavar="P",
+        help="dirty share per epoch for the checkpoint suite (default: 1 10)",
+    )
     args = ap.parse_args(argv)
     for mib in args.ram_mib:
         if mib < 1:
@@ -186,11 +203,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
 
-    rows = measure(args.ram_mib, args.dirty_pct, args.threads, args.repeat)
-    print_table(rows)
+    out: dict[str, Any] = {"simd": pd.simd_flavour()}
+    if "engine" in args.suite:
+        rows = measure(args.ram_mib, args.dirty_pct, args.threads, args.repeat)
+        print_table(rows)
+        out["rows"] = [r.as_json() for r in rows]
+    if "checkpoint" in args.suite:
+        results = []
+        for mib in args.ram_mib:
+            for pct in args.checkpoint_dirty_pct:
+                progress(f"checkpoints of a {mib} MiB guest, {pct:g}% dirty per epoch")
+                results.append(ckpt.run_case(mib, pct, threads=max(args.threads)))
+        progress("link + standby capacity")
+        capacity = ckpt.link_capacity()
+        ckpt.print_results(results, capacity)
+        out["checkpoint_rows"] = [
+            {**asdict(r), "pause_over_floor": r.pause_over_floor} for r in results
+        ]
+        out["link_capacity_gbps"] = capacity
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"simd": pd.simd_flavour(), "rows": [r.as_json() for r in rows]}, f, indent=1)
+            json.dump(out, f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

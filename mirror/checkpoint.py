@@ -117,6 +117,30 @@ def _gathered_sums(batch: pd.EncodedPages, buf: mmap.mmap) -> array[int]:
     return array("Q", (next(sums_raw) if k == pd.PageKind.RAW else _ZERO_SUM for k in batch.kinds))
 
 
+class SendBuffers:
+    """A ring of page-aligned send buffers, reused so that gathering a checkpoint
+    does not page-fault a fresh buffer every epoch.
+
+    zmq sends them without copying, so a buffer may be reused only once its
+    message has surely left: the ring has one slot more than the messages
+    that may await an ack, and a slot comes round again only after the
+    message that used it was acknowledged.
+    """
+
+    def __init__(self, in_flight: int) -> None:
+        self._slots: list[mmap.mmap | None] = [None] * (in_flight + 1)
+
+    def get(self, seq: int, npages: int) -> mmap.mmap:
+        slot = seq % len(self._slots)
+        buf = self._slots[slot]
+        if buf is None or len(buf) < npages * PS:
+            if buf is not None:
+                buf.close()
+            buf = pd.alloc_pages(max(1, npages + npages // 4))  # room to grow
+            self._slots[slot] = buf
+        return buf
+
+
 class CheckpointEngine:
     def __init__(
         self,
@@ -139,6 +163,7 @@ class CheckpointEngine:
         self.acked = 0
         self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
         self.stats = Stats()
+        self._buffers = SendBuffers(cfg.max_in_flight)
 
     # -- session ---------------------------------------------------------------
 
@@ -191,10 +216,11 @@ class CheckpointEngine:
         chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
         parts = [range(s, min(s + chunk, self.npages)) for s in range(0, self.npages, chunk)]
         window = max(2, self.cfg.max_in_flight)
+        buffers = SendBuffers(window)
         acked = 0
         for n, pages in enumerate(parts):
-            buf = pd.alloc_pages(len(pages))
-            batch = pd.gather(source, pages, out=buf)  # type: ignore[arg-type]
+            buf = buffers.get(n, len(pages))
+            batch = pd.gather(source, pages, out=buf)
             sums = _gathered_sums(batch, buf)
             self.link.send(wire.Pages.of(0, batch, sums, part=n, final=n == len(parts) - 1))
             sent = n + 1
@@ -235,10 +261,11 @@ class CheckpointEngine:
         batch = None
         if cfg.encoding == "delta":
             assert self.shadow is not None
-            batch = pd.encode_pages(ram, self.shadow, dirty)
+            buf = self._buffers.get(epoch, len(dirty))
+            batch = pd.encode_pages(ram, self.shadow, dirty, out=buf)
         elif not self.exact:
-            buf = pd.alloc_pages(max(1, len(dirty)))
-            batch = pd.gather(ram, dirty, out=buf)  # type: ignore[arg-type]
+            buf = self._buffers.get(epoch, len(dirty))
+            batch = pd.gather(ram, dirty, out=buf)
         t3 = time.perf_counter()
         state = guest.save_state()
         outs = self.outputs.close_epoch()
@@ -249,8 +276,8 @@ class CheckpointEngine:
         # The guest runs again; what follows is off the pause.
         if batch is None:  # exact scan, raw: the shadow holds the checkpoint's pages
             assert self.shadow is not None
-            buf = pd.alloc_pages(max(1, len(dirty)))
-            batch = pd.gather(self.shadow, dirty, out=buf)  # type: ignore[arg-type]
+            buf = self._buffers.get(epoch, len(dirty))
+            batch = pd.gather(self.shadow, dirty, out=buf)
             sums = _gathered_sums(batch, buf)
         elif buf is not None:
             sums = _gathered_sums(batch, buf)

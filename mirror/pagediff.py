@@ -179,7 +179,7 @@ class EncodedPages:
         return len(self.index) * PAGE_SIZE
 
 
-def _out_buffer(out: bytearray | None, n: int) -> tuple[bytearray, Any]:
+def _out_buffer(out: Buffer | None, n: int) -> tuple[Any, Any]:
     """The caller's reusable output buffer (checked for room), or a new one."""
     if out is None:
         out = bytearray(n * PAGE_SIZE)
@@ -188,12 +188,12 @@ def _out_buffer(out: bytearray | None, n: int) -> tuple[bytearray, Any]:
     return out, ffi.from_buffer("uint8_t[]", out, require_writable=True)
 
 
-def _payload(out: bytearray, size: int, reused: bool) -> bytes | memoryview:
+def _payload(out: Buffer, size: int, reused: bool) -> bytes | memoryview:
     return memoryview(out)[:size] if reused else bytes(out[:size])
 
 
 def gather(
-    ram: Buffer, dirty: Sequence[int] | array[int], *, out: bytearray | None = None
+    ram: Buffer, dirty: Sequence[int] | array[int], *, out: Buffer | None = None
 ) -> EncodedPages:
     """Copy the listed pages of ``ram`` into one buffer; zero pages become flags.
 
@@ -220,7 +220,7 @@ def encode_pages(
     dirty: Sequence[int] | array[int],
     *,
     delta: bool = True,
-    out: bytearray | None = None,
+    out: Buffer | None = None,
 ) -> EncodedPages:
     """Encode the listed pages (zero flag, delta against ``shadow``, or raw).
 

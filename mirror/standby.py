@@ -150,7 +150,12 @@ class Standby:
         try:
             if m.state and pd.checksum_bytes(m.state) != m.state_sum:
                 raise pd.CorruptEncoding("device state does not match its checksum")
-            staged = pd.stage_pages(self.image.map, m.index, m.kinds, m.lens, m.data, m.checksums)
+            # every data frame staged and verified before any page is written
+            staged = [
+                pd.stage_pages(self.image.map, m.index[a:b], m.kinds[a:b], m.lens[a:b], frame,
+                               m.checksums[a:b])
+                for a, b, frame in m.slices()
+            ]  # fmt: skip
         except pd.PageDiffError as e:
             log.error(
                 "checkpoint %d part %d rejected: %s; image stays at checkpoint %d",
@@ -160,7 +165,8 @@ class Standby:
                 self.committed,
             )
             return self._reject(m.epoch, m.part, str(e))
-        staged.commit()
+        for batch in staged:
+            batch.commit()
         if m.epoch == 0:
             self.precopied += m.count
         else:

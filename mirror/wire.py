@@ -9,25 +9,33 @@ checksums, when the standby stages them.
 
     HELLO       {k, version, pair, generation, node, ram_bytes, page_size}
     WELCOME     {k, version, pair, generation, node, committed}
-    PAGES       {k, epoch, part, final, count, data_len, state_len, state_sum, outputs}
+    PAGES       {k, epoch, part, final, count, data_len, state_len, state_sum, outputs,
+                 frames}
                 + frames: index (u32 LE), kinds (u8), lens (u32 LE), checksums (u64 LE),
-                          data, state
+                          state, then the page data in len(frames) frames, frame i holding
+                          the encodings of the next frames[i] pages
     ACK         {k, epoch, part}
     REJECT      {k, epoch, part, reason}
     HEARTBEAT   {k, node, seq, committed}
 
 PAGES with epoch 0 are parts of the pre-copy (applied as they come: nothing
 is committed yet); epoch N >= 1 is checkpoint N, whose ``final`` part
-commits it (checkpoints are sent as one part today).
+commits it (checkpoints are sent as one part today).  Page data travels in
+frames of about DATA_FRAME bytes: zmq moves those at several times the rate
+of one frame of many megabytes (measured: 2.8 against 0.6 GB/s on loopback).
+Per-page checks of kinds against lengths are the native staging's (before
+anything is applied), so that decoding never loops over pages in Python.
 """
 
 from __future__ import annotations
 
 import sys
 from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
+from itertools import accumulate
 from typing import Any
 
 import msgpack
@@ -41,6 +49,7 @@ MAX_PAGES = 1 << 32
 MAX_OUTPUTS = 1 << 20
 MAX_PAYLOAD = 1 << 16
 MAX_STATE = 1 << 30
+DATA_FRAME = 1 << 20
 
 
 class Kind(IntEnum):
@@ -90,7 +99,8 @@ class Pages:
     kinds: bytes | memoryview
     lens: array[int]
     checksums: array[int]
-    data: bytes | memoryview
+    data: list[bytes | memoryview]  # data frames
+    frame_pages: list[int]  # pages whose encodings each data frame holds
     state: bytes | memoryview
     state_sum: int
     outputs: list[tuple[int, bytes]]
@@ -98,6 +108,18 @@ class Pages:
     @property
     def count(self) -> int:
         return len(self.index)
+
+    @property
+    def data_len(self) -> int:
+        return sum(len(f) for f in self.data)
+
+    def slices(self) -> list[tuple[int, int, bytes | memoryview]]:
+        """(first page, end page, data frame) of each data frame."""
+        out, at = [], 0
+        for n, frame in zip(self.frame_pages, self.data, strict=True):
+            out.append((at, at + n, frame))
+            at += n
+        return out
 
     @classmethod
     def of(
@@ -112,6 +134,8 @@ class Pages:
         outputs: list[tuple[int, bytes]] | None = None,
     ) -> Pages:
         """A PAGES message carrying an encoded batch (and device state, outputs)."""
+        frames, counts = split_data(batch.data, batch.lens)
+        sums = checksum_bytes(state) if state else 0
         return cls(
             epoch,
             part,
@@ -120,11 +144,30 @@ class Pages:
             batch.kinds,
             batch.lens,
             checksums,
-            batch.data,
+            frames,
+            counts,
             state,
-            checksum_bytes(state) if state else 0,
+            sums,
             outputs or [],
         )
+
+
+def split_data(
+    data: bytes | memoryview, lens: array[int]
+) -> tuple[list[bytes | memoryview], list[int]]:
+    """Cut page data into frames of about DATA_FRAME bytes at page boundaries."""
+    view = memoryview(data)
+    ends = list(accumulate(lens))
+    frames: list[bytes | memoryview] = []
+    counts: list[int] = []
+    page = start = 0
+    while page < len(ends):
+        stop = max(bisect_right(ends, start + DATA_FRAME, lo=page), page + 1)
+        end = ends[stop - 1]
+        frames.append(view[start:end])
+        counts.append(stop - page)
+        page, start = stop, end
+    return frames, counts
 
 
 @dataclass(frozen=True)
@@ -165,104 +208,34 @@ def _header(obj: dict[str, Any]) -> bytes:
 
 def encode(msg: Message) -> list[bytes | memoryview]:
     """The frames of ``msg``."""
-    match msg:
-        case Hello():
-            return [
-                _header(
-                    {
-                        "k": Kind.HELLO,
-                        "version": msg.version,
-                        "pair": msg.pair,
-                        "generation": msg.generation,
-                        "node": msg.node,
-                        "ram_bytes": msg.ram_bytes,
-                        "page_size": msg.page_size,
-                    }
-                )
-            ]
-        case Welcome():
-            return [
-                _header(
-                    {
-                        "k": Kind.WELCOME,
-                        "version": msg.version,
-                        "pair": msg.pair,
-                        "generation": msg.generation,
-                        "node": msg.node,
-                        "committed": msg.committed,
-                    }
-                )
-            ]
-        case Pages():
-            head = _header(
-                {
-                    "k": Kind.PAGES,
-                    "epoch": msg.epoch,
-                    "part": msg.part,
-                    "final": msg.final,
-                    "count": msg.count,
-                    "data_len": len(msg.data),
-                    "state_len": len(msg.state),
-                    "state_sum": msg.state_sum,
-                    "outputs": [[s, p] for s, p in msg.outputs],
-                }
-            )
-            return [
-                head,
-                _u(msg.index),
-                msg.kinds,
-                _u(msg.lens),
-                _u(msg.checksums),
-                msg.data,
-                msg.state,
-            ]
-        case Ack():
-            return [_header({"k": Kind.ACK, "epoch": msg.epoch, "part": msg.part})]
-        case Reject():
-            return [
-                _header(
-                    {
-                        "k": Kind.REJECT,
-                        "epoch": msg.epoch,
-                        "part": msg.part,
-                        "reason": msg.reason[:1000],
-                    }
-                )
-            ]
-        case Heartbeat():
-            return [
-                _header(
-                    {
-                        "k": Kind.HEARTBEAT,
-                        "node": msg.node,
-                        "seq": msg.seq,
-                        "committed": msg.committed,
-                    }
-                )
-            ]
-    raise TypeError(f"not a wire message: {msg!r}")
+    if isinstance(msg, Pages):
+        head = {
+            "k": Kind.PAGES, "epoch": msg.epoch, "part": msg.part, "final": msg.final,
+            "count": msg.count, "data_len": msg.data_len, "state_len": len(msg.state),
+            "state_sum": msg.state_sum, "frames": msg.frame_pages,
+            "outputs": [[s, p] for s, p in msg.outputs],
+        }  # fmt: skip
+        sums = _u(msg.checksums)
+        return [_header(head), _u(msg.index), msg.kinds, _u(msg.lens), sums, msg.state, *msg.data]
+    kind = _KIND_OF.get(type(msg))
+    if kind is None:
+        raise TypeError(f"not a wire message: {msg!r}")
+    return [_header({"k": kind, **{f.name: getattr(msg, f.name) for f in fields(msg)}})]
 
 
 # ---- decoding untrusted frames ----------------------------------------------
 
+_KIND_OF: dict[type, Kind] = {
+    Hello: Kind.HELLO, Welcome: Kind.WELCOME, Ack: Kind.ACK, Reject: Kind.REJECT,
+    Heartbeat: Kind.HEARTBEAT,
+}  # fmt: skip
 _FIELDS: dict[Kind, set[str]] = {
-    Kind.HELLO: {"k", "version", "pair", "generation", "node", "ram_bytes", "page_size"},
-    Kind.WELCOME: {"k", "version", "pair", "generation", "node", "committed"},
-    Kind.PAGES: {
-        "k",
-        "epoch",
-        "part",
-        "final",
-        "count",
-        "data_len",
-        "state_len",
-        "state_sum",
-        "outputs",
-    },
-    Kind.ACK: {"k", "epoch", "part"},
-    Kind.REJECT: {"k", "epoch", "part", "reason"},
-    Kind.HEARTBEAT: {"k", "node", "seq", "committed"},
+    kind: {"k", *(f.name for f in fields(cls))} for cls, kind in _KIND_OF.items()
 }
+_FIELDS[Kind.PAGES] = {
+    "k", "epoch", "part", "final", "count", "data_len", "state_len", "state_sum", "outputs",
+    "frames",
+}  # fmt: skip
 
 
 def _int(h: dict[str, Any], name: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
@@ -376,32 +349,46 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
     return _decode_pages(h, frames)
 
 
+_KINDS = bytes(PageKind)
+
+
 def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview]) -> Pages:
-    if len(frames) != 7:
-        raise WireError(f"PAGES has {len(frames)} frames, expected 7")
+    counts = h["frames"]
+    if type(counts) is not list or any(type(c) is not int or c < 1 for c in counts):
+        raise WireError(
+            f"field 'frames' must be a list of positive page counts, got {counts!r:.80}"
+        )
+    if len(frames) != 6 + len(counts):
+        raise WireError(f"PAGES has {len(frames)} frames, its header announces {6 + len(counts)}")
     count = _int(h, "count", 0, MAX_PAGES - 1)
+    if sum(counts) != count:
+        raise WireError(f"data frames hold {sum(counts)} pages, header says {count}")
     if type(h["final"]) is not bool:
         raise WireError(f"field 'final' must be a boolean, got {h['final']!r}")
-    _, index_f, kinds_f, lens_f, sums_f, data, state = frames
+    _, index_f, kinds_f, lens_f, sums_f, state, *data = frames
     if len(kinds_f) != count:
         raise WireError(f"kinds frame is {len(kinds_f)} bytes for {count} pages")
     index = _array(index_f, "I", count, "index")
     lens = _array(lens_f, "I", count, "lens")
     sums = _array(sums_f, "Q", count, "checksums")
     kinds = bytes(kinds_f)
-    expected_len = 0
-    for i, (kind, n) in enumerate(zip(kinds, lens, strict=True)):
-        if kind not in PageKind._value2member_map_:
-            raise WireError(f"page {index[i]} has unknown encoding {kind}")
-        want = {PageKind.RAW: PAGE_SIZE, PageKind.ZERO: 0}.get(PageKind(kind))
-        if (want is not None and n != want) or n > PAGE_SIZE:
-            raise WireError(f"page {index[i]} of kind {PageKind(kind).name} has length {n}")
-        expected_len += n
+    if kinds.translate(None, _KINDS):
+        bad = kinds.translate(None, _KINDS)[0]
+        raise WireError(f"page {index[kinds.index(bad)]} has unknown encoding {bad}")
+    if count and max(lens) > PAGE_SIZE:
+        raise WireError(f"a page encoding of {max(lens)} bytes is longer than a page")
     data_len = _int(h, "data_len", 0, MAX_PAGES * PAGE_SIZE)
-    if data_len != len(data) or data_len != expected_len:
+    at = 0
+    for i, (n, frame) in enumerate(zip(counts, data, strict=True)):
+        want = sum(lens[at : at + n])
+        if len(frame) != want:
+            raise WireError(
+                f"data frame {i} is {len(frame)} bytes, its {n} pages' lengths add up to {want}"
+            )
+        at += n
+    if data_len != sum(len(f) for f in data):
         raise WireError(
-            f"data frame is {len(data)} bytes, header says {data_len}, "
-            f"page lengths add up to {expected_len}"
+            f"data frames hold {sum(len(f) for f in data)} bytes, header says {data_len}"
         )
     state_len = _int(h, "state_len", 0, MAX_STATE)
     if state_len != len(state):
@@ -414,7 +401,8 @@ def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview]) -> Pa
         kinds,
         lens,
         sums,
-        data,
+        list(data),
+        counts,
         state,
         _int(h, "state_sum", 0, (1 << 64) - 1),
         _outputs(h["outputs"]),

@@ -96,9 +96,9 @@ def test_corrupt_and_truncated_checkpoints_leave_the_last_commit(
 
     # one flipped bit in the page data: the per-page checksum catches it
     bad = list(frames)
-    data = bytearray(bad[5])
+    data = bytearray(bad[6])  # the first data frame
     data[len(data) // 2] ^= 0x10
-    bad[5] = bytes(data)
+    bad[6] = bytes(data)
     reply = driver.send_frames(bad)
     assert isinstance(reply, wire.Reject) and "does not verify" in reply.reason
     assert image_of(pair) == at_3
@@ -111,7 +111,7 @@ def test_corrupt_and_truncated_checkpoints_leave_the_last_commit(
     # a truncated checkpoint (the data frame cut short) is a malformed frame
     assert driver.hello() == wire.Welcome(pair.cfg_b.pair.name, 1, "hostB", 3)
     cut = list(frames)
-    cut[5] = frames[5][: len(frames[5]) - 100]
+    cut[6] = frames[6][: len(frames[6]) - 100]
     reply = driver.send_frames(cut)
     assert isinstance(reply, wire.Reject) and "malformed frame" in reply.reason
     # a frame missing altogether
@@ -121,7 +121,7 @@ def test_corrupt_and_truncated_checkpoints_leave_the_last_commit(
     # a damaged device state
     assert isinstance(driver.hello(), wire.Welcome)
     st = list(frames)
-    st[6] = b"Device-state-4"
+    st[5] = b"Device-state-4"
     reply = driver.send_frames(st)
     assert isinstance(reply, wire.Reject) and "device state" in reply.reason
     assert image_of(pair) == at_3
@@ -163,5 +163,5 @@ def test_wrong_version_pair_generation_and_size_are_refused(pair: Pair, driver: 
     assert isinstance(driver.send_frames([b"\xc1garbage"]), wire.Reject)
     assert isinstance(driver.hello(), wire.Welcome)
     sums = array("Q")
-    empty = wire.Pages(1, 0, True, array("I"), b"", array("I"), sums, b"", b"", 0, [])
+    empty = wire.Pages(1, 0, True, array("I"), b"", array("I"), sums, [], [], b"", 0, [])
     assert driver.send(empty) == wire.Ack(1, 0)

@@ -20,6 +20,7 @@ PS = pd.PAGE_SIZE
 def pages_msg(n_raw: int = 2, n_zero: int = 1, state: bytes = b"state") -> Pages:
     kinds = bytes([pd.PageKind.RAW] * n_raw + [pd.PageKind.ZERO] * n_zero)
     lens = array("I", [PS] * n_raw + [0] * n_zero)
+    data, frame_pages = wire.split_data(bytes(n_raw * PS), lens)
     return Pages(
         epoch=7,
         part=0,
@@ -28,7 +29,8 @@ def pages_msg(n_raw: int = 2, n_zero: int = 1, state: bytes = b"state") -> Pages
         kinds=kinds,
         lens=lens,
         checksums=array("Q", range(len(kinds))),
-        data=bytes(n_raw * PS),
+        data=data,
+        frame_pages=frame_pages,
         state=state,
         state_sum=pd.checksum_bytes(state),
         outputs=[(1, b"x"), (2, b"")],
@@ -56,7 +58,8 @@ def normalized(m: wire.Message) -> object:
             bytes(m.kinds),
             list(m.lens),
             list(m.checksums),
-            bytes(m.data),
+            [bytes(d) for d in m.data],
+            m.frame_pages,
             bytes(m.state),
             m.state_sum,
             m.outputs,
@@ -91,7 +94,7 @@ def test_wrong_version_names_both_versions():
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"count": 4}, "kinds frame is 3 bytes for 4 pages"),
+        ({"count": 4}, "data frames hold 3 pages, header says 4"),
         ({"data_len": 5}, "header says 5"),
         ({"state_len": 1}, "state frame is 5 bytes"),
         ({"epoch": -1}, "'epoch' must be an integer"),
@@ -112,7 +115,9 @@ def test_bad_pages_header_fields(change, match):
 def test_page_lengths_must_match_kinds():
     frames = [bytes(f) for f in wire.encode(pages_msg())]
     frames[3] = array("I", [PS, 17, 0]).tobytes()
-    with pytest.raises(WireError, match="kind RAW has length 17"):
+    with pytest.raises(
+        WireError, match="data frame 0 is 8192 bytes, its 3 pages' lengths add up to 4113"
+    ):
         wire.decode(frames)
     frames = [bytes(f) for f in wire.encode(pages_msg())]
     frames[2] = bytes([0, 0, 7])
@@ -122,7 +127,7 @@ def test_page_lengths_must_match_kinds():
 
 def test_missing_frames():
     frames = [bytes(f) for f in wire.encode(pages_msg())]
-    with pytest.raises(WireError, match="PAGES has 6 frames"):
+    with pytest.raises(WireError, match="PAGES has 6 frames, its header announces 7"):
         wire.decode(frames[:-1])
     with pytest.raises(WireError, match="ACK has 2 frames"):
         wire.decode([bytes(wire.encode(Ack(1, 0))[0]), b"x"])
