@@ -53,7 +53,7 @@ class CheckpointConfig:
     epoch_ms: int = field(default=50, metadata=_range(10, 1000))
     max_in_flight: int = field(default=2, metadata=_range(1, 16))
     scan: str = field(default="exact", metadata=_choices("exact", "hashed"))
-    threads: int = field(default=1, metadata=_range(1, 64))
+    threads: int = field(default=2, metadata=_range(1, 64))
     encoding: str = field(default="raw", metadata=_choices("raw", "delta"))
     precopy_chunk_mib: int = field(default=32, metadata=_range(1, 4096))
 
