@@ -323,13 +323,10 @@ class CheckpointEngine:
     def resync(self) -> None:
         """After a reject: say HELLO again and resend what the standby lacks."""
         committed = self.handshake()
-        if committed < self.acked or (
-            committed == 0 and self.acked == 0 and self.in_flight and min(self.in_flight) > 1
-        ):
+        if committed < self.acked:
             raise ReplicationError(
-                f"the standby lost committed checkpoints (it has "
-                f"{committed}, {self.acked} were acknowledged): "
-                f"a full re-pairing is needed"
+                f"the standby lost committed checkpoints (it has {committed}, {self.acked} "
+                f"were acknowledged): a full re-pairing is needed"
             )
         if committed > self.acked:
             self.on_reply(wire.Ack(committed, 0))

@@ -17,6 +17,7 @@ from dataclasses import replace
 from mirror import agent, demo
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests.base import GuestError
+from mirror.standby import StandbyError
 from mirror.hoststate import read_json
 
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "secondary":
             return agent.run_secondary(cfg, stop)
         return agent.run_primary(cfg, stop, duration=args.duration, epochs=args.checkpoints)
-    except (ConfigError, GuestError, ConnectionError, RuntimeError, OSError) as e:
+    except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
         print(f"mirror: error: {e}", file=sys.stderr)
         return 2
 

@@ -151,8 +151,6 @@ def run(
                     f"pause p50 {s['pause_ms_p50']} ms, outputs released "
                     f"{s['outputs_released']}"
                 )
-            if time.monotonic() > 0 and a.proc.poll() is None and st is None:
-                continue
         if a.proc.returncode != 0:
             raise RuntimeError(f"the primary failed (exit {a.proc.returncode}):\n{a.log_tail()}")
         time.sleep(0.2)

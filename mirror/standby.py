@@ -39,6 +39,13 @@ class StandbyImage:
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
+        fs = os.statvfs(path.parent)
+        if fs.f_bavail * fs.f_frsize < size:
+            raise StandbyError(
+                f"cannot reserve {size >> 20} MiB for the standby image in {path.parent}: "
+                f"only {fs.f_bavail * fs.f_frsize >> 20} MiB free there; free memory or lower "
+                f"guest.ram_mib"
+            )
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:

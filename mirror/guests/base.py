@@ -2,9 +2,9 @@
 
 A guest has RAM that mirror can map (a shared file), can be paused and
 resumed, can save its device state while paused, can be launched on another
-host from a RAM image and a device state, and emits outputs.  Backends
-(synthetic, qemu, later libvirt) implement it; pick one by name with
-:func:`create`.
+host from a RAM image and a device state (a backend's ``launch_from``), and
+hands its outputs to a handler.  Backends (synthetic today; qemu and libvirt
+next) implement it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class GuestError(RuntimeError):
@@ -69,28 +69,3 @@ class Guest(ABC):
     @abstractmethod
     def alive(self) -> bool:
         """Whether the guest is still there (not crashed or stopped)."""
-
-
-GuestFactory = Callable[..., Guest]
-_REGISTRY: dict[str, type[Guest]] = {}
-
-
-def register(cls: type[Guest]) -> type[Guest]:
-    _REGISTRY[cls.kind] = cls
-    return cls
-
-
-def backend(kind: str) -> type[Guest]:
-    """The Guest class registered under ``kind``."""
-    from mirror.guests import synthetic  # noqa: F401  (registers itself)
-
-    try:
-        return _REGISTRY[kind]
-    except KeyError:
-        raise GuestError(
-            f"unknown guest kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def describe(guest: Any) -> str:
-    return f"{type(guest).__name__}({getattr(guest, 'ram_path', '?')})"

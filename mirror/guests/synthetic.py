@@ -41,7 +41,7 @@ import msgpack
 
 from mirror._pagediff import ffi, lib
 from mirror.framing import ChannelClosed, recv_msg, send_msg
-from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler, register
+from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
 from mirror.pagediff import PAGE_SIZE
 
 STATE_VERSION = 1
@@ -218,7 +218,6 @@ def _guest_main(fd: int, ram_path: str) -> int:
 # ---- the agent's handle on it -----------------------------------------------
 
 
-@register
 class SyntheticGuest(Guest):
     """A synthetic guest process whose RAM is a shared file."""
 

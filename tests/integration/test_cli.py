@@ -86,3 +86,16 @@ def test_status_reports_what_the_agent_wrote(tmp_path: Path) -> None:
     (tmp_path / "status.json").write_text('{"role": "secondary", "committed": 7}')
     run = mirror("status", "--config", str(cfg), "--json")
     assert run.returncode == 0 and json.loads(run.stdout)["committed"] == 7
+
+
+def test_secondary_refuses_memory_it_cannot_have(tmp_path: Path, no_leftovers: None) -> None:
+    import os
+
+    free_mib = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize >> 20
+    cfg = tmp_path / "big.toml"
+    cfg.write_text(
+        f'[node]\nname = "big"\nstate_dir = "{tmp_path}"\n[guest]\nram_mib = {free_mib + 1024}\n'
+    )
+    run = mirror("secondary", "--config", str(cfg))
+    assert run.returncode == 2
+    assert "cannot reserve" in run.stderr and "free memory or lower guest.ram_mib" in run.stderr

@@ -307,3 +307,27 @@ def test_scan_of_a_shared_file_mapping(tmp_path):
             g.seek(3 * PS + 17)
             g.write(b"!")
         assert list(pd.scan_exact(ram, shadow)) == [3]
+
+
+def test_stage_verifies_every_page_before_commit_writes_any():
+    base = filled(6, 11, frozenset({4}))
+    ram, shadow, image = mapped(base), mapped(base), mapped(base)
+    ram[PS + 9] ^= 0x55  # a small change: a delta page
+    ram[2 * PS : 3 * PS] = filled(1, 12)  # a rewrite: a raw page
+    ram[3 * PS : 4 * PS] = bytes(PS)  # now zero
+    dirty = pd.scan_exact(ram, shadow, update_shadow=False)
+    sums = pd.checksums(ram, dirty)
+    batch = pd.encode_pages(ram, shadow, dirty)
+    assert sorted(batch.kinds) == [pd.PageKind.RAW, pd.PageKind.ZERO, pd.PageKind.DELTA]
+    for pos in range(3):  # a wrong checksum on any page: refused, image untouched
+        bad = array("Q", sums)
+        bad[pos] ^= 1
+        with pytest.raises(pd.CorruptEncoding, match=f"page {dirty[pos]} \\(position {pos}"):
+            pd.stage_pages(image, batch.index, batch.kinds, batch.lens, batch.data, bad)
+        assert bytes(image) == base
+    staged = pd.stage_pages(image, batch.index, batch.kinds, batch.lens, batch.data, sums)
+    assert bytes(image) == base  # staging writes nothing
+    staged.commit()
+    assert bytes(image) == bytes(ram)
+    with pytest.raises(pd.PageDiffError, match="already committed"):
+        staged.commit()
