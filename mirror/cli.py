@@ -17,8 +17,8 @@ from dataclasses import replace
 from mirror import agent, demo
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests.base import GuestError
-from mirror.standby import StandbyError
 from mirror.hoststate import read_json
+from mirror.standby import StandbyError
 
 
 def _positive(kind: type, lo: float, hi: float):  # type: ignore[no-untyped-def]
