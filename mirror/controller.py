@@ -1,0 +1,220 @@
+"""Failover decisions as a pure state machine: observations in, decisions out.
+
+No I/O and no clock of its own: the agent observes (heartbeat ages on both
+paths, whether its own storage writes succeed, claim results, the committed
+checkpoint) and carries out the decision.  Every rule of the decision tables
+in docs/ARCHITECTURE.md is a transition here; each decision carries one
+sentence saying why, which the agent logs and tests assert on.
+
+Secondary (B), judging the primary (A):
+    network silent, storage slot stale  -> A is dead: claim "promote"; won -> promote
+    network silent, storage slot fresh  -> interconnect cut: do nothing, alert
+    both fresh                          -> healthy: nothing
+Primary (A), judging the secondary (B):
+    heartbeats stop, B's slot fresh     -> interconnect cut: claim "unprotected";
+                                           won -> release held outputs, run on; lost -> fence
+    heartbeats stop, B's slot stale     -> B dead: claim "unprotected"; won -> run on
+    no storage and no B                 -> isolated: hold outputs; after the fence timeout,
+                                           stop the guest (self-fence)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from mirror.arbiter import ClaimResult
+
+
+class Role(Enum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+class State(Enum):
+    # secondary
+    STANDBY = "standby"
+    PARTITIONED = "partitioned"  # interconnect cut, primary alive on storage
+    CLAIMING_PROMOTE = "claiming-promote"
+    PROMOTED = "promoted"
+    CLAIM_LOST = "claim-lost"  # never promotes again in this generation
+    # primary
+    PROTECTED = "protected"
+    CLAIMING_UNPROTECTED = "claiming-unprotected"
+    UNPROTECTED = "unprotected"
+    ISOLATED = "isolated"
+    FENCED = "fenced"
+
+
+# The allowed transitions, where the states are defined (a state may also stay).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STANDBY: frozenset({State.PARTITIONED, State.CLAIMING_PROMOTE}),
+    State.PARTITIONED: frozenset({State.STANDBY, State.CLAIMING_PROMOTE}),
+    State.CLAIMING_PROMOTE: frozenset({State.PROMOTED, State.CLAIM_LOST}),
+    State.PROMOTED: frozenset(),
+    State.CLAIM_LOST: frozenset(),
+    State.PROTECTED: frozenset({State.CLAIMING_UNPROTECTED, State.ISOLATED}),
+    State.CLAIMING_UNPROTECTED: frozenset({State.UNPROTECTED, State.FENCED}),
+    State.ISOLATED: frozenset({State.PROTECTED, State.CLAIMING_UNPROTECTED, State.FENCED}),
+    State.UNPROTECTED: frozenset(),
+    State.FENCED: frozenset(),
+}
+
+
+class Action(Enum):
+    NONE = "none"
+    ALERT = "alert"
+    CLAIM_PROMOTE = "claim-promote"
+    PROMOTE = "promote"
+    CLAIM_UNPROTECTED = "claim-unprotected"
+    RUN_UNPROTECTED = "run-unprotected"
+    HOLD_OUTPUTS = "hold-outputs"
+    FENCE = "fence"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    silent_after: float = 0.5  # a path with no heartbeat for this long is silent
+    fence_after: float = 2.0  # an isolated primary stops its guest after this long
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    peer_net_age: float | None  # None: never seen
+    peer_storage_age: float | None
+    own_storage_ok: bool
+    committed: int = 0  # secondary: the checkpoint its image holds
+    claim: ClaimResult | None = None  # the answer to the claim asked for last
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    state: State
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class Controller:
+    def __init__(self, role: Role, timeouts: Timeouts = Timeouts()) -> None:
+        self.role = role
+        self.timeouts = timeouts
+        self.state = State.STANDBY if role is Role.SECONDARY else State.PROTECTED
+        self._isolated_since: float | None = None
+
+    def _silent(self, age: float | None) -> bool:
+        return age is None or age > self.timeouts.silent_after
+
+    def _go(self, state: State, action: Action, reason: str) -> Decision:
+        if state is not self.state and state not in TRANSITIONS[self.state]:
+            raise AssertionError(f"transition {self.state.value} -> {state.value} not allowed")
+        self.state = state
+        return Decision(action, state, reason)
+
+    def step(self, obs: Observation) -> Decision:
+        if self.role is Role.SECONDARY:
+            return self._secondary(obs)
+        return self._primary(obs)
+
+    # -- secondary ------------------------------------------------------------
+
+    def _secondary(self, obs: Observation) -> Decision:
+        s = self.state
+        if s is State.CLAIMING_PROMOTE:
+            if obs.claim is None:
+                return self._go(s, Action.NONE, "waiting for the promote claim's answer")
+            if obs.claim.won:
+                return self._go(
+                    State.PROMOTED,
+                    Action.PROMOTE,
+                    f"won the promote claim: promoting from checkpoint {obs.committed}",
+                )
+            return self._go(
+                State.CLAIM_LOST,
+                Action.NONE,
+                f"lost the claim to {obs.claim.holder} ({obs.claim.action}): "
+                f"never promoting in this generation",
+            )
+        if s in (State.PROMOTED, State.CLAIM_LOST):
+            return self._go(s, Action.NONE, f"{s.value}: nothing more to decide")
+        if not self._silent(obs.peer_net_age):
+            return self._go(State.STANDBY, Action.NONE, "primary healthy on the network")
+        if not obs.own_storage_ok:
+            return self._go(s, Action.NONE, "cannot reach storage: not promoting")
+        if not self._silent(obs.peer_storage_age):
+            if s is State.PARTITIONED:
+                return self._go(s, Action.NONE, "interconnect still cut: not promoting")
+            return self._go(
+                State.PARTITIONED,
+                Action.ALERT,
+                "interconnect cut, primary's storage heartbeat fresh: not promoting",
+            )
+        if obs.committed < 1:
+            return self._go(
+                s,
+                Action.NONE,
+                "primary silent on both paths, but no committed checkpoint to promote from",
+            )
+        return self._go(
+            State.CLAIMING_PROMOTE,
+            Action.CLAIM_PROMOTE,
+            "primary silent on both paths: claiming promote",
+        )
+
+    # -- primary ----------------------------------------------------------------
+
+    def _primary(self, obs: Observation) -> Decision:
+        s = self.state
+        if s is State.CLAIMING_UNPROTECTED:
+            if obs.claim is None:
+                return self._go(s, Action.NONE, "waiting for the unprotected claim's answer")
+            if obs.claim.won:
+                return self._go(
+                    State.UNPROTECTED,
+                    Action.RUN_UNPROTECTED,
+                    "won the unprotected claim: releasing held outputs, running on alone",
+                )
+            return self._go(
+                State.FENCED,
+                Action.FENCE,
+                f"lost the claim to {obs.claim.holder} ({obs.claim.action}): "
+                f"fencing, releasing nothing",
+            )
+        if s in (State.UNPROTECTED, State.FENCED):
+            return self._go(s, Action.NONE, f"{s.value}: nothing more to decide")
+        net_silent = self._silent(obs.peer_net_age)
+        if not obs.own_storage_ok and net_silent:
+            if s is not State.ISOLATED:
+                self._isolated_since = obs.now
+                return self._go(
+                    State.ISOLATED,
+                    Action.HOLD_OUTPUTS,
+                    "isolated (no storage, no secondary): holding outputs",
+                )
+            since = self._isolated_since if self._isolated_since is not None else obs.now
+            if obs.now - since >= self.timeouts.fence_after:
+                return self._go(
+                    State.FENCED,
+                    Action.FENCE,
+                    f"isolated for {obs.now - since:.1f} s: fencing (stopping the guest)",
+                )
+            return self._go(s, Action.HOLD_OUTPUTS, "still isolated: holding outputs")
+        if not net_silent:
+            if s is State.ISOLATED:
+                self._isolated_since = None
+                return self._go(State.PROTECTED, Action.NONE, "secondary back: protected")
+            return self._go(s, Action.NONE, "secondary healthy")
+        if not self._silent(obs.peer_storage_age):
+            return self._go(
+                State.CLAIMING_UNPROTECTED,
+                Action.CLAIM_UNPROTECTED,
+                "interconnect cut, secondary's storage heartbeat fresh: claiming unprotected",
+            )
+        return self._go(
+            State.CLAIMING_UNPROTECTED,
+            Action.CLAIM_UNPROTECTED,
+            "secondary silent on both paths: claiming unprotected",
+        )

@@ -1,0 +1,66 @@
+"""The directory arbiter: heartbeat slots and claims that exactly one caller wins."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from mirror.arbiter import ArbiterError, DirectoryArbiter
+
+
+def test_slot_age_follows_the_peer_writes(tmp_path: Path) -> None:
+    a = DirectoryArbiter(tmp_path, "p", "A")
+    b = DirectoryArbiter(tmp_path, "p", "B")
+    assert b.peer_age("A") is None
+    a.beat("primary", 3, 17)
+    assert b.peer_age("A") is not None and b.peer_age("A") < 0.1
+    slot = b.peer_slot("A")
+    assert slot is not None and (slot.role, slot.generation, slot.epoch) == ("primary", 3, 17)
+    time.sleep(0.2)
+    assert b.peer_age("A") >= 0.2  # no new write: the slot ages
+    a.beat("primary", 3, 18)
+    assert b.peer_age("A") < 0.1
+
+
+def _claimer(root: str, generation: int, node: str, q: multiprocessing.Queue) -> None:
+    q.put((node, DirectoryArbiter(Path(root), "p", node).claim(generation, node, "x").won))
+
+
+def test_exactly_one_claimer_wins_each_generation(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    for generation in range(1, 41):
+        q: multiprocessing.Queue = ctx.Queue()
+        procs = [
+            ctx.Process(target=_claimer, args=(str(tmp_path), generation, n, q))
+            for n in ("A", "B", "C", "D")
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(10)
+        wins = [node for node, won in (q.get(timeout=5) for _ in procs) if won]
+        assert len(wins) == 1, f"generation {generation}: winners {wins}"
+    a = DirectoryArbiter(tmp_path, "p", "A")
+    assert a.claim(41, "A", "promote").won
+    again = a.claim(41, "A", "promote")
+    assert again.won and again.holder == "A"  # asking again tells the same answer
+    lost = a.claim(41, "B", "unprotected")
+    assert not lost.won and lost.holder == "A" and lost.action == "promote"
+
+
+def test_unusable_storage_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ArbiterError, match="cannot use .* as the arbiter directory"):
+        DirectoryArbiter(blocker, "p", "A")
+    a = DirectoryArbiter(tmp_path, "p", "A")
+    shutil.rmtree(tmp_path / "p")  # the storage goes away under the node
+    (tmp_path / "p").write_text("not a directory")
+    with pytest.raises(ArbiterError, match="heartbeat write .* failed"):
+        a.beat("primary", 1, 1)
+    with pytest.raises(ArbiterError, match="claim of generation 1 .* failed"):
+        a.claim(1, "A", "promote")

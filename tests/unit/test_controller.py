@@ -1,0 +1,158 @@
+"""Every row of the failover decision tables, on a fixed clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirror.arbiter import ClaimResult
+from mirror.controller import TRANSITIONS, Action, Controller, Observation, Role, State, Timeouts
+
+WON = ClaimResult(True, "me", "x")
+LOST = ClaimResult(False, "other", "promote")
+
+
+def obs(
+    now: float = 10.0,
+    net: float | None = 0.1,
+    storage: float | None = 0.1,
+    own: bool = True,
+    committed: int = 5,
+    claim: ClaimResult | None = None,
+) -> Observation:
+    return Observation(now, net, storage, own, committed, claim)
+
+
+def secondary() -> Controller:
+    return Controller(Role.SECONDARY, Timeouts(silent_after=0.5, fence_after=2.0))
+
+
+def primary() -> Controller:
+    return Controller(Role.PRIMARY, Timeouts(silent_after=0.5, fence_after=2.0))
+
+
+# ---- the secondary's table --------------------------------------------------
+
+
+def test_b_primary_dead_claims_then_promotes():
+    c = secondary()
+    d = c.step(obs(net=0.6, storage=0.7))
+    assert (d.action, d.state) == (Action.CLAIM_PROMOTE, State.CLAIMING_PROMOTE)
+    assert str(d) == "primary silent on both paths: claiming promote"
+    assert c.step(obs(net=0.7, storage=0.8)).action is Action.NONE  # no answer yet
+    d = c.step(obs(net=0.7, storage=0.8, claim=WON))
+    assert (d.action, d.state) == (Action.PROMOTE, State.PROMOTED)
+    assert str(d) == "won the promote claim: promoting from checkpoint 5"
+
+
+def test_b_interconnect_cut_alerts_once_and_never_promotes():
+    c = secondary()
+    d = c.step(obs(net=0.6, storage=0.1))
+    assert (d.action, d.state) == (Action.ALERT, State.PARTITIONED)
+    for t in range(20):
+        d = c.step(obs(now=11 + t, net=5.0 + t, storage=0.1))
+        assert d.action is Action.NONE and d.state is State.PARTITIONED
+    assert c.step(obs(net=0.1, storage=0.1)).state is State.STANDBY  # healed
+
+
+def test_b_both_fresh_is_healthy():
+    c = secondary()
+    d = c.step(obs())
+    assert (d.action, d.state, str(d)) == (
+        Action.NONE,
+        State.STANDBY,
+        "primary healthy on the network",
+    )
+
+
+def test_b_network_fresh_storage_stale_is_still_healthy():
+    assert secondary().step(obs(net=0.1, storage=9.0)).action is Action.NONE
+
+
+@pytest.mark.parametrize(
+    "net,storage,acts", [(0.5, 0.6, False), (0.51, 0.6, True), (None, None, True)]
+)
+def test_b_silent_means_strictly_more_than_the_threshold(net, storage, acts):
+    d = secondary().step(obs(net=net, storage=storage))
+    assert (d.action is Action.CLAIM_PROMOTE) == acts
+
+
+def test_b_lost_claim_never_promotes():
+    c = secondary()
+    c.step(obs(net=1, storage=1))
+    d = c.step(obs(net=1, storage=1, claim=LOST))
+    assert (d.action, d.state) == (Action.NONE, State.CLAIM_LOST)
+    assert "lost the claim to other (promote)" in str(d)
+    assert c.step(obs(net=9, storage=9)).action is Action.NONE
+
+
+def test_b_without_a_committed_checkpoint_does_not_promote():
+    d = secondary().step(obs(net=None, storage=None, committed=0))
+    assert d.action is Action.NONE and "no committed checkpoint" in str(d)
+
+
+def test_b_without_storage_does_not_promote():
+    d = secondary().step(obs(net=1.0, storage=1.0, own=False))
+    assert d.action is Action.NONE and "cannot reach storage" in str(d)
+
+
+# ---- the primary's table ----------------------------------------------------
+
+
+def test_a_interconnect_cut_wins_unprotected_and_runs_on():
+    c = primary()
+    d = c.step(obs(net=0.6, storage=0.1))
+    assert (d.action, d.state) == (Action.CLAIM_UNPROTECTED, State.CLAIMING_UNPROTECTED)
+    assert "interconnect cut, secondary's storage heartbeat fresh" in str(d)
+    d = c.step(obs(net=0.7, storage=0.1, claim=WON))
+    assert (d.action, d.state) == (Action.RUN_UNPROTECTED, State.UNPROTECTED)
+
+
+def test_a_interconnect_cut_loses_claim_and_fences():
+    c = primary()
+    c.step(obs(net=0.6, storage=0.1))
+    d = c.step(obs(net=0.7, storage=0.1, claim=LOST))
+    assert (d.action, d.state) == (Action.FENCE, State.FENCED)
+    assert "fencing, releasing nothing" in str(d)
+
+
+def test_a_secondary_dead_wins_unprotected():
+    c = primary()
+    d = c.step(obs(net=0.6, storage=3.0))
+    assert d.action is Action.CLAIM_UNPROTECTED
+    assert str(d) == "secondary silent on both paths: claiming unprotected"
+    assert c.step(obs(net=0.6, storage=3.0, claim=WON)).action is Action.RUN_UNPROTECTED
+
+
+def test_a_isolated_holds_then_fences_after_the_timeout():
+    c = primary()
+    d = c.step(obs(now=100.0, net=0.6, storage=None, own=False))
+    assert (d.action, d.state) == (Action.HOLD_OUTPUTS, State.ISOLATED)
+    assert c.step(obs(now=101.9, net=2.5, own=False)).action is Action.HOLD_OUTPUTS
+    d = c.step(obs(now=102.0, net=2.6, own=False))
+    assert (d.action, d.state) == (Action.FENCE, State.FENCED)
+
+
+def test_a_isolated_then_secondary_back_is_protected_again():
+    c = primary()
+    c.step(obs(now=100.0, net=0.6, own=False))
+    d = c.step(obs(now=101.0, net=0.1, own=True))
+    assert (d.action, d.state) == (Action.NONE, State.PROTECTED)
+    # and the isolation clock starts over next time
+    c.step(obs(now=200.0, net=0.6, own=False))
+    assert c.step(obs(now=201.0, net=1.6, own=False)).action is Action.HOLD_OUTPUTS
+
+
+def test_a_isolated_then_storage_back_claims_unprotected():
+    c = primary()
+    c.step(obs(now=100.0, net=0.6, own=False))
+    assert c.step(obs(now=100.5, net=1.1, storage=0.1, own=True)).action is Action.CLAIM_UNPROTECTED
+
+
+def test_a_healthy_does_nothing():
+    d = primary().step(obs())
+    assert (d.action, d.state, str(d)) == (Action.NONE, State.PROTECTED, "secondary healthy")
+
+
+def test_terminal_states_have_no_way_out():
+    assert not TRANSITIONS[State.PROMOTED] and not TRANSITIONS[State.FENCED]
+    assert not TRANSITIONS[State.UNPROTECTED] and not TRANSITIONS[State.CLAIM_LOST]
