@@ -55,12 +55,12 @@ def test_exactly_one_claimer_wins_each_generation(tmp_path: Path) -> None:
 def test_unusable_storage_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ArbiterError, match="cannot use .* as the arbiter directory"):
+    with pytest.raises(ArbiterError, match=r"cannot use .* as the arbiter directory"):
         DirectoryArbiter(blocker, "p", "A")
     a = DirectoryArbiter(tmp_path, "p", "A")
     shutil.rmtree(tmp_path / "p")  # the storage goes away under the node
     (tmp_path / "p").write_text("not a directory")
-    with pytest.raises(ArbiterError, match="heartbeat write .* failed"):
+    with pytest.raises(ArbiterError, match=r"heartbeat write .* failed"):
         a.beat("primary", 1, 1)
-    with pytest.raises(ArbiterError, match="claim of generation 1 .* failed"):
+    with pytest.raises(ArbiterError, match=r"claim of generation 1 .* failed"):
         a.claim(1, "A", "promote")
