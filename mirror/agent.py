@@ -1,13 +1,16 @@
-"""One host's daemon: wires the role (primary or secondary), the guest, the link and the outputs.
+"""One host's daemon: wires the role (primary or secondary), the guest, the link,
+the outputs, the storage heartbeats and the failover controller.
 
-The agent does the I/O; the engines decide nothing about failover (that is
-the controller's job, a later issue).  Each role writes ``status.json`` in
-the host's state directory, which ``mirror status`` and the demo read; the
-primary also writes ``stats.json`` (summary and per-checkpoint records).
+The controller decides (mirror/controller.py); the agent observes and acts.
+Each role writes ``status.json`` in the host's state directory, which
+``mirror status`` and the demo read; the primary also writes ``stats.json``
+when it stops.  Decisions are logged as structured events: one JSON object
+per line with an "event" key.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -15,10 +18,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from mirror.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.checkpoint import CheckpointEngine, Progress
 from mirror.config import Config
+from mirror.controller import Action, Controller, Decision, Observation, Role, Timeouts
+from mirror.guests.base import GuestOutput
 from mirror.guests.synthetic import SHM_DIR, SyntheticGuest
 from mirror.hoststate import write_json
 from mirror.link import Endpoint, Link
@@ -26,6 +33,11 @@ from mirror.outputs import ObserverSink, OutputBuffer
 from mirror.standby import Standby
 
 log = logging.getLogger("mirror.agent")
+
+
+def event(name: str, **fields: Any) -> None:
+    """A structured event: one JSON object on one log line."""
+    log.warning("%s", json.dumps({"event": name, **fields}, default=str))
 
 
 def stop_on_signals() -> threading.Event:
@@ -41,13 +53,198 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+class StorageBeat(threading.Thread):
+    """Writes this node's heartbeat slot every interval; knows whether writes succeed."""
+
+    def __init__(
+        self,
+        arbiter: Arbiter,
+        interval: float,
+        role: Callable[[], str],
+        generation: int,
+        epoch: Callable[[], int],
+    ) -> None:
+        super().__init__(name="storage-heartbeat", daemon=True)
+        self.arbiter, self.interval = arbiter, interval
+        self.role, self.generation, self.epoch = role, generation, epoch
+        self.last_ok: float | None = None
+        self.halt = threading.Event()
+        self._failing = False
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                self.arbiter.beat(self.role(), self.generation, self.epoch())
+                self.last_ok = time.monotonic()
+                if self._failing:
+                    event("storage-heartbeat-ok")
+                self._failing = False
+            except ArbiterError as e:
+                if not self._failing:
+                    event("storage-heartbeat-failing", error=str(e))
+                self._failing = True
+            self.halt.wait(self.interval)
+
+    def ok(self, within: float) -> bool:
+        return self.last_ok is not None and time.monotonic() - self.last_ok <= within
+
+
+class Failover:
+    """One role's controller with the arbiter: observe, decide, claim."""
+
+    def __init__(self, cfg: Config, role: Role, epoch: Callable[[], int]) -> None:
+        a = cfg.arbiter
+        self.cfg = cfg
+        self.arbiter = DirectoryArbiter(Path(a.dir), cfg.pair.name, cfg.node.name)
+        self.timeouts = Timeouts(a.silent_after_ms / 1000, a.fence_after_ms / 1000)
+        self.controller = Controller(role, self.timeouts)
+        self.beat = StorageBeat(
+            self.arbiter,
+            a.heartbeat_interval_ms / 1000,
+            lambda: self.role_name,
+            cfg.pair.generation,
+            epoch,
+        )
+        self.role_name = role.value
+        self._claim: ClaimResult | None = None
+        self._next = 0.0
+        self.beat.start()
+
+    def tick(self, peer: str | None, net_age: float | None, committed: int = 0) -> Decision | None:
+        """Observe and decide, at most every 20 ms; None when it is not time yet."""
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + 0.02
+        storage_age = self.arbiter.peer_age(peer) if peer else None
+        obs = Observation(
+            now,
+            net_age,
+            storage_age,
+            self.beat.ok(self.timeouts.silent_after),
+            committed,
+            self._claim,
+        )
+        self._claim = None
+        before = self.controller.state
+        d = self.controller.step(obs)
+        if d.action is not Action.NONE or d.state is not before:
+            event(
+                "decision",
+                node=self.cfg.node.name,
+                action=d.action.value,
+                state=d.state.value,
+                reason=d.reason,
+                net_age=net_age,
+                storage_age=storage_age,
+            )
+        if d.action in (Action.CLAIM_PROMOTE, Action.CLAIM_UNPROTECTED):
+            what = "promote" if d.action is Action.CLAIM_PROMOTE else "unprotected"
+            try:
+                self._claim = self.arbiter.claim(self.cfg.pair.generation, self.cfg.node.name, what)
+            except ArbiterError as e:
+                event("claim-failed", error=str(e))
+        return d
+
+    def close(self) -> None:
+        self.beat.halt.set()
+        self.beat.join(2)
+
+
+# ---- the secondary -----------------------------------------------------------
+
+
 def run_secondary(cfg: Config, stop: threading.Event) -> int:
     standby = Standby(cfg)
+    failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed)
+    promote = False
+
+    def tick() -> bool:
+        nonlocal promote
+        link = standby.link
+        if link is None or standby.primary is None:
+            return False  # never paired: nothing to judge
+        d = failover.tick(standby.primary, link.peer.age(), standby.committed)
+        promote = d is not None and d.action is Action.PROMOTE
+        return promote
+
     try:
-        standby.serve(stop)
+        standby.serve(stop, tick)
+        if promote:
+            return run_promoted(cfg, standby, failover, stop)
+        return 0
     finally:
-        standby.close()
-    return 0
+        failover.close()
+        standby.close(remove_image=not promote)
+
+
+def run_promoted(cfg: Config, standby: Standby, failover: Failover, stop: threading.Event) -> int:
+    """Promotion: go on from the committed checkpoint as the (unprotected) primary."""
+    failover.role_name = "primary"
+    assert standby.link is not None
+    last_heartbeat = standby.link.peer.last or time.monotonic()
+    released_by_old = standby.link.peer.committed  # what the old primary last said it released
+    committed = standby.committed
+    state = standby.state_path.read_bytes()
+    host, port = cfg.output.address()
+    sink = ObserverSink(host, port)
+    # The committed outputs the observer lacks: those after its position, or, for an
+    # observer that does not say, those of epochs the old primary had not yet reported.
+    if sink.position is not None:
+        replay = [(s, p) for e, s, p in standby.outputs_tail if s > sink.position]
+    else:
+        replay = [(s, p) for e, s, p in standby.outputs_tail if e > released_by_old]
+    now = time.monotonic()
+    sink([GuestOutput(s, p, now) for s, p in replay])
+    first: list[float] = []
+    released = [len(replay)]
+
+    def on_output(out: GuestOutput) -> None:
+        sink([out])
+        released[0] += 1
+        if not first:
+            first.append(time.monotonic())
+
+    guest = SyntheticGuest.launch_from(standby.image.path, state, on_output, owns_ram=True)
+    guest.resume()
+    event(
+        "promoted",
+        node=cfg.node.name,
+        checkpoint=committed,
+        replayed=len(replay),
+        observer_position=sink.position,
+    )
+
+    def status() -> dict[str, Any]:
+        failover_ms = (first[0] - last_heartbeat) * 1000 if first else None
+        return {
+            "role": "primary",
+            "phase": "unprotected",
+            "promoted_from": committed,
+            "pair": cfg.pair.name,
+            "node": cfg.node.name,
+            "generation": cfg.pair.generation,
+            "pid": os.getpid(),
+            "failover_ms": failover_ms,
+            "replayed_outputs": len(replay),
+            "outputs_released": released[0],
+            "ram": str(guest.ram_path),
+        }
+
+    try:
+        while not stop.wait(0.2):
+            write_json(cfg.state_dir / "status.json", status())
+            if not guest.alive:
+                event("guest-died", node=cfg.node.name)
+                return 1
+        return 0
+    finally:
+        write_json(cfg.state_dir / "status.json", status())
+        guest.stop()
+        sink.close()
+
+
+# ---- the primary --------------------------------------------------------------
 
 
 def progress_bar(prefix: str) -> Callable[[Progress], None]:
@@ -73,7 +270,7 @@ def run_primary(
 
     ``duration``: stop after that many seconds of checkpoints.  ``epochs``:
     take exactly that many checkpoints, then hold the guest paused at the
-    last one (acknowledged) until stopped.
+    last one (acknowledged) until stopped.  Exit code 3: fenced.
     """
     state_dir = cfg.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +293,7 @@ def run_primary(
         generation=cfg.pair.generation,
         node=cfg.node.name,
     )
+    failover = Failover(cfg, Role.PRIMARY, lambda: engine.acked)
     phase = "pairing"
 
     def status() -> dict[str, Any]:
@@ -109,7 +307,9 @@ def run_primary(
             "ram": str(ram_path),
             "epoch": engine.epoch,
             "acked": engine.acked,
+            "protection": failover.controller.state.value,
             "heartbeat_age_s": link.peer.age(),
+            "storage_age_s": failover.arbiter.peer_age(link.peer.node) if link.peer.node else None,
             "summary": engine.stats.summary(outputs),
         }
 
@@ -128,6 +328,7 @@ def run_primary(
         )
         end = None if duration is None else time.monotonic() + duration
         last_status = 0.0
+        verdict: list[Action] = []
 
         def should_stop() -> bool:
             nonlocal last_status
@@ -135,17 +336,31 @@ def run_primary(
             if now - last_status > 0.5:
                 write_json(state_dir / "status.json", status())
                 last_status = now
+            d = failover.tick(link.peer.node or None, link.peer.age())
+            if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
+                verdict.append(d.action)
+                return True
             return stop.is_set() or (end is not None and now >= end)
 
         engine.run(should_stop, epochs=epochs)
-        if epochs is not None:
+        if verdict and verdict[0] is Action.FENCE:
+            phase = "fenced"
+            guest.stop()  # releases nothing: what it held dies with it
+            event("fenced", node=cfg.node.name, held=outputs.held)
+            return 3
+        if verdict:
+            phase = "unprotected"
+            event("unprotected", node=cfg.node.name, released=outputs.go_unprotected())
+        elif epochs is not None:
             phase = "frozen"  # paused at the last checkpoint, which the standby holds
+        write_json(state_dir / "status.json", status())
+        while not stop.is_set() and (end is None or time.monotonic() < end):  # frozen, alone
+            stop.wait(0.2)
             write_json(state_dir / "status.json", status())
-            while not stop.is_set() and (end is None or time.monotonic() < end):
-                stop.wait(0.2)
         phase = "stopped"
         return 0
     finally:
+        failover.close()
         write_json(
             state_dir / "stats.json",
             {"summary": engine.stats.summary(outputs), "checkpoints": engine.records_json()},

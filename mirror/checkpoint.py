@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
+import signal
 import time
 from array import array
 from collections.abc import Callable
@@ -36,6 +38,34 @@ from mirror.outputs import OutputBuffer
 log = logging.getLogger("mirror.checkpoint")
 PS = pd.PAGE_SIZE
 _ZERO_SUM = pd.checksums(pd.alloc_pages(1), [0])[0]
+
+
+def _fault_point() -> tuple[str, int, float] | None:
+    """A testing hook: MIRROR_FAULT=POINT:EPOCH[:DELAY_MS] makes the primary host die
+    (SIGKILL to its own process group) at that point of that checkpoint, DELAY_MS
+    later, so that chaos tests hit moments random timing rarely does.  Points:
+    "in-pause" (guest stopped, nothing sent), "after-send" (the checkpoint handed
+    to zmq; with a delay, on the wire or being applied by the standby)."""
+    spec = os.environ.get("MIRROR_FAULT")
+    if not spec:
+        return None
+    point, epoch, *delay = spec.split(":")
+    try:
+        if point not in ("in-pause", "after-send") or len(delay) > 1:
+            raise ValueError
+        return point, int(epoch), float(delay[0]) if delay else 0.0
+    except ValueError:
+        raise ValueError(
+            f"MIRROR_FAULT must be in-pause|after-send:EPOCH[:DELAY_MS], got {spec!r}"
+        ) from None
+
+
+def _fault(fault: tuple[str, int, float] | None, point: str, epoch: int) -> None:
+    if fault is None or fault[:2] != (point, epoch):
+        return
+    time.sleep(fault[2] / 1000)
+    log.warning("MIRROR_FAULT: killing this host at %s of checkpoint %d", point, epoch)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 class ReplicationError(RuntimeError):
@@ -164,6 +194,7 @@ class CheckpointEngine:
         self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
         self.stats = Stats()
         self._buffers = SendBuffers(cfg.max_in_flight)
+        self._fault = _fault_point()
 
     # -- session ---------------------------------------------------------------
 
@@ -269,6 +300,7 @@ class CheckpointEngine:
         t3 = time.perf_counter()
         state = guest.save_state()
         outs = self.outputs.close_epoch()
+        _fault(self._fault, "in-pause", epoch)
         t4 = time.perf_counter()
         if resume:
             guest.resume()
@@ -300,6 +332,7 @@ class CheckpointEngine:
         )
         rec.sent_at = time.monotonic()
         self.link.send(msg)
+        _fault(self._fault, "after-send", epoch)
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)
         self.stats.records.append(rec)
@@ -313,6 +346,7 @@ class CheckpointEngine:
                 rec.ack_ms = (now - rec.sent_at) * 1000
             self.acked = reply.epoch
             self.outputs.release_through(reply.epoch)
+            self.link.committed[0] = reply.epoch  # our heartbeats tell the standby
         elif isinstance(reply, wire.Reject):
             self.stats.rejects += 1
             log.error(

@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="send the outputs to this TCP endpoint instead of the built-in observer",
     )
+    p.add_argument(
+        "--kill-after",
+        type=_positive(float, 0.5, 1e6),
+        metavar="S",
+        help="SIGKILL the primary host's whole process group S seconds after it "
+        "starts; the secondary promotes and the guest goes on there",
+    )
+    p.add_argument(
+        "--run-on",
+        type=_positive(float, 0, 1e6),
+        default=3.0,
+        metavar="S",
+        help="with --kill-after: seconds the promoted guest runs before the end (default 3)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the hosts' files (logs, stats)")
     return ap
@@ -135,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 observer=args.observer,
                 keep=args.keep,
                 quiet=args.json,
+                kill_after=args.kill_after,
+                run_on=args.run_on,
             )
             (demo.dump_json if args.json else demo.print_summary)(result)
             return 0

@@ -82,6 +82,14 @@ class GuestConfig:
 
 
 @dataclass(frozen=True)
+class ArbiterConfig:
+    dir: str = "/var/lib/mirror/arbiter"  # shared storage both hosts see
+    heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
+    silent_after_ms: int = field(default=500, metadata=_range(10, 600_000))
+    fence_after_ms: int = field(default=2000, metadata=_range(50, 3_600_000))
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     observer: str = "127.0.0.1:7500"  # HOST:PORT that receives released outputs
 
@@ -97,6 +105,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     guest: GuestConfig = GuestConfig()
     output: OutputConfig = OutputConfig()
+    arbiter: ArbiterConfig = ArbiterConfig()
 
     @property
     def state_dir(self) -> Path:

@@ -43,7 +43,15 @@ def free_ports(n: int) -> list[int]:
 class Host:
     """A host: one `mirror` role in its own process group."""
 
-    def __init__(self, name: str, role: str, cfg: Config, root: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        role: str,
+        cfg: Config,
+        root: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.role = name, role
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +65,7 @@ class Host:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
 
     def status(self) -> dict[str, Any] | None:
@@ -77,6 +86,16 @@ class Host:
                 self.proc.wait(timeout)
         self.signal(signal.SIGKILL)  # anything left of the group
         self.proc.wait()
+        self.remove_shm_files()
+
+    def remove_shm_files(self) -> None:
+        """A killed host leaves its guest's RAM file; a real host's memory dies with it.
+        Remove what this host's last status names under /dev/shm."""
+        st = self.status() or {}
+        for key in ("ram", "image"):
+            path = Path(str(st.get(key, "")))
+            if path.parent == Path("/dev/shm") and path.name.startswith("mirror-"):
+                path.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -88,7 +107,10 @@ class Host:
 def pair_configs(root: Path, base: Config, observer: str) -> tuple[Config, Config]:
     data, hb = free_ports(2)
     link = replace(base.link, host="127.0.0.1", data_port=data, heartbeat_port=hb)
-    common = replace(base, link=link, output=replace(base.output, observer=observer))
+    arbiter = replace(base.arbiter, dir=str(root / "shared"))
+    common = replace(
+        base, link=link, output=replace(base.output, observer=observer), arbiter=arbiter
+    )
     a = replace(common, node=replace(base.node, name="hostA", state_dir=str(root / "hostA")))
     b = replace(common, node=replace(base.node, name="hostB", state_dir=str(root / "hostB")))
     return a, b
@@ -117,7 +139,13 @@ def run(
     observer: str | None = None,
     keep: bool = False,
     quiet: bool = False,
+    kill_after: float | None = None,
+    run_on: float = 3.0,
 ) -> dict[str, Any]:
+    """Run the pair for ``duration`` seconds of checkpoints; with ``kill_after``, SIGKILL
+    the primary host's whole process group that many seconds after it started,
+    wait for the secondary to promote, and let the promoted guest run ``run_on``
+    seconds more."""
     root = Path(tempfile.mkdtemp(prefix="mirror-demo-"))
     own_observer = Observer() if observer is None else None
     address = f"127.0.0.1:{own_observer.port}" if own_observer else str(observer)
@@ -135,14 +163,26 @@ def run(
         say(f"secondary hostB up: standby image of {base.guest.ram_mib} MiB reserved")
         a = Host("hostA", "primary", cfg_a, root, "--duration", str(duration))
         hosts.append(a)
+        started = time.monotonic()
         say(
             f"primary hostA: synthetic guest, {base.guest.dirty_pages_per_s} pages/s dirtied, "
             f"epoch {base.checkpoint.epoch_ms} ms, for {duration:g} s"
+            + (f"; killing it after {kill_after:g} s" if kill_after else "")
         )
-        last = 0.0
+        last, killed_at, last_status = 0.0, None, None
         while a.proc.poll() is None:
-            time.sleep(0.1)
+            time.sleep(0.02)
             st = a.status()
+            last_status = st or last_status
+            if kill_after is not None and time.monotonic() - started >= kill_after:
+                a.signal(signal.SIGKILL)  # the whole host at once: agent and guest
+                a.proc.wait()
+                killed_at = time.monotonic()
+                say(
+                    f"killed host A (SIGKILL to process group {a.proc.pid}) at checkpoint "
+                    f"{(last_status or {}).get('epoch')}"
+                )
+                break
             if st and time.monotonic() - last >= 1:
                 last = time.monotonic()
                 s = st["summary"]
@@ -151,11 +191,33 @@ def run(
                     f"pause p50 {s['pause_ms_p50']} ms, outputs released "
                     f"{s['outputs_released']}"
                 )
-        if a.proc.returncode != 0:
+        if killed_at is None and a.proc.returncode != 0:
             raise RuntimeError(f"the primary failed (exit {a.proc.returncode}):\n{a.log_tail()}")
+        promoted = None
+        if killed_at is not None:
+            promoted = wait_for(
+                "the secondary to promote",
+                lambda: (
+                    (s := b.status())
+                    and s.get("role") == "primary"
+                    and s.get("failover_ms") is not None
+                    and s
+                ),
+                30,
+                [b],
+            )
+            say(
+                f"hostB promoted from checkpoint {promoted['promoted_from']}: first output of "
+                f"the resumed guest {promoted['failover_ms']:.0f} ms after the last heartbeat"
+            )
+            time.sleep(run_on)
+            promoted = b.status() or promoted
         time.sleep(0.2)
         standby = b.status() or {}
-        stats = read_json(a.dir / "stats.json")["summary"]
+        try:
+            stats = read_json(a.dir / "stats.json")["summary"]
+        except (OSError, ValueError):
+            stats = (last_status or {}).get("summary", {})  # killed: its last report
         result: dict[str, Any] = {
             "ram_mib": base.guest.ram_mib,
             "epoch_ms": base.checkpoint.epoch_ms,
@@ -164,13 +226,28 @@ def run(
             **stats,
             "standby_committed": standby.get("committed"),
         }
+        if promoted is not None and killed_at is not None:
+            result.update(
+                failover_ms=promoted["failover_ms"],
+                promoted_from=promoted["promoted_from"],
+                replayed_outputs=promoted["replayed_outputs"],
+                outputs_after_failover=promoted["outputs_released"],
+                standby_committed=promoted["promoted_from"],
+            )
         if own_observer:
             seen = own_observer.seen
             result.update(
                 observer_outputs=own_observer.count(),
                 observer_gaps=seen.gaps(),
                 observer_duplicates=seen.duplicates(),
+                observer_interleaved=seen.interleaved(),
             )
+            if killed_at is not None:
+                after = [
+                    t for src, (_, _, t) in zip(seen.sources, seen.outputs, strict=True) if src > 0
+                ]
+                if after:
+                    result["kill_to_next_output_ms"] = round((min(after) - killed_at) * 1000, 1)
         return result
     finally:
         for h in reversed(hosts):
@@ -205,12 +282,30 @@ def print_summary(r: dict[str, Any]) -> None:
         ),
         ("standby", f"holds checkpoint {r['standby_committed']}"),
     ]
+    if "failover_ms" in r:
+        after_kill = r.get("kill_to_next_output_ms")
+        rows.append(
+            (
+                "failover",
+                f"promoted from checkpoint {r['promoted_from']}; first output of "
+                f"the resumed guest {r['failover_ms']:.0f} ms after the last "
+                f"heartbeat" + (f", {after_kill:.0f} ms after the kill" if after_kill else ""),
+            )
+        )
+        rows.append(
+            (
+                "after failover",
+                f"{r['replayed_outputs']} committed outputs replayed, "
+                f"{r['outputs_after_failover']} released by hostB",
+            )
+        )
     if "observer_outputs" in r:
+        mixed = ", TWO SOURCES INTERLEAVED" if r.get("observer_interleaved") else ""
         rows.append(
             (
                 "observer",
                 f"{r['observer_outputs']} outputs, {r['observer_gaps']} gaps, "
-                f"{r['observer_duplicates']} duplicates",
+                f"{r['observer_duplicates']} duplicates{mixed}",
             )
         )
     width = max(len(k) for k, _ in rows)

@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 @dataclass
 class Seen:
     outputs: list[tuple[int, bytes, float]] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)  # the connection each output came on
     malformed: int = 0
+
+    def interleaved(self) -> bool:
+        """Whether an older connection delivered anything after a newer one began."""
+        newest = -1
+        for src in self.sources:
+            if src < newest:
+                return True
+            newest = max(newest, src)
+        return False
 
     @property
     def seqs(self) -> list[int]:
@@ -53,11 +63,19 @@ class Observer:
                 conn, _ = self.server.accept()
             except OSError:
                 return
-            t = threading.Thread(target=self._read, args=(conn,), daemon=True)
+            with self._lock:
+                last = max(self.seen.seqs, default=0)
+                source = len(self._threads)
+            try:
+                conn.sendall(b"at %d\n" % last)  # where this observer is: see ObserverSink
+            except OSError:
+                conn.close()
+                continue
+            t = threading.Thread(target=self._read, args=(conn, source), daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _read(self, conn: socket.socket) -> None:
+    def _read(self, conn: socket.socket, source: int) -> None:
         buf = b""
         with conn:
             while chunk := conn.recv(65536):
@@ -69,6 +87,7 @@ class Observer:
                         seq, _, payload = line.partition(b" ")
                         if seq.isdigit():
                             self.seen.outputs.append((int(seq), payload, now))
+                            self.seen.sources.append(source)
                         else:
                             self.seen.malformed += 1
 

@@ -31,10 +31,27 @@ class OutputBuffer:
         # checkpoint (those made during the pre-copy wait for it by design)
         self.latencies: list[float] = []
         self.precopy_latencies: list[float] = []
+        self.unprotected = False
 
     def add(self, output: GuestOutput) -> None:
         with self._lock:
-            self._held.append((self.epoch, output))
+            if not self.unprotected:
+                self._held.append((self.epoch, output))
+                return
+        self._sink([output])
+        self.released += 1
+
+    def go_unprotected(self) -> int:
+        """No standby any more (a won "unprotected" claim): release everything held,
+        and from now on release each output as it comes.  Returns how many were held."""
+        with self._lock:
+            self.unprotected = True
+            held = [o for _, o in self._held]
+            self._held.clear()
+        if held:
+            self._sink(held)
+            self.released += len(held)
+        return len(held)
 
     def close_epoch(self) -> list[tuple[int, bytes]]:
         """End the running epoch (guest paused); returns its outputs, which ride
@@ -65,7 +82,14 @@ class OutputBuffer:
 
 
 class ObserverSink:
-    """Sends released outputs to a TCP endpoint, one line per output: ``<seq> <payload>``."""
+    """Sends released outputs to a TCP endpoint, one line per output: ``<seq> <payload>``.
+
+    An observer may first send one line ``at <seq>``: the last output it holds.
+    A promoted standby uses it to release exactly the committed outputs the
+    observer lacks, as a TCP receiver's acknowledgements let a resumed sender
+    go on without loss or repetition; an endpoint that says nothing gets
+    at-least-once delivery across a failover (see README).
+    """
 
     def __init__(self, host: str, port: int, *, connect_timeout: float = 10.0) -> None:
         self.address = (host, port)
@@ -81,6 +105,22 @@ class ObserverSink:
                     ) from e
                 time.sleep(0.1)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.position = self._read_position()
+        self._sock.settimeout(10)
+
+    def _read_position(self, wait: float = 0.3) -> int | None:
+        self._sock.settimeout(wait)
+        line = b""
+        try:
+            while not line.endswith(b"\n") and len(line) < 64:
+                chunk = self._sock.recv(1)
+                if not chunk:
+                    break
+                line += chunk
+        except TimeoutError:
+            return None
+        word, _, seq = line.strip().partition(b" ")
+        return int(seq) if word == b"at" and seq.isdigit() else None
 
     def __call__(self, outputs: list[GuestOutput]) -> None:
         self._sock.sendall(b"".join(b"%d %s\n" % (o.seq, o.payload) for o in outputs))

@@ -17,6 +17,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from mirror.link import Endpoint, Link
 
 log = logging.getLogger("mirror.standby")
 SHM = Path("/dev/shm")
+TAIL_OUTPUTS = 100_000  # committed outputs kept for a promotion
 
 
 class StandbyError(RuntimeError):
@@ -88,7 +90,10 @@ class Standby:
         self.rejected = 0
         self.commits = 0
         self.apply_ms: list[float] = []
-        self.outputs_tail: list[tuple[int, bytes]] = []
+        # outputs of committed epochs, (epoch, seq, payload): a promoted standby
+        # releases those the observer lacks
+        self.outputs_tail: list[tuple[int, int, bytes]] = []
+        self.primary: str | None = None  # the node of the last accepted HELLO
         self._status_at = 0.0
         self.link: Link | None = None
 
@@ -125,6 +130,7 @@ class Standby:
             log.error("HELLO from %s refused: %s", h.node, problem)
             return self._reject(0, 0, problem)
         self.session = h
+        self.primary = h.node
         self.generation = h.generation
         log.info(
             "session with %s (generation %d), committed epoch %d",
@@ -180,7 +186,8 @@ class Standby:
             write_atomic(self.state_path, bytes(m.state))
             self.committed = m.epoch
             self.commits += 1
-            self.outputs_tail = (self.outputs_tail + m.outputs)[-1000:]
+            self.outputs_tail += [(m.epoch, seq, payload) for seq, payload in m.outputs]
+            del self.outputs_tail[:-TAIL_OUTPUTS]
             if self.link:
                 self.link.committed[0] = m.epoch
         self.apply_ms.append((time.monotonic() - t0) * 1000)
@@ -204,14 +211,16 @@ class Standby:
             "rejected": self.rejected,
             "pid": os.getpid(),
             "heartbeat_age_s": peer.age() if peer else None,
-            "last_outputs": [[s, p.decode(errors="replace")] for s, p in self.outputs_tail[-5:]],
+            "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
         }
 
     def write_status(self) -> None:
         write_json(self.state_dir / "status.json", self.status())
         self._status_at = time.monotonic()
 
-    def serve(self, stop: threading.Event) -> None:
+    def serve(self, stop: threading.Event, tick: Callable[[], bool] = lambda: False) -> None:
+        """Serve the primary until ``stop`` is set or ``tick()`` (called at least
+        every 50 ms) returns True."""
         link_cfg = self.cfg.link
         self.link = Link.server(
             Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
@@ -228,9 +237,9 @@ class Standby:
         )
         try:
             self.write_status()
-            while not stop.is_set():
+            while not stop.is_set() and not tick():
                 try:
-                    msg = self.link.recv(0.2)
+                    msg = self.link.recv(0.05)
                 except wire.WireError as e:
                     log.error("frame rejected: %s; session reset", e)
                     reply: wire.Message | None = self._reject(0, 0, f"malformed frame: {e}")
@@ -244,6 +253,7 @@ class Standby:
             self.write_status()
             self.link.close()
 
-    def close(self) -> None:
-        self.image.close()
+    def close(self, *, remove_image: bool = True) -> None:
+        """Release the image (and remove it, unless a promoted guest now owns it)."""
+        self.image.close(remove=remove_image)
         self.state_path.unlink(missing_ok=True)

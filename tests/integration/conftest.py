@@ -44,13 +44,20 @@ class Pair:
         wait_for("the secondary", b.status, 30, self.hosts)
         return b
 
-    def start_primary(self, *extra: str) -> Host:
-        a = Host("hostA", "primary", self.cfg_a, self.root, *extra)
+    def start_primary(self, *extra: str, env: dict[str, str] | None = None) -> Host:
+        a = Host("hostA", "primary", self.cfg_a, self.root, *extra, env=env)
         self.hosts.append(a)
         return a
 
-    def wait(self, what: str, cond: Callable[[], Any], timeout: float = 30) -> Any:
-        return wait_for(what, cond, timeout, self.hosts)
+    def wait(
+        self,
+        what: str,
+        cond: Callable[[], Any],
+        timeout: float = 30,
+        alive: list[Host] | None = None,
+    ) -> Any:
+        """Wait for ``cond``; fail early if a host that should live (all, by default) exits."""
+        return wait_for(what, cond, timeout, self.hosts if alive is None else alive)
 
     def close(self) -> None:
         for h in reversed(self.hosts):

@@ -1,0 +1,1 @@
+from tests.integration.conftest import no_leftovers  # noqa: F401  (the fixture, shared)
