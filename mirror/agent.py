@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mirror import wire
 from mirror.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.checkpoint import CheckpointEngine, Progress
 from mirror.config import Config
@@ -358,6 +359,9 @@ def run_primary(
             stop.wait(0.2)
             write_json(state_dir / "status.json", status())
         phase = "stopped"
+        if not outputs.unprotected:
+            link.send(wire.Bye(cfg.node.name, "stopped by its operator"))
+            time.sleep(0.05)  # let it leave before the socket closes
         return 0
     finally:
         failover.close()

@@ -108,6 +108,15 @@ class Standby:
                 if self.session is None:
                     return self._reject(msg.epoch, msg.part, "no session: send HELLO first")
                 return self._pages(msg)
+            case wire.Bye():
+                log.info(
+                    "primary %s stopped on purpose (%s): standing down, not promoting",
+                    msg.node,
+                    msg.reason,
+                )
+                self.session = None
+                self.primary = None  # nobody to judge until a new HELLO
+                return None
             case wire.Heartbeat() | wire.Ack() | wire.Welcome() | wire.Reject():
                 return self._reject(0, 0, f"unexpected {type(msg).__name__} on the data link")
         return None

@@ -17,6 +17,7 @@ checksums, when the standby stages them.
     ACK         {k, epoch, part}
     REJECT      {k, epoch, part, reason}
     HEARTBEAT   {k, node, seq, committed}
+    BYE         {k, node, reason}         the primary stops on purpose: do not promote
 
 PAGES with epoch 0 are parts of the pre-copy (applied as they come: nothing
 is committed yet); epoch N >= 1 is checkpoint N, whose ``final`` part
@@ -59,6 +60,7 @@ class Kind(IntEnum):
     ACK = 4
     REJECT = 5
     HEARTBEAT = 6
+    BYE = 7
 
 
 class WireError(ValueError):
@@ -184,13 +186,21 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class Bye:
+    """The primary stops on purpose: its silence from now on is not a failure."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     node: str
     seq: int
     committed: int
 
 
-Message = Hello | Welcome | Pages | Ack | Reject | Heartbeat
+Message = Hello | Welcome | Pages | Ack | Reject | Heartbeat | Bye
 _LE = sys.byteorder == "little"
 
 
@@ -227,7 +237,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 
 _KIND_OF: dict[type, Kind] = {
     Hello: Kind.HELLO, Welcome: Kind.WELCOME, Ack: Kind.ACK, Reject: Kind.REJECT,
-    Heartbeat: Kind.HEARTBEAT,
+    Heartbeat: Kind.HEARTBEAT, Bye: Kind.BYE,
 }  # fmt: skip
 _FIELDS: dict[Kind, set[str]] = {
     kind: {"k", *(f.name for f in fields(cls))} for cls, kind in _KIND_OF.items()
@@ -346,6 +356,10 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
             return Reject(_int(h, "epoch"), _int(h, "part"), reason)
         case Kind.HEARTBEAT:
             return Heartbeat(_str(h, "node"), _int(h, "seq"), _int(h, "committed"))
+        case Kind.BYE:
+            if type(h["reason"]) is not str:
+                raise WireError("field 'reason' must be a string")
+            return Bye(_str(h, "node"), h["reason"])
     return _decode_pages(h, frames)
 
 

@@ -26,6 +26,7 @@ import mmap
 import os
 import queue
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -164,6 +165,11 @@ def reference_outputs(params: SyntheticParams, count: int) -> list[tuple[int, by
 
 
 def _guest_main(fd: int, ram_path: str) -> int:
+    # The agent drives this process and stops it over the channel; a SIGTERM to the
+    # host's process group is the agent's to handle (it pauses and stops us
+    # cleanly).  If the agent dies, the channel closes and we end.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     init = recv_msg(sock)
     if init[0] != "init":

@@ -74,8 +74,10 @@ SMALL = replace(
 
 
 @pytest.fixture
-def pair(tmp_path: Path, no_leftovers: None) -> Iterator[Pair]:
-    p = Pair(tmp_path, SMALL)
+def pair(request: pytest.FixtureRequest, tmp_path: Path, no_leftovers: None) -> Iterator[Pair]:
+    """A pair of hosts; a test marked ``pair_config(cfg)`` gets that configuration."""
+    marker = request.node.get_closest_marker("pair_config")
+    p = Pair(tmp_path, marker.args[0] if marker else SMALL)
     try:
         yield p
     finally:

@@ -9,12 +9,21 @@ from __future__ import annotations
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from mirror.guests.synthetic import SyntheticGuest, reference_outputs, unpack_state
-from tests.integration.conftest import Pair
+from tests.integration.conftest import SMALL, Pair
+
+# A secondary that stops answering looks dead after silent_after_ms and the primary
+# then goes unprotected (tests/chaos covers that); here the silence is made long so
+# that only the output-commit rule is at work.
+PATIENT = replace(SMALL, arbiter=replace(SMALL.arbiter, silent_after_ms=600_000))
 
 
+@pytest.mark.pair_config(PATIENT)
 def test_outputs_wait_for_the_secondary_ack(pair: Pair) -> None:
     b = pair.start_secondary()
     a = pair.start_primary()
@@ -40,6 +49,7 @@ def test_outputs_wait_for_the_secondary_ack(pair: Pair) -> None:
     b.signal(signal.SIGCONT)
     pair.wait("outputs flowing again", lambda: pair.observer.count() > frozen + 30)
     a.stop()
+    assert a.proc.returncode == 0, a.log_tail()
     seen = pair.observer.seen
     assert seen.gaps() == 0 and seen.duplicates() == 0 and seen.malformed == 0
     params = pair.cfg_a.guest.synthetic()
@@ -89,3 +99,17 @@ def test_standby_equals_checkpoint_n_and_the_guest_resumes_from_it(
     assert [(s, p) for s, p, _ in released] == reference[:last_seq]
     assert resumed and resumed[0][0] == last_seq + 1
     assert resumed == reference[last_seq:]
+
+
+def test_a_clean_primary_stop_is_not_a_failure(pair: Pair) -> None:
+    b = pair.start_secondary()
+    a = pair.start_primary()
+    pair.wait("outputs at the observer", lambda: pair.observer.count() > 30)
+    a.stop()  # SIGTERM: the primary says BYE before it goes
+    assert a.proc.returncode == 0
+    released = pair.observer.count()
+    time.sleep(2.0)  # four times the silence that would mean death
+    st = b.status() or {}
+    assert st.get("role") == "secondary", f"the secondary promoted after a clean stop: {st}"
+    assert pair.observer.count() == released
+    assert "standing down, not promoting" in b.log_path.read_text()

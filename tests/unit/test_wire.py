@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mirror import pagediff as pd
 from mirror import wire
-from mirror.wire import Ack, Heartbeat, Hello, Pages, Reject, Welcome, WireError
+from mirror.wire import Ack, Bye, Heartbeat, Hello, Pages, Reject, Welcome, WireError
 
 PS = pd.PAGE_SIZE
 
@@ -45,6 +45,7 @@ MESSAGES = [
     Ack(5, 0),
     Reject(5, 0, "checksum"),
     Heartbeat("hostA", 99, 5),
+    Bye("hostA", "stopped by its operator"),
 ]
 
 
