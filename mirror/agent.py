@@ -27,7 +27,7 @@ from mirror.checkpoint import CheckpointEngine, Progress
 from mirror.config import Config
 from mirror.controller import Action, Controller, Decision, Observation, Role, Timeouts
 from mirror.guests.base import GuestOutput
-from mirror.guests.synthetic import SHM_DIR, SyntheticGuest
+from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest
 from mirror.hoststate import write_json
 from mirror.link import Endpoint, Link
 from mirror.outputs import ObserverSink, OutputBuffer
@@ -111,7 +111,13 @@ class Failover:
         self._next = 0.0
         self.beat.start()
 
-    def tick(self, peer: str | None, net_age: float | None, committed: int = 0) -> Decision | None:
+    def tick(
+        self,
+        peer: str | None,
+        net_age: float | None,
+        committed: int = 0,
+        manual_promote: bool = False,
+    ) -> Decision | None:
         """Observe and decide, at most every 20 ms; None when it is not time yet."""
         now = time.monotonic()
         if now < self._next:
@@ -125,6 +131,7 @@ class Failover:
             self.beat.ok(self.timeouts.silent_after),
             committed,
             self._claim,
+            manual_promote,
         )
         self._claim = None
         before = self.controller.state
@@ -158,34 +165,54 @@ class Failover:
 def run_secondary(cfg: Config, stop: threading.Event) -> int:
     standby = Standby(cfg)
     failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed)
+    ready = GuestProcess.spawn()  # the ready standby: a guest process waiting for its state
     promote = False
+    standby.extra_status = lambda: {
+        "protection": failover.controller.state.value,
+        "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
+    }
+    manual = threading.Event()  # `mirror failover` sends SIGUSR1
+    signal.signal(signal.SIGUSR1, lambda signum, frame: manual.set())
 
     def tick() -> bool:
         nonlocal promote
         link = standby.link
         if link is None or standby.primary is None:
             return False  # never paired: nothing to judge
-        d = failover.tick(standby.primary, link.peer.age(), standby.committed)
+        d = failover.tick(
+            standby.primary, link.peer.age(), standby.committed, manual_promote=manual.is_set()
+        )
+        if d is not None and d.action is Action.CLAIM_PROMOTE:
+            manual.clear()
         promote = d is not None and d.action is Action.PROMOTE
         return promote
 
     try:
         standby.serve(stop, tick)
         if promote:
-            return run_promoted(cfg, standby, failover, stop)
+            return run_promoted(cfg, standby, failover, stop, ready)
         return 0
     finally:
+        if not promote:
+            ready.close()
         failover.close()
         standby.close(remove_image=not promote)
 
 
-def run_promoted(cfg: Config, standby: Standby, failover: Failover, stop: threading.Event) -> int:
+def run_promoted(
+    cfg: Config, standby: Standby, failover: Failover, stop: threading.Event, ready: GuestProcess
+) -> int:
     """Promotion: go on from the committed checkpoint as the (unprotected) primary."""
     failover.role_name = "primary"
     assert standby.link is not None
     last_heartbeat = standby.link.peer.last or time.monotonic()
     released_by_old = standby.link.peer.committed  # what the old primary last said it released
     committed = standby.committed
+    # A primary that is alive (a forced manual failover) may still release outputs for
+    # acks already on their way to it: let them land before asking the observer.
+    settle = failover.timeouts.silent_after - (time.monotonic() - standby.last_ack_at)
+    if settle > 0:
+        time.sleep(settle)
     state = standby.state_path.read_bytes()
     host, port = cfg.output.address()
     sink = ObserverSink(host, port)
@@ -206,7 +233,9 @@ def run_promoted(cfg: Config, standby: Standby, failover: Failover, stop: thread
         if not first:
             first.append(time.monotonic())
 
-    guest = SyntheticGuest.launch_from(standby.image.path, state, on_output, owns_ram=True)
+    guest = SyntheticGuest.launch_from(
+        standby.image.path, state, on_output, owns_ram=True, process=ready
+    )
     guest.resume()
     event(
         "promoted",

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from mirror import agent, demo
 from mirror.config import Config, ConfigError, load, parse_hostport
@@ -62,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what this host's agent reports")
     p.add_argument("--config", required=True, help="host configuration (TOML)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("failover", help="promote this host's secondary now (manual failover)")
+    p.add_argument("--config", required=True, help="the secondary host's configuration (TOML)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even though the primary's storage heartbeat is fresh",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive(float, 1, 3600),
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the promotion (default 30)",
+    )
 
     p = sub.add_parser("demo", help="a primary and a secondary on this machine, then a summary")
     p.add_argument("--config", help="base configuration (TOML); the options below override it")
@@ -157,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config)
         if args.command == "status":
             return show_status(cfg, args.json)
+        if args.command == "failover":
+            return manual_failover(cfg, args.force, args.timeout)
         stop = agent.stop_on_signals()
         if args.command == "secondary":
             return agent.run_secondary(cfg, stop)
@@ -175,7 +193,112 @@ def show_status(cfg: Config, as_json: bool) -> int:
         return 1
     if as_json:
         print(json.dumps(st, indent=1))
-    else:
-        for k, v in st.items():
-            print(f"{k:>16}: {v}")
+        return 0
+    for k, v in status_rows(st):
+        print(f"{k:>22}: {v}")
     return 0
+
+
+def _age(v: object) -> str:
+    return "never seen" if v is None else f"{float(v):.2f} s"  # type: ignore[arg-type]
+
+
+def status_rows(st: dict[str, object]) -> list[tuple[str, object]]:
+    """The status an operator reads first, in words; everything else with --json."""
+    summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
+    assert isinstance(summary, dict)
+    rows: list[tuple[str, object]] = [
+        ("node", f"{st.get('node')} of pair {st.get('pair')}, generation {st.get('generation')}"),
+        ("role", st.get("role")),
+        ("protection", st.get("protection") or st.get("phase")),
+    ]
+    if st.get("role") == "secondary":
+        rows += [
+            ("committed checkpoint", st.get("committed")),
+            ("primary", st.get("primary") or "none (not paired)"),
+        ]
+    elif "promoted_from" in st:
+        rows += [
+            ("promoted from checkpoint", st.get("promoted_from")),
+            (
+                "failover",
+                f"{st.get('failover_ms'):.0f} ms" if st.get("failover_ms") else "in progress",
+            ),
+        ]
+    else:
+        rows += [
+            ("checkpoints", f"{st.get('epoch')} taken, {st.get('acked')} acknowledged"),
+            (
+                "pause",
+                f"p50 {summary.get('pause_ms_p50')} ms, p99 {summary.get('pause_ms_p99')} ms",
+            ),
+            ("replication", f"{summary.get('dirty_mb_per_s')} MB/s of dirty pages"),
+            (
+                "outputs",
+                f"{summary.get('outputs_released')} released, {summary.get('outputs_held')} held",
+            ),
+        ]
+    if "heartbeat_age_s" in st:
+        rows.append(("peer heartbeat, network", _age(st.get("heartbeat_age_s"))))
+    if "storage_age_s" in st:
+        rows.append(("peer heartbeat, storage", _age(st.get("storage_age_s"))))
+    return rows
+
+
+def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
+    """`mirror failover`: ask this host's secondary to promote now."""
+    import os
+    import signal
+    import time
+
+    from mirror.arbiter import DirectoryArbiter
+
+    try:
+        st = read_json(cfg.state_dir / "status.json")
+    except OSError:
+        print(f"mirror: no agent has reported in {cfg.state_dir}", file=sys.stderr)
+        return 1
+    if st.get("role") != "secondary":
+        print(
+            f"mirror: the agent in {cfg.state_dir} is not a secondary (role "
+            f"{st.get('role')!r}): nothing to promote",
+            file=sys.stderr,
+        )
+        return 1
+    if not st.get("committed"):
+        print(
+            "mirror: the standby holds no committed checkpoint yet: cannot promote", file=sys.stderr
+        )
+        return 1
+    primary = st.get("primary")
+    if primary and not force:
+        arbiter = DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, f"{cfg.node.name}-cli")
+        silent = cfg.arbiter.silent_after_ms / 1000
+        arbiter.peer_age(primary)
+        time.sleep(silent)
+        age = arbiter.peer_age(primary)
+        if age is not None and age <= silent:
+            print(
+                f"mirror: the primary {primary} is alive on storage (its heartbeat slot "
+                f"changed {age:.2f} s ago): refusing to promote a second primary. Use "
+                f"--force only if you know it is dead or fenced.",
+                file=sys.stderr,
+            )
+            return 1
+    os.kill(int(st["pid"]), signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            now = read_json(cfg.state_dir / "status.json")
+        except (OSError, ValueError):
+            continue
+        if now.get("role") == "primary":
+            print(f"promoted {cfg.node.name} from checkpoint {now.get('promoted_from')}")
+            return 0
+    print(
+        f"mirror: {cfg.node.name} did not promote within {timeout:g} s (it may have lost "
+        f"the claim: see its log)",
+        file=sys.stderr,
+    )
+    return 1

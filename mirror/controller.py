@@ -50,11 +50,15 @@ class State(Enum):
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STANDBY: frozenset({State.PARTITIONED, State.CLAIMING_PROMOTE}),
     State.PARTITIONED: frozenset({State.STANDBY, State.CLAIMING_PROMOTE}),
-    State.CLAIMING_PROMOTE: frozenset({State.PROMOTED, State.CLAIM_LOST}),
+    State.CLAIMING_PROMOTE: frozenset(
+        {State.PROMOTED, State.CLAIM_LOST, State.STANDBY, State.PARTITIONED}
+    ),
     State.PROMOTED: frozenset(),
     State.CLAIM_LOST: frozenset(),
     State.PROTECTED: frozenset({State.CLAIMING_UNPROTECTED, State.ISOLATED}),
-    State.CLAIMING_UNPROTECTED: frozenset({State.UNPROTECTED, State.FENCED}),
+    State.CLAIMING_UNPROTECTED: frozenset(
+        {State.UNPROTECTED, State.FENCED, State.ISOLATED, State.PROTECTED}
+    ),
     State.ISOLATED: frozenset({State.PROTECTED, State.CLAIMING_UNPROTECTED, State.FENCED}),
     State.UNPROTECTED: frozenset(),
     State.FENCED: frozenset(),
@@ -85,7 +89,11 @@ class Observation:
     peer_storage_age: float | None
     own_storage_ok: bool
     committed: int = 0  # secondary: the checkpoint its image holds
-    claim: ClaimResult | None = None  # the answer to the claim asked for last
+    # The answer to the claim asked for at the last step.  The agent always answers
+    # on the next step, so None while claiming means the claim could not be made
+    # (storage failing): the controller then judges again.
+    claim: ClaimResult | None = None
+    manual_promote: bool = False  # secondary: an operator ran `mirror failover`
 
 
 @dataclass(frozen=True)
@@ -123,9 +131,7 @@ class Controller:
 
     def _secondary(self, obs: Observation) -> Decision:
         s = self.state
-        if s is State.CLAIMING_PROMOTE:
-            if obs.claim is None:
-                return self._go(s, Action.NONE, "waiting for the promote claim's answer")
+        if s is State.CLAIMING_PROMOTE and obs.claim is not None:
             if obs.claim.won:
                 return self._go(
                     State.PROMOTED,
@@ -140,13 +146,26 @@ class Controller:
             )
         if s in (State.PROMOTED, State.CLAIM_LOST):
             return self._go(s, Action.NONE, f"{s.value}: nothing more to decide")
+        if obs.manual_promote:
+            if obs.committed < 1:
+                return self._go(
+                    s,
+                    Action.NONE,
+                    "operator asked to promote, but there is no committed checkpoint",
+                )
+            return self._go(
+                State.CLAIMING_PROMOTE,
+                Action.CLAIM_PROMOTE,
+                "operator asked to promote: claiming promote",
+            )
+        rest = State.STANDBY if s is State.CLAIMING_PROMOTE else s  # a failed claim: judge anew
         if not self._silent(obs.peer_net_age):
             return self._go(State.STANDBY, Action.NONE, "primary healthy on the network")
         if not obs.own_storage_ok:
-            return self._go(s, Action.NONE, "cannot reach storage: not promoting")
+            return self._go(rest, Action.NONE, "cannot reach storage: not promoting")
         if not self._silent(obs.peer_storage_age):
-            if s is State.PARTITIONED:
-                return self._go(s, Action.NONE, "interconnect still cut: not promoting")
+            if rest is State.PARTITIONED:
+                return self._go(rest, Action.NONE, "interconnect still cut: not promoting")
             return self._go(
                 State.PARTITIONED,
                 Action.ALERT,
@@ -154,7 +173,7 @@ class Controller:
             )
         if obs.committed < 1:
             return self._go(
-                s,
+                rest,
                 Action.NONE,
                 "primary silent on both paths, but no committed checkpoint to promote from",
             )
@@ -168,9 +187,7 @@ class Controller:
 
     def _primary(self, obs: Observation) -> Decision:
         s = self.state
-        if s is State.CLAIMING_UNPROTECTED:
-            if obs.claim is None:
-                return self._go(s, Action.NONE, "waiting for the unprotected claim's answer")
+        if s is State.CLAIMING_UNPROTECTED and obs.claim is not None:
             if obs.claim.won:
                 return self._go(
                     State.UNPROTECTED,
@@ -203,7 +220,7 @@ class Controller:
                 )
             return self._go(s, Action.HOLD_OUTPUTS, "still isolated: holding outputs")
         if not net_silent:
-            if s is State.ISOLATED:
+            if s is not State.PROTECTED:
                 self._isolated_since = None
                 return self._go(State.PROTECTED, Action.NONE, "secondary back: protected")
             return self._go(s, Action.NONE, "secondary healthy")

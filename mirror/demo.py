@@ -51,7 +51,10 @@ class Host:
         root: Path,
         *extra: str,
         env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
+        """``extra``: arguments for the role; ``env``: more environment;
+        ``prefix``: run the host inside something, e.g. ``ip netns exec NS``."""
         self.name, self.role = name, role
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +63,16 @@ class Host:
         self.log_path = self.dir / "agent.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mirror", role, "--config", str(self.config_path), *extra],
+                [
+                    *(prefix or []),
+                    sys.executable,
+                    "-m",
+                    "mirror",
+                    role,
+                    "--config",
+                    str(self.config_path),
+                    *extra,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

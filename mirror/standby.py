@@ -95,6 +95,8 @@ class Standby:
         self.outputs_tail: list[tuple[int, int, bytes]] = []
         self.primary: str | None = None  # the node of the last accepted HELLO
         self._status_at = 0.0
+        self.last_ack_at = 0.0  # monotonic time of the last ack sent
+        self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
         self.link: Link | None = None
 
     # -- the protocol ---------------------------------------------------------
@@ -215,12 +217,14 @@ class Standby:
             "image": str(self.image.path),
             "state": str(self.state_path),
             "session": self.session.node if self.session else None,
+            "primary": self.primary,
             "precopied_pages": self.precopied,
             "commits": self.commits,
             "rejected": self.rejected,
             "pid": os.getpid(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
+            **self.extra_status(),
         }
 
     def write_status(self) -> None:
@@ -256,6 +260,8 @@ class Standby:
                     reply = self.handle(msg) if msg is not None else None
                 if reply is not None:
                     self.link.send(reply)
+                    if isinstance(reply, wire.Ack):
+                        self.last_ack_at = time.monotonic()
                 if isinstance(reply, wire.Reject) or time.monotonic() - self._status_at > 0.2:
                     self.write_status()
         finally:

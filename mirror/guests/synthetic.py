@@ -164,18 +164,21 @@ def reference_outputs(params: SyntheticParams, count: int) -> list[tuple[int, by
 # ---- the guest process ---------------------------------------------------
 
 
-def _guest_main(fd: int, ram_path: str) -> int:
+def _guest_main(fd: int) -> int:
     # The agent drives this process and stops it over the channel; a SIGTERM to the
     # host's process group is the agent's to handle (it pauses and stops us
     # cleanly).  If the agent dies, the channel closes and we end.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    init = recv_msg(sock)
+    try:
+        init = recv_msg(sock)  # a ready standby waits here until it is needed
+    except ChannelClosed:
+        return 0
     if init[0] != "init":
         raise SystemExit(f"synthetic guest: expected init, got {init[0]!r}")
     params = SyntheticParams.from_dict(init[1]["params"])
-    with open(ram_path, "r+b") as f:
+    with open(init[1]["ram"], "r+b") as f:
         ram = mmap.mmap(f.fileno(), params.npages * PAGE_SIZE)
     cpu = Cpu(ram, params, init[1]["regs"])
     if init[1]["boot"]:
@@ -238,7 +241,9 @@ class SyntheticGuest(Guest):
         boot: bool,
         on_output: OutputHandler,
         owns_ram: bool,
+        process: GuestProcess | None = None,
     ) -> None:
+        """``process``: a guest process spawned ahead (a ready standby), else a new one."""
         self._ram_path = ram_path
         self.params = params
         self._owns_ram = owns_ram
@@ -254,22 +259,15 @@ class SyntheticGuest(Guest):
                     f"the guest has {size}"
                 )
             self._ram = mmap.mmap(f.fileno(), size)
-        ours, theirs = socket.socketpair()
-        self._sock = ours
-        self._proc = subprocess.Popen(
+        process = process or GuestProcess.spawn()
+        self._sock, self._proc = process.sock, process.proc
+        send_msg(
+            self._sock,
             [
-                sys.executable,
-                "-m",
-                "mirror.guests.synthetic",
-                "--fd",
-                str(theirs.fileno()),
-                "--ram",
-                str(ram_path),
+                "init",
+                {"params": params.to_dict(), "regs": regs, "boot": boot, "ram": str(ram_path)},
             ],
-            pass_fds=[theirs.fileno()],
         )
-        theirs.close()
-        send_msg(ours, ["init", {"params": params.to_dict(), "regs": regs, "boot": boot}])
         self._reader = threading.Thread(target=self._read, name="synthetic-guest", daemon=True)
         self._reader.start()
         self._expect("ready", timeout=60)
@@ -296,11 +294,26 @@ class SyntheticGuest(Guest):
 
     @classmethod
     def launch_from(
-        cls, image_path: Path, state: bytes, on_output: OutputHandler, *, owns_ram: bool = False
+        cls,
+        image_path: Path,
+        state: bytes,
+        on_output: OutputHandler,
+        *,
+        owns_ram: bool = False,
+        process: GuestProcess | None = None,
     ) -> SyntheticGuest:
-        """A guest that goes on from a RAM image and a saved state (a checkpoint)."""
+        """A guest that goes on from a RAM image and a saved state (a checkpoint),
+        in ``process`` if one was spawned ahead."""
         params, regs = unpack_state(state)
-        return cls(image_path, params, regs, boot=False, on_output=on_output, owns_ram=owns_ram)
+        return cls(
+            image_path,
+            params,
+            regs,
+            boot=False,
+            on_output=on_output,
+            owns_ram=owns_ram,
+            process=process,
+        )
 
     def _read(self) -> None:
         try:
@@ -372,6 +385,34 @@ class SyntheticGuest(Guest):
             self._ram_path.unlink(missing_ok=True)
 
 
+class GuestProcess:
+    """A synthetic guest process, started ahead of need: it idles until it is given
+    its RAM and registers.  A standby keeps one ready so that a promotion does not
+    wait for a new process to start (about 150 ms here)."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+        self.sock, self.proc = sock, proc
+
+    @classmethod
+    def spawn(cls) -> GuestProcess:
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mirror.guests.synthetic", "--fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        return cls(ours, proc)
+
+    def close(self) -> None:
+        """End a process that was never used (it exits when its channel closes)."""
+        self.sock.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def create_ram_file(path: Path, size: int) -> None:
     """A new RAM file of ``size`` bytes, all of it allocated now (clear error if not)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -387,9 +428,8 @@ def create_ram_file(path: Path, size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="synthetic guest process (started by mirror)")
     ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--ram", required=True)
     args = ap.parse_args(argv)
-    return _guest_main(args.fd, args.ram)
+    return _guest_main(args.fd)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-from tests.integration.conftest import no_leftovers  # noqa: F401  (the fixture, shared)
+from tests.integration.conftest import no_leftovers, pair_name  # noqa: F401  (shared fixtures)

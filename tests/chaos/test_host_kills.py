@@ -136,11 +136,11 @@ def test_secondary_killed_primary_goes_unprotected(pair_factory) -> None:
 
 
 @pytest.fixture
-def pair_factory(tmp_path: Path, no_leftovers: None):  # type: ignore[no-untyped-def]
+def pair_factory(tmp_path: Path, pair_name: str, no_leftovers: None):  # type: ignore[no-untyped-def]
     made: list[Pair] = []
 
     def make(base: Config) -> Pair:
-        p = Pair(tmp_path, base)
+        p = Pair(tmp_path, base, pair_name)
         made.append(p)
         return p
 

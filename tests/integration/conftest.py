@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -19,22 +20,33 @@ from mirror.observer import Observer
 SHM = Path("/dev/shm")
 
 
-def shm_files() -> set[str]:
-    return {p.name for p in SHM.glob("mirror-*")}
+def shm_files(pair_name: str = "") -> set[str]:
+    return {p.name for p in SHM.glob(f"mirror-{pair_name}*")}
 
 
 @pytest.fixture
-def no_leftovers() -> Iterator[None]:
-    before = shm_files()
+def pair_name() -> str:
+    """A pair name of this test's own, so that its /dev/shm files are its own too
+    (several test runs may share a machine)."""
+    return f"t{os.getpid()}x{next(_names)}"
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def no_leftovers(pair_name: str) -> Iterator[None]:
     yield
     time.sleep(0.1)
-    assert shm_files() - before == set(), "a test left files in /dev/shm"
+    left = shm_files(pair_name)
+    assert not left, f"a test left files in /dev/shm: {sorted(left)}"
 
 
 class Pair:
-    def __init__(self, root: Path, base: Config) -> None:
+    def __init__(self, root: Path, base: Config, name: str) -> None:
         self.root = root
         self.observer = Observer()
+        base = replace(base, pair=replace(base.pair, name=name))
         self.cfg_a, self.cfg_b = pair_configs(root, base, f"127.0.0.1:{self.observer.port}")
         self.hosts: list[Host] = []
 
@@ -74,10 +86,12 @@ SMALL = replace(
 
 
 @pytest.fixture
-def pair(request: pytest.FixtureRequest, tmp_path: Path, no_leftovers: None) -> Iterator[Pair]:
+def pair(
+    request: pytest.FixtureRequest, tmp_path: Path, pair_name: str, no_leftovers: None
+) -> Iterator[Pair]:
     """A pair of hosts; a test marked ``pair_config(cfg)`` gets that configuration."""
     marker = request.node.get_closest_marker("pair_config")
-    p = Pair(tmp_path, marker.args[0] if marker else SMALL)
+    p = Pair(tmp_path, marker.args[0] if marker else SMALL, pair_name)
     try:
         yield p
     finally:

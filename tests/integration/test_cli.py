@@ -20,8 +20,27 @@ def mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_demo_json_summary(no_leftovers: None) -> None:
-    run = mirror("demo", "--ram-mib", "16", "--duration", "3", "--epoch-ms", "40", "--json")
+@pytest.fixture
+def own_pair(tmp_path: Path, pair_name: str) -> str:
+    """A base configuration naming this test's own pair (its /dev/shm files are its own)."""
+    cfg = tmp_path / "base.toml"
+    cfg.write_text(f'[pair]\nname = "{pair_name}"\n')
+    return str(cfg)
+
+
+def test_demo_json_summary(own_pair: str, no_leftovers: None) -> None:
+    run = mirror(
+        "demo",
+        "--config",
+        own_pair,
+        "--ram-mib",
+        "16",
+        "--duration",
+        "3",
+        "--epoch-ms",
+        "40",
+        "--json",
+    )
     assert run.returncode == 0, run.stderr
     r = json.loads(run.stdout)
     assert r["checkpoints"] >= 20 and r["acked"] >= r["checkpoints"] - 2
@@ -32,13 +51,21 @@ def test_demo_json_summary(no_leftovers: None) -> None:
     assert r["pause_ms_p50"] > 0 and r["pause_ms_p99"] >= r["pause_ms_p50"]
 
 
-def test_demo_human_summary_with_an_external_observer(no_leftovers: None) -> None:
+def test_demo_human_summary_with_an_external_observer(own_pair: str, no_leftovers: None) -> None:
     from mirror.observer import Observer
 
     obs = Observer()
     try:
         run = mirror(
-            "demo", "--ram-mib", "8", "--duration", "2", "--observer", f"127.0.0.1:{obs.port}"
+            "demo",
+            "--config",
+            own_pair,
+            "--ram-mib",
+            "8",
+            "--duration",
+            "2",
+            "--observer",
+            f"127.0.0.1:{obs.port}",
         )
         assert run.returncode == 0, run.stderr
         assert "pause: p50" in run.stdout and "output latency added" in run.stdout
@@ -86,15 +113,20 @@ def test_status_reports_what_the_agent_wrote(tmp_path: Path) -> None:
     (tmp_path / "status.json").write_text('{"role": "secondary", "committed": 7}')
     run = mirror("status", "--config", str(cfg), "--json")
     assert run.returncode == 0 and json.loads(run.stdout)["committed"] == 7
+    run = mirror("status", "--config", str(cfg))
+    assert run.returncode == 0 and "committed checkpoint: 7" in run.stdout
 
 
-def test_secondary_refuses_memory_it_cannot_have(tmp_path: Path, no_leftovers: None) -> None:
+def test_secondary_refuses_memory_it_cannot_have(
+    tmp_path: Path, pair_name: str, no_leftovers: None
+) -> None:
     import os
 
     free_mib = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize >> 20
     cfg = tmp_path / "big.toml"
     cfg.write_text(
-        f'[node]\nname = "big"\nstate_dir = "{tmp_path}"\n[guest]\nram_mib = {free_mib + 1024}\n'
+        f'[pair]\nname = "{pair_name}"\n[node]\nname = "big"\nstate_dir = "{tmp_path}"\n'
+        f"[guest]\nram_mib = {free_mib + 1024}\n"
     )
     run = mirror("secondary", "--config", str(cfg))
     assert run.returncode == 2

@@ -38,7 +38,8 @@ def test_b_primary_dead_claims_then_promotes():
     d = c.step(obs(net=0.6, storage=0.7))
     assert (d.action, d.state) == (Action.CLAIM_PROMOTE, State.CLAIMING_PROMOTE)
     assert str(d) == "primary silent on both paths: claiming promote"
-    assert c.step(obs(net=0.7, storage=0.8)).action is Action.NONE  # no answer yet
+    d = c.step(obs(net=0.7, storage=0.8))  # the claim could not be made: asked again
+    assert (d.action, d.state) == (Action.CLAIM_PROMOTE, State.CLAIMING_PROMOTE)
     d = c.step(obs(net=0.7, storage=0.8, claim=WON))
     assert (d.action, d.state) == (Action.PROMOTE, State.PROMOTED)
     assert str(d) == "won the promote claim: promoting from checkpoint 5"
@@ -156,3 +157,47 @@ def test_a_healthy_does_nothing():
 def test_terminal_states_have_no_way_out():
     assert not TRANSITIONS[State.PROMOTED] and not TRANSITIONS[State.FENCED]
     assert not TRANSITIONS[State.UNPROTECTED] and not TRANSITIONS[State.CLAIM_LOST]
+
+
+def test_b_operator_promotion_still_goes_through_the_claim():
+    c = secondary()
+    d = c.step(Observation(10.0, 0.1, 0.1, True, 5, None, manual_promote=True))
+    assert (d.action, str(d)) == (
+        Action.CLAIM_PROMOTE,
+        "operator asked to promote: claiming promote",
+    )
+    d = c.step(obs(claim=LOST))  # the primary already holds this generation
+    assert (d.action, d.state) == (Action.NONE, State.CLAIM_LOST)
+
+
+def test_b_operator_promotion_needs_a_committed_checkpoint():
+    d = secondary().step(Observation(10.0, 0.1, 0.1, True, 0, None, manual_promote=True))
+    assert d.action is Action.NONE and "no committed checkpoint" in str(d)
+
+
+def test_a_claim_that_fails_with_storage_gone_becomes_isolation_then_fence():
+    """Storage failed just before the network went silent: the claim cannot be made."""
+    c = primary()
+    d = c.step(obs(now=100.0, net=0.6, storage=0.4, own=True))
+    assert d.action is Action.CLAIM_UNPROTECTED
+    d = c.step(obs(now=100.1, net=0.7, storage=0.5, own=False))  # no answer: storage gone
+    assert (d.action, d.state) == (Action.HOLD_OUTPUTS, State.ISOLATED)
+    d = c.step(obs(now=102.1, net=2.7, own=False))
+    assert (d.action, d.state) == (Action.FENCE, State.FENCED)
+
+
+def test_a_claim_that_fails_with_storage_fine_is_asked_again():
+    c = primary()
+    c.step(obs(net=0.6, storage=0.1))
+    d = c.step(obs(net=0.7, storage=0.1))
+    assert (d.action, d.state) == (Action.CLAIM_UNPROTECTED, State.CLAIMING_UNPROTECTED)
+    d = c.step(obs(net=0.1, storage=0.1))  # the secondary came back meanwhile
+    assert (d.action, d.state) == (Action.NONE, State.PROTECTED)
+
+
+def test_b_claim_that_fails_with_storage_gone_stands_by():
+    c = secondary()
+    c.step(obs(net=1, storage=1))
+    d = c.step(obs(net=1, storage=1, own=False))
+    assert (d.action, d.state) == (Action.NONE, State.STANDBY)
+    assert "cannot reach storage" in str(d)
