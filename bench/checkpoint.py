@@ -17,6 +17,8 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
@@ -79,6 +81,43 @@ def floor_ms(ram_mib: int, dirty_pages: int, repeat: int = 7) -> float:
     return (t["scan"] + t["copy"]) * 1000
 
 
+@contextmanager
+def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
+    """A real `mirror secondary` process and, here, the primary's engine with a running
+    synthetic guest, paired and pre-copied; all stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp:
+        root = Path(tmp)
+        cfg_a, cfg_b = pair_configs(root, base, "127.0.0.1:9")
+        secondary = Host("hostB", "secondary", cfg_b, root)
+        guest = link = None
+        try:
+            wait_for("the secondary", secondary.status, 60, [secondary])
+            outputs = OutputBuffer(lambda outs: None)
+            guest = SyntheticGuest.boot(cfg_a.guest.synthetic(), SHM_DIR / ram_name, outputs.add)
+            link = Link.client(
+                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port), "hostA"
+            )
+            engine = CheckpointEngine(
+                guest,
+                link,
+                cfg_a.checkpoint,
+                outputs,
+                pair=cfg_a.pair.name,
+                generation=1,
+                node="hostA",
+            )
+            engine.handshake()
+            guest.resume()
+            engine.precopy()
+            yield engine
+        finally:
+            if guest:
+                guest.stop()
+            if link:
+                link.close()
+            secondary.stop()
+
+
 def run_case(
     ram_mib: int, pct: float, *, epoch_ms: int = 50, checkpoints: int = 40, threads: int = 1
 ) -> CheckpointResult:
@@ -93,36 +132,10 @@ def run_case(
         ),
         checkpoint=replace(CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2),
     )
-    with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp:
-        root = Path(tmp)
-        cfg_a, cfg_b = pair_configs(root, base, "127.0.0.1:9")
-        secondary = Host("hostB", "secondary", cfg_b, root)
-        guest = None
-        link = None
-        try:
-            wait_for("the secondary", secondary.status, 60, [secondary])
-            outputs = OutputBuffer(lambda outs: None)
-            guest = SyntheticGuest.boot(
-                cfg_a.guest.synthetic(), SHM_DIR / f"mirror-bench-{ram_mib}.ram", outputs.add
-            )
-            link = Link.client(
-                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port), "hostA"
-            )
-            engine = CheckpointEngine(
-                guest, link, cfg_a.checkpoint, outputs, pair="mirror", generation=1, node="hostA"
-            )
-            engine.handshake()
-            guest.resume()
-            engine.precopy()
-            stop = threading.Event()
-            engine.run(stop.is_set, epochs=checkpoints)
-            recs = engine.stats.records[2:]  # the first ones carry the pre-copy's tail
-        finally:
-            if guest:
-                guest.stop()
-            if link:
-                link.close()
-            secondary.stop()
+    with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
+        engine.run(threading.Event().is_set, epochs=checkpoints)
+        recs = engine.stats.records[2:]  # the first ones carry the pre-copy's tail
+        precopy_s = engine.stats.precopy_s
     dirty = median(r.pages for r in recs)
     rates = [r.bytes_sent / (r.ack_ms / 1000) / 1e9 for r in recs if r.ack_ms]
     split = {
@@ -141,7 +154,7 @@ def run_case(
         floor_ms(ram_mib, int(dirty)),
         split,
         median(rates) if rates else 0.0,
-        (ram_mib << 20) / engine.stats.precopy_s / 1e9,
+        (ram_mib << 20) / precopy_s / 1e9,
     )
 
 

@@ -7,24 +7,18 @@ beside the floor (a plain scan of the same RAM plus a memcpy of the same dirty b
 from __future__ import annotations
 
 import ctypes
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.checkpoint import dirty_rate_for
+from bench.checkpoint import dirty_rate_for, running_engine
 from bench.workloads import Workload
 from mirror import pagediff as pd
 from mirror.checkpoint import CheckpointEngine
 from mirror.config import CheckpointConfig, Config, GuestConfig
-from mirror.demo import Host, pair_configs, wait_for
-from mirror.guests.synthetic import SHM_DIR, SyntheticGuest
-from mirror.link import Endpoint, Link
-from mirror.outputs import OutputBuffer
 
 PS = pd.PAGE_SIZE
 
@@ -42,32 +36,8 @@ def engine(request: pytest.FixtureRequest) -> Iterator[tuple[CheckpointEngine, i
         ),
         checkpoint=replace(CheckpointConfig(), epoch_ms=50),
     )
-    with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp:
-        cfg_a, cfg_b = pair_configs(Path(tmp), base, "127.0.0.1:9")
-        secondary = Host("hostB", "secondary", cfg_b, Path(tmp))
-        guest = link = None
-        try:
-            wait_for("the secondary", secondary.status, 60, [secondary])
-            outputs = OutputBuffer(lambda outs: None)
-            guest = SyntheticGuest.boot(
-                cfg_a.guest.synthetic(), SHM_DIR / "mirror-bench-ckpt.ram", outputs.add
-            )
-            link = Link.client(
-                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port), "hostA"
-            )
-            eng = CheckpointEngine(
-                guest, link, cfg_a.checkpoint, outputs, pair="mirror", generation=1, node="hostA"
-            )
-            eng.handshake()
-            guest.resume()
-            eng.precopy()
-            yield eng, request.param
-        finally:
-            if guest:
-                guest.stop()
-            if link:
-                link.close()
-            secondary.stop()
+    with running_engine(base, "mirror-bench-ckpt.ram") as eng:
+        yield eng, request.param
 
 
 def group(engine: CheckpointEngine, pct: int) -> str:
