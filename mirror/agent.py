@@ -23,7 +23,7 @@ from typing import Any
 
 from mirror import wire
 from mirror.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
-from mirror.checkpoint import CheckpointEngine, Progress
+from mirror.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.config import Config
 from mirror.controller import Action, Controller, Decision, Observation, Role, Timeouts
 from mirror.guests.base import GuestOutput
@@ -62,7 +62,7 @@ class StorageBeat(threading.Thread):
         arbiter: Arbiter,
         interval: float,
         role: Callable[[], str],
-        generation: int,
+        generation: Callable[[], int],
         epoch: Callable[[], int],
     ) -> None:
         super().__init__(name="storage-heartbeat", daemon=True)
@@ -75,7 +75,7 @@ class StorageBeat(threading.Thread):
     def run(self) -> None:
         while not self.halt.is_set():
             try:
-                self.arbiter.beat(self.role(), self.generation, self.epoch())
+                self.arbiter.beat(self.role(), self.generation(), self.epoch())
                 self.last_ok = time.monotonic()
                 if self._failing:
                     event("storage-heartbeat-ok")
@@ -93,8 +93,11 @@ class StorageBeat(threading.Thread):
 class Failover:
     """One role's controller with the arbiter: observe, decide, claim."""
 
-    def __init__(self, cfg: Config, role: Role, epoch: Callable[[], int]) -> None:
+    def __init__(
+        self, cfg: Config, role: Role, epoch: Callable[[], int], generation: int | None = None
+    ) -> None:
         a = cfg.arbiter
+        self.generation = cfg.pair.generation if generation is None else generation
         self.cfg = cfg
         self.arbiter = DirectoryArbiter(Path(a.dir), cfg.pair.name, cfg.node.name)
         self.timeouts = Timeouts(a.silent_after_ms / 1000, a.fence_after_ms / 1000)
@@ -103,7 +106,7 @@ class Failover:
             self.arbiter,
             a.heartbeat_interval_ms / 1000,
             lambda: self.role_name,
-            cfg.pair.generation,
+            lambda: self.generation,
             epoch,
         )
         self.role_name = role.value
@@ -149,7 +152,7 @@ class Failover:
         if d.action in (Action.CLAIM_PROMOTE, Action.CLAIM_UNPROTECTED):
             what = "promote" if d.action is Action.CLAIM_PROMOTE else "unprotected"
             try:
-                self._claim = self.arbiter.claim(self.cfg.pair.generation, self.cfg.node.name, what)
+                self._claim = self.arbiter.claim(self.generation, self.cfg.node.name, what)
             except ArbiterError as e:
                 event("claim-failed", error=str(e))
         return d
@@ -163,8 +166,8 @@ class Failover:
 
 
 def run_secondary(cfg: Config, stop: threading.Event) -> int:
-    standby = Standby(cfg)
-    failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed)
+    standby = Standby(cfg, generation=current_generation(cfg))
+    failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed, standby.generation)
     ready = GuestProcess.spawn()  # the ready standby: a guest process waiting for its state
     promote = False
     standby.extra_status = lambda: {
@@ -179,6 +182,7 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
         link = standby.link
         if link is None or standby.primary is None:
             return False  # never paired: nothing to judge
+        failover.generation = standby.generation  # a HELLO may have moved it on
         d = failover.tick(
             standby.primary, link.peer.age(), standby.committed, manual_promote=manual.is_set()
         )
@@ -225,11 +229,12 @@ def run_promoted(
     now = time.monotonic()
     sink([GuestOutput(s, p, now) for s, p in replay])
     first: list[float] = []
-    released = [len(replay)]
+    unprotected = OutputBuffer(sink)
+    unprotected.go_unprotected()
+    current = [unprotected]  # where the guest's outputs go: direct, until re-protected
 
     def on_output(out: GuestOutput) -> None:
-        sink([out])
-        released[0] += 1
+        current[0].add(out)
         if not first:
             first.append(time.monotonic())
 
@@ -244,32 +249,44 @@ def run_promoted(
         replayed=len(replay),
         observer_position=sink.position,
     )
+    # This host now leads the pair under a new generation: a node of the old one is refused.
+    generation = failover.generation + 1
+    failover.arbiter.set_generation(generation)
+    failover.close()
+    run = PrimaryRun(
+        cfg, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
+    )
+    run.phase = "unprotected"
 
-    def status() -> dict[str, Any]:
-        failover_ms = (first[0] - last_heartbeat) * 1000 if first else None
-        return {
-            "role": "primary",
-            "phase": "unprotected",
-            "promoted_from": committed,
-            "pair": cfg.pair.name,
-            "node": cfg.node.name,
-            "generation": cfg.pair.generation,
-            "pid": os.getpid(),
-            "failover_ms": failover_ms,
-            "replayed_outputs": len(replay),
-            "outputs_released": released[0],
-            "ram": str(guest.ram_path),
-        }
+    def note() -> None:
+        run.extra = {
+            "promoted_from": committed, "replayed_outputs": len(replay),
+            "failover_ms": (first[0] - last_heartbeat) * 1000 if first else None,
+            "outputs_released": len(replay) + unprotected.released + run.outputs.released,
+        }  # fmt: skip
 
     try:
-        while not stop.wait(0.2):
-            write_json(cfg.state_dir / "status.json", status())
+        while not stop.is_set():
+            note()
+            run.write_status()
             if not guest.alive:
                 event("guest-died", node=cfg.node.name)
                 return 1
+            try:
+                run.engine.handshake(timeout=1.0)
+            except ReplicationError as e:
+                if "refused" in str(e):
+                    event("re-pairing-refused", node=cfg.node.name, reason=str(e))
+                    stop.wait(1.0)
+                continue
+            event("re-protecting", node=cfg.node.name, generation=generation)
+            current[0] = run.outputs  # held from here on, released on acks
+            note()
+            return run.protect(stop, None, None)
         return 0
     finally:
-        write_json(cfg.state_dir / "status.json", status())
+        note()
+        run.close()
         guest.stop()
         sink.close()
 
@@ -293,70 +310,73 @@ def progress_bar(prefix: str) -> Callable[[Progress], None]:
     return show
 
 
-def run_primary(
-    cfg: Config, stop: threading.Event, *, duration: float | None = None, epochs: int | None = None
-) -> int:
-    """Boot the guest, pair, pre-copy, then checkpoint until stopped.
+class PrimaryRun:
+    """The primary side of one pairing (one generation): pair with a standby, pre-copy,
+    checkpoint, and act on the controller's decisions.  The guest is the caller's."""
 
-    ``duration``: stop after that many seconds of checkpoints.  ``epochs``:
-    take exactly that many checkpoints, then hold the guest paused at the
-    last one (acknowledged) until stopped.  Exit code 3: fenced.
-    """
-    state_dir = cfg.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
-    host, port = cfg.output.address()
-    sink = ObserverSink(host, port)
-    outputs = OutputBuffer(sink)
-    ram_path = SHM_DIR / f"mirror-{cfg.pair.name}-{cfg.node.name}-{os.getpid()}.ram"
-    guest = SyntheticGuest.boot(cfg.guest.synthetic(), ram_path, outputs.add)
-    link = Link.client(
-        Endpoint(cfg.link.host, cfg.link.data_port, cfg.link.heartbeat_port),
-        cfg.node.name,
-        heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
-    )
-    engine = CheckpointEngine(
-        guest,
-        link,
-        cfg.checkpoint,
-        outputs,
-        pair=cfg.pair.name,
-        generation=cfg.pair.generation,
-        node=cfg.node.name,
-    )
-    failover = Failover(cfg, Role.PRIMARY, lambda: engine.acked)
-    phase = "pairing"
+    def __init__(
+        self,
+        cfg: Config,
+        guest: SyntheticGuest,
+        outputs: OutputBuffer,
+        generation: int,
+        address: str,
+    ) -> None:
+        self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
+        self.link = Link.client(
+            Endpoint(address, cfg.link.data_port, cfg.link.heartbeat_port),
+            cfg.node.name,
+            heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
+        )
+        self.engine = CheckpointEngine(
+            guest,
+            self.link,
+            cfg.checkpoint,
+            outputs,
+            pair=cfg.pair.name,
+            generation=generation,
+            node=cfg.node.name,
+        )
+        self.failover = Failover(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
+        self.phase = "pairing"
+        self.extra: dict[str, Any] = {}
 
-    def status() -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
+        link, engine = self.link, self.engine
         return {
-            "role": "primary",
-            "phase": phase,
-            "pair": cfg.pair.name,
-            "node": cfg.node.name,
-            "generation": cfg.pair.generation,
-            "pid": os.getpid(),
-            "ram": str(ram_path),
-            "epoch": engine.epoch,
-            "acked": engine.acked,
-            "protection": failover.controller.state.value,
+            "role": "primary", "phase": self.phase, "pair": self.cfg.pair.name,
+            "node": self.cfg.node.name, "generation": self.generation, "pid": os.getpid(),
+            "ram": str(self.guest.ram_path), "epoch": engine.epoch, "acked": engine.acked,
+            "protection": self.failover.controller.state.value,
             "heartbeat_age_s": link.peer.age(),
-            "storage_age_s": failover.arbiter.peer_age(link.peer.node) if link.peer.node else None,
-            "summary": engine.stats.summary(outputs),
-        }
+            "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
+            if link.peer.node else None,
+            "summary": engine.stats.summary(self.outputs), **self.extra,
+        }  # fmt: skip
 
-    try:
-        write_json(state_dir / "status.json", status())
-        engine.handshake()
-        guest.resume()
-        phase = "precopy"
+    def write_status(self) -> None:
+        write_json(self.cfg.state_dir / "status.json", self.status())
+
+    def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
+        """After the handshake: pre-copy, then checkpoints until stopped, the end, or
+        ``epochs`` checkpoints; then as the controller decides.  Exit code 3: fenced."""
+        cfg, engine, outputs, failover, link = (
+            self.cfg,
+            self.engine,
+            self.outputs,
+            self.failover,
+            self.link,
+        )
+        self.phase = "precopy"
         engine.precopy(progress_bar("pre-copy"))
-        phase = "protected"
+        self.phase = "protected"
         log.info(
-            "pre-copy of %d MiB done in %.2f s; checkpoints every %d ms",
+            "pre-copy of %d MiB done in %.2f s; checkpoints every %d ms (generation %d)",
             cfg.guest.ram_mib,
             engine.stats.precopy_s,
             cfg.checkpoint.epoch_ms,
+            self.generation,
         )
-        end = None if duration is None else time.monotonic() + duration
         last_status = 0.0
         verdict: list[Action] = []
 
@@ -364,7 +384,7 @@ def run_primary(
             nonlocal last_status
             now = time.monotonic()
             if now - last_status > 0.5:
-                write_json(state_dir / "status.json", status())
+                self.write_status()
                 last_status = now
             d = failover.tick(link.peer.node or None, link.peer.age())
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
@@ -374,31 +394,72 @@ def run_primary(
 
         engine.run(should_stop, epochs=epochs)
         if verdict and verdict[0] is Action.FENCE:
-            phase = "fenced"
-            guest.stop()  # releases nothing: what it held dies with it
+            self.phase = "fenced"
+            self.guest.stop()  # releases nothing: what it held dies with it
             event("fenced", node=cfg.node.name, held=outputs.held)
             return 3
         if verdict:
-            phase = "unprotected"
+            self.phase = "unprotected"
             event("unprotected", node=cfg.node.name, released=outputs.go_unprotected())
         elif epochs is not None:
-            phase = "frozen"  # paused at the last checkpoint, which the standby holds
-        write_json(state_dir / "status.json", status())
+            self.phase = "frozen"  # paused at the last checkpoint, which the standby holds
+        self.write_status()
         while not stop.is_set() and (end is None or time.monotonic() < end):  # frozen, alone
             stop.wait(0.2)
-            write_json(state_dir / "status.json", status())
-        phase = "stopped"
+            self.write_status()
+        self.phase = "stopped"
         if not outputs.unprotected:
             link.send(wire.Bye(cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
-    finally:
-        failover.close()
+
+    def close(self) -> None:
+        self.failover.close()
         write_json(
-            state_dir / "stats.json",
-            {"summary": engine.stats.summary(outputs), "checkpoints": engine.records_json()},
+            self.cfg.state_dir / "stats.json",
+            {
+                "summary": self.engine.stats.summary(self.outputs),
+                "checkpoints": self.engine.records_json(),
+            },
         )
-        write_json(state_dir / "status.json", status())
+        self.write_status()
+        self.link.close()
+
+
+def run_primary(
+    cfg: Config, stop: threading.Event, *, duration: float | None = None, epochs: int | None = None
+) -> int:
+    """Boot the guest, pair, pre-copy, then checkpoint until stopped.
+
+    ``duration``: stop after that many seconds of checkpoints.  ``epochs``:
+    take exactly that many checkpoints, then hold the guest paused at the
+    last one (acknowledged) until stopped.  Exit code 3: fenced.
+    """
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    host, port = cfg.output.address()
+    sink = ObserverSink(host, port)
+    outputs = OutputBuffer(sink)
+    ram_path = SHM_DIR / f"mirror-{cfg.pair.name}-{cfg.node.name}-{os.getpid()}.ram"
+    guest = SyntheticGuest.boot(cfg.guest.synthetic(), ram_path, outputs.add)
+    run = None
+    try:
+        generation = current_generation(cfg)
+        run = PrimaryRun(cfg, guest, outputs, generation, cfg.link.host)
+        run.write_status()
+        run.engine.handshake()
+        guest.resume()
+        end = None if duration is None else time.monotonic() + duration
+        return run.protect(stop, end, epochs)
+    finally:
+        if run:
+            run.close()
         guest.stop()
-        link.close()
         sink.close()
+
+
+def current_generation(cfg: Config) -> int:
+    """The pair's generation: the configured one, or a later one a promotion recorded."""
+    return max(
+        cfg.pair.generation,
+        DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, cfg.node.name).generation(),
+    )

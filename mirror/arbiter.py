@@ -63,6 +63,14 @@ class Arbiter(ABC):
     def claim(self, generation: int, node: str, action: str) -> ClaimResult:
         """Claim ``generation`` for ``action``: exactly one caller per generation wins."""
 
+    @abstractmethod
+    def generation(self) -> int:
+        """The pair's current generation as recorded on the arbiter (0: none)."""
+
+    @abstractmethod
+    def set_generation(self, generation: int) -> None:
+        """Record the pair's new generation."""
+
 
 class DirectoryArbiter(Arbiter):
     def __init__(self, root: Path, pair: str, node: str) -> None:
@@ -126,6 +134,25 @@ class DirectoryArbiter(Arbiter):
     def peer_slot(self, peer: str) -> Slot | None:
         self._read(peer)
         return self._slots.get(peer)
+
+    def generation(self) -> int:
+        """The pair's generation as last recorded here (0: none recorded)."""
+        try:
+            return int((self.dir / "generation").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def set_generation(self, generation: int) -> None:
+        """Record a new generation (a promoted node leads the pair under it)."""
+        path = self.dir / "generation"
+        tmp = path.with_name(f".generation.{self.node}.tmp")
+        try:
+            tmp.write_text(str(generation))
+            os.replace(tmp, path)
+        except OSError as e:
+            raise ArbiterError(
+                f"cannot record generation {generation} at {path}: {e.strerror}"
+            ) from e
 
     def claim(self, generation: int, node: str, action: str) -> ClaimResult:
         path = self.dir / "claims" / f"generation-{generation}"

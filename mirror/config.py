@@ -46,6 +46,7 @@ class LinkConfig:
     data_port: int = field(default=7400, metadata=_range(1, 65535))
     heartbeat_port: int = field(default=7401, metadata=_range(1, 65535))
     heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
+    peer_host: str = ""  # where a promoted node finds its returning peer's standby (default: host)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,9 @@ class StandbyImage:
 
 
 class Standby:
-    def __init__(self, cfg: Config, *, image_dir: Path = SHM) -> None:
+    def __init__(
+        self, cfg: Config, *, image_dir: Path = SHM, generation: int | None = None
+    ) -> None:
         self.cfg = cfg
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ class Standby:
         )
         self.state_path = self.state_dir / "committed.state"
         self.committed = 0  # epoch of the checkpoint the image holds (0: none yet)
-        self.generation = cfg.pair.generation
+        self.generation = cfg.pair.generation if generation is None else generation
         self.session: wire.Hello | None = None
         self.precopied = 0
         self.rejected = 0
@@ -132,6 +134,16 @@ class Standby:
                 f"generation {h.generation} is older than this standby's "
                 f"generation {self.generation}"
             )
+        elif (
+            self.primary is not None
+            and h.node != self.primary
+            and h.generation <= self.generation
+            and self._primary_alive()
+        ):
+            problem = (
+                f"this standby is paired with {self.primary} (generation "
+                f"{self.generation}), whose heartbeats are fresh"
+            )
         elif h.ram_bytes != self.ram_bytes:
             problem = (
                 f"guest RAM of {h.ram_bytes} bytes does not match this standby's "
@@ -139,7 +151,8 @@ class Standby:
             )
         if problem:
             log.error("HELLO from %s refused: %s", h.node, problem)
-            return self._reject(0, 0, problem)
+            self.rejected += 1  # a refused stranger does not end the current session
+            return wire.Reject(0, 0, problem)
         self.session = h
         self.primary = h.node
         self.generation = h.generation
@@ -150,6 +163,10 @@ class Standby:
             self.committed,
         )
         return wire.Welcome(self.cfg.pair.name, self.generation, self.cfg.node.name, self.committed)
+
+    def _primary_alive(self) -> bool:
+        age = self.link.peer.age() if self.link else None
+        return age is not None and age <= self.cfg.arbiter.silent_after_ms / 1000
 
     def _reject(self, epoch: int, part: int, reason: str) -> wire.Reject:
         self.rejected += 1

@@ -16,7 +16,6 @@ import random
 import signal
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -133,17 +132,3 @@ def test_secondary_killed_primary_goes_unprotected(pair_factory) -> None:
     pair.wait("outputs running on", lambda: pair.observer.count() > count + 100, alive=[a])
     a.stop()
     check_observer(pair)
-
-
-@pytest.fixture
-def pair_factory(tmp_path: Path, pair_name: str, no_leftovers: None):  # type: ignore[no-untyped-def]
-    made: list[Pair] = []
-
-    def make(base: Config) -> Pair:
-        p = Pair(tmp_path, base, pair_name)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.close()
