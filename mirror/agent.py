@@ -184,7 +184,10 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
             return False  # never paired: nothing to judge
         failover.generation = standby.generation  # a HELLO may have moved it on
         d = failover.tick(
-            standby.primary, link.peer.age(), standby.committed, manual_promote=manual.is_set()
+            standby.primary,
+            link.peer.age(),
+            standby.committed,
+            manual_promote=manual.is_set() or standby.handover,
         )
         if d is not None and d.action is Action.CLAIM_PROMOTE:
             manual.clear()
@@ -215,7 +218,7 @@ def run_promoted(
     # A primary that is alive (a forced manual failover) may still release outputs for
     # acks already on their way to it: let them land before asking the observer.
     settle = failover.timeouts.silent_after - (time.monotonic() - standby.last_ack_at)
-    if settle > 0:
+    if settle > 0 and not standby.handover:  # a handover comes after the last release
         time.sleep(settle)
     state = standby.state_path.read_bytes()
     host, port = cfg.output.address()
@@ -310,6 +313,9 @@ def progress_bar(prefix: str) -> Callable[[Progress], None]:
     return show
 
 
+SWITCHED_OVER = 10  # PrimaryRun.protect: handed over, become the secondary
+
+
 class PrimaryRun:
     """The primary side of one pairing (one generation): pair with a standby, pre-copy,
     checkpoint, and act on the controller's decisions.  The guest is the caller's."""
@@ -340,6 +346,7 @@ class PrimaryRun:
         self.failover = Failover(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
         self.phase = "pairing"
         self.extra: dict[str, Any] = {}
+        self.switch = threading.Event()  # `mirror switchover` asks to hand over
 
     def status(self) -> dict[str, Any]:
         link, engine = self.link, self.engine
@@ -390,9 +397,11 @@ class PrimaryRun:
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
                 verdict.append(d.action)
                 return True
-            return stop.is_set() or (end is not None and now >= end)
+            return self.switch.is_set() or stop.is_set() or (end is not None and now >= end)
 
         engine.run(should_stop, epochs=epochs)
+        if self.switch.is_set() and not verdict:
+            return self._hand_over()
         if verdict and verdict[0] is Action.FENCE:
             self.phase = "fenced"
             self.guest.stop()  # releases nothing: what it held dies with it
@@ -412,6 +421,40 @@ class PrimaryRun:
             link.send(wire.Bye(cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
+
+    def _hand_over(self) -> int:
+        """Planned switchover: a last checkpoint with the guest left paused; once it is
+        acknowledged every output is released, and the standby goes on from exactly
+        there.  Returns SWITCHED_OVER (the caller becomes the secondary)."""
+        engine = self.engine
+        self.phase = "switching-over"
+        while engine.in_flight:  # the window first, so the last checkpoint follows in order
+            engine.pump(time.monotonic() + 0.01)
+        engine.checkpoint(resume=False)
+        deadline = time.monotonic() + 10
+        while engine.in_flight and time.monotonic() < deadline:
+            engine.pump(time.monotonic() + 0.01)
+        if engine.in_flight:
+            self.guest.resume()
+            event("switchover-failed", node=self.cfg.node.name, reason="no ack")
+            raise ReplicationError(
+                "switchover failed: the standby did not acknowledge the "
+                "last checkpoint; the guest runs on here"
+            )
+        self.link.send(wire.Handover(self.cfg.node.name, engine.epoch))
+        reply: wire.Message | None = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not isinstance(reply, wire.Ack | wire.Reject):
+            reply = self.link.recv(max(0.0, deadline - time.monotonic()))  # skip strays
+        if reply != wire.Ack(engine.epoch, 0):
+            self.guest.resume()
+            raise ReplicationError(
+                f"switchover failed: the standby answered {reply}; the guest runs on here"
+            )
+        self.guest.stop()  # the standby has it now; this copy never runs again
+        self.phase = "switched-over"
+        event("switched-over", node=self.cfg.node.name, checkpoint=engine.epoch)
+        return SWITCHED_OVER
 
     def close(self) -> None:
         self.failover.close()
@@ -445,16 +488,21 @@ def run_primary(
     try:
         generation = current_generation(cfg)
         run = PrimaryRun(cfg, guest, outputs, generation, cfg.link.host)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: run.switch.set() if run else None)
         run.write_status()
         run.engine.handshake()
         guest.resume()
         end = None if duration is None else time.monotonic() + duration
-        return run.protect(stop, end, epochs)
+        code = run.protect(stop, end, epochs)
     finally:
         if run:
             run.close()
         guest.stop()
         sink.close()
+    if code == SWITCHED_OVER:
+        log.info("switched over: this host is now the secondary")
+        return run_secondary(cfg, stop)
+    return code
 
 
 def current_generation(cfg: Config) -> int:

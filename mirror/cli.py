@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the promotion (default 30)",
     )
 
+    p = sub.add_parser(
+        "switchover",
+        help="planned role swap: the secondary takes over, this host becomes its secondary",
+    )
+    p.add_argument("--config", required=True, help="the primary host's configuration (TOML)")
+    p.add_argument(
+        "--timeout",
+        type=_positive(float, 1, 3600),
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the swap (default 30)",
+    )
+
     p = sub.add_parser("demo", help="a primary and a secondary on this machine, then a summary")
     p.add_argument("--config", help="base configuration (TOML); the options below override it")
     p.add_argument("--ram-mib", type=_positive(int, 1, 1 << 20), help="guest RAM (default 256)")
@@ -175,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             return show_status(cfg, args.json)
         if args.command == "failover":
             return manual_failover(cfg, args.force, args.timeout)
+        if args.command == "switchover":
+            return switchover(cfg, args.timeout)
         stop = agent.stop_on_signals()
         if args.command == "secondary":
             return agent.run_secondary(cfg, stop)
@@ -301,4 +316,40 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         f"the claim: see its log)",
         file=sys.stderr,
     )
+    return 1
+
+
+def switchover(cfg: Config, timeout: float) -> int:
+    """`mirror switchover`: ask this host's primary to hand over to its secondary."""
+    import os
+    import signal
+    import time
+
+    try:
+        st = read_json(cfg.state_dir / "status.json")
+    except OSError:
+        print(f"mirror: no agent has reported in {cfg.state_dir}", file=sys.stderr)
+        return 1
+    if st.get("role") != "primary" or st.get("phase") != "protected":
+        print(
+            f"mirror: the agent in {cfg.state_dir} is not a protected primary (role "
+            f"{st.get('role')!r}, phase {st.get('phase')!r}): nothing to hand over",
+            file=sys.stderr,
+        )
+        return 1
+    os.kill(int(st["pid"]), signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            now = read_json(cfg.state_dir / "status.json")
+        except (OSError, ValueError):
+            continue
+        if now.get("role") == "secondary":
+            print(
+                f"switched over: {cfg.node.name} is now the secondary; its peer runs the "
+                f"guest from the last checkpoint"
+            )
+            return 0
+    print(f"mirror: no switchover within {timeout:g} s: see {cfg.node.name}'s log", file=sys.stderr)
     return 1

@@ -98,6 +98,7 @@ class Standby:
         self.primary: str | None = None  # the node of the last accepted HELLO
         self._status_at = 0.0
         self.last_ack_at = 0.0  # monotonic time of the last ack sent
+        self.handover = False  # the primary handed over (planned switchover)
         self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
         self.link: Link | None = None
 
@@ -112,6 +113,18 @@ class Standby:
                 if self.session is None:
                     return self._reject(msg.epoch, msg.part, "no session: send HELLO first")
                 return self._pages(msg)
+            case wire.Handover():
+                if msg.node != self.primary or msg.epoch != self.committed:
+                    return self._reject(
+                        msg.epoch,
+                        0,
+                        f"handover at checkpoint {msg.epoch} from "
+                        f"{msg.node}, but this standby holds checkpoint "
+                        f"{self.committed} of {self.primary}",
+                    )
+                log.info("handover from %s at checkpoint %d: taking over", msg.node, msg.epoch)
+                self.handover = True
+                return wire.Ack(msg.epoch, 0)
             case wire.Bye():
                 log.info(
                     "primary %s stopped on purpose (%s): standing down, not promoting",
@@ -252,11 +265,19 @@ class Standby:
         """Serve the primary until ``stop`` is set or ``tick()`` (called at least
         every 50 ms) returns True."""
         link_cfg = self.cfg.link
-        self.link = Link.server(
-            Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
-            self.cfg.node.name,
-            heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
-        )
+        deadline = time.monotonic() + 10
+        while True:  # after a switchover the ports' old holder may still be letting go
+            try:
+                self.link = Link.server(
+                    Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
+                    self.cfg.node.name,
+                    heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
+                )
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline or stop.is_set():
+                    raise
+                time.sleep(0.1)
         log.info(
             "standby of pair %s listening on %s:%d, image %s (%d MiB reserved)",
             self.cfg.pair.name,

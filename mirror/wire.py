@@ -18,6 +18,7 @@ checksums, when the standby stages them.
     REJECT      {k, epoch, part, reason}
     HEARTBEAT   {k, node, seq, committed}
     BYE         {k, node, reason}         the primary stops on purpose: do not promote
+    HANDOVER    {k, node, epoch}          planned switchover: go on from checkpoint epoch
 
 PAGES with epoch 0 are parts of the pre-copy (applied as they come: nothing
 is committed yet); epoch N >= 1 is checkpoint N, whose ``final`` part
@@ -61,6 +62,7 @@ class Kind(IntEnum):
     REJECT = 5
     HEARTBEAT = 6
     BYE = 7
+    HANDOVER = 8
 
 
 class WireError(ValueError):
@@ -194,13 +196,22 @@ class Bye:
 
 
 @dataclass(frozen=True)
+class Handover:
+    """A planned switchover: the primary is paused at checkpoint ``epoch``, which the
+    standby holds and which has been acknowledged; the standby is to go on from it."""
+
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     node: str
     seq: int
     committed: int
 
 
-Message = Hello | Welcome | Pages | Ack | Reject | Heartbeat | Bye
+Message = Hello | Welcome | Pages | Ack | Reject | Heartbeat | Bye | Handover
 _LE = sys.byteorder == "little"
 
 
@@ -237,7 +248,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 
 _KIND_OF: dict[type, Kind] = {
     Hello: Kind.HELLO, Welcome: Kind.WELCOME, Ack: Kind.ACK, Reject: Kind.REJECT,
-    Heartbeat: Kind.HEARTBEAT, Bye: Kind.BYE,
+    Heartbeat: Kind.HEARTBEAT, Bye: Kind.BYE, Handover: Kind.HANDOVER,
 }  # fmt: skip
 _FIELDS: dict[Kind, set[str]] = {
     kind: {"k", *(f.name for f in fields(cls))} for cls, kind in _KIND_OF.items()
@@ -356,6 +367,8 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
             return Reject(_int(h, "epoch"), _int(h, "part"), reason)
         case Kind.HEARTBEAT:
             return Heartbeat(_str(h, "node"), _int(h, "seq"), _int(h, "committed"))
+        case Kind.HANDOVER:
+            return Handover(_str(h, "node"), _int(h, "epoch"))
         case Kind.BYE:
             if type(h["reason"]) is not str:
                 raise WireError("field 'reason' must be a string")
