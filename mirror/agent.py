@@ -252,46 +252,67 @@ def run_promoted(
         replayed=len(replay),
         observer_position=sink.position,
     )
-    # This host now leads the pair under a new generation: a node of the old one is refused.
-    generation = failover.generation + 1
-    failover.arbiter.set_generation(generation)
     failover.close()
-    run = PrimaryRun(
-        cfg, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
-    )
-    run.phase = "unprotected"
+    promoted = {"promoted_from": committed, "replayed_outputs": len(replay)}
 
-    def note() -> None:
-        run.extra = {
-            "promoted_from": committed, "replayed_outputs": len(replay),
-            "failover_ms": (first[0] - last_heartbeat) * 1000 if first else None,
-            "outputs_released": len(replay) + unprotected.released + run.outputs.released,
-        }  # fmt: skip
+    def note() -> dict[str, Any]:
+        return {**promoted, "failover_ms": (first[0] - last_heartbeat) * 1000 if first else None}
 
     try:
-        while not stop.is_set():
-            note()
-            run.write_status()
-            if not guest.alive:
-                event("guest-died", node=cfg.node.name)
-                return 1
-            try:
-                run.engine.handshake(timeout=1.0)
-            except ReplicationError as e:
-                if "refused" in str(e):
-                    event("re-pairing-refused", node=cfg.node.name, reason=str(e))
-                    stop.wait(1.0)
-                continue
-            event("re-protecting", node=cfg.node.name, generation=generation)
-            current[0] = run.outputs  # held from here on, released on acks
-            note()
-            return run.protect(stop, None, None)
-        return 0
+        return lead(cfg, guest, sink, current, failover.generation + 1, stop, None, note)
     finally:
-        note()
-        run.close()
         guest.stop()
         sink.close()
+
+
+def lead(
+    cfg: Config,
+    guest: SyntheticGuest,
+    sink: ObserverSink,
+    current: list[OutputBuffer],
+    generation: int,
+    stop: threading.Event,
+    end: float | None,
+    note: Callable[[], dict[str, Any]] = dict,
+) -> int:
+    """Run the guest as the pair's only primary under a new ``generation`` (recorded on
+    the arbiter, so that nodes of older ones are refused): unprotected while no
+    standby answers at ``link.peer_host``, protected again as soon as one pairs.
+    ``current[0]`` is where the guest's outputs go."""
+    arbiter = DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, cfg.node.name)
+    released = 0
+    while not stop.is_set() and (end is None or time.monotonic() < end):
+        arbiter.set_generation(generation)
+        run = PrimaryRun(
+            cfg, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
+        )
+        run.phase = "unprotected"
+        try:
+            while not stop.is_set() and (end is None or time.monotonic() < end):
+                run.extra = {**note(), "outputs_released": released + current[0].released}
+                run.write_status()
+                if not guest.alive:
+                    event("guest-died", node=cfg.node.name)
+                    return 1
+                try:
+                    run.engine.handshake(timeout=1.0)
+                except ReplicationError as e:
+                    if "refused" in str(e):
+                        event("re-pairing-refused", node=cfg.node.name, reason=str(e))
+                        stop.wait(1.0)
+                    continue
+                event("re-protecting", node=cfg.node.name, generation=generation)
+                released += current[0].released
+                current[0] = run.outputs  # held from here on, released on acks
+                run.extra = {**note(), "outputs_released": released}
+                code = run.protect(stop, end, None)
+                if code != UNPROTECTED:
+                    return code
+                break  # the standby was lost again: lead the next generation
+        finally:
+            run.close()
+        generation += 1
+    return 0
 
 
 # ---- the primary --------------------------------------------------------------
@@ -314,6 +335,7 @@ def progress_bar(prefix: str) -> Callable[[Progress], None]:
 
 
 SWITCHED_OVER = 10  # PrimaryRun.protect: handed over, become the secondary
+UNPROTECTED = 11  # PrimaryRun.protect: won "unprotected": run on, lead the next generation
 
 
 class PrimaryRun:
@@ -410,7 +432,8 @@ class PrimaryRun:
         if verdict:
             self.phase = "unprotected"
             event("unprotected", node=cfg.node.name, released=outputs.go_unprotected())
-        elif epochs is not None:
+            return UNPROTECTED
+        if epochs is not None:
             self.phase = "frozen"  # paused at the last checkpoint, which the standby holds
         self.write_status()
         while not stop.is_set() and (end is None or time.monotonic() < end):  # frozen, alone
@@ -482,8 +505,9 @@ def run_primary(
     host, port = cfg.output.address()
     sink = ObserverSink(host, port)
     outputs = OutputBuffer(sink)
+    current = [outputs]  # where the guest's outputs go (a later pairing swaps it)
     ram_path = SHM_DIR / f"mirror-{cfg.pair.name}-{cfg.node.name}-{os.getpid()}.ram"
-    guest = SyntheticGuest.boot(cfg.guest.synthetic(), ram_path, outputs.add)
+    guest = SyntheticGuest.boot(cfg.guest.synthetic(), ram_path, lambda out: current[0].add(out))
     run = None
     try:
         generation = current_generation(cfg)
@@ -494,6 +518,10 @@ def run_primary(
         guest.resume()
         end = None if duration is None else time.monotonic() + duration
         code = run.protect(stop, end, epochs)
+        if code == UNPROTECTED:  # the secondary is gone: lead on, and pair when one comes
+            run.close()
+            run = None
+            code = lead(cfg, guest, sink, current, generation + 1, stop, end)
     finally:
         if run:
             run.close()

@@ -243,7 +243,7 @@ def run(
                 failover_ms=promoted["failover_ms"],
                 promoted_from=promoted["promoted_from"],
                 replayed_outputs=promoted["replayed_outputs"],
-                outputs_after_failover=promoted["outputs_released"],
+                outputs_after_failover=promoted.get("outputs_released", 0),
                 standby_committed=promoted["promoted_from"],
             )
         if own_observer:

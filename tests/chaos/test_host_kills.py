@@ -20,6 +20,7 @@ from dataclasses import replace
 import pytest
 
 from mirror.config import CheckpointConfig, Config, GuestConfig
+from mirror.demo import Host
 from mirror.guests.synthetic import reference_outputs
 from tests.integration.conftest import Pair
 
@@ -112,13 +113,14 @@ def test_primary_killed(pair_factory, run: int) -> None:
             )
 
 
-def test_secondary_killed_primary_goes_unprotected(pair_factory) -> None:
+def test_secondary_killed_primary_goes_unprotected_then_protected_again(pair_factory) -> None:
     pair = pair_factory(CHAOS)
     b = pair.start_secondary()
     a = pair.start_primary()
     pair.wait("outputs", lambda: pair.observer.count() > 50)
     b.signal(signal.SIGKILL)
     b.proc.wait()
+    b.remove_shm_files()  # the dead host's memory goes with it
     killed = time.monotonic()
     pair.wait(
         "host A unprotected",
@@ -130,5 +132,23 @@ def test_secondary_killed_primary_goes_unprotected(pair_factory) -> None:
     assert took < 5, f"the primary took {took:.1f} s to go unprotected"
     count = pair.observer.count()
     pair.wait("outputs running on", lambda: pair.observer.count() > count + 100, alive=[a])
+
+    # host B comes back: A pairs with it under the next generation and is protected again
+    b2 = Host(
+        "hostB2",
+        "secondary",
+        replace(pair.cfg_b, node=replace(pair.cfg_b.node, state_dir=str(pair.root / "hostB2"))),
+        pair.root,
+    )
+    pair.hosts.append(b2)
+    st = pair.wait(
+        "host A protected again",
+        lambda: (
+            (s := a.status()) and s.get("phase") == "protected" and s.get("acked", 0) >= 5 and s
+        ),
+        alive=[a, b2],
+    )
+    assert st["generation"] == 2
     a.stop()
+    assert a.proc.returncode == 0, a.log_tail()
     check_observer(pair)
