@@ -118,20 +118,24 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
             secondary.stop()
 
 
-def run_case(
-    ram_mib: int, pct: float, *, epoch_ms: int = 50, checkpoints: int = 40, threads: int = 1
-) -> CheckpointResult:
-    npages = (ram_mib << 20) // PS
-    base = replace(
+def case_config(ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1) -> Config:
+    """A pair whose synthetic guest dirties about ``pct``% of its pages per epoch."""
+    return replace(
         Config(),
         guest=replace(
             GuestConfig(),
             ram_mib=ram_mib,
             outputs_per_s=200,
-            dirty_pages_per_s=dirty_rate_for(npages, pct, epoch_ms),
+            dirty_pages_per_s=dirty_rate_for((ram_mib << 20) // PS, pct, epoch_ms),
         ),
         checkpoint=replace(CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2),
     )
+
+
+def run_case(
+    ram_mib: int, pct: float, *, epoch_ms: int = 50, checkpoints: int = 40, threads: int = 1
+) -> CheckpointResult:
+    base = case_config(ram_mib, pct, epoch_ms, threads)
     with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
         engine.run(threading.Event().is_set, epochs=checkpoints)
         recs = engine.stats.records[2:]  # the first ones carry the pre-copy's tail

@@ -9,33 +9,21 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from bench.checkpoint import dirty_rate_for, running_engine
+from bench.checkpoint import case_config, running_engine
 from bench.workloads import Workload
 from mirror import pagediff as pd
 from mirror.checkpoint import CheckpointEngine
-from mirror.config import CheckpointConfig, Config, GuestConfig
 
 PS = pd.PAGE_SIZE
 
 
 @pytest.fixture(scope="module", params=[1, 10], ids=lambda p: f"{p}pct")
 def engine(request: pytest.FixtureRequest) -> Iterator[tuple[CheckpointEngine, int]]:
-    ram_mib = int(request.config.getoption("--bench-ram-mib"))
-    npages = (ram_mib << 20) // PS
-    base = replace(
-        Config(),
-        guest=replace(
-            GuestConfig(),
-            ram_mib=ram_mib,
-            dirty_pages_per_s=dirty_rate_for(npages, request.param, 50),
-        ),
-        checkpoint=replace(CheckpointConfig(), epoch_ms=50),
-    )
+    base = case_config(int(request.config.getoption("--bench-ram-mib")), request.param)
     with running_engine(base, "mirror-bench-ckpt.ram") as eng:
         yield eng, request.param
 

@@ -11,11 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from mirror import agent, demo
+from mirror.arbiter import DirectoryArbiter
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests.base import GuestError
 from mirror.hoststate import read_json
@@ -260,18 +266,35 @@ def status_rows(st: dict[str, object]) -> list[tuple[str, object]]:
     return rows
 
 
+def _agent_status(cfg: Config) -> dict[str, Any] | None:
+    """What this host's agent last reported, or None (said on stderr) if nothing."""
+    try:
+        return dict(read_json(cfg.state_dir / "status.json"))
+    except (OSError, ValueError):
+        print(f"mirror: no agent has reported in {cfg.state_dir}", file=sys.stderr)
+        return None
+
+
+def _wait_status(
+    cfg: Config, done: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any] | None:
+    """The agent's status once ``done`` holds for it, or None after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            st = dict(read_json(cfg.state_dir / "status.json"))
+        except (OSError, ValueError):
+            continue  # being rewritten
+        if done(st):
+            return st
+    return None
+
+
 def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
     """`mirror failover`: ask this host's secondary to promote now."""
-    import os
-    import signal
-    import time
-
-    from mirror.arbiter import DirectoryArbiter
-
-    try:
-        st = read_json(cfg.state_dir / "status.json")
-    except OSError:
-        print(f"mirror: no agent has reported in {cfg.state_dir}", file=sys.stderr)
+    st = _agent_status(cfg)
+    if st is None:
         return 1
     if st.get("role") != "secondary":
         print(
@@ -301,34 +324,22 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
             )
             return 1
     os.kill(int(st["pid"]), signal.SIGUSR1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        try:
-            now = read_json(cfg.state_dir / "status.json")
-        except (OSError, ValueError):
-            continue
-        if now.get("role") == "primary":
-            print(f"promoted {cfg.node.name} from checkpoint {now.get('promoted_from')}")
-            return 0
-    print(
-        f"mirror: {cfg.node.name} did not promote within {timeout:g} s (it may have lost "
-        f"the claim: see its log)",
-        file=sys.stderr,
-    )
-    return 1
+    now = _wait_status(cfg, lambda s: s.get("role") == "primary", timeout)
+    if now is None:
+        print(
+            f"mirror: {cfg.node.name} did not promote within {timeout:g} s (it may have "
+            f"lost the claim: see its log)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"promoted {cfg.node.name} from checkpoint {now.get('promoted_from')}")
+    return 0
 
 
 def switchover(cfg: Config, timeout: float) -> int:
     """`mirror switchover`: ask this host's primary to hand over to its secondary."""
-    import os
-    import signal
-    import time
-
-    try:
-        st = read_json(cfg.state_dir / "status.json")
-    except OSError:
-        print(f"mirror: no agent has reported in {cfg.state_dir}", file=sys.stderr)
+    st = _agent_status(cfg)
+    if st is None:
         return 1
     if st.get("role") != "primary" or st.get("phase") != "protected":
         print(
@@ -338,18 +349,14 @@ def switchover(cfg: Config, timeout: float) -> int:
         )
         return 1
     os.kill(int(st["pid"]), signal.SIGUSR2)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        try:
-            now = read_json(cfg.state_dir / "status.json")
-        except (OSError, ValueError):
-            continue
-        if now.get("role") == "secondary":
-            print(
-                f"switched over: {cfg.node.name} is now the secondary; its peer runs the "
-                f"guest from the last checkpoint"
-            )
-            return 0
-    print(f"mirror: no switchover within {timeout:g} s: see {cfg.node.name}'s log", file=sys.stderr)
-    return 1
+    if _wait_status(cfg, lambda s: s.get("role") == "secondary", timeout) is None:
+        print(
+            f"mirror: no switchover within {timeout:g} s: see {cfg.node.name}'s log",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"switched over: {cfg.node.name} is now the secondary; its peer runs the guest "
+        f"from the last checkpoint"
+    )
+    return 0
