@@ -6,7 +6,8 @@ production, any directory in tests), beside the network path:
 - a heartbeat slot per node, rewritten and fsynced every interval with a
   sequence number, its role, generation and last committed (or released)
   epoch.  A reader judges a slot's age by when its sequence number last
-  changed on the reader's own clock, so hosts need no synchronised clocks;
+  changed on the reader's own clock, so hosts need no synchronised clocks
+  (the slot's wall time is there for people reading it);
 - ``claim(generation, node, action)``, which succeeds for exactly one caller
   per generation: the claim is a file created with O_CREAT|O_EXCL, atomic
   on POSIX filesystems and NFS.  A node that loses a claim must never
