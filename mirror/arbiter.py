@@ -96,6 +96,7 @@ class DirectoryArbiter(Arbiter):
             {
                 "node": self.node,
                 "seq": self._seq,
+                "time": time.time(),  # for people reading it: ages are judged by seq
                 "role": role,
                 "generation": generation,
                 "epoch": epoch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 import time
@@ -20,6 +21,8 @@ def test_slot_age_follows_the_peer_writes(tmp_path: Path) -> None:
     assert b.peer_age("A") is not None and b.peer_age("A") < 0.1
     slot = b.peer_slot("A")
     assert slot is not None and (slot.role, slot.generation, slot.epoch) == ("primary", 3, 17)
+    raw = json.loads((tmp_path / "p" / "slot-A.json").read_text())
+    assert raw["seq"] == 1 and abs(raw["time"] - time.time()) < 5
     time.sleep(0.2)
     assert b.peer_age("A") >= 0.2  # no new write: the slot ages
     a.beat("primary", 3, 18)
