@@ -138,7 +138,7 @@ def run_case(
     base = case_config(ram_mib, pct, epoch_ms, threads)
     with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
         engine.run(threading.Event().is_set, epochs=checkpoints)
-        recs = engine.stats.records[2:]  # the first ones carry the pre-copy's tail
+        recs = list(engine.stats.records)[2:]  # the first ones carry the pre-copy's tail
         precopy_s = engine.stats.precopy_s
     dirty = median(r.pages for r in recs)
     rates = [r.bytes_sent / (r.ack_ms / 1000) / 1e9 for r in recs if r.ack_ms]

@@ -44,7 +44,7 @@ def test_checkpoint_to_ack(benchmark: Any, engine: tuple[CheckpointEngine, int])
 
     # an epoch of guest time between rounds, so that each checkpoint has its dirty pages
     benchmark.pedantic(one, setup=lambda: time.sleep(0.05), rounds=15, iterations=1)
-    recs = eng.stats.records[-15:]
+    recs = list(eng.stats.records)[-15:]
     benchmark.extra_info.update(
         pause_ms_p50=sorted(r.pause_ms for r in recs)[len(recs) // 2],
         dirty_pages_p50=sorted(r.pages for r in recs)[len(recs) // 2],
@@ -55,7 +55,7 @@ def test_floor(benchmark: Any, engine: tuple[CheckpointEngine, int]) -> None:
     """A plain memcmp scan of the same RAM size plus a memcpy of the same dirty bytes."""
     eng, pct = engine
     benchmark.group = group(eng, pct)
-    recent = sorted(r.pages for r in eng.stats.records[-15:]) or [1]
+    recent = sorted(r.pages for r in list(eng.stats.records)[-15:]) or [1]
     dirty = max(1, recent[len(recent) // 2])
     wl = Workload(len(eng.guest.ram) >> 20)
     wl.shadow[:] = wl.ram

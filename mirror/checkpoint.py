@@ -22,9 +22,9 @@ import mmap
 import os
 import signal
 import time
-from array import array
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mirror import pagediff as pd
@@ -36,8 +36,8 @@ from mirror.link import Link
 from mirror.outputs import OutputBuffer
 
 log = logging.getLogger("mirror.checkpoint")
+RECENT = 10_000  # checkpoints kept for percentiles (about 8 minutes at 50 ms)
 PS = pd.PAGE_SIZE
-_ZERO_SUM = pd.checksums(pd.alloc_pages(1), [0])[0]
 
 
 def _fault_point() -> tuple[str, int, float] | None:
@@ -96,26 +96,37 @@ class Progress:
 
 @dataclass
 class Stats:
+    """Counts since the start, and the recent checkpoints for percentiles and rates:
+    an agent runs for months, and its status is summarised every half second."""
+
     started: float = field(default_factory=time.monotonic)
     precopy_s: float = 0.0
     precopy_pages: int = 0
-    records: list[CheckpointRecord] = field(default_factory=list)
+    records: deque[CheckpointRecord] = field(default_factory=lambda: deque(maxlen=RECENT))
+    taken: int = 0
+    acked: int = 0
+    bytes_sent: int = 0
     rejects: int = 0
 
+    def add(self, rec: CheckpointRecord) -> None:
+        self.records.append(rec)
+        self.taken += 1
+        self.bytes_sent += rec.bytes_sent
+
     def summary(self, outputs: OutputBuffer) -> dict[str, Any]:
-        recs = self.records
+        recs = list(self.records)
         pauses = [r.pause_ms for r in recs]
         acked = [r.ack_ms for r in recs if r.ack_ms is not None]
         span = (recs[-1].sent_at - recs[0].sent_at) if len(recs) > 1 else 0.0
-        dirty = sum(r.pages for r in recs[1:]) * PS
+        dirty = sum(r.pages for r in recs[1:]) * PS  # recent: the rate now
         lat = [x * 1000 for x in outputs.latencies]
 
         def split(name: str) -> float:
             return round(percentile([getattr(r, name) for r in recs], 50), 3)
 
         return {
-            "checkpoints": len(recs),
-            "acked": len(acked),
+            "checkpoints": self.taken,
+            "acked": self.acked,
             "pause_ms_p50": round(percentile(pauses, 50), 3),
             "pause_ms_p99": round(percentile(pauses, 99), 3),
             "pause_split_ms_p50": {
@@ -124,7 +135,7 @@ class Stats:
             "ack_ms_p50": round(percentile(acked, 50), 3),
             "dirty_pages_p50": percentile([float(r.pages) for r in recs], 50),
             "dirty_mb_per_s": round(dirty / span / 1e6, 2) if span else 0.0,
-            "bytes_sent": sum(r.bytes_sent for r in recs),
+            "bytes_sent": self.bytes_sent,
             "output_latency_ms_p50": round(percentile(lat, 50), 3),
             "output_latency_ms_p99": round(percentile(lat, 99), 3),
             "outputs_released": outputs.released,
@@ -133,18 +144,6 @@ class Stats:
             "precopy_pages": self.precopy_pages,
             "rejects": self.rejects,
         }
-
-
-def _page_sums(batch: pd.EncodedPages, source: mmap.mmap) -> array[int]:
-    """The checksum of each page's new content, taken from ``source`` (the shadow)."""
-    return pd.checksums(source, batch.index)
-
-
-def _gathered_sums(batch: pd.EncodedPages, buf: mmap.mmap) -> array[int]:
-    """Checksums of a gathered batch, computed from the send buffer itself."""
-    raw = [i for i, k in enumerate(batch.kinds) if k == pd.PageKind.RAW]
-    sums_raw = iter(pd.checksums(buf, range(len(raw))) if raw else [])
-    return array("Q", (next(sums_raw) if k == pd.PageKind.RAW else _ZERO_SUM for k in batch.kinds))
 
 
 class SendBuffers:
@@ -252,8 +251,7 @@ class CheckpointEngine:
         for n, pages in enumerate(parts):
             buf = buffers.get(n, len(pages))
             batch = pd.gather(source, pages, out=buf)
-            sums = _gathered_sums(batch, buf)
-            self.link.send(wire.Pages.of(0, batch, sums, part=n, final=n == len(parts) - 1))
+            self.link.send(wire.Pages.of(0, batch, part=n, final=n == len(parts) - 1))
             sent = n + 1
             while sent - acked >= window or (n == len(parts) - 1 and acked < sent):
                 reply = self._recv(10.0)
@@ -310,13 +308,10 @@ class CheckpointEngine:
             assert self.shadow is not None
             buf = self._buffers.get(epoch, len(dirty))
             batch = pd.gather(self.shadow, dirty, out=buf)
-            sums = _gathered_sums(batch, buf)
-        elif buf is not None:
-            sums = _gathered_sums(batch, buf)
-        else:
+        elif batch.checksums is None:  # delta: the shadow now holds each page's new content
             assert self.shadow is not None
-            sums = _page_sums(batch, self.shadow)
-        msg = wire.Pages.of(epoch, batch, sums, state=state, outputs=outs)
+            batch = replace(batch, checksums=pd.checksums(self.shadow, batch.index))
+        msg = wire.Pages.of(epoch, batch, state=state, outputs=outs)
         ms = 1000.0
         rec = CheckpointRecord(
             epoch,
@@ -335,7 +330,7 @@ class CheckpointEngine:
         _fault(self._fault, "after-send", epoch)
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)
-        self.stats.records.append(rec)
+        self.stats.add(rec)
         return rec
 
     def on_reply(self, reply: wire.Message) -> None:
@@ -344,6 +339,7 @@ class CheckpointEngine:
             for e in sorted(e for e in self.in_flight if e <= reply.epoch):
                 _, rec = self.in_flight.pop(e)
                 rec.ack_ms = (now - rec.sent_at) * 1000
+                self.stats.acked += 1
             self.acked = reply.epoch
             self.outputs.release_through(reply.epoch)
             self.link.committed[0] = reply.epoch  # our heartbeats tell the standby

@@ -27,10 +27,9 @@ class OutputBuffer:
         self._held: deque[tuple[int, GuestOutput]] = deque()
         self.epoch = 1  # the epoch now running: outputs added now belong to it
         self.released = 0
-        # seconds from produced to released, of outputs made after the first
-        # checkpoint (those made during the pre-copy wait for it by design)
-        self.latencies: list[float] = []
-        self.precopy_latencies: list[float] = []
+        # seconds from produced to released, of the recent outputs made after the
+        # first checkpoint (those made during the pre-copy wait for it by design)
+        self.latencies: deque[float] = deque(maxlen=100_000)
         self.unprotected = False
 
     def add(self, output: GuestOutput) -> None:
@@ -70,8 +69,7 @@ class OutputBuffer:
         if out:
             self._sink([o for _, o in out])
             now = time.monotonic()
-            for e, o in out:
-                (self.latencies if e > 1 else self.precopy_latencies).append(now - o.produced_at)
+            self.latencies.extend(now - o.produced_at for e, o in out if e > 1)
             self.released += len(out)
         return len(out)
 

@@ -173,6 +173,7 @@ class EncodedPages:
     kinds: bytes
     lens: array[int]
     data: bytes | memoryview  # a view into the caller's ``out`` buffer when one was given
+    checksums: array[int] | None = None  # XXH3-64 of each page's content, when computed
 
     @property
     def raw_bytes(self) -> int:
@@ -196,6 +197,7 @@ def gather(
     ram: Buffer, dirty: Sequence[int] | array[int], *, out: Buffer | None = None
 ) -> EncodedPages:
     """Copy the listed pages of ``ram`` into one buffer; zero pages become flags.
+    Each page's checksum is taken as it is copied (``checksums``).
 
     Pass a reusable ``out`` (room for every listed page) to avoid an
     allocation and a copy: the result's ``data`` is then a view into it.
@@ -203,15 +205,25 @@ def gather(
     ram_p, npages = _pages(ram, "ram")
     idx_p, n = _index(dirty, npages)
     kinds = bytearray(n)
+    lens = array("I", bytes(4 * n))
+    sums = array("Q", bytes(8 * n))
     buf, buf_p = _out_buffer(out, n)
     size = _check(
         lib.pd_gather(
-            ram_p, npages, idx_p, n, ffi.from_buffer("uint8_t[]", kinds), buf_p, len(buf)
+            ram_p,
+            npages,
+            idx_p,
+            n,
+            ffi.from_buffer("uint8_t[]", kinds),
+            ffi.from_buffer("uint32_t[]", lens),
+            ffi.from_buffer("uint64_t[]", sums),
+            buf_p,
+            len(buf),
         ),
         "gather",
     )
-    lens = array("I", (PAGE_SIZE if k == PageKind.RAW else 0 for k in kinds))
-    return EncodedPages(array("I", idx_p), bytes(kinds), lens, _payload(buf, size, out is not None))
+    data = _payload(buf, size, out is not None)
+    return EncodedPages(array("I", idx_p), bytes(kinds), lens, data, sums)
 
 
 def encode_pages(

@@ -91,7 +91,6 @@ class Standby:
         self.precopied = 0
         self.rejected = 0
         self.commits = 0
-        self.apply_ms: list[float] = []
         # outputs of committed epochs, (epoch, seq, payload): a promoted standby
         # releases those the observer lacks
         self.outputs_tail: list[tuple[int, int, bytes]] = []
@@ -200,7 +199,6 @@ class Standby:
             return self._reject(
                 m.epoch, m.part, f"checkpoint {m.epoch} out of order: committed is {self.committed}"
             )
-        t0 = time.monotonic()
         try:
             if m.state and pd.checksum_bytes(m.state) != m.state_sum:
                 raise pd.CorruptEncoding("device state does not match its checksum")
@@ -231,7 +229,6 @@ class Standby:
             del self.outputs_tail[:-TAIL_OUTPUTS]
             if self.link:
                 self.link.committed[0] = m.epoch
-        self.apply_ms.append((time.monotonic() - t0) * 1000)
         return wire.Ack(m.epoch, m.part)
 
     # -- running -------------------------------------------------------------

@@ -130,14 +130,19 @@ class Pages:
         cls,
         epoch: int,
         batch: EncodedPages,
-        checksums: array[int],
+        checksums: array[int] | None = None,
         *,
         part: int = 0,
         final: bool = True,
         state: bytes = b"",
         outputs: list[tuple[int, bytes]] | None = None,
     ) -> Pages:
-        """A PAGES message carrying an encoded batch (and device state, outputs)."""
+        """A PAGES message carrying an encoded batch (and device state, outputs); the
+        page checksums are ``checksums`` or else the batch's own."""
+        if checksums is None:
+            checksums = batch.checksums
+        if checksums is None:
+            raise ValueError("a PAGES message needs the checksum of every page")
         frames, counts = split_data(batch.data, batch.lens)
         sums = checksum_bytes(state) if state else 0
         return cls(

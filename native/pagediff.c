@@ -184,10 +184,13 @@ static int is_zero_page(const uint8_t *p)
 }
 
 int64_t pd_gather(const uint8_t *ram, uint64_t npages, const uint32_t *idx,
-                  uint64_t n, uint8_t *kinds, uint8_t *out, uint64_t out_cap)
+                  uint64_t n, uint8_t *kinds, uint32_t *lens, uint64_t *sums,
+                  uint8_t *out, uint64_t out_cap)
 {
-    if (!ram || (n && (!idx || !kinds)))
+    if (!ram || (n && (!idx || !kinds || !lens)))
         return PD_EINVAL;
+    static const uint8_t zero[PD_PAGE_SIZE];
+    const uint64_t zero_sum = sums ? checksum_page(zero) : 0;
     uint64_t o = 0;
     for (uint64_t k = 0; k < n; k++) {
         if (idx[k] >= npages)
@@ -195,13 +198,19 @@ int64_t pd_gather(const uint8_t *ram, uint64_t npages, const uint32_t *idx,
         const uint8_t *p = ram + (uint64_t)idx[k] * PS;
         if (is_zero_page(p)) {
             kinds[k] = PD_KIND_ZERO;
+            lens[k] = 0;
+            if (sums)
+                sums[k] = zero_sum;
             continue;
         }
         if (!out || out_cap - o < PS)
             return PD_ENOSPC;
         memcpy(out + o, p, PS);
+        if (sums) /* of the copy: what travels, even if ram changes meanwhile */
+            sums[k] = checksum_page(out + o);
         o += PS;
         kinds[k] = PD_KIND_RAW;
+        lens[k] = (uint32_t)PS;
     }
     return (int64_t)o;
 }

@@ -55,9 +55,12 @@ int64_t pd_scan_hashed(const uint8_t *ram, uint8_t *table, uint64_t npages,
 
 /* Gather the listed pages of ram into out: zero pages become PD_KIND_ZERO
  * and take no room, every other page is copied whole (PD_KIND_RAW).
- * kinds receives one byte per listed page.  Returns the bytes written. */
+ * kinds and lens receive one entry per listed page; sums (may be NULL) the
+ * XXH3-64 checksum of each page as copied, taken while it is in cache.
+ * Returns the bytes written. */
 int64_t pd_gather(const uint8_t *ram, uint64_t npages, const uint32_t *idx,
-                  uint64_t n, uint8_t *kinds, uint8_t *out, uint64_t out_cap);
+                  uint64_t n, uint8_t *kinds, uint32_t *lens, uint64_t *sums,
+                  uint8_t *out, uint64_t out_cap);
 
 /* Encode the listed pages of ram for sending: zero pages as PD_KIND_ZERO,
  * pages whose delta against shadow is smaller than a page as PD_KIND_DELTA

@@ -107,6 +107,8 @@ def test_gather_and_apply_round_trip_with_zero_pages():
         pd.PageKind.ZERO,
     ]
     assert len(batch.data) == 2 * PS
+    assert list(batch.lens) == [0, PS, 0, PS, 0]
+    assert batch.checksums == pd.checksums(ram, dirty)  # taken as each page is copied
     image = mapped(filled(npages, 99))
     pd.apply_encoded(image, batch)
     for p in range(npages):
