@@ -26,11 +26,11 @@ from mirror.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.config import Config
 from mirror.controller import Action, Controller, Decision, Observation, Role, Timeouts
-from mirror.guests.base import GuestOutput
-from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest
+from mirror.guests.backend import Backend, OutputSink, backend_for
+from mirror.guests.base import Guest, GuestOutput
 from mirror.hoststate import write_json
 from mirror.link import Endpoint, Link
-from mirror.outputs import ObserverSink, OutputBuffer
+from mirror.outputs import OutputBuffer
 from mirror.standby import Standby
 
 log = logging.getLogger("mirror.agent")
@@ -166,9 +166,15 @@ class Failover:
 
 
 def run_secondary(cfg: Config, stop: threading.Event) -> int:
-    standby = Standby(cfg, generation=current_generation(cfg))
+    backend = backend_for(cfg)
+    standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
+    try:
+        # the ready standby: a guest waiting for its state (for QEMU, on the image)
+        ready = backend.ready(standby.image.path)
+    except BaseException:
+        standby.close()
+        raise
     failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed, standby.generation)
-    ready = GuestProcess.spawn()  # the ready standby: a guest process waiting for its state
     promote = False
     standby.extra_status = lambda: {
         "protection": failover.controller.state.value,
@@ -197,17 +203,22 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
     try:
         standby.serve(stop, tick)
         if promote:
-            return run_promoted(cfg, standby, failover, stop, ready)
+            return run_promoted(cfg, backend, standby, failover, stop, ready)
         return 0
     finally:
         if not promote:
-            ready.close()
+            backend.discard(ready)
         failover.close()
         standby.close(remove_image=not promote)
 
 
 def run_promoted(
-    cfg: Config, standby: Standby, failover: Failover, stop: threading.Event, ready: GuestProcess
+    cfg: Config,
+    backend: Backend,
+    standby: Standby,
+    failover: Failover,
+    stop: threading.Event,
+    ready: Any,
 ) -> int:
     """Promotion: go on from the committed checkpoint as the (unprotected) primary."""
     failover.role_name = "primary"
@@ -220,9 +231,7 @@ def run_promoted(
     settle = failover.timeouts.silent_after - (time.monotonic() - standby.last_ack_at)
     if settle > 0 and not standby.handover:  # a handover comes after the last release
         time.sleep(settle)
-    state = standby.state_path.read_bytes()
-    host, port = cfg.output.address()
-    sink = ObserverSink(host, port)
+    sink = backend.sink(ready)
     # The committed outputs the observer lacks: those after its position, or, for an
     # observer that does not say, those of epochs the old primary had not yet reported.
     if sink.position is not None:
@@ -241,9 +250,7 @@ def run_promoted(
         if not first:
             first.append(time.monotonic())
 
-    guest = SyntheticGuest.launch_from(
-        standby.image.path, state, on_output, owns_ram=True, process=ready
-    )
+    guest = backend.launch(ready, standby.image.path, standby.state_path, on_output)
     guest.resume()
     event(
         "promoted",
@@ -259,7 +266,7 @@ def run_promoted(
         return {**promoted, "failover_ms": (first[0] - last_heartbeat) * 1000 if first else None}
 
     try:
-        return lead(cfg, guest, sink, current, failover.generation + 1, stop, None, note)
+        return lead(cfg, backend, guest, sink, current, failover.generation + 1, stop, None, note)
     finally:
         guest.stop()
         sink.close()
@@ -267,8 +274,9 @@ def run_promoted(
 
 def lead(
     cfg: Config,
-    guest: SyntheticGuest,
-    sink: ObserverSink,
+    backend: Backend,
+    guest: Guest,
+    sink: OutputSink,
     current: list[OutputBuffer],
     generation: int,
     stop: threading.Event,
@@ -284,7 +292,7 @@ def lead(
     while not stop.is_set() and (end is None or time.monotonic() < end):
         arbiter.set_generation(generation)
         run = PrimaryRun(
-            cfg, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
+            cfg, backend, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
         )
         run.phase = "unprotected"
         try:
@@ -345,7 +353,8 @@ class PrimaryRun:
     def __init__(
         self,
         cfg: Config,
-        guest: SyntheticGuest,
+        backend: Backend,
+        guest: Guest,
         outputs: OutputBuffer,
         generation: int,
         address: str,
@@ -364,6 +373,7 @@ class PrimaryRun:
             pair=cfg.pair.name,
             generation=generation,
             node=cfg.node.name,
+            fingerprint=backend.fingerprint(),
         )
         self.failover = Failover(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
         self.phase = "pairing"
@@ -502,16 +512,18 @@ def run_primary(
     last one (acknowledged) until stopped.  Exit code 3: fenced.
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    host, port = cfg.output.address()
-    sink = ObserverSink(host, port)
-    outputs = OutputBuffer(sink)
-    current = [outputs]  # where the guest's outputs go (a later pairing swaps it)
-    ram_path = SHM_DIR / f"mirror-{cfg.pair.name}-{cfg.node.name}-{os.getpid()}.ram"
-    guest = SyntheticGuest.boot(cfg.guest.synthetic(), ram_path, lambda out: current[0].add(out))
+    backend = backend_for(cfg)
+    current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)
+    guest = backend.boot(lambda out: current[0].add(out))  # paused until paired
+    event("guest-booted", node=cfg.node.name, kind=cfg.guest.kind, ram=str(guest.ram_path))
     run = None
+    sink: OutputSink | None = None
     try:
+        sink = backend.sink(guest)
+        outputs = OutputBuffer(sink)
+        current.append(outputs)
         generation = current_generation(cfg)
-        run = PrimaryRun(cfg, guest, outputs, generation, cfg.link.host)
+        run = PrimaryRun(cfg, backend, guest, outputs, generation, cfg.link.host)
         signal.signal(signal.SIGUSR2, lambda signum, frame: run.switch.set() if run else None)
         run.write_status()
         run.engine.handshake()
@@ -521,12 +533,13 @@ def run_primary(
         if code == UNPROTECTED:  # the secondary is gone: lead on, and pair when one comes
             run.close()
             run = None
-            code = lead(cfg, guest, sink, current, generation + 1, stop, end)
+            code = lead(cfg, backend, guest, sink, current, generation + 1, stop, end)
     finally:
         if run:
             run.close()
         guest.stop()
-        sink.close()
+        if sink is not None:
+            sink.close()
     if code == SWITCHED_OVER:
         log.info("switched over: this host is now the secondary")
         return run_secondary(cfg, stop)

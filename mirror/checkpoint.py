@@ -181,8 +181,10 @@ class CheckpointEngine:
         pair: str,
         generation: int,
         node: str,
+        fingerprint: str = "synthetic",
     ) -> None:
         self.guest, self.link, self.cfg, self.outputs = guest, link, cfg, outputs
+        self.fingerprint = fingerprint
         self.pair, self.generation, self.node = pair, generation, node
         self.npages = len(guest.ram) // PS
         self.exact = cfg.scan == "exact"
@@ -199,7 +201,9 @@ class CheckpointEngine:
 
     def handshake(self, timeout: float = 30.0) -> int:
         """HELLO until WELCOME; returns the standby's committed epoch."""
-        hello = wire.Hello(self.pair, self.generation, self.node, len(self.guest.ram))
+        hello = wire.Hello(
+            self.pair, self.generation, self.node, len(self.guest.ram), self.fingerprint
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.link.send(hello)

@@ -61,7 +61,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class GuestConfig:
-    kind: str = field(default="synthetic", metadata=_choices("synthetic"))
+    kind: str = field(default="synthetic", metadata=_choices("synthetic", "qemu"))
     ram_mib: int = field(default=256, metadata=_range(1, 1 << 20))
     dirty_pages_per_s: int = field(default=20000, metadata=_range(0, 10**8))
     outputs_per_s: int = field(default=200, metadata=_range(1, 100_000))
@@ -80,6 +80,23 @@ class GuestConfig:
             seed=self.seed,
             fill_pct=self.fill_pct,
         )
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """A QEMU guest (guest.kind = "qemu"); guest.ram_mib is its RAM.  Both hosts of a
+    pair must run the same QEMU version and machine configuration."""
+
+    binary: str = "qemu-system-x86_64"
+    accel: str = field(default="tcg", metadata=_choices("tcg", "kvm"))
+    machine: str = field(default="q35", metadata=_range(1, 64))
+    vcpus: int = field(default=1, metadata=_range(1, 64))
+    kernel: str = ""  # the guest kernel (`mirror image build` makes one)
+    initrd: str = ""
+    append: str = "console=ttyS0 quiet mirror.ip=10.0.0.10/24"
+    mac: str = field(default="52:54:00:12:34:56", metadata=_range(17, 17))
+    tap: str = field(default="", metadata=_range(0, 15))  # "": the NIC reaches no network
+    bridge: str = field(default="", metadata=_range(0, 15))
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,7 @@ class Config:
     link: LinkConfig = LinkConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     guest: GuestConfig = GuestConfig()
+    qemu: QemuConfig = QemuConfig()
     output: OutputConfig = OutputConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
 

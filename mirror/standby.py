@@ -75,9 +75,15 @@ class StandbyImage:
 
 class Standby:
     def __init__(
-        self, cfg: Config, *, image_dir: Path = SHM, generation: int | None = None
+        self,
+        cfg: Config,
+        *,
+        image_dir: Path = SHM,
+        generation: int | None = None,
+        fingerprint: str = "synthetic",
     ) -> None:
         self.cfg = cfg
+        self.fingerprint = fingerprint  # the guest this standby can run
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ram_bytes = cfg.guest.ram_mib << 20
@@ -160,6 +166,11 @@ class Standby:
             problem = (
                 f"guest RAM of {h.ram_bytes} bytes does not match this standby's "
                 f"{self.ram_bytes} (guest.ram_mib = {self.cfg.guest.ram_mib})"
+            )
+        elif h.guest != self.fingerprint:
+            problem = (
+                f"the primary's guest is {h.guest!r} but this standby runs {self.fingerprint!r}: "
+                f"both hosts need the same QEMU version and machine configuration"
             )
         if problem:
             log.error("HELLO from %s refused: %s", h.node, problem)

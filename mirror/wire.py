@@ -44,7 +44,7 @@ import msgpack
 
 from mirror.pagediff import PAGE_SIZE, EncodedPages, PageKind, checksum_bytes
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: HELLO carries the guest's fingerprint
 MAX_HEADER = 1 << 20
 MAX_NAME = 128
 MAX_PAGES = 1 << 32
@@ -79,6 +79,7 @@ class Hello:
     generation: int
     node: str
     ram_bytes: int
+    guest: str = "synthetic"  # the guest's kind and configuration; both hosts must agree
     page_size: int = PAGE_SIZE
     version: int = PROTOCOL_VERSION
 
@@ -341,6 +342,8 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
         kind = Kind(h["k"])
     except (ValueError, KeyError, TypeError):
         raise WireError(f"unknown message kind {h.get('k')!r}") from None
+    if kind in (Kind.HELLO, Kind.WELCOME) and "version" in h:
+        _check_version(h)  # before the fields: another version has other fields
     if set(h) != _FIELDS[kind]:
         missing, extra = _FIELDS[kind] - set(h), set(h) - _FIELDS[kind]
         raise WireError(
@@ -357,7 +360,12 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
             ram = _int(h, "ram_bytes", PAGE_SIZE, MAX_PAGES * PAGE_SIZE)
             if ram % PAGE_SIZE:
                 raise WireError(f"ram_bytes {ram} is not a multiple of the page size")
-            return Hello(_str(h, "pair"), _int(h, "generation"), _str(h, "node"), ram)
+            guest = h["guest"]
+            if type(guest) is not str or not 1 <= len(guest) <= 1024:
+                raise WireError(
+                    f"field 'guest' must be a string of 1..1024 characters, got {guest!r:.80}"
+                )
+            return Hello(_str(h, "pair"), _int(h, "generation"), _str(h, "node"), ram, guest)
         case Kind.WELCOME:
             _check_version(h)
             return Welcome(

@@ -139,7 +139,7 @@ def test_corrupt_and_truncated_checkpoints_leave_the_last_commit(
     assert isinstance(reply, wire.Reject) and "out of order" in reply.reason
 
 
-def test_wrong_version_pair_generation_and_size_are_refused(pair: Pair, driver: Driver) -> None:
+def test_wrong_version_pair_generation_size_and_guest_are_refused(pair: Pair, driver: Driver) -> None:
     head = {
         "k": 1,
         "version": 99,
@@ -151,11 +151,12 @@ def test_wrong_version_pair_generation_and_size_are_refused(pair: Pair, driver: 
     }
     reply = driver.send_frames([msgpack.packb(head)])
     assert isinstance(reply, wire.Reject)
-    assert "peer speaks protocol version 99, this node speaks version 1" in reply.reason
+    assert "peer speaks protocol version 99, this node speaks version 2" in reply.reason
     for change, words in [
         ({"pair": "other"}, "is not this standby's pair"),
         ({"generation": 0}, "older than this standby's"),
         ({"ram_bytes": PS * 8}, "does not match this standby's"),
+        ({"guest": "qemu 7.2.22 machine=q35"}, "same QEMU version and machine configuration"),
     ]:
         reply = driver.hello(**change)
         assert isinstance(reply, wire.Reject) and words in reply.reason, reply

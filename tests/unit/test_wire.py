@@ -78,7 +78,7 @@ def test_wrong_version_names_both_versions():
     head = msgpack.packb(
         {
             "k": 1,
-            "version": 2,
+            "version": 1,
             "pair": "p",
             "generation": 1,
             "node": "a",
@@ -87,7 +87,7 @@ def test_wrong_version_names_both_versions():
         }
     )
     with pytest.raises(
-        wire.VersionMismatch, match="peer speaks protocol version 2, this node speaks version 1"
+        wire.VersionMismatch, match="peer speaks protocol version 1, this node speaks version 2"
     ):
         wire.decode([head])
 

@@ -1,0 +1,143 @@
+"""What the agent needs of a kind of guest, in one place: boot it, keep a ready standby,
+promote the standby from a checkpoint, and where its released outputs go.
+
+- synthetic: outputs go to the observer (TCP, `output.observer`), which can say
+  where it is (``at <seq>``);
+- qemu: outputs are Ethernet frames, released into this host's network through
+  the guest's TAP device; after a failover the resumed guest's TCP peers resend
+  what they lack, and committed frames the dead primary may not have released
+  are sent again (Ethernet may duplicate; TCP drops what it has).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Protocol
+
+from mirror.config import Config
+from mirror.guests.base import Guest, GuestOutput, OutputHandler
+from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest
+
+
+class OutputSink(Protocol):
+    """Where released outputs go."""
+
+    position: int | None  # the receiver's last seq, if it told (None: unknown)
+
+    def __call__(self, outputs: list[GuestOutput]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(ABC):
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def ram_path(self) -> Path:
+        cfg = self.cfg
+        return SHM_DIR / f"mirror-{cfg.pair.name}-{cfg.node.name}-{os.getpid()}.ram"
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """What the two hosts of a pair must agree on (checked at pairing)."""
+
+    @abstractmethod
+    def boot(self, on_output: OutputHandler) -> Guest:
+        """A new guest, paused until resume()."""
+
+    @abstractmethod
+    def sink(self, guest: Any) -> OutputSink:
+        """Where released outputs of ``guest`` (or of a ready standby) go."""
+
+    @abstractmethod
+    def ready(self, image: Path) -> Any:
+        """The ready standby of a secondary whose RAM image is ``image``."""
+
+    @abstractmethod
+    def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
+        """Promotion: the ready standby goes on from the image and the device state."""
+
+    @abstractmethod
+    def discard(self, ready: Any) -> None:
+        """A ready standby that was not promoted."""
+
+
+class SyntheticBackend(Backend):
+    def fingerprint(self) -> str:
+        return "synthetic"
+
+    def boot(self, on_output: OutputHandler) -> Guest:
+        return SyntheticGuest.boot(self.cfg.guest.synthetic(), self.ram_path(), on_output)
+
+    def sink(self, guest: Any) -> OutputSink:
+        from mirror.outputs import ObserverSink
+
+        return ObserverSink(*self.cfg.output.address())
+
+    def ready(self, image: Path) -> Any:
+        return GuestProcess.spawn()
+
+    def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
+        return SyntheticGuest.launch_from(
+            image, state.read_bytes(), on_output, owns_ram=True, process=ready
+        )
+
+    def discard(self, ready: Any) -> None:
+        ready.close()
+
+
+class _RelaySink:
+    """The NIC relay as an output sink (the guest owns and closes the relay)."""
+
+    def __init__(self, guest: Any) -> None:
+        self.relay = guest.relay
+        self.position: int | None = None  # a network does not say where it is
+
+    def __call__(self, outputs: list[GuestOutput]) -> None:
+        self.relay.release(outputs)
+
+    def close(self) -> None:
+        pass
+
+
+class QemuBackend(Backend):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        from mirror.guests import qemu
+
+        if self._fingerprint is None:
+            self._fingerprint = qemu.fingerprint(self.cfg.qemu, self.cfg.guest.ram_mib)
+        return self._fingerprint
+
+    def boot(self, on_output: OutputHandler) -> Guest:
+        from mirror.guests.qemu import QemuGuest
+
+        cfg = self.cfg
+        return QemuGuest.boot(
+            cfg.qemu, cfg.guest.ram_mib, self.ram_path(), cfg.state_dir / "qemu", on_output
+        )
+
+    def sink(self, guest: Any) -> OutputSink:
+        return _RelaySink(guest)
+
+    def ready(self, image: Path) -> Any:
+        from mirror.guests.qemu import QemuGuest
+
+        cfg = self.cfg
+        return QemuGuest.ready(cfg.qemu, cfg.guest.ram_mib, image, cfg.state_dir / "qemu")
+
+    def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
+        ready.go_on_from(state, on_output)
+        return ready  # type: ignore[no-any-return]
+
+    def discard(self, ready: Any) -> None:
+        ready.stop()
+
+
+def backend_for(cfg: Config) -> Backend:
+    return {"synthetic": SyntheticBackend, "qemu": QemuBackend}[cfg.guest.kind](cfg)

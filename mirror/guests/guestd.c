@@ -1,0 +1,143 @@
+/* guestd: the demo guest's TCP service (runs as PID 1's child in the busybox initramfs).
+ *
+ * Listens on a TCP port.  Each connection gets its own counter, kept in this
+ * process's memory (guest RAM): every interval it sends "n=<count>\n" with
+ * count = 1, 2, 3, ...  A line the client sends comes back as "echo <line>\n"
+ * in the same stream.  The counter and the echo show, from outside, that the
+ * guest went on from where it was (no reboot, no lost or repeated line).
+ * Every second it also writes "guestd: tick <t>" to the console, where t counts
+ * those ticks since it started, so a resumed guest is seen continuing on the serial log.
+ *
+ * usage: guestd PORT INTERVAL_MS
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_CLIENTS 16
+#define LINE_MAX_LEN 512
+
+struct client {
+    int fd;
+    unsigned long long count;
+    char in[LINE_MAX_LEN];
+    size_t in_len;
+};
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int send_all(int fd, const char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) { /* the peer reads slowly: wait for room */
+                struct pollfd p = {fd, POLLOUT, 0};
+                poll(&p, 1, 1000);
+                continue;
+            }
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void drop(struct client *c) {
+    close(c->fd);
+    c->fd = -1;
+}
+
+int main(int argc, char **argv) {
+    int port = argc > 1 ? atoi(argv[1]) : 7000;
+    int interval = argc > 2 ? atoi(argv[2]) : 100;
+    struct client clients[MAX_CLIENTS];
+    for (int i = 0; i < MAX_CLIENTS; i++) clients[i].fd = -1;
+    signal(SIGPIPE, SIG_IGN);
+
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons((unsigned short)port);
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) < 0 || listen(ls, 8) < 0) {
+        perror("guestd: bind/listen");
+        return 1;
+    }
+    FILE *con = fopen("/dev/console", "w");
+    if (con) {
+        fprintf(con, "guestd: listening on port %d, a line every %d ms\n", port, interval);
+        fflush(con);
+    }
+    long long next = now_ms() + interval, next_tick = now_ms() + 1000;
+    unsigned long long ticks = 0;
+    for (;;) {
+        struct pollfd fds[MAX_CLIENTS + 1];
+        int map[MAX_CLIENTS + 1], n = 0;
+        fds[n].fd = ls; fds[n].events = POLLIN; map[n++] = -1;
+        for (int i = 0; i < MAX_CLIENTS; i++)
+            if (clients[i].fd >= 0) { fds[n].fd = clients[i].fd; fds[n].events = POLLIN; map[n++] = i; }
+        long long wait = next - now_ms();
+        if (poll(fds, (nfds_t)n, wait > 0 ? (int)wait : 0) < 0 && errno != EINTR) return 1;
+        for (int k = 0; k < n; k++) {
+            if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            if (map[k] < 0) {
+                int fd = accept(ls, NULL, NULL);
+                if (fd < 0) continue;
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                int slot = -1;
+                for (int i = 0; i < MAX_CLIENTS; i++) if (clients[i].fd < 0) { slot = i; break; }
+                if (slot < 0) { close(fd); continue; }
+                clients[slot].fd = fd; clients[slot].count = 0; clients[slot].in_len = 0;
+                continue;
+            }
+            struct client *c = &clients[map[k]];
+            ssize_t got = recv(c->fd, c->in + c->in_len, sizeof c->in - c->in_len, 0);
+            if (got <= 0) { drop(c); continue; }
+            c->in_len += (size_t)got;
+            char *nl;
+            while ((nl = memchr(c->in, '\n', c->in_len)) != NULL) {
+                size_t line = (size_t)(nl - c->in) + 1;
+                char out[LINE_MAX_LEN + 8];
+                memcpy(out, "echo ", 5);
+                memcpy(out + 5, c->in, line);
+                if (send_all(c->fd, out, line + 5) < 0) { drop(c); break; }
+                memmove(c->in, c->in + line, c->in_len - line);
+                c->in_len -= line;
+            }
+            if (c->fd >= 0 && c->in_len == sizeof c->in) drop(c); /* a line too long */
+        }
+        long long t = now_ms();
+        if (t >= next) {
+            next += interval;
+            if (next < t) next = t + interval;
+            for (int i = 0; i < MAX_CLIENTS; i++) {
+                if (clients[i].fd < 0) continue;
+                char out[64];
+                int len = snprintf(out, sizeof out, "n=%llu\n", ++clients[i].count);
+                if (send_all(clients[i].fd, out, (size_t)len) < 0) drop(&clients[i]);
+            }
+        }
+        if (t >= next_tick && con) {
+            next_tick += 1000;
+            fprintf(con, "guestd: tick %llu\n", ++ticks);
+            fflush(con);
+        }
+    }
+}

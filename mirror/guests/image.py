@@ -1,0 +1,184 @@
+"""`mirror image build`: the demo guest, a Debian kernel plus a busybox initramfs.
+
+Nothing is installed on the host: Debian's kernel package is fetched with
+``apt-get download`` and unpacked into a cache folder; the initramfs holds
+busybox (from the host's busybox-static), the virtio NIC modules of that
+kernel, an /init that brings the NIC up with a static address, and guestd
+(mirror/guests/guestd.c, compiled static here), the TCP service whose
+answers come from guest memory.
+
+The guest's settings come from its kernel command line, so one image serves
+any address: ``mirror.ip=10.0.0.10/24 mirror.port=7000 mirror.interval=100``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_DIR = Path(os.environ.get("MIRROR_IMAGE_DIR", "/var/cache/mirror/guest"))
+BUSYBOX = Path("/bin/busybox")
+GUESTD_SRC = Path(__file__).with_name("guestd.c")
+# the NIC driver and what it needs, in load order
+MODULES = [
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+]
+
+INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+IP=10.0.0.10/24 PORT=7000 INTERVAL=100
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    mirror.ip=*) IP=${arg#mirror.ip=} ;;
+    mirror.port=*) PORT=${arg#mirror.port=} ;;
+    mirror.interval=*) INTERVAL=${arg#mirror.interval=} ;;
+  esac
+done
+for m in %(modules)s; do insmod /lib/modules/$m.ko || echo "mirror-guest: insmod $m failed"; done
+ip link set lo up
+ip addr add "$IP" dev eth0 && ip link set eth0 up
+echo "mirror-guest: eth0 $IP, guestd on port $PORT"
+/bin/guestd "$PORT" "$INTERVAL" &
+while true; do sleep 3600; done
+"""
+
+
+class ImageError(RuntimeError):
+    """The guest image could not be built; the message says what to do."""
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    except FileNotFoundError:
+        raise ImageError(f"{what}: `{cmd[0]}` not found") from None
+    if r.returncode != 0:
+        raise ImageError(f"{what}: `{' '.join(cmd)}` failed: {r.stderr.strip()[-800:]}")
+    return r.stdout
+
+
+def kernel_package() -> str:
+    """The versioned package Debian's linux-image-amd64 points at."""
+    out = _run(["apt-cache", "depends", "linux-image-amd64"], "finding Debian's kernel")
+    m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", out)
+    if not m:
+        raise ImageError(
+            "apt-cache knows no linux-image-amd64: run `apt-get update` first (the package "
+            "lists are needed to download the guest kernel)"
+        )
+    return m.group(1)
+
+
+def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data); directories have mode 0o40755,
+    symlinks 0o120777 with the target as data."""
+    out = io.BytesIO()
+
+    def put(name: str, mode: int, data: bytes, ino: int) -> None:
+        nb = name.encode() + b"\0"
+        head = "070701" + "".join(
+            f"{v:08x}"
+            for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0)
+        )
+        out.write(head.encode() + nb)
+        out.write(b"\0" * (-(110 + len(nb)) % 4))
+        out.write(data)
+        out.write(b"\0" * (-len(data) % 4))
+
+    for ino, (name, mode, data) in enumerate(entries, 1):
+        put(name, mode, data, ino)
+    put("TRAILER!!!", 0, b"", 0)
+    return out.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(out: Path = DEFAULT_DIR, *, say: Callable[[str], None] = print) -> Path:
+    """Build (or reuse) the guest image in ``out``; returns ``out``.  The kernel
+    package download is kept in ``out`` and reused."""
+    if not BUSYBOX.exists():
+        raise ImageError(f"{BUSYBOX} is missing: install Debian's busybox-static")
+    out.mkdir(parents=True, exist_ok=True)
+    pkg = kernel_package()
+    debs = sorted(out.glob(f"{pkg}_*.deb"))
+    if not debs:
+        say(f"image: downloading {pkg} (about 70 MB)")
+        _run(["apt-get", "download", pkg], f"downloading {pkg}", cwd=out)
+        debs = sorted(out.glob(f"{pkg}_*.deb"))
+        if not debs:
+            raise ImageError(f"apt-get download {pkg} left no .deb in {out}")
+    with tempfile.TemporaryDirectory(prefix="mirror-image-") as tmp:
+        root = Path(tmp) / "x"
+        say(f"image: unpacking {debs[-1].name}")
+        _run(["dpkg-deb", "-x", str(debs[-1]), str(root)], "unpacking the kernel package")
+        vmlinuz = next(iter(sorted((root / "boot").glob("vmlinuz-*"))), None)
+        mods = next(iter(sorted((root / "lib" / "modules").glob("*"))), None)
+        if vmlinuz is None or mods is None:
+            raise ImageError(f"{debs[-1].name} holds no vmlinuz or modules")
+        say("image: compiling guestd (static)")
+        guestd = Path(tmp) / "guestd"
+        _run(
+            ["gcc", "-static", "-O2", "-Wall", "-o", str(guestd), str(GUESTD_SRC)],
+            "compiling guestd (needs gcc and libc6-dev)",
+        )
+        entries: list[tuple[str, int, bytes]] = [
+            (d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "lib", "lib/modules")
+        ]
+        entries.append(("bin/busybox", 0o100755, BUSYBOX.read_bytes()))
+        entries.append(("bin/sh", 0o120777, b"busybox"))
+        entries.append(("bin/guestd", 0o100755, guestd.read_bytes()))
+        names = []
+        for rel in MODULES:
+            ko = mods / "kernel" / rel
+            if not ko.exists():
+                raise ImageError(f"the kernel package has no module {rel}")
+            names.append(ko.stem)
+            entries.append((f"lib/modules/{ko.name}", 0o100644, ko.read_bytes()))
+        init = INIT % {"modules": " ".join(names)}
+        entries.append(("init", 0o100755, init.encode()))
+        initrd = gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
+        (out / "initramfs.cpio.gz").write_bytes(initrd)
+        shutil.copyfile(vmlinuz, out / "vmlinuz")
+    manifest = {
+        "kernel_package": debs[-1].name,
+        "vmlinuz_sha256": _sha256(out / "vmlinuz"),
+        "initramfs_sha256": _sha256(out / "initramfs.cpio.gz"),
+        "append": "console=ttyS0 quiet mirror.ip=10.0.0.10/24 mirror.port=7000",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    say(f"image: {out}/vmlinuz and {out}/initramfs.cpio.gz ({len(initrd) >> 10} KiB)")
+    return out
+
+
+def ensure(out: Path = DEFAULT_DIR, *, say: Callable[[str], None] = print) -> Path:
+    """The image in ``out``, built first if it is not there."""
+    if (out / "vmlinuz").exists() and (out / "initramfs.cpio.gz").exists():
+        return out
+    return build(out, say=say)
+
+
+if __name__ == "__main__":
+    build(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR)

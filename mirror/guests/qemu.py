@@ -1,0 +1,501 @@
+"""QEMU guests: RAM on a shared file, QMP for stop/cont/device state, the NIC through mirror.
+
+docs/QEMU-NOTES.md has the verified mechanics.  A checkpoint is QMP ``stop``,
+a scan of the RAM file, ``xen-save-devices-state`` (CPU, timers, devices; no
+RAM) and ``cont``.  On the standby, a QEMU started with the same machine
+configuration on the standby image, with ``-S -incoming defer``, waits ready;
+promotion is ``migrate-incoming`` of the committed device state, ``cont`` and
+``announce-self``.
+
+The guest's NIC is a ``-netdev stream`` whose other end is this host's agent
+(:class:`NetRelay`): frames the guest sends are outputs, held per epoch and
+released on ack into the host's network through a TAP device (on a bridge);
+frames from the network go straight to the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import fcntl
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from qemu.qmp import QMPClient, QMPError
+
+from mirror.config import QemuConfig
+from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
+from mirror.guests.synthetic import create_ram_file
+
+
+def qemu_version(binary: str) -> str:
+    """``7.2.22`` etc.; GuestError naming the fix when QEMU is missing."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except FileNotFoundError:
+        raise GuestError(
+            f"QEMU not found: `{binary}` is not on PATH (Debian: apt-get install "
+            f"qemu-system-x86), or set qemu.binary"
+        ) from None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise GuestError(f"cannot run `{binary} --version`: {e}") from None
+    first = out.splitlines()[0] if out else ""
+    parts = first.split("version")
+    if len(parts) < 2:
+        raise GuestError(f"`{binary} --version` printed no version: {first!r}")
+    return parts[1].split()[0]
+
+
+def fingerprint(s: QemuConfig, ram_mib: int) -> str:
+    """What both hosts of a pair must agree on: the same QEMU and machine (device
+    state and ROMs only load into the same version and configuration)."""
+    return (
+        f"qemu {qemu_version(s.binary)} machine={s.machine} accel={s.accel} smp={s.vcpus} "
+        f"ram={ram_mib}M nic=virtio-net-pci mac={s.mac}"
+    )
+
+
+# ---- the NIC: frames between QEMU's stream netdev and a TAP device -----------------
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+
+
+def open_tap(name: str, bridge: str) -> int:
+    """Create TAP device ``name`` (attached to ``bridge`` if given, and up); its fd."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as e:
+        raise GuestError(f"cannot open /dev/net/tun for TAP {name}: {e.strerror}") from e
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+        for args in (["master", bridge] if bridge else [], ["up"]):
+            if args:
+                r = subprocess.run(
+                    ["ip", "link", "set", "dev", name, *args], capture_output=True, text=True
+                )
+                if r.returncode:
+                    raise GuestError(f"ip link set {name} {' '.join(args)}: {r.stderr.strip()}")
+    except OSError as e:
+        os.close(fd)
+        raise GuestError(
+            f"cannot create TAP device {name!r}: {e.strerror} (needs root or CAP_NET_ADMIN)"
+        ) from e
+    except GuestError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class NetRelay:
+    """This host's end of the guest's NIC.
+
+    QEMU connects to ``path`` (frames: 4-byte big-endian length, then the frame).
+    Frames from the guest go to ``on_output`` (the agent holds them until their
+    checkpoint is acknowledged, then :meth:`release` writes them to the TAP
+    device); frames from the TAP device go straight to the guest while the relay
+    is active (a standby's relay is not: its guest does not run yet)."""
+
+    def __init__(self, path: Path, tap: str, bridge: str, *, active: bool = True) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))
+        self._server.listen(1)
+        self.tap_fd = open_tap(tap, bridge) if tap else -1
+        self.tap = tap
+        self.active = active
+        self.on_output: OutputHandler = lambda out: None
+        self.conn: socket.socket | None = None
+        self._rx = bytearray()
+        self._rx_lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        self._seq = 0
+        self._halt = threading.Event()
+        self.frames_out = 0  # released to the network
+        self.frames_in = 0  # delivered to the guest
+        self._threads: list[threading.Thread] = []
+
+    def accept(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+        """Wait for QEMU to connect, then start moving frames."""
+        self._server.settimeout(0.2)
+        deadline = time.monotonic() + timeout
+        while self.conn is None:
+            if proc.poll() is not None:
+                raise GuestError(f"QEMU exited (code {proc.returncode}) before its NIC connected")
+            if time.monotonic() > deadline:
+                raise GuestError(f"QEMU's NIC did not connect to {self.path} in {timeout:g} s")
+            try:
+                self.conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+        self.conn.setblocking(True)
+        for target in (self._from_guest, self._from_network):
+            t = threading.Thread(target=target, daemon=True, name=target.__name__)
+            t.start()
+            self._threads.append(t)
+
+    def _take(self, block: bool) -> None:
+        """Read what the guest sent and hand each whole frame over (lock held)."""
+        assert self.conn is not None
+        while True:
+            try:
+                chunk = self.conn.recv(1 << 16, 0 if block else socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._halt.set()
+                return
+            if not chunk:
+                self._halt.set()
+                return
+            self._rx += chunk
+            now = time.monotonic()
+            while len(self._rx) >= 4:
+                n = int.from_bytes(self._rx[:4], "big")
+                if len(self._rx) < 4 + n:
+                    break
+                frame = bytes(self._rx[4 : 4 + n])
+                del self._rx[: 4 + n]
+                self._seq += 1
+                self.on_output(GuestOutput(self._seq, frame, now))
+            block = False
+
+    def _from_guest(self) -> None:
+        assert self.conn is not None
+        while not self._halt.is_set():
+            r, _, _ = select.select([self.conn], [], [], 0.1)
+            if r:
+                with self._rx_lock:
+                    self._take(block=False)
+
+    def drain(self) -> None:
+        """Hand over every frame the (paused) guest has sent so far."""
+        if self.conn is not None:
+            with self._rx_lock:
+                self._take(block=False)
+
+    def _from_network(self) -> None:
+        if self.tap_fd < 0:
+            return
+        while not self._halt.is_set():
+            r, _, _ = select.select([self.tap_fd], [], [], 0.1)
+            if not r:
+                continue
+            try:
+                frame = os.read(self.tap_fd, 65536)
+            except OSError:
+                continue
+            if self.active:
+                self.to_guest(frame)
+
+    def to_guest(self, frame: bytes) -> None:
+        assert self.conn is not None
+        with self._tx_lock:
+            try:
+                self.conn.sendall(len(frame).to_bytes(4, "big") + frame)
+                self.frames_in += 1
+            except OSError:
+                self._halt.set()
+
+    def release(self, outputs: list[GuestOutput]) -> None:
+        """Put released frames on the network (the output sink)."""
+        for out in outputs:
+            if self.tap_fd >= 0:
+                try:
+                    os.write(self.tap_fd, out.payload)
+                except OSError:
+                    continue  # the network drops a frame: TCP resends
+            self.frames_out += 1
+
+    # the Sink protocol of mirror.outputs: a network has no position to tell
+    position: ClassVar[int | None] = None
+
+    def __call__(self, outputs: list[GuestOutput]) -> None:
+        self.release(outputs)
+
+    def close(self) -> None:
+        self._halt.set()
+        for t in self._threads:
+            t.join(1)
+        if self.conn is not None:
+            self.conn.close()
+        self._server.close()
+        self.path.unlink(missing_ok=True)
+        if self.tap_fd >= 0:
+            os.close(self.tap_fd)
+            self.tap_fd = -1
+
+
+# ---- QEMU itself ------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the agent dies (a host dies whole)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class QemuGuest(Guest):
+    kind: ClassVar[str] = "qemu"
+
+    def __init__(
+        self,
+        settings: QemuConfig,
+        ram_mib: int,
+        ram_path: Path,
+        run_dir: Path,
+        *,
+        incoming: bool,
+        owns_ram: bool,
+        relay_active: bool,
+    ) -> None:
+        for what, path in (("qemu.kernel", settings.kernel), ("qemu.initrd", settings.initrd)):
+            if not path or not Path(path).is_file():
+                raise GuestError(
+                    f"{what} = {path!r} is not a file: build the guest image with "
+                    f"`mirror image build` and point qemu.kernel/qemu.initrd at it"
+                )
+        self.settings, self.ram_mib = settings, ram_mib
+        self._ram_path, self.run_dir, self.owns_ram = ram_path, run_dir, owns_ram
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.qmp_path = run_dir / "qmp.sock"
+        self.serial_path = run_dir / "serial.log"
+        self.devstate_path = run_dir / "devstate.bin"
+        self.qmp_path.unlink(missing_ok=True)
+        self.version = qemu_version(settings.binary)
+        self.relay = NetRelay(
+            run_dir / "net.sock", settings.tap, settings.bridge, active=relay_active
+        )
+        size = ram_mib << 20
+        args = [
+            settings.binary, "-accel", settings.accel,
+            "-machine", f"{settings.machine},memory-backend=ram0", "-m", f"{ram_mib}M",
+            "-smp", str(settings.vcpus),
+            "-object",
+            f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={ram_path},share=on",
+            "-kernel", settings.kernel, "-initrd", settings.initrd, "-append", settings.append,
+            "-display", "none", "-nodefaults", "-no-reboot",
+            "-chardev", f"file,id=ser0,path={self.serial_path},append=on",
+            "-serial", "chardev:ser0",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={self.relay.path}",
+            "-device", f"virtio-net-pci,netdev=n0,mac={settings.mac},romfile=",
+        ]  # fmt: skip
+        args.append("-S")  # the agent lets it run (cont) when it is paired
+        if incoming:
+            args += [
+                "-incoming", "defer",
+                "-global", "migration.send-configuration=off",
+                "-machine", "suppress-vmdesc=on",
+            ]  # fmt: skip
+        self.args = args
+        self._map: mmap.mmap | None = None
+        self.qmp: QMPClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._saving: concurrent.futures.Future[Any] | None = None
+        self._announce = False
+        try:
+            if not ram_path.exists():
+                create_ram_file(ram_path, size)
+            self.proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=open(run_dir / "qemu.stderr", "wb"),  # noqa: SIM115
+                start_new_session=True,  # a SIGTERM to the host is for the agent alone
+                preexec_fn=_die_with_parent,
+            )
+            self._connect_qmp()
+            self.relay.accept(self.proc)
+            fd = os.open(ram_path, os.O_RDWR)
+            try:
+                self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _stderr(self) -> str:
+        try:
+            return (self.run_dir / "qemu.stderr").read_text().strip()[-600:]
+        except OSError:
+            return ""
+
+    def _connect_qmp(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None:
+                raise GuestError(
+                    f"QEMU exited with code {self.proc.returncode} at start: {self._stderr()}"
+                )
+            if time.monotonic() > deadline:
+                raise GuestError(f"QEMU's QMP socket {self.qmp_path} did not appear")
+            time.sleep(0.01)
+        # qemu.qmp is asyncio: its loop runs on a thread of its own, so that a command
+        # can be started now and its answer taken later (the device state is saved by
+        # QEMU while mirror scans the RAM).
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="qmp"
+        )
+        self._loop_thread.start()
+        self.qmp = QMPClient(f"qemu-{self.run_dir.name}")
+        try:
+            self._await(self.qmp.connect(str(self.qmp_path)), timeout)
+        except (OSError, QMPError) as e:
+            raise GuestError(f"QMP connect to {self.qmp_path} failed: {e}") from e
+
+    def _await(self, coro: Any, timeout: float | None = 60.0) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def submit(self, name: str, **args: Any) -> concurrent.futures.Future[Any]:
+        """Start one QMP command; its answer is the future's result."""
+        if self.qmp is None or self._loop is None:
+            raise GuestError(f"QMP {name}: not connected")
+        return asyncio.run_coroutine_threadsafe(self.qmp.execute(name, args or None), self._loop)
+
+    def answer(self, name: str, fut: concurrent.futures.Future[Any], timeout: float = 60) -> Any:
+        try:
+            return fut.result(timeout)
+        except (OSError, QMPError, EOFError, concurrent.futures.TimeoutError) as e:
+            raise GuestError(f"QMP {name} failed: {e} {self._stderr()}".strip()) from e
+
+    def command(self, name: str, **args: Any) -> Any:
+        """One QMP command, waited for; GuestError (with QEMU's words) if it fails."""
+        return self.answer(name, self.submit(name, **args))
+
+    # -- the Guest interface ------------------------------------------------------
+
+    @classmethod
+    def boot(
+        cls,
+        settings: QemuConfig,
+        ram_mib: int,
+        ram_path: Path,
+        run_dir: Path,
+        on_output: OutputHandler,
+    ) -> QemuGuest:
+        """Start the guest from its kernel, paused: :meth:`resume` lets it run."""
+        g = cls(
+            settings, ram_mib, ram_path, run_dir, incoming=False, owns_ram=True, relay_active=True
+        )
+        g.relay.on_output = on_output
+        return g
+
+    @classmethod
+    def ready(
+        cls, settings: QemuConfig, ram_mib: int, image: Path, run_dir: Path
+    ) -> QemuGuest:
+        """The ready standby: QEMU on the standby image, waiting for a device state."""
+        return cls(
+            settings, ram_mib, image, run_dir, incoming=True, owns_ram=False, relay_active=False
+        )
+
+    def go_on_from(self, state_path: Path, on_output: OutputHandler, timeout: float = 30) -> None:
+        """Promotion: load the committed device state; :meth:`resume` runs it."""
+        self.relay.on_output = on_output
+        self.command("migrate-incoming", uri=f"exec:cat {state_path}")
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.command("query-migrate").get("status")
+            if st == "completed":
+                break
+            if st in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise GuestError(f"loading the device state from {state_path}: migration {st}")
+            time.sleep(0.002)
+        self.relay.active = True
+        self.owns_ram = True
+        self._announce = True  # once it runs: tell the LAN switches where it is now
+
+    @property
+    def ram(self) -> mmap.mmap:
+        assert self._map is not None
+        return self._map
+
+    @property
+    def ram_path(self) -> Path:
+        return self._ram_path
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def pause(self) -> None:
+        """Stop the guest; QEMU starts saving its device state at once, while the
+        caller scans RAM (:meth:`save_state` collects it)."""
+        self.command("stop")
+        self.relay.drain()
+        self._saving = self.submit(
+            "xen-save-devices-state", filename=str(self.devstate_path), live=False
+        )
+
+    def resume(self) -> None:
+        if self._saving is not None:  # a pause whose state nobody asked for
+            self.answer("xen-save-devices-state", self._saving)
+            self._saving = None
+        self.command("cont")
+        if self._announce:
+            self._announce = False
+            self.command("announce-self", initial=50, max=550, rounds=5, step=100)
+
+    def save_state(self) -> bytes:
+        fut, self._saving = self._saving, None
+        if fut is None:
+            fut = self.submit(
+                "xen-save-devices-state", filename=str(self.devstate_path), live=False
+            )
+        self.answer("xen-save-devices-state", fut)
+        try:
+            return self.devstate_path.read_bytes()
+        except OSError as e:
+            raise GuestError(f"reading the device state {self.devstate_path}: {e}") from e
+
+    def running(self) -> bool:
+        return bool(self.command("query-status").get("running"))
+
+    def stop(self) -> None:
+        proc = getattr(self, "proc", None)
+        if self.qmp is not None:
+            with contextlib.suppress(GuestError):  # QEMU may already be gone
+                if proc is not None and proc.poll() is None:
+                    self.command("quit")
+            with contextlib.suppress(Exception):  # a broken connection: nothing to save
+                self._await(self.qmp.disconnect(), 5)
+            self.qmp = None
+        if self._loop is not None and self._loop_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(2)
+            self._loop.close()
+            self._loop = None
+        if proc is not None:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self.relay.close()
+        for p in (self.qmp_path, self.devstate_path):
+            p.unlink(missing_ok=True)
+        if self.owns_ram:
+            self._ram_path.unlink(missing_ok=True)
