@@ -20,9 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror import agent, demo
+from mirror import agent, demo, qemudemo
 from mirror.arbiter import DirectoryArbiter
 from mirror.config import Config, ConfigError, load, parse_hostport
+from mirror.guests import image
 from mirror.guests.base import GuestError
 from mirror.hoststate import read_json
 from mirror.standby import StandbyError
@@ -98,9 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the swap (default 30)",
     )
 
+    p = sub.add_parser("image", help="the demo guest's kernel and initramfs")
+    p.add_argument("action", choices=["build"], help="build (or rebuild) the guest image")
+    p.add_argument(
+        "--dir",
+        default=str(image.DEFAULT_DIR),
+        help=f"where to put it (default {image.DEFAULT_DIR}, or $MIRROR_IMAGE_DIR)",
+    )
+
     p = sub.add_parser("demo", help="a primary and a secondary on this machine, then a summary")
+    p.add_argument(
+        "--guest",
+        choices=["synthetic", "qemu"],
+        default="synthetic",
+        help="synthetic (default): a synthetic guest on loopback; qemu: a QEMU guest in "
+        "network namespaces whose client's TCP connection survives the kill of its host "
+        "(needs root)",
+    )
     p.add_argument("--config", help="base configuration (TOML); the options below override it")
-    p.add_argument("--ram-mib", type=_positive(int, 1, 1 << 20), help="guest RAM (default 256)")
+    p.add_argument(
+        "--ram-mib",
+        type=_positive(int, 1, 1 << 20),
+        help="guest RAM (default 256; 128 for --guest qemu)",
+    )
     p.add_argument(
         "--dirty-rate",
         type=_positive(int, 0, 10**8),
@@ -136,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(float, 0.5, 1e6),
         metavar="S",
         help="SIGKILL the primary host's whole process group S seconds after it "
-        "starts; the secondary promotes and the guest goes on there",
+        "starts (--guest qemu: after the client connected; default 5 there); the "
+        "secondary promotes and the guest goes on there",
     )
     p.add_argument(
         "--run-on",
@@ -144,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         metavar="S",
         help="with --kill-after: seconds the promoted guest runs before the end (default 3)",
+    )
+    p.add_argument(
+        "--image-dir",
+        default=str(image.DEFAULT_DIR),
+        help="--guest qemu: the guest image (built there first if missing)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the hosts' files (logs, stats)")
@@ -175,6 +202,30 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
+        if args.command == "image":
+            image.build(Path(args.dir))
+            return 0
+        if args.command == "demo" and args.guest == "qemu":
+            base = load(args.config) if args.config else qemudemo.default_base()
+            base = replace(
+                base,
+                guest=replace(base.guest, ram_mib=args.ram_mib or 128),
+                checkpoint=replace(
+                    base.checkpoint,
+                    epoch_ms=args.epoch_ms or base.checkpoint.epoch_ms,
+                    scan=args.scan or "hashed",
+                ),
+            )
+            r = qemudemo.run(
+                base,
+                image_dir=Path(args.image_dir),
+                kill_after=args.kill_after or 5.0,
+                run_on=args.run_on if args.run_on != 3.0 else 5.0,
+                keep=args.keep,
+                quiet=args.json,
+            )
+            (qemudemo.dump_json if args.json else qemudemo.print_summary)(r)
+            return 0 if r["connection_survived"] else 1
         if args.command == "demo":
             if args.observer:
                 parse_hostport(args.observer, "--observer")

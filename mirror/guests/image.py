@@ -98,8 +98,7 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     def put(name: str, mode: int, data: bytes, ino: int) -> None:
         nb = name.encode() + b"\0"
         head = "070701" + "".join(
-            f"{v:08x}"
-            for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0)
+            f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0)
         )
         out.write(head.encode() + nb)
         out.write(b"\0" * (-(110 + len(nb)) % 4))

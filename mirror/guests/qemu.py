@@ -352,9 +352,7 @@ class QemuGuest(Guest):
         # can be started now and its answer taken later (the device state is saved by
         # QEMU while mirror scans the RAM).
         self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(
-            target=self._loop.run_forever, daemon=True, name="qmp"
-        )
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="qmp")
         self._loop_thread.start()
         self.qmp = QMPClient(f"qemu-{self.run_dir.name}")
         try:
@@ -401,9 +399,7 @@ class QemuGuest(Guest):
         return g
 
     @classmethod
-    def ready(
-        cls, settings: QemuConfig, ram_mib: int, image: Path, run_dir: Path
-    ) -> QemuGuest:
+    def ready(cls, settings: QemuConfig, ram_mib: int, image: Path, run_dir: Path) -> QemuGuest:
         """The ready standby: QEMU on the standby image, waiting for a device state."""
         return cls(
             settings, ram_mib, image, run_dir, incoming=True, owns_ram=False, relay_active=False

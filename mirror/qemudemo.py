@@ -1,0 +1,243 @@
+"""`mirror demo --guest qemu`: a QEMU guest keeps its client's TCP connection while its
+host is killed.
+
+On one machine (mirror/netlab.py): namespaces for host A, host B, a client and
+the LAN; the interconnect on its own link; a shared directory as the storage
+path.  The guest boots on A and is mirrored to B; the client opens ONE TCP
+connection to the guest, reads its counter stream and sends echo requests;
+then host A is killed (SIGKILL to its process group: the agent, and QEMU with
+it).  B promotes, and the same connection goes on from B.  The demo prints a
+timeline and a summary; everything it made is removed at the end, whatever
+happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mirror.config import Config, QemuConfig
+from mirror.demo import Host, wait_for
+from mirror.guests import image
+from mirror.guests.qemu import qemu_version
+from mirror.netlab import GUEST_IP, IC_IP, GuestLan, check_capable
+
+PORT = 7000
+
+
+def configs(root: Path, base: Config, img: Path, pair: str) -> tuple[Config, Config]:
+    qemu = replace(
+        base.qemu,
+        kernel=str(img / "vmlinuz"),
+        initrd=str(img / "initramfs.cpio.gz"),
+        append=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}",
+        tap="mtap0",
+        bridge="br0",
+    )
+    common = replace(
+        base,
+        pair=replace(base.pair, name=pair),
+        guest=replace(base.guest, kind="qemu"),
+        qemu=qemu,
+        link=replace(base.link, host=IC_IP["B"], data_port=7400, heartbeat_port=7401),
+        arbiter=replace(base.arbiter, dir=str(root / "shared")),
+    )
+    a = replace(common, node=replace(base.node, name="hostA", state_dir=str(root / "hostA")))
+    b = replace(
+        common,
+        node=replace(base.node, name="hostB", state_dir=str(root / "hostB")),
+        link=replace(common.link, peer_host=IC_IP["A"]),
+    )
+    return a, b
+
+
+def default_base(ram_mib: int = 128, epoch_ms: int = 50) -> Config:
+    base = Config()
+    return replace(
+        base,
+        guest=replace(base.guest, kind="qemu", ram_mib=ram_mib),
+        qemu=QemuConfig(),
+        checkpoint=replace(base.checkpoint, epoch_ms=epoch_ms, scan="hashed"),
+    )
+
+
+def client_events(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def run(
+    base: Config,
+    *,
+    image_dir: Path = image.DEFAULT_DIR,
+    kill_after: float = 5.0,
+    run_on: float = 5.0,
+    keep: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Boot, mirror, connect the client, kill host A ``kill_after`` seconds after the
+    client connected, let the promoted guest serve ``run_on`` seconds, stop."""
+    check_capable()
+    qemu_version(base.qemu.binary)  # a clear error now if QEMU is missing
+    t0 = time.time()
+    timeline: list[tuple[float, str]] = []
+
+    def mark(what: str, at: float | None = None) -> None:
+        timeline.append(((at or time.time()) - t0, what))
+        if not quiet:
+            print(f"[{(at or time.time()) - t0:7.2f} s] {what}", file=sys.stderr, flush=True)
+
+    img = image.ensure(image_dir, say=lambda m: mark(m))
+    root = Path(tempfile.mkdtemp(prefix="mirror-qdemo-"))
+    pair = f"qdemo{os.getpid()}"
+    lan = GuestLan()
+    hosts: list[Host] = []
+    client: subprocess.Popen[bytes] | None = None
+    log = root / "client.jsonl"
+    result: dict[str, Any] = {}
+    try:
+        cfg_a, cfg_b = configs(root, base, img, pair)
+        mark("network namespaces up: LAN bridge, host A, host B, client; interconnect A-B")
+        b = Host("hostB", "secondary", cfg_b, root, prefix=lan.prefix("B"))
+        hosts.append(b)
+        wait_for("the secondary to listen", b.status, 60, hosts)
+        mark(f"host B: standby ready ({base.guest.ram_mib} MiB image, QEMU waiting on it)")
+        a = Host("hostA", "primary", cfg_a, root, prefix=lan.prefix("A"))
+        hosts.append(a)
+        st = wait_for("the pre-copy", lambda: (a.status() or {}).get("phase") == "protected"
+                      and a.status(), 120, hosts)  # fmt: skip
+        mark(f"host A: guest booting under QEMU ({base.qemu.accel}); sync to B done, "
+             f"checkpoints every {base.checkpoint.epoch_ms} ms")  # fmt: skip
+        serial = root / "hostA" / "qemu" / "serial.log"
+        wait_for("the guest's service", lambda: "guestd: listening" in _read(serial), 120, hosts)
+        mark(
+            f"guest: service up on {GUEST_IP}:{PORT} (checkpoint {(a.status() or {}).get('epoch')})"
+        )
+        client = subprocess.Popen(
+            [*lan.prefix("C"), sys.executable, "-m", "mirror.tcpclient",
+             "--connect", f"{GUEST_IP}:{PORT}", "--log", str(log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        connected = wait_for(
+            "the client to connect",
+            lambda: next((e for e in client_events(log) if e["event"] == "connected"), None),
+            60,
+            hosts,
+        )
+        mark(f"client: one TCP connection to {GUEST_IP}:{PORT}", connected["t"])
+        end = time.monotonic() + kill_after
+        while time.monotonic() < end:
+            time.sleep(0.1)
+            if a.proc.poll() is not None or client.poll() is not None:
+                raise RuntimeError("host A or the client ended before the kill")
+        st = a.status() or {}
+        counter = max((e.get("n", 0) for e in client_events(log) if e["event"] == "counter"),
+                      default=0)  # fmt: skip
+        mark(f"client has read n={counter}; host A at checkpoint {st.get('epoch')} "
+             f"(acked {st.get('acked')})")  # fmt: skip
+        a.signal(signal.SIGKILL)  # the whole host at once: the agent, and QEMU dies with it
+        killed = time.time()
+        a.proc.wait()
+        mark(f"KILLED host A (SIGKILL to its process group {a.proc.pid})", killed)
+        promoted = wait_for(
+            "host B to promote",
+            lambda: (s := b.status()) and s.get("role") == "primary" and s.get("failover_ms") and s,
+            30,
+            [b],
+        )
+        mark(f"host B: promoted from checkpoint {promoted.get('promoted_from')}; guest "
+             f"resumed {promoted['failover_ms']:.0f} ms after A's last heartbeat",
+             time.time())  # fmt: skip
+        first = wait_for(
+            "the client's next byte",
+            lambda: next(
+                (e for e in client_events(log)
+                 if e["event"] == "resumed-after-silence" and e["t"] > killed), None),
+            30,
+            [b],
+        )  # fmt: skip
+        mark(f"client: next byte on the same connection, {first['t'] - killed:.2f} s after "
+             f"the kill", first["t"])  # fmt: skip
+        end = time.monotonic() + run_on
+        while time.monotonic() < end and client.poll() is None:
+            time.sleep(0.1)
+        client.send_signal(signal.SIGTERM)
+        client.wait(10)
+        summary = next((e for e in client_events(log) if e["event"] == "summary"), {})
+        mark(f"client stopped: last n={summary.get('last_n')}")
+        st_b = b.status() or {}
+        result = {
+            "timeline": [[round(t, 3), w] for t, w in timeline],
+            "client": summary,
+            "connection_survived": summary.get("error") is None and client.returncode == 0,
+            "next_byte_after_kill_s": round(first["t"] - killed, 3),
+            "failover_ms": promoted.get("failover_ms"),
+            "promoted_from": promoted.get("promoted_from"),
+            "primary_summary": st.get("summary", {}),
+            "promoted_status": {k: st_b.get(k) for k in ("role", "phase", "generation")},
+        }
+        return result
+    except BaseException:
+        for h in hosts:
+            if not quiet:
+                print(f"--- {h.name} log:\n{h.log_tail(25)}", file=sys.stderr)
+        raise
+    finally:
+        if client is not None and client.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(client.pid, signal.SIGKILL)
+            client.wait()
+        for h in hosts:
+            h.stop()
+        lan.close()
+        if keep:
+            print(f"files kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    c = r["client"]
+    p = r["primary_summary"]
+    split = p.get("pause_split_ms_p50", {})
+    print("\ntimeline (seconds from start):")
+    for t, what in r["timeline"]:
+        print(f"  {t:7.2f}  {what}")
+    verdict = "SURVIVED" if r["connection_survived"] else "BROKEN"
+    print(f"\nTCP connection: {verdict} ({c.get('error') or 'no reset, no EOF'})")
+    print(f"  counter: last n={c.get('last_n')}, gaps {c.get('gaps')}, repeats {c.get('repeats')}")
+    print(f"  echo: {c.get('echo_ok')} answered in order, {c.get('echo_bad')} wrong, "
+          f"{c.get('echo_sent')} sent")  # fmt: skip
+    print(
+        f"  next byte after the kill: {r['next_byte_after_kill_s']:.2f} s; guest resumed on B "
+        f"{r['failover_ms']:.0f} ms after A's last heartbeat (checkpoint {r['promoted_from']})"
+    )
+    print(
+        f"checkpoints on A: {p.get('checkpoints')}, pause p50 {p.get('pause_ms_p50')} ms "
+        f"(stop {split.get('stop')}, scan {split.get('scan')}, device state "
+        f"{split.get('state')}, cont {split.get('resume')}), p99 {p.get('pause_ms_p99')} ms"
+    )
+
+
+def dump_json(r: dict[str, Any]) -> None:
+    print(json.dumps(r, indent=2))
