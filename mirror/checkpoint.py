@@ -22,6 +22,7 @@ import mmap
 import os
 import signal
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -236,25 +237,26 @@ class CheckpointEngine:
         """Copy all of RAM to the standby while the guest runs."""
         t0 = time.monotonic()
         ram = self.guest.ram
+        chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
         if self.exact:
             assert self.shadow is not None
             pd.scan_exact(ram, self.shadow, threads=self.cfg.threads)  # shadow := RAM, live
-            source: mmap.mmap = self.shadow
-        else:
-            assert self.table is not None
-            pd.scan_hashed(ram, self.table, threads=self.cfg.threads)
-            source = ram
-            if self.shadow is not None:  # delta encoding needs the shadow too
-                self.shadow[:] = ram
-                source = self.shadow
-        chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
+        # The hashed scan's table must hold the hashes of exactly what the standby gets:
+        # hashing live RAM and copying it a moment later lets a page that changes and
+        # changes back in between (A-B-A) look clean forever.  So each part is copied
+        # first (into the shadow, or a scratch buffer) and hashed from that copy.
+        scratch = None if self.exact or self.shadow is not None else pd.alloc_pages(chunk)
         parts = [range(s, min(s + chunk, self.npages)) for s in range(0, self.npages, chunk)]
         window = max(2, self.cfg.max_in_flight)
         buffers = SendBuffers(window)
         acked = 0
         for n, pages in enumerate(parts):
             buf = buffers.get(n, len(pages))
-            batch = pd.gather(source, pages, out=buf)
+            if self.exact:
+                assert self.shadow is not None
+                batch = pd.gather(self.shadow, pages, out=buf)
+            else:
+                batch = self._precopy_hashed(pages, scratch, buf)
             self.link.send(wire.Pages.of(0, batch, part=n, final=n == len(parts) - 1))
             sent = n + 1
             while sent - acked >= window or (n == len(parts) - 1 and acked < sent):
@@ -271,6 +273,24 @@ class CheckpointEngine:
                         progress(Progress(min(self.npages, acked * chunk), self.npages))
         self.stats.precopy_s = time.monotonic() - t0
         self.stats.precopy_pages = self.npages
+
+    def _precopy_hashed(
+        self, pages: range, scratch: mmap.mmap | None, buf: mmap.mmap
+    ) -> pd.EncodedPages:
+        """One pre-copy part for the hashed scan: copy, hash the copy, send the copy."""
+        assert self.table is not None
+        a, b = pages.start * PS, pages.stop * PS
+        if scratch is None:  # delta encoding keeps a shadow: the copy goes there
+            assert self.shadow is not None
+            snap = memoryview(self.shadow)[a:b]
+        else:
+            snap = memoryview(scratch)[: b - a]
+        snap[:] = memoryview(self.guest.ram)[a:b]
+        per_page = pd.hash_table_size(PS)
+        table = memoryview(self.table)[pages.start * per_page : pages.stop * per_page]
+        pd.scan_hashed(snap, table, threads=self.cfg.threads)
+        batch = pd.gather(snap, range(len(pages)), out=buf)
+        return replace(batch, index=array("I", pages))
 
     # -- checkpoints ----------------------------------------------------------
 

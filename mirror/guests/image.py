@@ -26,7 +26,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_DIR = Path(os.environ.get("MIRROR_IMAGE_DIR", "/var/cache/mirror/guest"))
+DEFAULT_DIR = Path(
+    os.environ.get("MIRROR_IMAGE_DIR")
+    or ("/var/cache/mirror/guest" if os.geteuid() == 0 else "~/.cache/mirror/guest")
+).expanduser()
 BUSYBOX = Path("/bin/busybox")
 GUESTD_SRC = Path(__file__).with_name("guestd.c")
 # the NIC driver and what it needs, in load order
@@ -82,6 +85,10 @@ def kernel_package() -> str:
     """The versioned package Debian's linux-image-amd64 points at."""
     out = _run(["apt-cache", "depends", "linux-image-amd64"], "finding Debian's kernel")
     m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", out)
+    if not m and os.geteuid() == 0:  # a fresh machine's package lists may be empty
+        _run(["apt-get", "update", "-qq"], "apt-get update")
+        out = _run(["apt-cache", "depends", "linux-image-amd64"], "finding Debian's kernel")
+        m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", out)
     if not m:
         raise ImageError(
             "apt-cache knows no linux-image-amd64: run `apt-get update` first (the package "
@@ -113,6 +120,15 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def recipe() -> str:
+    """A digest of what goes into the image besides the kernel: a changed guestd or
+    /init makes :func:`ensure` build again."""
+    h = hashlib.sha256(GUESTD_SRC.read_bytes())
+    h.update(INIT.encode())
+    h.update(" ".join(MODULES).encode())
+    return h.hexdigest()
 
 
 def build(out: Path = DEFAULT_DIR, *, say: Callable[[str], None] = print) -> Path:
@@ -166,6 +182,7 @@ def build(out: Path = DEFAULT_DIR, *, say: Callable[[str], None] = print) -> Pat
         "vmlinuz_sha256": _sha256(out / "vmlinuz"),
         "initramfs_sha256": _sha256(out / "initramfs.cpio.gz"),
         "append": "console=ttyS0 quiet mirror.ip=10.0.0.10/24 mirror.port=7000",
+        "recipe": recipe(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"image: {out}/vmlinuz and {out}/initramfs.cpio.gz ({len(initrd) >> 10} KiB)")
@@ -174,7 +191,11 @@ def build(out: Path = DEFAULT_DIR, *, say: Callable[[str], None] = print) -> Pat
 
 def ensure(out: Path = DEFAULT_DIR, *, say: Callable[[str], None] = print) -> Path:
     """The image in ``out``, built first if it is not there."""
-    if (out / "vmlinuz").exists() and (out / "initramfs.cpio.gz").exists():
+    try:
+        built = json.loads((out / "manifest.json").read_text()).get("recipe")
+    except (OSError, ValueError):
+        built = None
+    if built == recipe() and (out / "vmlinuz").exists() and (out / "initramfs.cpio.gz").exists():
         return out
     return build(out, say=say)
 

@@ -293,6 +293,7 @@ class QemuGuest(Guest):
             "-chardev", f"file,id=ser0,path={self.serial_path},append=on",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-pidfile", str(run_dir / "qemu.pid"),
             "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={self.relay.path}",
             "-device", f"virtio-net-pci,netdev=n0,mac={settings.mac},romfile=",
         ]  # fmt: skip
