@@ -82,8 +82,8 @@ def test_guest_resumes_on_b_from_the_checkpoint_without_reboot(qpair) -> None:
     assert ticks(serial_b)[:2] == [last[-1] + 1, last[-1] + 2], (last[-3:], text_b[:300])
 
 
-def test_missing_qemu_is_a_clear_error_and_leaves_nothing(qpair) -> None:
-    base = qemu_base(Path("/nonexistent"))
+def test_missing_qemu_is_a_clear_error_and_leaves_nothing(qpair, guest_image: Path) -> None:
+    base = qemu_base(guest_image)
     p = qpair(qemu=replace(base.qemu, binary="/nonexistent/qemu-system-x86_64"))
     for role, cfg in (("secondary", p.cfg_b), ("primary", p.cfg_a)):
         h = Host(f"host-{role}", role, cfg, p.root)
