@@ -38,7 +38,7 @@ from mirror.config import QemuConfig
 from mirror.demo import Host, wait_for
 from mirror.guests import image
 from mirror.guests.qemu import QemuGuest
-from mirror.netlab import GuestLan
+from mirror.netlab import GUEST_IP, GuestLan
 
 
 def _ms(t: float) -> float:
@@ -110,7 +110,7 @@ def _rate(log: Path, since: float, until: float) -> float:
           if e["event"] == "counter" and since <= e["t"] <= until]  # fmt: skip
     if len(ev) < 2:
         return 0.0
-    return (ev[-1]["n"] - ev[0]["n"]) / (ev[-1]["t"] - ev[0]["t"])
+    return float(ev[-1]["n"] - ev[0]["n"]) / float(ev[-1]["t"] - ev[0]["t"])
 
 
 def rate_run(img: Path, epoch_ms: int, window: float) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def rate_run(img: Path, epoch_ms: int, window: float) -> dict[str, Any]:
             log = root / "client.jsonl"
             client = subprocess.Popen(
                 [*lan.prefix("C"), sys.executable, "-m", "mirror.tcpclient",
-                 "--connect", f"{qemudemo.GUEST_IP}:{qemudemo.PORT}", "--log", str(log),
+                 "--connect", f"{GUEST_IP}:{qemudemo.PORT}", "--log", str(log),
                  "--connect-for", "120"],
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip

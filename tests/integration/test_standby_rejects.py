@@ -139,7 +139,9 @@ def test_corrupt_and_truncated_checkpoints_leave_the_last_commit(
     assert isinstance(reply, wire.Reject) and "out of order" in reply.reason
 
 
-def test_wrong_version_pair_generation_size_and_guest_are_refused(pair: Pair, driver: Driver) -> None:
+def test_wrong_version_pair_generation_size_and_guest_are_refused(
+    pair: Pair, driver: Driver
+) -> None:
     head = {
         "k": 1,
         "version": 99,
