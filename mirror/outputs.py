@@ -24,6 +24,9 @@ class OutputBuffer:
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
         self._lock = threading.Lock()
+        # held across every call of the sink: outputs reach it in order, also when the
+        # guest's thread releases a new output while older held ones are being released
+        self._releasing = threading.Lock()
         self._held: deque[tuple[int, GuestOutput]] = deque()
         self.epoch = 1  # the epoch now running: outputs added now belong to it
         self.released = 0
@@ -37,19 +40,21 @@ class OutputBuffer:
             if not self.unprotected:
                 self._held.append((self.epoch, output))
                 return
-        self._sink([output])
-        self.released += 1
+        with self._releasing:
+            self._sink([output])
+            self.released += 1
 
     def go_unprotected(self) -> int:
         """No standby any more (a won "unprotected" claim): release everything held,
         and from now on release each output as it comes.  Returns how many were held."""
-        with self._lock:
-            self.unprotected = True
-            held = [o for _, o in self._held]
-            self._held.clear()
-        if held:
-            self._sink(held)
-            self.released += len(held)
+        with self._releasing:  # first: a new output must wait for the held ones
+            with self._lock:
+                self.unprotected = True
+                held = [o for _, o in self._held]
+                self._held.clear()
+            if held:
+                self._sink(held)
+                self.released += len(held)
         return len(held)
 
     def close_epoch(self) -> list[tuple[int, bytes]]:
@@ -63,14 +68,15 @@ class OutputBuffer:
     def release_through(self, epoch: int) -> int:
         """Release every output of epochs <= ``epoch`` to the sink; returns how many."""
         out: list[tuple[int, GuestOutput]] = []
-        with self._lock:
-            while self._held and self._held[0][0] <= epoch:
-                out.append(self._held.popleft())
-        if out:
-            self._sink([o for _, o in out])
-            now = time.monotonic()
-            self.latencies.extend(now - o.produced_at for e, o in out if e > 1)
-            self.released += len(out)
+        with self._releasing:
+            with self._lock:
+                while self._held and self._held[0][0] <= epoch:
+                    out.append(self._held.popleft())
+            if out:
+                self._sink([o for _, o in out])
+                now = time.monotonic()
+                self.latencies.extend(now - o.produced_at for e, o in out if e > 1)
+                self.released += len(out)
         return len(out)
 
     @property

@@ -211,3 +211,27 @@ def _read(path: Path) -> str:
 
 
 _ = (QemuConfig, to_toml)
+
+
+def test_qemu_dying_on_a_is_a_clear_error_and_b_goes_on_from_the_committed_state(qpair) -> None:
+    p = qpair()
+    b = p.start_secondary()
+    a = p.start_primary()
+    serial_a = p.root / "hostA" / "qemu" / "serial.log"
+    serial_b = p.root / "hostB" / "qemu" / "serial.log"
+    p.wait("A protected, the guest's service running",
+           lambda: (a.status() or {}).get("phase") == "protected"
+           and len(ticks(serial_a)) >= 3, 120)  # fmt: skip
+    pid = int((p.root / "hostA" / "qemu" / "qemu.pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # QEMU alone dies: every QMP command fails from now on
+    assert a.proc.wait(30) == 2
+    log = a.log_path.read_text()
+    assert re.search(r"mirror: error: QMP \S+ failed", log), log[-800:]
+    last_a = ticks(serial_a)[-1]
+    p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+    p.wait("B's guest ticking", lambda: len(ticks(serial_b)) >= 2, 30, [b])
+    first_b = ticks(serial_b)[0]
+    assert "mirror-guest: eth0" not in serial_b.read_text(), "the guest booted again on B"
+    # B goes on from the last committed checkpoint: at most where A's console had got to
+    # (the console is not under output commit), and past tick 2 (seconds old at the kill)
+    assert 3 <= first_b <= last_a + 1, (first_b, last_a)

@@ -61,3 +61,31 @@ def test_observer_sink_writes_one_line_per_output():
     t.join(5)
     server.close()
     assert got == b"1 p1\n2 p2\n"
+
+
+def test_going_unprotected_releases_the_held_outputs_before_any_new_one():
+    """The guest's thread adds while the held outputs are being released: a found race
+    (under load, the observer saw output 220 before the held 63..219)."""
+    sent: list[int] = []
+    entered, go_on = threading.Event(), threading.Event()
+
+    def slow_sink(outs: list[GuestOutput]) -> None:
+        if len(outs) > 1:  # the held ones
+            entered.set()
+            go_on.wait(5)
+        sent.extend(o.seq for o in outs)
+
+    buf = OutputBuffer(slow_sink)
+    for s in range(1, 6):
+        buf.add(out(s))
+    releasing = threading.Thread(target=buf.go_unprotected)
+    releasing.start()
+    assert entered.wait(5)
+    adder = threading.Thread(target=buf.add, args=(out(6),))
+    adder.start()
+    adder.join(0.2)
+    assert sent == []  # output 6 waits for the held ones
+    go_on.set()
+    releasing.join(5)
+    adder.join(5)
+    assert sent == [1, 2, 3, 4, 5, 6]
