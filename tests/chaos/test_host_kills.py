@@ -148,7 +148,9 @@ def test_secondary_killed_primary_goes_unprotected_then_protected_again(pair_fac
         ),
         alive=[a, b2],
     )
-    assert st["generation"] == 2
+    # under a newer generation (2, or later if the re-pairing itself was lost to a
+    # busy machine's silence once and A led the next one)
+    assert st["generation"] >= 2
     a.stop()
     assert a.proc.returncode == 0, a.log_tail()
     check_observer(pair)

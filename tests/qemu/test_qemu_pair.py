@@ -59,17 +59,19 @@ def qpair(tmp_path: Path, pair_name: str, guest_image: Path):
 
 
 def test_guest_resumes_on_b_from_the_checkpoint_without_reboot(qpair) -> None:
-    p = qpair(checkpoint=replace(qemu_base(Path("/")).checkpoint, epoch_ms=30))
+    # 300 checkpoints of 100 ms: time for the guest to boot (about 9 s) even on a busy
+    # machine; then A stays paused at checkpoint 300, which B holds
+    p = qpair(checkpoint=replace(qemu_base(Path("/")).checkpoint, epoch_ms=100))
     b = p.start_secondary()
-    a = p.start_primary("--checkpoints", "600")  # then frozen at checkpoint 600, acked
+    a = p.start_primary("--checkpoints", "300")
     serial_a = p.root / "hostA" / "qemu" / "serial.log"
     serial_b = p.root / "hostB" / "qemu" / "serial.log"
     st = p.wait("A frozen at its last checkpoint",
                 lambda: (s := a.status()) and s.get("phase") == "frozen" and s, 180)  # fmt: skip
-    assert st["acked"] == 600
+    assert st["acked"] == 300
     last = ticks(serial_a)
     assert len(last) >= 1, f"the guest's service never ran on A: {serial_a.read_text()[-500:]}"
-    # A is paused at checkpoint 600 and B holds it: the RAM is the same, byte for byte
+    # A is paused at checkpoint 300 and B holds it: the RAM is the same, byte for byte
     ram_a = Path(st["ram"])
     image_b = Path(f"/dev/shm/mirror-{p.cfg_b.pair.name}-hostB-standby.img")
     assert ram_a.read_bytes() == image_b.read_bytes()
