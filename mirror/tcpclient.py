@@ -51,8 +51,7 @@ class Client:
                     self.gaps += 1
                 self.emit("counter-break", expected=self.last_n + 1, got=n)
             self.last_n = n
-            if n % 10 == 0:
-                self.emit("counter", n=n)
+            self.emit("counter", n=n)
         elif text.startswith("echo ping "):
             k = int(text.split()[2])
             if k == self.echo_ok + self.echo_bad + 1:
