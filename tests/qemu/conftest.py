@@ -12,7 +12,8 @@ import pytest
 
 from mirror.config import Config, QemuConfig
 from mirror.guests import image
-from tests.integration.conftest import pair_name  # noqa: F401 - a fixture used here too
+from mirror.netlab import NetLabUnavailable, check_capable
+from tests.chaos.conftest import no_leftovers, pair_factory, pair_name  # noqa: F401 (fixtures)
 
 QEMU = "qemu-system-x86_64"
 
@@ -50,6 +51,9 @@ def qemu_pid_gone(run_dir: Path) -> bool:
 
 @pytest.fixture
 def root_or_skip() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces and TAP devices need root (CI runs as root)")
+    """Namespaces and TAP devices: root (CI runs as root), `ip`, /dev/net/tun."""
+    try:
+        check_capable()
+    except NetLabUnavailable as e:
+        pytest.skip(f"{e} (CI runs as root)")
     yield
