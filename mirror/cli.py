@@ -3,7 +3,10 @@
 mirror secondary --config F              run this host's standby
 mirror primary --config F [--duration S] [--checkpoints N]
 mirror status --config F [--json]        what this host's agent reports
-mirror demo [options]                    a primary and a secondary on this machine
+mirror failover --config F [--force]     promote this host's secondary now
+mirror switchover --config F             planned role swap (run on the primary's host)
+mirror image build [--dir D]             the demo guest (Debian kernel + busybox initramfs)
+mirror demo [--guest synthetic|qemu] ... a primary and a secondary on this machine
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror import agent, demo, qemudemo
+from mirror import agent, demo, primary, qemudemo, secondary
 from mirror.arbiter import DirectoryArbiter
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests import image
@@ -249,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return switchover(cfg, args.timeout)
         stop = agent.stop_on_signals()
         if args.command == "secondary":
-            return agent.run_secondary(cfg, stop)
-        return agent.run_primary(cfg, stop, duration=args.duration, epochs=args.checkpoints)
+            return secondary.run_secondary(cfg, stop)
+        return primary.run_primary(cfg, stop, duration=args.duration, epochs=args.checkpoints)
     except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
         print(f"mirror: error: {e}", file=sys.stderr)
         return 2

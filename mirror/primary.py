@@ -1,0 +1,302 @@
+"""The primary role: boot the guest, pair, pre-copy, checkpoint every epoch, act on the
+controller's decisions; and, after a promotion or a won "unprotected" claim, lead
+the pair under a new generation until a standby pairs again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mirror import wire
+from mirror.agent import Failover, current_generation, event
+from mirror.arbiter import DirectoryArbiter
+from mirror.checkpoint import CheckpointEngine, Progress, ReplicationError
+from mirror.config import Config
+from mirror.controller import Action, Role
+from mirror.guests.backend import Backend, OutputSink, backend_for
+from mirror.guests.base import Guest
+from mirror.hoststate import write_json
+from mirror.link import Endpoint, Link
+from mirror.outputs import OutputBuffer
+
+log = logging.getLogger("mirror.agent")
+
+
+def lead(
+    cfg: Config,
+    backend: Backend,
+    guest: Guest,
+    sink: OutputSink,
+    current: list[OutputBuffer],
+    generation: int,
+    stop: threading.Event,
+    end: float | None,
+    note: Callable[[], dict[str, Any]] = dict,
+) -> int:
+    """Run the guest as the pair's only primary under a new ``generation`` (recorded on
+    the arbiter, so that nodes of older ones are refused): unprotected while no
+    standby answers at ``link.peer_host``, protected again as soon as one pairs.
+    ``current[0]`` is where the guest's outputs go."""
+    arbiter = DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, cfg.node.name)
+    released = 0
+    while not stop.is_set() and (end is None or time.monotonic() < end):
+        arbiter.set_generation(generation)
+        run = PrimaryRun(
+            cfg, backend, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
+        )
+        run.phase = "unprotected"
+        try:
+            while not stop.is_set() and (end is None or time.monotonic() < end):
+                run.extra = {**note(), "outputs_released": released + current[0].released}
+                run.write_status()
+                if not guest.alive:
+                    event("guest-died", node=cfg.node.name)
+                    return 1
+                try:
+                    run.engine.handshake(timeout=1.0)
+                except ReplicationError as e:
+                    if "refused" in str(e):
+                        event("re-pairing-refused", node=cfg.node.name, reason=str(e))
+                        stop.wait(1.0)
+                    continue
+                event("re-protecting", node=cfg.node.name, generation=generation)
+                released += current[0].released
+                current[0] = run.outputs  # held from here on, released on acks
+                run.extra = {**note(), "outputs_released": released}
+                code = run.protect(stop, end, None)
+                if code != UNPROTECTED:
+                    return code
+                break  # the standby was lost again: lead the next generation
+        finally:
+            run.close()
+        generation += 1
+    return 0
+
+
+def progress_bar(prefix: str) -> Callable[[Progress], None]:
+    def show(p: Progress) -> None:
+        width = 30
+        frac = p.done_pages / p.total_pages if p.total_pages else 1.0
+        bar = "#" * int(frac * width)
+        mib = p.done_pages * 4096 >> 20
+        sys.stderr.write(
+            f"\r{prefix} [{bar:<{width}}] {frac:4.0%} {mib}/{p.total_pages * 4096 >> 20} MiB"
+        )
+        if p.done_pages >= p.total_pages:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+SWITCHED_OVER = 10  # PrimaryRun.protect: handed over, become the secondary
+UNPROTECTED = 11  # PrimaryRun.protect: won "unprotected": run on, lead the next generation
+
+
+class PrimaryRun:
+    """The primary side of one pairing (one generation): pair with a standby, pre-copy,
+    checkpoint, and act on the controller's decisions.  The guest is the caller's."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        backend: Backend,
+        guest: Guest,
+        outputs: OutputBuffer,
+        generation: int,
+        address: str,
+    ) -> None:
+        self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
+        self.link = Link.client(
+            Endpoint(address, cfg.link.data_port, cfg.link.heartbeat_port),
+            cfg.node.name,
+            heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
+        )
+        self.engine = CheckpointEngine(
+            guest,
+            self.link,
+            cfg.checkpoint,
+            outputs,
+            pair=cfg.pair.name,
+            generation=generation,
+            node=cfg.node.name,
+            fingerprint=backend.fingerprint(),
+        )
+        self.failover = Failover(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
+        self.phase = "pairing"
+        self.extra: dict[str, Any] = {}
+        self.switch = threading.Event()  # `mirror switchover` asks to hand over
+
+    def status(self) -> dict[str, Any]:
+        link, engine = self.link, self.engine
+        return {
+            "role": "primary", "phase": self.phase, "pair": self.cfg.pair.name,
+            "node": self.cfg.node.name, "generation": self.generation, "pid": os.getpid(),
+            "ram": str(self.guest.ram_path), "epoch": engine.epoch, "acked": engine.acked,
+            "protection": self.failover.controller.state.value,
+            "heartbeat_age_s": link.peer.age(),
+            "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
+            if link.peer.node else None,
+            "summary": engine.stats.summary(self.outputs), **self.extra,
+        }  # fmt: skip
+
+    def write_status(self) -> None:
+        write_json(self.cfg.state_dir / "status.json", self.status())
+
+    def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
+        """After the handshake: pre-copy, then checkpoints until stopped, the end, or
+        ``epochs`` checkpoints; then as the controller decides.  Exit code 3: fenced."""
+        cfg, engine, outputs, failover, link = (
+            self.cfg,
+            self.engine,
+            self.outputs,
+            self.failover,
+            self.link,
+        )
+        self.phase = "precopy"
+        engine.precopy(progress_bar("pre-copy"))
+        self.phase = "protected"
+        log.info(
+            "pre-copy of %d MiB done in %.2f s; checkpoints every %d ms (generation %d)",
+            cfg.guest.ram_mib,
+            engine.stats.precopy_s,
+            cfg.checkpoint.epoch_ms,
+            self.generation,
+        )
+        last_status = 0.0
+        verdict: list[Action] = []
+
+        def should_stop() -> bool:
+            nonlocal last_status
+            now = time.monotonic()
+            if now - last_status > 0.5:
+                self.write_status()
+                last_status = now
+            d = failover.tick(link.peer.node or None, link.peer.age())
+            if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
+                verdict.append(d.action)
+                return True
+            return self.switch.is_set() or stop.is_set() or (end is not None and now >= end)
+
+        engine.run(should_stop, epochs=epochs)
+        if self.switch.is_set() and not verdict:
+            return self._hand_over()
+        if verdict and verdict[0] is Action.FENCE:
+            self.phase = "fenced"
+            self.guest.stop()  # releases nothing: what it held dies with it
+            event("fenced", node=cfg.node.name, held=outputs.held)
+            return 3
+        if verdict:
+            self.phase = "unprotected"
+            event("unprotected", node=cfg.node.name, released=outputs.go_unprotected())
+            return UNPROTECTED
+        if epochs is not None:
+            self.phase = "frozen"  # paused at the last checkpoint, which the standby holds
+        self.write_status()
+        while not stop.is_set() and (end is None or time.monotonic() < end):  # frozen, alone
+            stop.wait(0.2)
+            self.write_status()
+        self.phase = "stopped"
+        if not outputs.unprotected:
+            link.send(wire.Bye(cfg.node.name, "stopped by its operator"))
+            time.sleep(0.05)  # let it leave before the socket closes
+        return 0
+
+    def _hand_over(self) -> int:
+        """Planned switchover: a last checkpoint with the guest left paused; once it is
+        acknowledged every output is released, and the standby goes on from exactly
+        there.  Returns SWITCHED_OVER (the caller becomes the secondary)."""
+        engine = self.engine
+        self.phase = "switching-over"
+        while engine.in_flight:  # the window first, so the last checkpoint follows in order
+            engine.pump(time.monotonic() + 0.01)
+        engine.checkpoint(resume=False)
+        deadline = time.monotonic() + 10
+        while engine.in_flight and time.monotonic() < deadline:
+            engine.pump(time.monotonic() + 0.01)
+        if engine.in_flight:
+            self.guest.resume()
+            event("switchover-failed", node=self.cfg.node.name, reason="no ack")
+            raise ReplicationError(
+                "switchover failed: the standby did not acknowledge the "
+                "last checkpoint; the guest runs on here"
+            )
+        self.link.send(wire.Handover(self.cfg.node.name, engine.epoch))
+        reply: wire.Message | None = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not isinstance(reply, wire.Ack | wire.Reject):
+            reply = self.link.recv(max(0.0, deadline - time.monotonic()))  # skip strays
+        if reply != wire.Ack(engine.epoch, 0):
+            self.guest.resume()
+            raise ReplicationError(
+                f"switchover failed: the standby answered {reply}; the guest runs on here"
+            )
+        self.guest.stop()  # the standby has it now; this copy never runs again
+        self.phase = "switched-over"
+        event("switched-over", node=self.cfg.node.name, checkpoint=engine.epoch)
+        return SWITCHED_OVER
+
+    def close(self) -> None:
+        self.failover.close()
+        write_json(
+            self.cfg.state_dir / "stats.json",
+            {
+                "summary": self.engine.stats.summary(self.outputs),
+                "checkpoints": self.engine.records_json(),
+            },
+        )
+        self.write_status()
+        self.link.close()
+
+
+def run_primary(
+    cfg: Config, stop: threading.Event, *, duration: float | None = None, epochs: int | None = None
+) -> int:
+    """Boot the guest, pair, pre-copy, then checkpoint until stopped.
+
+    ``duration``: stop after that many seconds of checkpoints.  ``epochs``:
+    take exactly that many checkpoints, then hold the guest paused at the
+    last one (acknowledged) until stopped.  Exit code 3: fenced.
+    """
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    backend = backend_for(cfg)
+    current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)
+    guest = backend.boot(lambda out: current[0].add(out))  # paused until paired
+    event("guest-booted", node=cfg.node.name, kind=cfg.guest.kind, ram=str(guest.ram_path))
+    run = None
+    sink: OutputSink | None = None
+    try:
+        sink = backend.sink(guest)
+        outputs = OutputBuffer(sink)
+        current.append(outputs)
+        generation = current_generation(cfg)
+        run = PrimaryRun(cfg, backend, guest, outputs, generation, cfg.link.host)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: run.switch.set() if run else None)
+        run.write_status()
+        run.engine.handshake()
+        guest.resume()
+        end = None if duration is None else time.monotonic() + duration
+        code = run.protect(stop, end, epochs)
+        if code == UNPROTECTED:  # the secondary is gone: lead on, and pair when one comes
+            run.close()
+            run = None
+            code = lead(cfg, backend, guest, sink, current, generation + 1, stop, end)
+    finally:
+        if run:
+            run.close()
+        guest.stop()
+        if sink is not None:
+            sink.close()
+    if code == SWITCHED_OVER:
+        log.info("switched over: this host is now the secondary")
+        from mirror.secondary import run_secondary  # the roles call each other
+
+        return run_secondary(cfg, stop)
+    return code

@@ -1,0 +1,128 @@
+"""The secondary role: hold the standby (image, committed state, a ready guest), judge
+the primary through the controller, and promote when it decides so."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from mirror.agent import Failover, current_generation, event
+from mirror.config import Config
+from mirror.controller import Action, Role
+from mirror.guests.backend import Backend, backend_for
+from mirror.guests.base import GuestOutput
+from mirror.outputs import OutputBuffer
+from mirror.primary import lead
+from mirror.standby import Standby
+
+log = logging.getLogger("mirror.agent")
+
+
+def run_secondary(cfg: Config, stop: threading.Event) -> int:
+    backend = backend_for(cfg)
+    standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
+    try:
+        # the ready standby: a guest waiting for its state (for QEMU, on the image)
+        ready = backend.ready(standby.image.path)
+    except BaseException:
+        standby.close()
+        raise
+    failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed, standby.generation)
+    promote = False
+    standby.extra_status = lambda: {
+        "protection": failover.controller.state.value,
+        "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
+    }
+    manual = threading.Event()  # `mirror failover` sends SIGUSR1
+    signal.signal(signal.SIGUSR1, lambda signum, frame: manual.set())
+
+    def tick() -> bool:
+        nonlocal promote
+        link = standby.link
+        if link is None or standby.primary is None:
+            return False  # never paired: nothing to judge
+        failover.generation = standby.generation  # a HELLO may have moved it on
+        d = failover.tick(
+            standby.primary,
+            link.peer.age(),
+            standby.committed,
+            manual_promote=manual.is_set() or standby.handover,
+        )
+        if d is not None and d.action is Action.CLAIM_PROMOTE:
+            manual.clear()
+        promote = d is not None and d.action is Action.PROMOTE
+        return promote
+
+    try:
+        standby.serve(stop, tick)
+        if promote:
+            return run_promoted(cfg, backend, standby, failover, stop, ready)
+        return 0
+    finally:
+        if not promote:
+            backend.discard(ready)
+        failover.close()
+        standby.close(remove_image=not promote)
+
+
+def run_promoted(
+    cfg: Config,
+    backend: Backend,
+    standby: Standby,
+    failover: Failover,
+    stop: threading.Event,
+    ready: Any,
+) -> int:
+    """Promotion: go on from the committed checkpoint as the (unprotected) primary."""
+    failover.role_name = "primary"
+    assert standby.link is not None
+    last_heartbeat = standby.link.peer.last or time.monotonic()
+    released_by_old = standby.link.peer.committed  # what the old primary last said it released
+    committed = standby.committed
+    # A primary that is alive (a forced manual failover) may still release outputs for
+    # acks already on their way to it: let them land before asking the observer.
+    settle = failover.timeouts.silent_after - (time.monotonic() - standby.last_ack_at)
+    if settle > 0 and not standby.handover:  # a handover comes after the last release
+        time.sleep(settle)
+    sink = backend.sink(ready)
+    # The committed outputs the observer lacks: those after its position, or, for an
+    # observer that does not say, those of epochs the old primary had not yet reported.
+    if sink.position is not None:
+        replay = [(s, p) for e, s, p in standby.outputs_tail if s > sink.position]
+    else:
+        replay = [(s, p) for e, s, p in standby.outputs_tail if e > released_by_old]
+    now = time.monotonic()
+    sink([GuestOutput(s, p, now) for s, p in replay])
+    first: list[float] = []
+    unprotected = OutputBuffer(sink)
+    unprotected.go_unprotected()
+    current = [unprotected]  # where the guest's outputs go: direct, until re-protected
+
+    def on_output(out: GuestOutput) -> None:
+        current[0].add(out)
+        if not first:
+            first.append(time.monotonic())
+
+    guest = backend.launch(ready, standby.image.path, standby.state_path, on_output)
+    guest.resume()
+    event(
+        "promoted",
+        node=cfg.node.name,
+        checkpoint=committed,
+        replayed=len(replay),
+        observer_position=sink.position,
+    )
+    failover.close()
+    promoted = {"promoted_from": committed, "replayed_outputs": len(replay)}
+
+    def note() -> dict[str, Any]:
+        return {**promoted, "failover_ms": (first[0] - last_heartbeat) * 1000 if first else None}
+
+    try:
+        return lead(cfg, backend, guest, sink, current, failover.generation + 1, stop, None, note)
+    finally:
+        guest.stop()
+        sink.close()
