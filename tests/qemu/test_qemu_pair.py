@@ -234,3 +234,41 @@ def test_qemu_dying_on_a_is_a_clear_error_and_b_goes_on_from_the_committed_state
     # B goes on from the last committed checkpoint: at most where A's console had got to
     # (the console is not under output commit), and past tick 2 (seconds old at the kill)
     assert 3 <= first_b <= last_a + 1, (first_b, last_a)
+
+
+def test_qemu_guest_reprotected_on_the_returning_host_survives_a_second_kill(qpair) -> None:
+    """A fails, B runs the guest; A comes back as the secondary with a ready QEMU of its
+    own; B (whose QEMU was started for an incoming state) checkpoints it to A; B fails;
+    A goes on from B's checkpoint.  The console counter never restarts."""
+    p = qpair()
+    b = p.start_secondary()
+    a = p.start_primary()
+    serial = {h: p.root / h / "qemu" / "serial.log" for h in ("hostA", "hostB", "hostA2")}
+    p.wait("A's guest ticking", lambda: len(ticks(serial["hostA"])) >= 2, 120)
+    a.signal(signal.SIGKILL)
+    a.proc.wait()
+    p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+    a2 = Host(
+        "hostA2",
+        "secondary",
+        replace(p.cfg_a, node=replace(p.cfg_a.node, name="hostA",
+                                      state_dir=str(p.root / "hostA2"))),
+        p.root,
+    )  # fmt: skip
+    p.hosts.append(a2)
+    p.wait("B protected again",
+           lambda: (s := b.status()) and s.get("phase") == "protected" and s["acked"] >= 20,
+           120, [b, a2])  # fmt: skip
+    p.wait("B's guest ticking", lambda: len(ticks(serial["hostB"])) >= 3, 60, [b, a2])
+    b.signal(signal.SIGKILL)
+    b.proc.wait()
+    p.wait("A promoted again", lambda: (a2.status() or {}).get("role") == "primary", 30, [a2])
+    p.wait("A's guest ticking again", lambda: len(ticks(serial["hostA2"])) >= 2, 60, [a2])
+    seq = ticks(serial["hostA"]) + ticks(serial["hostB"]) + ticks(serial["hostA2"])
+    for log in serial.values():
+        assert "mirror-guest: eth0" not in log.read_text() or log == serial["hostA"]
+    # each host goes on from a checkpoint of the one before: never back to the start,
+    # never past what the dead one had printed
+    assert ticks(serial["hostB"])[0] <= ticks(serial["hostA"])[-1] + 1
+    assert ticks(serial["hostA2"])[0] <= ticks(serial["hostB"])[-1] + 1
+    assert ticks(serial["hostA2"])[0] > ticks(serial["hostB"])[0], seq
