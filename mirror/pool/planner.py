@@ -1,0 +1,489 @@
+"""The failure planner: after ANY k host failures, does every protected VM have a place?
+
+For each failure set F (a set of up hosts that die together) the VMs that
+lose something need room on the surviving up hosts:
+
+- a ``restart`` VM that ran on a host of F restarts elsewhere;
+- a ``mirrored`` VM whose primary host dies fails over to its standby (whose
+  memory and vCPUs are already reserved there: nothing new is needed) and
+  then needs a NEW standby reservation on another surviving host; if its
+  standby host dies it needs a new standby; if both die it restarts like a
+  ``restart`` VM and needs a new standby as well, on another host than the
+  one it restarts on.  After any k failures a mirrored VM therefore runs
+  AND is protected again, or the pool does not tolerate k;
+- a ``best-effort`` VM restarts only if room is left once every guaranteed
+  VM is placed (it never displaces one).  VMs that already run where
+  nothing failed stay where they are (nothing is preempted).
+
+VMs that are not running now (or mirrored VMs without a standby) need room
+in every failure set, including the empty one: the plan for the empty set
+is the repair plan.
+
+Packing: guaranteed demands largest first onto the surviving host with the
+most free memory (worst-fit decreasing, a heap), then first-fit decreasing
+if that fails; if both fail and the failure set's demands are few (small
+pools) an exhaustive search decides exactly.  So on small pools a failure
+set is called unsurvivable only when no placement exists, and on large ones
+the planner may say "cannot prove" but every plan it returns has been built
+and checked against capacity for that exact failure set: every failure set
+of size <= k is enumerated, there is no sampling and no pruning of sets.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mirror.pool.model import Pool
+
+# kinds of move
+PROMOTE = "promote"  # the standby host runs the VM now (the pair's own failover)
+STANDBY = "standby"  # a new standby reservation
+RESTART = "restart"  # a guaranteed VM starts on the host
+BEST_EFFORT = "best-effort"  # a best-effort VM starts on the host
+
+EXACT_MAX_UNITS = 14  # exhaustive search when a failure set's guaranteed demands are this few
+EXACT_MAX_NODES = 200_000
+
+
+@dataclass(frozen=True)
+class Move:
+    vm: str
+    kind: str
+    to: str | None  # None: no room found
+    mem_mb: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "kind": self.kind, "to": self.to, "mem_mb": self.mem_mb}
+
+
+@dataclass
+class FailurePlan:
+    failed: tuple[str, ...]
+    moves: list[Move]
+    unplaced: list[str]  # guaranteed VMs (or their standbys) that find no room
+    shortfall_mb: int  # memory of what found no room
+    lost: list[str]  # best-effort VMs that are not restarted
+    proven: bool = True  # for a failing set: True when no placement exists at all
+
+    @property
+    def ok(self) -> bool:
+        return not self.unplaced
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "failed": list(self.failed),
+            "ok": self.ok,
+            "moves": [m.to_json() for m in self.moves],
+            "unplaced": self.unplaced,
+            "shortfall_mb": self.shortfall_mb,
+            "lost_best_effort": self.lost,
+            "proven": self.proven,
+        }
+
+
+@dataclass
+class Analysis:
+    k: int  # failures asked about
+    survives: bool  # proved: every failure set of size <= k is survivable
+    tolerated: int  # largest k' proved (-1: the pool is broken already)
+    tolerated_exact: bool  # False: larger sizes were not all checked (budget)
+    breaking: FailurePlan | None  # the first failure set found that cannot be survived
+    plans: dict[tuple[str, ...], FailurePlan] = field(default_factory=dict)
+    checked: int = 0  # failure sets planned
+    seconds: float = 0.0
+    up_hosts: int = 0
+    gave_up: bool = False  # the budget ran out before every set of size <= k was checked
+
+    def to_json(self, with_plans: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "failures": self.k,
+            "survives": self.survives,
+            "tolerated": self.tolerated,
+            "tolerated_exact": self.tolerated_exact,
+            "breaking": None if self.breaking is None else self.breaking.to_json(),
+            "checked_failure_sets": self.checked,
+            "seconds": round(self.seconds, 4),
+            "gave_up": self.gave_up,
+        }
+        if with_plans:
+            d["plans"] = [p.to_json() for p in self.plans.values()]
+        return d
+
+
+_RUN, _PAIR, _STBY, _BE = 0, 1, 2, 3
+
+
+class Planner:
+    """Precomputed view of a pool; plans any failure set of its up hosts."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.hosts = pool.up_hosts()
+        self.index = {h: i for i, h in enumerate(self.hosts)}
+        n = len(self.hosts)
+        self.cap_m = [pool.hosts[h].mem_mb for h in self.hosts]
+        self.cap_c = [pool.hosts[h].vcpus for h in self.hosts]
+        fm, fc = self.cap_m[:], self.cap_c[:]
+        names = sorted(pool.vms)
+        self.names = names
+        self.mem = [pool.vms[v].mem_mb for v in names]
+        self.cpu = [pool.vms[v].vcpus for v in names]
+        self.prio = [pool.vms[v].priority for v in names]
+        self.order = [pool.vms[v].order for v in names]
+        self.prim: list[int] = []
+        self.stby: list[int] = []
+        self.by_host: list[list[int]] = [[] for _ in range(n)]
+        self.always: list[int] = []  # VMs that need room whatever fails
+        for i, v in enumerate(names):
+            p = pool.placements.get(v)
+            a = -1 if p is None or p.host is None else self.index.get(p.host, -1)
+            mirrored = self.prio[i] == "mirrored"
+            b = -1 if p is None or p.standby is None or not mirrored else self.index.get(
+                p.standby, -1
+            )
+            self.prim.append(a)
+            self.stby.append(b)
+            for h in (a, b):
+                if h >= 0:
+                    fm[h] -= self.mem[i]
+                    fc[h] -= self.cpu[i]
+                    self.by_host[h].append(i)
+            if a < 0 or (mirrored and b < 0):
+                self.always.append(i)
+        self.free_m, self.free_c = fm, fc
+
+    # -- demands -------------------------------------------------------------------------------
+
+    def _units(self, failed: set[int]) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """Guaranteed units (mem, kind, vm, forbid) and best-effort VMs, for failure set."""
+        units: list[tuple[int, int, int, int]] = []
+        be: list[int] = []
+        seen: set[int] = set()
+        cands = list(self.always)
+        for h in failed:
+            cands.extend(self.by_host[h])
+        for i in cands:
+            if i in seen:
+                continue
+            seen.add(i)
+            a, b = self.prim[i], self.stby[i]
+            pdead = a < 0 or a in failed
+            pr = self.prio[i]
+            if pr == "mirrored":
+                sdead = b < 0 or b in failed
+                if pdead and sdead:
+                    units.append((self.mem[i], _PAIR, i, -1))
+                elif pdead:
+                    units.append((self.mem[i], _STBY, i, b))  # promoted on b; standby elsewhere
+                elif sdead:
+                    units.append((self.mem[i], _STBY, i, a))
+            elif pdead:
+                if pr == "restart":
+                    units.append((self.mem[i], _RUN, i, -1))
+                else:
+                    be.append(i)
+        # largest first; at equal size pairs first (two placements), then by name
+        units.sort(key=lambda u: (-u[0], u[1] != _PAIR, u[2]))
+        be.sort(key=lambda i: (self.order[i], -self.mem[i], i))
+        return units, be
+
+    # -- packing -------------------------------------------------------------------------------
+
+    def _greedy(
+        self, units: list[tuple[int, int, int, int]], fm: list[int], fc: list[int],
+        alive: list[int], worst: bool,
+    ) -> list[tuple[int, int, int]] | None:
+        """Place every unit or return None; on success fm/fc hold what is left."""
+        out: list[tuple[int, int, int]] = []  # (vm, kind, host): kind _RUN or _STBY
+        cpu = self.cpu
+        if worst:
+            heap = [(-fm[h], h) for h in alive]
+            heapq.heapify(heap)
+
+            def fit(mem: int, c: int, forbid: int) -> int:
+                skipped = []
+                found = -1
+                while heap:
+                    negm, h = heapq.heappop(heap)
+                    if -negm < mem:
+                        skipped.append((negm, h))
+                        break
+                    if h != forbid and fc[h] >= c:
+                        found = h
+                        fm[h] -= mem
+                        fc[h] -= c
+                        heapq.heappush(heap, (-fm[h], h))
+                        break
+                    skipped.append((negm, h))
+                for s in skipped:
+                    heapq.heappush(heap, s)
+                return found
+        else:
+            def fit(mem: int, c: int, forbid: int) -> int:
+                for h in alive:
+                    if h != forbid and fm[h] >= mem and fc[h] >= c:
+                        fm[h] -= mem
+                        fc[h] -= c
+                        return h
+                return -1
+
+        for mem, kind, i, forbid in units:
+            c = cpu[i]
+            h = fit(mem, c, forbid)
+            if h < 0:
+                return None
+            if kind == _PAIR:
+                out.append((i, _RUN, h))
+                h2 = fit(mem, c, h)
+                if h2 < 0:
+                    return None
+                out.append((i, _STBY, h2))
+            else:
+                out.append((i, kind, h))
+        return out
+
+    def _exact(
+        self, units: list[tuple[int, int, int, int]], fm: list[int], fc: list[int],
+        alive: list[int],
+    ) -> tuple[list[tuple[int, int, int]] | None, bool]:
+        """Exhaustive search: (placement, True) / (None, True: none exists) / (None, False)."""
+        special = {u[3] for u in units if u[3] >= 0}
+        cpu = self.cpu
+        nodes = 0
+        out: list[tuple[int, int, int]] = []
+        need_m = [0] * (len(units) + 1)
+        need_c = [0] * (len(units) + 1)
+        for j in range(len(units) - 1, -1, -1):
+            mult = 2 if units[j][1] == _PAIR else 1
+            need_m[j] = need_m[j + 1] + mult * units[j][0]
+            need_c[j] = need_c[j + 1] + mult * cpu[units[j][2]]
+
+        class Budget(Exception):
+            pass
+
+        def choices(mem: int, c: int, forbid: int) -> list[int]:
+            seen: set[tuple[int, int, int]] = set()
+            res = []
+            for h in alive:
+                if h == forbid or fm[h] < mem or fc[h] < c:
+                    continue
+                key = (fm[h], fc[h], h if h in special else -1)
+                if key in seen:
+                    continue
+                seen.add(key)
+                res.append(h)
+            return res
+
+        def rec(j: int) -> bool:
+            nonlocal nodes
+            nodes += 1
+            if nodes > EXACT_MAX_NODES:
+                raise Budget
+            if j == len(units):
+                return True
+            if sum(fm[h] for h in alive) < need_m[j] or sum(fc[h] for h in alive) < need_c[j]:
+                return False
+            mem, kind, i, forbid = units[j]
+            c = cpu[i]
+            for h in choices(mem, c, forbid):
+                fm[h] -= mem
+                fc[h] -= c
+                if kind == _PAIR:
+                    for h2 in choices(mem, c, h):
+                        fm[h2] -= mem
+                        fc[h2] -= c
+                        out.append((i, _RUN, h))
+                        out.append((i, _STBY, h2))
+                        if rec(j + 1):
+                            return True
+                        out.pop()
+                        out.pop()
+                        fm[h2] += mem
+                        fc[h2] += c
+                else:
+                    out.append((i, kind, h))
+                    if rec(j + 1):
+                        return True
+                    out.pop()
+                fm[h] += mem
+                fc[h] += c
+            return False
+
+        try:
+            return (list(out) if rec(0) else None), True
+        except Budget:
+            return None, False
+
+    def plan(self, failed_names: tuple[str, ...] | list[str], moves: bool = True) -> FailurePlan:
+        failed = {self.index[h] for h in failed_names}
+        alive = [h for h in range(len(self.hosts)) if h not in failed]
+        units, be = self._units(failed)
+        fm, fc = self.free_m[:], self.free_c[:]
+        placed = self._greedy(units, fm, fc, alive, worst=True)
+        proven = True
+        if placed is None:
+            fm, fc = self.free_m[:], self.free_c[:]
+            placed = self._greedy(units, fm, fc, alive, worst=False)
+        if placed is None:
+            fm, fc = self.free_m[:], self.free_c[:]
+            need = sum(u[0] * (2 if u[1] == _PAIR else 1) for u in units)
+            if need > sum(fm[h] for h in alive):
+                proven = True  # not enough memory in total: no placement exists
+            elif len(units) <= EXACT_MAX_UNITS:
+                placed, proven = self._exact(units, fm, fc, alive)
+            else:
+                proven = False
+        failed_t = tuple(sorted(failed_names))
+        if placed is None:
+            return self._failing(failed_t, units, alive, proven, moves)
+        # best-effort VMs in restart order, wherever room is left
+        lost = []
+        be_out = []
+        for i in be:
+            h = self._first_room(fm, fc, alive, self.mem[i], self.cpu[i])
+            if h < 0:
+                lost.append(self.names[i])
+            else:
+                fm[h] -= self.mem[i]
+                fc[h] -= self.cpu[i]
+                be_out.append((i, h))
+        out: list[Move] = []
+        if moves:
+            out = self._moves(units, placed, be_out, failed)
+        return FailurePlan(failed_t, out, [], 0, lost, True)
+
+    def _first_room(self, fm: list[int], fc: list[int], alive: list[int], m: int, c: int) -> int:
+        best = -1
+        for h in alive:
+            if fm[h] >= m and fc[h] >= c and (best < 0 or fm[h] > fm[best]):
+                best = h
+        return best
+
+    def _moves(
+        self, units: list[tuple[int, int, int, int]], placed: list[tuple[int, int, int]],
+        be_out: list[tuple[int, int]], failed: set[int],
+    ) -> list[Move]:
+        """The moves in the order the controller carries them out: priority, then order."""
+        hosts, names, mem = self.hosts, self.names, self.mem
+        out: list[tuple[tuple[int, int, str], Move]] = []
+        for i, kind, h in placed:
+            rank = 0 if self.prio[i] == "mirrored" else 1
+            if kind == _RUN:
+                mk = RESTART
+            else:
+                a = self.prim[i]
+                if a >= 0 and a in failed and self.stby[i] >= 0 and self.stby[i] not in failed:
+                    out.append(((rank, self.order[i], names[i]),
+                                Move(names[i], PROMOTE, hosts[self.stby[i]], mem[i])))
+                mk = STANDBY
+            out.append(((rank, self.order[i], names[i]), Move(names[i], mk, hosts[h], mem[i])))
+        for i, h in be_out:
+            out.append(((2, self.order[i], names[i]), Move(names[i], BEST_EFFORT, hosts[h], mem[i])))
+        out.sort(key=lambda t: t[0])  # stable: promote before its new standby
+        return [m for _, m in out]
+
+    def _failing(
+        self, failed: tuple[str, ...], units: list[tuple[int, int, int, int]],
+        alive: list[int], proven: bool, moves: bool,
+    ) -> FailurePlan:
+        """What a failing set leaves out: place greedily in priority order, name the rest."""
+        fm, fc = self.free_m[:], self.free_c[:]
+        ordered = sorted(units, key=lambda u: (self.prio[u[2]] != "mirrored", self.order[u[2]],
+                                               -u[0], u[2]))
+        unplaced: list[str] = []
+        short = 0
+        out: list[Move] = []
+        for mem, kind, i, forbid in ordered:
+            c = self.cpu[i]
+            need = [forbid] if kind != _PAIR else [-1, -2]
+            got: list[int] = []
+            for fb in need:
+                fb2 = got[0] if fb == -2 else fb
+                h = -1
+                for x in alive:
+                    if x != fb2 and fm[x] >= mem and fc[x] >= c and (h < 0 or fm[x] > fm[h]):
+                        h = x
+                if h < 0:
+                    break
+                fm[h] -= mem
+                fc[h] -= c
+                got.append(h)
+            if len(got) < len(need):
+                for h in got:
+                    fm[h] += mem
+                    fc[h] += c
+                unplaced.append(self.names[i])
+                short += mem * (len(need) - len(got))
+                continue
+            if moves:
+                kinds = [RESTART, STANDBY] if kind == _PAIR else [
+                    RESTART if kind == _RUN else STANDBY]
+                for kk, h in zip(kinds, got, strict=True):
+                    out.append(Move(self.names[i], kk, self.hosts[h], mem))
+        # the shortfall is at least what the totals say is missing
+        need_total = sum(u[0] * (2 if u[1] == _PAIR else 1) for u in units)
+        short = max(short, need_total - sum(max(0, self.free_m[h]) for h in alive))
+        _, be = self._units({self.index[h] for h in failed})
+        return FailurePlan(failed, out, sorted(unplaced), short,
+                           [self.names[i] for i in be], proven)
+
+
+def analyse(
+    pool: Pool,
+    k: int | None = None,
+    *,
+    keep: str = "all",
+    max_k: int | None = None,
+    budget_s: float = 60.0,
+    extra_budget_s: float = 2.0,
+) -> Analysis:
+    """Check every failure set of size 0..k; then look further for the largest k tolerated.
+
+    ``keep``: which plans to return: "all", "single" (sets of size <= 1) or "none".
+    Sizes beyond k are explored while the estimated time stays within
+    ``extra_budget_s`` (the answer then says "at least").  If checking up to k
+    itself exceeds ``budget_s`` the analysis gives up: it never claims k.
+    """
+    t0 = time.perf_counter()
+    k = pool.failures_to_tolerate if k is None else k
+    pl = Planner(pool)
+    hosts = pl.hosts
+    n = len(hosts)
+    limit = n if max_k is None else min(n, max_k)
+    res = Analysis(k, False, -1, True, None, up_hosts=n)
+    per_set = 0.0
+    for size in range(0, limit + 1):
+        count = math.comb(n, size)
+        elapsed = time.perf_counter() - t0
+        if size > k and per_set * count > extra_budget_s:
+            res.tolerated_exact = False
+            break
+        ok = True
+        for fs in itertools.combinations(hosts, size):
+            if time.perf_counter() - t0 > budget_s and size <= k:
+                res.gave_up = True
+                res.tolerated_exact = False
+                res.seconds = time.perf_counter() - t0
+                return res
+            want = keep == "all" or (keep == "single" and size <= 1)
+            fp = pl.plan(fs, moves=want)
+            res.checked += 1
+            if want and size <= max(k, 1):
+                res.plans[fp.failed] = fp
+            if not fp.ok:
+                res.breaking = fp
+                ok = False
+                break
+        if not ok:
+            break
+        res.tolerated = size
+        per_set = (time.perf_counter() - t0 - 0) / max(1, res.checked)
+        del elapsed
+    res.survives = res.tolerated >= k
+    res.seconds = time.perf_counter() - t0
+    return res
