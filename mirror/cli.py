@@ -4,6 +4,7 @@ mirror secondary --config F              run this host's standby
 mirror primary --config F [--duration S] [--checkpoints N]
 mirror status --config F [--json]        what this host's agent reports
 mirror demo [options]                    a primary and a secondary on this machine
+mirror pool COMMAND ...                  pool HA on etcd (mirror pool --help)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mirror.arbiter import DirectoryArbiter
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests.base import GuestError
 from mirror.hoststate import read_json
+from mirror.pool import cli as pool_cli
 from mirror.standby import StandbyError
 
 
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the hosts' files (logs, stats)")
+    pool_cli.add_parser(sub)
     return ap
 
 
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if args.command == "pool":
+        return pool_cli.run(args)
     try:
         if args.command == "demo":
             if args.observer:

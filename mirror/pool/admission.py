@@ -185,7 +185,7 @@ def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
     for h in hosts:
         sbs: list[str | None] = [None]
         if vm.priority == "mirrored":
-            sbs = [standby] if standby else [s for s in ups if s != h][:6]
+            sbs = [standby] if standby else list[str | None]([x for x in ups if x != h][:6])
             if not sbs:
                 raise PoolError(
                     f"mirrored VM {vm.name} needs a second up host with "

@@ -383,7 +383,8 @@ class Planner:
                 mk = STANDBY
             out.append(((rank, self.order[i], names[i]), Move(names[i], mk, hosts[h], mem[i])))
         for i, h in be_out:
-            out.append(((2, self.order[i], names[i]), Move(names[i], BEST_EFFORT, hosts[h], mem[i])))
+            move = Move(names[i], BEST_EFFORT, hosts[h], mem[i])
+            out.append(((2, self.order[i], names[i]), move))
         out.sort(key=lambda t: t[0])  # stable: promote before its new standby
         return [m for _, m in out]
 

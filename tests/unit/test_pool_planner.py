@@ -278,7 +278,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing() -> None:
 
 def test_maintenance_moves_the_host_s_vms() -> None:
     pool = small_pool()
-    with pytest.raises(admission.Refused, match="if a fails.*web; short by 4096 MiB"):
+    with pytest.raises(admission.Refused, match=r"if a fails.*web; short by 4096 MiB"):
         admission.maintenance(pool, "c", True)  # two hosts left: web could not be re-protected
     pool.failures_to_tolerate = 0
     out = admission.maintenance(pool, "c", True)
