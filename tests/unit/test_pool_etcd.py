@@ -7,7 +7,6 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -129,7 +128,7 @@ def test_concurrent_changes_never_commit_over_each_other(etcd: Etcd) -> None:
             Store(Etcd(etcd.url)).mutate(
                 lambda s: (admission.add_vm(s.pool, f"w{i}", 512, 1, "best-effort",
                                             keep="none").pool, None, None), tries=50)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=adder, args=(i,)) for i in range(8)]
