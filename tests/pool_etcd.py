@@ -34,10 +34,8 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         with suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in the group
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
