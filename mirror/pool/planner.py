@@ -376,10 +376,10 @@ class Planner:
             if kind == _RUN:
                 mk = RESTART
             else:
-                a = self.prim[i]
-                if a >= 0 and a in failed and self.stby[i] >= 0 and self.stby[i] not in failed:
+                a, b = self.prim[i], self.stby[i]
+                if (a < 0 or a in failed) and b >= 0 and b not in failed:
                     out.append(((rank, self.order[i], names[i]),
-                                Move(names[i], PROMOTE, hosts[self.stby[i]], mem[i])))
+                                Move(names[i], PROMOTE, hosts[b], mem[i])))
                 mk = STANDBY
             out.append(((rank, self.order[i], names[i]), Move(names[i], mk, hosts[h], mem[i])))
         for i, h in be_out:

@@ -302,3 +302,18 @@ def test_large_pool_plan_is_checked_for_every_set() -> None:
     assert a.survives and a.checked >= 1 + 24 + 276
     for fs, fp in a.plans.items():
         assert simulate(pool, fs, fp.moves) == []
+
+
+@FAST
+@given(pools())
+def test_the_plan_made_before_a_failure_is_the_one_carried_out_after_it(pool: Pool) -> None:
+    """The controller plans the empty failure set once the host is marked dead: same moves."""
+    for h in pool.up_hosts():
+        before = Planner(pool).plan((h,))
+        dead = pool.copy()
+        dead.set_host_state(h, "dead")
+        after = Planner(dead).plan(())
+        assert [(m.vm, m.kind, m.to) for m in after.moves] == [
+            (m.vm, m.kind, m.to) for m in before.moves
+        ]
+        assert (after.unplaced, after.lost) == (before.unplaced, before.lost)
