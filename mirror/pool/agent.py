@@ -8,7 +8,12 @@ Each host runs ``mirror pool agent --host NAME``.  It
 - runs the VMs placed on it: one process per VM (``mirror.pool.vmproc``, a
   stand-in for the hypervisor's VM), started when a placement names this
   host, stopped when it no longer does, restarted if it exits.  A host that
-  is not ``up`` (declared dead, or in maintenance) runs nothing;
+  is not ``up`` (declared dead, or in maintenance) runs nothing.  Before it
+  starts a VM it creates ``running/VM`` attached to its lease, in a
+  transaction that fails if another host holds it: a VM moved away from a
+  live host starts on its new host only once the old one has stopped it
+  (a dead host's key goes with its lease).  An agent that cannot renew its
+  lease for 70 % of its TTL stops its VMs (it may be declared dead);
 - takes part in electing the controller: ``leader`` is created, attached to
   the agent's lease, by whoever gets there first (a transaction), and
   passes to another agent when the leader's lease expires.
@@ -40,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.pool import admission
-from mirror.pool.etcd import Etcd, EtcdError, absent, put_op
+from mirror.pool.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
 from mirror.pool.model import Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import Conflict, Snapshot, Store
@@ -132,13 +137,25 @@ class HostAgent:
             self._start(vm)
 
     def _start(self, vm: str) -> None:
+        # runtime guard against running a VM twice: running/VM, attached to this host's
+        # lease, is created only if nobody holds it (a dead host's key goes with its lease)
+        key = self.store.key("running", vm)
+        body = json.dumps({"host": self.host, "time": time.time()})
+        ok, resp = self.etcd.txn([absent(key)], [put_op(key, body, self.lease)],
+                                 [range_op(key)])
+        if not ok:
+            kvs = Etcd.range_kvs(resp[0]) if resp else []
+            holder = json.loads(kvs[0].value).get("host") if kvs else None
+            if not kvs or holder != self.host or kvs[0].lease != self.lease:
+                log.info("VM %s: waiting for %s to stop it", vm, holder)
+                return
         cmd = [sys.executable, "-m", "mirror.pool.vmproc", vm, self.host]
         if self.run_dir is not None:
             cmd.append(str(self.run_dir / "vms.log"))
         self.procs[vm] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         log.info("VM %s started on %s (pid %d)", vm, self.host, self.procs[vm].pid)
 
-    def _stop(self, vm: str) -> None:
+    def _stop(self, vm: str, release: bool = True) -> None:
         p = self.procs.pop(vm)
         if p.poll() is None:
             p.terminate()
@@ -148,22 +165,39 @@ class HostAgent:
                 p.kill()
                 p.wait()
         log.info("VM %s stopped on %s", vm, self.host)
+        if release:
+            key = self.store.key("running", vm)
+            kv = self.etcd.get(key)
+            if kv is not None and kv.lease == self.lease:
+                self.etcd.txn([mod_is(key, kv.mod_revision)], [delete_op(key)])
 
-    def stop_all(self) -> None:
+    def stop_all(self, release: bool = True) -> None:
         for vm in list(self.procs):
-            self._stop(vm)
+            self._stop(vm, release)
+
+    def fence(self) -> None:
+        """No lease renewed for most of its TTL: it may have expired and the controller
+        may be restarting this host's VMs elsewhere, so stop them here now."""
+        if self.procs:
+            log.warning("host %s cannot renew its lease: stopping its %d VM(s)",
+                        self.host, len(self.procs))
+            self.stop_all(release=False)
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> int:
         self.register()
         next_keepalive = 0.0
+        renewed = time.monotonic()
         try:
             while not stop.is_set():
                 now = time.monotonic()
+                if now - renewed > 0.7 * self.ttl:
+                    self.fence()
                 try:
                     if now >= next_keepalive:
                         self.keepalive()
+                        renewed = time.monotonic()
                         next_keepalive = now + self.ttl / 3
                     snap = self.store.load()
                     self.reconcile(snap)
@@ -174,7 +208,8 @@ class HostAgent:
                     log.warning("host %s: %s", self.host, e)
                 stop.wait(self.interval)
         finally:
-            self.stop_all()
+            with contextlib.suppress(EtcdError):
+                self.stop_all()
             if self.lease:
                 with contextlib.suppress(EtcdError):
                     self.etcd.revoke(self.lease)

@@ -226,7 +226,8 @@ def status(store: Store, as_json: bool) -> int:
         p = pool.placements.get(name)
         vms.append({"name": name, "priority": vm.priority, "order": vm.order,
                     "mem_mb": vm.mem_mb, "vcpus": vm.vcpus,
-                    "host": p.host if p else None, "standby": p.standby if p else None})
+                    "host": p.host if p else None, "standby": p.standby if p else None,
+                    "running_on": snap.running.get(name)})
     if as_json:
         print(json.dumps({
             "etcd": store.etcd.url, "version": snap.version, "leader": snap.leader,
@@ -254,10 +255,11 @@ def status(store: Store, as_json: bool) -> int:
               f"{str(h['vcpus_used']) + '/' + str(h['vcpus']):>9}  {runs}")
     print()
     print(f"{'VM':<14} {'PRIORITY':<12} {'ORDER':>5} {'MEM MiB':>8} {'VCPUS':>5}  "
-          f"{'HOST':<12} STANDBY")
+          f"{'HOST':<12} {'STANDBY':<12} RUNNING (agent)")
     for v in vms:
         print(f"{v['name']:<14} {v['priority']:<12} {v['order']:>5} {v['mem_mb']:>8} "
-              f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-'}")
+              f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-':<12} "
+              f"{v['running_on'] or '-'}")
     return 0
 
 

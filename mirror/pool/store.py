@@ -9,6 +9,7 @@ Keys under ``/mirror/pool/`` (values JSON):
     version             a counter every change bumps
     plan                the analysis of the current state (and single-failure plans)
     members/NAME        a live host agent, attached to its lease (gone: host dead)
+    running/VM          the host whose agent runs VM now, attached to that agent's lease
     leader              the agent whose controller acts, attached to its lease
     claims/VM/EPOCH     who moved VM away from placement EPOCH (exactly one)
     events/SEQ          what the controller did, in order
@@ -47,6 +48,7 @@ class Snapshot:
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     plan: dict[str, Any] | None = None
     leader: str | None = None
+    running: dict[str, str] = field(default_factory=dict)  # VM -> host whose agent runs it
 
 
 def _j(kv: KV) -> Any:
@@ -86,6 +88,8 @@ class Store:
                     snap.members[name] = _j(kv)
                 elif kind == "plan":
                     snap.plan = _j(kv)
+                elif kind == "running":
+                    snap.running[name] = str(_j(kv).get("host"))
                 elif kind == "leader":
                     snap.leader = str(_j(kv).get("host"))
         except (ValueError, KeyError, TypeError) as e:

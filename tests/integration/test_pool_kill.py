@@ -137,6 +137,13 @@ def test_kill_a_host_its_vms_restart_per_plan_exactly_once(
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
     try:
+        # maintenance with the agents running: h4's VMs move (stopped on h4 first)
+        snap = store.load()
+        moving = {v for v, p in snap.pool.placements.items() if p.host == "h4"}
+        _pool_cli(url, "host", "maintenance", "h4", "on")
+        _wait("h4's VMs to move", lambda: (s := store.load()).running and all(
+            s.running.get(v) not in (None, "h4") for v in moving), 20, root)
+        _pool_cli(url, "host", "maintenance", "h4", "off")
         # round 1: the controller's own host; round 2: a host running a mirrored VM
         snap = _kill_and_check(store, agents, root, log_path, worst, None)
         m = next(v for v in ("m1", "m2") if snap.pool.placements[v].host is not None)
@@ -159,6 +166,10 @@ def test_kill_a_host_its_vms_restart_per_plan_exactly_once(
             assert p.standby is not None and p.standby != p.host
             assert pool.hosts[p.standby].state == "up"
     pool.check()
+    # the agents' runtime records agree: each running VM once, where it is placed
+    want = {v: p.host for v, p in pool.placements.items() if p.host is not None}
+    _wait("running/ keys to match the placements", lambda: store.load().running == want, 10,
+          root)
 
 
 def _kill_and_check(
