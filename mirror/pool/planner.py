@@ -35,8 +35,9 @@ import heapq
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mirror.pool.model import Pool
 
@@ -50,8 +51,7 @@ EXACT_MAX_UNITS = 14  # exhaustive search when a failure set's guaranteed demand
 EXACT_MAX_NODES = 200_000
 
 
-@dataclass(frozen=True)
-class Move:
+class Move(NamedTuple):
     vm: str
     kind: str
     to: str | None  # None: no room found
@@ -116,6 +116,46 @@ class Analysis:
 
 
 _RUN, _PAIR, _STBY, _BE = 0, 1, 2, 3
+
+
+def _fitter(
+    fm: list[int], fc: list[int], alive: list[int], worst: bool
+) -> Callable[[int, int, int], int]:
+    """fit(mem, cpu, forbid) -> host taken (-1: none): worst fit by memory or first fit."""
+    if worst:
+        heap = [(-fm[h], h) for h in alive]
+        heapq.heapify(heap)
+
+        def fit_worst(mem: int, c: int, forbid: int) -> int:
+            skipped = []
+            found = -1
+            while heap:
+                negm, h = heapq.heappop(heap)
+                if -negm < mem:  # the most free memory left is too little: nobody fits
+                    skipped.append((negm, h))
+                    break
+                if h != forbid and fc[h] >= c:
+                    found = h
+                    fm[h] -= mem
+                    fc[h] -= c
+                    heapq.heappush(heap, (-fm[h], h))
+                    break
+                skipped.append((negm, h))
+            for item in skipped:
+                heapq.heappush(heap, item)
+            return found
+
+        return fit_worst
+
+    def fit_first(mem: int, c: int, forbid: int) -> int:
+        for h in alive:
+            if h != forbid and fm[h] >= mem and fc[h] >= c:
+                fm[h] -= mem
+                fc[h] -= c
+                return h
+        return -1
+
+    return fit_first
 
 
 class Planner:
@@ -201,37 +241,7 @@ class Planner:
         """Place every unit or return None; on success fm/fc hold what is left."""
         out: list[tuple[int, int, int]] = []  # (vm, kind, host): kind _RUN or _STBY
         cpu = self.cpu
-        if worst:
-            heap = [(-fm[h], h) for h in alive]
-            heapq.heapify(heap)
-
-            def fit(mem: int, c: int, forbid: int) -> int:
-                skipped = []
-                found = -1
-                while heap:
-                    negm, h = heapq.heappop(heap)
-                    if -negm < mem:
-                        skipped.append((negm, h))
-                        break
-                    if h != forbid and fc[h] >= c:
-                        found = h
-                        fm[h] -= mem
-                        fc[h] -= c
-                        heapq.heappush(heap, (-fm[h], h))
-                        break
-                    skipped.append((negm, h))
-                for s in skipped:
-                    heapq.heappush(heap, s)
-                return found
-        else:
-            def fit(mem: int, c: int, forbid: int) -> int:
-                for h in alive:
-                    if h != forbid and fm[h] >= mem and fc[h] >= c:
-                        fm[h] -= mem
-                        fc[h] -= c
-                        return h
-                return -1
-
+        fit = _fitter(fm, fc, alive, worst)
         for mem, kind, i, forbid in units:
             c = cpu[i]
             h = fit(mem, c, forbid)
@@ -341,28 +351,21 @@ class Planner:
         failed_t = tuple(sorted(failed_names))
         if placed is None:
             return self._failing(failed_t, units, alive, proven, moves)
-        # best-effort VMs in restart order, wherever room is left
+        # best-effort VMs in restart order, wherever room is left (most free memory first)
         lost = []
         be_out = []
-        for i in be:
-            h = self._first_room(fm, fc, alive, self.mem[i], self.cpu[i])
-            if h < 0:
-                lost.append(self.names[i])
-            else:
-                fm[h] -= self.mem[i]
-                fc[h] -= self.cpu[i]
-                be_out.append((i, h))
+        if be:
+            fit = _fitter(fm, fc, alive, True)
+            for i in be:
+                h = fit(self.mem[i], self.cpu[i], -1)
+                if h < 0:
+                    lost.append(self.names[i])
+                else:
+                    be_out.append((i, h))
         out: list[Move] = []
         if moves:
             out = self._moves(units, placed, be_out, failed)
         return FailurePlan(failed_t, out, [], 0, lost, True)
-
-    def _first_room(self, fm: list[int], fc: list[int], alive: list[int], m: int, c: int) -> int:
-        best = -1
-        for h in alive:
-            if fm[h] >= m and fc[h] >= c and (best < 0 or fm[h] > fm[best]):
-                best = h
-        return best
 
     def _moves(
         self, units: list[tuple[int, int, int, int]], placed: list[tuple[int, int, int]],
