@@ -41,6 +41,11 @@ from typing import Any, NamedTuple
 
 from mirror.pool.model import Pool
 
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is optional: the composed check is skipped
+    np = None  # type: ignore[assignment]
+
 # kinds of move
 PROMOTE = "promote"  # the standby host runs the VM now (the pair's own failover)
 STANDBY = "standby"  # a new standby reservation
@@ -163,9 +168,15 @@ class Planner:
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.hosts = pool.up_hosts()
+        # up and dead hosts are indexed alike (a dead host's VMs are still placed on it, and
+        # the controller's plan once it is marked dead equals the plan made before); dead
+        # hosts are in every failure set.  Hosts in maintenance hold nothing.
+        self.hosts = sorted(h.name for h in pool.hosts.values() if h.state in ("up", "dead"))
+        self.up = [h for h in self.hosts if pool.hosts[h].state == "up"]
         self.index = {h: i for i, h in enumerate(self.hosts)}
+        self.down = {self.index[h] for h in self.hosts if pool.hosts[h].state == "dead"}
         n = len(self.hosts)
+        self._rings: dict[int, list[tuple[int, int, int]] | None] = {}
         self.cap_m = [pool.hosts[h].mem_mb for h in self.hosts]
         self.cap_c = [pool.hosts[h].vcpus for h in self.hosts]
         fm, fc = self.cap_m[:], self.cap_c[:]
@@ -329,8 +340,52 @@ class Planner:
         except Budget:
             return None, False
 
+    # -- composition of single-failure plans ---------------------------------------------------
+
+    def ring(self, x: int) -> list[tuple[int, int, int]] | None:
+        """Host x's VMs placed as if x alone failed (every other indexed host alive), first
+        fit around the ring x+1, x+2, ...: each host's VMs land on few hosts, so that single
+        plans of most sets of hosts can be combined.  None: no room that way."""
+        if x not in self._rings:
+            n = len(self.hosts)
+            order = [(x + d) % n for d in range(1, n)]
+            fm, fc = self.free_m[:], self.free_c[:]
+            units, _ = self._units({x})
+            self._rings[x] = self._greedy(units, fm, fc, order, worst=False)
+        return self._rings[x]
+
+    def _composed(
+        self, failed: set[int], fm: list[int], fc: list[int]
+    ) -> list[tuple[int, int, int]] | None:
+        """Every failed host's ring plan at once, if they do not touch (see _Composer)."""
+        out: list[tuple[int, int, int]] = []
+        both: dict[int, list[int]] = {}  # mirrored VMs whose two hosts fail: [run, standby]
+        for x in sorted(failed):
+            r = self.ring(x)
+            if r is None:
+                return None
+            for i, kind, h in r:
+                if h in failed:
+                    return None
+                fm[h] -= self.mem[i]
+                fc[h] -= self.cpu[i]
+                a, b = self.prim[i], self.stby[i]
+                if b >= 0 and a in failed and b in failed:
+                    # a's plan reserved a new standby for it, b's plan one more: it restarts
+                    # on the one from its primary's plan, and is mirrored to the other
+                    both.setdefault(i, [-1, -1])[0 if x == a else 1] = h
+                else:
+                    out.append((i, kind, h))
+        if any(v < 0 for v in fm) or any(v < 0 for v in fc):
+            return None
+        for i, (run, standby) in both.items():
+            if run == standby:
+                return None
+            out += [(i, _RUN, run), (i, _STBY, standby)]
+        return out
+
     def plan(self, failed_names: tuple[str, ...] | list[str], moves: bool = True) -> FailurePlan:
-        failed = {self.index[h] for h in failed_names}
+        failed = {self.index[h] for h in failed_names} | self.down
         alive = [h for h in range(len(self.hosts)) if h not in failed]
         units, be = self._units(failed)
         fm, fc = self.free_m[:], self.free_c[:]
@@ -339,6 +394,9 @@ class Planner:
         if placed is None:
             fm, fc = self.free_m[:], self.free_c[:]
             placed = self._greedy(units, fm, fc, alive, worst=False)
+        if placed is None and len(failed) >= 2 and not self.always:
+            fm, fc = self.free_m[:], self.free_c[:]
+            placed = self._composed(failed, fm, fc)
         if placed is None:
             fm, fc = self.free_m[:], self.free_c[:]
             need = sum(u[0] * (2 if u[1] == _PAIR else 1) for u in units)
@@ -350,7 +408,7 @@ class Planner:
                 proven = False
         failed_t = tuple(sorted(failed_names))
         if placed is None:
-            return self._failing(failed_t, units, alive, proven, moves)
+            return self._failing(failed_t, failed, units, alive, proven, moves)
         # best-effort VMs in restart order, wherever room is left (most free memory first)
         lost = []
         be_out = []
@@ -392,8 +450,8 @@ class Planner:
         return [m for _, m in out]
 
     def _failing(
-        self, failed: tuple[str, ...], units: list[tuple[int, int, int, int]],
-        alive: list[int], proven: bool, moves: bool,
+        self, failed: tuple[str, ...], failed_idx: set[int],
+        units: list[tuple[int, int, int, int]], alive: list[int], proven: bool, moves: bool,
     ) -> FailurePlan:
         """What a failing set leaves out: place greedily in priority order, name the rest."""
         fm, fc = self.free_m[:], self.free_c[:]
@@ -432,9 +490,81 @@ class Planner:
         # the shortfall is at least what the totals say is missing
         need_total = sum(u[0] * (2 if u[1] == _PAIR else 1) for u in units)
         short = max(short, need_total - sum(max(0, self.free_m[h]) for h in alive))
-        _, be = self._units({self.index[h] for h in failed})
+        _, be = self._units(failed_idx)
         return FailurePlan(failed, out, sorted(unplaced), short,
                            [self.names[i] for i in be], proven)
+
+
+class _Composer:
+    """Verified composition of single-failure plans, for failure sets of size >= 2.
+
+    Each host's ring plan (:meth:`Planner.ring`) sends its VMs to a few hosts
+    after it.  If no two hosts of F are linked (one's ring plan sends a VM to
+    the other) and nothing is unplaced before any failure, every VM that F
+    displaces is displaced by one host h of F with the same demands as when
+    h fails alone, except a mirrored VM whose two hosts are in F: it needs a
+    restart and a new standby, and the two ring plans reserved exactly two
+    places of its size for it (a new standby each), which serve if they are
+    on different hosts (else its two hosts count as linked).  Sending each
+    VM where the ring plans send it is then a plan for F, valid iff no
+    surviving host receives more memory or vCPUs than it has free.  That sum
+    is checked for every set (numpy, in chunks), and :meth:`Planner.plan`
+    builds the same composed plan when its greedy packers fail, so the
+    controller finds every plan proved here.  Sets that
+    are linked or do not fit are planned from scratch.  No set is skipped.
+    """
+
+    CHUNK = 16384
+
+    def __init__(self, pl: Planner) -> None:
+        n = len(pl.hosts)
+        self.pl = pl
+        self.lm = np.zeros((n, n), dtype=np.int64)
+        self.lc = np.zeros((n, n), dtype=np.int64)
+        self.linked = np.zeros((n, n), dtype=bool)
+        target: dict[tuple[int, int], int] = {}  # (failed host, VM) -> where its ring sends it
+        self.fm = np.array(pl.free_m, dtype=np.int64)
+        self.fc = np.array(pl.free_c, dtype=np.int64)
+
+        for h in range(n):
+            r = pl.ring(h)
+            if r is None:  # no single ring plan: every set with h is planned from scratch
+                self.linked[h, :] = self.linked[:, h] = True
+                continue
+            for i, _kind, t in r:
+                self.lm[h, t] += pl.mem[i]
+                self.lc[h, t] += pl.cpu[i]
+                self.linked[h, t] = self.linked[t, h] = True
+                target[h, i] = t
+        for i, (a, b) in enumerate(zip(pl.prim, pl.stby, strict=True)):
+            # a pair whose two hosts fail restarts where its primary's plan reserved its new
+            # standby, mirrored to where its standby's plan did: those must differ
+            if a >= 0 and b >= 0 and target.get((a, i), -1) == target.get((b, i), -2):
+                self.linked[a, b] = self.linked[b, a] = True
+
+    def unverified(self, size: int) -> Any:
+        """Yield, in order, the failure sets (host index tuples) the composition cannot prove."""
+        n = len(self.pl.hosts)
+        combos = itertools.combinations(range(n), size)
+        pairs = list(itertools.combinations(range(size), 2))
+        while True:
+            flat = np.fromiter(
+                itertools.chain.from_iterable(itertools.islice(combos, self.CHUNK)),
+                dtype=np.int64,
+            )
+            if flat.size == 0:
+                return
+            idx = flat.reshape(-1, size)
+            sm = self.lm[idx[:, 0]].copy()
+            sc = self.lc[idx[:, 0]].copy()
+            for j in range(1, size):
+                sm += self.lm[idx[:, j]]
+                sc += self.lc[idx[:, j]]
+            bad = ~((sm <= self.fm).all(axis=1) & (sc <= self.fc).all(axis=1))
+            for p, q in pairs:
+                bad |= self.linked[idx[:, p], idx[:, q]]
+            for row in idx[bad]:
+                yield tuple(int(x) for x in row)
 
 
 def analyse(
@@ -445,49 +575,73 @@ def analyse(
     max_k: int | None = None,
     budget_s: float = 60.0,
     extra_budget_s: float = 2.0,
+    compose: bool = True,
 ) -> Analysis:
     """Check every failure set of size 0..k; then look further for the largest k tolerated.
 
     ``keep``: which plans to return: "all", "single" (sets of size <= 1) or "none".
-    Sizes beyond k are explored while the estimated time stays within
-    ``extra_budget_s`` (the answer then says "at least").  If checking up to k
-    itself exceeds ``budget_s`` the analysis gives up: it never claims k.
+    Unless every plan is kept, sets of size >= 2 are first checked by
+    composing single-failure plans (:class:`_Composer`; ``compose=False``
+    plans every set from scratch).  Sizes beyond k are explored while the
+    estimated time stays within ``extra_budget_s`` (the answer then says "at
+    least").  If checking up to k itself exceeds ``budget_s`` the analysis
+    gives up: it never claims k.
     """
     t0 = time.perf_counter()
     k = pool.failures_to_tolerate if k is None else k
     pl = Planner(pool)
-    hosts = pl.hosts
+    hosts = pl.up
     n = len(hosts)
     limit = n if max_k is None else min(n, max_k)
     res = Analysis(k, False, -1, True, None, up_hosts=n)
-    per_set = 0.0
+    composer = (
+        _Composer(pl)
+        if compose and keep != "all" and np is not None and not pl.always and not pl.down
+        else None
+    )
+    per_set = 0.0  # seconds per set planned from scratch
+    per_composed = 2e-6  # seconds per set checked by composition (first guess)
+
+    def gave_up() -> Analysis:
+        res.gave_up = True
+        res.tolerated_exact = False
+        res.seconds = time.perf_counter() - t0
+        return res
+
     for size in range(0, limit + 1):
         count = math.comb(n, size)
-        elapsed = time.perf_counter() - t0
-        if size > k and per_set * count > extra_budget_s:
+        fast = composer is not None and size >= 2
+        if size > k and (per_composed if fast else per_set) * count > extra_budget_s:
             res.tolerated_exact = False
             break
         ok = True
-        for fs in itertools.combinations(hosts, size):
+        t_size = time.perf_counter()
+        sets: Any = (
+            (tuple(hosts[i] for i in fs) for fs in composer.unverified(size))  # type: ignore[union-attr]
+            if fast else itertools.combinations(hosts, size)
+        )
+        planned = 0
+        for fs in sets:
             if time.perf_counter() - t0 > budget_s and size <= k:
-                res.gave_up = True
-                res.tolerated_exact = False
-                res.seconds = time.perf_counter() - t0
-                return res
+                return gave_up()
             want = keep == "all" or (keep == "single" and size <= 1)
             fp = pl.plan(fs, moves=want)
-            res.checked += 1
+            planned += 1
             if want and size <= max(k, 1):
                 res.plans[fp.failed] = fp
             if not fp.ok:
                 res.breaking = fp
                 ok = False
                 break
+        res.checked += count if fast and ok else planned
         if not ok:
             break
         res.tolerated = size
-        per_set = (time.perf_counter() - t0 - 0) / max(1, res.checked)
-        del elapsed
+        spent = time.perf_counter() - t0
+        if fast:
+            per_composed = max(per_composed, (time.perf_counter() - t_size) / max(1, count))
+        else:
+            per_set = spent / max(1, res.checked)
     res.survives = res.tolerated >= k
     res.seconds = time.perf_counter() - t0
     return res

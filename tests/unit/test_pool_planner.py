@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import pytest
@@ -317,3 +318,44 @@ def test_the_plan_made_before_a_failure_is_the_one_carried_out_after_it(pool: Po
             (m.vm, m.kind, m.to) for m in before.moves
         ]
         assert (after.unplaced, after.lost) == (before.unplaced, before.lost)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(max_hosts=8, max_vms=14))
+def test_composed_checks_agree_with_planning_every_set(pool: Pool) -> None:
+    """Failure sets of size >= 2 proved by composing single-failure plans: same answers."""
+    fast = analyse(pool, keep="none", max_k=4)
+    full = analyse(pool, keep="none", max_k=4, compose=False)
+    assert (fast.tolerated, fast.survives) == (full.tolerated, full.survives)
+    assert (fast.breaking is None) == (full.breaking is None)
+    if fast.breaking is not None and full.breaking is not None:
+        assert fast.breaking.failed == full.breaking.failed  # the first failing set, in order
+
+
+def test_composed_check_on_a_large_pool_matches_planning_every_set() -> None:
+    from bench.pool import make_pool
+
+    pool = make_pool(24, 400, 3, seed=7)
+    fast = analyse(pool, keep="none", max_k=3)
+    full = analyse(pool, keep="none", max_k=3, compose=False)
+    assert fast.survives == full.survives and fast.tolerated == full.tolerated
+    assert fast.checked == full.checked == sum(math.comb(24, s) for s in range(4))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(max_hosts=7, max_vms=12))
+def test_every_composed_plan_survives_its_failure_set_in_simulation(pool: Pool) -> None:
+    """The composition of ring plans, used when greedy packing fails: checked in simulation."""
+    pl = Planner(pool)
+    if pl.always:
+        return
+    for size in (2, 3):
+        for fs in itertools.combinations(pl.up, size):
+            failed = {pl.index[h] for h in fs}
+            fm, fc = pl.free_m[:], pl.free_c[:]
+            placed = pl._composed(failed, fm, fc)
+            if placed is None:
+                continue
+            units, _ = pl._units(failed)
+            moves = pl._moves(units, placed, [], failed)
+            assert simulate(pool, fs, moves) == [], (fs, moves)
