@@ -12,8 +12,9 @@ scratch), and ``plans``, what ``mirror pool plan`` runs (a full plan built
 and kept for every set; only up to 50,000 sets).  Beside them, in the same
 run: the time per set of ``plans``, and a naive baseline that rebuilds the
 pool's usage for each failure set (planning without the precomputed
-per-host view), timed on the first 200 failure sets and extrapolated.  Targets: 64 hosts, 2,000 VMs, k = 2 under 1 s; 256 hosts,
-10,000 VMs, k = 1 under 5 s.
+per-host view), timed on the first 200 failure sets and extrapolated.
+Targets: 64 hosts, 2,000 VMs, k = 2 under 1 s; 256 hosts, 10,000 VMs,
+k = 1 under 5 s.
 """
 
 from __future__ import annotations
