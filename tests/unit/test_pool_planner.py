@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import Any
 
 import pytest
@@ -146,7 +147,10 @@ def pools(draw: st.DrawFn, max_hosts: int = 5, max_vms: int = 7) -> Pool:
     return pool
 
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# MIRROR_POOL_EXAMPLES=N multiplies the examples for a longer search (default 1)
+SCALE = int(os.environ.get("MIRROR_POOL_EXAMPLES", "1"))
+FAST = settings(max_examples=150 * SCALE, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
@@ -320,7 +324,7 @@ def test_the_plan_made_before_a_failure_is_the_one_carried_out_after_it(pool: Po
         assert (after.unplaced, after.lost) == (before.unplaced, before.lost)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pools(max_hosts=8, max_vms=14))
 def test_composed_checks_agree_with_planning_every_set(pool: Pool) -> None:
     """Failure sets of size >= 2 proved by composing single-failure plans: same answers."""
@@ -342,7 +346,7 @@ def test_composed_check_on_a_large_pool_matches_planning_every_set() -> None:
     assert fast.checked == full.checked == sum(math.comb(24, s) for s in range(4))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pools(max_hosts=7, max_vms=12))
 def test_every_composed_plan_survives_its_failure_set_in_simulation(pool: Pool) -> None:
     """The composition of ring plans, used when greedy packing fails: checked in simulation."""
