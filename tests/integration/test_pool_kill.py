@@ -72,7 +72,7 @@ class Agents:
     def start(self, host: str) -> None:
         log = open(self.root / f"agent-{host}.log", "wb")  # noqa: SIM115
         self.procs[host] = subprocess.Popen(
-            [sys.executable, "-m", "mirror", "pool", "agent", "--host", host, "--ttl", "2",
+            [sys.executable, "-m", "mirror", "pool", "agent", "--host", host, "--ttl", "3",
              "--run-dir", str(self.root), "--etcd", self.url],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
