@@ -141,8 +141,13 @@ def test_kill_a_host_its_vms_restart_per_plan_exactly_once(
         snap = store.load()
         moving = {v for v, p in snap.pool.placements.items() if p.host == "h4"}
         _pool_cli(url, "host", "maintenance", "h4", "on")
-        _wait("h4's VMs to move", lambda: (s := store.load()).running and all(
-            s.running.get(v) not in (None, "h4") for v in moving), 20, root)
+        def moved() -> bool:
+            s = store.load()
+            where = {v: s.running.get(v) for v in moving}
+            started = {(e[1], e[2]) for e in _vm_log(log_path) if e[0] == "start"}
+            return all(h not in (None, "h4") and (v, h) in started for v, h in where.items())
+
+        _wait("h4's VMs to move and start elsewhere", moved, 20, root)
         _pool_cli(url, "host", "maintenance", "h4", "off")
         # round 1: the controller's own host; round 2: a host running a mirrored VM
         snap = _kill_and_check(store, agents, root, log_path, worst, None)
