@@ -175,6 +175,9 @@ def test_cli_changes_status_plan_and_refusals(
     rc, _, err = _cli(capsys, url, "vm", "add", "x", "--mem", "99999", "--priority", "restart")
     assert rc == 2 and "larger than every host" in err
     assert json.dumps(Store(etcd).load().pool.to_json()) == before  # nothing committed
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    rc, _, err = _cli(capsys, dead, "status")
+    assert rc == 2 and f"etcd at {dead} is unreachable" in err
 
     rc, out, _ = _cli(capsys, url, "status", "--json")
     st = json.loads(out)
