@@ -7,6 +7,7 @@ mirror failover --config F [--force]     promote this host's secondary now
 mirror switchover --config F             planned role swap (run on the primary's host)
 mirror image build [--dir D]             the demo guest (Debian kernel + busybox initramfs)
 mirror demo [--guest synthetic|qemu] ... a primary and a secondary on this machine
+mirror pool COMMAND ...                  pool HA on etcd (mirror pool --help)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests import image
 from mirror.guests.base import GuestError
 from mirror.hoststate import read_json
+from mirror.pool import cli as pool_cli
 from mirror.standby import StandbyError
 
 
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the hosts' files (logs, stats)")
+    pool_cli.add_parser(sub)
     return ap
 
 
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if args.command == "pool":
+        return pool_cli.run(args)
     try:
         if args.command == "image":
             image.build(Path(args.dir))

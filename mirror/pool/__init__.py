@@ -1,0 +1,1 @@
+"""Pool HA: many hosts, many VMs, failure planning and admission control, state on etcd."""

@@ -1,0 +1,290 @@
+"""`mirror pool ...`: the pool's state on etcd, what-if plans, changes under admission control.
+
+mirror pool status                       hosts, VMs, placements, tolerated failures
+mirror pool plan [--failures N]          what-if: where every VM goes after each failure set
+mirror pool config [--failures N] [--allow-overcommit yes|no]
+mirror pool host add NAME --mem MIB --vcpus N
+mirror pool host remove NAME
+mirror pool host maintenance NAME on|off
+mirror pool vm add NAME --mem MIB --vcpus N --priority mirrored|restart|best-effort
+                   [--order N] [--host H] [--standby H]
+mirror pool vm remove NAME
+mirror pool vm resize NAME --mem MIB [--vcpus N]
+mirror pool agent --host NAME [--ttl S] [--run-dir DIR] [--mem MIB --vcpus N]
+
+Every command takes --etcd URL (default $MIRROR_ETCD or http://127.0.0.1:2379)
+and --json.  Exit status: 0 done, 1 refused by admission control, 2 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mirror.pool import admission
+from mirror.pool.etcd import Etcd, EtcdError
+from mirror.pool.model import PRIORITIES, Pool, PoolError
+from mirror.pool.planner import Analysis, analyse
+from mirror.pool.store import Conflict, Snapshot, Store
+
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be within {lo}..{hi}, got {v}")
+        return v
+
+    return parse
+
+
+def add_parser(sub: Any) -> None:
+    """Register `pool` on the `mirror` command's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--etcd", default=os.environ.get("MIRROR_ETCD", DEFAULT_ETCD),
+                        metavar="URL", help="etcd client URL (default $MIRROR_ETCD or "
+                        f"{DEFAULT_ETCD})")
+    common.add_argument("--json", action="store_true", help="print JSON")
+
+    pool = sub.add_parser("pool", help="pool HA: hosts, VMs, failure plans (state on etcd)",
+                          description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    ps = pool.add_subparsers(dest="pool_command", required=True, metavar="POOL_COMMAND")
+    ps.add_parser("status", parents=[common], help="hosts, VMs, placements, tolerated failures")
+    p = ps.add_parser("plan", parents=[common], help="what-if: the plan for N host failures")
+    p.add_argument("--failures", type=_int(0, 64), metavar="N",
+                   help="failures to plan for (default: the pool's failures_to_tolerate)")
+    p = ps.add_parser("config", parents=[common], help="failures to tolerate, overcommit")
+    p.add_argument("--failures", type=_int(0, 64), metavar="N",
+                   help="failures_to_tolerate: host failures every protected VM must survive")
+    p.add_argument("--allow-overcommit", choices=["yes", "no"],
+                   help="yes: changes that break the guarantee go through with a warning")
+
+    hp = ps.add_parser("host", help="add, remove, maintenance").add_subparsers(
+        dest="host_command", required=True, metavar="HOST_COMMAND")
+    p = hp.add_parser("add", parents=[common], help="a host joins the pool")
+    p.add_argument("name")
+    p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
+    p.add_argument("--vcpus", type=_int(1, 1 << 16), required=True, metavar="N")
+    p = hp.add_parser("remove", parents=[common], help="an empty host leaves the pool")
+    p.add_argument("name")
+    p = hp.add_parser("maintenance", parents=[common],
+                      help="on: move its VMs away (as if it failed); off: take VMs again")
+    p.add_argument("name")
+    p.add_argument("mode", choices=["on", "off"])
+
+    vp = ps.add_parser("vm", help="add, remove, resize").add_subparsers(
+        dest="vm_command", required=True, metavar="VM_COMMAND")
+    p = vp.add_parser("add", parents=[common], help="start a VM (a mirrored one is a pair)")
+    p.add_argument("name")
+    p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
+    p.add_argument("--vcpus", type=_int(1, 1 << 16), default=1, metavar="N")
+    p.add_argument("--priority", required=True, metavar="P",
+                   help=f"one of {', '.join(PRIORITIES)}")
+    p.add_argument("--order", type=_int(0, 1 << 20), default=0, metavar="N",
+                   help="restart order within its priority: lower first (default 0)")
+    p.add_argument("--host", help="run it on this host (default: the planner chooses)")
+    p.add_argument("--standby", help="mirrored: its standby's host (default: planner)")
+    p = vp.add_parser("remove", parents=[common], help="stop and forget a VM")
+    p.add_argument("name")
+    p = vp.add_parser("resize", parents=[common], help="change a VM's memory or vCPUs")
+    p.add_argument("name")
+    p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
+    p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
+
+    p = ps.add_parser("agent", parents=[common],
+                      help="run this host's pool agent (and the controller, if elected)")
+    p.add_argument("--host", required=True, help="this host's name in the pool")
+    p.add_argument("--ttl", type=_int(1, 600), default=3, metavar="S",
+                   help="lease TTL: the host is dead S seconds after its agent stops (default 3)")
+    p.add_argument("--run-dir", type=Path, metavar="DIR",
+                   help="where the VM stand-ins log their starts and stops (vms.log)")
+    p.add_argument("--mem", type=_int(1, 1 << 30), metavar="MIB",
+                   help="add the host with this memory if the pool does not know it")
+    p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        store = Store(Etcd(args.etcd))
+        cmd = args.pool_command
+        if cmd == "agent":
+            from mirror.pool.agent import HostAgent, stop_event
+
+            logging.getLogger("mirror.pool").setLevel(logging.INFO)
+            return HostAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
+                             args.vcpus).run(stop_event())
+        if cmd == "status":
+            return status(store, args.json)
+        if cmd == "plan":
+            return plan(store, args.failures, args.json)
+        return change(store, args)
+    except admission.Refused as r:
+        if args.json:
+            print(json.dumps({"refused": str(r), "analysis": r.analysis.to_json(False)}))
+        print(f"mirror pool: {r}", file=sys.stderr)
+        return 1
+    except (PoolError, EtcdError, Conflict) as e:
+        print(f"mirror pool: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `| head`
+        sys.stderr.close()
+        return 0
+
+
+def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
+    kw: dict[str, Any] = {"keep": "single"}
+    cmd = args.pool_command
+    if cmd == "config":
+        over = None if args.allow_overcommit is None else args.allow_overcommit == "yes"
+        if args.failures is None and over is None:
+            raise PoolError("config: give --failures and/or --allow-overcommit")
+        return lambda p: admission.configure(p, args.failures, over, **kw)
+    if cmd == "host":
+        hc = args.host_command
+        if hc == "add":
+            return lambda p: admission.add_host(p, args.name, args.mem, args.vcpus, **kw)
+        if hc == "remove":
+            return lambda p: admission.remove_host(p, args.name, **kw)
+        return lambda p: admission.maintenance(p, args.name, args.mode == "on", **kw)
+    vc = args.vm_command
+    if vc == "add":
+        return lambda p: admission.add_vm(p, args.name, args.mem, args.vcpus, args.priority,
+                                          args.order, args.host, args.standby, **kw)
+    if vc == "remove":
+        return lambda p: admission.remove_vm(p, args.name, **kw)
+    return lambda p: admission.resize_vm(p, args.name, args.mem, args.vcpus, **kw)
+
+
+def change(store: Store, args: argparse.Namespace) -> int:
+    op = _op(args)
+
+    def apply(snap: Snapshot) -> tuple[Pool, Analysis, admission.Outcome]:
+        out = op(snap.pool)
+        return out.pool, out.analysis, out
+
+    out: admission.Outcome = store.mutate(apply)
+    a = out.analysis
+    if args.json:
+        print(json.dumps({"done": out.summary, "warning": out.warning,
+                          "analysis": a.to_json(False)}, indent=1))
+    else:
+        print(f"{out.summary}: done. {_tolerance_line(out.pool, a)}")
+    if out.warning:
+        print(f"mirror pool: {out.warning}", file=sys.stderr)
+    return 0
+
+
+def _tolerance_line(pool: Pool, a: Analysis) -> str:
+    at_least = "" if a.tolerated_exact else "at least "
+    if a.gave_up:
+        return f"cannot prove {a.k} host failure(s) within the planning budget"
+    if a.tolerated < 0:
+        state = "BROKEN: protected VMs have no place even with no failure"
+    else:
+        state = f"tolerates {at_least}{a.tolerated} host failure(s)"
+    if a.k == pool.failures_to_tolerate:
+        want = f"failures_to_tolerate {a.k}: {'OK' if a.survives else 'OVERCOMMITTED'}"
+    else:
+        want = f"failures_to_tolerate is {pool.failures_to_tolerate}"
+    return f"The pool {state} ({want})."
+
+
+def _snapshot(store: Store) -> Snapshot:
+    snap = store.load()
+    snap.pool.check()
+    return snap
+
+
+def status(store: Store, as_json: bool) -> int:
+    snap = _snapshot(store)
+    pool = snap.pool
+    a = analyse(pool, keep="none")
+    used = pool.usage()
+    hosts: list[dict[str, Any]] = []
+    for name, host in sorted(pool.hosts.items()):
+        agent = "alive" if name in snap.members else ("gone" if host.agent else "none")
+        hosts.append({
+            "name": name, "state": host.state, "agent": agent, "mem_mb": host.mem_mb,
+            "vcpus": host.vcpus, "mem_used_mb": used[name][0], "vcpus_used": used[name][1],
+            "runs": sorted(v for v, p in pool.placements.items() if p.host == name),
+            "standbys": sorted(v for v, p in pool.placements.items() if p.standby == name),
+        })
+    vms = []
+    for name, vm in sorted(pool.vms.items()):
+        p = pool.placements.get(name)
+        vms.append({"name": name, "priority": vm.priority, "order": vm.order,
+                    "mem_mb": vm.mem_mb, "vcpus": vm.vcpus,
+                    "host": p.host if p else None, "standby": p.standby if p else None,
+                    "running_on": snap.running.get(name)})
+    if as_json:
+        print(json.dumps({
+            "etcd": store.etcd.url, "version": snap.version, "leader": snap.leader,
+            "failures_to_tolerate": pool.failures_to_tolerate,
+            "allow_overcommit": pool.allow_overcommit, "tolerated": a.tolerated,
+            "tolerated_exact": a.tolerated_exact, "overcommitted": not a.survives,
+            "breaking": None if a.breaking is None else a.breaking.to_json(),
+            "hosts": hosts, "vms": vms,
+        }, indent=1))
+        return 0
+    print(f"pool on etcd {store.etcd.url} (version {snap.version}, controller: "
+          f"{snap.leader or 'none'})")
+    print(f"failures_to_tolerate {pool.failures_to_tolerate}, allow_overcommit "
+          f"{'yes' if pool.allow_overcommit else 'no'}")
+    print(_tolerance_line(pool, a))
+    if not a.survives and a.breaking is not None:
+        print(f"  {admission.describe_break(a)}")
+    print()
+    print(f"{'HOST':<12} {'STATE':<12} {'AGENT':<6} {'MEM MiB used/total':>20} "
+          f"{'VCPUS':>9}  VMS (standbys in brackets)")
+    for h in hosts:
+        runs = " ".join(h["runs"]) + "".join(f" [{s}]" for s in h["standbys"])
+        print(f"{h['name']:<12} {h['state']:<12} {h['agent']:<6} "
+              f"{str(h['mem_used_mb']) + '/' + str(h['mem_mb']):>20} "
+              f"{str(h['vcpus_used']) + '/' + str(h['vcpus']):>9}  {runs}")
+    print()
+    print(f"{'VM':<14} {'PRIORITY':<12} {'ORDER':>5} {'MEM MiB':>8} {'VCPUS':>5}  "
+          f"{'HOST':<12} {'STANDBY':<12} RUNNING (agent)")
+    for v in vms:
+        print(f"{v['name']:<14} {v['priority']:<12} {v['order']:>5} {v['mem_mb']:>8} "
+              f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-':<12} "
+              f"{v['running_on'] or '-'}")
+    return 0
+
+
+def plan(store: Store, failures: int | None, as_json: bool) -> int:
+    snap = _snapshot(store)
+    pool = snap.pool
+    k = pool.failures_to_tolerate if failures is None else failures
+    a = analyse(pool, k, keep="all")
+    if as_json:
+        print(json.dumps(a.to_json(), indent=1))
+        return 0
+    verdict = "survivable" if a.survives else "NOT survivable"
+    print(f"{k} host failure(s): {verdict}. {_tolerance_line(pool, a)}")
+    if not a.survives:
+        print(f"  {admission.describe_break(a)}")
+    print(f"({a.checked} failure sets checked in {a.seconds * 1000:.1f} ms)")
+    for fs, fp in a.plans.items():
+        if not fs and not fp.moves:
+            continue
+        head = "no failure (repair)" if not fs else "if " + ", ".join(fs) + " fail" + \
+            ("s" if len(fs) == 1 else "")
+        print(f"\n{head}:" + ("" if fp.ok else f"  BREAKS: {', '.join(fp.unplaced)} have no "
+                             f"room (short by {fp.shortfall_mb} MiB)"))
+        for m in fp.moves:
+            print(f"  {m.vm:<14} {m.kind:<12} -> {m.to}")
+        if fp.lost:
+            print(f"  best-effort VMs not restarted: {', '.join(fp.lost)}")
+    return 0

@@ -1,0 +1,205 @@
+"""The etcd client, the etcd arbiter, the pool store and `mirror pool`, on a real etcd."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mirror.cli import main
+from mirror.pool import admission
+from mirror.pool.etcd import Etcd, EtcdError, absent, put_op
+from mirror.pool.etcd_arbiter import EtcdArbiter
+from mirror.pool.store import Conflict, Store
+from tests.pool_etcd import etcd_server
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with etcd_server(tmp_path_factory.mktemp("etcd")) as url:
+        yield url
+
+
+@pytest.fixture
+def etcd(etcd_url: str) -> Etcd:
+    e = Etcd(etcd_url)
+    e.delete_prefix("/")  # each test starts from an empty keyspace
+    return e
+
+
+def test_client_keys_transactions_and_leases(etcd: Etcd) -> None:
+    etcd.put("/t/a", "1")
+    kv = etcd.get("/t/a")
+    assert kv is not None and kv.value == b"1" and kv.mod_revision > 0
+    ok, _ = etcd.txn([absent("/t/a")], [put_op("/t/a", "2")])
+    assert not ok and etcd.get("/t/a").value == b"1"  # type: ignore[union-attr]
+    lease = etcd.grant(1)
+    etcd.put("/t/leased", "x", lease)
+    assert etcd.keepalive(lease) >= 1
+    kvs, _ = etcd.get_prefix("/t/")
+    assert [k.key for k in kvs] == ["/t/a", "/t/leased"]
+    time.sleep(2.5)  # no keepalive: the lease expires and takes its key
+    assert etcd.get("/t/leased") is None
+    assert etcd.keepalive(lease) == 0
+    etcd.revoke(lease)  # revoking a gone lease is not an error
+
+
+def test_unreachable_etcd_names_the_url() -> None:
+    e = Etcd(f"http://127.0.0.1:{_closed_port()}", timeout=2)
+    with pytest.raises(EtcdError, match=r"etcd at http://127\.0\.0\.1:\d+ is unreachable"):
+        e.get("/x")
+    with pytest.raises(EtcdError, match="must be http://"):
+        Etcd("127.0.0.1:2379")
+
+
+def _closed_port() -> int:
+    from tests.pool_etcd import free_port
+
+    return free_port()
+
+
+def test_arbiter_slots_and_generation(etcd: Etcd) -> None:
+    a = EtcdArbiter(etcd, "p", "A")
+    b = EtcdArbiter(etcd, "p", "B")
+    assert b.peer_age("A") is None and b.generation() == 0
+    a.beat("primary", 3, 17)
+    slot = b.peer_slot("A")
+    assert slot is not None and (slot.role, slot.generation, slot.epoch) == ("primary", 3, 17)
+    age = b.peer_age("A")
+    assert age is not None and age < 0.1
+    time.sleep(0.2)
+    age = b.peer_age("A")
+    assert age is not None and age >= 0.2
+    a.beat("primary", 3, 18)
+    age = b.peer_age("A")
+    assert age is not None and age < 0.1
+    a.set_generation(4)
+    assert b.generation() == 4
+
+
+def _claimer(url: str, generation: int, node: str, start: float, q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    arb = EtcdArbiter(Etcd(url), "p", node)
+    time.sleep(max(0.0, start - time.time()))  # everyone claims at the same moment
+    q.put((node, arb.claim(generation, node, "promote").won))
+
+
+def test_exactly_one_concurrent_claimer_wins_each_generation(etcd: Etcd) -> None:
+    ctx = multiprocessing.get_context("fork")
+    trials = 30
+    for generation in range(1, trials + 1):
+        q: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+        start = time.time() + 0.15
+        procs = [ctx.Process(target=_claimer, args=(etcd.url, generation, n, start, q))
+                 for n in ("A", "B", "C", "D", "E")]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(20)
+        wins = [node for node, won in (q.get(timeout=5) for _ in procs) if won]
+        assert len(wins) == 1, f"generation {generation}: winners {wins}"
+        holder = EtcdArbiter(etcd, "p", "X").claim(generation, "X", "late")
+        assert not holder.won and holder.holder == wins[0] and holder.action == "promote"
+    a = EtcdArbiter(etcd, "p", "A")
+    assert a.claim(trials + 1, "A", "promote").won
+    again = a.claim(trials + 1, "A", "promote")
+    assert again.won and again.holder == "A"  # asking again tells the same answer
+
+
+def test_concurrent_changes_never_commit_over_each_other(etcd: Etcd) -> None:
+    store = Store(etcd)
+    store.mutate(lambda s: (admission.add_host(
+        admission.configure(s.pool, 0, None).pool, "a", 65536, 64).pool, None, None))
+    s1, s2 = store.load(), store.load()
+    after1 = admission.add_vm(s1.pool, "v1", 1024, 1, "restart", keep="none").pool
+    after2 = admission.add_vm(s2.pool, "v2", 1024, 1, "restart", keep="none").pool
+    store.commit(s1, after1, None)
+    with pytest.raises(Conflict):
+        store.commit(s2, after2, None)  # computed from the state before v1: refused
+    assert sorted(store.load().pool.vms) == ["v1"]
+
+    errors: list[BaseException] = []
+
+    def adder(i: int) -> None:
+        try:
+            Store(Etcd(etcd.url)).mutate(
+                lambda s: (admission.add_vm(s.pool, f"w{i}", 512, 1, "best-effort",
+                                            keep="none").pool, None, None), tries=50)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=adder, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    snap = store.load()
+    assert sorted(snap.pool.vms) == ["v1"] + [f"w{i}" for i in range(8)]
+    assert snap.version == 2 + 8
+    snap.pool.check()
+
+
+def _cli(capsys: pytest.CaptureFixture[str], url: str, *args: str) -> tuple[int, str, str]:
+    rc = main(["pool", *args[:2], *args[2:], "--etcd", url] if args[0] in ("host", "vm")
+              else ["pool", *args, "--etcd", url])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_changes_status_plan_and_refusals(
+    etcd: Etcd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = etcd.url
+    for h in ("a", "b", "c"):
+        assert _cli(capsys, url, "host", "add", h, "--mem", "16384", "--vcpus", "8")[0] == 0
+    rc, out, _ = _cli(capsys, url, "vm", "add", "web", "--mem", "4096", "--vcpus", "2",
+                      "--priority", "mirrored")
+    assert rc == 0 and "start VM web" in out and "tolerates 1 host failure" in out
+    assert _cli(capsys, url, "vm", "add", "db", "--mem", "8192", "--priority", "restart",
+                "--host", "c")[0] == 0
+    assert _cli(capsys, url, "vm", "add", "batch", "--mem", "2048", "--priority", "best-effort",
+                "--host", "a")[0] == 0
+    before = json.dumps(Store(etcd).load().pool.to_json())
+    rc, _, err = _cli(capsys, url, "vm", "add", "big", "--mem", "12288", "--priority",
+                      "restart")
+    assert rc == 1 and "refused" in err and "short by" in err and "big" in err
+    rc, _, err = _cli(capsys, url, "vm", "add", "x", "--mem", "1024", "--priority", "gold")
+    assert rc == 2 and "bad priority 'gold'" in err
+    rc, _, err = _cli(capsys, url, "vm", "add", "x", "--mem", "1024", "--priority", "restart",
+                      "--host", "zz")
+    assert rc == 2 and "unknown host 'zz'" in err
+    rc, _, err = _cli(capsys, url, "vm", "add", "x", "--mem", "99999", "--priority", "restart")
+    assert rc == 2 and "larger than every host" in err
+    assert json.dumps(Store(etcd).load().pool.to_json()) == before  # nothing committed
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    rc, _, err = _cli(capsys, dead, "status")
+    assert rc == 2 and f"etcd at {dead} is unreachable" in err
+
+    rc, out, _ = _cli(capsys, url, "status", "--json")
+    st = json.loads(out)
+    assert rc == 0 and st["tolerated"] == 1 and not st["overcommitted"]
+    assert {h["name"]: h["runs"] for h in st["hosts"]}["c"] == ["db"]
+    rc, out, _ = _cli(capsys, url, "status")
+    assert rc == 0 and "tolerates 1 host failure(s) (failures_to_tolerate 1: OK)" in out
+    rc, out, _ = _cli(capsys, url, "plan", "--failures", "2", "--json")
+    plan = json.loads(out)
+    assert rc == 0 and not plan["survives"] and plan["breaking"]["unplaced"]
+    rc, out, _ = _cli(capsys, url, "plan")
+    assert rc == 0 and "if c fails:" in out and "db" in out
+
+    assert _cli(capsys, url, "config", "--allow-overcommit", "yes")[0] == 0
+    rc, out, err = _cli(capsys, url, "vm", "add", "big", "--mem", "12288", "--priority",
+                        "restart")
+    assert rc == 0 and "WARNING: overcommitted" in err and "big" in err
+    rc, out, _ = _cli(capsys, url, "status")
+    assert "OVERCOMMITTED" in out
+    assert _cli(capsys, url, "vm", "remove", "big")[0] == 0
+    rc, out, _ = _cli(capsys, url, "vm", "resize", "db", "--mem", "9000")
+    assert rc == 0 and "resize VM db" in out
+    stored = json.loads(etcd.get("/mirror/pool/plan").value)  # type: ignore[union-attr]
+    assert stored["version"] == Store(etcd).load().version  # recomputed on every change
+    assert set(stored["single_failure_plans"]) == {"a", "b", "c"}

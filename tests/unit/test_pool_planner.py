@@ -1,0 +1,365 @@
+"""The pool planner and admission control, against brute force and simulation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mirror.pool import admission
+from mirror.pool.model import VM, Host, Placement, Pool, PoolError
+from mirror.pool.planner import Planner, analyse
+
+# -- an independent brute force ------------------------------------------------------------
+
+
+def brute_survives(pool: Pool, failed: tuple[str, ...]) -> bool:
+    """Does ANY placement exist for what failure set ``failed`` leaves without a place?"""
+    ups = [h for h, x in pool.hosts.items() if x.state == "up"]
+    alive = [h for h in ups if h not in failed]
+    free = {h: [pool.hosts[h].mem_mb, pool.hosts[h].vcpus] for h in alive}
+    for name, p in pool.placements.items():
+        vm = pool.vms[name]
+        for h in (p.host, p.standby):
+            if h in free:
+                free[h][0] -= vm.mem_mb
+                free[h][1] -= vm.vcpus
+    # slots: (vm, forbid-host or None, pair-with-previous-slot)
+    slots: list[tuple[VM, str | None, bool]] = []
+    for name, vm in sorted(pool.vms.items()):
+        p = pool.placements.get(name, Placement(None))
+        host_ok = p.host in alive
+        if vm.priority == "restart" and not host_ok:
+            slots.append((vm, None, False))
+        elif vm.priority == "mirrored":
+            sb_ok = p.standby in alive
+            if host_ok and not sb_ok:
+                slots.append((vm, p.host, False))
+            elif sb_ok and not host_ok:
+                slots.append((vm, p.standby, False))
+            elif not host_ok and not sb_ok:
+                slots.append((vm, None, False))
+                slots.append((vm, None, True))
+
+    chosen: list[str] = []
+
+    def rec(j: int) -> bool:
+        if j == len(slots):
+            return True
+        vm, forbid, paired = slots[j]
+        if paired:
+            forbid = chosen[-1]
+        for h in alive:
+            if h == forbid or free[h][0] < vm.mem_mb or free[h][1] < vm.vcpus:
+                continue
+            free[h][0] -= vm.mem_mb
+            free[h][1] -= vm.vcpus
+            chosen.append(h)
+            if rec(j + 1):
+                return True
+            chosen.pop()
+            free[h][0] += vm.mem_mb
+            free[h][1] += vm.vcpus
+        return False
+
+    return rec(0)
+
+
+def brute_tolerated(pool: Pool) -> int:
+    ups = sorted(h for h, x in pool.hosts.items() if x.state == "up")
+    best = -1
+    for size in range(len(ups) + 1):
+        if not all(brute_survives(pool, fs) for fs in itertools.combinations(ups, size)):
+            break
+        best = size
+    return best
+
+
+def simulate(pool: Pool, failed: tuple[str, ...], moves: list[Any]) -> list[str]:
+    """Carry a plan out on a copy; return what is wrong with the result (empty: nothing)."""
+    after = pool.copy()
+    for h in failed:
+        after.set_host_state(h, "dead")
+    errors: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    for m in moves:
+        key = (m.vm, "standby" if m.kind == "standby" else "run")
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            errors.append(f"{m.vm} placed twice ({m.kind})")
+        if m.to in failed or after.hosts[m.to].state != "up":
+            errors.append(f"{m.vm} sent to a failed host {m.to}")
+    admission.apply_plan(after, _plan_of(failed, moves))
+    for h in failed:  # what stays on dead hosts is gone
+        for v in after.vms_on(h):
+            p = after.placements[v]
+            after.place(v, None if p.host == h else p.host, None if p.standby == h else p.standby)
+    for name, vm in after.vms.items():
+        p = after.placements.get(name, Placement(None))
+        if vm.guaranteed and p.host is None:
+            errors.append(f"{name} not running")
+        if vm.priority == "mirrored" and (p.standby is None or p.standby == p.host):
+            errors.append(f"{name} not protected")
+    for h, (m, c) in after.free().items():
+        if after.hosts[h].state == "up" and (m < 0 or c < 0):
+            errors.append(f"{h} over capacity")
+    return errors
+
+
+def _plan_of(failed: tuple[str, ...], moves: list[Any]) -> Any:
+    from mirror.pool.planner import FailurePlan
+
+    return FailurePlan(failed, moves, [], 0, [])
+
+
+# -- random small pools ------------------------------------------------------------------------
+
+
+@st.composite
+def pools(draw: st.DrawFn, max_hosts: int = 5, max_vms: int = 7) -> Pool:
+    nh = draw(st.integers(2, max_hosts))
+    pool = Pool(failures_to_tolerate=draw(st.integers(0, 2)))
+    for i in range(nh):
+        pool.hosts[f"h{i}"] = Host(f"h{i}", draw(st.integers(2, 10)), draw(st.integers(1, 6)))
+    for j in range(draw(st.integers(0, max_vms))):
+        vm = VM(f"v{j}", draw(st.integers(1, 5)), draw(st.integers(1, 3)),
+                draw(st.sampled_from(["mirrored", "restart", "best-effort"])),
+                draw(st.integers(0, 2)))
+        free = pool.free()
+        fits = [h for h in sorted(pool.hosts) if free[h][0] >= vm.mem_mb and free[h][1] >= vm.vcpus]
+        if not fits:
+            continue
+        host = draw(st.sampled_from(fits))
+        standby = None
+        if vm.priority == "mirrored":
+            others = [h for h in fits if h != host]
+            if not others:
+                continue
+            standby = draw(st.sampled_from(others))
+        pool.vms[vm.name] = vm
+        pool.place(vm.name, host, standby)
+    pool.check()
+    return pool
+
+
+# MIRROR_POOL_EXAMPLES=N multiplies the examples for a longer search (default 1)
+SCALE = int(os.environ.get("MIRROR_POOL_EXAMPLES", "1"))
+FAST = settings(max_examples=150 * SCALE, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(pools())
+def test_tolerated_failures_equal_brute_force(pool: Pool) -> None:
+    a = analyse(pool, keep="none")
+    assert a.tolerated_exact
+    assert a.tolerated == brute_tolerated(pool)
+    assert a.survives == (a.tolerated >= pool.failures_to_tolerate)
+
+
+@FAST
+@given(pools())
+def test_every_plan_survives_its_failure_set_in_simulation(pool: Pool) -> None:
+    a = analyse(pool, keep="all")
+    if not a.survives:
+        return
+    k = pool.failures_to_tolerate
+    ups = pool.up_hosts()
+    want = {fs for s in range(k + 1) for fs in itertools.combinations(ups, s)}
+    assert set(a.plans) >= {fs for fs in want if len(fs) <= max(k, 1)}
+    for fs in want:
+        fp = a.plans[fs]
+        assert fp.ok
+        assert simulate(pool, fs, fp.moves) == [], (fs, fp.moves)
+
+
+@FAST
+@given(pools(), st.data())
+def test_refusals_are_exactly_the_changes_that_break_k(pool: Pool, data: st.DataObject) -> None:
+    if brute_tolerated(pool) < pool.failures_to_tolerate:
+        pool.failures_to_tolerate = max(0, brute_tolerated(pool))
+    op = data.draw(st.sampled_from(["add", "resize", "maintenance"]))
+    ups = pool.up_hosts()
+    after = pool.copy()
+    try:
+        if op == "add":
+            pr = data.draw(st.sampled_from(["mirrored", "restart", "best-effort"]))
+            vm = VM("new", data.draw(st.integers(1, 4)), 1, pr)
+            host = data.draw(st.sampled_from(ups))
+            sb = data.draw(st.sampled_from([h for h in ups if h != host])) if pr == "mirrored" \
+                else None
+            after.vms["new"] = vm
+            after.place("new", host, sb)
+            after.check()
+            call = lambda: admission.add_vm(pool, "new", vm.mem_mb, 1, pr, host=host, standby=sb)  # noqa: E731
+        elif op == "resize":
+            if not pool.vms:
+                return
+            name = data.draw(st.sampled_from(sorted(pool.vms)))
+            mem = pool.vms[name].mem_mb + data.draw(st.integers(1, 3))
+            after.vms[name] = VM(name, mem, pool.vms[name].vcpus, pool.vms[name].priority)
+            after.check()
+            call = lambda: admission.resize_vm(pool, name, mem)  # noqa: E731
+        else:
+            host = data.draw(st.sampled_from(ups))
+            fp = Planner(pool).plan((host,))
+            if not fp.ok:
+                with pytest.raises(PoolError, match="cannot all be moved"):
+                    admission.maintenance(pool, host, True)
+                return
+            admission.apply_plan(after, fp)
+            after.set_host_state(host, "maintenance")
+            for v in fp.lost:
+                after.place(v, None)
+            call = lambda: admission.maintenance(pool, host, True)  # noqa: E731
+    except PoolError:
+        return  # does not fit at all: not an admission question
+    breaks = brute_tolerated(after) < pool.failures_to_tolerate
+    try:
+        out = call()
+    except admission.Refused as r:
+        assert breaks, str(r)
+        assert "short by" in str(r) or "tolerate" in str(r)
+        return
+    assert not breaks
+    assert out.warning is None
+
+
+def small_pool() -> Pool:
+    pool = Pool(failures_to_tolerate=1)
+    for h in ("a", "b", "c"):
+        pool.hosts[h] = Host(h, 16384, 8)
+    pool.vms["web"] = VM("web", 4096, 2, "mirrored")
+    pool.place("web", "a", "b")
+    pool.vms["db"] = VM("db", 8192, 4, "restart")
+    pool.place("db", "c")
+    pool.vms["batch"] = VM("batch", 2048, 1, "best-effort")
+    pool.place("batch", "a")
+    return pool
+
+
+def test_plan_of_a_small_pool() -> None:
+    a = analyse(small_pool())
+    assert a.survives and a.tolerated == 1 and a.tolerated_exact
+    fp = a.plans[("a",)]
+    kinds = [(m.vm, m.kind, m.to) for m in fp.moves]
+    assert kinds[0] == ("web", "promote", "b")  # the pair fails over first
+    assert kinds[1][:2] == ("web", "standby") and kinds[1][2] == "c"
+    assert ("batch", "best-effort", "b") in kinds or ("batch", "best-effort", "c") in kinds
+    assert a.breaking is not None and len(a.breaking.failed) == 2
+
+
+def test_refusal_names_the_failure_set_and_the_shortfall() -> None:
+    pool = small_pool()
+    with pytest.raises(admission.Refused) as e:
+        admission.add_vm(pool, "big", 12288, 2, "restart", host="b")
+    msg = str(e.value)
+    assert "if " in msg and "short by" in msg and "MiB" in msg and "big" in msg, msg
+    assert "allow_overcommit" in msg
+    pool.allow_overcommit = True
+    out = admission.add_vm(pool, "big", 12288, 2, "restart", host="b")
+    assert out.warning is not None and out.warning.startswith("WARNING: overcommitted")
+    assert out.analysis.breaking is not None and out.analysis.breaking.unplaced
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing() -> None:
+    pool = small_pool()
+    before = pool.to_json()
+    with pytest.raises(PoolError, match="unknown host 'zz'"):
+        admission.add_vm(pool, "x", 1024, 1, "restart", host="zz")
+    with pytest.raises(PoolError, match="larger than every host"):
+        admission.add_vm(pool, "x", 65536, 1, "restart")
+    with pytest.raises(PoolError, match="bad priority 'gold'"):
+        admission.add_vm(pool, "x", 1024, 1, "gold")
+    with pytest.raises(PoolError, match="still holds"):
+        admission.remove_host(pool, "a")
+    assert pool.to_json() == before
+
+
+def test_maintenance_moves_the_host_s_vms() -> None:
+    pool = small_pool()
+    with pytest.raises(admission.Refused, match=r"if a fails.*web; short by 4096 MiB"):
+        admission.maintenance(pool, "c", True)  # two hosts left: web could not be re-protected
+    pool.failures_to_tolerate = 0
+    out = admission.maintenance(pool, "c", True)
+    assert out.pool.hosts["c"].state == "maintenance"
+    assert out.pool.vms_on("c") == []
+    assert out.pool.placements["db"].host in ("a", "b")
+    assert pool.placements["db"].host == "c"  # the input is untouched
+
+
+def test_large_pool_plan_is_checked_for_every_set() -> None:
+    pool = Pool(failures_to_tolerate=2)
+    for i in range(24):
+        pool.hosts[f"h{i:02}"] = Host(f"h{i:02}", 65536, 64)
+    for j in range(240):
+        h = f"h{j % 24:02}"
+        pr = ["mirrored", "restart", "best-effort"][j % 3]
+        pool.vms[f"v{j}"] = VM(f"v{j}", 1024 + 256 * (j % 7), 1 + (j // 24) % 3, pr)
+        pool.place(f"v{j}", h, f"h{(j + 5) % 24:02}" if pr == "mirrored" else None)
+    pool.check()
+    a = analyse(pool, keep="all")
+    assert a.survives and a.checked >= 1 + 24 + 276
+    for fs, fp in a.plans.items():
+        assert simulate(pool, fs, fp.moves) == []
+
+
+@FAST
+@given(pools())
+def test_the_plan_made_before_a_failure_is_the_one_carried_out_after_it(pool: Pool) -> None:
+    """The controller plans the empty failure set once the host is marked dead: same moves."""
+    for h in pool.up_hosts():
+        before = Planner(pool).plan((h,))
+        dead = pool.copy()
+        dead.set_host_state(h, "dead")
+        after = Planner(dead).plan(())
+        assert [(m.vm, m.kind, m.to) for m in after.moves] == [
+            (m.vm, m.kind, m.to) for m in before.moves
+        ]
+        assert (after.unplaced, after.lost) == (before.unplaced, before.lost)
+
+
+@settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(max_hosts=8, max_vms=14))
+def test_composed_checks_agree_with_planning_every_set(pool: Pool) -> None:
+    """Failure sets of size >= 2 proved by composing single-failure plans: same answers."""
+    fast = analyse(pool, keep="none", max_k=4)
+    full = analyse(pool, keep="none", max_k=4, compose=False)
+    assert (fast.tolerated, fast.survives) == (full.tolerated, full.survives)
+    assert (fast.breaking is None) == (full.breaking is None)
+    if fast.breaking is not None and full.breaking is not None:
+        assert fast.breaking.failed == full.breaking.failed  # the first failing set, in order
+
+
+def test_composed_check_on_a_large_pool_matches_planning_every_set() -> None:
+    from bench.pool import make_pool
+
+    pool = make_pool(24, 400, 3, seed=7)
+    fast = analyse(pool, keep="none", max_k=3)
+    full = analyse(pool, keep="none", max_k=3, compose=False)
+    assert fast.survives == full.survives and fast.tolerated == full.tolerated
+    assert fast.checked == full.checked == sum(math.comb(24, s) for s in range(4))
+
+
+@settings(max_examples=100 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(max_hosts=7, max_vms=12))
+def test_every_composed_plan_survives_its_failure_set_in_simulation(pool: Pool) -> None:
+    """The composition of ring plans, used when greedy packing fails: checked in simulation."""
+    pl = Planner(pool)
+    if pl.always:
+        return
+    for size in (2, 3):
+        for fs in itertools.combinations(pl.up, size):
+            failed = {pl.index[h] for h in fs}
+            fm, fc = pl.free_m[:], pl.free_c[:]
+            placed = pl._composed(failed, fm, fc)
+            if placed is None:
+                continue
+            units, _ = pl._units(failed)
+            moves = pl._moves(units, placed, [], failed)
+            assert simulate(pool, fs, moves) == [], (fs, moves)
