@@ -90,7 +90,7 @@ class Failover:
         a = cfg.arbiter
         self.generation = cfg.pair.generation if generation is None else generation
         self.cfg = cfg
-        self.arbiter = DirectoryArbiter(Path(a.dir), cfg.pair.name, cfg.node.name)
+        self.arbiter = make_arbiter(cfg)
         self.timeouts = Timeouts(a.silent_after_ms / 1000, a.fence_after_ms / 1000)
         self.controller = Controller(role, self.timeouts)
         self.beat = StorageBeat(
@@ -153,9 +153,24 @@ class Failover:
         self.beat.join(2)
 
 
+def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:
+    """The pair's arbiter: the shared directory (the default), or etcd when
+    ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions)."""
+    if cfg.arbiter.etcd:
+        from mirror.pool.etcd import Etcd  # the pool's client; no dependency otherwise
+        from mirror.pool.etcd_arbiter import EtcdArbiter
+
+        # short: a storage path that does not answer within a heartbeat or two is down
+        etcd = Etcd(
+            cfg.arbiter.etcd, timeout=max(0.2, 2 * cfg.arbiter.heartbeat_interval_ms / 1000)
+        )
+        return EtcdArbiter(etcd, cfg.pair.name, node or cfg.node.name)
+    return DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name)
+
+
 def current_generation(cfg: Config) -> int:
     """The pair's generation: the configured one, or a later one a promotion recorded."""
     return max(
         cfg.pair.generation,
-        DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, cfg.node.name).generation(),
+        make_arbiter(cfg).generation(),
     )

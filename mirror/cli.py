@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from mirror import agent, demo, primary, qemudemo, secondary
-from mirror.arbiter import DirectoryArbiter
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests import image
 from mirror.guests.base import GuestError
@@ -369,7 +368,7 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         return 1
     primary = st.get("primary")
     if primary and not force:
-        arbiter = DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, f"{cfg.node.name}-cli")
+        arbiter = agent.make_arbiter(cfg, f"{cfg.node.name}-cli")
         silent = cfg.arbiter.silent_after_ms / 1000
         arbiter.peer_age(primary)
         time.sleep(silent)

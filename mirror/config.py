@@ -102,6 +102,7 @@ class QemuConfig:
 @dataclass(frozen=True)
 class ArbiterConfig:
     dir: str = "/var/lib/mirror/arbiter"  # shared storage both hosts see
+    etcd: str = ""  # http://HOST:PORT: slots and claims on etcd instead of in dir
     heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
     silent_after_ms: int = field(default=500, metadata=_range(10, 600_000))
     fence_after_ms: int = field(default=2000, metadata=_range(50, 3_600_000))

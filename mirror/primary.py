@@ -11,12 +11,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mirror import wire
-from mirror.agent import Failover, current_generation, event
-from mirror.arbiter import DirectoryArbiter
+from mirror.agent import Failover, current_generation, event, make_arbiter
 from mirror.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.config import Config
 from mirror.controller import Action, Role
@@ -44,7 +42,7 @@ def lead(
     the arbiter, so that nodes of older ones are refused): unprotected while no
     standby answers at ``link.peer_host``, protected again as soon as one pairs.
     ``current[0]`` is where the guest's outputs go."""
-    arbiter = DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, cfg.node.name)
+    arbiter = make_arbiter(cfg)
     released = 0
     while not stop.is_set() and (end is None or time.monotonic() < end):
         arbiter.set_generation(generation)
