@@ -46,18 +46,21 @@ def _fault_point() -> tuple[str, int, float] | None:
     (SIGKILL to its own process group) at that point of that checkpoint, DELAY_MS
     later, so that chaos tests hit moments random timing rarely does.  Points:
     "in-pause" (guest stopped, nothing sent), "after-send" (the checkpoint handed
-    to zmq; with a delay, on the wire or being applied by the standby)."""
+    to zmq; with a delay, on the wire or being applied by the standby).  And
+    "corrupt" (no kill): that checkpoint's first sending has one bit of its page
+    data flipped, as a bad link would; the standby must reject it and the primary
+    send it again, intact."""
     spec = os.environ.get("MIRROR_FAULT")
     if not spec:
         return None
     point, epoch, *delay = spec.split(":")
     try:
-        if point not in ("in-pause", "after-send") or len(delay) > 1:
+        if point not in ("in-pause", "after-send", "corrupt") or len(delay) > 1:
             raise ValueError
         return point, int(epoch), float(delay[0]) if delay else 0.0
     except ValueError:
         raise ValueError(
-            f"MIRROR_FAULT must be in-pause|after-send:EPOCH[:DELAY_MS], got {spec!r}"
+            f"MIRROR_FAULT must be in-pause|after-send|corrupt:EPOCH[:DELAY_MS], got {spec!r}"
         ) from None
 
 
@@ -350,7 +353,10 @@ class CheckpointEngine:
             len(outs),
         )
         rec.sent_at = time.monotonic()
-        self.link.send(msg)
+        if self._fault is not None and self._fault[:2] == ("corrupt", epoch) and batch.data:
+            self.link.send_corrupted(msg)
+        else:
+            self.link.send(msg)
         _fault(self._fault, "after-send", epoch)
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)

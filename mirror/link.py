@@ -195,6 +195,20 @@ class Link:
             frames = [self._peer_id, *frames]
         self.data.send_multipart(frames, copy=False)
 
+    def send_corrupted(self, msg: wire.Message) -> None:
+        """Testing (MIRROR_FAULT=corrupt): send ``msg`` with one bit of its last frame
+        flipped, as a bad link would deliver it."""
+        frames = [bytes(f) for f in wire.encode(msg)]
+        last = bytearray(frames[-1])
+        last[len(last) // 2] ^= 0x04
+        frames[-1] = bytes(last)
+        log.warning("MIRROR_FAULT: sending a corrupted copy of %s", type(msg).__name__)
+        if self.is_server:
+            if self._peer_id is None:
+                raise ConnectionError("no primary has connected yet")
+            frames = [self._peer_id, *frames]
+        self.data.send_multipart(frames)
+
     def recv(self, timeout: float | None) -> wire.Message | None:
         """The next message, or None after ``timeout`` seconds.  Raises WireError
         for a malformed message (already read off the socket)."""

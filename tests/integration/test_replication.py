@@ -113,3 +113,20 @@ def test_a_clean_primary_stop_is_not_a_failure(pair: Pair) -> None:
     assert st.get("role") == "secondary", f"the secondary promoted after a clean stop: {st}"
     assert pair.observer.count() == released
     assert "standing down, not promoting" in b.log_path.read_text()
+
+
+def test_a_checkpoint_corrupted_on_the_wire_is_rejected_and_sent_again(pair: Pair) -> None:
+    """The primary's resend-after-reject path, end to end: checkpoint 10 arrives with a
+    flipped bit (MIRROR_FAULT=corrupt), the standby rejects it, the primary says HELLO
+    again and resends it intact; nothing is lost, and the image ends equal to RAM."""
+    n = 25
+    b = pair.start_secondary()
+    a = pair.start_primary("--checkpoints", str(n), env={"MIRROR_FAULT": "corrupt:10"})
+    st_a = pair.wait("A frozen", lambda: (s := a.status()) and s["phase"] == "frozen" and s)
+    st_b = pair.wait("B at N", lambda: (s := b.status()) and s["committed"] == n and s)
+    assert st_a["summary"]["rejects"] == 1, st_a["summary"]
+    assert st_b["rejected"] >= 1
+    assert "checkpoint 10" in b.log_path.read_text() and "does not verify" in b.log_path.read_text()
+    assert Path(st_a["ram"]).read_bytes() == Path(st_b["image"]).read_bytes()
+    seqs = pair.observer.seen.seqs
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 20
