@@ -38,19 +38,65 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mirror import config as config_mod
+from mirror.config import (
+    ArbiterConfig,
+    CheckpointConfig,
+    Config,
+    GuestConfig,
+    LinkConfig,
+    NodeConfig,
+    OutputConfig,
+    PairConfig,
+)
+from mirror.hoststate import read_json
 from mirror.pool import admission
 from mirror.pool.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
-from mirror.pool.model import Pool, PoolError
+from mirror.pool.model import PairSpec, Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import Conflict, Snapshot, Store
 
 log = logging.getLogger("mirror.pool.agent")
+
+
+SHM = Path("/dev/shm")
+ARBITER_PREFIX = "/mirror/arbiter"  # where a pair's EtcdArbiter keeps its keys
+
+
+@dataclass
+class Child:
+    """What this host runs for a VM: its stand-in process (role ``vm``), or its pair's
+    ``primary`` or ``secondary`` (``mirror primary|secondary`` with its config in
+    ``state_dir``).  ``held``: this host holds ``running/VM``."""
+
+    proc: subprocess.Popen[bytes]
+    role: str
+    state_dir: Path | None = None
+    held: bool = False
+
+
+def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Config:
+    """The configuration of one role of a pool VM's pair on ``host``: the pool's etcd as
+    its arbiter, the VM's interconnect ports (on loopback: every host is 127.0.0.1) and
+    observer, and its synthetic guest."""
+    return Config(
+        pair=PairConfig(name=spec.pair),
+        node=NodeConfig(name=host, state_dir=str(state_dir)),
+        link=LinkConfig(host="127.0.0.1", data_port=spec.data_port,
+                        heartbeat_port=spec.heartbeat_port),
+        checkpoint=CheckpointConfig(epoch_ms=50, threads=1),
+        guest=GuestConfig(ram_mib=spec.ram_mib, dirty_pages_per_s=spec.dirty_pages_per_s,
+                          outputs_per_s=spec.outputs_per_s),
+        output=OutputConfig(observer=spec.observer),
+        arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url),
+    )
 
 
 class HostAgent:
@@ -66,7 +112,7 @@ class HostAgent:
         self.mem_mb, self.vcpus = mem_mb, vcpus
         self.interval = interval if interval is not None else min(1.0, ttl / 4)
         self.lease = 0
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, Child] = {}
         self.leader = False
 
     # -- membership ----------------------------------------------------------------------------
@@ -123,22 +169,41 @@ class HostAgent:
     def reconcile(self, snap: Snapshot) -> None:
         pool = snap.pool
         me = pool.hosts.get(self.host)
-        mine: set[str] = set()
+        want: dict[str, str] = {}  # VM -> the role this host runs for it
         if me is not None and me.state == "up":
-            mine = {v for v, p in pool.placements.items() if p.host == self.host}
-        for vm in sorted(set(self.procs) - mine):
-            self._stop(vm)
-        for vm in sorted(mine):
-            p = self.procs.get(vm)
-            if p is not None and p.poll() is None:
+            for v, p in pool.placements.items():
+                real_pair = v in pool.pairs
+                if p.host == self.host:
+                    want[v] = "primary" if real_pair else "vm"
+                elif p.standby == self.host and real_pair:
+                    want[v] = "secondary"
+        for vm in sorted(self.procs):
+            c = self.procs[vm]
+            w = want.get(vm)
+            if w == c.role:
                 continue
-            if p is not None:
-                log.warning("VM %s exited (%s): starting it again", vm, p.returncode)
-            self._start(vm)
+            if c.role == "secondary" and w == "primary" and self._promoted_here(c):
+                # the pair's own controller promoted this standby: it runs the VM now
+                log.warning("VM %s: its standby here promoted; it is the primary now", vm)
+                c.role = "primary"
+                continue
+            self._stop(vm)
+        for vm in sorted(want):
+            had = self.procs.get(vm)
+            if had is not None and had.proc.poll() is None:
+                if had.role == "primary" and not had.held:
+                    had.held = self._hold(vm)
+                continue
+            if had is not None:
+                log.warning("VM %s (%s) exited (%s): starting it again", vm, had.role,
+                            had.proc.returncode)
+                del self.procs[vm]
+            self._start(vm, want[vm], pool.pairs.get(vm))
 
-    def _start(self, vm: str) -> None:
-        # runtime guard against running a VM twice: running/VM, attached to this host's
-        # lease, is created only if nobody holds it (a dead host's key goes with its lease)
+    def _hold(self, vm: str) -> bool:
+        """Create ``running/VM`` for this host (attached to its lease) unless another host
+        holds it: the runtime guard against running a VM (or a pair's primary) twice; a
+        dead host's key goes with its lease."""
         key = self.store.key("running", vm)
         body = json.dumps({"host": self.host, "time": time.time()})
         ok, resp = self.etcd.txn([absent(key)], [put_op(key, body, self.lease)],
@@ -148,15 +213,52 @@ class HostAgent:
             holder = json.loads(kvs[0].value).get("host") if kvs else None
             if not kvs or holder != self.host or kvs[0].lease != self.lease:
                 log.info("VM %s: waiting for %s to stop it", vm, holder)
-                return
-        cmd = [sys.executable, "-m", "mirror.pool.vmproc", vm, self.host]
-        if self.run_dir is not None:
-            cmd.append(str(self.run_dir / "vms.log"))
-        self.procs[vm] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        log.info("VM %s started on %s (pid %d)", vm, self.host, self.procs[vm].pid)
+                return False
+        return True
+
+    def _start(self, vm: str, role: str, pair: PairSpec | None) -> None:
+        if role != "secondary" and not self._hold(vm):
+            return
+        if role == "vm" or pair is None:
+            cmd = [sys.executable, "-m", "mirror.pool.vmproc", vm, self.host]
+            if self.run_dir is not None:
+                cmd.append(str(self.run_dir / "vms.log"))
+            self.procs[vm] = Child(subprocess.Popen(cmd, stdin=subprocess.DEVNULL), role,
+                                   held=True)
+        else:
+            state = self.pair_dir(vm)
+            state.mkdir(parents=True, exist_ok=True)
+            (state / "status.json").unlink(missing_ok=True)  # a past role's, if any
+            if role == "secondary":  # a standby of this node that died leaves its image
+                (SHM / f"mirror-{pair.pair}-{self.host}-standby.img").unlink(missing_ok=True)
+            cfg_path = state / "mirror.toml"
+            cfg_path.write_text(config_mod.to_toml(
+                pair_config(pair, self.host, self.etcd.url, state)))
+            with open(state / "agent.log", "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mirror", role, "--config", str(cfg_path)],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.procs[vm] = Child(proc, role, state, held=role == "primary")
+        log.info("VM %s: %s started on %s (pid %d)", vm,
+                 "pair " + role if role != "vm" else "VM", self.host, self.procs[vm].proc.pid)
+
+    def pair_dir(self, vm: str) -> Path:
+        root = self.run_dir if self.run_dir is not None else \
+            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
+        return root / "pairs" / vm / self.host
+
+    @staticmethod
+    def _promoted_here(c: Child) -> bool:
+        if c.proc.poll() is not None or c.state_dir is None:
+            return False
+        try:
+            return bool(read_json(c.state_dir / "status.json").get("role") == "primary")
+        except (OSError, ValueError):
+            return False
 
     def _stop(self, vm: str, release: bool = True) -> None:
-        p = self.procs.pop(vm)
+        c = self.procs.pop(vm)
+        p = c.proc
         if p.poll() is None:
             p.terminate()
             try:
@@ -164,8 +266,8 @@ class HostAgent:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        log.info("VM %s stopped on %s", vm, self.host)
-        if release:
+        log.info("VM %s (%s) stopped on %s", vm, c.role, self.host)
+        if release and c.role != "secondary":
             key = self.store.key("running", vm)
             kv = self.etcd.get(key)
             if kv is not None and kv.lease == self.lease:
@@ -264,6 +366,20 @@ class Controller:
             q = after.placements[vm]
             if (q.host, q.standby) == (p.host, p.standby):
                 continue
+            pair = snap.pool.pairs.get(vm)
+            if pair is not None and p.host in gone:
+                if p.standby is not None and p.standby not in gone:
+                    # the pair's own controller promotes its standby: record it only once
+                    # the standby has won the promotion claim on the arbiter
+                    g = self.promotion(pair, p.standby)
+                    if g is None:
+                        log.info("controller %s: %s waits for its standby on %s to promote",
+                                 self.me, vm, p.standby)
+                        continue
+                    after.pairs[vm] = replace(pair, seen_generation=g)
+                else:  # both hosts lost: it restarts as a fresh pair
+                    after.pairs[vm] = replace(pair, seen_generation=max(
+                        [pair.seen_generation, *self.claims(pair)]))
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
             ev = self.store.event_op({
@@ -281,6 +397,27 @@ class Controller:
                         ", ".join(f"{m.kind} on {m.to}" for m in moves) or "has no room")
             snap = self.store.load()
         return snap
+
+
+    def claims(self, pair: PairSpec) -> dict[int, tuple[str, str]]:
+        """The pair's arbiter claims: generation -> (node, action)."""
+        kvs, _ = self.store.etcd.get_prefix(f"{ARBITER_PREFIX}/{pair.pair}/claims/")
+        out: dict[int, tuple[str, str]] = {}
+        for kv in kvs:
+            _, _, gen = kv.key.rpartition("generation-")
+            try:
+                d = json.loads(kv.value)
+                out[int(gen)] = (str(d.get("node")), str(d.get("action")))
+            except (ValueError, AttributeError):
+                continue
+        return out
+
+    def promotion(self, pair: PairSpec, standby: str) -> int | None:
+        """The generation whose promotion ``standby`` won, if it won one the pool has not
+        acted on yet; else None (it has not promoted, or not yet)."""
+        won = [g for g, (node, action) in self.claims(pair).items()
+               if g > pair.seen_generation and node == standby and action == "promote"]
+        return max(won) if won else None
 
 
 def stop_event() -> threading.Event:

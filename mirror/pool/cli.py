@@ -8,6 +8,7 @@ mirror pool host remove NAME
 mirror pool host maintenance NAME on|off
 mirror pool vm add NAME --mem MIB --vcpus N --priority mirrored|restart|best-effort
                    [--order N] [--host H] [--standby H]
+                   [--observer HOST:PORT [--link-ports D,H] [--guest-ram-mib MIB]]
 mirror pool vm remove NAME
 mirror pool vm resize NAME --mem MIB [--vcpus N]
 mirror pool agent --host NAME [--ttl S] [--run-dir DIR] [--mem MIB --vcpus N]
@@ -27,9 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mirror.config import ConfigError, parse_hostport
 from mirror.pool import admission
 from mirror.pool.etcd import Etcd, EtcdError
-from mirror.pool.model import PRIORITIES, Pool, PoolError
+from mirror.pool.model import PAIR_PORTS_FROM, PRIORITIES, PairSpec, Pool, PoolError, pair_name
 from mirror.pool.planner import Analysis, analyse
 from mirror.pool.store import Conflict, Snapshot, Store
 
@@ -96,6 +98,14 @@ def add_parser(sub: Any) -> None:
                    help="restart order within its priority: lower first (default 0)")
     p.add_argument("--host", help="run it on this host (default: the planner chooses)")
     p.add_argument("--standby", help="mirrored: its standby's host (default: planner)")
+    p.add_argument("--observer", metavar="HOST:PORT",
+                   help="mirrored: run it as a real mirror pair whose outputs go to this "
+                   "observer (without it a mirrored VM runs as a stand-in process)")
+    p.add_argument("--link-ports", metavar="D,H",
+                   help="the pair's interconnect data and heartbeat ports (default: the "
+                   f"lowest two free from {PAIR_PORTS_FROM})")
+    p.add_argument("--guest-ram-mib", type=_int(1, 1 << 20), default=16, metavar="MIB",
+                   help="the pair's synthetic guest's RAM (default 16)")
     p = vp.add_parser("remove", parents=[common], help="stop and forget a VM")
     p.add_argument("name")
     p = vp.add_parser("resize", parents=[common], help="change a VM's memory or vCPUs")
@@ -160,11 +170,43 @@ def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
         return lambda p: admission.maintenance(p, args.name, args.mode == "on", **kw)
     vc = args.vm_command
     if vc == "add":
-        return lambda p: admission.add_vm(p, args.name, args.mem, args.vcpus, args.priority,
-                                          args.order, args.host, args.standby, **kw)
+        if args.observer is None:
+            if args.link_ports is not None:
+                raise PoolError("--link-ports is only for a pair (give --observer)")
+            return lambda p: admission.add_vm(p, args.name, args.mem, args.vcpus,
+                                              args.priority, args.order, args.host,
+                                              args.standby, **kw)
+        return lambda p: _add_pair(p, args, **kw)
     if vc == "remove":
         return lambda p: admission.remove_vm(p, args.name, **kw)
     return lambda p: admission.resize_vm(p, args.name, args.mem, args.vcpus, **kw)
+
+
+def _add_pair(pool: Pool, args: argparse.Namespace, **kw: Any) -> admission.Outcome:
+    """`vm add --observer`: a mirrored VM that runs as a real pair (``pairs/NAME``)."""
+    if args.priority != "mirrored":
+        raise PoolError("--observer is only for mirrored VMs (they run as pairs)")
+    try:
+        parse_hostport(args.observer, "--observer")
+    except ConfigError as e:
+        raise PoolError(str(e)) from None
+    if args.link_ports is not None:
+        parts = args.link_ports.split(",")
+        if len(parts) != 2 or not all(x.isdigit() and 1 <= int(x) <= 65535 for x in parts) \
+                or parts[0] == parts[1]:
+            raise PoolError(f"--link-ports: expected two different ports D,H, got "
+                            f"{args.link_ports!r}")
+        data, hb = int(parts[0]), int(parts[1])
+        for vm, s in pool.pairs.items():
+            if {data, hb} & {s.data_port, s.heartbeat_port}:
+                raise PoolError(f"--link-ports {args.link_ports}: pair of VM {vm} uses them")
+    else:
+        data, hb = pool.free_pair_ports()
+    out = admission.add_vm(pool, args.name, args.mem, args.vcpus, args.priority, args.order,
+                           args.host, args.standby, **kw)
+    out.pool.pairs[args.name] = PairSpec(pair_name(args.name), data, hb, args.observer,
+                                         args.guest_ram_mib)
+    return out
 
 
 def change(store: Store, args: argparse.Namespace) -> int:
