@@ -1,0 +1,166 @@
+"""A mirrored VM in a pool is a real pair: its primary's host killed, the pair's own
+controller promotes the standby (an etcd claim), the pool records it and re-protects
+the VM on the planned host.
+
+Four `mirror pool agent` processes on a real etcd, each in its own process group;
+the pair's roles (`mirror primary`, `mirror secondary`) are children of the agents
+of the VM's hosts.  The VM's observer must see one gapless, duplicate-free sequence
+(the synthetic guest's own) across the failover and the re-protection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.demo import free_ports
+from mirror.guests.synthetic import reference_outputs
+from mirror.hoststate import read_json
+from mirror.observer import Observer
+from mirror.pool.agent import pair_config
+from mirror.pool.etcd import Etcd
+from mirror.pool.model import pair_name as vm_pair_name
+from mirror.pool.store import Store
+from tests.integration.conftest import SHM
+from tests.integration.test_pool_kill import Agents, _alive, _pool_cli, _vm_log
+from tests.pool_etcd import etcd_server
+
+HOSTS = ["h1", "h2", "h3", "h4"]
+
+
+@pytest.fixture
+def pool_pair(tmp_path: Path, pair_name: str) -> Iterator[tuple[str, Path, Agents, Observer, str]]:
+    vm = f"m{pair_name}"  # this test's own: so are its pair's /dev/shm files
+    observer = Observer()
+    try:
+        with etcd_server(tmp_path) as url:
+            agents = Agents(url, tmp_path)
+            try:
+                yield url, tmp_path, agents, observer, vm
+            finally:
+                agents.stop()
+    finally:
+        observer.close()
+        # the killed host's guest RAM file (a real host's memory dies with it), and anything
+        # a failing run left
+        for f in SHM.glob(f"mirror-{vm_pair_name(vm)}-*"):
+            f.unlink(missing_ok=True)
+
+
+def _status(root: Path, vm: str, host: str) -> dict[str, Any]:
+    try:
+        return dict(read_json(root / "pairs" / vm / host / "status.json"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _wait(what: str, cond: Any, timeout: float, root: Path) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-2500:]}"
+                     for p in [*root.glob("agent-*.log"), *root.glob("pairs/*/*/agent.log")])
+    pytest.fail(f"timed out waiting for {what}\n{logs}")
+
+
+def test_pool_pair_fails_over_on_its_own_and_is_reprotected_where_planned(
+    pool_pair: tuple[str, Path, Agents, Observer, str],
+) -> None:
+    url, root, agents, observer, vm = pool_pair
+    for h in HOSTS:
+        _pool_cli(url, "host", "add", h, "--mem", "8192", "--vcpus", "8")
+    data, hb = free_ports(2)
+    _pool_cli(url, "vm", "add", vm, "--mem", "1024", "--priority", "mirrored", "--host", "h1",
+              "--standby", "h2", "--observer", f"127.0.0.1:{observer.port}",
+              "--link-ports", f"{data},{hb}")
+    _pool_cli(url, "vm", "add", "r1", "--mem", "2048", "--priority", "restart", "--host", "h1")
+    store = Store(Etcd(url))
+    spec = store.load().pool.pairs[vm]
+    assert (spec.pair, spec.data_port, spec.heartbeat_port) == (vm_pair_name(vm), data, hb)
+    for h in HOSTS:
+        agents.start(h)
+
+    _wait("the pair protected on h1/h2", lambda: (s := _status(root, vm, "h1"))
+          .get("phase") == "protected" and s.get("acked", 0) >= 10, 40, root)
+    _wait("outputs at the observer", lambda: observer.count() > 20, 20, root)
+    snap = _wait("a controller and a current plan", lambda: (s := store.load()).leader
+                 and s.plan and s.plan["version"] == s.version and s, 20, root)
+    planned = {(m["vm"], m["kind"]): m["to"] for m in snap.plan["single_failure_plans"]["h1"]}
+    assert planned[(vm, "promote")] == "h2"
+    new_standby = planned[(vm, "standby")]
+    assert snap.running.get(vm) == "h1"
+    before_kill = observer.count()
+
+    t_kill = time.monotonic()
+    os.killpg(agents.procs["h1"].pid, signal.SIGKILL)  # h1 dies: its agent, primary, r1
+    agents.procs["h1"].wait()
+
+    # the pair's own controller promotes h2 (its etcd claim), without the pool
+    etcd = store.etcd
+    prefix = f"/mirror/arbiter/{spec.pair}/"
+    claim = _wait("h2 to win the promotion claim",
+                  lambda: etcd.get(prefix + "claims/generation-1"), 20, root)
+    assert json.loads(claim.value)["node"] == "h2"
+    assert json.loads(claim.value)["action"] == "promote"
+    t_promoted = time.monotonic()
+    # the pool records it, then the new standby on the planned host
+    snap2 = _wait("the pool to record the promotion", lambda: (s := store.load())
+                  .pool.placements[vm].host == "h2" and s, 20, root)
+    t_recorded = time.monotonic()
+    p = snap2.pool.placements[vm]
+    assert (p.host, p.standby) == ("h2", new_standby)
+    assert snap2.pool.hosts["h1"].state == "dead"
+    assert snap2.pool.pairs[vm].seen_generation == 1
+    # re-protected: the promoted primary on h2 pairs with the new secondary, generation 2
+    st = _wait("re-protection on h2", lambda: (s := _status(root, vm, "h2")).get("role")
+               == "primary" and s.get("phase") == "protected" and s.get("acked", 0) >= 10
+               and s, 40, root)
+    t_protected = time.monotonic()
+    assert st["generation"] == 2
+    sec = _status(root, vm, new_standby)
+    assert sec.get("role") == "secondary" and sec.get("generation") == 2
+    assert sec.get("committed", 0) > 0
+    gen = etcd.get(prefix + "generation")
+    assert gen is not None and int(gen.value) == 2
+    _wait("running/ to name h2", lambda: store.load().running.get(vm) == "h2", 10, root)
+    # the restart VM went where planned
+    _wait("r1 restarted", lambda: any(e[0] == "start" and e[1] == "r1" and e[2] == planned[
+        ("r1", "restart")] and _alive(e[3]) for e in _vm_log(root / "vms.log")), 20, root)
+    after = observer.count()
+    _wait("outputs after the re-protection", lambda: observer.count() > after + 30, 20, root)
+
+    moved = [e for e in store.events() if e.get("event") == "moved" and e["vm"] == vm]
+    assert len(moved) == 1, moved
+    assert sorted((m["kind"], m["to"]) for m in moved[0]["moves"]) == sorted(
+        [("promote", "h2"), ("standby", new_standby)])
+
+    agents.stop()
+    seen = observer.seen
+    seqs = seen.seqs
+    assert seqs == list(range(1, len(seqs) + 1)), (
+        f"not one gapless, duplicate-free sequence: {seen.gaps()} gaps, "
+        f"{seen.duplicates()} duplicates")
+    assert not seen.interleaved(), "two sources interleaved"
+    assert seen.malformed == 0
+    guest = pair_config(spec, "h1", url, root).guest.synthetic()
+    assert [(s, p) for s, p, _ in seen.outputs] == reference_outputs(guest, len(seqs))
+    assert len(set(seen.sources)) == 2  # the first primary, then the promoted one
+    print("\nPOOL PAIR TEST:", json.dumps({
+        "vm": vm, "pair": spec.pair, "new_standby": new_standby,
+        "outputs_before_kill": before_kill, "outputs_total": len(seqs),
+        "promotion_claim_s": round(t_promoted - t_kill, 2),
+        "pool_recorded_s": round(t_recorded - t_kill, 2),
+        "reprotected_s": round(t_protected - t_kill, 2),
+        "promoted_from_checkpoint": st.get("promoted_from"),
+        "failover_ms": st.get("failover_ms"),
+    }))
