@@ -144,6 +144,32 @@ def test_pool_pair_fails_over_on_its_own_and_is_reprotected_where_planned(
     assert sorted((m["kind"], m["to"]) for m in moved[0]["moves"]) == sorted(
         [("promote", "h2"), ("standby", new_standby)])
 
+    # round 2: the standby's host dies; the primary goes unprotected by itself (its claim)
+    # and the pool puts a new standby on the planned host, where it pairs (generation 3)
+    snap3 = _wait("a current plan", lambda: (s := store.load()).plan
+                  and s.plan["version"] == s.version and s, 20, root)
+    planned2 = {(m["vm"], m["kind"]): m["to"]
+                for m in snap3.plan["single_failure_plans"][new_standby]}
+    third = planned2[(vm, "standby")]
+    t_kill2 = time.monotonic()
+    os.killpg(agents.procs[new_standby].pid, signal.SIGKILL)
+    agents.procs[new_standby].wait()
+    claim2 = _wait("h2 to win the unprotected claim",
+                   lambda: etcd.get(prefix + "claims/generation-2"), 20, root)
+    assert json.loads(claim2.value) | {"time": 0} == {"node": "h2", "action": "unprotected",
+                                                      "time": 0}
+    _wait("the new standby recorded", lambda: store.load().pool.placements[vm].standby
+          == third, 20, root)
+    st2 = _wait("re-protection with the third standby", lambda: (s := _status(root, vm, "h2"))
+                .get("phase") == "protected" and s.get("generation") == 3
+                and s.get("acked", 0) >= 10 and s, 40, root)
+    t_protected2 = time.monotonic()
+    assert _status(root, vm, third).get("generation") == 3
+    assert store.load().pool.placements[vm].host == "h2"
+    after = observer.count()
+    _wait("outputs after the second re-protection", lambda: observer.count() > after + 30, 20,
+          root)
+
     agents.stop()
     seen = observer.seen
     seqs = seen.seqs
@@ -163,4 +189,7 @@ def test_pool_pair_fails_over_on_its_own_and_is_reprotected_where_planned(
         "reprotected_s": round(t_protected - t_kill, 2),
         "promoted_from_checkpoint": st.get("promoted_from"),
         "failover_ms": st.get("failover_ms"),
+        "standby_killed": new_standby, "third_standby": third,
+        "reprotected_after_standby_kill_s": round(t_protected2 - t_kill2, 2),
+        "acked_at_end": st2.get("acked"),
     }))
