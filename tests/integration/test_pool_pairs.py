@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,11 +97,34 @@ def test_pool_pair_fails_over_on_its_own_and_is_reprotected_where_planned(
     snap = _wait("a controller and a current plan", lambda: (s := store.load()).leader
                  and s.plan and s.plan["version"] == s.version and s, 20, root)
     planned = {(m["vm"], m["kind"]): m["to"] for m in snap.plan["single_failure_plans"]["h1"]}
-    assert planned[(vm, "promote")] == "h2"
-    new_standby = planned[(vm, "standby")]
+    assert planned[(vm, "promote")] == "h2" and planned[(vm, "standby")] not in ("h1", "h2")
     assert snap.running.get(vm) == "h1"
     before_kill = observer.count()
+    worst = [0]
+    stop = threading.Event()
 
+    def sampler() -> None:  # never two live primaries of the VM (status files and pids)
+        while not stop.is_set():
+            live = {h for h in HOSTS if (s := _status(root, vm, h)).get("role") == "primary"
+                    and _alive(int(s.get("pid", 0)))}
+            worst[0] = max(worst[0], len(live))
+            stop.wait(0.05)
+
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    try:
+        _failover_rounds(url, root, agents, observer, vm, store, spec, planned, before_kill)
+    finally:
+        stop.set()
+        th.join()
+    assert worst[0] == 1, f"{worst[0]} primaries of {vm} alive at once"
+
+
+def _failover_rounds(
+    url: str, root: Path, agents: Agents, observer: Observer, vm: str, store: Store,
+    spec: Any, planned: dict[tuple[str, str], str], before_kill: int,
+) -> None:
+    new_standby = planned[(vm, "standby")]
     t_kill = time.monotonic()
     os.killpg(agents.procs["h1"].pid, signal.SIGKILL)  # h1 dies: its agent, primary, r1
     agents.procs["h1"].wait()
