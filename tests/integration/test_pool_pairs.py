@@ -217,3 +217,54 @@ def _failover_rounds(
         "reprotected_after_standby_kill_s": round(t_protected2 - t_kill2, 2),
         "acked_at_end": st2.get("acked"),
     }))
+
+
+def test_pool_pair_both_hosts_killed_restarts_as_a_fresh_pair(
+    pool_pair: tuple[str, Path, Agents, Observer, str],
+) -> None:
+    """Both of the pair's hosts die at once: nothing can promote, so the pool restarts
+    the VM as a fresh pair (its guest boots anew) on the two hosts left."""
+    url, root, agents, observer, vm = pool_pair
+    for h in HOSTS:
+        _pool_cli(url, "host", "add", h, "--mem", "8192", "--vcpus", "8")
+    data, hb = free_ports(2)
+    _pool_cli(url, "vm", "add", vm, "--mem", "1024", "--priority", "mirrored", "--host", "h1",
+              "--standby", "h2", "--observer", f"127.0.0.1:{observer.port}",
+              "--link-ports", f"{data},{hb}")
+    store = Store(Etcd(url))
+    spec = store.load().pool.pairs[vm]
+    for h in HOSTS:
+        agents.start(h)
+    _wait("the pair protected on h1/h2", lambda: (s := _status(root, vm, "h1"))
+          .get("phase") == "protected" and s.get("acked", 0) >= 10, 40, root)
+    for h in ("h1", "h2"):  # both at once: h2's standby has no time to judge h1
+        os.killpg(agents.procs[h].pid, signal.SIGKILL)
+    for h in ("h1", "h2"):
+        agents.procs[h].wait()
+    t_kill = time.monotonic()
+    snap = _wait("the pool to restart it", lambda: (s := store.load())
+                 .pool.placements[vm].host in ("h3", "h4") and s, 30, root)
+    p = snap.pool.placements[vm]
+    assert {p.host, p.standby} == {"h3", "h4"}
+    st = _wait("the fresh pair protected", lambda: (s := _status(root, vm, str(p.host)))
+               .get("phase") == "protected" and s.get("acked", 0) >= 10 and s, 40, root)
+    t_protected = time.monotonic()
+    assert _status(root, vm, str(p.standby)).get("role") == "secondary"
+    assert store.etcd.get(f"/mirror/arbiter/{spec.pair}/claims/generation-1") is None
+    _wait("running/ to name the new host", lambda: store.load().running.get(vm) == p.host, 10,
+          root)
+    n = observer.count()
+    _wait("outputs of the fresh guest", lambda: observer.count() > n + 30, 20, root)
+    agents.stop()
+    # the first guest's outputs, then the fresh guest's from 1 (a restart, not a failover):
+    # each one connection's gapless sequence
+    seen = observer.seen
+    by_source: dict[int, list[int]] = {}
+    for seq, src in zip(seen.seqs, seen.sources, strict=True):
+        by_source.setdefault(src, []).append(seq)
+    assert len(by_source) == 2 and not seen.interleaved()
+    for seqs in by_source.values():
+        assert seqs == list(range(1, len(seqs) + 1))
+    print("\nPOOL PAIR RESTART:", json.dumps({
+        "restarted_on": p.host, "standby": p.standby, "generation": st.get("generation"),
+        "protected_s": round(t_protected - t_kill, 2)}))
