@@ -7,7 +7,13 @@ Each host runs ``mirror pool agent --host NAME``.  It
   the lease alive.  A host whose lease expires is dead;
 - runs the VMs placed on it: one process per VM (``mirror.pool.vmproc``, a
   stand-in for the hypervisor's VM), started when a placement names this
-  host, stopped when it no longer does, restarted if it exits.  A host that
+  host, stopped when it no longer does, restarted if it exits.  A mirrored
+  VM with pair settings (``pairs/VM``) is a real pair instead: the agent of
+  its host runs ``mirror primary`` and the agent of its standby's host runs
+  ``mirror secondary``, children in the agent's process group, with a config
+  written in ``RUN_DIR/pairs/VM/HOST/`` (the pool's etcd as the pair's
+  arbiter).  When the pool records that the standby promoted, the agent
+  keeps that process: it is the VM's primary now.  A host that
   is not ``up`` (declared dead, or in maintenance) runs nothing.  Before it
   starts a VM it creates ``running/VM`` attached to its lease, in a
   transaction that fails if another host holds it: a VM moved away from a
@@ -22,7 +28,10 @@ The controller (leader only), every tick: a host with an agent, ``up``, whose
 member key has gone is declared dead (one transaction); then it carries out
 the plan for what lost its place, VM by VM in priority order (mirrored pairs
 first: the pair's own controller promotes the standby, the pool records the
-promotion and reserves the new standby on the planned host; then ``restart``
+promotion, for a real pair only once the standby has won the pair's
+promotion claim on etcd, and reserves the new standby on the planned host,
+where the agent starts ``mirror secondary`` and the promoted primary pairs
+with it under the next generation; then ``restart``
 VMs by their order; then best-effort ones if room is left).  Each VM's move
 is one transaction that also creates ``claims/VM/EPOCH``: it commits only if
 nobody moved that VM away from that placement before, so a VM is never
@@ -217,6 +226,13 @@ class HostAgent:
         return True
 
     def _start(self, vm: str, role: str, pair: PairSpec | None) -> None:
+        if role == "primary" and pair is not None and (
+                g := unrecorded_promotion(self.etcd, pair)) is not None:
+            # a fresh primary here while the pair's standby has promoted (the pool has not
+            # recorded it yet) would be a second one: wait for the pool
+            log.info("VM %s: its standby %s promoted (generation %d): not starting a primary",
+                     vm, claims(self.etcd, pair)[g][0], g)
+            return
         if role != "secondary" and not self._hold(vm):
             return
         if role == "vm" or pair is None:
@@ -379,7 +395,7 @@ class Controller:
                     after.pairs[vm] = replace(pair, seen_generation=g)
                 else:  # both hosts lost: it restarts as a fresh pair
                     after.pairs[vm] = replace(pair, seen_generation=max(
-                        [pair.seen_generation, *self.claims(pair)]))
+                        [pair.seen_generation, *claims(self.store.etcd, pair)]))
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
             ev = self.store.event_op({
@@ -399,25 +415,33 @@ class Controller:
         return snap
 
 
-    def claims(self, pair: PairSpec) -> dict[int, tuple[str, str]]:
-        """The pair's arbiter claims: generation -> (node, action)."""
-        kvs, _ = self.store.etcd.get_prefix(f"{ARBITER_PREFIX}/{pair.pair}/claims/")
-        out: dict[int, tuple[str, str]] = {}
-        for kv in kvs:
-            _, _, gen = kv.key.rpartition("generation-")
-            try:
-                d = json.loads(kv.value)
-                out[int(gen)] = (str(d.get("node")), str(d.get("action")))
-            except (ValueError, AttributeError):
-                continue
-        return out
-
     def promotion(self, pair: PairSpec, standby: str) -> int | None:
         """The generation whose promotion ``standby`` won, if it won one the pool has not
         acted on yet; else None (it has not promoted, or not yet)."""
-        won = [g for g, (node, action) in self.claims(pair).items()
+        won = [g for g, (node, action) in claims(self.store.etcd, pair).items()
                if g > pair.seen_generation and node == standby and action == "promote"]
         return max(won) if won else None
+
+
+def claims(etcd: Etcd, pair: PairSpec) -> dict[int, tuple[str, str]]:
+    """The pair's arbiter claims: generation -> (node, action)."""
+    kvs, _ = etcd.get_prefix(f"{ARBITER_PREFIX}/{pair.pair}/claims/")
+    out: dict[int, tuple[str, str]] = {}
+    for kv in kvs:
+        _, _, gen = kv.key.rpartition("generation-")
+        try:
+            d = json.loads(kv.value)
+            out[int(gen)] = (str(d.get("node")), str(d.get("action")))
+        except (ValueError, AttributeError):
+            continue
+    return out
+
+
+def unrecorded_promotion(etcd: Etcd, pair: PairSpec) -> int | None:
+    """A promotion claim (any node) of a generation the pool has not acted on, if any."""
+    won = [g for g, (_, action) in claims(etcd, pair).items()
+           if g > pair.seen_generation and action == "promote"]
+    return max(won) if won else None
 
 
 def stop_event() -> threading.Event:
