@@ -68,6 +68,7 @@ from mirror.config import (
 from mirror.hoststate import read_json
 from mirror.pool import admission
 from mirror.pool.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
+from mirror.pool.etcd_arbiter import claim_key
 from mirror.pool.model import PairSpec, Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import Conflict, Snapshot, Store
@@ -77,6 +78,7 @@ log = logging.getLogger("mirror.pool.agent")
 
 SHM = Path("/dev/shm")
 ARBITER_PREFIX = "/mirror/arbiter"  # where a pair's EtcdArbiter keeps its keys
+PROMOTE_WAIT_S = 10.0  # a real pair's standby that has not promoted by then never will
 
 
 @dataclass
@@ -112,6 +114,7 @@ class HostAgent:
     def __init__(
         self, etcd_url: str, host: str, ttl: int = 3, run_dir: Path | None = None,
         mem_mb: int | None = None, vcpus: int | None = None, interval: float | None = None,
+        promote_wait: float = PROMOTE_WAIT_S,
     ) -> None:
         self.etcd = Etcd(etcd_url, timeout=max(1.0, ttl / 2))
         self.store = Store(self.etcd)
@@ -121,6 +124,8 @@ class HostAgent:
         self.mem_mb, self.vcpus = mem_mb, vcpus
         self.interval = interval if interval is not None else min(1.0, ttl / 4)
         self.lease = 0
+        self.promote_wait = promote_wait
+        self.waits: dict[str, float] = {}  # the controller's: VM -> since when it waits
         self.procs: dict[str, Child] = {}
         self.leader = False
 
@@ -321,7 +326,8 @@ class HostAgent:
                     self.reconcile(snap)
                     self.try_lead(snap)
                     if self.leader:
-                        Controller(self.store, self.host).step(snap)
+                        Controller(self.store, self.host, self.waits,
+                                   self.promote_wait).step(snap)
                 except (EtcdError, Conflict) as e:
                     log.warning("host %s: %s", self.host, e)
                 stop.wait(self.interval)
@@ -337,9 +343,12 @@ class HostAgent:
 class Controller:
     """The pool controller's work for one tick (run by the leading agent)."""
 
-    def __init__(self, store: Store, me: str) -> None:
+    def __init__(self, store: Store, me: str, waits: dict[str, float] | None = None,
+                 promote_wait: float = PROMOTE_WAIT_S) -> None:
         self.store = store
         self.me = me
+        self.waits = {} if waits is None else waits  # VM -> since when (monotonic)
+        self.promote_wait = promote_wait
 
     def step(self, snap: Snapshot) -> None:
         pool = snap.pool
@@ -383,15 +392,28 @@ class Controller:
             if (q.host, q.standby) == (p.host, p.standby):
                 continue
             pair = snap.pool.pairs.get(vm)
+            what = "moved" if moves else "no-room"
             if pair is not None and p.host in gone:
                 if p.standby is not None and p.standby not in gone:
                     # the pair's own controller promotes its standby: record it only once
                     # the standby has won the promotion claim on the arbiter
                     g = self.promotion(pair, p.standby)
                     if g is None:
-                        log.info("controller %s: %s waits for its standby on %s to promote",
-                                 self.me, vm, p.standby)
-                        continue
+                        since = self.waits.setdefault(vm, time.monotonic())
+                        if time.monotonic() - since < self.promote_wait:
+                            log.info("controller %s: %s waits for its standby on %s to "
+                                     "promote", self.me, vm, p.standby)
+                            continue
+                        g, promoted = self.preempt(pair, p.standby)
+                        if not promoted:  # it never will: restart the VM as a fresh pair
+                            after = snap.pool.copy()
+                            after.place(vm, None, None)
+                            moves, what = [], "pair-not-promoted"
+                            log.warning("controller %s: %s: its standby on %s did not promote "
+                                        "in %.0f s; the pool took claim generation-%d: it "
+                                        "restarts as a fresh pair", self.me, vm, p.standby,
+                                        self.promote_wait, g)
+                    self.waits.pop(vm, None)
                     after.pairs[vm] = replace(pair, seen_generation=g)
                 else:  # both hosts lost: it restarts as a fresh pair
                     after.pairs[vm] = replace(pair, seen_generation=max(
@@ -399,7 +421,7 @@ class Controller:
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
             ev = self.store.event_op({
-                "event": "moved" if moves else "no-room", "vm": vm, "by": self.me,
+                "event": what, "vm": vm, "by": self.me,
                 "from": {"host": p.host, "standby": p.standby, "epoch": p.epoch},
                 "moves": [m.to_json() for m in moves],
             })
@@ -410,10 +432,33 @@ class Controller:
                 log.info("controller %s: pool changed under the move of %s", self.me, vm)
                 return self.store.load()
             log.warning("controller %s: %s %s", self.me, vm,
-                        ", ".join(f"{m.kind} on {m.to}" for m in moves) or "has no room")
+                        ", ".join(f"{m.kind} on {m.to}" for m in moves) or what)
             snap = self.store.load()
         return snap
 
+
+    def preempt(self, pair: PairSpec, standby: str) -> tuple[int, bool]:
+        """The standby has not promoted: take the claim of its generation for the pool, so
+        that it never can (a claim is won once), and move the pair's generation on, so
+        that a fresh pair starts above it.  Returns the generation and whether the standby
+        promoted after all (it won that claim first)."""
+        etcd = self.store.etcd
+        base = f"{ARBITER_PREFIX}/{pair.pair}/"
+        gen = 1
+        for key in ("generation", f"slot/{standby}"):
+            kv = etcd.get(base + key)
+            if kv is None:
+                continue
+            try:
+                v = json.loads(kv.value)
+                gen = max(gen, int(v["generation"] if isinstance(v, dict) else v))
+            except (ValueError, KeyError, TypeError):
+                continue
+        res = claim_key(etcd, f"{base}claims/generation-{gen}", "pool", "restart")
+        if res.holder == standby and res.action == "promote":
+            return gen, True
+        etcd.put(base + "generation", str(gen + 1))
+        return gen, False
 
     def promotion(self, pair: PairSpec, standby: str) -> int | None:
         """The generation whose promotion ``standby`` won, if it won one the pool has not

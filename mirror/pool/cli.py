@@ -12,6 +12,7 @@ mirror pool vm add NAME --mem MIB --vcpus N --priority mirrored|restart|best-eff
 mirror pool vm remove NAME
 mirror pool vm resize NAME --mem MIB [--vcpus N]
 mirror pool agent --host NAME [--ttl S] [--run-dir DIR] [--mem MIB --vcpus N]
+                   [--promote-wait S]
 
 Every command takes --etcd URL (default $MIRROR_ETCD or http://127.0.0.1:2379)
 and --json.  Exit status: 0 done, 1 refused by admission control, 2 error.
@@ -123,6 +124,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mem", type=_int(1, 1 << 30), metavar="MIB",
                    help="add the host with this memory if the pool does not know it")
     p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
+    p.add_argument("--promote-wait", type=_int(1, 3600), default=10, metavar="S",
+                   help="controller: a pair's standby that has not promoted S seconds after "
+                   "its primary's host was found dead never will: the VM restarts as a "
+                   "fresh pair (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
             logging.getLogger("mirror.pool").setLevel(logging.INFO)
             return HostAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
-                             args.vcpus).run(stop_event())
+                             args.vcpus, promote_wait=args.promote_wait).run(stop_event())
         if cmd == "status":
             return status(store, args.json)
         if cmd == "plan":

@@ -268,3 +268,52 @@ def test_pool_pair_both_hosts_killed_restarts_as_a_fresh_pair(
     print("\nPOOL PAIR RESTART:", json.dumps({
         "restarted_on": p.host, "standby": p.standby, "generation": st.get("generation"),
         "protected_s": round(t_protected - t_kill, 2)}))
+
+
+def test_pool_pair_standby_that_never_promotes_is_preempted_and_restarted(
+    pool_pair: tuple[str, Path, Agents, Observer, str],
+) -> None:
+    """The primary's host dies before its standby ever paired (so it has nothing to
+    promote): after --promote-wait the pool takes the pair's claim itself (the standby can
+    never win it now) and restarts the VM as a fresh pair, one generation on."""
+    url, root, agents, observer, vm = pool_pair
+    for h in HOSTS:
+        _pool_cli(url, "host", "add", h, "--mem", "8192", "--vcpus", "8")
+    data, hb = free_ports(2)
+    _pool_cli(url, "vm", "add", vm, "--mem", "1024", "--priority", "mirrored", "--host", "h1",
+              "--standby", "h2", "--observer", f"127.0.0.1:{observer.port}",
+              "--link-ports", f"{data},{hb}")
+    store = Store(Etcd(url))
+    spec = store.load().pool.pairs[vm]
+    for h in ("h1", "h3", "h4"):  # h2, the standby's host, has no agent yet
+        agents.start(h, "--promote-wait", "3")
+    _wait("the primary on h1 waiting for its standby",
+          lambda: _status(root, vm, "h1").get("phase") == "pairing", 30, root)
+    os.killpg(agents.procs["h1"].pid, signal.SIGKILL)
+    agents.procs["h1"].wait()
+    agents.start("h2", "--promote-wait", "3")  # its standby comes up, never paired
+    _wait("h2's unpaired standby", lambda: _status(root, vm, "h2").get("role") == "secondary",
+          30, root)
+    t0 = time.monotonic()
+    snap = _wait("the pool to give up on the promotion", lambda: (s := store.load())
+                 .pool.placements[vm].host not in ("h1", None) and s, 40, root)
+    waited = time.monotonic() - t0
+    prefix = f"/mirror/arbiter/{spec.pair}/"
+    claim = store.etcd.get(prefix + "claims/generation-1")
+    assert claim is not None and json.loads(claim.value)["node"] == "pool"
+    assert [e["event"] for e in store.events() if e.get("vm") == vm][:1] == [
+        "pair-not-promoted"]
+    assert snap.pool.pairs[vm].seen_generation == 1
+    p = snap.pool.placements[vm]
+    assert p.host != p.standby and "h1" not in (p.host, p.standby)
+    st = _wait("the fresh pair protected", lambda: (s := _status(root, vm, str(p.host)))
+               .get("phase") == "protected" and s.get("acked", 0) >= 10 and s, 40, root)
+    assert st["generation"] == 2
+    n = observer.count()
+    _wait("outputs of the fresh pair", lambda: observer.count() > n + 30, 20, root)
+    agents.stop()
+    seqs = observer.seen.seqs
+    assert seqs == list(range(1, len(seqs) + 1))
+    print("\nPOOL PAIR PREEMPTED:", json.dumps({
+        "restarted_on": p.host, "standby": p.standby, "generation": st["generation"],
+        "gave_up_after_s": round(waited, 2)}))
