@@ -159,6 +159,7 @@ class PrimaryRun:
             self.link,
         )
         self.phase = "precopy"
+        paired_at = time.monotonic()  # the standby answered HELLO just now
         engine.precopy(progress_bar("pre-copy"))
         self.phase = "protected"
         log.info(
@@ -177,7 +178,10 @@ class PrimaryRun:
             if now - last_status > 0.5:
                 self.write_status()
                 last_status = now
-            d = failover.tick(link.peer.node or None, link.peer.age())
+            # no heartbeat yet: the standby's WELCOME is the last sign of life, so a first
+            # tick right after a fast pre-copy does not take it for a silent secondary
+            age = link.peer.age()
+            d = failover.tick(link.peer.node or None, now - paired_at if age is None else age)
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
                 verdict.append(d.action)
                 return True

@@ -444,21 +444,23 @@ class Controller:
         promoted after all (it won that claim first)."""
         etcd = self.store.etcd
         base = f"{ARBITER_PREFIX}/{pair.pair}/"
-        gen = 1
+        gens: list[int] = []
         for key in ("generation", f"slot/{standby}"):
             kv = etcd.get(base + key)
             if kv is None:
                 continue
             try:
                 v = json.loads(kv.value)
-                gen = max(gen, int(v["generation"] if isinstance(v, dict) else v))
+                gens.append(int(v["generation"] if isinstance(v, dict) else v))
             except (ValueError, KeyError, TypeError):
                 continue
-        res = claim_key(etcd, f"{base}claims/generation-{gen}", "pool", "restart")
-        if res.holder == standby and res.action == "promote":
-            return gen, True
-        etcd.put(base + "generation", str(gen + 1))
-        return gen, False
+        lo, hi = min(gens, default=1), max(gens, default=1)
+        for g in range(max(1, lo), hi + 1):  # the standby's, and any it may yet be moved to
+            res = claim_key(etcd, f"{base}claims/generation-{g}", "pool", "restart")
+            if res.holder == standby and res.action == "promote":
+                return g, True
+        etcd.put(base + "generation", str(hi + 1))
+        return hi, False
 
     def promotion(self, pair: PairSpec, standby: str) -> int | None:
         """The generation whose promotion ``standby`` won, if it won one the pool has not
