@@ -274,7 +274,8 @@ def status(store: Store, as_json: bool) -> int:
         vms.append({"name": name, "priority": vm.priority, "order": vm.order,
                     "mem_mb": vm.mem_mb, "vcpus": vm.vcpus,
                     "host": p.host if p else None, "standby": p.standby if p else None,
-                    "running_on": snap.running.get(name)})
+                    "running_on": snap.running.get(name),
+                    "pair": pool.pairs[name].to_json() if name in pool.pairs else None})
     if as_json:
         print(json.dumps({
             "etcd": store.etcd.url, "version": snap.version, "leader": snap.leader,
@@ -306,8 +307,15 @@ def status(store: Store, as_json: bool) -> int:
     for v in vms:
         print(f"{v['name']:<14} {v['priority']:<12} {v['order']:>5} {v['mem_mb']:>8} "
               f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-':<12} "
-              f"{v['running_on'] or '-'}")
+              f"{v['running_on'] or '-'}" + _pair_line(pool.pairs.get(str(v["name"]))))
     return 0
+
+
+def _pair_line(spec: PairSpec | None) -> str:
+    if spec is None:
+        return ""
+    return (f"  pair {spec.pair}, link ports {spec.data_port},{spec.heartbeat_port}, "
+            f"observer {spec.observer}")
 
 
 def plan(store: Store, failures: int | None, as_json: bool) -> int:

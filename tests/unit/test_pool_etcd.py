@@ -238,6 +238,13 @@ def test_cli_pair_settings_ports_and_names(etcd: Etcd, capsys: pytest.CaptureFix
     assert (p2.data_port, p2.heartbeat_port, p2.ram_mib) == (
         PAIR_PORTS_FROM + 2, PAIR_PORTS_FROM + 3, 32)
     pool.check()
+    capsys.readouterr()
+    assert cli("status") == 0
+    assert f"pair vm-p1, link ports {PAIR_PORTS_FROM},{PAIR_PORTS_FROM + 1}, observer " \
+        "127.0.0.1:9000" in capsys.readouterr().out
+    assert cli("status", "--json") == 0
+    vms = {v["name"]: v for v in json.loads(capsys.readouterr().out)["vms"]}
+    assert vms["p2"]["pair"]["ram_mib"] == 32 and vms["s1"]["pair"] is None
     assert cli("vm", "remove", "p1") == 0
     pool = Store(etcd).load().pool
     assert set(pool.pairs) == {"p2"}
