@@ -259,13 +259,19 @@ class PrimaryRun:
 
 
 def run_primary(
-    cfg: Config, stop: threading.Event, *, duration: float | None = None, epochs: int | None = None
+    cfg: Config,
+    stop: threading.Event,
+    *,
+    duration: float | None = None,
+    epochs: int | None = None,
+    stay: bool = True,
 ) -> int:
     """Boot the guest, pair, pre-copy, then checkpoint until stopped.
 
     ``duration``: stop after that many seconds of checkpoints.  ``epochs``:
     take exactly that many checkpoints, then hold the guest paused at the
-    last one (acknowledged) until stopped.  Exit code 3: fenced.
+    last one (acknowledged) until stopped.  Exit code 3: fenced.  After a switchover
+    this host becomes the secondary, or, without ``stay``, exits (0).
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     backend = backend_for(cfg)
@@ -296,6 +302,9 @@ def run_primary(
         guest.stop()
         if sink is not None:
             sink.close()
+    if code == SWITCHED_OVER and not stay:
+        log.info("switched over: leaving")
+        return 0
     if code == SWITCHED_OVER:
         log.info("switched over: this host is now the secondary")
         from mirror.secondary import run_secondary  # the roles call each other

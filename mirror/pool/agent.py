@@ -69,7 +69,7 @@ from mirror.hoststate import read_json
 from mirror.pool import admission
 from mirror.pool.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
 from mirror.pool.etcd_arbiter import claim_key
-from mirror.pool.model import PairSpec, Pool, PoolError
+from mirror.pool.model import PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import Conflict, Snapshot, Store
 
@@ -91,6 +91,7 @@ class Child:
     role: str
     state_dir: Path | None = None
     held: bool = False
+    switch_until: float | None = None  # handing over to its standby: stop it by then
 
 
 def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Config:
@@ -127,6 +128,7 @@ class HostAgent:
         self.promote_wait = promote_wait
         self.waits: dict[str, float] = {}  # the controller's: VM -> since when it waits
         self.procs: dict[str, Child] = {}
+        self.placed: dict[str, Placement] = {}  # the placements of the last reconcile
         self.leader = False
 
     # -- membership ----------------------------------------------------------------------------
@@ -191,15 +193,22 @@ class HostAgent:
                     want[v] = "primary" if real_pair else "vm"
                 elif p.standby == self.host and real_pair:
                     want[v] = "secondary"
+        placed, self.placed = self.placed, dict(pool.placements)
         for vm in sorted(self.procs):
             c = self.procs[vm]
             w = want.get(vm)
             if w == c.role:
                 continue
-            if c.role == "secondary" and w == "primary" and self._promoted_here(c):
-                # the pair's own controller promoted this standby: it runs the VM now
-                log.warning("VM %s: its standby here promoted; it is the primary now", vm)
-                c.role = "primary"
+            if c.role == "secondary" and w == "primary":
+                if self._promoted_here(c):
+                    # the pair's own controller promoted this standby: it runs the VM now
+                    log.warning("VM %s: its standby here promoted; it is the primary now", vm)
+                    c.role = "primary"
+                    continue
+                if snap.running.get(vm) not in (None, self.host) and c.proc.poll() is None:
+                    continue  # its primary still runs (it may hand over to this standby)
+            if c.role == "primary" and vm in pool.pairs and self._switching(vm, c, placed.get(
+                    vm), pool.placements.get(vm)):
                 continue
             self._stop(vm)
         for vm in sorted(want):
@@ -213,6 +222,35 @@ class HostAgent:
                             had.proc.returncode)
                 del self.procs[vm]
             self._start(vm, want[vm], pool.pairs.get(vm))
+
+    def _switching(self, vm: str, c: Child, old: Placement | None,
+                   new: Placement | None) -> bool:
+        """A pair's primary placed away from here onto its own standby's host (maintenance):
+        hand over to the standby (a planned switchover, nothing lost) rather than stop it.
+        True while the handover goes on; then it is stopped as any role."""
+        if c.switch_until is None:
+            if old is None or new is None or old.standby is None or new.host != old.standby \
+                    or c.state_dir is None or c.proc.poll() is not None:
+                return False
+            try:
+                st = read_json(c.state_dir / "status.json")
+            except (OSError, ValueError):
+                return False
+            if st.get("role") != "primary" or st.get("phase") != "protected":
+                return False
+            log.warning("VM %s: handing over to its standby on %s", vm, new.host)
+            c.proc.send_signal(signal.SIGUSR2)  # `mirror switchover`
+            c.switch_until = time.monotonic() + 15
+            return True
+        try:
+            st = read_json(c.state_dir / "status.json") if c.state_dir else {}
+        except (OSError, ValueError):
+            st = {}
+        done = st.get("role") == "secondary" or st.get("phase") == "switched-over"
+        if done or c.proc.poll() is not None or time.monotonic() > c.switch_until:
+            log.warning("VM %s: %s", vm, "handed over" if done else "handover not done")
+            return False
+        return True
 
     def _hold(self, vm: str) -> bool:
         """Create ``running/VM`` for this host (attached to its lease) unless another host
@@ -256,8 +294,9 @@ class HostAgent:
             cfg_path.write_text(config_mod.to_toml(
                 pair_config(pair, self.host, self.etcd.url, state)))
             with open(state / "agent.log", "ab") as out:
+                extra = ["--leave-after-switchover"] if role == "primary" else []
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "mirror", role, "--config", str(cfg_path)],
+                    [sys.executable, "-m", "mirror", role, "--config", str(cfg_path), *extra],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             self.procs[vm] = Child(proc, role, state, held=role == "primary")
         log.info("VM %s: %s started on %s (pid %d)", vm,
@@ -363,6 +402,7 @@ class Controller:
             self.store.commit(snap, after, None, extra=events)
             log.warning("controller %s: host(s) %s declared dead", self.me, ", ".join(dead))
             snap = self.store.load()
+        snap = self.note_handovers(snap)
         fp = Planner(snap.pool).plan(())
         if fp.moves or fp.unplaced or fp.lost:
             snap = self.carry_out(snap, fp)
@@ -436,6 +476,24 @@ class Controller:
             snap = self.store.load()
         return snap
 
+
+    def note_handovers(self, snap: Snapshot) -> Snapshot:
+        """A pair whose standby took over where the pool had already placed it (a handover
+        on maintenance): note the promotion's generation as seen."""
+        after = None
+        for vm, pair in snap.pool.pairs.items():
+            p = snap.pool.placements.get(vm)
+            if p is None or p.host is None or snap.pool.hosts[p.host].state != "up":
+                continue
+            g = self.promotion(pair, p.host)
+            if g is not None:
+                after = after or snap.pool.copy()
+                after.pairs[vm] = replace(pair, seen_generation=g)
+        if after is None:
+            return snap
+        with contextlib.suppress(Conflict):
+            self.store.commit(snap, after, None)
+        return self.store.load()
 
     def preempt(self, pair: PairSpec, standby: str) -> tuple[int, bool]:
         """The standby has not promoted: take the claim of its generation for the pool, so

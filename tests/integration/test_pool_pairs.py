@@ -317,3 +317,52 @@ def test_pool_pair_standby_that_never_promotes_is_preempted_and_restarted(
     print("\nPOOL PAIR PREEMPTED:", json.dumps({
         "restarted_on": p.host, "standby": p.standby, "generation": st["generation"],
         "gave_up_after_s": round(waited, 2)}))
+
+
+def test_pool_pair_maintenance_of_its_primary_host_hands_over(
+    pool_pair: tuple[str, Path, Agents, Observer, str],
+) -> None:
+    """Maintenance of a pair's primary host: the pool moves the VM to its standby's host,
+    and the agents make that a switchover (the guest goes on there, nothing lost), then
+    the new standby is on the planned host."""
+    url, root, agents, observer, vm = pool_pair
+    for h in HOSTS:
+        _pool_cli(url, "host", "add", h, "--mem", "8192", "--vcpus", "8")
+    data, hb = free_ports(2)
+    _pool_cli(url, "vm", "add", vm, "--mem", "1024", "--priority", "mirrored", "--host", "h1",
+              "--standby", "h2", "--observer", f"127.0.0.1:{observer.port}",
+              "--link-ports", f"{data},{hb}")
+    store = Store(Etcd(url))
+    spec = store.load().pool.pairs[vm]
+    for h in HOSTS:
+        agents.start(h)
+    _wait("the pair protected on h1/h2", lambda: (s := _status(root, vm, "h1"))
+          .get("phase") == "protected" and s.get("acked", 0) >= 10, 40, root)
+    _wait("outputs at the observer", lambda: observer.count() > 20, 20, root)
+    t0 = time.monotonic()
+    _pool_cli(url, "host", "maintenance", "h1", "on")
+    p = store.load().pool.placements[vm]
+    assert p.host == "h2" and p.standby not in ("h1", "h2", None)
+    st = _wait("h2 primary and protected again", lambda: (s := _status(root, vm, "h2"))
+               .get("role") == "primary" and s.get("phase") == "protected"
+               and s.get("acked", 0) >= 10 and s, 40, root)
+    t_protected = time.monotonic()
+    claim = store.etcd.get(f"/mirror/arbiter/{spec.pair}/claims/generation-1")
+    assert claim is not None and json.loads(claim.value)["node"] == "h2"
+    _wait("the handover noted", lambda: store.load().pool.pairs[vm].seen_generation == 1, 10,
+          root)
+    _wait("running/ to name h2", lambda: store.load().running.get(vm) == "h2", 10, root)
+    assert _status(root, vm, str(p.standby)).get("role") == "secondary"
+    n = observer.count()
+    _wait("outputs after the handover", lambda: observer.count() > n + 30, 20, root)
+    agents.stop()
+    seen = observer.seen
+    seqs = seen.seqs
+    assert seqs == list(range(1, len(seqs) + 1)), (
+        f"{seen.gaps()} gaps, {seen.duplicates()} duplicates")
+    assert not seen.interleaved()
+    guest = pair_config(spec, "h1", url, root).guest.synthetic()
+    assert [(s, p) for s, p, _ in seen.outputs] == reference_outputs(guest, len(seqs))
+    print("\nPOOL PAIR MAINTENANCE:", json.dumps({
+        "new_standby": p.standby, "generation": st["generation"], "outputs": len(seqs),
+        "protected_again_s": round(t_protected - t0, 2)}))
