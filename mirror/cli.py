@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="take N checkpoints, then hold the guest paused at the last one",
     )
+    p.add_argument(
+        "--leave-after-switchover",
+        action="store_true",
+        help="after a switchover exit instead of becoming the secondary (the pool's "
+        "agent uses it: the new standby is on another host)",
+    )
 
     p = sub.add_parser("status", help="what this host's agent reports")
     p.add_argument("--config", required=True, help="host configuration (TOML)")
@@ -257,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         stop = agent.stop_on_signals()
         if args.command == "secondary":
             return secondary.run_secondary(cfg, stop)
-        return primary.run_primary(cfg, stop, duration=args.duration, epochs=args.checkpoints)
+        return primary.run_primary(
+            cfg,
+            stop,
+            duration=args.duration,
+            epochs=args.checkpoints,
+            stay=not args.leave_after_switchover,
+        )
     except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
         print(f"mirror: error: {e}", file=sys.stderr)
         return 2

@@ -159,6 +159,7 @@ class PrimaryRun:
             self.link,
         )
         self.phase = "precopy"
+        paired_at = time.monotonic()  # the standby answered HELLO just now
         engine.precopy(progress_bar("pre-copy"))
         self.phase = "protected"
         log.info(
@@ -177,7 +178,10 @@ class PrimaryRun:
             if now - last_status > 0.5:
                 self.write_status()
                 last_status = now
-            d = failover.tick(link.peer.node or None, link.peer.age())
+            # no heartbeat yet: the standby's WELCOME is the last sign of life, so a first
+            # tick right after a fast pre-copy does not take it for a silent secondary
+            age = link.peer.age()
+            d = failover.tick(link.peer.node or None, now - paired_at if age is None else age)
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
                 verdict.append(d.action)
                 return True
@@ -255,13 +259,19 @@ class PrimaryRun:
 
 
 def run_primary(
-    cfg: Config, stop: threading.Event, *, duration: float | None = None, epochs: int | None = None
+    cfg: Config,
+    stop: threading.Event,
+    *,
+    duration: float | None = None,
+    epochs: int | None = None,
+    stay: bool = True,
 ) -> int:
     """Boot the guest, pair, pre-copy, then checkpoint until stopped.
 
     ``duration``: stop after that many seconds of checkpoints.  ``epochs``:
     take exactly that many checkpoints, then hold the guest paused at the
-    last one (acknowledged) until stopped.  Exit code 3: fenced.
+    last one (acknowledged) until stopped.  Exit code 3: fenced.  After a switchover
+    this host becomes the secondary, or, without ``stay``, exits (0).
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     backend = backend_for(cfg)
@@ -292,6 +302,9 @@ def run_primary(
         guest.stop()
         if sink is not None:
             sink.close()
+    if code == SWITCHED_OVER and not stay:
+        log.info("switched over: leaving")
+        return 0
     if code == SWITCHED_OVER:
         log.info("switched over: this host is now the secondary")
         from mirror.secondary import run_secondary  # the roles call each other

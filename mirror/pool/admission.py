@@ -250,6 +250,7 @@ def remove_vm(pool: Pool, name: str, **kw: object) -> Outcome:
     after = pool.copy()
     del after.vms[name]
     after.placements.pop(name, None)
+    after.pairs.pop(name, None)
     return _admit(pool, after, f"remove VM {name}", may_break=False, **kw)
 
 

@@ -7,7 +7,13 @@ Each host runs ``mirror pool agent --host NAME``.  It
   the lease alive.  A host whose lease expires is dead;
 - runs the VMs placed on it: one process per VM (``mirror.pool.vmproc``, a
   stand-in for the hypervisor's VM), started when a placement names this
-  host, stopped when it no longer does, restarted if it exits.  A host that
+  host, stopped when it no longer does, restarted if it exits.  A mirrored
+  VM with pair settings (``pairs/VM``) is a real pair instead: the agent of
+  its host runs ``mirror primary`` and the agent of its standby's host runs
+  ``mirror secondary``, children in the agent's process group, with a config
+  written in ``RUN_DIR/pairs/VM/HOST/`` (the pool's etcd as the pair's
+  arbiter).  When the pool records that the standby promoted, the agent
+  keeps that process: it is the VM's primary now.  A host that
   is not ``up`` (declared dead, or in maintenance) runs nothing.  Before it
   starts a VM it creates ``running/VM`` attached to its lease, in a
   transaction that fails if another host holds it: a VM moved away from a
@@ -22,7 +28,10 @@ The controller (leader only), every tick: a host with an agent, ``up``, whose
 member key has gone is declared dead (one transaction); then it carries out
 the plan for what lost its place, VM by VM in priority order (mirrored pairs
 first: the pair's own controller promotes the standby, the pool records the
-promotion and reserves the new standby on the planned host; then ``restart``
+promotion, for a real pair only once the standby has won the pair's
+promotion claim on etcd, and reserves the new standby on the planned host,
+where the agent starts ``mirror secondary`` and the promoted primary pairs
+with it under the next generation; then ``restart``
 VMs by their order; then best-effort ones if room is left).  Each VM's move
 is one transaction that also creates ``claims/VM/EPOCH``: it commits only if
 nobody moved that VM away from that placement before, so a VM is never
@@ -38,25 +47,75 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mirror import config as config_mod
+from mirror.config import (
+    ArbiterConfig,
+    CheckpointConfig,
+    Config,
+    GuestConfig,
+    LinkConfig,
+    NodeConfig,
+    OutputConfig,
+    PairConfig,
+)
+from mirror.hoststate import read_json
 from mirror.pool import admission
 from mirror.pool.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
-from mirror.pool.model import Pool, PoolError
+from mirror.pool.etcd_arbiter import claim_key
+from mirror.pool.model import PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import Conflict, Snapshot, Store
 
 log = logging.getLogger("mirror.pool.agent")
 
 
+SHM = Path("/dev/shm")
+ARBITER_PREFIX = "/mirror/arbiter"  # where a pair's EtcdArbiter keeps its keys
+PROMOTE_WAIT_S = 10.0  # a real pair's standby that has not promoted by then never will
+
+
+@dataclass
+class Child:
+    """What this host runs for a VM: its stand-in process (role ``vm``), or its pair's
+    ``primary`` or ``secondary`` (``mirror primary|secondary`` with its config in
+    ``state_dir``).  ``held``: this host holds ``running/VM``."""
+
+    proc: subprocess.Popen[bytes]
+    role: str
+    state_dir: Path | None = None
+    held: bool = False
+    switch_until: float | None = None  # handing over to its standby: stop it by then
+
+
+def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Config:
+    """The configuration of one role of a pool VM's pair on ``host``: the pool's etcd as
+    its arbiter, the VM's interconnect ports (on loopback: every host is 127.0.0.1) and
+    observer, and its synthetic guest."""
+    return Config(
+        pair=PairConfig(name=spec.pair),
+        node=NodeConfig(name=host, state_dir=str(state_dir)),
+        link=LinkConfig(host="127.0.0.1", data_port=spec.data_port,
+                        heartbeat_port=spec.heartbeat_port),
+        checkpoint=CheckpointConfig(epoch_ms=50, threads=1),
+        guest=GuestConfig(ram_mib=spec.ram_mib, dirty_pages_per_s=spec.dirty_pages_per_s,
+                          outputs_per_s=spec.outputs_per_s),
+        output=OutputConfig(observer=spec.observer),
+        arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url),
+    )
+
+
 class HostAgent:
     def __init__(
         self, etcd_url: str, host: str, ttl: int = 3, run_dir: Path | None = None,
         mem_mb: int | None = None, vcpus: int | None = None, interval: float | None = None,
+        promote_wait: float = PROMOTE_WAIT_S,
     ) -> None:
         self.etcd = Etcd(etcd_url, timeout=max(1.0, ttl / 2))
         self.store = Store(self.etcd)
@@ -66,7 +125,10 @@ class HostAgent:
         self.mem_mb, self.vcpus = mem_mb, vcpus
         self.interval = interval if interval is not None else min(1.0, ttl / 4)
         self.lease = 0
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.promote_wait = promote_wait
+        self.waits: dict[str, float] = {}  # the controller's: VM -> since when it waits
+        self.procs: dict[str, Child] = {}
+        self.placed: dict[str, Placement] = {}  # the placements of the last reconcile
         self.leader = False
 
     # -- membership ----------------------------------------------------------------------------
@@ -123,22 +185,77 @@ class HostAgent:
     def reconcile(self, snap: Snapshot) -> None:
         pool = snap.pool
         me = pool.hosts.get(self.host)
-        mine: set[str] = set()
+        want: dict[str, str] = {}  # VM -> the role this host runs for it
         if me is not None and me.state == "up":
-            mine = {v for v, p in pool.placements.items() if p.host == self.host}
-        for vm in sorted(set(self.procs) - mine):
-            self._stop(vm)
-        for vm in sorted(mine):
-            p = self.procs.get(vm)
-            if p is not None and p.poll() is None:
+            for v, p in pool.placements.items():
+                real_pair = v in pool.pairs
+                if p.host == self.host:
+                    want[v] = "primary" if real_pair else "vm"
+                elif p.standby == self.host and real_pair:
+                    want[v] = "secondary"
+        placed, self.placed = self.placed, dict(pool.placements)
+        for vm in sorted(self.procs):
+            c = self.procs[vm]
+            w = want.get(vm)
+            if w == c.role:
                 continue
-            if p is not None:
-                log.warning("VM %s exited (%s): starting it again", vm, p.returncode)
-            self._start(vm)
+            if c.role == "secondary" and w == "primary":
+                if self._promoted_here(c):
+                    # the pair's own controller promoted this standby: it runs the VM now
+                    log.warning("VM %s: its standby here promoted; it is the primary now", vm)
+                    c.role = "primary"
+                    continue
+                if snap.running.get(vm) not in (None, self.host) and c.proc.poll() is None:
+                    continue  # its primary still runs (it may hand over to this standby)
+            if c.role == "primary" and vm in pool.pairs and self._switching(vm, c, placed.get(
+                    vm), pool.placements.get(vm)):
+                continue
+            self._stop(vm)
+        for vm in sorted(want):
+            had = self.procs.get(vm)
+            if had is not None and had.proc.poll() is None:
+                if had.role == "primary" and not had.held:
+                    had.held = self._hold(vm)
+                continue
+            if had is not None:
+                log.warning("VM %s (%s) exited (%s): starting it again", vm, had.role,
+                            had.proc.returncode)
+                del self.procs[vm]
+            self._start(vm, want[vm], pool.pairs.get(vm))
 
-    def _start(self, vm: str) -> None:
-        # runtime guard against running a VM twice: running/VM, attached to this host's
-        # lease, is created only if nobody holds it (a dead host's key goes with its lease)
+    def _switching(self, vm: str, c: Child, old: Placement | None,
+                   new: Placement | None) -> bool:
+        """A pair's primary placed away from here onto its own standby's host (maintenance):
+        hand over to the standby (a planned switchover, nothing lost) rather than stop it.
+        True while the handover goes on; then it is stopped as any role."""
+        if c.switch_until is None:
+            if old is None or new is None or old.standby is None or new.host != old.standby \
+                    or c.state_dir is None or c.proc.poll() is not None:
+                return False
+            try:
+                st = read_json(c.state_dir / "status.json")
+            except (OSError, ValueError):
+                return False
+            if st.get("role") != "primary" or st.get("phase") != "protected":
+                return False
+            log.warning("VM %s: handing over to its standby on %s", vm, new.host)
+            c.proc.send_signal(signal.SIGUSR2)  # `mirror switchover`
+            c.switch_until = time.monotonic() + 15
+            return True
+        try:
+            st = read_json(c.state_dir / "status.json") if c.state_dir else {}
+        except (OSError, ValueError):
+            st = {}
+        done = st.get("role") == "secondary" or st.get("phase") == "switched-over"
+        if done or c.proc.poll() is not None or time.monotonic() > c.switch_until:
+            log.warning("VM %s: %s", vm, "handed over" if done else "handover not done")
+            return False
+        return True
+
+    def _hold(self, vm: str) -> bool:
+        """Create ``running/VM`` for this host (attached to its lease) unless another host
+        holds it: the runtime guard against running a VM (or a pair's primary) twice; a
+        dead host's key goes with its lease."""
         key = self.store.key("running", vm)
         body = json.dumps({"host": self.host, "time": time.time()})
         ok, resp = self.etcd.txn([absent(key)], [put_op(key, body, self.lease)],
@@ -148,15 +265,60 @@ class HostAgent:
             holder = json.loads(kvs[0].value).get("host") if kvs else None
             if not kvs or holder != self.host or kvs[0].lease != self.lease:
                 log.info("VM %s: waiting for %s to stop it", vm, holder)
-                return
-        cmd = [sys.executable, "-m", "mirror.pool.vmproc", vm, self.host]
-        if self.run_dir is not None:
-            cmd.append(str(self.run_dir / "vms.log"))
-        self.procs[vm] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        log.info("VM %s started on %s (pid %d)", vm, self.host, self.procs[vm].pid)
+                return False
+        return True
+
+    def _start(self, vm: str, role: str, pair: PairSpec | None) -> None:
+        if role == "primary" and pair is not None and (
+                g := unrecorded_promotion(self.etcd, pair)) is not None:
+            # a fresh primary here while the pair's standby has promoted (the pool has not
+            # recorded it yet) would be a second one: wait for the pool
+            log.info("VM %s: its standby %s promoted (generation %d): not starting a primary",
+                     vm, claims(self.etcd, pair)[g][0], g)
+            return
+        if role != "secondary" and not self._hold(vm):
+            return
+        if role == "vm" or pair is None:
+            cmd = [sys.executable, "-m", "mirror.pool.vmproc", vm, self.host]
+            if self.run_dir is not None:
+                cmd.append(str(self.run_dir / "vms.log"))
+            self.procs[vm] = Child(subprocess.Popen(cmd, stdin=subprocess.DEVNULL), role,
+                                   held=True)
+        else:
+            state = self.pair_dir(vm)
+            state.mkdir(parents=True, exist_ok=True)
+            (state / "status.json").unlink(missing_ok=True)  # a past role's, if any
+            if role == "secondary":  # a standby of this node that died leaves its image
+                (SHM / f"mirror-{pair.pair}-{self.host}-standby.img").unlink(missing_ok=True)
+            cfg_path = state / "mirror.toml"
+            cfg_path.write_text(config_mod.to_toml(
+                pair_config(pair, self.host, self.etcd.url, state)))
+            with open(state / "agent.log", "ab") as out:
+                extra = ["--leave-after-switchover"] if role == "primary" else []
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mirror", role, "--config", str(cfg_path), *extra],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.procs[vm] = Child(proc, role, state, held=role == "primary")
+        log.info("VM %s: %s started on %s (pid %d)", vm,
+                 "pair " + role if role != "vm" else "VM", self.host, self.procs[vm].proc.pid)
+
+    def pair_dir(self, vm: str) -> Path:
+        root = self.run_dir if self.run_dir is not None else \
+            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
+        return root / "pairs" / vm / self.host
+
+    @staticmethod
+    def _promoted_here(c: Child) -> bool:
+        if c.proc.poll() is not None or c.state_dir is None:
+            return False
+        try:
+            return bool(read_json(c.state_dir / "status.json").get("role") == "primary")
+        except (OSError, ValueError):
+            return False
 
     def _stop(self, vm: str, release: bool = True) -> None:
-        p = self.procs.pop(vm)
+        c = self.procs.pop(vm)
+        p = c.proc
         if p.poll() is None:
             p.terminate()
             try:
@@ -164,8 +326,8 @@ class HostAgent:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        log.info("VM %s stopped on %s", vm, self.host)
-        if release:
+        log.info("VM %s (%s) stopped on %s", vm, c.role, self.host)
+        if release and c.role != "secondary":
             key = self.store.key("running", vm)
             kv = self.etcd.get(key)
             if kv is not None and kv.lease == self.lease:
@@ -203,7 +365,8 @@ class HostAgent:
                     self.reconcile(snap)
                     self.try_lead(snap)
                     if self.leader:
-                        Controller(self.store, self.host).step(snap)
+                        Controller(self.store, self.host, self.waits,
+                                   self.promote_wait).step(snap)
                 except (EtcdError, Conflict) as e:
                     log.warning("host %s: %s", self.host, e)
                 stop.wait(self.interval)
@@ -219,9 +382,12 @@ class HostAgent:
 class Controller:
     """The pool controller's work for one tick (run by the leading agent)."""
 
-    def __init__(self, store: Store, me: str) -> None:
+    def __init__(self, store: Store, me: str, waits: dict[str, float] | None = None,
+                 promote_wait: float = PROMOTE_WAIT_S) -> None:
         self.store = store
         self.me = me
+        self.waits = {} if waits is None else waits  # VM -> since when (monotonic)
+        self.promote_wait = promote_wait
 
     def step(self, snap: Snapshot) -> None:
         pool = snap.pool
@@ -236,6 +402,7 @@ class Controller:
             self.store.commit(snap, after, None, extra=events)
             log.warning("controller %s: host(s) %s declared dead", self.me, ", ".join(dead))
             snap = self.store.load()
+        snap = self.note_handovers(snap)
         fp = Planner(snap.pool).plan(())
         if fp.moves or fp.unplaced or fp.lost:
             snap = self.carry_out(snap, fp)
@@ -264,10 +431,37 @@ class Controller:
             q = after.placements[vm]
             if (q.host, q.standby) == (p.host, p.standby):
                 continue
+            pair = snap.pool.pairs.get(vm)
+            what = "moved" if moves else "no-room"
+            if pair is not None and p.host in gone:
+                if p.standby is not None and p.standby not in gone:
+                    # the pair's own controller promotes its standby: record it only once
+                    # the standby has won the promotion claim on the arbiter
+                    g = self.promotion(pair, p.standby)
+                    if g is None:
+                        since = self.waits.setdefault(vm, time.monotonic())
+                        if time.monotonic() - since < self.promote_wait:
+                            log.info("controller %s: %s waits for its standby on %s to "
+                                     "promote", self.me, vm, p.standby)
+                            continue
+                        g, promoted = self.preempt(pair, p.standby)
+                        if not promoted:  # it never will: restart the VM as a fresh pair
+                            after = snap.pool.copy()
+                            after.place(vm, None, None)
+                            moves, what = [], "pair-not-promoted"
+                            log.warning("controller %s: %s: its standby on %s did not promote "
+                                        "in %.0f s; the pool took claim generation-%d: it "
+                                        "restarts as a fresh pair", self.me, vm, p.standby,
+                                        self.promote_wait, g)
+                    self.waits.pop(vm, None)
+                    after.pairs[vm] = replace(pair, seen_generation=g)
+                else:  # both hosts lost: it restarts as a fresh pair
+                    after.pairs[vm] = replace(pair, seen_generation=max(
+                        [pair.seen_generation, *claims(self.store.etcd, pair)]))
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
             ev = self.store.event_op({
-                "event": "moved" if moves else "no-room", "vm": vm, "by": self.me,
+                "event": what, "vm": vm, "by": self.me,
                 "from": {"host": p.host, "standby": p.standby, "epoch": p.epoch},
                 "moves": [m.to_json() for m in moves],
             })
@@ -278,9 +472,81 @@ class Controller:
                 log.info("controller %s: pool changed under the move of %s", self.me, vm)
                 return self.store.load()
             log.warning("controller %s: %s %s", self.me, vm,
-                        ", ".join(f"{m.kind} on {m.to}" for m in moves) or "has no room")
+                        ", ".join(f"{m.kind} on {m.to}" for m in moves) or what)
             snap = self.store.load()
         return snap
+
+
+    def note_handovers(self, snap: Snapshot) -> Snapshot:
+        """A pair whose standby took over where the pool had already placed it (a handover
+        on maintenance): note the promotion's generation as seen."""
+        after = None
+        for vm, pair in snap.pool.pairs.items():
+            p = snap.pool.placements.get(vm)
+            if p is None or p.host is None or snap.pool.hosts[p.host].state != "up":
+                continue
+            g = self.promotion(pair, p.host)
+            if g is not None:
+                after = after or snap.pool.copy()
+                after.pairs[vm] = replace(pair, seen_generation=g)
+        if after is None:
+            return snap
+        with contextlib.suppress(Conflict):
+            self.store.commit(snap, after, None)
+        return self.store.load()
+
+    def preempt(self, pair: PairSpec, standby: str) -> tuple[int, bool]:
+        """The standby has not promoted: take the claim of its generation for the pool, so
+        that it never can (a claim is won once), and move the pair's generation on, so
+        that a fresh pair starts above it.  Returns the generation and whether the standby
+        promoted after all (it won that claim first)."""
+        etcd = self.store.etcd
+        base = f"{ARBITER_PREFIX}/{pair.pair}/"
+        gens: list[int] = []
+        for key in ("generation", f"slot/{standby}"):
+            kv = etcd.get(base + key)
+            if kv is None:
+                continue
+            try:
+                v = json.loads(kv.value)
+                gens.append(int(v["generation"] if isinstance(v, dict) else v))
+            except (ValueError, KeyError, TypeError):
+                continue
+        lo, hi = min(gens, default=1), max(gens, default=1)
+        for g in range(max(1, lo), hi + 1):  # the standby's, and any it may yet be moved to
+            res = claim_key(etcd, f"{base}claims/generation-{g}", "pool", "restart")
+            if res.holder == standby and res.action == "promote":
+                return g, True
+        etcd.put(base + "generation", str(hi + 1))
+        return hi, False
+
+    def promotion(self, pair: PairSpec, standby: str) -> int | None:
+        """The generation whose promotion ``standby`` won, if it won one the pool has not
+        acted on yet; else None (it has not promoted, or not yet)."""
+        won = [g for g, (node, action) in claims(self.store.etcd, pair).items()
+               if g > pair.seen_generation and node == standby and action == "promote"]
+        return max(won) if won else None
+
+
+def claims(etcd: Etcd, pair: PairSpec) -> dict[int, tuple[str, str]]:
+    """The pair's arbiter claims: generation -> (node, action)."""
+    kvs, _ = etcd.get_prefix(f"{ARBITER_PREFIX}/{pair.pair}/claims/")
+    out: dict[int, tuple[str, str]] = {}
+    for kv in kvs:
+        _, _, gen = kv.key.rpartition("generation-")
+        try:
+            d = json.loads(kv.value)
+            out[int(gen)] = (str(d.get("node")), str(d.get("action")))
+        except (ValueError, AttributeError):
+            continue
+    return out
+
+
+def unrecorded_promotion(etcd: Etcd, pair: PairSpec) -> int | None:
+    """A promotion claim (any node) of a generation the pool has not acted on, if any."""
+    won = [g for g, (_, action) in claims(etcd, pair).items()
+           if g > pair.seen_generation and action == "promote"]
+    return max(won) if won else None
 
 
 def stop_event() -> threading.Event:

@@ -8,9 +8,11 @@ mirror pool host remove NAME
 mirror pool host maintenance NAME on|off
 mirror pool vm add NAME --mem MIB --vcpus N --priority mirrored|restart|best-effort
                    [--order N] [--host H] [--standby H]
+                   [--observer HOST:PORT [--link-ports D,H] [--guest-ram-mib MIB]]
 mirror pool vm remove NAME
 mirror pool vm resize NAME --mem MIB [--vcpus N]
 mirror pool agent --host NAME [--ttl S] [--run-dir DIR] [--mem MIB --vcpus N]
+                   [--promote-wait S]
 
 Every command takes --etcd URL (default $MIRROR_ETCD or http://127.0.0.1:2379)
 and --json.  Exit status: 0 done, 1 refused by admission control, 2 error.
@@ -27,9 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mirror.config import ConfigError, parse_hostport
 from mirror.pool import admission
 from mirror.pool.etcd import Etcd, EtcdError
-from mirror.pool.model import PRIORITIES, Pool, PoolError
+from mirror.pool.model import PAIR_PORTS_FROM, PRIORITIES, PairSpec, Pool, PoolError, pair_name
 from mirror.pool.planner import Analysis, analyse
 from mirror.pool.store import Conflict, Snapshot, Store
 
@@ -96,6 +99,14 @@ def add_parser(sub: Any) -> None:
                    help="restart order within its priority: lower first (default 0)")
     p.add_argument("--host", help="run it on this host (default: the planner chooses)")
     p.add_argument("--standby", help="mirrored: its standby's host (default: planner)")
+    p.add_argument("--observer", metavar="HOST:PORT",
+                   help="mirrored: run it as a real mirror pair whose outputs go to this "
+                   "observer (without it a mirrored VM runs as a stand-in process)")
+    p.add_argument("--link-ports", metavar="D,H",
+                   help="the pair's interconnect data and heartbeat ports (default: the "
+                   f"lowest two free from {PAIR_PORTS_FROM})")
+    p.add_argument("--guest-ram-mib", type=_int(1, 1 << 20), default=16, metavar="MIB",
+                   help="the pair's synthetic guest's RAM (default 16)")
     p = vp.add_parser("remove", parents=[common], help="stop and forget a VM")
     p.add_argument("name")
     p = vp.add_parser("resize", parents=[common], help="change a VM's memory or vCPUs")
@@ -113,6 +124,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mem", type=_int(1, 1 << 30), metavar="MIB",
                    help="add the host with this memory if the pool does not know it")
     p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
+    p.add_argument("--promote-wait", type=_int(1, 3600), default=10, metavar="S",
+                   help="controller: a pair's standby that has not promoted S seconds after "
+                   "its primary's host was found dead never will: the VM restarts as a "
+                   "fresh pair (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
             logging.getLogger("mirror.pool").setLevel(logging.INFO)
             return HostAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
-                             args.vcpus).run(stop_event())
+                             args.vcpus, promote_wait=args.promote_wait).run(stop_event())
         if cmd == "status":
             return status(store, args.json)
         if cmd == "plan":
@@ -160,11 +175,43 @@ def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
         return lambda p: admission.maintenance(p, args.name, args.mode == "on", **kw)
     vc = args.vm_command
     if vc == "add":
-        return lambda p: admission.add_vm(p, args.name, args.mem, args.vcpus, args.priority,
-                                          args.order, args.host, args.standby, **kw)
+        if args.observer is None:
+            if args.link_ports is not None:
+                raise PoolError("--link-ports is only for a pair (give --observer)")
+            return lambda p: admission.add_vm(p, args.name, args.mem, args.vcpus,
+                                              args.priority, args.order, args.host,
+                                              args.standby, **kw)
+        return lambda p: _add_pair(p, args, **kw)
     if vc == "remove":
         return lambda p: admission.remove_vm(p, args.name, **kw)
     return lambda p: admission.resize_vm(p, args.name, args.mem, args.vcpus, **kw)
+
+
+def _add_pair(pool: Pool, args: argparse.Namespace, **kw: Any) -> admission.Outcome:
+    """`vm add --observer`: a mirrored VM that runs as a real pair (``pairs/NAME``)."""
+    if args.priority != "mirrored":
+        raise PoolError("--observer is only for mirrored VMs (they run as pairs)")
+    try:
+        parse_hostport(args.observer, "--observer")
+    except ConfigError as e:
+        raise PoolError(str(e)) from None
+    if args.link_ports is not None:
+        parts = args.link_ports.split(",")
+        if len(parts) != 2 or not all(x.isdigit() and 1 <= int(x) <= 65535 for x in parts) \
+                or parts[0] == parts[1]:
+            raise PoolError(f"--link-ports: expected two different ports D,H, got "
+                            f"{args.link_ports!r}")
+        data, hb = int(parts[0]), int(parts[1])
+        for vm, s in pool.pairs.items():
+            if {data, hb} & {s.data_port, s.heartbeat_port}:
+                raise PoolError(f"--link-ports {args.link_ports}: pair of VM {vm} uses them")
+    else:
+        data, hb = pool.free_pair_ports()
+    out = admission.add_vm(pool, args.name, args.mem, args.vcpus, args.priority, args.order,
+                           args.host, args.standby, **kw)
+    out.pool.pairs[args.name] = PairSpec(pair_name(args.name), data, hb, args.observer,
+                                         args.guest_ram_mib)
+    return out
 
 
 def change(store: Store, args: argparse.Namespace) -> int:
@@ -227,7 +274,8 @@ def status(store: Store, as_json: bool) -> int:
         vms.append({"name": name, "priority": vm.priority, "order": vm.order,
                     "mem_mb": vm.mem_mb, "vcpus": vm.vcpus,
                     "host": p.host if p else None, "standby": p.standby if p else None,
-                    "running_on": snap.running.get(name)})
+                    "running_on": snap.running.get(name),
+                    "pair": pool.pairs[name].to_json() if name in pool.pairs else None})
     if as_json:
         print(json.dumps({
             "etcd": store.etcd.url, "version": snap.version, "leader": snap.leader,
@@ -259,8 +307,15 @@ def status(store: Store, as_json: bool) -> int:
     for v in vms:
         print(f"{v['name']:<14} {v['priority']:<12} {v['order']:>5} {v['mem_mb']:>8} "
               f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-':<12} "
-              f"{v['running_on'] or '-'}")
+              f"{v['running_on'] or '-'}" + _pair_line(pool.pairs.get(str(v["name"]))))
     return 0
+
+
+def _pair_line(spec: PairSpec | None) -> str:
+    if spec is None:
+        return ""
+    return (f"  pair {spec.pair}, link ports {spec.data_port},{spec.heartbeat_port}, "
+            f"observer {spec.observer}")
 
 
 def plan(store: Store, failures: int | None, as_json: bool) -> int:

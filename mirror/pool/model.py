@@ -18,6 +18,7 @@ reservations never add up to more memory or vCPUs than it has.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -86,6 +87,48 @@ class Placement:
                          int(d.get("epoch", 0)))
 
 
+PAIR_PORTS_FROM = 7600  # where `vm add` starts allocating a pair's interconnect ports
+
+
+def pair_name(vm: str) -> str:
+    """The mirror pair name of a pool VM: ``vm-NAME``, unique in the pool, within the pair
+    name's 64 characters (a long name is cut and made unique by a hash of the whole)."""
+    name = f"vm-{vm}"
+    if len(name) <= 64:
+        return name
+    return f"{name[:47]}-{hashlib.sha256(vm.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """How a ``mirrored`` VM runs as a real mirror pair (``pairs/VM``): the pair's name, its
+    interconnect ports, the observer its outputs go to, and its (synthetic) guest.
+    ``seen_generation``: the highest generation whose arbiter claim the pool has acted on
+    (a promotion claim of a later generation naming the standby means it promoted)."""
+
+    pair: str
+    data_port: int
+    heartbeat_port: int
+    observer: str  # HOST:PORT
+    ram_mib: int = 16
+    dirty_pages_per_s: int = 2000
+    outputs_per_s: int = 100
+    seen_generation: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pair": self.pair, "data_port": self.data_port,
+                "heartbeat_port": self.heartbeat_port, "observer": self.observer,
+                "ram_mib": self.ram_mib, "dirty_pages_per_s": self.dirty_pages_per_s,
+                "outputs_per_s": self.outputs_per_s, "seen_generation": self.seen_generation}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> PairSpec:
+        return PairSpec(str(d["pair"]), int(d["data_port"]), int(d["heartbeat_port"]),
+                        str(d["observer"]), int(d.get("ram_mib", 16)),
+                        int(d.get("dirty_pages_per_s", 2000)), int(d.get("outputs_per_s", 100)),
+                        int(d.get("seen_generation", 0)))
+
+
 @dataclass
 class Pool:
     hosts: dict[str, Host] = field(default_factory=dict)
@@ -93,10 +136,21 @@ class Pool:
     placements: dict[str, Placement] = field(default_factory=dict)
     failures_to_tolerate: int = 1
     allow_overcommit: bool = False
+    pairs: dict[str, PairSpec] = field(default_factory=dict)  # mirrored VMs run as pairs
 
     def copy(self) -> Pool:
         return Pool(dict(self.hosts), dict(self.vms), dict(self.placements),
-                    self.failures_to_tolerate, self.allow_overcommit)
+                    self.failures_to_tolerate, self.allow_overcommit, dict(self.pairs))
+
+    def free_pair_ports(self, start: int = PAIR_PORTS_FROM) -> tuple[int, int]:
+        """The lowest two consecutive ports from ``start`` that no pair of the pool uses."""
+        used = {p for s in self.pairs.values() for p in (s.data_port, s.heartbeat_port)}
+        port = start
+        while port in used or port + 1 in used:
+            port += 2
+        if port + 1 > 65535:
+            raise PoolError("no interconnect ports left for another pair")
+        return port, port + 1
 
     def up_hosts(self) -> list[str]:
         return sorted(h.name for h in self.hosts.values() if h.state == "up")
@@ -138,6 +192,9 @@ class Pool:
                     raise PoolError(f"VM {name} is placed on unknown host {h}")
             if p.standby is not None and p.standby == p.host:
                 raise PoolError(f"VM {name} has its standby on its own host {p.host}")
+        for name in self.pairs:
+            if name not in self.vms or self.vms[name].priority != "mirrored":
+                raise PoolError(f"pair settings for {name}, which is not a mirrored VM")
         for h, (m, c) in self.free().items():
             if m < 0 or c < 0:
                 raise PoolError(f"host {h} is over its capacity ({-m} MiB / {-c} vCPUs over)")
@@ -149,6 +206,7 @@ class Pool:
             "hosts": {n: h.to_json() for n, h in sorted(self.hosts.items())},
             "vms": {n: v.to_json() for n, v in sorted(self.vms.items())},
             "placements": {n: p.to_json() for n, p in sorted(self.placements.items())},
+            "pairs": {n: s.to_json() for n, s in sorted(self.pairs.items())},
         }
 
     @staticmethod
@@ -159,4 +217,5 @@ class Pool:
             {n: Placement.from_json(p) for n, p in d.get("placements", {}).items()},
             int(d.get("failures_to_tolerate", 1)),
             bool(d.get("allow_overcommit", False)),
+            {n: PairSpec.from_json(s) for n, s in d.get("pairs", {}).items()},
         )

@@ -6,6 +6,9 @@ Keys under ``/mirror/pool/`` (values JSON):
     hosts/NAME          {"mem_mb", "vcpus", "state": up|maintenance|dead, "agent"}
     vms/NAME            {"mem_mb", "vcpus", "priority", "order"}
     placements/NAME     {"host", "standby", "epoch"}
+    pairs/NAME          a mirrored VM that runs as a real pair: {"pair", "data_port",
+                        "heartbeat_port", "observer", "ram_mib", "dirty_pages_per_s",
+                        "outputs_per_s", "seen_generation"} (see model.PairSpec)
     version             a counter every change bumps
     plan                the analysis of the current state (and single-failure plans)
     members/NAME        a live host agent, attached to its lease (gone: host dead)
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirror.pool.etcd import KV, Etcd, delete_op, mod_is, put_op
-from mirror.pool.model import VM, Host, Placement, Pool, PoolError
+from mirror.pool.model import VM, Host, PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import Analysis
 
 PREFIX = "/mirror/pool/"
@@ -78,6 +81,8 @@ class Store:
                     pool.vms[name] = VM.from_json(name, _j(kv))
                 elif kind == "placements":
                     pool.placements[name] = Placement.from_json(_j(kv))
+                elif kind == "pairs":
+                    pool.pairs[name] = PairSpec.from_json(_j(kv))
                 elif kind == "config":
                     c = _j(kv)
                     pool.failures_to_tolerate = int(c.get("failures_to_tolerate", 1))
@@ -99,11 +104,13 @@ class Store:
 
     def diff_ops(self, before: Pool, after: Pool) -> list[dict[str, Any]]:
         ops: list[dict[str, Any]] = []
-        for kind, b, a in (
+        kinds: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
             ("hosts", before.hosts, after.hosts),
             ("vms", before.vms, after.vms),
             ("placements", before.placements, after.placements),
-        ):
+            ("pairs", before.pairs, after.pairs),
+        )
+        for kind, b, a in kinds:
             for name, obj in a.items():
                 if b.get(name) != obj:
                     ops.append(put_op(self.key(kind, name), json.dumps(obj.to_json())))

@@ -69,11 +69,11 @@ class Agents:
         self.url, self.root = url, root
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, host: str) -> None:
-        log = open(self.root / f"agent-{host}.log", "wb")  # noqa: SIM115
+    def start(self, host: str, *extra: str) -> None:
+        log = open(self.root / f"agent-{host}.log", "ab")  # noqa: SIM115
         self.procs[host] = subprocess.Popen(
             [sys.executable, "-m", "mirror", "pool", "agent", "--host", host, "--ttl", "3",
-             "--run-dir", str(self.root), "--etcd", self.url],
+             "--run-dir", str(self.root), "--etcd", self.url, *extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

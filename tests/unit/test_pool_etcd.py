@@ -203,3 +203,52 @@ def test_cli_changes_status_plan_and_refusals(
     stored = json.loads(etcd.get("/mirror/pool/plan").value)  # type: ignore[union-attr]
     assert stored["version"] == Store(etcd).load().version  # recomputed on every change
     assert set(stored["single_failure_plans"]) == {"a", "b", "c"}
+
+
+def test_cli_pair_settings_ports_and_names(etcd: Etcd, capsys: pytest.CaptureFixture[str]) -> None:
+    from mirror.pool.model import PAIR_PORTS_FROM, pair_name
+
+    url = etcd.url
+
+    def cli(*args: str) -> int:
+        return main(["pool", *args, "--etcd", url])
+
+    for h in ("a", "b", "c"):
+        assert cli("host", "add", h, "--mem", "4096", "--vcpus", "4") == 0
+    assert cli("vm", "add", "p1", "--mem", "512", "--priority", "mirrored",
+               "--observer", "127.0.0.1:9000") == 0
+    assert cli("vm", "add", "p2", "--mem", "512", "--priority", "mirrored",
+               "--observer", "127.0.0.1:9001", "--guest-ram-mib", "32") == 0
+    assert cli("vm", "add", "s1", "--mem", "512", "--priority", "mirrored") == 0  # stand-in
+    capsys.readouterr()
+    assert cli("vm", "add", "x", "--mem", "512", "--priority", "restart",
+               "--observer", "127.0.0.1:9002") == 2
+    assert "--observer is only for mirrored VMs" in capsys.readouterr().err
+    assert cli("vm", "add", "x", "--mem", "512", "--priority", "mirrored",
+               "--observer", "nowhere") == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
+    assert cli("vm", "add", "x", "--mem", "512", "--priority", "mirrored",
+               "--observer", "127.0.0.1:9", "--link-ports", f"{PAIR_PORTS_FROM},5") == 2
+    assert "pair of VM p1 uses them" in capsys.readouterr().err
+    pool = Store(etcd).load().pool
+    assert set(pool.pairs) == {"p1", "p2"}  # the refused adds committed nothing
+    p1, p2 = pool.pairs["p1"], pool.pairs["p2"]
+    assert (p1.pair, p1.data_port, p1.heartbeat_port, p1.observer, p1.ram_mib) == (
+        "vm-p1", PAIR_PORTS_FROM, PAIR_PORTS_FROM + 1, "127.0.0.1:9000", 16)
+    assert (p2.data_port, p2.heartbeat_port, p2.ram_mib) == (
+        PAIR_PORTS_FROM + 2, PAIR_PORTS_FROM + 3, 32)
+    pool.check()
+    capsys.readouterr()
+    assert cli("status") == 0
+    assert f"pair vm-p1, link ports {PAIR_PORTS_FROM},{PAIR_PORTS_FROM + 1}, observer " \
+        "127.0.0.1:9000" in capsys.readouterr().out
+    assert cli("status", "--json") == 0
+    vms = {v["name"]: v for v in json.loads(capsys.readouterr().out)["vms"]}
+    assert vms["p2"]["pair"]["ram_mib"] == 32 and vms["s1"]["pair"] is None
+    assert cli("vm", "remove", "p1") == 0
+    pool = Store(etcd).load().pool
+    assert set(pool.pairs) == {"p2"}
+    assert pool.free_pair_ports() == (PAIR_PORTS_FROM, PAIR_PORTS_FROM + 1)  # reused
+    long = "v" * 64
+    assert len(pair_name(long)) == 64 and pair_name(long) != pair_name("v" * 63 + "w")
+    assert pair_name("web") == "vm-web"
