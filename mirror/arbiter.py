@@ -52,13 +52,35 @@ class Arbiter(ABC):
     def beat(self, role: str, generation: int, epoch: int) -> None:
         """Write this node's heartbeat slot (raises ArbiterError if storage fails)."""
 
-    @abstractmethod
-    def peer_age(self, peer: str) -> float | None:
-        """Seconds since the peer's slot last changed, as seen here (None: never seen)."""
+    # Slots are judged by when their sequence number last changed on this reader's
+    # clock (no common clock needed); a backend only says how to load one.
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, float]] = {}  # peer -> (seq, local time it changed)
+        self._slots: dict[str, Slot] = {}
 
     @abstractmethod
+    def _load_slot(self, peer: str) -> Slot | None:
+        """The peer's slot as stored now (None: absent, unreadable or being replaced)."""
+
+    def _read(self, peer: str) -> None:
+        slot = self._load_slot(peer)
+        if slot is None:
+            return  # judged by its age
+        last = self._seen.get(peer)
+        if last is None or last[0] != slot.seq:
+            self._seen[peer] = (slot.seq, time.monotonic())
+        self._slots[peer] = slot
+
+    def peer_age(self, peer: str) -> float | None:
+        """Seconds since the peer's slot last changed, as seen here (None: never seen)."""
+        self._read(peer)
+        last = self._seen.get(peer)
+        return None if last is None else time.monotonic() - last[1]
+
     def peer_slot(self, peer: str) -> Slot | None:
         """The peer's last slot content."""
+        self._read(peer)
+        return self._slots.get(peer)
 
     @abstractmethod
     def claim(self, generation: int, node: str, action: str) -> ClaimResult:
@@ -78,8 +100,7 @@ class DirectoryArbiter(Arbiter):
         self.dir = Path(root) / pair
         self.node = node
         self._seq = 0
-        self._seen: dict[str, tuple[int, float]] = {}  # peer -> (seq, local time it changed)
-        self._slots: dict[str, Slot] = {}
+        super().__init__()
         try:
             (self.dir / "claims").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -115,27 +136,14 @@ class DirectoryArbiter(Arbiter):
         except OSError as e:
             raise ArbiterError(f"heartbeat write to {path} failed: {e.strerror}") from e
 
-    def _read(self, peer: str) -> None:
+    def _load_slot(self, peer: str) -> Slot | None:
         try:
             d = json.loads(self._slot_path(peer).read_bytes())
-            slot = Slot(
+            return Slot(
                 str(d["node"]), int(d["seq"]), str(d["role"]), int(d["generation"]), int(d["epoch"])
             )
         except (OSError, ValueError, KeyError, TypeError):
-            return  # absent or being replaced: judged by its age
-        last = self._seen.get(peer)
-        if last is None or last[0] != slot.seq:
-            self._seen[peer] = (slot.seq, time.monotonic())
-        self._slots[peer] = slot
-
-    def peer_age(self, peer: str) -> float | None:
-        self._read(peer)
-        last = self._seen.get(peer)
-        return None if last is None else time.monotonic() - last[1]
-
-    def peer_slot(self, peer: str) -> Slot | None:
-        self._read(peer)
-        return self._slots.get(peer)
+            return None
 
     def generation(self) -> int:
         """The pair's generation as last recorded here (0: none recorded)."""

@@ -40,8 +40,7 @@ class EtcdArbiter(Arbiter):
         self.dir = f"{prefix.rstrip('/')}/{pair}/"
         self.node = node
         self._seq = 0
-        self._seen: dict[str, tuple[int, float]] = {}
-        self._slots: dict[str, Slot] = {}
+        super().__init__()
 
     def beat(self, role: str, generation: int, epoch: int) -> None:
         self._seq += 1
@@ -49,32 +48,16 @@ class EtcdArbiter(Arbiter):
                            "role": role, "generation": generation, "epoch": epoch})
         self.etcd.put(f"{self.dir}slot/{self.node}", body)
 
-    def _read(self, peer: str) -> None:
+    def _load_slot(self, peer: str) -> Slot | None:
         try:
             kv = self.etcd.get(f"{self.dir}slot/{peer}")
-        except ArbiterError:
-            return  # judged by its age
-        if kv is None:
-            return
-        try:
+            if kv is None:
+                return None
             d = json.loads(kv.value)
-            slot = Slot(str(d["node"]), int(d["seq"]), str(d["role"]), int(d["generation"]),
+            return Slot(str(d["node"]), int(d["seq"]), str(d["role"]), int(d["generation"]),
                         int(d["epoch"]))
-        except (ValueError, KeyError, TypeError):
-            return
-        last = self._seen.get(peer)
-        if last is None or last[0] != slot.seq:
-            self._seen[peer] = (slot.seq, time.monotonic())
-        self._slots[peer] = slot
-
-    def peer_age(self, peer: str) -> float | None:
-        self._read(peer)
-        last = self._seen.get(peer)
-        return None if last is None else time.monotonic() - last[1]
-
-    def peer_slot(self, peer: str) -> Slot | None:
-        self._read(peer)
-        return self._slots.get(peer)
+        except (ArbiterError, ValueError, KeyError, TypeError):
+            return None
 
     def generation(self) -> int:
         kv = self.etcd.get(f"{self.dir}generation")
