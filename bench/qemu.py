@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from mirror.config import QemuConfig
 from mirror.demo import Host, wait_for
 from mirror.guests import image
 from mirror.guests.qemu import QemuGuest
-from mirror.netlab import GUEST_IP, GuestLan
+from mirror.netlab import GuestLan
 
 
 def _ms(t: float) -> float:
@@ -134,18 +133,9 @@ def rate_run(img: Path, epoch_ms: int, window: float) -> dict[str, Any]:
     client = None
     with GuestLan() as lan:
         try:
-            b = Host("hostB", "secondary", cfg_b, root, prefix=lan.prefix("B"))
-            hosts.append(b)
-            wait_for("B", b.status, 60, hosts)
-            a = Host("hostA", "primary", cfg_a, root, prefix=lan.prefix("A"))
-            hosts.append(a)
+            a, b = qemudemo.start_pair(lan, root, cfg_a, cfg_b, hosts)
             log = root / "client.jsonl"
-            client = subprocess.Popen(
-                [*lan.prefix("C"), sys.executable, "-m", "mirror.tcpclient",
-                 "--connect", f"{GUEST_IP}:{qemudemo.PORT}", "--log", str(log),
-                 "--connect-for", "120"],
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
+            client = qemudemo.start_client(lan, log)
             wait_for("the client", lambda: any(e["event"] == "connected"
                      for e in qemudemo.client_events(log)), 120, hosts)  # fmt: skip
             time.sleep(1)

@@ -71,6 +71,30 @@ def default_base(ram_mib: int = 128, epoch_ms: int = 50) -> Config:
     )
 
 
+def start_pair(
+    lan: GuestLan, root: Path, cfg_a: Config, cfg_b: Config, hosts: list[Host]
+) -> tuple[Host, Host]:
+    """Host B (secondary) in its namespace, ready; then host A (primary) in its own.
+    Both are appended to ``hosts`` as they start (the caller stops them)."""
+    b = Host("hostB", "secondary", cfg_b, root, prefix=lan.prefix("B"))
+    hosts.append(b)
+    wait_for("the secondary to listen", b.status, 60, hosts)
+    a = Host("hostA", "primary", cfg_a, root, prefix=lan.prefix("A"))
+    hosts.append(a)
+    return a, b
+
+
+def start_client(lan: GuestLan, log: Path, connect_for: float = 120) -> subprocess.Popen[bytes]:
+    """The TCP client in its namespace, in a process group of its own."""
+    return subprocess.Popen(
+        [*lan.prefix("C"), sys.executable, "-m", "mirror.tcpclient",
+         "--connect", f"{GUEST_IP}:{PORT}", "--log", str(log),
+         "--connect-for", str(connect_for)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+
 def client_events(path: Path) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -110,12 +134,8 @@ def run(
     try:
         cfg_a, cfg_b = configs(root, base, img, pair)
         mark("network namespaces up: LAN bridge, host A, host B, client; interconnect A-B")
-        b = Host("hostB", "secondary", cfg_b, root, prefix=lan.prefix("B"))
-        hosts.append(b)
-        wait_for("the secondary to listen", b.status, 60, hosts)
+        a, b = start_pair(lan, root, cfg_a, cfg_b, hosts)
         mark(f"host B: standby ready ({base.guest.ram_mib} MiB image, QEMU waiting on it)")
-        a = Host("hostA", "primary", cfg_a, root, prefix=lan.prefix("A"))
-        hosts.append(a)
         st = wait_for("the pre-copy", lambda: (a.status() or {}).get("phase") == "protected"
                       and a.status(), 120, hosts)  # fmt: skip
         mark(f"host A: guest booting under QEMU ({base.qemu.accel}); sync to B done, "
@@ -125,12 +145,7 @@ def run(
         mark(
             f"guest: service up on {GUEST_IP}:{PORT} (checkpoint {(a.status() or {}).get('epoch')})"
         )
-        client = subprocess.Popen(
-            [*lan.prefix("C"), sys.executable, "-m", "mirror.tcpclient",
-             "--connect", f"{GUEST_IP}:{PORT}", "--log", str(log)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+        client = start_client(lan, log, connect_for=60)
         connected = wait_for(
             "the client to connect",
             lambda: next((e for e in client_events(log) if e["event"] == "connected"), None),

@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
+import functools
 import mmap
 import os
 import select
@@ -39,6 +40,7 @@ from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
 from mirror.guests.synthetic import create_ram_file
 
 
+@functools.lru_cache(maxsize=8)
 def qemu_version(binary: str) -> str:
     """``7.2.22`` etc.; GuestError naming the fix when QEMU is missing."""
     try:
@@ -126,8 +128,6 @@ class NetRelay:
         self._tx_lock = threading.Lock()
         self._seq = 0
         self._halt = threading.Event()
-        self.frames_out = 0  # released to the network
-        self.frames_in = 0  # delivered to the guest
         self._threads: list[threading.Thread] = []
 
     def accept(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -208,25 +208,16 @@ class NetRelay:
         with self._tx_lock:
             try:
                 self.conn.sendall(len(frame).to_bytes(4, "big") + frame)
-                self.frames_in += 1
             except OSError:
                 self._halt.set()
 
     def release(self, outputs: list[GuestOutput]) -> None:
         """Put released frames on the network (the output sink)."""
+        if self.tap_fd < 0:
+            return  # no network (qemu.tap = ""): the frames go nowhere
         for out in outputs:
-            if self.tap_fd >= 0:
-                try:
-                    os.write(self.tap_fd, out.payload)
-                except OSError:
-                    continue  # the network drops a frame: TCP resends
-            self.frames_out += 1
-
-    # the Sink protocol of mirror.outputs: a network has no position to tell
-    position: ClassVar[int | None] = None
-
-    def __call__(self, outputs: list[GuestOutput]) -> None:
-        self.release(outputs)
+            with contextlib.suppress(OSError):  # the network drops a frame: TCP resends
+                os.write(self.tap_fd, out.payload)
 
     def close(self) -> None:
         self._halt.set()
@@ -277,7 +268,7 @@ class QemuGuest(Guest):
         self.serial_path = run_dir / "serial.log"
         self.devstate_path = run_dir / "devstate.bin"
         self.qmp_path.unlink(missing_ok=True)
-        self.version = qemu_version(settings.binary)
+        qemu_version(settings.binary)  # a clear error now if QEMU is missing
         self.relay = NetRelay(
             run_dir / "net.sock", settings.tap, settings.bridge, active=relay_active
         )
@@ -464,9 +455,6 @@ class QemuGuest(Guest):
             return self.devstate_path.read_bytes()
         except OSError as e:
             raise GuestError(f"reading the device state {self.devstate_path}: {e}") from e
-
-    def running(self) -> bool:
-        return bool(self.command("query-status").get("running"))
 
     def stop(self) -> None:
         proc = getattr(self, "proc", None)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from mirror import qemudemo
-from mirror.config import QemuConfig, to_toml
 from mirror.demo import Host, wait_for
 from mirror.netlab import GuestLan
 from tests.integration.conftest import Pair, shm_files
@@ -114,20 +113,8 @@ def _lan_pair(p: Pair, lan: GuestLan, img: Path, **arbiter: int):
     if arbiter:
         cfg_a = replace(cfg_a, arbiter=replace(cfg_a.arbiter, **arbiter))
         cfg_b = replace(cfg_b, arbiter=replace(cfg_b.arbiter, **arbiter))
-    b = Host("hostB", "secondary", cfg_b, p.root, prefix=lan.prefix("B"))
-    p.hosts.append(b)
-    wait_for("B", b.status, 60, p.hosts)
-    a = Host("hostA", "primary", cfg_a, p.root, prefix=lan.prefix("A"))
-    p.hosts.append(a)
+    a, b = qemudemo.start_pair(lan, p.root, cfg_a, cfg_b, p.hosts)
     return a, b, cfg_a
-
-
-def _client(lan: GuestLan, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*lan.prefix("C"), sys.executable, "-m", "mirror.tcpclient",
-         "--connect", "10.0.0.10:7000", "--log", str(log), "--connect-for", "120"],
-        stdin=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -154,7 +141,7 @@ def test_frames_are_not_on_the_lan_before_their_checkpoint_is_acked(
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         log = p.root / "client.jsonl"
-        client = _client(lan, log)
+        client = qemudemo.start_client(lan, log)
         try:
             wait_for("the client", lambda: "connected" in _read(log), 120, p.hosts)
             time.sleep(2)
@@ -208,8 +195,6 @@ def _read(path: Path) -> str:
     except OSError:
         return ""
 
-
-_ = (QemuConfig, to_toml)
 
 
 def test_qemu_dying_on_a_is_a_clear_error_and_b_goes_on_from_the_committed_state(qpair) -> None:
