@@ -344,10 +344,13 @@ def test_pool_pair_maintenance_of_its_primary_host_hands_over(
     _wait("the pair protected on h1/h2", lambda: (s := _status(root, vm, "h1"))
           .get("phase") == "protected" and s.get("acked", 0) >= 10, 40, root)
     _wait("outputs at the observer", lambda: observer.count() > 20, 20, root)
+    snap = _wait("a controller and a current plan", lambda: (s := store.load()).leader
+                 and s.plan and s.plan["version"] == s.version and s, 20, root)
+    planned = {(m["vm"], m["kind"]): m["to"] for m in snap.plan["single_failure_plans"]["h1"]}
     t0 = time.monotonic()
     _pool_cli(url, "host", "maintenance", "h1", "on")
     p = store.load().pool.placements[vm]
-    assert p.host == "h2" and p.standby not in ("h1", "h2", None)
+    assert p.host == "h2" and p.standby == planned[(vm, "standby")], (p, planned)
     st = _wait("h2 primary and protected again", lambda: (s := _status(root, vm, "h2"))
                .get("role") == "primary" and s.get("phase") == "protected"
                and s.get("acked", 0) >= 10 and s, 40, root)

@@ -166,6 +166,9 @@ def test_tolerated_failures_equal_brute_force(pool: Pool) -> None:
 @given(pools())
 def test_every_plan_survives_its_failure_set_in_simulation(pool: Pool) -> None:
     a = analyse(pool, keep="all")
+    for fs, fp in a.plans.items():  # every plan the planner calls good, surviving k or not
+        if fp.ok:
+            assert simulate(pool, fs, fp.moves) == [], (fs, fp.moves)
     if not a.survives:
         return
     k = pool.failures_to_tolerate
@@ -224,7 +227,12 @@ def test_refusals_are_exactly_the_changes_that_break_k(pool: Pool, data: st.Data
         out = call()
     except admission.Refused as r:
         assert breaks, str(r)
-        assert "short by" in str(r) or "tolerate" in str(r)
+        a = r.analysis
+        if a.breaking is None:  # too few hosts left for k failures: no set to name
+            assert a.up_hosts <= a.k and f"tolerates {a.tolerated} host failure(s)" in str(r)
+        else:  # the message names the failure set that breaks and by how much
+            assert "if " in str(r) or "with no host failed" in str(r), str(r)
+            assert f"short by {a.breaking.shortfall_mb} MiB" in str(r), str(r)
         return
     assert not breaks
     assert out.warning is None
