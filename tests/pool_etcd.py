@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from mirror.demo import free_ports
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
@@ -45,7 +44,7 @@ def etcd_server(tmp: Path) -> Iterator[str]:
     if exe is None:
         pytest.fail("etcd is not installed: scripts/setup installs Debian's etcd-server")
     for _attempt in range(3):
-        client, peer = free_port(), free_port()
+        client, peer = free_ports(2)  # held together while picked: never the same port
         data = tmp / f"etcd-{client}"
         url = f"http://127.0.0.1:{client}"
         peer_url = f"http://127.0.0.1:{peer}"

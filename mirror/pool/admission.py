@@ -55,7 +55,7 @@ def describe_break(a: Analysis) -> str:
     )
 
 
-def _admit(before: Pool, after: Pool, what: str, may_break: bool, **kw: object) -> Outcome:
+def _admit(after: Pool, what: str, may_break: bool, **kw: object) -> Outcome:
     after.check()
     a = analyse(after, **kw)  # type: ignore[arg-type]
     if a.survives or not may_break:
@@ -100,7 +100,7 @@ def add_host(pool: Pool, name: str, mem_mb: int, vcpus: int, **kw: object) -> Ou
         raise PoolError(f"host {name} already exists")
     after = pool.copy()
     after.hosts[name] = Host(name, mem_mb, vcpus)
-    return _admit(pool, after, f"add host {name}", may_break=False, **kw)
+    return _admit(after, f"add host {name}", may_break=False, **kw)
 
 
 def remove_host(pool: Pool, name: str, **kw: object) -> Outcome:
@@ -113,7 +113,7 @@ def remove_host(pool: Pool, name: str, **kw: object) -> Outcome:
         )
     after = pool.copy()
     del after.hosts[name]
-    return _admit(pool, after, f"remove host {name}", may_break=True, **kw)
+    return _admit(after, f"remove host {name}", may_break=True, **kw)
 
 
 def maintenance(pool: Pool, name: str, on: bool, **kw: object) -> Outcome:
@@ -124,7 +124,7 @@ def maintenance(pool: Pool, name: str, on: bool, **kw: object) -> Outcome:
         if h.state != "maintenance":
             raise PoolError(f"host {name} is not in maintenance (it is {h.state})")
         after.set_host_state(name, "up")
-        return _admit(pool, after, f"end maintenance of {name}", may_break=False, **kw)
+        return _admit(after, f"end maintenance of {name}", may_break=False, **kw)
     if h.state != "up":
         raise PoolError(f"host {name} is {h.state}: only an up host can enter maintenance")
     fp = Planner(pool).plan((name,))
@@ -137,7 +137,7 @@ def maintenance(pool: Pool, name: str, on: bool, **kw: object) -> Outcome:
     after.set_host_state(name, "maintenance")
     for v in fp.lost:  # best-effort VMs with no room stop
         after.place(v, None)
-    return _admit(pool, after, f"maintenance of {name}", may_break=True, **kw)
+    return _admit(after, f"maintenance of {name}", may_break=True, **kw)
 
 
 def apply_plan(pool: Pool, fp: FailurePlan) -> list[str]:
@@ -200,7 +200,7 @@ def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
             except PoolError as e:
                 raise PoolError(f"VM {vm.name} does not fit there: {e}") from None
             try:
-                return after, _admit(pool, after, f"start VM {vm.name} on {h}"
+                return after, _admit(after, f"start VM {vm.name} on {h}"
                                      + (f" (standby on {s})" if s else ""), True, **kw), None
             except Refused as r:
                 first_refusal = first_refusal or r
@@ -251,7 +251,7 @@ def remove_vm(pool: Pool, name: str, **kw: object) -> Outcome:
     del after.vms[name]
     after.placements.pop(name, None)
     after.pairs.pop(name, None)
-    return _admit(pool, after, f"remove VM {name}", may_break=False, **kw)
+    return _admit(after, f"remove VM {name}", may_break=False, **kw)
 
 
 def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
@@ -266,7 +266,7 @@ def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
     except PoolError as e:
         raise PoolError(f"resize of VM {name} refused: its host has no room: {e}") from None
     grows = mem_mb > vm.mem_mb or vcpus > vm.vcpus
-    return _admit(pool, after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, **kw)
+    return _admit(after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, **kw)
 
 
 def configure(pool: Pool, failures: int | None, allow_overcommit: bool | None,
@@ -280,4 +280,4 @@ def configure(pool: Pool, failures: int | None, allow_overcommit: bool | None,
         after.allow_overcommit = allow_overcommit
     grows = (failures or 0) > pool.failures_to_tolerate or (
         allow_overcommit is False and pool.allow_overcommit)
-    return _admit(pool, after, "configure the pool", grows, **kw)
+    return _admit(after, "configure the pool", grows, **kw)

@@ -270,11 +270,11 @@ class HostAgent:
 
     def _start(self, vm: str, role: str, pair: PairSpec | None) -> None:
         if role == "primary" and pair is not None and (
-                g := unrecorded_promotion(self.etcd, pair)) is not None:
+                won := unrecorded_promotion(self.etcd, pair)) is not None:
             # a fresh primary here while the pair's standby has promoted (the pool has not
             # recorded it yet) would be a second one: wait for the pool
             log.info("VM %s: its standby %s promoted (generation %d): not starting a primary",
-                     vm, claims(self.etcd, pair)[g][0], g)
+                     vm, won[1], won[0])
             return
         if role != "secondary" and not self._hold(vm):
             return
@@ -523,9 +523,8 @@ class Controller:
     def promotion(self, pair: PairSpec, standby: str) -> int | None:
         """The generation whose promotion ``standby`` won, if it won one the pool has not
         acted on yet; else None (it has not promoted, or not yet)."""
-        won = [g for g, (node, action) in claims(self.store.etcd, pair).items()
-               if g > pair.seen_generation and node == standby and action == "promote"]
-        return max(won) if won else None
+        won = unrecorded_promotion(self.store.etcd, pair, standby)
+        return None if won is None else won[0]
 
 
 def claims(etcd: Etcd, pair: PairSpec) -> dict[int, tuple[str, str]]:
@@ -542,10 +541,13 @@ def claims(etcd: Etcd, pair: PairSpec) -> dict[int, tuple[str, str]]:
     return out
 
 
-def unrecorded_promotion(etcd: Etcd, pair: PairSpec) -> int | None:
-    """A promotion claim (any node) of a generation the pool has not acted on, if any."""
-    won = [g for g, (_, action) in claims(etcd, pair).items()
-           if g > pair.seen_generation and action == "promote"]
+def unrecorded_promotion(
+    etcd: Etcd, pair: PairSpec, node: str | None = None
+) -> tuple[int, str] | None:
+    """The latest promotion claim (by ``node``, or any) of a generation the pool has not
+    acted on: (generation, the node that won it); None if there is none."""
+    won = [(g, who) for g, (who, action) in claims(etcd, pair).items()
+           if g > pair.seen_generation and action == "promote" and node in (None, who)]
     return max(won) if won else None
 
 

@@ -132,9 +132,6 @@ class Etcd:
         body = put_op(key, value, lease)["request_put"]
         return int(self.call("kv/put", body).get("header", {}).get("revision", 0))
 
-    def delete(self, key: str) -> int:
-        return int(self.call("kv/deleterange", {"key": _b64(key)}).get("deleted", 0))
-
     def delete_prefix(self, prefix: str) -> int:
         r = self.call("kv/deleterange", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
         return int(r.get("deleted", 0))

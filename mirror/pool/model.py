@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 PRIORITIES = ("mirrored", "restart", "best-effort")
-HOST_STATES = ("up", "maintenance", "dead")
 GUARANTEED = ("mirrored", "restart")
 
 
@@ -208,14 +207,3 @@ class Pool:
             "placements": {n: p.to_json() for n, p in sorted(self.placements.items())},
             "pairs": {n: s.to_json() for n, s in sorted(self.pairs.items())},
         }
-
-    @staticmethod
-    def from_json(d: dict[str, Any]) -> Pool:
-        return Pool(
-            {n: Host.from_json(n, h) for n, h in d.get("hosts", {}).items()},
-            {n: VM.from_json(n, v) for n, v in d.get("vms", {}).items()},
-            {n: Placement.from_json(p) for n, p in d.get("placements", {}).items()},
-            int(d.get("failures_to_tolerate", 1)),
-            bool(d.get("allow_overcommit", False)),
-            {n: PairSpec.from_json(s) for n, s in d.get("pairs", {}).items()},
-        )
