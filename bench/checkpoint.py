@@ -24,14 +24,14 @@ from pathlib import Path
 from statistics import median
 
 from bench.workloads import Workload, time_round_robin
-from mirror import pagediff as pd
-from mirror import wire
-from mirror.checkpoint import CheckpointEngine
 from mirror.config import CheckpointConfig, Config, GuestConfig
-from mirror.demo import Host, pair_configs, wait_for
-from mirror.guests.synthetic import SHM_DIR, SyntheticGuest
-from mirror.link import Endpoint, Link
-from mirror.outputs import OutputBuffer
+from mirror.guests.synthetic import SHM_DIR, SyntheticGuest, SyntheticParams
+from mirror.lab.demo import Host, pair_configs, wait_for
+from mirror.replication import pagediff as pd
+from mirror.replication import wire
+from mirror.replication.checkpoint import CheckpointEngine
+from mirror.replication.link import Endpoint, Link
+from mirror.replication.outputs import OutputBuffer
 
 PS = pd.PAGE_SIZE
 
@@ -93,7 +93,8 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
         try:
             wait_for("the secondary", secondary.status, 60, [secondary])
             outputs = OutputBuffer(lambda outs: None)
-            guest = SyntheticGuest.boot(cfg_a.guest.synthetic(), SHM_DIR / ram_name, outputs.add)
+            params = SyntheticParams.from_config(cfg_a.guest)
+            guest = SyntheticGuest.boot(params, SHM_DIR / ram_name, outputs.add)
             link = Link.client(
                 Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port), "hostA"
             )

@@ -27,8 +27,8 @@ from statistics import median
 from typing import Any
 
 from mirror.config import ArbiterConfig, CheckpointConfig, Config, GuestConfig, LinkConfig
-from mirror.demo import Host, pair_configs, wait_for
-from mirror.observer import Observer
+from mirror.lab.demo import Host, pair_configs, wait_for
+from mirror.lab.observer import Observer
 
 SETTINGS = {
     "default (100 ms heartbeats, silent after 500 ms)": (100, 500),

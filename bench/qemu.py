@@ -33,13 +33,13 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from mirror import pagediff as pd
-from mirror import qemudemo
 from mirror.config import QemuConfig
-from mirror.demo import Host, wait_for
 from mirror.guests import image
 from mirror.guests.qemu import QemuGuest
-from mirror.netlab import GuestLan
+from mirror.lab import qemudemo
+from mirror.lab.demo import Host, wait_for
+from mirror.lab.netlab import GuestLan
+from mirror.replication import pagediff as pd
 
 
 def _ms(t: float) -> float:

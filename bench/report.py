@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import checkpoint as ckpt
 from bench.workloads import DeltaWorkload, Workload, time_round_robin
-from mirror import pagediff as pd
+from mirror.replication import pagediff as pd
 
 
 @dataclass

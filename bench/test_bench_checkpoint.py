@@ -15,8 +15,8 @@ import pytest
 
 from bench.checkpoint import case_config, running_engine
 from bench.workloads import Workload
-from mirror import pagediff as pd
-from mirror.checkpoint import CheckpointEngine
+from mirror.replication import pagediff as pd
+from mirror.replication.checkpoint import CheckpointEngine
 
 PS = pd.PAGE_SIZE
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bench.workloads import DeltaWorkload, Workload
-from mirror import pagediff as pd
+from mirror.replication import pagediff as pd
 
 ROUNDS = 7
 

@@ -16,7 +16,7 @@ from statistics import median
 
 import numpy as np
 
-from mirror import pagediff as pd
+from mirror.replication import pagediff as pd
 
 PS = pd.PAGE_SIZE
 ZERO_PAGE_SHARE = 0.2  # guests hold a good share of zero pages

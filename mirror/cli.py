@@ -24,13 +24,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror import agent, demo, primary, qemudemo, secondary
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests import image
 from mirror.guests.base import GuestError
+from mirror.ha import agent, primary, secondary
 from mirror.hoststate import read_json
+from mirror.lab import demo, qemudemo
 from mirror.pool import cli as pool_cli
-from mirror.standby import StandbyError
+from mirror.replication.standby import StandbyError
 
 
 def _positive(kind: type, lo: float, hi: float):  # type: ignore[no-untyped-def]

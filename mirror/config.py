@@ -1,7 +1,7 @@
 """Host configuration: TOML files read into frozen dataclasses, with clear errors.
 
 Every section and key is listed here with its default and its allowed range;
-README.md documents them.  Unknown sections or keys, wrong types and values
+docs/configuration.md documents them.  Unknown sections or keys, wrong types and values
 out of range are errors that name the file, the key and the value.
 """
 
@@ -12,8 +12,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
-
-from mirror.guests.synthetic import Shape, SyntheticParams
 
 
 class ConfigError(ValueError):
@@ -69,17 +67,6 @@ class GuestConfig:
     hot_pct: int = field(default=10, metadata=_range(1, 100))
     seed: int = field(default=1, metadata=_range(0, 2**63 - 1))
     fill_pct: int = field(default=50, metadata=_range(0, 100))
-
-    def synthetic(self) -> SyntheticParams:
-        return SyntheticParams(
-            ram_mib=self.ram_mib,
-            dirty_pages_per_s=self.dirty_pages_per_s,
-            outputs_per_s=self.outputs_per_s,
-            shape=Shape[self.shape.upper()],
-            hot_pct=self.hot_pct,
-            seed=self.seed,
-            fill_pct=self.fill_pct,
-        )
 
 
 @dataclass(frozen=True)

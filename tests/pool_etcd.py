@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.demo import free_ports
+from mirror.lab.demo import free_ports
 
 
 def free_port() -> int:

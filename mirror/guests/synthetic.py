@@ -41,11 +41,12 @@ from typing import Any
 import msgpack
 
 from mirror._pagediff import ffi, lib
-from mirror.framing import ChannelClosed, recv_msg, send_msg
+from mirror.config import GuestConfig
 from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
-from mirror.pagediff import PAGE_SIZE
+from mirror.guests.framing import ChannelClosed, recv_msg, send_msg
 
 STATE_VERSION = 1
+PAGE_SIZE: int = lib.PD_PAGE_SIZE
 SHM_DIR = Path("/dev/shm")
 
 
@@ -66,6 +67,18 @@ class SyntheticParams:
     hot_pct: int = 10
     seed: int = 1
     fill_pct: int = 50  # share of pages with content at boot
+
+    @classmethod
+    def from_config(cls, guest: GuestConfig) -> SyntheticParams:
+        return cls(
+            ram_mib=guest.ram_mib,
+            dirty_pages_per_s=guest.dirty_pages_per_s,
+            outputs_per_s=guest.outputs_per_s,
+            shape=Shape[guest.shape.upper()],
+            hot_pct=guest.hot_pct,
+            seed=guest.seed,
+            fill_pct=guest.fill_pct,
+        )
 
     def __post_init__(self) -> None:
         checks = [

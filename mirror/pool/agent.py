@@ -65,10 +65,10 @@ from mirror.config import (
     OutputConfig,
     PairConfig,
 )
+from mirror.ha.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
+from mirror.ha.etcd_arbiter import claim_key
 from mirror.hoststate import read_json
 from mirror.pool import admission
-from mirror.pool.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
-from mirror.pool.etcd_arbiter import claim_key
 from mirror.pool.model import PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import Conflict, Snapshot, Store

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import ConfigError, parse_hostport
+from mirror.ha.etcd import Etcd, EtcdError
 from mirror.pool import admission
-from mirror.pool.etcd import Etcd, EtcdError
 from mirror.pool.model import PAIR_PORTS_FROM, PRIORITIES, PairSpec, Pool, PoolError, pair_name
 from mirror.pool.planner import Analysis, analyse
 from mirror.pool.store import Conflict, Snapshot, Store

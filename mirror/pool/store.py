@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror.pool.etcd import KV, Etcd, delete_op, mod_is, put_op
+from mirror.ha.etcd import KV, Etcd, delete_op, mod_is, put_op
 from mirror.pool.model import VM, Host, PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import Analysis
 

@@ -1,5 +1,5 @@
-"""The partition tests' namespaces live in mirror/netlab.py (beside the QEMU demo's)."""
+"""The partition tests' namespaces live in mirror/lab/netlab.py (beside the QEMU demo's)."""
 
-from mirror.netlab import NetLab, NetLabUnavailable
+from mirror.lab.netlab import NetLab, NetLabUnavailable
 
 __all__ = ["NetLab", "NetLabUnavailable"]

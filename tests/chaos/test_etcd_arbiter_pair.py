@@ -8,7 +8,7 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
-from mirror.pool.etcd import Etcd
+from mirror.ha.etcd import Etcd
 from tests.chaos.test_host_kills import CHAOS, check_observer
 from tests.chaos.test_reprotection import promoted
 from tests.pool_etcd import etcd_server

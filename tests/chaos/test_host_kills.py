@@ -20,8 +20,8 @@ from dataclasses import replace
 import pytest
 
 from mirror.config import CheckpointConfig, Config, GuestConfig
-from mirror.demo import Host
-from mirror.guests.synthetic import reference_outputs
+from mirror.guests.synthetic import SyntheticParams, reference_outputs
+from mirror.lab.demo import Host
 from tests.integration.conftest import Pair
 
 pytestmark = pytest.mark.chaos
@@ -47,7 +47,7 @@ def check_observer(pair: Pair) -> int:
     )
     assert not seen.interleaved(), "two sources interleaved"
     assert seen.malformed == 0
-    ref = reference_outputs(pair.cfg_a.guest.synthetic(), len(seqs))
+    ref = reference_outputs(SyntheticParams.from_config(pair.cfg_a.guest), len(seqs))
     assert [(s, p) for s, p, _ in seen.outputs] == ref, "outputs differ from the guest's own"
     return len(seqs)
 

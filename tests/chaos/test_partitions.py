@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from mirror.config import Config
-from mirror.demo import Host, free_ports, wait_for
-from mirror.observer import Observer
+from mirror.lab.demo import Host, free_ports, wait_for
+from mirror.lab.observer import Observer
 from tests.chaos.netlab import NetLab, NetLabUnavailable
 from tests.chaos.test_host_kills import CHAOS
 

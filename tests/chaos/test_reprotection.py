@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 
 from mirror import config as config_mod
-from mirror.demo import Host
+from mirror.lab.demo import Host
 from tests.chaos.test_host_kills import CHAOS, check_observer
 from tests.integration.conftest import Pair
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from mirror.config import CheckpointConfig, Config, GuestConfig
-from mirror.demo import Host, pair_configs, wait_for
-from mirror.observer import Observer
+from mirror.lab.demo import Host, pair_configs, wait_for
+from mirror.lab.observer import Observer
 
 SHM = Path("/dev/shm")
 

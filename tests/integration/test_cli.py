@@ -52,7 +52,7 @@ def test_demo_json_summary(own_pair: str, no_leftovers: None) -> None:
 
 
 def test_demo_human_summary_with_an_external_observer(own_pair: str, no_leftovers: None) -> None:
-    from mirror.observer import Observer
+    from mirror.lab.observer import Observer
 
     obs = Observer()
     try:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from mirror.cli import main
-from mirror.pool.etcd import Etcd
+from mirror.ha.etcd import Etcd
 from mirror.pool.store import Store
 from tests.pool_etcd import etcd_server, stop_group
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from mirror.demo import free_ports
-from mirror.guests.synthetic import reference_outputs
+from mirror.guests.synthetic import SyntheticParams, reference_outputs
+from mirror.ha.etcd import Etcd
 from mirror.hoststate import read_json
-from mirror.observer import Observer
+from mirror.lab.demo import free_ports
+from mirror.lab.observer import Observer
 from mirror.pool.agent import pair_config
-from mirror.pool.etcd import Etcd
 from mirror.pool.model import pair_name as vm_pair_name
 from mirror.pool.store import Store
 from tests.integration.conftest import SHM
@@ -202,7 +202,7 @@ def _failover_rounds(
         f"{seen.duplicates()} duplicates")
     assert not seen.interleaved(), "two sources interleaved"
     assert seen.malformed == 0
-    guest = pair_config(spec, "h1", url, root).guest.synthetic()
+    guest = SyntheticParams.from_config(pair_config(spec, "h1", url, root).guest)
     assert [(s, p) for s, p, _ in seen.outputs] == reference_outputs(guest, len(seqs))
     assert len(set(seen.sources)) == 2  # the first primary, then the promoted one
     print("\nPOOL PAIR TEST:", json.dumps({
@@ -369,7 +369,7 @@ def test_pool_pair_maintenance_of_its_primary_host_hands_over(
     assert seqs == list(range(1, len(seqs) + 1)), (
         f"{seen.gaps()} gaps, {seen.duplicates()} duplicates")
     assert not seen.interleaved()
-    guest = pair_config(spec, "h1", url, root).guest.synthetic()
+    guest = SyntheticParams.from_config(pair_config(spec, "h1", url, root).guest)
     assert [(s, p) for s, p, _ in seen.outputs] == reference_outputs(guest, len(seqs))
     print("\nPOOL PAIR MAINTENANCE:", json.dumps({
         "new_standby": p.standby, "generation": st["generation"], "outputs": len(seqs),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.guests.synthetic import SyntheticGuest, reference_outputs, unpack_state
+from mirror.guests.synthetic import SyntheticGuest, SyntheticParams, reference_outputs, unpack_state
 from tests.integration.conftest import SMALL, Pair
 
 # A secondary that stops answering looks dead after silent_after_ms and the primary
@@ -52,7 +52,7 @@ def test_outputs_wait_for_the_secondary_ack(pair: Pair) -> None:
     assert a.proc.returncode == 0, a.log_tail()
     seen = pair.observer.seen
     assert seen.gaps() == 0 and seen.duplicates() == 0 and seen.malformed == 0
-    params = pair.cfg_a.guest.synthetic()
+    params = SyntheticParams.from_config(pair.cfg_a.guest)
     ref = reference_outputs(params, len(seen.outputs))
     assert [(s, p) for s, p, _ in seen.outputs] == ref
 
@@ -76,7 +76,7 @@ def test_standby_equals_checkpoint_n_and_the_guest_resumes_from_it(
 
     state = Path(st_b["state"]).read_bytes()
     params, regs = unpack_state(state)
-    assert params == pair.cfg_a.guest.synthetic()
+    assert params == SyntheticParams.from_config(pair.cfg_a.guest)
     last_seq = regs[0]
     released = pair.observer.snapshot()
     assert released and released[-1][0] == last_seq  # all of epoch <= N released, nothing after

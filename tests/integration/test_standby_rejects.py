@@ -14,9 +14,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from mirror import pagediff as pd
-from mirror import wire
-from mirror.link import Endpoint, Link
+from mirror.replication import pagediff as pd
+from mirror.replication import wire
+from mirror.replication.link import Endpoint, Link
 from tests.integration.conftest import Pair
 
 PS = pd.PAGE_SIZE

@@ -12,7 +12,7 @@ import pytest
 
 from mirror.config import Config, QemuConfig
 from mirror.guests import image
-from mirror.netlab import NetLabUnavailable, check_capable
+from mirror.lab.netlab import NetLabUnavailable, check_capable
 from tests.chaos.conftest import no_leftovers, pair_factory, pair_name  # noqa: F401 (fixtures)
 
 QEMU = "qemu-system-x86_64"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from mirror import qemudemo
-from mirror.demo import Host, wait_for
-from mirror.netlab import GuestLan
+from mirror.lab import qemudemo
+from mirror.lab.demo import Host, wait_for
+from mirror.lab.netlab import GuestLan
 from tests.integration.conftest import Pair, shm_files
 from tests.qemu.conftest import qemu_base, qemu_pid_gone
 

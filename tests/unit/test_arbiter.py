@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.arbiter import ArbiterError, DirectoryArbiter
+from mirror.ha.arbiter import ArbiterError, DirectoryArbiter
 
 
 def test_slot_age_follows_the_peer_writes(tmp_path: Path) -> None:

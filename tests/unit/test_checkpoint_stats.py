@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mirror.checkpoint import RECENT, CheckpointRecord, Stats
-from mirror.outputs import OutputBuffer
+from mirror.replication.checkpoint import RECENT, CheckpointRecord, Stats
+from mirror.replication.outputs import OutputBuffer
 
 
 def test_stats_keep_recent_records_and_count_all() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.arbiter import ClaimResult
-from mirror.controller import TRANSITIONS, Action, Controller, Observation, Role, State, Timeouts
+from mirror.ha.arbiter import ClaimResult
+from mirror.ha.controller import TRANSITIONS, Action, Controller, Observation, Role, State, Timeouts
 
 WON = ClaimResult(True, "me", "x")
 LOST = ClaimResult(False, "other", "promote")

@@ -6,7 +6,7 @@ import socket
 import threading
 
 from mirror.guests.base import GuestOutput
-from mirror.outputs import ObserverSink, OutputBuffer
+from mirror.replication.outputs import ObserverSink, OutputBuffer
 
 
 def out(seq: int) -> GuestOutput:

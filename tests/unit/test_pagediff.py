@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror import pagediff as pd
+from mirror.replication import pagediff as pd
 from tests.unit import pagediff_reference as ref
 
 PS = pd.PAGE_SIZE

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from mirror.cli import main
+from mirror.ha.etcd import Etcd, EtcdError, absent, put_op
+from mirror.ha.etcd_arbiter import EtcdArbiter
 from mirror.pool import admission
-from mirror.pool.etcd import Etcd, EtcdError, absent, put_op
-from mirror.pool.etcd_arbiter import EtcdArbiter
 from mirror.pool.store import Conflict, Store
 from tests.pool_etcd import etcd_server
 

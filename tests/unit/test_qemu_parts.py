@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mirror import qemudemo
 from mirror.config import ConfigError, from_dict, load
 from mirror.guests import image
 from mirror.guests.base import GuestError, GuestOutput
 from mirror.guests.qemu import NetRelay, fingerprint, qemu_version
+from mirror.lab import qemudemo
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "host_kill_failover"
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirror import pagediff as pd
-from mirror import wire
-from mirror.wire import Ack, Bye, Heartbeat, Hello, Pages, Reject, Welcome, WireError
+from mirror.replication import pagediff as pd
+from mirror.replication import wire
+from mirror.replication.wire import Ack, Bye, Heartbeat, Hello, Pages, Reject, Welcome, WireError
 
 PS = pd.PAGE_SIZE
 

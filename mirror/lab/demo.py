@@ -26,7 +26,7 @@ from typing import Any
 from mirror import config as config_mod
 from mirror.config import Config
 from mirror.hoststate import read_json
-from mirror.observer import Observer
+from mirror.lab.observer import Observer
 
 
 def free_ports(n: int) -> list[int]:

@@ -9,16 +9,16 @@ import threading
 import time
 from typing import Any
 
-from mirror.agent import Failover, current_generation, event
 from mirror.config import Config
-from mirror.controller import Action, Role
-from mirror.guests.backend import Backend, backend_for
 from mirror.guests.base import GuestOutput
-from mirror.outputs import OutputBuffer
-from mirror.primary import lead
-from mirror.standby import Standby
+from mirror.ha.agent import Failover, current_generation, event
+from mirror.ha.backend import Backend, backend_for
+from mirror.ha.controller import Action, Role
+from mirror.ha.primary import lead
+from mirror.replication.outputs import OutputBuffer
+from mirror.replication.standby import Standby
 
-log = logging.getLogger("mirror.agent")
+log = logging.getLogger("mirror.ha.agent")
 
 
 def run_secondary(cfg: Config, stop: threading.Event) -> int:

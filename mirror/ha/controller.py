@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from mirror.arbiter import ClaimResult
+from mirror.ha.arbiter import ClaimResult
 
 
 class Role(Enum):

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mirror import pagediff as pd
-from mirror import wire
 from mirror.config import Config
 from mirror.hoststate import write_atomic, write_json
-from mirror.link import Endpoint, Link
+from mirror.replication import pagediff as pd
+from mirror.replication import wire
+from mirror.replication.link import Endpoint, Link
 
-log = logging.getLogger("mirror.standby")
+log = logging.getLogger("mirror.replication.standby")
 SHM = Path("/dev/shm")
 TAIL_OUTPUTS = 100_000  # committed outputs kept for a promotion
 

@@ -1,8 +1,8 @@
 """What both roles of a host's daemon share: structured events, signals, the storage
-heartbeat and the failover controller's driver.  The roles are mirror/primary.py
-and mirror/secondary.py.
+heartbeat and the failover controller's driver.  The roles are mirror/ha/primary.py
+and mirror/ha/secondary.py.
 
-The controller decides (mirror/controller.py); the agent observes and acts.
+The controller decides (mirror/ha/controller.py); the agent observes and acts.
 Each role writes ``status.json`` in the host's state directory, which
 ``mirror status`` and the demo read; the primary also writes ``stats.json``
 when it stops.  Decisions are logged as structured events: one JSON object
@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mirror.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.config import Config
-from mirror.controller import Action, Controller, Decision, Observation, Role, Timeouts
+from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
+from mirror.ha.controller import Action, Controller, Decision, Observation, Role, Timeouts
 
-log = logging.getLogger("mirror.agent")
+log = logging.getLogger("mirror.ha.agent")
 
 
 def event(name: str, **fields: Any) -> None:
@@ -157,8 +157,8 @@ def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:
     """The pair's arbiter: the shared directory (the default), or etcd when
     ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions)."""
     if cfg.arbiter.etcd:
-        from mirror.pool.etcd import Etcd  # the pool's client; no dependency otherwise
-        from mirror.pool.etcd_arbiter import EtcdArbiter
+        from mirror.ha.etcd import Etcd  # the pool's client; no dependency otherwise
+        from mirror.ha.etcd_arbiter import EtcdArbiter
 
         # short: a storage path that does not answer within a heartbeat or two is down
         etcd = Etcd(

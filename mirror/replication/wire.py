@@ -42,7 +42,7 @@ from typing import Any
 
 import msgpack
 
-from mirror.pagediff import PAGE_SIZE, EncodedPages, PageKind, checksum_bytes
+from mirror.replication.pagediff import PAGE_SIZE, EncodedPages, PageKind, checksum_bytes
 
 PROTOCOL_VERSION = 2  # 2: HELLO carries the guest's fingerprint
 MAX_HEADER = 1 << 20

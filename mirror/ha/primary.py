@@ -13,18 +13,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mirror import wire
-from mirror.agent import Failover, current_generation, event, make_arbiter
-from mirror.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.config import Config
-from mirror.controller import Action, Role
-from mirror.guests.backend import Backend, OutputSink, backend_for
 from mirror.guests.base import Guest
+from mirror.ha.agent import Failover, current_generation, event, make_arbiter
+from mirror.ha.backend import Backend, OutputSink, backend_for
+from mirror.ha.controller import Action, Role
 from mirror.hoststate import write_json
-from mirror.link import Endpoint, Link
-from mirror.outputs import OutputBuffer
+from mirror.replication import wire
+from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
+from mirror.replication.link import Endpoint, Link
+from mirror.replication.outputs import OutputBuffer
 
-log = logging.getLogger("mirror.agent")
+log = logging.getLogger("mirror.ha.agent")
 
 
 def lead(
@@ -307,7 +307,7 @@ def run_primary(
         return 0
     if code == SWITCHED_OVER:
         log.info("switched over: this host is now the secondary")
-        from mirror.secondary import run_secondary  # the roles call each other
+        from mirror.ha.secondary import run_secondary  # the roles call each other
 
         return run_secondary(cfg, stop)
     return code

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import time
 
-from mirror.arbiter import Arbiter, ArbiterError, ClaimResult, Slot
-from mirror.pool.etcd import Etcd, absent, put_op, range_op
+from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, Slot
+from mirror.ha.etcd import Etcd, absent, put_op, range_op
 
 
 def claim_key(etcd: Etcd, key: str, node: str, action: str) -> ClaimResult:

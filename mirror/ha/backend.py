@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from mirror.config import Config
 from mirror.guests.base import Guest, GuestOutput, OutputHandler
-from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest
+from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest, SyntheticParams
 
 
 class OutputSink(Protocol):
@@ -69,10 +69,11 @@ class SyntheticBackend(Backend):
         return "synthetic"
 
     def boot(self, on_output: OutputHandler) -> Guest:
-        return SyntheticGuest.boot(self.cfg.guest.synthetic(), self.ram_path(), on_output)
+        params = SyntheticParams.from_config(self.cfg.guest)
+        return SyntheticGuest.boot(params, self.ram_path(), on_output)
 
     def sink(self, guest: Any) -> OutputSink:
-        from mirror.outputs import ObserverSink
+        from mirror.replication.outputs import ObserverSink
 
         return ObserverSink(*self.cfg.output.address())
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import zmq
 
-from mirror import wire
+from mirror.replication import wire
 
-log = logging.getLogger("mirror.link")
+log = logging.getLogger("mirror.replication.link")
 
 
 def tune_malloc() -> None:

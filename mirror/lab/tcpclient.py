@@ -7,7 +7,7 @@ is a failure, reported as such.  Events go to ``--log`` as JSON lines with wall
 clock times (the demo lines them up with the kill); ``SIGTERM`` ends it with a
 summary line.
 
-    python -m mirror.tcpclient --connect 10.0.0.10:7000 --log client.jsonl
+    python -m mirror.lab.tcpclient --connect 10.0.0.10:7000 --log client.jsonl
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run(host: str, port: int, echo_every: float, connect_for: float, log: TextIO
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m mirror.tcpclient",
+        prog="python -m mirror.lab.tcpclient",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,7 +1,7 @@
 """`mirror demo --guest qemu`: a QEMU guest keeps its client's TCP connection while its
 host is killed.
 
-On one machine (mirror/netlab.py): namespaces for host A, host B, a client and
+On one machine (mirror/lab/netlab.py): namespaces for host A, host B, a client and
 the LAN; the interconnect on its own link; a shared directory as the storage
 path.  The guest boots on A and is mirrored to B; the client opens ONE TCP
 connection to the guest, reads its counter stream and sends echo requests;
@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config, QemuConfig
-from mirror.demo import Host, wait_for
 from mirror.guests import image
 from mirror.guests.qemu import qemu_version
-from mirror.netlab import GUEST_IP, IC_IP, GuestLan, check_capable
+from mirror.lab.demo import Host, wait_for
+from mirror.lab.netlab import GUEST_IP, IC_IP, GuestLan, check_capable
 
 PORT = 7000
 
@@ -87,7 +87,7 @@ def start_pair(
 def start_client(lan: GuestLan, log: Path, connect_for: float = 120) -> subprocess.Popen[bytes]:
     """The TCP client in its namespace, in a process group of its own."""
     return subprocess.Popen(
-        [*lan.prefix("C"), sys.executable, "-m", "mirror.tcpclient",
+        [*lan.prefix("C"), sys.executable, "-m", "mirror.lab.tcpclient",
          "--connect", f"{GUEST_IP}:{PORT}", "--log", str(log),
          "--connect-for", str(connect_for)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

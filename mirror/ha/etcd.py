@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from mirror.arbiter import ArbiterError
+from mirror.ha.arbiter import ArbiterError
 
 
 class EtcdError(ArbiterError):

@@ -28,15 +28,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mirror import pagediff as pd
-from mirror import wire
 from mirror.config import CheckpointConfig
 from mirror.guests.base import Guest
 from mirror.hoststate import percentile
-from mirror.link import Link
-from mirror.outputs import OutputBuffer
+from mirror.replication import pagediff as pd
+from mirror.replication import wire
+from mirror.replication.link import Link
+from mirror.replication.outputs import OutputBuffer
 
-log = logging.getLogger("mirror.checkpoint")
+log = logging.getLogger("mirror.replication.checkpoint")
 RECENT = 10_000  # checkpoints kept for percentiles (about 8 minutes at 50 ms)
 PS = pd.PAGE_SIZE
 
