@@ -159,7 +159,9 @@ def test_tolerated_failures_equal_brute_force(pool: Pool) -> None:
     a = analyse(pool, keep="none")
     assert a.tolerated_exact
     assert a.tolerated == brute_tolerated(pool)
-    assert a.survives == (a.tolerated >= pool.failures_to_tolerate)
+    # k larger than the hosts: every set of up hosts (all of them included) must survive
+    assert a.survives == (a.tolerated >= min(pool.failures_to_tolerate, len(pool.up_hosts())))
+    assert (a.breaking is None) == a.survives
 
 
 @FAST
@@ -212,7 +214,7 @@ def test_refusals_are_exactly_the_changes_that_break_k(pool: Pool, data: st.Data
             host = data.draw(st.sampled_from(ups))
             fp = Planner(pool).plan((host,))
             if not fp.ok:
-                with pytest.raises(PoolError, match="cannot all be moved"):
+                with pytest.raises(admission.Refused, match="cannot all be moved"):
                     admission.maintenance(pool, host, True)
                 return
             admission.apply_plan(after, fp)
@@ -222,17 +224,20 @@ def test_refusals_are_exactly_the_changes_that_break_k(pool: Pool, data: st.Data
             call = lambda: admission.maintenance(pool, host, True)  # noqa: E731
     except PoolError:
         return  # does not fit at all: not an admission question
-    breaks = brute_tolerated(after) < pool.failures_to_tolerate
+    # k larger than the up hosts: every set of them, all included, must survive
+    breaks = brute_tolerated(after) < min(pool.failures_to_tolerate, len(after.up_hosts()))
     try:
         out = call()
     except admission.Refused as r:
         assert breaks, str(r)
         a = r.analysis
-        if a.breaking is None:  # too few hosts left for k failures: no set to name
-            assert a.up_hosts <= a.k and f"tolerates {a.tolerated} host failure(s)" in str(r)
-        else:  # the message names the failure set that breaks and by how much
-            assert "if " in str(r) or "with no host failed" in str(r), str(r)
-            assert f"short by {a.breaking.shortfall_mb} MiB" in str(r), str(r)
+        assert a is not None and a.breaking is not None, str(r)
+        # the message names the failure set that breaks, each VM with the memory it lacks
+        assert "if " in str(r) or "with no host failed" in str(r), str(r)
+        assert f"short by {a.breaking.shortfall_mb} MiB" in str(r), str(r)
+        for v in a.breaking.unplaced:
+            assert f"{v} (" in str(r) and f"{a.breaking.needs[v]} MiB" in str(r), str(r)
+        assert a.breaking.shortfall_mb == sum(a.breaking.needs.values()) > 0
         return
     assert not breaks
     assert out.warning is None
@@ -259,7 +264,8 @@ def test_plan_of_a_small_pool() -> None:
     assert kinds[0] == ("web", "promote", "b")  # the pair fails over first
     assert kinds[1][:2] == ("web", "standby") and kinds[1][2] == "c"
     assert ("batch", "best-effort", "b") in kinds or ("batch", "best-effort", "c") in kinds
-    assert a.breaking is not None and len(a.breaking.failed) == 2
+    assert a.breaking is None  # the pool survives k = 1: nothing of size <= 1 breaks
+    assert a.breaks_beyond is not None and len(a.breaks_beyond.failed) == 2
 
 
 def test_refusal_names_the_failure_set_and_the_shortfall() -> None:
@@ -291,7 +297,9 @@ def test_bad_input_is_a_clear_error_and_changes_nothing() -> None:
 
 def test_maintenance_moves_the_host_s_vms() -> None:
     pool = small_pool()
-    with pytest.raises(admission.Refused, match=r"if a fails.*web; short by 4096 MiB"):
+    with pytest.raises(admission.Refused,
+                       match=r"if a fails.*web \(runs unprotected: needs 4096 MiB for a "
+                       r"standby\); short by 4096 MiB"):
         admission.maintenance(pool, "c", True)  # two hosts left: web could not be re-protected
     pool.failures_to_tolerate = 0
     out = admission.maintenance(pool, "c", True)
