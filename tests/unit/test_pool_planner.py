@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mirror.pool import admission
@@ -121,12 +121,12 @@ def _plan_of(failed: tuple[str, ...], moves: list[Any]) -> Any:
 
 
 @st.composite
-def pools(draw: st.DrawFn, max_hosts: int = 5, max_vms: int = 7) -> Pool:
+def pools(draw: st.DrawFn, max_hosts: int = 5, max_vms: int = 7, min_vms: int = 0) -> Pool:
     nh = draw(st.integers(2, max_hosts))
     pool = Pool(failures_to_tolerate=draw(st.integers(0, 2)))
     for i in range(nh):
         pool.hosts[f"h{i}"] = Host(f"h{i}", draw(st.integers(2, 10)), draw(st.integers(1, 6)))
-    for j in range(draw(st.integers(0, max_vms))):
+    for j in range(draw(st.integers(min_vms, max_vms))):
         vm = VM(f"v{j}", draw(st.integers(1, 5)), draw(st.integers(1, 3)),
                 draw(st.sampled_from(["mirrored", "restart", "best-effort"])),
                 draw(st.integers(0, 2)))
@@ -379,3 +379,170 @@ def test_every_composed_plan_survives_its_failure_set_in_simulation(pool: Pool) 
             units, _ = pl._units(failed)
             moves = pl._moves(units, placed, [], failed)
             assert simulate(pool, fs, moves) == [], (fs, moves)
+
+
+# -- beyond the guarantee: failure sets of size k+1 and k+2 ----------------------------------
+
+RANK = {"mirrored": 0, "restart": 1, "best-effort": 2}
+RUNS = ("promote", "restart", "best-effort")
+
+
+def _beyond_sets(pool: Pool) -> list[tuple[str, ...]]:
+    """Every failure set of size k+1 and k+2 (k: the tolerated failures, by brute force)."""
+    ups = pool.up_hosts()
+    k = brute_tolerated(pool)
+    return [fs for size in (k + 1, k + 2) if 1 <= size <= len(ups)
+            for fs in itertools.combinations(ups, size)]
+
+
+def check_beyond(pool: Pool, fs: tuple[str, ...], fp: Any) -> list[str]:
+    """What is wrong with plan ``fp`` for failure set ``fs`` (empty: nothing)."""
+    errors: list[str] = []
+    runs: dict[str, int] = {}
+    standbys: dict[str, int] = {}
+    for m in fp.moves:
+        counter = runs if m.kind in RUNS else standbys
+        counter[m.vm] = counter.get(m.vm, 0) + 1
+        if counter[m.vm] > 1:
+            errors.append(f"{m.vm} placed twice ({m.kind})")
+        if m.to in fs or pool.hosts[m.to].state != "up":
+            errors.append(f"{m.vm} sent to a dead host {m.to}")
+    after = pool.copy()
+    for h in fs:
+        after.set_host_state(h, "dead")
+    admission.apply_plan(after, fp)
+    for name, vm in pool.vms.items():
+        p = pool.placements.get(name, Placement(None))
+        q = after.placements.get(name, Placement(None))
+        for h in (q.host, q.standby):
+            if h is not None and after.hosts[h].state != "up":
+                errors.append(f"{name} left on dead host {h}")
+        if p.host is not None and p.host not in fs:
+            if q.host != p.host:
+                errors.append(f"{name} ran on surviving {p.host}, now on {q.host}")
+        elif vm.priority == "mirrored" and p.standby is not None and p.standby not in fs:
+            if q.host != p.standby:
+                errors.append(f"{name}'s standby on {p.standby} survived: not promoted there")
+        if vm.guaranteed and (q.host is None) != (name in fp.down):
+            errors.append(f"{name} runs on {q.host}, down: {fp.down}")
+        if vm.priority == "mirrored" and q.host is not None and (
+                q.standby is None) != (name in fp.unprotected):
+            errors.append(f"{name} standby {q.standby}, unprotected: {fp.unprotected}")
+        if vm.priority == "best-effort" and (q.host is None) != (name in fp.lost) and \
+                p.host in (None, *fs):
+            errors.append(f"best-effort {name} runs on {q.host}, lost: {fp.lost}")
+    for v in fp.unplaced:
+        need = pool.vms[v].mem_mb * (2 if v in fp.down and pool.vms[v].priority == "mirrored"
+                                     else 1)
+        if fp.needs.get(v) != need:
+            errors.append(f"{v} needs {fp.needs.get(v)} MiB, not {need}")
+    if fp.shortfall_mb != sum(fp.needs.values()):
+        errors.append(f"shortfall {fp.shortfall_mb} != {fp.needs}")
+    for h, (m, c) in after.free().items():
+        if after.hosts[h].state == "up" and (m < 0 or c < 0):
+            errors.append(f"{h} over capacity")
+    # carried out once: the controller's next tick (hosts dead, plan applied) moves nothing
+    again = Planner(after).plan(())
+    if again.moves:
+        errors.append(f"the plan moves again after it was carried out: {again.moves}")
+    return errors
+
+
+BEYOND = settings(max_examples=300 * SCALE, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
+@BEYOND
+@given(pools(min_vms=3))
+def test_beyond_k_every_vm_with_a_live_copy_keeps_running(pool: Pool) -> None:
+    """Failure sets of size k+1 and k+2: a mirrored VM whose standby survived is promoted
+    there, one whose primary survived stays, nothing that runs moves; no VM is placed twice
+    or on a dead host, no host goes over capacity, and the plan is carried out once."""
+    sets = _beyond_sets(pool)
+    event(f"beyond-k failure sets: {'none' if not sets else '1-4' if len(sets) < 5 else '5+'}")
+    pl = Planner(pool)
+    for fs in sets:
+        fp = pl.plan(fs)
+        if not fp.ok:
+            event("a set the pool cannot fully survive")
+            if any(m.kind == "promote" for m in fp.moves):
+                event("... with a surviving standby promoted")
+            if fp.down:
+                event("... with a guaranteed VM down")
+        assert check_beyond(pool, fs, fp) == [], (fs, fp)
+
+
+def oracle_restarts(pool: Pool, failed: tuple[str, ...]) -> list[str]:
+    """Independent exhaustive oracle: the guaranteed VMs that lost every copy, taken in rank
+    order (mirrored before restart, then order, then smaller, then name), each kept if some
+    assignment of it and those kept before it to the surviving hosts' free room exists
+    (every assignment tried): the best set of VMs that can run, in priority order."""
+    alive = [h for h in pool.up_hosts() if h not in failed]
+    free = {h: [pool.hosts[h].mem_mb, pool.hosts[h].vcpus] for h in alive}
+    lost: list[VM] = []
+    for name, vm in pool.vms.items():
+        p = pool.placements.get(name, Placement(None))
+        copies = [h for h in (p.host, p.standby) if h in free]
+        for h in copies:
+            free[h][0] -= vm.mem_mb
+            free[h][1] -= vm.vcpus
+        if vm.guaranteed and not copies:
+            lost.append(vm)
+    lost.sort(key=lambda v: (RANK[v.priority], v.order, v.mem_mb, v.name))
+
+    def fits(vms: list[VM]) -> bool:
+        if not vms:
+            return True
+        vm = vms[0]
+        for h in alive:
+            if free[h][0] >= vm.mem_mb and free[h][1] >= vm.vcpus:
+                free[h][0] -= vm.mem_mb
+                free[h][1] -= vm.vcpus
+                ok = fits(vms[1:])
+                free[h][0] += vm.mem_mb
+                free[h][1] += vm.vcpus
+                if ok:
+                    return True
+        return False
+
+    kept: list[VM] = []
+    for vm in lost:
+        if fits([*kept, vm]):
+            kept.append(vm)
+    return sorted(v.name for v in kept)
+
+
+@BEYOND
+@given(pools(max_hosts=5, max_vms=8, min_vms=3))
+def test_beyond_k_the_plan_runs_the_best_set_the_oracle_finds(pool: Pool) -> None:
+    """For failure sets of size k+1 and k+2, the VMs the plan restarts are exactly the
+    oracle's, unless the planner says it could not prove its choice (``optimal`` False)."""
+    pl = Planner(pool)
+    for fs in _beyond_sets(pool):
+        fp = pl.plan(fs)
+        restarted = sorted(m.vm for m in fp.moves if m.kind == "restart")
+        if not fp.optimal:
+            event("the planner could not prove its choice")
+            continue
+        want = oracle_restarts(pool, fs)
+        if len(want) < len([v for v in pool.vms if pool.vms[v].guaranteed]):
+            event("oracle: some guaranteed VM cannot run")
+        assert restarted == want, (fs, restarted, want, fp)
+
+
+def test_beyond_k_a_standby_that_survived_is_promoted_even_with_no_room_left() -> None:
+    """The case the issue found: hosts a and c die with a pool planned for 1 failure: web
+    (primary a, standby b) runs on b; db (on c) cannot restart and says by how much; the
+    controller's next plan moves nothing (no standby moved back and forth)."""
+    pool = small_pool()
+    pool.vms["big"] = VM("big", 12288, 2, "restart")
+    pool.place("big", "b")
+    fp = Planner(pool).plan(("a", "c"))
+    kinds = [(m.vm, m.kind, m.to) for m in fp.moves]
+    assert kinds[0] == ("web", "promote", "b"), kinds
+    assert fp.down == ["db"] and fp.needs["db"] == 8192
+    assert "web" in fp.unprotected  # no third host for its standby
+    assert check_beyond(pool, ("a", "c"), fp) == []
+    msg = admission.describe_vms(fp)
+    assert "db (does not run: needs 8192 MiB)" in msg, msg
+    assert "web (runs unprotected: needs 4096 MiB for a standby)" in msg, msg
