@@ -22,6 +22,7 @@ restart: after a failure it restarts only where room is left.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from mirror.pool.model import PRIORITIES, VM, Host, Pool, PoolError
 from mirror.pool.planner import Analysis, FailurePlan, Planner, analyse
@@ -80,12 +81,12 @@ def describe_break(a: Analysis) -> str:
     )
 
 
-def _admit(after: Pool, what: str, may_break: bool, subject: str | None = None,
-           **kw: object) -> Outcome:
+def _admit(after: Pool, what: str, may_break: bool, *, subject: str | None = None,
+           **kw: Any) -> Outcome:
     """Plan ``after``; refuse it (or warn, with allow_overcommit) if it breaks k and the
     change may break it.  ``subject``: the VM the change starts or grows."""
     after.check()
-    a = analyse(after, **kw)  # type: ignore[arg-type]
+    a = analyse(after, **kw)
     if a.survives or not may_break:
         return Outcome(after, a, None, what)
     msg = f"{what}: {describe_break(a)}"
@@ -124,7 +125,7 @@ def _check_name(kind: str, name: str) -> None:
         raise PoolError(f"bad {kind} name {name!r}: 1..64 letters, digits, '-', '_' or '.'")
 
 
-def add_host(pool: Pool, name: str, mem_mb: int, vcpus: int, **kw: object) -> Outcome:
+def add_host(pool: Pool, name: str, mem_mb: int, vcpus: int, **kw: Any) -> Outcome:
     _check_name("host", name)
     _check_size(f"host {name}", mem_mb, vcpus)
     if name in pool.hosts:
@@ -134,7 +135,7 @@ def add_host(pool: Pool, name: str, mem_mb: int, vcpus: int, **kw: object) -> Ou
     return _admit(after, f"add host {name}", may_break=False, **kw)
 
 
-def remove_host(pool: Pool, name: str, **kw: object) -> Outcome:
+def remove_host(pool: Pool, name: str, **kw: Any) -> Outcome:
     _need_host(pool, name)
     on = pool.vms_on(name)
     if on:
@@ -148,7 +149,7 @@ def remove_host(pool: Pool, name: str, **kw: object) -> Outcome:
     return _admit(after, f"remove host {name}", may_break=True, **kw)
 
 
-def maintenance(pool: Pool, name: str, on: bool, **kw: object) -> Outcome:
+def maintenance(pool: Pool, name: str, on: bool, **kw: Any) -> Outcome:
     """Enter maintenance: move the host's VMs and standbys as if it had failed."""
     h = _need_host(pool, name)
     after = pool.copy()
@@ -202,7 +203,7 @@ def apply_plan(pool: Pool, fp: FailurePlan) -> list[str]:
 
 
 def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
-            **kw: object) -> tuple[Pool, Outcome | None, Refused | None]:
+            **kw: Any) -> tuple[Pool, Outcome | None, Refused | None]:
     """Try placements for a new VM (largest free memory first); the first admitted wins."""
     free = pool.free()
     ups = [h for h in pool.up_hosts() if free[h][0] >= vm.mem_mb and free[h][1] >= vm.vcpus]
@@ -236,7 +237,7 @@ def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
                 raise Refused(f"refused: VM {vm.name} does not fit there: {e}") from None
             try:
                 return after, _admit(after, f"start VM {vm.name} on {h}"
-                                     + (f" (standby on {s})" if s else ""), True, vm.name,
+                                     + (f" (standby on {s})" if s else ""), True, subject=vm.name,
                                      **kw), None
             except Refused as r:
                 first_refusal = first_refusal or r
@@ -261,7 +262,7 @@ def _largest(pool: Pool) -> str:
 
 def add_vm(
     pool: Pool, name: str, mem_mb: int, vcpus: int, priority: str, order: int = 0,
-    host: str | None = None, standby: str | None = None, **kw: object,
+    host: str | None = None, standby: str | None = None, **kw: Any,
 ) -> Outcome:
     _check_name("VM", name)
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -287,7 +288,7 @@ def add_vm(
     return out
 
 
-def remove_vm(pool: Pool, name: str, **kw: object) -> Outcome:
+def remove_vm(pool: Pool, name: str, **kw: Any) -> Outcome:
     _need_vm(pool, name)
     after = pool.copy()
     del after.vms[name]
@@ -297,7 +298,7 @@ def remove_vm(pool: Pool, name: str, **kw: object) -> Outcome:
 
 
 def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
-              **kw: object) -> Outcome:
+              **kw: Any) -> Outcome:
     vm = _need_vm(pool, name)
     vcpus = vm.vcpus if vcpus is None else vcpus
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -308,12 +309,12 @@ def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
     except PoolError as e:
         raise Refused(f"refused: resize of VM {name}: its host has no room: {e}") from None
     grows = mem_mb > vm.mem_mb or vcpus > vm.vcpus
-    return _admit(after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, name,
+    return _admit(after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, subject=name,
                   **kw)
 
 
 def configure(pool: Pool, failures: int | None, allow_overcommit: bool | None,
-              **kw: object) -> Outcome:
+              **kw: Any) -> Outcome:
     after = pool.copy()
     if failures is not None:
         if not 0 <= failures <= 64:

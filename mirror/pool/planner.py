@@ -564,7 +564,7 @@ class Planner:
                 chosen.append(i)
                 where[i] = h
                 continue
-            placed, sure = self._pack_runs(chosen + [i], fm, fc, alive, budget)
+            placed, sure = self._pack_runs([*chosen, i], fm, fc, alive, budget)
             if placed is None:
                 optimal = optimal and sure
                 rejected.append(i)

@@ -420,9 +420,9 @@ def check_beyond(pool: Pool, fs: tuple[str, ...], fp: Any) -> list[str]:
         if p.host is not None and p.host not in fs:
             if q.host != p.host:
                 errors.append(f"{name} ran on surviving {p.host}, now on {q.host}")
-        elif vm.priority == "mirrored" and p.standby is not None and p.standby not in fs:
-            if q.host != p.standby:
-                errors.append(f"{name}'s standby on {p.standby} survived: not promoted there")
+        elif vm.priority == "mirrored" and p.standby is not None and p.standby not in fs \
+                and q.host != p.standby:
+            errors.append(f"{name}'s standby on {p.standby} survived: not promoted there")
         if vm.guaranteed and (q.host is None) != (name in fp.down):
             errors.append(f"{name} runs on {q.host}, down: {fp.down}")
         if vm.priority == "mirrored" and q.host is not None and (
