@@ -27,6 +27,12 @@ set is called unsurvivable only when no placement exists, and on large ones
 the planner may say "cannot prove" but every plan it returns has been built
 and checked against capacity for that exact failure set: every failure set
 of size <= k is enumerated, there is no sampling and no pruning of sets.
+
+A failure set that cannot be fully survived (beyond what the pool tolerates)
+still gets a plan (:meth:`Planner._failing`): every VM with a live copy
+keeps running (a surviving standby is promoted), then what lost every copy
+restarts in priority and restart order where it fits, then re-protection,
+then best-effort VMs; what finds no room is named with the memory it lacks.
 """
 
 from __future__ import annotations
