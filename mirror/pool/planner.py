@@ -60,6 +60,7 @@ BEST_EFFORT = "best-effort"  # a best-effort VM starts on the host
 
 EXACT_MAX_UNITS = 14  # exhaustive search when a failure set's guaranteed demands are this few
 EXACT_MAX_NODES = 200_000  # nodes of exhaustive search per failure set
+REPACK_MAX = 64  # beyond the guarantee: VMs restarted above which no repacking is tried
 _PRIO_RANK = {"mirrored": 0, "restart": 1, "best-effort": 2}
 
 
@@ -563,12 +564,23 @@ class Planner:
         left_m, left_c = fm[:], fc[:]
         optimal = True
         rejected: list[int] = []
+        room_m = sum(fm[h] for h in alive)
+        room_c = sum(fc[h] for h in alive)
         for i in down:
             fit = _fitter(left_m, left_c, alive, True)
             h = fit(self.mem[i], self.cpu[i], -1)
             if h >= 0:
                 chosen.append(i)
                 where[i] = h
+                room_m -= self.mem[i]
+                room_c -= self.cpu[i]
+                continue
+            if self.mem[i] > room_m or self.cpu[i] > room_c:
+                rejected.append(i)  # not even the total room left: proved
+                continue
+            if len(chosen) >= REPACK_MAX:  # repacking that many for each VM costs too much
+                optimal = False
+                rejected.append(i)
                 continue
             placed, sure = self._pack_runs([*chosen, i], fm, fc, alive, budget)
             if placed is None:
@@ -576,6 +588,8 @@ class Planner:
                 rejected.append(i)
                 continue
             chosen.append(i)
+            room_m -= self.mem[i]
+            room_c -= self.cpu[i]
             where = {v: h for v, _k, h in placed}
             left_m, left_c = fm[:], fc[:]
             for v, h in where.items():

@@ -546,3 +546,16 @@ def test_beyond_k_a_standby_that_survived_is_promoted_even_with_no_room_left() -
     msg = admission.describe_vms(fp)
     assert "db (does not run: needs 8192 MiB)" in msg, msg
     assert "web (runs unprotected: needs 4096 MiB for a standby)" in msg, msg
+
+
+def test_beyond_k_on_a_large_pool_most_hosts_lost() -> None:
+    """A large pool losing most of its hosts: the same checks (live copies kept, nothing
+    twice or on a dead host, capacity, carried out once); the planner may not prove its
+    choice there (``optimal`` False), but what it keeps running it keeps."""
+    from bench.pool import make_pool
+
+    pool = make_pool(64, 2000, 2, seed=3)
+    fs = tuple(pool.up_hosts()[:50])
+    fp = Planner(pool).plan(fs)
+    assert not fp.ok and fp.down and fp.unprotected
+    assert check_beyond(pool, fs, fp) == []
