@@ -90,6 +90,8 @@ class QemuConfig:
 class ArbiterConfig:
     dir: str = "/var/lib/mirror/arbiter"  # shared storage both hosts see
     etcd: str = ""  # http://HOST:PORT: slots and claims on etcd instead of in dir
+    # the etcd arbiter's keys are under PREFIX/PAIR/
+    etcd_prefix: str = field(default="/mirror/arbiter", metadata=_range(1, 200))
     heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
     silent_after_ms: int = field(default=500, metadata=_range(10, 600_000))
     fence_after_ms: int = field(default=2000, metadata=_range(50, 3_600_000))
@@ -177,7 +179,21 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
             f"both are {cfg.link.data_port}"
         )
     cfg.output.address()
+    check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")
     return cfg
+
+
+def check_key_prefix(text: str, where: str) -> str:
+    """An etcd key prefix: ``/`` then letters, digits, ``.``, ``_``, ``-`` and ``/`` (no
+    empty segment).  Returns it with exactly one trailing ``/``."""
+    body = text.strip("/")
+    if not text.startswith("/") or not body or "//" in text.rstrip("/") or len(text) > 200 \
+            or not all(c.isascii() and (c.isalnum() or c in "._-/") for c in body):
+        raise ConfigError(
+            f"{where}: bad etcd key prefix {text!r}: expected /NAME[/NAME...] of letters, "
+            f"digits, '.', '_', '-' (e.g. /mirror/pool-b/)"
+        )
+    return "/" + body + "/"
 
 
 def load(path: str | Path) -> Config:

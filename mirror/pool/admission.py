@@ -8,12 +8,21 @@ goes through and the result carries a warning that names the VMs that would
 not restart.
 
 Operations that can only free room (removing a VM, ending maintenance,
-adding a host) are never refused.
+adding a host) are never refused.  A change the pool has no room for at all (a
+VM that fits on no up host, a resize its host cannot hold, a maintenance whose
+VMs cannot all be moved, removing a host that still holds VMs) is refused too
+(:class:`Refused`, exit 1); bad input is a :class:`PoolError` (exit 2).
+
+Best-effort VMs are admission-checked like any VM: a running best-effort VM
+keeps its memory when hosts fail (a failover never preempts it), so starting or
+growing one takes room the guarantee may need.  "Best effort" is about its own
+restart: after a failure it restarts only where room is left.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from mirror.pool.model import PRIORITIES, VM, Host, Pool, PoolError
 from mirror.pool.planner import Analysis, FailurePlan, Planner, analyse
@@ -22,9 +31,9 @@ from mirror.pool.planner import Analysis, FailurePlan, Planner, analyse
 class Refused(PoolError):
     """Admission control refused the operation; the message explains which failure breaks."""
 
-    def __init__(self, message: str, analysis: Analysis) -> None:
+    def __init__(self, message: str, analysis: Analysis | None = None) -> None:
         super().__init__(message)
-        self.analysis = analysis
+        self.analysis = analysis  # None: refused for room before any failure was planned
 
 
 @dataclass
@@ -33,6 +42,23 @@ class Outcome:
     analysis: Analysis
     warning: str | None = None  # set when allow_overcommit let a breaking change through
     summary: str = ""
+
+
+# `vm add` without --host tries this many hosts (most free memory first), and for a mirrored
+# VM this many standby hosts for each: at most PLACEMENT_CHOICES ** 2 placements are planned
+PLACEMENT_CHOICES = 6
+
+
+def describe_vms(fp: FailurePlan) -> str:
+    """The VMs a failing plan leaves without room, each with the memory it lacks."""
+    parts = []
+    for v in fp.unplaced:
+        need = fp.needs.get(v, 0)
+        if v in fp.down:
+            parts.append(f"{v} (does not run: needs {need} MiB)")
+        else:
+            parts.append(f"{v} (runs unprotected: needs {need} MiB for a standby)")
+    return ", ".join(parts)
 
 
 def describe_break(a: Analysis) -> str:
@@ -50,17 +76,23 @@ def describe_break(a: Analysis) -> str:
     proof = "" if fp.proven else " (the planner found no placement; it cannot prove none exists)"
     return (
         f"{what}, {len(fp.unplaced)} protected VM(s) find no room: "
-        f"{', '.join(fp.unplaced)}; short by {fp.shortfall_mb} MiB{proof}. "
+        f"{describe_vms(fp)}; short by {fp.shortfall_mb} MiB{proof}. "
         f"The pool would tolerate {a.tolerated} host failure(s), not {a.k}"
     )
 
 
-def _admit(after: Pool, what: str, may_break: bool, **kw: object) -> Outcome:
+def _admit(after: Pool, what: str, may_break: bool, *, subject: str | None = None,
+           **kw: Any) -> Outcome:
+    """Plan ``after``; refuse it (or warn, with allow_overcommit) if it breaks k and the
+    change may break it.  ``subject``: the VM the change starts or grows."""
     after.check()
-    a = analyse(after, **kw)  # type: ignore[arg-type]
+    a = analyse(after, **kw)
     if a.survives or not may_break:
         return Outcome(after, a, None, what)
     msg = f"{what}: {describe_break(a)}"
+    if subject is not None and after.vms[subject].priority == "best-effort":
+        msg += (" (a running best-effort VM keeps its memory when hosts fail: failed-over VMs "
+                "never preempt it, so it needs room like any VM)")
     if after.allow_overcommit:
         return Outcome(after, a, f"WARNING: overcommitted: {msg}", what)
     raise Refused(f"refused: {msg} (allow_overcommit is off)", a)
@@ -93,7 +125,7 @@ def _check_name(kind: str, name: str) -> None:
         raise PoolError(f"bad {kind} name {name!r}: 1..64 letters, digits, '-', '_' or '.'")
 
 
-def add_host(pool: Pool, name: str, mem_mb: int, vcpus: int, **kw: object) -> Outcome:
+def add_host(pool: Pool, name: str, mem_mb: int, vcpus: int, **kw: Any) -> Outcome:
     _check_name("host", name)
     _check_size(f"host {name}", mem_mb, vcpus)
     if name in pool.hosts:
@@ -103,20 +135,21 @@ def add_host(pool: Pool, name: str, mem_mb: int, vcpus: int, **kw: object) -> Ou
     return _admit(after, f"add host {name}", may_break=False, **kw)
 
 
-def remove_host(pool: Pool, name: str, **kw: object) -> Outcome:
+def remove_host(pool: Pool, name: str, **kw: Any) -> Outcome:
     _need_host(pool, name)
     on = pool.vms_on(name)
     if on:
-        raise PoolError(
-            f"host {name} still holds {len(on)} VM(s) or standby(s) ({', '.join(on[:8])}): "
-            f"put it into maintenance first (that moves them), or remove them"
+        raise Refused(
+            f"refused: host {name} still holds {len(on)} VM(s) or standby(s) "
+            f"({', '.join(on[:8])}): put it into maintenance first (that moves them), or "
+            f"remove them"
         )
     after = pool.copy()
     del after.hosts[name]
     return _admit(after, f"remove host {name}", may_break=True, **kw)
 
 
-def maintenance(pool: Pool, name: str, on: bool, **kw: object) -> Outcome:
+def maintenance(pool: Pool, name: str, on: bool, **kw: Any) -> Outcome:
     """Enter maintenance: move the host's VMs and standbys as if it had failed."""
     h = _need_host(pool, name)
     after = pool.copy()
@@ -129,9 +162,9 @@ def maintenance(pool: Pool, name: str, on: bool, **kw: object) -> Outcome:
         raise PoolError(f"host {name} is {h.state}: only an up host can enter maintenance")
     fp = Planner(pool).plan((name,))
     if not fp.ok:
-        raise PoolError(
-            f"maintenance of {name} refused: its VMs cannot all be moved: "
-            f"{', '.join(fp.unplaced)} find no room (short by {fp.shortfall_mb} MiB)"
+        raise Refused(
+            f"refused: maintenance of {name}: its VMs cannot all be moved: "
+            f"{describe_vms(fp)} find no room (short by {fp.shortfall_mb} MiB)"
         )
     apply_plan(after, fp)
     after.set_host_state(name, "maintenance")
@@ -170,41 +203,51 @@ def apply_plan(pool: Pool, fp: FailurePlan) -> list[str]:
 
 
 def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
-            **kw: object) -> tuple[Pool, Outcome | None, Refused | None]:
+            **kw: Any) -> tuple[Pool, Outcome | None, Refused | None]:
     """Try placements for a new VM (largest free memory first); the first admitted wins."""
     free = pool.free()
     ups = [h for h in pool.up_hosts() if free[h][0] >= vm.mem_mb and free[h][1] >= vm.vcpus]
     ups.sort(key=lambda h: (-free[h][0], h))
-    hosts = [host] if host else ups[:6]
+    hosts = [host] if host else ups[:PLACEMENT_CHOICES]
     if not hosts:
-        raise PoolError(
-            f"VM {vm.name} ({vm.mem_mb} MiB, {vm.vcpus} vCPUs) fits on no up host now "
+        raise Refused(
+            f"refused: VM {vm.name} ({vm.mem_mb} MiB, {vm.vcpus} vCPUs) fits on no up host now "
             + _largest(pool)
         )
     first_refusal: Refused | None = None
+    tried = 0
     for h in hosts:
         sbs: list[str | None] = [None]
         if vm.priority == "mirrored":
-            sbs = [standby] if standby else list[str | None]([x for x in ups if x != h][:6])
+            sbs = [standby] if standby else list[str | None](
+                [x for x in ups if x != h][:PLACEMENT_CHOICES])
             if not sbs:
-                raise PoolError(
-                    f"mirrored VM {vm.name} needs a second up host with "
+                raise Refused(
+                    f"refused: mirrored VM {vm.name} needs a second up host with "
                     f"{vm.mem_mb} MiB free for its standby: none has it"
                 )
         for s in sbs:
+            tried += 1
             after = pool.copy()
             after.vms[vm.name] = vm
             after.place(vm.name, h, s)
             try:
                 after.check()
             except PoolError as e:
-                raise PoolError(f"VM {vm.name} does not fit there: {e}") from None
+                raise Refused(f"refused: VM {vm.name} does not fit there: {e}") from None
             try:
                 return after, _admit(after, f"start VM {vm.name} on {h}"
-                                     + (f" (standby on {s})" if s else ""), True, **kw), None
+                                     + (f" (standby on {s})" if s else ""), True, subject=vm.name,
+                                     **kw), None
             except Refused as r:
                 first_refusal = first_refusal or r
     assert first_refusal is not None
+    if host is None or (vm.priority == "mirrored" and standby is None):
+        first_refusal = Refused(
+            f"{first_refusal} [{tried} placement(s) tried: the up hosts with the most free "
+            f"memory, at most {PLACEMENT_CHOICES}" + (f", each with at most {PLACEMENT_CHOICES} "
+            "standby hosts" if vm.priority == "mirrored" else "") + "; give --host/--standby "
+            "to try others]", first_refusal.analysis)
     return pool, None, first_refusal
 
 
@@ -219,7 +262,7 @@ def _largest(pool: Pool) -> str:
 
 def add_vm(
     pool: Pool, name: str, mem_mb: int, vcpus: int, priority: str, order: int = 0,
-    host: str | None = None, standby: str | None = None, **kw: object,
+    host: str | None = None, standby: str | None = None, **kw: Any,
 ) -> Outcome:
     _check_name("VM", name)
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -245,7 +288,7 @@ def add_vm(
     return out
 
 
-def remove_vm(pool: Pool, name: str, **kw: object) -> Outcome:
+def remove_vm(pool: Pool, name: str, **kw: Any) -> Outcome:
     _need_vm(pool, name)
     after = pool.copy()
     del after.vms[name]
@@ -255,7 +298,7 @@ def remove_vm(pool: Pool, name: str, **kw: object) -> Outcome:
 
 
 def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
-              **kw: object) -> Outcome:
+              **kw: Any) -> Outcome:
     vm = _need_vm(pool, name)
     vcpus = vm.vcpus if vcpus is None else vcpus
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -264,13 +307,14 @@ def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
     try:
         after.check()
     except PoolError as e:
-        raise PoolError(f"resize of VM {name} refused: its host has no room: {e}") from None
+        raise Refused(f"refused: resize of VM {name}: its host has no room: {e}") from None
     grows = mem_mb > vm.mem_mb or vcpus > vm.vcpus
-    return _admit(after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, **kw)
+    return _admit(after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, subject=name,
+                  **kw)
 
 
 def configure(pool: Pool, failures: int | None, allow_overcommit: bool | None,
-              **kw: object) -> Outcome:
+              **kw: Any) -> Outcome:
     after = pool.copy()
     if failures is not None:
         if not 0 <= failures <= 64:

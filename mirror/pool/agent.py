@@ -71,13 +71,12 @@ from mirror.hoststate import read_json
 from mirror.pool import admission
 from mirror.pool.model import PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
-from mirror.pool.store import Conflict, Snapshot, Store
+from mirror.pool.store import ARBITER_PREFIX, PREFIX, Conflict, Snapshot, Store
 
 log = logging.getLogger("mirror.pool.agent")
 
 
 SHM = Path("/dev/shm")
-ARBITER_PREFIX = "/mirror/arbiter"  # where a pair's EtcdArbiter keeps its keys
 PROMOTE_WAIT_S = 10.0  # a real pair's standby that has not promoted by then never will
 
 
@@ -94,10 +93,11 @@ class Child:
     switch_until: float | None = None  # handing over to its standby: stop it by then
 
 
-def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Config:
+def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path,
+                arbiter_prefix: str = ARBITER_PREFIX) -> Config:
     """The configuration of one role of a pool VM's pair on ``host``: the pool's etcd as
-    its arbiter, the VM's interconnect ports (on loopback: every host is 127.0.0.1) and
-    observer, and its synthetic guest."""
+    its arbiter (keys under ``arbiter_prefix``, the pool's), the VM's interconnect ports
+    (on loopback: every host is 127.0.0.1) and observer, and its synthetic guest."""
     return Config(
         pair=PairConfig(name=spec.pair),
         node=NodeConfig(name=host, state_dir=str(state_dir)),
@@ -107,7 +107,8 @@ def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Co
         guest=GuestConfig(ram_mib=spec.ram_mib, dirty_pages_per_s=spec.dirty_pages_per_s,
                           outputs_per_s=spec.outputs_per_s),
         output=OutputConfig(observer=spec.observer),
-        arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url),
+        arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url,
+                              etcd_prefix=arbiter_prefix),
     )
 
 
@@ -115,10 +116,10 @@ class HostAgent:
     def __init__(
         self, etcd_url: str, host: str, ttl: int = 3, run_dir: Path | None = None,
         mem_mb: int | None = None, vcpus: int | None = None, interval: float | None = None,
-        promote_wait: float = PROMOTE_WAIT_S,
+        promote_wait: float = PROMOTE_WAIT_S, prefix: str = PREFIX,
     ) -> None:
         self.etcd = Etcd(etcd_url, timeout=max(1.0, ttl / 2))
-        self.store = Store(self.etcd)
+        self.store = Store(self.etcd, prefix)
         self.host = host
         self.ttl = ttl
         self.run_dir = run_dir
@@ -270,7 +271,8 @@ class HostAgent:
 
     def _start(self, vm: str, role: str, pair: PairSpec | None) -> None:
         if role == "primary" and pair is not None and (
-                won := unrecorded_promotion(self.etcd, pair)) is not None:
+                won := unrecorded_promotion(self.etcd, pair,
+                                            prefix=self.store.arbiter)) is not None:
             # a fresh primary here while the pair's standby has promoted (the pool has not
             # recorded it yet) would be a second one: wait for the pool
             log.info("VM %s: its standby %s promoted (generation %d): not starting a primary",
@@ -292,7 +294,7 @@ class HostAgent:
                 (SHM / f"mirror-{pair.pair}-{self.host}-standby.img").unlink(missing_ok=True)
             cfg_path = state / "mirror.toml"
             cfg_path.write_text(config_mod.to_toml(
-                pair_config(pair, self.host, self.etcd.url, state)))
+                pair_config(pair, self.host, self.etcd.url, state, self.store.arbiter)))
             with open(state / "agent.log", "ab") as out:
                 extra = ["--leave-after-switchover"] if role == "primary" else []
                 proc = subprocess.Popen(
@@ -432,6 +434,8 @@ class Controller:
             if (q.host, q.standby) == (p.host, p.standby):
                 continue
             pair = snap.pool.pairs.get(vm)
+            # no-room: beyond what the pool tolerates, it stays down (a guaranteed VM with no
+            # live copy left, or a best-effort one) or runs on without a standby
             what = "moved" if moves else "no-room"
             if pair is not None and p.host in gone:
                 if p.standby is not None and p.standby not in gone:
@@ -457,13 +461,16 @@ class Controller:
                     after.pairs[vm] = replace(pair, seen_generation=g)
                 else:  # both hosts lost: it restarts as a fresh pair
                     after.pairs[vm] = replace(pair, seen_generation=max(
-                        [pair.seen_generation, *claims(self.store.etcd, pair)]))
+                        [pair.seen_generation, *claims(self.store.etcd, pair,
+                                                       self.store.arbiter)]))
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
             ev = self.store.event_op({
                 "event": what, "vm": vm, "by": self.me,
                 "from": {"host": p.host, "standby": p.standby, "epoch": p.epoch},
                 "moves": [m.to_json() for m in moves],
+                **({"down": vm in fp.down or vm in fp.lost, "needs_mb": fp.needs.get(vm)}
+                   if vm in fp.unplaced or vm in fp.lost else {}),
             })
             try:
                 self.store.commit(snap, after, None, extra=[put_op(claim, body), ev],
@@ -501,7 +508,7 @@ class Controller:
         that a fresh pair starts above it.  Returns the generation and whether the standby
         promoted after all (it won that claim first)."""
         etcd = self.store.etcd
-        base = f"{ARBITER_PREFIX}/{pair.pair}/"
+        base = f"{self.store.arbiter}/{pair.pair}/"
         gens: list[int] = []
         for key in ("generation", f"slot/{standby}"):
             kv = etcd.get(base + key)
@@ -523,13 +530,14 @@ class Controller:
     def promotion(self, pair: PairSpec, standby: str) -> int | None:
         """The generation whose promotion ``standby`` won, if it won one the pool has not
         acted on yet; else None (it has not promoted, or not yet)."""
-        won = unrecorded_promotion(self.store.etcd, pair, standby)
+        won = unrecorded_promotion(self.store.etcd, pair, standby, self.store.arbiter)
         return None if won is None else won[0]
 
 
-def claims(etcd: Etcd, pair: PairSpec) -> dict[int, tuple[str, str]]:
-    """The pair's arbiter claims: generation -> (node, action)."""
-    kvs, _ = etcd.get_prefix(f"{ARBITER_PREFIX}/{pair.pair}/claims/")
+def claims(etcd: Etcd, pair: PairSpec,
+           prefix: str = ARBITER_PREFIX) -> dict[int, tuple[str, str]]:
+    """The pair's arbiter claims (keys under ``prefix``): generation -> (node, action)."""
+    kvs, _ = etcd.get_prefix(f"{prefix}/{pair.pair}/claims/")
     out: dict[int, tuple[str, str]] = {}
     for kv in kvs:
         _, _, gen = kv.key.rpartition("generation-")
@@ -542,11 +550,11 @@ def claims(etcd: Etcd, pair: PairSpec) -> dict[int, tuple[str, str]]:
 
 
 def unrecorded_promotion(
-    etcd: Etcd, pair: PairSpec, node: str | None = None
+    etcd: Etcd, pair: PairSpec, node: str | None = None, prefix: str = ARBITER_PREFIX,
 ) -> tuple[int, str] | None:
     """The latest promotion claim (by ``node``, or any) of a generation the pool has not
     acted on: (generation, the node that won it); None if there is none."""
-    won = [(g, who) for g, (who, action) in claims(etcd, pair).items()
+    won = [(g, who) for g, (who, action) in claims(etcd, pair, prefix).items()
            if g > pair.seen_generation and action == "promote" and node in (None, who)]
     return max(won) if won else None
 

@@ -6,7 +6,7 @@ mirror pool config [--failures N] [--allow-overcommit yes|no]
 mirror pool host add NAME --mem MIB --vcpus N
 mirror pool host remove NAME
 mirror pool host maintenance NAME on|off
-mirror pool vm add NAME --mem MIB --vcpus N --priority mirrored|restart|best-effort
+mirror pool vm add NAME --mem MIB [--vcpus N] --priority mirrored|restart|best-effort
                    [--order N] [--host H] [--standby H]
                    [--observer HOST:PORT [--link-ports D,H] [--guest-ram-mib MIB]]
 mirror pool vm remove NAME
@@ -14,8 +14,11 @@ mirror pool vm resize NAME --mem MIB [--vcpus N]
 mirror pool agent --host NAME [--ttl S] [--run-dir DIR] [--mem MIB --vcpus N]
                    [--promote-wait S]
 
-Every command takes --etcd URL (default $MIRROR_ETCD or http://127.0.0.1:2379)
-and --json.  Exit status: 0 done, 1 refused by admission control, 2 error.
+Every command takes --etcd URL (default $MIRROR_ETCD or http://127.0.0.1:2379),
+--prefix P (the pool's etcd key prefix: default $MIRROR_POOL_PREFIX or /mirror/pool/;
+several pools share one etcd under different prefixes) and --json (every outcome, errors
+included, is one JSON object on stdout).  Exit status: 0 done, 1 refused (admission
+control, or no room for the change), 2 error (bad input, unknown name, etcd unreachable).
 """
 
 from __future__ import annotations
@@ -25,18 +28,37 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mirror.config import ConfigError, parse_hostport
 from mirror.ha.etcd import Etcd, EtcdError
 from mirror.pool import admission
 from mirror.pool.model import PAIR_PORTS_FROM, PRIORITIES, PairSpec, Pool, PoolError, pair_name
 from mirror.pool.planner import Analysis, analyse
-from mirror.pool.store import Conflict, Snapshot, Store
+from mirror.pool.store import PREFIX, Conflict, Snapshot, Store
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse for the pool's commands: with ``--json``, bad input also prints
+    ``{"error": ..., "exit": 2}`` on stdout (the usage and message still go to stderr)."""
+
+    _json = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if args is not None:
+            self._json = "--json" in args
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if self._json:
+            print(json.dumps({"error": f"{self.prog}: error: {message}", "exit": 2}))
+        super().error(message)
 
 
 def _int(lo: int, hi: int) -> Callable[[str], int]:
@@ -58,12 +80,18 @@ def add_parser(sub: Any) -> None:
     common.add_argument("--etcd", default=os.environ.get("MIRROR_ETCD", DEFAULT_ETCD),
                         metavar="URL", help="etcd client URL (default $MIRROR_ETCD or "
                         f"{DEFAULT_ETCD})")
-    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("--prefix", default=os.environ.get("MIRROR_POOL_PREFIX", PREFIX),
+                        metavar="P", help="the pool's etcd key prefix (default "
+                        f"$MIRROR_POOL_PREFIX or {PREFIX}): pools with different prefixes "
+                        "share one etcd")
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout, whatever the outcome")
 
     pool = sub.add_parser("pool", help="pool HA: hosts, VMs, failure plans (state on etcd)",
                           description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    ps = pool.add_subparsers(dest="pool_command", required=True, metavar="POOL_COMMAND")
+    ps = pool.add_subparsers(dest="pool_command", required=True, metavar="POOL_COMMAND",
+                             parser_class=_Parser)
     ps.add_parser("status", parents=[common], help="hosts, VMs, placements, tolerated failures")
     p = ps.add_parser("plan", parents=[common], help="what-if: the plan for N host failures")
     p.add_argument("--failures", type=_int(0, 64), metavar="N",
@@ -92,7 +120,8 @@ def add_parser(sub: Any) -> None:
     p = vp.add_parser("add", parents=[common], help="start a VM (a mirrored one is a pair)")
     p.add_argument("name")
     p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
-    p.add_argument("--vcpus", type=_int(1, 1 << 16), default=1, metavar="N")
+    p.add_argument("--vcpus", type=_int(1, 1 << 16), default=1, metavar="N",
+                   help="vCPUs (default 1)")
     p.add_argument("--priority", required=True, metavar="P",
                    help=f"one of {', '.join(PRIORITIES)}")
     p.add_argument("--order", type=_int(0, 1 << 20), default=0, metavar="N",
@@ -132,14 +161,15 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        store = Store(Etcd(args.etcd))
+        store = Store(Etcd(args.etcd), args.prefix)
         cmd = args.pool_command
         if cmd == "agent":
             from mirror.pool.agent import HostAgent, stop_event
 
             logging.getLogger("mirror.pool").setLevel(logging.INFO)
             return HostAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
-                             args.vcpus, promote_wait=args.promote_wait).run(stop_event())
+                             args.vcpus, promote_wait=args.promote_wait,
+                             prefix=store.prefix).run(stop_event())
         if cmd == "status":
             return status(store, args.json)
         if cmd == "plan":
@@ -147,10 +177,13 @@ def run(args: argparse.Namespace) -> int:
         return change(store, args)
     except admission.Refused as r:
         if args.json:
-            print(json.dumps({"refused": str(r), "analysis": r.analysis.to_json(False)}))
+            print(json.dumps({"refused": str(r), "exit": 1, "analysis": None
+                              if r.analysis is None else r.analysis.to_json(False)}))
         print(f"mirror pool: {r}", file=sys.stderr)
         return 1
     except (PoolError, EtcdError, Conflict) as e:
+        if args.json:
+            print(json.dumps({"error": str(e), "exit": 2}))
         print(f"mirror pool: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `| head`
@@ -239,6 +272,11 @@ def _tolerance_line(pool: Pool, a: Analysis) -> str:
         return f"cannot prove {a.k} host failure(s) within the planning budget"
     if a.tolerated < 0:
         state = "BROKEN: protected VMs have no place even with no failure"
+    elif a.tolerates_all:
+        state = (f"tolerates any number of host failures (all {a.up_hosts} up host(s) "
+                 "included: nothing guaranteed needs one)" if a.up_hosts else
+                 "has no up host and nothing that needs one: it tolerates any number of "
+                 "host failures")
     else:
         state = f"tolerates {at_least}{a.tolerated} host failure(s)"
     if a.k == pool.failures_to_tolerate:
@@ -246,6 +284,20 @@ def _tolerance_line(pool: Pool, a: Analysis) -> str:
     else:
         want = f"failures_to_tolerate is {pool.failures_to_tolerate}"
     return f"The pool {state} ({want})."
+
+
+def _verdict(pool: Pool, a: Analysis, own: Analysis) -> dict[str, Any]:
+    """The fields `status --json` and `plan --json` share, with the same meanings: ``a``'s
+    (``failures``: the k asked about, the pool's own for status; ``survives``: every set of
+    up to k up hosts is survivable; ``breaking``: the first set of size <= k that is not,
+    null when it survives; ``tolerated`` ...) and ``overcommitted``: the pool does not
+    survive its own failures_to_tolerate (``own``, the analysis for it)."""
+    return {
+        **a.to_json(with_plans=False),
+        "failures_to_tolerate": pool.failures_to_tolerate,
+        "allow_overcommit": pool.allow_overcommit,
+        "overcommitted": not own.survives,
+    }
 
 
 def _snapshot(store: Store) -> Snapshot:
@@ -278,15 +330,11 @@ def status(store: Store, as_json: bool) -> int:
                     "pair": pool.pairs[name].to_json() if name in pool.pairs else None})
     if as_json:
         print(json.dumps({
-            "etcd": store.etcd.url, "version": snap.version, "leader": snap.leader,
-            "failures_to_tolerate": pool.failures_to_tolerate,
-            "allow_overcommit": pool.allow_overcommit, "tolerated": a.tolerated,
-            "tolerated_exact": a.tolerated_exact, "overcommitted": not a.survives,
-            "breaking": None if a.breaking is None else a.breaking.to_json(),
-            "hosts": hosts, "vms": vms,
+            "etcd": store.etcd.url, "prefix": store.prefix, "version": snap.version,
+            "leader": snap.leader, **_verdict(pool, a, a), "hosts": hosts, "vms": vms,
         }, indent=1))
         return 0
-    print(f"pool on etcd {store.etcd.url} (version {snap.version}, controller: "
+    print(f"pool {store.prefix} on etcd {store.etcd.url} (version {snap.version}, controller: "
           f"{snap.leader or 'none'})")
     print(f"failures_to_tolerate {pool.failures_to_tolerate}, allow_overcommit "
           f"{'yes' if pool.allow_overcommit else 'no'}")
@@ -323,23 +371,38 @@ def plan(store: Store, failures: int | None, as_json: bool) -> int:
     pool = snap.pool
     k = pool.failures_to_tolerate if failures is None else failures
     a = analyse(pool, k, keep="all")
+    own = a if k == pool.failures_to_tolerate else analyse(pool, keep="none")
     if as_json:
-        print(json.dumps(a.to_json(), indent=1))
+        print(json.dumps({**_verdict(pool, a, own), "plans": [
+            fp.to_json() for fp in a.plans.values()]}, indent=1))
         return 0
     verdict = "survivable" if a.survives else "NOT survivable"
     print(f"{k} host failure(s): {verdict}. {_tolerance_line(pool, a)}")
     if not a.survives:
         print(f"  {admission.describe_break(a)}")
     print(f"({a.checked} failure sets checked in {a.seconds * 1000:.1f} ms)")
+    quiet = []
     for fs, fp in a.plans.items():
-        if not fs and not fp.moves:
+        if not fp.moves and fp.ok and not fp.lost:
+            if fs:
+                quiet.append(", ".join(fs))
             continue
         head = "no failure (repair)" if not fs else "if " + ", ".join(fs) + " fail" + \
             ("s" if len(fs) == 1 else "")
-        print(f"\n{head}:" + ("" if fp.ok else f"  BREAKS: {', '.join(fp.unplaced)} have no "
-                             f"room (short by {fp.shortfall_mb} MiB)"))
+        print(f"\n{head}:" + ("" if fp.ok else " BEYOND WHAT THE POOL TOLERATES"))
         for m in fp.moves:
             print(f"  {m.vm:<14} {m.kind:<12} -> {m.to}")
+        if fp.down:
+            print("  not running: " + ", ".join(f"{v} (needs {fp.needs[v]} MiB)"
+                                                for v in fp.down))
+        if fp.unprotected:
+            print("  running without a standby: " + ", ".join(
+                f"{v} (needs {fp.needs[v]} MiB)" for v in fp.unprotected))
+        if not fp.ok:
+            print(f"  short by {fp.shortfall_mb} MiB" + (
+                "" if fp.optimal else "; the planner could not prove that no more can run"))
         if fp.lost:
             print(f"  best-effort VMs not restarted: {', '.join(fp.lost)}")
+    if quiet:
+        print(f"\nnothing moves if any one of these fails: {'; '.join(quiet)}")
     return 0

@@ -86,6 +86,13 @@ class Placement:
                          int(d.get("epoch", 0)))
 
 
+def over(free_mb: int, free_vcpus: int) -> str:
+    """What a negative free amount means, e.g. "2048 MiB over" (only what is over)."""
+    parts = [f"{-free_mb} MiB" if free_mb < 0 else "", f"{-free_vcpus} vCPUs" if free_vcpus < 0
+             else ""]
+    return " and ".join(p for p in parts if p) + " over"
+
+
 PAIR_PORTS_FROM = 7600  # where `vm add` starts allocating a pair's interconnect ports
 
 
@@ -196,7 +203,7 @@ class Pool:
                 raise PoolError(f"pair settings for {name}, which is not a mirrored VM")
         for h, (m, c) in self.free().items():
             if m < 0 or c < 0:
-                raise PoolError(f"host {h} is over its capacity ({-m} MiB / {-c} vCPUs over)")
+                raise PoolError(f"host {h} is over its capacity ({over(m, c)})")
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -27,6 +27,12 @@ set is called unsurvivable only when no placement exists, and on large ones
 the planner may say "cannot prove" but every plan it returns has been built
 and checked against capacity for that exact failure set: every failure set
 of size <= k is enumerated, there is no sampling and no pruning of sets.
+
+A failure set that cannot be fully survived (beyond what the pool tolerates)
+still gets a plan (:meth:`Planner._failing`): every VM with a live copy
+keeps running (a surviving standby is promoted), then what lost every copy
+restarts in priority and restart order where it fits, then re-protection,
+then best-effort VMs; what finds no room is named with the memory it lacks.
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ RESTART = "restart"  # a guaranteed VM starts on the host
 BEST_EFFORT = "best-effort"  # a best-effort VM starts on the host
 
 EXACT_MAX_UNITS = 14  # exhaustive search when a failure set's guaranteed demands are this few
-EXACT_MAX_NODES = 200_000
+EXACT_MAX_NODES = 200_000  # nodes of exhaustive search per failure set
+REPACK_MAX = 64  # beyond the guarantee: VMs restarted above which no repacking is tried
+_PRIO_RANK = {"mirrored": 0, "restart": 1, "best-effort": 2}
 
 
 class Move(NamedTuple):
@@ -74,10 +82,21 @@ class FailurePlan:
     shortfall_mb: int  # memory of what found no room
     lost: list[str]  # best-effort VMs that are not restarted
     proven: bool = True  # for a failing set: True when no placement exists at all
+    # a failing set (beyond the guarantee): the guaranteed VMs that do not run after it (the
+    # others in ``unplaced`` run without a standby), the memory each one in ``unplaced``
+    # lacks, and whether the VMs the plan runs were proved the best possible (see _failing)
+    down: list[str] = field(default_factory=list)
+    needs: dict[str, int] = field(default_factory=dict)
+    optimal: bool = True
 
     @property
     def ok(self) -> bool:
         return not self.unplaced
+
+    @property
+    def unprotected(self) -> list[str]:
+        """Mirrored VMs that run after this plan, but without a standby."""
+        return [v for v in self.unplaced if v not in self.down]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,24 +104,47 @@ class FailurePlan:
             "ok": self.ok,
             "moves": [m.to_json() for m in self.moves],
             "unplaced": self.unplaced,
+            "down": self.down,
+            "unprotected": self.unprotected,
+            "needs_mb": self.needs,
             "shortfall_mb": self.shortfall_mb,
             "lost_best_effort": self.lost,
             "proven": self.proven,
+            "optimal": self.optimal,
         }
 
 
 @dataclass
 class Analysis:
+    """What the planner proved about every failure set of size 0..k (and beyond, while its
+    budget lasts).
+
+    "The pool tolerates k" means: every set of at most k up hosts failing together (every
+    set, if k is larger than the number of up hosts) leaves a placement where every
+    guaranteed VM runs and every mirrored VM is protected again.  ``tolerated``: the largest
+    such k proved (-1: not even with no failure; equal to ``up_hosts`` when every set
+    survives, as in a pool with nothing guaranteed or no host at all: then any k is
+    tolerated).  The pool is overcommitted when it does not tolerate its
+    ``failures_to_tolerate``."""
+
     k: int  # failures asked about
     survives: bool  # proved: every failure set of size <= k is survivable
     tolerated: int  # largest k' proved (-1: the pool is broken already)
     tolerated_exact: bool  # False: larger sizes were not all checked (budget)
-    breaking: FailurePlan | None  # the first failure set found that cannot be survived
+    breaking: FailurePlan | None  # the first failure set of size <= k that cannot be survived
     plans: dict[tuple[str, ...], FailurePlan] = field(default_factory=dict)
     checked: int = 0  # failure sets planned
     seconds: float = 0.0
     up_hosts: int = 0
     gave_up: bool = False  # the budget ran out before every set of size <= k was checked
+    # the first failure set of size k+1.. found not survivable (what bounds ``tolerated``
+    # when the pool survives k)
+    breaks_beyond: FailurePlan | None = None
+
+    @property
+    def tolerates_all(self) -> bool:
+        """Every set of up hosts, all of them included, can fail: any k is tolerated."""
+        return self.tolerated_exact and self.tolerated == self.up_hosts
 
     def to_json(self, with_plans: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -110,7 +152,11 @@ class Analysis:
             "survives": self.survives,
             "tolerated": self.tolerated,
             "tolerated_exact": self.tolerated_exact,
+            "tolerates_any_number": self.tolerates_all,
+            "up_hosts": self.up_hosts,
             "breaking": None if self.breaking is None else self.breaking.to_json(),
+            "breaks_beyond": None if self.breaks_beyond is None
+            else self.breaks_beyond.to_json(),
             "checked_failure_sets": self.checked,
             "seconds": round(self.seconds, 4),
             "gave_up": self.gave_up,
@@ -270,9 +316,10 @@ class Planner:
 
     def _exact(
         self, units: list[tuple[int, int, int, int]], fm: list[int], fc: list[int],
-        alive: list[int],
+        alive: list[int], budget: list[int] | None = None,
     ) -> tuple[list[tuple[int, int, int]] | None, bool]:
-        """Exhaustive search: (placement, True) / (None, True: none exists) / (None, False)."""
+        """Exhaustive search: (placement, True) / (None, True: none exists) / (None, False).
+        ``budget``: [nodes left], shared by calls and decreased by the nodes visited."""
         special = {u[3] for u in units if u[3] >= 0}
         cpu = self.cpu
         nodes = 0
@@ -300,10 +347,12 @@ class Planner:
                 res.append(h)
             return res
 
+        limit = EXACT_MAX_NODES if budget is None else budget[0]
+
         def rec(j: int) -> bool:
             nonlocal nodes
             nodes += 1
-            if nodes > EXACT_MAX_NODES:
+            if nodes > limit:
                 raise Budget
             if j == len(units):
                 return True
@@ -339,6 +388,9 @@ class Planner:
             return (list(out) if rec(0) else None), True
         except Budget:
             return None, False
+        finally:
+            if budget is not None:
+                budget[0] -= nodes
 
     # -- composition of single-failure plans ---------------------------------------------------
 
@@ -449,50 +501,154 @@ class Planner:
         out.sort(key=lambda t: t[0])  # stable: promote before its new standby
         return [m for _, m in out]
 
+    def _rank(self, i: int) -> tuple[int, int, int, str]:
+        """The order VMs get room in beyond the guarantee: mirrored, then restart, then
+        best-effort; within a priority by restart order, then smaller first (so that more
+        VMs run), then by name."""
+        return (_PRIO_RANK[self.prio[i]], self.order[i], self.mem[i], self.names[i])
+
+    def _pack_runs(
+        self, vms: list[int], fm: list[int], fc: list[int], alive: list[int], budget: list[int]
+    ) -> tuple[list[tuple[int, int, int]] | None, bool]:
+        """Can ``vms`` all start on ``alive`` (free fm/fc, left untouched)?  (placement, True),
+        (None, True): proved impossible, (None, False): not found, not proved impossible."""
+        units = sorted(((self.mem[i], _RUN, i, -1) for i in vms), key=lambda u: (-u[0], u[2]))
+        for worst in (True, False):
+            m, c = fm[:], fc[:]
+            placed = self._greedy(units, m, c, alive, worst)
+            if placed is not None:
+                return placed, True
+        if sum(self.mem[i] for i in vms) > sum(fm[h] for h in alive) or \
+                sum(self.cpu[i] for i in vms) > sum(fc[h] for h in alive):
+            return None, True
+        if len(units) > EXACT_MAX_UNITS or budget[0] <= 0:
+            return None, False
+        m, c = fm[:], fc[:]
+        placed, proven = self._exact(units, m, c, alive, budget)
+        return placed, proven
+
     def _failing(
         self, failed: tuple[str, ...], failed_idx: set[int],
         units: list[tuple[int, int, int, int]], alive: list[int], proven: bool, moves: bool,
     ) -> FailurePlan:
-        """What a failing set leaves out: place greedily in priority order, name the rest."""
+        """A failure set the pool cannot fully survive: best effort, never worse than the
+        pairs and VMs would do alone.
+
+        1. Every VM with a live copy keeps running: a mirrored VM whose standby survived is
+           promoted there (its pair does it; nothing new is needed), one whose primary
+           survived stays; nothing that runs is moved or stopped.
+        2. The guaranteed VMs that lost every copy restart in rank order (:meth:`_rank`),
+           each one if it fits together with those before it that restart (decided by an
+           exhaustive search when few enough; ``optimal`` is False when it could not be
+           proved), so a VM only stays down if starting it would need one ranked before it
+           to stay down.
+        3. Mirrored VMs that run without a standby get a new one, in rank order, where room
+           is left (worst fit).
+        4. Best-effort VMs, by order, in what is left."""
         fm, fc = self.free_m[:], self.free_c[:]
-        ordered = sorted(units, key=lambda u: (self.prio[u[2]] != "mirrored", self.order[u[2]],
-                                               -u[0], u[2]))
-        unplaced: list[str] = []
-        short = 0
-        out: list[Move] = []
-        for mem, kind, i, forbid in ordered:
-            c = self.cpu[i]
-            need = [forbid] if kind != _PAIR else [-1, -2]
-            got: list[int] = []
-            for fb in need:
-                fb2 = got[0] if fb == -2 else fb
-                h = -1
-                for x in alive:
-                    if x != fb2 and fm[x] >= mem and fc[x] >= c and (h < 0 or fm[x] > fm[h]):
-                        h = x
-                if h < 0:
-                    break
-                fm[h] -= mem
-                fc[h] -= c
-                got.append(h)
-            if len(got) < len(need):
-                for h in got:
-                    fm[h] += mem
-                    fc[h] += c
-                unplaced.append(self.names[i])
-                short += mem * (len(need) - len(got))
+        promoted: list[int] = []
+        protect: dict[int, int] = {}  # mirrored VM -> the host it runs on, needing a standby
+        down: list[int] = []  # guaranteed VMs with no live copy
+        for _m, kind, i, forbid in units:
+            if kind == _STBY:
+                a = self.prim[i]
+                if a < 0 or a in failed_idx:
+                    promoted.append(i)
+                protect[i] = forbid  # the host it runs on (its standby's, if promoted)
+            else:
+                down.append(i)
+        down.sort(key=self._rank)
+        budget = [EXACT_MAX_NODES]
+        chosen: list[int] = []
+        where: dict[int, int] = {}
+        left_m, left_c = fm[:], fc[:]
+        optimal = True
+        rejected: list[int] = []
+        room_m = sum(fm[h] for h in alive)
+        room_c = sum(fc[h] for h in alive)
+        for i in down:
+            fit = _fitter(left_m, left_c, alive, True)
+            h = fit(self.mem[i], self.cpu[i], -1)
+            if h >= 0:
+                chosen.append(i)
+                where[i] = h
+                room_m -= self.mem[i]
+                room_c -= self.cpu[i]
                 continue
-            if moves:
-                kinds = [RESTART, STANDBY] if kind == _PAIR else [
-                    RESTART if kind == _RUN else STANDBY]
-                for kk, h in zip(kinds, got, strict=True):
-                    out.append(Move(self.names[i], kk, self.hosts[h], mem))
-        # the shortfall is at least what the totals say is missing
-        need_total = sum(u[0] * (2 if u[1] == _PAIR else 1) for u in units)
-        short = max(short, need_total - sum(max(0, self.free_m[h]) for h in alive))
+            if self.mem[i] > room_m or self.cpu[i] > room_c:
+                rejected.append(i)  # not even the total room left: proved
+                continue
+            if len(chosen) >= REPACK_MAX:  # repacking that many for each VM costs too much
+                optimal = False
+                rejected.append(i)
+                continue
+            placed, sure = self._pack_runs([*chosen, i], fm, fc, alive, budget)
+            if placed is None:
+                optimal = optimal and sure
+                rejected.append(i)
+                continue
+            chosen.append(i)
+            room_m -= self.mem[i]
+            room_c -= self.cpu[i]
+            where = {v: h for v, _k, h in placed}
+            left_m, left_c = fm[:], fc[:]
+            for v, h in where.items():
+                left_m[h] -= self.mem[v]
+                left_c[h] -= self.cpu[v]
+        still_down = []
+        for i in rejected:  # one that was not proved impossible may fit what is left
+            h = _fitter(left_m, left_c, alive, True)(self.mem[i], self.cpu[i], -1)
+            if h >= 0:
+                chosen.append(i)
+                where[i] = h
+            else:
+                still_down.append(i)
+        for i in chosen:
+            if self.prio[i] == "mirrored":
+                protect[i] = where[i]
+        standby: dict[int, int] = {}
+        fit = _fitter(left_m, left_c, alive, True)
+        for i in sorted(protect, key=self._rank):
+            h = fit(self.mem[i], self.cpu[i], protect[i])
+            if h >= 0:
+                standby[i] = h
         _, be = self._units(failed_idx)
-        return FailurePlan(failed, out, sorted(unplaced), short,
-                           [self.names[i] for i in be], proven)
+        lost: list[str] = []
+        be_out: list[tuple[int, int]] = []
+        for i in be:
+            h = fit(self.mem[i], self.cpu[i], -1)
+            if h < 0:
+                lost.append(self.names[i])
+            else:
+                be_out.append((i, h))
+        needs: dict[str, int] = {}
+        for i in still_down:
+            needs[self.names[i]] = self.mem[i] * (2 if self.prio[i] == "mirrored" else 1)
+        for i in protect:
+            if i not in standby:
+                needs[self.names[i]] = self.mem[i]
+        out: list[Move] = []
+        if moves:
+            keyed: list[tuple[tuple[int, int, str], Move]] = []
+            names, hosts, mem = self.names, self.hosts, self.mem
+
+            def add(i: int, kind: str, h: int) -> None:
+                key = (_PRIO_RANK[self.prio[i]], self.order[i], names[i])
+                keyed.append((key, Move(names[i], kind, hosts[h], mem[i])))
+
+            for i in promoted:
+                add(i, PROMOTE, self.stby[i])
+            for i in chosen:
+                add(i, RESTART, where[i])
+            for i, h in standby.items():
+                add(i, STANDBY, h)
+            for i, h in be_out:
+                add(i, BEST_EFFORT, h)
+            keyed.sort(key=lambda t: t[0])  # stable: promote or restart before the standby
+            out = [m for _, m in keyed]
+        return FailurePlan(failed, out, sorted(needs), sum(needs.values()), lost, proven,
+                           down=sorted(self.names[i] for i in still_down), needs=needs,
+                           optimal=optimal)
 
 
 class _Composer:
@@ -608,10 +764,16 @@ def analyse(
         res.seconds = time.perf_counter() - t0
         return res
 
+    broken = False  # a set failed: the sizes left are planned only for the plans kept
     for size in range(0, limit + 1):
         count = math.comb(n, size)
-        fast = composer is not None and size >= 2
-        if size > k and (per_composed if fast else per_set) * count > extra_budget_s:
+        want = keep == "all" or (keep == "single" and size <= 1)
+        keep_plans = want and size <= max(k, 1)
+        fast = composer is not None and size >= 2 and not broken
+        if broken and not keep_plans:
+            break
+        if not broken and size > k and \
+                (per_composed if fast else per_set) * count > extra_budget_s:
             res.tolerated_exact = False
             break
         ok = True
@@ -622,26 +784,33 @@ def analyse(
         )
         planned = 0
         for fs in sets:
-            if time.perf_counter() - t0 > budget_s and size <= k:
-                return gave_up()
-            want = keep == "all" or (keep == "single" and size <= 1)
+            if time.perf_counter() - t0 > budget_s:
+                if broken:  # what was asked is answered; only plans are missing
+                    break
+                if size <= k:
+                    return gave_up()
             fp = pl.plan(fs, moves=want)
             planned += 1
-            if want and size <= max(k, 1):
+            if keep_plans:
                 res.plans[fp.failed] = fp
-            if not fp.ok:
-                res.breaking = fp
+            if not fp.ok and ok and not broken:
                 ok = False
-                break
+                if size <= k:
+                    res.breaking = fp
+                else:
+                    res.breaks_beyond = fp
+                if not keep_plans:
+                    break
         res.checked += count if fast and ok else planned
-        if not ok:
-            break
+        if broken or not ok:
+            broken = True
+            continue
         res.tolerated = size
         spent = time.perf_counter() - t0
         if fast:
             per_composed = max(per_composed, (time.perf_counter() - t_size) / max(1, count))
         else:
             per_set = spent / max(1, res.checked)
-    res.survives = res.tolerated >= k
+    res.survives = res.breaking is None and not res.gave_up and res.tolerated >= min(k, n)
     res.seconds = time.perf_counter() - t0
     return res

@@ -1,6 +1,7 @@
 """The pool's state on etcd.
 
-Keys under ``/mirror/pool/`` (values JSON):
+Keys under the pool's prefix, ``/mirror/pool/`` unless ``--prefix`` names another so that
+several pools share one etcd (values JSON):
 
     config              {"failures_to_tolerate": k, "allow_overcommit": false}
     hosts/NAME          {"mem_mb", "vcpus", "state": up|maintenance|dead, "agent"}
@@ -17,6 +18,11 @@ Keys under ``/mirror/pool/`` (values JSON):
     claims/VM/EPOCH     who moved VM away from placement EPOCH (exactly one)
     events/SEQ          what the controller did, in order
 
+The pairs of a pool keep their arbiter keys under ``/mirror/arbiter/PAIR/`` for the default
+prefix and under ``PREFIX/arbiter/PAIR/`` for any other (:func:`arbiter_prefix`), so two
+pools' pairs (each named ``vm-VM``) never share keys.  Two pools' prefixes must not be one
+inside the other.
+
 Every change is one transaction that compares ``version``'s mod_revision
 with the one the change was computed from, so two concurrent changes can
 never both commit over each other: the loser re-reads and re-plans.
@@ -31,11 +37,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mirror.config import ConfigError, check_key_prefix
 from mirror.ha.etcd import KV, Etcd, delete_op, mod_is, put_op
 from mirror.pool.model import VM, Host, PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import Analysis
 
-PREFIX = "/mirror/pool/"
+PREFIX = "/mirror/pool/"  # the default pool's
+ARBITER_PREFIX = "/mirror/arbiter"  # the default pool's pairs' arbiter keys (a pair's default)
+_RESERVED = ("/mirror/arbiter/", PREFIX)
+
+
+def pool_prefix(text: str) -> str:
+    """A pool's key prefix from ``--prefix`` / ``$MIRROR_POOL_PREFIX``, normalised to end in
+    ``/``; PoolError if it is malformed or nests with the default pool's or the pairs'."""
+    try:
+        prefix = check_key_prefix(text, "--prefix")
+    except ConfigError as e:
+        raise PoolError(str(e)) from None
+    for r in _RESERVED:
+        if prefix != PREFIX and (prefix.startswith(r) or r.startswith(prefix)):
+            raise PoolError(f"--prefix {text!r} nests with {r} (the default pool's keys or "
+                            f"its pairs' arbiter keys): choose one beside them, e.g. "
+                            f"/mirror/pool-b/")
+    return prefix
+
+
+def arbiter_prefix(prefix: str) -> str:
+    """Where the pairs of the pool at ``prefix`` keep their arbiter keys."""
+    return ARBITER_PREFIX if prefix == PREFIX else prefix + "arbiter"
 
 
 class Conflict(PoolError):
@@ -61,7 +90,8 @@ def _j(kv: KV) -> Any:
 class Store:
     def __init__(self, etcd: Etcd, prefix: str = PREFIX) -> None:
         self.etcd = etcd
-        self.prefix = prefix
+        self.prefix = pool_prefix(prefix)
+        self.arbiter = arbiter_prefix(self.prefix)  # the pairs' EtcdArbiter prefix
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)

@@ -237,3 +237,109 @@ def _kill_and_check(
     prio = {v[0]: ({"mirrored": 0, "restart": 1, "best-effort": 2}[v[2]], v[3]) for v in VMS}
     assert order == sorted(order, key=lambda v: prio[v])
     return snap2
+
+
+# beyond k: a pool planned for 1 failure loses h1 and h3 at once
+BEYOND_VMS = [
+    ("m1", 1024, "mirrored", 0, "h1", "h2"),
+    ("r1", 3072, "restart", 0, "h3", None),
+    ("r2", 2560, "restart", 1, "h1", None),
+    ("r3", 1024, "restart", 0, "h4", None),
+    ("b1", 1024, "best-effort", 0, "h2", None),
+]
+
+
+def test_kill_beyond_k_keeps_every_surviving_copy_running_without_oscillation(
+    pool_run: tuple[str, Path, Agents],
+) -> None:
+    """Two hosts of a pool that tolerates one die at once: m1's standby on h2 survived, so
+    m1 runs there (promoted; no room is left for a new standby); r1 and r2 cannot both
+    restart (one stays down and says how much memory it lacks); b1 and r3, whose hosts
+    survived, are never stopped; the controller carries the plan out once: no VM moves
+    again while it keeps running for several more seconds (the bug: a standby moved back
+    and forth every tick)."""
+    from mirror.pool.planner import Planner
+
+    url, root, agents = pool_run
+    for h in HOSTS:
+        _pool_cli(url, "host", "add", h, "--mem", "4096", "--vcpus", "8")
+    for name, mem, pr, order, host, sb in BEYOND_VMS:
+        extra = ["--standby", sb] if sb else []
+        _pool_cli(url, "vm", "add", name, "--mem", str(mem), "--priority", pr,
+                  "--order", str(order), "--host", host, *extra)
+    store = Store(Etcd(url))
+    before = store.load().pool
+    planned = Planner(before).plan(("h1", "h3"))
+    assert not planned.ok  # beyond what the pool tolerates
+    assert ("m1", "promote", "h2") in [(m.vm, m.kind, m.to) for m in planned.moves]
+    for h in HOSTS:
+        agents.start(h)
+    log_path = root / "vms.log"
+    _wait("every VM running", lambda: {e[1] for e in _vm_log(log_path) if e[0] == "start"}
+          == {v[0] for v in BEYOND_VMS}, 30, root)
+    _wait("a controller", lambda: store.load().leader, 20, root)
+    survivors = {e[1]: e[3] for e in _vm_log(log_path)
+                 if e[0] == "start" and e[1] in ("b1", "r3")}  # VM -> pid
+    n_events = len(store.events())
+    t_kill = time.time()
+    for victim in ("h1", "h3"):
+        os.killpg(agents.procs[victim].pid, signal.SIGKILL)
+    for victim in ("h1", "h3"):
+        agents.procs[victim].wait()
+
+    def settled() -> Any:
+        s = store.load()
+        if any(s.pool.hosts[h].state != "dead" for h in ("h1", "h3")):
+            return None
+        if s.running.get("m1") != "h2" or s.pool.placements["m1"].host != "h2":
+            return None
+        down = [v for v in ("r1", "r2") if s.pool.placements[v].host is None]
+        up = [v for v in ("r1", "r2") if s.running.get(v) == s.pool.placements[v].host
+              and s.pool.placements[v].host is not None]
+        return s if len(down) == 1 and len(up) == 1 else None
+
+    snap = _wait("m1 on its standby's host, one of r1/r2 restarted", settled, 40, root)
+    t_settled = time.time()
+    n_settled = len(store.events())
+    time.sleep(6.0)  # about 8 controller ticks: an oscillation would show
+    events = store.events()[n_events:]
+    quiet = store.events()[n_settled:]
+    snap2 = store.load()
+    dead_events = [e for e in events if e.get("event") == "host-dead"]
+    moved = [e for e in events if e.get("event") == "moved"]
+    no_room = [e for e in events if e.get("event") == "no-room"]
+    log_after = [e for e in _vm_log(log_path) if e[4] > t_kill]
+    summary = {
+        "killed": ["h1", "h3"], "host_dead_events": [e["host"] for e in dead_events],
+        "moved": [(e["vm"], [(m["kind"], m["to"]) for m in e["moves"]]) for e in moved],
+        "no_room": [(e["vm"], e.get("needs_mb"), e.get("down")) for e in no_room],
+        "placements": {v: (p.host, p.standby) for v, p in snap2.pool.placements.items()},
+        "settled_s": round(t_settled - t_kill, 2), "events_in_6s_after": len(quiet),
+    }
+    print("\nPOOL BEYOND-K TEST:", json.dumps(summary))
+
+    assert sorted(e["host"] for e in dead_events) == ["h1", "h3"]
+    assert quiet == [], f"the controller kept acting after the plan was carried out: {quiet}"
+    assert snap2.pool.placements == snap.pool.placements
+    assert snap2.running["m1"] == "h2" and snap2.pool.placements["m1"].host == "h2"
+    assert [(e[0], e[2]) for e in log_after if e[1] == "m1"] == [("start", "h2")]
+    # the VMs whose hosts survived were never stopped: the same process all along
+    for vm, pid in survivors.items():
+        assert _alive(pid) and snap2.running[vm] == before.placements[vm].host
+        assert not [e for e in log_after if e[1] == vm], f"{vm} was restarted: {log_after}"
+    # each VM moved at most once per host declared dead, and never twice in one go
+    per_vm: dict[str, int] = {}
+    for e in moved:
+        per_vm[e["vm"]] = per_vm.get(e["vm"], 0) + 1
+    assert all(n <= len(dead_events) for n in per_vm.values()), per_vm
+    # the VM left down is named with the memory it lacks
+    down = next(v for v in ("r1", "r2") if snap2.pool.placements[v].host is None)
+    mem = {v[0]: v[1] for v in BEYOND_VMS}
+    assert any(e["vm"] == down and e.get("needs_mb") == mem[down] and e.get("down")
+               for e in no_room), no_room
+    # both hosts declared dead in the same tick: the moves are the plan made before
+    t_dead = [e["time"] for e in dead_events]
+    if not [e for e in moved if min(t_dead) < e["time"] < max(t_dead)]:
+        executed = [(m["vm"], m["kind"], m["to"]) for e in moved for m in e["moves"]]
+        assert executed == [(m.vm, m.kind, m.to) for m in planned.moves], (executed, planned)
+    snap2.pool.check()

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from mirror.cli import main
 from mirror.guests.synthetic import SyntheticParams, reference_outputs
 from mirror.ha.etcd import Etcd
 from mirror.hoststate import read_json
@@ -374,3 +375,85 @@ def test_pool_pair_maintenance_of_its_primary_host_hands_over(
     print("\nPOOL PAIR MAINTENANCE:", json.dumps({
         "new_standby": p.standby, "generation": st["generation"], "outputs": len(seqs),
         "protected_again_s": round(t_protected - t0, 2)}))
+
+
+def test_pool_pair_beyond_k_its_standby_promotes_and_keeps_running(
+    pool_pair: tuple[str, Path, Agents, Observer, str],
+) -> None:
+    """Two hosts of a pool planned for one die at once (the pair's primary's and another):
+    the pair's standby promotes by itself, the pool records it (no room is left for a new
+    standby: it runs unprotected) and never stops it; the restart VM that cannot restart
+    is named with its memory; the controller does nothing more.  The pool lives under its
+    own prefix, so its pair's arbiter keys are under PREFIX/arbiter/."""
+    url, root, agents, observer, vm = pool_pair
+    prefix = "/mirror/pool-b/"
+
+    def cli(*args: str) -> None:
+        assert main(["pool", *args, "--etcd", url, "--prefix", prefix]) == 0, args
+
+    for h in HOSTS:
+        cli("host", "add", h, "--mem", "4096", "--vcpus", "8")
+    data, hb = free_ports(2)
+    cli("vm", "add", vm, "--mem", "1024", "--priority", "mirrored", "--host", "h1",
+        "--standby", "h2", "--observer", f"127.0.0.1:{observer.port}",
+        "--link-ports", f"{data},{hb}")
+    for name, mem, order, host in (("r1", 3072, 0, "h3"), ("r2", 2560, 1, "h1"),
+                                   ("r3", 1024, 0, "h4")):
+        cli("vm", "add", name, "--mem", str(mem), "--priority", "restart", "--order",
+            str(order), "--host", host)
+    cli("vm", "add", "b1", "--mem", "1024", "--priority", "best-effort", "--host", "h2")
+    store = Store(Etcd(url), prefix)
+    spec = store.load().pool.pairs[vm]
+    for h in HOSTS:
+        agents.start(h, "--prefix", prefix)
+    _wait("the pair protected on h1/h2", lambda: (s := _status(root, vm, "h1"))
+          .get("phase") == "protected" and s.get("acked", 0) >= 10, 40, root)
+    _wait("outputs at the observer", lambda: observer.count() > 20, 20, root)
+    _wait("a controller", lambda: store.load().leader, 20, root)
+    standby_pid = int(_status(root, vm, "h2")["pid"])
+    for h in ("h1", "h3"):
+        os.killpg(agents.procs[h].pid, signal.SIGKILL)
+    for h in ("h1", "h3"):
+        agents.procs[h].wait()
+    t_kill = time.monotonic()
+    arb = f"{prefix}arbiter/{spec.pair}/"
+    claim = _wait("h2 to win the promotion claim",
+                  lambda: store.etcd.get(arb + "claims/generation-1"), 20, root)
+    t_claim = time.monotonic()
+    assert json.loads(claim.value)["node"] == "h2"
+    assert store.etcd.get(f"/mirror/arbiter/{spec.pair}/claims/generation-1") is None
+
+    def recorded() -> Any:
+        s = store.load()
+        p = s.pool.placements
+        # the leases may lapse a tick apart: then the first plan restarts r2 (h1 alone
+        # failed) and r1 finds no room once h3 is found dead too; else r1 restarts
+        done = all(s.pool.hosts[h].state == "dead" for h in ("h1", "h3")) and \
+            p[vm].host == "h2" and p[vm].standby is None and \
+            sorted(p[v].host is None for v in ("r1", "r2")) == [False, True]
+        return s if done else None
+
+    snap = _wait("the pool to record it, r1 or r2 restarted", recorded, 30, root)
+    t_recorded = time.monotonic()
+    down = next(v for v in ("r1", "r2") if snap.pool.placements[v].host is None)
+    n_events = len(store.events())
+    n = observer.count()
+    time.sleep(6.0)  # about 8 controller ticks: nothing more happens, the VM runs on
+    assert observer.count() > n + 100, "the promoted primary stopped releasing outputs"
+    assert store.events()[n_events:] == []
+    st = _status(root, vm, "h2")
+    assert st.get("role") == "primary" and int(st["pid"]) == standby_pid and _alive(
+        standby_pid), st  # the standby that promoted, never stopped
+    assert store.load().running.get(vm) == "h2"
+    no_room = [e for e in store.events() if e.get("event") == "no-room"]
+    assert [(e["vm"], e["needs_mb"], e["down"]) for e in no_room if e["vm"] == down] == [
+        (down, {"r1": 3072, "r2": 2560}[down], True)]
+    agents.stop()
+    seen = observer.seen
+    seqs = seen.seqs
+    assert seqs == list(range(1, len(seqs) + 1)), (
+        f"{seen.gaps()} gaps, {seen.duplicates()} duplicates")
+    print("\nPOOL PAIR BEYOND-K:", json.dumps({
+        "promotion_claim_s": round(t_claim - t_kill, 2),
+        "pool_recorded_s": round(t_recorded - t_kill, 2), "phase": st.get("phase"),
+        "outputs": len(seqs), "no_room": [e["vm"] for e in no_room]}))

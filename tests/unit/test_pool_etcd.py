@@ -7,6 +7,8 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,3 +254,140 @@ def test_cli_pair_settings_ports_and_names(etcd: Etcd, capsys: pytest.CaptureFix
     long = "v" * 64
     assert len(pair_name(long)) == 64 and pair_name(long) != pair_name("v" * 63 + "w")
     assert pair_name("web") == "vm-web"
+
+
+def _j(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
+    """`mirror pool ARGV --json`: exit status, the one JSON object on stdout, stderr."""
+    capsys.readouterr()
+    rc = main(["pool", *argv, "--json"])
+    out = capsys.readouterr()
+    return rc, json.loads(out.out), out.err
+
+
+def test_cli_exit_codes_json_for_every_outcome_and_definitions(
+    etcd: Etcd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = ["--etcd", etcd.url]
+    # an empty pool tolerates any number of failures: nothing needs a host
+    rc, st, _ = _j(capsys, "status", *url)
+    assert rc == 0 and not st["overcommitted"] and st["survives"] and st["breaking"] is None
+    assert st["tolerates_any_number"]
+    assert main(["pool", "status", *url]) == 0
+    assert "OVERCOMMITTED" not in capsys.readouterr().out
+    for h in ("a", "b", "c"):
+        assert main(["pool", "host", "add", h, "--mem", "8192", "--vcpus", "4", *url]) == 0
+    assert main(["pool", "vm", "add", "be", "--mem", "1024", "--priority", "best-effort",
+                 *url]) == 0
+    # k larger than the hosts: every set of them, all included, survives (nothing guaranteed)
+    rc, out, _ = _j(capsys, "config", "--failures", "4", *url)
+    assert rc == 0 and out["analysis"]["survives"] and out["warning"] is None
+    # ... but not with a guaranteed VM: the refusal names the set that breaks
+    rc, out, err = _j(capsys, "vm", "add", "r", "--mem", "1024", "--priority", "restart",
+                      *url)
+    assert rc == 1 and out["exit"] == 1 and "if a, b, c fail" in out["refused"], out
+    assert "r (does not run: needs 1024 MiB)" in err
+    assert out["analysis"]["breaking"]["failed"] == ["a", "b", "c"]
+    assert main(["pool", "config", "--failures", "1", *url]) == 0
+    assert main(["pool", "vm", "add", "db", "--mem", "4096", "--vcpus", "2", "--priority",
+                 "restart", "--host", "a", *url]) == 0
+    assert main(["pool", "vm", "add", "web", "--mem", "2048", "--priority", "mirrored",
+                 "--host", "b", "--standby", "c", *url]) == 0
+    capsys.readouterr()
+    before = json.dumps(Store(etcd).load().pool.to_json())
+    # refusals exit 1, with JSON on stdout: no room on its host, maintenance, a busy host
+    rc, out, err = _j(capsys, "vm", "resize", "db", "--mem", "4096", "--vcpus", "5", *url)
+    assert rc == 1 and out["exit"] == 1 and "vCPUs over)" in out["refused"], out
+    assert "-" not in out["refused"].split("capacity")[1], out  # no negative overage
+    assert "MiB" not in out["refused"].split("capacity")[1], out  # the memory is not over
+    rc, out, _ = _j(capsys, "host", "maintenance", "a", "on", *url)
+    assert rc == 1 and "refused" in out["refused"], out
+    rc, out, _ = _j(capsys, "host", "remove", "a", *url)
+    assert rc == 1 and "still holds" in out["refused"], out
+    # a best-effort VM is admission-checked, and the refusal says why
+    rc, out, _ = _j(capsys, "vm", "add", "be2", "--mem", "3000", "--priority", "best-effort",
+                    "--host", "a", *url)
+    assert rc == 1 and "failed-over VMs never preempt it" in out["refused"], out
+    # errors exit 2, with JSON on stdout too: bad input, unknown names, argparse's own
+    rc, out, _ = _j(capsys, "vm", "resize", "nope", "--mem", "1", *url)
+    assert rc == 2 and out == {"error": "unknown VM 'nope'", "exit": 2}
+    with pytest.raises(SystemExit) as e:
+        main(["pool", "vm", "add", "x", "--mem", "lots", "--priority", "restart", "--json",
+              *url])
+    out = json.loads(capsys.readouterr().out)
+    assert e.value.code == 2 and out["exit"] == 2 and "not an integer: 'lots'" in out["error"]
+    rc, out, _ = _j(capsys, "status", "--prefix", "no-slash", *url)
+    assert rc == 2 and "bad etcd key prefix 'no-slash'" in out["error"]
+    assert json.dumps(Store(etcd).load().pool.to_json()) == before  # nothing committed
+    # status and plan say the same thing, with the same fields
+    rc, st, _ = _j(capsys, "status", *url)
+    rc2, pl, _ = _j(capsys, "plan", *url)
+    assert rc == rc2 == 0
+    for key in ("failures", "survives", "overcommitted", "tolerated", "tolerated_exact",
+                "breaking", "failures_to_tolerate"):
+        assert st[key] == pl[key], key
+    assert st["survives"] and st["breaking"] is None and not st["overcommitted"]
+    assert st["breaks_beyond"] is not None and len(st["breaks_beyond"]["failed"]) == 2
+    rc, pl2, _ = _j(capsys, "plan", "--failures", "2", *url)
+    assert not pl2["survives"] and pl2["breaking"] is not None and not pl2["overcommitted"]
+    # beyond what it tolerates: a and b fail: web's standby on c survived: it runs there
+    p = next(p for p in pl2["plans"] if p["failed"] == ["a", "b"])
+    assert {"vm": "web", "kind": "promote", "to": "c", "mem_mb": 2048} in p["moves"]
+    assert {"vm": "db", "kind": "restart", "to": "c", "mem_mb": 4096} in p["moves"]
+    assert p["down"] == [] and p["unprotected"] == ["web"] and p["needs_mb"] == {"web": 2048}
+    assert {"vm": "be", "kind": "best-effort", "to": "c", "mem_mb": 1024} in p["moves"]
+    assert p["lost_best_effort"] == [] and p["optimal"]
+    # the text plan: no empty "if X fails:" header
+    assert main(["pool", "plan", "--failures", "2", *url]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("if ", "no failure")):
+            assert i + 1 < len(lines) and lines[i + 1].startswith("  "), text
+    assert "web            promote      -> c" in text, text
+    assert "running without a standby: web (needs 2048 MiB)" in text, text
+
+
+def test_two_pools_share_one_etcd_under_their_prefixes(
+    etcd: Etcd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mirror.pool.agent import pair_config
+    from mirror.pool.model import PairSpec
+
+    a = ["--etcd", etcd.url]
+    b = ["--etcd", etcd.url, "--prefix", "/mirror/pool-b"]
+    assert main(["pool", "host", "add", "h1", "--mem", "4096", "--vcpus", "4", *a]) == 0
+    assert main(["pool", "host", "add", "h1", "--mem", "8192", "--vcpus", "8", *b]) == 0
+    assert main(["pool", "host", "add", "h2", "--mem", "8192", "--vcpus", "8", *b]) == 0
+    assert main(["pool", "config", "--failures", "0", *a]) == 0  # one host: it cannot fail
+    assert main(["pool", "vm", "add", "web", "--mem", "1024", "--priority", "restart", *a]) == 0
+    assert main(["pool", "config", "--failures", "0", *b]) == 0
+    assert main(["pool", "vm", "add", "web", "--mem", "2048", "--priority", "mirrored",
+                 "--observer", "127.0.0.1:9000", *b]) == 0
+    capsys.readouterr()
+    rc, sa, _ = _j(capsys, "status", *a)
+    rc2, sb, _ = _j(capsys, "status", *b)
+    assert rc == rc2 == 0 and sb["prefix"] == "/mirror/pool-b/"
+    assert [h["name"] for h in sa["hosts"]] == ["h1"] and len(sb["hosts"]) == 2
+    assert sa["vms"][0]["mem_mb"] == 1024 and sb["vms"][0]["mem_mb"] == 2048
+    kvs, _ = etcd.get_prefix("/mirror/pool/")
+    assert all(not kv.key.startswith("/mirror/pool-b") for kv in kvs)
+    # the default pool's keys are where they always were
+    assert etcd.get("/mirror/pool/vms/web") is not None
+    # their pairs (both named vm-web) keep arbiter keys apart: the default pool's where a
+    # pair's always were, pool b's under its own prefix
+    store_a, store_b = Store(etcd), Store(etcd, "/mirror/pool-b/")
+    assert store_a.arbiter == "/mirror/arbiter"
+    assert store_b.arbiter == "/mirror/pool-b/arbiter"
+    spec = PairSpec("vm-web", 7600, 7601, "127.0.0.1:9000")
+    cfg = pair_config(spec, "h1", etcd.url, Path("/tmp/x"), store_b.arbiter)
+    arb = EtcdArbiter(etcd, spec.pair, "h1", prefix=cfg.arbiter.etcd_prefix)
+    arb.set_generation(5)
+    assert etcd.get("/mirror/pool-b/arbiter/vm-web/generation") is not None
+    assert etcd.get("/mirror/arbiter/vm-web/generation") is None
+    # the pool's own load skips its pairs' arbiter keys
+    assert sorted(store_b.load().pool.vms) == ["web"]
+    # prefixes that would nest with the default pool's or the pairs' keys are refused
+    for bad in ("/mirror/", "/mirror/pool/sub/", "/mirror/arbiter/x/", "/"):
+        rc, out, _ = _j(capsys, "status", "--prefix", bad, "--etcd", etcd.url)
+        assert rc == 2 and ("nests with" in out["error"] or "bad etcd key prefix"
+                            in out["error"]), (bad, out)

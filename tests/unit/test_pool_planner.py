@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mirror.pool import admission
@@ -121,12 +121,12 @@ def _plan_of(failed: tuple[str, ...], moves: list[Any]) -> Any:
 
 
 @st.composite
-def pools(draw: st.DrawFn, max_hosts: int = 5, max_vms: int = 7) -> Pool:
+def pools(draw: st.DrawFn, max_hosts: int = 5, max_vms: int = 7, min_vms: int = 0) -> Pool:
     nh = draw(st.integers(2, max_hosts))
     pool = Pool(failures_to_tolerate=draw(st.integers(0, 2)))
     for i in range(nh):
         pool.hosts[f"h{i}"] = Host(f"h{i}", draw(st.integers(2, 10)), draw(st.integers(1, 6)))
-    for j in range(draw(st.integers(0, max_vms))):
+    for j in range(draw(st.integers(min_vms, max_vms))):
         vm = VM(f"v{j}", draw(st.integers(1, 5)), draw(st.integers(1, 3)),
                 draw(st.sampled_from(["mirrored", "restart", "best-effort"])),
                 draw(st.integers(0, 2)))
@@ -159,7 +159,9 @@ def test_tolerated_failures_equal_brute_force(pool: Pool) -> None:
     a = analyse(pool, keep="none")
     assert a.tolerated_exact
     assert a.tolerated == brute_tolerated(pool)
-    assert a.survives == (a.tolerated >= pool.failures_to_tolerate)
+    # k larger than the hosts: every set of up hosts (all of them included) must survive
+    assert a.survives == (a.tolerated >= min(pool.failures_to_tolerate, len(pool.up_hosts())))
+    assert (a.breaking is None) == a.survives
 
 
 @FAST
@@ -212,7 +214,7 @@ def test_refusals_are_exactly_the_changes_that_break_k(pool: Pool, data: st.Data
             host = data.draw(st.sampled_from(ups))
             fp = Planner(pool).plan((host,))
             if not fp.ok:
-                with pytest.raises(PoolError, match="cannot all be moved"):
+                with pytest.raises(admission.Refused, match="cannot all be moved"):
                     admission.maintenance(pool, host, True)
                 return
             admission.apply_plan(after, fp)
@@ -222,17 +224,20 @@ def test_refusals_are_exactly_the_changes_that_break_k(pool: Pool, data: st.Data
             call = lambda: admission.maintenance(pool, host, True)  # noqa: E731
     except PoolError:
         return  # does not fit at all: not an admission question
-    breaks = brute_tolerated(after) < pool.failures_to_tolerate
+    # k larger than the up hosts: every set of them, all included, must survive
+    breaks = brute_tolerated(after) < min(pool.failures_to_tolerate, len(after.up_hosts()))
     try:
         out = call()
     except admission.Refused as r:
         assert breaks, str(r)
         a = r.analysis
-        if a.breaking is None:  # too few hosts left for k failures: no set to name
-            assert a.up_hosts <= a.k and f"tolerates {a.tolerated} host failure(s)" in str(r)
-        else:  # the message names the failure set that breaks and by how much
-            assert "if " in str(r) or "with no host failed" in str(r), str(r)
-            assert f"short by {a.breaking.shortfall_mb} MiB" in str(r), str(r)
+        assert a is not None and a.breaking is not None, str(r)
+        # the message names the failure set that breaks, each VM with the memory it lacks
+        assert "if " in str(r) or "with no host failed" in str(r), str(r)
+        assert f"short by {a.breaking.shortfall_mb} MiB" in str(r), str(r)
+        for v in a.breaking.unplaced:
+            assert f"{v} (" in str(r) and f"{a.breaking.needs[v]} MiB" in str(r), str(r)
+        assert a.breaking.shortfall_mb == sum(a.breaking.needs.values()) > 0
         return
     assert not breaks
     assert out.warning is None
@@ -259,7 +264,8 @@ def test_plan_of_a_small_pool() -> None:
     assert kinds[0] == ("web", "promote", "b")  # the pair fails over first
     assert kinds[1][:2] == ("web", "standby") and kinds[1][2] == "c"
     assert ("batch", "best-effort", "b") in kinds or ("batch", "best-effort", "c") in kinds
-    assert a.breaking is not None and len(a.breaking.failed) == 2
+    assert a.breaking is None  # the pool survives k = 1: nothing of size <= 1 breaks
+    assert a.breaks_beyond is not None and len(a.breaks_beyond.failed) == 2
 
 
 def test_refusal_names_the_failure_set_and_the_shortfall() -> None:
@@ -291,7 +297,9 @@ def test_bad_input_is_a_clear_error_and_changes_nothing() -> None:
 
 def test_maintenance_moves_the_host_s_vms() -> None:
     pool = small_pool()
-    with pytest.raises(admission.Refused, match=r"if a fails.*web; short by 4096 MiB"):
+    with pytest.raises(admission.Refused,
+                       match=r"if a fails.*web \(runs unprotected: needs 4096 MiB for a "
+                       r"standby\); short by 4096 MiB"):
         admission.maintenance(pool, "c", True)  # two hosts left: web could not be re-protected
     pool.failures_to_tolerate = 0
     out = admission.maintenance(pool, "c", True)
@@ -371,3 +379,183 @@ def test_every_composed_plan_survives_its_failure_set_in_simulation(pool: Pool) 
             units, _ = pl._units(failed)
             moves = pl._moves(units, placed, [], failed)
             assert simulate(pool, fs, moves) == [], (fs, moves)
+
+
+# -- beyond the guarantee: failure sets of size k+1 and k+2 ----------------------------------
+
+RANK = {"mirrored": 0, "restart": 1, "best-effort": 2}
+RUNS = ("promote", "restart", "best-effort")
+
+
+def _beyond_sets(pool: Pool) -> list[tuple[str, ...]]:
+    """Every failure set of size k+1 and k+2 (k: the tolerated failures, by brute force)."""
+    ups = pool.up_hosts()
+    k = brute_tolerated(pool)
+    return [fs for size in (k + 1, k + 2) if 1 <= size <= len(ups)
+            for fs in itertools.combinations(ups, size)]
+
+
+def check_beyond(pool: Pool, fs: tuple[str, ...], fp: Any) -> list[str]:
+    """What is wrong with plan ``fp`` for failure set ``fs`` (empty: nothing)."""
+    errors: list[str] = []
+    runs: dict[str, int] = {}
+    standbys: dict[str, int] = {}
+    for m in fp.moves:
+        counter = runs if m.kind in RUNS else standbys
+        counter[m.vm] = counter.get(m.vm, 0) + 1
+        if counter[m.vm] > 1:
+            errors.append(f"{m.vm} placed twice ({m.kind})")
+        if m.to in fs or pool.hosts[m.to].state != "up":
+            errors.append(f"{m.vm} sent to a dead host {m.to}")
+    after = pool.copy()
+    for h in fs:
+        after.set_host_state(h, "dead")
+    admission.apply_plan(after, fp)
+    for name, vm in pool.vms.items():
+        p = pool.placements.get(name, Placement(None))
+        q = after.placements.get(name, Placement(None))
+        for h in (q.host, q.standby):
+            if h is not None and after.hosts[h].state != "up":
+                errors.append(f"{name} left on dead host {h}")
+        if p.host is not None and p.host not in fs:
+            if q.host != p.host:
+                errors.append(f"{name} ran on surviving {p.host}, now on {q.host}")
+        elif vm.priority == "mirrored" and p.standby is not None and p.standby not in fs \
+                and q.host != p.standby:
+            errors.append(f"{name}'s standby on {p.standby} survived: not promoted there")
+        if vm.guaranteed and (q.host is None) != (name in fp.down):
+            errors.append(f"{name} runs on {q.host}, down: {fp.down}")
+        if vm.priority == "mirrored" and q.host is not None and (
+                q.standby is None) != (name in fp.unprotected):
+            errors.append(f"{name} standby {q.standby}, unprotected: {fp.unprotected}")
+        if vm.priority == "best-effort" and (q.host is None) != (name in fp.lost) and \
+                p.host in (None, *fs):
+            errors.append(f"best-effort {name} runs on {q.host}, lost: {fp.lost}")
+    for v in fp.unplaced:
+        need = pool.vms[v].mem_mb * (2 if v in fp.down and pool.vms[v].priority == "mirrored"
+                                     else 1)
+        if fp.needs.get(v) != need:
+            errors.append(f"{v} needs {fp.needs.get(v)} MiB, not {need}")
+    if fp.shortfall_mb != sum(fp.needs.values()):
+        errors.append(f"shortfall {fp.shortfall_mb} != {fp.needs}")
+    for h, (m, c) in after.free().items():
+        if after.hosts[h].state == "up" and (m < 0 or c < 0):
+            errors.append(f"{h} over capacity")
+    # carried out once: the controller's next tick (hosts dead, plan applied) moves nothing
+    again = Planner(after).plan(())
+    if again.moves:
+        errors.append(f"the plan moves again after it was carried out: {again.moves}")
+    return errors
+
+
+BEYOND = settings(max_examples=300 * SCALE, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
+@BEYOND
+@given(pools(min_vms=3))
+def test_beyond_k_every_vm_with_a_live_copy_keeps_running(pool: Pool) -> None:
+    """Failure sets of size k+1 and k+2: a mirrored VM whose standby survived is promoted
+    there, one whose primary survived stays, nothing that runs moves; no VM is placed twice
+    or on a dead host, no host goes over capacity, and the plan is carried out once."""
+    sets = _beyond_sets(pool)
+    event(f"beyond-k failure sets: {'none' if not sets else '1-4' if len(sets) < 5 else '5+'}")
+    pl = Planner(pool)
+    for fs in sets:
+        fp = pl.plan(fs)
+        if not fp.ok:
+            event("a set the pool cannot fully survive")
+            if any(m.kind == "promote" for m in fp.moves):
+                event("... with a surviving standby promoted")
+            if fp.down:
+                event("... with a guaranteed VM down")
+        assert check_beyond(pool, fs, fp) == [], (fs, fp)
+
+
+def oracle_restarts(pool: Pool, failed: tuple[str, ...]) -> list[str]:
+    """Independent exhaustive oracle: the guaranteed VMs that lost every copy, taken in rank
+    order (mirrored before restart, then order, then smaller, then name), each kept if some
+    assignment of it and those kept before it to the surviving hosts' free room exists
+    (every assignment tried): the best set of VMs that can run, in priority order."""
+    alive = [h for h in pool.up_hosts() if h not in failed]
+    free = {h: [pool.hosts[h].mem_mb, pool.hosts[h].vcpus] for h in alive}
+    lost: list[VM] = []
+    for name, vm in pool.vms.items():
+        p = pool.placements.get(name, Placement(None))
+        copies = [h for h in (p.host, p.standby) if h in free]
+        for h in copies:
+            free[h][0] -= vm.mem_mb
+            free[h][1] -= vm.vcpus
+        if vm.guaranteed and not copies:
+            lost.append(vm)
+    lost.sort(key=lambda v: (RANK[v.priority], v.order, v.mem_mb, v.name))
+
+    def fits(vms: list[VM]) -> bool:
+        if not vms:
+            return True
+        vm = vms[0]
+        for h in alive:
+            if free[h][0] >= vm.mem_mb and free[h][1] >= vm.vcpus:
+                free[h][0] -= vm.mem_mb
+                free[h][1] -= vm.vcpus
+                ok = fits(vms[1:])
+                free[h][0] += vm.mem_mb
+                free[h][1] += vm.vcpus
+                if ok:
+                    return True
+        return False
+
+    kept: list[VM] = []
+    for vm in lost:
+        if fits([*kept, vm]):
+            kept.append(vm)
+    return sorted(v.name for v in kept)
+
+
+@BEYOND
+@given(pools(max_hosts=5, max_vms=8, min_vms=3))
+def test_beyond_k_the_plan_runs_the_best_set_the_oracle_finds(pool: Pool) -> None:
+    """For failure sets of size k+1 and k+2, the VMs the plan restarts are exactly the
+    oracle's, unless the planner says it could not prove its choice (``optimal`` False)."""
+    pl = Planner(pool)
+    for fs in _beyond_sets(pool):
+        fp = pl.plan(fs)
+        restarted = sorted(m.vm for m in fp.moves if m.kind == "restart")
+        if not fp.optimal:
+            event("the planner could not prove its choice")
+            continue
+        want = oracle_restarts(pool, fs)
+        if len(want) < len([v for v in pool.vms if pool.vms[v].guaranteed]):
+            event("oracle: some guaranteed VM cannot run")
+        assert restarted == want, (fs, restarted, want, fp)
+
+
+def test_beyond_k_a_standby_that_survived_is_promoted_even_with_no_room_left() -> None:
+    """The case the issue found: hosts a and c die with a pool planned for 1 failure: web
+    (primary a, standby b) runs on b; db (on c) cannot restart and says by how much; the
+    controller's next plan moves nothing (no standby moved back and forth)."""
+    pool = small_pool()
+    pool.vms["big"] = VM("big", 12288, 2, "restart")
+    pool.place("big", "b")
+    fp = Planner(pool).plan(("a", "c"))
+    kinds = [(m.vm, m.kind, m.to) for m in fp.moves]
+    assert kinds[0] == ("web", "promote", "b"), kinds
+    assert fp.down == ["db"] and fp.needs["db"] == 8192
+    assert "web" in fp.unprotected  # no third host for its standby
+    assert check_beyond(pool, ("a", "c"), fp) == []
+    msg = admission.describe_vms(fp)
+    assert "db (does not run: needs 8192 MiB)" in msg, msg
+    assert "web (runs unprotected: needs 4096 MiB for a standby)" in msg, msg
+
+
+def test_beyond_k_on_a_large_pool_most_hosts_lost() -> None:
+    """A large pool losing most of its hosts: the same checks (live copies kept, nothing
+    twice or on a dead host, capacity, carried out once); the planner may not prove its
+    choice there (``optimal`` False), but what it keeps running it keeps."""
+    from bench.pool import make_pool
+
+    pool = make_pool(64, 2000, 2, seed=3)
+    fs = tuple(pool.up_hosts()[:50])
+    fp = Planner(pool).plan(fs)
+    assert not fp.ok and fp.down and fp.unprotected
+    assert check_beyond(pool, fs, fp) == []
