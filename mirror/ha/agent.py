@@ -71,7 +71,7 @@ class StorageBeat(threading.Thread):
                 if self._failing:
                     event("storage-heartbeat-ok")
                 self._failing = False
-            except ArbiterError as e:
+            except Exception as e:  # ArbiterError; anything else must not end the beat either
                 if not self._failing:
                     event("storage-heartbeat-failing", error=str(e))
                 self._failing = True
@@ -153,9 +153,11 @@ class Failover:
         self.beat.join(2)
 
 
-def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:
+def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False) -> Arbiter:
     """The pair's arbiter: the shared directory (the default), or etcd when
-    ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions)."""
+    ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
+    ``prepare``: check the directory now (ArbiterError naming it if it is missing) and
+    create the pair's directory in it; an agent does so once, at start."""
     if cfg.arbiter.etcd:
         from mirror.ha.etcd import Etcd  # the pool's client; no dependency otherwise
         from mirror.ha.etcd_arbiter import EtcdArbiter
@@ -165,12 +167,15 @@ def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:
             cfg.arbiter.etcd, timeout=max(0.2, 2 * cfg.arbiter.heartbeat_interval_ms / 1000)
         )
         return EtcdArbiter(etcd, cfg.pair.name, node or cfg.node.name)
-    return DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name)
+    return DirectoryArbiter(
+        Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name, prepare=prepare
+    )
 
 
 def current_generation(cfg: Config) -> int:
-    """The pair's generation: the configured one, or a later one a promotion recorded."""
+    """The pair's generation: the configured one, or a later one a promotion recorded.
+    Checks the arbiter (an agent calls it at start): ArbiterError if it is unusable."""
     return max(
         cfg.pair.generation,
-        make_arbiter(cfg).generation(),
+        make_arbiter(cfg, prepare=True).generation(),
     )
