@@ -102,6 +102,7 @@ class Failover:
         )
         self.role_name = role.value
         self._claim: ClaimResult | None = None
+        self._claim_error = ""  # the last claim failure, logged once (claims retry every tick)
         self._next = 0.0
         self.beat.start()
 
@@ -144,8 +145,11 @@ class Failover:
             what = "promote" if d.action is Action.CLAIM_PROMOTE else "unprotected"
             try:
                 self._claim = self.arbiter.claim(self.generation, self.cfg.node.name, what)
-            except ArbiterError as e:
-                event("claim-failed", error=str(e))
+                self._claim_error = ""
+            except ArbiterError as e:  # storage failing: no claim made; judged again next tick
+                if str(e) != self._claim_error:
+                    event("claim-failed", error=str(e))
+                self._claim_error = str(e)
         return d
 
     def close(self) -> None:

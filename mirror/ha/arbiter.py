@@ -247,7 +247,12 @@ class DirectoryArbiter(Arbiter):
                     os.close(fd)
                 fd = sfd
         except OSError as e:
-            why = "a symlink (not followed)" if e.errno == errno.ELOOP else e.strerror
+            why = e.strerror
+            with suppress(OSError):  # O_DIRECTORY|O_NOFOLLOW says ENOTDIR or ELOOP for a link
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(
+                    os.lstat(where).st_mode
+                ):
+                    why = "a symlink (not followed)"
             raise ArbiterError(f"cannot open the arbiter directory {where}: {why}") from e
         try:
             yield fd

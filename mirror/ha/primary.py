@@ -285,6 +285,7 @@ def run_primary(
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
     backend = backend_for(cfg)
     current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)
     guest = backend.boot(lambda out: current[0].add(out))  # paused until paired
@@ -295,7 +296,6 @@ def run_primary(
         sink = backend.sink(guest)
         outputs = OutputBuffer(sink)
         current.append(outputs)
-        generation = current_generation(cfg)
         run = PrimaryRun(cfg, backend, guest, outputs, generation, cfg.link.host)
         signal.signal(signal.SIGUSR2, lambda signum, frame: run.switch.set() if run else None)
 
