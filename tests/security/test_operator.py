@@ -271,7 +271,16 @@ def test_host_kill_leaves_a_lock_that_is_no_lock(pair: Pair) -> None:
     b.signal(signal.SIGKILL)
     b.proc.wait()
     b.remove_shm_files()
+    deadline = time.monotonic() + 10  # its guest process too (reaped by init)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(b.proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     b2 = Host("hostB", "secondary", pair.cfg_b, pair.root)
     pair.hosts.append(b2)
-    pair.wait("the new secondary", lambda: (s := b2.status()) and s.get("pid") == b2.proc.pid)
+    pair.wait(
+        "the new secondary", lambda: (s := b2.status()) and s.get("pid") == b2.proc.pid, alive=[b2]
+    )
     assert (b2.dir / "agent.lock").read_text().strip() == str(b2.proc.pid)
