@@ -315,7 +315,12 @@ def test_claim_on_failing_storage_keeps_the_standby_then_promotes(
     assert json.loads((claims / "generation-1").read_text())["node"] == "hostB"
     assert leftovers(claims) == []
     count = pair.observer.count()
-    pair.wait("the promoted guest's outputs", lambda: pair.observer.count() > count + 20, alive=[b])
+    try:
+        pair.wait(
+            "the promoted guest's outputs", lambda: pair.observer.count() > count + 20, alive=[b]
+        )
+    except RuntimeError as e:
+        raise AssertionError(f"{e}; observer at {pair.observer.count()}:\n{b.log_tail(40)}") from e
     seen = pair.observer.seen
     assert seen.seqs == list(range(1, len(seen.seqs) + 1)), "outputs lost or repeated"
 
