@@ -5,6 +5,7 @@ mirror primary --config F [--duration S] [--checkpoints N]
 mirror status --config F [--json]        what this host's agent reports
 mirror failover --config F [--force]     promote this host's secondary now
 mirror switchover --config F             planned role swap (run on the primary's host)
+(failover and switchover reach the agent through STATE_DIR/control.sock)
 mirror image build [--dir D]             the demo guest (Debian kernel + busybox initramfs)
 mirror demo [--guest synthetic|qemu] ... a primary and a secondary on this machine
 mirror pool COMMAND ...                  pool HA on etcd (mirror pool --help)
@@ -15,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any
 from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests import image
 from mirror.guests.base import GuestError
-from mirror.ha import agent, primary, secondary
+from mirror.ha import agent, control, primary, secondary
 from mirror.hoststate import read_json
 from mirror.lab import demo, qemudemo
 from mirror.pool import cli as pool_cli
@@ -213,8 +213,26 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    if args.command == "pool":
-        return pool_cli.run(args)
+    try:
+        if args.command == "pool":
+            return pool_cli.run(args)
+        return run(args)
+    except KeyboardInterrupt:
+        print("mirror: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the last resort: every known bad input has its own message
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"mirror: error: internal error: {type(e).__name__}: {e} (a bug in mirror: "
+            f"run it again with -v for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command of ``args`` (except pool); a known error is one line, exit 2."""
     try:
         if args.command == "image":
             image.build(Path(args.dir))
@@ -262,15 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "switchover":
             return switchover(cfg, args.timeout)
         stop = agent.stop_on_signals()
-        if args.command == "secondary":
-            return secondary.run_secondary(cfg, stop)
-        return primary.run_primary(
-            cfg,
-            stop,
-            duration=args.duration,
-            epochs=args.checkpoints,
-            stay=not args.leave_after_switchover,
-        )
+        lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
+        try:
+            if args.command == "secondary":
+                return secondary.run_secondary(cfg, stop)
+            return primary.run_primary(
+                cfg,
+                stop,
+                duration=args.duration,
+                epochs=args.checkpoints,
+                stay=not args.leave_after_switchover,
+            )
+        finally:
+            server.close()
+            lock.close()
     except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
         print(f"mirror: error: {e}", file=sys.stderr)
         return 2
@@ -337,15 +360,6 @@ def status_rows(st: dict[str, object]) -> list[tuple[str, object]]:
     return rows
 
 
-def _agent_status(cfg: Config) -> dict[str, Any] | None:
-    """What this host's agent last reported, or None (said on stderr) if nothing."""
-    try:
-        return dict(read_json(cfg.state_dir / "status.json"))
-    except (OSError, ValueError):
-        print(f"mirror: no agent has reported in {cfg.state_dir}", file=sys.stderr)
-        return None
-
-
 def _wait_status(
     cfg: Config, done: Callable[[dict[str, Any]], bool], timeout: float
 ) -> dict[str, Any] | None:
@@ -354,19 +368,18 @@ def _wait_status(
     while time.monotonic() < deadline:
         time.sleep(0.1)
         try:
-            st = dict(read_json(cfg.state_dir / "status.json"))
-        except (OSError, ValueError):
-            continue  # being rewritten
+            st = control.ask(cfg.state_dir, "status", timeout=max(0.5, deadline - time.monotonic()))
+        except control.ControlError:
+            continue  # between roles, or gone (then the timeout says so)
         if done(st):
             return st
     return None
 
 
 def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
-    """`mirror failover`: ask this host's secondary to promote now."""
-    st = _agent_status(cfg)
-    if st is None:
-        return 1
+    """`mirror failover`: ask this host's secondary (through its control socket) to
+    promote now."""
+    st = control.ask(cfg.state_dir, "status")
     if st.get("role") != "secondary":
         print(
             f"mirror: the agent in {cfg.state_dir} is not a secondary (role "
@@ -381,11 +394,11 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         return 1
     primary = st.get("primary")
     if primary and not force:
-        arbiter = agent.make_arbiter(cfg, f"{cfg.node.name}-cli")
+        arbiter = agent.make_arbiter(cfg, f"{cfg.node.name}-cli", prepare=True)
         silent = cfg.arbiter.silent_after_ms / 1000
-        arbiter.peer_age(primary)
+        arbiter.peer_age(str(primary))
         time.sleep(silent)
-        age = arbiter.peer_age(primary)
+        age = arbiter.peer_age(str(primary))
         if age is not None and age <= silent:
             print(
                 f"mirror: the primary {primary} is alive on storage (its heartbeat slot "
@@ -394,7 +407,7 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
                 file=sys.stderr,
             )
             return 1
-    os.kill(int(st["pid"]), signal.SIGUSR1)
+    control.ask(cfg.state_dir, "failover")
     now = _wait_status(cfg, lambda s: s.get("role") == "primary", timeout)
     if now is None:
         print(
@@ -408,10 +421,9 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
 
 
 def switchover(cfg: Config, timeout: float) -> int:
-    """`mirror switchover`: ask this host's primary to hand over to its secondary."""
-    st = _agent_status(cfg)
-    if st is None:
-        return 1
+    """`mirror switchover`: ask this host's primary (through its control socket) to hand
+    over to its secondary."""
+    st = control.ask(cfg.state_dir, "status")
     if st.get("role") != "primary" or st.get("phase") != "protected":
         print(
             f"mirror: the agent in {cfg.state_dir} is not a protected primary (role "
@@ -419,7 +431,14 @@ def switchover(cfg: Config, timeout: float) -> int:
             file=sys.stderr,
         )
         return 1
-    os.kill(int(st["pid"]), signal.SIGUSR2)
+    answer = control.ask(cfg.state_dir, "switchover")
+    if not answer.get("accepted"):
+        print(
+            f"mirror: the primary is no longer protected (phase {answer.get('phase')!r}): "
+            f"nothing to hand over",
+            file=sys.stderr,
+        )
+        return 1
     if _wait_status(cfg, lambda s: s.get("role") == "secondary", timeout) is None:
         print(
             f"mirror: no switchover within {timeout:g} s: see {cfg.node.name}'s log",

@@ -26,15 +26,20 @@ def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
 
 
+# A pair's and a node's name are parts of file names (the arbiter's slots, the standby
+# image in /dev/shm): one path component, printable, not hidden.
+_FILENAME = {"filename": True}
+
+
 @dataclass(frozen=True)
 class PairConfig:
-    name: str = field(default="mirror", metadata=_range(1, 64))  # length
+    name: str = field(default="mirror", metadata={**_range(1, 64), **_FILENAME})  # length
     generation: int = field(default=1, metadata=_range(1, 2**62))
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    name: str = field(default="host", metadata=_range(1, 64))
+    name: str = field(default="host", metadata={**_range(1, 64), **_FILENAME})
     state_dir: str = "/var/lib/mirror"
 
 
@@ -134,6 +139,15 @@ def _check_value(cls: type, f: dataclasses.Field[Any], value: Any, where: str) -
         raise ConfigError(f"{where}: must be an integer, got {value!r}")
     if want is str and type(value) is not str:
         raise ConfigError(f"{where}: must be a string, got {value!r}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{where}: must not contain a NUL character, got {value!r}")
+    if f.metadata.get("filename") and (
+        not value.isprintable() or "/" in value or "\\" in value or value.startswith(".")
+    ):
+        raise ConfigError(
+            f"{where}: is part of file names: printable characters, no '/' or '\\', not "
+            f"starting with '.', got {value!r}"
+        )
     if "range" in f.metadata:
         lo, hi = f.metadata["range"]
         measured = len(value) if isinstance(value, str) else value
@@ -199,13 +213,22 @@ def check_key_prefix(text: str, where: str) -> str:
 def load(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): "
+            f"TOML files are UTF-8"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     return from_dict(data, str(path))
 
 

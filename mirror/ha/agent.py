@@ -71,7 +71,7 @@ class StorageBeat(threading.Thread):
                 if self._failing:
                     event("storage-heartbeat-ok")
                 self._failing = False
-            except ArbiterError as e:
+            except Exception as e:  # ArbiterError; anything else must not end the beat either
                 if not self._failing:
                     event("storage-heartbeat-failing", error=str(e))
                 self._failing = True
@@ -102,6 +102,7 @@ class Failover:
         )
         self.role_name = role.value
         self._claim: ClaimResult | None = None
+        self._claim_error = ""  # the last claim failure, logged once (claims retry every tick)
         self._next = 0.0
         self.beat.start()
 
@@ -144,8 +145,11 @@ class Failover:
             what = "promote" if d.action is Action.CLAIM_PROMOTE else "unprotected"
             try:
                 self._claim = self.arbiter.claim(self.generation, self.cfg.node.name, what)
-            except ArbiterError as e:
-                event("claim-failed", error=str(e))
+                self._claim_error = ""
+            except ArbiterError as e:  # storage failing: no claim made; judged again next tick
+                if str(e) != self._claim_error:
+                    event("claim-failed", error=str(e))
+                self._claim_error = str(e)
         return d
 
     def close(self) -> None:
@@ -153,9 +157,11 @@ class Failover:
         self.beat.join(2)
 
 
-def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:
+def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False) -> Arbiter:
     """The pair's arbiter: the shared directory (the default), or etcd when
-    ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions)."""
+    ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
+    ``prepare``: check the directory now (ArbiterError naming it if it is missing) and
+    create the pair's directory in it; an agent does so once, at start."""
     if cfg.arbiter.etcd:
         from mirror.ha.etcd import Etcd  # the pool's client; no dependency otherwise
         from mirror.ha.etcd_arbiter import EtcdArbiter
@@ -166,12 +172,15 @@ def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:
         )
         return EtcdArbiter(etcd, cfg.pair.name, node or cfg.node.name,
                            prefix=cfg.arbiter.etcd_prefix)
-    return DirectoryArbiter(Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name)
+    return DirectoryArbiter(
+        Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name, prepare=prepare
+    )
 
 
 def current_generation(cfg: Config) -> int:
-    """The pair's generation: the configured one, or a later one a promotion recorded."""
+    """The pair's generation: the configured one, or a later one a promotion recorded.
+    Checks the arbiter (an agent calls it at start): ArbiterError if it is unusable."""
     return max(
         cfg.pair.generation,
-        make_arbiter(cfg).generation(),
+        make_arbiter(cfg, prepare=True).generation(),
     )

@@ -7,6 +7,8 @@ serialises transactions, so exactly one caller per generation wins, however
 many claim at once.  Ages are judged, as in :class:`DirectoryArbiter`, by
 when the peer's sequence number last changed on the reader's own clock.
 The pool controller claims each VM's restart through the same primitive.
+What is read back is validated as in the directory arbiter (a garbage slot is
+ignored, a garbage claim is nobody's), and etcd failures are ArbiterErrors.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ from __future__ import annotations
 import json
 import time
 
-from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, Slot
-from mirror.ha.etcd import Etcd, absent, put_op, range_op
+from mirror.ha.arbiter import (
+    Arbiter,
+    ArbiterError,
+    ClaimResult,
+    Slot,
+    parse_claim,
+    parse_generation,
+    parse_slot,
+)
+from mirror.ha.etcd import Etcd, EtcdError, absent, put_op, range_op
 
 
 def claim_key(etcd: Etcd, key: str, node: str, action: str) -> ClaimResult:
@@ -24,14 +34,16 @@ def claim_key(etcd: Etcd, key: str, node: str, action: str) -> ClaimResult:
     ok, resp = etcd.txn([absent(key)], [put_op(key, body)], [range_op(key)])
     if ok:
         return ClaimResult(True, node, action)
-    kvs = Etcd.range_kvs(resp[0]) if resp else []
-    if not kvs:
-        return ClaimResult(False, "?", "?")
     try:
-        d = json.loads(kvs[0].value)
-        return ClaimResult(d.get("node") == node, str(d.get("node")), str(d.get("action")))
-    except ValueError:
-        return ClaimResult(False, "?", "?")
+        kvs = Etcd.range_kvs(resp[0]) if resp else []
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EtcdError(f"etcd at {etcd.url} answered the claim of {key} with garbage") from e
+    if not kvs:
+        raise EtcdError(f"claim {key} at {etcd.url}: held, but its holder cannot be read")
+    held = parse_claim(kvs[0].value)
+    if held is None:
+        return ClaimResult(False, f"nobody (invalid claim {key}: not written by mirror)", "?")
+    return ClaimResult(held[0] == node, held[0], held[1])
 
 
 class EtcdArbiter(Arbiter):
@@ -44,8 +56,16 @@ class EtcdArbiter(Arbiter):
 
     def beat(self, role: str, generation: int, epoch: int) -> None:
         self._seq += 1
-        body = json.dumps({"node": self.node, "seq": self._seq, "time": time.time(),
-                           "role": role, "generation": generation, "epoch": epoch})
+        body = json.dumps(
+            {
+                "node": self.node,
+                "seq": self._seq,
+                "time": time.time(),
+                "role": role,
+                "generation": generation,
+                "epoch": epoch,
+            }
+        )
         self.etcd.put(f"{self.dir}slot/{self.node}", body)
 
     def _load_slot(self, peer: str) -> Slot | None:
@@ -53,18 +73,16 @@ class EtcdArbiter(Arbiter):
             kv = self.etcd.get(f"{self.dir}slot/{peer}")
             if kv is None:
                 return None
-            d = json.loads(kv.value)
-            return Slot(str(d["node"]), int(d["seq"]), str(d["role"]), int(d["generation"]),
-                        int(d["epoch"]))
-        except (ArbiterError, ValueError, KeyError, TypeError):
+        except (ArbiterError, ValueError, KeyError, TypeError, AttributeError):
             return None
+        return parse_slot(kv.value, peer)
 
     def generation(self) -> int:
-        kv = self.etcd.get(f"{self.dir}generation")
         try:
-            return 0 if kv is None else int(kv.value)
-        except ValueError:
+            kv = self.etcd.get(f"{self.dir}generation")
+        except (ValueError, KeyError, TypeError, AttributeError):
             return 0
+        return 0 if kv is None else parse_generation(kv.value)
 
     def set_generation(self, generation: int) -> None:
         self.etcd.put(f"{self.dir}generation", str(generation))

@@ -15,7 +15,9 @@ from typing import Any
 
 from mirror.config import Config
 from mirror.guests.base import Guest
+from mirror.ha import control
 from mirror.ha.agent import Failover, current_generation, event, make_arbiter
+from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.hoststate import write_json
@@ -45,13 +47,22 @@ def lead(
     arbiter = make_arbiter(cfg)
     released = 0
     while not stop.is_set() and (end is None or time.monotonic() < end):
-        arbiter.set_generation(generation)
+        recorded = warned = False
         run = PrimaryRun(
             cfg, backend, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
         )
+        control.serve({"status": run.status})
         run.phase = "unprotected"
         try:
             while not stop.is_set() and (end is None or time.monotonic() < end):
+                if not recorded:  # storage failing: the guest runs on; recorded when it can be
+                    try:
+                        arbiter.set_generation(generation)
+                        recorded = True
+                    except ArbiterError as e:
+                        if not warned:
+                            event("generation-not-recorded", generation=generation, error=str(e))
+                        warned = True
                 run.extra = {**note(), "outputs_released": released + current[0].released}
                 run.write_status()
                 if not guest.alive:
@@ -274,6 +285,7 @@ def run_primary(
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
     backend = backend_for(cfg)
     current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)
     guest = backend.boot(lambda out: current[0].add(out))  # paused until paired
@@ -284,9 +296,16 @@ def run_primary(
         sink = backend.sink(guest)
         outputs = OutputBuffer(sink)
         current.append(outputs)
-        generation = current_generation(cfg)
         run = PrimaryRun(cfg, backend, guest, outputs, generation, cfg.link.host)
         signal.signal(signal.SIGUSR2, lambda signum, frame: run.switch.set() if run else None)
+
+        def switch_now() -> dict[str, Any]:
+            if run is None or run.phase != "protected":
+                return {"accepted": False, "phase": run.phase if run else "unprotected"}
+            run.switch.set()
+            return {"accepted": True}
+
+        control.serve({"status": run.status, "switchover": switch_now})
         run.write_status()
         run.engine.handshake()
         guest.resume()
@@ -309,5 +328,5 @@ def run_primary(
         log.info("switched over: this host is now the secondary")
         from mirror.ha.secondary import run_secondary  # the roles call each other
 
-        return run_secondary(cfg, stop)
+        return run_secondary(cfg, stop, bind_wait=10.0)
     return code

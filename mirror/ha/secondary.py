@@ -11,6 +11,7 @@ from typing import Any
 
 from mirror.config import Config
 from mirror.guests.base import GuestOutput
+from mirror.ha import control
 from mirror.ha.agent import Failover, current_generation, event
 from mirror.ha.backend import Backend, backend_for
 from mirror.ha.controller import Action, Role
@@ -21,23 +22,33 @@ from mirror.replication.standby import Standby
 log = logging.getLogger("mirror.ha.agent")
 
 
-def run_secondary(cfg: Config, stop: threading.Event) -> int:
+def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0) -> int:
+    """``bind_wait``: seconds to wait for the interconnect ports (after a switchover their
+    old holder may still be letting go); 0: a port in use is an error at once."""
     backend = backend_for(cfg)
     standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
+    standby.bind_wait = bind_wait
     try:
         # the ready standby: a guest waiting for its state (for QEMU, on the image)
         ready = backend.ready(standby.image.path)
+        failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed, standby.generation)
     except BaseException:
         standby.close()
         raise
-    failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed, standby.generation)
     promote = False
+    crashed = True
     standby.extra_status = lambda: {
         "protection": failover.controller.state.value,
         "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
     }
-    manual = threading.Event()  # `mirror failover` sends SIGUSR1
+    manual = threading.Event()  # `mirror failover` (the control socket; SIGUSR1 from a parent)
     signal.signal(signal.SIGUSR1, lambda signum, frame: manual.set())
+
+    def failover_now() -> dict[str, Any]:
+        manual.set()
+        return {"accepted": True}
+
+    control.serve({"status": standby.status, "failover": failover_now})
 
     def tick() -> bool:
         nonlocal promote
@@ -58,6 +69,7 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
 
     try:
         standby.serve(stop, tick)
+        crashed = False
         if promote:
             return run_promoted(cfg, backend, standby, failover, stop, ready)
         return 0
@@ -65,7 +77,17 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
         if not promote:
             backend.discard(ready)
         failover.close()
-        standby.close(remove_image=not promote)
+        # An unforeseen error never deletes a committed checkpoint: it may be the only
+        # copy of the guest left.  The image stays (and blocks a restart, which says so).
+        keep = promote or (crashed and standby.committed > 0)
+        if keep and not promote:
+            event(
+                "standby-image-kept",
+                node=cfg.node.name,
+                image=str(standby.image.path),
+                committed=standby.committed,
+            )
+        standby.close(remove_image=not keep, keep_state=keep and not promote)
 
 
 def run_promoted(

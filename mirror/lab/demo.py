@@ -120,6 +120,8 @@ def pair_configs(root: Path, base: Config, observer: str) -> tuple[Config, Confi
     data, hb = free_ports(2)
     link = replace(base.link, host="127.0.0.1", data_port=data, heartbeat_port=hb)
     arbiter = replace(base.arbiter, dir=str(root / "shared"))
+    if not base.arbiter.etcd:  # the storage both hosts share: it exists before they start
+        (root / "shared").mkdir(parents=True, exist_ok=True)
     common = replace(
         base, link=link, output=replace(base.output, observer=observer), arbiter=arbiter
     )

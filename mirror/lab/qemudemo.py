@@ -36,6 +36,8 @@ PORT = 7000
 
 
 def configs(root: Path, base: Config, img: Path, pair: str) -> tuple[Config, Config]:
+    if not base.arbiter.etcd:  # the storage both hosts share: it exists before they start
+        (root / "shared").mkdir(parents=True, exist_ok=True)
     qemu = replace(
         base.qemu,
         kernel=str(img / "vmlinuz"),

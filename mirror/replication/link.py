@@ -91,7 +91,11 @@ class _Heartbeats(threading.Thread):
     ) -> None:
         super().__init__(name="heartbeats", daemon=True)
         self.sock = _socket(ctx, zmq.ROUTER if server else zmq.DEALER)
-        (self.sock.bind if server else self.sock.connect)(url)
+        try:
+            (self.sock.bind if server else self.sock.connect)(url)
+        except zmq.ZMQError:
+            self.sock.close()  # an open socket would hang the context's term()
+            raise
         self.node, self.interval, self.server = node, interval, server
         self.committed = committed  # a one-element list the owner updates
         self.peer = PeerSeen()
@@ -167,10 +171,16 @@ class Link:
         except zmq.ZMQError as e:
             self.data.close()
             self.ctx.term()
+            hint = (
+                ": another process listens there (a second standby of this pair on this "
+                "host?); stop it or choose other link ports"
+                if e.errno == zmq.EADDRINUSE
+                else ""
+            )
             raise ConnectionError(
                 f"cannot {'bind' if server else 'connect'} the interconnect on "
                 f"{endpoint.host} ports {endpoint.data_port}/"
-                f"{endpoint.heartbeat_port}: {e}"
+                f"{endpoint.heartbeat_port}: {e}{hint}"
             ) from e
         self.heartbeats.start()
         self._peer_id: bytes | None = None  # server: the primary's zmq identity

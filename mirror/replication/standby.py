@@ -106,6 +106,7 @@ class Standby:
         self.handover = False  # the primary handed over (planned switchover)
         self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
         self.link: Link | None = None
+        self.bind_wait = 10.0  # seconds serve() waits for ports in use (see serve)
 
     # -- the protocol ---------------------------------------------------------
 
@@ -271,9 +272,9 @@ class Standby:
 
     def serve(self, stop: threading.Event, tick: Callable[[], bool] = lambda: False) -> None:
         """Serve the primary until ``stop`` is set or ``tick()`` (called at least
-        every 50 ms) returns True."""
+        every 50 ms) returns True.  Ports in use: ConnectionError after ``bind_wait`` s."""
         link_cfg = self.cfg.link
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.bind_wait
         while True:  # after a switchover the ports' old holder may still be letting go
             try:
                 self.link = Link.server(
@@ -314,7 +315,9 @@ class Standby:
             self.write_status()
             self.link.close()
 
-    def close(self, *, remove_image: bool = True) -> None:
-        """Release the image (and remove it, unless a promoted guest now owns it)."""
+    def close(self, *, remove_image: bool = True, keep_state: bool = False) -> None:
+        """Release the image (and remove it, unless a promoted guest now owns it, or it
+        is kept after an error) and, unless ``keep_state``, the committed device state."""
         self.image.close(remove=remove_image)
-        self.state_path.unlink(missing_ok=True)
+        if not keep_state:
+            self.state_path.unlink(missing_ok=True)

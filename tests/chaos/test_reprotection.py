@@ -66,6 +66,7 @@ def test_back_as_secondary_reprotected_then_survives_a_second_kill(pair_factory)
             timeout=60,
         )
 
+    (pair.root / "stale-storage").mkdir()
     run = intruder("stale", str(pair.root / "stale-storage"))
     assert run.returncode == 2, run.stderr
     assert "generation 1 is older than this standby's generation 2" in run.stderr
