@@ -13,16 +13,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mirror.config import Config
+from mirror.config import Config, ConfigError
 from mirror.guests.base import Guest
 from mirror.ha.agent import Failover, current_generation, event, make_arbiter
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.hoststate import write_json
-from mirror.replication import wire
+from mirror.replication import keys, wire
 from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
+from mirror.replication.pagediff import PAGE_SIZE
 
 log = logging.getLogger("mirror.ha.agent")
 
@@ -57,6 +58,7 @@ def lead(
                 if not guest.alive:
                     event("guest-died", node=cfg.node.name)
                     return 1
+                run.relink_if_rekeyed()  # the pool may have placed a new standby elsewhere
                 try:
                     run.engine.handshake(timeout=1.0)
                 except ReplicationError as e:
@@ -112,11 +114,9 @@ class PrimaryRun:
         address: str,
     ) -> None:
         self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
-        self.link = Link.client(
-            Endpoint(address, cfg.link.data_port, cfg.link.heartbeat_port),
-            cfg.node.name,
-            heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
-        )
+        self.address = address
+        self.keys = keys.load(cfg)
+        self.link = self._link()
         self.engine = CheckpointEngine(
             guest,
             self.link,
@@ -131,6 +131,32 @@ class PrimaryRun:
         self.phase = "pairing"
         self.extra: dict[str, Any] = {}
         self.switch = threading.Event()  # `mirror switchover` asks to hand over
+
+    def _link(self) -> Link:
+        cfg = self.cfg
+        return Link.client(
+            Endpoint(self.address, cfg.link.data_port, cfg.link.heartbeat_port),
+            cfg.node.name,
+            keys=self.keys,
+            heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
+            max_pages=len(self.guest.ram) // PAGE_SIZE,
+        )
+
+    def relink_if_rekeyed(self) -> None:
+        """Not paired: if the configured keys changed (a new peer), connect with the new."""
+        if self.keys is None:
+            return
+        try:
+            new = keys.load(self.cfg)
+        except ConfigError as e:
+            log.error("interconnect keys unreadable, keeping the current ones: %s", e)
+            return
+        if new != self.keys:
+            log.info("the peer's key changed (now %s): connecting again",
+                     keys.fingerprint(new.peer) if new else "none")  # fmt: skip
+            self.keys = new
+            self.link.close()
+            self.link = self.engine.link = self._link()
 
     def status(self) -> dict[str, Any]:
         link, engine = self.link, self.engine
@@ -207,7 +233,7 @@ class PrimaryRun:
             self.write_status()
         self.phase = "stopped"
         if not outputs.unprotected:
-            link.send(wire.Bye(cfg.node.name, "stopped by its operator"))
+            link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
 
@@ -230,12 +256,22 @@ class PrimaryRun:
                 "switchover failed: the standby did not acknowledge the "
                 "last checkpoint; the guest runs on here"
             )
-        self.link.send(wire.Handover(self.cfg.node.name, engine.epoch))
+        self.link.send(wire.Handover(engine.session, self.cfg.node.name, engine.epoch))
         reply: wire.Message | None = None
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not isinstance(reply, wire.Ack | wire.Reject):
-            reply = self.link.recv(max(0.0, deadline - time.monotonic()))  # skip strays
-        if reply != wire.Ack(engine.epoch, 0):
+        answer = wire.Ack(engine.session, engine.epoch, 0)
+        while time.monotonic() < deadline and reply != answer:
+            try:
+                reply = self.link.recv(max(0.0, deadline - time.monotonic()))
+            except wire.WireError:
+                continue
+            if (
+                isinstance(reply, wire.Reject)
+                and reply.session == engine.session
+                and (reply.answers == wire.Kind.HANDOVER)
+            ):
+                break  # its answer: refused
+        if reply != answer:
             self.guest.resume()
             raise ReplicationError(
                 f"switchover failed: the standby answered {reply}; the guest runs on here"
@@ -273,6 +309,7 @@ def run_primary(
     last one (acknowledged) until stopped.  Exit code 3: fenced.  After a switchover
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
+    keys.load(cfg)  # no keys (and not insecure): refuse before anything starts
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     backend = backend_for(cfg)
     current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)

@@ -24,6 +24,7 @@ log = logging.getLogger("mirror.ha.agent")
 def run_secondary(cfg: Config, stop: threading.Event) -> int:
     backend = backend_for(cfg)
     standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
+    standby.generation_now = lambda: current_generation(cfg)  # the arbiter's, at each HELLO
     try:
         # the ready standby: a guest waiting for its state (for QEMU, on the image)
         ready = backend.ready(standby.image.path)
