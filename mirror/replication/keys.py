@@ -131,9 +131,14 @@ def load_secret(path: Path) -> tuple[bytes, bytes]:
 def parse_public(text: str, base: Path | None = None) -> bytes:
     """The z85 public key in ``text``: its 40-character z85 form, or a key file's path."""
     what = "[keys] peer_public_key"
-    if valid_z85(text.encode()):
-        return text.encode()
     path = Path(text) if base is None else base / text
+    # a 40-character path is valid z85 too: an existing file is a file
+    if valid_z85(text.encode()) and not path.exists():
+        return text.encode()
+    if not path.exists():
+        raise ConfigError(
+            f"{what}: {text!r} is neither a 40-character z85 public key nor a key file"
+        )
     public, secret = _read_cert(path, what)
     if secret is not None:
         raise ConfigError(

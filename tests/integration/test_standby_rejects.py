@@ -17,9 +17,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from mirror.replication import keys
+from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
-from mirror.replication import wire
 from mirror.replication.link import Endpoint, Link
 from tests.integration.conftest import Pair
 
