@@ -98,14 +98,14 @@ class Child:
 
 
 def pair_config(
-    spec: PairSpec, host: str, etcd_url: str, state_dir: Path, secret_key: Path
+    spec: PairSpec, host: str, etcd_url: str, state_dir: Path, secret_key: Path | None = None
 ) -> Config:
     """The configuration of one role of a pool VM's pair on ``host``: the pool's etcd as
     its arbiter, the VM's interconnect ports (on loopback: every host is 127.0.0.1) and
     observer, and its synthetic guest; this host's interconnect key and its peer's public
     key (``peer.key`` in ``state_dir``, which the agent keeps to the peer the pool places)."""
     return Config(
-        keys=KeysConfig(secret_key=str(secret_key),
+        keys=KeysConfig(secret_key=str(secret_key or ""),
                         peer_public_key=str(state_dir / PEER_KEY)),
         pair=PairConfig(name=spec.pair),
         node=NodeConfig(name=host, state_dir=str(state_dir)),
