@@ -213,9 +213,14 @@ class PrimaryRun:
                 return True
             return self.switch.is_set() or stop.is_set() or (end is not None and now >= end)
 
-        engine.run(should_stop, epochs=epochs)
-        if self.switch.is_set() and not verdict:
-            return self._hand_over()
+        while True:
+            engine.run(should_stop, epochs=epochs)
+            if not (self.switch.is_set() and not verdict):
+                break
+            if self._hand_over():
+                return SWITCHED_OVER
+            self.switch.clear()  # it failed: the guest runs on here, still protected
+            self.phase = "protected"
         if verdict and verdict[0] is Action.FENCE:
             self.phase = "fenced"
             self.guest.stop()  # releases nothing: what it held dies with it
@@ -237,10 +242,12 @@ class PrimaryRun:
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
 
-    def _hand_over(self) -> int:
+    def _hand_over(self) -> bool:
         """Planned switchover: a last checkpoint with the guest left paused; once it is
         acknowledged every output is released, and the standby goes on from exactly
-        there.  Returns SWITCHED_OVER (the caller becomes the secondary)."""
+        there.  True: handed over (the caller becomes the secondary).  False: the
+        standby did not take it, and the guest runs on here (nothing the standby says
+        stops it)."""
         engine = self.engine
         self.phase = "switching-over"
         while engine.in_flight:  # the window first, so the last checkpoint follows in order
@@ -251,11 +258,9 @@ class PrimaryRun:
             engine.pump(time.monotonic() + 0.01)
         if engine.in_flight:
             self.guest.resume()
-            event("switchover-failed", node=self.cfg.node.name, reason="no ack")
-            raise ReplicationError(
-                "switchover failed: the standby did not acknowledge the "
-                "last checkpoint; the guest runs on here"
-            )
+            event("switchover-failed", node=self.cfg.node.name, reason="no ack of the last "
+                  "checkpoint: the guest runs on here")  # fmt: skip
+            return False
         self.link.send(wire.Handover(engine.session, self.cfg.node.name, engine.epoch))
         reply: wire.Message | None = None
         deadline = time.monotonic() + 10
@@ -273,13 +278,13 @@ class PrimaryRun:
                 break  # its answer: refused
         if reply != answer:
             self.guest.resume()
-            raise ReplicationError(
-                f"switchover failed: the standby answered {reply}; the guest runs on here"
-            )
+            event("switchover-failed", node=self.cfg.node.name,
+                  reason=f"the standby answered {reply}: the guest runs on here")  # fmt: skip
+            return False
         self.guest.stop()  # the standby has it now; this copy never runs again
         self.phase = "switched-over"
         event("switched-over", node=self.cfg.node.name, checkpoint=engine.epoch)
-        return SWITCHED_OVER
+        return True
 
     def close(self) -> None:
         self.failover.close()

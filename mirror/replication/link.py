@@ -277,13 +277,12 @@ class Link:
         keys: LinkKeys | None,
         heartbeat_interval: float = 0.1,
         max_pages: int = wire.MAX_PAGES - 1,
-        io_threads: int = 1,
     ) -> None:
         tune_malloc()
         self.endpoint = endpoint
         self.keys = keys
         self.max_pages = max_pages
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=io_threads)
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.is_server = server
         self.guard: Guard | None = None
         self.auth: ThreadAuthenticator | None = None
