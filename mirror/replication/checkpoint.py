@@ -238,11 +238,14 @@ class CheckpointEngine:
                 if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.HELLO:
                     raise ReplicationError(
                         f"the standby refused this primary (pair {self.pair!r}, generation "
-                        f"{self.generation}, {len(self.guest.ram) >> 20} MiB): {reply.reason}"
+                        f"{self.generation}, {len(self.guest.ram) >> 20} MiB, guest "
+                        f"{self.fingerprint!r}): {reply.reason}; the standby's log says why"
                     )
         raise ReplicationError(
             f"no answer from the standby at {self.link.endpoint.host}:"
-            f"{self.link.endpoint.data_port} in {timeout:g} s"
+            f"{self.link.endpoint.data_port} in {timeout:g} s (is it running? do its "
+            f"[keys] admit this host's key, and is peer_public_key here its key? its log "
+            f"says so if not)"
         )
 
     def _recv(self, timeout: float) -> wire.Message | None:
