@@ -54,6 +54,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from mirror import config as config_mod
 from mirror.config import (
     ArbiterConfig,
@@ -299,27 +301,29 @@ class HostAgent:
         public, _ = keys.load_secret(self.secret_key)
         self.etcd.put(self.store.key("hostkeys", self.host), public)
 
-    def _write_peer_key(self, vm: str, state: Path, snap: Snapshot) -> bool:
+    def _write_peer_key(self, vm: str, state: Path, snap: Snapshot) -> None:
         """Keep ``peer.key`` of VM's pair role here to its peer's published public key (the
-        standby's host for a primary, the primary's for a standby).  False: not known yet."""
+        standby's host for a primary, the primary's for a standby).  While the peer or its
+        key is not known, a key nobody holds stands in: the role starts, and pairs with
+        no one until the agent writes the real key (a primary reconnects then)."""
         p = snap.pool.placements.get(vm)
-        if p is None:
-            return False
-        peer = p.standby if p.host == self.host else p.host
-        key = snap.hostkeys.get(peer or "")
-        if not key or not keys.valid_z85(key.encode()):
-            return False
+        peer = None if p is None else p.standby if p.host == self.host else p.host
+        key = snap.hostkeys.get(peer or "", "")
         path = state / PEER_KEY
+        if not keys.valid_z85(key.encode()):
+            if not path.exists():
+                placeholder, _ = zmq.curve_keypair()
+                write_atomic(path, b'public-key = "' + placeholder + b'"\n')
+            return
         text = f'public-key = "{key}"\n'
         try:
             if path.read_text() == text:
-                return True
+                return
         except OSError:
             pass
         write_atomic(path, text.encode())
         log.info("VM %s: its pair's peer here is %s (key %s)", vm, peer,
                  keys.fingerprint(key.encode()))
-        return True
 
     def _start(self, vm: str, role: str, pair: PairSpec | None, snap: Snapshot) -> None:
         if role == "primary" and pair is not None and (
@@ -343,8 +347,7 @@ class HostAgent:
             (state / "status.json").unlink(missing_ok=True)  # a past role's, if any
             if role == "secondary":  # a standby of this node that died leaves its image
                 (SHM / f"mirror-{pair.pair}-{self.host}-standby.img").unlink(missing_ok=True)
-            if not self._write_peer_key(vm, state, snap):
-                return  # the peer's key is not published yet: try on the next round
+            self._write_peer_key(vm, state, snap)
             cfg_path = state / "mirror.toml"
             cfg_path.write_text(config_mod.to_toml(
                 pair_config(pair, self.host, self.etcd.url, state, self.secret_key)))
