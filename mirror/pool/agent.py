@@ -301,11 +301,12 @@ class HostAgent:
         public, _ = keys.load_secret(self.secret_key)
         self.etcd.put(self.store.key("hostkeys", self.host), public)
 
-    def _write_peer_key(self, vm: str, state: Path, snap: Snapshot) -> None:
+    def _write_peer_key(self, vm: str, state: Path, snap: Snapshot) -> bool:
         """Keep ``peer.key`` of VM's pair role here to its peer's published public key (the
         standby's host for a primary, the primary's for a standby).  While the peer or its
-        key is not known, a key nobody holds stands in: the role starts, and pairs with
-        no one until the agent writes the real key (a primary reconnects then)."""
+        key is not known, a key nobody holds stands in, and False: a primary starts with
+        it and pairs with no one until the agent writes the real key (it reconnects
+        then); a secondary (whose ZAP handler admits the key it started with) waits."""
         p = snap.pool.placements.get(vm)
         peer = None if p is None else p.standby if p.host == self.host else p.host
         key = snap.hostkeys.get(peer or "", "")
@@ -314,16 +315,17 @@ class HostAgent:
             if not path.exists():
                 placeholder, _ = zmq.curve_keypair()
                 write_atomic(path, b'public-key = "' + placeholder + b'"\n')
-            return
+            return False
         text = f'public-key = "{key}"\n'
         try:
             if path.read_text() == text:
-                return
+                return True
         except OSError:
             pass
         write_atomic(path, text.encode())
         log.info("VM %s: its pair's peer here is %s (key %s)", vm, peer,
                  keys.fingerprint(key.encode()))
+        return True
 
     def _start(self, vm: str, role: str, pair: PairSpec | None, snap: Snapshot) -> None:
         if role == "primary" and pair is not None and (
@@ -347,7 +349,8 @@ class HostAgent:
             (state / "status.json").unlink(missing_ok=True)  # a past role's, if any
             if role == "secondary":  # a standby of this node that died leaves its image
                 (SHM / f"mirror-{pair.pair}-{self.host}-standby.img").unlink(missing_ok=True)
-            self._write_peer_key(vm, state, snap)
+            if not self._write_peer_key(vm, state, snap) and role == "secondary":
+                return  # its primary's key is not published yet: on a later round
             cfg_path = state / "mirror.toml"
             cfg_path.write_text(config_mod.to_toml(
                 pair_config(pair, self.host, self.etcd.url, state, self.secret_key)))
