@@ -24,11 +24,11 @@ from pathlib import Path
 from statistics import median
 
 from bench.workloads import Workload, time_round_robin
-from mirror.config import CheckpointConfig, Config, GuestConfig
+from mirror.config import CheckpointConfig, Config, GuestConfig, KeysConfig
 from mirror.guests.synthetic import SHM_DIR, SyntheticGuest, SyntheticParams
 from mirror.lab.demo import Host, pair_configs, wait_for
+from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
-from mirror.replication import wire
 from mirror.replication.checkpoint import CheckpointEngine
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
@@ -81,6 +81,11 @@ def floor_ms(ram_mib: int, dirty_pages: int, repeat: int = 7) -> float:
     return (t["scan"] + t["copy"]) * 1000
 
 
+def insecure(cfg: Config) -> Config:
+    """``cfg`` without CurveZMQ (the same-run baseline of the encryption's cost)."""
+    return replace(cfg, keys=KeysConfig(insecure=True))
+
+
 @contextmanager
 def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
     """A real `mirror secondary` process and, here, the primary's engine with a running
@@ -96,7 +101,9 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
             params = SyntheticParams.from_config(cfg_a.guest)
             guest = SyntheticGuest.boot(params, SHM_DIR / ram_name, outputs.add)
             link = Link.client(
-                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port), "hostA"
+                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port),
+                "hostA",
+                keys=keys.load(cfg_a),
             )
             engine = CheckpointEngine(
                 guest,
@@ -134,9 +141,16 @@ def case_config(ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1) 
 
 
 def run_case(
-    ram_mib: int, pct: float, *, epoch_ms: int = 50, checkpoints: int = 40, threads: int = 1
+    ram_mib: int,
+    pct: float,
+    *,
+    epoch_ms: int = 50,
+    checkpoints: int = 40,
+    threads: int = 1,
+    curve: bool = True,
 ) -> CheckpointResult:
     base = case_config(ram_mib, pct, epoch_ms, threads)
+    base = base if curve else insecure(base)
     with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
         engine.run(threading.Event().is_set, epochs=checkpoints)
         recs = list(engine.stats.records)[2:]  # the first ones carry the pre-copy's tail
@@ -163,23 +177,32 @@ def run_case(
     )
 
 
-def link_capacity(ram_mib: int = 256, batch_mib: int = 64, rounds: int = 8) -> float:
+def link_capacity(
+    ram_mib: int = 256, batch_mib: int = 64, rounds: int = 8, *, curve: bool = True
+) -> float:
     """GB/s of page data that the interconnect and a real standby commit, with no
     guest competing for the CPU: prebuilt checkpoints sent one after another to
     a `mirror secondary` process, each timed from send to ack (median after two
-    rounds of warm-up)."""
+    rounds of warm-up).  ``curve``: encrypted and authenticated (the default of a pair)."""
     base = replace(Config(), guest=replace(GuestConfig(), ram_mib=ram_mib))
+    base = base if curve else insecure(base)
     with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp:
         root = Path(tmp)
-        _, cfg_b = pair_configs(root, base, "127.0.0.1:9")
+        cfg_a, cfg_b = pair_configs(root, base, "127.0.0.1:9")
         secondary = Host("hostB", "secondary", cfg_b, root)
         link = None
         try:
             wait_for("the secondary", secondary.status, 60, [secondary])
             link = Link.client(
-                Endpoint("127.0.0.1", cfg_b.link.data_port, cfg_b.link.heartbeat_port), "bench"
+                Endpoint("127.0.0.1", cfg_b.link.data_port, cfg_b.link.heartbeat_port),
+                "bench",
+                keys=keys.load(cfg_a),
             )
-            link.send(wire.Hello(cfg_b.pair.name, cfg_b.pair.generation, "bench", ram_mib << 20))
+            session = 1
+            link.session[0] = session
+            link.send(
+                wire.Hello(cfg_b.pair.name, cfg_b.pair.generation, "bench", ram_mib << 20, session)
+            )
             if not isinstance(link.recv(30), wire.Welcome):
                 raise RuntimeError("the secondary refused the benchmark's HELLO")
             npages = (ram_mib << 20) // PS
@@ -191,8 +214,9 @@ def link_capacity(ram_mib: int = 256, batch_mib: int = 64, rounds: int = 8) -> f
             rates = []
             for epoch in range(1, rounds + 3):
                 start = time.perf_counter()
-                link.send(wire.Pages.of(epoch, batch, sums, state=b"bench"))
-                if link.recv(60) != wire.Ack(epoch, 0):
+                msg = wire.Pages.of(epoch, batch, sums, state=b"bench")
+                link.send(replace(msg, session=session, seq=epoch))
+                if link.recv(60) != wire.Ack(session, epoch, 0):
                     raise RuntimeError(f"the secondary did not acknowledge checkpoint {epoch}")
                 rates.append(len(batch.data) / (time.perf_counter() - start) / 1e9)
             return median(rates[2:])
@@ -202,7 +226,14 @@ def link_capacity(ram_mib: int = 256, batch_mib: int = 64, rounds: int = 8) -> f
             secondary.stop()
 
 
-def print_results(results: list[CheckpointResult], capacity: float | None = None) -> None:
+def print_results(
+    results: list[CheckpointResult],
+    capacity: float | None = None,
+    plain: list[CheckpointResult] | None = None,
+    plain_capacity: float | None = None,
+) -> None:
+    """``results``/``capacity`` with CurveZMQ; ``plain``/``plain_capacity`` the same run's
+    cases without it (the encryption's cost)."""
     print("\ncheckpoint pause (synthetic guest, real secondary process, loopback)")
     print(
         f"{'RAM MiB':>8} {'dirty %':>8} {'pages':>7} {'pause p50':>10} {'p99':>8} "
@@ -218,8 +249,23 @@ def print_results(results: list[CheckpointResult], capacity: float | None = None
     if capacity is not None:
         print(
             f"link + standby capacity (64 MiB checkpoints, no guest running): {capacity:.2f} GB/s"
+            " with CURVE"
         )
-    print("targets: pause <= 1.5x floor; >= 1 GB/s of dirty pages replicated")
+    if plain_capacity is not None and capacity is not None:
+        print(
+            f"  without CURVE (same run): {plain_capacity:.2f} GB/s; with/without "
+            f"{capacity / plain_capacity:.2f}x"
+        )
+    for r, p in zip(results, plain or [], strict=False):
+        print(
+            f"  {r.ram_mib} MiB {r.dirty_pct:g}%: pause p50 {r.pause_ms_p50:.2f} ms with CURVE, "
+            f"{p.pause_ms_p50:.2f} ms without; replication {r.replication_gbps:.2f} GB/s "
+            f"with, {p.replication_gbps:.2f} without"
+        )
+    print("targets: pause <= 1.5x floor; >= 1 GB/s of dirty pages replicated; CURVE >= 0.6x")
+    if plain_capacity is not None and capacity is not None:
+        ratio = capacity / plain_capacity
+        print(f"  {'ok  ' if ratio >= 0.6 else 'MISS'} capacity with/without CURVE: {ratio:.2f}x")
     if capacity is not None:
         print(f"  {'ok  ' if capacity >= 1 else 'MISS'} replication capacity: {capacity:.2f} GB/s")
     for r in results:

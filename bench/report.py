@@ -209,18 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows)
         out["rows"] = [r.as_json() for r in rows]
     if "checkpoint" in args.suite:
-        results = []
+        results, plain = [], []
         for mib in args.ram_mib:
             for pct in args.checkpoint_dirty_pct:
                 progress(f"checkpoints of a {mib} MiB guest, {pct:g}% dirty per epoch")
                 results.append(ckpt.run_case(mib, pct, threads=max(args.threads)))
-        progress("link + standby capacity")
+                progress("the same without CURVE (the encryption's baseline)")
+                plain.append(ckpt.run_case(mib, pct, threads=max(args.threads), curve=False))
+        progress("link + standby capacity, with and without CURVE")
         capacity = ckpt.link_capacity()
-        ckpt.print_results(results, capacity)
+        plain_capacity = ckpt.link_capacity(curve=False)
+        ckpt.print_results(results, capacity, plain, plain_capacity)
         out["checkpoint_rows"] = [
             {**asdict(r), "pause_over_floor": r.pause_over_floor} for r in results
         ]
+        out["checkpoint_rows_without_curve"] = [asdict(r) for r in plain]
         out["link_capacity_gbps"] = capacity
+        out["link_capacity_gbps_without_curve"] = plain_capacity
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -6,6 +6,7 @@ mirror status --config F [--json]        what this host's agent reports
 mirror failover --config F [--force]     promote this host's secondary now
 mirror switchover --config F             planned role swap (run on the primary's host)
 (failover and switchover reach the agent through STATE_DIR/control.sock)
+mirror keygen [--dir D] [--name N]       this host's interconnect key pair (CurveZMQ)
 mirror image build [--dir D]             the demo guest (Debian kernel + busybox initramfs)
 mirror demo [--guest synthetic|qemu] ... a primary and a secondary on this machine
 mirror pool COMMAND ...                  pool HA on etcd (mirror pool --help)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 import time
 import traceback
@@ -31,6 +33,7 @@ from mirror.ha import agent, control, primary, secondary
 from mirror.hoststate import read_json
 from mirror.lab import demo, qemudemo
 from mirror.pool import cli as pool_cli
+from mirror.replication import keys
 from mirror.replication.standby import StandbyError
 
 
@@ -108,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="S",
         help="seconds to wait for the swap (default 30)",
+    )
+
+    p = sub.add_parser(
+        "keygen",
+        help="write this host's interconnect key pair (CurveZMQ; see docs/security.md)",
+    )
+    p.add_argument("--dir", default="/etc/mirror", help="where to write it (default /etc/mirror)")
+    p.add_argument(
+        "--name",
+        default=socket.gethostname(),
+        help="file name: NAME.key (public) and NAME.key_secret (mode 0600); default: "
+        "this host's name",
     )
 
     p = sub.add_parser("image", help="the demo guest's kernel and initramfs")
@@ -234,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """The command of ``args`` (except pool); a known error is one line, exit 2."""
     try:
+        if args.command == "keygen":
+            pub, sec, key = keys.generate(Path(args.dir), args.name)
+            print(f"secret key: {sec} (mode 0600; keep it on this host)")
+            print(f"public key: {pub}")
+            print(f"public key (z85): {key.decode()}")
+            print(f'on this host:  [keys] secret_key = "{sec}"')
+            print(f'on its peer:   [keys] peer_public_key = "{key.decode()}"')
+            return 0
         if args.command == "image":
             image.build(Path(args.dir))
             return 0

@@ -8,6 +8,7 @@ out of range are errors that name the file, the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,17 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    """The interconnect's CurveZMQ keys (docs/security.md): this host's secret key file
+    (`mirror keygen` writes one) and the peer's public key, a file or its 40-character
+    z85 text.  ``insecure``: no keys, no encryption (experiments only)."""
+
+    secret_key: str = ""
+    peer_public_key: str = ""
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     pair: PairConfig = PairConfig()
     node: NodeConfig = NodeConfig()
@@ -120,6 +132,7 @@ class Config:
     qemu: QemuConfig = QemuConfig()
     output: OutputConfig = OutputConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
+    keys: KeysConfig = KeysConfig()
 
     @property
     def state_dir(self) -> Path:
@@ -135,6 +148,8 @@ def parse_hostport(text: str, where: str) -> tuple[str, int]:
 
 def _check_value(cls: type, f: dataclasses.Field[Any], value: Any, where: str) -> Any:
     want = get_type_hints(cls)[f.name]
+    if want is bool and type(value) is not bool:
+        raise ConfigError(f"{where}: must be true or false, got {value!r}")
     if want is int and (type(value) is not int):
         raise ConfigError(f"{where}: must be an integer, got {value!r}")
     if want is str and type(value) is not str:
@@ -239,8 +254,11 @@ def to_toml(cfg: Config) -> str:
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(getattr(cfg, section.name)):
             v = getattr(getattr(cfg, section.name), f.name)
-            lines.append(
-                f"{f.name} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{f.name} = {v}"
-            )
+            if isinstance(v, bool):
+                lines.append(f"{f.name} = {str(v).lower()}")
+            elif isinstance(v, str):
+                lines.append(f"{f.name} = {json.dumps(v)}")
+            else:
+                lines.append(f"{f.name} = {v}")
         lines.append("")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mirror.config import Config
+from mirror.config import Config, ConfigError
 from mirror.guests.base import Guest
 from mirror.ha import control
 from mirror.ha.agent import Failover, current_generation, event, make_arbiter
@@ -21,10 +21,11 @@ from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.hoststate import write_json
-from mirror.replication import wire
+from mirror.replication import keys, wire
 from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
+from mirror.replication.pagediff import PAGE_SIZE
 
 log = logging.getLogger("mirror.ha.agent")
 
@@ -68,6 +69,7 @@ def lead(
                 if not guest.alive:
                     event("guest-died", node=cfg.node.name)
                     return 1
+                run.relink_if_rekeyed()  # the pool may have placed a new standby elsewhere
                 try:
                     run.engine.handshake(timeout=1.0)
                 except ReplicationError as e:
@@ -123,11 +125,9 @@ class PrimaryRun:
         address: str,
     ) -> None:
         self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
-        self.link = Link.client(
-            Endpoint(address, cfg.link.data_port, cfg.link.heartbeat_port),
-            cfg.node.name,
-            heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
-        )
+        self.address = address
+        self.keys = keys.load(cfg)
+        self.link = self._link()
         self.engine = CheckpointEngine(
             guest,
             self.link,
@@ -142,6 +142,32 @@ class PrimaryRun:
         self.phase = "pairing"
         self.extra: dict[str, Any] = {}
         self.switch = threading.Event()  # `mirror switchover` asks to hand over
+
+    def _link(self) -> Link:
+        cfg = self.cfg
+        return Link.client(
+            Endpoint(self.address, cfg.link.data_port, cfg.link.heartbeat_port),
+            cfg.node.name,
+            keys=self.keys,
+            heartbeat_interval=cfg.link.heartbeat_interval_ms / 1000,
+            max_pages=len(self.guest.ram) // PAGE_SIZE,
+        )
+
+    def relink_if_rekeyed(self) -> None:
+        """Not paired: if the configured keys changed (a new peer), connect with the new."""
+        if self.keys is None:
+            return
+        try:
+            new = keys.load(self.cfg)
+        except ConfigError as e:
+            log.error("interconnect keys unreadable, keeping the current ones: %s", e)
+            return
+        if new != self.keys:
+            log.info("the peer's key changed (now %s): connecting again",
+                     keys.fingerprint(new.peer) if new else "none")  # fmt: skip
+            self.keys = new
+            self.link.close()
+            self.link = self.engine.link = self._link()
 
     def status(self) -> dict[str, Any]:
         link, engine = self.link, self.engine
@@ -198,9 +224,14 @@ class PrimaryRun:
                 return True
             return self.switch.is_set() or stop.is_set() or (end is not None and now >= end)
 
-        engine.run(should_stop, epochs=epochs)
-        if self.switch.is_set() and not verdict:
-            return self._hand_over()
+        while True:
+            engine.run(should_stop, epochs=epochs)
+            if not (self.switch.is_set() and not verdict):
+                break
+            if self._hand_over():
+                return SWITCHED_OVER
+            self.switch.clear()  # it failed: the guest runs on here, still protected
+            self.phase = "protected"
         if verdict and verdict[0] is Action.FENCE:
             self.phase = "fenced"
             self.guest.stop()  # releases nothing: what it held dies with it
@@ -218,14 +249,16 @@ class PrimaryRun:
             self.write_status()
         self.phase = "stopped"
         if not outputs.unprotected:
-            link.send(wire.Bye(cfg.node.name, "stopped by its operator"))
+            link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
 
-    def _hand_over(self) -> int:
+    def _hand_over(self) -> bool:
         """Planned switchover: a last checkpoint with the guest left paused; once it is
         acknowledged every output is released, and the standby goes on from exactly
-        there.  Returns SWITCHED_OVER (the caller becomes the secondary)."""
+        there.  True: handed over (the caller becomes the secondary).  False: the
+        standby did not take it, and the guest runs on here (nothing the standby says
+        stops it)."""
         engine = self.engine
         self.phase = "switching-over"
         while engine.in_flight:  # the window first, so the last checkpoint follows in order
@@ -236,25 +269,33 @@ class PrimaryRun:
             engine.pump(time.monotonic() + 0.01)
         if engine.in_flight:
             self.guest.resume()
-            event("switchover-failed", node=self.cfg.node.name, reason="no ack")
-            raise ReplicationError(
-                "switchover failed: the standby did not acknowledge the "
-                "last checkpoint; the guest runs on here"
-            )
-        self.link.send(wire.Handover(self.cfg.node.name, engine.epoch))
+            event("switchover-failed", node=self.cfg.node.name, reason="no ack of the last "
+                  "checkpoint: the guest runs on here")  # fmt: skip
+            return False
+        self.link.send(wire.Handover(engine.session, self.cfg.node.name, engine.epoch))
         reply: wire.Message | None = None
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not isinstance(reply, wire.Ack | wire.Reject):
-            reply = self.link.recv(max(0.0, deadline - time.monotonic()))  # skip strays
-        if reply != wire.Ack(engine.epoch, 0):
+        answer = wire.Ack(engine.session, engine.epoch, 0)
+        while time.monotonic() < deadline and reply != answer:
+            try:
+                reply = self.link.recv(max(0.0, deadline - time.monotonic()))
+            except wire.WireError:
+                continue
+            if (
+                isinstance(reply, wire.Reject)
+                and reply.session == engine.session
+                and (reply.answers == wire.Kind.HANDOVER)
+            ):
+                break  # its answer: refused
+        if reply != answer:
             self.guest.resume()
-            raise ReplicationError(
-                f"switchover failed: the standby answered {reply}; the guest runs on here"
-            )
+            event("switchover-failed", node=self.cfg.node.name,
+                  reason=f"the standby answered {reply}: the guest runs on here")  # fmt: skip
+            return False
         self.guest.stop()  # the standby has it now; this copy never runs again
         self.phase = "switched-over"
         event("switched-over", node=self.cfg.node.name, checkpoint=engine.epoch)
-        return SWITCHED_OVER
+        return True
 
     def close(self) -> None:
         self.failover.close()
@@ -284,6 +325,7 @@ def run_primary(
     last one (acknowledged) until stopped.  Exit code 3: fenced.  After a switchover
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
+    keys.load(cfg)  # no keys (and not insecure): refuse before anything starts
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
     backend = backend_for(cfg)

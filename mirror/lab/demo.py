@@ -27,6 +27,7 @@ from mirror import config as config_mod
 from mirror.config import Config
 from mirror.hoststate import read_json
 from mirror.lab.observer import Observer
+from mirror.replication import keys
 
 
 def free_ports(n: int) -> list[int]:
@@ -127,7 +128,29 @@ def pair_configs(root: Path, base: Config, observer: str) -> tuple[Config, Confi
     )
     a = replace(common, node=replace(base.node, name="hostA", state_dir=str(root / "hostA")))
     b = replace(common, node=replace(base.node, name="hostB", state_dir=str(root / "hostB")))
-    return a, b
+    return with_keys(root / "keys", a, b)
+
+
+def with_keys(key_dir: Path, a: Config, b: Config) -> tuple[Config, Config]:
+    """``a`` and ``b`` with a key pair each (made in ``key_dir``) and each other's public
+    key; unchanged if the pair is configured insecure."""
+    if a.keys.insecure:
+        return a, b
+    made = {}
+    for cfg in (a, b):
+        name = cfg.node.name
+        if not (key_dir / f"{name}.key_secret").exists():
+            keys.generate(key_dir, name)
+        made[name] = key_dir / f"{name}.key_secret", key_dir / f"{name}.key"
+
+    def keyed(cfg: Config, peer: Config) -> Config:
+        secret, _ = made[cfg.node.name]
+        _, public = made[peer.node.name]
+        return replace(
+            cfg, keys=replace(cfg.keys, secret_key=str(secret), peer_public_key=str(public))
+        )
+
+    return keyed(a, b), keyed(b, a)
 
 
 def wait_for(what: str, cond: Any, timeout: float, hosts: list[Host]) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 from mirror.config import Config, QemuConfig
 from mirror.guests import image
 from mirror.guests.qemu import qemu_version
-from mirror.lab.demo import Host, wait_for
+from mirror.lab.demo import Host, wait_for, with_keys
 from mirror.lab.netlab import GUEST_IP, IC_IP, GuestLan, check_capable
 
 PORT = 7000
@@ -60,7 +60,7 @@ def configs(root: Path, base: Config, img: Path, pair: str) -> tuple[Config, Con
         node=replace(base.node, name="hostB", state_dir=str(root / "hostB")),
         link=replace(common.link, peer_host=IC_IP["A"]),
     )
-    return a, b
+    return with_keys(root / "keys", a, b)
 
 
 def default_base(ram_mib: int = 128, epoch_ms: int = 50) -> Config:

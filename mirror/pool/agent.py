@@ -54,12 +54,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from mirror import config as config_mod
 from mirror.config import (
     ArbiterConfig,
     CheckpointConfig,
     Config,
     GuestConfig,
+    KeysConfig,
     LinkConfig,
     NodeConfig,
     OutputConfig,
@@ -67,16 +70,18 @@ from mirror.config import (
 )
 from mirror.ha.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
 from mirror.ha.etcd_arbiter import claim_key
-from mirror.hoststate import read_json
+from mirror.hoststate import read_json, write_atomic
 from mirror.pool import admission
 from mirror.pool.model import PairSpec, Placement, Pool, PoolError
 from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import ARBITER_PREFIX, PREFIX, Conflict, Snapshot, Store
+from mirror.replication import keys
 
 log = logging.getLogger("mirror.pool.agent")
 
 
 SHM = Path("/dev/shm")
+PEER_KEY = "peer.key"  # a pair role's peer's public key, in its state_dir
 PROMOTE_WAIT_S = 10.0  # a real pair's standby that has not promoted by then never will
 
 
@@ -93,12 +98,18 @@ class Child:
     switch_until: float | None = None  # handing over to its standby: stop it by then
 
 
-def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path,
-                arbiter_prefix: str = ARBITER_PREFIX) -> Config:
+def pair_config(
+    spec: PairSpec, host: str, etcd_url: str, state_dir: Path,
+    arbiter_prefix: str = ARBITER_PREFIX, secret_key: Path | None = None,
+) -> Config:
     """The configuration of one role of a pool VM's pair on ``host``: the pool's etcd as
     its arbiter (keys under ``arbiter_prefix``, the pool's), the VM's interconnect ports
-    (on loopback: every host is 127.0.0.1) and observer, and its synthetic guest."""
+    (on loopback: every host is 127.0.0.1) and observer, and its synthetic guest; this
+    host's interconnect key and its peer's public key (``peer.key`` in ``state_dir``,
+    which the agent keeps to the peer the pool places)."""
     return Config(
+        keys=KeysConfig(secret_key=str(secret_key or ""),
+                        peer_public_key=str(state_dir / PEER_KEY)),
         pair=PairConfig(name=spec.pair),
         node=NodeConfig(name=host, state_dir=str(state_dir)),
         link=LinkConfig(host="127.0.0.1", data_port=spec.data_port,
@@ -222,7 +233,10 @@ class HostAgent:
                 log.warning("VM %s (%s) exited (%s): starting it again", vm, had.role,
                             had.proc.returncode)
                 del self.procs[vm]
-            self._start(vm, want[vm], pool.pairs.get(vm))
+            self._start(vm, want[vm], pool.pairs.get(vm), snap)
+        for vm, c in self.procs.items():  # a pair role's peer moved: its key follows
+            if c.state_dir is not None and c.proc.poll() is None and vm in pool.pairs:
+                self._write_peer_key(vm, c.state_dir, snap)
 
     def _switching(self, vm: str, c: Child, old: Placement | None,
                    new: Placement | None) -> bool:
@@ -269,7 +283,53 @@ class HostAgent:
                 return False
         return True
 
-    def _start(self, vm: str, role: str, pair: PairSpec | None) -> None:
+    # -- interconnect keys ---------------------------------------------------------------------
+
+    @property
+    def key_dir(self) -> Path:
+        root = self.run_dir if self.run_dir is not None else \
+            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
+        return root / "keys"
+
+    @property
+    def secret_key(self) -> Path:
+        return self.key_dir / f"{self.host}.key_secret"
+
+    def publish_key(self) -> None:
+        """Make this host's interconnect key pair (once) and publish its public key in etcd
+        (``hostkeys/HOST``), whence the agents configure the pairs this host is part of."""
+        if not self.secret_key.exists():
+            keys.generate(self.key_dir, self.host)
+        public, _ = keys.load_secret(self.secret_key)
+        self.etcd.put(self.store.key("hostkeys", self.host), public)
+
+    def _write_peer_key(self, vm: str, state: Path, snap: Snapshot) -> bool:
+        """Keep ``peer.key`` of VM's pair role here to its peer's published public key (the
+        standby's host for a primary, the primary's for a standby).  While the peer or its
+        key is not known, a key nobody holds stands in, and False: a primary starts with
+        it and pairs with no one until the agent writes the real key (it reconnects
+        then); a secondary (whose ZAP handler admits the key it started with) waits."""
+        p = snap.pool.placements.get(vm)
+        peer = None if p is None else p.standby if p.host == self.host else p.host
+        key = snap.hostkeys.get(peer or "", "")
+        path = state / PEER_KEY
+        if not keys.valid_z85(key.encode()):
+            if not path.exists():
+                placeholder, _ = zmq.curve_keypair()
+                write_atomic(path, b'public-key = "' + placeholder + b'"\n')
+            return False
+        text = f'public-key = "{key}"\n'
+        try:
+            if path.read_text() == text:
+                return True
+        except OSError:
+            pass
+        write_atomic(path, text.encode())
+        log.info("VM %s: its pair's peer here is %s (key %s)", vm, peer,
+                 keys.fingerprint(key.encode()))
+        return True
+
+    def _start(self, vm: str, role: str, pair: PairSpec | None, snap: Snapshot) -> None:
         if role == "primary" and pair is not None and (
                 won := unrecorded_promotion(self.etcd, pair,
                                             prefix=self.store.arbiter)) is not None:
@@ -292,9 +352,12 @@ class HostAgent:
             (state / "status.json").unlink(missing_ok=True)  # a past role's, if any
             if role == "secondary":  # a standby of this node that died leaves its image
                 (SHM / f"mirror-{pair.pair}-{self.host}-standby.img").unlink(missing_ok=True)
+            if not self._write_peer_key(vm, state, snap) and role == "secondary":
+                return  # its primary's key is not published yet: on a later round
             cfg_path = state / "mirror.toml"
             cfg_path.write_text(config_mod.to_toml(
-                pair_config(pair, self.host, self.etcd.url, state, self.store.arbiter)))
+                pair_config(pair, self.host, self.etcd.url, state, self.store.arbiter,
+                            secret_key=self.secret_key)))
             with open(state / "agent.log", "ab") as out:
                 extra = ["--leave-after-switchover"] if role == "primary" else []
                 proc = subprocess.Popen(
@@ -350,6 +413,7 @@ class HostAgent:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> int:
+        self.publish_key()
         self.register()
         next_keepalive = 0.0
         renewed = time.monotonic()

@@ -81,6 +81,7 @@ class Snapshot:
     plan: dict[str, Any] | None = None
     leader: str | None = None
     running: dict[str, str] = field(default_factory=dict)  # VM -> host whose agent runs it
+    hostkeys: dict[str, str] = field(default_factory=dict)  # host -> its public key (z85)
 
 
 def _j(kv: KV) -> Any:
@@ -125,6 +126,8 @@ class Store:
                     snap.plan = _j(kv)
                 elif kind == "running":
                     snap.running[name] = str(_j(kv).get("host"))
+                elif kind == "hostkeys":
+                    snap.hostkeys[name] = kv.value.decode("ascii", "replace")
                 elif kind == "leader":
                     snap.leader = str(_j(kv).get("host"))
         except (ValueError, KeyError, TypeError) as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import secrets
 import signal
 import time
 from array import array
@@ -37,6 +38,7 @@ from mirror.replication.link import Link
 from mirror.replication.outputs import OutputBuffer
 
 log = logging.getLogger("mirror.replication.checkpoint")
+RESEND_AFTER_S = 2.0  # no ack for that long: the checkpoints in flight go again
 RECENT = 10_000  # checkpoints kept for percentiles (about 8 minutes at 50 ms)
 PS = pd.PAGE_SIZE
 
@@ -200,31 +202,50 @@ class CheckpointEngine:
         self.stats = Stats()
         self._buffers = SendBuffers(cfg.max_in_flight)
         self._fault = _fault_point()
+        self.session = 0  # this pairing's session (0: not paired)
+        self._seq = 0  # PAGES messages sent in this session, resends included
+        self._resent_at_seq = 0  # the first send number of the last resend
+        self._resent_at = 0.0  # when (monotonic)
 
     # -- session ---------------------------------------------------------------
 
     def handshake(self, timeout: float = 30.0) -> int:
-        """HELLO until WELCOME; returns the standby's committed epoch."""
+        """HELLO (a new session) until its WELCOME; returns the standby's committed epoch.
+        Answers to anything else (an earlier HELLO, an earlier session) are skipped."""
+        session = secrets.randbits(63) or 1
         hello = wire.Hello(
-            self.pair, self.generation, self.node, len(self.guest.ram), self.fingerprint
+            self.pair, self.generation, self.node, len(self.guest.ram), session, self.fingerprint
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.link.send(hello)
-            reply = self._recv(1.0)
-            if isinstance(reply, wire.Welcome):
-                log.info(
-                    "paired with %s (generation %d), its committed epoch %d",
-                    reply.node,
-                    reply.generation,
-                    reply.committed,
-                )
-                return reply.committed
-            if isinstance(reply, wire.Reject):
-                raise ReplicationError(f"the standby refused this primary: {reply.reason}")
+            until = min(deadline, time.monotonic() + 1.0)
+            while (left := until - time.monotonic()) > 0:
+                reply = self._recv(left)
+                if getattr(reply, "session", None) != session:
+                    continue  # nothing, or the answer to something else
+                if isinstance(reply, wire.Welcome):
+                    log.info(
+                        "paired with %s (generation %d), its committed epoch %d",
+                        reply.node,
+                        reply.generation,
+                        reply.committed,
+                    )
+                    self.session = session
+                    self._seq = self._resent_at_seq = 0
+                    self.link.session[0] = session
+                    return reply.committed
+                if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.HELLO:
+                    raise ReplicationError(
+                        f"the standby refused this primary (pair {self.pair!r}, generation "
+                        f"{self.generation}, {len(self.guest.ram) >> 20} MiB, guest "
+                        f"{self.fingerprint!r}): {reply.reason}; the standby's log says why"
+                    )
         raise ReplicationError(
             f"no answer from the standby at {self.link.endpoint.host}:"
-            f"{self.link.endpoint.data_port} in {timeout:g} s"
+            f"{self.link.endpoint.data_port} in {timeout:g} s (is it running? do its "
+            f"[keys] admit this host's key, and is peer_public_key here its key? its log "
+            f"says so if not)"
         )
 
     def _recv(self, timeout: float) -> wire.Message | None:
@@ -260,13 +281,15 @@ class CheckpointEngine:
                 batch = pd.gather(self.shadow, pages, out=buf)
             else:
                 batch = self._precopy_hashed(pages, scratch, buf)
-            self.link.send(wire.Pages.of(0, batch, part=n, final=n == len(parts) - 1))
+            self.send_pages(wire.Pages.of(0, batch, part=n, final=n == len(parts) - 1))
             sent = n + 1
             while sent - acked >= window or (n == len(parts) - 1 and acked < sent):
                 reply = self._recv(10.0)
                 if reply is None:
                     raise ReplicationError("the standby stopped answering during pre-copy")
-                if isinstance(reply, wire.Reject):
+                if getattr(reply, "session", None) != self.session:
+                    continue  # not of this session: a stale answer
+                if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.PAGES:
                     raise ReplicationError(
                         f"the standby rejected pre-copy part {reply.part}: {reply.reason}"
                     )
@@ -354,16 +377,27 @@ class CheckpointEngine:
         )
         rec.sent_at = time.monotonic()
         if self._fault is not None and self._fault[:2] == ("corrupt", epoch) and batch.data:
-            self.link.send_corrupted(msg)
+            self._seq += 1
+            self.link.send_corrupted(replace(msg, session=self.session, seq=self._seq))
         else:
-            self.link.send(msg)
+            self.send_pages(msg)
         _fault(self._fault, "after-send", epoch)
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)
         self.stats.add(rec)
         return rec
 
+    def send_pages(self, msg: wire.Pages) -> None:
+        """Send ``msg`` in this session under the next send number."""
+        self._seq += 1
+        self.link.send(replace(msg, session=self.session, seq=self._seq))
+
     def on_reply(self, reply: wire.Message) -> None:
+        """Act on the standby's answer.  Nothing it says stops this primary: a REJECT of a
+        checkpoint is answered by sending the checkpoints in flight again."""
+        if getattr(reply, "session", None) != self.session:
+            log.debug("answer of another session ignored: %s", reply)
+            return
         if isinstance(reply, wire.Ack) and reply.epoch > self.acked:
             now = time.monotonic()
             for e in sorted(e for e in self.in_flight if e <= reply.epoch):
@@ -373,25 +407,44 @@ class CheckpointEngine:
             self.acked = reply.epoch
             self.outputs.release_through(reply.epoch)
             self.link.committed[0] = reply.epoch  # our heartbeats tell the standby
-        elif isinstance(reply, wire.Reject):
+        elif (
+            isinstance(reply, wire.Reject)
+            and reply.answers == wire.Kind.PAGES
+            and reply.epoch > self.acked
+            and reply.seq >= self._resent_at_seq  # not about a sending already superseded
+        ):
             self.stats.rejects += 1
             log.error(
-                "the standby rejected checkpoint %d: %s; re-pairing", reply.epoch, reply.reason
+                "the standby rejected checkpoint %d: %s; sending checkpoints %s again",
+                reply.epoch,
+                reply.reason,
+                sorted(self.in_flight),
             )
-            self.resync()
+            self.resend()
 
-    def resync(self) -> None:
-        """After a reject: say HELLO again and resend what the standby lacks."""
-        committed = self.handshake()
-        if committed < self.acked:
-            raise ReplicationError(
-                f"the standby lost committed checkpoints (it has {committed}, {self.acked} "
-                f"were acknowledged): a full re-pairing is needed"
-            )
-        if committed > self.acked:
-            self.on_reply(wire.Ack(committed, 0))
+    def resend(self) -> None:
+        """Send every checkpoint in flight again, in order, under new send numbers: the
+        standby acks again those it holds and takes the rest in order."""
+        self._resent_at_seq = self._seq + 1
+        self._resent_at = time.monotonic()
         for e in sorted(self.in_flight):
-            self.link.send(self.in_flight[e][0])
+            self.send_pages(self.in_flight[e][0])
+
+    def _check_stalled(self) -> None:
+        """No ack for the oldest checkpoint in flight for RESEND_AFTER_S (a message lost
+        on a reconnect, or dropped by the standby as malformed): send them again."""
+        if not self.in_flight:
+            return
+        now = time.monotonic()
+        oldest = self.in_flight[min(self.in_flight)][1].sent_at
+        if now - max(oldest, self._resent_at) > RESEND_AFTER_S:
+            log.warning(
+                "no ack for checkpoint %d in %.1f s: sending checkpoints %s again",
+                min(self.in_flight),
+                now - oldest,
+                sorted(self.in_flight),
+            )
+            self.resend()
 
     def pump(self, until: float) -> None:
         """Handle replies until the monotonic time ``until``."""
@@ -410,6 +463,7 @@ class CheckpointEngine:
         next_at = time.monotonic() + interval
         while not should_stop():
             self.pump(next_at)
+            self._check_stalled()
             if len(self.in_flight) >= self.cfg.max_in_flight:
                 next_at = time.monotonic() + 0.001  # window full: the epoch stretches
                 continue
@@ -423,6 +477,7 @@ class CheckpointEngine:
         self.checkpoint(resume=False)
         while self.in_flight and not should_stop():
             self.pump(time.monotonic() + 0.05)
+            self._check_stalled()
 
     def records_json(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.stats.records]

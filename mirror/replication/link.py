@@ -5,6 +5,14 @@ each on its own port, and the heartbeat one served by its own thread, so a
 large checkpoint in flight never delays a heartbeat.  The secondary binds
 (ROUTER), the primary connects (DEALER); zmq reconnects by itself when a
 peer comes back.  Page data is sent without copying (``copy=False``).
+
+Every socket speaks CurveZMQ (docs/security.md) unless the pair is configured
+insecure: the secondary's sockets are CURVE servers whose ZAP handler admits
+only the configured peer's public key; the primary's are CURVE clients that
+complete a handshake only with the holder of the standby's secret key, so it
+sends nothing to anyone else.  A refused key is logged once, by fingerprint;
+so is a peer that tried without CURVE.  Every socket has a maximum message
+size: a larger frame drops the connection before zmq buffers it.
 """
 
 from __future__ import annotations
@@ -18,8 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from mirror.replication import wire
+from mirror.replication.keys import LinkKeys, fingerprint
+from mirror.replication.pagediff import PAGE_SIZE
 
 log = logging.getLogger("mirror.replication.link")
 
@@ -59,8 +71,10 @@ class PeerSeen:
         self.last: float | None = None
         self.committed = 0
         self.node = ""
+        self.session = 0
 
     def saw(self, hb: wire.Heartbeat) -> None:
+        self.session = hb.session
         self.last = time.monotonic()
         self.committed = hb.committed
         self.node = hb.node
@@ -69,12 +83,79 @@ class PeerSeen:
         return None if self.last is None else time.monotonic() - self.last
 
 
-def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
+HEARTBEAT_MAX_MSG = 4096  # a heartbeat is under 200 bytes
+
+
+class Guard:
+    """What the transport refused: keys the ZAP handler turned away (each logged once,
+    by fingerprint) and handshakes that failed (a peer without CURVE, or garbage)."""
+
+    MAX_KEYS = 1024  # distinct refused keys remembered (so each is logged once)
+
+    def __init__(self, peer: bytes) -> None:
+        self.peer = peer
+        self.refused_keys: set[bytes] = set()
+        self.refused = 0  # ZAP refusals
+        self.failed_handshakes = 0  # handshakes that failed before ZAP (no CURVE, garbage)
+        self._logged_no_key = False
+        self._lock = threading.Lock()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP: admit the configured peer's key only."""
+        if key == self.peer:
+            return True
+        with self._lock:
+            self.refused += 1
+            if key not in self.refused_keys and len(self.refused_keys) < self.MAX_KEYS:
+                self.refused_keys.add(key)
+                log.warning(
+                    "refused a peer with an unknown CURVE key (fingerprint %s): only the "
+                    "configured peer (fingerprint %s) may use the interconnect",
+                    fingerprint(key),
+                    fingerprint(self.peer),
+                )
+        return False
+
+    def handshake_failed(self, port: str, event: int) -> None:
+        with self._lock:
+            self.failed_handshakes += 1
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return  # the callback logged it
+            if not self._logged_no_key:
+                self._logged_no_key = True
+                log.warning(
+                    "refused a peer on %s that did not complete a CURVE handshake (no key, "
+                    "another protocol or garbage); further ones are only counted",
+                    port,
+                )
+
+
+def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, max_msg: int) -> zmq.Socket[bytes]:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.SNDHWM, 0)
     s.setsockopt(zmq.RCVHWM, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, max_msg)
     return s
+
+
+def _secure(s: zmq.Socket[bytes], keys: LinkKeys | None, server: bool) -> None:
+    if keys is None:
+        return
+    s.curve_secretkey = keys.secret
+    s.curve_publickey = keys.public
+    if server:
+        s.curve_server = True
+        s.setsockopt(zmq.ZAP_DOMAIN, b"mirror")
+    else:
+        s.curve_serverkey = keys.peer
+
+
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class _Heartbeats(threading.Thread):
@@ -88,16 +169,26 @@ class _Heartbeats(threading.Thread):
         interval: float,
         server: bool,
         committed: list[int],
+        session: list[int],
+        keys: LinkKeys | None,
+        monitors: list[tuple[str, zmq.Socket[bytes]]],
+        guard: Guard | None,
     ) -> None:
         super().__init__(name="heartbeats", daemon=True)
-        self.sock = _socket(ctx, zmq.ROUTER if server else zmq.DEALER)
+        self.sock = _socket(ctx, zmq.ROUTER if server else zmq.DEALER, HEARTBEAT_MAX_MSG)
+        _secure(self.sock, keys, server)
+        self.monitors = list(monitors)
+        if guard is not None:
+            self.monitors.append((url, self.sock.get_monitor_socket(_HANDSHAKE_FAILED)))
+        self.guard = guard
         try:
             (self.sock.bind if server else self.sock.connect)(url)
         except zmq.ZMQError:
-            self.sock.close()  # an open socket would hang the context's term()
+            self._close()
             raise
         self.node, self.interval, self.server = node, interval, server
         self.committed = committed  # a one-element list the owner updates
+        self.session = session  # likewise: the session the owner is in (0: none)
         self.peer = PeerSeen()
         self.rejected = 0
         self._halt = threading.Event()
@@ -105,12 +196,30 @@ class _Heartbeats(threading.Thread):
 
     def _mine(self) -> list[bytes]:
         self._seq += 1
-        return [
-            bytes(f) for f in wire.encode(wire.Heartbeat(self.node, self._seq, self.committed[0]))
-        ]
+        hb = wire.Heartbeat(self.node, self._seq, self.committed[0], self.session[0])
+        return [bytes(f) for f in wire.encode(hb)]
+
+    def _close(self) -> None:
+        for _, m in self.monitors:
+            m.close()
+        self.sock.close()
+
+    def _watch(self, poller: zmq.Poller, ready: dict[Any, int]) -> None:
+        for port, m in self.monitors:
+            while ready.get(m) and m.poll(0):
+                try:
+                    ev = recv_monitor_message(m)
+                except (zmq.ZMQError, ValueError):
+                    break
+                if self.guard is not None and ev["event"] & _HANDSHAKE_FAILED:
+                    self.guard.handshake_failed(port, int(ev["event"]))
 
     def run(self) -> None:
         next_beat = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        for _, m in self.monitors:
+            poller.register(m, zmq.POLLIN)
         try:
             while not self._halt.is_set():
                 if not self.server and time.monotonic() >= next_beat:
@@ -119,7 +228,9 @@ class _Heartbeats(threading.Thread):
                 timeout = (
                     max(0.0, next_beat - time.monotonic()) if not self.server else 0.02
                 )  # stops within 20 ms
-                if not self.sock.poll(int(timeout * 1000) + 1):
+                ready = dict(poller.poll(int(timeout * 1000) + 1))
+                self._watch(poller, ready)
+                if not ready.get(self.sock):
                     continue
                 frames = self.sock.recv_multipart()
                 ident = frames[:1] if self.server else []
@@ -127,39 +238,76 @@ class _Heartbeats(threading.Thread):
                     hb = wire.decode(list(frames[len(ident) :]))
                 except wire.WireError as e:
                     self.rejected += 1
-                    log.error("heartbeat rejected: %s", e)
+                    if self.rejected == 1 or self.rejected % 1000 == 0:
+                        log.error("heartbeat rejected (%d so far): %s", self.rejected, e)
                     continue
-                if isinstance(hb, wire.Heartbeat):
-                    self.peer.saw(hb)
-                    if self.server:
-                        self.sock.send_multipart(ident + self._mine())
+                if not isinstance(hb, wire.Heartbeat):
+                    self.rejected += 1
+                    continue
+                # the secondary counts the heartbeats of its session's primary only (or any
+                # authenticated one while it has no session): a stale sender is no sign of life
+                if self.server and self.session[0] and hb.session != self.session[0]:
+                    continue
+                self.peer.saw(hb)
+                if self.server:
+                    self.sock.send_multipart(ident + self._mine())
         except zmq.ZMQError:
             if not self._halt.is_set():
                 raise
         finally:
-            self.sock.close()
+            self._close()
 
     def stop(self) -> None:
         self._halt.set()
 
 
 class Link:
-    """One side of the interconnect.  Use :meth:`server` (secondary) or :meth:`client`."""
+    """One side of the interconnect.  Use :meth:`server` (secondary) or :meth:`client`.
+
+    ``keys``: this host's CurveZMQ key pair and the peer's public key (None: insecure).
+    ``max_pages``: the most pages a message may carry (the pair's RAM); it bounds the
+    maximum message size of the data socket."""
 
     def __init__(
-        self, endpoint: Endpoint, node: str, *, server: bool, heartbeat_interval: float = 0.1
+        self,
+        endpoint: Endpoint,
+        node: str,
+        *,
+        server: bool,
+        keys: LinkKeys | None,
+        heartbeat_interval: float = 0.1,
+        max_pages: int = wire.MAX_PAGES - 1,
     ) -> None:
         tune_malloc()
         self.endpoint = endpoint
+        self.keys = keys
+        self.max_pages = max_pages
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.is_server = server
-        self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER)
+        self.guard: Guard | None = None
+        self.auth: ThreadAuthenticator | None = None
+        if server and keys is not None:  # the ZAP handler, before any socket binds
+            self.guard = Guard(keys.peer)
+            self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("mirror.zap"))
+            self.auth.start()
+            self.auth.configure_curve_callback("mirror", credentials_provider=self.guard)
+        # the largest frame a peer may send: a page list of the whole RAM (index, lengths,
+        # checksums: 16 bytes a page), a data frame, the device state, the header
+        biggest = max(16 * max_pages, wire.DATA_FRAME + PAGE_SIZE, wire.MAX_STATE, wire.MAX_HEADER)
+        self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER, biggest + 4096)
+        _secure(self.data, keys, server)
+        monitors = (
+            [(endpoint.url(endpoint.data_port), self.data.get_monitor_socket(_HANDSHAKE_FAILED))]
+            if self.guard is not None
+            else []
+        )
+        self.committed = [0]
+        self.session = [0]  # the session this side is in (0: none); heartbeats carry it
         try:
             if server:
                 self.data.bind(endpoint.url(endpoint.data_port))
             else:
                 self.data.connect(endpoint.url(endpoint.data_port))
-            self.committed = [0]
             self.heartbeats = _Heartbeats(
                 self.ctx,
                 endpoint.url(endpoint.heartbeat_port),
@@ -167,10 +315,15 @@ class Link:
                 heartbeat_interval,
                 server,
                 self.committed,
+                self.session,
+                keys,
+                monitors,
+                self.guard,
             )
         except zmq.ZMQError as e:
-            self.data.close()
-            self.ctx.term()
+            for _, m in monitors:
+                m.close()
+            self._close_sockets()
             hint = (
                 ": another process listens there (a second standby of this pair on this "
                 "host?); stop it or choose other link ports"
@@ -183,14 +336,14 @@ class Link:
                 f"{endpoint.heartbeat_port}: {e}{hint}"
             ) from e
         self.heartbeats.start()
-        self._peer_id: bytes | None = None  # server: the primary's zmq identity
+        self._peer_id: bytes | None = None  # server: the zmq identity of the last sender
 
     @classmethod
-    def server(cls, endpoint: Endpoint, node: str, **kw: float) -> Link:
+    def server(cls, endpoint: Endpoint, node: str, **kw: Any) -> Link:
         return cls(endpoint, node, server=True, **kw)
 
     @classmethod
-    def client(cls, endpoint: Endpoint, node: str, **kw: float) -> Link:
+    def client(cls, endpoint: Endpoint, node: str, **kw: Any) -> Link:
         return cls(endpoint, node, server=False, **kw)
 
     @property
@@ -230,10 +383,15 @@ class Link:
         if self.is_server:
             self._peer_id = bytes(frames[0])
             frames = frames[1:]
-        return wire.decode(frames)
+        return wire.decode(frames, self.max_pages)
+
+    def _close_sockets(self) -> None:
+        self.data.close()
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
 
     def close(self) -> None:
         self.heartbeats.stop()
         self.heartbeats.join(2)
-        self.data.close()
-        self.ctx.term()
+        self._close_sockets()

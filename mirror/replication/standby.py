@@ -6,8 +6,10 @@ page of it verifies: each PAGES message is validated (wire.py), staged (new
 content of delta pages built aside, every page's checksum checked), and
 only then committed in one step, with its device state written beside the
 image; then it is acknowledged.  A bad frame or a checkpoint that fails to
-verify is rejected with a logged error, the session reset (the primary must
-say HELLO again), and the image left as the last committed checkpoint.
+verify is rejected (a REJECT naming that message) with a logged error, and the
+image left as the last committed checkpoint; the session goes on, and the primary
+sends it again.  Frames of no session or another one, and malformed frames, are
+dropped unanswered: nothing a frame says can drop the committed checkpoint.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any
 
 from mirror.config import Config
 from mirror.hoststate import write_atomic, write_json
+from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
-from mirror.replication import wire
 from mirror.replication.link import Endpoint, Link
 
 log = logging.getLogger("mirror.replication.standby")
@@ -83,6 +85,7 @@ class Standby:
         fingerprint: str = "synthetic",
     ) -> None:
         self.cfg = cfg
+        self.keys = keys.load(cfg)  # before anything is reserved: no keys, no standby
         self.fingerprint = fingerprint  # the guest this standby can run
         self.state_dir = cfg.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -93,9 +96,13 @@ class Standby:
         self.state_path = self.state_dir / "committed.state"
         self.committed = 0  # epoch of the checkpoint the image holds (0: none yet)
         self.generation = cfg.pair.generation if generation is None else generation
+        # the pair's current generation, the arbiter's: a HELLO of another is refused
+        self.generation_now: Callable[[], int] = lambda: self.generation
+        self.committed_generation = 0  # the generation whose checkpoint the image holds
         self.session: wire.Hello | None = None
         self.precopied = 0
         self.rejected = 0
+        self.dropped = 0  # frames of no session or another, or malformed
         self.commits = 0
         # outputs of committed epochs, (epoch, seq, payload): a promoted standby
         # releases those the observer lacks
@@ -111,26 +118,29 @@ class Standby:
     # -- the protocol ---------------------------------------------------------
 
     def handle(self, msg: wire.Message) -> wire.Message | None:
-        """The reply to one decoded message (None: no reply)."""
+        """The reply to one decoded message (None: no reply).  Only a HELLO may open a
+        session; anything else must belong to the live one, or it is dropped unanswered
+        with nothing changed."""
+        if isinstance(msg, wire.Hello):
+            return self._hello(msg)
+        session = getattr(msg, "session", None)
+        if self.session is None or session != self.session.session:
+            self._drop(f"{type(msg).__name__} of session {session} (live: "
+                       f"{self.session.session if self.session else 'none'})")  # fmt: skip
+            return None
         match msg:
-            case wire.Hello():
-                return self._hello(msg)
             case wire.Pages():
-                if self.session is None:
-                    return self._reject(msg.epoch, msg.part, "no session: send HELLO first")
                 return self._pages(msg)
             case wire.Handover():
                 if msg.node != self.primary or msg.epoch != self.committed:
                     return self._reject(
-                        msg.epoch,
-                        0,
-                        f"handover at checkpoint {msg.epoch} from "
-                        f"{msg.node}, but this standby holds checkpoint "
-                        f"{self.committed} of {self.primary}",
+                        msg,
+                        f"handover at checkpoint {msg.epoch} from {msg.node}, but this "
+                        f"standby holds checkpoint {self.committed} of {self.primary}",
                     )
                 log.info("handover from %s at checkpoint %d: taking over", msg.node, msg.epoch)
                 self.handover = True
-                return wire.Ack(msg.epoch, 0)
+                return wire.Ack(msg.session, msg.epoch, 0)
             case wire.Bye():
                 log.info(
                     "primary %s stopped on purpose (%s): standing down, not promoting",
@@ -139,20 +149,37 @@ class Standby:
                 )
                 self.session = None
                 self.primary = None  # nobody to judge until a new HELLO
+                if self.link:
+                    self.link.session[0] = 0
                 return None
-            case wire.Heartbeat() | wire.Ack() | wire.Welcome() | wire.Reject():
-                return self._reject(0, 0, f"unexpected {type(msg).__name__} on the data link")
+        self._drop(f"unexpected {type(msg).__name__} on the data link")
         return None
 
+    def _drop(self, what: str) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.warning("dropped %s (%d dropped so far); the session is untouched", what,
+                        self.dropped)  # fmt: skip
+
     def _hello(self, h: wire.Hello) -> wire.Message:
-        problem = None
-        if h.pair != self.cfg.pair.name:
+        if self.session is not None and h.session == self.session.session:
+            return self._welcome()  # the same HELLO again: its WELCOME was lost or late
+        problem = reason = None
+        try:
+            current = self.generation_now()
+        except Exception as e:  # the arbiter's storage: any failure means "not now"
+            current, problem, reason = None, f"cannot read the pair's generation: {e}", "busy"
+        if problem:
+            pass
+        elif h.pair != self.cfg.pair.name:
             problem = f"pair {h.pair!r} is not this standby's pair {self.cfg.pair.name!r}"
-        elif h.generation < self.generation:
+            reason = "wrong pair"
+        elif h.generation != current:
             problem = (
-                f"generation {h.generation} is older than this standby's "
-                f"generation {self.generation}"
+                f"generation {h.generation} is not the pair's current generation {current} "
+                f"(the arbiter's)"
             )
+            reason = "not the current generation"
         elif (
             self.primary is not None
             and h.node != self.primary
@@ -163,53 +190,74 @@ class Standby:
                 f"this standby is paired with {self.primary} (generation "
                 f"{self.generation}), whose heartbeats are fresh"
             )
+            reason = "paired with another primary"
         elif h.ram_bytes != self.ram_bytes:
             problem = (
                 f"guest RAM of {h.ram_bytes} bytes does not match this standby's "
                 f"{self.ram_bytes} (guest.ram_mib = {self.cfg.guest.ram_mib})"
             )
+            reason = "guest RAM size differs"
         elif h.guest != self.fingerprint:
             problem = (
                 f"the primary's guest is {h.guest!r} but this standby runs {self.fingerprint!r}: "
                 f"both hosts need the same QEMU version and machine configuration"
             )
+            reason = "guest differs (QEMU version or machine configuration)"
         if problem:
             log.error("HELLO from %s refused: %s", h.node, problem)
-            self.rejected += 1  # a refused stranger does not end the current session
-            return wire.Reject(0, 0, problem)
+            self.rejected += 1  # a refused HELLO does not end the current session
+            # the reason says nothing of this pair's names, generation or sizes
+            return wire.Reject(h.session, wire.Kind.HELLO, 0, 0, 0, f"refused: {reason}")
+        assert current is not None
         self.session = h
         self.primary = h.node
-        self.generation = h.generation
+        self.generation = current
+        if self.link:
+            self.link.session[0] = h.session
         log.info(
             "session with %s (generation %d), committed epoch %d",
             h.node,
             h.generation,
             self.committed,
         )
-        return wire.Welcome(self.cfg.pair.name, self.generation, self.cfg.node.name, self.committed)
+        return self._welcome()
+
+    def _welcome(self) -> wire.Welcome:
+        assert self.session is not None
+        return wire.Welcome(
+            self.cfg.pair.name,
+            self.generation,
+            self.cfg.node.name,
+            self.committed,
+            self.session.session,
+        )
 
     def _primary_alive(self) -> bool:
         age = self.link.peer.age() if self.link else None
         return age is not None and age <= self.cfg.arbiter.silent_after_ms / 1000
 
-    def _reject(self, epoch: int, part: int, reason: str) -> wire.Reject:
+    def _reject(self, msg: wire.Pages | wire.Handover, reason: str) -> wire.Reject:
+        """Refuse one message of the live session; the session and the image stay."""
         self.rejected += 1
-        self.session = None
-        return wire.Reject(epoch, part, reason)
+        if isinstance(msg, wire.Pages):
+            return wire.Reject(msg.session, wire.Kind.PAGES, msg.seq, msg.epoch, msg.part, reason)
+        return wire.Reject(msg.session, wire.Kind.HANDOVER, 0, msg.epoch, 0, reason)
 
     def _pages(self, m: wire.Pages) -> wire.Message:
+        assert self.session is not None
         if m.epoch == 0:
-            if self.committed:
-                # A new pre-copy overwrites the image: it holds no committed checkpoint
-                # again until the next commit.
-                log.warning(
-                    "pre-copy after commit %d: standby unprotected until the next checkpoint",
-                    self.committed,
+            if self.committed and self.committed_generation >= self.session.generation:
+                # only a primary of a later generation starts over with a pre-copy
+                return self._reject(
+                    m,
+                    f"pre-copy refused: this standby holds checkpoint {self.committed} of "
+                    f"this generation",
                 )
-                self.committed = 0
+        elif 1 <= m.epoch <= self.committed:
+            return wire.Ack(m.session, m.epoch, m.part)  # a resend of what it holds
         elif m.epoch != self.committed + 1:
             return self._reject(
-                m.epoch, m.part, f"checkpoint {m.epoch} out of order: committed is {self.committed}"
+                m, f"checkpoint {m.epoch} out of order: committed is {self.committed}"
             )
         try:
             if m.state and pd.checksum_bytes(m.state) != m.state_sum:
@@ -228,7 +276,17 @@ class Standby:
                 e,
                 self.committed,
             )
-            return self._reject(m.epoch, m.part, str(e))
+            return self._reject(m, str(e))
+        if m.epoch == 0 and self.committed:
+            # A new generation's pre-copy overwrites the image: it holds no committed
+            # checkpoint again until the next commit.
+            log.warning(
+                "pre-copy of generation %d after commit %d: standby unprotected until the "
+                "next checkpoint",
+                self.session.generation,
+                self.committed,
+            )
+            self.committed = 0
         for batch in staged:
             batch.commit()
         if m.epoch == 0:
@@ -236,12 +294,13 @@ class Standby:
         else:
             write_atomic(self.state_path, bytes(m.state))
             self.committed = m.epoch
+            self.committed_generation = self.session.generation
             self.commits += 1
             self.outputs_tail += [(m.epoch, seq, payload) for seq, payload in m.outputs]
             del self.outputs_tail[:-TAIL_OUTPUTS]
             if self.link:
                 self.link.committed[0] = m.epoch
-        return wire.Ack(m.epoch, m.part)
+        return wire.Ack(m.session, m.epoch, m.part)
 
     # -- running -------------------------------------------------------------
 
@@ -260,6 +319,11 @@ class Standby:
             "precopied_pages": self.precopied,
             "commits": self.commits,
             "rejected": self.rejected,
+            "dropped": self.dropped,
+            "refused_keys": self.link.guard.refused if self.link and self.link.guard else 0,
+            "failed_handshakes": (
+                self.link.guard.failed_handshakes if self.link and self.link.guard else 0
+            ),
             "pid": os.getpid(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
@@ -280,7 +344,9 @@ class Standby:
                 self.link = Link.server(
                     Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
                     self.cfg.node.name,
+                    keys=self.keys,
                     heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
+                    max_pages=self.ram_bytes // pd.PAGE_SIZE,
                 )
                 break
             except ConnectionError:
@@ -298,11 +364,11 @@ class Standby:
         try:
             self.write_status()
             while not stop.is_set() and not tick():
+                reply: wire.Message | None = None
                 try:
                     msg = self.link.recv(0.05)
                 except wire.WireError as e:
-                    log.error("frame rejected: %s; session reset", e)
-                    reply: wire.Message | None = self._reject(0, 0, f"malformed frame: {e}")
+                    self._drop(f"a malformed frame ({e})")
                 else:
                     reply = self.handle(msg) if msg is not None else None
                 if reply is not None:

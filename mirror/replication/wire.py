@@ -7,18 +7,26 @@ frames against the header, and raises :class:`WireError` (nothing applied)
 on the first thing wrong.  Page contents are verified later, by per-page
 checksums, when the standby stages them.
 
-    HELLO       {k, version, pair, generation, node, ram_bytes, page_size}
-    WELCOME     {k, version, pair, generation, node, committed}
-    PAGES       {k, epoch, part, final, count, data_len, state_len, state_sum, outputs,
-                 frames}
+    HELLO       {k, version, pair, generation, node, ram_bytes, session, guest, page_size}
+    WELCOME     {k, version, pair, generation, node, committed, session}
+    PAGES       {k, session, seq, epoch, part, final, count, data_len, state_len, state_sum,
+                 outputs, frames}
                 + frames: index (u32 LE), kinds (u8), lens (u32 LE), checksums (u64 LE),
                           state, then the page data in len(frames) frames, frame i holding
                           the encodings of the next frames[i] pages
-    ACK         {k, epoch, part}
-    REJECT      {k, epoch, part, reason}
-    HEARTBEAT   {k, node, seq, committed}
-    BYE         {k, node, reason}         the primary stops on purpose: do not promote
-    HANDOVER    {k, node, epoch}          planned switchover: go on from checkpoint epoch
+    ACK         {k, session, epoch, part}
+    REJECT      {k, session, answers, seq, epoch, part, reason}
+    HEARTBEAT   {k, node, seq, committed, session}
+    BYE         {k, session, node, reason}  the primary stops on purpose: do not promote
+    HANDOVER    {k, session, node, epoch}   planned switchover: go on from checkpoint epoch
+
+Sessions: the primary picks a random ``session`` (1..2^63-1) for each HELLO; the
+standby's WELCOME echoes it, and every later message of either side carries it.
+A message of another session (a stale frame, a leftover from an earlier
+pairing) is dropped by whoever receives it.  A REJECT says which message it
+answers: ``answers`` is that message's kind, ``seq`` the PAGES message's send
+number (the primary numbers every PAGES it sends, resends included), so that
+the primary acts only on the answer to something it still waits for.
 
 PAGES with epoch 0 are parts of the pre-copy (applied as they come: nothing
 is committed yet); epoch N >= 1 is checkpoint N, whose ``final`` part
@@ -44,13 +52,14 @@ import msgpack
 
 from mirror.replication.pagediff import PAGE_SIZE, EncodedPages, PageKind, checksum_bytes
 
-PROTOCOL_VERSION = 2  # 2: HELLO carries the guest's fingerprint
+PROTOCOL_VERSION = 3  # 2: HELLO carries the guest's fingerprint; 3: sessions, REJECT answers
 MAX_HEADER = 1 << 20
 MAX_NAME = 128
 MAX_PAGES = 1 << 32
 MAX_OUTPUTS = 1 << 20
 MAX_PAYLOAD = 1 << 16
-MAX_STATE = 1 << 30
+MAX_STATE = 256 << 20  # device state (QEMU's is a few MiB)
+MAX_SESSION = (1 << 63) - 1
 DATA_FRAME = 1 << 20
 
 
@@ -79,6 +88,7 @@ class Hello:
     generation: int
     node: str
     ram_bytes: int
+    session: int
     guest: str = "synthetic"  # the guest's kind and configuration; both hosts must agree
     page_size: int = PAGE_SIZE
     version: int = PROTOCOL_VERSION
@@ -90,6 +100,7 @@ class Welcome:
     generation: int
     node: str
     committed: int
+    session: int
     version: int = PROTOCOL_VERSION
 
 
@@ -109,6 +120,8 @@ class Pages:
     state: bytes | memoryview
     state_sum: int
     outputs: list[tuple[int, bytes]]
+    session: int = 0
+    seq: int = 0  # the primary's send number of this message (a resend gets a new one)
 
     @property
     def count(self) -> int:
@@ -182,12 +195,20 @@ def split_data(
 
 @dataclass(frozen=True)
 class Ack:
+    session: int
     epoch: int
     part: int
 
 
 @dataclass(frozen=True)
 class Reject:
+    """The standby refuses one message: ``answers`` its kind, ``seq`` its send number
+    (PAGES), ``epoch`` and ``part`` what it carried; ``session`` the session it came in
+    (for a HELLO: the session it proposed)."""
+
+    session: int
+    answers: int
+    seq: int
     epoch: int
     part: int
     reason: str
@@ -197,6 +218,7 @@ class Reject:
 class Bye:
     """The primary stops on purpose: its silence from now on is not a failure."""
 
+    session: int
     node: str
     reason: str
 
@@ -206,6 +228,7 @@ class Handover:
     """A planned switchover: the primary is paused at checkpoint ``epoch``, which the
     standby holds and which has been acknowledged; the standby is to go on from it."""
 
+    session: int
     node: str
     epoch: int
 
@@ -215,6 +238,7 @@ class Heartbeat:
     node: str
     seq: int
     committed: int
+    session: int = 0  # the sender's current session (0: none)
 
 
 Message = Hello | Welcome | Pages | Ack | Reject | Heartbeat | Bye | Handover
@@ -237,7 +261,8 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     """The frames of ``msg``."""
     if isinstance(msg, Pages):
         head = {
-            "k": Kind.PAGES, "epoch": msg.epoch, "part": msg.part, "final": msg.final,
+            "k": Kind.PAGES, "session": msg.session, "seq": msg.seq, "epoch": msg.epoch,
+            "part": msg.part, "final": msg.final,
             "count": msg.count, "data_len": msg.data_len, "state_len": len(msg.state),
             "state_sum": msg.state_sum, "frames": msg.frame_pages,
             "outputs": [[s, p] for s, p in msg.outputs],
@@ -260,8 +285,8 @@ _FIELDS: dict[Kind, set[str]] = {
     kind: {"k", *(f.name for f in fields(cls))} for cls, kind in _KIND_OF.items()
 }
 _FIELDS[Kind.PAGES] = {
-    "k", "epoch", "part", "final", "count", "data_len", "state_len", "state_sum", "outputs",
-    "frames",
+    "k", "session", "seq", "epoch", "part", "final", "count", "data_len", "state_len",
+    "state_sum", "outputs", "frames",
 }  # fmt: skip
 
 
@@ -318,8 +343,10 @@ def _check_version(h: dict[str, Any]) -> int:
     return PROTOCOL_VERSION
 
 
-def decode(frames: Sequence[bytes | memoryview]) -> Message:
-    """The message in ``frames``, fully validated; raises :class:`WireError`."""
+def decode(frames: Sequence[bytes | memoryview], max_pages: int = MAX_PAGES - 1) -> Message:
+    """The message in ``frames``, fully validated; raises :class:`WireError`.  A PAGES
+    message may carry at most ``max_pages`` pages (the pair's RAM), checked before
+    anything is allocated for them."""
     if not frames:
         raise WireError("empty message")
     if len(frames[0]) > MAX_HEADER:
@@ -365,34 +392,48 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
                 raise WireError(
                     f"field 'guest' must be a string of 1..1024 characters, got {guest!r:.80}"
                 )
-            return Hello(_str(h, "pair"), _int(h, "generation"), _str(h, "node"), ram, guest)
+            return Hello(
+                _str(h, "pair"), _int(h, "generation"), _str(h, "node"), ram,
+                _int(h, "session", 1, MAX_SESSION), guest,
+            )  # fmt: skip
         case Kind.WELCOME:
             _check_version(h)
             return Welcome(
-                _str(h, "pair"), _int(h, "generation"), _str(h, "node"), _int(h, "committed")
-            )
+                _str(h, "pair"), _int(h, "generation"), _str(h, "node"), _int(h, "committed"),
+                _int(h, "session", 1, MAX_SESSION),
+            )  # fmt: skip
         case Kind.ACK:
-            return Ack(_int(h, "epoch"), _int(h, "part"))
+            return Ack(_int(h, "session", 0, MAX_SESSION), _int(h, "epoch"), _int(h, "part"))
         case Kind.REJECT:
-            reason = h["reason"]
-            if type(reason) is not str:
-                raise WireError("field 'reason' must be a string")
-            return Reject(_int(h, "epoch"), _int(h, "part"), reason)
+            answers = _int(h, "answers", min(Kind), max(Kind))
+            return Reject(
+                _int(h, "session", 0, MAX_SESSION), answers, _int(h, "seq"), _int(h, "epoch"),
+                _int(h, "part"), _reason(h),
+            )  # fmt: skip
         case Kind.HEARTBEAT:
-            return Heartbeat(_str(h, "node"), _int(h, "seq"), _int(h, "committed"))
+            return Heartbeat(
+                _str(h, "node"), _int(h, "seq"), _int(h, "committed"),
+                _int(h, "session", 0, MAX_SESSION),
+            )  # fmt: skip
         case Kind.HANDOVER:
-            return Handover(_str(h, "node"), _int(h, "epoch"))
+            return Handover(_int(h, "session", 0, MAX_SESSION), _str(h, "node"), _int(h, "epoch"))
         case Kind.BYE:
-            if type(h["reason"]) is not str:
-                raise WireError("field 'reason' must be a string")
-            return Bye(_str(h, "node"), h["reason"])
-    return _decode_pages(h, frames)
+            return Bye(_int(h, "session", 0, MAX_SESSION), _str(h, "node"), _reason(h))
+    return _decode_pages(h, frames, max_pages)
+
+
+def _reason(h: dict[str, Any]) -> str:
+    reason = h["reason"]
+    if type(reason) is not str or len(reason) > 1024:
+        raise WireError("field 'reason' must be a string of at most 1024 characters")
+    return reason
 
 
 _KINDS = bytes(PageKind)
 
 
-def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview]) -> Pages:
+def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview], max_pages: int) -> Pages:
+    count = _int(h, "count", 0, min(max_pages, MAX_PAGES - 1))
     counts = h["frames"]
     if type(counts) is not list or any(type(c) is not int or c < 1 for c in counts):
         raise WireError(
@@ -400,7 +441,6 @@ def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview]) -> Pa
         )
     if len(frames) != 6 + len(counts):
         raise WireError(f"PAGES has {len(frames)} frames, its header announces {6 + len(counts)}")
-    count = _int(h, "count", 0, MAX_PAGES - 1)
     if sum(counts) != count:
         raise WireError(f"data frames hold {sum(counts)} pages, header says {count}")
     if type(h["final"]) is not bool:
@@ -446,4 +486,6 @@ def _decode_pages(h: dict[str, Any], frames: Sequence[bytes | memoryview]) -> Pa
         state,
         _int(h, "state_sum", 0, (1 << 64) - 1),
         _outputs(h["outputs"]),
+        _int(h, "session", 0, MAX_SESSION),
+        _int(h, "seq"),
     )

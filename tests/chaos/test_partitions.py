@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mirror.config import Config
-from mirror.lab.demo import Host, free_ports, wait_for
+from mirror.lab.demo import Host, free_ports, wait_for, with_keys
 from mirror.lab.observer import Observer
 from tests.chaos.netlab import NetLab, NetLabUnavailable
 from tests.chaos.test_host_kills import CHAOS
@@ -46,8 +46,9 @@ class PartitionedPair:
                 arbiter=replace(base.arbiter, dir=str(storage)),
             )
 
-        self.cfg_a = host_cfg("hostA", 1, self.storage_a)
-        self.cfg_b = host_cfg("hostB", 2, shared)
+        self.cfg_a, self.cfg_b = with_keys(
+            root / "keys", host_cfg("hostA", 1, self.storage_a), host_cfg("hostB", 2, shared)
+        )
         self.hosts: list[Host] = []
 
     def start(self) -> tuple[Host, Host]:

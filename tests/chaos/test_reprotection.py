@@ -54,11 +54,14 @@ def test_back_as_secondary_reprotected_then_survives_a_second_kill(pair_factory)
 
     # A primary of the old generation (its view of storage stale) is refused by the new
     # standby, and so is another node of the current generation: the standby stays paired.
+    # Both hold the live primary's key (hostB's): without it they would not get as far.
     def intruder(name: str, arbiter_dir: str) -> subprocess.CompletedProcess[str]:
         cfg = pair.root / f"{name}.toml"
         node = replace(pair.cfg_a.node, name=name, state_dir=str(pair.root / name))
         arbiter = replace(pair.cfg_a.arbiter, dir=arbiter_dir)
-        cfg.write_text(config_mod.to_toml(replace(pair.cfg_a, node=node, arbiter=arbiter)))
+        cfg.write_text(config_mod.to_toml(
+            replace(pair.cfg_a, node=node, arbiter=arbiter, keys=pair.cfg_b.keys)
+        ))  # fmt: skip
         return subprocess.run(
             [sys.executable, "-m", "mirror", "primary", "--config", str(cfg)],
             capture_output=True,
@@ -69,10 +72,10 @@ def test_back_as_secondary_reprotected_then_survives_a_second_kill(pair_factory)
     (pair.root / "stale-storage").mkdir()
     run = intruder("stale", str(pair.root / "stale-storage"))
     assert run.returncode == 2, run.stderr
-    assert "generation 1 is older than this standby's generation 2" in run.stderr
+    assert "generation 1" in run.stderr and "not the current generation" in run.stderr
     run = intruder("ghost", pair.cfg_a.arbiter.dir)
     assert run.returncode == 2, run.stderr
-    assert "this standby is paired with hostB (generation 2)" in run.stderr
+    assert "refused: paired with another primary" in run.stderr
     acked = (b.status() or {})["acked"]
     pair.wait(
         "hostB still protected", lambda: (b.status() or {})["acked"] > acked + 5, alive=[b, a2]

@@ -126,7 +126,7 @@ def test_secondary_refuses_memory_it_cannot_have(
     cfg = tmp_path / "big.toml"
     cfg.write_text(
         f'[pair]\nname = "{pair_name}"\n[node]\nname = "big"\nstate_dir = "{tmp_path}"\n'
-        f"[guest]\nram_mib = {free_mib + 1024}\n"
+        f"[guest]\nram_mib = {free_mib + 1024}\n[keys]\ninsecure = true\n"
     )
     run = mirror("secondary", "--config", str(cfg))
     assert run.returncode == 2

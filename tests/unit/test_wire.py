@@ -34,24 +34,29 @@ def pages_msg(n_raw: int = 2, n_zero: int = 1, state: bytes = b"state") -> Pages
         state=state,
         state_sum=pd.checksum_bytes(state),
         outputs=[(1, b"x"), (2, b"")],
+        session=77,
+        seq=3,
     )
 
 
 MESSAGES = [
-    Hello("pair-a", 3, "hostA", 64 * PS),
-    Welcome("pair-a", 3, "hostB", 12),
+    Hello("pair-a", 3, "hostA", 64 * PS, 77),
+    Welcome("pair-a", 3, "hostB", 12, 77),
     pages_msg(),
     pages_msg(0, 0, b""),
-    Ack(5, 0),
-    Reject(5, 0, "checksum"),
-    Heartbeat("hostA", 99, 5),
-    Bye("hostA", "stopped by its operator"),
+    Ack(77, 5, 0),
+    Reject(77, wire.Kind.PAGES, 3, 5, 0, "checksum"),
+    Heartbeat("hostA", 99, 5, 77),
+    Bye(77, "hostA", "stopped by its operator"),
+    wire.Handover(77, "hostA", 9),
 ]
 
 
 def normalized(m: wire.Message) -> object:
     if isinstance(m, Pages):
         return (
+            m.session,
+            m.seq,
             m.epoch,
             m.part,
             m.final,
@@ -87,7 +92,7 @@ def test_wrong_version_names_both_versions():
         }
     )
     with pytest.raises(
-        wire.VersionMismatch, match="peer speaks protocol version 1, this node speaks version 2"
+        wire.VersionMismatch, match="peer speaks protocol version 1, this node speaks version 3"
     ):
         wire.decode([head])
 
@@ -131,7 +136,31 @@ def test_missing_frames():
     with pytest.raises(WireError, match="PAGES has 6 frames, its header announces 7"):
         wire.decode(frames[:-1])
     with pytest.raises(WireError, match="ACK has 2 frames"):
-        wire.decode([bytes(wire.encode(Ack(1, 0))[0]), b"x"])
+        wire.decode([bytes(wire.encode(Ack(77, 1, 0))[0]), b"x"])
+
+
+def test_page_count_is_bounded_before_anything_is_allocated():
+    """A PAGES header announcing more pages than the pair's RAM holds is refused from the
+    header alone (the 4 MiB message that made the standby allocate 1.1 GiB)."""
+    frames = [bytes(f) for f in wire.encode(pages_msg())]
+    with pytest.raises(WireError, match=r"'count' must be an integer in 0\.\.2"):
+        wire.decode(frames, max_pages=2)
+    assert isinstance(wire.decode(frames, max_pages=3), Pages)
+
+
+def test_sessions_and_answers_are_checked():
+    for change, match in [
+        ({"session": 0}, "'session' must be an integer in 1.."),
+        ({"session": 1 << 63}, "'session' must be an integer"),
+    ]:
+        head = msgpack.unpackb(wire.encode(MESSAGES[0])[0])
+        head.update(change)
+        with pytest.raises(WireError, match=match):
+            wire.decode([msgpack.packb(head)])
+    head = msgpack.unpackb(wire.encode(MESSAGES[5])[0])
+    head["answers"] = 99
+    with pytest.raises(WireError, match=r"'answers' must be an integer in 1\.\.8"):
+        wire.decode([msgpack.packb(head)])
 
 
 @settings(max_examples=400, deadline=None)
