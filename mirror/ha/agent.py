@@ -111,8 +111,10 @@ class Failover:
         net_age: float | None,
         committed: int = 0,
         manual_promote: bool = False,
+        session_age: float | None = None,
     ) -> Decision | None:
-        """Observe and decide, at most every 20 ms; None when it is not time yet."""
+        """Observe and decide, at most every 20 ms; None when it is not time yet.
+        ``session_age``: seconds since the session with ``peer`` began."""
         now = time.monotonic()
         if now < self._next:
             return None
@@ -126,6 +128,7 @@ class Failover:
             committed,
             self._claim,
             manual_promote,
+            session_age,
         )
         self._claim = None
         before = self.controller.state

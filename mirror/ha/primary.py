@@ -178,10 +178,11 @@ class PrimaryRun:
             if now - last_status > 0.5:
                 self.write_status()
                 last_status = now
-            # no heartbeat yet: the standby's WELCOME is the last sign of life, so a first
-            # tick right after a fast pre-copy does not take it for a silent secondary
-            age = link.peer.age()
-            d = failover.tick(link.peer.node or None, now - paired_at if age is None else age)
+            # the session began with the standby's WELCOME: before its first heartbeat
+            # crosses, the secondary is not silent (the controller's rule)
+            d = failover.tick(
+                link.peer.node or None, link.peer.age(), session_age=now - paired_at
+            )
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
                 verdict.append(d.action)
                 return True

@@ -45,11 +45,13 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
         if link is None or standby.primary is None:
             return False  # never paired: nothing to judge
         failover.generation = standby.generation  # a HELLO may have moved it on
+        paired = standby.paired_at
         d = failover.tick(
             standby.primary,
             link.peer.age(),
             standby.committed,
             manual_promote=manual.is_set() or standby.handover,
+            session_age=None if paired is None else time.monotonic() - paired,
         )
         if d is not None and d.action is Action.CLAIM_PROMOTE:
             manual.clear()

@@ -101,6 +101,7 @@ class Standby:
         # releases those the observer lacks
         self.outputs_tail: list[tuple[int, int, bytes]] = []
         self.primary: str | None = None  # the node of the last accepted HELLO
+        self.paired_at: float | None = None  # monotonic time of the last accepted HELLO
         self._status_at = 0.0
         self.last_ack_at = 0.0  # monotonic time of the last ack sent
         self.handover = False  # the primary handed over (planned switchover)
@@ -178,6 +179,7 @@ class Standby:
             return wire.Reject(0, 0, problem)
         self.session = h
         self.primary = h.node
+        self.paired_at = time.monotonic()
         self.generation = h.generation
         log.info(
             "session with %s (generation %d), committed epoch %d",
