@@ -13,23 +13,89 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
-from mirror.ha.controller import Action, Controller, Decision, Observation, Role, Timeouts
+from mirror.ha.controller import (
+    Action,
+    Controller,
+    Decision,
+    Observation,
+    Role,
+    State,
+    Timeouts,
+)
+from mirror.hoststate import agent_record, read_json, write_json
 
 log = logging.getLogger("mirror.ha.agent")
+# decisions an operator must hear of: a cut interconnect, an isolated or fenced primary
+ALERTING = frozenset({Action.ALERT, Action.HOLD_OUTPUTS, Action.FENCE})
 
 
-def event(name: str, **fields: Any) -> None:
-    """A structured event: one JSON object on one log line."""
-    log.warning("%s", json.dumps({"event": name, **fields}, default=str))
+# Events an operator must act on (the pair lost its protection or cannot keep it): logged
+# at WARNING.  Every other event is routine and logged at INFO.
+WARNING_EVENTS = frozenset(
+    {
+        "guest-died",
+        "re-pairing-refused",
+        "fenced",
+        "unprotected",
+        "switchover-failed",
+        "storage-heartbeat-failing",
+        "claim-failed",
+    }
+)
+
+
+def event(name: str, level: int | None = None, **fields: Any) -> None:
+    """A structured event: one JSON object on one log line (at WARNING when it is in
+    WARNING_EVENTS or ``level`` says so, else INFO).  With ``--log-json`` its fields
+    are the log line's own (JsonFormatter)."""
+    obj = {"event": name, **fields}
+    if level is None:
+        level = logging.WARNING if name in WARNING_EVENTS else logging.INFO
+    log.log(level, "%s", json.dumps(obj, default=str), extra={"event_fields": obj})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald or a log shipper: time (UTC, ISO 8601),
+    level, logger and message; an event's fields are merged in (``event`` names it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "event_fields", None)
+        if isinstance(fields, dict):
+            obj.update(fields)
+        else:
+            obj["message"] = record.getMessage()
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
+
+
+def setup_logging(verbose: bool = False, as_json: bool = False) -> None:
+    """Log to stderr: text lines, or with ``as_json`` one JSON object per line."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def stop_on_signals() -> threading.Event:
@@ -103,6 +169,7 @@ class Failover:
         self.role_name = role.value
         self._claim: ClaimResult | None = None
         self._next = 0.0
+        self._logged: tuple[State, Action] = (self.controller.state, Action.NONE)
         self.beat.start()
 
     def tick(
@@ -131,11 +198,14 @@ class Failover:
             session_age,
         )
         self._claim = None
-        before = self.controller.state
         d = self.controller.step(obs)
-        if d.action is not Action.NONE or d.state is not before:
+        if (d.state, d.action) != self._logged and (
+            d.action is not Action.NONE or d.state is not self._logged[0]
+        ):  # each change once: an isolated primary holds outputs at every tick
+            self._logged = (d.state, d.action)
             event(
                 "decision",
+                logging.WARNING if d.action in ALERTING else logging.INFO,
                 node=self.cfg.node.name,
                 action=d.action.value,
                 state=d.state.value,
@@ -154,6 +224,24 @@ class Failover:
     def close(self) -> None:
         self.beat.halt.set()
         self.beat.join(2)
+
+
+def mark_stopped(cfg: Config, code: int | None) -> None:
+    """The last status of an agent that ends (not one that is killed): its phase is
+    "stopped", so that no earlier phase reads as current.  ``code``: its exit code
+    (None: it ended by an exception)."""
+    path = cfg.state_dir / "status.json"
+    try:
+        st = dict(read_json(path))
+    except (OSError, ValueError, TypeError):
+        return
+    if st.get("pid") != os.getpid():
+        return  # not this process's report (it never wrote one)
+    st.update(phase="stopped", protection="stopped", exit_code=code, **agent_record())
+    try:
+        write_json(path, st)
+    except OSError as e:
+        log.error("cannot write %s: %s", path, e)
 
 
 def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:

@@ -5,7 +5,6 @@ the pair under a new generation until a standby pairs again."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -18,7 +17,7 @@ from mirror.guests.base import Guest
 from mirror.ha.agent import Failover, current_generation, event, make_arbiter
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
-from mirror.hoststate import write_json
+from mirror.hoststate import agent_record, write_json
 from mirror.replication import wire
 from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.replication.link import Endpoint, Link
@@ -78,7 +77,12 @@ def lead(
     return 0
 
 
-def progress_bar(prefix: str) -> Callable[[Progress], None]:
+def progress_bar(prefix: str) -> Callable[[Progress], None] | None:
+    """A progress bar on stderr, only when stderr is a terminal (a log file or journald
+    gets no carriage-return text; the pre-copy's end is logged either way)."""
+    if not sys.stderr.isatty():
+        return None
+
     def show(p: Progress) -> None:
         width = 30
         frac = p.done_pages / p.total_pages if p.total_pages else 1.0
@@ -136,14 +140,24 @@ class PrimaryRun:
         link, engine = self.link, self.engine
         return {
             "role": "primary", "phase": self.phase, "pair": self.cfg.pair.name,
-            "node": self.cfg.node.name, "generation": self.generation, "pid": os.getpid(),
+            "node": self.cfg.node.name, "generation": self.generation, **agent_record(),
             "ram": str(self.guest.ram_path), "epoch": engine.epoch, "acked": engine.acked,
-            "protection": self.failover.controller.state.value,
+            "protection": self.protection(),
             "heartbeat_age_s": link.peer.age(),
             "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
             if link.peer.node else None,
             "summary": engine.stats.summary(self.outputs), **self.extra,
         }  # fmt: skip
+
+    def protection(self) -> str:
+        """The pair's real protection: the controller's judgement only while a standby
+        holds this run's checkpoints; before that (pairing, pre-copy) and after (a
+        promoted or unprotected leader with no standby yet) the guest is unprotected."""
+        if self.phase in ("protected", "frozen", "switching-over"):
+            return self.failover.controller.state.value
+        if self.phase in ("fenced", "stopped", "switched-over"):
+            return self.phase
+        return "unprotected"
 
     def write_status(self) -> None:
         write_json(self.cfg.state_dir / "status.json", self.status())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
-from mirror.hoststate import write_atomic, write_json
+from mirror.hoststate import agent_record, write_atomic, write_json
 from mirror.replication import pagediff as pd
 from mirror.replication import wire
 from mirror.replication.link import Endpoint, Link
@@ -203,7 +203,7 @@ class Standby:
             if self.committed:
                 # A new pre-copy overwrites the image: it holds no committed checkpoint
                 # again until the next commit.
-                log.warning(
+                log.info(
                     "pre-copy after commit %d: standby unprotected until the next checkpoint",
                     self.committed,
                 )
@@ -250,6 +250,7 @@ class Standby:
         peer = self.link.peer if self.link else None
         return {
             "role": "secondary",
+            "phase": "standby" if self.primary else "waiting for a primary",
             "pair": self.cfg.pair.name,
             "node": self.cfg.node.name,
             "generation": self.generation,
@@ -261,7 +262,7 @@ class Standby:
             "precopied_pages": self.precopied,
             "commits": self.commits,
             "rejected": self.rejected,
-            "pid": os.getpid(),
+            **agent_record(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
             **self.extra_status(),
