@@ -51,19 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mirror", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    ap.add_argument(
-        "--log-json",
-        action="store_true",
-        help="log one JSON object per line (time, level, logger, and an event's fields or "
-        "the message), for journald or a log shipper",
+    json_help = (
+        "log one JSON object per line (time, level, logger, and an event's fields or "
+        "the message), for journald or a log shipper"
     )
+    ap.add_argument("--log-json", action="store_true", help=json_help)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("secondary", help="run this host's standby (until SIGTERM)")
     p.add_argument("--config", required=True, help="host configuration (TOML)")
+    p.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS, help=json_help)
 
     p = sub.add_parser("primary", help="run the guest here, mirrored to the secondary")
     p.add_argument("--config", required=True, help="host configuration (TOML)")
+    p.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS, help=json_help)
     p.add_argument(
         "--duration",
         type=_positive(float, 0.1, 1e9),

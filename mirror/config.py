@@ -104,6 +104,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT where the agent serves Prometheus metrics (/metrics); "" serves none
+    listen: str = "127.0.0.1:9470"
+
+    def address(self) -> tuple[str, int] | None:
+        return parse_hostport(self.listen, "metrics.listen") if self.listen else None
+
+
+@dataclass(frozen=True)
 class Config:
     pair: PairConfig = PairConfig()
     node: NodeConfig = NodeConfig()
@@ -113,6 +122,7 @@ class Config:
     qemu: QemuConfig = QemuConfig()
     output: OutputConfig = OutputConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def state_dir(self) -> Path:
@@ -177,6 +187,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
             f"both are {cfg.link.data_port}"
         )
     cfg.output.address()
+    cfg.metrics.address()
     return cfg
 
 

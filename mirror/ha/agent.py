@@ -24,6 +24,7 @@ from typing import Any
 
 from mirror.config import Config
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
+from mirror.ha.cleanup import clean_start
 from mirror.ha.controller import (
     Action,
     Controller,
@@ -34,6 +35,7 @@ from mirror.ha.controller import (
     Timeouts,
 )
 from mirror.hoststate import agent_record, read_json, write_json
+from mirror.replication import metrics
 
 log = logging.getLogger("mirror.ha.agent")
 # decisions an operator must hear of: a cut interconnect, an isolated or fenced primary
@@ -170,6 +172,7 @@ class Failover:
         self._claim: ClaimResult | None = None
         self._next = 0.0
         self._logged: tuple[State, Action] = (self.controller.state, Action.NONE)
+        self.metrics = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
         self.beat.start()
 
     def tick(
@@ -199,6 +202,8 @@ class Failover:
         )
         self._claim = None
         d = self.controller.step(obs)
+        self.metrics.ages(net_age, storage_age)
+        self.metrics.state.state(d.state.value)
         if (d.state, d.action) != self._logged and (
             d.action is not Action.NONE or d.state is not self._logged[0]
         ):  # each change once: an isolated primary holds outputs at every tick
@@ -238,10 +243,39 @@ def mark_stopped(cfg: Config, code: int | None) -> None:
     if st.get("pid") != os.getpid():
         return  # not this process's report (it never wrote one)
     st.update(phase="stopped", protection="stopped", exit_code=code, **agent_record())
+    m = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
+    m.state.state("stopped")
+    m.guest_here(None)
     try:
         write_json(path, st)
     except OSError as e:
         log.error("cannot write %s: %s", path, e)
+
+
+def begin(cfg: Config) -> None:
+    """An agent role starts: serve its metrics, remove what a dead earlier run of this
+    pair and node left behind (mirror/ha/cleanup.py)."""
+    start_metrics(cfg)
+    removed = clean_start(cfg)
+    if removed:
+        event("cleaned-leftovers", node=cfg.node.name, removed=removed)
+
+
+def start_metrics(cfg: Config) -> str | None:
+    """Serve this agent's Prometheus metrics where ``[metrics] listen`` says ("HOST:PORT",
+    also in status.json as "metrics"); None when it is "".  A taken address is an
+    error that says so (RuntimeError)."""
+    addr = cfg.metrics.address()
+    if addr is None:
+        return None
+    try:
+        host, port = metrics.serve(*addr)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot serve metrics on {cfg.metrics.listen}: {e.strerror or e}; set "
+            f'[metrics] listen to a free HOST:PORT, or "" to serve none'
+        ) from None
+    return f"{host}:{port}"
 
 
 def make_arbiter(cfg: Config, node: str | None = None) -> Arbiter:

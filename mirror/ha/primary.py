@@ -14,11 +14,11 @@ from typing import Any
 
 from mirror.config import Config
 from mirror.guests.base import Guest
-from mirror.ha.agent import Failover, current_generation, event, make_arbiter
+from mirror.ha.agent import Failover, begin, current_generation, event, make_arbiter
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.hoststate import agent_record, write_json
-from mirror.replication import wire
+from mirror.replication import metrics, wire
 from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
@@ -146,7 +146,8 @@ class PrimaryRun:
             "heartbeat_age_s": link.peer.age(),
             "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
             if link.peer.node else None,
-            "summary": engine.stats.summary(self.outputs), **self.extra,
+            "summary": engine.stats.summary(self.outputs), "metrics": metrics.served(),
+            **self.extra,
         }  # fmt: skip
 
     def protection(self) -> str:
@@ -160,7 +161,18 @@ class PrimaryRun:
         return "unprotected"
 
     def write_status(self) -> None:
-        write_json(self.cfg.state_dir / "status.json", self.status())
+        st = self.status()
+        write_json(self.cfg.state_dir / "status.json", st)
+        m, protection = self.engine.metrics, st["protection"]
+        m.role.state("primary")
+        m.generation.set(self.generation)
+        m.outputs_held.set(self.outputs.held)
+        if protection in metrics.STATES:
+            m.state.state(protection)
+        if protection in ("stopped", "switched-over", "fenced"):
+            m.guest_here(None)
+        else:
+            m.guest_here(protection == "protected")
 
     def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
         """After the handshake: pre-copy, then checkpoints until stopped, the end, or
@@ -207,11 +219,13 @@ class PrimaryRun:
             return self._hand_over()
         if verdict and verdict[0] is Action.FENCE:
             self.phase = "fenced"
+            engine.metrics.fenced.inc()
             self.guest.stop()  # releases nothing: what it held dies with it
             event("fenced", node=cfg.node.name, held=outputs.held)
             return 3
         if verdict:
             self.phase = "unprotected"
+            engine.metrics.unprotected.inc()
             event("unprotected", node=cfg.node.name, released=outputs.go_unprotected())
             return UNPROTECTED
         if epochs is not None:
@@ -289,6 +303,7 @@ def run_primary(
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    begin(cfg)
     backend = backend_for(cfg)
     current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)
     guest = backend.boot(lambda out: current[0].add(out))  # paused until paired

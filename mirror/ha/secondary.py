@@ -11,7 +11,7 @@ from typing import Any
 
 from mirror.config import Config
 from mirror.guests.base import GuestOutput
-from mirror.ha.agent import Failover, current_generation, event
+from mirror.ha.agent import Failover, begin, current_generation, event
 from mirror.ha.backend import Backend, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.ha.primary import lead
@@ -22,6 +22,7 @@ log = logging.getLogger("mirror.ha.agent")
 
 
 def run_secondary(cfg: Config, stop: threading.Event) -> int:
+    begin(cfg)
     backend = backend_for(cfg)
     standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
     try:
@@ -37,6 +38,7 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
         "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
     }
     manual = threading.Event()  # `mirror failover` sends SIGUSR1
+    cause = ["failure"]  # why a promotion comes: the primary died, unless an operator asked
     signal.signal(signal.SIGUSR1, lambda signum, frame: manual.set())
 
     def tick() -> bool:
@@ -54,6 +56,8 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
             session_age=None if paired is None else time.monotonic() - paired,
         )
         if d is not None and d.action is Action.CLAIM_PROMOTE:
+            if manual.is_set():
+                cause[0] = "operator"
             manual.clear()
         promote = d is not None and d.action is Action.PROMOTE
         return promote
@@ -61,6 +65,7 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
     try:
         standby.serve(stop, tick)
         if promote:
+            failover.metrics.promoted("switchover" if standby.handover else cause[0])
             return run_promoted(cfg, backend, standby, failover, stop, ready)
         return 0
     finally:

@@ -61,6 +61,7 @@ from mirror.config import (
     Config,
     GuestConfig,
     LinkConfig,
+    MetricsConfig,
     NodeConfig,
     OutputConfig,
     PairConfig,
@@ -108,6 +109,7 @@ def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Co
                           outputs_per_s=spec.outputs_per_s),
         output=OutputConfig(observer=spec.observer),
         arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url),
+        metrics=MetricsConfig(listen=""),  # many pairs per host: no metrics port each (yet)
     )
 
 

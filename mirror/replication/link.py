@@ -13,7 +13,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,7 @@ class _Heartbeats(threading.Thread):
         self.committed = committed  # a one-element list the owner updates
         self.peer = PeerSeen()
         self.rejected = 0
+        self.on_reject: Callable[[], None] = lambda: None  # the owner counts them too
         self._halt = threading.Event()
         self._seq = 0
 
@@ -123,6 +124,7 @@ class _Heartbeats(threading.Thread):
                     hb = wire.decode(list(frames[len(ident) :]))
                 except wire.WireError as e:
                     self.rejected += 1
+                    self.on_reject()
                     log.error("heartbeat rejected: %s", e)
                     continue
                 if isinstance(hb, wire.Heartbeat):

@@ -26,6 +26,7 @@ from mirror.hoststate import agent_record, write_atomic, write_json
 from mirror.replication import pagediff as pd
 from mirror.replication import wire
 from mirror.replication.link import Endpoint, Link
+from mirror.replication.metrics import STATES, Metrics, served
 
 log = logging.getLogger("mirror.replication.standby")
 SHM = Path("/dev/shm")
@@ -107,6 +108,7 @@ class Standby:
         self.handover = False  # the primary handed over (planned switchover)
         self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
         self.link: Link | None = None
+        self.metrics = Metrics.of(cfg.pair.name, cfg.node.name)
 
     # -- the protocol ---------------------------------------------------------
 
@@ -176,6 +178,7 @@ class Standby:
         if problem:
             log.error("HELLO from %s refused: %s", h.node, problem)
             self.rejected += 1  # a refused stranger does not end the current session
+            self.metrics.refused_peers.inc()
             return wire.Reject(0, 0, problem)
         self.session = h
         self.primary = h.node
@@ -195,6 +198,7 @@ class Standby:
 
     def _reject(self, epoch: int, part: int, reason: str) -> wire.Reject:
         self.rejected += 1
+        self.metrics.rejected("data")
         self.session = None
         return wire.Reject(epoch, part, reason)
 
@@ -238,6 +242,7 @@ class Standby:
             write_atomic(self.state_path, bytes(m.state))
             self.committed = m.epoch
             self.commits += 1
+            self.metrics.committed.set(m.epoch)
             self.outputs_tail += [(m.epoch, seq, payload) for seq, payload in m.outputs]
             del self.outputs_tail[:-TAIL_OUTPUTS]
             if self.link:
@@ -263,13 +268,19 @@ class Standby:
             "commits": self.commits,
             "rejected": self.rejected,
             **agent_record(),
+            "metrics": served(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
             **self.extra_status(),
         }
 
     def write_status(self) -> None:
-        write_json(self.state_dir / "status.json", self.status())
+        st = self.status()
+        write_json(self.state_dir / "status.json", st)
+        self.metrics.role.state("secondary")
+        self.metrics.generation.set(self.generation)
+        if st.get("protection") in STATES:
+            self.metrics.state.state(st["protection"])
         self._status_at = time.monotonic()
 
     def serve(self, stop: threading.Event, tick: Callable[[], bool] = lambda: False) -> None:
@@ -284,6 +295,7 @@ class Standby:
                     self.cfg.node.name,
                     heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
                 )
+                self.link.heartbeats.on_reject = lambda: self.metrics.rejected("heartbeat")
                 break
             except ConnectionError:
                 if time.monotonic() > deadline or stop.is_set():
