@@ -168,7 +168,8 @@ def test_prometheus_scrapes_a_running_pair(pair: Pair, prometheus_for: Any) -> N
         lambda r: r and r[0]["value"][1] != "NaN",
     )
     assert 0 < float(pause[0]["value"][1]) < 1, pause
-    phases = {r["metric"]["phase"] for r in prom.query("mirror_checkpoint_pause_phase_seconds_count")}
+    split = prom.query("mirror_checkpoint_pause_phase_seconds_count")
+    phases = {r["metric"]["phase"] for r in split}
     assert phases == {"stop", "scan", "gather", "state", "resume"}
     assert by_node(prom.query("rate(mirror_replicated_bytes_total[10s])"))["hostA"] > 0
     assert by_node(prom.query("mirror_checkpoint_dirty_pages_count"))["hostA"] >= 5
