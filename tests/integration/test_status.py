@@ -103,6 +103,7 @@ def test_status_promoted_killed_restarted_and_stopped(pair: Pair) -> None:
 
     # with --log-json every line is one JSON object
     assert "\r" not in b.log_path.read_text()
+    assert "interconnect cut" not in b.log_path.read_text()  # pairing is no partition
     a2.stop()
     lines = [json.loads(ln) for ln in a2.log_path.read_text().splitlines()]
     assert lines and all({"ts", "level", "logger"} <= set(e) for e in lines)
