@@ -49,6 +49,7 @@ class CheckpointResult:
     split_ms_p50: dict[str, float]
     replication_gbps: float  # dirty bytes / (send -> ack) time, median over checkpoints
     precopy_gbps: float
+    scan: str = "exact"  # the dirty-page scan method (checkpoint.scan)
 
     @property
     def pause_over_floor(self) -> float:
@@ -126,7 +127,9 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
             secondary.stop()
 
 
-def case_config(ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1) -> Config:
+def case_config(
+    ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1, scan: str = "exact"
+) -> Config:
     """A pair whose synthetic guest dirties about ``pct``% of its pages per epoch."""
     return replace(
         Config(),
@@ -136,7 +139,9 @@ def case_config(ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1) 
             outputs_per_s=200,
             dirty_pages_per_s=dirty_rate_for((ram_mib << 20) // PS, pct, epoch_ms),
         ),
-        checkpoint=replace(CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2),
+        checkpoint=replace(
+            CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2, scan=scan
+        ),
     )
 
 
@@ -148,8 +153,9 @@ def run_case(
     checkpoints: int = 40,
     threads: int = 1,
     curve: bool = True,
+    scan: str = "exact",
 ) -> CheckpointResult:
-    base = case_config(ram_mib, pct, epoch_ms, threads)
+    base = case_config(ram_mib, pct, epoch_ms, threads, scan)
     base = base if curve else insecure(base)
     with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
         engine.run(threading.Event().is_set, epochs=checkpoints)
@@ -174,6 +180,7 @@ def run_case(
         split,
         median(rates) if rates else 0.0,
         (ram_mib << 20) / precopy_s / 1e9,
+        scan,
     )
 
 
@@ -236,16 +243,17 @@ def print_results(
     cases without it (the encryption's cost)."""
     print("\ncheckpoint pause (synthetic guest, real secondary process, loopback)")
     print(
-        f"{'RAM MiB':>8} {'dirty %':>8} {'pages':>7} {'pause p50':>10} {'p99':>8} "
+        f"{'scan':>7} {'RAM MiB':>8} {'dirty %':>8} {'pages':>7} {'pause p50':>10} {'p99':>8} "
         f"{'floor':>8} {'x floor':>8} {'repl GB/s':>10} {'precopy GB/s':>13}"
     )
     for r in results:
         print(
-            f"{r.ram_mib:8d} {r.dirty_pct:8g} {r.dirty_pages_p50:7.0f} {r.pause_ms_p50:10.2f} "
+            f"{r.scan:>7} {r.ram_mib:8d} {r.dirty_pct:8g} {r.dirty_pages_p50:7.0f} "
+            f"{r.pause_ms_p50:10.2f} "
             f"{r.pause_ms_p99:8.2f} {r.floor_ms:8.2f} {r.pause_over_floor:8.2f} "
             f"{r.replication_gbps:10.2f} {r.precopy_gbps:13.2f}"
         )
-        print(f"{'':17} split p50 ms: " + ", ".join(f"{k} {v}" for k, v in r.split_ms_p50.items()))
+        print(f"{'':25} split p50 ms: " + ", ".join(f"{k} {v}" for k, v in r.split_ms_p50.items()))
     if capacity is not None:
         print(
             f"link + standby capacity (64 MiB checkpoints, no guest running): {capacity:.2f} GB/s"
@@ -269,7 +277,7 @@ def print_results(
     if capacity is not None:
         print(f"  {'ok  ' if capacity >= 1 else 'MISS'} replication capacity: {capacity:.2f} GB/s")
     for r in results:
-        where = f"{r.ram_mib} MiB {r.dirty_pct:g}%"
+        where = f"{r.scan} {r.ram_mib} MiB {r.dirty_pct:g}%"
         print(
             f"  {'ok  ' if r.pause_over_floor <= 1.5 else 'MISS'} pause/floor {where}: "
             f"{r.pause_over_floor:.2f}"

@@ -1,7 +1,8 @@
 """Page-diff engine report: scan rates beside same-run ceilings and a numpy baseline.
 
 usage: python -m bench.report [--ram-mib N ...] [--dirty-pct P ...] [--threads T ...]
-                              [--repeat R] [--json PATH]
+                              [--repeat R] [--json PATH] [--plot DIR [--from JSON]
+                              [--failover JSON]]
 
 For each RAM size and share of dirty pages it times, round-robin in one run:
 the exact scan, the hashed scan, the two ceilings (a plain page-by-page
@@ -9,6 +10,10 @@ memcmp of two buffers, a plain read pass over RAM), the numpy page compare a
 Python user would write, and delta encoding of realistic page changes.
 Figures are medians in GB/s of guest RAM (10^9 bytes per second); compare
 the ratios, not the absolute rates: these machines are noisy.
+
+--plot DIR writes PNGs (bench/plots.py) of what was measured, or, with --from, of
+a report's earlier --json; --failover adds the failover-time distribution from the
+JSON `python -m bench.failover --json PATH` wrote.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from bench import checkpoint as ckpt
+from bench import plots
 from bench.workloads import DeltaWorkload, Workload, time_round_robin
 from mirror.replication import pagediff as pd
 
@@ -183,6 +190,26 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints of a synthetic guest replicated to a real secondary",
     )
     ap.add_argument(
+        "--checkpoint-scan",
+        nargs="+",
+        choices=["exact", "hashed"],
+        default=["exact"],
+        metavar="METHOD",
+        help="dirty-page scan methods for the checkpoint suite (default: exact)",
+    )
+    ap.add_argument("--plot", metavar="DIR", help="write PNG plots of the figures into DIR")
+    ap.add_argument(
+        "--from",
+        dest="source",
+        metavar="JSON",
+        help="with --plot: plot this earlier --json report instead of measuring",
+    )
+    ap.add_argument(
+        "--failover",
+        metavar="JSON",
+        help="with --plot: also plot the failover times `python -m bench.failover --json` wrote",
+    )
+    ap.add_argument(
         "--checkpoint-dirty-pct",
         type=float,
         nargs="+",
@@ -202,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--threads must be within 1..{pd.MAX_THREADS}, got {t}")
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    if (args.source or args.failover) and not args.plot:
+        ap.error("--from and --failover go with --plot DIR")
+    failover = _load(ap, args.failover) if args.failover else None
+    if args.source:
+        written = plots.plot_all(_load(ap, args.source), failover, Path(args.plot))
+        print("\n".join(f"wrote {p}" for p in written))
+        return 0
 
     out: dict[str, Any] = {"simd": pd.simd_flavour()}
     if "engine" in args.suite:
@@ -212,10 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         results, plain = [], []
         for mib in args.ram_mib:
             for pct in args.checkpoint_dirty_pct:
-                progress(f"checkpoints of a {mib} MiB guest, {pct:g}% dirty per epoch")
-                results.append(ckpt.run_case(mib, pct, threads=max(args.threads)))
-                progress("the same without CURVE (the encryption's baseline)")
-                plain.append(ckpt.run_case(mib, pct, threads=max(args.threads), curve=False))
+                for scan in args.checkpoint_scan:
+                    progress(f"checkpoints of a {mib} MiB guest, {pct:g}% dirty, {scan} scan")
+                    results.append(
+                        ckpt.run_case(mib, pct, threads=max(args.threads), scan=scan)
+                    )
+                    progress("the same without CURVE (the encryption's baseline)")
+                    plain.append(
+                        ckpt.run_case(mib, pct, threads=max(args.threads), scan=scan, curve=False)
+                    )
         progress("link + standby capacity, with and without CURVE")
         capacity = ckpt.link_capacity()
         plain_capacity = ckpt.link_capacity(curve=False)
@@ -230,7 +269,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        print("\n".join(f"wrote {p}" for p in plots.plot_all(out, failover, Path(args.plot))))
     return 0
+
+
+def _load(ap: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    if not isinstance(data, dict):
+        ap.error(f"{path} is not a report's JSON (not an object)")
+    return data
 
 
 if __name__ == "__main__":

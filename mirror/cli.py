@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import socket
 import sys
 import time
@@ -30,7 +29,7 @@ from mirror.config import Config, ConfigError, load, parse_hostport
 from mirror.guests import image
 from mirror.guests.base import GuestError
 from mirror.ha import agent, control, primary, secondary
-from mirror.hoststate import read_json
+from mirror.hoststate import read_json, running
 from mirror.lab import demo, qemudemo
 from mirror.pool import cli as pool_cli
 from mirror.replication import keys
@@ -55,13 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mirror", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    json_help = (
+        "log one JSON object per line (time, level, logger, and an event's fields or "
+        "the message), for journald or a log shipper"
+    )
+    ap.add_argument("--log-json", action="store_true", help=json_help)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("secondary", help="run this host's standby (until SIGTERM)")
     p.add_argument("--config", required=True, help="host configuration (TOML)")
+    p.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS, help=json_help)
 
     p = sub.add_parser("primary", help="run the guest here, mirrored to the secondary")
     p.add_argument("--config", required=True, help="host configuration (TOML)")
+    p.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS, help=json_help)
     p.add_argument(
         "--duration",
         type=_positive(float, 0.1, 1e9),
@@ -84,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what this host's agent reports")
     p.add_argument("--config", required=True, help="host configuration (TOML)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=1.0,
+        type=_positive(float, 0.1, 3600),
+        metavar="S",
+        help="refresh in place every S seconds (default 1) until interrupted",
+    )
 
     p = sub.add_parser("failover", help="promote this host's secondary now (manual failover)")
     p.add_argument("--config", required=True, help="the secondary host's configuration (TOML)")
@@ -224,10 +238,7 @@ def demo_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    agent.setup_logging(args.verbose, args.log_json)
     try:
         if args.command == "pool":
             return pool_cli.run(args)
@@ -297,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         cfg = load(args.config)
         if args.command == "status":
+            if args.watch:
+                return watch_status(cfg, args.json, args.watch)
             return show_status(cfg, args.json)
         if args.command == "failover":
             return manual_failover(cfg, args.force, args.timeout)
@@ -304,17 +317,21 @@ def run(args: argparse.Namespace) -> int:
             return switchover(cfg, args.timeout)
         stop = agent.stop_on_signals()
         lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
+        code: int | None = None
         try:
             if args.command == "secondary":
-                return secondary.run_secondary(cfg, stop)
-            return primary.run_primary(
-                cfg,
-                stop,
-                duration=args.duration,
-                epochs=args.checkpoints,
-                stay=not args.leave_after_switchover,
-            )
+                code = secondary.run_secondary(cfg, stop)
+            else:
+                code = primary.run_primary(
+                    cfg,
+                    stop,
+                    duration=args.duration,
+                    epochs=args.checkpoints,
+                    stay=not args.leave_after_switchover,
+                )
+            return code
         finally:
+            agent.mark_stopped(cfg, code)
             server.close()
             lock.close()
     except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
@@ -322,33 +339,85 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def show_status(cfg: Config, as_json: bool) -> int:
+NOT_RUNNING = 3  # `mirror status`: the agent that last reported is not running
+
+
+def _read_status(cfg: Config) -> tuple[dict[str, Any] | None, str]:
+    """The agent's last report, or None and why not."""
     path = cfg.state_dir / "status.json"
     try:
         st = read_json(path)
-    except OSError:
-        print(f"mirror: no agent has reported in {cfg.state_dir} (no {path.name})", file=sys.stderr)
-        return 1
+    except FileNotFoundError:
+        return None, f"no agent has reported in {cfg.state_dir} (no {path.name})"
+    except (OSError, ValueError) as e:
+        return None, f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
+    if not isinstance(st, dict):
+        return None, f"{path} is not an agent's report (not a JSON object)"
+    st = dict(st)
+    st["running"] = running(st)
+    at = st.get("reported_at")
+    try:
+        st["report_age_s"] = round(max(0.0, time.time() - float(at)), 1)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        st["report_age_s"] = round(max(0.0, time.time() - path.stat().st_mtime), 1)
+    return st, ""
+
+
+def _render(st: dict[str, Any], as_json: bool) -> str:
     if as_json:
-        print(json.dumps(st, indent=1))
+        return json.dumps(st, indent=1)
+    lines = [f"{k:>24}: {v}" for k, v in status_rows(st)]
+    return "\n".join(lines)
+
+
+def show_status(cfg: Config, as_json: bool) -> int:
+    """Exit 0: the agent runs; 1: no agent has reported; 3 (NOT_RUNNING): the agent
+    that last reported is not running (killed, or stopped)."""
+    st, why = _read_status(cfg)
+    if st is None:
+        print(f"mirror: {why}", file=sys.stderr)
+        return 1
+    print(_render(st, as_json))
+    return 0 if st["running"] else NOT_RUNNING
+
+
+def watch_status(cfg: Config, as_json: bool, every: float) -> int:
+    """`mirror status --watch`: the status redrawn in place every ``every`` seconds
+    (cursor home, clear below) until interrupted."""
+    try:
+        while True:
+            st, why = _read_status(cfg)
+            text = f"mirror: {why}" if st is None else _render(st, as_json)
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"\x1b[H\x1b[J{cfg.node.name} at {stamp} (every {every:g} s)\n")
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            time.sleep(every)
+    except KeyboardInterrupt:
         return 0
-    for k, v in status_rows(st):
-        print(f"{k:>22}: {v}")
-    return 0
 
 
 def _age(v: object) -> str:
     return "never seen" if v is None else f"{float(v):.2f} s"  # type: ignore[arg-type]
 
 
-def status_rows(st: dict[str, object]) -> list[tuple[str, object]]:
+def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
     """The status an operator reads first, in words; everything else with --json."""
     summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
     assert isinstance(summary, dict)
+    age = st.get("report_age_s")
+    if st.get("running", True):
+        agent_row = f"running (pid {st.get('pid')}, reported {age} s ago)"
+    elif st.get("phase") == "stopped":
+        agent_row = f"not running (stopped; last report {age} s ago)"
+    else:
+        agent_row = f"not running (last report {age} s ago); what it last reported:"
     rows: list[tuple[str, object]] = [
+        ("agent", agent_row),
         ("node", f"{st.get('node')} of pair {st.get('pair')}, generation {st.get('generation')}"),
         ("role", st.get("role")),
-        ("protection", st.get("protection") or st.get("phase")),
+        ("phase", st.get("phase")),
+        ("protection", st.get("protection")),
     ]
     if st.get("role") == "secondary":
         rows += [
@@ -356,14 +425,12 @@ def status_rows(st: dict[str, object]) -> list[tuple[str, object]]:
             ("primary", st.get("primary") or "none (not paired)"),
         ]
     elif "promoted_from" in st:
+        ms = st.get("failover_ms")
         rows += [
             ("promoted from checkpoint", st.get("promoted_from")),
-            (
-                "failover",
-                f"{st.get('failover_ms'):.0f} ms" if st.get("failover_ms") else "in progress",
-            ),
+            ("failover", f"{ms:.0f} ms" if isinstance(ms, int | float) else "in progress"),
         ]
-    else:
+    if st.get("role") == "primary":
         rows += [
             ("checkpoints", f"{st.get('epoch')} taken, {st.get('acked')} acknowledged"),
             (
@@ -380,6 +447,8 @@ def status_rows(st: dict[str, object]) -> list[tuple[str, object]]:
         rows.append(("peer heartbeat, network", _age(st.get("heartbeat_age_s"))))
     if "storage_age_s" in st:
         rows.append(("peer heartbeat, storage", _age(st.get("storage_age_s"))))
+    if st.get("metrics"):
+        rows.append(("metrics", f"http://{st.get('metrics')}/metrics"))
     return rows
 
 

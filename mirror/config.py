@@ -123,6 +123,15 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT where the agent serves Prometheus metrics (/metrics); "" serves none
+    listen: str = "127.0.0.1:9470"
+
+    def address(self) -> tuple[str, int] | None:
+        return parse_hostport(self.listen, "metrics.listen") if self.listen else None
+
+
+@dataclass(frozen=True)
 class Config:
     pair: PairConfig = PairConfig()
     node: NodeConfig = NodeConfig()
@@ -133,6 +142,7 @@ class Config:
     output: OutputConfig = OutputConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
     keys: KeysConfig = KeysConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def state_dir(self) -> Path:
@@ -209,6 +219,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
         )
     cfg.output.address()
     check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")
+    cfg.metrics.address()
     return cfg
 
 

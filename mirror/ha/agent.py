@@ -13,23 +13,91 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
-from mirror.ha.controller import Action, Controller, Decision, Observation, Role, Timeouts
+from mirror.ha.cleanup import clean_start
+from mirror.ha.controller import (
+    Action,
+    Controller,
+    Decision,
+    Observation,
+    Role,
+    State,
+    Timeouts,
+)
+from mirror.hoststate import agent_record, read_json, write_json
+from mirror.replication import metrics
 
 log = logging.getLogger("mirror.ha.agent")
+# decisions an operator must hear of: a cut interconnect, an isolated or fenced primary
+ALERTING = frozenset({Action.ALERT, Action.HOLD_OUTPUTS, Action.FENCE})
 
 
-def event(name: str, **fields: Any) -> None:
-    """A structured event: one JSON object on one log line."""
-    log.warning("%s", json.dumps({"event": name, **fields}, default=str))
+# Events an operator must act on (the pair lost its protection or cannot keep it): logged
+# at WARNING.  Every other event is routine and logged at INFO.
+WARNING_EVENTS = frozenset(
+    {
+        "guest-died",
+        "re-pairing-refused",
+        "fenced",
+        "unprotected",
+        "switchover-failed",
+        "storage-heartbeat-failing",
+        "claim-failed",
+    }
+)
+
+
+def event(name: str, level: int | None = None, **fields: Any) -> None:
+    """A structured event: one JSON object on one log line (at WARNING when it is in
+    WARNING_EVENTS or ``level`` says so, else INFO).  With ``--log-json`` its fields
+    are the log line's own (JsonFormatter)."""
+    obj = {"event": name, **fields}
+    if level is None:
+        level = logging.WARNING if name in WARNING_EVENTS else logging.INFO
+    log.log(level, "%s", json.dumps(obj, default=str), extra={"event_fields": obj})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald or a log shipper: time (UTC, ISO 8601),
+    level, logger and message; an event's fields are merged in (``event`` names it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "event_fields", None)
+        if isinstance(fields, dict):
+            obj.update(fields)
+        else:
+            obj["message"] = record.getMessage()
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
+
+
+def setup_logging(verbose: bool = False, as_json: bool = False) -> None:
+    """Log to stderr: text lines, or with ``as_json`` one JSON object per line."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if as_json
+        else logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def stop_on_signals() -> threading.Event:
@@ -104,6 +172,8 @@ class Failover:
         self._claim: ClaimResult | None = None
         self._claim_error = ""  # the last claim failure, logged once (claims retry every tick)
         self._next = 0.0
+        self._logged: tuple[State, Action] = (self.controller.state, Action.NONE)
+        self.metrics = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
         self.beat.start()
 
     def tick(
@@ -112,8 +182,10 @@ class Failover:
         net_age: float | None,
         committed: int = 0,
         manual_promote: bool = False,
+        session_age: float | None = None,
     ) -> Decision | None:
-        """Observe and decide, at most every 20 ms; None when it is not time yet."""
+        """Observe and decide, at most every 20 ms; None when it is not time yet.
+        ``session_age``: seconds since the session with ``peer`` began."""
         now = time.monotonic()
         if now < self._next:
             return None
@@ -127,13 +199,19 @@ class Failover:
             committed,
             self._claim,
             manual_promote,
+            session_age,
         )
         self._claim = None
-        before = self.controller.state
         d = self.controller.step(obs)
-        if d.action is not Action.NONE or d.state is not before:
+        self.metrics.ages(net_age, storage_age)
+        self.metrics.state.state(d.state.value)
+        if (d.state, d.action) != self._logged and (
+            d.action is not Action.NONE or d.state is not self._logged[0]
+        ):  # each change once: an isolated primary holds outputs at every tick
+            self._logged = (d.state, d.action)
             event(
                 "decision",
+                logging.WARNING if d.action in ALERTING else logging.INFO,
                 node=self.cfg.node.name,
                 action=d.action.value,
                 state=d.state.value,
@@ -155,6 +233,53 @@ class Failover:
     def close(self) -> None:
         self.beat.halt.set()
         self.beat.join(2)
+
+
+def mark_stopped(cfg: Config, code: int | None) -> None:
+    """The last status of an agent that ends (not one that is killed): its phase is
+    "stopped", so that no earlier phase reads as current.  ``code``: its exit code
+    (None: it ended by an exception)."""
+    path = cfg.state_dir / "status.json"
+    try:
+        st = dict(read_json(path))
+    except (OSError, ValueError, TypeError):
+        return
+    if st.get("pid") != os.getpid():
+        return  # not this process's report (it never wrote one)
+    st.update(phase="stopped", protection="stopped", exit_code=code, **agent_record())
+    m = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
+    m.state.state("stopped")
+    m.guest_here(None)
+    try:
+        write_json(path, st)
+    except OSError as e:
+        log.error("cannot write %s: %s", path, e)
+
+
+def begin(cfg: Config) -> None:
+    """An agent role starts: serve its metrics, remove what a dead earlier run of this
+    pair and node left behind (mirror/ha/cleanup.py)."""
+    start_metrics(cfg)
+    removed = clean_start(cfg)
+    if removed:
+        event("cleaned-leftovers", node=cfg.node.name, removed=removed)
+
+
+def start_metrics(cfg: Config) -> str | None:
+    """Serve this agent's Prometheus metrics where ``[metrics] listen`` says ("HOST:PORT",
+    also in status.json as "metrics"); None when it is "".  A taken address is an
+    error that says so (RuntimeError)."""
+    addr = cfg.metrics.address()
+    if addr is None:
+        return None
+    try:
+        host, port = metrics.serve(*addr)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot serve metrics on {cfg.metrics.listen}: {e.strerror or e}; set "
+            f'[metrics] listen to a free HOST:PORT, or "" to serve none'
+        ) from None
+    return f"{host}:{port}"
 
 
 def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False) -> Arbiter:

@@ -94,6 +94,12 @@ class Observation:
     # (storage failing): the controller then judges again.
     claim: ClaimResult | None = None
     manual_promote: bool = False  # secondary: an operator ran `mirror failover`
+    # Seconds since the current session with the peer began (HELLO answered); None: no
+    # session.  The peer's network silence is counted from the later of its last
+    # heartbeat and the session's start: at pairing the first heartbeat may not have
+    # crossed yet (its socket connects on its own), or the last one seen is an earlier
+    # session's, and neither is a silent peer.
+    session_age: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,13 @@ class Controller:
 
     def _silent(self, age: float | None) -> bool:
         return age is None or age > self.timeouts.silent_after
+
+    @staticmethod
+    def _net_age(obs: Observation) -> float | None:
+        """The peer's network silence: since its last heartbeat, or since the session
+        began if that is later (or no heartbeat was seen yet)."""
+        ages = [a for a in (obs.peer_net_age, obs.session_age) if a is not None]
+        return min(ages) if ages else None
 
     def _go(self, state: State, action: Action, reason: str) -> Decision:
         if state is not self.state and state not in TRANSITIONS[self.state]:
@@ -159,7 +172,7 @@ class Controller:
                 "operator asked to promote: claiming promote",
             )
         rest = State.STANDBY if s is State.CLAIMING_PROMOTE else s  # a failed claim: judge anew
-        if not self._silent(obs.peer_net_age):
+        if not self._silent(self._net_age(obs)):
             return self._go(State.STANDBY, Action.NONE, "primary healthy on the network")
         if not obs.own_storage_ok:
             return self._go(rest, Action.NONE, "cannot reach storage: not promoting")
@@ -202,7 +215,7 @@ class Controller:
             )
         if s in (State.UNPROTECTED, State.FENCED):
             return self._go(s, Action.NONE, f"{s.value}: nothing more to decide")
-        net_silent = self._silent(obs.peer_net_age)
+        net_silent = self._silent(self._net_age(obs))
         if not obs.own_storage_ok and net_silent:
             if s is not State.ISOLATED:
                 self._isolated_since = obs.now

@@ -5,7 +5,6 @@ the pair under a new generation until a standby pairs again."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -16,12 +15,12 @@ from typing import Any
 from mirror.config import Config, ConfigError
 from mirror.guests.base import Guest
 from mirror.ha import control
-from mirror.ha.agent import Failover, current_generation, event, make_arbiter
+from mirror.ha.agent import Failover, begin, current_generation, event, make_arbiter
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
-from mirror.hoststate import write_json
-from mirror.replication import keys, wire
+from mirror.hoststate import agent_record, write_json
+from mirror.replication import keys, metrics, wire
 from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
@@ -91,7 +90,12 @@ def lead(
     return 0
 
 
-def progress_bar(prefix: str) -> Callable[[Progress], None]:
+def progress_bar(prefix: str) -> Callable[[Progress], None] | None:
+    """A progress bar on stderr, only when stderr is a terminal (a log file or journald
+    gets no carriage-return text; the pre-copy's end is logged either way)."""
+    if not sys.stderr.isatty():
+        return None
+
     def show(p: Progress) -> None:
         width = 30
         frac = p.done_pages / p.total_pages if p.total_pages else 1.0
@@ -173,17 +177,39 @@ class PrimaryRun:
         link, engine = self.link, self.engine
         return {
             "role": "primary", "phase": self.phase, "pair": self.cfg.pair.name,
-            "node": self.cfg.node.name, "generation": self.generation, "pid": os.getpid(),
+            "node": self.cfg.node.name, "generation": self.generation, **agent_record(),
             "ram": str(self.guest.ram_path), "epoch": engine.epoch, "acked": engine.acked,
-            "protection": self.failover.controller.state.value,
+            "protection": self.protection(),
             "heartbeat_age_s": link.peer.age(),
             "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
             if link.peer.node else None,
-            "summary": engine.stats.summary(self.outputs), **self.extra,
+            "summary": engine.stats.summary(self.outputs), "metrics": metrics.served(),
+            **self.extra,
         }  # fmt: skip
 
+    def protection(self) -> str:
+        """The pair's real protection: the controller's judgement only while a standby
+        holds this run's checkpoints; before that (pairing, pre-copy) and after (a
+        promoted or unprotected leader with no standby yet) the guest is unprotected."""
+        if self.phase in ("protected", "frozen", "switching-over"):
+            return self.failover.controller.state.value
+        if self.phase in ("fenced", "stopped", "switched-over"):
+            return self.phase
+        return "unprotected"
+
     def write_status(self) -> None:
-        write_json(self.cfg.state_dir / "status.json", self.status())
+        st = self.status()
+        write_json(self.cfg.state_dir / "status.json", st)
+        m, protection = self.engine.metrics, st["protection"]
+        m.role.state("primary")
+        m.generation.set(self.generation)
+        m.outputs_held.set(self.outputs.held)
+        if protection in metrics.STATES:
+            m.state.state(protection)
+        if protection in ("stopped", "switched-over", "fenced"):
+            m.guest_here(None)
+        else:
+            m.guest_here(protection == "protected")
 
     def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
         """After the handshake: pre-copy, then checkpoints until stopped, the end, or
@@ -215,10 +241,11 @@ class PrimaryRun:
             if now - last_status > 0.5:
                 self.write_status()
                 last_status = now
-            # no heartbeat yet: the standby's WELCOME is the last sign of life, so a first
-            # tick right after a fast pre-copy does not take it for a silent secondary
-            age = link.peer.age()
-            d = failover.tick(link.peer.node or None, now - paired_at if age is None else age)
+            # the session began with the standby's WELCOME: before its first heartbeat
+            # crosses, the secondary is not silent (the controller's rule)
+            d = failover.tick(
+                link.peer.node or None, link.peer.age(), session_age=now - paired_at
+            )
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
                 verdict.append(d.action)
                 return True
@@ -234,11 +261,13 @@ class PrimaryRun:
             self.phase = "protected"
         if verdict and verdict[0] is Action.FENCE:
             self.phase = "fenced"
+            engine.metrics.fenced.inc()
             self.guest.stop()  # releases nothing: what it held dies with it
             event("fenced", node=cfg.node.name, held=outputs.held)
             return 3
         if verdict:
             self.phase = "unprotected"
+            engine.metrics.unprotected.inc()
             event("unprotected", node=cfg.node.name, released=outputs.go_unprotected())
             return UNPROTECTED
         if epochs is not None:
@@ -328,6 +357,7 @@ def run_primary(
     keys.load(cfg)  # no keys (and not insecure): refuse before anything starts
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
+    begin(cfg)
     backend = backend_for(cfg)
     current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)
     guest = backend.boot(lambda out: current[0].add(out))  # paused until paired

@@ -12,7 +12,7 @@ from typing import Any
 from mirror.config import Config
 from mirror.guests.base import GuestOutput
 from mirror.ha import control
-from mirror.ha.agent import Failover, current_generation, event
+from mirror.ha.agent import Failover, begin, current_generation, event
 from mirror.ha.backend import Backend, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.ha.primary import lead
@@ -25,6 +25,7 @@ log = logging.getLogger("mirror.ha.agent")
 def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0) -> int:
     """``bind_wait``: seconds to wait for the interconnect ports (after a switchover their
     old holder may still be letting go); 0: a port in use is an error at once."""
+    begin(cfg)
     backend = backend_for(cfg)
     standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
     standby.bind_wait = bind_wait
@@ -43,6 +44,7 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
     }
     manual = threading.Event()  # `mirror failover` (the control socket; SIGUSR1 from a parent)
+    cause = ["failure"]  # why a promotion comes: the primary died, unless an operator asked
     signal.signal(signal.SIGUSR1, lambda signum, frame: manual.set())
 
     def failover_now() -> dict[str, Any]:
@@ -57,13 +59,17 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         if link is None or standby.primary is None:
             return False  # never paired: nothing to judge
         failover.generation = standby.generation  # a HELLO may have moved it on
+        paired = standby.paired_at
         d = failover.tick(
             standby.primary,
             link.peer.age(),
             standby.committed,
             manual_promote=manual.is_set() or standby.handover,
+            session_age=None if paired is None else time.monotonic() - paired,
         )
         if d is not None and d.action is Action.CLAIM_PROMOTE:
+            if manual.is_set():
+                cause[0] = "operator"
             manual.clear()
         promote = d is not None and d.action is Action.PROMOTE
         return promote
@@ -72,6 +78,7 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         standby.serve(stop, tick)
         crashed = False
         if promote:
+            failover.metrics.promoted("switchover" if standby.handover else cause[0])
             return run_promoted(cfg, backend, standby, failover, stop, ready)
         return 0
     finally:

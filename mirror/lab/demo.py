@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror import config as config_mod
-from mirror.config import Config
+from mirror.config import Config, MetricsConfig
 from mirror.hoststate import read_json
 from mirror.lab.observer import Observer
 from mirror.replication import keys
@@ -118,7 +118,9 @@ class Host:
 
 
 def pair_configs(root: Path, base: Config, observer: str) -> tuple[Config, Config]:
-    data, hb = free_ports(2)
+    """Two hosts on this machine: the interconnect on free loopback ports, and each host's
+    metrics on a free port of its own (unless ``base`` serves none)."""
+    data, hb, metrics_a, metrics_b = free_ports(4)
     link = replace(base.link, host="127.0.0.1", data_port=data, heartbeat_port=hb)
     arbiter = replace(base.arbiter, dir=str(root / "shared"))
     if not base.arbiter.etcd:  # the storage both hosts share: it exists before they start
@@ -128,6 +130,9 @@ def pair_configs(root: Path, base: Config, observer: str) -> tuple[Config, Confi
     )
     a = replace(common, node=replace(base.node, name="hostA", state_dir=str(root / "hostA")))
     b = replace(common, node=replace(base.node, name="hostB", state_dir=str(root / "hostB")))
+    if base.metrics.listen:
+        a = replace(a, metrics=MetricsConfig(f"127.0.0.1:{metrics_a}"))
+        b = replace(b, metrics=MetricsConfig(f"127.0.0.1:{metrics_b}"))
     return with_keys(root / "keys", a, b)
 
 

@@ -64,6 +64,7 @@ from mirror.config import (
     GuestConfig,
     KeysConfig,
     LinkConfig,
+    MetricsConfig,
     NodeConfig,
     OutputConfig,
     PairConfig,
@@ -120,6 +121,7 @@ def pair_config(
         output=OutputConfig(observer=spec.observer),
         arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url,
                               etcd_prefix=arbiter_prefix),
+        metrics=MetricsConfig(listen=""),  # many pairs per host: no metrics port each (yet)
     )
 
 
@@ -253,7 +255,7 @@ class HostAgent:
                 return False
             if st.get("role") != "primary" or st.get("phase") != "protected":
                 return False
-            log.warning("VM %s: handing over to its standby on %s", vm, new.host)
+            log.info("VM %s: handing over to its standby on %s", vm, new.host)
             c.proc.send_signal(signal.SIGUSR2)  # `mirror switchover`
             c.switch_until = time.monotonic() + 15
             return True
@@ -263,7 +265,8 @@ class HostAgent:
             st = {}
         done = st.get("role") == "secondary" or st.get("phase") == "switched-over"
         if done or c.proc.poll() is not None or time.monotonic() > c.switch_until:
-            log.warning("VM %s: %s", vm, "handed over" if done else "handover not done")
+            (log.info if done else log.warning)(
+                "VM %s: %s", vm, "handed over" if done else "handover not done")
             return False
         return True
 

@@ -35,6 +35,7 @@ from mirror.hoststate import percentile
 from mirror.replication import pagediff as pd
 from mirror.replication import wire
 from mirror.replication.link import Link
+from mirror.replication.metrics import Metrics
 from mirror.replication.outputs import OutputBuffer
 
 log = logging.getLogger("mirror.replication.checkpoint")
@@ -206,6 +207,8 @@ class CheckpointEngine:
         self._seq = 0  # PAGES messages sent in this session, resends included
         self._resent_at_seq = 0  # the first send number of the last resend
         self._resent_at = 0.0  # when (monotonic)
+        self.metrics = Metrics.of(pair, node)
+        outputs.metrics = self.metrics
 
     # -- session ---------------------------------------------------------------
 
@@ -253,6 +256,7 @@ class CheckpointEngine:
             return self.link.recv(timeout)
         except wire.WireError as e:
             log.error("malformed frame from the standby ignored: %s", e)
+            self.metrics.rejected("data")
             return None
 
     # -- pre-copy -------------------------------------------------------------
@@ -282,6 +286,7 @@ class CheckpointEngine:
             else:
                 batch = self._precopy_hashed(pages, scratch, buf)
             self.send_pages(wire.Pages.of(0, batch, part=n, final=n == len(parts) - 1))
+            self.metrics.replicated.inc(len(batch.data))
             sent = n + 1
             while sent - acked >= window or (n == len(parts) - 1 and acked < sent):
                 reply = self._recv(10.0)
@@ -385,6 +390,12 @@ class CheckpointEngine:
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)
         self.stats.add(rec)
+        # after the resume and the send: the metrics never lengthen the pause
+        self.metrics.checkpoint(
+            {"stop": rec.stop_ms, "scan": rec.scan_ms, "gather": rec.gather_ms,
+             "state": rec.state_ms, "resume": rec.resume_ms},
+            rec.pause_ms, rec.pages, rec.bytes_sent,
+        )  # fmt: skip
         return rec
 
     def send_pages(self, msg: wire.Pages) -> None:
@@ -404,6 +415,8 @@ class CheckpointEngine:
                 _, rec = self.in_flight.pop(e)
                 rec.ack_ms = (now - rec.sent_at) * 1000
                 self.stats.acked += 1
+                self.metrics.acked.inc()
+                self.metrics.ack_latency.observe(rec.ack_ms / 1000)
             self.acked = reply.epoch
             self.outputs.release_through(reply.epoch)
             self.link.committed[0] = reply.epoch  # our heartbeats tell the standby

@@ -21,7 +21,7 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +191,7 @@ class _Heartbeats(threading.Thread):
         self.session = session  # likewise: the session the owner is in (0: none)
         self.peer = PeerSeen()
         self.rejected = 0
+        self.on_reject: Callable[[], None] = lambda: None  # the owner counts them too
         self._halt = threading.Event()
         self._seq = 0
 
@@ -238,6 +239,7 @@ class _Heartbeats(threading.Thread):
                     hb = wire.decode(list(frames[len(ident) :]))
                 except wire.WireError as e:
                     self.rejected += 1
+                    self.on_reject()
                     if self.rejected == 1 or self.rejected % 1000 == 0:
                         log.error("heartbeat rejected (%d so far): %s", self.rejected, e)
                     continue

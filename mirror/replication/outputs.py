@@ -12,8 +12,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mirror.guests.base import GuestOutput
+
+if TYPE_CHECKING:
+    from mirror.replication.metrics import Metrics
 
 Sink = Callable[[list[GuestOutput]], None]
 
@@ -34,6 +38,7 @@ class OutputBuffer:
         # first checkpoint (those made during the pre-copy wait for it by design)
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.unprotected = False
+        self.metrics: Metrics | None = None  # the epoch engine's: hold times observed
 
     def add(self, output: GuestOutput) -> None:
         with self._lock:
@@ -75,7 +80,11 @@ class OutputBuffer:
             if out:
                 self._sink([o for _, o in out])
                 now = time.monotonic()
-                self.latencies.extend(now - o.produced_at for e, o in out if e > 1)
+                held = [now - o.produced_at for e, o in out if e > 1]
+                self.latencies.extend(held)
+                if self.metrics is not None:
+                    for h in held:
+                        self.metrics.output_hold.observe(h)
                 self.released += len(out)
         return len(out)
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
-from mirror.hoststate import write_atomic, write_json
+from mirror.hoststate import agent_record, write_atomic, write_json
 from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
 from mirror.replication.link import Endpoint, Link
+from mirror.replication.metrics import STATES, Metrics, served
 
 log = logging.getLogger("mirror.replication.standby")
 SHM = Path("/dev/shm")
@@ -108,12 +109,14 @@ class Standby:
         # releases those the observer lacks
         self.outputs_tail: list[tuple[int, int, bytes]] = []
         self.primary: str | None = None  # the node of the last accepted HELLO
+        self.paired_at: float | None = None  # monotonic time of the last accepted HELLO
         self._status_at = 0.0
         self.last_ack_at = 0.0  # monotonic time of the last ack sent
         self.handover = False  # the primary handed over (planned switchover)
         self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
         self.link: Link | None = None
         self.bind_wait = 10.0  # seconds serve() waits for ports in use (see serve)
+        self.metrics = Metrics.of(cfg.pair.name, cfg.node.name)
 
     # -- the protocol ---------------------------------------------------------
 
@@ -206,11 +209,13 @@ class Standby:
         if problem:
             log.error("HELLO from %s refused: %s", h.node, problem)
             self.rejected += 1  # a refused HELLO does not end the current session
+            self.metrics.refused_peers.inc()
             # the reason says nothing of this pair's names, generation or sizes
             return wire.Reject(h.session, wire.Kind.HELLO, 0, 0, 0, f"refused: {reason}")
         assert current is not None
         self.session = h
         self.primary = h.node
+        self.paired_at = time.monotonic()
         self.generation = current
         if self.link:
             self.link.session[0] = h.session
@@ -239,6 +244,7 @@ class Standby:
     def _reject(self, msg: wire.Pages | wire.Handover, reason: str) -> wire.Reject:
         """Refuse one message of the live session; the session and the image stay."""
         self.rejected += 1
+        self.metrics.rejected("data")
         if isinstance(msg, wire.Pages):
             return wire.Reject(msg.session, wire.Kind.PAGES, msg.seq, msg.epoch, msg.part, reason)
         return wire.Reject(msg.session, wire.Kind.HANDOVER, 0, msg.epoch, 0, reason)
@@ -296,6 +302,7 @@ class Standby:
             self.committed = m.epoch
             self.committed_generation = self.session.generation
             self.commits += 1
+            self.metrics.committed.set(m.epoch)
             self.outputs_tail += [(m.epoch, seq, payload) for seq, payload in m.outputs]
             del self.outputs_tail[:-TAIL_OUTPUTS]
             if self.link:
@@ -308,6 +315,7 @@ class Standby:
         peer = self.link.peer if self.link else None
         return {
             "role": "secondary",
+            "phase": "standby" if self.primary else "waiting for a primary",
             "pair": self.cfg.pair.name,
             "node": self.cfg.node.name,
             "generation": self.generation,
@@ -324,14 +332,20 @@ class Standby:
             "failed_handshakes": (
                 self.link.guard.failed_handshakes if self.link and self.link.guard else 0
             ),
-            "pid": os.getpid(),
+            **agent_record(),
+            "metrics": served(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
             **self.extra_status(),
         }
 
     def write_status(self) -> None:
-        write_json(self.state_dir / "status.json", self.status())
+        st = self.status()
+        write_json(self.state_dir / "status.json", st)
+        self.metrics.role.state("secondary")
+        self.metrics.generation.set(self.generation)
+        if st.get("protection") in STATES:
+            self.metrics.state.state(st["protection"])
         self._status_at = time.monotonic()
 
     def serve(self, stop: threading.Event, tick: Callable[[], bool] = lambda: False) -> None:
@@ -348,6 +362,7 @@ class Standby:
                     heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
                     max_pages=self.ram_bytes // pd.PAGE_SIZE,
                 )
+                self.link.heartbeats.on_reject = lambda: self.metrics.rejected("heartbeat")
                 break
             except ConnectionError:
                 if time.monotonic() > deadline or stop.is_set():

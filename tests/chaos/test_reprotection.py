@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 from mirror import config as config_mod
+from mirror.config import MetricsConfig
 from mirror.lab.demo import Host
 from tests.chaos.test_host_kills import CHAOS, check_observer
 from tests.integration.conftest import Pair
@@ -59,9 +60,10 @@ def test_back_as_secondary_reprotected_then_survives_a_second_kill(pair_factory)
         cfg = pair.root / f"{name}.toml"
         node = replace(pair.cfg_a.node, name=name, state_dir=str(pair.root / name))
         arbiter = replace(pair.cfg_a.arbiter, dir=arbiter_dir)
-        cfg.write_text(config_mod.to_toml(
-            replace(pair.cfg_a, node=node, arbiter=arbiter, keys=pair.cfg_b.keys)
-        ))  # fmt: skip
+        cfg.write_text(config_mod.to_toml(replace(
+            pair.cfg_a, node=node, arbiter=arbiter, keys=pair.cfg_b.keys,
+            metrics=MetricsConfig(listen=""),
+        )))  # fmt: skip
         return subprocess.run(
             [sys.executable, "-m", "mirror", "primary", "--config", str(cfg)],
             capture_output=True,

@@ -83,6 +83,7 @@ def test_demo_human_summary_with_an_external_observer(own_pair: str, no_leftover
         ),
         ("[guest]\nram = 1\n", "[guest]: unknown key(s) ram"),
         ("[link\n", "not valid TOML"),
+        ('[metrics]\nlisten = "nowhere"\n', "metrics.listen: expected HOST:PORT"),
     ],
 )
 def test_bad_config_is_a_clear_error(
@@ -111,10 +112,41 @@ def test_status_reports_what_the_agent_wrote(tmp_path: Path) -> None:
     run = mirror("status", "--config", str(cfg))
     assert run.returncode == 1 and "no agent has reported" in run.stderr
     (tmp_path / "status.json").write_text('{"role": "secondary", "committed": 7}')
-    run = mirror("status", "--config", str(cfg), "--json")
-    assert run.returncode == 0 and json.loads(run.stdout)["committed"] == 7
+    run = mirror("status", "--config", str(cfg), "--json")  # no pid: no running agent
+    assert run.returncode == 3 and json.loads(run.stdout)["committed"] == 7
+    assert json.loads(run.stdout)["running"] is False
     run = mirror("status", "--config", str(cfg))
-    assert run.returncode == 0 and "committed checkpoint: 7" in run.stdout
+    assert run.returncode == 3 and "committed checkpoint: 7" in run.stdout
+    assert "agent: not running (last report " in run.stdout
+    for garbage in ("[1, 2]", "{not json", '{"pid": "x", "reported_at": "soon"}'):
+        (tmp_path / "status.json").write_text(garbage)
+        run = mirror("status", "--config", str(cfg))
+        assert run.returncode in (1, 3) and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_metrics_port_in_use_is_a_clear_error(
+    tmp_path: Path, pair_name: str, no_leftovers: None
+) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        cfg = tmp_path / "m.toml"
+        cfg.write_text(
+            f'[pair]\nname = "{pair_name}"\n[node]\nstate_dir = "{tmp_path}"\n'
+            f'[guest]\nram_mib = 8\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        )
+        for role in ("primary", "secondary"):
+            run = mirror(role, "--config", str(cfg), timeout=60)
+            assert run.returncode == 2, run.stderr
+            assert f"mirror: error: cannot serve metrics on 127.0.0.1:{port}: " in run.stderr
+            assert 'set [metrics] listen to a free HOST:PORT, or "" to serve none' in run.stderr
+            assert "Traceback" not in run.stderr
+    finally:
+        taken.close()
 
 
 def test_secondary_refuses_memory_it_cannot_have(

@@ -201,3 +201,39 @@ def test_b_claim_that_fails_with_storage_gone_stands_by():
     d = c.step(obs(net=1, storage=1, own=False))
     assert (d.action, d.state) == (Action.NONE, State.STANDBY)
     assert "cannot reach storage" in str(d)
+
+
+# ---- pairing: the session's start counts as a sign of life -------------------
+
+
+@pytest.mark.parametrize("stale_net", [None, 42.0])
+def test_b_no_false_partition_alert_at_pairing(stale_net):
+    """The secondary's first judgement comes right after HELLO, when the primary's first
+    heartbeat may not have crossed yet (the heartbeat socket connects on its own; one
+    run in 20 it was later than HELLO) or the last one seen is an earlier session's,
+    while the primary's storage slot is fresh: that is no interconnect cut."""
+    c = secondary()
+    d = c.step(Observation(100.0, stale_net, 0.05, True, 0, None, session_age=0.001))
+    assert (d.action, d.state) == (Action.NONE, State.STANDBY)
+    assert "interconnect cut" not in str(d)
+    d = c.step(Observation(100.4, stale_net, 0.05, True, 0, None, session_age=0.4))
+    assert (d.action, d.state) == (Action.NONE, State.STANDBY)
+    # still no heartbeat past the timeout counted from the session: now it is a cut
+    d = c.step(Observation(100.6, stale_net, 0.05, True, 0, None, session_age=0.6))
+    assert (d.action, d.state) == (Action.ALERT, State.PARTITIONED)
+
+
+def test_b_session_age_does_not_hide_a_silent_primary():
+    """A heartbeat newer than the session start is what counts: a long session whose
+    primary went silent on both paths is a dead primary."""
+    c = secondary()
+    d = c.step(Observation(100.0, 0.9, 0.9, True, 5, None, session_age=60.0))
+    assert d.action is Action.CLAIM_PROMOTE
+
+
+def test_a_no_false_unprotected_claim_before_the_first_heartbeat():
+    c = primary()
+    d = c.step(Observation(100.0, None, 0.05, True, 0, None, session_age=0.2))
+    assert (d.action, d.state) == (Action.NONE, State.PROTECTED)
+    d = c.step(Observation(100.6, None, 0.05, True, 0, None, session_age=0.6))
+    assert d.action is Action.CLAIM_UNPROTECTED
