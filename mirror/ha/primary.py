@@ -78,14 +78,19 @@ def lead(
     return 0
 
 
-def progress_bar(prefix: str) -> Callable[[Progress], None]:
+def progress_bar(prefix: str) -> Callable[[Progress], None] | None:
+    """A progress bar on stderr when it is a terminal (else None: no bar)."""
+    if not sys.stderr.isatty():
+        return None
+
     def show(p: Progress) -> None:
         width = 30
         frac = p.done_pages / p.total_pages if p.total_pages else 1.0
         bar = "#" * int(frac * width)
         mib = p.done_pages * 4096 >> 20
+        rnd = f" round {p.round}" if p.round else ""
         sys.stderr.write(
-            f"\r{prefix} [{bar:<{width}}] {frac:4.0%} {mib}/{p.total_pages * 4096 >> 20} MiB"
+            f"\r{prefix}{rnd} [{bar:<{width}}] {frac:4.0%} {mib}/{p.total_pages * 4096 >> 20} MiB"
         )
         if p.done_pages >= p.total_pages:
             sys.stderr.write("\n")
@@ -246,6 +251,7 @@ class PrimaryRun:
         return SWITCHED_OVER
 
     def close(self) -> None:
+        self.engine.close()
         self.failover.close()
         write_json(
             self.cfg.state_dir / "stats.json",
