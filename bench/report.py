@@ -175,6 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=7, help="timings per case (default: 7)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["log", "hashed", "exact"],
+        default=["log", "hashed", "exact"],
+        help="checkpoint suite: the scan methods compared side by side (default: all three)",
+    )
+    ap.add_argument(
+        "--same-pages",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="checkpoint suite: also N dirty pages per epoch at every size, log only "
+        "(pause against RAM size for the same work; 0: not; default 2000)",
+    )
+    ap.add_argument(
+        "--exact-max-mib",
+        type=int,
+        default=4096,
+        metavar="M",
+        help="checkpoint suite: no exact scan above M MiB (it needs a shadow copy of RAM "
+        "beside RAM and the standby image; default 4096)",
+    )
+    ap.add_argument("--plot", metavar="PNG", help="checkpoint suite: plot pause against RAM size")
+    ap.add_argument(
         "--suite",
         nargs="+",
         choices=["engine", "checkpoint"],
@@ -209,16 +233,30 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows)
         out["rows"] = [r.as_json() for r in rows]
     if "checkpoint" in args.suite:
-        results = []
+        mrows: list[ckpt.MethodResult] = []
         for mib in args.ram_mib:
+            methods = tuple(m for m in args.methods if m != "exact" or mib <= args.exact_max_mib)
             for pct in args.checkpoint_dirty_pct:
-                progress(f"checkpoints of a {mib} MiB guest, {pct:g}% dirty per epoch")
-                results.append(ckpt.run_case(mib, pct, threads=max(args.threads)))
+                progress(f"{mib} MiB guest, {pct:g}% dirty per epoch: {' '.join(methods)}")
+                mrows += ckpt.compare_methods(
+                    mib, pct=pct, methods=methods, threads=max(args.threads)
+                )
+            if args.same_pages and "log" in args.methods:
+                progress(f"{mib} MiB guest, {args.same_pages} dirty pages per epoch: log")
+                mrows += ckpt.compare_methods(
+                    mib, pages=args.same_pages, methods=("log",), threads=max(args.threads)
+                )
         progress("link + standby capacity")
         capacity = ckpt.link_capacity()
-        ckpt.print_results(results, capacity)
+        ckpt.print_methods(mrows)
+        print(
+            f"link + standby capacity (64 MiB checkpoints, no guest running): {capacity:.2f} GB/s"
+        )
+        if args.plot:
+            ckpt.plot_methods(mrows, args.plot)
+            print(f"wrote {args.plot}")
         out["checkpoint_rows"] = [
-            {**asdict(r), "pause_over_floor": r.pause_over_floor} for r in results
+            {**asdict(r), "pause_over_floor": r.pause_over_floor} for r in mrows
         ]
         out["link_capacity_gbps"] = capacity
     if args.json:
