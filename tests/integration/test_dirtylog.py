@@ -18,6 +18,7 @@ from mirror.replication import pagediff as pd
 from mirror.replication.checkpoint import CheckpointEngine, ReplicationError
 from mirror.replication.outputs import OutputBuffer
 from tests.dirtylog_rig import rig
+from tests.integration.conftest import Pair
 
 if dirtylog.probe() is not None:
     pytest.skip(f"no dirty-page log here: {dirtylog.probe()}", allow_module_level=True)
@@ -111,3 +112,35 @@ def test_auto_falls_back_to_hashed_on_an_old_kernel(monkeypatch: pytest.MonkeyPa
         assert eng.method == "log"
     finally:
         guest.stop()
+
+
+def test_agents_lose_the_log_and_set_it_up_again(pair: Pair) -> None:
+    """Real `mirror primary`/`secondary` processes: the log is lost before checkpoint
+    10 (MIRROR_FAULT=lose-log: its userfaultfd closed); that checkpoint scans all of
+    RAM, the log is set up again, and the standby ends equal to RAM."""
+    n = 40
+    b = pair.start_secondary()
+    a = pair.start_primary("--checkpoints", str(n), env={"MIRROR_FAULT": "lose-log:10"})
+    st_a = pair.wait("A frozen", lambda: (s := a.status()) and s["phase"] == "frozen" and s)
+    st_b = pair.wait("B at N", lambda: (s := b.status()) and s["committed"] == n and s)
+    summary = st_a["summary"]
+    assert summary["scan"] == "log" and summary["log_losses"] == 1, summary
+    assert summary["log_missed_pages"] == 0 and summary["verified_pages"] > 0
+    text = a.log_path.read_text()
+    assert '"event": "dirty-log-lost", "checkpoint": 10' in text
+    assert '"event": "dirty-log-restored", "checkpoint": 10' in text
+    assert Path(st_a["ram"]).read_bytes() == Path(st_b["image"]).read_bytes()
+
+
+def test_agents_on_an_old_kernel_take_the_hashed_scan(pair: Pair) -> None:
+    """PAGEMAP_SCAN refused (simulated): `auto` runs on the hashed scan, says so in
+    status.json, and replicates correctly."""
+    n = 15
+    b = pair.start_secondary()
+    a = pair.start_primary("--checkpoints", str(n), env={dirtylog.SIMULATE_ENV: "old-kernel"})
+    st_a = pair.wait("A frozen", lambda: (s := a.status()) and s["phase"] == "frozen" and s)
+    st_b = pair.wait("B at N", lambda: (s := b.status()) and s["committed"] == n and s)
+    assert st_a["summary"]["scan"] == "hashed"
+    assert "PAGEMAP_SCAN refused" in st_a["summary"]["scan_note"]
+    assert "the hashed scan, as PAGEMAP_SCAN refused" in a.log_path.read_text()
+    assert Path(st_a["ram"]).read_bytes() == Path(st_b["image"]).read_bytes()
