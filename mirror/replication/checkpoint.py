@@ -543,9 +543,7 @@ class CheckpointEngine:
             try:
                 dirty = self.log.scan()
             except dirtylog.DirtyLogError as e:
-                self.stats.log_losses += 1
-                self.log_state = "lost"
-                _event("dirty-log-lost", checkpoint=epoch, reason=str(e), fallback="hashed scan")
+                self._lost(epoch, e)
             else:
                 if self._pending:
                     dirty = array("I", sorted(self._pending.union(dirty)))
@@ -561,6 +559,11 @@ class CheckpointEngine:
         if self.log_state == "fresh":
             self.log_state = "ok"
         return dirty, False
+
+    def _lost(self, epoch: int, e: Exception) -> None:
+        self.stats.log_losses += 1
+        self.log_state = "lost"
+        _event("dirty-log-lost", checkpoint=epoch, reason=str(e), fallback="hashed scan")
 
     def _after_log_checkpoint(self, epoch: int, logged: bool) -> None:
         """After the resume: set a lost log up again, or check a slice of RAM."""
@@ -588,8 +591,8 @@ class CheckpointEngine:
             return
         try:
             written = set(self.log.written(first, count))  # asked after hashing: see above
-        except dirtylog.DirtyLogError:
-            self.log_state = "lost"  # the next checkpoint scans all of RAM
+        except dirtylog.DirtyLogError as e:
+            self._lost(epoch + 1, e)  # the next checkpoint scans all of RAM
             return
         missed = [p for p in differ if p not in written]
         if missed:
