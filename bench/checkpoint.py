@@ -24,7 +24,7 @@ from pathlib import Path
 from statistics import median
 
 from bench.workloads import Workload, time_round_robin
-from mirror.config import CheckpointConfig, Config, GuestConfig
+from mirror.config import ArbiterConfig, CheckpointConfig, Config, GuestConfig
 from mirror.guests.synthetic import SHM_DIR, SyntheticGuest, SyntheticParams
 from mirror.lab.demo import Host, pair_configs, wait_for
 from mirror.replication import pagediff as pd
@@ -155,15 +155,19 @@ def compare_methods(
     threads: int = 2,
 ) -> list[MethodResult]:
     """The same guest (one dirty rate) checkpointed by each scan method in turn, in
-    one run: a new engine per method, paired and pre-copied again."""
+    one run: a new pair (secondary, guest, engine) per method."""
     npages = (ram_mib << 20) // PS
     share = pct if pct is not None else 100 * (pages or 0) / npages
     case = f"{pct:g}%" if pct is not None else f"{pages} pages"
     base = case_config(ram_mib, share, epoch_ms, threads)
     out = []
-    with running_pair(base, f"mirror-bench-{os.getpid()}-{ram_mib}.ram") as (g, link, cfg, outs):
-        for scan in methods:
-            outs[0] = OutputBuffer(lambda outs: None)
+    for scan in methods:  # a pair each: the same guest and dirty rate, booted afresh
+        with running_pair(base, f"mirror-bench-{os.getpid()}-{ram_mib}.ram") as (
+            g,
+            link,
+            cfg,
+            outs,
+        ):
             engine = CheckpointEngine(
                 g, link, replace(cfg.checkpoint, scan=scan), outs[0],
                 pair=cfg.pair.name, generation=1, node="hostA",
@@ -319,9 +323,12 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
 
 
 def case_config(ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1) -> Config:
-    """A pair whose synthetic guest dirties about ``pct``% of its pages per epoch."""
+    """A pair whose synthetic guest dirties about ``pct``% of its pages per epoch.  The
+    secondary is patient (silent after 10 minutes): on these 2 busy cores a long
+    hashed scan of a large guest must not look like a dead primary."""
     return replace(
         Config(),
+        arbiter=replace(ArbiterConfig(), silent_after_ms=600_000, fence_after_ms=1_200_000),
         guest=replace(
             GuestConfig(),
             ram_mib=ram_mib,
