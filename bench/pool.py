@@ -32,10 +32,18 @@ from mirror.pool.model import VM, Host, Pool
 from mirror.pool.planner import Planner, analyse
 
 CASES = [
-    (16, 1000, 1), (16, 1000, 2), (16, 1000, 3),
-    (64, 2000, 1), (64, 2000, 2), (64, 2000, 3),
-    (64, 5000, 1), (64, 5000, 2), (64, 5000, 3),
-    (256, 10000, 1), (256, 10000, 2), (256, 10000, 3),
+    (16, 1000, 1),
+    (16, 1000, 2),
+    (16, 1000, 3),
+    (64, 2000, 1),
+    (64, 2000, 2),
+    (64, 2000, 3),
+    (64, 5000, 1),
+    (64, 5000, 2),
+    (64, 5000, 3),
+    (256, 10000, 1),
+    (256, 10000, 2),
+    (256, 10000, 3),
 ]
 PLANS_MAX_SETS = 50_000  # beyond this, building every plan is not timed (minutes)
 QUICK = [(16, 1000, 2), (64, 2000, 2), (256, 10000, 1)]
@@ -54,8 +62,11 @@ def make_pool(hosts: int, vms: int, k: int, seed: int) -> Pool:
         mem = max(1024, min(16384, int(rnd.expovariate(1 / mean)) // 256 * 256))
         pr = rnd.choices(["mirrored", "restart", "best-effort"], [3, 5, 2])[0]
         vm = VM(f"vm{j:05}", mem, rnd.choice([1, 2, 2, 4]), pr, rnd.randrange(3))
-        cand = [h for h in rnd.sample(names, min(8, hosts))
-                if free[h][0] >= mem and free[h][1] >= vm.vcpus]
+        cand = [
+            h
+            for h in rnd.sample(names, min(8, hosts))
+            if free[h][0] >= mem and free[h][1] >= vm.vcpus
+        ]
         if len(cand) < (2 if pr == "mirrored" else 1):
             continue
         cand.sort(key=lambda h: -free[h][0])
@@ -95,8 +106,13 @@ def run_case(hosts: int, vms: int, k: int, seed: int) -> dict[str, Any]:
         assert plans.survives == check.survives
     naive = naive_per_set(pool, k)
     return {
-        "hosts": hosts, "vms": len(pool.vms), "k": k, "failure_sets": sets,
-        "survives": check.survives, "checked": check.checked, "gave_up": check.gave_up,
+        "hosts": hosts,
+        "vms": len(pool.vms),
+        "k": k,
+        "failure_sets": sets,
+        "survives": check.survives,
+        "checked": check.checked,
+        "gave_up": check.gave_up,
         "check_s": round(t_check, 3),
         "plans_s": None if t_plans is None else round(t_plans, 3),
         "us_per_set": None if t_plans is None else round(1e6 * t_plans / sets, 1),
@@ -106,22 +122,30 @@ def run_case(hosts: int, vms: int, k: int, seed: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.pool", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.pool",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="only the two target cases and 16 hosts")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     rows = []
-    print(f"{'hosts':>5} {'VMs':>6} {'k':>2} {'sets':>6} {'survives':>8} {'check s':>8} "
-          f"{'plans s':>8} {'us/set':>8} {'naive us/set':>12} {'naive s (extrap.)':>17}")
-    for hosts, vms, k in (QUICK if args.quick else CASES):
+    print(
+        f"{'hosts':>5} {'VMs':>6} {'k':>2} {'sets':>6} {'survives':>8} {'check s':>8} "
+        f"{'plans s':>8} {'us/set':>8} {'naive us/set':>12} {'naive s (extrap.)':>17}"
+    )
+    for hosts, vms, k in QUICK if args.quick else CASES:
         r = run_case(hosts, vms, k, args.seed)
         rows.append(r)
-        print(f"{r['hosts']:>5} {r['vms']:>6} {r['k']:>2} {r['failure_sets']:>6} "
-              f"{r['survives']!s:>8} {r['check_s']:>8} {r['plans_s'] or '-':>8} "
-              f"{r['us_per_set'] or '-':>8} "
-              f"{r['naive_us_per_set']:>12} {r['naive_s_extrapolated']:>17}", flush=True)
+        print(
+            f"{r['hosts']:>5} {r['vms']:>6} {r['k']:>2} {r['failure_sets']:>6} "
+            f"{r['survives']!s:>8} {r['check_s']:>8} {r['plans_s'] or '-':>8} "
+            f"{r['us_per_set'] or '-':>8} "
+            f"{r['naive_us_per_set']:>12} {r['naive_s_extrapolated']:>17}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

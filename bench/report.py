@@ -182,6 +182,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=7, help="timings per case (default: 7)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["log", "hashed", "exact"],
+        default=["log", "hashed", "exact"],
+        help="checkpoint suite: the scan methods compared side by side (default: all three)",
+    )
+    ap.add_argument(
+        "--same-pages",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="checkpoint suite: also N dirty pages per epoch at every size, log only "
+        "(pause against RAM size for the same work; 0: not; default 2000)",
+    )
+    ap.add_argument(
+        "--exact-max-mib",
+        type=int,
+        default=4096,
+        metavar="M",
+        help="checkpoint suite: no exact scan above M MiB (it needs a shadow copy of RAM "
+        "beside RAM and the standby image; default 4096)",
+    )
+    ap.add_argument(
+        "--plot-methods",
+        metavar="PNG",
+        help="checkpoint suite: plot pause against RAM size per scan method into PNG",
+    )
+    ap.add_argument(
         "--suite",
         nargs="+",
         choices=["engine", "checkpoint"],
@@ -244,8 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         out["rows"] = [r.as_json() for r in rows]
     if "checkpoint" in args.suite:
         results, plain = [], []
+        mrows: list[ckpt.MethodResult] = []
         for mib in args.ram_mib:
+            methods = tuple(m for m in args.methods if m != "exact" or mib <= args.exact_max_mib)
             for pct in args.checkpoint_dirty_pct:
+                progress(f"{mib} MiB guest, {pct:g}% dirty per epoch: {' '.join(methods)}")
+                mrows += ckpt.compare_methods(
+                    mib, pct=pct, methods=methods, threads=max(args.threads)
+                )
                 for scan in args.checkpoint_scan:
                     progress(f"checkpoints of a {mib} MiB guest, {pct:g}% dirty, {scan} scan")
                     results.append(
@@ -255,13 +289,23 @@ def main(argv: list[str] | None = None) -> int:
                     plain.append(
                         ckpt.run_case(mib, pct, threads=max(args.threads), scan=scan, curve=False)
                     )
+            if args.same_pages and "log" in args.methods:
+                progress(f"{mib} MiB guest, {args.same_pages} dirty pages per epoch: log")
+                mrows += ckpt.compare_methods(
+                    mib, pages=args.same_pages, methods=("log",), threads=max(args.threads)
+                )
         progress("link + standby capacity, with and without CURVE")
         capacity = ckpt.link_capacity()
         plain_capacity = ckpt.link_capacity(curve=False)
+        ckpt.print_methods(mrows)
         ckpt.print_results(results, capacity, plain, plain_capacity)
-        out["checkpoint_rows"] = [
-            {**asdict(r), "pause_over_floor": r.pause_over_floor} for r in results
+        if args.plot_methods:
+            ckpt.plot_methods(mrows, args.plot_methods)
+            print(f"wrote {args.plot_methods}")
+        out["method_rows"] = [
+            {**asdict(r), "pause_over_floor": r.pause_over_floor} for r in mrows
         ]
+        out["checkpoint_rows"] = [asdict(r) for r in results]
         out["checkpoint_rows_without_curve"] = [asdict(r) for r in plain]
         out["link_capacity_gbps"] = capacity
         out["link_capacity_gbps_without_curve"] = plain_capacity

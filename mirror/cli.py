@@ -179,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the guest's writes land (default uniform)",
     )
     p.add_argument("--epoch-ms", type=_positive(int, 10, 1000), help="epoch (default 50)")
-    p.add_argument("--scan", choices=["exact", "hashed"], help="dirty-page scan (default exact)")
+    p.add_argument(
+        "--scan",
+        choices=["auto", "log", "hashed", "exact"],
+        help="dirty-page scan (default auto: the dirty-page log where the kernel has it)",
+    )
     p.add_argument(
         "--duration",
         type=_positive(float, 0.5, 1e6),
@@ -279,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
                 checkpoint=replace(
                     base.checkpoint,
                     epoch_ms=args.epoch_ms or base.checkpoint.epoch_ms,
-                    scan=args.scan or "hashed",
+                    scan=args.scan or base.checkpoint.scan,
                 ),
             )
             r = qemudemo.run(

@@ -57,10 +57,11 @@ class LinkConfig:
 class CheckpointConfig:
     epoch_ms: int = field(default=50, metadata=_range(10, 1000))
     max_in_flight: int = field(default=2, metadata=_range(1, 16))
-    scan: str = field(default="exact", metadata=_choices("exact", "hashed"))
+    scan: str = field(default="auto", metadata=_choices("auto", "log", "hashed", "exact"))
     threads: int = field(default=2, metadata=_range(1, 64))
     encoding: str = field(default="raw", metadata=_choices("raw", "delta"))
     precopy_chunk_mib: int = field(default=32, metadata=_range(1, 4096))
+    verify_slices: int = field(default=64, metadata=_range(0, 1 << 20))  # 0: no safety net
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,26 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["pagediff.c", "simd_sse2.c", "simd_avx2.c", "synthguest.c"]
+SOURCES = [
+    "pagediff.c",
+    "simd_sse2.c",
+    "simd_avx2.c",
+    "synthguest.c",
+    "tablehash.c",
+    "dirtylog.c",
+]
+HEADERS = ["pagediff.h", "dirtylog.h"]
 
 
 def read_cdef() -> str:
-    text = (HERE / "pagediff.h").read_text()
-    match = re.search(r"/\* cdef-begin \*/(.*)/\* cdef-end \*/", text, re.S)
-    if match is None:
-        raise RuntimeError("pagediff.h lost its cdef-begin/cdef-end markers")
-    return match.group(1)
+    parts = []
+    for name in HEADERS:
+        text = (HERE / name).read_text()
+        match = re.search(r"/\* cdef-begin \*/(.*)/\* cdef-end \*/", text, re.S)
+        if match is None:
+            raise RuntimeError(f"{name} lost its cdef-begin/cdef-end markers")
+        parts.append(match.group(1))
+    return "\n".join(parts)
 
 
 def compile_args() -> list[str]:
@@ -35,7 +46,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(read_cdef())
 ffibuilder.set_source(
     "mirror._pagediff",
-    '#include "pagediff.h"',
+    '#include "pagediff.h"\n#include "dirtylog.h"',
     # setuptools wants source paths relative to the project root
     sources=[f"native/{name}" for name in SOURCES],
     include_dirs=["native"],

@@ -135,6 +135,24 @@ int64_t pd_memcmp_pages(const uint8_t *a, const uint8_t *b, uint64_t npages,
 int64_t pd_read_pass(const uint8_t *buf, uint64_t npages, int nthreads,
                      uint64_t *fold);
 
+/* Set the hash table entries (as the hashed scan computes them) of the
+ * listed pages of base. */
+int pd_hash_pages(const uint8_t *base, uint64_t npages, const uint32_t *idx,
+                  uint64_t n, uint8_t *table);
+
+/* The same for a batch made by pd_gather (kinds RAW or ZERO; data holds the
+ * raw pages one after another): the table then describes what was sent. */
+int pd_hash_gathered(uint8_t *table, uint64_t npages, const uint32_t *idx,
+                     uint64_t n, const uint8_t *kinds, const uint8_t *data,
+                     uint64_t data_len);
+
+/* Compare pages [start, end) of ram with the table without changing it:
+ * writes the indices that differ to differ (room for end - start) and
+ * returns how many. */
+int64_t pd_hash_verify(const uint8_t *ram, const uint8_t *table,
+                       uint64_t npages, uint64_t start, uint64_t end,
+                       uint32_t *differ);
+
 /* Which SIMD flavour the hashed scan and the read pass use: "avx2" or "sse2". */
 const char *pd_simd_flavour(void);
 /* cdef-end */

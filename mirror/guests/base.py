@@ -33,6 +33,15 @@ class GuestOutput:
 OutputHandler = Callable[[GuestOutput], None]
 
 
+@dataclass(frozen=True)
+class LogSource:
+    """Where the agent gets a userfaultfd of the process that writes guest RAM
+    (mirror/guests/uffd.py), for the dirty-page log."""
+
+    pid: int
+    socket: str  # a path, or "@name" for an abstract unix socket
+
+
 class Guest(ABC):
     """One running guest on this host."""
 
@@ -69,3 +78,13 @@ class Guest(ABC):
     @abstractmethod
     def alive(self) -> bool:
         """Whether the guest is still there (not crashed or stopped)."""
+
+    def log_source(self) -> LogSource | None:
+        """The process whose writes to RAM a dirty-page log must see, and where it
+        hands out userfaultfds; None if this guest cannot have the log."""
+        return None
+
+    def log_blockers(self) -> list[str]:
+        """What this guest has that changes RAM behind a dirty-page log's back
+        (a balloon, virtio-mem, discard of RAM, vhost-user): the log is refused."""
+        return []

@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 from qemu.qmp import QMPClient, QMPError
 
 from mirror.config import QemuConfig
-from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
+from mirror.guests import uffd
+from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
 from mirror.guests.synthetic import create_ram_file
 
 
@@ -302,11 +303,18 @@ class QemuGuest(Guest):
         self._loop_thread: threading.Thread | None = None
         self._saving: concurrent.futures.Future[Any] | None = None
         self._announce = False
+        # The dirty-page log: QEMU hands out userfaultfds of its mm at this abstract
+        # socket (the preload library; nothing on its command line changes).
+        self.uffd_sock = uffd.unique_name("qemu")
+        env = uffd.preload_env(self.uffd_sock)
+        if env is None:
+            self.uffd_sock = ""
         try:
             if not ram_path.exists():
                 create_ram_file(ram_path, size)
             self.proc = subprocess.Popen(
                 args,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=open(run_dir / "qemu.stderr", "wb"),  # noqa: SIM115
@@ -425,6 +433,27 @@ class QemuGuest(Guest):
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def log_source(self) -> LogSource | None:
+        return LogSource(self.proc.pid, self.uffd_sock) if self.uffd_sock else None
+
+    # What changes guest RAM without a write through QEMU's mapping: the log would
+    # not see it (docs/ARCHITECTURE.md, "Tracking changed memory").
+    LOG_BLIND: ClassVar[dict[str, str]] = {
+        "virtio-balloon": "a memory balloon (frees guest pages behind the log)",
+        "virtio-mem": "virtio-mem (plugs and unplugs guest RAM)",
+        "discard-data=on": "discard of guest RAM (discard-data=on)",
+        "vhost-user": "a vhost-user backend (writes RAM through its own mapping)",
+    }
+
+    def log_blockers(self) -> list[str]:
+        found = [why for key, why in self.LOG_BLIND.items() if any(key in a for a in self.args)]
+        try:  # a balloon added at run time (device_add) shows here
+            self.command("query-balloon")
+            found.append(self.LOG_BLIND["virtio-balloon"])
+        except GuestError:
+            pass  # "No balloon device has been activated": what we want
+        return sorted(set(found))
 
     def pause(self) -> None:
         """Stop the guest; QEMU starts saving its device state at once, while the

@@ -42,7 +42,8 @@ import msgpack
 
 from mirror._pagediff import ffi, lib
 from mirror.config import GuestConfig
-from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
+from mirror.guests import uffd
+from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
 from mirror.guests.framing import ChannelClosed, recv_msg, send_msg
 
 STATE_VERSION = 1
@@ -274,6 +275,7 @@ class SyntheticGuest(Guest):
             self._ram = mmap.mmap(f.fileno(), size)
         process = process or GuestProcess.spawn()
         self._sock, self._proc = process.sock, process.proc
+        self._uffd_sock = process.uffd_sock
         send_msg(
             self._sock,
             [
@@ -368,6 +370,9 @@ class SyntheticGuest(Guest):
     def alive(self) -> bool:
         return not self._stopped and self._proc.poll() is None
 
+    def log_source(self) -> LogSource | None:
+        return LogSource(self._proc.pid, self._uffd_sock) if self._uffd_sock else None
+
     def pause(self) -> None:
         self._paused.clear()
         send_msg(self._sock, ["pause"])
@@ -403,18 +408,25 @@ class GuestProcess:
     its RAM and registers.  A standby keeps one ready so that a promotion does not
     wait for a new process to start (about 150 ms here)."""
 
-    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
-        self.sock, self.proc = sock, proc
+    def __init__(
+        self, sock: socket.socket, proc: subprocess.Popen[bytes], uffd_sock: str = ""
+    ) -> None:
+        self.sock, self.proc, self.uffd_sock = sock, proc, uffd_sock
 
     @classmethod
     def spawn(cls) -> GuestProcess:
+        """A new guest process; it hands out userfaultfds of its mm (the dirty-page
+        log) at an abstract socket when the preload library is built."""
         ours, theirs = socket.socketpair()
+        name = uffd.unique_name("synthetic")
+        env = uffd.preload_env(name)
         proc = subprocess.Popen(
             [sys.executable, "-m", "mirror.guests.synthetic", "--fd", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
+            env=env,
         )
         theirs.close()
-        return cls(ours, proc)
+        return cls(ours, proc, name if env is not None else "")
 
     def close(self) -> None:
         """End a process that was never used (it exits when its channel closes)."""

@@ -101,8 +101,9 @@ def progress_bar(prefix: str) -> Callable[[Progress], None] | None:
         frac = p.done_pages / p.total_pages if p.total_pages else 1.0
         bar = "#" * int(frac * width)
         mib = p.done_pages * 4096 >> 20
+        rnd = f" round {p.round}" if p.round else ""
         sys.stderr.write(
-            f"\r{prefix} [{bar:<{width}}] {frac:4.0%} {mib}/{p.total_pages * 4096 >> 20} MiB"
+            f"\r{prefix}{rnd} [{bar:<{width}}] {frac:4.0%} {mib}/{p.total_pages * 4096 >> 20} MiB"
         )
         if p.done_pages >= p.total_pages:
             sys.stderr.write("\n")
@@ -327,6 +328,7 @@ class PrimaryRun:
         return True
 
     def close(self) -> None:
+        self.engine.close()
         self.failover.close()
         write_json(
             self.cfg.state_dir / "stats.json",

@@ -69,7 +69,7 @@ def default_base(ram_mib: int = 128, epoch_ms: int = 50) -> Config:
         base,
         guest=replace(base.guest, kind="qemu", ram_mib=ram_mib),
         qemu=QemuConfig(),
-        checkpoint=replace(base.checkpoint, epoch_ms=epoch_ms, scan="hashed"),
+        checkpoint=replace(base.checkpoint, epoch_ms=epoch_ms),
     )
 
 

@@ -6,17 +6,28 @@ One checkpoint (docs/ARCHITECTURE.md, "the checkpoint epoch"):
                 -> (guest runs epoch N+1) gather from the shadow, checksums, send N
     ... ack N -> release the outputs of epochs <= N
 
-With the exact scan (the default) the scan itself copies each dirty page
-into the shadow while the guest is paused, so the pause is the scan plus a
-memcpy of the dirty bytes, and the send buffer is gathered from the shadow
-after the guest runs again.  The hashed scan has no shadow: it gathers from
-RAM inside the pause.  Delta encoding compares against the shadow inside the
-pause.  At most ``max_in_flight`` checkpoints wait for their ack; when the
-window is full the epoch stretches until an ack comes.
+Which pages changed comes from one of three scans (``checkpoint.scan``; ``auto``
+takes the log where the kernel has it, else the hashed scan):
+
+- the dirty-page log (mirror/replication/dirtylog.py): the kernel lists the pages
+  the guest wrote; no pass over RAM.  Pages are gathered from RAM in the pause;
+  after the resume the hash table is set to what was sent, so a lost log can fall
+  back to a full hashed scan for one checkpoint, and a rotating slice of RAM is
+  checked against the table (the safety net: a page the log missed is sent with
+  the next checkpoint, counted and raised as an event);
+- the exact scan copies each dirty page into the shadow while the guest is
+  paused, so the pause is the scan plus a memcpy of the dirty bytes, and the send
+  buffer is gathered from the shadow after the guest runs again;
+- the hashed scan has no shadow: it gathers from RAM inside the pause.
+
+Delta encoding compares against the shadow inside the pause.  At most
+``max_in_flight`` checkpoints wait for their ack; when the window is full
+the epoch stretches until an ack comes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -32,8 +43,8 @@ from typing import Any
 from mirror.config import CheckpointConfig
 from mirror.guests.base import Guest
 from mirror.hoststate import percentile
+from mirror.replication import dirtylog, wire
 from mirror.replication import pagediff as pd
-from mirror.replication import wire
 from mirror.replication.link import Link
 from mirror.replication.metrics import Metrics
 from mirror.replication.outputs import OutputBuffer
@@ -42,6 +53,12 @@ log = logging.getLogger("mirror.replication.checkpoint")
 RESEND_AFTER_S = 2.0  # no ack for that long: the checkpoints in flight go again
 RECENT = 10_000  # checkpoints kept for percentiles (about 8 minutes at 50 ms)
 PS = pd.PAGE_SIZE
+PRECOPY_ROUNDS = 12  # log-driven pre-copy: at most this many rounds after the first
+
+
+def _event(name: str, **fields: Any) -> None:
+    """A structured event (the agent's format: one JSON object on one log line)."""
+    log.warning("%s", json.dumps({"event": name, **fields}, default=str))
 
 
 def _fault_point() -> tuple[str, int, float] | None:
@@ -52,18 +69,20 @@ def _fault_point() -> tuple[str, int, float] | None:
     to zmq; with a delay, on the wire or being applied by the standby).  And
     "corrupt" (no kill): that checkpoint's first sending has one bit of its page
     data flipped, as a bad link would; the standby must reject it and the primary
-    send it again, intact."""
+    send it again, intact.  "lose-log" (no kill): just before that checkpoint the
+    dirty-page log's userfaultfd is closed, as a lost registration would be."""
     spec = os.environ.get("MIRROR_FAULT")
     if not spec:
         return None
     point, epoch, *delay = spec.split(":")
     try:
-        if point not in ("in-pause", "after-send", "corrupt") or len(delay) > 1:
+        if point not in ("in-pause", "after-send", "corrupt", "lose-log") or len(delay) > 1:
             raise ValueError
         return point, int(epoch), float(delay[0]) if delay else 0.0
     except ValueError:
         raise ValueError(
-            f"MIRROR_FAULT must be in-pause|after-send|corrupt:EPOCH[:DELAY_MS], got {spec!r}"
+            f"MIRROR_FAULT must be in-pause|after-send|corrupt|lose-log:EPOCH[:DELAY_MS], "
+            f"got {spec!r}"
         ) from None
 
 
@@ -99,6 +118,7 @@ class CheckpointRecord:
 class Progress:
     done_pages: int
     total_pages: int
+    round: int = 0  # log-driven pre-copy: 0 sends all of RAM, then what was written meanwhile
 
 
 @dataclass
@@ -114,6 +134,12 @@ class Stats:
     acked: int = 0
     bytes_sent: int = 0
     rejects: int = 0
+    scan: str = ""  # the dirty-page scan in use: log, hashed or exact
+    scan_note: str = ""  # why it is not the one asked for (auto without the log)
+    log_losses: int = 0  # times the dirty-page log was lost (a full hashed scan each)
+    log_missed_pages: int = 0  # pages the safety net found changed but not logged
+    verified_pages: int = 0  # pages the safety net compared with the standby's table
+    precopy_rounds: int = 0
 
     def add(self, rec: CheckpointRecord) -> None:
         self.records.append(rec)
@@ -149,7 +175,13 @@ class Stats:
             "outputs_held": outputs.held,
             "precopy_s": round(self.precopy_s, 3),
             "precopy_pages": self.precopy_pages,
+            "precopy_rounds": self.precopy_rounds,
             "rejects": self.rejects,
+            "scan": self.scan,
+            "scan_note": self.scan_note,
+            "log_losses": self.log_losses,
+            "log_missed_pages": self.log_missed_pages,
+            "verified_pages": self.verified_pages,
         }
 
 
@@ -177,6 +209,48 @@ class SendBuffers:
         return buf
 
 
+class _PartSender:
+    """Pre-copy parts sent with at most a window of them awaiting the standby's ack."""
+
+    def __init__(self, engine: CheckpointEngine, progress: Callable[[Progress], None] | None):
+        self.engine, self.progress = engine, progress
+        self.window = max(2, engine.cfg.max_in_flight)
+        self.buffers = SendBuffers(self.window)
+        self.sent = self.acked = self.pages = self.total = self.done = self.round = 0
+        self.sizes: dict[int, int] = {}
+
+    def buffer(self, npages: int) -> mmap.mmap:
+        return self.buffers.get(self.sent, npages)
+
+    def send(self, batch: pd.EncodedPages, *, final: bool) -> None:
+        self.engine.send_pages(wire.Pages.of(0, batch, part=self.sent, final=final))
+        self.engine.metrics.replicated.inc(len(batch.data))
+        self.sizes[self.sent] = len(batch.index)
+        self.sent += 1
+        self.pages += len(batch.index)
+        self._wait(self.window - 1)
+
+    def finish(self) -> None:
+        self._wait(0)
+
+    def _wait(self, allowed: int) -> None:
+        while self.sent - self.acked > allowed:
+            reply = self.engine._recv(10.0)
+            if reply is None:
+                raise ReplicationError("the standby stopped answering during pre-copy")
+            if getattr(reply, "session", None) != self.engine.session:
+                continue  # not of this session: a stale answer
+            if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.PAGES:
+                raise ReplicationError(
+                    f"the standby rejected pre-copy part {reply.part}: {reply.reason}"
+                )
+            if isinstance(reply, wire.Ack) and reply.epoch == 0:
+                self.done += self.sizes.pop(self.acked, 0)
+                self.acked += 1
+                if self.progress:
+                    self.progress(Progress(self.done, max(self.total, self.done), self.round))
+
+
 class CheckpointEngine:
     def __init__(
         self,
@@ -194,13 +268,22 @@ class CheckpointEngine:
         self.fingerprint = fingerprint
         self.pair, self.generation, self.node = pair, generation, node
         self.npages = len(guest.ram) // PS
-        self.exact = cfg.scan == "exact"
+        self.stats = Stats()
+        self.method = self._choose_scan()
+        self.exact = self.method == "exact"
         self.shadow = pd.alloc_pages(self.npages) if self.exact or cfg.encoding == "delta" else None
         self.table = bytearray(pd.hash_table_size(len(guest.ram))) if not self.exact else None
+        self.log: dirtylog.DirtyLog | None = None
+        # "ok": the log lists the dirty pages; "lost": the next checkpoint scans all of
+        # RAM and the log is set up again after it; "fresh": set up again after the
+        # guest resumed, so the next checkpoint still scans all of RAM (writes between
+        # the resume and the new protection are not in it).
+        self.log_state = "ok"
+        self._pending: set[int] = set()  # pages to send with the next checkpoint (safety net)
+        self._verify_next = 0  # the safety net's next slice
         self.epoch = 0  # last checkpoint taken
         self.acked = 0
         self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
-        self.stats = Stats()
         self._buffers = SendBuffers(cfg.max_in_flight)
         self._fault = _fault_point()
         self.session = 0  # this pairing's session (0: not paired)
@@ -209,6 +292,56 @@ class CheckpointEngine:
         self._resent_at = 0.0  # when (monotonic)
         self.metrics = Metrics.of(pair, node)
         outputs.metrics = self.metrics
+
+    # -- the dirty-page scan ------------------------------------------------------
+
+    def _choose_scan(self) -> str:
+        """``checkpoint.scan`` resolved: ``auto`` is the log where it can be kept for
+        this guest on this kernel, else hashed (the reason goes in the status)."""
+        want = self.cfg.scan
+        if want in ("exact", "hashed"):
+            self.stats.scan = want
+            return want
+        reason = dirtylog.probe()
+        if reason is None and self.guest.log_source() is None:
+            reason = f"the {self.guest.kind} guest was not started with the preload library"
+        if reason is None:
+            blockers = self.guest.log_blockers()
+            if blockers:
+                reason = "the guest has what the log cannot see: " + "; ".join(blockers)
+        if reason is None:
+            self.stats.scan = "log"
+            return "log"
+        return self._without_log(reason)
+
+    def _without_log(self, reason: str) -> str:
+        if self.cfg.scan == "log":
+            raise ReplicationError(f'checkpoint.scan = "log" cannot be used: {reason}')
+        log.warning('checkpoint.scan = "auto": the hashed scan, as %s', reason)
+        self.stats.scan, self.stats.scan_note = "hashed", f"no dirty-page log: {reason}"
+        return "hashed"
+
+    def _open_log(self) -> bool:
+        """Set the log up (its first scan write-protects all of RAM); False if it cannot."""
+        self.close_log()
+        try:
+            self.log = dirtylog.DirtyLog(self.guest)
+        except dirtylog.DirtyLogError as e:
+            if self.log_state == "ok":  # at the start: the choice falls to hashed
+                self.method = self._without_log(str(e))
+            else:
+                log.warning("the dirty-page log could not be set up again: %s", e)
+            return False
+        return True
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def close(self) -> None:
+        """Release what the engine holds in the guest (the log's registration)."""
+        self.close_log()
 
     # -- session ---------------------------------------------------------------
 
@@ -262,8 +395,22 @@ class CheckpointEngine:
     # -- pre-copy -------------------------------------------------------------
 
     def precopy(self, progress: Callable[[Progress], None] | None = None) -> None:
-        """Copy all of RAM to the standby while the guest runs."""
+        """Copy all of RAM to the standby while the guest runs (with the log: then, in
+        rounds, what was written meanwhile, until what is left is small)."""
         t0 = time.monotonic()
+        if self.method == "log":
+            self.log_state = "ok"
+            self._open_log()  # before the first copy: every later write is logged
+        sender = _PartSender(self, progress)
+        if self.method == "log":
+            self._precopy_rounds(sender)
+        else:
+            self._precopy_once(sender)
+        sender.finish()
+        self.stats.precopy_s = time.monotonic() - t0
+        self.stats.precopy_pages = sender.pages
+
+    def _precopy_once(self, sender: _PartSender) -> None:
         ram = self.guest.ram
         chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
         if self.exact:
@@ -275,35 +422,46 @@ class CheckpointEngine:
         # first (into the shadow, or a scratch buffer) and hashed from that copy.
         scratch = None if self.exact or self.shadow is not None else pd.alloc_pages(chunk)
         parts = [range(s, min(s + chunk, self.npages)) for s in range(0, self.npages, chunk)]
-        window = max(2, self.cfg.max_in_flight)
-        buffers = SendBuffers(window)
-        acked = 0
+        sender.total = self.npages
         for n, pages in enumerate(parts):
-            buf = buffers.get(n, len(pages))
+            buf = sender.buffer(len(pages))
             if self.exact:
                 assert self.shadow is not None
                 batch = pd.gather(self.shadow, pages, out=buf)
             else:
                 batch = self._precopy_hashed(pages, scratch, buf)
-            self.send_pages(wire.Pages.of(0, batch, part=n, final=n == len(parts) - 1))
-            self.metrics.replicated.inc(len(batch.data))
-            sent = n + 1
-            while sent - acked >= window or (n == len(parts) - 1 and acked < sent):
-                reply = self._recv(10.0)
-                if reply is None:
-                    raise ReplicationError("the standby stopped answering during pre-copy")
-                if getattr(reply, "session", None) != self.session:
-                    continue  # not of this session: a stale answer
-                if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.PAGES:
-                    raise ReplicationError(
-                        f"the standby rejected pre-copy part {reply.part}: {reply.reason}"
-                    )
-                if isinstance(reply, wire.Ack) and reply.epoch == 0:
-                    acked += 1
-                    if progress:
-                        progress(Progress(min(self.npages, acked * chunk), self.npages))
-        self.stats.precopy_s = time.monotonic() - t0
-        self.stats.precopy_pages = self.npages
+            sender.send(batch, final=n == len(parts) - 1)
+
+    def _precopy_rounds(self, sender: _PartSender) -> None:
+        """Pre-copy driven by the log: all of RAM, then the pages written during the
+        previous round, until they are few (or after PRECOPY_ROUNDS rounds); what
+        is written after the last round's scan goes with the first checkpoint."""
+        assert self.log is not None and self.table is not None
+        chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
+        small = max(256, self.npages // 512)
+        todo: array[int] | range = range(self.npages)
+        sender.total = self.npages
+        for rnd in range(PRECOPY_ROUNDS + 1):
+            sender.round = rnd
+            for a in range(0, len(todo), chunk):
+                pages = todo[a : a + chunk]
+                batch = pd.gather(self.guest.ram, pages, out=sender.buffer(len(pages)))
+                pd.hash_gathered(self.table, batch)  # the table: what the standby holds
+                if self.shadow is not None:  # delta encoding: the shadow too
+                    pd.apply_encoded(self.shadow, batch)
+                last = a + chunk >= len(todo)
+                left = len(self.log.written(0, self.npages)) if last else small + 1
+                final = last and (left <= small or rnd == PRECOPY_ROUNDS)
+                sender.send(batch, final=final)
+                if final:
+                    self.stats.precopy_rounds = rnd + 1
+                    return
+            todo = self.log.scan()
+            sender.total += len(todo)
+            if not todo:  # nothing written during the round: an empty last part
+                sender.send(pd.gather(self.guest.ram, [], out=sender.buffer(1)), final=True)
+                self.stats.precopy_rounds = rnd + 1
+                return
 
     def _precopy_hashed(
         self, pages: range, scratch: mmap.mmap | None, buf: mmap.mmap
@@ -330,14 +488,20 @@ class CheckpointEngine:
         ``resume=False`` the guest stays paused at it."""
         guest, ram, cfg = self.guest, self.guest.ram, self.cfg
         epoch = self.epoch + 1
+        if self._fault is not None and self._fault[:2] == ("lose-log", epoch) and self.log:
+            log.warning("MIRROR_FAULT: dropping the dirty-page log before checkpoint %d", epoch)
+            self.log.drop()
         t0 = time.perf_counter()
         guest.pause()
         t1 = time.perf_counter()
         buf = None
+        logged = False  # the dirty pages came from the log: the table is set after the resume
         if self.exact:
             assert self.shadow is not None
             delta = cfg.encoding == "delta"
             dirty = pd.scan_exact(ram, self.shadow, update_shadow=not delta, threads=cfg.threads)
+        elif self.method == "log":
+            dirty, logged = self._log_scan(epoch)
         else:
             assert self.table is not None
             dirty = pd.scan_hashed(ram, self.table, threads=cfg.threads)
@@ -366,6 +530,12 @@ class CheckpointEngine:
         elif batch.checksums is None:  # delta: the shadow now holds each page's new content
             assert self.shadow is not None
             batch = replace(batch, checksums=pd.checksums(self.shadow, batch.index))
+        if logged:  # the table describes what the standby holds once this commits
+            assert self.table is not None
+            if self.shadow is not None:
+                pd.hash_pages(self.shadow, batch.index, self.table)
+            else:
+                pd.hash_gathered(self.table, batch)
         msg = wire.Pages.of(epoch, batch, state=state, outputs=outs)
         ms = 1000.0
         rec = CheckpointRecord(
@@ -396,12 +566,86 @@ class CheckpointEngine:
              "state": rec.state_ms, "resume": rec.resume_ms},
             rec.pause_ms, rec.pages, rec.bytes_sent,
         )  # fmt: skip
+        if self.method == "log":
+            self._after_log_checkpoint(epoch, logged)
         return rec
 
     def send_pages(self, msg: wire.Pages) -> None:
         """Send ``msg`` in this session under the next send number."""
         self._seq += 1
         self.link.send(replace(msg, session=self.session, seq=self._seq))
+
+    def _log_scan(self, epoch: int) -> tuple[array[int], bool]:
+        """In the pause: the pages the log lists (and those the safety net found),
+        or, with the log lost or just set up again, a full hashed scan."""
+        assert self.table is not None
+        if self.log_state == "ok" and self.log is not None:
+            try:
+                dirty = self.log.scan()
+            except dirtylog.DirtyLogError as e:
+                self._lost(epoch, e)
+            else:
+                if self._pending:
+                    dirty = array("I", sorted(self._pending.union(dirty)))
+                    self._pending.clear()
+                return dirty, True
+        elif self.log is not None and self.log_state == "fresh":
+            try:
+                self.log.scan()  # protect again what was written since it was set up
+            except dirtylog.DirtyLogError:
+                self.log_state = "lost"
+        self._pending.clear()  # the full scan finds them (the table is still the standby's)
+        dirty = pd.scan_hashed(self.guest.ram, self.table, threads=self.cfg.threads)
+        if self.log_state == "fresh":
+            self.log_state = "ok"
+        return dirty, False
+
+    def _lost(self, epoch: int, e: Exception) -> None:
+        self.stats.log_losses += 1
+        self.log_state = "lost"
+        _event("dirty-log-lost", checkpoint=epoch, reason=str(e), fallback="hashed scan")
+
+    def _after_log_checkpoint(self, epoch: int, logged: bool) -> None:
+        """After the resume: set a lost log up again, or check a slice of RAM."""
+        if self.log_state == "lost":
+            if self._open_log():
+                self.log_state = "fresh"
+                _event("dirty-log-restored", checkpoint=epoch)
+            return
+        if logged and self.cfg.verify_slices:
+            self._verify_slice(epoch)
+
+    def _verify_slice(self, epoch: int) -> None:
+        """The safety net: compare the next slice of RAM with the table (what the
+        standby holds).  A page that differs although the log says it was not written
+        since the pause was missed by the log: it goes with the next checkpoint."""
+        assert self.table is not None and self.log is not None
+        slices = min(self.cfg.verify_slices, self.npages)
+        k = self._verify_next
+        self._verify_next = (k + 1) % slices
+        first = k * self.npages // slices
+        count = (k + 1) * self.npages // slices - first
+        differ = pd.hash_verify(self.guest.ram, self.table, first, count)
+        self.stats.verified_pages += count
+        if not differ:
+            return
+        try:
+            written = set(self.log.written(first, count))  # asked after hashing: see above
+        except dirtylog.DirtyLogError as e:
+            self._lost(epoch + 1, e)  # the next checkpoint scans all of RAM
+            return
+        missed = [p for p in differ if p not in written]
+        if missed:
+            self.stats.log_missed_pages += len(missed)
+            self.metrics.missed_pages.inc(len(missed))
+            self._pending.update(missed)
+            _event(
+                "dirty-log-missed-pages",
+                checkpoint=epoch,
+                pages=len(missed),
+                first=missed[:8],
+                total=self.stats.log_missed_pages,
+            )
 
     def on_reply(self, reply: wire.Message) -> None:
         """Act on the standby's answer.  Nothing it says stops this primary: a REJECT of a

@@ -437,3 +437,49 @@ def stage_pages(
         (idx_p, n, kinds_p, lens_p, data_p, scratch_p),
         (image, index, kinds, lens, data, scratch),
     )
+
+
+def hash_pages(base: Buffer, pages: Sequence[int] | array[int], table: Buffer) -> None:
+    """Set the hash-table entries of the listed pages from their content in ``base``
+    (as :func:`scan_hashed` would)."""
+    base_p, npages = _pages(base, "buffer")
+    tab_p, tab_len = _bytes(table, "hash table", writable=True)
+    if tab_len != npages * HASH_SIZE:
+        raise PageDiffError(f"hash table is {tab_len} bytes but {npages} pages need more")
+    idx_p, n = _index(pages, npages)
+    _check(lib.pd_hash_pages(base_p, npages, idx_p, n, tab_p), "hash pages")
+
+
+def hash_gathered(table: Buffer, batch: EncodedPages) -> None:
+    """Set the hash-table entries of a batch from :func:`gather` to the content it
+    carries, so that the table describes what the receiver will hold."""
+    tab_p, tab_len = _bytes(table, "hash table", writable=True)
+    npages = tab_len // HASH_SIZE
+    idx_p, n = _index(batch.index, npages)
+    data_p, data_len = _bytes(batch.data, "data")
+    _check(
+        lib.pd_hash_gathered(
+            tab_p, npages, idx_p, n, ffi.from_buffer("uint8_t[]", batch.kinds), data_p, data_len
+        ),
+        "hash gathered pages",
+    )
+
+
+def hash_verify(ram: Buffer, table: Buffer, first: int, count: int) -> array[int]:
+    """The pages of [first, first + count) whose hash differs from ``table`` (which is
+    left as it is)."""
+    ram_p, npages = _pages(ram, "ram")
+    tab_p, tab_len = _bytes(table, "hash table")
+    if tab_len != npages * HASH_SIZE:
+        raise PageDiffError(f"hash table is {tab_len} bytes but {npages} pages need more")
+    if not (0 <= first <= first + count <= npages):
+        raise PageDiffError(f"pages {first}..{first + count} are outside {npages} pages")
+    out = array("I", bytes(4 * max(1, count)))
+    n = _check(
+        lib.pd_hash_verify(
+            ram_p, tab_p, npages, first, first + count, ffi.from_buffer("uint32_t[]", out)
+        ),
+        "hash verify",
+    )
+    del out[n:]
+    return out

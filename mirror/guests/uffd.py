@@ -1,0 +1,85 @@
+"""Userfaultfds from a guest's process: the agent's half of native/uffd_preload.c.
+
+A userfaultfd logs the writes of the process that made it, so the dirty-page log
+of a guest (mirror/replication/dirtylog.py) needs one made inside the process
+that maps guest RAM and writes it (QEMU, or the synthetic guest process).  The
+guest process is started with the small library ``mirror._uffdpreload`` in
+``LD_PRELOAD`` and ``MIRROR_UFFD_SOCK`` naming a unix socket (here an abstract
+one, ``@name``, so nothing is left on disk); the library listens there on a
+thread of its own and answers every connection with a new userfaultfd over
+SCM_RIGHTS.  Nothing else about the process or its command line changes.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from pathlib import Path
+
+import mirror
+from mirror.guests.base import GuestError, LogSource
+
+ENV_SOCK = "MIRROR_UFFD_SOCK"
+
+
+def preload_library() -> Path | None:
+    """The built preload library, or None (a build without it: no dirty-page log)."""
+    here = Path(mirror.__file__).parent
+    found = sorted(here.glob("_uffdpreload*.so"))
+    return found[0] if found else None
+
+
+def unique_name(kind: str) -> str:
+    return f"@mirror-uffd-{kind}-{os.getpid()}-{os.urandom(6).hex()}"
+
+
+def preload_env(sock: str, base: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The environment for a guest process that hands out userfaultfds at ``sock``
+    (None when the library is not built)."""
+    lib = preload_library()
+    if lib is None:
+        return None
+    env = dict(os.environ if base is None else base)
+    old = env.get("LD_PRELOAD", "")
+    env["LD_PRELOAD"] = f"{lib} {old}".strip()
+    env[ENV_SOCK] = sock
+    return env
+
+
+def _address(sock: str) -> str | bytes:
+    return b"\0" + sock[1:].encode() if sock.startswith("@") else sock
+
+
+def fetch(source: LogSource, timeout: float = 5.0) -> int:
+    """A new userfaultfd made in the guest's process (the caller owns the fd)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(_address(source.socket))
+            fds = array.array("i")
+            msg, anc, _, _ = s.recvmsg(4, socket.CMSG_SPACE(fds.itemsize))
+        except OSError as e:
+            raise GuestError(
+                f"no userfaultfd from guest process {source.pid} at {source.socket}: {e} "
+                f"(was it started with the preload library?)"
+            ) from e
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if len(msg) != 4:
+            for fd in fds:
+                os.close(fd)
+            raise GuestError(f"guest process {source.pid} closed its userfaultfd socket")
+        (status,) = struct.unpack("=i", msg)
+        if status or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise GuestError(
+                f"guest process {source.pid} could not make a userfaultfd: "
+                f"{os.strerror(status) if status else 'no fd passed'}"
+            )
+        for extra in fds[1:]:
+            os.close(extra)
+        return fds[0]
