@@ -105,7 +105,9 @@ def running_pair(
             params = SyntheticParams.from_config(cfg_a.guest)
             guest = SyntheticGuest.boot(params, SHM_DIR / ram_name, lambda out: holder[0].add(out))
             link = Link.client(
-                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port), "hostA"
+                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port),
+                "hostA",
+                keys=keys.load(cfg_a),
             )
             yield guest, link, cfg_a, holder
         finally:

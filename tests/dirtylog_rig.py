@@ -14,6 +14,7 @@ from pathlib import Path
 from mirror.config import Config, GuestConfig
 from mirror.guests.base import Guest, OutputHandler
 from mirror.lab.demo import Host, pair_configs, wait_for
+from mirror.replication import keys
 from mirror.replication import pagediff as pd
 from mirror.replication.checkpoint import CheckpointEngine
 from mirror.replication.link import Endpoint, Link
@@ -99,7 +100,9 @@ def rig(
             outputs = OutputBuffer(lambda outs: None)
             guest = boot(cfg_a, root, outputs.add)
             link = Link.client(
-                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port), "hostA"
+                Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port),
+                "hostA",
+                keys=keys.load(cfg_a),
             )
             engine = CheckpointEngine(
                 guest, link, cfg_a.checkpoint, outputs, pair=cfg_a.pair.name, generation=1,

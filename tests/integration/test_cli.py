@@ -138,6 +138,7 @@ def test_a_metrics_port_in_use_is_a_clear_error(
         cfg.write_text(
             f'[pair]\nname = "{pair_name}"\n[node]\nstate_dir = "{tmp_path}"\n'
             f'[guest]\nram_mib = 8\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+            f'[keys]\ninsecure = true\n[arbiter]\ndir = "{tmp_path}"\n'
         )
         for role in ("primary", "secondary"):
             run = mirror(role, "--config", str(cfg), timeout=60)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import CheckpointConfig, Config, GuestConfig
+from mirror.config import CheckpointConfig, Config, GuestConfig, PairConfig
 from mirror.guests.base import Guest, OutputHandler
 from mirror.guests.synthetic import SHM_DIR, SyntheticGuest, SyntheticParams
 from mirror.replication import dirtylog
@@ -24,6 +24,7 @@ if dirtylog.probe() is not None:
     pytest.skip(f"no dirty-page log here: {dirtylog.probe()}", allow_module_level=True)
 
 EPOCH_MS = 4
+QUIET = OutputBuffer(lambda outs: None)  # outputs nobody reads
 
 
 def synthetic(cfg: Config, root: Path, on_output: OutputHandler) -> Guest:
@@ -34,6 +35,7 @@ def synthetic(cfg: Config, root: Path, on_output: OutputHandler) -> Guest:
 def config(scan: str = "auto", verify_slices: int = 64, rate: int = 3000) -> Config:
     return replace(
         Config(),
+        pair=PairConfig(name=f"dl{os.getpid()}"),  # apart from other runs' pairs
         guest=replace(GuestConfig(), ram_mib=16, dirty_pages_per_s=rate, outputs_per_s=200),
         checkpoint=replace(CheckpointConfig(), scan=scan, epoch_ms=10, verify_slices=verify_slices),
     )
@@ -91,7 +93,7 @@ def test_auto_falls_back_to_hashed_on_an_old_kernel(monkeypatch: pytest.MonkeyPa
     try:
         for scan, method in (("auto", "hashed"), ("hashed", "hashed"), ("exact", "exact")):
             eng = CheckpointEngine(
-                guest, None, replace(CheckpointConfig(), scan=scan), None,  # type: ignore[arg-type]
+                guest, None, replace(CheckpointConfig(), scan=scan), QUIET,  # type: ignore[arg-type]
                 pair="p", generation=1, node="n",
             )  # fmt: skip
             assert eng.method == method and eng.stats.scan == method
@@ -101,12 +103,12 @@ def test_auto_falls_back_to_hashed_on_an_old_kernel(monkeypatch: pytest.MonkeyPa
                 assert "PAGEMAP_SCAN refused" in summary["scan_note"]
         with pytest.raises(ReplicationError, match=r'scan = "log" cannot be used.*6\.7'):
             CheckpointEngine(
-                guest, None, replace(CheckpointConfig(), scan="log"), None,  # type: ignore[arg-type]
+                guest, None, replace(CheckpointConfig(), scan="log"), QUIET,  # type: ignore[arg-type]
                 pair="p", generation=1, node="n",
             )  # fmt: skip
         monkeypatch.delenv(dirtylog.SIMULATE_ENV)
         eng = CheckpointEngine(
-            guest, None, replace(CheckpointConfig(), scan="auto"), None,  # type: ignore[arg-type]
+            guest, None, replace(CheckpointConfig(), scan="auto"), QUIET,  # type: ignore[arg-type]
             pair="p", generation=1, node="n",
         )  # fmt: skip
         assert eng.method == "log"
