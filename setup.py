@@ -5,4 +5,9 @@ Everything else about the package lives in pyproject.toml.
 
 from setuptools import setup
 
-setup(cffi_modules=["native/build_pagediff.py:ffibuilder"])
+setup(
+    cffi_modules=[
+        "native/build_pagediff.py:ffibuilder",
+        "native/build_diskserver.py:ffibuilder",
+    ]
+)
