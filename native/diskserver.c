@@ -418,7 +418,6 @@ static const char *receive(int fd) {
         if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_SYNC_DONE) { why = "a record of unknown type"; break; }
         if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC) &&
             (len == 0 || len > MAX_REQ || off > S.size || len > S.size - off)) { why = "a record out of the disk's bounds"; break; }
-        if (has_data && len > S.jsize) { why = "a record larger than the journal"; break; }
         if (syncing) {
             if (type == R_BARRIER) { why = "a BARRIER during the initial sync"; break; }
             if (type == R_SYNC_DONE) {
@@ -438,6 +437,7 @@ static const char *receive(int fd) {
             continue;
         }
         if (type == R_SYNC || type == R_SYNC_DONE) { why = "a sync record after the sync"; break; }
+        if (has_data && len > S.jsize) { why = "a record larger than the journal"; break; }
         pthread_mutex_lock(&S.mu);
         if (ep != S.open_epoch) {
             pthread_mutex_unlock(&S.mu);
@@ -459,6 +459,7 @@ static const char *receive(int fd) {
             if (pwrite_full(S.jfd, buf, len, pos % S.jsize)) { why = "writing the journal failed"; break; }
         }
         pthread_mutex_lock(&S.mu);
+        if (!has_data) pos = S.jtail; /* where the journal's head goes once it is applied */
         add_entry(type, ep, off, len, pos);
         pthread_mutex_unlock(&S.mu);
     }
