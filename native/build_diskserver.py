@@ -2,7 +2,7 @@
 
 The server is a multi-threaded C program; it lives in an extension module so that
 the package install compiles it like the page-diff engine (no compiler at run
-time).  ``python -m mirror.replication.diskproc ARGS`` hands the process to its
+time).  ``python -m mirror.guests.diskproc ARGS`` hands the process to its
 ``main``: no Python runs on the I/O path.
 """
 

@@ -1,6 +1,6 @@
 /* mirror's disk server: a guest disk served over NBD, replicated per epoch (Remus).
  *
- * One process per host and guest disk (started by mirror.replication.disk):
+ * One process per host and guest disk (started by mirror.guests.disk):
  *
  *   QEMU --NBD (unix socket)--> [diskserver on A] --records (TCP)--> [diskserver on B]
  *                                 local image                         journal, replica

@@ -32,13 +32,14 @@ DEFAULT_DIR = Path(
 ).expanduser()
 BUSYBOX = Path("/bin/busybox")
 GUESTD_SRC = Path(__file__).with_name("guestd.c")
-# the NIC driver and what it needs, in load order
+# the NIC and disk drivers and what they need, in load order
 MODULES = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko",
     "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
     "net/core/failover.ko",
     "drivers/net/net_failover.ko",
     "drivers/net/virtio_net.ko",
@@ -62,7 +63,7 @@ for m in %(modules)s; do insmod /lib/modules/$m.ko || echo "mirror-guest: insmod
 ip link set lo up
 ip addr add "$IP" dev eth0 && ip link set eth0 up
 echo "mirror-guest: eth0 $IP, guestd on port $PORT"
-/bin/guestd "$PORT" "$INTERVAL" &
+/bin/guestd "$PORT" "$INTERVAL" /dev/vda &
 while true; do sleep 3600; done
 """
 

@@ -94,6 +94,19 @@ def progress_bar(prefix: str) -> Callable[[Progress], None]:
     return show
 
 
+def disk_progress_bar(prefix: str) -> Callable[[int, int], None]:
+    """The initial disk copy's progress, as the pre-copy's (only on a terminal)."""
+    show = progress_bar(prefix)
+    last = [-1]
+
+    def disk(done: int, total: int) -> None:
+        if sys.stderr.isatty() and done != last[0]:
+            last[0] = done
+            show(Progress(done // 4096, max(1, total // 4096)))
+
+    return disk
+
+
 SWITCHED_OVER = 10  # PrimaryRun.protect: handed over, become the secondary
 UNPROTECTED = 11  # PrimaryRun.protect: won "unprotected": run on, lead the next generation
 
@@ -112,6 +125,7 @@ class PrimaryRun:
         address: str,
     ) -> None:
         self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
+        self.address = address
         self.link = Link.client(
             Endpoint(address, cfg.link.data_port, cfg.link.heartbeat_port),
             cfg.node.name,
@@ -159,6 +173,9 @@ class PrimaryRun:
             self.link,
         )
         self.phase = "precopy"
+        if self.guest.disk is not None:
+            engine.start_disk(self.address, cfg.disk.port, disk_progress_bar("disk copy"))
+            event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib)
         paired_at = time.monotonic()  # the standby answered HELLO just now
         engine.precopy(progress_bar("pre-copy"))
         self.phase = "protected"

@@ -27,6 +27,7 @@ def run_secondary(cfg: Config, stop: threading.Event) -> int:
     try:
         # the ready standby: a guest waiting for its state (for QEMU, on the image)
         ready = backend.ready(standby.image.path)
+        standby.disk = getattr(ready, "disk", None)
     except BaseException:
         standby.close()
         raise

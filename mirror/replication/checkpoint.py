@@ -30,6 +30,7 @@ from typing import Any
 
 from mirror.config import CheckpointConfig
 from mirror.guests.base import Guest
+from mirror.guests.disk import DiskError, DiskServer
 from mirror.hoststate import percentile
 from mirror.replication import pagediff as pd
 from mirror.replication import wire
@@ -200,6 +201,7 @@ class CheckpointEngine:
         self.stats = Stats()
         self._buffers = SendBuffers(cfg.max_in_flight)
         self._fault = _fault_point()
+        self._disk_unprotected = False
 
     # -- session ---------------------------------------------------------------
 
@@ -325,6 +327,8 @@ class CheckpointEngine:
         t3 = time.perf_counter()
         state = guest.save_state()
         outs = self.outputs.close_epoch()
+        if guest.disk is not None:  # `stop` drained the guest's I/O: close its disk epoch
+            self._disk_barrier(guest.disk, epoch)
         _fault(self._fault, "in-pause", epoch)
         t4 = time.perf_counter()
         if resume:
@@ -362,6 +366,25 @@ class CheckpointEngine:
         self.in_flight[epoch] = (msg, rec)
         self.stats.add(rec)
         return rec
+
+    def _disk_barrier(self, disk: DiskServer, epoch: int) -> None:
+        problem = disk.barrier(epoch)
+        if problem is not None and not self._disk_unprotected:
+            self._disk_unprotected = True  # the standby's commits will say so: reported once
+            log.error("the guest's disk is not replicated from checkpoint %d: %s", epoch, problem)
+
+    def start_disk(self, address: str, port: int, progress: Callable[[int, int], None]) -> None:
+        """Pairing with a disk: stream it to the standby's disk server, copying all of it
+        live (the guest runs); returns when the standby's replica is complete."""
+        disk = self.guest.disk
+        if disk is None:
+            return
+        try:
+            disk.replicate(address, port, self.epoch + 1)
+            disk.wait_synced(progress=progress)
+        except DiskError as e:
+            raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
+        self._disk_unprotected = False
 
     def on_reply(self, reply: wire.Message) -> None:
         if isinstance(reply, wire.Ack) and reply.epoch > self.acked:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
+from mirror.guests.disk import DiskError, DiskServer
 from mirror.hoststate import write_atomic, write_json
 from mirror.replication import pagediff as pd
 from mirror.replication import wire
@@ -106,6 +107,7 @@ class Standby:
         self.handover = False  # the primary handed over (planned switchover)
         self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
         self.link: Link | None = None
+        self.disk: DiskServer | None = None  # the disk replica, committed with each checkpoint
 
     # -- the protocol ---------------------------------------------------------
 
@@ -228,6 +230,12 @@ class Standby:
                 self.committed,
             )
             return self._reject(m.epoch, m.part, str(e))
+        if m.epoch and self.disk is not None:
+            try:  # the disk's epoch N, durably, before RAM N commits and is acknowledged
+                self.disk.commit(m.epoch)
+            except DiskError as e:
+                log.error("checkpoint %d rejected: its disk epoch: %s", m.epoch, e)
+                return self._reject(m.epoch, m.part, f"disk: {e}")
         for batch in staged:
             batch.commit()
         if m.epoch == 0:

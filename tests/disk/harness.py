@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from mirror.replication.disk import DiskError, DiskServer, DiskSpec
+from mirror.guests.disk import DiskError, DiskServer, DiskSpec
 from tests.disk.nbd import NbdClient, NbdError
 
 BLOCK = 4096
@@ -124,7 +124,8 @@ class Harness:
                         off = rng.randrange(self.size // BLOCK) * BLOCK
                         op = rng.random()
                         if op < 0.05:
-                            c.trim(off, BLOCK * rng.randint(1, 4) if off + 4 * BLOCK <= self.size else BLOCK)
+                            n = rng.randint(1, 4) if off + 4 * BLOCK <= self.size else 1
+                            c.trim(off, BLOCK * n)
                         elif op < 0.1:
                             c.zeroes(off, BLOCK)
                         elif op < 0.12:

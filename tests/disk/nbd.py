@@ -5,6 +5,7 @@ It talks to the disk server over its real unix socket, as QEMU does.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from pathlib import Path
@@ -23,7 +24,7 @@ class NbdClient:
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
         self._handle = 0
-        magic, opt, flags = struct.unpack(">QQH", self._read(18))
+        magic, opt, _flags = struct.unpack(">QQH", self._read(18))
         if magic != 0x4E42444D41474943 or opt != 0x49484156454F5054:
             raise NbdError(0, "not an NBD server")
         self.sock.sendall(struct.pack(">I", 1 | 2))  # fixed newstyle, no zeroes
@@ -77,8 +78,6 @@ class NbdClient:
         self._cmd(CMD_ZEROES, offset, length)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_DISC, 0, 0, 0))
-        except OSError:
-            pass
         self.sock.close()

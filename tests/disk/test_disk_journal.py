@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.replication.disk import DiskError, DiskServer, DiskSpec
+from mirror.guests.disk import DiskError
 from tests.disk.harness import Harness, differing_blocks
 from tests.disk.nbd import NbdClient
 

@@ -1,4 +1,4 @@
-"""``python -m mirror.replication.diskproc ARGS``: this process becomes the disk server.
+"""``python -m mirror.guests.diskproc ARGS``: this process becomes the disk server.
 
 The server is C (native/diskserver.c, multi-threaded); this module only hands it
 the command line.  cffi releases the GIL for the call, and the server never

@@ -1,4 +1,5 @@
-"""The guest's disk, replicated per epoch: the agent's handle on its disk server.
+"""The guest's disk, replicated per epoch: the agent's handle on its disk server (a device
+backend of the guest, like the NIC relay; the epoch engine and the standby drive it).
 
 The server (native/diskserver.c, one process per host) serves the disk to QEMU
 over NBD on a unix socket.  On the primary it writes the local image and streams
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("mirror.replication.disk")
+log = logging.getLogger("mirror.guests.disk")
 
 
 class DiskError(RuntimeError):
@@ -92,7 +93,7 @@ class DiskServer:
             args += ["--test-snapshots", str(spec.snapshots), "--test-keep", str(spec.keep)]
         self.stderr_path = spec.run_dir / "diskserver.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mirror.replication.diskproc", *args],
+            [sys.executable, "-m", "mirror.guests.diskproc", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=open(self.stderr_path, "ab"),  # noqa: SIM115
