@@ -572,6 +572,15 @@ static void cmd_promote(char *out, size_t outlen) {
     pthread_mutex_lock(&S.stream_mu);
     S.cur_epoch = c + 1;
     pthread_mutex_unlock(&S.stream_mu);
+    if (S.snap_dir) { /* tests: the replica as promoted, before the guest writes it */
+        char path[4096];
+        snprintf(path, sizeof path, "%s/promoted-%" PRIu64 ".img", S.snap_dir, c);
+        int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        off_t off = 0;
+        while (out >= 0 && (uint64_t)off < S.size &&
+               copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0) > 0) {}
+        if (out >= 0) close(out);
+    }
     logmsg("promoted at epoch %" PRIu64 ": %" PRIu64 " uncommitted records dropped", c, dropped);
     snprintf(out, outlen, "ok %" PRIu64 " %" PRIu64, c, dropped);
 }

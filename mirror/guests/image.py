@@ -57,6 +57,7 @@ for arg in $(cat /proc/cmdline); do
     mirror.ip=*) IP=${arg#mirror.ip=} ;;
     mirror.port=*) PORT=${arg#mirror.port=} ;;
     mirror.interval=*) INTERVAL=${arg#mirror.interval=} ;;
+    mirror.diskload=*) DISKLOAD=${arg#mirror.diskload=} ;;
   esac
 done
 for m in %(modules)s; do insmod /lib/modules/$m.ko || echo "mirror-guest: insmod $m failed"; done
@@ -64,6 +65,13 @@ ip link set lo up
 ip addr add "$IP" dev eth0 && ip link set eth0 up
 echo "mirror-guest: eth0 $IP, guestd on port $PORT"
 /bin/guestd "$PORT" "$INTERVAL" /dev/vda &
+# tests: the guest writes its disk on its own (4 KiB blocks, each synced)
+case "$DISKLOAD" in
+  seq) (i=0; while true; do dd if=/dev/urandom of=/dev/vda bs=4096 count=16 seek=$((i %% 2048)) \
+        conv=notrunc,fsync 2>/dev/null; i=$((i + 16)); done) & ;;
+  rand) (while true; do dd if=/dev/urandom of=/dev/vda bs=4096 count=1 \
+        seek=$((RANDOM %% 2048)) conv=notrunc,fsync 2>/dev/null; done) & ;;
+esac
 while true; do sleep 3600; done
 """
 

@@ -127,7 +127,8 @@ class QemuBackend(Backend):
         cfg = self.cfg
         if not cfg.disk.size_mib:
             return None
-        snapshots = os.environ.get("MIRROR_DISK_TEST_SNAPSHOTS")  # tests: A's disk per barrier
+        # tests: copies of the disk at each barrier (primary) and at promotion (replica)
+        snapshots = os.environ.get("MIRROR_DISK_TEST_SNAPSHOTS")
         host = cfg.link.host
         spec = DiskSpec(
             cfg.disk_image,
@@ -139,8 +140,8 @@ class QemuBackend(Backend):
             listen=f"{f'[{host}]' if ':' in host else host}:{cfg.disk.port}" if replica else "",
             journal=cfg.state_dir / "disk" / "journal" if replica else None,
             journal_bytes=cfg.disk.journal_mib << 20,
-            snapshots=Path(snapshots) if snapshots and not replica else None,
-            keep=64,
+            snapshots=Path(snapshots) if snapshots else None,
+            keep=16,
         )
         try:
             return DiskServer(spec)
