@@ -197,6 +197,16 @@ class DiskServer:
         st: dict[str, Any] = json.loads(self.call("status"))
         return st
 
+    def summary(self) -> dict[str, Any]:
+        """For the agent's status file: the disk's replication, in a few fields."""
+        try:
+            st = self.status()
+        except DiskError as e:
+            return {"error": str(e)}
+        keys = ("role", "synced", "peer", "lost", "writes", "write_bytes", "committed",
+                "consistent", "journal_used", "journal_size", "dropped_records")  # fmt: skip
+        return {k: st[k] for k in keys}
+
     def close(self) -> None:
         if self._ctl is not None:
             self._ctl.close()

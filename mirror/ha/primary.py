@@ -157,6 +157,7 @@ class PrimaryRun:
             "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
             if link.peer.node else None,
             "summary": engine.stats.summary(self.outputs), **self.extra,
+            **({"disk": self.guest.disk.summary()} if self.guest.disk else {}),
         }  # fmt: skip
 
     def write_status(self) -> None:

@@ -270,6 +270,7 @@ class Standby:
             "pid": os.getpid(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
+            **({"disk": self.disk.summary()} if self.disk else {}),
             **self.extra_status(),
         }
 
