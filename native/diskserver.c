@@ -417,7 +417,10 @@ static const char *receive(int fd) {
         int has_data = type == R_WRITE || type == R_SYNC;
         if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_SYNC_DONE) { why = "a record of unknown type"; break; }
         if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC) &&
-            (len == 0 || len > MAX_REQ || off > S.size || len > S.size - off)) { why = "a record out of the disk's bounds"; break; }
+            (len == 0 || (has_data && len > MAX_REQ) || off > S.size || len > S.size - off)) {
+            why = "a record out of the disk's bounds"; /* (TRIM and ZERO carry no data: any size) */
+            break;
+        }
         if (syncing) {
             if (type == R_BARRIER) { why = "a BARRIER during the initial sync"; break; }
             if (type == R_SYNC_DONE) {
