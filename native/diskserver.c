@@ -27,7 +27,9 @@
  * Initial sync: `replicate HOST PORT FIRST_EPOCH` connects to B and copies the
  * whole image live (SYNC records, all-zero chunks as ZERO records) while the
  * guest writes; B applies everything before SYNC_DONE at once, in stream order,
- * and journals everything after it.  B is consistent from SYNC_DONE on.
+ * and journals everything after it.  B's replica is consistent (promotable) once the
+ * first epoch closed after SYNC_DONE commits: the copy ends mid-epoch, so before that
+ * commit the replica holds part of an epoch.
  *
  * Every record from the network is checked (type, epoch order, bounds, size);
  * a bad one drops the stream and is logged.  Control commands are lines of
@@ -123,7 +125,9 @@ static struct {
     struct entry *ents;
     size_t nents, cap, first; /* live entries are ents[first..nents) */
     uint64_t open_epoch, closed_epoch, committed;
-    int consistent, streaming;
+    int consistent, streaming; /* consistent: the replica is the disk at `committed` */
+    int copied;                /* the current stream's initial copy is complete */
+    uint64_t sync_epoch;       /* the first epoch after it */
     uint64_t applied_records, dropped_records, commits, drops;
 } S;
 
@@ -404,7 +408,8 @@ static const char *receive(int fd) {
     if (gen < S.generation) { pthread_mutex_unlock(&S.mu); return "HELLO from an older generation"; }
     S.generation = gen;
     drop_uncommitted();
-    S.consistent = 0; /* until SYNC_DONE: the replica is being overwritten */
+    S.consistent = 0; /* the replica is being overwritten, until a commit after the copy */
+    S.copied = 0;
     int syncing = 1;
     pthread_mutex_unlock(&S.mu);
     logmsg("stream from the primary (generation %" PRIu64 "): initial sync", gen);
@@ -428,11 +433,12 @@ static const char *receive(int fd) {
                 if (fdatasync(S.img)) logmsg("fdatasync of the replica: %s", strerror(errno));
                 pthread_mutex_lock(&S.mu);
                 S.open_epoch = ep, S.closed_epoch = S.committed = ep - 1;
-                S.consistent = 1;
+                S.copied = 1;
+                S.sync_epoch = ep;
                 syncing = 0;
                 pthread_cond_broadcast(&S.cv);
                 pthread_mutex_unlock(&S.mu);
-                logmsg("initial sync done: replica consistent, epochs from %" PRIu64, ep);
+                logmsg("initial copy received: consistent from the commit of epoch %" PRIu64, ep);
                 continue;
             }
             if (has_data && read_full(fd, buf, len)) { why = "the primary closed the stream"; break; }
@@ -468,7 +474,6 @@ static const char *receive(int fd) {
     }
     free(buf);
     pthread_mutex_lock(&S.mu);
-    if (syncing) S.consistent = 0;
     pthread_mutex_unlock(&S.mu);
     return why;
 }
@@ -499,11 +504,17 @@ static void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
     pthread_mutex_lock(&S.mu);
     if (S.role != REPLICA) { pthread_mutex_unlock(&S.mu); snprintf(out, outlen, "err not a replica"); return; }
     if (n <= S.committed && S.consistent) { pthread_mutex_unlock(&S.mu); snprintf(out, outlen, "ok %" PRIu64, S.committed); return; }
-    while (S.closed_epoch < n || !S.consistent) {
-        if (!S.streaming && (S.closed_epoch < n || !S.consistent)) {
+    if (S.copied && n < S.sync_epoch) {
+        pthread_mutex_unlock(&S.mu);
+        snprintf(out, outlen, "err epoch %" PRIu64 " is older than the disk's copy (epochs from %" PRIu64 ")",
+                 n, S.sync_epoch);
+        return;
+    }
+    while (S.closed_epoch < n || !S.copied) {
+        if (!S.streaming) {
             pthread_mutex_unlock(&S.mu);
             snprintf(out, outlen, "err epoch %" PRIu64 " not closed on the disk stream (%s; committed %" PRIu64 ")",
-                     n, S.consistent ? "no stream" : "replica not in sync", S.committed);
+                     n, S.copied ? "no stream" : "disk copy not finished", S.committed);
             return;
         }
         struct timespec dl;
@@ -552,6 +563,7 @@ static void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
         S.applied_records += cnt;
     }
     S.committed = n;
+    S.consistent = 1; /* every epoch <= n is applied, and n is after the copy */
     S.commits++;
     pthread_cond_broadcast(&S.cv);
     pthread_mutex_unlock(&S.mu);
@@ -563,7 +575,7 @@ static void cmd_promote(char *out, size_t outlen) {
     if (S.role == PRIMARY) { pthread_mutex_unlock(&S.mu); snprintf(out, outlen, "err already a primary"); return; }
     if (!S.consistent) {
         pthread_mutex_unlock(&S.mu);
-        snprintf(out, outlen, "err the replica is not consistent (initial sync not finished)");
+        snprintf(out, outlen, "err the replica holds no committed checkpoint (its disk copy is not finished or not committed yet)");
         return;
     }
     uint64_t dropped = S.nents - S.first;
@@ -800,12 +812,12 @@ static void cmd_status(char *out, size_t outlen) {
              "ok {\"role\":\"%s\",\"size\":%" PRIu64 ",\"open_epoch\":%" PRIu64 ",\"peer\":%s,\"synced\":%s,"
              "\"sync_bytes\":%" PRIu64 ",\"sync_total\":%" PRIu64 ",\"lost\":\"%s\",\"writes\":%" PRIu64
              ",\"write_bytes\":%" PRIu64 ",\"barriers\":%" PRIu64 ",\"committed\":%" PRIu64
-             ",\"closed\":%" PRIu64 ",\"consistent\":%s,\"streaming\":%s,\"journal_used\":%" PRIu64
+             ",\"closed\":%" PRIu64 ",\"consistent\":%s,\"copied\":%s,\"streaming\":%s,\"journal_used\":%" PRIu64
              ",\"journal_size\":%" PRIu64 ",\"pending_records\":%zu,\"applied_records\":%" PRIu64
              ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 "}",
              S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
              S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
-             S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false",
+             S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
              S.streaming ? "true" : "false", jused(), S.jsize, S.nents - S.first, S.applied_records,
              S.dropped_records, S.commits);
     pthread_mutex_unlock(&S.mu);

@@ -74,7 +74,7 @@ class Harness:
         self.a.replicate("127.0.0.1", self.port, 1)
         self.a.wait_synced(30)
         deadline = time.monotonic() + 30
-        while not self.b.status()["consistent"]:  # B applies the copy as it arrives
+        while not self.b.status()["copied"]:  # B applies the copy as it arrives
             assert time.monotonic() < deadline, "the replica never became consistent"
             time.sleep(0.01)
 
