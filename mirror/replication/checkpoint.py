@@ -201,7 +201,6 @@ class CheckpointEngine:
         self.stats = Stats()
         self._buffers = SendBuffers(cfg.max_in_flight)
         self._fault = _fault_point()
-        self._disk_unprotected = False
 
     # -- session ---------------------------------------------------------------
 
@@ -368,10 +367,17 @@ class CheckpointEngine:
         return rec
 
     def _disk_barrier(self, disk: DiskServer, epoch: int) -> None:
+        """Close the disk's epoch.  If the disk's stream to the standby has ended, the
+        standby can commit no later checkpoint (no disk for it), and this primary has no
+        way to copy the disk again while it runs (no resync yet): it stops, so that the
+        standby goes on from its last checkpoint, memory and disk, rather than the pair
+        holding every output from now on."""
         problem = disk.barrier(epoch)
-        if problem is not None and not self._disk_unprotected:
-            self._disk_unprotected = True  # the standby's commits will say so: reported once
-            log.error("the guest's disk is not replicated from checkpoint %d: %s", epoch, problem)
+        if problem is not None:
+            raise ReplicationError(
+                f"the guest's disk is no longer replicated (checkpoint {epoch}): {problem}; "
+                f"the standby holds the last committed checkpoint"
+            )
 
     def start_disk(self, address: str, port: int, progress: Callable[[int, int], None]) -> None:
         """Pairing with a disk: stream it to the standby's disk server, copying all of it
@@ -384,7 +390,6 @@ class CheckpointEngine:
             disk.wait_synced(progress=progress)
         except DiskError as e:
             raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
-        self._disk_unprotected = False
 
     def on_reply(self, reply: wire.Message) -> None:
         if isinstance(reply, wire.Ack) and reply.epoch > self.acked:
