@@ -90,10 +90,8 @@ class Etcd:
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         req = urllib.request.Request(
-            f"{self.url}/v3/{path}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
+            f"{self.url}/v3/{path}", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"}, method="POST",
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
@@ -139,13 +137,12 @@ class Etcd:
         return int(r.get("deleted", 0))
 
     def txn(
-        self,
-        compare: list[dict[str, Any]],
-        success: list[dict[str, Any]],
+        self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
         failure: list[dict[str, Any]] | None = None,
     ) -> tuple[bool, list[dict[str, Any]]]:
         """(succeeded, responses): responses of ``success`` or of ``failure``."""
-        r = self.call("kv/txn", {"compare": compare, "success": success, "failure": failure or []})
+        r = self.call("kv/txn", {"compare": compare, "success": success,
+                                 "failure": failure or []})
         return bool(r.get("succeeded", False)), list(r.get("responses", []))
 
     @staticmethod

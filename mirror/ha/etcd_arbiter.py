@@ -44,16 +44,8 @@ class EtcdArbiter(Arbiter):
 
     def beat(self, role: str, generation: int, epoch: int) -> None:
         self._seq += 1
-        body = json.dumps(
-            {
-                "node": self.node,
-                "seq": self._seq,
-                "time": time.time(),
-                "role": role,
-                "generation": generation,
-                "epoch": epoch,
-            }
-        )
+        body = json.dumps({"node": self.node, "seq": self._seq, "time": time.time(),
+                           "role": role, "generation": generation, "epoch": epoch})
         self.etcd.put(f"{self.dir}slot/{self.node}", body)
 
     def _load_slot(self, peer: str) -> Slot | None:
@@ -62,9 +54,8 @@ class EtcdArbiter(Arbiter):
             if kv is None:
                 return None
             d = json.loads(kv.value)
-            return Slot(
-                str(d["node"]), int(d["seq"]), str(d["role"]), int(d["generation"]), int(d["epoch"])
-            )
+            return Slot(str(d["node"]), int(d["seq"]), str(d["role"]), int(d["generation"]),
+                        int(d["epoch"]))
         except (ArbiterError, ValueError, KeyError, TypeError):
             return None
 

@@ -44,10 +44,8 @@ def describe_break(a: Analysis) -> str:
         )
     if fp is None:
         return f"the pool tolerates {a.tolerated} host failure(s), not {a.k}"
-    what = (
-        "with no host failed"
-        if not fp.failed
-        else "if " + ", ".join(fp.failed) + (" fails" if len(fp.failed) == 1 else " fail")
+    what = "with no host failed" if not fp.failed else "if " + ", ".join(fp.failed) + (
+        " fails" if len(fp.failed) == 1 else " fail"
     )
     proof = "" if fp.proven else " (the planner found no placement; it cannot prove none exists)"
     return (
@@ -171,9 +169,8 @@ def apply_plan(pool: Pool, fp: FailurePlan) -> list[str]:
     return changed
 
 
-def _choose(
-    pool: Pool, vm: VM, host: str | None, standby: str | None, **kw: object
-) -> tuple[Pool, Outcome | None, Refused | None]:
+def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
+            **kw: object) -> tuple[Pool, Outcome | None, Refused | None]:
     """Try placements for a new VM (largest free memory first); the first admitted wins."""
     free = pool.free()
     ups = [h for h in pool.up_hosts() if free[h][0] >= vm.mem_mb and free[h][1] >= vm.vcpus]
@@ -203,16 +200,8 @@ def _choose(
             except PoolError as e:
                 raise PoolError(f"VM {vm.name} does not fit there: {e}") from None
             try:
-                return (
-                    after,
-                    _admit(
-                        after,
-                        f"start VM {vm.name} on {h}" + (f" (standby on {s})" if s else ""),
-                        True,
-                        **kw,
-                    ),
-                    None,
-                )
+                return after, _admit(after, f"start VM {vm.name} on {h}"
+                                     + (f" (standby on {s})" if s else ""), True, **kw), None
             except Refused as r:
                 first_refusal = first_refusal or r
     assert first_refusal is not None
@@ -229,15 +218,8 @@ def _largest(pool: Pool) -> str:
 
 
 def add_vm(
-    pool: Pool,
-    name: str,
-    mem_mb: int,
-    vcpus: int,
-    priority: str,
-    order: int = 0,
-    host: str | None = None,
-    standby: str | None = None,
-    **kw: object,
+    pool: Pool, name: str, mem_mb: int, vcpus: int, priority: str, order: int = 0,
+    host: str | None = None, standby: str | None = None, **kw: object,
 ) -> Outcome:
     _check_name("VM", name)
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -272,9 +254,8 @@ def remove_vm(pool: Pool, name: str, **kw: object) -> Outcome:
     return _admit(after, f"remove VM {name}", may_break=False, **kw)
 
 
-def resize_vm(
-    pool: Pool, name: str, mem_mb: int, vcpus: int | None = None, **kw: object
-) -> Outcome:
+def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
+              **kw: object) -> Outcome:
     vm = _need_vm(pool, name)
     vcpus = vm.vcpus if vcpus is None else vcpus
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -288,9 +269,8 @@ def resize_vm(
     return _admit(after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, **kw)
 
 
-def configure(
-    pool: Pool, failures: int | None, allow_overcommit: bool | None, **kw: object
-) -> Outcome:
+def configure(pool: Pool, failures: int | None, allow_overcommit: bool | None,
+              **kw: object) -> Outcome:
     after = pool.copy()
     if failures is not None:
         if not 0 <= failures <= 64:
@@ -299,6 +279,5 @@ def configure(
     if allow_overcommit is not None:
         after.allow_overcommit = allow_overcommit
     grows = (failures or 0) > pool.failures_to_tolerate or (
-        allow_overcommit is False and pool.allow_overcommit
-    )
+        allow_overcommit is False and pool.allow_overcommit)
     return _admit(after, "configure the pool", grows, **kw)

@@ -101,15 +101,11 @@ def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Co
     return Config(
         pair=PairConfig(name=spec.pair),
         node=NodeConfig(name=host, state_dir=str(state_dir)),
-        link=LinkConfig(
-            host="127.0.0.1", data_port=spec.data_port, heartbeat_port=spec.heartbeat_port
-        ),
+        link=LinkConfig(host="127.0.0.1", data_port=spec.data_port,
+                        heartbeat_port=spec.heartbeat_port),
         checkpoint=CheckpointConfig(epoch_ms=50, threads=1),
-        guest=GuestConfig(
-            ram_mib=spec.ram_mib,
-            dirty_pages_per_s=spec.dirty_pages_per_s,
-            outputs_per_s=spec.outputs_per_s,
-        ),
+        guest=GuestConfig(ram_mib=spec.ram_mib, dirty_pages_per_s=spec.dirty_pages_per_s,
+                          outputs_per_s=spec.outputs_per_s),
         output=OutputConfig(observer=spec.observer),
         arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url),
     )
@@ -117,14 +113,8 @@ def pair_config(spec: PairSpec, host: str, etcd_url: str, state_dir: Path) -> Co
 
 class HostAgent:
     def __init__(
-        self,
-        etcd_url: str,
-        host: str,
-        ttl: int = 3,
-        run_dir: Path | None = None,
-        mem_mb: int | None = None,
-        vcpus: int | None = None,
-        interval: float | None = None,
+        self, etcd_url: str, host: str, ttl: int = 3, run_dir: Path | None = None,
+        mem_mb: int | None = None, vcpus: int | None = None, interval: float | None = None,
         promote_wait: float = PROMOTE_WAIT_S,
     ) -> None:
         self.etcd = Etcd(etcd_url, timeout=max(1.0, ttl / 2))
@@ -155,9 +145,8 @@ class HostAgent:
                         f"unknown host {self.host!r}: add it with `mirror pool host add` "
                         f"or give the agent --mem and --vcpus"
                     )
-                pool = admission.add_host(
-                    pool, self.host, self.mem_mb, self.vcpus, keep="single"
-                ).pool
+                pool = admission.add_host(pool, self.host, self.mem_mb, self.vcpus,
+                                          keep="single").pool
             else:
                 pool = pool.copy()
             h = pool.hosts[self.host]
@@ -165,9 +154,8 @@ class HostAgent:
             pool.hosts[self.host] = replace(h, agent=True, state=state)
             return pool, analyse(pool, keep="single"), None
 
-        self.store.mutate(
-            change, extra=[put_op(self.store.key("members", self.host), member, lease)]
-        )
+        self.store.mutate(change, extra=[put_op(self.store.key("members", self.host), member,
+                                                lease)])
         self.lease = lease
         log.info("host %s registered (lease %x, ttl %d s)", self.host, lease, self.ttl)
 
@@ -219,11 +207,8 @@ class HostAgent:
                     continue
                 if snap.running.get(vm) not in (None, self.host) and c.proc.poll() is None:
                     continue  # its primary still runs (it may hand over to this standby)
-            if (
-                c.role == "primary"
-                and vm in pool.pairs
-                and self._switching(vm, c, placed.get(vm), pool.placements.get(vm))
-            ):
+            if c.role == "primary" and vm in pool.pairs and self._switching(vm, c, placed.get(
+                    vm), pool.placements.get(vm)):
                 continue
             self._stop(vm)
         for vm in sorted(want):
@@ -233,25 +218,19 @@ class HostAgent:
                     had.held = self._hold(vm)
                 continue
             if had is not None:
-                log.warning(
-                    "VM %s (%s) exited (%s): starting it again", vm, had.role, had.proc.returncode
-                )
+                log.warning("VM %s (%s) exited (%s): starting it again", vm, had.role,
+                            had.proc.returncode)
                 del self.procs[vm]
             self._start(vm, want[vm], pool.pairs.get(vm))
 
-    def _switching(self, vm: str, c: Child, old: Placement | None, new: Placement | None) -> bool:
+    def _switching(self, vm: str, c: Child, old: Placement | None,
+                   new: Placement | None) -> bool:
         """A pair's primary placed away from here onto its own standby's host (maintenance):
         hand over to the standby (a planned switchover, nothing lost) rather than stop it.
         True while the handover goes on; then it is stopped as any role."""
         if c.switch_until is None:
-            if (
-                old is None
-                or new is None
-                or old.standby is None
-                or new.host != old.standby
-                or c.state_dir is None
-                or c.proc.poll() is not None
-            ):
+            if old is None or new is None or old.standby is None or new.host != old.standby \
+                    or c.state_dir is None or c.proc.poll() is not None:
                 return False
             try:
                 st = read_json(c.state_dir / "status.json")
@@ -279,7 +258,8 @@ class HostAgent:
         dead host's key goes with its lease."""
         key = self.store.key("running", vm)
         body = json.dumps({"host": self.host, "time": time.time()})
-        ok, resp = self.etcd.txn([absent(key)], [put_op(key, body, self.lease)], [range_op(key)])
+        ok, resp = self.etcd.txn([absent(key)], [put_op(key, body, self.lease)],
+                                 [range_op(key)])
         if not ok:
             kvs = Etcd.range_kvs(resp[0]) if resp else []
             holder = json.loads(kvs[0].value).get("host") if kvs else None
@@ -289,19 +269,12 @@ class HostAgent:
         return True
 
     def _start(self, vm: str, role: str, pair: PairSpec | None) -> None:
-        if (
-            role == "primary"
-            and pair is not None
-            and (won := unrecorded_promotion(self.etcd, pair)) is not None
-        ):
+        if role == "primary" and pair is not None and (
+                won := unrecorded_promotion(self.etcd, pair)) is not None:
             # a fresh primary here while the pair's standby has promoted (the pool has not
             # recorded it yet) would be a second one: wait for the pool
-            log.info(
-                "VM %s: its standby %s promoted (generation %d): not starting a primary",
-                vm,
-                won[1],
-                won[0],
-            )
+            log.info("VM %s: its standby %s promoted (generation %d): not starting a primary",
+                     vm, won[1], won[0])
             return
         if role != "secondary" and not self._hold(vm):
             return
@@ -309,7 +282,8 @@ class HostAgent:
             cmd = [sys.executable, "-m", "mirror.pool.vmproc", vm, self.host]
             if self.run_dir is not None:
                 cmd.append(str(self.run_dir / "vms.log"))
-            self.procs[vm] = Child(subprocess.Popen(cmd, stdin=subprocess.DEVNULL), role, held=True)
+            self.procs[vm] = Child(subprocess.Popen(cmd, stdin=subprocess.DEVNULL), role,
+                                   held=True)
         else:
             state = self.pair_dir(vm)
             state.mkdir(parents=True, exist_ok=True)
@@ -317,32 +291,20 @@ class HostAgent:
             if role == "secondary":  # a standby of this node that died leaves its image
                 (SHM / f"mirror-{pair.pair}-{self.host}-standby.img").unlink(missing_ok=True)
             cfg_path = state / "mirror.toml"
-            cfg_path.write_text(
-                config_mod.to_toml(pair_config(pair, self.host, self.etcd.url, state))
-            )
+            cfg_path.write_text(config_mod.to_toml(
+                pair_config(pair, self.host, self.etcd.url, state)))
             with open(state / "agent.log", "ab") as out:
                 extra = ["--leave-after-switchover"] if role == "primary" else []
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "mirror", role, "--config", str(cfg_path), *extra],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             self.procs[vm] = Child(proc, role, state, held=role == "primary")
-        log.info(
-            "VM %s: %s started on %s (pid %d)",
-            vm,
-            "pair " + role if role != "vm" else "VM",
-            self.host,
-            self.procs[vm].proc.pid,
-        )
+        log.info("VM %s: %s started on %s (pid %d)", vm,
+                 "pair " + role if role != "vm" else "VM", self.host, self.procs[vm].proc.pid)
 
     def pair_dir(self, vm: str) -> Path:
-        root = (
-            self.run_dir
-            if self.run_dir is not None
-            else Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
-        )
+        root = self.run_dir if self.run_dir is not None else \
+            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
         return root / "pairs" / vm / self.host
 
     @staticmethod
@@ -379,9 +341,8 @@ class HostAgent:
         """No lease renewed for most of its TTL: it may have expired and the controller
         may be restarting this host's VMs elsewhere, so stop them here now."""
         if self.procs:
-            log.warning(
-                "host %s cannot renew its lease: stopping its %d VM(s)", self.host, len(self.procs)
-            )
+            log.warning("host %s cannot renew its lease: stopping its %d VM(s)",
+                        self.host, len(self.procs))
             self.stop_all(release=False)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -404,7 +365,8 @@ class HostAgent:
                     self.reconcile(snap)
                     self.try_lead(snap)
                     if self.leader:
-                        Controller(self.store, self.host, self.waits, self.promote_wait).step(snap)
+                        Controller(self.store, self.host, self.waits,
+                                   self.promote_wait).step(snap)
                 except (EtcdError, Conflict) as e:
                     log.warning("host %s: %s", self.host, e)
                 stop.wait(self.interval)
@@ -420,13 +382,8 @@ class HostAgent:
 class Controller:
     """The pool controller's work for one tick (run by the leading agent)."""
 
-    def __init__(
-        self,
-        store: Store,
-        me: str,
-        waits: dict[str, float] | None = None,
-        promote_wait: float = PROMOTE_WAIT_S,
-    ) -> None:
+    def __init__(self, store: Store, me: str, waits: dict[str, float] | None = None,
+                 promote_wait: float = PROMOTE_WAIT_S) -> None:
         self.store = store
         self.me = me
         self.waits = {} if waits is None else waits  # VM -> since when (monotonic)
@@ -440,12 +397,8 @@ class Controller:
             for h in dead:
                 after.set_host_state(h, "dead")
             planned = (snap.plan or {}).get("single_failure_plans", {})
-            events = [
-                self.store.event_op(
-                    {"event": "host-dead", "host": h, "by": self.me, "planned": planned.get(h)}
-                )
-                for h in dead
-            ]
+            events = [self.store.event_op({"event": "host-dead", "host": h, "by": self.me,
+                                           "planned": planned.get(h)}) for h in dead]
             self.store.commit(snap, after, None, extra=events)
             log.warning("controller %s: host(s) %s declared dead", self.me, ", ".join(dead))
             snap = self.store.load()
@@ -468,16 +421,13 @@ class Controller:
             if p is None:
                 continue
             after = snap.pool.copy()
-            gone = tuple(
-                h
-                for h in (p.host, p.standby)
-                if h is not None and after.hosts.get(h) is not None and after.hosts[h].state != "up"
-            )
+            gone = tuple(h for h in (p.host, p.standby)
+                         if h is not None and after.hosts.get(h) is not None
+                         and after.hosts[h].state != "up")
             admission.apply_plan(after, FailurePlan(gone, moves, [], 0, []))
             if not moves:  # no room: it stops running where it was (a dead host)
-                after.place(
-                    vm, None if p.host in gone else p.host, None if p.standby in gone else p.standby
-                )
+                after.place(vm, None if p.host in gone else p.host,
+                            None if p.standby in gone else p.standby)
             q = after.placements[vm]
             if (q.host, q.standby) == (p.host, p.standby):
                 continue
@@ -491,61 +441,41 @@ class Controller:
                     if g is None:
                         since = self.waits.setdefault(vm, time.monotonic())
                         if time.monotonic() - since < self.promote_wait:
-                            log.info(
-                                "controller %s: %s waits for its standby on %s to promote",
-                                self.me,
-                                vm,
-                                p.standby,
-                            )
+                            log.info("controller %s: %s waits for its standby on %s to "
+                                     "promote", self.me, vm, p.standby)
                             continue
                         g, promoted = self.preempt(pair, p.standby)
                         if not promoted:  # it never will: restart the VM as a fresh pair
                             after = snap.pool.copy()
                             after.place(vm, None, None)
                             moves, what = [], "pair-not-promoted"
-                            log.warning(
-                                "controller %s: %s: its standby on %s did not promote "
-                                "in %.0f s; the pool took claim generation-%d: it "
-                                "restarts as a fresh pair",
-                                self.me,
-                                vm,
-                                p.standby,
-                                self.promote_wait,
-                                g,
-                            )
+                            log.warning("controller %s: %s: its standby on %s did not promote "
+                                        "in %.0f s; the pool took claim generation-%d: it "
+                                        "restarts as a fresh pair", self.me, vm, p.standby,
+                                        self.promote_wait, g)
                     self.waits.pop(vm, None)
                     after.pairs[vm] = replace(pair, seen_generation=g)
                 else:  # both hosts lost: it restarts as a fresh pair
-                    after.pairs[vm] = replace(
-                        pair,
-                        seen_generation=max([pair.seen_generation, *claims(self.store.etcd, pair)]),
-                    )
+                    after.pairs[vm] = replace(pair, seen_generation=max(
+                        [pair.seen_generation, *claims(self.store.etcd, pair)]))
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
-            ev = self.store.event_op(
-                {
-                    "event": what,
-                    "vm": vm,
-                    "by": self.me,
-                    "from": {"host": p.host, "standby": p.standby, "epoch": p.epoch},
-                    "moves": [m.to_json() for m in moves],
-                }
-            )
+            ev = self.store.event_op({
+                "event": what, "vm": vm, "by": self.me,
+                "from": {"host": p.host, "standby": p.standby, "epoch": p.epoch},
+                "moves": [m.to_json() for m in moves],
+            })
             try:
-                self.store.commit(
-                    snap, after, None, extra=[put_op(claim, body), ev], compares=[absent(claim)]
-                )
+                self.store.commit(snap, after, None, extra=[put_op(claim, body), ev],
+                                  compares=[absent(claim)])
             except Conflict:
                 log.info("controller %s: pool changed under the move of %s", self.me, vm)
                 return self.store.load()
-            log.warning(
-                "controller %s: %s %s",
-                self.me,
-                vm,
-                ", ".join(f"{m.kind} on {m.to}" for m in moves) or what,
-            )
+            log.warning("controller %s: %s %s", self.me, vm,
+                        ", ".join(f"{m.kind} on {m.to}" for m in moves) or what)
             snap = self.store.load()
         return snap
+
 
     def note_handovers(self, snap: Snapshot) -> Snapshot:
         """A pair whose standby took over where the pool had already placed it (a handover
@@ -616,11 +546,8 @@ def unrecorded_promotion(
 ) -> tuple[int, str] | None:
     """The latest promotion claim (by ``node``, or any) of a generation the pool has not
     acted on: (generation, the node that won it); None if there is none."""
-    won = [
-        (g, who)
-        for g, (who, action) in claims(etcd, pair).items()
-        if g > pair.seen_generation and action == "promote" and node in (None, who)
-    ]
+    won = [(g, who) for g, (who, action) in claims(etcd, pair).items()
+           if g > pair.seen_generation and action == "promote" and node in (None, who)]
     return max(won) if won else None
 
 

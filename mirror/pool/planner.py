@@ -194,10 +194,8 @@ class Planner:
             p = pool.placements.get(v)
             a = -1 if p is None or p.host is None else self.index.get(p.host, -1)
             mirrored = self.prio[i] == "mirrored"
-            b = (
-                -1
-                if p is None or p.standby is None or not mirrored
-                else self.index.get(p.standby, -1)
+            b = -1 if p is None or p.standby is None or not mirrored else self.index.get(
+                p.standby, -1
             )
             self.prim.append(a)
             self.stby.append(b)
@@ -248,12 +246,8 @@ class Planner:
     # -- packing -------------------------------------------------------------------------------
 
     def _greedy(
-        self,
-        units: list[tuple[int, int, int, int]],
-        fm: list[int],
-        fc: list[int],
-        alive: list[int],
-        worst: bool,
+        self, units: list[tuple[int, int, int, int]], fm: list[int], fc: list[int],
+        alive: list[int], worst: bool,
     ) -> list[tuple[int, int, int]] | None:
         """Place every unit or return None; on success fm/fc hold what is left."""
         out: list[tuple[int, int, int]] = []  # (vm, kind, host): kind _RUN or _STBY
@@ -275,10 +269,7 @@ class Planner:
         return out
 
     def _exact(
-        self,
-        units: list[tuple[int, int, int, int]],
-        fm: list[int],
-        fc: list[int],
+        self, units: list[tuple[int, int, int, int]], fm: list[int], fc: list[int],
         alive: list[int],
     ) -> tuple[list[tuple[int, int, int]] | None, bool]:
         """Exhaustive search: (placement, True) / (None, True: none exists) / (None, False)."""
@@ -435,11 +426,8 @@ class Planner:
         return FailurePlan(failed_t, out, [], 0, lost, True)
 
     def _moves(
-        self,
-        units: list[tuple[int, int, int, int]],
-        placed: list[tuple[int, int, int]],
-        be_out: list[tuple[int, int]],
-        failed: set[int],
+        self, units: list[tuple[int, int, int, int]], placed: list[tuple[int, int, int]],
+        be_out: list[tuple[int, int]], failed: set[int],
     ) -> list[Move]:
         """The moves in the order the controller carries them out: priority, then order."""
         hosts, names, mem = self.hosts, self.names, self.mem
@@ -451,9 +439,8 @@ class Planner:
             else:
                 a, b = self.prim[i], self.stby[i]
                 if (a < 0 or a in failed) and b >= 0 and b not in failed:
-                    out.append(
-                        ((rank, self.order[i], names[i]), Move(names[i], PROMOTE, hosts[b], mem[i]))
-                    )
+                    out.append(((rank, self.order[i], names[i]),
+                                Move(names[i], PROMOTE, hosts[b], mem[i])))
                 mk = STANDBY
             out.append(((rank, self.order[i], names[i]), Move(names[i], mk, hosts[h], mem[i])))
         for i, h in be_out:
@@ -463,19 +450,13 @@ class Planner:
         return [m for _, m in out]
 
     def _failing(
-        self,
-        failed: tuple[str, ...],
-        failed_idx: set[int],
-        units: list[tuple[int, int, int, int]],
-        alive: list[int],
-        proven: bool,
-        moves: bool,
+        self, failed: tuple[str, ...], failed_idx: set[int],
+        units: list[tuple[int, int, int, int]], alive: list[int], proven: bool, moves: bool,
     ) -> FailurePlan:
         """What a failing set leaves out: place greedily in priority order, name the rest."""
         fm, fc = self.free_m[:], self.free_c[:]
-        ordered = sorted(
-            units, key=lambda u: (self.prio[u[2]] != "mirrored", self.order[u[2]], -u[0], u[2])
-        )
+        ordered = sorted(units, key=lambda u: (self.prio[u[2]] != "mirrored", self.order[u[2]],
+                                               -u[0], u[2]))
         unplaced: list[str] = []
         short = 0
         out: list[Move] = []
@@ -502,18 +483,16 @@ class Planner:
                 short += mem * (len(need) - len(got))
                 continue
             if moves:
-                kinds = (
-                    [RESTART, STANDBY] if kind == _PAIR else [RESTART if kind == _RUN else STANDBY]
-                )
+                kinds = [RESTART, STANDBY] if kind == _PAIR else [
+                    RESTART if kind == _RUN else STANDBY]
                 for kk, h in zip(kinds, got, strict=True):
                     out.append(Move(self.names[i], kk, self.hosts[h], mem))
         # the shortfall is at least what the totals say is missing
         need_total = sum(u[0] * (2 if u[1] == _PAIR else 1) for u in units)
         short = max(short, need_total - sum(max(0, self.free_m[h]) for h in alive))
         _, be = self._units(failed_idx)
-        return FailurePlan(
-            failed, out, sorted(unplaced), short, [self.names[i] for i in be], proven
-        )
+        return FailurePlan(failed, out, sorted(unplaced), short,
+                           [self.names[i] for i in be], proven)
 
 
 class _Composer:
@@ -639,8 +618,7 @@ def analyse(
         t_size = time.perf_counter()
         sets: Any = (
             (tuple(hosts[i] for i in fs) for fs in composer.unverified(size))  # type: ignore[union-attr]
-            if fast
-            else itertools.combinations(hosts, size)
+            if fast else itertools.combinations(hosts, size)
         )
         planned = 0
         for fs in sets:
