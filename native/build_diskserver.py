@@ -19,8 +19,14 @@ ffibuilder.set_source(
     '#include "diskserver.h"',
     sources=["native/diskserver.c"],
     include_dirs=["native"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-pthread"]
-    + os.environ.get("MIRROR_NATIVE_CFLAGS", "").split(),
+    extra_compile_args=[
+        "-O2",
+        "-std=gnu11",
+        "-Wall",
+        "-Wextra",
+        "-pthread",
+        *os.environ.get("MIRROR_NATIVE_CFLAGS", "").split(),
+    ],
     libraries=["pthread"],
 )
 
