@@ -482,7 +482,11 @@ static void *stream_thread(void *arg) {
     (void)arg;
     for (;;) {
         int fd = accept4(S.listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; return NULL; }
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            close(S.listen_fd); /* promoted: no more streams to take */
+            return NULL;
+        }
         pthread_mutex_lock(&S.mu);
         if (S.role != REPLICA) { pthread_mutex_unlock(&S.mu); close(fd); continue; }
         S.stream_fd = fd;
@@ -582,6 +586,7 @@ static void cmd_promote(char *out, size_t outlen) {
     S.role = PRIMARY;
     drop_uncommitted();
     if (S.stream_fd >= 0) shutdown(S.stream_fd, SHUT_RDWR);
+    if (S.listen_fd >= 0) shutdown(S.listen_fd, SHUT_RDWR); /* the port is free for a new replica */
     uint64_t c = S.committed;
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_lock(&S.stream_mu);

@@ -70,6 +70,19 @@ class Harness:
         self.commit_error = ""
         self.journal_oks: list[tuple[int, int]] = []  # (K, epoch it was answered in)
 
+    def next_pair(self, replica: DiskServer, replica_img: Path) -> Harness:
+        """The rig for the next generation: the promoted replica is the primary, streaming
+        to ``replica`` (on the same port); epochs start again at 1."""
+        nxt = Harness.__new__(Harness)
+        nxt.root, nxt.size, nxt.rng, nxt.port = self.root, self.size, self.rng, self.port
+        nxt.a, nxt.a_img, nxt.b, nxt.b_img = self.b, self.b_img, replica, replica_img
+        nxt.epoch, nxt.committed, nxt.commit_error = 1, 0, ""
+        nxt.snaps = OrderedDict()
+        nxt.gate, nxt.paused, nxt.in_flight = threading.Condition(), False, 0
+        nxt.stop = threading.Event()
+        nxt.journal_oks = []
+        return nxt
+
     def sync(self) -> None:
         self.a.replicate("127.0.0.1", self.port, 1)
         self.a.wait_synced(30)

@@ -58,3 +58,32 @@ def test_kill_primary_disk_equals_committed_checkpoint(tmp_path: Path, run: int)
         )
     finally:
         h.close()
+
+
+def test_promoted_replica_protects_again_and_survives_a_second_kill(tmp_path: Path) -> None:
+    """A dies; B, promoted, streams to a new replica on the same port (A back as the
+    secondary) with a live copy; B dies in turn; the new replica, promoted, is B's disk at
+    the checkpoint it committed."""
+    from mirror.guests.disk import DiskServer, DiskSpec
+
+    h = Harness(tmp_path, seed=11)
+    try:
+        h.sync()
+        h.run_and_kill("rand4k", kill_after=0.3)
+        first, _ = h.b.promote()
+        # B is the primary now; a new replica takes the port B listened on
+        a2 = DiskServer(DiskSpec(tmp_path / "a2.img", h.size, tmp_path / "a2", "killpair",
+                                 listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
+                                 journal_bytes=32 << 20))  # fmt: skip
+        try:
+            second = h.next_pair(a2, tmp_path / "a2.img")
+            second.sync()
+            second.run_and_kill("seq", kill_after=0.3)
+            committed, _ = a2.promote()
+            assert committed >= 1 and committed in second.snaps
+            assert differing_blocks(second.b_img.read_bytes(), second.snaps[committed]) == 0
+            print(f"re-protected after promotion at {first}; second kill: committed {committed}")
+        finally:
+            a2.close()
+    finally:
+        h.close()
