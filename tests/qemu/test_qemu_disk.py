@@ -100,3 +100,48 @@ def test_host_kill_demo_keeps_the_disk_journal(root_or_skip: None, guest_image: 
     assert c["write_ok"] >= 20, c
     assert c["journal_read"] and c["journal_intact"], c
     assert c["journal_len"] >= c["write_ok"]
+
+
+def test_reprotection_with_a_disk_survives_a_second_kill(pair_factory, guest_image: Path) -> None:
+    """A dies; B runs the guest on its replica; A comes back as the secondary (a replica
+    of its own, copied live from B); B dies; A goes on, its disk as B's at the checkpoint
+    A committed."""
+    base = qemu_base(guest_image)
+    p = pair_factory(
+        replace(
+            base,
+            disk=DiskConfig(size_mib=8, port=free_port(), journal_mib=64),
+            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload=rand"),
+        )
+    )
+    try:
+        snaps = {h: p.root / f"snap{h}" for h in ("A", "B", "A2")}
+        b = Host("hostB", "secondary", p.cfg_b, p.root,
+                 env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["B"])})  # fmt: skip
+        p.hosts.append(b)
+        wait_for("the secondary", b.status, 30, p.hosts)
+        a = p.start_primary(env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A"])})
+        p.wait("A's guest writing its disk",
+               lambda: disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
+        a.signal(signal.SIGKILL)
+        a.proc.wait()
+        p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+        cfg_a2 = replace(p.cfg_a, node=replace(p.cfg_a.node, name="hostA",
+                                                state_dir=str(p.root / "hostA2")))  # fmt: skip
+        a2 = Host("hostA2", "secondary", cfg_a2, p.root,
+                  env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A2"])})  # fmt: skip
+        p.hosts.append(a2)
+        p.wait("B protected again, its guest writing",
+               lambda: (s := b.status()) and s.get("phase") == "protected" and s["acked"] >= 20
+               and disk_status(p.root / "hostB").get("writes", 0) >= 20, 120, [b, a2])  # fmt: skip
+        b.signal(signal.SIGKILL)
+        b.proc.wait()
+        p.wait("A promoted again", lambda: (a2.status() or {}).get("role") == "primary", 30, [a2])
+        promoted = p.wait("A's replica promoted", lambda: list(snaps["A2"].glob("promoted-*")),
+                          10, [a2])  # fmt: skip
+        committed = int(promoted[0].stem.split("-")[1])
+        want = snaps["B"] / f"{committed}.img"
+        assert want.exists(), f"no copy of B's disk at checkpoint {committed}"
+        assert differing_blocks(promoted[0].read_bytes(), want.read_bytes()) == 0
+    finally:
+        p.close()
