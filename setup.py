@@ -10,7 +10,10 @@ the package lives in pyproject.toml.
 from setuptools import Extension, setup
 
 setup(
-    cffi_modules=["native/build_pagediff.py:ffibuilder"],
+    cffi_modules=[
+        "native/build_pagediff.py:ffibuilder",
+        "native/build_diskserver.py:ffibuilder",
+    ],
     ext_modules=[
         Extension(
             "mirror._uffdpreload",

@@ -94,6 +94,19 @@ class QemuConfig:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """The guest's disk (QEMU guests): a raw image served by mirror's disk server and
+    replicated per checkpoint to the secondary.  size_mib = 0: no disk."""
+
+    size_mib: int = field(default=0, metadata=_range(0, 1 << 24))
+    image: str = ""  # the raw image on this host ("": state_dir/disk.img)
+    port: int = field(default=7402, metadata=_range(1, 65535))  # the secondary's disk stream
+    journal_mib: int = field(default=256, metadata=_range(64, 1 << 20))
+    workers: int = field(default=4, metadata=_range(1, 64))
+    stall_ms: int = field(default=5000, metadata=_range(100, 600_000))
+
+
+@dataclass(frozen=True)
 class ArbiterConfig:
     dir: str = "/var/lib/mirror/arbiter"  # shared storage both hosts see
     etcd: str = ""  # http://HOST:PORT: slots and claims on etcd instead of in dir
@@ -140,6 +153,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     guest: GuestConfig = GuestConfig()
     qemu: QemuConfig = QemuConfig()
+    disk: DiskConfig = DiskConfig()
     output: OutputConfig = OutputConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
     keys: KeysConfig = KeysConfig()
@@ -148,6 +162,10 @@ class Config:
     @property
     def state_dir(self) -> Path:
         return Path(self.node.state_dir)
+
+    @property
+    def disk_image(self) -> Path:
+        return Path(self.disk.image) if self.disk.image else self.state_dir / "disk.img"
 
 
 def parse_hostport(text: str, where: str) -> tuple[str, int]:
@@ -217,6 +235,15 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(
             f"{source}: [link] data_port and heartbeat_port must differ, "
             f"both are {cfg.link.data_port}"
+        )
+    if cfg.disk.size_mib and cfg.guest.kind != "qemu":
+        raise ConfigError(
+            f"{source}: [disk] size_mib = {cfg.disk.size_mib}: a disk needs guest.kind = "
+            f'"qemu" (got {cfg.guest.kind!r}); set size_mib = 0 for no disk'
+        )
+    if cfg.disk.size_mib and cfg.disk.port in (cfg.link.data_port, cfg.link.heartbeat_port):
+        raise ConfigError(
+            f"{source}: [disk] port {cfg.disk.port} is also a [link] port: pick another"
         )
     cfg.output.address()
     check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from mirror.guests.disk import DiskServer
+
 
 class GuestError(RuntimeError):
     """A guest could not be started, paused, resumed or saved."""
@@ -46,6 +48,7 @@ class Guest(ABC):
     """One running guest on this host."""
 
     kind: ClassVar[str]
+    disk: DiskServer | None = None  # its disk server, if it has a replicated disk
 
     @property
     @abstractmethod

@@ -8,7 +8,13 @@
  * Every second it also writes "guestd: tick <t>" to the console, where t counts
  * those ticks since it started, so a resumed guest is seen continuing on the serial log.
  *
- * usage: guestd PORT INTERVAL_MS
+ * With a disk (DISK, e.g. /dev/vda): "write K" appends the line "K" to a journal
+ * at the start of the disk, fdatasync, and answers "ok K"; "journal" answers
+ * "journal K1 K2 ...", every line of the journal in order.  The journal's length
+ * is kept in memory (guest RAM), so memory and disk must come from the same
+ * checkpoint for the next append to land right after the last one.
+ *
+ * usage: guestd PORT INTERVAL_MS [DISK]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,6 +64,58 @@ static int send_all(int fd, const char *buf, size_t len) {
     return 0;
 }
 
+#define JOURNAL_MAX (1 << 20)
+static const char *disk_path;
+static int disk_fd = -1;
+static long long journal_len = -1; /* bytes of the journal; -1: not read yet */
+
+static int disk_open(void) {
+    if (disk_fd >= 0) return 0;
+    if (!disk_path || (disk_fd = open(disk_path, O_RDWR | O_CLOEXEC)) < 0) return -1;
+    static char buf[JOURNAL_MAX];
+    ssize_t n = pread(disk_fd, buf, sizeof buf, 0);
+    if (n < 0) return -1;
+    char *end = memchr(buf, 0, (size_t)n);
+    journal_len = end ? end - buf : n;
+    return 0;
+}
+
+/* the answer to one line of a client (0: not a disk command) */
+static int disk_command(const char *line, size_t len, char *out, size_t outlen, int *outn) {
+    if (len > 6 && !memcmp(line, "write ", 6)) {
+        char k[64];
+        size_t kl = len - 6;
+        while (kl && (line[6 + kl - 1] == '\n' || line[6 + kl - 1] == '\r')) kl--;
+        if (kl == 0 || kl >= sizeof k - 1) { *outn = snprintf(out, outlen, "err bad key\n"); return 1; }
+        memcpy(k, line + 6, kl);
+        k[kl++] = '\n';
+        if (disk_open() < 0 || journal_len + (long long)kl > JOURNAL_MAX) {
+            *outn = snprintf(out, outlen, "err no disk or journal full\n");
+            return 1;
+        }
+        if (pwrite(disk_fd, k, kl, journal_len) != (ssize_t)kl || fdatasync(disk_fd) < 0) {
+            *outn = snprintf(out, outlen, "err %s\n", strerror(errno));
+            return 1;
+        }
+        journal_len += (long long)kl;
+        *outn = snprintf(out, outlen, "ok %.*s\n", (int)kl - 1, k);
+        return 1;
+    }
+    if (len >= 7 && !memcmp(line, "journal", 7)) {
+        if (disk_open() < 0) { *outn = snprintf(out, outlen, "err no disk\n"); return 1; }
+        int n = snprintf(out, outlen, "journal");
+        static char buf[JOURNAL_MAX];
+        ssize_t got = pread(disk_fd, buf, (size_t)journal_len, 0);
+        if (got > 0) out[n++] = ' ';
+        for (ssize_t i = 0; i + 1 < got && (size_t)n + 2 < outlen; i++) /* the last is \n */
+            out[n++] = buf[i] == '\n' ? ' ' : buf[i];
+        out[n++] = '\n';
+        *outn = n;
+        return 1;
+    }
+    return 0;
+}
+
 static void drop(struct client *c) {
     close(c->fd);
     c->fd = -1;
@@ -66,6 +124,7 @@ static void drop(struct client *c) {
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 7000;
     int interval = argc > 2 ? atoi(argv[2]) : 100;
+    disk_path = argc > 3 ? argv[3] : NULL;
     struct client clients[MAX_CLIENTS];
     for (int i = 0; i < MAX_CLIENTS; i++) clients[i].fd = -1;
     signal(SIGPIPE, SIG_IGN);
@@ -114,10 +173,14 @@ int main(int argc, char **argv) {
             char *nl;
             while ((nl = memchr(c->in, '\n', c->in_len)) != NULL) {
                 size_t line = (size_t)(nl - c->in) + 1;
-                char out[LINE_MAX_LEN + 8];
-                memcpy(out, "echo ", 5);
-                memcpy(out + 5, c->in, line);
-                if (send_all(c->fd, out, line + 5) < 0) { drop(c); break; }
+                static char out[JOURNAL_MAX + 64];
+                int outn = 0;
+                if (!disk_command(c->in, line, out, sizeof out, &outn)) {
+                    memcpy(out, "echo ", 5);
+                    memcpy(out + 5, c->in, line);
+                    outn = (int)line + 5;
+                }
+                if (send_all(c->fd, out, (size_t)outn) < 0) { drop(c); break; }
                 memmove(c->in, c->in + line, c->in_len - line);
                 c->in_len -= line;
             }

@@ -32,13 +32,14 @@ DEFAULT_DIR = Path(
 ).expanduser()
 BUSYBOX = Path("/bin/busybox")
 GUESTD_SRC = Path(__file__).with_name("guestd.c")
-# the NIC driver and what it needs, in load order
+# the NIC and disk drivers and what they need, in load order
 MODULES = [
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko",
     "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
     "net/core/failover.ko",
     "drivers/net/net_failover.ko",
     "drivers/net/virtio_net.ko",
@@ -56,13 +57,21 @@ for arg in $(cat /proc/cmdline); do
     mirror.ip=*) IP=${arg#mirror.ip=} ;;
     mirror.port=*) PORT=${arg#mirror.port=} ;;
     mirror.interval=*) INTERVAL=${arg#mirror.interval=} ;;
+    mirror.diskload=*) DISKLOAD=${arg#mirror.diskload=} ;;
   esac
 done
 for m in %(modules)s; do insmod /lib/modules/$m.ko || echo "mirror-guest: insmod $m failed"; done
 ip link set lo up
 ip addr add "$IP" dev eth0 && ip link set eth0 up
 echo "mirror-guest: eth0 $IP, guestd on port $PORT"
-/bin/guestd "$PORT" "$INTERVAL" &
+/bin/guestd "$PORT" "$INTERVAL" /dev/vda &
+# tests: the guest writes its disk on its own (4 KiB blocks, each synced)
+case "$DISKLOAD" in
+  seq) (i=0; while true; do dd if=/dev/urandom of=/dev/vda bs=4096 count=16 seek=$((i %% 2048)) \
+        conv=notrunc,fsync 2>/dev/null; i=$((i + 16)); done) & ;;
+  rand) (while true; do dd if=/dev/urandom of=/dev/vda bs=4096 count=1 \
+        seek=$((RANDOM %% 2048)) conv=notrunc,fsync 2>/dev/null; done) & ;;
+esac
 while true; do sleep 3600; done
 """
 

@@ -38,6 +38,7 @@ from qemu.qmp import QMPClient, QMPError
 from mirror.config import QemuConfig
 from mirror.guests import uffd
 from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
+from mirror.guests.disk import DiskServer
 from mirror.guests.synthetic import create_ram_file
 
 
@@ -62,12 +63,13 @@ def qemu_version(binary: str) -> str:
     return parts[1].split()[0]
 
 
-def fingerprint(s: QemuConfig, ram_mib: int) -> str:
+def fingerprint(s: QemuConfig, ram_mib: int, disk_mib: int = 0) -> str:
     """What both hosts of a pair must agree on: the same QEMU and machine (device
     state and ROMs only load into the same version and configuration)."""
+    disk = f" disk=virtio-blk-pci:{disk_mib}M" if disk_mib else ""
     return (
         f"qemu {qemu_version(s.binary)} machine={s.machine} accel={s.accel} smp={s.vcpus} "
-        f"ram={ram_mib}M nic=virtio-net-pci mac={s.mac}"
+        f"ram={ram_mib}M nic=virtio-net-pci mac={s.mac}{disk}"
     )
 
 
@@ -255,6 +257,7 @@ class QemuGuest(Guest):
         incoming: bool,
         owns_ram: bool,
         relay_active: bool,
+        disk: DiskServer | None = None,
     ) -> None:
         for what, path in (("qemu.kernel", settings.kernel), ("qemu.initrd", settings.initrd)):
             if not path or not Path(path).is_file():
@@ -263,6 +266,7 @@ class QemuGuest(Guest):
                     f"`mirror image build` and point qemu.kernel/qemu.initrd at it"
                 )
         self.settings, self.ram_mib = settings, ram_mib
+        self.disk = disk  # the guest's disk server (this guest stops it)
         self._ram_path, self.run_dir, self.owns_ram = ram_path, run_dir, owns_ram
         run_dir.mkdir(parents=True, exist_ok=True)
         self.qmp_path = run_dir / "qmp.sock"
@@ -289,6 +293,12 @@ class QemuGuest(Guest):
             "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={self.relay.path}",
             "-device", f"virtio-net-pci,netdev=n0,mac={settings.mac},romfile=",
         ]  # fmt: skip
+        if disk is not None:  # virtio-blk over NBD from the agent's disk server
+            args += [
+                "-blockdev",
+                f"driver=nbd,node-name=d0,server.type=unix,server.path={disk.spec.nbd_path}",
+                "-device", "virtio-blk-pci,drive=d0",
+            ]  # fmt: skip
         args.append("-S")  # the agent lets it run (cont) when it is paired
         if incoming:
             args += [
@@ -390,20 +400,31 @@ class QemuGuest(Guest):
         ram_path: Path,
         run_dir: Path,
         on_output: OutputHandler,
+        disk: DiskServer | None = None,
     ) -> QemuGuest:
         """Start the guest from its kernel, paused: :meth:`resume` lets it run."""
         g = cls(
-            settings, ram_mib, ram_path, run_dir, incoming=False, owns_ram=True, relay_active=True
-        )
+            settings, ram_mib, ram_path, run_dir, incoming=False, owns_ram=True,
+            relay_active=True, disk=disk,
+        )  # fmt: skip
         g.relay.on_output = on_output
         return g
 
     @classmethod
-    def ready(cls, settings: QemuConfig, ram_mib: int, image: Path, run_dir: Path) -> QemuGuest:
-        """The ready standby: QEMU on the standby image, waiting for a device state."""
+    def ready(
+        cls,
+        settings: QemuConfig,
+        ram_mib: int,
+        image: Path,
+        run_dir: Path,
+        disk: DiskServer | None = None,
+    ) -> QemuGuest:
+        """The ready standby: QEMU on the standby image (and the disk replica), waiting
+        for a device state."""
         return cls(
-            settings, ram_mib, image, run_dir, incoming=True, owns_ram=False, relay_active=False
-        )
+            settings, ram_mib, image, run_dir, incoming=True, owns_ram=False,
+            relay_active=False, disk=disk,
+        )  # fmt: skip
 
     def go_on_from(self, state_path: Path, on_output: OutputHandler, timeout: float = 30) -> None:
         """Promotion: load the committed device state; :meth:`resume` runs it."""
@@ -509,6 +530,8 @@ class QemuGuest(Guest):
             self._map.close()
             self._map = None
         self.relay.close()
+        if self.disk is not None:
+            self.disk.close()
         for p in (self.qmp_path, self.devstate_path):
             p.unlink(missing_ok=True)
         if self.owns_ram:

@@ -11,14 +11,18 @@ promote the standby from a checkpoint, and where its released outputs go.
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol
 
 from mirror.config import Config
-from mirror.guests.base import Guest, GuestOutput, OutputHandler
+from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
+from mirror.guests.disk import DiskError, DiskServer, DiskSpec
 from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest, SyntheticParams
+
+log = logging.getLogger("mirror.ha.backend")
 
 
 class OutputSink(Protocol):
@@ -112,16 +116,52 @@ class QemuBackend(Backend):
         from mirror.guests import qemu
 
         if self._fingerprint is None:
-            self._fingerprint = qemu.fingerprint(self.cfg.qemu, self.cfg.guest.ram_mib)
+            self._fingerprint = qemu.fingerprint(
+                self.cfg.qemu, self.cfg.guest.ram_mib, self.cfg.disk.size_mib
+            )
         return self._fingerprint
+
+    def disk_server(self, *, replica: bool) -> DiskServer | None:
+        """This host's disk server: the primary's on its image, or the secondary's replica
+        receiving the stream on ``link.host:disk.port``.  None: the guest has no disk."""
+        cfg = self.cfg
+        if not cfg.disk.size_mib:
+            return None
+        # tests: copies of the disk at each barrier (primary) and at promotion (replica)
+        snapshots = os.environ.get("MIRROR_DISK_TEST_SNAPSHOTS")
+        host = cfg.link.host
+        spec = DiskSpec(
+            cfg.disk_image,
+            cfg.disk.size_mib << 20,
+            cfg.state_dir / "disk",
+            cfg.pair.name,
+            workers=cfg.disk.workers,
+            stall_ms=cfg.disk.stall_ms,
+            listen=f"{f'[{host}]' if ':' in host else host}:{cfg.disk.port}" if replica else "",
+            journal=cfg.state_dir / "disk" / "journal" if replica else None,
+            journal_bytes=cfg.disk.journal_mib << 20,
+            snapshots=Path(snapshots) if snapshots else None,
+            keep=16,
+        )
+        try:
+            return DiskServer(spec)
+        except DiskError as e:
+            raise GuestError(f"the guest's disk {cfg.disk_image}: {e}") from e
 
     def boot(self, on_output: OutputHandler) -> Guest:
         from mirror.guests.qemu import QemuGuest
 
         cfg = self.cfg
-        return QemuGuest.boot(
-            cfg.qemu, cfg.guest.ram_mib, self.ram_path(), cfg.state_dir / "qemu", on_output
-        )
+        disk = self.disk_server(replica=False)
+        try:
+            return QemuGuest.boot(
+                cfg.qemu, cfg.guest.ram_mib, self.ram_path(), cfg.state_dir / "qemu", on_output,
+                disk,
+            )  # fmt: skip
+        except BaseException:
+            if disk is not None:
+                disk.close()
+            raise
 
     def sink(self, guest: Any) -> OutputSink:
         return _RelaySink(guest)
@@ -130,9 +170,21 @@ class QemuBackend(Backend):
         from mirror.guests.qemu import QemuGuest
 
         cfg = self.cfg
-        return QemuGuest.ready(cfg.qemu, cfg.guest.ram_mib, image, cfg.state_dir / "qemu")
+        disk = self.disk_server(replica=True)
+        try:
+            return QemuGuest.ready(cfg.qemu, cfg.guest.ram_mib, image, cfg.state_dir / "qemu", disk)
+        except BaseException:
+            if disk is not None:
+                disk.close()
+            raise
 
     def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
+        if ready.disk is not None:  # the replica drops every uncommitted epoch, serves writes
+            try:
+                committed, dropped = ready.disk.promote()
+            except DiskError as e:
+                raise GuestError(f"cannot promote the disk replica: {e}") from e
+            log.info("disk replica promoted at checkpoint %d (%d dropped)", committed, dropped)
         ready.go_on_from(state, on_output)
         return ready  # type: ignore[no-any-return]
 

@@ -112,6 +112,19 @@ def progress_bar(prefix: str) -> Callable[[Progress], None] | None:
     return show
 
 
+def disk_progress_bar(prefix: str) -> Callable[[int, int], None]:
+    """The initial disk copy's progress, as the pre-copy's (only on a terminal)."""
+    show = progress_bar(prefix)
+    last = [-1]
+
+    def disk(done: int, total: int) -> None:
+        if show is not None and done != last[0]:
+            last[0] = done
+            show(Progress(done // 4096, max(1, total // 4096)))
+
+    return disk
+
+
 SWITCHED_OVER = 10  # PrimaryRun.protect: handed over, become the secondary
 UNPROTECTED = 11  # PrimaryRun.protect: won "unprotected": run on, lead the next generation
 
@@ -186,6 +199,7 @@ class PrimaryRun:
             if link.peer.node else None,
             "summary": engine.stats.summary(self.outputs), "metrics": metrics.served(),
             **self.extra,
+            **({"disk": self.guest.disk.summary()} if self.guest.disk else {}),
         }  # fmt: skip
 
     def protection(self) -> str:
@@ -223,6 +237,9 @@ class PrimaryRun:
             self.link,
         )
         self.phase = "precopy"
+        if self.guest.disk is not None:
+            engine.start_disk(self.address, cfg.disk.port, disk_progress_bar("disk copy"))
+            event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib)
         paired_at = time.monotonic()  # the standby answered HELLO just now
         engine.precopy(progress_bar("pre-copy"))
         self.phase = "protected"

@@ -33,6 +33,7 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
     try:
         # the ready standby: a guest waiting for its state (for QEMU, on the image)
         ready = backend.ready(standby.image.path)
+        standby.disk = getattr(ready, "disk", None)
         failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed, standby.generation)
     except BaseException:
         standby.close()

@@ -63,11 +63,12 @@ def configs(root: Path, base: Config, img: Path, pair: str) -> tuple[Config, Con
     return with_keys(root / "keys", a, b)
 
 
-def default_base(ram_mib: int = 128, epoch_ms: int = 50) -> Config:
+def default_base(ram_mib: int = 128, epoch_ms: int = 50, disk_mib: int = 16) -> Config:
     base = Config()
     return replace(
         base,
         guest=replace(base.guest, kind="qemu", ram_mib=ram_mib),
+        disk=replace(base.disk, size_mib=disk_mib, journal_mib=64),
         qemu=QemuConfig(),
         checkpoint=replace(base.checkpoint, epoch_ms=epoch_ms),
     )
@@ -86,12 +87,15 @@ def start_pair(
     return a, b
 
 
-def start_client(lan: GuestLan, log: Path, connect_for: float = 120) -> subprocess.Popen[bytes]:
-    """The TCP client in its namespace, in a process group of its own."""
+def start_client(
+    lan: GuestLan, log: Path, connect_for: float = 120, write_every: float = 0.0
+) -> subprocess.Popen[bytes]:
+    """The TCP client in its namespace, in a process group of its own (``write_every``:
+    it also writes the guest's disk journal, and reads it back at the end)."""
     return subprocess.Popen(
         [*lan.prefix("C"), sys.executable, "-m", "mirror.lab.tcpclient",
          "--connect", f"{GUEST_IP}:{PORT}", "--log", str(log),
-         "--connect-for", str(connect_for)],
+         "--connect-for", str(connect_for), "--write-every", str(write_every)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
@@ -147,7 +151,8 @@ def run(
         mark(
             f"guest: service up on {GUEST_IP}:{PORT} (checkpoint {(a.status() or {}).get('epoch')})"
         )
-        client = start_client(lan, log, connect_for=60)
+        client = start_client(lan, log, connect_for=60,
+                              write_every=0.1 if cfg_a.disk.size_mib else 0.0)  # fmt: skip
         connected = wait_for(
             "the client to connect",
             lambda: next((e for e in client_events(log) if e["event"] == "connected"), None),
@@ -235,6 +240,11 @@ def _read(path: Path) -> str:
 
 def print_summary(r: dict[str, Any]) -> None:
     c = r["client"]
+    if "write_sent" in c:
+        verdict = "INTACT" if c.get("journal_intact") else "DAMAGED"
+        print(f"\ndisk journal: {verdict}: {c['write_ok']} writes answered ok (of "
+              f"{c['write_sent']} sent), all in the journal read back after the failover, in "
+              f"order: {c['journal_len']} entries; missing {c['journal_missing']}")  # fmt: skip
     p = r["primary_summary"]
     split = p.get("pause_split_ms_p50", {})
     print("\ntimeline (seconds from start):")

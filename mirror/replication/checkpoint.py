@@ -42,6 +42,7 @@ from typing import Any
 
 from mirror.config import CheckpointConfig
 from mirror.guests.base import Guest
+from mirror.guests.disk import DiskError, DiskServer
 from mirror.hoststate import percentile
 from mirror.replication import dirtylog, wire
 from mirror.replication import pagediff as pd
@@ -517,6 +518,8 @@ class CheckpointEngine:
         t3 = time.perf_counter()
         state = guest.save_state()
         outs = self.outputs.close_epoch()
+        if guest.disk is not None:  # `stop` drained the guest's I/O: close its disk epoch
+            self._disk_barrier(guest.disk, epoch)
         _fault(self._fault, "in-pause", epoch)
         t4 = time.perf_counter()
         if resume:
@@ -646,6 +649,31 @@ class CheckpointEngine:
                 first=missed[:8],
                 total=self.stats.log_missed_pages,
             )
+
+    def _disk_barrier(self, disk: DiskServer, epoch: int) -> None:
+        """Close the disk's epoch.  If the disk's stream to the standby has ended, the
+        standby can commit no later checkpoint (no disk for it), and this primary has no
+        way to copy the disk again while it runs (no resync yet): it stops, so that the
+        standby goes on from its last checkpoint, memory and disk, rather than the pair
+        holding every output from now on."""
+        problem = disk.barrier(epoch)
+        if problem is not None:
+            raise ReplicationError(
+                f"the guest's disk is no longer replicated (checkpoint {epoch}): {problem}; "
+                f"the standby holds the last committed checkpoint"
+            )
+
+    def start_disk(self, address: str, port: int, progress: Callable[[int, int], None]) -> None:
+        """Pairing with a disk: stream it to the standby's disk server, copying all of it
+        live (the guest runs); returns when the standby's replica is complete."""
+        disk = self.guest.disk
+        if disk is None:
+            return
+        try:
+            disk.replicate(address, port, self.epoch + 1)
+            disk.wait_synced(progress=progress)
+        except DiskError as e:
+            raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
 
     def on_reply(self, reply: wire.Message) -> None:
         """Act on the standby's answer.  Nothing it says stops this primary: a REJECT of a

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
+from mirror.guests.disk import DiskError, DiskServer
 from mirror.hoststate import agent_record, write_atomic, write_json
 from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
@@ -117,6 +118,7 @@ class Standby:
         self.link: Link | None = None
         self.bind_wait = 10.0  # seconds serve() waits for ports in use (see serve)
         self.metrics = Metrics.of(cfg.pair.name, cfg.node.name)
+        self.disk: DiskServer | None = None  # the disk replica, committed with each checkpoint
 
     # -- the protocol ---------------------------------------------------------
 
@@ -283,6 +285,12 @@ class Standby:
                 self.committed,
             )
             return self._reject(m, str(e))
+        if m.epoch and self.disk is not None:
+            try:  # the disk's epoch N, durably, before RAM N commits and is acknowledged
+                self.disk.commit(m.epoch)
+            except DiskError as e:
+                log.error("checkpoint %d rejected: its disk epoch: %s", m.epoch, e)
+                return self._reject(m, f"disk: {e}")
         if m.epoch == 0 and self.committed:
             # A new generation's pre-copy overwrites the image: it holds no committed
             # checkpoint again until the next commit.
@@ -336,6 +344,7 @@ class Standby:
             "metrics": served(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],
+            **({"disk": self.disk.summary()} if self.disk else {}),
             **self.extra_status(),
         }
 

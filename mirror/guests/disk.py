@@ -1,0 +1,226 @@
+"""The guest's disk, replicated per epoch: the agent's handle on its disk server (a device
+backend of the guest, like the NIC relay; the epoch engine and the standby drive it).
+
+The server (native/diskserver.c, one process per host) serves the disk to QEMU
+over NBD on a unix socket.  On the primary it writes the local image and streams
+every change to the secondary's server as it happens; :meth:`DiskServer.barrier`
+closes an epoch inside the checkpoint's pause (after QMP ``stop`` drained the
+guest's I/O).  On the secondary it journals the stream;
+:meth:`DiskServer.commit` applies epoch N (durably) when checkpoint N commits,
+before the ack; :meth:`DiskServer.promote` drops every uncommitted epoch.
+
+Why a socket of the server's own rather than the zmq interconnect: the records
+are produced by C threads on the guest's I/O path; sending them through the
+agent's Python would put a per-write Python step back on that path.  The stream
+carries the pair's name and generation, and the secondary refuses another pair,
+an older generation or another disk size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mirror.guests.disk")
+
+
+class DiskError(RuntimeError):
+    """The disk server could not start, or refused a command."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the agent dies (a host dies whole)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """What a disk server serves, and where."""
+
+    image: Path
+    size: int
+    run_dir: Path  # its sockets (keep the path short: unix sockets hold 107 bytes)
+    pair: str
+    generation: int = 1
+    workers: int = 4
+    stall_ms: int = 5000
+    listen: str = ""  # HOST:PORT: a replica, receiving the stream there
+    journal: Path | None = None
+    journal_bytes: int = 256 << 20
+    snapshots: Path | None = None  # tests: a copy of the image at each barrier
+    keep: int = 8
+
+    @property
+    def nbd_path(self) -> Path:
+        return self.run_dir / "disk.sock"
+
+    @property
+    def control_path(self) -> Path:
+        return self.run_dir / "disk-ctl.sock"
+
+
+class DiskServer:
+    """A running disk server (a child process) and a connection to its control socket."""
+
+    def __init__(self, spec: DiskSpec, *, timeout: float = 10.0) -> None:
+        self.spec = spec
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            "--image", str(spec.image), "--size", str(spec.size),
+            "--nbd", str(spec.nbd_path), "--control", str(spec.control_path),
+            "--pair", spec.pair, "--generation", str(spec.generation),
+            "--workers", str(spec.workers), "--stall-ms", str(spec.stall_ms),
+        ]  # fmt: skip
+        if spec.listen:
+            assert spec.journal is not None
+            args += ["--replica", spec.listen, "--journal", str(spec.journal)]
+            args += ["--journal-bytes", str(spec.journal_bytes)]
+        if spec.snapshots is not None:
+            spec.snapshots.mkdir(parents=True, exist_ok=True)
+            args += ["--test-snapshots", str(spec.snapshots), "--test-keep", str(spec.keep)]
+        self.stderr_path = spec.run_dir / "diskserver.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mirror.guests.diskproc", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=open(self.stderr_path, "ab"),  # noqa: SIM115
+            preexec_fn=_die_with_parent,
+        )
+        self._ctl: socket.socket | None = None
+        self._buf = b""
+        try:
+            assert self.proc.stdout is not None
+            os.set_blocking(self.proc.stdout.fileno(), False)
+            deadline = time.monotonic() + timeout
+            line = b""
+            while b"ready" not in line:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise DiskError(f"the disk server did not start: {self._stderr()}")
+                with contextlib.suppress(BlockingIOError, TypeError):
+                    line += self.proc.stdout.read() or b""
+                time.sleep(0.005)
+            self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._ctl.connect(str(spec.control_path))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text().strip()[-600:] or "(no message)"
+        except OSError:
+            return "(no message)"
+
+    def call(self, command: str, timeout: float = 30.0) -> str:
+        """One control command; its answer line without the leading ``ok``.
+        DiskError with the server's words if it answers ``err``."""
+        if self._ctl is None:
+            raise DiskError("the disk server is closed")
+        self._ctl.settimeout(timeout)
+        try:
+            self._ctl.sendall(command.encode() + b"\n")
+            while b"\n" not in self._buf:
+                chunk = self._ctl.recv(65536)
+                if not chunk:
+                    raise DiskError(f"the disk server went away: {self._stderr()}")
+                self._buf += chunk
+        except OSError as e:
+            raise DiskError(f"disk server control ({command.split()[0]}): {e}") from e
+        line, self._buf = self._buf.split(b"\n", 1)
+        text = line.decode(errors="replace")
+        if text.startswith("ok"):
+            return text[3:]
+        raise DiskError(text[4:] if text.startswith("err ") else text)
+
+    # -- the primary -----------------------------------------------------------------
+
+    def replicate(self, host: str, port: int, first_epoch: int) -> None:
+        """Start streaming to the secondary's server, with a live copy of the whole disk."""
+        self.call(f"replicate {host} {port} {first_epoch}")
+
+    def wait_synced(
+        self, timeout: float = 600.0, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Until the initial copy is done (``progress(done, total)`` as it goes)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if progress:
+                progress(st["sync_bytes"], st["sync_total"])
+            if st["synced"]:
+                return
+            if not st["peer"]:
+                raise DiskError(f"the disk stream to the secondary ended: {st['lost']}")
+            if time.monotonic() > deadline:
+                raise DiskError(f"the initial disk sync did not finish in {timeout:g} s")
+            time.sleep(0.05)
+
+    def barrier(self, epoch: int) -> str | None:
+        """Close epoch ``epoch`` (in the checkpoint's pause); None, or why the
+        disk is not replicated (the guest's I/O goes on either way)."""
+        try:
+            self.call(f"barrier {epoch}")
+        except DiskError as e:
+            return str(e)
+        return None
+
+    # -- the secondary ---------------------------------------------------------------
+
+    def commit(self, epoch: int, timeout_ms: int = 10_000) -> None:
+        """Apply epochs <= ``epoch`` to the replica, fdatasync; DiskError if it cannot."""
+        self.call(f"commit {epoch} {timeout_ms}", timeout=timeout_ms / 1000 + 30)
+
+    def promote(self) -> tuple[int, int]:
+        """Drop every uncommitted epoch and serve the replica read-write:
+        (the committed epoch, the records dropped)."""
+        committed, dropped = self.call("promote").split()
+        return int(committed), int(dropped)
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = json.loads(self.call("status"))
+        return st
+
+    def summary(self) -> dict[str, Any]:
+        """For the agent's status file: the disk's replication, in a few fields."""
+        try:
+            st = self.status()
+        except DiskError as e:
+            return {"error": str(e)}
+        keys = ("role", "synced", "peer", "lost", "writes", "write_bytes", "committed",
+                "consistent", "journal_used", "journal_size", "dropped_records")  # fmt: skip
+        return {k: st[k] for k in keys}
+
+    def close(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        for p in (self.spec.nbd_path, self.spec.control_path):
+            p.unlink(missing_ok=True)
+        if self.spec.journal is not None:
+            self.spec.journal.unlink(missing_ok=True)

@@ -1,0 +1,952 @@
+/* mirror's disk server: a guest disk served over NBD, replicated per epoch (Remus).
+ *
+ * One process per host and guest disk (started by mirror.guests.disk):
+ *
+ *   QEMU --NBD (unix socket)--> [diskserver on A] --records (TCP)--> [diskserver on B]
+ *                                 local image                         journal, replica
+ *
+ * Primary role: serves the image to QEMU (reads, writes, FLUSH, FUA, TRIM,
+ * WRITE_ZEROES) with a pool of worker threads; every change is written to the
+ * local image and then handed to the stream to B as a record (epoch, offset,
+ * data) BEFORE QEMU gets its answer, so when QMP `stop` has drained the guest's
+ * I/O, every write the guest saw completed is in the stream.  The agent then
+ * sends `barrier N` on the control socket (inside the checkpoint's pause): a
+ * BARRIER record closes epoch N.  Changes and the barrier are serialised by one
+ * mutex, so the stream's order is the local image's order.
+ *
+ * Replica role: receives the stream into a ring journal file (bounded: when it
+ * is full the receiver stops reading, TCP pushes back and the primary's writes
+ * wait; an epoch that alone outgrows the journal makes the primary give up the
+ * stream after --stall-ms and run unprotected until a resync, while the replica
+ * stays at its committed epoch).  `commit N` (sent by the standby with RAM N)
+ * waits for barrier N, applies every record of epochs <= N in stream order to
+ * the replica, fdatasync, and answers.  `promote` drops every uncommitted epoch
+ * and makes the process a primary serving the replica.  The replica serves
+ * reads over NBD all along (a ready standby QEMU attaches to it).
+ *
+ * Initial sync: `replicate HOST PORT FIRST_EPOCH` connects to B and copies the
+ * whole image live (SYNC records, all-zero chunks as ZERO records) while the
+ * guest writes; B applies everything before SYNC_DONE at once, in stream order,
+ * and journals everything after it.  B's replica is consistent (promotable) once the
+ * first epoch closed after SYNC_DONE commits: the copy ends mid-epoch, so before that
+ * commit the replica holds part of an epoch.
+ *
+ * Every record from the network is checked (type, epoch order, bounds, size);
+ * a bad one drops the stream and is logged.  Control commands are lines of
+ * text on a unix socket; each answer is one line ("ok ..." or "err ...").
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "diskserver.h"
+
+#define NBD_MAGIC 0x4e42444d41474943ULL
+#define NBD_IHAVEOPT 0x49484156454F5054ULL
+#define NBD_REP_MAGIC 0x3e889045565a9ULL
+#define NBD_REQ_MAGIC 0x25609513U
+#define NBD_SIMPLE_REPLY 0x67446698U
+#define NBD_OPT_EXPORT_NAME 1
+#define NBD_OPT_ABORT 2
+#define NBD_OPT_INFO 6
+#define NBD_OPT_GO 7
+#define NBD_REP_ACK 1
+#define NBD_REP_INFO 3
+#define NBD_REP_ERR_UNSUP 0x80000001U
+#define NBD_REP_ERR_INVALID 0x80000003U
+#define NBD_CMD_READ 0
+#define NBD_CMD_WRITE 1
+#define NBD_CMD_DISC 2
+#define NBD_CMD_FLUSH 3
+#define NBD_CMD_TRIM 4
+#define NBD_CMD_WRITE_ZEROES 6
+#define NBD_CMD_FLAG_FUA 1
+#define NBD_FLAGS (1 | 4 | 8 | 0x20 | 0x40) /* HAS_FLAGS SEND_FLUSH SEND_FUA SEND_TRIM SEND_WRITE_ZEROES */
+#define MAX_REQ (32u << 20)
+
+/* stream records: 32-byte header (little endian), then len bytes for WRITE/SYNC */
+enum { R_HELLO = 1, R_WRITE, R_ZERO, R_TRIM, R_BARRIER, R_SYNC, R_SYNC_DONE };
+#define REC_MAGIC 0x4d524431U /* "MRD1" */
+struct rec {
+    uint32_t magic, type;
+    uint64_t epoch, offset, len;
+};
+#define SYNC_CHUNK (1u << 20)
+
+enum role { PRIMARY, REPLICA };
+
+struct entry { /* one journaled record on the replica */
+    uint64_t epoch, offset, len, pos; /* pos: where its data starts in the ring (monotonic) */
+    uint32_t type;
+};
+
+static struct {
+    enum role role;
+    int img;
+    uint64_t size;
+    const char *nbd_path, *ctl_path, *pair;
+    uint64_t generation;
+    int workers, stall_ms;
+    /* primary */
+    pthread_mutex_t stream_mu;
+    int peer;            /* stream socket to B, -1: none */
+    uint64_t cur_epoch;  /* the open epoch (records carry it) */
+    int synced;          /* B has the whole image and every change since */
+    uint64_t sync_done_bytes, sync_total;
+    char lost[256];      /* why the stream to B ended, if it did */
+    uint64_t writes, write_bytes, barriers;
+    const char *snap_dir; /* tests: a copy of the image at each barrier */
+    int snap_keep;
+    /* replica */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int listen_fd, stream_fd;
+    int jfd;
+    uint64_t jsize, jhead, jtail; /* ring, monotonic byte counters */
+    struct entry *ents;
+    size_t nents, cap, first; /* live entries are ents[first..nents) */
+    uint64_t open_epoch, closed_epoch, committed;
+    int consistent, streaming; /* consistent: the replica is the disk at `committed` */
+    int copied;                /* the current stream's initial copy is complete */
+    uint64_t sync_epoch;       /* the first epoch after it */
+    uint64_t applied_records, dropped_records, commits, drops;
+} S;
+
+static void logmsg(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "diskserver: ");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static int read_full(int fd, void *buf, size_t n) {
+    char *p = buf;
+    while (n) {
+        ssize_t r = read(fd, p, n);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return -1;
+        p += r, n -= (size_t)r;
+    }
+    return 0;
+}
+
+static int write_full(int fd, const void *buf, size_t n) {
+    const char *p = buf;
+    while (n) {
+        ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno == ENOTSOCK) r = write(fd, p, n);
+        if (r <= 0) return -1;
+        p += r, n -= (size_t)r;
+    }
+    return 0;
+}
+
+static int pread_full(int fd, void *buf, size_t n, uint64_t off) {
+    char *p = buf;
+    while (n) {
+        ssize_t r = pread(fd, p, n, (off_t)off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -errno;
+        if (r == 0) { memset(p, 0, n); return 0; }
+        p += r, n -= (size_t)r, off += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const void *buf, size_t n, uint64_t off) {
+    const char *p = buf;
+    while (n) {
+        ssize_t r = pwrite(fd, p, n, (off_t)off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -errno;
+        p += r, n -= (size_t)r, off += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int zero_range(int fd, uint64_t off, uint64_t len, int punch) {
+    int mode = punch ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) : FALLOC_FL_ZERO_RANGE;
+    if (fallocate(fd, mode, (off_t)off, (off_t)len) == 0) return 0;
+    if (punch && fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    static const char zeros[65536];
+    while (len) { /* a file system without fallocate modes: write zeros */
+        size_t n = len < sizeof zeros ? (size_t)len : sizeof zeros;
+        int e = pwrite_full(fd, zeros, n, off);
+        if (e) return e;
+        off += n, len -= n;
+    }
+    return 0;
+}
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* ---- primary: the stream to B ------------------------------------------------- */
+
+static void peer_lost(const char *why) { /* stream_mu held */
+    if (S.peer >= 0) {
+        logmsg("stream to the replica ended: %s; the disk runs unprotected until a resync", why);
+        close(S.peer);
+    }
+    S.peer = -1;
+    S.synced = 0;
+    snprintf(S.lost, sizeof S.lost, "%s", why);
+}
+
+/* one record to B (stream_mu held); a failure ends the stream, never the guest's I/O */
+static void stream_send(uint32_t type, uint64_t epoch, uint64_t off, uint64_t len, const void *data) {
+    if (S.peer < 0) return;
+    struct rec r = {htole32(REC_MAGIC), htole32(type), htole64(epoch), htole64(off), htole64(len)};
+    if (write_full(S.peer, &r, sizeof r) || (data && len && write_full(S.peer, data, len)))
+        peer_lost(errno == EAGAIN || errno == EWOULDBLOCK
+                      ? "the replica stopped reading (its journal is full with one epoch)"
+                      : strerror(errno));
+}
+
+static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch);
+    int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (out < 0) return;
+    off_t off = 0;
+    while ((uint64_t)off < S.size) {
+        ssize_t n = copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0);
+        if (n <= 0) break;
+    }
+    close(out);
+    if (epoch > (uint64_t)S.snap_keep) {
+        snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch - (uint64_t)S.snap_keep);
+        unlink(path);
+    }
+}
+
+static int is_zero(const char *p, size_t n) {
+    static const char z[4096];
+    for (size_t i = 0; i < n; i += sizeof z)
+        if (memcmp(p + i, z, n - i < sizeof z ? n - i : sizeof z)) return 0;
+    return 1;
+}
+
+static void *sync_thread(void *arg) {
+    uint64_t first = (uint64_t)(uintptr_t)arg;
+    char *buf = malloc(SYNC_CHUNK);
+    for (uint64_t off = 0; off < S.size && buf; off += SYNC_CHUNK) {
+        uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK;
+        pthread_mutex_lock(&S.stream_mu);
+        if (S.peer < 0) { pthread_mutex_unlock(&S.stream_mu); free(buf); return NULL; }
+        int e = pread_full(S.img, buf, n, off);
+        if (e) peer_lost("reading the local image for the initial sync failed");
+        else if (is_zero(buf, n)) stream_send(R_ZERO, 0, off, n, NULL);
+        else stream_send(R_SYNC, 0, off, n, buf);
+        S.sync_done_bytes = off + n;
+        pthread_mutex_unlock(&S.stream_mu);
+    }
+    free(buf);
+    pthread_mutex_lock(&S.stream_mu);
+    (void)first;
+    if (S.peer >= 0) {
+        stream_send(R_SYNC_DONE, S.cur_epoch, 0, 0, NULL);
+        S.synced = S.peer >= 0;
+    }
+    pthread_mutex_unlock(&S.stream_mu);
+    return NULL;
+}
+
+static int connect_tcp(const char *host, const char *port, char *err, size_t errlen) {
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res;
+    int e = getaddrinfo(host, port, &hints, &res);
+    if (e) { snprintf(err, errlen, "cannot resolve %s: %s", host, gai_strerror(e)); return -1; }
+    int fd = -1;
+    for (struct addrinfo *a = res; a; a = a->ai_next) {
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, 0);
+        if (fd < 0) continue;
+        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) break;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) { snprintf(err, errlen, "cannot connect to %s:%s: %s", host, port, strerror(errno)); return -1; }
+    int one = 1, buf = 4 << 20;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+    struct timeval tv = {S.stall_ms / 1000, (S.stall_ms % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+/* `replicate HOST PORT FIRST_EPOCH`: start the stream and the live initial sync */
+static void cmd_replicate(const char *host, const char *port, uint64_t first, char *out, size_t outlen) {
+    if (S.role != PRIMARY) { snprintf(out, outlen, "err not a primary"); return; }
+    char err[300];
+    int fd = connect_tcp(host, port, err, sizeof err);
+    if (fd < 0) { snprintf(out, outlen, "err %s", err); return; }
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.peer >= 0) close(S.peer);
+    S.peer = fd;
+    S.synced = 0;
+    S.lost[0] = 0;
+    S.cur_epoch = first;
+    S.sync_done_bytes = 0;
+    S.sync_total = S.size;
+    char hello[256];
+    int n = snprintf(hello, sizeof hello, "%s %" PRIu64, S.pair, S.generation);
+    stream_send(R_HELLO, 0, S.size, (uint64_t)n, hello);
+    int ok = S.peer >= 0;
+    pthread_mutex_unlock(&S.stream_mu);
+    if (!ok) { snprintf(out, outlen, "err the replica at %s:%s closed the stream", host, port); return; }
+    pthread_t t;
+    pthread_create(&t, NULL, sync_thread, (void *)(uintptr_t)first);
+    pthread_detach(t);
+    snprintf(out, outlen, "ok");
+}
+
+static void cmd_barrier(uint64_t n, char *out, size_t outlen) {
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.role != PRIMARY) snprintf(out, outlen, "err not a primary");
+    else if (n != S.cur_epoch) snprintf(out, outlen, "err barrier %" PRIu64 " but the open epoch is %" PRIu64, n, S.cur_epoch);
+    else {
+        int had = S.synced;
+        if (had) stream_send(R_BARRIER, n, 0, 0, NULL);
+        S.cur_epoch = n + 1;
+        S.barriers++;
+        if (S.snap_dir) snapshot(n);
+        if (!had) snprintf(out, outlen, "err no replica: %s", S.lost[0] ? S.lost : S.peer >= 0 ? "initial sync running" : "not replicating");
+        else if (S.peer < 0) snprintf(out, outlen, "err %s", S.lost);
+        else snprintf(out, outlen, "ok");
+    }
+    pthread_mutex_unlock(&S.stream_mu);
+}
+
+/* ---- replica: receiving, journaling, committing ------------------------------- */
+
+static uint64_t jused(void) { return S.jtail - S.jhead; }
+
+/* room for n contiguous bytes in the ring; its monotonic position (mu held) */
+static int jreserve(uint64_t n, uint64_t *pos) {
+    for (;;) {
+        uint64_t at = S.jtail, in = at % S.jsize;
+        if (in + n > S.jsize) at += S.jsize - in; /* no record wraps: skip the tail end */
+        if (at + n - S.jhead <= S.jsize) { *pos = at; S.jtail = at + n; return 0; }
+        if (!S.streaming) return -1;
+        pthread_cond_wait(&S.cv, &S.mu); /* full: stop reading until a commit frees room */
+    }
+}
+
+static void add_entry(uint32_t type, uint64_t epoch, uint64_t off, uint64_t len, uint64_t pos) {
+    if (S.nents == S.cap) {
+        if (S.first > S.cap / 2) {
+            memmove(S.ents, S.ents + S.first, (S.nents - S.first) * sizeof *S.ents);
+            S.nents -= S.first, S.first = 0;
+        } else {
+            S.cap = S.cap ? S.cap * 2 : 1024;
+            S.ents = realloc(S.ents, S.cap * sizeof *S.ents);
+            if (!S.ents) { logmsg("out of memory for the journal index"); abort(); }
+        }
+    }
+    S.ents[S.nents++] = (struct entry){epoch, off, len, pos, type};
+}
+
+static void apply_now(uint32_t type, uint64_t off, uint64_t len, const char *data) {
+    int e = type == R_ZERO ? zero_range(S.img, off, len, 0)
+          : type == R_TRIM ? zero_range(S.img, off, len, 1)
+                           : pwrite_full(S.img, data, len, off);
+    if (e) logmsg("writing the replica at %" PRIu64 ": %s", off, strerror(-e));
+    S.applied_records++;
+}
+
+/* the uncommitted epochs are dropped (promotion, or a new stream) (mu held) */
+static void drop_uncommitted(void) {
+    S.dropped_records += S.nents - S.first;
+    S.nents = S.first = 0;
+    S.drops++;
+    S.jhead = S.jtail;
+    S.closed_epoch = S.committed;
+    pthread_cond_broadcast(&S.cv);
+}
+
+static const char *receive(int fd) {
+    struct rec r;
+    char hello[256];
+    if (read_full(fd, &r, sizeof r)) return "the primary closed the stream";
+    if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_HELLO || le64toh(r.len) >= sizeof hello)
+        return "the stream does not start with a HELLO record";
+    uint64_t hlen = le64toh(r.len);
+    if (read_full(fd, hello, hlen)) return "the primary closed the stream";
+    hello[hlen] = 0;
+    char want[256];
+    snprintf(want, sizeof want, "%s ", S.pair);
+    if (strncmp(hello, want, strlen(want))) return "HELLO from another pair";
+    if (le64toh(r.offset) != S.size) return "the primary's disk size differs from this replica's";
+    uint64_t gen = strtoull(hello + strlen(want), NULL, 10);
+    pthread_mutex_lock(&S.mu);
+    if (gen < S.generation) { pthread_mutex_unlock(&S.mu); return "HELLO from an older generation"; }
+    S.generation = gen;
+    drop_uncommitted();
+    S.consistent = 0; /* the replica is being overwritten, until a commit after the copy */
+    S.copied = 0;
+    int syncing = 1;
+    pthread_mutex_unlock(&S.mu);
+    logmsg("stream from the primary (generation %" PRIu64 "): initial sync", gen);
+    char *buf = malloc(MAX_REQ);
+    const char *why = NULL;
+    while (!why) {
+        if (read_full(fd, &r, sizeof r)) { why = "the primary closed the stream"; break; }
+        uint32_t type = le32toh(r.type);
+        uint64_t ep = le64toh(r.epoch), off = le64toh(r.offset), len = le64toh(r.len);
+        int has_data = type == R_WRITE || type == R_SYNC;
+        if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_SYNC_DONE) { why = "a record of unknown type"; break; }
+        if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC) &&
+            (len == 0 || (has_data && len > MAX_REQ) || off > S.size || len > S.size - off)) {
+            why = "a record out of the disk's bounds"; /* (TRIM and ZERO carry no data: any size) */
+            break;
+        }
+        if (syncing) {
+            if (type == R_BARRIER) { why = "a BARRIER during the initial sync"; break; }
+            if (type == R_SYNC_DONE) {
+                if (ep == 0) { why = "SYNC_DONE for epoch 0"; break; }
+                if (fdatasync(S.img)) logmsg("fdatasync of the replica: %s", strerror(errno));
+                pthread_mutex_lock(&S.mu);
+                S.open_epoch = ep, S.closed_epoch = S.committed = ep - 1;
+                S.copied = 1;
+                S.sync_epoch = ep;
+                syncing = 0;
+                pthread_cond_broadcast(&S.cv);
+                pthread_mutex_unlock(&S.mu);
+                logmsg("initial copy received: consistent from the commit of epoch %" PRIu64, ep);
+                continue;
+            }
+            if (has_data && read_full(fd, buf, len)) { why = "the primary closed the stream"; break; }
+            apply_now(type, off, len, buf);
+            continue;
+        }
+        if (type == R_SYNC || type == R_SYNC_DONE) { why = "a sync record after the sync"; break; }
+        if (has_data && len > S.jsize) { why = "a record larger than the journal"; break; }
+        pthread_mutex_lock(&S.mu);
+        if (ep != S.open_epoch) {
+            pthread_mutex_unlock(&S.mu);
+            why = "a record of an epoch that is not the open one";
+            break;
+        }
+        if (type == R_BARRIER) {
+            S.closed_epoch = ep;
+            S.open_epoch = ep + 1;
+            pthread_cond_broadcast(&S.cv);
+            pthread_mutex_unlock(&S.mu);
+            continue;
+        }
+        uint64_t pos = 0;
+        if (has_data && jreserve(len, &pos)) { pthread_mutex_unlock(&S.mu); why = "stopped"; break; }
+        pthread_mutex_unlock(&S.mu);
+        if (has_data) { /* data straight into the journal: no copy kept in memory */
+            if (read_full(fd, buf, len)) { why = "the primary closed the stream"; break; }
+            if (pwrite_full(S.jfd, buf, len, pos % S.jsize)) { why = "writing the journal failed"; break; }
+        }
+        pthread_mutex_lock(&S.mu);
+        if (!has_data) pos = S.jtail; /* where the journal's head goes once it is applied */
+        add_entry(type, ep, off, len, pos);
+        pthread_mutex_unlock(&S.mu);
+    }
+    free(buf);
+    pthread_mutex_lock(&S.mu);
+    pthread_mutex_unlock(&S.mu);
+    return why;
+}
+
+static void *stream_thread(void *arg) {
+    (void)arg;
+    for (;;) {
+        int fd = accept4(S.listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            close(S.listen_fd); /* promoted: no more streams to take */
+            return NULL;
+        }
+        pthread_mutex_lock(&S.mu);
+        if (S.role != REPLICA) { pthread_mutex_unlock(&S.mu); close(fd); continue; }
+        S.stream_fd = fd;
+        S.streaming = 1;
+        pthread_mutex_unlock(&S.mu);
+        const char *why = receive(fd);
+        pthread_mutex_lock(&S.mu);
+        S.streaming = 0;
+        S.stream_fd = -1;
+        pthread_cond_broadcast(&S.cv);
+        pthread_mutex_unlock(&S.mu);
+        logmsg("stream from the primary ended: %s", why);
+        close(fd);
+    }
+}
+
+static void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
+    double t0 = now_ms();
+    pthread_mutex_lock(&S.mu);
+    if (S.role != REPLICA) { pthread_mutex_unlock(&S.mu); snprintf(out, outlen, "err not a replica"); return; }
+    if (n <= S.committed && S.consistent) { pthread_mutex_unlock(&S.mu); snprintf(out, outlen, "ok %" PRIu64, S.committed); return; }
+    if (S.copied && n < S.sync_epoch) {
+        pthread_mutex_unlock(&S.mu);
+        snprintf(out, outlen, "err epoch %" PRIu64 " is older than the disk's copy (epochs from %" PRIu64 ")",
+                 n, S.sync_epoch);
+        return;
+    }
+    while (S.closed_epoch < n || !S.copied) {
+        if (!S.streaming) {
+            pthread_mutex_unlock(&S.mu);
+            snprintf(out, outlen, "err epoch %" PRIu64 " not closed on the disk stream (%s; committed %" PRIu64 ")",
+                     n, S.copied ? "no stream" : "disk copy not finished", S.committed);
+            return;
+        }
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_nsec += 20 * 1000000L;
+        if (dl.tv_nsec >= 1000000000L) dl.tv_sec++, dl.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&S.cv, &S.mu, &dl);
+        if (now_ms() - t0 > timeout_ms) {
+            pthread_mutex_unlock(&S.mu);
+            snprintf(out, outlen, "err epoch %" PRIu64 " not closed on the disk stream in %d ms", n, timeout_ms);
+            return;
+        }
+    }
+    size_t a = S.first, b = a;
+    while (b < S.nents && S.ents[b].epoch <= n) b++;
+    size_t cnt = b - a;
+    struct entry *todo = malloc((cnt ? cnt : 1) * sizeof *todo);
+    memcpy(todo, S.ents + a, cnt * sizeof *todo);
+    uint64_t head = b < S.nents ? S.ents[b].pos : S.jtail, drops = S.drops;
+    pthread_mutex_unlock(&S.mu);
+    char *buf = NULL;
+    size_t bufcap = 0;
+    int err = 0;
+    for (size_t i = 0; i < cnt && !err; i++) { /* the receiver only appends: no lock needed */
+        struct entry *e = &todo[i];
+        if (e->type == R_WRITE) {
+            if (bufcap < e->len) { free(buf); bufcap = e->len; buf = malloc(bufcap); }
+            err = pread_full(S.jfd, buf, e->len, e->pos % S.jsize);
+            if (!err) err = pwrite_full(S.img, buf, e->len, e->offset);
+        } else {
+            err = zero_range(S.img, e->offset, e->len, e->type == R_TRIM);
+        }
+    }
+    free(buf);
+    free(todo);
+    if (!err && fdatasync(S.img)) err = -errno;
+    pthread_mutex_lock(&S.mu);
+    if (err) {
+        pthread_mutex_unlock(&S.mu);
+        snprintf(out, outlen, "err applying epoch %" PRIu64 " to the replica: %s", n, strerror(-err));
+        return;
+    }
+    if (S.drops == drops) { /* a promotion or a new stream may have dropped them meanwhile */
+        S.first += cnt; /* (the receiver may have compacted the index: count, not position) */
+        S.jhead = head;
+        S.applied_records += cnt;
+    }
+    S.committed = n;
+    S.consistent = 1; /* every epoch <= n is applied, and n is after the copy */
+    S.commits++;
+    pthread_cond_broadcast(&S.cv);
+    pthread_mutex_unlock(&S.mu);
+    snprintf(out, outlen, "ok %" PRIu64, n);
+}
+
+static void cmd_promote(char *out, size_t outlen) {
+    pthread_mutex_lock(&S.mu);
+    if (S.role == PRIMARY) { pthread_mutex_unlock(&S.mu); snprintf(out, outlen, "err already a primary"); return; }
+    if (!S.consistent) {
+        pthread_mutex_unlock(&S.mu);
+        snprintf(out, outlen, "err the replica holds no committed checkpoint (its disk copy is not finished or not committed yet)");
+        return;
+    }
+    uint64_t dropped = S.nents - S.first;
+    S.role = PRIMARY;
+    drop_uncommitted();
+    if (S.stream_fd >= 0) shutdown(S.stream_fd, SHUT_RDWR);
+    if (S.listen_fd >= 0) shutdown(S.listen_fd, SHUT_RDWR); /* the port is free for a new replica */
+    uint64_t c = S.committed;
+    pthread_mutex_unlock(&S.mu);
+    pthread_mutex_lock(&S.stream_mu);
+    S.cur_epoch = c + 1;
+    pthread_mutex_unlock(&S.stream_mu);
+    if (S.snap_dir) { /* tests: the replica as promoted, before the guest writes it */
+        char path[4096];
+        snprintf(path, sizeof path, "%s/promoted-%" PRIu64 ".img", S.snap_dir, c);
+        int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        off_t off = 0;
+        while (out >= 0 && (uint64_t)off < S.size &&
+               copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0) > 0) {}
+        if (out >= 0) close(out);
+    }
+    logmsg("promoted at epoch %" PRIu64 ": %" PRIu64 " uncommitted records dropped", c, dropped);
+    snprintf(out, outlen, "ok %" PRIu64 " %" PRIu64, c, dropped);
+}
+
+/* ---- NBD serving ---------------------------------------------------------------- */
+
+struct conn {
+    int fd;
+    pthread_mutex_t wmu; /* one reply at a time on the socket */
+    int refs;
+};
+
+struct job {
+    struct conn *c;
+    uint16_t flags, type;
+    uint64_t handle, offset;
+    uint32_t len;
+    char *data;
+    struct job *next;
+};
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct job *head, *tail;
+} Q = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL};
+
+static void conn_put(struct conn *c) {
+    pthread_mutex_lock(&Q.mu);
+    int last = --c->refs == 0;
+    pthread_mutex_unlock(&Q.mu);
+    if (last) { close(c->fd); pthread_mutex_destroy(&c->wmu); free(c); }
+}
+
+static void reply(struct conn *c, uint64_t handle, uint32_t err, const void *data, uint32_t len) {
+    struct { uint32_t magic, err; uint64_t handle; } __attribute__((packed)) h = {
+        htobe32(NBD_SIMPLE_REPLY), htobe32(err), handle};
+    pthread_mutex_lock(&c->wmu);
+    if (write_full(c->fd, &h, sizeof h) == 0 && data && len) write_full(c->fd, data, len);
+    pthread_mutex_unlock(&c->wmu);
+}
+
+static uint32_t nbd_errno(int e) {
+    switch (e) {
+    case EPERM: case EIO: case ENOMEM: case EINVAL: case ENOSPC: return (uint32_t)e;
+    default: return EIO;
+    }
+}
+
+/* one change of the image: local, then the stream, under one lock (stream order = image order) */
+static int change(uint32_t type, uint64_t off, uint32_t len, const char *data, int fua) {
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.role != PRIMARY) { pthread_mutex_unlock(&S.stream_mu); return EPERM; }
+    int e = type == R_WRITE ? pwrite_full(S.img, data, len, off)
+                            : zero_range(S.img, off, len, type == R_TRIM);
+    if (!e) {
+        stream_send(type, S.cur_epoch, off, len, type == R_WRITE ? data : NULL);
+        S.writes++, S.write_bytes += len;
+    }
+    pthread_mutex_unlock(&S.stream_mu);
+    if (!e && fua && fdatasync(S.img)) e = -errno;
+    return e ? (int)nbd_errno(-e) : 0;
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    char *rbuf = NULL;
+    size_t rcap = 0;
+    for (;;) {
+        pthread_mutex_lock(&Q.mu);
+        while (!Q.head) pthread_cond_wait(&Q.cv, &Q.mu);
+        struct job *j = Q.head;
+        Q.head = j->next;
+        if (!Q.head) Q.tail = NULL;
+        pthread_mutex_unlock(&Q.mu);
+        uint32_t err = 0;
+        int fua = j->flags & NBD_CMD_FLAG_FUA;
+        if (j->type != NBD_CMD_FLUSH && (j->offset > S.size || j->len > S.size - j->offset)) {
+            err = EINVAL;
+            reply(j->c, j->handle, err, NULL, 0);
+        } else switch (j->type) {
+        case NBD_CMD_READ: {
+            if (rcap < j->len) { free(rbuf); rcap = j->len; rbuf = malloc(rcap); }
+            int e = pread_full(S.img, rbuf, j->len, j->offset);
+            err = e ? nbd_errno(-e) : 0;
+            reply(j->c, j->handle, err, err ? NULL : rbuf, j->len);
+            break;
+        }
+        case NBD_CMD_WRITE:
+            err = change(R_WRITE, j->offset, j->len, j->data, fua);
+            reply(j->c, j->handle, err, NULL, 0);
+            break;
+        case NBD_CMD_WRITE_ZEROES:
+        case NBD_CMD_TRIM:
+            err = j->len ? change(j->type == NBD_CMD_TRIM ? R_TRIM : R_ZERO, j->offset, j->len, NULL, fua) : 0;
+            reply(j->c, j->handle, err, NULL, 0);
+            break;
+        case NBD_CMD_FLUSH:
+            /* on B, every commit ends with fdatasync: a flushed write is durable there
+               when its epoch commits, before the guest's acknowledgement is released */
+            err = fdatasync(S.img) ? nbd_errno(errno) : 0;
+            reply(j->c, j->handle, err, NULL, 0);
+            break;
+        default:
+            reply(j->c, j->handle, EINVAL, NULL, 0);
+        }
+        free(j->data);
+        conn_put(j->c);
+        free(j);
+    }
+    return NULL;
+}
+
+static int opt_reply(int fd, uint32_t opt, uint32_t type, const void *data, uint32_t len) {
+    struct { uint64_t magic; uint32_t opt, type, len; } __attribute__((packed)) h = {
+        htobe64(NBD_REP_MAGIC), htobe32(opt), htobe32(type), htobe32(len)};
+    if (write_full(fd, &h, sizeof h)) return -1;
+    return len ? write_full(fd, data, len) : 0;
+}
+
+/* fixed newstyle negotiation; 0: go to transmission */
+static int negotiate(int fd) {
+    struct { uint64_t a, b; uint16_t flags; } __attribute__((packed)) g = {
+        htobe64(NBD_MAGIC), htobe64(NBD_IHAVEOPT), htobe16(1 | 2)};
+    uint32_t cflags;
+    if (write_full(fd, &g, sizeof g) || read_full(fd, &cflags, 4)) return -1;
+    int no_zeroes = be32toh(cflags) & 2;
+    for (;;) {
+        struct { uint64_t magic; uint32_t opt, len; } __attribute__((packed)) o;
+        if (read_full(fd, &o, sizeof o) || be64toh(o.magic) != NBD_IHAVEOPT) return -1;
+        uint32_t opt = be32toh(o.opt), len = be32toh(o.len);
+        if (len > 65536) return -1;
+        char data[65536];
+        if (len && read_full(fd, data, len)) return -1;
+        if (opt == NBD_OPT_EXPORT_NAME) {
+            struct { uint64_t size; uint16_t flags; } __attribute__((packed)) e = {htobe64(S.size), htobe16(NBD_FLAGS)};
+            static const char zeros[124];
+            if (write_full(fd, &e, sizeof e) || (!no_zeroes && write_full(fd, zeros, sizeof zeros))) return -1;
+            return 0;
+        }
+        if (opt == NBD_OPT_ABORT) { opt_reply(fd, opt, NBD_REP_ACK, NULL, 0); return -1; }
+        if (opt == NBD_OPT_GO || opt == NBD_OPT_INFO) {
+            struct { uint16_t type; uint64_t size; uint16_t flags; } __attribute__((packed)) info = {
+                0, htobe64(S.size), htobe16(NBD_FLAGS)};
+            if (opt_reply(fd, opt, NBD_REP_INFO, &info, sizeof info) || opt_reply(fd, opt, NBD_REP_ACK, NULL, 0)) return -1;
+            if (opt == NBD_OPT_GO) return 0;
+            continue;
+        }
+        if (opt_reply(fd, opt, NBD_REP_ERR_UNSUP, NULL, 0)) return -1;
+    }
+}
+
+static void *conn_thread(void *arg) {
+    struct conn *c = arg;
+    if (negotiate(c->fd) == 0) {
+        for (;;) {
+            struct { uint32_t magic; uint16_t flags, type; uint64_t handle, offset; uint32_t len; } __attribute__((packed)) r;
+            if (read_full(c->fd, &r, sizeof r) || be32toh(r.magic) != NBD_REQ_MAGIC) break;
+            struct job *j = calloc(1, sizeof *j);
+            j->c = c, j->flags = be16toh(r.flags), j->type = be16toh(r.type);
+            j->handle = r.handle, j->offset = be64toh(r.offset), j->len = be32toh(r.len);
+            if (j->type == NBD_CMD_DISC) { free(j); break; }
+            if (j->len > MAX_REQ && j->type != NBD_CMD_TRIM && j->type != NBD_CMD_WRITE_ZEROES) { free(j); break; }
+            if (j->type == NBD_CMD_WRITE) {
+                j->data = malloc(j->len ? j->len : 1);
+                if (read_full(c->fd, j->data, j->len)) { free(j->data); free(j); break; }
+            }
+            pthread_mutex_lock(&Q.mu);
+            c->refs++;
+            if (Q.tail) Q.tail->next = j; else Q.head = j;
+            Q.tail = j;
+            pthread_cond_signal(&Q.cv);
+            pthread_mutex_unlock(&Q.mu);
+        }
+    }
+    shutdown(c->fd, SHUT_RD);
+    conn_put(c);
+    return NULL;
+}
+
+static int listen_unix(const char *path) {
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path) { logmsg("socket path too long: %s", path); return -1; }
+    strcpy(a.sun_path, path);
+    unlink(path);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 16)) {
+        logmsg("cannot listen on %s: %s", path, strerror(errno));
+        return -1;
+    }
+    return fd;
+}
+
+static void *nbd_accept(void *arg) {
+    int lfd = (int)(intptr_t)arg;
+    for (;;) {
+        int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; return NULL; }
+        struct conn *c = calloc(1, sizeof *c);
+        c->fd = fd, c->refs = 1;
+        pthread_mutex_init(&c->wmu, NULL);
+        pthread_t t;
+        pthread_create(&t, NULL, conn_thread, c);
+        pthread_detach(t);
+    }
+}
+
+/* ---- control ---------------------------------------------------------------------- */
+
+static void cmd_status(char *out, size_t outlen) {
+    pthread_mutex_lock(&S.stream_mu);
+    pthread_mutex_lock(&S.mu);
+    snprintf(out, outlen,
+             "ok {\"role\":\"%s\",\"size\":%" PRIu64 ",\"open_epoch\":%" PRIu64 ",\"peer\":%s,\"synced\":%s,"
+             "\"sync_bytes\":%" PRIu64 ",\"sync_total\":%" PRIu64 ",\"lost\":\"%s\",\"writes\":%" PRIu64
+             ",\"write_bytes\":%" PRIu64 ",\"barriers\":%" PRIu64 ",\"committed\":%" PRIu64
+             ",\"closed\":%" PRIu64 ",\"consistent\":%s,\"copied\":%s,\"streaming\":%s,\"journal_used\":%" PRIu64
+             ",\"journal_size\":%" PRIu64 ",\"pending_records\":%zu,\"applied_records\":%" PRIu64
+             ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 "}",
+             S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
+             S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
+             S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
+             S.streaming ? "true" : "false", jused(), S.jsize, S.nents - S.first, S.applied_records,
+             S.dropped_records, S.commits);
+    pthread_mutex_unlock(&S.mu);
+    pthread_mutex_unlock(&S.stream_mu);
+}
+
+static void *ctl_conn(void *arg) {
+    int fd = (int)(intptr_t)arg;
+    FILE *in = fdopen(fd, "r");
+    char line[1024], out[2048];
+    while (in && fgets(line, sizeof line, in)) {
+        char a[300] = "", b[300] = "";
+        uint64_t n = 0;
+        int timeout = 0;
+        if (sscanf(line, "barrier %" SCNu64, &n) == 1) cmd_barrier(n, out, sizeof out);
+        else if (sscanf(line, "commit %" SCNu64 " %d", &n, &timeout) == 2) cmd_commit(n, timeout, out, sizeof out);
+        else if (sscanf(line, "replicate %299s %299s %" SCNu64, a, b, &n) == 3) cmd_replicate(a, b, n, out, sizeof out);
+        else if (strncmp(line, "promote", 7) == 0) cmd_promote(out, sizeof out);
+        else if (strncmp(line, "status", 6) == 0) cmd_status(out, sizeof out);
+        else snprintf(out, sizeof out, "err unknown command");
+        size_t l = strlen(out);
+        out[l++] = '\n';
+        if (write_full(fd, out, l)) break;
+    }
+    if (in) fclose(in); else close(fd);
+    return NULL;
+}
+
+static void *ctl_accept(void *arg) {
+    int lfd = (int)(intptr_t)arg;
+    for (;;) {
+        int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; return NULL; }
+        pthread_t t;
+        pthread_create(&t, NULL, ctl_conn, (void *)(intptr_t)fd);
+        pthread_detach(t);
+    }
+}
+
+static int usage(void) {
+    fprintf(stderr,
+            "usage: diskserver --image PATH --size BYTES --nbd SOCK --control SOCK --pair NAME\n"
+            "         [--generation N] [--workers N] [--stall-ms MS]\n"
+            "         [--replica HOST:PORT --journal PATH --journal-bytes N]\n"
+            "         [--test-snapshots DIR --test-keep N]\n");
+    return 2;
+}
+
+int mirror_diskserver_main(int argc, char **argv) {
+    const char *image = NULL, *listen_at = NULL, *journal = NULL;
+    memset(&S, 0, sizeof S);
+    S.workers = 4, S.stall_ms = 5000, S.generation = 1, S.snap_keep = 8;
+    S.jsize = 256u << 20;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        if (!strcmp(k, "--image")) image = v;
+        else if (!strcmp(k, "--size")) S.size = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "--nbd")) S.nbd_path = v;
+        else if (!strcmp(k, "--control")) S.ctl_path = v;
+        else if (!strcmp(k, "--pair")) S.pair = v;
+        else if (!strcmp(k, "--generation")) S.generation = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "--workers")) S.workers = atoi(v);
+        else if (!strcmp(k, "--stall-ms")) S.stall_ms = atoi(v);
+        else if (!strcmp(k, "--replica")) listen_at = v;
+        else if (!strcmp(k, "--journal")) journal = v;
+        else if (!strcmp(k, "--journal-bytes")) S.jsize = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "--test-snapshots")) S.snap_dir = v;
+        else if (!strcmp(k, "--test-keep")) S.snap_keep = atoi(v);
+        else return usage();
+    }
+    if (!image || !S.size || !S.nbd_path || !S.ctl_path || !S.pair || S.workers < 1 || S.workers > 64 ||
+        (listen_at && (!journal || S.jsize < 4096)))
+        return usage();
+    signal(SIGPIPE, SIG_IGN);
+    pthread_mutex_init(&S.stream_mu, NULL);
+    pthread_mutex_init(&S.mu, NULL);
+    pthread_cond_init(&S.cv, NULL);
+    S.peer = -1, S.stream_fd = -1, S.listen_fd = -1, S.jfd = -1;
+    S.cur_epoch = 1;
+    S.role = listen_at ? REPLICA : PRIMARY;
+    S.img = open(image, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    struct stat st;
+    if (S.img < 0 || fstat(S.img, &st)) { logmsg("cannot open the image %s: %s", image, strerror(errno)); return 1; }
+    if ((uint64_t)st.st_size != S.size) {
+        if (st.st_size != 0) {
+            logmsg("the image %s is %lld bytes, the disk is %" PRIu64 ": refusing to resize it", image,
+                   (long long)st.st_size, S.size);
+            return 1;
+        }
+        if (ftruncate(S.img, (off_t)S.size)) { logmsg("cannot size the image %s: %s", image, strerror(errno)); return 1; }
+    }
+    if (listen_at) {
+        S.jfd = open(journal, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (S.jfd < 0 || ftruncate(S.jfd, (off_t)S.jsize)) {
+            logmsg("cannot create the journal %s: %s", journal, strerror(errno));
+            return 1;
+        }
+        char host[256];
+        const char *colon = strrchr(listen_at, ':');
+        if (!colon || (size_t)(colon - listen_at) >= sizeof host) return usage();
+        memcpy(host, listen_at, (size_t)(colon - listen_at));
+        host[colon - listen_at] = 0;
+        struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *res;
+        if (getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res)) { logmsg("bad --replica %s", listen_at); return 1; }
+        S.listen_fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int one = 1, rbuf = 4 << 20;
+        setsockopt(S.listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        setsockopt(S.listen_fd, SOL_SOCKET, SO_RCVBUF, &rbuf, sizeof rbuf);
+        if (bind(S.listen_fd, res->ai_addr, res->ai_addrlen) || listen(S.listen_fd, 4)) {
+            logmsg("cannot listen on %s: %s", listen_at, strerror(errno));
+            return 1;
+        }
+        freeaddrinfo(res);
+        S.consistent = 0; /* nothing received yet: not promotable */
+    }
+    int nfd = listen_unix(S.nbd_path), cfd = listen_unix(S.ctl_path);
+    if (nfd < 0 || cfd < 0) return 1;
+    pthread_t t;
+    for (int i = 0; i < S.workers; i++) { pthread_create(&t, NULL, worker, NULL); pthread_detach(t); }
+    pthread_create(&t, NULL, nbd_accept, (void *)(intptr_t)nfd);
+    pthread_detach(t);
+    if (listen_at) { pthread_create(&t, NULL, stream_thread, NULL); pthread_detach(t); }
+    fprintf(stdout, "ready\n");
+    fflush(stdout);
+    ctl_accept((void *)(intptr_t)cfd);
+    return 0;
+}

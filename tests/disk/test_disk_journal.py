@@ -1,0 +1,107 @@
+"""The replica's journal is bounded: back-pressure when full, and what happens when one
+epoch alone outgrows it.  Also: the replica refuses what is not its stream."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mirror.guests.disk import DiskError
+from tests.disk.harness import Harness, differing_blocks
+from tests.disk.nbd import NbdClient
+
+
+def test_journal_wraps_and_loses_nothing(tmp_path: Path) -> None:
+    """A 256 KiB journal (each epoch smaller), 40 checkpoints of random writes committed
+    as they close: several journals' worth goes through the ring; B equals A at the
+    last checkpoint."""
+    h = Harness(tmp_path, journal_bytes=256 << 10, seed=7)
+    try:
+        h.sync()
+        committer = threading.Thread(target=h.committer)
+        writers = [threading.Thread(target=h.writer, args=("rand4k", s, 0.001)) for s in (1, 2)]
+        for t in [committer, *writers]:
+            t.start()
+        for _ in range(40):
+            time.sleep(0.01)
+            h.wait_window()
+            assert h.checkpoint()
+        h.stop.set()
+        for t in writers:
+            t.join(10)
+        last = h.epoch - 1
+        committer.join(10)
+        h.b.commit(last)
+        st = h.b.status()
+        assert st["journal_used"] <= st["journal_size"] == 256 << 10
+        written = h.a.status()["write_bytes"]
+        assert written > 2 * (256 << 10), f"only {written} bytes written: no back-pressure tested"
+        assert differing_blocks(h.b_img.read_bytes(), h.snaps[last]) == 0
+    finally:
+        h.close()
+
+
+def test_epoch_larger_than_journal_gives_up_the_stream_not_the_guest(tmp_path: Path) -> None:
+    """One epoch of 24 MiB against a 256 KiB journal and no commit: the primary's writes
+    wait, then after stall_ms it stops replicating (its writes go on, no error); the
+    barrier says so; B commits nothing of that epoch."""
+    h = Harness(tmp_path, journal_bytes=256 << 10, stall_ms=300, seed=3)
+    try:
+        h.sync()
+        c = NbdClient(h.a.spec.nbd_path)
+        for i in range(384):  # 24 MiB, more than the journal and both TCP buffers
+            c.write((i * 65536) % h.size, bytes([i % 251]) * 65536)
+        c.close()
+        st = h.a.status()
+        assert not st["peer"] and "stopped reading" in st["lost"], st
+        err = h.a.barrier(1)
+        assert err is not None and "stopped reading" in err
+        with pytest.raises(DiskError, match="not closed"):
+            h.b.commit(1, timeout_ms=200)
+        # no checkpoint was ever committed after the copy: nothing B could go on from
+        with pytest.raises(DiskError, match="no committed checkpoint"):
+            h.b.promote()
+    finally:
+        h.close()
+
+
+def _raw_stream(port: int, hello: bytes, size: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(struct.pack("<IIQQQ", 0x4D524431, 1, 0, size, len(hello)) + hello)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("hello", "size", "record", "why"),
+    [
+        (b"otherpair 1", 2 << 20, b"", "another pair"),
+        (b"killpair 1", 4 << 20, b"", "size differs"),
+        # a write beyond the end of the disk, then a record of an unknown type
+        (b"killpair 1", 2 << 20, struct.pack("<IIQQQ", 0x4D524431, 2, 0, 2 << 20, 4096),
+         "out of the disk's bounds"),
+        (b"killpair 1", 2 << 20, struct.pack("<IIQQQ", 0x4D524431, 99, 0, 0, 0), "unknown type"),
+    ],
+)  # fmt: skip
+def test_replica_refuses_a_bad_stream(
+    tmp_path: Path, hello: bytes, size: int, record: bytes, why: str
+) -> None:
+    h = Harness(tmp_path, seed=1)
+    try:
+        h.sync()  # B is consistent at epoch 0
+        before = h.b_img.read_bytes()
+        h.a.close()  # the real primary's stream ends
+        s = _raw_stream(h.port, hello, size)
+        s.sendall(record)
+        s.settimeout(5)
+        assert s.recv(1) == b"", "the replica kept a bad stream open"
+        s.close()
+        log = (h.b.spec.run_dir / "diskserver.log").read_text()
+        assert why in log, log[-400:]
+        assert h.b_img.read_bytes() == before
+    finally:
+        h.close()

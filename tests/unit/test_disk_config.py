@@ -1,0 +1,31 @@
+"""[disk]: its keys are checked like every section's, and a disk needs a QEMU guest."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirror.config import ConfigError, from_dict
+
+
+def test_disk_defaults_to_none_and_takes_a_size() -> None:
+    assert from_dict({}).disk.size_mib == 0
+    cfg = from_dict({"guest": {"kind": "qemu"}, "disk": {"size_mib": 64}})
+    assert cfg.disk.size_mib == 64
+    assert cfg.disk_image == cfg.state_dir / "disk.img"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"disk": {"size_mib": 64}}, 'a disk needs guest.kind = "qemu"'),
+        ({"guest": {"kind": "qemu"}, "disk": {"size_mib": 8, "port": 7400}},
+         "[disk] port 7400 is also a [link] port"),
+        ({"disk": {"journal_mib": 8}}, "journal_mib: value must be within 64"),
+        ({"disk": {"size_mib": "big"}}, "size_mib: must be an integer"),
+        ({"disk": {"cache": 1}}, "unknown key(s) cache"),
+    ],
+)  # fmt: skip
+def test_bad_disk_settings_are_clear_errors(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        from_dict(data, "host.toml")
+    assert message in str(e.value)
