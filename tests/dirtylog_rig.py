@@ -4,6 +4,7 @@ an exact compare against a shadow copy inside each pause (test-only)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -88,6 +89,7 @@ def rig(
     stores pages (nothing is promoted here)."""
     with tempfile.TemporaryDirectory(prefix="mirror-dirtylog-") as tmp:
         root = Path(tmp)
+        base = replace(base, pair=replace(base.pair, name=f"dl{os.getpid()}{root.name[-6:]}"))
         standby_base = replace(base, guest=replace(GuestConfig(), ram_mib=base.guest.ram_mib))
         cfg_a, cfg_b = pair_configs(root, standby_base, "127.0.0.1:9")
         cfg_a = replace(cfg_a, guest=base.guest, qemu=base.qemu, checkpoint=base.checkpoint)

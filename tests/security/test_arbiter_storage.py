@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from mirror import config as config_mod
+from mirror.config import KeysConfig, MetricsConfig
 from mirror.ha.arbiter import ArbiterError, DirectoryArbiter
 from mirror.lab.demo import Host
 from tests.integration.conftest import SMALL, Pair, shm_files
@@ -248,6 +249,8 @@ def test_a_missing_arbiter_directory_stops_an_agent_at_start(
         pair=replace(SMALL.pair, name=pair_name),
         node=replace(SMALL.node, name="hostB", state_dir=str(tmp_path / "hostB")),
         arbiter=replace(SMALL.arbiter, dir=str(missing)),
+        keys=KeysConfig(insecure=True),  # keys are not this test's point
+        metrics=MetricsConfig(listen=""),
     )
     path = tmp_path / "b.toml"
     path.write_text(config_mod.to_toml(cfg))

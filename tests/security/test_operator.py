@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mirror import config as config_mod
-from mirror.config import Config
+from mirror.config import Config, KeysConfig, MetricsConfig
 from mirror.hoststate import write_json
 from mirror.lab.demo import Host, free_ports
 from tests.integration.conftest import SMALL, Pair, shm_files
@@ -58,6 +58,8 @@ def host_config(tmp_path: Path, pair_name: str, node: str = "hostB", **link: int
             SMALL.link, data_port=link.get("data", data), heartbeat_port=link.get("hb", hb)
         ),
         arbiter=replace(SMALL.arbiter, dir=str(tmp_path / "shared")),
+        keys=KeysConfig(insecure=True),  # keys are not this test's point
+        metrics=MetricsConfig(listen=""),
     )
     path = tmp_path / f"{node}-{pair_name}.toml"
     path.write_text(config_mod.to_toml(cfg))
