@@ -210,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoint suite: plot pause against RAM size per scan method into PNG",
     )
     ap.add_argument(
+        "--checkpoints",
+        type=int,
+        default=30,
+        metavar="N",
+        help="checkpoint suite: checkpoints per method and case (default 30)",
+    )
+    ap.add_argument(
         "--suite",
         nargs="+",
         choices=["engine", "checkpoint"],
@@ -278,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             for pct in args.checkpoint_dirty_pct:
                 progress(f"{mib} MiB guest, {pct:g}% dirty per epoch: {' '.join(methods)}")
                 mrows += ckpt.compare_methods(
-                    mib, pct=pct, methods=methods, threads=max(args.threads)
-                )
+                    mib, pct=pct, methods=methods, threads=max(args.threads),
+                    checkpoints=args.checkpoints,
+                )  # fmt: skip
                 for scan in args.checkpoint_scan:
                     progress(f"checkpoints of a {mib} MiB guest, {pct:g}% dirty, {scan} scan")
                     results.append(
@@ -292,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.same_pages and "log" in args.methods:
                 progress(f"{mib} MiB guest, {args.same_pages} dirty pages per epoch: log")
                 mrows += ckpt.compare_methods(
-                    mib, pages=args.same_pages, methods=("log",), threads=max(args.threads)
-                )
+                    mib, pages=args.same_pages, methods=("log",), threads=max(args.threads),
+                    checkpoints=args.checkpoints,
+                )  # fmt: skip
         progress("link + standby capacity, with and without CURVE")
         capacity = ckpt.link_capacity()
         plain_capacity = ckpt.link_capacity(curve=False)
