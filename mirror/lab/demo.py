@@ -99,7 +99,19 @@ class Host:
                 self.proc.wait(timeout)
         self.signal(signal.SIGKILL)  # anything left of the group
         self.proc.wait()
+        self.wait_group_gone()
         self.remove_shm_files()
+
+    def wait_group_gone(self, timeout: float = 10) -> None:
+        """SIGKILL is delivered at once, but a member's exit (unmapping its RAM, being
+        reaped by init) takes a while: wait until no process of the group is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
 
     def remove_shm_files(self) -> None:
         """A killed host leaves its guest's RAM file; a real host's memory dies with it.
