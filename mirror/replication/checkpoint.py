@@ -209,6 +209,35 @@ class SendBuffers:
             self._slots[slot] = buf
         return buf
 
+    def prepare(self, seq: int, npages: int) -> None:
+        """Off the pause: make the buffer that message ``seq`` will use hold ``npages``
+        pages with room to grow, its memory faulted in now, so that the gather inside
+        the next pause is a plain copy (a freshly grown buffer faults on every page:
+        at 16k dirty pages that was 69 of a 77 ms pause).  The slot's previous message
+        is acknowledged by the time ``seq - 1`` is sent (see the class docstring)."""
+        slot = seq % len(self._slots)
+        buf = self._slots[slot]
+        if buf is not None and len(buf) >= (npages + npages // 8) * PS:
+            return
+        if buf is not None:
+            buf.close()
+        buf = pd.alloc_pages(max(1, npages + npages // 2))
+        _populate(buf)
+        self._slots[slot] = buf
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; the mmap module does not name it
+
+
+def _populate(buf: mmap.mmap) -> None:
+    """Fault every page of ``buf`` in (writable), as a first write would."""
+    try:
+        buf.madvise(_MADV_POPULATE_WRITE)
+    except OSError:  # an older kernel: touch one byte per page
+        view = memoryview(buf)
+        view[::PS] = bytes(len(buf) // PS)
+        view.release()
+
 
 class _PartSender:
     """Pre-copy parts sent with at most a window of them awaiting the standby's ack."""
@@ -554,12 +583,11 @@ class CheckpointEngine:
             len(outs),
         )
         rec.sent_at = time.monotonic()
-        if self._fault is not None and self._fault[:2] == ("corrupt", epoch) and batch.data:
-            self._seq += 1
-            self.link.send_corrupted(replace(msg, session=self.session, seq=self._seq))
-        else:
-            self.send_pages(msg)
+        corrupt = self._fault is not None and self._fault[:2] == ("corrupt", epoch)
+        self.send_pages(msg, corrupt=corrupt and bool(batch.data))
         _fault(self._fault, "after-send", epoch)
+        if not self.exact or cfg.encoding == "delta":  # gathered in the pause: see prepare
+            self._buffers.prepare(epoch + 1, len(dirty))
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)
         self.stats.add(rec)
@@ -573,10 +601,12 @@ class CheckpointEngine:
             self._after_log_checkpoint(epoch, logged)
         return rec
 
-    def send_pages(self, msg: wire.Pages) -> None:
-        """Send ``msg`` in this session under the next send number."""
+    def send_pages(self, msg: wire.Pages, *, corrupt: bool = False) -> None:
+        """Send ``msg`` in this session under the next send number (``corrupt``: the
+        ``MIRROR_FAULT=corrupt`` test fault, a frame damaged on the wire)."""
         self._seq += 1
-        self.link.send(replace(msg, session=self.session, seq=self._seq))
+        send = self.link.send_corrupted if corrupt else self.link.send
+        send(replace(msg, session=self.session, seq=self._seq))
 
     def _log_scan(self, epoch: int) -> tuple[array[int], bool]:
         """In the pause: the pages the log lists (and those the safety net found),

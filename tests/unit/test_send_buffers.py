@@ -1,0 +1,38 @@
+"""The checkpoint engine's send buffers: grown and faulted in off the pause."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from mirror.replication.checkpoint import PS, SendBuffers
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_pages(buf: mmap.mmap) -> int:
+    """How many pages of ``buf`` are in memory (mincore)."""
+    n = len(buf) // PS
+    vec = (ctypes.c_ubyte * n)()
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf)), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+def test_prepare_gives_the_next_checkpoint_a_faulted_in_buffer_big_enough() -> None:
+    bufs = SendBuffers(in_flight=2)
+    bufs.prepare(5, 1000)
+    prepared = bufs.get(5, 1000)
+    assert len(prepared) >= 1000 * PS
+    assert resident_pages(prepared) == len(prepared) // PS, "not faulted in"
+    assert bufs.get(5, 1100) is prepared, "room to grow: the pause must not reallocate"
+    bufs.prepare(5, 900)  # big enough: kept, not replaced
+    assert bufs.get(5, 900) is prepared
+
+
+def test_get_without_prepare_grows_the_slot() -> None:
+    bufs = SendBuffers(in_flight=1)
+    small = bufs.get(0, 10)
+    assert len(small) >= 10 * PS
+    assert bufs.get(2, 50) is not small  # the same slot (2 % 2), grown
+    assert len(bufs.get(2, 50)) >= 50 * PS
