@@ -398,9 +398,10 @@ class SyntheticGuest(Guest):
             self._proc.kill()
             self._proc.wait()
         self._sock.close()
-        self._ram.close()
-        if self._owns_ram:
+        if self._owns_ram:  # first: a view of RAM still held elsewhere must not keep the file
             self._ram_path.unlink(missing_ok=True)
+        with contextlib.suppress(BufferError):  # unmapped when the last view goes
+            self._ram.close()
 
 
 class GuestProcess:

@@ -27,6 +27,7 @@ the epoch stretches until an ack comes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -52,6 +53,7 @@ from mirror.replication.outputs import OutputBuffer
 
 log = logging.getLogger("mirror.replication.checkpoint")
 RESEND_AFTER_S = 2.0  # no ack for that long: the checkpoints in flight go again
+RESEND_MAX_S = 32.0  # each stall resend doubles the wait, up to this, until an ack
 RECENT = 10_000  # checkpoints kept for percentiles (about 8 minutes at 50 ms)
 PS = pd.PAGE_SIZE
 PRECOPY_ROUNDS = 12  # log-driven pre-copy: at most this many rounds after the first
@@ -196,15 +198,16 @@ class SendBuffers:
     message that used it was acknowledged.
     """
 
-    def __init__(self, in_flight: int) -> None:
+    def __init__(self, in_flight: int, prepare_max: int = 1 << 30) -> None:
         self._slots: list[mmap.mmap | None] = [None] * (in_flight + 1)
+        self.prepare_max = prepare_max  # pages: prepare() never faults in more
 
     def get(self, seq: int, npages: int) -> mmap.mmap:
         slot = seq % len(self._slots)
         buf = self._slots[slot]
         if buf is None or len(buf) < npages * PS:
             if buf is not None:
-                buf.close()
+                _drop(buf)
             buf = pd.alloc_pages(max(1, npages + npages // 4))  # room to grow
             self._slots[slot] = buf
         return buf
@@ -217,13 +220,22 @@ class SendBuffers:
         is acknowledged by the time ``seq - 1`` is sent (see the class docstring)."""
         slot = seq % len(self._slots)
         buf = self._slots[slot]
-        if buf is not None and len(buf) >= (npages + npages // 8) * PS:
+        want = min(npages + npages // 4, self.prepare_max)
+        if buf is not None and len(buf) >= want * PS:
             return
         if buf is not None:
-            buf.close()
-        buf = pd.alloc_pages(max(1, npages + npages // 2))
+            _drop(buf)
+        buf = pd.alloc_pages(max(1, want))
         _populate(buf)
         self._slots[slot] = buf
+
+
+def _drop(buf: mmap.mmap) -> None:
+    """Unmap a buffer now, or, while zmq still holds a view of an acknowledged
+    message's frame (it frees it a little later, on its own thread), when the last
+    view goes."""
+    with contextlib.suppress(BufferError):
+        buf.close()
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; the mmap module does not name it
@@ -314,12 +326,15 @@ class CheckpointEngine:
         self.epoch = 0  # last checkpoint taken
         self.acked = 0
         self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
-        self._buffers = SendBuffers(cfg.max_in_flight)
+        # a dirty set that outgrows a 16th of RAM is a guest writing faster than the
+        # pair replicates: no point holding (N+1) buffers that large in memory
+        self._buffers = SendBuffers(cfg.max_in_flight, prepare_max=max(1, self.npages // 16))
         self._fault = _fault_point()
         self.session = 0  # this pairing's session (0: not paired)
         self._seq = 0  # PAGES messages sent in this session, resends included
         self._resent_at_seq = 0  # the first send number of the last resend
         self._resent_at = 0.0  # when (monotonic)
+        self._resend_wait = RESEND_AFTER_S  # no ack for this long: resend (see _check_stalled)
         self.metrics = Metrics.of(pair, node)
         outputs.metrics = self.metrics
 
@@ -720,6 +735,7 @@ class CheckpointEngine:
                 self.metrics.acked.inc()
                 self.metrics.ack_latency.observe(rec.ack_ms / 1000)
             self.acked = reply.epoch
+            self._resend_wait = RESEND_AFTER_S
             self.outputs.release_through(reply.epoch)
             self.link.committed[0] = reply.epoch  # our heartbeats tell the standby
         elif (
@@ -746,13 +762,16 @@ class CheckpointEngine:
             self.send_pages(self.in_flight[e][0])
 
     def _check_stalled(self) -> None:
-        """No ack for the oldest checkpoint in flight for RESEND_AFTER_S (a message lost
-        on a reconnect, or dropped by the standby as malformed): send them again."""
+        """No ack for the oldest checkpoint in flight for a while (a message lost on a
+        reconnect, or dropped by the standby as malformed): send them again.  The wait
+        doubles with each such resend until an ack comes: a standby that is only slow
+        (a large dirty set on a loaded host) would otherwise get every checkpoint again
+        every 2 s, queued behind the ones it is still reading, and never catch up."""
         if not self.in_flight:
             return
         now = time.monotonic()
         oldest = self.in_flight[min(self.in_flight)][1].sent_at
-        if now - max(oldest, self._resent_at) > RESEND_AFTER_S:
+        if now - max(oldest, self._resent_at) > self._resend_wait:
             log.warning(
                 "no ack for checkpoint %d in %.1f s: sending checkpoints %s again",
                 min(self.in_flight),
@@ -760,6 +779,7 @@ class CheckpointEngine:
                 sorted(self.in_flight),
             )
             self.resend()
+            self._resend_wait = min(2 * self._resend_wait, RESEND_MAX_S)
 
     def pump(self, until: float) -> None:
         """Handle replies until the monotonic time ``until``."""

@@ -36,3 +36,10 @@ def test_get_without_prepare_grows_the_slot() -> None:
     assert len(small) >= 10 * PS
     assert bufs.get(2, 50) is not small  # the same slot (2 % 2), grown
     assert len(bufs.get(2, 50)) >= 50 * PS
+
+
+def test_prepare_faults_in_no_more_than_its_cap() -> None:
+    bufs = SendBuffers(in_flight=1, prepare_max=64)
+    bufs.prepare(1, 10_000)  # a snowballing dirty set: not held N+1 times in memory
+    assert len(bufs.get(1, 10)) == 64 * PS
+    assert len(bufs.get(1, 10_000)) >= 10_000 * PS  # the pause still gets what it needs
