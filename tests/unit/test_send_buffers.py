@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import time
+import types
+from typing import cast
 
-from mirror.replication.checkpoint import PS, SendBuffers
+from mirror.replication.checkpoint import (
+    PS,
+    RESEND_AFTER_S,
+    RESEND_MAX_S,
+    CheckpointEngine,
+    SendBuffers,
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -43,3 +52,34 @@ def test_prepare_faults_in_no_more_than_its_cap() -> None:
     bufs.prepare(1, 10_000)  # a snowballing dirty set: not held N+1 times in memory
     assert len(bufs.get(1, 10)) == 64 * PS
     assert len(bufs.get(1, 10_000)) >= 10_000 * PS  # the pause still gets what it needs
+
+
+class _Stalled:
+    """Just what CheckpointEngine._check_stalled reads, around the real method."""
+
+    def __init__(self) -> None:
+        rec = types.SimpleNamespace(sent_at=time.monotonic() - 100)
+        self.in_flight = {7: (None, rec)}
+        self._resent_at = 0.0
+        self._resend_wait = RESEND_AFTER_S
+        self.resends: list[float] = []
+
+    def check(self) -> None:
+        CheckpointEngine._check_stalled(cast(CheckpointEngine, self))
+
+    def resend(self) -> None:
+        self.resends.append(time.monotonic())
+        self._resent_at = time.monotonic()
+
+
+def test_stall_resends_back_off_until_an_ack() -> None:
+    eng = _Stalled()
+    eng.check()
+    assert len(eng.resends) == 1 and eng._resend_wait == 2 * RESEND_AFTER_S
+    eng._resent_at -= RESEND_AFTER_S + 0.1  # the first wait has passed, not the doubled one
+    eng.check()
+    assert len(eng.resends) == 1, "a slow standby was flooded with the same checkpoints"
+    for _ in range(10):
+        eng._resent_at -= RESEND_MAX_S + 0.1
+        eng.check()
+    assert len(eng.resends) == 11 and eng._resend_wait == RESEND_MAX_S
