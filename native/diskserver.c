@@ -84,7 +84,9 @@
 #define MAX_REQ (32u << 20)
 
 /* stream records: 32-byte header (little endian), then len bytes for WRITE/SYNC */
-enum { R_HELLO = 1, R_WRITE, R_ZERO, R_TRIM, R_BARRIER, R_SYNC, R_SYNC_DONE };
+enum { R_HELLO = 1, R_WRITE, R_ZERO, R_TRIM, R_BARRIER, R_SYNC, R_SYNC_DONE,
+       R_READ,        /* A -> B: read B's view (epoch: the request's id); no data */
+       R_READ_REPLY }; /* B -> A: epoch: the id, offset: 0 or an errno, len bytes of data if 0 */
 #define REC_MAGIC 0x4d524431U /* "MRD1" */
 struct rec {
     uint32_t magic, type;
@@ -93,6 +95,16 @@ struct rec {
 #define SYNC_CHUNK (1u << 20)
 
 enum role { PRIMARY, REPLICA };
+enum storage { LOCAL, REMOTE, SUSPENDED }; /* where the primary's disk I/O goes */
+#define BS 4096u                           /* one bit of a dirty bitmap */
+
+struct rreq { /* a read sent to B, waiting for its reply */
+    uint64_t id, gen;
+    uint32_t len;
+    char *buf;
+    int done, err;
+    struct rreq *next;
+};
 
 struct entry { /* one journaled record on the replica */
     uint64_t epoch, offset, len, pos; /* pos: where its data starts in the ring (monotonic) */
@@ -129,6 +141,23 @@ static struct {
     int copied;                /* the current stream's initial copy is complete */
     uint64_t sync_epoch;       /* the first epoch after it */
     uint64_t applied_records, dropped_records, commits, drops;
+    /* component-level storage failover (primary): stream_mu guards these */
+    enum storage storage;
+    char storage_err[256], peer_host[300];
+    uint64_t *dirty_local; /* blocks the local image lacks (written while remote) */
+    uint64_t *unflushed;   /* blocks written locally since the last good fdatasync */
+    uint64_t *flushing;    /* ... being flushed now */
+    size_t bm_words;
+    uint64_t failovers, switchbacks, resynced_local, storage_seq, remote_reads;
+    double failed_at_ms;
+    int probe_ms, probing;
+    pthread_cond_t io_cv;     /* (stream_mu) suspended I/O waits here */
+    pthread_mutex_t flush_mu; /* one local flush at a time */
+    /* remote reads over the stream: rmu guards these */
+    pthread_mutex_t rmu;
+    pthread_cond_t rcv;
+    struct rreq *rq;
+    uint64_t next_id, conn_gen, dead_gen;
 } S;
 
 static void logmsg(const char *fmt, ...) {
@@ -209,11 +238,20 @@ static double now_ms(void) {
 
 /* ---- primary: the stream to B ------------------------------------------------- */
 
+/* a switch of the disk's path (stream_mu held); readers check storage_seq around a local read */
+static void set_storage(enum storage st) {
+    __atomic_store_n(&S.storage, st, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&S.storage_seq, 1, __ATOMIC_RELEASE);
+}
+
 static void peer_lost(const char *why) { /* stream_mu held */
     if (S.peer >= 0) {
-        logmsg("stream to the replica ended: %s; the disk runs unprotected until a resync", why);
-        close(S.peer);
+        logmsg("stream to the replica ended: %s; %s", why,
+               S.storage == LOCAL ? "the disk runs unprotected until a resync"
+                                  : "the disk ran on the replica's storage: guest I/O suspended");
+        shutdown(S.peer, SHUT_RDWR); /* its reply reader closes it */
     }
+    if (S.storage == REMOTE) set_storage(SUSPENDED);
     S.peer = -1;
     S.synced = 0;
     snprintf(S.lost, sizeof S.lost, "%s", why);
@@ -227,6 +265,234 @@ static void stream_send(uint32_t type, uint64_t epoch, uint64_t off, uint64_t le
         peer_lost(errno == EAGAIN || errno == EWOULDBLOCK
                       ? "the replica stopped reading (its journal is full with one epoch)"
                       : strerror(errno));
+}
+
+/* ---- primary: storage failover onto B's replica --------------------------------- *
+ *
+ * On the first I/O error from the local image (read, write, flush), and if B has
+ * the whole disk (synced), the primary's disk path switches to B: writes go only
+ * to the stream (still per epoch, still committed on B with the checkpoint),
+ * reads are READ records on the same stream, so B answers each after every
+ * write sent before it (B's view: its replica plus the journaled, uncommitted
+ * records of A's own writes).  The guest sees no error.  A probe thread tries
+ * the local image every --probe-ms; once it works again, the blocks written
+ * meanwhile (a bitmap) are copied back from B and the path switches back.
+ * If the stream to B ends while the disk runs on B, guest I/O is suspended
+ * (requests wait, never answered with an error): there is no storage left. */
+
+static void bm_set(uint64_t *bm, uint64_t off, uint64_t len) {
+    if (!len) return;
+    for (uint64_t b = off / BS, e = (off + len - 1) / BS; b <= e; b++) bm[b >> 6] |= 1ull << (b & 63);
+}
+
+static uint64_t bm_count(const uint64_t *bm) {
+    uint64_t n = 0;
+    for (size_t i = 0; i < S.bm_words; i++) n += (uint64_t)__builtin_popcountll(bm[i]);
+    return n;
+}
+
+static void bm_or(uint64_t *dst, const uint64_t *src) {
+    for (size_t i = 0; i < S.bm_words; i++) dst[i] |= src[i];
+}
+
+struct reader_arg { int fd; uint64_t gen; };
+
+/* B's answers to READ records on one stream connection; it owns (closes) the socket */
+static void *reply_reader(void *arg) {
+    struct reader_arg a = *(struct reader_arg *)arg;
+    free(arg);
+    const char *why = "the replica closed the stream";
+    for (;;) {
+        struct rec r;
+        if (read_full(a.fd, &r, sizeof r)) break;
+        uint64_t id = le64toh(r.epoch), err = le64toh(r.offset), len = le64toh(r.len);
+        if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_READ_REPLY) { why = "a bad record from the replica"; break; }
+        pthread_mutex_lock(&S.rmu);
+        struct rreq *q = S.rq;
+        while (q && q->id != id) q = q->next;
+        pthread_mutex_unlock(&S.rmu);
+        if (!q || (err == 0 && len != q->len) || (err && len)) { why = "a read reply that matches no request"; break; }
+        /* q stays linked until done or this connection is dead: its buffer is ours to fill */
+        if (!err && read_full(a.fd, q->buf, len)) break;
+        pthread_mutex_lock(&S.rmu);
+        q->done = 1;
+        q->err = err ? -EIO : 0;
+        pthread_cond_broadcast(&S.rcv);
+        pthread_mutex_unlock(&S.rmu);
+    }
+    shutdown(a.fd, SHUT_RDWR);
+    pthread_mutex_lock(&S.rmu);
+    if (a.gen > S.dead_gen) S.dead_gen = a.gen;
+    pthread_cond_broadcast(&S.rcv);
+    pthread_mutex_unlock(&S.rmu);
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.peer == a.fd && S.conn_gen == a.gen) peer_lost(why);
+    pthread_cond_broadcast(&S.io_cv);
+    pthread_mutex_unlock(&S.stream_mu);
+    close(a.fd);
+    return NULL;
+}
+
+static void start_reply_reader(int fd, uint64_t gen) {
+    struct reader_arg *a = malloc(sizeof *a);
+    a->fd = fd, a->gen = gen;
+    pthread_t t;
+    pthread_create(&t, NULL, reply_reader, a);
+    pthread_detach(t);
+}
+
+/* until there is a stream to B again (never, today): the guest's request waits (stream_mu held) */
+static void wait_for_peer(void) {
+    while (S.peer < 0) pthread_cond_wait(&S.io_cv, &S.stream_mu);
+}
+
+/* read B's view; locked: stream_mu is held by the caller (the final resync pass),
+   and a lost stream is an error for it rather than a wait */
+static int remote_read(uint64_t off, uint32_t len, char *buf, int locked) {
+    for (;;) {
+        if (!locked) pthread_mutex_lock(&S.stream_mu);
+        if (!locked) wait_for_peer();
+        if (S.peer < 0) return -EPIPE;
+        struct rreq q = {.id = ++S.next_id, .gen = S.conn_gen, .len = len, .buf = buf};
+        pthread_mutex_lock(&S.rmu);
+        q.next = S.rq, S.rq = &q;
+        pthread_mutex_unlock(&S.rmu);
+        stream_send(R_READ, q.id, off, len, NULL);
+        S.remote_reads++;
+        if (!locked) pthread_mutex_unlock(&S.stream_mu);
+        pthread_mutex_lock(&S.rmu);
+        while (!q.done && S.dead_gen < q.gen) pthread_cond_wait(&S.rcv, &S.rmu);
+        struct rreq **pp = &S.rq;
+        while (*pp != &q) pp = &(*pp)->next;
+        *pp = q.next;
+        pthread_mutex_unlock(&S.rmu);
+        if (q.done) return q.err;
+        if (locked) return -EPIPE;
+        /* the stream died under the request: wait for one (suspended), then ask again */
+    }
+}
+
+static void *probe_thread(void *arg);
+
+/* the local image failed (e: -errno): go remote if B can serve; 1 if the disk now runs
+   remote (or suspended), 0 if it cannot and the error is the guest's (stream_mu held) */
+static int failover(int e, const char *what) {
+    if (S.storage != LOCAL) return 1;
+    if (!S.synced || S.peer < 0) {
+        logmsg("the local image failed (%s: %s) and no replica has the whole disk: the error goes to the guest",
+               what, strerror(-e));
+        return 0;
+    }
+    set_storage(REMOTE);
+    S.failovers++;
+    S.failed_at_ms = now_ms();
+    bm_or(S.dirty_local, S.unflushed); /* not known to be on the local image */
+    bm_or(S.dirty_local, S.flushing);
+    memset(S.unflushed, 0, S.bm_words * 8);
+    snprintf(S.storage_err, sizeof S.storage_err, "%s: %s", what, strerror(-e));
+    logmsg("the local image failed (%s): the disk runs on the replica's storage at %s", S.storage_err, S.peer_host);
+    if (!S.probing) {
+        S.probing = 1;
+        pthread_t t;
+        pthread_create(&t, NULL, probe_thread, NULL);
+        pthread_detach(t);
+    }
+    return 1;
+}
+
+/* FLUSH (and FUA) on the local image; 0, or -errno for the guest */
+static int flush_local(void) {
+    pthread_mutex_lock(&S.flush_mu);
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.storage != LOCAL) {
+        wait_for_peer(); /* durable on B when the epoch commits, before any output is released */
+        pthread_mutex_unlock(&S.stream_mu);
+        pthread_mutex_unlock(&S.flush_mu);
+        return 0;
+    }
+    uint64_t *t = S.flushing; /* the blocks written so far are what this fdatasync makes durable */
+    S.flushing = S.unflushed, S.unflushed = t;
+    pthread_mutex_unlock(&S.stream_mu);
+    int e = fdatasync(S.img) ? -errno : 0;
+    pthread_mutex_lock(&S.stream_mu);
+    if (e && failover(e, "flush")) {
+        e = 0;
+        wait_for_peer();
+    }
+    if (e) bm_or(S.unflushed, S.flushing);
+    memset(S.flushing, 0, S.bm_words * 8);
+    pthread_mutex_unlock(&S.stream_mu);
+    pthread_mutex_unlock(&S.flush_mu);
+    return e;
+}
+
+/* copy the dirty blocks in bm from B to the local image; 0 or -errno */
+static int copy_back(const uint64_t *bm, char *buf, int locked) {
+    uint64_t nb = (S.size + BS - 1) / BS;
+    for (uint64_t b = 0; b < nb;) {
+        if (!(bm[b >> 6] >> (b & 63) & 1)) { b++; continue; }
+        uint64_t e = b;
+        while (e < nb && e - b < SYNC_CHUNK / BS && (bm[e >> 6] >> (e & 63) & 1)) e++;
+        uint64_t off = b * BS, len = e * BS > S.size ? S.size - off : (e - b) * BS;
+        int r = remote_read(off, (uint32_t)len, buf, locked);
+        if (!r) r = pwrite_full(S.img, buf, len, off);
+        if (r) return r;
+        S.resynced_local += e - b;
+        b = e;
+    }
+    return fdatasync(S.img) ? -errno : 0;
+}
+
+/* while the disk runs remote: probe the local image; when it works, resync and switch back */
+static void *probe_thread(void *arg) {
+    (void)arg;
+    char *blk = malloc(BS), *buf = malloc(SYNC_CHUNK);
+    uint64_t *snap = calloc(S.bm_words, 8);
+    for (;;) {
+        usleep((useconds_t)S.probe_ms * 1000);
+        pthread_mutex_lock(&S.stream_mu);
+        if (S.storage != REMOTE) { /* local again, or suspended: B had the writes, nothing to copy from */
+            S.probing = 0;
+            pthread_mutex_unlock(&S.stream_mu);
+            break;
+        }
+        pthread_mutex_unlock(&S.stream_mu);
+        if (pread_full(S.img, blk, BS, 0) || pwrite_full(S.img, blk, BS, 0) || fdatasync(S.img)) continue;
+        logmsg("the local image answers again: copying back the blocks written meanwhile");
+        int done = 0;
+        for (int round = 0; !done; round++) {
+            pthread_mutex_lock(&S.stream_mu);
+            if (S.storage != REMOTE) { pthread_mutex_unlock(&S.stream_mu); break; }
+            uint64_t left = bm_count(S.dirty_local);
+            if (left <= 256 || round >= 8) { /* the last pass holds the guest's writes */
+                double t0 = now_ms();
+                int e = copy_back(S.dirty_local, buf, 1);
+                if (!e) {
+                    memset(S.dirty_local, 0, S.bm_words * 8);
+                    set_storage(LOCAL);
+                    S.switchbacks++;
+                    S.storage_err[0] = 0;
+                    logmsg("the disk runs on the local image again (%" PRIu64 " blocks copied back; last pass %.1f ms)",
+                           S.resynced_local, now_ms() - t0);
+                    done = 1;
+                }
+                pthread_mutex_unlock(&S.stream_mu);
+                break;
+            }
+            memcpy(snap, S.dirty_local, S.bm_words * 8);
+            memset(S.dirty_local, 0, S.bm_words * 8);
+            pthread_mutex_unlock(&S.stream_mu);
+            int e = copy_back(snap, buf, 0); /* writes meanwhile mark their blocks again */
+            if (e) {
+                pthread_mutex_lock(&S.stream_mu);
+                bm_or(S.dirty_local, snap);
+                pthread_mutex_unlock(&S.stream_mu);
+                break;
+            }
+        }
+    }
+    free(blk), free(buf), free(snap);
+    return NULL;
 }
 
 static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
@@ -307,8 +573,11 @@ static void cmd_replicate(const char *host, const char *port, uint64_t first, ch
     int fd = connect_tcp(host, port, err, sizeof err);
     if (fd < 0) { snprintf(out, outlen, "err %s", err); return; }
     pthread_mutex_lock(&S.stream_mu);
-    if (S.peer >= 0) close(S.peer);
+    if (S.peer >= 0) shutdown(S.peer, SHUT_RDWR);
     S.peer = fd;
+    snprintf(S.peer_host, sizeof S.peer_host, "%s", host);
+    S.conn_gen++;
+    start_reply_reader(fd, S.conn_gen);
     S.synced = 0;
     S.lost[0] = 0;
     S.cur_epoch = first;
@@ -390,6 +659,32 @@ static void drop_uncommitted(void) {
     pthread_cond_broadcast(&S.cv);
 }
 
+/* the primary's view of the disk: the replica, then every journaled record in stream order
+   (receiver thread: nothing is added to the journal meanwhile; a commit removes a record
+   from the index only once it is on the replica) */
+static int read_view(uint64_t off, uint64_t len, char *buf) {
+    pthread_mutex_lock(&S.mu);
+    size_t n = 0, cap = 16;
+    struct entry *ov = malloc(cap * sizeof *ov);
+    for (size_t i = S.first; i < S.nents; i++) {
+        struct entry *e = &S.ents[i];
+        if (e->offset >= off + len || e->offset + e->len <= off) continue;
+        if (n == cap) ov = realloc(ov, (cap *= 2) * sizeof *ov);
+        ov[n++] = *e;
+    }
+    pthread_mutex_unlock(&S.mu);
+    int err = pread_full(S.img, buf, len, off);
+    for (size_t i = 0; i < n && !err; i++) {
+        uint64_t a = ov[i].offset > off ? ov[i].offset : off;
+        uint64_t b = ov[i].offset + ov[i].len < off + len ? ov[i].offset + ov[i].len : off + len;
+        if (ov[i].type == R_WRITE) err = pread_full(S.jfd, buf + (a - off), b - a, (ov[i].pos + (a - ov[i].offset)) % S.jsize);
+        else memset(buf + (a - off), 0, b - a);
+    }
+    free(ov);
+    S.remote_reads++;
+    return err;
+}
+
 static const char *receive(int fd) {
     struct rec r;
     char hello[256];
@@ -420,9 +715,9 @@ static const char *receive(int fd) {
         uint32_t type = le32toh(r.type);
         uint64_t ep = le64toh(r.epoch), off = le64toh(r.offset), len = le64toh(r.len);
         int has_data = type == R_WRITE || type == R_SYNC;
-        if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_SYNC_DONE) { why = "a record of unknown type"; break; }
-        if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC) &&
-            (len == 0 || (has_data && len > MAX_REQ) || off > S.size || len > S.size - off)) {
+        if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_READ) { why = "a record of unknown type"; break; }
+        if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC || type == R_READ) &&
+            (len == 0 || ((has_data || type == R_READ) && len > MAX_REQ) || off > S.size || len > S.size - off)) {
             why = "a record out of the disk's bounds"; /* (TRIM and ZERO carry no data: any size) */
             break;
         }
@@ -446,6 +741,13 @@ static const char *receive(int fd) {
             continue;
         }
         if (type == R_SYNC || type == R_SYNC_DONE) { why = "a sync record after the sync"; break; }
+        if (type == R_READ) { /* the primary runs on this replica's storage: every record before is in */
+            int e = read_view(off, len, buf);
+            struct rec a = {htole32(REC_MAGIC), htole32(R_READ_REPLY), htole64(ep), htole64(e ? (uint64_t)-e : 0),
+                            htole64(e ? 0 : len)};
+            if (write_full(fd, &a, sizeof a) || (!e && write_full(fd, buf, len))) { why = "answering a read failed"; break; }
+            continue;
+        }
         if (has_data && len > S.jsize) { why = "a record larger than the journal"; break; }
         pthread_mutex_lock(&S.mu);
         if (ep != S.open_epoch) {
@@ -654,14 +956,20 @@ static uint32_t nbd_errno(int e) {
 static int change(uint32_t type, uint64_t off, uint32_t len, const char *data, int fua) {
     pthread_mutex_lock(&S.stream_mu);
     if (S.role != PRIMARY) { pthread_mutex_unlock(&S.stream_mu); return EPERM; }
-    int e = type == R_WRITE ? pwrite_full(S.img, data, len, off)
-                            : zero_range(S.img, off, len, type == R_TRIM);
+    int e = 0;
+    if (S.storage == LOCAL) {
+        e = type == R_WRITE ? pwrite_full(S.img, data, len, off) : zero_range(S.img, off, len, type == R_TRIM);
+        if (e && failover(e, type == R_WRITE ? "write" : "zero")) e = 0;
+    }
     if (!e) {
+        if (S.storage != LOCAL) wait_for_peer(); /* B alone holds the disk: on to B, or wait */
+        bm_set(S.storage == LOCAL ? S.unflushed : S.dirty_local, off, len);
         stream_send(type, S.cur_epoch, off, len, type == R_WRITE ? data : NULL);
+        if (S.storage != LOCAL) wait_for_peer(); /* not known to be on B: never answered */
         S.writes++, S.write_bytes += len;
     }
     pthread_mutex_unlock(&S.stream_mu);
-    if (!e && fua && fdatasync(S.img)) e = -errno;
+    if (!e && fua) e = flush_local();
     return e ? (int)nbd_errno(-e) : 0;
 }
 
@@ -684,7 +992,22 @@ static void *worker(void *arg) {
         } else switch (j->type) {
         case NBD_CMD_READ: {
             if (rcap < j->len) { free(rbuf); rcap = j->len; rbuf = malloc(rcap); }
-            int e = pread_full(S.img, rbuf, j->len, j->offset);
+            int e = -EAGAIN;
+            while (e == -EAGAIN) {
+                uint64_t seq = __atomic_load_n(&S.storage_seq, __ATOMIC_ACQUIRE);
+                if (__atomic_load_n(&S.storage, __ATOMIC_ACQUIRE) != LOCAL) {
+                    e = remote_read(j->offset, j->len, rbuf, 0);
+                    break;
+                }
+                e = pread_full(S.img, rbuf, j->len, j->offset);
+                if (e) {
+                    pthread_mutex_lock(&S.stream_mu);
+                    if (S.role == PRIMARY && failover(e, "read")) e = -EAGAIN;
+                    pthread_mutex_unlock(&S.stream_mu);
+                } else if (__atomic_load_n(&S.storage_seq, __ATOMIC_ACQUIRE) != seq) {
+                    e = -EAGAIN; /* the path switched under the read: read again */
+                }
+            }
             err = e ? nbd_errno(-e) : 0;
             reply(j->c, j->handle, err, err ? NULL : rbuf, j->len);
             break;
@@ -701,7 +1024,8 @@ static void *worker(void *arg) {
         case NBD_CMD_FLUSH:
             /* on B, every commit ends with fdatasync: a flushed write is durable there
                when its epoch commits, before the guest's acknowledgement is released */
-            err = fdatasync(S.img) ? nbd_errno(errno) : 0;
+            err = S.role == PRIMARY ? (uint32_t)-flush_local() : fdatasync(S.img) ? (uint32_t)errno : 0;
+            err = err ? nbd_errno((int)err) : 0;
             reply(j->c, j->handle, err, NULL, 0);
             break;
         default:
@@ -819,12 +1143,16 @@ static void cmd_status(char *out, size_t outlen) {
              ",\"write_bytes\":%" PRIu64 ",\"barriers\":%" PRIu64 ",\"committed\":%" PRIu64
              ",\"closed\":%" PRIu64 ",\"consistent\":%s,\"copied\":%s,\"streaming\":%s,\"journal_used\":%" PRIu64
              ",\"journal_size\":%" PRIu64 ",\"pending_records\":%zu,\"applied_records\":%" PRIu64
-             ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 "}",
+             ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 ",\"storage\":\"%s\",\"storage_error\":\"%s\""
+             ",\"storage_peer\":\"%s\",\"failovers\":%" PRIu64 ",\"switchbacks\":%" PRIu64 ",\"dirty_local\":%" PRIu64
+             ",\"resynced_local\":%" PRIu64 ",\"remote_reads\":%" PRIu64 "}",
              S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
              S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
              S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
              S.streaming ? "true" : "false", jused(), S.jsize, S.nents - S.first, S.applied_records,
-             S.dropped_records, S.commits);
+             S.dropped_records, S.commits, S.storage == LOCAL ? "local" : S.storage == REMOTE ? "remote" : "suspended",
+             S.storage_err, S.peer_host, S.failovers, S.switchbacks, bm_count(S.dirty_local), S.resynced_local,
+             S.remote_reads);
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_unlock(&S.stream_mu);
 }
@@ -832,7 +1160,7 @@ static void cmd_status(char *out, size_t outlen) {
 static void *ctl_conn(void *arg) {
     int fd = (int)(intptr_t)arg;
     FILE *in = fdopen(fd, "r");
-    char line[1024], out[2048];
+    char line[1024], out[4096];
     while (in && fgets(line, sizeof line, in)) {
         char a[300] = "", b[300] = "";
         uint64_t n = 0;
@@ -865,7 +1193,7 @@ static void *ctl_accept(void *arg) {
 static int usage(void) {
     fprintf(stderr,
             "usage: diskserver --image PATH --size BYTES --nbd SOCK --control SOCK --pair NAME\n"
-            "         [--generation N] [--workers N] [--stall-ms MS]\n"
+            "         [--generation N] [--workers N] [--stall-ms MS] [--probe-ms MS]\n"
             "         [--replica HOST:PORT --journal PATH --journal-bytes N]\n"
             "         [--test-snapshots DIR --test-keep N]\n");
     return 2;
@@ -874,7 +1202,7 @@ static int usage(void) {
 int mirror_diskserver_main(int argc, char **argv) {
     const char *image = NULL, *listen_at = NULL, *journal = NULL;
     memset(&S, 0, sizeof S);
-    S.workers = 4, S.stall_ms = 5000, S.generation = 1, S.snap_keep = 8;
+    S.workers = 4, S.stall_ms = 5000, S.generation = 1, S.snap_keep = 8, S.probe_ms = 1000;
     S.jsize = 256u << 20;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
@@ -886,6 +1214,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         else if (!strcmp(k, "--generation")) S.generation = strtoull(v, NULL, 10);
         else if (!strcmp(k, "--workers")) S.workers = atoi(v);
         else if (!strcmp(k, "--stall-ms")) S.stall_ms = atoi(v);
+        else if (!strcmp(k, "--probe-ms")) S.probe_ms = atoi(v);
         else if (!strcmp(k, "--replica")) listen_at = v;
         else if (!strcmp(k, "--journal")) journal = v;
         else if (!strcmp(k, "--journal-bytes")) S.jsize = strtoull(v, NULL, 10);
@@ -894,15 +1223,23 @@ int mirror_diskserver_main(int argc, char **argv) {
         else return usage();
     }
     if (!image || !S.size || !S.nbd_path || !S.ctl_path || !S.pair || S.workers < 1 || S.workers > 64 ||
+        S.probe_ms < 1 ||
         (listen_at && (!journal || S.jsize < 4096)))
         return usage();
     signal(SIGPIPE, SIG_IGN);
     pthread_mutex_init(&S.stream_mu, NULL);
     pthread_mutex_init(&S.mu, NULL);
     pthread_cond_init(&S.cv, NULL);
+    pthread_cond_init(&S.io_cv, NULL);
+    pthread_mutex_init(&S.flush_mu, NULL);
+    pthread_mutex_init(&S.rmu, NULL);
+    pthread_cond_init(&S.rcv, NULL);
     S.peer = -1, S.stream_fd = -1, S.listen_fd = -1, S.jfd = -1;
     S.cur_epoch = 1;
     S.role = listen_at ? REPLICA : PRIMARY;
+    S.bm_words = ((S.size + BS - 1) / BS + 63) / 64;
+    S.dirty_local = calloc(S.bm_words, 8), S.unflushed = calloc(S.bm_words, 8), S.flushing = calloc(S.bm_words, 8);
+    if (!S.dirty_local || !S.unflushed || !S.flushing) { logmsg("out of memory for the disk's bitmaps"); return 1; }
     S.img = open(image, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     struct stat st;
     if (S.img < 0 || fstat(S.img, &st)) { logmsg("cannot open the image %s: %s", image, strerror(errno)); return 1; }

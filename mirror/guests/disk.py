@@ -57,6 +57,7 @@ class DiskSpec:
     generation: int = 1
     workers: int = 4
     stall_ms: int = 5000
+    probe_ms: int = 1000  # while on the replica's storage: how often to try the local image
     listen: str = ""  # HOST:PORT: a replica, receiving the stream there
     journal: Path | None = None
     journal_bytes: int = 256 << 20
@@ -83,6 +84,7 @@ class DiskServer:
             "--nbd", str(spec.nbd_path), "--control", str(spec.control_path),
             "--pair", spec.pair, "--generation", str(spec.generation),
             "--workers", str(spec.workers), "--stall-ms", str(spec.stall_ms),
+            "--probe-ms", str(spec.probe_ms),
         ]  # fmt: skip
         if spec.listen:
             assert spec.journal is not None
