@@ -604,8 +604,11 @@ static void cmd_barrier(uint64_t n, char *out, size_t outlen) {
         if (had) stream_send(R_BARRIER, n, 0, 0, NULL);
         S.cur_epoch = n + 1;
         S.barriers++;
-        if (S.snap_dir) snapshot(n);
-        if (!had) snprintf(out, outlen, "err no replica: %s", S.lost[0] ? S.lost : S.peer >= 0 ? "initial sync running" : "not replicating");
+        if (S.snap_dir && S.storage == LOCAL) snapshot(n); /* (remote: the local image is not the disk) */
+        if (S.storage == SUSPENDED)
+            snprintf(out, outlen, "err no storage: the local image failed (%s) and the stream to the replica, "
+                     "whose storage the disk ran on, ended (%s): the guest's I/O is suspended", S.storage_err, S.lost);
+        else if (!had) snprintf(out, outlen, "err no replica: %s", S.lost[0] ? S.lost : S.peer >= 0 ? "initial sync running" : "not replicating");
         else if (S.peer < 0) snprintf(out, outlen, "err %s", S.lost);
         else snprintf(out, outlen, "ok");
     }

@@ -206,7 +206,8 @@ class DiskServer:
         except DiskError as e:
             return {"error": str(e)}
         keys = ("role", "synced", "peer", "lost", "writes", "write_bytes", "committed",
-                "consistent", "journal_used", "journal_size", "dropped_records")  # fmt: skip
+                "consistent", "journal_used", "journal_size", "dropped_records",
+                "storage", "storage_error", "failovers", "switchbacks", "dirty_local")  # fmt: skip
         return {k: st[k] for k in keys}
 
     def close(self) -> None:

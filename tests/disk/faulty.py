@@ -27,7 +27,11 @@ def require_tools() -> None:
 class FaultyImage:
     def __init__(self, root: Path, size: int, content: bytes = b"") -> None:
         require_tools()
-        self.backing, self.path, self.trigger = root / "a-backing.img", root / "a.img", root / "a.fail"
+        self.backing, self.path, self.trigger = (
+            root / "a-backing.img",
+            root / "a.img",
+            root / "a.fail",
+        )
         with open(self.backing, "wb") as f:
             f.write(content)
             f.truncate(size)

@@ -154,14 +154,21 @@ def test_local_storage_fails_and_returns_no_guest_error(tmp_path: Path) -> None:
         threads[0].join(10)
         r.b.commit(last)
         st = r.a.status()
-        assert not r.errors, f"the guest saw {len(r.errors)} errors (I/O errors or wrong data): {r.errors[:3]}"
+        assert not r.errors, (
+            f"the guest saw {len(r.errors)} errors (I/O errors or wrong data): {r.errors[:3]}"
+        )
         assert st["storage"] == "local" and st["switchbacks"] == 1 and st["dirty_local"] == 0, st
         assert 0 < st["resynced_local"] <= SIZE // BLOCK, st
         want = r.models[last]
-        assert differing_blocks(r.b_img.read_bytes(), want) == 0, "B's replica is not the guest's disk"
-        assert differing_blocks(r.a_img.read_bytes(), want) == 0, "A's image missed blocks after the switch back"
+        assert differing_blocks(r.b_img.read_bytes(), want) == 0, (
+            "B's replica is not the guest's disk"
+        )
+        assert differing_blocks(r.a_img.read_bytes(), want) == 0, (
+            "A's image missed blocks after the switch back"
+        )
         print(f"failover: {r.ops} ops ({ops_remote - ops_before} while failing or remote), "
-              f"{r.reads_checked} reads checked, 0 errors, {st['resynced_local']} blocks copied back, "
+              f"{r.reads_checked} reads checked, 0 errors, "
+              f"{st['resynced_local']} blocks copied back, "
               f"{last} checkpoints")  # fmt: skip
     finally:
         r.stop.set()
