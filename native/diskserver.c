@@ -158,6 +158,19 @@ static struct {
     pthread_cond_t rcv;
     struct rreq *rq;
     uint64_t next_id, conn_gen, dead_gen;
+    /* resync of a returning replica (primary; stream_mu): what B may lack */
+    uint64_t sid;          /* this server's life: a replica's disk is known only to it */
+    int known;             /* B's disk is this disk as of a commit, less the blocks below */
+    uint64_t *dirty_peer;  /* blocks written while no stream, or in epochs B never committed */
+    uint64_t *resync_set;  /* the blocks of the resync in progress (back to dirty_peer if it fails) */
+    int copy_pending, copy_resync; /* a copy (full or resync) sent, not yet committed by B */
+    uint64_t copy_epoch, resync_blocks;
+    struct wl { uint64_t epoch, off, len; } *wlog; /* streamed changes of uncommitted epochs */
+    size_t wl_head, wl_n, wl_cap;
+    /* replica: the file saying whose disk this replica is (pair, generation, sid) */
+    const char *meta_path;
+    int meta_written;
+    uint64_t hello_sid;
 } S;
 
 static void logmsg(const char *fmt, ...) {
@@ -244,7 +257,13 @@ static void set_storage(enum storage st) {
     __atomic_add_fetch(&S.storage_seq, 1, __ATOMIC_RELEASE);
 }
 
+static void wlog_fold(void);
+static void bm_or(uint64_t *dst, const uint64_t *src);
+
 static void peer_lost(const char *why) { /* stream_mu held */
+    wlog_fold(); /* B may lack every change of an epoch it did not commit */
+    if (S.copy_pending && S.copy_resync) bm_or(S.dirty_peer, S.resync_set);
+    S.copy_pending = 0;
     if (S.peer >= 0) {
         logmsg("stream to the replica ended: %s; %s", why,
                S.storage == LOCAL ? "the disk runs unprotected until a resync"
@@ -293,6 +312,43 @@ static uint64_t bm_count(const uint64_t *bm) {
 
 static void bm_or(uint64_t *dst, const uint64_t *src) {
     for (size_t i = 0; i < S.bm_words; i++) dst[i] |= src[i];
+}
+
+/* every change B may not have committed, into dirty_peer (stream_mu held) */
+static void wlog_fold(void) {
+    for (size_t i = S.wl_head; i < S.wl_n; i++) bm_set(S.dirty_peer, S.wlog[i].off, S.wlog[i].len);
+    S.wl_head = S.wl_n = 0;
+}
+
+/* a change streamed to B in `epoch`, until B commits it (stream_mu held) */
+static void wlog_add(uint64_t epoch, uint64_t off, uint64_t len) {
+    if (S.wl_n == S.wl_cap) {
+        if (S.wl_head > S.wl_cap / 2) {
+            memmove(S.wlog, S.wlog + S.wl_head, (S.wl_n - S.wl_head) * sizeof *S.wlog);
+            S.wl_n -= S.wl_head, S.wl_head = 0;
+        } else if (S.wl_cap >= (1u << 20)) {
+            wlog_fold(); /* bounded: a resync sends these blocks too (more than needed, never less) */
+        } else {
+            struct wl *w = realloc(S.wlog, (S.wl_cap ? S.wl_cap * 2 : 4096) * sizeof *w);
+            if (!w) { wlog_fold(); bm_set(S.dirty_peer, off, len); return; }
+            S.wlog = w, S.wl_cap = S.wl_cap ? S.wl_cap * 2 : 4096;
+        }
+    }
+    S.wlog[S.wl_n++] = (struct wl){epoch, off, len};
+}
+
+/* `committed N` (the agent, once checkpoint N is acknowledged): B holds epochs <= N */
+static void cmd_committed(uint64_t n, char *out, size_t outlen) {
+    pthread_mutex_lock(&S.stream_mu);
+    while (S.wl_head < S.wl_n && S.wlog[S.wl_head].epoch <= n) S.wl_head++;
+    if (S.wl_head == S.wl_n) S.wl_head = S.wl_n = 0;
+    if (S.copy_pending && n >= S.copy_epoch) { /* B's replica is this disk as of a commit */
+        S.copy_pending = 0;
+        S.known = 1;
+        memset(S.resync_set, 0, S.bm_words * 8);
+    }
+    pthread_mutex_unlock(&S.stream_mu);
+    snprintf(out, outlen, "ok");
 }
 
 struct reader_arg { int fd; uint64_t gen; };
@@ -519,26 +575,43 @@ static int is_zero(const char *p, size_t n) {
     return 1;
 }
 
+struct sync_arg { uint64_t gen; int resync; };
+
+/* the live copy to B: the whole image, or (a resync) the blocks in resync_set; then
+   SYNC_DONE.  Every chunk is read under stream_mu, so the guest's writes stream after it. */
 static void *sync_thread(void *arg) {
-    uint64_t first = (uint64_t)(uintptr_t)arg;
+    struct sync_arg a = *(struct sync_arg *)arg;
+    free(arg);
     char *buf = malloc(SYNC_CHUNK);
-    for (uint64_t off = 0; off < S.size && buf; off += SYNC_CHUNK) {
-        uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK;
+    uint64_t nb = (S.size + BS - 1) / BS;
+    for (uint64_t b = 0; b < nb && buf;) {
+        uint64_t e = b;
+        if (a.resync) {
+            if (!(S.resync_set[b >> 6] >> (b & 63) & 1)) { b++; continue; }
+            while (e < nb && e - b < SYNC_CHUNK / BS && (S.resync_set[e >> 6] >> (e & 63) & 1)) e++;
+        } else {
+            e = b + SYNC_CHUNK / BS < nb ? b + SYNC_CHUNK / BS : nb;
+        }
+        uint64_t off = b * BS, n = e * BS > S.size ? S.size - off : (e - b) * BS;
         pthread_mutex_lock(&S.stream_mu);
-        if (S.peer < 0) { pthread_mutex_unlock(&S.stream_mu); free(buf); return NULL; }
-        int e = pread_full(S.img, buf, n, off);
-        if (e) peer_lost("reading the local image for the initial sync failed");
+        if (S.peer < 0 || S.conn_gen != a.gen) { pthread_mutex_unlock(&S.stream_mu); free(buf); return NULL; }
+        int err = pread_full(S.img, buf, n, off);
+        if (err) peer_lost("reading the local image for the disk copy failed");
         else if (is_zero(buf, n)) stream_send(R_ZERO, 0, off, n, NULL);
         else stream_send(R_SYNC, 0, off, n, buf);
-        S.sync_done_bytes = off + n;
+        if (a.resync) S.resync_blocks += e - b, S.sync_done_bytes += n;
+        else S.sync_done_bytes = off + n;
         pthread_mutex_unlock(&S.stream_mu);
+        b = e;
     }
     free(buf);
     pthread_mutex_lock(&S.stream_mu);
-    (void)first;
-    if (S.peer >= 0) {
+    if (S.peer >= 0 && S.conn_gen == a.gen) {
         stream_send(R_SYNC_DONE, S.cur_epoch, 0, 0, NULL);
         S.synced = S.peer >= 0;
+        S.copy_epoch = S.cur_epoch; /* B's replica is this disk once it commits that epoch */
+        S.copy_pending = S.synced;
+        if (a.resync) logmsg("resync sent: %" PRIu64 " blocks of %" PRIu64, S.resync_blocks, nb);
     }
     pthread_mutex_unlock(&S.stream_mu);
     return NULL;
@@ -566,14 +639,40 @@ static int connect_tcp(const char *host, const char *port, char *err, size_t err
     return fd;
 }
 
-/* `replicate HOST PORT FIRST_EPOCH`: start the stream and the live initial sync */
-static void cmd_replicate(const char *host, const char *port, uint64_t first, char *out, size_t outlen) {
+/* `replicate HOST PORT FIRST_EPOCH [resync]`: start the stream and the live copy: the
+   whole disk, or with `resync` only the blocks B's replica lacks (B must answer that
+   its replica is this disk server's as of a commit: same pair, generation and sid) */
+static void cmd_replicate(const char *host, const char *port, uint64_t first, int resync, char *out, size_t outlen) {
     if (S.role != PRIMARY) { snprintf(out, outlen, "err not a primary"); return; }
+    pthread_mutex_lock(&S.stream_mu);
+    const char *no = S.storage != LOCAL ? "the disk runs on the replica's storage (the local image failed)"
+                   : resync && !S.known ? "no replica of this disk server has committed a copy: a full copy is needed"
+                                        : NULL;
+    pthread_mutex_unlock(&S.stream_mu);
+    if (no) { snprintf(out, outlen, "err %s", no); return; }
     char err[300];
     int fd = connect_tcp(host, port, err, sizeof err);
     if (fd < 0) { snprintf(out, outlen, "err %s", err); return; }
+    char hello[256];
+    int n = snprintf(hello, sizeof hello, "%s %" PRIu64 " %016" PRIx64 " %s", S.pair, S.generation, S.sid,
+                     resync ? "resync" : "copy");
+    struct rec h = {htole32(REC_MAGIC), htole32(R_HELLO), 0, htole64(S.size), htole64((uint64_t)n)}, a;
+    struct timeval tv = {10, 0}, none = {0, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (write_full(fd, &h, sizeof h) || write_full(fd, hello, (size_t)n) || read_full(fd, &a, sizeof a) ||
+        le32toh(a.magic) != REC_MAGIC || le32toh(a.type) != R_HELLO) {
+        close(fd);
+        snprintf(out, outlen, "err the replica at %s:%s did not take the stream (its log says why)", host, port);
+        return;
+    }
+    if (le64toh(a.offset) != 0) {
+        close(fd);
+        snprintf(out, outlen, "err the replica at %s:%s does not hold this disk: a full copy is needed", host, port);
+        return;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
     pthread_mutex_lock(&S.stream_mu);
-    if (S.peer >= 0) shutdown(S.peer, SHUT_RDWR);
+    if (S.peer >= 0) peer_lost("replaced by a new stream");
     S.peer = fd;
     snprintf(S.peer_host, sizeof S.peer_host, "%s", host);
     S.conn_gen++;
@@ -582,15 +681,21 @@ static void cmd_replicate(const char *host, const char *port, uint64_t first, ch
     S.lost[0] = 0;
     S.cur_epoch = first;
     S.sync_done_bytes = 0;
-    S.sync_total = S.size;
-    char hello[256];
-    int n = snprintf(hello, sizeof hello, "%s %" PRIu64, S.pair, S.generation);
-    stream_send(R_HELLO, 0, S.size, (uint64_t)n, hello);
-    int ok = S.peer >= 0;
+    S.resync_blocks = 0;
+    S.copy_resync = resync;
+    if (resync) { /* what B lacks: written while no stream, or in epochs it never committed */
+        memcpy(S.resync_set, S.dirty_peer, S.bm_words * 8);
+        S.sync_total = bm_count(S.resync_set) * BS;
+    } else {
+        S.known = 0;
+        S.sync_total = S.size;
+    }
+    memset(S.dirty_peer, 0, S.bm_words * 8);
+    struct sync_arg *sa = malloc(sizeof *sa);
+    sa->gen = S.conn_gen, sa->resync = resync;
     pthread_mutex_unlock(&S.stream_mu);
-    if (!ok) { snprintf(out, outlen, "err the replica at %s:%s closed the stream", host, port); return; }
     pthread_t t;
-    pthread_create(&t, NULL, sync_thread, (void *)(uintptr_t)first);
+    pthread_create(&t, NULL, sync_thread, sa);
     pthread_detach(t);
     snprintf(out, outlen, "ok");
 }
@@ -662,6 +767,50 @@ static void drop_uncommitted(void) {
     pthread_cond_broadcast(&S.cv);
 }
 
+/* the replica's identity file: "PAIR GENERATION SID", written (durably) at the first commit
+   after a copy or a resync, removed before a full copy and at promotion; a resync is
+   taken only when it names the primary asking */
+static void sync_dir_of(const char *path) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0; else strcpy(dir, ".");
+    int d = open(dir[0] ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d >= 0) { fsync(d); close(d); }
+}
+
+static int meta_clear(void) {
+    if (unlink(S.meta_path) && errno != ENOENT) return -1;
+    sync_dir_of(S.meta_path);
+    return 0;
+}
+
+static int meta_matches(uint64_t gen, uint64_t sid) {
+    char want[512], got[512] = "";
+    snprintf(want, sizeof want, "%s %" PRIu64 " %016" PRIx64 "\n", S.pair, gen, sid);
+    int fd = open(S.meta_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, got, sizeof got - 1);
+    close(fd);
+    return n > 0 && (got[n] = 0, !strcmp(got, want));
+}
+
+static void meta_write(void) {
+    char tmp[4200], line[512];
+    snprintf(tmp, sizeof tmp, "%s.tmp", S.meta_path);
+    int n = snprintf(line, sizeof line, "%s %" PRIu64 " %016" PRIx64 "\n", S.pair, S.generation, S.hello_sid);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || write_full(fd, line, (size_t)n) || fdatasync(fd) || rename(tmp, S.meta_path)) {
+        logmsg("cannot write the replica's identity file %s: %s (a return of the primary needs a full copy)",
+               S.meta_path, strerror(errno));
+        if (fd >= 0) close(fd);
+        return;
+    }
+    close(fd);
+    sync_dir_of(S.meta_path);
+    S.meta_written = 1;
+}
+
 /* the primary's view of the disk: the replica, then every journaled record in stream order
    (receiver thread: nothing is added to the journal meanwhile; a commit removes a record
    from the index only once it is on the replica) */
@@ -701,16 +850,34 @@ static const char *receive(int fd) {
     snprintf(want, sizeof want, "%s ", S.pair);
     if (strncmp(hello, want, strlen(want))) return "HELLO from another pair";
     if (le64toh(r.offset) != S.size) return "the primary's disk size differs from this replica's";
-    uint64_t gen = strtoull(hello + strlen(want), NULL, 10);
+    uint64_t gen = 0, sid = 0;
+    char mode[16] = "";
+    if (sscanf(hello + strlen(want), "%" SCNu64 " %" SCNx64 " %15s", &gen, &sid, mode) != 3 ||
+        (strcmp(mode, "copy") && strcmp(mode, "resync")))
+        return "a HELLO this replica does not understand";
+    int resync = !strcmp(mode, "resync");
+    const char *refused = NULL;
     pthread_mutex_lock(&S.mu);
-    if (gen < S.generation) { pthread_mutex_unlock(&S.mu); return "HELLO from an older generation"; }
+    if (gen < S.generation) refused = "HELLO from an older generation";
+    else if (resync && !meta_matches(gen, sid))
+        refused = "a resync, but this replica does not hold that primary's disk (it needs a full copy)";
+    pthread_mutex_unlock(&S.mu);
+    if (!refused && !resync && meta_clear())
+        refused = "cannot remove the replica's identity file before a full copy";
+    struct rec ans = {htole32(REC_MAGIC), htole32(R_HELLO), 0, htole64(refused ? 1 : 0), 0};
+    if (write_full(fd, &ans, sizeof ans)) return "the primary closed the stream";
+    if (refused) return refused;
+    pthread_mutex_lock(&S.mu);
     S.generation = gen;
+    S.hello_sid = sid;
+    S.meta_written = 0;
     drop_uncommitted();
     S.consistent = 0; /* the replica is being overwritten, until a commit after the copy */
     S.copied = 0;
     int syncing = 1;
     pthread_mutex_unlock(&S.mu);
-    logmsg("stream from the primary (generation %" PRIu64 "): initial sync", gen);
+    logmsg("stream from the primary (generation %" PRIu64 "): %s", gen,
+           resync ? "resync of the blocks written since" : "initial sync");
     char *buf = malloc(MAX_REQ);
     const char *why = NULL;
     while (!why) {
@@ -873,6 +1040,7 @@ static void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
     }
     S.committed = n;
     S.consistent = 1; /* every epoch <= n is applied, and n is after the copy */
+    if (!S.meta_written && S.streaming && S.copied && n >= S.sync_epoch) meta_write();
     S.commits++;
     pthread_cond_broadcast(&S.cv);
     pthread_mutex_unlock(&S.mu);
@@ -888,6 +1056,8 @@ static void cmd_promote(char *out, size_t outlen) {
         return;
     }
     uint64_t dropped = S.nents - S.first;
+    meta_clear(); /* this disk goes its own way now: no primary's resync fits it any more */
+    S.meta_written = 1;
     S.role = PRIMARY;
     drop_uncommitted();
     if (S.stream_fd >= 0) shutdown(S.stream_fd, SHUT_RDWR);
@@ -968,6 +1138,8 @@ static int change(uint32_t type, uint64_t off, uint32_t len, const char *data, i
         if (S.storage != LOCAL) wait_for_peer(); /* B alone holds the disk: on to B, or wait */
         bm_set(S.storage == LOCAL ? S.unflushed : S.dirty_local, off, len);
         stream_send(type, S.cur_epoch, off, len, type == R_WRITE ? data : NULL);
+        if (S.peer >= 0) wlog_add(S.cur_epoch, off, len);
+        else bm_set(S.dirty_peer, off, len); /* no stream: a returning replica needs it */
         if (S.storage != LOCAL) wait_for_peer(); /* not known to be on B: never answered */
         S.writes++, S.write_bytes += len;
     }
@@ -1148,14 +1320,16 @@ static void cmd_status(char *out, size_t outlen) {
              ",\"journal_size\":%" PRIu64 ",\"pending_records\":%zu,\"applied_records\":%" PRIu64
              ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 ",\"storage\":\"%s\",\"storage_error\":\"%s\""
              ",\"storage_peer\":\"%s\",\"failovers\":%" PRIu64 ",\"switchbacks\":%" PRIu64 ",\"dirty_local\":%" PRIu64
-             ",\"resynced_local\":%" PRIu64 ",\"remote_reads\":%" PRIu64 "}",
+             ",\"resynced_local\":%" PRIu64 ",\"remote_reads\":%" PRIu64 ",\"known\":%s,\"dirty_peer\":%" PRIu64
+             ",\"resync_blocks\":%" PRIu64 ",\"copy_pending\":%s}",
              S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
              S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
              S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
              S.streaming ? "true" : "false", jused(), S.jsize, S.nents - S.first, S.applied_records,
              S.dropped_records, S.commits, S.storage == LOCAL ? "local" : S.storage == REMOTE ? "remote" : "suspended",
              S.storage_err, S.peer_host, S.failovers, S.switchbacks, bm_count(S.dirty_local), S.resynced_local,
-             S.remote_reads);
+             S.remote_reads, S.known ? "true" : "false", bm_count(S.dirty_peer), S.resync_blocks,
+             S.copy_pending ? "true" : "false");
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_unlock(&S.stream_mu);
 }
@@ -1165,12 +1339,14 @@ static void *ctl_conn(void *arg) {
     FILE *in = fdopen(fd, "r");
     char line[1024], out[4096];
     while (in && fgets(line, sizeof line, in)) {
-        char a[300] = "", b[300] = "";
+        char a[300] = "", b[300] = "", mode[16] = "";
         uint64_t n = 0;
         int timeout = 0;
         if (sscanf(line, "barrier %" SCNu64, &n) == 1) cmd_barrier(n, out, sizeof out);
         else if (sscanf(line, "commit %" SCNu64 " %d", &n, &timeout) == 2) cmd_commit(n, timeout, out, sizeof out);
-        else if (sscanf(line, "replicate %299s %299s %" SCNu64, a, b, &n) == 3) cmd_replicate(a, b, n, out, sizeof out);
+        else if (sscanf(line, "replicate %299s %299s %" SCNu64 " %15s", a, b, &n, mode) >= 3)
+            cmd_replicate(a, b, n, !strcmp(mode, "resync"), out, sizeof out);
+        else if (sscanf(line, "committed %" SCNu64, &n) == 1) cmd_committed(n, out, sizeof out);
         else if (strncmp(line, "promote", 7) == 0) cmd_promote(out, sizeof out);
         else if (strncmp(line, "status", 6) == 0) cmd_status(out, sizeof out);
         else snprintf(out, sizeof out, "err unknown command");
@@ -1196,7 +1372,7 @@ static void *ctl_accept(void *arg) {
 static int usage(void) {
     fprintf(stderr,
             "usage: diskserver --image PATH --size BYTES --nbd SOCK --control SOCK --pair NAME\n"
-            "         [--generation N] [--workers N] [--stall-ms MS] [--probe-ms MS]\n"
+            "         [--generation N] [--workers N] [--stall-ms MS] [--probe-ms MS] [--meta PATH]\n"
             "         [--replica HOST:PORT --journal PATH --journal-bytes N]\n"
             "         [--test-snapshots DIR --test-keep N]\n");
     return 2;
@@ -1218,6 +1394,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         else if (!strcmp(k, "--workers")) S.workers = atoi(v);
         else if (!strcmp(k, "--stall-ms")) S.stall_ms = atoi(v);
         else if (!strcmp(k, "--probe-ms")) S.probe_ms = atoi(v);
+        else if (!strcmp(k, "--meta")) S.meta_path = v;
         else if (!strcmp(k, "--replica")) listen_at = v;
         else if (!strcmp(k, "--journal")) journal = v;
         else if (!strcmp(k, "--journal-bytes")) S.jsize = strtoull(v, NULL, 10);
@@ -1242,7 +1419,13 @@ int mirror_diskserver_main(int argc, char **argv) {
     S.role = listen_at ? REPLICA : PRIMARY;
     S.bm_words = ((S.size + BS - 1) / BS + 63) / 64;
     S.dirty_local = calloc(S.bm_words, 8), S.unflushed = calloc(S.bm_words, 8), S.flushing = calloc(S.bm_words, 8);
-    if (!S.dirty_local || !S.unflushed || !S.flushing) { logmsg("out of memory for the disk's bitmaps"); return 1; }
+    S.dirty_peer = calloc(S.bm_words, 8), S.resync_set = calloc(S.bm_words, 8);
+    int rfd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (rfd < 0 || read(rfd, &S.sid, sizeof S.sid) != sizeof S.sid) S.sid = (uint64_t)getpid() ^ (uint64_t)now_ms();
+    if (rfd >= 0) close(rfd);
+    static char meta_default[4200];
+    if (!S.meta_path) snprintf(meta_default, sizeof meta_default, "%s.replica-id", image), S.meta_path = meta_default;
+    if (!S.dirty_local || !S.unflushed || !S.flushing || !S.dirty_peer || !S.resync_set) { logmsg("out of memory for the disk's bitmaps"); return 1; }
     S.img = open(image, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     struct stat st;
     if (S.img < 0 || fstat(S.img, &st)) { logmsg("cannot open the image %s: %s", image, strerror(errno)); return 1; }

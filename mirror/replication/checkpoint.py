@@ -670,7 +670,12 @@ class CheckpointEngine:
         if disk is None:
             return
         try:
-            disk.replicate(address, port, self.epoch + 1)
+            try:  # a standby whose replica is this disk server's gets only what it lacks
+                disk.replicate(address, port, self.epoch + 1, resync=True)
+                log.info("the standby's disk replica is known: resync of the blocks written since")
+            except DiskError as e:
+                log.info("disk: full copy to the standby (%s)", e)
+                disk.replicate(address, port, self.epoch + 1)
             disk.wait_synced(progress=progress)
         except DiskError as e:
             raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
@@ -691,6 +696,11 @@ class CheckpointEngine:
                 self.metrics.ack_latency.observe(rec.ack_ms / 1000)
             self.acked = reply.epoch
             self.outputs.release_through(reply.epoch)
+            if self.guest.disk is not None:  # what a resync of the standby's disk would send
+                try:
+                    self.guest.disk.committed(reply.epoch)
+                except DiskError as e:
+                    log.warning("the disk server did not take commit %d: %s", reply.epoch, e)
             self.link.committed[0] = reply.epoch  # our heartbeats tell the standby
         elif (
             isinstance(reply, wire.Reject)
