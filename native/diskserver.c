@@ -551,9 +551,9 @@ static void *probe_thread(void *arg) {
     return NULL;
 }
 
-static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch);
+/* tests only: a copy of the image into `path` (copy_file_range, or reads and writes
+   where the file system has none, as FUSE) */
+static void copy_image(const char *path) {
     int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (out < 0) return;
     off_t off = 0;
@@ -561,7 +561,22 @@ static void snapshot(uint64_t epoch) { /* tests only: the image as of this barri
         ssize_t n = copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0);
         if (n <= 0) break;
     }
+    if ((uint64_t)off < S.size) {
+        char *buf = malloc(SYNC_CHUNK);
+        while (buf && (uint64_t)off < S.size) {
+            uint64_t n = S.size - (uint64_t)off < SYNC_CHUNK ? S.size - (uint64_t)off : SYNC_CHUNK;
+            if (pread_full(S.img, buf, n, (uint64_t)off) || pwrite_full(out, buf, n, (uint64_t)off)) break;
+            off += (off_t)n;
+        }
+        free(buf);
+    }
     close(out);
+}
+
+static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch);
+    copy_image(path);
     if (epoch > (uint64_t)S.snap_keep) {
         snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch - (uint64_t)S.snap_keep);
         unlink(path);
@@ -1070,11 +1085,7 @@ static void cmd_promote(char *out, size_t outlen) {
     if (S.snap_dir) { /* tests: the replica as promoted, before the guest writes it */
         char path[4096];
         snprintf(path, sizeof path, "%s/promoted-%" PRIu64 ".img", S.snap_dir, c);
-        int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        off_t off = 0;
-        while (out >= 0 && (uint64_t)off < S.size &&
-               copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0) > 0) {}
-        if (out >= 0) close(out);
+        copy_image(path);
     }
     logmsg("promoted at epoch %" PRIu64 ": %" PRIu64 " uncommitted records dropped", c, dropped);
     snprintf(out, outlen, "ok %" PRIu64 " %" PRIu64, c, dropped);

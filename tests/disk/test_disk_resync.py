@@ -57,14 +57,23 @@ def test_returning_secondary_gets_only_the_blocks_written_since(tmp_path: Path) 
         h.sync()
         protected_run(h, 0.4)
         assert h.a.status()["known"], h.a.status()
+        rng = random.Random(5)
+        c = NbdClient(h.a.spec.nbd_path)
+        # writes B receives but never commits: one closed epoch, then the open one
+        written = {rng.randrange(SIZE // BLOCK) for _ in range(40)}
+        for i, b in enumerate(sorted(written)):
+            c.write(b * BLOCK, rng.randbytes(BLOCK))
+            if i == 20:
+                assert h.a.barrier(h.epoch) is None
+                h.epoch += 1
+        time.sleep(0.1)  # (in B's journal)
         os.kill(h.b.pid, signal.SIGKILL)  # B's host dies
         h.b.proc.wait()
         # A goes on alone: writes to a known set of blocks (and a TRIM, a WRITE_ZEROES)
-        rng = random.Random(5)
-        c = NbdClient(h.a.spec.nbd_path)
-        written = {rng.randrange(SIZE // BLOCK) for _ in range(150)}
-        for b in sorted(written):
+        alone = {rng.randrange(SIZE // BLOCK) for _ in range(150)}
+        for b in sorted(alone):
             c.write(b * BLOCK, rng.randbytes(BLOCK))
+        written |= alone
         c.trim(0, 2 * BLOCK)
         c.zeroes(SIZE - 3 * BLOCK, 3 * BLOCK)
         c.close()
@@ -88,7 +97,7 @@ def test_returning_secondary_gets_only_the_blocks_written_since(tmp_path: Path) 
         assert differing_blocks(h.a_img.read_bytes(), h.b_img.read_bytes()) == 0
         assert h.a.status()["known"] and h.b.status()["consistent"]
         print(f"resync: {st['resync_blocks']} blocks sent of {SIZE // BLOCK} "
-              f"({len(written)} written while B was away)")  # fmt: skip
+              f"({len(written)} written in epochs B never committed or while away)")  # fmt: skip
     finally:
         h.close()
 
