@@ -151,6 +151,7 @@ static struct {
     uint64_t failovers, switchbacks, resynced_local, storage_seq, remote_reads;
     double failed_at_ms;
     int probe_ms, probing;
+    int draining;             /* the switch back's last pass: the guest's writes wait */
     pthread_cond_t io_cv;     /* (stream_mu) suspended I/O waits here */
     pthread_mutex_t flush_mu; /* one local flush at a time */
     /* remote reads over the stream: rmu guards these */
@@ -402,20 +403,18 @@ static void wait_for_peer(void) {
     while (S.peer < 0) pthread_cond_wait(&S.io_cv, &S.stream_mu);
 }
 
-/* read B's view; locked: stream_mu is held by the caller (the final resync pass),
-   and a lost stream is an error for it rather than a wait */
-static int remote_read(uint64_t off, uint32_t len, char *buf, int locked) {
+/* read B's view (while no stream, the request waits: suspended) */
+static int remote_read(uint64_t off, uint32_t len, char *buf) {
     for (;;) {
-        if (!locked) pthread_mutex_lock(&S.stream_mu);
-        if (!locked) wait_for_peer();
-        if (S.peer < 0) return -EPIPE;
+        pthread_mutex_lock(&S.stream_mu);
+        wait_for_peer();
         struct rreq q = {.id = ++S.next_id, .gen = S.conn_gen, .len = len, .buf = buf};
         pthread_mutex_lock(&S.rmu);
         q.next = S.rq, S.rq = &q;
         pthread_mutex_unlock(&S.rmu);
         stream_send(R_READ, q.id, off, len, NULL);
         S.remote_reads++;
-        if (!locked) pthread_mutex_unlock(&S.stream_mu);
+        pthread_mutex_unlock(&S.stream_mu);
         pthread_mutex_lock(&S.rmu);
         while (!q.done && S.dead_gen < q.gen) pthread_cond_wait(&S.rcv, &S.rmu);
         struct rreq **pp = &S.rq;
@@ -423,7 +422,6 @@ static int remote_read(uint64_t off, uint32_t len, char *buf, int locked) {
         *pp = q.next;
         pthread_mutex_unlock(&S.rmu);
         if (q.done) return q.err;
-        if (locked) return -EPIPE;
         /* the stream died under the request: wait for one (suspended), then ask again */
     }
 }
@@ -483,14 +481,14 @@ static int flush_local(void) {
 }
 
 /* copy the dirty blocks in bm from B to the local image; 0 or -errno */
-static int copy_back(const uint64_t *bm, char *buf, int locked) {
+static int copy_back(const uint64_t *bm, char *buf) {
     uint64_t nb = (S.size + BS - 1) / BS;
     for (uint64_t b = 0; b < nb;) {
         if (!(bm[b >> 6] >> (b & 63) & 1)) { b++; continue; }
         uint64_t e = b;
         while (e < nb && e - b < SYNC_CHUNK / BS && (bm[e >> 6] >> (e & 63) & 1)) e++;
         uint64_t off = b * BS, len = e * BS > S.size ? S.size - off : (e - b) * BS;
-        int r = remote_read(off, (uint32_t)len, buf, locked);
+        int r = remote_read(off, (uint32_t)len, buf);
         if (!r) r = pwrite_full(S.img, buf, len, off);
         if (r) return r;
         S.resynced_local += e - b;
@@ -520,10 +518,18 @@ static void *probe_thread(void *arg) {
             pthread_mutex_lock(&S.stream_mu);
             if (S.storage != REMOTE) { pthread_mutex_unlock(&S.stream_mu); break; }
             uint64_t left = bm_count(S.dirty_local);
-            if (left <= 256 || round >= 8) { /* the last pass holds the guest's writes */
+            if (left <= 256 || round >= 8) {
+                /* the last pass holds the guest's writes (not stream_mu: barriers, so B's
+                   commits, go on while B answers these reads) */
                 double t0 = now_ms();
-                int e = copy_back(S.dirty_local, buf, 1);
-                if (!e) {
+                S.draining = 1;
+                memcpy(snap, S.dirty_local, S.bm_words * 8);
+                pthread_mutex_unlock(&S.stream_mu);
+                int e = copy_back(snap, buf);
+                pthread_mutex_lock(&S.stream_mu);
+                S.draining = 0;
+                pthread_cond_broadcast(&S.io_cv);
+                if (!e && S.storage == REMOTE) {
                     memset(S.dirty_local, 0, S.bm_words * 8);
                     set_storage(LOCAL);
                     S.switchbacks++;
@@ -538,7 +544,7 @@ static void *probe_thread(void *arg) {
             memcpy(snap, S.dirty_local, S.bm_words * 8);
             memset(S.dirty_local, 0, S.bm_words * 8);
             pthread_mutex_unlock(&S.stream_mu);
-            int e = copy_back(snap, buf, 0); /* writes meanwhile mark their blocks again */
+            int e = copy_back(snap, buf); /* writes meanwhile mark their blocks again */
             if (e) {
                 pthread_mutex_lock(&S.stream_mu);
                 bm_or(S.dirty_local, snap);
@@ -1139,6 +1145,7 @@ static uint32_t nbd_errno(int e) {
 /* one change of the image: local, then the stream, under one lock (stream order = image order) */
 static int change(uint32_t type, uint64_t off, uint32_t len, const char *data, int fua) {
     pthread_mutex_lock(&S.stream_mu);
+    while (S.draining) pthread_cond_wait(&S.io_cv, &S.stream_mu);
     if (S.role != PRIMARY) { pthread_mutex_unlock(&S.stream_mu); return EPERM; }
     int e = 0;
     if (S.storage == LOCAL) {
@@ -1182,7 +1189,7 @@ static void *worker(void *arg) {
             while (e == -EAGAIN) {
                 uint64_t seq = __atomic_load_n(&S.storage_seq, __ATOMIC_ACQUIRE);
                 if (__atomic_load_n(&S.storage, __ATOMIC_ACQUIRE) != LOCAL) {
-                    e = remote_read(j->offset, j->len, rbuf, 0);
+                    e = remote_read(j->offset, j->len, rbuf);
                     break;
                 }
                 e = pread_full(S.img, rbuf, j->len, j->offset);
