@@ -403,27 +403,46 @@ static void wait_for_peer(void) {
     while (S.peer < 0) pthread_cond_wait(&S.io_cv, &S.stream_mu);
 }
 
-/* read B's view (while no stream, the request waits: suspended) */
-static int remote_read(uint64_t off, uint32_t len, char *buf) {
+/* read B's view: n requests at once (each with its len and buf; off[i] where); while no
+   stream, they wait (suspended); 0 or the first error */
+static int remote_read_many(struct rreq *q, const uint64_t *off, int n) {
     for (;;) {
         pthread_mutex_lock(&S.stream_mu);
         wait_for_peer();
-        struct rreq q = {.id = ++S.next_id, .gen = S.conn_gen, .len = len, .buf = buf};
+        uint64_t gen = S.conn_gen;
         pthread_mutex_lock(&S.rmu);
-        q.next = S.rq, S.rq = &q;
+        for (int i = 0; i < n; i++) {
+            q[i].id = ++S.next_id, q[i].gen = gen, q[i].done = 0, q[i].err = 0;
+            q[i].next = S.rq, S.rq = &q[i];
+        }
         pthread_mutex_unlock(&S.rmu);
-        stream_send(R_READ, q.id, off, len, NULL);
-        S.remote_reads++;
+        for (int i = 0; i < n && S.peer >= 0; i++) stream_send(R_READ, q[i].id, off[i], q[i].len, NULL);
+        S.remote_reads += (uint64_t)n;
         pthread_mutex_unlock(&S.stream_mu);
         pthread_mutex_lock(&S.rmu);
-        while (!q.done && S.dead_gen < q.gen) pthread_cond_wait(&S.rcv, &S.rmu);
-        struct rreq **pp = &S.rq;
-        while (*pp != &q) pp = &(*pp)->next;
-        *pp = q.next;
+        int left = n;
+        while (left && S.dead_gen < gen) {
+            left = 0;
+            for (int i = 0; i < n; i++) left += !q[i].done;
+            if (left && S.dead_gen < gen) pthread_cond_wait(&S.rcv, &S.rmu);
+        }
+        for (int i = 0; i < n; i++) { /* unlink */
+            struct rreq **pp = &S.rq;
+            while (*pp != &q[i]) pp = &(*pp)->next;
+            *pp = q[i].next;
+        }
         pthread_mutex_unlock(&S.rmu);
-        if (q.done) return q.err;
-        /* the stream died under the request: wait for one (suspended), then ask again */
+        if (!left) {
+            for (int i = 0; i < n; i++) if (q[i].err) return q[i].err;
+            return 0;
+        }
+        /* the stream died under the requests: wait for one (suspended), then ask again */
     }
+}
+
+static int remote_read(uint64_t off, uint32_t len, char *buf) {
+    struct rreq q = {.len = len, .buf = buf};
+    return remote_read_many(&q, &off, 1);
 }
 
 static void *probe_thread(void *arg);
@@ -480,19 +499,30 @@ static int flush_local(void) {
     return e;
 }
 
-/* copy the dirty blocks in bm from B to the local image; 0 or -errno */
+#define BACK_BATCH 64 /* reads of B's view in flight while copying back (each <= 64 KiB) */
+#define BACK_RUN (64u << 10)
+
+/* copy the dirty blocks in bm from B to the local image; 0 or -errno (buf: BACK_BATCH runs) */
 static int copy_back(const uint64_t *bm, char *buf) {
-    uint64_t nb = (S.size + BS - 1) / BS;
+    uint64_t nb = (S.size + BS - 1) / BS, offs[BACK_BATCH];
+    struct rreq q[BACK_BATCH];
     for (uint64_t b = 0; b < nb;) {
-        if (!(bm[b >> 6] >> (b & 63) & 1)) { b++; continue; }
-        uint64_t e = b;
-        while (e < nb && e - b < SYNC_CHUNK / BS && (bm[e >> 6] >> (e & 63) & 1)) e++;
-        uint64_t off = b * BS, len = e * BS > S.size ? S.size - off : (e - b) * BS;
-        int r = remote_read(off, (uint32_t)len, buf);
-        if (!r) r = pwrite_full(S.img, buf, len, off);
+        int n = 0;
+        uint64_t blocks = 0;
+        while (b < nb && n < BACK_BATCH) {
+            if (!(bm[b >> 6] >> (b & 63) & 1)) { b++; continue; }
+            uint64_t e = b;
+            while (e < nb && e - b < BACK_RUN / BS && (bm[e >> 6] >> (e & 63) & 1)) e++;
+            offs[n] = b * BS;
+            q[n] = (struct rreq){.len = (uint32_t)(e * BS > S.size ? S.size - b * BS : (e - b) * BS),
+                                 .buf = buf + (size_t)n * BACK_RUN};
+            blocks += e - b, n++, b = e;
+        }
+        if (!n) break;
+        int r = remote_read_many(q, offs, n);
+        for (int i = 0; i < n && !r; i++) r = pwrite_full(S.img, q[i].buf, q[i].len, offs[i]);
         if (r) return r;
-        S.resynced_local += e - b;
-        b = e;
+        S.resynced_local += blocks;
     }
     return fdatasync(S.img) ? -errno : 0;
 }
@@ -500,7 +530,7 @@ static int copy_back(const uint64_t *bm, char *buf) {
 /* while the disk runs remote: probe the local image; when it works, resync and switch back */
 static void *probe_thread(void *arg) {
     (void)arg;
-    char *blk = malloc(BS), *buf = malloc(SYNC_CHUNK);
+    char *blk = malloc(BS), *buf = malloc((size_t)BACK_BATCH * BACK_RUN);
     uint64_t *snap = calloc(S.bm_words, 8);
     for (;;) {
         usleep((useconds_t)S.probe_ms * 1000);
@@ -529,6 +559,7 @@ static void *probe_thread(void *arg) {
                 pthread_mutex_lock(&S.stream_mu);
                 S.draining = 0;
                 pthread_cond_broadcast(&S.io_cv);
+                if (e) logmsg("copying the blocks back failed (%s): the disk stays on the replica", strerror(-e));
                 if (!e && S.storage == REMOTE) {
                     memset(S.dirty_local, 0, S.bm_words * 8);
                     set_storage(LOCAL);
@@ -546,6 +577,7 @@ static void *probe_thread(void *arg) {
             pthread_mutex_unlock(&S.stream_mu);
             int e = copy_back(snap, buf); /* writes meanwhile mark their blocks again */
             if (e) {
+                logmsg("copying the blocks back failed (%s): the disk stays on the replica", strerror(-e));
                 pthread_mutex_lock(&S.stream_mu);
                 bm_or(S.dirty_local, snap);
                 pthread_mutex_unlock(&S.stream_mu);
