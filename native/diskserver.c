@@ -1012,6 +1012,8 @@ static void *stream_thread(void *arg) {
             close(S.listen_fd); /* promoted: no more streams to take */
             return NULL;
         }
+        int one = 1; /* read answers are a header then data: no Nagle wait between them */
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         pthread_mutex_lock(&S.mu);
         if (S.role != REPLICA) { pthread_mutex_unlock(&S.mu); close(fd); continue; }
         S.stream_fd = fd;
