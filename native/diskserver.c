@@ -946,6 +946,7 @@ static const char *receive(int fd) {
         }
         if (syncing) {
             if (type == R_BARRIER) { why = "a BARRIER during the initial sync"; break; }
+            if (type == R_READ) { why = "a READ during the initial sync"; break; }
             if (type == R_SYNC_DONE) {
                 if (ep == 0) { why = "SYNC_DONE for epoch 0"; break; }
                 if (fdatasync(S.img)) logmsg("fdatasync of the replica: %s", strerror(errno));

@@ -88,6 +88,9 @@ def _raw_stream(port: int, hello: bytes, size: int) -> socket.socket:
          "out of the disk's bounds"),
         (b"killpair 1 01 copy", 2 << 20, struct.pack("<IIQQQ", 0x4D524431, 99, 0, 0, 0),
          "unknown type"),
+        # a read of B's view before its copy is complete
+        (b"killpair 1 01 copy", 2 << 20, struct.pack("<IIQQQ", 0x4D524431, 8, 5, 0, 4096),
+         "a READ during the initial sync"),
         # after the copy: a read of B's view past the end of the disk
         (b"killpair 1 01 copy", 2 << 20,
          struct.pack("<IIQQQ", 0x4D524431, 7, 1, 0, 0)  # SYNC_DONE
