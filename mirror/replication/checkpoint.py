@@ -652,10 +652,10 @@ class CheckpointEngine:
 
     def _disk_barrier(self, disk: DiskServer, epoch: int) -> None:
         """Close the disk's epoch.  If the disk's stream to the standby has ended, the
-        standby can commit no later checkpoint (no disk for it), and this primary has no
-        way to copy the disk again while it runs (no resync yet): it stops, so that the
-        standby goes on from its last checkpoint, memory and disk, rather than the pair
-        holding every output from now on."""
+        standby can commit no later checkpoint (no disk for it), and this primary does not
+        re-pair a standby while it runs (the disk server could resync it: not wired to the
+        engine yet): it stops, so that the standby goes on from its last checkpoint,
+        memory and disk, rather than the pair holding every output from now on."""
         problem = disk.barrier(epoch)
         if problem is not None:
             raise ReplicationError(
