@@ -447,6 +447,15 @@ def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
                 f"{summary.get('outputs_released')} released, {summary.get('outputs_held')} held",
             ),
         ]
+    disk = st.get("disk")
+    if st.get("role") == "primary" and isinstance(disk, dict) and "storage" in disk:
+        storage = disk["storage"]
+        if storage == "remote":  # the local image failed: the disk runs on the secondary's
+            peer = st.get("peer_node") or "the secondary"
+            storage = f"remote ({peer}): local image failed: {disk.get('storage_error')}"
+        elif storage == "suspended":
+            storage = f"suspended: local image failed ({disk.get('storage_error')}), secondary gone"
+        rows.append(("storage", storage))
     if "heartbeat_age_s" in st:
         rows.append(("peer heartbeat, network", _age(st.get("heartbeat_age_s"))))
     if "storage_age_s" in st:

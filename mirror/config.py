@@ -104,6 +104,8 @@ class DiskConfig:
     journal_mib: int = field(default=256, metadata=_range(64, 1 << 20))
     workers: int = field(default=4, metadata=_range(1, 64))
     stall_ms: int = field(default=5000, metadata=_range(100, 600_000))
+    # while the primary's disk runs on the secondary's storage: how often it tries its own
+    probe_ms: int = field(default=1000, metadata=_range(10, 600_000))
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,9 @@
 #define MAX_REQ (32u << 20)
 
 /* stream records: 32-byte header (little endian), then len bytes for WRITE/SYNC */
-enum { R_HELLO = 1, R_WRITE, R_ZERO, R_TRIM, R_BARRIER, R_SYNC, R_SYNC_DONE };
+enum { R_HELLO = 1, R_WRITE, R_ZERO, R_TRIM, R_BARRIER, R_SYNC, R_SYNC_DONE,
+       R_READ,        /* A -> B: read B's view (epoch: the request's id); no data */
+       R_READ_REPLY }; /* B -> A: epoch: the id, offset: 0 or an errno, len bytes of data if 0 */
 #define REC_MAGIC 0x4d524431U /* "MRD1" */
 struct rec {
     uint32_t magic, type;
@@ -93,6 +95,16 @@ struct rec {
 #define SYNC_CHUNK (1u << 20)
 
 enum role { PRIMARY, REPLICA };
+enum storage { LOCAL, REMOTE, SUSPENDED }; /* where the primary's disk I/O goes */
+#define BS 4096u                           /* one bit of a dirty bitmap */
+
+struct rreq { /* a read sent to B, waiting for its reply */
+    uint64_t id, gen;
+    uint32_t len;
+    char *buf;
+    int done, err;
+    struct rreq *next;
+};
 
 struct entry { /* one journaled record on the replica */
     uint64_t epoch, offset, len, pos; /* pos: where its data starts in the ring (monotonic) */
@@ -129,6 +141,37 @@ static struct {
     int copied;                /* the current stream's initial copy is complete */
     uint64_t sync_epoch;       /* the first epoch after it */
     uint64_t applied_records, dropped_records, commits, drops;
+    /* component-level storage failover (primary): stream_mu guards these */
+    enum storage storage;
+    char storage_err[256], peer_host[300];
+    uint64_t *dirty_local; /* blocks the local image lacks (written while remote) */
+    uint64_t *unflushed;   /* blocks written locally since the last good fdatasync */
+    uint64_t *flushing;    /* ... being flushed now */
+    size_t bm_words;
+    uint64_t failovers, switchbacks, resynced_local, storage_seq, remote_reads;
+    double failed_at_ms;
+    int probe_ms, probing;
+    int draining;             /* the switch back's last pass: the guest's writes wait */
+    pthread_cond_t io_cv;     /* (stream_mu) suspended I/O waits here */
+    pthread_mutex_t flush_mu; /* one local flush at a time */
+    /* remote reads over the stream: rmu guards these */
+    pthread_mutex_t rmu;
+    pthread_cond_t rcv;
+    struct rreq *rq;
+    uint64_t next_id, conn_gen, dead_gen;
+    /* resync of a returning replica (primary; stream_mu): what B may lack */
+    uint64_t sid;          /* this server's life: a replica's disk is known only to it */
+    int known;             /* B's disk is this disk as of a commit, less the blocks below */
+    uint64_t *dirty_peer;  /* blocks written while no stream, or in epochs B never committed */
+    uint64_t *resync_set;  /* the blocks of the resync in progress (back to dirty_peer if it fails) */
+    int copy_pending, copy_resync; /* a copy (full or resync) sent, not yet committed by B */
+    uint64_t copy_epoch, resync_blocks;
+    struct wl { uint64_t epoch, off, len; } *wlog; /* streamed changes of uncommitted epochs */
+    size_t wl_head, wl_n, wl_cap;
+    /* replica: the file saying whose disk this replica is (pair, generation, sid) */
+    const char *meta_path;
+    int meta_written;
+    uint64_t hello_sid;
 } S;
 
 static void logmsg(const char *fmt, ...) {
@@ -209,11 +252,26 @@ static double now_ms(void) {
 
 /* ---- primary: the stream to B ------------------------------------------------- */
 
+/* a switch of the disk's path (stream_mu held); readers check storage_seq around a local read */
+static void set_storage(enum storage st) {
+    __atomic_store_n(&S.storage, st, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&S.storage_seq, 1, __ATOMIC_RELEASE);
+}
+
+static void wlog_fold(void);
+static void bm_or(uint64_t *dst, const uint64_t *src);
+
 static void peer_lost(const char *why) { /* stream_mu held */
+    wlog_fold(); /* B may lack every change of an epoch it did not commit */
+    if (S.copy_pending && S.copy_resync) bm_or(S.dirty_peer, S.resync_set);
+    S.copy_pending = 0;
     if (S.peer >= 0) {
-        logmsg("stream to the replica ended: %s; the disk runs unprotected until a resync", why);
-        close(S.peer);
+        logmsg("stream to the replica ended: %s; %s", why,
+               S.storage == LOCAL ? "the disk runs unprotected until a resync"
+                                  : "the disk ran on the replica's storage: guest I/O suspended");
+        shutdown(S.peer, SHUT_RDWR); /* its reply reader closes it */
     }
+    if (S.storage == REMOTE) set_storage(SUSPENDED);
     S.peer = -1;
     S.synced = 0;
     snprintf(S.lost, sizeof S.lost, "%s", why);
@@ -229,9 +287,311 @@ static void stream_send(uint32_t type, uint64_t epoch, uint64_t off, uint64_t le
                       : strerror(errno));
 }
 
-static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch);
+/* ---- primary: storage failover onto B's replica --------------------------------- *
+ *
+ * On the first I/O error from the local image (read, write, flush), and if B has
+ * the whole disk (synced), the primary's disk path switches to B: writes go only
+ * to the stream (still per epoch, still committed on B with the checkpoint),
+ * reads are READ records on the same stream, so B answers each after every
+ * write sent before it (B's view: its replica plus the journaled, uncommitted
+ * records of A's own writes).  The guest sees no error.  A probe thread tries
+ * the local image every --probe-ms; once it works again, the blocks written
+ * meanwhile (a bitmap) are copied back from B and the path switches back.
+ * If the stream to B ends while the disk runs on B, guest I/O is suspended
+ * (requests wait, never answered with an error): there is no storage left. */
+
+static void bm_set(uint64_t *bm, uint64_t off, uint64_t len) {
+    if (!len) return;
+    for (uint64_t b = off / BS, e = (off + len - 1) / BS; b <= e; b++) bm[b >> 6] |= 1ull << (b & 63);
+}
+
+static uint64_t bm_count(const uint64_t *bm) {
+    uint64_t n = 0;
+    for (size_t i = 0; i < S.bm_words; i++) n += (uint64_t)__builtin_popcountll(bm[i]);
+    return n;
+}
+
+static void bm_or(uint64_t *dst, const uint64_t *src) {
+    for (size_t i = 0; i < S.bm_words; i++) dst[i] |= src[i];
+}
+
+/* every change B may not have committed, into dirty_peer (stream_mu held) */
+static void wlog_fold(void) {
+    for (size_t i = S.wl_head; i < S.wl_n; i++) bm_set(S.dirty_peer, S.wlog[i].off, S.wlog[i].len);
+    S.wl_head = S.wl_n = 0;
+}
+
+/* a change streamed to B in `epoch`, until B commits it (stream_mu held) */
+static void wlog_add(uint64_t epoch, uint64_t off, uint64_t len) {
+    if (S.wl_n == S.wl_cap) {
+        if (S.wl_head > S.wl_cap / 2) {
+            memmove(S.wlog, S.wlog + S.wl_head, (S.wl_n - S.wl_head) * sizeof *S.wlog);
+            S.wl_n -= S.wl_head, S.wl_head = 0;
+        } else if (S.wl_cap >= (1u << 20)) {
+            wlog_fold(); /* bounded: a resync sends these blocks too (more than needed, never less) */
+        } else {
+            struct wl *w = realloc(S.wlog, (S.wl_cap ? S.wl_cap * 2 : 4096) * sizeof *w);
+            if (!w) { wlog_fold(); bm_set(S.dirty_peer, off, len); return; }
+            S.wlog = w, S.wl_cap = S.wl_cap ? S.wl_cap * 2 : 4096;
+        }
+    }
+    S.wlog[S.wl_n++] = (struct wl){epoch, off, len};
+}
+
+/* `committed N` (the agent, once checkpoint N is acknowledged): B holds epochs <= N */
+static void cmd_committed(uint64_t n, char *out, size_t outlen) {
+    pthread_mutex_lock(&S.stream_mu);
+    while (S.wl_head < S.wl_n && S.wlog[S.wl_head].epoch <= n) S.wl_head++;
+    if (S.wl_head == S.wl_n) S.wl_head = S.wl_n = 0;
+    if (S.copy_pending && n >= S.copy_epoch) { /* B's replica is this disk as of a commit */
+        S.copy_pending = 0;
+        S.known = 1;
+        memset(S.resync_set, 0, S.bm_words * 8);
+    }
+    pthread_mutex_unlock(&S.stream_mu);
+    snprintf(out, outlen, "ok");
+}
+
+struct reader_arg { int fd; uint64_t gen; };
+
+/* B's answers to READ records on one stream connection; it owns (closes) the socket */
+static void *reply_reader(void *arg) {
+    struct reader_arg a = *(struct reader_arg *)arg;
+    free(arg);
+    const char *why = "the replica closed the stream";
+    for (;;) {
+        struct rec r;
+        if (read_full(a.fd, &r, sizeof r)) break;
+        uint64_t id = le64toh(r.epoch), err = le64toh(r.offset), len = le64toh(r.len);
+        if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_READ_REPLY) { why = "a bad record from the replica"; break; }
+        pthread_mutex_lock(&S.rmu);
+        struct rreq *q = S.rq;
+        while (q && q->id != id) q = q->next;
+        pthread_mutex_unlock(&S.rmu);
+        if (!q || (err == 0 && len != q->len) || (err && len)) { why = "a read reply that matches no request"; break; }
+        /* q stays linked until done or this connection is dead: its buffer is ours to fill */
+        if (!err && read_full(a.fd, q->buf, len)) break;
+        pthread_mutex_lock(&S.rmu);
+        q->done = 1;
+        q->err = err ? -EIO : 0;
+        pthread_cond_broadcast(&S.rcv);
+        pthread_mutex_unlock(&S.rmu);
+    }
+    shutdown(a.fd, SHUT_RDWR);
+    pthread_mutex_lock(&S.rmu);
+    if (a.gen > S.dead_gen) S.dead_gen = a.gen;
+    pthread_cond_broadcast(&S.rcv);
+    pthread_mutex_unlock(&S.rmu);
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.peer == a.fd && S.conn_gen == a.gen) peer_lost(why);
+    pthread_cond_broadcast(&S.io_cv);
+    pthread_mutex_unlock(&S.stream_mu);
+    close(a.fd);
+    return NULL;
+}
+
+static void start_reply_reader(int fd, uint64_t gen) {
+    struct reader_arg *a = malloc(sizeof *a);
+    a->fd = fd, a->gen = gen;
+    pthread_t t;
+    pthread_create(&t, NULL, reply_reader, a);
+    pthread_detach(t);
+}
+
+/* until there is a stream to B again (never, today): the guest's request waits (stream_mu held) */
+static void wait_for_peer(void) {
+    while (S.peer < 0) pthread_cond_wait(&S.io_cv, &S.stream_mu);
+}
+
+/* read B's view: n requests at once (each with its len and buf; off[i] where); while no
+   stream, they wait (suspended); 0 or the first error */
+static int remote_read_many(struct rreq *q, const uint64_t *off, int n) {
+    for (;;) {
+        pthread_mutex_lock(&S.stream_mu);
+        wait_for_peer();
+        uint64_t gen = S.conn_gen;
+        pthread_mutex_lock(&S.rmu);
+        for (int i = 0; i < n; i++) {
+            q[i].id = ++S.next_id, q[i].gen = gen, q[i].done = 0, q[i].err = 0;
+            q[i].next = S.rq, S.rq = &q[i];
+        }
+        pthread_mutex_unlock(&S.rmu);
+        for (int i = 0; i < n && S.peer >= 0; i++) stream_send(R_READ, q[i].id, off[i], q[i].len, NULL);
+        S.remote_reads += (uint64_t)n;
+        pthread_mutex_unlock(&S.stream_mu);
+        pthread_mutex_lock(&S.rmu);
+        int left = n;
+        while (left && S.dead_gen < gen) {
+            left = 0;
+            for (int i = 0; i < n; i++) left += !q[i].done;
+            if (left && S.dead_gen < gen) pthread_cond_wait(&S.rcv, &S.rmu);
+        }
+        for (int i = 0; i < n; i++) { /* unlink */
+            struct rreq **pp = &S.rq;
+            while (*pp != &q[i]) pp = &(*pp)->next;
+            *pp = q[i].next;
+        }
+        pthread_mutex_unlock(&S.rmu);
+        if (!left) {
+            for (int i = 0; i < n; i++) if (q[i].err) return q[i].err;
+            return 0;
+        }
+        /* the stream died under the requests: wait for one (suspended), then ask again */
+    }
+}
+
+static int remote_read(uint64_t off, uint32_t len, char *buf) {
+    struct rreq q = {.len = len, .buf = buf};
+    return remote_read_many(&q, &off, 1);
+}
+
+static void *probe_thread(void *arg);
+
+/* the local image failed (e: -errno): go remote if B can serve; 1 if the disk now runs
+   remote (or suspended), 0 if it cannot and the error is the guest's (stream_mu held) */
+static int failover(int e, const char *what) {
+    if (S.storage != LOCAL) return 1;
+    if (!S.synced || S.peer < 0) {
+        logmsg("the local image failed (%s: %s) and no replica has the whole disk: the error goes to the guest",
+               what, strerror(-e));
+        return 0;
+    }
+    set_storage(REMOTE);
+    S.failovers++;
+    S.failed_at_ms = now_ms();
+    bm_or(S.dirty_local, S.unflushed); /* not known to be on the local image */
+    bm_or(S.dirty_local, S.flushing);
+    memset(S.unflushed, 0, S.bm_words * 8);
+    snprintf(S.storage_err, sizeof S.storage_err, "%s: %s", what, strerror(-e));
+    logmsg("the local image failed (%s): the disk runs on the replica's storage at %s", S.storage_err, S.peer_host);
+    if (!S.probing) {
+        S.probing = 1;
+        pthread_t t;
+        pthread_create(&t, NULL, probe_thread, NULL);
+        pthread_detach(t);
+    }
+    return 1;
+}
+
+/* FLUSH (and FUA) on the local image; 0, or -errno for the guest */
+static int flush_local(void) {
+    pthread_mutex_lock(&S.flush_mu);
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.storage != LOCAL) {
+        wait_for_peer(); /* durable on B when the epoch commits, before any output is released */
+        pthread_mutex_unlock(&S.stream_mu);
+        pthread_mutex_unlock(&S.flush_mu);
+        return 0;
+    }
+    uint64_t *t = S.flushing; /* the blocks written so far are what this fdatasync makes durable */
+    S.flushing = S.unflushed, S.unflushed = t;
+    pthread_mutex_unlock(&S.stream_mu);
+    int e = fdatasync(S.img) ? -errno : 0;
+    pthread_mutex_lock(&S.stream_mu);
+    if (e && failover(e, "flush")) {
+        e = 0;
+        wait_for_peer();
+    }
+    if (e) bm_or(S.unflushed, S.flushing);
+    memset(S.flushing, 0, S.bm_words * 8);
+    pthread_mutex_unlock(&S.stream_mu);
+    pthread_mutex_unlock(&S.flush_mu);
+    return e;
+}
+
+#define BACK_BATCH 64 /* reads of B's view in flight while copying back (each <= 64 KiB) */
+#define BACK_RUN (64u << 10)
+
+/* copy the dirty blocks in bm from B to the local image; 0 or -errno (buf: BACK_BATCH runs) */
+static int copy_back(const uint64_t *bm, char *buf) {
+    uint64_t nb = (S.size + BS - 1) / BS, offs[BACK_BATCH];
+    struct rreq q[BACK_BATCH];
+    for (uint64_t b = 0; b < nb;) {
+        int n = 0;
+        uint64_t blocks = 0;
+        while (b < nb && n < BACK_BATCH) {
+            if (!(bm[b >> 6] >> (b & 63) & 1)) { b++; continue; }
+            uint64_t e = b;
+            while (e < nb && e - b < BACK_RUN / BS && (bm[e >> 6] >> (e & 63) & 1)) e++;
+            offs[n] = b * BS;
+            q[n] = (struct rreq){.len = (uint32_t)(e * BS > S.size ? S.size - b * BS : (e - b) * BS),
+                                 .buf = buf + (size_t)n * BACK_RUN};
+            blocks += e - b, n++, b = e;
+        }
+        if (!n) break;
+        int r = remote_read_many(q, offs, n);
+        for (int i = 0; i < n && !r; i++) r = pwrite_full(S.img, q[i].buf, q[i].len, offs[i]);
+        if (r) return r;
+        S.resynced_local += blocks;
+    }
+    return fdatasync(S.img) ? -errno : 0;
+}
+
+/* while the disk runs remote: probe the local image; when it works, resync and switch back */
+static void *probe_thread(void *arg) {
+    (void)arg;
+    char *blk = malloc(BS), *buf = malloc((size_t)BACK_BATCH * BACK_RUN);
+    uint64_t *snap = calloc(S.bm_words, 8);
+    for (;;) {
+        usleep((useconds_t)S.probe_ms * 1000);
+        pthread_mutex_lock(&S.stream_mu);
+        if (S.storage != REMOTE) { /* local again, or suspended: B had the writes, nothing to copy from */
+            S.probing = 0;
+            pthread_mutex_unlock(&S.stream_mu);
+            break;
+        }
+        pthread_mutex_unlock(&S.stream_mu);
+        if (pread_full(S.img, blk, BS, 0) || pwrite_full(S.img, blk, BS, 0) || fdatasync(S.img)) continue;
+        logmsg("the local image answers again: copying back the blocks written meanwhile");
+        int done = 0;
+        for (int round = 0; !done; round++) {
+            pthread_mutex_lock(&S.stream_mu);
+            if (S.storage != REMOTE) { pthread_mutex_unlock(&S.stream_mu); break; }
+            uint64_t left = bm_count(S.dirty_local);
+            if (left <= 256 || round >= 8) {
+                /* the last pass holds the guest's writes (not stream_mu: barriers, so B's
+                   commits, go on while B answers these reads) */
+                double t0 = now_ms();
+                S.draining = 1;
+                memcpy(snap, S.dirty_local, S.bm_words * 8);
+                pthread_mutex_unlock(&S.stream_mu);
+                int e = copy_back(snap, buf);
+                pthread_mutex_lock(&S.stream_mu);
+                S.draining = 0;
+                pthread_cond_broadcast(&S.io_cv);
+                if (e) logmsg("copying the blocks back failed (%s): the disk stays on the replica", strerror(-e));
+                if (!e && S.storage == REMOTE) {
+                    memset(S.dirty_local, 0, S.bm_words * 8);
+                    set_storage(LOCAL);
+                    S.switchbacks++;
+                    S.storage_err[0] = 0;
+                    logmsg("the disk runs on the local image again (%" PRIu64 " blocks copied back; last pass %.1f ms)",
+                           S.resynced_local, now_ms() - t0);
+                    done = 1;
+                }
+                pthread_mutex_unlock(&S.stream_mu);
+                break;
+            }
+            memcpy(snap, S.dirty_local, S.bm_words * 8);
+            memset(S.dirty_local, 0, S.bm_words * 8);
+            pthread_mutex_unlock(&S.stream_mu);
+            int e = copy_back(snap, buf); /* writes meanwhile mark their blocks again */
+            if (e) {
+                logmsg("copying the blocks back failed (%s): the disk stays on the replica", strerror(-e));
+                pthread_mutex_lock(&S.stream_mu);
+                bm_or(S.dirty_local, snap);
+                pthread_mutex_unlock(&S.stream_mu);
+                break;
+            }
+        }
+    }
+    free(blk), free(buf), free(snap);
+    return NULL;
+}
+
+/* tests only: a copy of the image into `path` (copy_file_range, or reads and writes
+   where the file system has none, as FUSE) */
+static void copy_image(const char *path) {
     int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (out < 0) return;
     off_t off = 0;
@@ -239,7 +599,22 @@ static void snapshot(uint64_t epoch) { /* tests only: the image as of this barri
         ssize_t n = copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0);
         if (n <= 0) break;
     }
+    if ((uint64_t)off < S.size) {
+        char *buf = malloc(SYNC_CHUNK);
+        while (buf && (uint64_t)off < S.size) {
+            uint64_t n = S.size - (uint64_t)off < SYNC_CHUNK ? S.size - (uint64_t)off : SYNC_CHUNK;
+            if (pread_full(S.img, buf, n, (uint64_t)off) || pwrite_full(out, buf, n, (uint64_t)off)) break;
+            off += (off_t)n;
+        }
+        free(buf);
+    }
     close(out);
+}
+
+static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch);
+    copy_image(path);
     if (epoch > (uint64_t)S.snap_keep) {
         snprintf(path, sizeof path, "%s/%" PRIu64 ".img", S.snap_dir, epoch - (uint64_t)S.snap_keep);
         unlink(path);
@@ -253,26 +628,43 @@ static int is_zero(const char *p, size_t n) {
     return 1;
 }
 
+struct sync_arg { uint64_t gen; int resync; };
+
+/* the live copy to B: the whole image, or (a resync) the blocks in resync_set; then
+   SYNC_DONE.  Every chunk is read under stream_mu, so the guest's writes stream after it. */
 static void *sync_thread(void *arg) {
-    uint64_t first = (uint64_t)(uintptr_t)arg;
+    struct sync_arg a = *(struct sync_arg *)arg;
+    free(arg);
     char *buf = malloc(SYNC_CHUNK);
-    for (uint64_t off = 0; off < S.size && buf; off += SYNC_CHUNK) {
-        uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK;
+    uint64_t nb = (S.size + BS - 1) / BS;
+    for (uint64_t b = 0; b < nb && buf;) {
+        uint64_t e = b;
+        if (a.resync) {
+            if (!(S.resync_set[b >> 6] >> (b & 63) & 1)) { b++; continue; }
+            while (e < nb && e - b < SYNC_CHUNK / BS && (S.resync_set[e >> 6] >> (e & 63) & 1)) e++;
+        } else {
+            e = b + SYNC_CHUNK / BS < nb ? b + SYNC_CHUNK / BS : nb;
+        }
+        uint64_t off = b * BS, n = e * BS > S.size ? S.size - off : (e - b) * BS;
         pthread_mutex_lock(&S.stream_mu);
-        if (S.peer < 0) { pthread_mutex_unlock(&S.stream_mu); free(buf); return NULL; }
-        int e = pread_full(S.img, buf, n, off);
-        if (e) peer_lost("reading the local image for the initial sync failed");
+        if (S.peer < 0 || S.conn_gen != a.gen) { pthread_mutex_unlock(&S.stream_mu); free(buf); return NULL; }
+        int err = pread_full(S.img, buf, n, off);
+        if (err) peer_lost("reading the local image for the disk copy failed");
         else if (is_zero(buf, n)) stream_send(R_ZERO, 0, off, n, NULL);
         else stream_send(R_SYNC, 0, off, n, buf);
-        S.sync_done_bytes = off + n;
+        if (a.resync) S.resync_blocks += e - b, S.sync_done_bytes += n;
+        else S.sync_done_bytes = off + n;
         pthread_mutex_unlock(&S.stream_mu);
+        b = e;
     }
     free(buf);
     pthread_mutex_lock(&S.stream_mu);
-    (void)first;
-    if (S.peer >= 0) {
+    if (S.peer >= 0 && S.conn_gen == a.gen) {
         stream_send(R_SYNC_DONE, S.cur_epoch, 0, 0, NULL);
         S.synced = S.peer >= 0;
+        S.copy_epoch = S.cur_epoch; /* B's replica is this disk once it commits that epoch */
+        S.copy_pending = S.synced;
+        if (a.resync) logmsg("resync sent: %" PRIu64 " blocks of %" PRIu64, S.resync_blocks, nb);
     }
     pthread_mutex_unlock(&S.stream_mu);
     return NULL;
@@ -300,28 +692,63 @@ static int connect_tcp(const char *host, const char *port, char *err, size_t err
     return fd;
 }
 
-/* `replicate HOST PORT FIRST_EPOCH`: start the stream and the live initial sync */
-static void cmd_replicate(const char *host, const char *port, uint64_t first, char *out, size_t outlen) {
+/* `replicate HOST PORT FIRST_EPOCH [resync]`: start the stream and the live copy: the
+   whole disk, or with `resync` only the blocks B's replica lacks (B must answer that
+   its replica is this disk server's as of a commit: same pair, generation and sid) */
+static void cmd_replicate(const char *host, const char *port, uint64_t first, int resync, char *out, size_t outlen) {
     if (S.role != PRIMARY) { snprintf(out, outlen, "err not a primary"); return; }
+    pthread_mutex_lock(&S.stream_mu);
+    const char *no = S.storage != LOCAL ? "the disk runs on the replica's storage (the local image failed)"
+                   : resync && !S.known ? "no replica of this disk server has committed a copy: a full copy is needed"
+                                        : NULL;
+    pthread_mutex_unlock(&S.stream_mu);
+    if (no) { snprintf(out, outlen, "err %s", no); return; }
     char err[300];
     int fd = connect_tcp(host, port, err, sizeof err);
     if (fd < 0) { snprintf(out, outlen, "err %s", err); return; }
+    char hello[256];
+    int n = snprintf(hello, sizeof hello, "%s %" PRIu64 " %016" PRIx64 " %s", S.pair, S.generation, S.sid,
+                     resync ? "resync" : "copy");
+    struct rec h = {htole32(REC_MAGIC), htole32(R_HELLO), 0, htole64(S.size), htole64((uint64_t)n)}, a;
+    struct timeval tv = {10, 0}, none = {0, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (write_full(fd, &h, sizeof h) || write_full(fd, hello, (size_t)n) || read_full(fd, &a, sizeof a) ||
+        le32toh(a.magic) != REC_MAGIC || le32toh(a.type) != R_HELLO) {
+        close(fd);
+        snprintf(out, outlen, "err the replica at %s:%s did not take the stream (its log says why)", host, port);
+        return;
+    }
+    if (le64toh(a.offset) != 0) {
+        close(fd);
+        snprintf(out, outlen, "err the replica at %s:%s does not hold this disk: a full copy is needed", host, port);
+        return;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
     pthread_mutex_lock(&S.stream_mu);
-    if (S.peer >= 0) close(S.peer);
+    if (S.peer >= 0) peer_lost("replaced by a new stream");
     S.peer = fd;
+    snprintf(S.peer_host, sizeof S.peer_host, "%s", host);
+    S.conn_gen++;
+    start_reply_reader(fd, S.conn_gen);
     S.synced = 0;
     S.lost[0] = 0;
     S.cur_epoch = first;
     S.sync_done_bytes = 0;
-    S.sync_total = S.size;
-    char hello[256];
-    int n = snprintf(hello, sizeof hello, "%s %" PRIu64, S.pair, S.generation);
-    stream_send(R_HELLO, 0, S.size, (uint64_t)n, hello);
-    int ok = S.peer >= 0;
+    S.resync_blocks = 0;
+    S.copy_resync = resync;
+    if (resync) { /* what B lacks: written while no stream, or in epochs it never committed */
+        memcpy(S.resync_set, S.dirty_peer, S.bm_words * 8);
+        S.sync_total = bm_count(S.resync_set) * BS;
+    } else {
+        S.known = 0;
+        S.sync_total = S.size;
+    }
+    memset(S.dirty_peer, 0, S.bm_words * 8);
+    struct sync_arg *sa = malloc(sizeof *sa);
+    sa->gen = S.conn_gen, sa->resync = resync;
     pthread_mutex_unlock(&S.stream_mu);
-    if (!ok) { snprintf(out, outlen, "err the replica at %s:%s closed the stream", host, port); return; }
     pthread_t t;
-    pthread_create(&t, NULL, sync_thread, (void *)(uintptr_t)first);
+    pthread_create(&t, NULL, sync_thread, sa);
     pthread_detach(t);
     snprintf(out, outlen, "ok");
 }
@@ -335,8 +762,11 @@ static void cmd_barrier(uint64_t n, char *out, size_t outlen) {
         if (had) stream_send(R_BARRIER, n, 0, 0, NULL);
         S.cur_epoch = n + 1;
         S.barriers++;
-        if (S.snap_dir) snapshot(n);
-        if (!had) snprintf(out, outlen, "err no replica: %s", S.lost[0] ? S.lost : S.peer >= 0 ? "initial sync running" : "not replicating");
+        if (S.snap_dir && S.storage == LOCAL) snapshot(n); /* (remote: the local image is not the disk) */
+        if (S.storage == SUSPENDED)
+            snprintf(out, outlen, "err no storage: the local image failed (%s) and the stream to the replica, "
+                     "whose storage the disk ran on, ended (%s): the guest's I/O is suspended", S.storage_err, S.lost);
+        else if (!had) snprintf(out, outlen, "err no replica: %s", S.lost[0] ? S.lost : S.peer >= 0 ? "initial sync running" : "not replicating");
         else if (S.peer < 0) snprintf(out, outlen, "err %s", S.lost);
         else snprintf(out, outlen, "ok");
     }
@@ -390,6 +820,76 @@ static void drop_uncommitted(void) {
     pthread_cond_broadcast(&S.cv);
 }
 
+/* the replica's identity file: "PAIR GENERATION SID", written (durably) at the first commit
+   after a copy or a resync, removed before a full copy and at promotion; a resync is
+   taken only when it names the primary asking */
+static void sync_dir_of(const char *path) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0; else strcpy(dir, ".");
+    int d = open(dir[0] ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d >= 0) { fsync(d); close(d); }
+}
+
+static int meta_clear(void) {
+    if (unlink(S.meta_path) && errno != ENOENT) return -1;
+    sync_dir_of(S.meta_path);
+    return 0;
+}
+
+static int meta_matches(uint64_t gen, uint64_t sid) {
+    char want[512], got[512] = "";
+    snprintf(want, sizeof want, "%s %" PRIu64 " %016" PRIx64 "\n", S.pair, gen, sid);
+    int fd = open(S.meta_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, got, sizeof got - 1);
+    close(fd);
+    return n > 0 && (got[n] = 0, !strcmp(got, want));
+}
+
+static void meta_write(void) {
+    char tmp[4200], line[512];
+    snprintf(tmp, sizeof tmp, "%s.tmp", S.meta_path);
+    int n = snprintf(line, sizeof line, "%s %" PRIu64 " %016" PRIx64 "\n", S.pair, S.generation, S.hello_sid);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || write_full(fd, line, (size_t)n) || fdatasync(fd) || rename(tmp, S.meta_path)) {
+        logmsg("cannot write the replica's identity file %s: %s (a return of the primary needs a full copy)",
+               S.meta_path, strerror(errno));
+        if (fd >= 0) close(fd);
+        return;
+    }
+    close(fd);
+    sync_dir_of(S.meta_path);
+    S.meta_written = 1;
+}
+
+/* the primary's view of the disk: the replica, then every journaled record in stream order
+   (receiver thread: nothing is added to the journal meanwhile; a commit removes a record
+   from the index only once it is on the replica) */
+static int read_view(uint64_t off, uint64_t len, char *buf) {
+    pthread_mutex_lock(&S.mu);
+    size_t n = 0, cap = 16;
+    struct entry *ov = malloc(cap * sizeof *ov);
+    for (size_t i = S.first; i < S.nents; i++) {
+        struct entry *e = &S.ents[i];
+        if (e->offset >= off + len || e->offset + e->len <= off) continue;
+        if (n == cap) ov = realloc(ov, (cap *= 2) * sizeof *ov);
+        ov[n++] = *e;
+    }
+    pthread_mutex_unlock(&S.mu);
+    int err = pread_full(S.img, buf, len, off);
+    for (size_t i = 0; i < n && !err; i++) {
+        uint64_t a = ov[i].offset > off ? ov[i].offset : off;
+        uint64_t b = ov[i].offset + ov[i].len < off + len ? ov[i].offset + ov[i].len : off + len;
+        if (ov[i].type == R_WRITE) err = pread_full(S.jfd, buf + (a - off), b - a, (ov[i].pos + (a - ov[i].offset)) % S.jsize);
+        else memset(buf + (a - off), 0, b - a);
+    }
+    free(ov);
+    S.remote_reads++;
+    return err;
+}
+
 static const char *receive(int fd) {
     struct rec r;
     char hello[256];
@@ -403,16 +903,34 @@ static const char *receive(int fd) {
     snprintf(want, sizeof want, "%s ", S.pair);
     if (strncmp(hello, want, strlen(want))) return "HELLO from another pair";
     if (le64toh(r.offset) != S.size) return "the primary's disk size differs from this replica's";
-    uint64_t gen = strtoull(hello + strlen(want), NULL, 10);
+    uint64_t gen = 0, sid = 0;
+    char mode[16] = "";
+    if (sscanf(hello + strlen(want), "%" SCNu64 " %" SCNx64 " %15s", &gen, &sid, mode) != 3 ||
+        (strcmp(mode, "copy") && strcmp(mode, "resync")))
+        return "a HELLO this replica does not understand";
+    int resync = !strcmp(mode, "resync");
+    const char *refused = NULL;
     pthread_mutex_lock(&S.mu);
-    if (gen < S.generation) { pthread_mutex_unlock(&S.mu); return "HELLO from an older generation"; }
+    if (gen < S.generation) refused = "HELLO from an older generation";
+    else if (resync && !meta_matches(gen, sid))
+        refused = "a resync, but this replica does not hold that primary's disk (it needs a full copy)";
+    pthread_mutex_unlock(&S.mu);
+    if (!refused && !resync && meta_clear())
+        refused = "cannot remove the replica's identity file before a full copy";
+    struct rec ans = {htole32(REC_MAGIC), htole32(R_HELLO), 0, htole64(refused ? 1 : 0), 0};
+    if (write_full(fd, &ans, sizeof ans)) return "the primary closed the stream";
+    if (refused) return refused;
+    pthread_mutex_lock(&S.mu);
     S.generation = gen;
+    S.hello_sid = sid;
+    S.meta_written = 0;
     drop_uncommitted();
     S.consistent = 0; /* the replica is being overwritten, until a commit after the copy */
     S.copied = 0;
     int syncing = 1;
     pthread_mutex_unlock(&S.mu);
-    logmsg("stream from the primary (generation %" PRIu64 "): initial sync", gen);
+    logmsg("stream from the primary (generation %" PRIu64 "): %s", gen,
+           resync ? "resync of the blocks written since" : "initial sync");
     char *buf = malloc(MAX_REQ);
     const char *why = NULL;
     while (!why) {
@@ -420,14 +938,15 @@ static const char *receive(int fd) {
         uint32_t type = le32toh(r.type);
         uint64_t ep = le64toh(r.epoch), off = le64toh(r.offset), len = le64toh(r.len);
         int has_data = type == R_WRITE || type == R_SYNC;
-        if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_SYNC_DONE) { why = "a record of unknown type"; break; }
-        if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC) &&
-            (len == 0 || (has_data && len > MAX_REQ) || off > S.size || len > S.size - off)) {
+        if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_READ) { why = "a record of unknown type"; break; }
+        if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC || type == R_READ) &&
+            (len == 0 || ((has_data || type == R_READ) && len > MAX_REQ) || off > S.size || len > S.size - off)) {
             why = "a record out of the disk's bounds"; /* (TRIM and ZERO carry no data: any size) */
             break;
         }
         if (syncing) {
             if (type == R_BARRIER) { why = "a BARRIER during the initial sync"; break; }
+            if (type == R_READ) { why = "a READ during the initial sync"; break; }
             if (type == R_SYNC_DONE) {
                 if (ep == 0) { why = "SYNC_DONE for epoch 0"; break; }
                 if (fdatasync(S.img)) logmsg("fdatasync of the replica: %s", strerror(errno));
@@ -446,6 +965,13 @@ static const char *receive(int fd) {
             continue;
         }
         if (type == R_SYNC || type == R_SYNC_DONE) { why = "a sync record after the sync"; break; }
+        if (type == R_READ) { /* the primary runs on this replica's storage: every record before is in */
+            int e = read_view(off, len, buf);
+            struct rec a = {htole32(REC_MAGIC), htole32(R_READ_REPLY), htole64(ep), htole64(e ? (uint64_t)-e : 0),
+                            htole64(e ? 0 : len)};
+            if (write_full(fd, &a, sizeof a) || (!e && write_full(fd, buf, len))) { why = "answering a read failed"; break; }
+            continue;
+        }
         if (has_data && len > S.jsize) { why = "a record larger than the journal"; break; }
         pthread_mutex_lock(&S.mu);
         if (ep != S.open_epoch) {
@@ -487,6 +1013,8 @@ static void *stream_thread(void *arg) {
             close(S.listen_fd); /* promoted: no more streams to take */
             return NULL;
         }
+        int one = 1; /* read answers are a header then data: no Nagle wait between them */
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         pthread_mutex_lock(&S.mu);
         if (S.role != REPLICA) { pthread_mutex_unlock(&S.mu); close(fd); continue; }
         S.stream_fd = fd;
@@ -568,6 +1096,7 @@ static void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
     }
     S.committed = n;
     S.consistent = 1; /* every epoch <= n is applied, and n is after the copy */
+    if (!S.meta_written && S.streaming && S.copied && n >= S.sync_epoch) meta_write();
     S.commits++;
     pthread_cond_broadcast(&S.cv);
     pthread_mutex_unlock(&S.mu);
@@ -583,6 +1112,8 @@ static void cmd_promote(char *out, size_t outlen) {
         return;
     }
     uint64_t dropped = S.nents - S.first;
+    meta_clear(); /* this disk goes its own way now: no primary's resync fits it any more */
+    S.meta_written = 1;
     S.role = PRIMARY;
     drop_uncommitted();
     if (S.stream_fd >= 0) shutdown(S.stream_fd, SHUT_RDWR);
@@ -595,11 +1126,7 @@ static void cmd_promote(char *out, size_t outlen) {
     if (S.snap_dir) { /* tests: the replica as promoted, before the guest writes it */
         char path[4096];
         snprintf(path, sizeof path, "%s/promoted-%" PRIu64 ".img", S.snap_dir, c);
-        int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        off_t off = 0;
-        while (out >= 0 && (uint64_t)off < S.size &&
-               copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0) > 0) {}
-        if (out >= 0) close(out);
+        copy_image(path);
     }
     logmsg("promoted at epoch %" PRIu64 ": %" PRIu64 " uncommitted records dropped", c, dropped);
     snprintf(out, outlen, "ok %" PRIu64 " %" PRIu64, c, dropped);
@@ -653,15 +1180,24 @@ static uint32_t nbd_errno(int e) {
 /* one change of the image: local, then the stream, under one lock (stream order = image order) */
 static int change(uint32_t type, uint64_t off, uint32_t len, const char *data, int fua) {
     pthread_mutex_lock(&S.stream_mu);
+    while (S.draining) pthread_cond_wait(&S.io_cv, &S.stream_mu);
     if (S.role != PRIMARY) { pthread_mutex_unlock(&S.stream_mu); return EPERM; }
-    int e = type == R_WRITE ? pwrite_full(S.img, data, len, off)
-                            : zero_range(S.img, off, len, type == R_TRIM);
+    int e = 0;
+    if (S.storage == LOCAL) {
+        e = type == R_WRITE ? pwrite_full(S.img, data, len, off) : zero_range(S.img, off, len, type == R_TRIM);
+        if (e && failover(e, type == R_WRITE ? "write" : "zero")) e = 0;
+    }
     if (!e) {
+        if (S.storage != LOCAL) wait_for_peer(); /* B alone holds the disk: on to B, or wait */
+        bm_set(S.storage == LOCAL ? S.unflushed : S.dirty_local, off, len);
         stream_send(type, S.cur_epoch, off, len, type == R_WRITE ? data : NULL);
+        if (S.peer >= 0) wlog_add(S.cur_epoch, off, len);
+        else bm_set(S.dirty_peer, off, len); /* no stream: a returning replica needs it */
+        if (S.storage != LOCAL) wait_for_peer(); /* not known to be on B: never answered */
         S.writes++, S.write_bytes += len;
     }
     pthread_mutex_unlock(&S.stream_mu);
-    if (!e && fua && fdatasync(S.img)) e = -errno;
+    if (!e && fua) e = flush_local();
     return e ? (int)nbd_errno(-e) : 0;
 }
 
@@ -684,7 +1220,22 @@ static void *worker(void *arg) {
         } else switch (j->type) {
         case NBD_CMD_READ: {
             if (rcap < j->len) { free(rbuf); rcap = j->len; rbuf = malloc(rcap); }
-            int e = pread_full(S.img, rbuf, j->len, j->offset);
+            int e = -EAGAIN;
+            while (e == -EAGAIN) {
+                uint64_t seq = __atomic_load_n(&S.storage_seq, __ATOMIC_ACQUIRE);
+                if (__atomic_load_n(&S.storage, __ATOMIC_ACQUIRE) != LOCAL) {
+                    e = remote_read(j->offset, j->len, rbuf);
+                    break;
+                }
+                e = pread_full(S.img, rbuf, j->len, j->offset);
+                if (e) {
+                    pthread_mutex_lock(&S.stream_mu);
+                    if (S.role == PRIMARY && failover(e, "read")) e = -EAGAIN;
+                    pthread_mutex_unlock(&S.stream_mu);
+                } else if (__atomic_load_n(&S.storage_seq, __ATOMIC_ACQUIRE) != seq) {
+                    e = -EAGAIN; /* the path switched under the read: read again */
+                }
+            }
             err = e ? nbd_errno(-e) : 0;
             reply(j->c, j->handle, err, err ? NULL : rbuf, j->len);
             break;
@@ -701,7 +1252,8 @@ static void *worker(void *arg) {
         case NBD_CMD_FLUSH:
             /* on B, every commit ends with fdatasync: a flushed write is durable there
                when its epoch commits, before the guest's acknowledgement is released */
-            err = fdatasync(S.img) ? nbd_errno(errno) : 0;
+            err = S.role == PRIMARY ? (uint32_t)-flush_local() : fdatasync(S.img) ? (uint32_t)errno : 0;
+            err = err ? nbd_errno((int)err) : 0;
             reply(j->c, j->handle, err, NULL, 0);
             break;
         default:
@@ -819,12 +1371,18 @@ static void cmd_status(char *out, size_t outlen) {
              ",\"write_bytes\":%" PRIu64 ",\"barriers\":%" PRIu64 ",\"committed\":%" PRIu64
              ",\"closed\":%" PRIu64 ",\"consistent\":%s,\"copied\":%s,\"streaming\":%s,\"journal_used\":%" PRIu64
              ",\"journal_size\":%" PRIu64 ",\"pending_records\":%zu,\"applied_records\":%" PRIu64
-             ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 "}",
+             ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 ",\"storage\":\"%s\",\"storage_error\":\"%s\""
+             ",\"storage_peer\":\"%s\",\"failovers\":%" PRIu64 ",\"switchbacks\":%" PRIu64 ",\"dirty_local\":%" PRIu64
+             ",\"resynced_local\":%" PRIu64 ",\"remote_reads\":%" PRIu64 ",\"known\":%s,\"dirty_peer\":%" PRIu64
+             ",\"resync_blocks\":%" PRIu64 ",\"copy_pending\":%s}",
              S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
              S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
              S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
              S.streaming ? "true" : "false", jused(), S.jsize, S.nents - S.first, S.applied_records,
-             S.dropped_records, S.commits);
+             S.dropped_records, S.commits, S.storage == LOCAL ? "local" : S.storage == REMOTE ? "remote" : "suspended",
+             S.storage_err, S.peer_host, S.failovers, S.switchbacks, bm_count(S.dirty_local), S.resynced_local,
+             S.remote_reads, S.known ? "true" : "false", bm_count(S.dirty_peer), S.resync_blocks,
+             S.copy_pending ? "true" : "false");
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_unlock(&S.stream_mu);
 }
@@ -832,14 +1390,16 @@ static void cmd_status(char *out, size_t outlen) {
 static void *ctl_conn(void *arg) {
     int fd = (int)(intptr_t)arg;
     FILE *in = fdopen(fd, "r");
-    char line[1024], out[2048];
+    char line[1024], out[4096];
     while (in && fgets(line, sizeof line, in)) {
-        char a[300] = "", b[300] = "";
+        char a[300] = "", b[300] = "", mode[16] = "";
         uint64_t n = 0;
         int timeout = 0;
         if (sscanf(line, "barrier %" SCNu64, &n) == 1) cmd_barrier(n, out, sizeof out);
         else if (sscanf(line, "commit %" SCNu64 " %d", &n, &timeout) == 2) cmd_commit(n, timeout, out, sizeof out);
-        else if (sscanf(line, "replicate %299s %299s %" SCNu64, a, b, &n) == 3) cmd_replicate(a, b, n, out, sizeof out);
+        else if (sscanf(line, "replicate %299s %299s %" SCNu64 " %15s", a, b, &n, mode) >= 3)
+            cmd_replicate(a, b, n, !strcmp(mode, "resync"), out, sizeof out);
+        else if (sscanf(line, "committed %" SCNu64, &n) == 1) cmd_committed(n, out, sizeof out);
         else if (strncmp(line, "promote", 7) == 0) cmd_promote(out, sizeof out);
         else if (strncmp(line, "status", 6) == 0) cmd_status(out, sizeof out);
         else snprintf(out, sizeof out, "err unknown command");
@@ -865,7 +1425,7 @@ static void *ctl_accept(void *arg) {
 static int usage(void) {
     fprintf(stderr,
             "usage: diskserver --image PATH --size BYTES --nbd SOCK --control SOCK --pair NAME\n"
-            "         [--generation N] [--workers N] [--stall-ms MS]\n"
+            "         [--generation N] [--workers N] [--stall-ms MS] [--probe-ms MS] [--meta PATH]\n"
             "         [--replica HOST:PORT --journal PATH --journal-bytes N]\n"
             "         [--test-snapshots DIR --test-keep N]\n");
     return 2;
@@ -874,7 +1434,7 @@ static int usage(void) {
 int mirror_diskserver_main(int argc, char **argv) {
     const char *image = NULL, *listen_at = NULL, *journal = NULL;
     memset(&S, 0, sizeof S);
-    S.workers = 4, S.stall_ms = 5000, S.generation = 1, S.snap_keep = 8;
+    S.workers = 4, S.stall_ms = 5000, S.generation = 1, S.snap_keep = 8, S.probe_ms = 1000;
     S.jsize = 256u << 20;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
@@ -886,6 +1446,8 @@ int mirror_diskserver_main(int argc, char **argv) {
         else if (!strcmp(k, "--generation")) S.generation = strtoull(v, NULL, 10);
         else if (!strcmp(k, "--workers")) S.workers = atoi(v);
         else if (!strcmp(k, "--stall-ms")) S.stall_ms = atoi(v);
+        else if (!strcmp(k, "--probe-ms")) S.probe_ms = atoi(v);
+        else if (!strcmp(k, "--meta")) S.meta_path = v;
         else if (!strcmp(k, "--replica")) listen_at = v;
         else if (!strcmp(k, "--journal")) journal = v;
         else if (!strcmp(k, "--journal-bytes")) S.jsize = strtoull(v, NULL, 10);
@@ -894,15 +1456,29 @@ int mirror_diskserver_main(int argc, char **argv) {
         else return usage();
     }
     if (!image || !S.size || !S.nbd_path || !S.ctl_path || !S.pair || S.workers < 1 || S.workers > 64 ||
+        S.probe_ms < 1 ||
         (listen_at && (!journal || S.jsize < 4096)))
         return usage();
     signal(SIGPIPE, SIG_IGN);
     pthread_mutex_init(&S.stream_mu, NULL);
     pthread_mutex_init(&S.mu, NULL);
     pthread_cond_init(&S.cv, NULL);
+    pthread_cond_init(&S.io_cv, NULL);
+    pthread_mutex_init(&S.flush_mu, NULL);
+    pthread_mutex_init(&S.rmu, NULL);
+    pthread_cond_init(&S.rcv, NULL);
     S.peer = -1, S.stream_fd = -1, S.listen_fd = -1, S.jfd = -1;
     S.cur_epoch = 1;
     S.role = listen_at ? REPLICA : PRIMARY;
+    S.bm_words = ((S.size + BS - 1) / BS + 63) / 64;
+    S.dirty_local = calloc(S.bm_words, 8), S.unflushed = calloc(S.bm_words, 8), S.flushing = calloc(S.bm_words, 8);
+    S.dirty_peer = calloc(S.bm_words, 8), S.resync_set = calloc(S.bm_words, 8);
+    int rfd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (rfd < 0 || read(rfd, &S.sid, sizeof S.sid) != sizeof S.sid) S.sid = (uint64_t)getpid() ^ (uint64_t)now_ms();
+    if (rfd >= 0) close(rfd);
+    static char meta_default[4200];
+    if (!S.meta_path) snprintf(meta_default, sizeof meta_default, "%s.replica-id", image), S.meta_path = meta_default;
+    if (!S.dirty_local || !S.unflushed || !S.flushing || !S.dirty_peer || !S.resync_set) { logmsg("out of memory for the disk's bitmaps"); return 1; }
     S.img = open(image, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     struct stat st;
     if (S.img < 0 || fstat(S.img, &st)) { logmsg("cannot open the image %s: %s", image, strerror(errno)); return 1; }

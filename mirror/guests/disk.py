@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,9 +58,11 @@ class DiskSpec:
     generation: int = 1
     workers: int = 4
     stall_ms: int = 5000
+    probe_ms: int = 1000  # while on the replica's storage: how often to try the local image
     listen: str = ""  # HOST:PORT: a replica, receiving the stream there
     journal: Path | None = None
     journal_bytes: int = 256 << 20
+    meta: Path | None = None  # a replica's identity file (None: IMAGE.replica-id)
     snapshots: Path | None = None  # tests: a copy of the image at each barrier
     keep: int = 8
 
@@ -83,7 +86,10 @@ class DiskServer:
             "--nbd", str(spec.nbd_path), "--control", str(spec.control_path),
             "--pair", spec.pair, "--generation", str(spec.generation),
             "--workers", str(spec.workers), "--stall-ms", str(spec.stall_ms),
+            "--probe-ms", str(spec.probe_ms),
         ]  # fmt: skip
+        if spec.meta is not None:
+            args += ["--meta", str(spec.meta)]
         if spec.listen:
             assert spec.journal is not None
             args += ["--replica", spec.listen, "--journal", str(spec.journal)]
@@ -101,6 +107,7 @@ class DiskServer:
         )
         self._ctl: socket.socket | None = None
         self._buf = b""
+        self._lock = threading.Lock()  # one command at a time on the control socket
         try:
             assert self.proc.stdout is not None
             os.set_blocking(self.proc.stdout.fileno(), False)
@@ -131,6 +138,10 @@ class DiskServer:
     def call(self, command: str, timeout: float = 30.0) -> str:
         """One control command; its answer line without the leading ``ok``.
         DiskError with the server's words if it answers ``err``."""
+        with self._lock:
+            return self._call(command, timeout)
+
+    def _call(self, command: str, timeout: float) -> str:
         if self._ctl is None:
             raise DiskError("the disk server is closed")
         self._ctl.settimeout(timeout)
@@ -151,9 +162,16 @@ class DiskServer:
 
     # -- the primary -----------------------------------------------------------------
 
-    def replicate(self, host: str, port: int, first_epoch: int) -> None:
-        """Start streaming to the secondary's server, with a live copy of the whole disk."""
-        self.call(f"replicate {host} {port} {first_epoch}")
+    def replicate(self, host: str, port: int, first_epoch: int, *, resync: bool = False) -> None:
+        """Start streaming to the secondary's server, with a live copy of the whole disk;
+        ``resync``: only the blocks its replica lacks (DiskError if this server cannot
+        tell which, or the replica does not hold this server's disk: copy it all then)."""
+        self.call(f"replicate {host} {port} {first_epoch}{' resync' if resync else ''}")
+
+    def committed(self, epoch: int) -> None:
+        """The secondary acknowledged checkpoint ``epoch``: its replica holds the disk's
+        epochs <= ``epoch`` (what a resync after a break needs to send shrinks)."""
+        self.call(f"committed {epoch}")
 
     def wait_synced(
         self, timeout: float = 600.0, progress: Callable[[int, int], None] | None = None
@@ -204,7 +222,9 @@ class DiskServer:
         except DiskError as e:
             return {"error": str(e)}
         keys = ("role", "synced", "peer", "lost", "writes", "write_bytes", "committed",
-                "consistent", "journal_used", "journal_size", "dropped_records")  # fmt: skip
+                "consistent", "journal_used", "journal_size", "dropped_records",
+                "storage", "storage_error", "failovers", "switchbacks", "dirty_local",
+                "known", "dirty_peer", "resync_blocks")  # fmt: skip
         return {k: st[k] for k in keys}
 
     def close(self) -> None:

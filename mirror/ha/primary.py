@@ -159,6 +159,7 @@ class PrimaryRun:
         self.failover = Failover(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
         self.phase = "pairing"
         self.extra: dict[str, Any] = {}
+        self._disk_storage = "local"  # where the disk server last said its I/O goes
         self.switch = threading.Event()  # `mirror switchover` asks to hand over
 
     def _link(self) -> Link:
@@ -200,6 +201,7 @@ class PrimaryRun:
             "summary": engine.stats.summary(self.outputs), "metrics": metrics.served(),
             **self.extra,
             **({"disk": self.guest.disk.summary()} if self.guest.disk else {}),
+            "peer_node": link.peer.node,
         }  # fmt: skip
 
     def protection(self) -> str:
@@ -225,6 +227,29 @@ class PrimaryRun:
             m.guest_here(None)
         else:
             m.guest_here(protection == "protected")
+        disk = st.get("disk")
+        if isinstance(disk, dict) and disk.get("storage") in ("local", "remote", "suspended"):
+            self.disk_storage_changed(disk, st.get("peer_node"))
+
+    def disk_storage_changed(self, disk: dict[str, Any], peer: str | None) -> None:
+        """The disk server switched its path (local image failed, back, or suspended):
+        an event, and the metrics."""
+        m, storage = self.engine.metrics, disk["storage"]
+        m.disk_storage.state(storage)
+        m.disk_failovers.set(disk.get("failovers", 0))
+        m.disk_dirty_local.set(disk.get("dirty_local", 0))
+        if storage == self._disk_storage:
+            return
+        self._disk_storage = storage
+        fields = {"node": self.cfg.node.name, "storage": storage, "peer": peer,
+                  "error": disk.get("storage_error"),
+                  "dirty_blocks": disk.get("dirty_local")}  # fmt: skip
+        if storage == "remote":
+            event("disk-storage-remote", logging.WARNING, **fields)
+        elif storage == "suspended":
+            event("disk-storage-suspended", logging.ERROR, **fields)
+        elif disk.get("switchbacks"):
+            event("disk-storage-local", **fields)
 
     def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
         """After the handshake: pre-copy, then checkpoints until stopped, the end, or

@@ -697,10 +697,10 @@ class CheckpointEngine:
 
     def _disk_barrier(self, disk: DiskServer, epoch: int) -> None:
         """Close the disk's epoch.  If the disk's stream to the standby has ended, the
-        standby can commit no later checkpoint (no disk for it), and this primary has no
-        way to copy the disk again while it runs (no resync yet): it stops, so that the
-        standby goes on from its last checkpoint, memory and disk, rather than the pair
-        holding every output from now on."""
+        standby can commit no later checkpoint (no disk for it), and this primary does not
+        re-pair a standby while it runs (the disk server could resync it: not wired to the
+        engine yet): it stops, so that the standby goes on from its last checkpoint,
+        memory and disk, rather than the pair holding every output from now on."""
         problem = disk.barrier(epoch)
         if problem is not None:
             raise ReplicationError(
@@ -715,7 +715,12 @@ class CheckpointEngine:
         if disk is None:
             return
         try:
-            disk.replicate(address, port, self.epoch + 1)
+            try:  # a standby whose replica is this disk server's gets only what it lacks
+                disk.replicate(address, port, self.epoch + 1, resync=True)
+                log.info("the standby's disk replica is known: resync of the blocks written since")
+            except DiskError as e:
+                log.info("disk: full copy to the standby (%s)", e)
+                disk.replicate(address, port, self.epoch + 1)
             disk.wait_synced(progress=progress)
         except DiskError as e:
             raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
@@ -737,6 +742,11 @@ class CheckpointEngine:
             self.acked = reply.epoch
             self._resend_wait = RESEND_AFTER_S
             self.outputs.release_through(reply.epoch)
+            if self.guest.disk is not None:  # what a resync of the standby's disk would send
+                try:
+                    self.guest.disk.committed(reply.epoch)
+                except DiskError as e:
+                    log.warning("the disk server did not take commit %d: %s", reply.epoch, e)
             self.link.committed[0] = reply.epoch  # our heartbeats tell the standby
         elif (
             isinstance(reply, wire.Reject)

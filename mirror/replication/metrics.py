@@ -10,7 +10,7 @@ The checkpoint pause is the hottest path: nothing here is called inside it.  The
 epoch engine records a checkpoint's figures after the guest runs again (after the
 checkpoint is handed to the link); observing a histogram costs about a microsecond.
 
-Not here yet: disk replication lag (the pair replicates no disks yet).
+Not here yet: disk replication lag.
 """
 
 from __future__ import annotations
@@ -184,6 +184,28 @@ MISSED_PAGES = Counter(
 )
 
 
+DISK_STORAGE = Enum(
+    "mirror_disk_storage",
+    "Where the primary's guest disk I/O goes: its local image, the secondary's replica "
+    "(the local image failed), or suspended (the local image failed and the secondary is gone)",
+    LABELS,
+    states=["local", "remote", "suspended"],
+    registry=REGISTRY,
+)
+DISK_FAILOVERS = Gauge(
+    "mirror_disk_storage_failovers",
+    "Times the primary's disk switched to the secondary's replica (this disk server's life)",
+    LABELS,
+    registry=REGISTRY,
+)
+DISK_DIRTY_LOCAL = Gauge(
+    "mirror_disk_local_dirty_blocks",
+    "4 KiB blocks the primary's local image lacks (written while it ran on the replica)",
+    LABELS,
+    registry=REGISTRY,
+)
+
+
 class Metrics:
     """The series of one pair and node; get it with :meth:`of`."""
 
@@ -210,6 +232,9 @@ class Metrics:
         self.storage_age = HEARTBEAT_AGE.labels(*labels, "storage")
         self.refused_peers = REFUSED_PEERS.labels(*labels)
         self.missed_pages = MISSED_PAGES.labels(*labels)
+        self.disk_storage = DISK_STORAGE.labels(*labels)
+        self.disk_failovers = DISK_FAILOVERS.labels(*labels)
+        self.disk_dirty_local = DISK_DIRTY_LOCAL.labels(*labels)
         for cause in ("failure", "operator", "switchover"):
             PROMOTIONS.labels(*labels, cause)  # each cause exported from 0
         for sock in ("data", "heartbeat"):

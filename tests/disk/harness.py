@@ -10,6 +10,7 @@ standby commits checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -192,6 +193,8 @@ class Harness:
                     self.commit_error = str(e)
                     return
                 self.committed = closed
+                with contextlib.suppress(DiskError):  # (the primary may have died)
+                    self.a.committed(closed)  # the primary learns the ack, as from the agent
             else:
                 time.sleep(0.002)
 

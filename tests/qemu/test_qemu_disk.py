@@ -145,3 +145,68 @@ def test_reprotection_with_a_disk_survives_a_second_kill(pair_factory, guest_ima
         assert differing_blocks(promoted[0].read_bytes(), want.read_bytes()) == 0
     finally:
         p.close()
+
+
+def test_storage_failure_on_the_primary_with_a_real_guest(pair_factory, guest_image: Path) -> None:
+    """A's disk image starts failing (real EIO: nbdkit's error filter behind nbdfuse) while
+    the QEMU guest writes it: A's disk runs on B's replica (`mirror status`: storage remote
+    (hostB); an event), the guest's kernel logs no I/O error and its writes go on; the
+    image answers again: A copies the blocks back and runs locally; then A is killed and
+    B's disk, promoted, is A's at the committed checkpoint."""
+    from mirror.cli import status_rows
+    from tests.disk.faulty import FaultyImage
+
+    base = qemu_base(guest_image)
+    p = pair_factory(
+        replace(
+            base,
+            disk=DiskConfig(size_mib=8, port=free_port(), journal_mib=64, probe_ms=200),
+            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload=rand"),
+        )
+    )
+    (p.root / "faulty").mkdir()
+    faulty = FaultyImage(p.root / "faulty", 8 << 20)
+    try:
+        p.cfg_a = replace(p.cfg_a, disk=replace(p.cfg_a.disk, image=str(faulty.path)))
+        snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
+        b = Host("hostB", "secondary", p.cfg_b, p.root,
+                 env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["B"])})  # fmt: skip
+        p.hosts.append(b)
+        wait_for("the secondary", b.status, 30, p.hosts)
+        a = p.start_primary(env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A"])})
+        p.wait("A protected, the guest writing its disk",
+               lambda: (a.status() or {}).get("phase") == "protected"
+               and disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
+        faulty.fail()
+        p.wait("A's disk on B's storage",
+               lambda: ((a.status() or {}).get("disk") or {}).get("storage") == "remote", 20)
+        w0 = disk_status(p.root / "hostA")["writes"]
+        p.wait("the guest writing on",
+               lambda: disk_status(p.root / "hostA")["writes"] >= w0 + 20, 60)  # fmt: skip
+        rows = dict(status_rows(a.status() or {}))
+        assert str(rows["storage"]).startswith("remote (hostB)"), rows
+        assert '"disk-storage-remote"' in a.log_path.read_text()
+        faulty.heal()
+        p.wait("A's disk local again",
+               lambda: ((a.status() or {}).get("disk") or {}).get("storage") == "local", 30)
+        st = disk_status(p.root / "hostA")
+        assert st["switchbacks"] == 1 and st["dirty_local"] == 0 and st["resynced_local"] > 0, st
+        back_at = st["open_epoch"]
+        p.wait("checkpoints after the switch back",
+               lambda: (a.status() or {}).get("acked", 0) >= back_at + 5, 30)
+        serial = (p.root / "hostA" / "qemu" / "serial.log").read_text(errors="replace")
+        assert "I/O error" not in serial and "blk_update_request" not in serial, serial[-2000:]
+        a.signal(signal.SIGKILL)
+        a.proc.wait()
+        p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+        promoted = p.wait("B's replica promoted", lambda: list(snaps["B"].glob("promoted-*")),
+                          10, [b])  # fmt: skip
+        committed = int(promoted[0].stem.split("-")[1])
+        want = snaps["A"] / f"{committed}.img"
+        assert committed >= back_at and want.exists(), (committed, back_at)
+        assert differing_blocks(promoted[0].read_bytes(), want.read_bytes()) == 0
+        print(f"storage fault: {st['resynced_local']} blocks copied back, "
+              f"B promoted at {committed}")  # fmt: skip
+    finally:
+        p.close()
+        faulty.close()

@@ -1,0 +1,240 @@
+"""Component-level storage failover on the primary: A's local image starts failing with
+real EIO (nbdkit's error filter behind nbdfuse); A's disk server goes on serving the
+guest from B's replica over the stream (reads of B's view, writes to B only, per
+epoch); the guest sees no error and reads its own writes.  When the image answers
+again, the blocks written meanwhile are copied back and A serves locally again.
+If B dies while A runs on B's storage, A suspends the guest's I/O (no error, no answer)
+and nothing of a committed checkpoint is lost.
+
+Writers are NBD clients on A's real socket, each in its own half of the disk, checking
+every read against a model of what they wrote (the model, copied at each drained
+checkpoint, is the disk as of that checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+from mirror.guests.disk import DiskServer, DiskSpec
+from tests.disk.faulty import FaultyImage
+from tests.disk.harness import BLOCK, Harness, differing_blocks
+from tests.disk.nbd import NbdClient, NbdError
+
+SIZE = 4 << 20
+
+
+class Rig(Harness):
+    """A Harness whose primary's image is a FaultyImage, with a model of the disk."""
+
+    def __init__(self, root: Path, seed: int) -> None:
+        rng = random.Random(seed)
+        content = rng.randbytes(SIZE)
+        self.faulty = FaultyImage(root, SIZE, content)
+        try:
+            super().__init__(root, size=SIZE, seed=seed, prefill=False)
+        except BaseException:
+            self.faulty.close()
+            raise
+        # the primary with a short probe period (the Harness's has the default)
+        self.a.close()
+        self.a = DiskServer(DiskSpec(self.a_img, SIZE, root / "a", "killpair", probe_ms=100))
+        self.model = bytearray(content)
+        self.models: dict[int, bytes] = {0: bytes(content)}
+        self.errors: list[str] = []
+        self.ops = 0
+        self.reads_checked = 0
+
+    def checkpoint(self) -> bool:
+        with self.gate:
+            self.paused = True
+            while self.in_flight:
+                self.gate.wait(0.05)
+        try:
+            err = self.a.barrier(self.epoch)
+            assert err is None, err
+            self.models[self.epoch] = bytes(self.model)
+            self.epoch += 1
+            return True
+        finally:
+            with self.gate:
+                self.paused = False
+                self.gate.notify_all()
+
+    def writer(self, kind: str, seed: int, delay: float = 0.0) -> None:
+        """Random 4 KiB writes (some FUA), TRIM, WRITE_ZEROES, FLUSH and reads checked
+        against the model, in half ``seed`` of the disk."""
+        rng = random.Random(seed)
+        lo, hi = (SIZE // 2) * seed, (SIZE // 2) * (seed + 1)
+        c = NbdClient(self.a.spec.nbd_path)
+        try:
+            while self._enter():
+                try:
+                    off = rng.randrange(lo // BLOCK, hi // BLOCK) * BLOCK
+                    op = rng.random()
+                    if op < 0.35:
+                        n = min(rng.randint(1, 16) * BLOCK, hi - off)
+                        got = c.read(off, n)
+                        if got != bytes(self.model[off : off + n]):
+                            self.errors.append(f"read at {off}: not what was written")
+                        self.reads_checked += 1
+                    elif op < 0.4:
+                        c.trim(off, BLOCK)
+                        self.model[off : off + BLOCK] = bytes(BLOCK)
+                    elif op < 0.45:
+                        c.zeroes(off, BLOCK)
+                        self.model[off : off + BLOCK] = bytes(BLOCK)
+                    elif op < 0.48:
+                        c.flush()
+                    else:
+                        data = rng.randbytes(BLOCK)
+                        c.write(off, data, fua=op < 0.55)
+                        self.model[off : off + BLOCK] = data
+                    self.ops += 1
+                except NbdError as e:
+                    self.errors.append(str(e))
+                finally:
+                    self._leave()
+                if delay:
+                    time.sleep(delay)
+        finally:
+            c.sock.close()
+
+    def run(self, seconds: float, until: str = "") -> None:
+        """Checkpoints every 20 ms for ``seconds`` (or until A's storage is ``until``)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            time.sleep(0.02)
+            self.wait_window()
+            assert self.checkpoint()
+            if until and self.a.status()["storage"] == until:
+                return
+        assert not until, f"A's storage never became {until}: {self.a.status()}"
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.faulty.close()
+
+
+def test_local_storage_fails_and_returns_no_guest_error(tmp_path: Path) -> None:
+    r = Rig(tmp_path, seed=3)
+    threads: list[threading.Thread] = []
+    try:
+        r.sync()
+        threads = [threading.Thread(target=r.committer)]
+        threads += [threading.Thread(target=r.writer, args=("", s, 0.0005)) for s in (0, 1)]
+        for t in threads:
+            t.start()
+        r.run(0.3)
+        assert r.a.status()["storage"] == "local"
+        ops_before = r.ops
+        r.faulty.fail()  # A's storage fails: every read, write and flush gets EIO
+        r.run(5, until="remote")
+        r.run(0.6)
+        st = r.a.status()
+        assert st["storage"] == "remote" and st["failovers"] == 1, st
+        assert st["storage_peer"] == "127.0.0.1" and "Input/output error" in st["storage_error"], st
+        assert st["remote_reads"] > 0 and st["dirty_local"] > 0, st
+        ops_remote = r.ops
+        assert ops_remote > ops_before + 50, "the guest's I/O stopped while A ran on B's storage"
+        r.faulty.heal()
+        r.run(10, until="local")
+        r.run(0.3)
+        r.stop.set()
+        with r.gate:
+            r.gate.notify_all()
+        for t in threads[1:]:
+            t.join(10)
+        last = r.epoch - 1
+        threads[0].join(10)
+        r.b.commit(last)
+        st = r.a.status()
+        assert not r.errors, (
+            f"the guest saw {len(r.errors)} errors (I/O errors or wrong data): {r.errors[:3]}"
+        )
+        assert st["storage"] == "local" and st["switchbacks"] == 1 and st["dirty_local"] == 0, st
+        assert 0 < st["resynced_local"] <= SIZE // BLOCK, st
+        want = r.models[last]
+        assert differing_blocks(r.b_img.read_bytes(), want) == 0, (
+            "B's replica is not the guest's disk"
+        )
+        assert differing_blocks(r.a_img.read_bytes(), want) == 0, (
+            "A's image missed blocks after the switch back"
+        )
+        print(f"failover: {r.ops} ops ({ops_remote - ops_before} while failing or remote), "
+              f"{r.reads_checked} reads checked, 0 errors, "
+              f"{st['resynced_local']} blocks copied back, "
+              f"{last} checkpoints")  # fmt: skip
+    finally:
+        r.stop.set()
+        with r.gate:
+            r.gate.notify_all()
+        for t in threads:
+            t.join(10)
+        r.close()
+
+
+def test_replica_dies_while_primary_runs_on_it_io_suspends(tmp_path: Path) -> None:
+    r = Rig(tmp_path, seed=4)
+    threads: list[threading.Thread] = []
+    try:
+        r.sync()
+        threads = [threading.Thread(target=r.committer)]
+        threads += [threading.Thread(target=r.writer, args=("", s, 0.0005)) for s in (0, 1)]
+        for t in threads:
+            t.start()
+        r.run(0.2)
+        r.faulty.fail()
+        r.run(5, until="remote")
+        r.run(0.3)
+        r.stop.set()  # the writers finish their requests; the last checkpoint is committed
+        with r.gate:
+            r.gate.notify_all()
+        for t in threads[1:]:
+            t.join(10)
+        threads[0].join(10)
+        last = r.epoch - 1
+        r.b.commit(last)
+        committed = last
+        # the guest writes on (an open epoch), then B dies
+        c = NbdClient(r.a.spec.nbd_path, timeout=1.0)
+        c.write(0, b"\x01" * BLOCK)
+        assert c.read(0, BLOCK) == b"\x01" * BLOCK  # its own write, from B's view
+        os.kill(r.b.pid, signal.SIGKILL)
+        r.b.proc.wait()
+        deadline = time.monotonic() + 5
+        while r.a.status()["storage"] != "suspended":
+            assert time.monotonic() < deadline, r.a.status()
+            time.sleep(0.02)
+        st = r.a.status()
+        assert not st["peer"] and st["failovers"] == 1, st
+        for op in ("read", "write"):  # the guest's requests wait: no answer, and no error
+            c2 = NbdClient(r.a.spec.nbd_path, timeout=1.0)
+            try:
+                if op == "read":
+                    c2.read(BLOCK, BLOCK)
+                else:
+                    c2.write(BLOCK, b"\x02" * BLOCK)
+                raise AssertionError(f"a {op} was answered while A has no storage")
+            except TimeoutError:
+                pass
+            finally:
+                c2.sock.close()
+        c.sock.close()
+        assert r.a.proc.poll() is None, "A's disk server died"
+        assert "guest I/O suspended" in r.a.stderr_path.read_text()
+        # nothing of the committed checkpoint is lost: B's replica is the disk as of it
+        assert not r.errors, r.errors[:3]
+        assert differing_blocks(r.b_img.read_bytes(), r.models[committed]) == 0
+    finally:
+        r.stop.set()
+        with r.gate:
+            r.gate.notify_all()
+        for t in threads:
+            t.join(10)
+        r.close()

@@ -1,0 +1,132 @@
+"""A returning secondary whose replica is known gets only the blocks written since it was
+last in sync (a bitmap on the primary), not a full copy; one that is not known (a new
+disk, a restarted primary) is refused a resync and needs the full copy.
+
+Real disk servers (the C process on each side), real sockets, a real SIGKILL of B."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mirror.guests.disk import DiskError, DiskServer, DiskSpec
+from tests.disk.harness import BLOCK, Harness, differing_blocks
+from tests.disk.nbd import NbdClient
+
+SIZE = 8 << 20
+
+
+def replica(h: Harness) -> DiskServer:
+    return DiskServer(
+        DiskSpec(h.b_img, h.size, h.root / "b", "killpair", listen=f"127.0.0.1:{h.port}",
+                 journal=h.root / "b.journal", journal_bytes=32 << 20)
+    )  # fmt: skip
+
+
+def protected_run(h: Harness, seconds: float) -> None:
+    """Writers, checkpoints and commits (the primary told of each), then all committed."""
+    threads = [threading.Thread(target=h.committer)]
+    threads += [threading.Thread(target=h.writer, args=("rand4k", s, 0.001)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        time.sleep(0.02)
+        h.wait_window()
+        assert h.checkpoint()
+    h.stop.set()
+    with h.gate:
+        h.gate.notify_all()
+    for t in threads:
+        t.join(10)
+    h.stop.clear()
+    last = h.epoch - 1
+    h.b.commit(last)
+    h.a.committed(last)
+
+
+def test_returning_secondary_gets_only_the_blocks_written_since(tmp_path: Path) -> None:
+    h = Harness(tmp_path, size=SIZE, seed=21)
+    try:
+        h.sync()
+        protected_run(h, 0.4)
+        assert h.a.status()["known"], h.a.status()
+        rng = random.Random(5)
+        c = NbdClient(h.a.spec.nbd_path)
+        # writes B receives but never commits: one closed epoch, then the open one
+        written = {rng.randrange(SIZE // BLOCK) for _ in range(40)}
+        for i, b in enumerate(sorted(written)):
+            c.write(b * BLOCK, rng.randbytes(BLOCK))
+            if i == 20:
+                assert h.a.barrier(h.epoch) is None
+                h.epoch += 1
+        time.sleep(0.1)  # (in B's journal)
+        os.kill(h.b.pid, signal.SIGKILL)  # B's host dies
+        h.b.proc.wait()
+        # A goes on alone: writes to a known set of blocks (and a TRIM, a WRITE_ZEROES)
+        alone = {rng.randrange(SIZE // BLOCK) for _ in range(150)}
+        for b in sorted(alone):
+            c.write(b * BLOCK, rng.randbytes(BLOCK))
+        written |= alone
+        c.trim(0, 2 * BLOCK)
+        c.zeroes(SIZE - 3 * BLOCK, 3 * BLOCK)
+        c.close()
+        written |= {0, 1, SIZE // BLOCK - 3, SIZE // BLOCK - 2, SIZE // BLOCK - 1}
+        for _ in range(3):  # checkpoints with no replica: the epochs go on
+            assert h.a.barrier(h.epoch) is not None
+            h.epoch += 1
+        st = h.a.status()
+        assert not st["peer"] and st["dirty_peer"] == len(written), (st["dirty_peer"], len(written))
+        before = differing_blocks(h.a_img.read_bytes(), h.b_img.read_bytes())
+        assert before == len(written), before
+        # B returns with its replica (a new process, the same image): a resync
+        h.b.close()
+        h.b = replica(h)
+        h.a.replicate("127.0.0.1", h.port, h.epoch, resync=True)
+        h.a.wait_synced(30)
+        st = h.a.status()
+        assert st["resync_blocks"] == len(written), (st["resync_blocks"], len(written))
+        # the guest writes on during and after; the next checkpoint commits
+        protected_run(h, 0.3)
+        assert differing_blocks(h.a_img.read_bytes(), h.b_img.read_bytes()) == 0
+        assert h.a.status()["known"] and h.b.status()["consistent"]
+        print(f"resync: {st['resync_blocks']} blocks sent of {SIZE // BLOCK} "
+              f"({len(written)} written in epochs B never committed or while away)")  # fmt: skip
+    finally:
+        h.close()
+
+
+def test_resync_refused_for_an_unknown_replica_or_a_restarted_primary(tmp_path: Path) -> None:
+    h = Harness(tmp_path, size=SIZE, seed=22)
+    try:
+        with pytest.raises(DiskError, match="a full copy is needed"):  # never copied yet
+            h.a.replicate("127.0.0.1", h.port, 1, resync=True)
+        h.sync()
+        protected_run(h, 0.2)
+        # B comes back with another disk (its image replaced): its identity file is gone
+        h.b.close()
+        (tmp_path / "b.img.replica-id").unlink()
+        h.b = replica(h)
+        with pytest.raises(DiskError, match="does not hold this disk"):
+            h.a.replicate("127.0.0.1", h.port, h.epoch, resync=True)
+        assert "does not hold that primary's disk" in h.b.stderr_path.read_text()
+        h.a.replicate("127.0.0.1", h.port, h.epoch)  # the full copy is taken
+        h.a.wait_synced(30)
+        assert h.a.status()["resync_blocks"] == 0
+        protected_run(h, 0.2)
+        assert (tmp_path / "b.img.replica-id").exists()
+        # the primary's disk server restarts (a new life: it cannot know what B lacks)
+        h.a.close()
+        h.a = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a", "killpair"))
+        h.b.close()
+        h.b = replica(h)
+        with pytest.raises(DiskError, match="full copy"):
+            h.a.replicate("127.0.0.1", h.port, h.epoch, resync=True)
+    finally:
+        h.close()
