@@ -101,22 +101,27 @@ class Monitor(ABC):
 
 
 class LibvirtMonitor(Monitor):
-    def __init__(self, dom: Any) -> None:
+    """QMP through libvirt; ``call`` runs a function of the domain, reconnecting once
+    to a libvirtd that restarted (LibvirtGuest.call)."""
+
+    def __init__(self, call: Any) -> None:
         super().__init__()
-        self.dom = dom
+        self.call = call
 
     def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        import libvirt
         import libvirt_qemu
 
         cmd = json.dumps({"execute": name, **({"arguments": args} if args else {})})
-        try:
-            if fd >= 0:
-                text, _ = libvirt_qemu.qemuMonitorCommandWithFiles(self.dom, cmd, [fd], 0)
-            else:
-                text = libvirt_qemu.qemuMonitorCommand(self.dom, cmd, 0)
-        except libvirt.libvirtError as e:
-            raise GuestError(f"QMP {name} through libvirt failed: {e}") from None
+        if fd >= 0:
+            text, _ = self.call(
+                f"QMP {name} through libvirt",
+                lambda dom: libvirt_qemu.qemuMonitorCommandWithFiles(dom, cmd, [fd], 0),
+            )
+        else:
+            text = self.call(
+                f"QMP {name} through libvirt",
+                lambda dom: libvirt_qemu.qemuMonitorCommand(dom, cmd, 0),
+            )
         answer = json.loads(text)
         if "error" in answer:
             raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
@@ -342,7 +347,7 @@ class LibvirtGuest(Guest):
                     )
                 self.monitor = SocketMonitor(path)
             else:
-                self.monitor = LibvirtMonitor(dom)
+                self.monitor = LibvirtMonitor(self.call)
             self._ram_path = Path(self._find_ram())
             size = ram_mib << 20
             if self._ram_path.stat().st_size != size:
@@ -371,6 +376,35 @@ class LibvirtGuest(Guest):
         except BaseException:
             self.stop(destroy=standby)
             raise
+
+    def call(self, what: str, fn: Any, reconnect_for: float = 60) -> Any:
+        """``fn(domain)``; if libvirtd restarted meanwhile (the connection broke), once
+        more on a new connection.  GuestError saying ``what`` failed otherwise."""
+        libvirt = _libvirt()
+        try:
+            return fn(self.dom)
+        except libvirt.libvirtError as e:
+            try:
+                self.conn.getVersion()
+                raise GuestError(f"{what}: {e}") from None  # libvirt is there: a real error
+            except libvirt.libvirtError:
+                pass
+        deadline = time.monotonic() + reconnect_for
+        while True:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            try:
+                self.conn = libvirt.open(self.settings.connect)
+                self.dom = self.conn.lookupByName(self.name)
+                break
+            except libvirt.libvirtError as e:
+                if time.monotonic() > deadline:
+                    raise GuestError(f"{what}: libvirt at {self.settings.connect}: {e}") from None
+                time.sleep(0.1)
+        try:
+            return fn(self.dom)
+        except libvirt.libvirtError as e:
+            raise GuestError(f"{what}: {e}") from None
 
     def _find_ram(self) -> str:
         assert self.monitor is not None
@@ -477,11 +511,11 @@ class LibvirtGuest(Guest):
         self.relay.active = True
         self.standby = False
         self._announce = self._resume_via_libvirt = True
-        libvirt = _libvirt()
-        try:  # this host's definition now (persistent); autostart stays off
-            self.conn.defineXML(persistent_xml(self.dom.XMLDesc(0)))
-        except libvirt.libvirtError as e:
-            raise GuestError(f"defining the promoted domain {self.name!r} here: {e}") from None
+        # this host's definition now (persistent); autostart stays off
+        self.call(
+            f"defining the promoted domain {self.name!r} here",
+            lambda dom: dom.connect().defineXML(persistent_xml(dom.XMLDesc(0))),
+        )
 
     @staticmethod
     def _feed(w: int, state: bytes) -> None:
@@ -555,11 +589,7 @@ class LibvirtGuest(Guest):
             self._saving = None
         if self._resume_via_libvirt:  # the first run after promotion: libvirt's bookkeeping
             self._resume_via_libvirt = False
-            libvirt = _libvirt()
-            try:
-                self.dom.resume()
-            except libvirt.libvirtError as e:
-                raise GuestError(f"resuming the promoted domain {self.name!r}: {e}") from None
+            self.call(f"resuming the promoted domain {self.name!r}", lambda dom: dom.resume())
         else:
             self.monitor.execute("cont")
         if self._announce:
@@ -586,8 +616,11 @@ class LibvirtGuest(Guest):
         self._stopped = True
         if destroy and getattr(self, "dom", None) is not None:
             with contextlib.suppress(Exception):
-                if self.dom.isActive():
-                    self.dom.destroy()
+                self.call(
+                    f"destroying {self.name!r}",
+                    lambda dom: dom.destroy() if dom.isActive() else None,
+                    reconnect_for=5,
+                )
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None

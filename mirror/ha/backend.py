@@ -244,6 +244,9 @@ class LibvirtBackend(Backend):
 
     def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
         ready.go_on_from(image, state.read_bytes(), on_output)
+        # the domain runs on its own RAM file now (a copy): the image's memory goes back
+        # when the standby unmaps it (the qemu backend's guest runs on the image itself)
+        image.unlink(missing_ok=True)
         return ready  # type: ignore[no-any-return]
 
     def discard(self, ready: Any) -> None:
