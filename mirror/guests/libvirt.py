@@ -64,6 +64,8 @@ def _libvirt() -> Any:
         import libvirt
     except ImportError as e:
         raise GuestError(f"libvirt-python is not installed ({e}): run scripts/setup") from e
+    # libvirt prints every error to stderr by default; mirror reports the ones that matter
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
     return libvirt
 
 
@@ -439,7 +441,7 @@ class LibvirtGuest(Guest):
                 f"domain {settings.domain!r} is not running: start it (virsh start "
                 f"{settings.domain}); mirror attaches to a running domain"
             )
-        with contextlib.suppress(libvirt.libvirtError):
+        if dom.isPersistent() and dom.autostart():
             dom.setAutostart(0)  # A's definition must never boot it behind the pair's back
         g = cls(settings, ram_mib, conn, dom, standby=False)
         assert g.relay is not None
