@@ -265,11 +265,21 @@ def standby_xml(xml: str) -> str:
         cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
     for value in ("-incoming", "defer", "-global", "migration.send-configuration=off"):
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
-    lib = uffd.preload_library()
-    if lib is not None:
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name="LD_PRELOAD", value=str(lib))
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=uffd.ENV_SOCK, value=uffd.unique_name("lv"))
+    for env in cmd.findall(f"{{{QEMU_NS}}}env"):  # a socket name of its own, below
+        if env.get("name") in ("LD_PRELOAD", uffd.ENV_SOCK):
+            cmd.remove(env)
+    for name, value in preload_env().items():
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=name, value=value)
     return ET.tostring(root, encoding="unicode")
+
+
+def preload_env() -> dict[str, str]:
+    """The <qemu:env> a domain needs for mirror's dirty-page log (QEMU then hands out
+    userfaultfds of its memory at an abstract socket); empty without the library."""
+    lib = uffd.preload_library()
+    if lib is None:
+        return {}
+    return {"LD_PRELOAD": str(lib), uffd.ENV_SOCK: uffd.unique_name("lv")}
 
 
 def persistent_xml(xml: str) -> str:
