@@ -451,13 +451,20 @@ class LibvirtGuest(Guest):
                 f"domain {settings.domain!r} is not running: start it (virsh start "
                 f"{settings.domain}); mirror attaches to a running domain"
             )
-        if dom.isPersistent() and dom.autostart():
-            dom.setAutostart(0)  # A's definition must never boot it behind the pair's back
-        g = cls(settings, ram_mib, conn, dom, standby=False)
-        assert g.relay is not None
-        g.relay.on_output = on_output
-        g.command("stop")  # the pre-copy first; resume() lets it run
-        g.relay.drain()
+        g = cls(settings, ram_mib, conn, dom, standby=False)  # refuses before any change
+        try:
+            # this host's definition must never boot the guest behind the pair's back
+            g.call(
+                f"turning autostart of {g.name!r} off",
+                lambda d: d.setAutostart(0) if d.isPersistent() and d.autostart() else None,
+            )
+            assert g.relay is not None
+            g.relay.on_output = on_output
+            g.command("stop")  # the pre-copy first; resume() lets it run
+            g.relay.drain()
+        except BaseException:
+            g.stop(destroy=False)
+            raise
         return g
 
     @classmethod
@@ -619,6 +626,14 @@ class LibvirtGuest(Guest):
         fut.result(60)
         n = os.lseek(self._state_wfd, 0, os.SEEK_CUR)  # where QEMU's writes ended
         return os.pread(self._state_fd, n, 0)
+
+    def detach(self) -> None:
+        """Let go of the domain and leave it running (``mirror unpair``'s end: its NIC
+        then reaches no one until its XML is put back)."""
+        with contextlib.suppress(GuestError):
+            if self.monitor is not None and self.command("query-status").get("status") == "paused":
+                self.command("cont")
+        self.stop(destroy=False)
 
     def stop(self, destroy: bool = True) -> None:
         """The guest stops here: its domain is destroyed (``destroy``), mirror lets go of
