@@ -87,3 +87,25 @@ def test_the_primary_refuses_a_domain_it_cannot_mirror_and_says_what_to_change(
     # nothing was changed: both running domains still run
     assert conn.lookupByName("anon").isActive() and conn.lookupByName("big").isActive()
     assert conn.lookupByName("big").state()[0] == 1  # running, not left paused
+
+
+def test_a_standby_runs_over_this_hosts_definition_and_discarding_it_leaves_that(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    from mirror.config import LibvirtConfig
+    from mirror.guests.libvirt import LibvirtGuest
+
+    h = libvirt_host("B")
+    conn = h.connect()
+    xml = domain_xml("web01", guest_image, nic_port=free_ports(1)[0])
+    conn.defineXML(xml)
+    before = conn.lookupByName("web01").XMLDesc(2)  # inactive
+    g = LibvirtGuest.ready(LibvirtConfig(domain="web01", connect=h.uri, qmp="libvirt"), 128)
+    dom = conn.lookupByName("web01")
+    assert dom.isActive() and dom.state()[0] == 3  # paused, waiting for its state
+    status = g.command("query-status")["status"]
+    assert status == "inmigrate", status
+    assert g.relay is not None and not g.relay.active  # frames from the LAN are dropped
+    g.stop()
+    dom = conn.lookupByName("web01")
+    assert not dom.isActive() and dom.XMLDesc(2) == before
