@@ -218,6 +218,53 @@ def server_nic(xml: str, name: str) -> tuple[str, int]:
     return src.get("address") or "127.0.0.1", int(src.get("port", "0"))
 
 
+def problems(xml: str, qmp: str = "socket") -> list[str]:
+    """Why mirror cannot protect the domain of ``xml`` as it is, each with what to
+    change (empty: it can).  What ``mirror pair --check`` explains; the primary checks
+    the same on the running domain (the RAM file through QMP) when it attaches."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        return [f"the domain XML does not parse: {e}"]
+    name = root.findtext("name") or "?"
+    found = []
+    mb = root.find("memoryBacking")
+    if (
+        mb is None
+        or mb.find("source") is None
+        or mb.find("source").get("type") != "file"  # type: ignore[union-attr]
+        or mb.find("access") is None
+        or mb.find("access").get("mode") != "shared"  # type: ignore[union-attr]
+    ):
+        found.append(f"its RAM is not a shared file (mirror maps it): {MEMORY_FIX}")
+    try:
+        server_nic(xml, name)
+    except GuestError as e:
+        found.append(str(e).replace(f"domain {name!r} has", "it has", 1))
+    if qmp == "socket" and not qmp_socket_in(xml):
+        found.append(
+            "no QMP socket of mirror's own: add <qemu:commandline><qemu:arg value='-qmp'/>"
+            "<qemu:arg value='unix:PATH,server=on,wait=off'/></qemu:commandline>, or set "
+            '[libvirt] qmp = "libvirt" (slower checkpoints)'
+        )
+    if root.findall("./devices/disk"):
+        found.append(
+            "it has disks: their writes are not replicated by this backend yet; remove "
+            "them or wait for the disk support"
+        )
+    for b in root.findall("./devices/memballoon"):
+        if b.get("model") != "none":
+            found.append(
+                "a memory balloon changes RAM behind mirror's dirty-page log: "
+                "<memballoon model='none'/>"
+            )
+    if root.find("./devices/memory") is not None:
+        found.append("memory devices (virtio-mem, DIMMs) plug RAM behind mirror's back")
+    if root.find("./devices/hostdev") is not None:
+        found.append("a passed-through host device has state mirror cannot copy: remove it")
+    return found
+
+
 def fingerprint_of(xml: str, conn: Any) -> str:
     """What both hosts must agree on: QEMU's version, the canonical machine type, RAM,
     vCPUs and the devices whose state moves (NIC models, disks, balloon, video)."""

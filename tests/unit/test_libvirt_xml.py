@@ -67,3 +67,27 @@ def test_a_nic_mirror_cannot_relay_is_refused_with_what_to_change(nic: str) -> N
     xml = domain_xml("web01", Path("/img")).replace("</devices>", nic + "</devices>")
     with pytest.raises(GuestError, match="web01"):
         server_nic(xml, "web01")
+
+
+def test_problems_lists_what_to_change_and_nothing_for_a_mirrorable_domain() -> None:
+    from mirror.guests.libvirt import problems
+
+    assert problems(demo()) == []
+    assert problems(domain_xml("web01", Path("/img"), nic_port=5600), qmp="libvirt") == []
+    bad = (
+        domain_xml("web01", Path("/img"))
+        .replace("<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>", "")
+        .replace("<memballoon model='none'/>", "<memballoon model='virtio'/><disk type='file' "
+                 "device='disk'><target dev='vda' bus='virtio'/></disk>")
+    )  # fmt: skip
+    found = problems(bad)
+    assert len(found) == 5, found
+    for words in (
+        "<memoryBacking>",
+        "type='server'",
+        "-qmp",
+        "disks",
+        "<memballoon model='none'/>",
+    ):
+        assert any(words in f for f in found), (words, found)
+    assert problems("<domain>")[0].startswith("the domain XML does not parse")
