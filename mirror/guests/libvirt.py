@@ -617,6 +617,36 @@ class LibvirtGuest(Guest):
         r, _, _ = select.select([self._pidfd], [], [], 0)
         return not r
 
+    def end_reason(self, wait: float = 5.0) -> str | None:
+        """None while QEMU runs; else how the domain ended, as libvirt says it (it learns
+        of a killed QEMU a second or two late: waits up to ``wait`` s): "shutdown" (the
+        guest powered off, or QEMU was told to quit: NOT a host failure, the standby
+        must not bring it back), "destroyed" (someone stopped it through libvirt),
+        "crashed", or "unknown" (libvirt cannot say; a transient domain that stopped is
+        gone from libvirt with its state)."""
+        if self.alive:
+            return None
+        libvirt = _libvirt()
+        reasons = {
+            libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
+            libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+            libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
+            libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "crashed",
+        }
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                state, reason = self.call("the domain's state", lambda d: d.state(), 2)
+            except GuestError:
+                return "unknown"
+            if state == libvirt.VIR_DOMAIN_SHUTOFF:
+                return reasons.get(reason, "unknown")
+            if state == libvirt.VIR_DOMAIN_CRASHED:
+                return "crashed"
+            if time.monotonic() > deadline:
+                return "unknown"
+            time.sleep(0.05)
+
     def log_source(self) -> LogSource | None:
         try:  # the preload library hands out userfaultfds where QEMU's env says
             env = Path(f"/proc/{self.pid}/environ").read_bytes().split(b"\0")

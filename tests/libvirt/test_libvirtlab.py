@@ -3,6 +3,7 @@ domain whose RAM mirror can map, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -109,3 +110,41 @@ def test_a_standby_runs_over_this_hosts_definition_and_discarding_it_leaves_that
     g.stop()
     dom = conn.lookupByName("web01")
     assert not dom.isActive() and dom.XMLDesc(2) == before
+
+
+def test_how_an_attached_domain_ended_is_told_apart(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    import signal
+
+    from mirror.config import LibvirtConfig
+    from mirror.guests.base import GuestError
+    from mirror.guests.libvirt import LibvirtGuest
+
+    h = libvirt_host("A")
+    conn = h.connect()
+    seen = {}
+    for name, end in (("quit", "quit"), ("destroy", "destroy"), ("kill", "kill")):
+        # persistent: libvirt keeps a stopped transient domain's state nowhere
+        conn.defineXML(domain_xml(name, guest_image, nic_port=free_ports(1)[0])).create()
+        g = LibvirtGuest.attach(
+            LibvirtConfig(domain=name, connect=h.uri, qmp="libvirt"), 128, lambda out: None
+        )
+        g.resume()
+        assert g.alive and g.end_reason() is None
+        if end == "quit":  # QEMU ends cleanly, as when the guest powers off
+            with contextlib.suppress(GuestError):  # QEMU may go before it answers
+                g.command("quit")
+        elif end == "destroy":
+            conn.lookupByName(name).destroy()
+        else:
+            pid = h.qemu_pid(name)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while g.alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        seen[end] = g.end_reason()
+        g.stop()
+    assert seen == {"quit": "shutdown", "destroy": "destroyed", "kill": "crashed"}
