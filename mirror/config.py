@@ -277,13 +277,8 @@ def check_key_prefix(text: str, where: str) -> str:
     """An etcd key prefix: ``/`` then letters, digits, ``.``, ``_``, ``-`` and ``/`` (no
     empty segment).  Returns it with exactly one trailing ``/``."""
     body = text.strip("/")
-    if (
-        not text.startswith("/")
-        or not body
-        or "//" in text.rstrip("/")
-        or len(text) > 200
-        or not all(c.isascii() and (c.isalnum() or c in "._-/") for c in body)
-    ):
+    if not text.startswith("/") or not body or "//" in text.rstrip("/") or len(text) > 200 \
+            or not all(c.isascii() and (c.isalnum() or c in "._-/") for c in body):
         raise ConfigError(
             f"{where}: bad etcd key prefix {text!r}: expected /NAME[/NAME...] of letters, "
             f"digits, '.', '_', '-' (e.g. /mirror/pool-b/)"

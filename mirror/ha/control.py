@@ -139,9 +139,8 @@ class ControlServer(threading.Thread):
         conn.settimeout(2.0)
         pid, uid = _peer_uid(conn)
         if not _trusted(uid):
-            log.warning(
-                "control: refused pid %d of uid %d (not root or uid %d)", pid, uid, os.geteuid()
-            )
+            log.warning("control: refused pid %d of uid %d (not root or uid %d)", pid, uid,
+                        os.geteuid())
             return
         data = b""
         while b"\n" not in data and len(data) <= MAX_REQUEST:
