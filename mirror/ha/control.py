@@ -201,7 +201,9 @@ def ask(
     try:
         dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise ControlError(f"no agent runs in {state_dir}: {e.strerror}") from e
+        raise ControlError(
+            f"no agent runs in {state_dir}: {e.strerror} (start it with {start_with})"
+        ) from e
     try:
         try:
             st = os.stat(SOCKET, dir_fd=dfd, follow_symlinks=False)

@@ -86,8 +86,6 @@ class PairDef:
     data_port: int = 0
     heartbeat_port: int = 0
     disk_port: int = 0
-    secondary_address: str = ""  # where the secondary listens (link.host)
-    primary_address: str = ""  # the primary host's address (a promoted secondary's peer_host)
     domain: str = ""
     connect: str = ""
     autostart: bool = False  # the domain's autostart before pairing (restored by unpair)
@@ -218,14 +216,16 @@ class HostAgent:
             raise AgentError(f"pair {d.pair}: its peer {d.peer!r} is not in [peers]")
         pdir = self.pair_dir(d.pair)
         primary = d.role == "primary"
+        # the secondary listens on its own address; the primary connects to the peer's,
+        # and a promoted secondary looks for its returning peer's standby there too
         data: dict[str, Any] = {
             "pair": {"name": d.pair, "generation": d.generation},
             "node": {"name": self.node, "state_dir": str(pdir / "role")},
             "link": {
-                "host": d.secondary_address,
+                "host": peer.host if primary else self.cfg.agent.address,
                 "data_port": d.data_port,
                 "heartbeat_port": d.heartbeat_port,
-                "peer_host": d.secondary_address if primary else d.primary_address,
+                "peer_host": peer.host,
             },
             "checkpoint": asdict(self.cfg.checkpoint),
             "arbiter": asdict(self.cfg.arbiter),
@@ -330,7 +330,8 @@ class HostAgent:
             recorded = arb.generation()
             age = arb.peer_age(d.peer)
             if age is not None:
-                time.sleep(self.cfg.arbiter.silent_after_ms / 1000)  # judge its age fairly
+                # ages are judged from when this reader first saw the slot: look again later
+                time.sleep(1.5 * self.cfg.arbiter.silent_after_ms / 1000)
                 age = arb.peer_age(d.peer)
             slot = arb.peer_slot(d.peer)
             silent = self.cfg.arbiter.silent_after_ms / 1000
@@ -386,6 +387,8 @@ class HostAgent:
                 r = self.running.get(pair)
                 if r is not None and r.alive():
                     st = self.role_status(d)
+                    if st.get("pid") != r.pid:
+                        continue  # not this process's report yet
                     role, gen = st.get("role"), st.get("generation")
                     if role in ("primary", "secondary") and role != d.role:
                         event("role-changed", pair=pair, role=role, was=d.role)
@@ -460,7 +463,7 @@ class HostAgent:
                     f"`mirror unpair {pair}` first"
                 )
             d = PairDef(pair=pair, kind=kind, role="primary", peer=peer, state="pairing",
-                        primary_address=self.cfg.agent.address, domain=pair,
+                        domain=pair,
                         connect=str(req.get("connect") or self.cfg.agent.connect))
             if kind == "synthetic":
                 d.guest = _synthetic_guest(req)
@@ -498,16 +501,14 @@ class HostAgent:
             answer = peerlink.ask(
                 peer, self.public, self.secret, "prepare",
                 {"pair": d.pair, "kind": d.kind, "xml": xml, "guest": d.guest,
-                 "generation": d.generation, "domain": d.domain,
-                 "primary_address": self.cfg.agent.address},
+                 "generation": d.generation, "domain": d.domain},
                 timeout=PREPARE_WAIT_S + 10,
             )  # fmt: skip
             prepared = True
             d.data_port, d.heartbeat_port, d.disk_port = (
                 int(answer["data_port"]), int(answer["heartbeat_port"]), int(answer["disk_port"])
             )
-            d.secondary_address = str(answer["address"])
-            self._note(d, f"standby ready on {d.peer} ({d.secondary_address}:{d.data_port})")
+            self._note(d, f"standby ready on {d.peer} ({peer.host}:{d.data_port})")
             if d.kind == "libvirt":
                 with Domains(d.connect) as lv:
                     lv.mark_paired(d.domain, d.peer)
@@ -606,8 +607,6 @@ class HostAgent:
             gen = req.get("generation")
             d = PairDef(pair=pair, kind=str(kind), role="secondary", peer=peer,
                         generation=gen if isinstance(gen, int) and gen > 0 else 1,
-                        secondary_address=self.cfg.agent.address,
-                        primary_address=str(req.get("primary_address") or ""),
                         domain=str(req.get("domain") or pair), connect=self.cfg.agent.connect)
             if kind == "synthetic":
                 d.guest = _synthetic_guest(req.get("guest") or {})
@@ -635,7 +634,7 @@ class HostAgent:
             st = self.role_status(d)
             if st.get("role") == "secondary" and st.get("pid") == self.running[pair].pid:
                 return {"data_port": d.data_port, "heartbeat_port": d.heartbeat_port,
-                        "disk_port": d.disk_port, "address": d.secondary_address}
+                        "disk_port": d.disk_port}
             if not self.running[pair].alive():
                 break
             time.sleep(0.05)
@@ -675,8 +674,9 @@ class HostAgent:
         self.dlock, self.ctl = control.start(self.dir)
         try:
             self.ctl.request_handlers = {
-                "list": self.op_list, "status": self.op_status, "pair": self.op_pair,
-                "progress": self.op_progress, "unpair": self.op_unpair,
+                name: _refusing(h) for name, h in (
+                    ("list", self.op_list), ("status", self.op_status), ("pair", self.op_pair),
+                    ("progress", self.op_progress), ("unpair", self.op_unpair))
             }  # fmt: skip
             self.load_defs()
             for pair, d in list(self.defs.items()):
@@ -722,6 +722,19 @@ class HostAgent:
         if self.dlock is not None:
             self.dlock.close()
             self.dlock = None
+
+
+def _refusing(handler: control.RequestHandler) -> control.RequestHandler:
+    """``handler``, answering a refusal (its reason as the error) rather than nothing."""
+
+    def serve(req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return handler(req)
+        except (AgentError, ConfigError, PeerError, LibvirtError, ArbiterError,
+                domaincheck.DomainXMLError, OSError) as e:
+            return {"ok": False, "error": str(e)}
+
+    return serve
 
 
 def _synthetic_guest(req: dict[str, Any]) -> dict[str, Any]:

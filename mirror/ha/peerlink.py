@@ -93,7 +93,7 @@ class PeerServer(threading.Thread):
         self.admit = _Admit({k: n for n, k in peers.items()})
         self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("mirror.zap"))
         self.auth.start()
-        self.auth.configure_curve_callback("*", credentials_provider=self.admit)
+        self.auth.configure_curve_callback(DOMAIN.decode(), credentials_provider=self.admit)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
