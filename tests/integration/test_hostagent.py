@@ -230,10 +230,22 @@ def test_resume_when_the_peer_is_gone_claims_first(agents: tuple[Agent, Agent],
         a.start()
         pa = wait("A's primary again", lambda: (p := by_pair(a, pair_name)) and p["running"]
                   and p["role"] == "primary" and p)
-        assert pa["generation"] == 2
-        assert "won generation 1" in a.log.read_text()
-        claim = a.root / "shared" / pair_name / "claims" / "generation-1"
-        assert json.loads(claim.read_text())["node"] == "hostA"
+        # A's primary may have won "unprotected" (generation 1) before it was killed: the
+        # resume claims whatever generation is current, then leads under the next
+        claims = {c.name: json.loads(c.read_text()) for c in
+                  (a.root / "shared" / pair_name / "claims").glob("generation-*")}
+        resumed = [g for g, c in claims.items() if c["action"] == "resume"]
+        assert len(resumed) == 1 and claims[resumed[0]]["node"] == "hostA", claims
+        g = int(resumed[0].split("-")[1])
+        assert f"won generation {g} (hostB silent): started the primary under {g + 1}" in \
+            a.log.read_text()
+        assert pa["generation"] >= g + 1
+        # B's agent comes back: its standby again, and A protected by it
+        b.start()
+        wait("A protected again by B", lambda: (by_pair(a, pair_name) or {}).get("phase")
+             == "protected")
+        pb = by_pair(b, pair_name)
+        assert pb and pb["role"] == "secondary"
     finally:
         obs.close()
 
