@@ -8,7 +8,7 @@ mirror switchover --config F             planned role swap (run on the primary's
 (failover and switchover reach the agent through STATE_DIR/control.sock)
 mirror keygen [--dir D] [--name N]       this host's interconnect key pair (CurveZMQ)
 mirror image build [--dir D]             the demo guest (Debian kernel + busybox initramfs)
-mirror demo [--guest synthetic|qemu] ... a primary and a secondary on this machine
+mirror demo [--guest synthetic|qemu|libvirt] ... a primary and a secondary on this machine
 mirror pool COMMAND ...                  pool HA on etcd (mirror pool --help)
 mirror agent [--config F]                this host's agent: every pair role on the host
 mirror pair DOMAIN --peer HOST [--check] mirror a libvirt domain onto HOST (via the agents)
@@ -34,7 +34,7 @@ from mirror.guests import image
 from mirror.guests.base import GuestError
 from mirror.ha import agent, control, hostcli, primary, secondary
 from mirror.hoststate import read_json, running
-from mirror.lab import demo, qemudemo
+from mirror.lab import demo, libvirtdemo, qemudemo
 from mirror.pool import cli as pool_cli
 from mirror.replication import keys
 from mirror.replication.standby import StandbyError
@@ -154,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a primary and a secondary on this machine, then a summary")
     p.add_argument(
         "--guest",
-        choices=["synthetic", "qemu"],
+        choices=["synthetic", "qemu", "libvirt"],
         default="synthetic",
         help="synthetic (default): a synthetic guest on loopback; qemu: a QEMU guest in "
         "network namespaces whose client's TCP connection survives the kill of its host "
-        "(needs root)",
+        "(needs root); libvirt: the same with a libvirt domain (each host runs its own "
+        "libvirtd)",
     )
     p.add_argument("--config", help="base configuration (TOML); the options below override it")
     p.add_argument(
@@ -290,8 +291,10 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "image":
             image.build(Path(args.dir))
             return 0
-        if args.command == "demo" and args.guest == "qemu":
-            base = load(args.config) if args.config else qemudemo.default_base()
+        if args.command == "demo" and args.guest in ("qemu", "libvirt"):
+            libvirt = args.guest == "libvirt"
+            default = libvirtdemo.default_base() if libvirt else qemudemo.default_base()
+            base = load(args.config) if args.config else default
             base = replace(
                 base,
                 guest=replace(base.guest, ram_mib=args.ram_mib or 128),
@@ -303,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
             )
             r = qemudemo.run(
                 base,
+                guest=libvirtdemo.LibvirtDemoGuest() if libvirt else None,
                 image_dir=Path(args.image_dir),
                 kill_after=args.kill_after or 5.0,
                 run_on=args.run_on if args.run_on != 3.0 else 5.0,
@@ -310,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
                 quiet=args.json,
             )
             (qemudemo.dump_json if args.json else qemudemo.print_summary)(r)
+            if libvirt and not args.json:
+                libvirtdemo.print_libvirt(r)
             return 0 if r["connection_survived"] else 1
         if args.command == "demo":
             if args.observer:

@@ -66,7 +66,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class GuestConfig:
-    kind: str = field(default="synthetic", metadata=_choices("synthetic", "qemu"))
+    kind: str = field(default="synthetic", metadata=_choices("synthetic", "qemu", "libvirt"))
     ram_mib: int = field(default=256, metadata=_range(1, 1 << 20))
     dirty_pages_per_s: int = field(default=20000, metadata=_range(0, 10**8))
     outputs_per_s: int = field(default=200, metadata=_range(1, 100_000))
@@ -90,6 +90,22 @@ class QemuConfig:
     append: str = "console=ttyS0 quiet mirror.ip=10.0.0.10/24"
     mac: str = field(default="52:54:00:12:34:56", metadata=_range(17, 17))
     tap: str = field(default="", metadata=_range(0, 15))  # "": the NIC reaches no network
+    bridge: str = field(default="", metadata=_range(0, 15))
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    """A libvirt domain (guest.kind = "libvirt"); guest.ram_mib must be its RAM.  The
+    primary attaches to the running domain; the secondary runs a paused standby of it."""
+
+    domain: str = field(default="", metadata=_range(0, 200))  # the domain's name
+    connect: str = field(default="qemu:///system", metadata=_range(1, 1000))  # libvirt URI
+    # how mirror sends QMP: through libvirt (untainted) or a monitor socket of its own
+    # that the domain's XML adds with <qemu:commandline> -qmp (tainted custom-argv)
+    qmp: str = field(default="socket", metadata=_choices("libvirt", "socket"))
+    qmp_socket: str = ""  # "socket": its path as this host sees it ("": from the XML)
+    standby_xml: str = ""  # secondary: the domain XML of the standby ("": the domain here)
+    tap: str = field(default="", metadata=_range(0, 15))  # where released frames go
     bridge: str = field(default="", metadata=_range(0, 15))
 
 
@@ -153,6 +169,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     guest: GuestConfig = GuestConfig()
     qemu: QemuConfig = QemuConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
     disk: DiskConfig = DiskConfig()
     output: OutputConfig = OutputConfig()
     arbiter: ArbiterConfig = ArbiterConfig()
@@ -241,6 +258,11 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
             f"{source}: [disk] size_mib = {cfg.disk.size_mib}: a disk needs guest.kind = "
             f'"qemu" (got {cfg.guest.kind!r}); set size_mib = 0 for no disk'
         )
+    if cfg.guest.kind == "libvirt" and not cfg.libvirt.domain:
+        raise ConfigError(
+            f'{source}: guest.kind = "libvirt" needs [libvirt] domain = "NAME" (the domain '
+            f"to mirror)"
+        )
     if cfg.disk.size_mib and cfg.disk.port in (cfg.link.data_port, cfg.link.heartbeat_port):
         raise ConfigError(
             f"{source}: [disk] port {cfg.disk.port} is also a [link] port: pick another"
@@ -255,8 +277,13 @@ def check_key_prefix(text: str, where: str) -> str:
     """An etcd key prefix: ``/`` then letters, digits, ``.``, ``_``, ``-`` and ``/`` (no
     empty segment).  Returns it with exactly one trailing ``/``."""
     body = text.strip("/")
-    if not text.startswith("/") or not body or "//" in text.rstrip("/") or len(text) > 200 \
-            or not all(c.isascii() and (c.isalnum() or c in "._-/") for c in body):
+    if (
+        not text.startswith("/")
+        or not body
+        or "//" in text.rstrip("/")
+        or len(text) > 200
+        or not all(c.isascii() and (c.isalnum() or c in "._-/") for c in body)
+    ):
         raise ConfigError(
             f"{where}: bad etcd key prefix {text!r}: expected /NAME[/NAME...] of letters, "
             f"digits, '.', '_', '-' (e.g. /mirror/pool-b/)"

@@ -115,12 +115,23 @@ class NetRelay:
     device); frames from the TAP device go straight to the guest while the relay
     is active (a standby's relay is not: its guest does not run yet)."""
 
-    def __init__(self, path: Path, tap: str, bridge: str, *, active: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tap: str,
+        bridge: str,
+        *,
+        active: bool = True,
+        connect: tuple[str, int] | None = None,
+    ) -> None:
         self.path = path
-        path.unlink(missing_ok=True)
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        self._server.listen(1)
+        self.connect = connect  # QEMU listens there (``-netdev socket,listen=``): dial it
+        self._server: socket.socket | None = None
+        if connect is None:
+            path.unlink(missing_ok=True)
+            self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._server.bind(str(path))
+            self._server.listen(1)
         self.tap_fd = open_tap(tap, bridge) if tap else -1
         self.tap = tap
         self.active = active
@@ -133,8 +144,26 @@ class NetRelay:
         self._halt = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def dial(self, timeout: float = 30.0) -> None:
+        """Connect to QEMU's listening NIC socket (``connect`` mode), then start moving
+        frames.  Same framing as ``-netdev stream``: 4-byte big-endian length + frame."""
+        assert self.connect is not None
+        deadline = time.monotonic() + timeout
+        while self.conn is None:
+            try:
+                self.conn = socket.create_connection(self.connect, timeout=1)
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    host, port = self.connect
+                    raise GuestError(
+                        f"cannot connect to the guest's NIC socket {host}:{port}: {e.strerror}"
+                    ) from e
+                time.sleep(0.05)
+        self._start_moving()
+
     def accept(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
         """Wait for QEMU to connect, then start moving frames."""
+        assert self._server is not None
         self._server.settimeout(0.2)
         deadline = time.monotonic() + timeout
         while self.conn is None:
@@ -146,6 +175,10 @@ class NetRelay:
                 self.conn, _ = self._server.accept()
             except TimeoutError:
                 continue
+        self._start_moving()
+
+    def _start_moving(self) -> None:
+        assert self.conn is not None
         self.conn.setblocking(True)
         for target in (self._from_guest, self._from_network):
             t = threading.Thread(target=target, daemon=True, name=target.__name__)
@@ -228,8 +261,9 @@ class NetRelay:
             t.join(1)
         if self.conn is not None:
             self.conn.close()
-        self._server.close()
-        self.path.unlink(missing_ok=True)
+        if self._server is not None:
+            self._server.close()
+            self.path.unlink(missing_ok=True)
         if self.tap_fd >= 0:
             os.close(self.tap_fd)
             self.tap_fd = -1

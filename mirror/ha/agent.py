@@ -295,8 +295,9 @@ def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False)
         etcd = Etcd(
             cfg.arbiter.etcd, timeout=max(0.2, 2 * cfg.arbiter.heartbeat_interval_ms / 1000)
         )
-        return EtcdArbiter(etcd, cfg.pair.name, node or cfg.node.name,
-                           prefix=cfg.arbiter.etcd_prefix)
+        return EtcdArbiter(
+            etcd, cfg.pair.name, node or cfg.node.name, prefix=cfg.arbiter.etcd_prefix
+        )
     return DirectoryArbiter(
         Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name, prepare=prepare
     )

@@ -6,7 +6,9 @@ promote the standby from a checkpoint, and where its released outputs go.
 - qemu: outputs are Ethernet frames, released into this host's network through
   the guest's TAP device; after a failover the resumed guest's TCP peers resend
   what they lack, and committed frames the dead primary may not have released
-  are sent again (Ethernet may duplicate; TCP drops what it has).
+  are sent again (Ethernet may duplicate; TCP drops what it has);
+- libvirt: the same NIC relay, on a domain libvirt runs (mirror/guests/libvirt.py): the
+  primary attaches to the running domain, the secondary keeps a paused standby domain.
 """
 
 from __future__ import annotations
@@ -192,5 +194,67 @@ class QemuBackend(Backend):
         ready.stop()
 
 
+class LibvirtBackend(Backend):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self._fingerprint: str | None = None
+        self._xml: str | None = None  # the attached domain's live XML (primary)
+
+    def fingerprint(self) -> str:
+        from mirror.guests import libvirt as lv
+
+        if self._fingerprint is None:
+            s = self.cfg.libvirt
+            conn = lv.open_conn(s.connect)
+            try:
+                xml = self._xml if self._xml is not None else self._standby_source(conn)
+                self._fingerprint = lv.fingerprint_of(xml, conn)
+            finally:
+                conn.close()
+        return self._fingerprint
+
+    def _standby_source(self, conn: Any) -> str:
+        s = self.cfg.libvirt
+        if s.standby_xml:
+            try:
+                return Path(s.standby_xml).read_text()
+            except OSError as e:
+                raise GuestError(f"[libvirt] standby_xml {s.standby_xml}: {e.strerror}") from None
+        try:
+            return str(conn.lookupByName(s.domain).XMLDesc(2))  # VIR_DOMAIN_XML_INACTIVE
+        except Exception:
+            raise GuestError(
+                f"no domain {s.domain!r} defined at {s.connect} and no [libvirt] standby_xml"
+            ) from None
+
+    def boot(self, on_output: OutputHandler) -> Guest:
+        from mirror.guests.libvirt import LibvirtGuest
+
+        g = LibvirtGuest.attach(self.cfg.libvirt, self.cfg.guest.ram_mib, on_output)
+        self._xml = g.xml
+        return g
+
+    def sink(self, guest: Any) -> OutputSink:
+        return _RelaySink(guest)
+
+    def ready(self, image: Path) -> Any:
+        from mirror.guests.libvirt import LibvirtGuest
+
+        return LibvirtGuest.ready(self.cfg.libvirt, self.cfg.guest.ram_mib)
+
+    def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
+        ready.go_on_from(image, state.read_bytes(), on_output)
+        # the domain runs on its own RAM file now (a copy): the image's memory goes back
+        # when the standby unmaps it (the qemu backend's guest runs on the image itself)
+        image.unlink(missing_ok=True)
+        return ready  # type: ignore[no-any-return]
+
+    def discard(self, ready: Any) -> None:
+        ready.stop()
+
+
 def backend_for(cfg: Config) -> Backend:
-    return {"synthetic": SyntheticBackend, "qemu": QemuBackend}[cfg.guest.kind](cfg)
+    kinds: dict[str, type[Backend]] = {
+        "synthetic": SyntheticBackend, "qemu": QemuBackend, "libvirt": LibvirtBackend,
+    }  # fmt: skip
+    return kinds[cfg.guest.kind](cfg)

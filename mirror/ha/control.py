@@ -144,8 +144,9 @@ class ControlServer(threading.Thread):
         conn.settimeout(self.timeout)
         pid, uid = _peer_uid(conn)
         if not _trusted(uid):
-            log.warning("control: refused pid %d of uid %d (not root or uid %d)", pid, uid,
-                        os.geteuid())
+            log.warning(
+                "control: refused pid %d of uid %d (not root or uid %d)", pid, uid, os.geteuid()
+            )
             return
         data = b""
         while b"\n" not in data and len(data) <= self.max_request:

@@ -154,7 +154,9 @@ class Etcd:
         return int(r.get("deleted", 0))
 
     def txn(
-        self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+        self,
+        compare: list[dict[str, Any]],
+        success: list[dict[str, Any]],
         failure: list[dict[str, Any]] | None = None,
     ) -> tuple[bool, list[dict[str, Any]]]:
         """(succeeded, responses): responses of ``success`` or of ``failure``."""

@@ -261,9 +261,7 @@ class PrimaryRun:
                 last_status = now
             # the session began with the standby's WELCOME: before its first heartbeat
             # crosses, the secondary is not silent (the controller's rule)
-            d = failover.tick(
-                link.peer.node or None, link.peer.age(), session_age=now - paired_at
-            )
+            d = failover.tick(link.peer.node or None, link.peer.age(), session_age=now - paired_at)
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
                 verdict.append(d.action)
                 return True

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mirror.config import Config, QemuConfig
 from mirror.guests import image
@@ -108,9 +108,57 @@ def client_events(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+class DemoGuest(Protocol):
+    """What differs between guest kinds in this demo (mirror/lab/libvirtdemo.py has the
+    libvirt one): how the hosts' guests are set up, where A's console is, how A dies."""
+
+    label: str  # "QEMU", "a libvirt domain", ...
+
+    def check(self, base: Config) -> None: ...
+
+    def configs(
+        self, lan: GuestLan, root: Path, base: Config, img: Path, pair: str
+    ) -> tuple[Config, Config]: ...
+
+    def serial(self, root: Path) -> Path: ...
+
+    def kill_a(self, a: Host) -> None: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class QemuDemoGuest:
+    """mirror's own QEMU: the agent boots it; SIGKILL to A's group takes QEMU along."""
+
+    label = "QEMU"
+
+    def check(self, base: Config) -> None:
+        qemu_version(base.qemu.binary)  # a clear error now if QEMU is missing
+
+    def configs(
+        self, lan: GuestLan, root: Path, base: Config, img: Path, pair: str
+    ) -> tuple[Config, Config]:
+        return configs(root, base, img, pair)
+
+    def serial(self, root: Path) -> Path:
+        return root / "hostA" / "qemu" / "serial.log"
+
+    def kill_a(self, a: Host) -> None:
+        a.signal(signal.SIGKILL)  # the whole host at once: the agent, and QEMU dies with it
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 def run(
     base: Config,
     *,
+    guest: DemoGuest | None = None,
     image_dir: Path = image.DEFAULT_DIR,
     kill_after: float = 5.0,
     run_on: float = 5.0,
@@ -120,7 +168,8 @@ def run(
     """Boot, mirror, connect the client, kill host A ``kill_after`` seconds after the
     client connected, let the promoted guest serve ``run_on`` seconds, stop."""
     check_capable()
-    qemu_version(base.qemu.binary)  # a clear error now if QEMU is missing
+    guest = guest or QemuDemoGuest()
+    guest.check(base)
     t0 = time.time()
     timeline: list[tuple[float, str]] = []
 
@@ -138,15 +187,16 @@ def run(
     log = root / "client.jsonl"
     result: dict[str, Any] = {}
     try:
-        cfg_a, cfg_b = configs(root, base, img, pair)
         mark("network namespaces up: LAN bridge, host A, host B, client; interconnect A-B")
+        cfg_a, cfg_b = guest.configs(lan, root, base, img, pair)
         a, b = start_pair(lan, root, cfg_a, cfg_b, hosts)
-        mark(f"host B: standby ready ({base.guest.ram_mib} MiB image, QEMU waiting on it)")
+        mark(f"host B: standby ready ({base.guest.ram_mib} MiB image, {guest.label} waiting "
+             f"on it)")  # fmt: skip
         st = wait_for("the pre-copy", lambda: (a.status() or {}).get("phase") == "protected"
                       and a.status(), 120, hosts)  # fmt: skip
-        mark(f"host A: guest booting under QEMU ({base.qemu.accel}); sync to B done, "
+        mark(f"host A: guest running under {guest.label}; sync to B done, "
              f"checkpoints every {base.checkpoint.epoch_ms} ms")  # fmt: skip
-        serial = root / "hostA" / "qemu" / "serial.log"
+        serial = guest.serial(root)
         wait_for("the guest's service", lambda: "guestd: listening" in _read(serial), 120, hosts)
         mark(
             f"guest: service up on {GUEST_IP}:{PORT} (checkpoint {(a.status() or {}).get('epoch')})"
@@ -170,10 +220,11 @@ def run(
                       default=0)  # fmt: skip
         mark(f"client has read n={counter}; host A at checkpoint {st.get('epoch')} "
              f"(acked {st.get('acked')})")  # fmt: skip
-        a.signal(signal.SIGKILL)  # the whole host at once: the agent, and QEMU dies with it
         killed = time.time()
+        guest.kill_a(a)
         a.proc.wait()
-        mark(f"KILLED host A (SIGKILL to its process group {a.proc.pid})", killed)
+        mark(f"KILLED host A (SIGKILL to its process group {a.proc.pid}, and "
+             f"{guest.label}'s processes)", killed)  # fmt: skip
         promoted = wait_for(
             "host B to promote",
             lambda: (s := b.status()) and s.get("role") == "primary" and s.get("failover_ms") and s,
@@ -210,6 +261,7 @@ def run(
             "promoted_from": promoted.get("promoted_from"),
             "primary_summary": st.get("summary", {}),
             "promoted_status": {k: st_b.get(k) for k in ("role", "phase", "generation")},
+            **guest.report(),
         }
         return result
     except BaseException:
@@ -224,6 +276,7 @@ def run(
             client.wait()
         for h in hosts:
             h.stop()
+        guest.close()
         lan.close()
         if keep:
             print(f"files kept in {root}", file=sys.stderr)

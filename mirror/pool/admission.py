@@ -70,8 +70,10 @@ def describe_break(a: Analysis) -> str:
         )
     if fp is None:
         return f"the pool tolerates {a.tolerated} host failure(s), not {a.k}"
-    what = "with no host failed" if not fp.failed else "if " + ", ".join(fp.failed) + (
-        " fails" if len(fp.failed) == 1 else " fail"
+    what = (
+        "with no host failed"
+        if not fp.failed
+        else "if " + ", ".join(fp.failed) + (" fails" if len(fp.failed) == 1 else " fail")
     )
     proof = "" if fp.proven else " (the planner found no placement; it cannot prove none exists)"
     return (
@@ -81,8 +83,9 @@ def describe_break(a: Analysis) -> str:
     )
 
 
-def _admit(after: Pool, what: str, may_break: bool, *, subject: str | None = None,
-           **kw: Any) -> Outcome:
+def _admit(
+    after: Pool, what: str, may_break: bool, *, subject: str | None = None, **kw: Any
+) -> Outcome:
     """Plan ``after``; refuse it (or warn, with allow_overcommit) if it breaks k and the
     change may break it.  ``subject``: the VM the change starts or grows."""
     after.check()
@@ -91,8 +94,10 @@ def _admit(after: Pool, what: str, may_break: bool, *, subject: str | None = Non
         return Outcome(after, a, None, what)
     msg = f"{what}: {describe_break(a)}"
     if subject is not None and after.vms[subject].priority == "best-effort":
-        msg += (" (a running best-effort VM keeps its memory when hosts fail: failed-over VMs "
-                "never preempt it, so it needs room like any VM)")
+        msg += (
+            " (a running best-effort VM keeps its memory when hosts fail: failed-over VMs "
+            "never preempt it, so it needs room like any VM)"
+        )
     if after.allow_overcommit:
         return Outcome(after, a, f"WARNING: overcommitted: {msg}", what)
     raise Refused(f"refused: {msg} (allow_overcommit is off)", a)
@@ -202,8 +207,9 @@ def apply_plan(pool: Pool, fp: FailurePlan) -> list[str]:
     return changed
 
 
-def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
-            **kw: Any) -> tuple[Pool, Outcome | None, Refused | None]:
+def _choose(
+    pool: Pool, vm: VM, host: str | None, standby: str | None, **kw: Any
+) -> tuple[Pool, Outcome | None, Refused | None]:
     """Try placements for a new VM (largest free memory first); the first admitted wins."""
     free = pool.free()
     ups = [h for h in pool.up_hosts() if free[h][0] >= vm.mem_mb and free[h][1] >= vm.vcpus]
@@ -219,8 +225,11 @@ def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
     for h in hosts:
         sbs: list[str | None] = [None]
         if vm.priority == "mirrored":
-            sbs = [standby] if standby else list[str | None](
-                [x for x in ups if x != h][:PLACEMENT_CHOICES])
+            sbs = (
+                [standby]
+                if standby
+                else list[str | None]([x for x in ups if x != h][:PLACEMENT_CHOICES])
+            )
             if not sbs:
                 raise Refused(
                     f"refused: mirrored VM {vm.name} needs a second up host with "
@@ -236,18 +245,33 @@ def _choose(pool: Pool, vm: VM, host: str | None, standby: str | None,
             except PoolError as e:
                 raise Refused(f"refused: VM {vm.name} does not fit there: {e}") from None
             try:
-                return after, _admit(after, f"start VM {vm.name} on {h}"
-                                     + (f" (standby on {s})" if s else ""), True, subject=vm.name,
-                                     **kw), None
+                return (
+                    after,
+                    _admit(
+                        after,
+                        f"start VM {vm.name} on {h}" + (f" (standby on {s})" if s else ""),
+                        True,
+                        subject=vm.name,
+                        **kw,
+                    ),
+                    None,
+                )
             except Refused as r:
                 first_refusal = first_refusal or r
     assert first_refusal is not None
     if host is None or (vm.priority == "mirrored" and standby is None):
         first_refusal = Refused(
             f"{first_refusal} [{tried} placement(s) tried: the up hosts with the most free "
-            f"memory, at most {PLACEMENT_CHOICES}" + (f", each with at most {PLACEMENT_CHOICES} "
-            "standby hosts" if vm.priority == "mirrored" else "") + "; give --host/--standby "
-            "to try others]", first_refusal.analysis)
+            f"memory, at most {PLACEMENT_CHOICES}"
+            + (
+                f", each with at most {PLACEMENT_CHOICES} standby hosts"
+                if vm.priority == "mirrored"
+                else ""
+            )
+            + "; give --host/--standby "
+            "to try others]",
+            first_refusal.analysis,
+        )
     return pool, None, first_refusal
 
 
@@ -261,8 +285,15 @@ def _largest(pool: Pool) -> str:
 
 
 def add_vm(
-    pool: Pool, name: str, mem_mb: int, vcpus: int, priority: str, order: int = 0,
-    host: str | None = None, standby: str | None = None, **kw: Any,
+    pool: Pool,
+    name: str,
+    mem_mb: int,
+    vcpus: int,
+    priority: str,
+    order: int = 0,
+    host: str | None = None,
+    standby: str | None = None,
+    **kw: Any,
 ) -> Outcome:
     _check_name("VM", name)
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -297,8 +328,7 @@ def remove_vm(pool: Pool, name: str, **kw: Any) -> Outcome:
     return _admit(after, f"remove VM {name}", may_break=False, **kw)
 
 
-def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
-              **kw: Any) -> Outcome:
+def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None, **kw: Any) -> Outcome:
     vm = _need_vm(pool, name)
     vcpus = vm.vcpus if vcpus is None else vcpus
     _check_size(f"VM {name}", mem_mb, vcpus)
@@ -309,12 +339,14 @@ def resize_vm(pool: Pool, name: str, mem_mb: int, vcpus: int | None = None,
     except PoolError as e:
         raise Refused(f"refused: resize of VM {name}: its host has no room: {e}") from None
     grows = mem_mb > vm.mem_mb or vcpus > vm.vcpus
-    return _admit(after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, subject=name,
-                  **kw)
+    return _admit(
+        after, f"resize VM {name} to {mem_mb} MiB, {vcpus} vCPUs", grows, subject=name, **kw
+    )
 
 
-def configure(pool: Pool, failures: int | None, allow_overcommit: bool | None,
-              **kw: Any) -> Outcome:
+def configure(
+    pool: Pool, failures: int | None, allow_overcommit: bool | None, **kw: Any
+) -> Outcome:
     after = pool.copy()
     if failures is not None:
         if not 0 <= failures <= 64:
@@ -323,5 +355,6 @@ def configure(pool: Pool, failures: int | None, allow_overcommit: bool | None,
     if allow_overcommit is not None:
         after.allow_overcommit = allow_overcommit
     grows = (failures or 0) > pool.failures_to_tolerate or (
-        allow_overcommit is False and pool.allow_overcommit)
+        allow_overcommit is False and pool.allow_overcommit
+    )
     return _admit(after, "configure the pool", grows, **kw)

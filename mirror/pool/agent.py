@@ -100,8 +100,12 @@ class Child:
 
 
 def pair_config(
-    spec: PairSpec, host: str, etcd_url: str, state_dir: Path,
-    arbiter_prefix: str = ARBITER_PREFIX, secret_key: Path | None = None,
+    spec: PairSpec,
+    host: str,
+    etcd_url: str,
+    state_dir: Path,
+    arbiter_prefix: str = ARBITER_PREFIX,
+    secret_key: Path | None = None,
 ) -> Config:
     """The configuration of one role of a pool VM's pair on ``host``: the pool's etcd as
     its arbiter (keys under ``arbiter_prefix``, the pool's), the VM's interconnect ports
@@ -109,27 +113,40 @@ def pair_config(
     host's interconnect key and its peer's public key (``peer.key`` in ``state_dir``,
     which the agent keeps to the peer the pool places)."""
     return Config(
-        keys=KeysConfig(secret_key=str(secret_key or ""),
-                        peer_public_key=str(state_dir / PEER_KEY)),
+        keys=KeysConfig(
+            secret_key=str(secret_key or ""), peer_public_key=str(state_dir / PEER_KEY)
+        ),
         pair=PairConfig(name=spec.pair),
         node=NodeConfig(name=host, state_dir=str(state_dir)),
-        link=LinkConfig(host="127.0.0.1", data_port=spec.data_port,
-                        heartbeat_port=spec.heartbeat_port),
+        link=LinkConfig(
+            host="127.0.0.1", data_port=spec.data_port, heartbeat_port=spec.heartbeat_port
+        ),
         checkpoint=CheckpointConfig(epoch_ms=50, threads=1),
-        guest=GuestConfig(ram_mib=spec.ram_mib, dirty_pages_per_s=spec.dirty_pages_per_s,
-                          outputs_per_s=spec.outputs_per_s),
+        guest=GuestConfig(
+            ram_mib=spec.ram_mib,
+            dirty_pages_per_s=spec.dirty_pages_per_s,
+            outputs_per_s=spec.outputs_per_s,
+        ),
         output=OutputConfig(observer=spec.observer),
-        arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url,
-                              etcd_prefix=arbiter_prefix),
+        arbiter=ArbiterConfig(
+            dir=str(state_dir / "arbiter"), etcd=etcd_url, etcd_prefix=arbiter_prefix
+        ),
         metrics=MetricsConfig(listen=""),  # many pairs per host: no metrics port each (yet)
     )
 
 
 class HostAgent:
     def __init__(
-        self, etcd_url: str, host: str, ttl: int = 3, run_dir: Path | None = None,
-        mem_mb: int | None = None, vcpus: int | None = None, interval: float | None = None,
-        promote_wait: float = PROMOTE_WAIT_S, prefix: str = PREFIX,
+        self,
+        etcd_url: str,
+        host: str,
+        ttl: int = 3,
+        run_dir: Path | None = None,
+        mem_mb: int | None = None,
+        vcpus: int | None = None,
+        interval: float | None = None,
+        promote_wait: float = PROMOTE_WAIT_S,
+        prefix: str = PREFIX,
     ) -> None:
         self.etcd = Etcd(etcd_url, timeout=max(1.0, ttl / 2))
         self.store = Store(self.etcd, prefix)
@@ -159,8 +176,9 @@ class HostAgent:
                         f"unknown host {self.host!r}: add it with `mirror pool host add` "
                         f"or give the agent --mem and --vcpus"
                     )
-                pool = admission.add_host(pool, self.host, self.mem_mb, self.vcpus,
-                                          keep="single").pool
+                pool = admission.add_host(
+                    pool, self.host, self.mem_mb, self.vcpus, keep="single"
+                ).pool
             else:
                 pool = pool.copy()
             h = pool.hosts[self.host]
@@ -168,8 +186,9 @@ class HostAgent:
             pool.hosts[self.host] = replace(h, agent=True, state=state)
             return pool, analyse(pool, keep="single"), None
 
-        self.store.mutate(change, extra=[put_op(self.store.key("members", self.host), member,
-                                                lease)])
+        self.store.mutate(
+            change, extra=[put_op(self.store.key("members", self.host), member, lease)]
+        )
         self.lease = lease
         log.info("host %s registered (lease %x, ttl %d s)", self.host, lease, self.ttl)
 
@@ -221,8 +240,11 @@ class HostAgent:
                     continue
                 if snap.running.get(vm) not in (None, self.host) and c.proc.poll() is None:
                     continue  # its primary still runs (it may hand over to this standby)
-            if c.role == "primary" and vm in pool.pairs and self._switching(vm, c, placed.get(
-                    vm), pool.placements.get(vm)):
+            if (
+                c.role == "primary"
+                and vm in pool.pairs
+                and self._switching(vm, c, placed.get(vm), pool.placements.get(vm))
+            ):
                 continue
             self._stop(vm)
         for vm in sorted(want):
@@ -232,22 +254,28 @@ class HostAgent:
                     had.held = self._hold(vm)
                 continue
             if had is not None:
-                log.warning("VM %s (%s) exited (%s): starting it again", vm, had.role,
-                            had.proc.returncode)
+                log.warning(
+                    "VM %s (%s) exited (%s): starting it again", vm, had.role, had.proc.returncode
+                )
                 del self.procs[vm]
             self._start(vm, want[vm], pool.pairs.get(vm), snap)
         for vm, c in self.procs.items():  # a pair role's peer moved: its key follows
             if c.state_dir is not None and c.proc.poll() is None and vm in pool.pairs:
                 self._write_peer_key(vm, c.state_dir, snap)
 
-    def _switching(self, vm: str, c: Child, old: Placement | None,
-                   new: Placement | None) -> bool:
+    def _switching(self, vm: str, c: Child, old: Placement | None, new: Placement | None) -> bool:
         """A pair's primary placed away from here onto its own standby's host (maintenance):
         hand over to the standby (a planned switchover, nothing lost) rather than stop it.
         True while the handover goes on; then it is stopped as any role."""
         if c.switch_until is None:
-            if old is None or new is None or old.standby is None or new.host != old.standby \
-                    or c.state_dir is None or c.proc.poll() is not None:
+            if (
+                old is None
+                or new is None
+                or old.standby is None
+                or new.host != old.standby
+                or c.state_dir is None
+                or c.proc.poll() is not None
+            ):
                 return False
             try:
                 st = read_json(c.state_dir / "status.json")
@@ -266,7 +294,8 @@ class HostAgent:
         done = st.get("role") == "secondary" or st.get("phase") == "switched-over"
         if done or c.proc.poll() is not None or time.monotonic() > c.switch_until:
             (log.info if done else log.warning)(
-                "VM %s: %s", vm, "handed over" if done else "handover not done")
+                "VM %s: %s", vm, "handed over" if done else "handover not done"
+            )
             return False
         return True
 
@@ -276,8 +305,7 @@ class HostAgent:
         dead host's key goes with its lease."""
         key = self.store.key("running", vm)
         body = json.dumps({"host": self.host, "time": time.time()})
-        ok, resp = self.etcd.txn([absent(key)], [put_op(key, body, self.lease)],
-                                 [range_op(key)])
+        ok, resp = self.etcd.txn([absent(key)], [put_op(key, body, self.lease)], [range_op(key)])
         if not ok:
             kvs = Etcd.range_kvs(resp[0]) if resp else []
             holder = json.loads(kvs[0].value).get("host") if kvs else None
@@ -290,8 +318,11 @@ class HostAgent:
 
     @property
     def key_dir(self) -> Path:
-        root = self.run_dir if self.run_dir is not None else \
-            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
+        root = (
+            self.run_dir
+            if self.run_dir is not None
+            else Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
+        )
         return root / "keys"
 
     @property
@@ -328,18 +359,26 @@ class HostAgent:
         except OSError:
             pass
         write_atomic(path, text.encode())
-        log.info("VM %s: its pair's peer here is %s (key %s)", vm, peer,
-                 keys.fingerprint(key.encode()))
+        log.info(
+            "VM %s: its pair's peer here is %s (key %s)", vm, peer, keys.fingerprint(key.encode())
+        )
         return True
 
     def _start(self, vm: str, role: str, pair: PairSpec | None, snap: Snapshot) -> None:
-        if role == "primary" and pair is not None and (
-                won := unrecorded_promotion(self.etcd, pair,
-                                            prefix=self.store.arbiter)) is not None:
+        if (
+            role == "primary"
+            and pair is not None
+            and (won := unrecorded_promotion(self.etcd, pair, prefix=self.store.arbiter))
+            is not None
+        ):
             # a fresh primary here while the pair's standby has promoted (the pool has not
             # recorded it yet) would be a second one: wait for the pool
-            log.info("VM %s: its standby %s promoted (generation %d): not starting a primary",
-                     vm, won[1], won[0])
+            log.info(
+                "VM %s: its standby %s promoted (generation %d): not starting a primary",
+                vm,
+                won[1],
+                won[0],
+            )
             return
         if role != "secondary" and not self._hold(vm):
             return
@@ -347,8 +386,7 @@ class HostAgent:
             cmd = [sys.executable, "-m", "mirror.pool.vmproc", vm, self.host]
             if self.run_dir is not None:
                 cmd.append(str(self.run_dir / "vms.log"))
-            self.procs[vm] = Child(subprocess.Popen(cmd, stdin=subprocess.DEVNULL), role,
-                                   held=True)
+            self.procs[vm] = Child(subprocess.Popen(cmd, stdin=subprocess.DEVNULL), role, held=True)
         else:
             state = self.pair_dir(vm)
             state.mkdir(parents=True, exist_ok=True)
@@ -358,21 +396,41 @@ class HostAgent:
             if not self._write_peer_key(vm, state, snap) and role == "secondary":
                 return  # its primary's key is not published yet: on a later round
             cfg_path = state / "mirror.toml"
-            cfg_path.write_text(config_mod.to_toml(
-                pair_config(pair, self.host, self.etcd.url, state, self.store.arbiter,
-                            secret_key=self.secret_key)))
+            cfg_path.write_text(
+                config_mod.to_toml(
+                    pair_config(
+                        pair,
+                        self.host,
+                        self.etcd.url,
+                        state,
+                        self.store.arbiter,
+                        secret_key=self.secret_key,
+                    )
+                )
+            )
             with open(state / "agent.log", "ab") as out:
                 extra = ["--leave-after-switchover"] if role == "primary" else []
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "mirror", role, "--config", str(cfg_path), *extra],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             self.procs[vm] = Child(proc, role, state, held=role == "primary")
-        log.info("VM %s: %s started on %s (pid %d)", vm,
-                 "pair " + role if role != "vm" else "VM", self.host, self.procs[vm].proc.pid)
+        log.info(
+            "VM %s: %s started on %s (pid %d)",
+            vm,
+            "pair " + role if role != "vm" else "VM",
+            self.host,
+            self.procs[vm].proc.pid,
+        )
 
     def pair_dir(self, vm: str) -> Path:
-        root = self.run_dir if self.run_dir is not None else \
-            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
+        root = (
+            self.run_dir
+            if self.run_dir is not None
+            else Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
+        )
         return root / "pairs" / vm / self.host
 
     @staticmethod
@@ -409,8 +467,9 @@ class HostAgent:
         """No lease renewed for most of its TTL: it may have expired and the controller
         may be restarting this host's VMs elsewhere, so stop them here now."""
         if self.procs:
-            log.warning("host %s cannot renew its lease: stopping its %d VM(s)",
-                        self.host, len(self.procs))
+            log.warning(
+                "host %s cannot renew its lease: stopping its %d VM(s)", self.host, len(self.procs)
+            )
             self.stop_all(release=False)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -434,8 +493,7 @@ class HostAgent:
                     self.reconcile(snap)
                     self.try_lead(snap)
                     if self.leader:
-                        Controller(self.store, self.host, self.waits,
-                                   self.promote_wait).step(snap)
+                        Controller(self.store, self.host, self.waits, self.promote_wait).step(snap)
                 except (EtcdError, Conflict) as e:
                     log.warning("host %s: %s", self.host, e)
                 stop.wait(self.interval)
@@ -451,8 +509,13 @@ class HostAgent:
 class Controller:
     """The pool controller's work for one tick (run by the leading agent)."""
 
-    def __init__(self, store: Store, me: str, waits: dict[str, float] | None = None,
-                 promote_wait: float = PROMOTE_WAIT_S) -> None:
+    def __init__(
+        self,
+        store: Store,
+        me: str,
+        waits: dict[str, float] | None = None,
+        promote_wait: float = PROMOTE_WAIT_S,
+    ) -> None:
         self.store = store
         self.me = me
         self.waits = {} if waits is None else waits  # VM -> since when (monotonic)
@@ -466,8 +529,12 @@ class Controller:
             for h in dead:
                 after.set_host_state(h, "dead")
             planned = (snap.plan or {}).get("single_failure_plans", {})
-            events = [self.store.event_op({"event": "host-dead", "host": h, "by": self.me,
-                                           "planned": planned.get(h)}) for h in dead]
+            events = [
+                self.store.event_op(
+                    {"event": "host-dead", "host": h, "by": self.me, "planned": planned.get(h)}
+                )
+                for h in dead
+            ]
             self.store.commit(snap, after, None, extra=events)
             log.warning("controller %s: host(s) %s declared dead", self.me, ", ".join(dead))
             snap = self.store.load()
@@ -490,13 +557,16 @@ class Controller:
             if p is None:
                 continue
             after = snap.pool.copy()
-            gone = tuple(h for h in (p.host, p.standby)
-                         if h is not None and after.hosts.get(h) is not None
-                         and after.hosts[h].state != "up")
+            gone = tuple(
+                h
+                for h in (p.host, p.standby)
+                if h is not None and after.hosts.get(h) is not None and after.hosts[h].state != "up"
+            )
             admission.apply_plan(after, FailurePlan(gone, moves, [], 0, []))
             if not moves:  # no room: it stops running where it was (a dead host)
-                after.place(vm, None if p.host in gone else p.host,
-                            None if p.standby in gone else p.standby)
+                after.place(
+                    vm, None if p.host in gone else p.host, None if p.standby in gone else p.standby
+                )
             q = after.placements[vm]
             if (q.host, q.standby) == (p.host, p.standby):
                 continue
@@ -512,44 +582,71 @@ class Controller:
                     if g is None:
                         since = self.waits.setdefault(vm, time.monotonic())
                         if time.monotonic() - since < self.promote_wait:
-                            log.info("controller %s: %s waits for its standby on %s to "
-                                     "promote", self.me, vm, p.standby)
+                            log.info(
+                                "controller %s: %s waits for its standby on %s to promote",
+                                self.me,
+                                vm,
+                                p.standby,
+                            )
                             continue
                         g, promoted = self.preempt(pair, p.standby)
                         if not promoted:  # it never will: restart the VM as a fresh pair
                             after = snap.pool.copy()
                             after.place(vm, None, None)
                             moves, what = [], "pair-not-promoted"
-                            log.warning("controller %s: %s: its standby on %s did not promote "
-                                        "in %.0f s; the pool took claim generation-%d: it "
-                                        "restarts as a fresh pair", self.me, vm, p.standby,
-                                        self.promote_wait, g)
+                            log.warning(
+                                "controller %s: %s: its standby on %s did not promote "
+                                "in %.0f s; the pool took claim generation-%d: it "
+                                "restarts as a fresh pair",
+                                self.me,
+                                vm,
+                                p.standby,
+                                self.promote_wait,
+                                g,
+                            )
                     self.waits.pop(vm, None)
                     after.pairs[vm] = replace(pair, seen_generation=g)
                 else:  # both hosts lost: it restarts as a fresh pair
-                    after.pairs[vm] = replace(pair, seen_generation=max(
-                        [pair.seen_generation, *claims(self.store.etcd, pair,
-                                                       self.store.arbiter)]))
+                    after.pairs[vm] = replace(
+                        pair,
+                        seen_generation=max(
+                            [
+                                pair.seen_generation,
+                                *claims(self.store.etcd, pair, self.store.arbiter),
+                            ]
+                        ),
+                    )
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
-            ev = self.store.event_op({
-                "event": what, "vm": vm, "by": self.me,
-                "from": {"host": p.host, "standby": p.standby, "epoch": p.epoch},
-                "moves": [m.to_json() for m in moves],
-                **({"down": vm in fp.down or vm in fp.lost, "needs_mb": fp.needs.get(vm)}
-                   if vm in fp.unplaced or vm in fp.lost else {}),
-            })
+            ev = self.store.event_op(
+                {
+                    "event": what,
+                    "vm": vm,
+                    "by": self.me,
+                    "from": {"host": p.host, "standby": p.standby, "epoch": p.epoch},
+                    "moves": [m.to_json() for m in moves],
+                    **(
+                        {"down": vm in fp.down or vm in fp.lost, "needs_mb": fp.needs.get(vm)}
+                        if vm in fp.unplaced or vm in fp.lost
+                        else {}
+                    ),
+                }
+            )
             try:
-                self.store.commit(snap, after, None, extra=[put_op(claim, body), ev],
-                                  compares=[absent(claim)])
+                self.store.commit(
+                    snap, after, None, extra=[put_op(claim, body), ev], compares=[absent(claim)]
+                )
             except Conflict:
                 log.info("controller %s: pool changed under the move of %s", self.me, vm)
                 return self.store.load()
-            log.warning("controller %s: %s %s", self.me, vm,
-                        ", ".join(f"{m.kind} on {m.to}" for m in moves) or what)
+            log.warning(
+                "controller %s: %s %s",
+                self.me,
+                vm,
+                ", ".join(f"{m.kind} on {m.to}" for m in moves) or what,
+            )
             snap = self.store.load()
         return snap
-
 
     def note_handovers(self, snap: Snapshot) -> Snapshot:
         """A pair whose standby took over where the pool had already placed it (a handover
@@ -601,8 +698,7 @@ class Controller:
         return None if won is None else won[0]
 
 
-def claims(etcd: Etcd, pair: PairSpec,
-           prefix: str = ARBITER_PREFIX) -> dict[int, tuple[str, str]]:
+def claims(etcd: Etcd, pair: PairSpec, prefix: str = ARBITER_PREFIX) -> dict[int, tuple[str, str]]:
     """The pair's arbiter claims (keys under ``prefix``): generation -> (node, action)."""
     kvs, _ = etcd.get_prefix(f"{prefix}/{pair.pair}/claims/")
     out: dict[int, tuple[str, str]] = {}
@@ -617,12 +713,18 @@ def claims(etcd: Etcd, pair: PairSpec,
 
 
 def unrecorded_promotion(
-    etcd: Etcd, pair: PairSpec, node: str | None = None, prefix: str = ARBITER_PREFIX,
+    etcd: Etcd,
+    pair: PairSpec,
+    node: str | None = None,
+    prefix: str = ARBITER_PREFIX,
 ) -> tuple[int, str] | None:
     """The latest promotion claim (by ``node``, or any) of a generation the pool has not
     acted on: (generation, the node that won it); None if there is none."""
-    won = [(g, who) for g, (who, action) in claims(etcd, pair, prefix).items()
-           if g > pair.seen_generation and action == "promote" and node in (None, who)]
+    won = [
+        (g, who)
+        for g, (who, action) in claims(etcd, pair, prefix).items()
+        if g > pair.seen_generation and action == "promote" and node in (None, who)
+    ]
     return max(won) if won else None
 
 

@@ -49,7 +49,9 @@ class _Parser(argparse.ArgumentParser):
     _json = False
 
     def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+        self,
+        args: Sequence[str] | None = None,
+        namespace: argparse.Namespace | None = None,
     ) -> tuple[argparse.Namespace, list[str]]:
         if args is not None:
             self._json = "--json" in args
@@ -77,65 +79,109 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
 def add_parser(sub: Any) -> None:
     """Register `pool` on the `mirror` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--etcd", default=os.environ.get("MIRROR_ETCD", DEFAULT_ETCD),
-                        metavar="URL", help="etcd client URL (default $MIRROR_ETCD or "
-                        f"{DEFAULT_ETCD})")
-    common.add_argument("--prefix", default=os.environ.get("MIRROR_POOL_PREFIX", PREFIX),
-                        metavar="P", help="the pool's etcd key prefix (default "
-                        f"$MIRROR_POOL_PREFIX or {PREFIX}): pools with different prefixes "
-                        "share one etcd")
-    common.add_argument("--json", action="store_true",
-                        help="print one JSON object on stdout, whatever the outcome")
+    common.add_argument(
+        "--etcd",
+        default=os.environ.get("MIRROR_ETCD", DEFAULT_ETCD),
+        metavar="URL",
+        help=f"etcd client URL (default $MIRROR_ETCD or {DEFAULT_ETCD})",
+    )
+    common.add_argument(
+        "--prefix",
+        default=os.environ.get("MIRROR_POOL_PREFIX", PREFIX),
+        metavar="P",
+        help="the pool's etcd key prefix (default "
+        f"$MIRROR_POOL_PREFIX or {PREFIX}): pools with different prefixes "
+        "share one etcd",
+    )
+    common.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout, whatever the outcome"
+    )
 
-    pool = sub.add_parser("pool", help="pool HA: hosts, VMs, failure plans (state on etcd)",
-                          description=__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    ps = pool.add_subparsers(dest="pool_command", required=True, metavar="POOL_COMMAND",
-                             parser_class=_Parser)
+    pool = sub.add_parser(
+        "pool",
+        help="pool HA: hosts, VMs, failure plans (state on etcd)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ps = pool.add_subparsers(
+        dest="pool_command", required=True, metavar="POOL_COMMAND", parser_class=_Parser
+    )
     ps.add_parser("status", parents=[common], help="hosts, VMs, placements, tolerated failures")
     p = ps.add_parser("plan", parents=[common], help="what-if: the plan for N host failures")
-    p.add_argument("--failures", type=_int(0, 64), metavar="N",
-                   help="failures to plan for (default: the pool's failures_to_tolerate)")
+    p.add_argument(
+        "--failures",
+        type=_int(0, 64),
+        metavar="N",
+        help="failures to plan for (default: the pool's failures_to_tolerate)",
+    )
     p = ps.add_parser("config", parents=[common], help="failures to tolerate, overcommit")
-    p.add_argument("--failures", type=_int(0, 64), metavar="N",
-                   help="failures_to_tolerate: host failures every protected VM must survive")
-    p.add_argument("--allow-overcommit", choices=["yes", "no"],
-                   help="yes: changes that break the guarantee go through with a warning")
+    p.add_argument(
+        "--failures",
+        type=_int(0, 64),
+        metavar="N",
+        help="failures_to_tolerate: host failures every protected VM must survive",
+    )
+    p.add_argument(
+        "--allow-overcommit",
+        choices=["yes", "no"],
+        help="yes: changes that break the guarantee go through with a warning",
+    )
 
     hp = ps.add_parser("host", help="add, remove, maintenance").add_subparsers(
-        dest="host_command", required=True, metavar="HOST_COMMAND")
+        dest="host_command", required=True, metavar="HOST_COMMAND"
+    )
     p = hp.add_parser("add", parents=[common], help="a host joins the pool")
     p.add_argument("name")
     p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
     p.add_argument("--vcpus", type=_int(1, 1 << 16), required=True, metavar="N")
     p = hp.add_parser("remove", parents=[common], help="an empty host leaves the pool")
     p.add_argument("name")
-    p = hp.add_parser("maintenance", parents=[common],
-                      help="on: move its VMs away (as if it failed); off: take VMs again")
+    p = hp.add_parser(
+        "maintenance",
+        parents=[common],
+        help="on: move its VMs away (as if it failed); off: take VMs again",
+    )
     p.add_argument("name")
     p.add_argument("mode", choices=["on", "off"])
 
     vp = ps.add_parser("vm", help="add, remove, resize").add_subparsers(
-        dest="vm_command", required=True, metavar="VM_COMMAND")
+        dest="vm_command", required=True, metavar="VM_COMMAND"
+    )
     p = vp.add_parser("add", parents=[common], help="start a VM (a mirrored one is a pair)")
     p.add_argument("name")
     p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
-    p.add_argument("--vcpus", type=_int(1, 1 << 16), default=1, metavar="N",
-                   help="vCPUs (default 1)")
-    p.add_argument("--priority", required=True, metavar="P",
-                   help=f"one of {', '.join(PRIORITIES)}")
-    p.add_argument("--order", type=_int(0, 1 << 20), default=0, metavar="N",
-                   help="restart order within its priority: lower first (default 0)")
+    p.add_argument(
+        "--vcpus", type=_int(1, 1 << 16), default=1, metavar="N", help="vCPUs (default 1)"
+    )
+    p.add_argument("--priority", required=True, metavar="P", help=f"one of {', '.join(PRIORITIES)}")
+    p.add_argument(
+        "--order",
+        type=_int(0, 1 << 20),
+        default=0,
+        metavar="N",
+        help="restart order within its priority: lower first (default 0)",
+    )
     p.add_argument("--host", help="run it on this host (default: the planner chooses)")
     p.add_argument("--standby", help="mirrored: its standby's host (default: planner)")
-    p.add_argument("--observer", metavar="HOST:PORT",
-                   help="mirrored: run it as a real mirror pair whose outputs go to this "
-                   "observer (without it a mirrored VM runs as a stand-in process)")
-    p.add_argument("--link-ports", metavar="D,H",
-                   help="the pair's interconnect data and heartbeat ports (default: the "
-                   f"lowest two free from {PAIR_PORTS_FROM})")
-    p.add_argument("--guest-ram-mib", type=_int(1, 1 << 20), default=16, metavar="MIB",
-                   help="the pair's synthetic guest's RAM (default 16)")
+    p.add_argument(
+        "--observer",
+        metavar="HOST:PORT",
+        help="mirrored: run it as a real mirror pair whose outputs go to this "
+        "observer (without it a mirrored VM runs as a stand-in process)",
+    )
+    p.add_argument(
+        "--link-ports",
+        metavar="D,H",
+        help="the pair's interconnect data and heartbeat ports (default: the "
+        f"lowest two free from {PAIR_PORTS_FROM})",
+    )
+    p.add_argument(
+        "--guest-ram-mib",
+        type=_int(1, 1 << 20),
+        default=16,
+        metavar="MIB",
+        help="the pair's synthetic guest's RAM (default 16)",
+    )
     p = vp.add_parser("remove", parents=[common], help="stop and forget a VM")
     p.add_argument("name")
     p = vp.add_parser("resize", parents=[common], help="change a VM's memory or vCPUs")
@@ -143,20 +189,41 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
     p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
 
-    p = ps.add_parser("agent", parents=[common],
-                      help="run this host's pool agent (and the controller, if elected)")
+    p = ps.add_parser(
+        "agent",
+        parents=[common],
+        help="run this host's pool agent (and the controller, if elected)",
+    )
     p.add_argument("--host", required=True, help="this host's name in the pool")
-    p.add_argument("--ttl", type=_int(1, 600), default=3, metavar="S",
-                   help="lease TTL: the host is dead S seconds after its agent stops (default 3)")
-    p.add_argument("--run-dir", type=Path, metavar="DIR",
-                   help="where the VM stand-ins log their starts and stops (vms.log)")
-    p.add_argument("--mem", type=_int(1, 1 << 30), metavar="MIB",
-                   help="add the host with this memory if the pool does not know it")
+    p.add_argument(
+        "--ttl",
+        type=_int(1, 600),
+        default=3,
+        metavar="S",
+        help="lease TTL: the host is dead S seconds after its agent stops (default 3)",
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the VM stand-ins log their starts and stops (vms.log)",
+    )
+    p.add_argument(
+        "--mem",
+        type=_int(1, 1 << 30),
+        metavar="MIB",
+        help="add the host with this memory if the pool does not know it",
+    )
     p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
-    p.add_argument("--promote-wait", type=_int(1, 3600), default=10, metavar="S",
-                   help="controller: a pair's standby that has not promoted S seconds after "
-                   "its primary's host was found dead never will: the VM restarts as a "
-                   "fresh pair (default 10)")
+    p.add_argument(
+        "--promote-wait",
+        type=_int(1, 3600),
+        default=10,
+        metavar="S",
+        help="controller: a pair's standby that has not promoted S seconds after "
+        "its primary's host was found dead never will: the VM restarts as a "
+        "fresh pair (default 10)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,9 +234,16 @@ def run(args: argparse.Namespace) -> int:
             from mirror.pool.agent import HostAgent, stop_event
 
             logging.getLogger("mirror.pool").setLevel(logging.INFO)
-            return HostAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
-                             args.vcpus, promote_wait=args.promote_wait,
-                             prefix=store.prefix).run(stop_event())
+            return HostAgent(
+                args.etcd,
+                args.host,
+                args.ttl,
+                args.run_dir,
+                args.mem,
+                args.vcpus,
+                promote_wait=args.promote_wait,
+                prefix=store.prefix,
+            ).run(stop_event())
         if cmd == "status":
             return status(store, args.json)
         if cmd == "plan":
@@ -177,8 +251,15 @@ def run(args: argparse.Namespace) -> int:
         return change(store, args)
     except admission.Refused as r:
         if args.json:
-            print(json.dumps({"refused": str(r), "exit": 1, "analysis": None
-                              if r.analysis is None else r.analysis.to_json(False)}))
+            print(
+                json.dumps(
+                    {
+                        "refused": str(r),
+                        "exit": 1,
+                        "analysis": None if r.analysis is None else r.analysis.to_json(False),
+                    }
+                )
+            )
         print(f"mirror pool: {r}", file=sys.stderr)
         return 1
     except (PoolError, EtcdError, Conflict) as e:
@@ -211,9 +292,17 @@ def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
         if args.observer is None:
             if args.link_ports is not None:
                 raise PoolError("--link-ports is only for a pair (give --observer)")
-            return lambda p: admission.add_vm(p, args.name, args.mem, args.vcpus,
-                                              args.priority, args.order, args.host,
-                                              args.standby, **kw)
+            return lambda p: admission.add_vm(
+                p,
+                args.name,
+                args.mem,
+                args.vcpus,
+                args.priority,
+                args.order,
+                args.host,
+                args.standby,
+                **kw,
+            )
         return lambda p: _add_pair(p, args, **kw)
     if vc == "remove":
         return lambda p: admission.remove_vm(p, args.name, **kw)
@@ -230,20 +319,34 @@ def _add_pair(pool: Pool, args: argparse.Namespace, **kw: Any) -> admission.Outc
         raise PoolError(str(e)) from None
     if args.link_ports is not None:
         parts = args.link_ports.split(",")
-        if len(parts) != 2 or not all(x.isdigit() and 1 <= int(x) <= 65535 for x in parts) \
-                or parts[0] == parts[1]:
-            raise PoolError(f"--link-ports: expected two different ports D,H, got "
-                            f"{args.link_ports!r}")
+        if (
+            len(parts) != 2
+            or not all(x.isdigit() and 1 <= int(x) <= 65535 for x in parts)
+            or parts[0] == parts[1]
+        ):
+            raise PoolError(
+                f"--link-ports: expected two different ports D,H, got {args.link_ports!r}"
+            )
         data, hb = int(parts[0]), int(parts[1])
         for vm, s in pool.pairs.items():
             if {data, hb} & {s.data_port, s.heartbeat_port}:
                 raise PoolError(f"--link-ports {args.link_ports}: pair of VM {vm} uses them")
     else:
         data, hb = pool.free_pair_ports()
-    out = admission.add_vm(pool, args.name, args.mem, args.vcpus, args.priority, args.order,
-                           args.host, args.standby, **kw)
-    out.pool.pairs[args.name] = PairSpec(pair_name(args.name), data, hb, args.observer,
-                                         args.guest_ram_mib)
+    out = admission.add_vm(
+        pool,
+        args.name,
+        args.mem,
+        args.vcpus,
+        args.priority,
+        args.order,
+        args.host,
+        args.standby,
+        **kw,
+    )
+    out.pool.pairs[args.name] = PairSpec(
+        pair_name(args.name), data, hb, args.observer, args.guest_ram_mib
+    )
     return out
 
 
@@ -257,8 +360,12 @@ def change(store: Store, args: argparse.Namespace) -> int:
     out: admission.Outcome = store.mutate(apply)
     a = out.analysis
     if args.json:
-        print(json.dumps({"done": out.summary, "warning": out.warning,
-                          "analysis": a.to_json(False)}, indent=1))
+        print(
+            json.dumps(
+                {"done": out.summary, "warning": out.warning, "analysis": a.to_json(False)},
+                indent=1,
+            )
+        )
     else:
         print(f"{out.summary}: done. {_tolerance_line(out.pool, a)}")
     if out.warning:
@@ -273,10 +380,13 @@ def _tolerance_line(pool: Pool, a: Analysis) -> str:
     if a.tolerated < 0:
         state = "BROKEN: protected VMs have no place even with no failure"
     elif a.tolerates_all:
-        state = (f"tolerates any number of host failures (all {a.up_hosts} up host(s) "
-                 "included: nothing guaranteed needs one)" if a.up_hosts else
-                 "has no up host and nothing that needs one: it tolerates any number of "
-                 "host failures")
+        state = (
+            f"tolerates any number of host failures (all {a.up_hosts} up host(s) "
+            "included: nothing guaranteed needs one)"
+            if a.up_hosts
+            else "has no up host and nothing that needs one: it tolerates any number of "
+            "host failures"
+        )
     else:
         state = f"tolerates {at_least}{a.tolerated} host failure(s)"
     if a.k == pool.failures_to_tolerate:
@@ -314,56 +424,95 @@ def status(store: Store, as_json: bool) -> int:
     hosts: list[dict[str, Any]] = []
     for name, host in sorted(pool.hosts.items()):
         agent = "alive" if name in snap.members else ("gone" if host.agent else "none")
-        hosts.append({
-            "name": name, "state": host.state, "agent": agent, "mem_mb": host.mem_mb,
-            "vcpus": host.vcpus, "mem_used_mb": used[name][0], "vcpus_used": used[name][1],
-            "runs": sorted(v for v, p in pool.placements.items() if p.host == name),
-            "standbys": sorted(v for v, p in pool.placements.items() if p.standby == name),
-        })
+        hosts.append(
+            {
+                "name": name,
+                "state": host.state,
+                "agent": agent,
+                "mem_mb": host.mem_mb,
+                "vcpus": host.vcpus,
+                "mem_used_mb": used[name][0],
+                "vcpus_used": used[name][1],
+                "runs": sorted(v for v, p in pool.placements.items() if p.host == name),
+                "standbys": sorted(v for v, p in pool.placements.items() if p.standby == name),
+            }
+        )
     vms = []
     for name, vm in sorted(pool.vms.items()):
         p = pool.placements.get(name)
-        vms.append({"name": name, "priority": vm.priority, "order": vm.order,
-                    "mem_mb": vm.mem_mb, "vcpus": vm.vcpus,
-                    "host": p.host if p else None, "standby": p.standby if p else None,
-                    "running_on": snap.running.get(name),
-                    "pair": pool.pairs[name].to_json() if name in pool.pairs else None})
+        vms.append(
+            {
+                "name": name,
+                "priority": vm.priority,
+                "order": vm.order,
+                "mem_mb": vm.mem_mb,
+                "vcpus": vm.vcpus,
+                "host": p.host if p else None,
+                "standby": p.standby if p else None,
+                "running_on": snap.running.get(name),
+                "pair": pool.pairs[name].to_json() if name in pool.pairs else None,
+            }
+        )
     if as_json:
-        print(json.dumps({
-            "etcd": store.etcd.url, "prefix": store.prefix, "version": snap.version,
-            "leader": snap.leader, **_verdict(pool, a, a), "hosts": hosts, "vms": vms,
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "etcd": store.etcd.url,
+                    "prefix": store.prefix,
+                    "version": snap.version,
+                    "leader": snap.leader,
+                    **_verdict(pool, a, a),
+                    "hosts": hosts,
+                    "vms": vms,
+                },
+                indent=1,
+            )
+        )
         return 0
-    print(f"pool {store.prefix} on etcd {store.etcd.url} (version {snap.version}, controller: "
-          f"{snap.leader or 'none'})")
-    print(f"failures_to_tolerate {pool.failures_to_tolerate}, allow_overcommit "
-          f"{'yes' if pool.allow_overcommit else 'no'}")
+    print(
+        f"pool {store.prefix} on etcd {store.etcd.url} (version {snap.version}, controller: "
+        f"{snap.leader or 'none'})"
+    )
+    print(
+        f"failures_to_tolerate {pool.failures_to_tolerate}, allow_overcommit "
+        f"{'yes' if pool.allow_overcommit else 'no'}"
+    )
     print(_tolerance_line(pool, a))
     if not a.survives and a.breaking is not None:
         print(f"  {admission.describe_break(a)}")
     print()
-    print(f"{'HOST':<12} {'STATE':<12} {'AGENT':<6} {'MEM MiB used/total':>20} "
-          f"{'VCPUS':>9}  VMS (standbys in brackets)")
+    print(
+        f"{'HOST':<12} {'STATE':<12} {'AGENT':<6} {'MEM MiB used/total':>20} "
+        f"{'VCPUS':>9}  VMS (standbys in brackets)"
+    )
     for h in hosts:
         runs = " ".join(h["runs"]) + "".join(f" [{s}]" for s in h["standbys"])
-        print(f"{h['name']:<12} {h['state']:<12} {h['agent']:<6} "
-              f"{str(h['mem_used_mb']) + '/' + str(h['mem_mb']):>20} "
-              f"{str(h['vcpus_used']) + '/' + str(h['vcpus']):>9}  {runs}")
+        print(
+            f"{h['name']:<12} {h['state']:<12} {h['agent']:<6} "
+            f"{str(h['mem_used_mb']) + '/' + str(h['mem_mb']):>20} "
+            f"{str(h['vcpus_used']) + '/' + str(h['vcpus']):>9}  {runs}"
+        )
     print()
-    print(f"{'VM':<14} {'PRIORITY':<12} {'ORDER':>5} {'MEM MiB':>8} {'VCPUS':>5}  "
-          f"{'HOST':<12} {'STANDBY':<12} RUNNING (agent)")
+    print(
+        f"{'VM':<14} {'PRIORITY':<12} {'ORDER':>5} {'MEM MiB':>8} {'VCPUS':>5}  "
+        f"{'HOST':<12} {'STANDBY':<12} RUNNING (agent)"
+    )
     for v in vms:
-        print(f"{v['name']:<14} {v['priority']:<12} {v['order']:>5} {v['mem_mb']:>8} "
-              f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-':<12} "
-              f"{v['running_on'] or '-'}" + _pair_line(pool.pairs.get(str(v["name"]))))
+        print(
+            f"{v['name']:<14} {v['priority']:<12} {v['order']:>5} {v['mem_mb']:>8} "
+            f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-':<12} "
+            f"{v['running_on'] or '-'}" + _pair_line(pool.pairs.get(str(v["name"])))
+        )
     return 0
 
 
 def _pair_line(spec: PairSpec | None) -> str:
     if spec is None:
         return ""
-    return (f"  pair {spec.pair}, link ports {spec.data_port},{spec.heartbeat_port}, "
-            f"observer {spec.observer}")
+    return (
+        f"  pair {spec.pair}, link ports {spec.data_port},{spec.heartbeat_port}, "
+        f"observer {spec.observer}"
+    )
 
 
 def plan(store: Store, failures: int | None, as_json: bool) -> int:
@@ -373,8 +522,12 @@ def plan(store: Store, failures: int | None, as_json: bool) -> int:
     a = analyse(pool, k, keep="all")
     own = a if k == pool.failures_to_tolerate else analyse(pool, keep="none")
     if as_json:
-        print(json.dumps({**_verdict(pool, a, own), "plans": [
-            fp.to_json() for fp in a.plans.values()]}, indent=1))
+        print(
+            json.dumps(
+                {**_verdict(pool, a, own), "plans": [fp.to_json() for fp in a.plans.values()]},
+                indent=1,
+            )
+        )
         return 0
     verdict = "survivable" if a.survives else "NOT survivable"
     print(f"{k} host failure(s): {verdict}. {_tolerance_line(pool, a)}")
@@ -387,20 +540,26 @@ def plan(store: Store, failures: int | None, as_json: bool) -> int:
             if fs:
                 quiet.append(", ".join(fs))
             continue
-        head = "no failure (repair)" if not fs else "if " + ", ".join(fs) + " fail" + \
-            ("s" if len(fs) == 1 else "")
+        head = (
+            "no failure (repair)"
+            if not fs
+            else "if " + ", ".join(fs) + " fail" + ("s" if len(fs) == 1 else "")
+        )
         print(f"\n{head}:" + ("" if fp.ok else " BEYOND WHAT THE POOL TOLERATES"))
         for m in fp.moves:
             print(f"  {m.vm:<14} {m.kind:<12} -> {m.to}")
         if fp.down:
-            print("  not running: " + ", ".join(f"{v} (needs {fp.needs[v]} MiB)"
-                                                for v in fp.down))
+            print("  not running: " + ", ".join(f"{v} (needs {fp.needs[v]} MiB)" for v in fp.down))
         if fp.unprotected:
-            print("  running without a standby: " + ", ".join(
-                f"{v} (needs {fp.needs[v]} MiB)" for v in fp.unprotected))
+            print(
+                "  running without a standby: "
+                + ", ".join(f"{v} (needs {fp.needs[v]} MiB)" for v in fp.unprotected)
+            )
         if not fp.ok:
-            print(f"  short by {fp.shortfall_mb} MiB" + (
-                "" if fp.optimal else "; the planner could not prove that no more can run"))
+            print(
+                f"  short by {fp.shortfall_mb} MiB"
+                + ("" if fp.optimal else "; the planner could not prove that no more can run")
+            )
         if fp.lost:
             print(f"  best-effort VMs not restarted: {', '.join(fp.lost)}")
     if quiet:

@@ -39,13 +39,22 @@ class Host:
     agent: bool = False  # an agent has registered for it (so a lapsed lease means dead)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mem_mb": self.mem_mb, "vcpus": self.vcpus, "state": self.state,
-                "agent": self.agent}
+        return {
+            "mem_mb": self.mem_mb,
+            "vcpus": self.vcpus,
+            "state": self.state,
+            "agent": self.agent,
+        }
 
     @staticmethod
     def from_json(name: str, d: dict[str, Any]) -> Host:
-        return Host(name, int(d["mem_mb"]), int(d["vcpus"]), str(d.get("state", "up")),
-                    bool(d.get("agent", False)))
+        return Host(
+            name,
+            int(d["mem_mb"]),
+            int(d["vcpus"]),
+            str(d.get("state", "up")),
+            bool(d.get("agent", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,18 @@ class VM:
         return self.priority in GUARANTEED
 
     def to_json(self) -> dict[str, Any]:
-        return {"mem_mb": self.mem_mb, "vcpus": self.vcpus, "priority": self.priority,
-                "order": self.order}
+        return {
+            "mem_mb": self.mem_mb,
+            "vcpus": self.vcpus,
+            "priority": self.priority,
+            "order": self.order,
+        }
 
     @staticmethod
     def from_json(name: str, d: dict[str, Any]) -> VM:
-        return VM(name, int(d["mem_mb"]), int(d["vcpus"]), str(d["priority"]),
-                  int(d.get("order", 0)))
+        return VM(
+            name, int(d["mem_mb"]), int(d["vcpus"]), str(d["priority"]), int(d.get("order", 0))
+        )
 
 
 @dataclass(frozen=True)
@@ -82,14 +96,17 @@ class Placement:
     @staticmethod
     def from_json(d: dict[str, Any]) -> Placement:
         h, s = d.get("host"), d.get("standby")
-        return Placement(None if h is None else str(h), None if s is None else str(s),
-                         int(d.get("epoch", 0)))
+        return Placement(
+            None if h is None else str(h), None if s is None else str(s), int(d.get("epoch", 0))
+        )
 
 
 def over(free_mb: int, free_vcpus: int) -> str:
     """What a negative free amount means, e.g. "2048 MiB over" (only what is over)."""
-    parts = [f"{-free_mb} MiB" if free_mb < 0 else "", f"{-free_vcpus} vCPUs" if free_vcpus < 0
-             else ""]
+    parts = [
+        f"{-free_mb} MiB" if free_mb < 0 else "",
+        f"{-free_vcpus} vCPUs" if free_vcpus < 0 else "",
+    ]
     return " and ".join(p for p in parts if p) + " over"
 
 
@@ -122,17 +139,29 @@ class PairSpec:
     seen_generation: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"pair": self.pair, "data_port": self.data_port,
-                "heartbeat_port": self.heartbeat_port, "observer": self.observer,
-                "ram_mib": self.ram_mib, "dirty_pages_per_s": self.dirty_pages_per_s,
-                "outputs_per_s": self.outputs_per_s, "seen_generation": self.seen_generation}
+        return {
+            "pair": self.pair,
+            "data_port": self.data_port,
+            "heartbeat_port": self.heartbeat_port,
+            "observer": self.observer,
+            "ram_mib": self.ram_mib,
+            "dirty_pages_per_s": self.dirty_pages_per_s,
+            "outputs_per_s": self.outputs_per_s,
+            "seen_generation": self.seen_generation,
+        }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> PairSpec:
-        return PairSpec(str(d["pair"]), int(d["data_port"]), int(d["heartbeat_port"]),
-                        str(d["observer"]), int(d.get("ram_mib", 16)),
-                        int(d.get("dirty_pages_per_s", 2000)), int(d.get("outputs_per_s", 100)),
-                        int(d.get("seen_generation", 0)))
+        return PairSpec(
+            str(d["pair"]),
+            int(d["data_port"]),
+            int(d["heartbeat_port"]),
+            str(d["observer"]),
+            int(d.get("ram_mib", 16)),
+            int(d.get("dirty_pages_per_s", 2000)),
+            int(d.get("outputs_per_s", 100)),
+            int(d.get("seen_generation", 0)),
+        )
 
 
 @dataclass
@@ -145,8 +174,14 @@ class Pool:
     pairs: dict[str, PairSpec] = field(default_factory=dict)  # mirrored VMs run as pairs
 
     def copy(self) -> Pool:
-        return Pool(dict(self.hosts), dict(self.vms), dict(self.placements),
-                    self.failures_to_tolerate, self.allow_overcommit, dict(self.pairs))
+        return Pool(
+            dict(self.hosts),
+            dict(self.vms),
+            dict(self.placements),
+            self.failures_to_tolerate,
+            self.allow_overcommit,
+            dict(self.pairs),
+        )
 
     def free_pair_ports(self, start: int = PAIR_PORTS_FROM) -> tuple[int, int]:
         """The lowest two consecutive ports from ``start`` that no pair of the pool uses."""
@@ -174,8 +209,10 @@ class Pool:
 
     def free(self) -> dict[str, tuple[int, int]]:
         used = self.usage()
-        return {h.name: (h.mem_mb - used[h.name][0], h.vcpus - used[h.name][1])
-                for h in self.hosts.values()}
+        return {
+            h.name: (h.mem_mb - used[h.name][0], h.vcpus - used[h.name][1])
+            for h in self.hosts.values()
+        }
 
     def vms_on(self, host: str) -> list[str]:
         """VMs that run on, or hold a standby on, ``host``."""

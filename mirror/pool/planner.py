@@ -155,8 +155,7 @@ class Analysis:
             "tolerates_any_number": self.tolerates_all,
             "up_hosts": self.up_hosts,
             "breaking": None if self.breaking is None else self.breaking.to_json(),
-            "breaks_beyond": None if self.breaks_beyond is None
-            else self.breaks_beyond.to_json(),
+            "breaks_beyond": None if self.breaks_beyond is None else self.breaks_beyond.to_json(),
             "checked_failure_sets": self.checked,
             "seconds": round(self.seconds, 4),
             "gave_up": self.gave_up,
@@ -240,8 +239,10 @@ class Planner:
             p = pool.placements.get(v)
             a = -1 if p is None or p.host is None else self.index.get(p.host, -1)
             mirrored = self.prio[i] == "mirrored"
-            b = -1 if p is None or p.standby is None or not mirrored else self.index.get(
-                p.standby, -1
+            b = (
+                -1
+                if p is None or p.standby is None or not mirrored
+                else self.index.get(p.standby, -1)
             )
             self.prim.append(a)
             self.stby.append(b)
@@ -292,8 +293,12 @@ class Planner:
     # -- packing -------------------------------------------------------------------------------
 
     def _greedy(
-        self, units: list[tuple[int, int, int, int]], fm: list[int], fc: list[int],
-        alive: list[int], worst: bool,
+        self,
+        units: list[tuple[int, int, int, int]],
+        fm: list[int],
+        fc: list[int],
+        alive: list[int],
+        worst: bool,
     ) -> list[tuple[int, int, int]] | None:
         """Place every unit or return None; on success fm/fc hold what is left."""
         out: list[tuple[int, int, int]] = []  # (vm, kind, host): kind _RUN or _STBY
@@ -315,8 +320,12 @@ class Planner:
         return out
 
     def _exact(
-        self, units: list[tuple[int, int, int, int]], fm: list[int], fc: list[int],
-        alive: list[int], budget: list[int] | None = None,
+        self,
+        units: list[tuple[int, int, int, int]],
+        fm: list[int],
+        fc: list[int],
+        alive: list[int],
+        budget: list[int] | None = None,
     ) -> tuple[list[tuple[int, int, int]] | None, bool]:
         """Exhaustive search: (placement, True) / (None, True: none exists) / (None, False).
         ``budget``: [nodes left], shared by calls and decreased by the nodes visited."""
@@ -478,8 +487,11 @@ class Planner:
         return FailurePlan(failed_t, out, [], 0, lost, True)
 
     def _moves(
-        self, units: list[tuple[int, int, int, int]], placed: list[tuple[int, int, int]],
-        be_out: list[tuple[int, int]], failed: set[int],
+        self,
+        units: list[tuple[int, int, int, int]],
+        placed: list[tuple[int, int, int]],
+        be_out: list[tuple[int, int]],
+        failed: set[int],
     ) -> list[Move]:
         """The moves in the order the controller carries them out: priority, then order."""
         hosts, names, mem = self.hosts, self.names, self.mem
@@ -491,8 +503,9 @@ class Planner:
             else:
                 a, b = self.prim[i], self.stby[i]
                 if (a < 0 or a in failed) and b >= 0 and b not in failed:
-                    out.append(((rank, self.order[i], names[i]),
-                                Move(names[i], PROMOTE, hosts[b], mem[i])))
+                    out.append(
+                        ((rank, self.order[i], names[i]), Move(names[i], PROMOTE, hosts[b], mem[i]))
+                    )
                 mk = STANDBY
             out.append(((rank, self.order[i], names[i]), Move(names[i], mk, hosts[h], mem[i])))
         for i, h in be_out:
@@ -518,8 +531,9 @@ class Planner:
             placed = self._greedy(units, m, c, alive, worst)
             if placed is not None:
                 return placed, True
-        if sum(self.mem[i] for i in vms) > sum(fm[h] for h in alive) or \
-                sum(self.cpu[i] for i in vms) > sum(fc[h] for h in alive):
+        if sum(self.mem[i] for i in vms) > sum(fm[h] for h in alive) or sum(
+            self.cpu[i] for i in vms
+        ) > sum(fc[h] for h in alive):
             return None, True
         if len(units) > EXACT_MAX_UNITS or budget[0] <= 0:
             return None, False
@@ -528,8 +542,13 @@ class Planner:
         return placed, proven
 
     def _failing(
-        self, failed: tuple[str, ...], failed_idx: set[int],
-        units: list[tuple[int, int, int, int]], alive: list[int], proven: bool, moves: bool,
+        self,
+        failed: tuple[str, ...],
+        failed_idx: set[int],
+        units: list[tuple[int, int, int, int]],
+        alive: list[int],
+        proven: bool,
+        moves: bool,
     ) -> FailurePlan:
         """A failure set the pool cannot fully survive: best effort, never worse than the
         pairs and VMs would do alone.
@@ -646,9 +665,17 @@ class Planner:
                 add(i, BEST_EFFORT, h)
             keyed.sort(key=lambda t: t[0])  # stable: promote or restart before the standby
             out = [m for _, m in keyed]
-        return FailurePlan(failed, out, sorted(needs), sum(needs.values()), lost, proven,
-                           down=sorted(self.names[i] for i in still_down), needs=needs,
-                           optimal=optimal)
+        return FailurePlan(
+            failed,
+            out,
+            sorted(needs),
+            sum(needs.values()),
+            lost,
+            proven,
+            down=sorted(self.names[i] for i in still_down),
+            needs=needs,
+            optimal=optimal,
+        )
 
 
 class _Composer:
@@ -772,15 +799,15 @@ def analyse(
         fast = composer is not None and size >= 2 and not broken
         if broken and not keep_plans:
             break
-        if not broken and size > k and \
-                (per_composed if fast else per_set) * count > extra_budget_s:
+        if not broken and size > k and (per_composed if fast else per_set) * count > extra_budget_s:
             res.tolerated_exact = False
             break
         ok = True
         t_size = time.perf_counter()
         sets: Any = (
             (tuple(hosts[i] for i in fs) for fs in composer.unverified(size))  # type: ignore[union-attr]
-            if fast else itertools.combinations(hosts, size)
+            if fast
+            else itertools.combinations(hosts, size)
         )
         planned = 0
         for fs in sets:

@@ -56,9 +56,11 @@ def pool_prefix(text: str) -> str:
         raise PoolError(str(e)) from None
     for r in _RESERVED:
         if prefix != PREFIX and (prefix.startswith(r) or r.startswith(prefix)):
-            raise PoolError(f"--prefix {text!r} nests with {r} (the default pool's keys or "
-                            f"its pairs' arbiter keys): choose one beside them, e.g. "
-                            f"/mirror/pool-b/")
+            raise PoolError(
+                f"--prefix {text!r} nests with {r} (the default pool's keys or "
+                f"its pairs' arbiter keys): choose one beside them, e.g. "
+                f"/mirror/pool-b/"
+            )
     return prefix
 
 
@@ -131,8 +133,9 @@ class Store:
                 elif kind == "leader":
                     snap.leader = str(_j(kv).get("host"))
         except (ValueError, KeyError, TypeError) as e:
-            raise PoolError(f"the pool's state on etcd at {self.etcd.url} is damaged: {e!r}") \
-                from None
+            raise PoolError(
+                f"the pool's state on etcd at {self.etcd.url} is damaged: {e!r}"
+            ) from None
         return snap
 
     def diff_ops(self, before: Pool, after: Pool) -> list[dict[str, Any]]:
@@ -151,11 +154,20 @@ class Store:
                 if name not in a:
                     ops.append(delete_op(self.key(kind, name)))
         if (before.failures_to_tolerate, before.allow_overcommit) != (
-            after.failures_to_tolerate, after.allow_overcommit
+            after.failures_to_tolerate,
+            after.allow_overcommit,
         ) or not before.hosts:
-            ops.append(put_op(self.key("config"), json.dumps(
-                {"failures_to_tolerate": after.failures_to_tolerate,
-                 "allow_overcommit": after.allow_overcommit})))
+            ops.append(
+                put_op(
+                    self.key("config"),
+                    json.dumps(
+                        {
+                            "failures_to_tolerate": after.failures_to_tolerate,
+                            "allow_overcommit": after.allow_overcommit,
+                        }
+                    ),
+                )
+            )
         return ops
 
     def plan_json(self, a: Analysis, version: int) -> str:
@@ -168,7 +180,10 @@ class Store:
         return json.dumps(d)
 
     def commit(
-        self, snap: Snapshot, after: Pool, analysis: Analysis | None,
+        self,
+        snap: Snapshot,
+        after: Pool,
+        analysis: Analysis | None,
         extra: list[dict[str, Any]] | None = None,
         compares: list[dict[str, Any]] | None = None,
     ) -> int:
@@ -184,8 +199,12 @@ class Store:
             raise Conflict("the pool changed while this change was planned")
         return version
 
-    def mutate(self, change: Callable[[Snapshot], tuple[Pool, Analysis | None, Any]],
-               tries: int = 8, extra: list[dict[str, Any]] | None = None) -> Any:
+    def mutate(
+        self,
+        change: Callable[[Snapshot], tuple[Pool, Analysis | None, Any]],
+        tries: int = 8,
+        extra: list[dict[str, Any]] | None = None,
+    ) -> Any:
         """Read, change, commit; on a conflict read again and re-plan (``tries`` times)."""
         for _ in range(tries):
             snap = self.load()

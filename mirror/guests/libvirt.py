@@ -1,0 +1,640 @@
+"""libvirt guests: mirror protects a domain that libvirt runs (../shared LIBVIRT-NOTES).
+
+The primary ATTACHES to the running domain (it does not boot it):
+
+- RAM: the domain's shared memory file (``<memoryBacking><source type='file'/><access
+  mode='shared'/>``), found with QMP ``qom-get /objects/pc.ram mem-path`` (never guessed)
+  and mapped;
+- QMP: through libvirt (``qemuMonitorCommand``, untainted) or through a monitor socket of
+  mirror's own that the domain's XML adds (``<qemu:commandline>`` ``-qmp unix:PATH``):
+  ``[libvirt] qmp`` picks (bench/libvirt_pause.py measures both);
+- device state: ``xen-save-devices-state`` into a memfd of the agent passed with
+  ``add-fd`` (libvirt's seccomp forbids ``exec:``; AppArmor would forbid paths);
+- the NIC: ``<interface type='server'>`` (``-netdev socket,listen=``, the framing of
+  ``-netdev stream``): the agent's NetRelay dials it, holds the guest's frames until
+  their checkpoint is acknowledged and releases them to a TAP device on a bridge.  It
+  is libvirt's own configuration, so a libvirtd restart leaves it as it is (a TAP moved
+  behind libvirt's back is put back on its old bridge by a restarted libvirtd);
+- autostart of the domain is turned off: this host's definition must never boot the
+  guest again behind the pair's back.
+
+The secondary runs the standby: a transient domain of the same definition, started
+paused with ``-incoming defer``.  Promotion copies the standby image into the domain's
+RAM file, passes a pipe with ``getfd``, ``migrate-incoming fd:``, feeds it the device
+state, resumes through libvirt, ``announce-self``, and defines the domain persistent
+on this host.
+
+The dirty-page log needs a userfaultfd made inside QEMU: the standby domains mirror
+defines carry the preload library (``<qemu:env>``); a domain attached as it is has the
+log only if its XML has it too, otherwise the primary scans (hashed scan).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import mmap
+import os
+import select
+import threading
+import time
+import xml.etree.ElementTree as ET
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mirror.config import LibvirtConfig
+from mirror.guests import uffd
+from mirror.guests.base import Guest, GuestError, LogSource, OutputHandler
+from mirror.guests.qemu import NetRelay
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NS)
+RAM_OBJECTS = ("/objects/pc.ram", "/objects/ram-node0")
+MEMORY_FIX = (
+    "add <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking> "
+    "to the domain (and put qemu.conf's memory_backing_dir on tmpfs)"
+)
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError as e:
+        raise GuestError(f"libvirt-python is not installed ({e}): run scripts/setup") from e
+    # libvirt prints every error to stderr by default; mirror reports the ones that matter
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)
+    return libvirt
+
+
+def open_conn(uri: str) -> Any:
+    libvirt = _libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise GuestError(
+            f"cannot connect to libvirt at {uri!r}: {e}; is libvirtd running? "
+            f"(set [libvirt] connect)"
+        ) from None
+
+
+# ---- QMP: through libvirt, or a socket of mirror's own ------------------------------
+
+
+class Monitor(ABC):
+    """QMP commands to one QEMU; ``submit`` starts one and returns its future."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qmp")
+
+    @abstractmethod
+    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
+        """One command (``fd``: passed with it, for getfd/add-fd); GuestError if it fails."""
+
+    def submit(
+        self, name: str, args: dict[str, Any] | None = None
+    ) -> concurrent.futures.Future[Any]:
+        return self._pool.submit(self.execute, name, args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LibvirtMonitor(Monitor):
+    """QMP through libvirt; ``call`` runs a function of the domain, reconnecting once
+    to a libvirtd that restarted (LibvirtGuest.call)."""
+
+    def __init__(self, call: Any) -> None:
+        super().__init__()
+        self.call = call
+
+    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
+        import libvirt_qemu
+
+        cmd = json.dumps({"execute": name, **({"arguments": args} if args else {})})
+        if fd >= 0:
+            text, _ = self.call(
+                f"QMP {name} through libvirt",
+                lambda dom: libvirt_qemu.qemuMonitorCommandWithFiles(dom, cmd, [fd], 0),
+            )
+        else:
+            text = self.call(
+                f"QMP {name} through libvirt",
+                lambda dom: libvirt_qemu.qemuMonitorCommand(dom, cmd, 0),
+            )
+        answer = json.loads(text)
+        if "error" in answer:
+            raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
+        return answer.get("return")
+
+
+class SocketMonitor(Monitor):
+    """A QMP socket of mirror's own (plain JSON lines; no libvirt in the path)."""
+
+    def __init__(self, path: str, timeout: float = 30) -> None:
+        super().__init__()
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+        self._lock = threading.Lock()
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            self._line()  # the greeting
+            self.execute("qmp_capabilities")
+        except OSError as e:
+            self.sock.close()
+            raise GuestError(
+                f"cannot use the QMP socket {path}: {e}; the domain's XML must have "
+                f"<qemu:commandline> -qmp unix:{path},server=on,wait=off, or set "
+                f'[libvirt] qmp = "libvirt"'
+            ) from None
+
+    def _line(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise OSError("QEMU closed the QMP socket")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
+        import socket
+
+        msg = json.dumps({"execute": name, **({"arguments": args} if args else {})}).encode()
+        with self._lock:
+            try:
+                if fd >= 0:
+                    self.sock.sendmsg(
+                        [msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
+                    )
+                else:
+                    self.sock.sendall(msg)
+                while True:
+                    answer = self._line()
+                    if "return" in answer or "error" in answer:
+                        break  # (events are skipped: libvirt has its own monitor for them)
+            except OSError as e:
+                raise GuestError(f"QMP {name} on {self.path} failed: {e}") from None
+        if "error" in answer:
+            raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
+        return answer["return"]
+
+    def close(self) -> None:
+        super().close()
+        self.sock.close()
+
+
+# ---- the domain's XML ---------------------------------------------------------------
+
+
+def qmp_socket_in(xml: str) -> str:
+    """The path of a ``-qmp unix:PATH,...`` in the domain's <qemu:commandline>, or ""."""
+    args = [a.get("value", "") for a in ET.fromstring(xml).iter(f"{{{QEMU_NS}}}arg")]
+    for flag, value in itertools.pairwise(args):
+        if flag == "-qmp" and value.startswith("unix:"):
+            return value[5:].split(",")[0]
+    return ""
+
+
+def server_nic(xml: str, name: str) -> tuple[str, int]:
+    """Where the domain's ``type='server'`` NIC listens; GuestError saying what to change."""
+    nics = ET.fromstring(xml).findall("./devices/interface")
+    if len(nics) != 1 or nics[0].get("type") != "server":
+        kinds = [n.get("type") for n in nics]
+        raise GuestError(
+            f"domain {name!r} has NICs {kinds}: mirror needs exactly one "
+            f"<interface type='server'><source address='127.0.0.1' port='P'/><model "
+            f"type='virtio'/></interface> (its frames pass mirror's output commit)"
+        )
+    src = nics[0].find("source")
+    if src is None or not (src.get("port") or "").isdigit():
+        raise GuestError(f"domain {name!r}: its type='server' NIC has no <source port=...>")
+    return src.get("address") or "127.0.0.1", int(src.get("port", "0"))
+
+
+def fingerprint_of(xml: str, conn: Any) -> str:
+    """What both hosts must agree on: QEMU's version, the canonical machine type, RAM,
+    vCPUs and the devices whose state moves (NIC models, disks, balloon, video)."""
+    root = ET.fromstring(xml)
+    os_type = root.find("./os/type")
+    machine = os_type.get("machine", "") if os_type is not None else ""
+    arch = os_type.get("arch", "x86_64") if os_type is not None else "x86_64"
+    emulator = root.findtext("./devices/emulator") or None
+    with contextlib.suppress(Exception):  # "q35" and "pc-q35-7.2" are the same machine
+        caps = ET.fromstring(conn.getDomainCapabilities(emulator, arch, machine, None))
+        machine = caps.findtext("machine") or machine
+    mem = root.find("memory")
+    kib = (
+        int(mem.text or 0)
+        << {"KiB": 0, "k": 0, "MiB": 10, "M": 10, "GiB": 20, "G": 20}.get(mem.get("unit", "KiB"), 0)
+        if mem is not None
+        else 0
+    )
+    devs = []
+    for nic in root.findall("./devices/interface"):
+        model = nic.find("model")
+        devs.append(f"nic:{nic.get('type')}:{model.get('type') if model is not None else ''}")
+    for disk in root.findall("./devices/disk"):
+        t = disk.find("target")
+        devs.append(f"disk:{t.get('bus') if t is not None else ''}:{disk.get('device')}")
+    for tag in ("memballoon", "video", "tpm", "rng", "watchdog"):
+        for d in root.findall(f"./devices/{tag}"):
+            devs.append(f"{tag}:{d.get('model') or ''}")
+    ver = conn.getVersion()
+    return (
+        f"libvirt qemu {ver // 1000000}.{ver // 1000 % 1000}.{ver % 1000} machine={machine} "
+        f"vcpus={root.findtext('vcpu')} ram={kib >> 10}M {' '.join(sorted(devs))}"
+    )
+
+
+def standby_xml(xml: str) -> str:
+    """The standby's definition: the domain's, waiting for incoming state (``-incoming
+    defer``, no configuration section: ``xen-save-devices-state`` writes none), and with
+    the preload library that lets mirror log its dirty pages once it is promoted."""
+    root = ET.fromstring(xml)
+    for attr in ("id",):
+        root.attrib.pop(attr, None)
+    cmd = root.find(f"{{{QEMU_NS}}}commandline")
+    if cmd is None:
+        cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+    for value in ("-incoming", "defer", "-global", "migration.send-configuration=off"):
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
+    lib = uffd.preload_library()
+    if lib is not None:
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name="LD_PRELOAD", value=str(lib))
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=uffd.ENV_SOCK, value=uffd.unique_name("lv"))
+    return ET.tostring(root, encoding="unicode")
+
+
+def persistent_xml(xml: str) -> str:
+    """The definition a promoted domain gets: the standby's, without what made it one."""
+    root = ET.fromstring(xml)
+    root.attrib.pop("id", None)
+    cmd = root.find(f"{{{QEMU_NS}}}commandline")
+    if cmd is not None:
+        args = cmd.findall(f"{{{QEMU_NS}}}arg")
+        values = [a.get("value") for a in args]
+        drop: set[int] = set()
+        for i, v in enumerate(values):
+            if (
+                v in ("-incoming", "-global")
+                and i + 1 < len(values)
+                and (v == "-incoming" or values[i + 1] == "migration.send-configuration=off")
+            ):
+                drop |= {i, i + 1}
+        for i in sorted(drop, reverse=True):
+            cmd.remove(args[i])
+        if not list(cmd):
+            root.remove(cmd)
+    return ET.tostring(root, encoding="unicode")
+
+
+# ---- the guest ----------------------------------------------------------------------
+
+
+def _qemu_pid_mapping(path: str) -> int:
+    """The pid of the process that maps ``path`` (QEMU; libvirt does not tell it)."""
+    st = os.stat(path)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} {st.st_ino} "
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm") as f:
+                if not f.read().startswith("qemu"):
+                    continue
+            with open(f"/proc/{entry.name}/maps") as f:
+                if any(key in line for line in f):
+                    return int(entry.name)
+        except OSError:
+            continue
+    raise GuestError(f"no QEMU process maps {path}")
+
+
+class LibvirtGuest(Guest):
+    kind: ClassVar[str] = "libvirt"
+
+    def __init__(
+        self, settings: LibvirtConfig, ram_mib: int, conn: Any, dom: Any, *, standby: bool
+    ) -> None:
+        self.settings, self.ram_mib, self.conn, self.dom = settings, ram_mib, conn, dom
+        self.name = dom.name()
+        self.standby = standby
+        self.monitor: Monitor | None = None
+        self.relay: NetRelay | None = None
+        self._map: mmap.mmap | None = None
+        self._saving: concurrent.futures.Future[Any] | None = None
+        self._state_fd = self._state_wfd = -1
+        self._fdset = -1
+        self._pidfd = -1
+        self._announce = False
+        self._resume_via_libvirt = False
+        self._stopped = False
+        try:
+            xml = dom.XMLDesc(0)
+            self.xml = xml
+            if settings.qmp == "socket":
+                path = settings.qmp_socket or qmp_socket_in(xml)
+                if not path:
+                    raise GuestError(
+                        f'[libvirt] qmp = "socket" but domain {self.name!r} has no '
+                        f"<qemu:commandline> -qmp unix:PATH,server=on,wait=off: add one, or "
+                        f'set qmp = "libvirt"'
+                    )
+                self.monitor = SocketMonitor(path)
+            else:
+                self.monitor = LibvirtMonitor(self.call)
+            self._ram_path = Path(self._find_ram())
+            size = ram_mib << 20
+            if self._ram_path.stat().st_size != size:
+                raise GuestError(
+                    f"domain {self.name!r} has {self._ram_path.stat().st_size >> 20} MiB of "
+                    f"RAM but guest.ram_mib = {ram_mib}: make them agree"
+                )
+            self.pid = _qemu_pid_mapping(str(self._ram_path))
+            self._pidfd = os.pidfd_open(self.pid)
+            fd = os.open(self._ram_path, os.O_RDWR)
+            try:
+                self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+            addr = server_nic(xml, self.name)
+            self.relay = NetRelay(
+                Path("/nonexistent"), settings.tap, settings.bridge, active=not standby,
+                connect=addr,
+            )  # fmt: skip
+            self.relay.dial()
+            if not standby:
+                self._state_fd = os.memfd_create(f"mirror-devstate-{self.name}")
+                # QEMU's copy shares this description's offset: lseek here, write there
+                self._state_wfd = os.open(f"/proc/self/fd/{self._state_fd}", os.O_WRONLY)
+                self._fdset = self.monitor.execute("add-fd", {}, fd=self._state_wfd)["fdset-id"]
+        except BaseException:
+            self.stop(destroy=standby)
+            raise
+
+    def call(self, what: str, fn: Any, reconnect_for: float = 60) -> Any:
+        """``fn(domain)``; if libvirtd restarted meanwhile (the connection broke), once
+        more on a new connection.  GuestError saying ``what`` failed otherwise."""
+        libvirt = _libvirt()
+        try:
+            return fn(self.dom)
+        except libvirt.libvirtError as e:
+            try:
+                self.conn.getVersion()
+                raise GuestError(f"{what}: {e}") from None  # libvirt is there: a real error
+            except libvirt.libvirtError:
+                pass
+        deadline = time.monotonic() + reconnect_for
+        while True:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            try:
+                self.conn = libvirt.open(self.settings.connect)
+                self.dom = self.conn.lookupByName(self.name)
+                break
+            except libvirt.libvirtError as e:
+                if time.monotonic() > deadline:
+                    raise GuestError(f"{what}: libvirt at {self.settings.connect}: {e}") from None
+                time.sleep(0.1)
+        try:
+            return fn(self.dom)
+        except libvirt.libvirtError as e:
+            raise GuestError(f"{what}: {e}") from None
+
+    def _find_ram(self) -> str:
+        assert self.monitor is not None
+        for obj in RAM_OBJECTS:
+            try:
+                path = self.monitor.execute("qom-get", {"path": obj, "property": "mem-path"})
+                shared = self.monitor.execute("qom-get", {"path": obj, "property": "share"})
+            except GuestError:
+                continue
+            if not shared:
+                raise GuestError(f"domain {self.name!r}: its RAM file is not shared: {MEMORY_FIX}")
+            return str(path)
+        raise GuestError(f"domain {self.name!r}: its RAM is not file-backed: {MEMORY_FIX}")
+
+    # -- the two ways in ------------------------------------------------------------
+
+    @classmethod
+    def attach(
+        cls, settings: LibvirtConfig, ram_mib: int, on_output: OutputHandler
+    ) -> LibvirtGuest:
+        """The primary: the RUNNING domain ``settings.domain``, paused until resume()."""
+        libvirt = _libvirt()
+        conn = open_conn(settings.connect)
+        try:
+            dom = conn.lookupByName(settings.domain)
+        except libvirt.libvirtError:
+            raise GuestError(
+                f"no domain {settings.domain!r} at {settings.connect}: check [libvirt] domain"
+            ) from None
+        if not dom.isActive():
+            raise GuestError(
+                f"domain {settings.domain!r} is not running: start it (virsh start "
+                f"{settings.domain}); mirror attaches to a running domain"
+            )
+        if dom.isPersistent() and dom.autostart():
+            dom.setAutostart(0)  # A's definition must never boot it behind the pair's back
+        g = cls(settings, ram_mib, conn, dom, standby=False)
+        assert g.relay is not None
+        g.relay.on_output = on_output
+        g.command("stop")  # the pre-copy first; resume() lets it run
+        g.relay.drain()
+        return g
+
+    @classmethod
+    def ready(cls, settings: LibvirtConfig, ram_mib: int) -> LibvirtGuest:
+        """The secondary's standby: a transient paused domain waiting for its state."""
+        libvirt = _libvirt()
+        conn = open_conn(settings.connect)
+        if settings.standby_xml:
+            try:
+                xml = Path(settings.standby_xml).read_text()
+            except OSError as e:
+                raise GuestError(
+                    f"[libvirt] standby_xml {settings.standby_xml}: {e.strerror}"
+                ) from None
+        else:
+            try:
+                dom = conn.lookupByName(settings.domain)
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            except libvirt.libvirtError:
+                raise GuestError(
+                    f"no domain {settings.domain!r} defined at {settings.connect} and no "
+                    f"[libvirt] standby_xml: define it here, or give its XML"
+                ) from None
+        try:
+            dom = conn.createXML(standby_xml(xml), libvirt.VIR_DOMAIN_START_PAUSED)
+        except (libvirt.libvirtError, ET.ParseError) as e:
+            raise GuestError(f"cannot start the standby domain {settings.domain!r}: {e}") from None
+        return cls(settings, ram_mib, conn, dom, standby=True)
+
+    def go_on_from(self, image: Path, state: bytes, on_output: OutputHandler) -> None:
+        """Promotion: the committed image into the domain's RAM, the device state into
+        QEMU through a passed pipe, then (at resume) run."""
+        assert self.relay is not None and self.monitor is not None and self._map is not None
+        self.relay.on_output = on_output
+        with open(image, "rb") as f:  # in-kernel copy: tmpfs to tmpfs
+            fd = os.open(self._ram_path, os.O_WRONLY)
+            try:
+                n, left = 0, len(self._map)
+                while left:
+                    k = os.copy_file_range(f.fileno(), fd, left, n, n)
+                    if k <= 0:
+                        raise GuestError(f"copying {image} into {self._ram_path}: short copy")
+                    n, left = n + k, left - k
+            finally:
+                os.close(fd)
+        r, w = os.pipe()
+        try:
+            self.monitor.execute("getfd", {"fdname": "mirror-state"}, fd=r)
+        finally:
+            os.close(r)
+        writer = threading.Thread(target=self._feed, args=(w, state), daemon=True)
+        writer.start()
+        self.monitor.execute("migrate-incoming", {"uri": "fd:mirror-state"})
+        deadline = time.monotonic() + 30
+        while True:
+            st = self.monitor.execute("query-migrate").get("status")
+            if st == "completed":
+                break
+            if st in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise GuestError(f"loading the device state into {self.name!r}: migration {st}")
+            time.sleep(0.002)
+        writer.join(5)
+        self.relay.active = True
+        self.standby = False
+        self._announce = self._resume_via_libvirt = True
+        # this host's definition now (persistent); autostart stays off
+        self.call(
+            f"defining the promoted domain {self.name!r} here",
+            lambda dom: dom.connect().defineXML(persistent_xml(dom.XMLDesc(0))),
+        )
+
+    @staticmethod
+    def _feed(w: int, state: bytes) -> None:
+        try:
+            view = memoryview(state)
+            while view:
+                view = view[os.write(w, view) :]
+        except OSError:
+            pass
+        finally:
+            os.close(w)
+
+    # -- the Guest interface --------------------------------------------------------
+
+    def command(self, name: str, **args: Any) -> Any:
+        if self.monitor is None:
+            raise GuestError(f"QMP {name}: no monitor")
+        return self.monitor.execute(name, args or None)
+
+    @property
+    def ram(self) -> mmap.mmap:
+        assert self._map is not None
+        return self._map
+
+    @property
+    def ram_path(self) -> Path:
+        return self._ram_path
+
+    @property
+    def alive(self) -> bool:
+        if self._pidfd < 0:
+            return False
+        r, _, _ = select.select([self._pidfd], [], [], 0)
+        return not r
+
+    def log_source(self) -> LogSource | None:
+        try:  # the preload library hands out userfaultfds where QEMU's env says
+            env = Path(f"/proc/{self.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        for kv in env:
+            if kv.startswith(uffd.ENV_SOCK.encode() + b"="):
+                return LogSource(self.pid, kv.split(b"=", 1)[1].decode())
+        return None
+
+    def log_blockers(self) -> list[str]:
+        root = ET.fromstring(self.xml)
+        found = []
+        for b in root.findall("./devices/memballoon"):
+            if b.get("model") != "none":
+                found.append("a memory balloon (frees guest pages behind the log)")
+        if root.find("./devices/memory") is not None:
+            found.append("memory devices (virtio-mem/DIMMs plug RAM behind the log)")
+        if root.find("./devices/interface[@type='vhostuser']") is not None:
+            found.append("a vhost-user NIC (writes RAM through its own mapping)")
+        return found
+
+    def pause(self) -> None:
+        assert self.monitor is not None and self.relay is not None
+        self.monitor.execute("stop")
+        self.relay.drain()
+        os.lseek(self._state_wfd, 0, os.SEEK_SET)
+        self._saving = self.monitor.submit(
+            "xen-save-devices-state", {"filename": f"/dev/fdset/{self._fdset}", "live": False}
+        )
+
+    def resume(self) -> None:
+        assert self.monitor is not None
+        if self._saving is not None:
+            self._saving.result(60)
+            self._saving = None
+        if self._resume_via_libvirt:  # the first run after promotion: libvirt's bookkeeping
+            self._resume_via_libvirt = False
+            self.call(f"resuming the promoted domain {self.name!r}", lambda dom: dom.resume())
+        else:
+            self.monitor.execute("cont")
+        if self._announce:
+            self._announce = False
+            self.command("announce-self", initial=50, max=550, rounds=5, step=100)
+
+    def save_state(self) -> bytes:
+        assert self.monitor is not None
+        fut, self._saving = self._saving, None
+        if fut is None:
+            os.lseek(self._state_wfd, 0, os.SEEK_SET)
+            fut = self.monitor.submit(
+                "xen-save-devices-state", {"filename": f"/dev/fdset/{self._fdset}", "live": False}
+            )
+        fut.result(60)
+        n = os.lseek(self._state_wfd, 0, os.SEEK_CUR)  # where QEMU's writes ended
+        return os.pread(self._state_fd, n, 0)
+
+    def stop(self, destroy: bool = True) -> None:
+        """The guest stops here: its domain is destroyed (``destroy``), mirror lets go of
+        it.  The primary's copy stops when the pair ends or hands over, like a QEMU guest."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if destroy and getattr(self, "dom", None) is not None:
+            with contextlib.suppress(Exception):
+                self.call(
+                    f"destroying {self.name!r}",
+                    lambda dom: dom.destroy() if dom.isActive() else None,
+                    reconnect_for=5,
+                )
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        for fd in (self._state_fd, self._state_wfd, self._pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self._state_fd = self._state_wfd = self._pidfd = -1
+        with contextlib.suppress(Exception):
+            self.conn.close()
