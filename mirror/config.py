@@ -344,6 +344,7 @@ class AgentSection:
     pair_ports_from: int = field(default=7610, metadata=_range(1, 65535))  # pairs' link ports
     pair_ports_to: int = field(default=7699, metadata=_range(1, 65535))
     connect: str = field(default="qemu:///system", metadata=_range(1, 256))  # libvirt URI
+    bridge: str = field(default="", metadata=_range(0, 15))  # where guests' frames go
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from mirror.config import (
     to_toml,
 )
 from mirror.guests import domaincheck
+from mirror.guests.libvirt import qmp_socket_in
 from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.ha import control, peerlink
 from mirror.ha.agent import event, make_arbiter
@@ -240,10 +242,21 @@ class HostAgent:
             if observer:
                 data["output"] = {"observer": observer}
         else:
-            data["guest"] = {"kind": "libvirt"}
-            lv: dict[str, Any] = {"domain": d.domain, "connect": d.connect}
+            # the XML this host has of the domain: its own definition (the host it was
+            # paired on) or the one its peer sent (the standby's host)
+            names = ("original.xml", "standby.xml") if primary else ("standby.xml",
+                                                                    "original.xml")
+            xml_file = next((pdir / n for n in names if (pdir / n).exists()), pdir / names[0])
+            xml = xml_file.read_text()
+            data["guest"] = {"kind": "libvirt", "ram_mib": domaincheck.check(xml).ram_mib}
+            # QMP on the domain's own monitor socket when its XML adds one, else via libvirt
+            qmp = "socket" if qmp_socket_in(xml) else "libvirt"
+            lv: dict[str, Any] = {"domain": d.domain, "connect": d.connect, "qmp": qmp}
+            if self.cfg.agent.bridge:
+                lv["bridge"] = self.cfg.agent.bridge
+                lv["tap"] = f"mir{zlib.crc32(d.pair.encode()) & 0xFFFFFF:06x}"
             if not primary:
-                lv["standby_xml"] = str(pdir / "standby.xml")
+                lv["standby_xml"] = str(xml_file)
             data["libvirt"] = lv
         try:
             return from_dict(data, f"pair {d.pair}'s role configuration")
@@ -563,12 +576,15 @@ class HostAgent:
             except PeerError as e:
                 done.append(f"NOT dropped on {d.peer}: {e}; run `mirror unpair {d.pair} "
                             f"--force` there")
-            if d.kind == "libvirt" and d.role == "primary":
-                xml = (self.pair_dir(d.pair) / "original.xml").read_text()
+            original = self.pair_dir(d.pair) / "original.xml"
+            if d.kind == "libvirt" and original.exists():
                 with Domains(d.connect) as lv:
-                    lv.restore(d.domain, xml, d.autostart)
+                    lv.restore(d.domain, original.read_text(), d.autostart)
                 done.append(f"{d.domain}'s definition restored (autostart "
                             f"{'on' if d.autostart else 'off'})")
+            elif d.kind == "libvirt":
+                done.append(f"{d.domain}'s definition here is the one its promotion made: "
+                            f"left as it is")
             self._forget(d.pair)
             return {"done": done}
 

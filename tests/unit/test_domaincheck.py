@@ -17,8 +17,9 @@ GOOD = """<domain type='kvm'>
   </os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <interface type='bridge'>
-      <mac address='52:54:00:12:34:56'/><source bridge='br0'/><model type='virtio'/>
+    <interface type='server'>
+      <mac address='52:54:00:12:34:56'/><source address='127.0.0.1' port='5555'/>
+      <model type='virtio'/>
     </interface>
     <serial type='pty'><target port='0'/></serial>
     <memballoon model='none'/>
@@ -34,7 +35,7 @@ def test_the_demo_domain_can_be_mirrored() -> None:
     r = check(GOOD)
     assert r.ok and r.findings == ()
     assert (r.name, r.ram_mib, r.vcpus) == ("web01", 128, 1)
-    assert r.nics == ("bridge virtio 52:54:00:12:34:56",)
+    assert r.nics == ("server virtio 52:54:00:12:34:56",)
     assert explain(r) == "web01: can be mirrored"
 
 
@@ -61,16 +62,18 @@ def test_the_demo_domain_can_be_mirrored() -> None:
         ("<serial", "<memory model='nvdimm'><source><path>/x</path></source></memory><serial",
          "memory-device"),
         # NICs
-        ("<interface type='bridge'>", "<interface type='user'>", "nic-type"),
-        ("<interface type='bridge'>", "<interface type='direct'>", "nic-type"),
-        ("<interface type='bridge'>", "<interface type='vhostuser'>", "nic-type"),
-        ("<interface type='bridge'>", "<interface type='hostdev'>", "nic-type"),
-        ("<interface type='bridge'>", "<interface type='udp'>", "nic-type"),
-        ("<interface type='bridge'>", "<interface type='client'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='user'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='direct'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='vhostuser'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='hostdev'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='udp'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='client'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='bridge'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='network'>", "nic-type"),
         ("<model type='virtio'/>", "<model type='e1000e'/>", "nic-model"),
         ("<model type='virtio'/>", "", "nic-model"),
-        ("<serial", "<interface type='network'><mac address='52:54:00:00:00:02'/><source "
-         "network='default'/><model type='virtio'/></interface><serial", "nics"),
+        ("<serial", "<interface type='server'><mac address='52:54:00:00:00:02'/><source "
+         "address='127.0.0.1' port='5556'/><model type='virtio'/></interface><serial", "nics"),
         # devices the dirty log cannot see, or state outside QEMU
         ("<serial", "<hostdev mode='subsystem' type='pci'/><serial", "hostdev"),
         ("<serial", "<shmem name='ivshmem'/><serial", "shmem"),
