@@ -610,6 +610,10 @@ class LibvirtGuest(Guest):
         n = os.lseek(self._state_wfd, 0, os.SEEK_CUR)  # where QEMU's writes ended
         return os.pread(self._state_fd, n, 0)
 
+    def detach(self) -> None:
+        """`mirror unpair`: the domain runs on under libvirt, no longer mirrored."""
+        self.stop(destroy=False)
+
     def stop(self, destroy: bool = True) -> None:
         """The guest stops here: its domain is destroyed (``destroy``), mirror lets go of
         it.  The primary's copy stops when the pair ends or hands over, like a QEMU guest."""

@@ -312,10 +312,15 @@ class HostAgent:
             return {}
         return dict(st) if isinstance(st, dict) else {}
 
-    def stop_role(self, pair: str, timeout: float = 15.0) -> None:
+    def stop_role(self, pair: str, timeout: float = 15.0, term_after: float = 0.0) -> None:
+        """Stop a role's process group: SIGTERM (after ``term_after`` s if it has not
+        ended by itself), then SIGKILL after ``timeout`` s."""
         r = self.running.pop(pair, None)
         if r is None:
             return
+        deadline = time.monotonic() + term_after
+        while r.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(r.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -496,6 +501,7 @@ class HostAgent:
         prepared = False
         try:
             xml = ""
+            self.save(d)
             if d.kind == "libvirt":
                 with Domains(d.connect) as lv:
                     xml = lv.inactive_xml(d.domain)
@@ -567,8 +573,14 @@ class HostAgent:
                     f"unpair {d.pair}` on {d.peer}"
                 )
             done = []
-            self.stop_role(d.pair)
-            done.append(f"stopped its {d.role} here")
+            if d.role == "primary":  # it ends cleanly (BYE) and lets the guest run on
+                with contextlib.suppress(control.ControlError):
+                    control.ask(self.pair_dir(d.pair) / "role", "detach", timeout=5)
+                self.stop_role(d.pair, term_after=10.0)
+                done.append("stopped its primary here (the guest runs on, unmirrored)")
+            else:
+                self.stop_role(d.pair)
+                done.append(f"stopped its {d.role} here")
             try:
                 peerlink.ask(self.peers[d.peer], self.public, self.secret, "drop",
                              {"pair": d.pair}, timeout=30)
