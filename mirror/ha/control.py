@@ -7,10 +7,12 @@
 - ``STATE_DIR/control.sock``: a unix socket the agent serves, made by the agent
   after it took the lock (a socket file left by a dead agent is replaced), mode
   0600.  ``mirror failover``, ``mirror switchover`` send it one JSON request
-  line (``{"op": "status" | "failover" | "switchover"}``) and read one JSON
-  answer line.  Both ends check the other's credentials (SO_PEERCRED): the
-  agent answers only root or its own user, and the command talks only to a
-  socket served by root or its own user.  Nothing is ever signalled by a pid
+  line (``{"op": "status" | "failover" | "switchover" | "detach"}``; the host
+  agent's socket takes ``list``, ``status``, ``pair``, ``progress``, ``unpair``
+  with their fields beside ``op``) and read one JSON answer line.  Both ends
+  check the other's credentials (SO_PEERCRED): the agent answers only root or
+  its own user, and the command talks only to a socket served by root or its
+  own user.  Nothing is ever signalled by a pid
   read from a file: a stale status file cannot make a command touch whatever
   process now has that pid.
 

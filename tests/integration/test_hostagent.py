@@ -246,6 +246,13 @@ def test_resume_when_the_peer_is_gone_claims_first(agents: tuple[Agent, Agent],
              == "protected")
         pb = by_pair(b, pair_name)
         assert pb and pb["role"] == "secondary"
+        # failover and switchover DOMAIN go through the agent to the pair's role
+        r = mirror("failover", pair_name, "--agent-config", str(b.config))
+        assert r.returncode == 1 and "alive on storage" in r.stderr, r.stdout + r.stderr
+        r = mirror("switchover", pair_name, "--agent-config", str(a.config))
+        assert r.returncode == 0 and "switched over" in r.stdout, r.stdout + r.stderr
+        wait("the agents follow the swap", lambda: (by_pair(b, pair_name) or {}).get("role")
+             == "primary" and (by_pair(a, pair_name) or {}).get("role") == "secondary")
     finally:
         obs.close()
 
