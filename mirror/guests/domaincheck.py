@@ -447,3 +447,30 @@ def explain(r: Result) -> str:
         lines.append(f"     why: {f.why}")
         lines.append(f"     change: {f.fix}")
     return "\n".join(lines)
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+EMULATORS = ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/kvm")
+
+
+def standby_refusals(xml: str) -> list[str]:
+    """Why a standby's host must not run ``xml``, a definition its peer's agent sent (an
+    authenticated peer, but no more than that: nothing in the XML may make this host run
+    a program of the peer's choosing).  Empty: acceptable.  Beyond ``check``: the
+    emulator is QEMU at a standard path; ``<qemu:commandline>`` holds at most a ``-qmp
+    unix:`` monitor socket and no environment; no hooks or scripts."""
+    root = parse(xml)
+    out = []
+    emulator = (root.findtext("devices/emulator") or "").strip()
+    if emulator and emulator not in EMULATORS:
+        out.append(f"its <emulator> is {emulator!r}, not one of {', '.join(EMULATORS)}")
+    cmd = root.find(f"{{{QEMU_NS}}}commandline")
+    if cmd is not None:
+        args = [a.get("value", "") for a in cmd.findall(f"{{{QEMU_NS}}}arg")]
+        ok = args == [] or (len(args) == 2 and args[0] == "-qmp" and args[1].startswith("unix:"))
+        if not ok or cmd.find(f"{{{QEMU_NS}}}env") is not None or len(cmd) != len(args):
+            out.append(f"its <qemu:commandline> passes {args!r} (only -qmp unix:PATH is taken)")
+    for el in root.iter():
+        if el.tag in ("script", "hook") or (el.tag == "source" and el.get("type") == "exec"):
+            out.append(f"it names a script or program (<{el.tag}>)")
+    return out

@@ -646,6 +646,10 @@ class HostAgent:
                 if r.name != d.domain or not r.ok:
                     raise AgentError(f"the standby's XML is not mirrorable: "
                                      f"{domaincheck.explain(r)}")
+                refused = domaincheck.standby_refusals(xml)
+                if refused:
+                    raise AgentError(f"{self.node} does not run the standby XML {peer} sent: "
+                                     f"{'; '.join(refused)}")
             d.data_port, d.heartbeat_port, d.disk_port = self._ports()
             self.defs[pair] = d
             try:

@@ -176,3 +176,30 @@ def test_memory_units() -> None:
     for mem, mib in (("<memory unit='GiB'>2</memory>", 2048), ("<memory>262144</memory>", 256),
                      ("<memory unit='MiB'>300</memory>", 300)):
         assert check(GOOD.replace("<memory unit='KiB'>131072</memory>", mem)).ram_mib == mib
+
+
+QMP = ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+       "<qemu:arg value='-qmp'/><qemu:arg value='unix:/run/m.sock,server=on,wait=off'/>"
+       "</qemu:commandline>")
+
+
+@pytest.mark.parametrize(
+    "old,new,why",
+    [
+        ("/usr/bin/qemu-system-x86_64", "/bin/sh", "<emulator>"),
+        ("</domain>", QMP.replace("-qmp", "-chardev") + "</domain>", "qemu:commandline"),
+        ("</domain>", QMP.replace("</qemu:commandline>", "<qemu:arg value='-S'/>"
+                                  "</qemu:commandline>") + "</domain>", "qemu:commandline"),
+        ("</domain>", QMP.replace("</qemu:commandline>", "<qemu:env name='LD_PRELOAD' "
+                                  "value='/tmp/x.so'/></qemu:commandline>") + "</domain>",
+         "qemu:commandline"),
+        ("<serial type='pty'>", "<serial type='pty'><source type='exec'/>", "program"),
+    ],
+)
+def test_a_peers_standby_xml_runs_nothing_of_its_choosing(old: str, new: str, why: str) -> None:
+    from mirror.guests.domaincheck import standby_refusals
+
+    assert standby_refusals(GOOD) == [] and standby_refusals(GOOD.replace(
+        "</domain>", QMP + "</domain>")) == []
+    refused = standby_refusals(GOOD.replace(old, new))
+    assert refused and why in " ".join(refused)
