@@ -29,6 +29,19 @@ from mirror.ha.hostagent import HostAgent
 HOST_COMMANDS = ("agent", "pair", "unpair", "list")
 
 
+def _number(lo: float, hi: float) -> Any:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be within {lo:g}..{hi:g}, got {text}")
+        return int(v) if v.is_integer() else v
+
+    return parse
+
+
 def _agent_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--agent-config",
@@ -52,10 +65,11 @@ def add_parsers(sub: Any) -> None:
                         "changes nothing")
     p.add_argument("--guest", choices=["libvirt", "synthetic"], default="libvirt",
                    help="libvirt (default); synthetic: a synthetic guest named DOMAIN (tests)")
-    p.add_argument("--ram-mib", type=int, default=64, help="--guest synthetic: its RAM")
+    p.add_argument("--ram-mib", type=_number(1, 1 << 20), default=64,
+                   help="--guest synthetic: its RAM (MiB)")
     p.add_argument("--observer", metavar="HOST:PORT",
                    help="--guest synthetic: where its released outputs go")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+    p.add_argument("--timeout", type=_number(1, 86400), default=120.0, metavar="S",
                    help="seconds to wait for protection (default 120)")
     _agent_config_arg(p)
 
