@@ -36,7 +36,7 @@ def _number(lo: float, hi: float) -> Any:
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be within {lo:g}..{hi:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be within {lo:.0f}..{hi:.0f}, got {text}")
         return int(v) if v.is_integer() else v
 
     return parse
