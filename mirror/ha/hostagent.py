@@ -600,6 +600,28 @@ class HostAgent:
             self._forget(d.pair)
             return {"done": done}
 
+    def _abandon(self, d: PairDef) -> None:
+        """Undo an interrupted pairing: the peer's standby (if it was asked for one), the
+        domain's definition (if it was marked), the pair's directory."""
+        original = self.pair_dir(d.pair) / "original.xml"
+        if d.kind == "libvirt" and original.exists():
+            try:
+                with Domains(d.connect) as lv:
+                    lv.restore(d.domain, original.read_text(), d.autostart)
+            except LibvirtError as e:
+                log.warning("pair %s: %s", d.pair, e)
+        peer = self.peers.get(d.peer)
+        if peer is not None:
+            threading.Thread(target=self._drop_quietly, args=(peer, d.pair), daemon=True,
+                             name=f"drop-{d.pair}").start()
+        self._forget(d.pair)
+
+    def _drop_quietly(self, peer: PeerAddress, pair: str) -> None:
+        try:
+            peerlink.ask(peer, self.public, self.secret, "drop", {"pair": pair}, timeout=30)
+        except PeerError as e:
+            log.info("pair %s: %s", pair, e)
+
     def _forget(self, pair: str) -> None:
         self.defs.pop(pair, None)
         self.waiting.pop(pair, None)
@@ -712,9 +734,9 @@ class HostAgent:
             }  # fmt: skip
             self.load_defs()
             for pair, d in list(self.defs.items()):
-                if d.state == "pairing":  # an agent killed while pairing: nothing was started
-                    log.warning("pair %s: pairing was interrupted: forgetting it", pair)
-                    self._forget(pair)
+                if d.state == "pairing":  # an agent killed while pairing: undo it
+                    log.warning("pair %s: pairing was interrupted: undoing it", pair)
+                    self._abandon(d)
                 elif d.state == "active":
                     self.adopt(d)
             a = self.cfg.agent
