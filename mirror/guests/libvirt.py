@@ -265,11 +265,21 @@ def standby_xml(xml: str) -> str:
         cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
     for value in ("-incoming", "defer", "-global", "migration.send-configuration=off"):
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
-    lib = uffd.preload_library()
-    if lib is not None:
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name="LD_PRELOAD", value=str(lib))
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=uffd.ENV_SOCK, value=uffd.unique_name("lv"))
+    for env in cmd.findall(f"{{{QEMU_NS}}}env"):  # a socket name of its own, below
+        if env.get("name") in ("LD_PRELOAD", uffd.ENV_SOCK):
+            cmd.remove(env)
+    for name, value in preload_env().items():
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=name, value=value)
     return ET.tostring(root, encoding="unicode")
+
+
+def preload_env() -> dict[str, str]:
+    """The <qemu:env> a domain needs for mirror's dirty-page log (QEMU then hands out
+    userfaultfds of its memory at an abstract socket); empty without the library."""
+    lib = uffd.preload_library()
+    if lib is None:
+        return {}
+    return {"LD_PRELOAD": str(lib), uffd.ENV_SOCK: uffd.unique_name("lv")}
 
 
 def persistent_xml(xml: str) -> str:
@@ -441,13 +451,20 @@ class LibvirtGuest(Guest):
                 f"domain {settings.domain!r} is not running: start it (virsh start "
                 f"{settings.domain}); mirror attaches to a running domain"
             )
-        if dom.isPersistent() and dom.autostart():
-            dom.setAutostart(0)  # A's definition must never boot it behind the pair's back
-        g = cls(settings, ram_mib, conn, dom, standby=False)
-        assert g.relay is not None
-        g.relay.on_output = on_output
-        g.command("stop")  # the pre-copy first; resume() lets it run
-        g.relay.drain()
+        g = cls(settings, ram_mib, conn, dom, standby=False)  # refuses before any change
+        try:
+            # this host's definition must never boot the guest behind the pair's back
+            g.call(
+                f"turning autostart of {g.name!r} off",
+                lambda d: d.setAutostart(0) if d.isPersistent() and d.autostart() else None,
+            )
+            assert g.relay is not None
+            g.relay.on_output = on_output
+            g.command("stop")  # the pre-copy first; resume() lets it run
+            g.relay.drain()
+        except BaseException:
+            g.stop(destroy=False)
+            raise
         return g
 
     @classmethod
@@ -611,7 +628,11 @@ class LibvirtGuest(Guest):
         return os.pread(self._state_fd, n, 0)
 
     def detach(self) -> None:
-        """`mirror unpair`: the domain runs on under libvirt, no longer mirrored."""
+        """Let go of the domain and leave it running (``mirror unpair``'s end: its NIC
+        then reaches no one until its XML is put back)."""
+        with contextlib.suppress(GuestError):
+            if self.monitor is not None and self.command("query-status").get("status") == "paused":
+                self.command("cont")
         self.stop(destroy=False)
 
     def stop(self, destroy: bool = True) -> None:

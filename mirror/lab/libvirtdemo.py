@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config, LibvirtConfig
+from mirror.guests.libvirt import preload_env
 from mirror.lab.demo import Host, with_keys
 from mirror.lab.libvirtlab import LibvirtHost, check_capable, domain_xml
 from mirror.lab.netlab import GUEST_IP, IC_IP, GuestLan
@@ -27,12 +28,22 @@ DOMAIN = "web01"
 NIC_PORT = 5600  # in each host's own network namespace (nothing else listens there)
 
 
-def qmp_args(sock: Path) -> str:
-    """The <qemu:commandline> that gives mirror a QMP socket of its own."""
-    return (
-        "<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+def qmp_args(sock: Path | None, *, log: bool = False) -> str:
+    """The <qemu:commandline> that gives mirror a QMP socket of its own (``sock``) and,
+    with ``log``, the preload library of the dirty-page log."""
+    args = (
         f"<qemu:arg value='-qmp'/><qemu:arg value='unix:{sock},server=on,wait=off'/>"
-        "</qemu:commandline>"
+        if sock
+        else ""
+    )
+    envs = "".join(
+        f"<qemu:env name='{k}' value='{v}'/>" for k, v in (preload_env() if log else {}).items()
+    )
+    if not args and not envs:
+        return ""
+    return (
+        f"<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>{args}"
+        f"{envs}</qemu:commandline>"
     )
 
 
@@ -45,9 +56,9 @@ def demo_domain(root: Path, host: str, img: Path, base: Config) -> str:
         serial=root / f"{host}-serial.log",
         nic_port=NIC_PORT,
     )
-    if base.libvirt.qmp == "socket":
-        xml = xml.replace("</domain>", qmp_args(root / f"{host}-qmp.sock") + "</domain>")
-    return xml
+    sock = root / f"{host}-qmp.sock" if base.libvirt.qmp == "socket" else None
+    log = base.checkpoint.scan in ("auto", "log")
+    return xml.replace("</domain>", qmp_args(sock, log=log) + "</domain>")
 
 
 class LibvirtDemoGuest:

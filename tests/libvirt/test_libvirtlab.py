@@ -7,10 +7,12 @@ import json
 import mmap
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from mirror.lab.demo import free_ports
 from mirror.lab.libvirtlab import domain_xml
 from mirror.lab.netlab import GuestLan
 from tests.libvirt.conftest import HostFactory
@@ -54,3 +56,34 @@ def test_a_domain_with_shared_file_ram_runs_on_a_private_libvirtd(
         # a libvirtd restart keeps the domain running
         h.restart_libvirtd()
         assert h.connect().lookupByName("web01").isActive() and h.qemu_pid("web01") == pid
+
+
+def test_the_primary_refuses_a_domain_it_cannot_mirror_and_says_what_to_change(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    from mirror.config import LibvirtConfig
+    from mirror.guests.base import GuestError
+    from mirror.guests.libvirt import LibvirtGuest
+
+    h = libvirt_host("A")
+    conn = h.connect()
+    anon = domain_xml("anon", guest_image, nic_port=free_ports(1)[0]).replace(
+        "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>", ""
+    )
+    conn.createXML(anon, 0)
+    s = LibvirtConfig(domain="anon", connect=h.uri, qmp="libvirt")
+    with pytest.raises(GuestError, match="not file-backed: add <memoryBacking>"):
+        LibvirtGuest.attach(s, 128, lambda out: None)
+    with pytest.raises(GuestError, match="no <qemu:commandline> -qmp"):
+        LibvirtGuest.attach(replace(s, qmp="socket"), 128, lambda out: None)
+    with pytest.raises(GuestError, match="no domain 'nope'"):
+        LibvirtGuest.attach(replace(s, domain="nope"), 128, lambda out: None)
+    conn.defineXML(domain_xml("off", guest_image, nic_port=5600))
+    with pytest.raises(GuestError, match="'off' is not running"):
+        LibvirtGuest.attach(replace(s, domain="off"), 128, lambda out: None)
+    conn.createXML(domain_xml("big", guest_image, nic_port=free_ports(1)[0]), 0)
+    with pytest.raises(GuestError, match=r"has 128 MiB of RAM but guest\.ram_mib = 256"):
+        LibvirtGuest.attach(replace(s, domain="big"), 256, lambda out: None)
+    # nothing was changed: both running domains still run
+    assert conn.lookupByName("anon").isActive() and conn.lookupByName("big").isActive()
+    assert conn.lookupByName("big").state()[0] == 1  # running, not left paused

@@ -1,0 +1,69 @@
+"""The libvirt backend's XML work, without libvirt: the standby's definition, the
+definition a promoted domain gets, the NIC and the QMP socket read from a domain."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from mirror.guests import uffd
+from mirror.guests.base import GuestError
+from mirror.guests.libvirt import (
+    QEMU_NS,
+    persistent_xml,
+    qmp_socket_in,
+    server_nic,
+    standby_xml,
+)
+from mirror.lab.libvirtdemo import qmp_args
+from mirror.lab.libvirtlab import domain_xml
+
+Q = f"{{{QEMU_NS}}}"
+
+
+def demo(**kw: object) -> str:
+    xml = domain_xml("web01", Path("/img"), nic_port=5600, **kw)  # type: ignore[arg-type]
+    return xml.replace("</domain>", qmp_args(Path("/run/q.sock"), log=True) + "</domain>")
+
+
+def test_the_standby_waits_for_incoming_state_and_the_promoted_definition_does_not() -> None:
+    live = demo().replace("<domain type='qemu'>", "<domain type='qemu' id='7'>")
+    sb = ET.fromstring(standby_xml(live))
+    args = [a.get("value") for a in sb.iter(f"{Q}arg")]
+    assert args == ["-qmp", "unix:/run/q.sock,server=on,wait=off", "-incoming", "defer",
+                    "-global", "migration.send-configuration=off"]  # fmt: skip
+    assert "id" not in sb.attrib
+    envs = {e.get("name"): e.get("value") for e in sb.iter(f"{Q}env")}
+    if uffd.preload_library() is not None:  # one socket name, not the primary's
+        assert len(list(sb.iter(f"{Q}env"))) == 2
+        old = {e.get("name"): e.get("value") for e in ET.fromstring(live).iter(f"{Q}env")}
+        assert envs[uffd.ENV_SOCK] != old[uffd.ENV_SOCK]
+    back = ET.fromstring(persistent_xml(ET.tostring(sb, encoding="unicode")))
+    assert [a.get("value") for a in back.iter(f"{Q}arg")] == args[:2]
+    assert back.find("name").text == "web01"  # type: ignore[union-attr]
+
+
+def test_persistent_xml_drops_an_emptied_commandline() -> None:
+    plain = domain_xml("web01", Path("/img"), nic_port=5600)
+    back = ET.fromstring(persistent_xml(standby_xml(plain)))
+    cmd = back.find(f"{Q}commandline")
+    assert cmd is None or all(e.tag == f"{Q}env" for e in cmd)
+
+
+def test_the_nic_and_the_qmp_socket_are_read_from_the_domain() -> None:
+    assert server_nic(demo(), "web01") == ("127.0.0.1", 5600)
+    assert qmp_socket_in(demo()) == "/run/q.sock"
+    assert qmp_socket_in(domain_xml("web01", Path("/img"))) == ""
+
+
+@pytest.mark.parametrize(
+    "nic",
+    ["", "<interface type='network'><source network='default'/></interface>",
+     "<interface type='server'><source address='127.0.0.1'/></interface>"],
+)  # fmt: skip
+def test_a_nic_mirror_cannot_relay_is_refused_with_what_to_change(nic: str) -> None:
+    xml = domain_xml("web01", Path("/img")).replace("</devices>", nic + "</devices>")
+    with pytest.raises(GuestError, match="web01"):
+        server_nic(xml, "web01")
