@@ -10,6 +10,10 @@ mirror keygen [--dir D] [--name N]       this host's interconnect key pair (Curv
 mirror image build [--dir D]             the demo guest (Debian kernel + busybox initramfs)
 mirror demo [--guest synthetic|qemu|libvirt] ... a primary and a secondary on this machine
 mirror pool COMMAND ...                  pool HA on etcd (mirror pool --help)
+mirror agent [--config F]                this host's agent: every pair role on the host
+mirror pair DOMAIN --peer HOST [--check] mirror a libvirt domain onto HOST (via the agents)
+mirror unpair DOMAIN | list              undo it | the pairs this host's agent runs
+mirror status|failover|switchover DOMAIN the same for a pair the agent runs
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror.config import Config, ConfigError, load, parse_hostport
+from mirror.config import DEFAULT_AGENT_CONFIG, Config, ConfigError, load, parse_hostport
 from mirror.guests import image
 from mirror.guests.base import GuestError
-from mirror.ha import agent, control, primary, secondary
+from mirror.ha import agent, control, hostcli, primary, secondary
 from mirror.hoststate import read_json, running
 from mirror.lab import demo, libvirtdemo, qemudemo
 from mirror.pool import cli as pool_cli
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("status", help="what this host's agent reports")
-    p.add_argument("--config", required=True, help="host configuration (TOML)")
+    _domain_or_config(p, "host configuration (TOML)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "--watch",
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("failover", help="promote this host's secondary now (manual failover)")
-    p.add_argument("--config", required=True, help="the secondary host's configuration (TOML)")
+    _domain_or_config(p, "the secondary host's configuration (TOML)")
     p.add_argument(
         "--force",
         action="store_true",
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "switchover",
         help="planned role swap: the secondary takes over, this host becomes its secondary",
     )
-    p.add_argument("--config", required=True, help="the primary host's configuration (TOML)")
+    _domain_or_config(p, "the primary host's configuration (TOML)")
     p.add_argument(
         "--timeout",
         type=_positive(float, 1, 3600),
@@ -220,7 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the hosts' files (logs, stats)")
     pool_cli.add_parser(sub)
+    hostcli.add_parsers(sub)
     return ap
+
+
+def _domain_or_config(p: argparse.ArgumentParser, config_help: str) -> None:
+    """A role run by hand (``--config F``) or a pair of this host's agent (``DOMAIN``)."""
+    p.add_argument("domain", nargs="?", metavar="DOMAIN",
+                   help="a pair this host's agent runs (instead of --config)")
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--agent-config", default=DEFAULT_AGENT_CONFIG, metavar="F",
+                   help=f"with DOMAIN: the agent's configuration (default "
+                        f"{DEFAULT_AGENT_CONFIG})")
 
 
 def demo_config(args: argparse.Namespace) -> Config:
@@ -316,6 +331,10 @@ def run(args: argparse.Namespace) -> int:
             )
             (demo.dump_json if args.json else demo.print_summary)(result)
             return 0
+        if args.command in hostcli.HOST_COMMANDS:
+            return hostcli.run(args)
+        if args.command in ("status", "failover", "switchover") and not args.config:
+            return agent_pair_command(args)
         cfg = load(args.config)
         if args.command == "status":
             if args.watch:
@@ -347,6 +366,31 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
         print(f"mirror: error: {e}", file=sys.stderr)
         return 2
+
+
+def agent_pair_command(args: argparse.Namespace) -> int:
+    """`mirror status|failover|switchover [DOMAIN]` without --config: through this host's
+    agent, which names the pair's role configuration (and so its control socket)."""
+    if args.domain is None:
+        if args.command != "status":
+            raise ConfigError(f"mirror {args.command}: give DOMAIN (a pair of this host's "
+                              f"agent) or --config F (a role run by hand)")
+        args.json = getattr(args, "json", False)
+        args.command = "list"
+        return hostcli.run(args)
+    path, st = hostcli.role_config(args)
+    if args.command == "status":
+        if args.json:
+            print(json.dumps(st, indent=1))
+            return 0
+        for k in ("pair", "kind", "role", "peer", "generation", "state", "phase", "protection",
+                  "epoch", "acked", "committed", "waiting", "role_pid"):
+            print(f"{k:>12}: {st.get(k)}")
+        return 0 if st.get("running") else NOT_RUNNING
+    cfg = load(path)
+    if args.command == "failover":
+        return manual_failover(cfg, args.force, args.timeout)
+    return switchover(cfg, args.timeout)
 
 
 NOT_RUNNING = 3  # `mirror status`: the agent that last reported is not running

@@ -325,3 +325,114 @@ def to_toml(cfg: Config) -> str:
                 lines.append(f"{f.name} = {v}")
         lines.append("")
     return "\n".join(lines)
+
+
+# -- the host agent's configuration (`mirror agent`, /etc/mirror/agent.toml) ---------------------
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    """This host's agent: who it is, where it keeps its pairs, where peers reach it."""
+
+    node: str = field(default="host", metadata={**_range(1, 64), **_FILENAME})
+    state_dir: str = "/var/lib/mirror/agent"  # control.sock, agent.lock, pairs/PAIR/
+    address: str = "127.0.0.1"  # this host's interconnect address (peers' agents and pairs)
+    port: int = field(default=7600, metadata=_range(1, 65535))  # the agents' interconnect
+    pair_ports_from: int = field(default=7610, metadata=_range(1, 65535))  # pairs' link ports
+    pair_ports_to: int = field(default=7699, metadata=_range(1, 65535))
+    connect: str = field(default="qemu:///system", metadata=_range(1, 256))  # libvirt URI
+    bridge: str = field(default="", metadata=_range(0, 15))  # where guests' frames go
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    secret_key: str = ""  # this host's secret key file (`mirror keygen`)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A host whose agent this one works with (``[peers.NAME]``)."""
+
+    address: str = ""  # its interconnect address
+    port: int = field(default=7600, metadata=_range(1, 65535))  # its agent's port
+    public_key: str = ""  # its public key: its .key file or the 40-character z85 text
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent: AgentSection = AgentSection()
+    keys: AgentKeys = AgentKeys()
+    arbiter: ArbiterConfig = ArbiterConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    peers: dict[str, PeerConfig] = field(default_factory=dict)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent.state_dir)
+
+
+DEFAULT_AGENT_CONFIG = "/etc/mirror/agent.toml"
+
+
+def agent_from_dict(data: dict[str, Any], source: str = "<agent config>") -> AgentConfig:
+    known = {"agent": AgentSection, "keys": AgentKeys, "arbiter": ArbiterConfig,
+             "checkpoint": CheckpointConfig}
+    unknown = sorted(set(data) - {*known, "peers"})
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section(s) {', '.join(unknown)}; known: "
+            f"{', '.join([*known, 'peers'])}"
+        )
+    parts = {k: _section(cls, data[k], f"{source}: [{k}]") for k, cls in known.items()
+             if k in data}
+    peers_raw = data.get("peers", {})
+    if not isinstance(peers_raw, dict):
+        raise ConfigError(f"{source}: [peers] must hold tables [peers.NAME], got {peers_raw!r}")
+    peers = {}
+    name_field = next(f for f in dataclasses.fields(AgentSection) if f.name == "node")
+    for name, table in peers_raw.items():
+        _check_value(AgentSection, name_field, name, f"{source}: [peers.{name}] (its name)")
+        p = _section(PeerConfig, table, f"{source}: [peers.{name}]")
+        if not p.address or not p.public_key:
+            raise ConfigError(
+                f"{source}: [peers.{name}] needs address and public_key (the peer's .key "
+                f"file or its z85 key), got address={p.address!r} public_key={p.public_key!r}"
+            )
+        peers[name] = p
+    cfg = AgentConfig(**parts, peers=peers)
+    a = cfg.agent
+    if a.pair_ports_to - a.pair_ports_from < 2:
+        raise ConfigError(
+            f"{source}: [agent] pair_ports_from..pair_ports_to must span at least 3 ports (a "
+            f"pair takes 3), got {a.pair_ports_from}..{a.pair_ports_to}"
+        )
+    if a.pair_ports_from <= a.port <= a.pair_ports_to:
+        raise ConfigError(
+            f"{source}: [agent] port {a.port} is inside pair_ports_from..pair_ports_to "
+            f"({a.pair_ports_from}..{a.pair_ports_to}): pick one outside"
+        )
+    if a.node in peers:
+        raise ConfigError(f"{source}: [peers.{a.node}] is this host itself ([agent] node)")
+    check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")
+    return cfg
+
+
+def load_agent(path: str | Path) -> AgentConfig:
+    """The host agent's configuration file (ConfigError naming the file and key)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the agent configuration {path}: {e.strerror} (give it with "
+            f"--agent-config, see docs/configuration.md)"
+        ) from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text: TOML files are UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+    return agent_from_dict(data, str(path))

@@ -77,6 +77,11 @@ class Guest(ABC):
     def stop(self) -> None:
         """End the guest and release what it holds (idempotent)."""
 
+    def detach(self) -> None:
+        """Let go of the guest, leaving it running where the backend can (a libvirt domain
+        goes on under libvirt); by default it stops."""
+        self.stop()
+
     @property
     @abstractmethod
     def alive(self) -> bool:

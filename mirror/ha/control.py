@@ -7,10 +7,12 @@
 - ``STATE_DIR/control.sock``: a unix socket the agent serves, made by the agent
   after it took the lock (a socket file left by a dead agent is replaced), mode
   0600.  ``mirror failover``, ``mirror switchover`` send it one JSON request
-  line (``{"op": "status" | "failover" | "switchover"}``) and read one JSON
-  answer line.  Both ends check the other's credentials (SO_PEERCRED): the
-  agent answers only root or its own user, and the command talks only to a
-  socket served by root or its own user.  Nothing is ever signalled by a pid
+  line (``{"op": "status" | "failover" | "switchover" | "detach"}``; the host
+  agent's socket takes ``list``, ``status``, ``pair``, ``progress``, ``unpair``
+  with their fields beside ``op``) and read one JSON answer line.  Both ends
+  check the other's credentials (SO_PEERCRED): the agent answers only root or
+  its own user, and the command talks only to a socket served by root or its
+  own user.  Nothing is ever signalled by a pid
   read from a file: a stale status file cannot make a command touch whatever
   process now has that pid.
 
@@ -90,16 +92,20 @@ class StateDirLock:
 
 
 Handler = Callable[[], dict[str, Any]]
+# a handler that reads the request's other fields (the host agent's: pair, domain, ...)
+RequestHandler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class ControlServer(threading.Thread):
     """Serves ``STATE_DIR/control.sock`` (start it once the state directory is locked).
     The running role sets :attr:`handlers` (op -> what to do; returns the answer)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, max_request: int = MAX_REQUEST) -> None:
         super().__init__(name="control", daemon=True)
         self.dir = state_dir
         self.handlers: dict[str, Handler] = {}
+        self.request_handlers: dict[str, RequestHandler] = {}
+        self.max_request = max_request
         self._dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SOCKET, dir_fd=self._dfd)  # a dead agent's: we hold the lock
@@ -117,6 +123,7 @@ class ControlServer(threading.Thread):
             os.umask(old)
         self.sock.listen(8)
         self.sock.settimeout(0.2)
+        self.timeout = 2.0  # seconds a client has to send its request and take the answer
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -136,33 +143,38 @@ class ControlServer(threading.Thread):
                     log.warning("control request failed: %s", e)
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(2.0)
+        conn.settimeout(self.timeout)
         pid, uid = _peer_uid(conn)
         if not _trusted(uid):
             log.warning("control: refused pid %d of uid %d (not root or uid %d)", pid, uid,
                         os.geteuid())
             return
         data = b""
-        while b"\n" not in data and len(data) <= MAX_REQUEST:
-            chunk = conn.recv(MAX_REQUEST)
+        while b"\n" not in data and len(data) <= self.max_request:
+            chunk = conn.recv(65536)
             if not chunk:
                 break
             data += chunk
+        req: Any = None
         try:
             req = json.loads(data.split(b"\n", 1)[0].decode())
             op = req["op"] if isinstance(req, dict) else None
         except (ValueError, KeyError):
             op = None
         handler = self.handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
+        rhandler = self.request_handlers.get(op) if isinstance(op, str) else None
+        if handler is None and rhandler is None:
+            takes = sorted({*self.handlers, *self.request_handlers})
             answer: dict[str, Any] = {
                 "ok": False,
                 "error": f"this agent does not take {op!r} now (it takes: "
-                f"{', '.join(sorted(self.handlers)) or 'nothing yet'})",
+                f"{', '.join(takes) or 'nothing yet'})",
             }
         else:
             log.info("control: %s asked by pid %d", op, pid)
-            answer = {"ok": True, "pid": os.getpid(), **handler()}
+            assert isinstance(req, dict)
+            result = rhandler(req) if rhandler is not None else handler()  # type: ignore[misc]
+            answer = {"ok": True, "pid": os.getpid(), **result}
         conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
 
     def close(self) -> None:
@@ -174,21 +186,33 @@ class ControlServer(threading.Thread):
         os.close(self._dfd)
 
 
-def ask(state_dir: Path, op: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Send ``op`` to the agent of ``state_dir``; its answer.  ControlError (saying
-    why) if no agent serves there, or the socket is not one an agent of ours serves."""
+def ask(
+    state_dir: Path,
+    op: str,
+    timeout: float = 5.0,
+    args: dict[str, Any] | None = None,
+    *,
+    refused_ok: bool = False,
+    start_with: str = "`mirror primary` or `mirror secondary`",
+) -> dict[str, Any]:
+    """Send ``op`` (with ``args``, the request's other fields) to the agent of
+    ``state_dir``; its answer.  ControlError (saying why) if no agent serves there, or
+    the socket is not one an agent of ours serves; also when the agent refuses, unless
+    ``refused_ok`` (then the answer, ``ok`` false and ``error``, is returned)."""
     path = state_dir / SOCKET
     try:
         dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise ControlError(f"no agent runs in {state_dir}: {e.strerror}") from e
+        raise ControlError(
+            f"no agent runs in {state_dir}: {e.strerror} (start it with {start_with})"
+        ) from e
     try:
         try:
             st = os.stat(SOCKET, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             raise ControlError(
                 f"no agent runs in {state_dir} (no control socket {path}): start it with "
-                f"`mirror primary` or `mirror secondary`"
+                f"{start_with}"
             ) from None
         if not stat.S_ISSOCK(st.st_mode) or not _trusted(st.st_uid):
             raise ControlError(
@@ -214,7 +238,7 @@ def ask(state_dir: Path, op: str, timeout: float = 5.0) -> dict[str, Any]:
                     f"or as you: refusing to talk to it"
                 )
             try:
-                sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+                sock.sendall(json.dumps({**(args or {}), "op": op}).encode() + b"\n")
                 data = b""
                 while not data.endswith(b"\n") and len(data) <= MAX_ANSWER:
                     chunk = sock.recv(65536)
@@ -231,7 +255,7 @@ def ask(state_dir: Path, op: str, timeout: float = 5.0) -> dict[str, Any]:
         answer = None
     if not isinstance(answer, dict):
         raise ControlError(f"the agent at {path} gave no valid answer to {op!r}")
-    if not answer.get("ok"):
+    if not answer.get("ok") and not refused_ok:
         raise ControlError(f"the agent at {path} refused {op!r}: {answer.get('error')}")
     return answer
 

@@ -51,7 +51,7 @@ def lead(
         run = PrimaryRun(
             cfg, backend, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
         )
-        control.serve({"status": run.status})
+        control.serve({"status": run.status, "detach": detach_on(stop)})
         run.phase = "unprotected"
         try:
             while not stop.is_set() and (end is None or time.monotonic() < end):
@@ -383,6 +383,27 @@ class PrimaryRun:
         self.link.close()
 
 
+DETACHED = threading.Event()  # `mirror unpair`: the role ends, the guest runs on where it can
+
+
+def detach_on(stop: threading.Event) -> Callable[[], dict[str, Any]]:
+    """The control op ``detach`` (the host agent's `mirror unpair`): stop the role cleanly
+    (a BYE: the standby does not promote) and leave the guest running if its backend can
+    (a libvirt domain); other guests stop with the role."""
+
+    def detach() -> dict[str, Any]:
+        DETACHED.set()
+        stop.set()
+        return {"accepted": True}
+
+    return detach
+
+
+def stop_guest(guest: Guest) -> None:
+    """The role ends: the guest stops, or is let go of after ``detach``."""
+    (guest.detach if DETACHED.is_set() else guest.stop)()
+
+
 def run_primary(
     cfg: Config,
     stop: threading.Event,
@@ -421,7 +442,9 @@ def run_primary(
             run.switch.set()
             return {"accepted": True}
 
-        control.serve({"status": run.status, "switchover": switch_now})
+        control.serve(
+            {"status": run.status, "switchover": switch_now, "detach": detach_on(stop)}
+        )
         run.write_status()
         run.engine.handshake()
         guest.resume()
@@ -434,7 +457,7 @@ def run_primary(
     finally:
         if run:
             run.close()
-        guest.stop()
+        stop_guest(guest)
         if sink is not None:
             sink.close()
     if code == SWITCHED_OVER and not stay:

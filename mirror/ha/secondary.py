@@ -15,7 +15,7 @@ from mirror.ha import control
 from mirror.ha.agent import Failover, begin, current_generation, event
 from mirror.ha.backend import Backend, backend_for
 from mirror.ha.controller import Action, Role
-from mirror.ha.primary import lead
+from mirror.ha.primary import lead, stop_guest
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.standby import Standby
 
@@ -155,5 +155,5 @@ def run_promoted(
     try:
         return lead(cfg, backend, guest, sink, current, failover.generation + 1, stop, None, note)
     finally:
-        guest.stop()
+        stop_guest(guest)
         sink.close()

@@ -1,0 +1,476 @@
+"""Can this libvirt domain be mirrored?  A pure function over the domain's XML.
+
+``check(xml)`` reads a domain definition (what ``virsh dumpxml --inactive`` prints) and
+returns every finding: what is wrong (with the value found), why mirror needs it otherwise,
+and exactly what to change.  A blocking finding makes ``mirror pair`` refuse; a note is
+printed and pairing goes on.  Nothing here talks to libvirt: ``mirror pair --check`` and
+``mirror pair`` feed it the XML they read, and the unit tests feed it many.
+
+What mirror needs of a domain, and why:
+
+- RAM on a shared file (``<memoryBacking><source type='file'/><access mode='shared'/>``):
+  the agent maps the guest's RAM from that file to copy the pages written in each epoch;
+  anonymous or private RAM is not visible to it.  One RAM backend: no NUMA cells beyond
+  one, no memory devices (DIMMs, virtio-mem, virtio-pmem, NVDIMM), no hugepages (the
+  dirty-page log and the scans work on 4 KiB pages).
+- Nothing that changes guest memory behind the dirty-page log, or keeps guest state
+  outside QEMU's RAM and device state: no memory balloon (``<memballoon model='none'/>``:
+  libvirt adds a virtio balloon when the element is absent), no discard of RAM, no
+  vhost-user devices (another process writes guest RAM), no passthrough (hostdev, SR-IOV,
+  vDPA: DMA the log cannot see, device state QEMU cannot save), no shared memory devices,
+  no emulated TPM (its state lives in swtpm), no virtiofs.
+- At most one NIC, of a type the libvirt backend puts under output commit (a socket
+  ``server`` NIC now; bridge, network and ethernet later) and model virtio; never user-mode
+  networking (slirp keeps TCP state inside QEMU, outside the checkpoint) or macvtap
+  (``direct``: frames leave from the kernel).
+- Disks: not replicated yet (the disk work); a read-only CD-ROM is a note.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+MAX_XML = 4 << 20  # a domain's XML is a few KiB; larger is not a domain definition
+
+NIC_TYPES = ("server",)  # what the libvirt backend (mirror/guests/libvirt.py) relays
+# kinds that can be put under output commit but that the backend does not relay yet
+NIC_LATER = ("bridge", "network", "ethernet")
+NIC_FIX = (
+    "make it <interface type='server'><source address='127.0.0.1' port='P'/>"
+    "<model type='virtio'/></interface> (P: a free port; mirror's agent connects there and "
+    "releases the guest's frames to its own TAP device and bridge)"
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing about the domain: ``code`` names it (stable, for scripts and tests)."""
+
+    code: str
+    what: str  # what is there now (with the value)
+    why: str  # why mirror cannot work with it
+    fix: str  # exactly what to change
+    blocking: bool = True
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    uuid: str
+    ram_mib: int
+    vcpus: int
+    nics: tuple[str, ...]  # each NIC's "type model mac"
+    findings: tuple[Finding, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.blocking for f in self.findings)
+
+    @property
+    def blocking(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.blocking)
+
+
+class DomainXMLError(ValueError):
+    """The text is not a domain definition; the message says why."""
+
+
+_UNITS = {
+    "b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
+    "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3, "t": 1 << 40, "tib": 1 << 40,
+    "tb": 1000**4,
+}  # fmt: skip
+
+
+def _mib(el: ET.Element | None) -> int:
+    if el is None or not (el.text or "").strip().isdigit():
+        return 0
+    unit = _UNITS.get(el.get("unit", "KiB").lower(), 1 << 10)
+    return int((el.text or "0").strip()) * unit >> 20
+
+
+def parse(xml: str) -> ET.Element:
+    """The ``<domain>`` element of ``xml``; DomainXMLError if it is not one."""
+    if len(xml) > MAX_XML:
+        raise DomainXMLError(f"the domain XML is {len(xml)} bytes: not a domain definition")
+    if "<!DOCTYPE" in xml or "<!ENTITY" in xml:
+        raise DomainXMLError("the domain XML has a DOCTYPE or entities: libvirt never writes them")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise DomainXMLError(f"the domain XML does not parse: {e}") from None
+    if root.tag != "domain":
+        raise DomainXMLError(f"not a domain definition: its root element is <{root.tag}>")
+    if not (root.findtext("name") or "").strip():
+        raise DomainXMLError("the domain XML has no <name>")
+    return root
+
+
+def check(xml: str, *, disks_supported: bool = False) -> Result:
+    """Every finding about the domain in ``xml`` (DomainXMLError if it is not one)."""
+    root = parse(xml)
+    name = (root.findtext("name") or "").strip()
+    out: list[Finding] = []
+    out += _hypervisor(root)
+    out += _memory(root, name)
+    devices = root.find("devices")
+    if devices is None:
+        devices = ET.Element("devices")
+    out += _balloon(devices)
+    out += _memory_devices(devices)
+    nics = devices.findall("interface")
+    out += _nics(nics)
+    out += _disks(devices, disks_supported)
+    out += _other_devices(devices)
+    out += _firmware(root)
+    nic_text = tuple(
+        f"{n.get('type')} {_attr(n, 'model', 'type') or 'default'} {_attr(n, 'mac', 'address')}"
+        for n in nics
+    )
+    vcpu = (root.findtext("vcpu") or "1").strip()
+    return Result(
+        name=name,
+        uuid=(root.findtext("uuid") or "").strip(),
+        ram_mib=_mib(root.find("memory")),
+        vcpus=int(vcpu) if vcpu.isdigit() else 0,
+        nics=nic_text,
+        findings=tuple(out),
+    )
+
+
+def _attr(el: ET.Element, child: str, attr: str) -> str:
+    c = el.find(child)
+    return "" if c is None else c.get(attr, "")
+
+
+def _hypervisor(root: ET.Element) -> list[Finding]:
+    kind = root.get("type", "")
+    if kind in ("kvm", "qemu"):
+        return []
+    return [
+        Finding(
+            "hypervisor",
+            f"the domain's type is {kind!r}",
+            "mirror drives QEMU (its QMP, its RAM file, its device state)",
+            "only <domain type='kvm'> or <domain type='qemu'> domains can be mirrored",
+        )
+    ]
+
+
+MEMORY_BACKING = "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
+
+
+def _memory(root: ET.Element, name: str) -> list[Finding]:
+    out: list[Finding] = []
+    mb = root.find("memoryBacking")
+    source = "" if mb is None else _attr(mb, "source", "type")
+    access = "" if mb is None else _attr(mb, "access", "mode")
+    numa = root.findall("cpu/numa/cell")
+    cell_access = {c.get("memAccess", "") for c in numa}
+    shared = access == "shared" or (bool(numa) and cell_access == {"shared"})
+    if source != "file" or not shared:
+        now = (
+            "no <memoryBacking>" if mb is None
+            else f"<memoryBacking> with source type {source or 'anonymous (none given)'!r} "
+            f"and access mode {access or 'private (none given)'!r}"
+        )  # fmt: skip
+        out.append(
+            Finding(
+                "ram-not-shared-file",
+                f"the guest's RAM: {now}",
+                "mirror maps the guest's RAM from its backing file to copy the pages written "
+                "in each epoch; anonymous, memfd or private RAM is not visible to it",
+                f"add {MEMORY_BACKING} to the domain (`virsh edit {name}`; takes effect at its "
+                f"next start), and point memory_backing_dir in /etc/libvirt/qemu.conf at a "
+                f"tmpfs such as /dev/shm (the default, /var/lib/libvirt/qemu/ram, is on disk)",
+            )
+        )
+    if mb is not None and mb.find("hugepages") is not None:
+        out.append(
+            Finding(
+                "hugepages",
+                "the guest's RAM is on hugepages (<memoryBacking><hugepages/>)",
+                "the dirty-page log and the page scans work on 4 KiB pages",
+                "remove <hugepages/> from <memoryBacking>",
+            )
+        )
+    if mb is not None and mb.find("discard") is not None:
+        out.append(
+            Finding(
+                "ram-discard",
+                "<memoryBacking><discard/> is set (QEMU discards the RAM file's pages)",
+                "pages dropped behind the guest's back are not in the dirty-page log: the "
+                "standby would keep stale contents",
+                "remove <discard/> from <memoryBacking>",
+            )
+        )
+    if len(numa) > 1:
+        out.append(
+            Finding(
+                "numa-cells",
+                f"the guest has {len(numa)} NUMA cells (<cpu><numa>), one RAM backend each",
+                "mirror maps and replicates one RAM backend per guest",
+                "remove <numa> from <cpu> (one cell at most)",
+            )
+        )
+    return out
+
+
+def _balloon(devices: ET.Element) -> list[Finding]:
+    b = devices.find("memballoon")
+    model = "virtio (libvirt's default when absent)" if b is None else b.get("model", "")
+    if b is not None and model == "none":
+        return []
+    return [
+        Finding(
+            "balloon",
+            f"a memory balloon: <memballoon model={model!r}>",
+            "a balloon hands guest pages back to the host without writing them: the "
+            "dirty-page log does not see them and the standby keeps stale contents",
+            "set <memballoon model='none'/> in <devices> (an absent element is not enough: "
+            "libvirt then adds a virtio balloon)",
+        )
+    ]
+
+
+def _memory_devices(devices: ET.Element) -> list[Finding]:
+    out = []
+    for m in devices.findall("memory"):
+        model = m.get("model", "")
+        why = (
+            "virtio-mem plugs and unplugs guest memory behind the dirty-page log"
+            if model == "virtio-mem"
+            else "a memory device is a RAM backend of its own, outside the one mirror maps"
+        )
+        out.append(
+            Finding(
+                "memory-device",
+                f"a memory device <memory model={model!r}>",
+                why,
+                f"remove <memory model='{model}'> from <devices> (give the guest that memory "
+                f"in <memory> instead)",
+            )
+        )
+    return out
+
+
+def _nics(nics: list[ET.Element]) -> list[Finding]:
+    out = []
+    if len(nics) > 1:
+        macs = ", ".join(_attr(n, "mac", "address") or "?" for n in nics)
+        out.append(
+            Finding(
+                "nics",
+                f"{len(nics)} NICs ({macs})",
+                "mirror puts one NIC under output commit (each outgoing frame held until its "
+                "epoch's checkpoint is acknowledged)",
+                "keep one <interface> in <devices>",
+            )
+        )
+    why_type = {
+        "user": "user-mode networking (slirp) keeps the guest's connections inside QEMU, "
+        "outside any checkpoint: they would be lost on failover",
+        "direct": "macvtap sends the guest's frames to the wire from the kernel, where mirror "
+        "cannot hold them until their checkpoint is acknowledged",
+        "hostdev": "a passed-through NIC writes guest RAM by DMA (unseen by the dirty-page log) "
+        "and its state cannot be saved",
+        "vdpa": "a vDPA NIC writes guest RAM by DMA (unseen by the dirty-page log)",
+        "vhostuser": "another process (the vhost-user backend) writes guest RAM, unseen by the "
+        "dirty-page log",
+        "client": "a socket client NIC never reconnects",
+        "udp": "a UDP socket NIC drops frames without back-pressure",
+        "mcast": "a multicast socket NIC cannot be put under output commit",
+    }
+    for n in nics:
+        kind = n.get("type", "")
+        mac = _attr(n, "mac", "address") or "?"
+        if kind not in NIC_TYPES:
+            why = why_type.get(kind, "mirror cannot put this kind of NIC under output commit")
+            if kind in NIC_LATER:
+                why = (
+                    "mirror's libvirt backend holds a guest's frames until their checkpoint "
+                    "is acknowledged on a socket NIC only (moving the TAP onto a bridge of "
+                    "mirror's is not done yet)"
+                )
+            out.append(Finding("nic-type", f"the NIC {mac} is <interface type={kind!r}>", why,
+                               NIC_FIX))
+        model = _attr(n, "model", "type")
+        if model != "virtio":
+            out.append(
+                Finding(
+                    "nic-model",
+                    f"the NIC {mac} has model {model or 'none given (rtl8139)'!r}",
+                    "mirror's standby and its checks know the virtio NIC",
+                    f"set <model type='virtio'/> in the NIC {mac}'s <interface>",
+                )
+            )
+        if _attr(n, "driver", "name") == "vhostuser" or _attr(n, "backend", "type") == "vhostuser":
+            out.append(
+                Finding(
+                    "vhost-user",
+                    f"the NIC {mac} uses a vhost-user backend",
+                    why_type["vhostuser"],
+                    "use the kernel's vhost-net (<driver name='vhost'/>) or QEMU's",
+                )
+            )
+    if not nics:
+        out.append(
+            Finding(
+                "no-nic",
+                "the domain has no NIC",
+                "nothing it does reaches a client, so there is no output to commit",
+                "nothing to change (it is mirrored all the same)",
+                blocking=False,
+            )
+        )
+    return out
+
+
+def _disks(devices: ET.Element, supported: bool) -> list[Finding]:
+    out = []
+    for d in devices.findall("disk"):
+        dev = d.get("device", "disk")
+        target = _attr(d, "target", "dev") or "?"
+        src = d.find("source")
+        path = "" if src is None else (src.get("file") or src.get("dev") or src.get("name") or "")
+        if d.get("type") == "vhostuser":
+            out.append(
+                Finding(
+                    "vhost-user",
+                    f"the disk {target} uses a vhost-user backend",
+                    "another process writes guest RAM, unseen by the dirty-page log",
+                    f"remove the disk {target}, or serve it from QEMU",
+                )
+            )
+            continue
+        readonly = d.find("readonly") is not None or dev in ("cdrom", "floppy")
+        if readonly:
+            if path:
+                out.append(
+                    Finding(
+                        "readonly-media",
+                        f"read-only media {target} ({path})",
+                        "it is not replicated: the standby's host needs the same file at the "
+                        "same path",
+                        f"copy {path} to the peer (same path), or eject it",
+                        blocking=False,
+                    )
+                )
+            continue
+        if not supported:
+            out.append(
+                Finding(
+                    "disk",
+                    f"a writable disk {target} ({path or 'no source'})",
+                    "mirror does not replicate a libvirt domain's disks yet: the standby "
+                    "would go on with a disk of another moment than its memory",
+                    f"remove the disk {target} (boot from <kernel>/<initrd>), or wait for "
+                    f"disk replication",
+                )
+            )
+        elif _attr(d, "driver", "discard") == "unmap":
+            out.append(
+                Finding(
+                    "disk-discard",
+                    f"the disk {target} passes discards to its image (discard='unmap')",
+                    "a discard may free blocks under the replica's feet",
+                    f"remove discard='unmap' from the disk {target}'s <driver>",
+                )
+            )
+    return out
+
+
+def _other_devices(devices: ET.Element) -> list[Finding]:
+    out = []
+    for tag, code, why in (
+        ("hostdev", "hostdev", "a passed-through device writes guest RAM by DMA, unseen by the "
+         "dirty-page log, and its state cannot be saved"),
+        ("shmem", "shmem", "shared memory outside the guest's RAM backend is not replicated"),
+        ("tpm", "tpm", "an emulated TPM keeps its state in swtpm, outside QEMU's device state"),
+        ("redirdev", "redirdev", "a redirected USB device cannot be saved or moved"),
+        ("smartcard", "smartcard", "a passed-through smartcard cannot be saved or moved"),
+    ):
+        for el in devices.findall(tag):
+            out.append(
+                Finding(
+                    code,
+                    f"a <{tag}{' type=' + repr(el.get('type')) if el.get('type') else ''}> device",
+                    why,
+                    f"remove the <{tag}> from <devices>",
+                )
+            )
+    for fs in devices.findall("filesystem"):
+        if _attr(fs, "driver", "type") == "virtiofs":
+            out.append(
+                Finding(
+                    "vhost-user",
+                    f"a virtiofs filesystem ({_attr(fs, 'target', 'dir') or '?'})",
+                    "virtiofsd is a vhost-user backend: another process writes guest RAM, "
+                    "unseen by the dirty-page log",
+                    "remove the <filesystem> from <devices>",
+                )
+            )
+    return out
+
+
+def _firmware(root: ET.Element) -> list[Finding]:
+    nv = root.find("os/nvram")
+    if nv is None:
+        return []
+    return [
+        Finding(
+            "nvram",
+            f"UEFI variables in {(nv.text or nv.get('template') or 'an NVRAM file').strip()}",
+            "the NVRAM file is not replicated: variables the guest changes after pairing are "
+            "lost on failover",
+            "nothing to change if the guest does not write UEFI variables at run time",
+            blocking=False,
+        )
+    ]
+
+
+def explain(r: Result) -> str:
+    """The findings as an operator reads them."""
+    if not r.findings:
+        return f"{r.name}: can be mirrored"
+    block = r.blocking
+    head = (
+        f"{r.name}: cannot be mirrored: {len(block)} thing(s) to change"
+        if block
+        else f"{r.name}: can be mirrored (with {len(r.findings)} note(s))"
+    )
+    lines = [head]
+    for i, f in enumerate(sorted(r.findings, key=lambda f: not f.blocking), 1):
+        mark = "" if f.blocking else "note: "
+        lines.append(f"  {i}. {mark}{f.what} [{f.code}]")
+        lines.append(f"     why: {f.why}")
+        lines.append(f"     change: {f.fix}")
+    return "\n".join(lines)
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+EMULATORS = ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/kvm")
+
+
+def standby_refusals(xml: str) -> list[str]:
+    """Why a standby's host must not run ``xml``, a definition its peer's agent sent (an
+    authenticated peer, but no more than that: nothing in the XML may make this host run
+    a program of the peer's choosing).  Empty: acceptable.  Beyond ``check``: the
+    emulator is QEMU at a standard path; ``<qemu:commandline>`` holds at most a ``-qmp
+    unix:`` monitor socket and no environment; no hooks or scripts."""
+    root = parse(xml)
+    out = []
+    emulator = (root.findtext("devices/emulator") or "").strip()
+    if emulator and emulator not in EMULATORS:
+        out.append(f"its <emulator> is {emulator!r}, not one of {', '.join(EMULATORS)}")
+    cmd = root.find(f"{{{QEMU_NS}}}commandline")
+    if cmd is not None:
+        args = [a.get("value", "") for a in cmd.findall(f"{{{QEMU_NS}}}arg")]
+        ok = args == [] or (len(args) == 2 and args[0] == "-qmp" and args[1].startswith("unix:"))
+        if not ok or cmd.find(f"{{{QEMU_NS}}}env") is not None or len(cmd) != len(args):
+            out.append(f"its <qemu:commandline> passes {args!r} (only -qmp unix:PATH is taken)")
+    for el in root.iter():
+        if el.tag in ("script", "hook") or (el.tag == "source" and el.get("type") == "exec"):
+            out.append(f"it names a script or program (<{el.tag}>)")
+    return out

@@ -1,0 +1,113 @@
+"""A libvirt domain's definition as `mirror pair` and `mirror unpair` change it, and nothing
+more: read its XML, mark it as paired (autostart off, a metadata element) and put it back
+exactly as it was.  libvirt-python is imported here, when a command needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+META_URI = "https://github.com/mirror/pair"  # the namespace of mirror's <metadata> element
+META_KEY = "mirror"
+
+
+class LibvirtError(RuntimeError):
+    """libvirt could not be used for this; the message says what and why."""
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        raise LibvirtError(
+            "libvirt-python is not installed: run scripts/setup (it installs libvirt-python "
+            "with mirror), or `pip install libvirt-python`"
+        ) from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
+    return libvirt
+
+
+class Domains:
+    """A connection to libvirt at ``uri``."""
+
+    def __init__(self, uri: str) -> None:
+        self.lv = _libvirt()
+        self.uri = uri
+        try:
+            self.conn = self.lv.open(uri)
+        except self.lv.libvirtError as e:
+            raise LibvirtError(
+                f"cannot connect to libvirt at {uri}: {e.get_error_message()} (is libvirtd "
+                f"running? give another URI with --connect)"
+            ) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(self.lv.libvirtError):
+            self.conn.close()
+
+    def __enter__(self) -> Domains:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _dom(self, name: str) -> Any:
+        try:
+            return self.conn.lookupByName(name)
+        except self.lv.libvirtError:
+            names = sorted(d.name() for d in self.conn.listAllDomains())
+            raise LibvirtError(
+                f"no domain {name!r} at {self.uri} (its domains: {', '.join(names) or 'none'})"
+            ) from None
+
+    def inactive_xml(self, name: str) -> str:
+        """The domain's persistent definition (as `virsh dumpxml --inactive --security-info`)."""
+        d = self._dom(name)
+        return str(
+            d.XMLDesc(self.lv.VIR_DOMAIN_XML_INACTIVE | self.lv.VIR_DOMAIN_XML_SECURE)
+        )
+
+    def live_xml(self, name: str) -> str:
+        d = self._dom(name)
+        return str(d.XMLDesc(self.lv.VIR_DOMAIN_XML_SECURE))
+
+    def facts(self, name: str) -> dict[str, Any]:
+        d = self._dom(name)
+        return {
+            "persistent": bool(d.isPersistent()),
+            "active": bool(d.isActive()),
+            "autostart": bool(d.autostart()) if d.isPersistent() else False,
+        }
+
+    def mark_paired(self, name: str, peer: str) -> None:
+        """Autostart off and a ``<mirror:pair peer=...>`` metadata element in the persistent
+        definition: this host's libvirt must not boot the guest behind the pair's back."""
+        d = self._dom(name)
+        try:
+            d.setAutostart(0)
+            d.setMetadata(
+                self.lv.VIR_DOMAIN_METADATA_ELEMENT,
+                f'<pair peer="{_xml_attr(peer)}"/>',
+                META_KEY,
+                META_URI,
+                self.lv.VIR_DOMAIN_AFFECT_CONFIG,
+            )
+        except self.lv.libvirtError as e:
+            raise LibvirtError(f"cannot mark {name} as paired: {e.get_error_message()}") from None
+
+    def restore(self, name: str, xml: str, autostart: bool) -> None:
+        """Define ``xml`` (the definition before pairing) again and set autostart as it was."""
+        try:
+            d = self.conn.defineXML(xml)
+            d.setAutostart(1 if autostart else 0)
+        except self.lv.libvirtError as e:
+            raise LibvirtError(
+                f"cannot restore {name}'s definition: {e.get_error_message()}"
+            ) from None
+
+
+def _xml_attr(text: str) -> str:
+    return (
+        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    )

@@ -1,0 +1,130 @@
+"""`mirror pair` of a real libvirt domain, end to end: two simulated hosts (network
+namespaces, a private libvirtd each), a `mirror agent` on each, one command on A, and
+`mirror unpair` giving the domain's definition back exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mirror.hoststate import read_json
+from mirror.lab.libvirtlab import domain_xml
+from mirror.lab.netlab import GUEST_IP, IC_IP, GuestLan
+from mirror.lab.qemudemo import PORT
+from mirror.replication import keys
+from tests.libvirt.conftest import HostFactory
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(300)]
+
+DOMAIN = "web01"
+
+
+def mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def agent_config(root: Path, me: str, peer: str, uri: str) -> Path:
+    d = root / f"agent{me}"
+    d.mkdir()
+    path = d / "agent.toml"
+    path.write_text(f"""
+[agent]
+node = "host{me}"
+state_dir = "{d / 'state'}"
+address = "{IC_IP[me]}"
+connect = "{uri}"
+bridge = "br0"
+
+[keys]
+secret_key = "{root / 'keys' / f'host{me}.key_secret'}"
+
+[arbiter]
+dir = "{root / 'shared'}"
+
+[peers.host{peer}]
+address = "{IC_IP[peer]}"
+public_key = "{root / 'keys' / f'host{peer}.key'}"
+""")
+    return path
+
+
+def inactive(conn: object) -> str:
+    import libvirt
+
+    dom = conn.lookupByName(DOMAIN)  # type: ignore[attr-defined]
+    return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+
+def test_pair_and_unpair_a_libvirt_domain(libvirt_host: HostFactory, guest_image: Path,
+                                          tmp_path: Path) -> None:
+    (tmp_path / "shared").mkdir()
+    for n in ("hostA", "hostB"):
+        keys.generate(tmp_path / "keys", n)
+    agents: list[subprocess.Popen[bytes]] = []
+    role_dirs: list[Path] = []
+    with GuestLan() as lan:
+        try:
+            ha, hb = libvirt_host("A", netns=lan.ns["A"]), libvirt_host("B", netns=lan.ns["B"])
+            conn = ha.connect()
+            hb.connect()
+            xml = domain_xml(DOMAIN, guest_image, nic_port=5600,
+                             cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 "
+                                     f"mirror.port={PORT}")
+            dom = conn.defineXML(xml)
+            dom.setAutostart(1)
+            dom.create()
+            before = inactive(conn)
+            cfg = {h: agent_config(tmp_path, h, "B" if h == "A" else "A", x.uri)
+                   for h, x in (("A", ha), ("B", hb))}
+            for h in ("A", "B"):
+                log = open(tmp_path / f"agent{h}" / "agent.log", "wb")  # noqa: SIM115
+                agents.append(subprocess.Popen(
+                    ["ip", "netns", "exec", lan.ns[h], sys.executable, "-m", "mirror", "agent",
+                     "--config", str(cfg[h])], stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True))
+                role_dirs += [tmp_path / f"agent{h}" / "state" / "pairs" / DOMAIN / "role"]
+            deadline = time.monotonic() + 30
+            while any(mirror("list", "--agent-config", str(c)).returncode for c in cfg.values()):
+                assert time.monotonic() < deadline, "the agents did not start"
+                time.sleep(0.2)
+
+            t0 = time.monotonic()
+            r = mirror("pair", DOMAIN, "--peer", "hostB", "--agent-config", str(cfg["A"]))
+            took = time.monotonic() - t0
+            logs = "".join((tmp_path / f"agent{h}" / "agent.log").read_text() for h in "AB")
+            assert r.returncode == 0, r.stdout + r.stderr + logs
+            print(r.stdout)
+            print(f"mirror pair {DOMAIN}: protected in {took:.1f} s")
+            assert f"{DOMAIN} is protected by hostB" in r.stdout
+            listed = mirror("list", "--agent-config", str(cfg["B"])).stdout
+            assert DOMAIN in listed and "secondary" in listed
+            standby = hb.connect().lookupByName(DOMAIN)
+            assert standby.isActive() and not standby.isPersistent()  # the paused standby
+            marked = inactive(conn)
+            assert 'peer="hostB"' in marked and not conn.lookupByName(DOMAIN).autostart()
+
+            r = mirror("unpair", DOMAIN, "--agent-config", str(cfg["A"]))
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "standby dropped on hostB" in r.stdout
+            assert inactive(conn) == before  # exactly as it was
+            assert conn.lookupByName(DOMAIN).autostart() == 1
+            assert conn.lookupByName(DOMAIN).isActive()  # unpairing leaves the guest running
+            assert DOMAIN not in [d.name() for d in hb.connect().listAllDomains()]
+            for c in cfg.values():
+                assert DOMAIN not in mirror("list", "--agent-config", str(c)).stdout
+        finally:
+            for p in agents:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            for d in role_dirs:
+                with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
+                    os.killpg(int(read_json(d / "status.json")["pid"]), signal.SIGKILL)

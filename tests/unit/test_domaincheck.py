@@ -1,0 +1,205 @@
+"""The domain check (mirror/guests/domaincheck.py): a pure function over domain XMLs."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirror.guests.domaincheck import DomainXMLError, check, explain
+
+GOOD = """<domain type='kvm'>
+  <name>web01</name>
+  <uuid>0d4c6b9e-6b8f-4a43-9f2e-1d2c3b4a5f60</uuid>
+  <memory unit='KiB'>131072</memory>
+  <vcpu placement='static'>1</vcpu>
+  <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <kernel>/var/lib/mirror/guest/vmlinuz</kernel><initrd>/var/lib/mirror/guest/initramfs.cpio.gz</initrd>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <interface type='server'>
+      <mac address='52:54:00:12:34:56'/><source address='127.0.0.1' port='5555'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='pty'><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def codes(xml: str, **kw: bool) -> list[str]:
+    return sorted(f.code for f in check(xml, **kw).blocking)
+
+
+def test_the_demo_domain_can_be_mirrored() -> None:
+    r = check(GOOD)
+    assert r.ok and r.findings == ()
+    assert (r.name, r.ram_mib, r.vcpus) == ("web01", 128, 1)
+    assert r.nics == ("server virtio 52:54:00:12:34:56",)
+    assert explain(r) == "web01: can be mirrored"
+
+
+@pytest.mark.parametrize(
+    "old,new,code",
+    [
+        # RAM: anonymous, private, memfd, no backing at all
+        ("<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>", "",
+         "ram-not-shared-file"),
+        ("<access mode='shared'/>", "<access mode='private'/>", "ram-not-shared-file"),
+        ("<access mode='shared'/>", "", "ram-not-shared-file"),
+        ("<source type='file'/>", "<source type='memfd'/>", "ram-not-shared-file"),
+        ("<source type='file'/>", "<source type='anonymous'/>", "ram-not-shared-file"),
+        ("<source type='file'/>", "<source type='file'/><hugepages/>", "hugepages"),
+        ("<source type='file'/>", "<source type='file'/><discard/>", "ram-discard"),
+        # the balloon: present, or absent (libvirt adds a virtio one)
+        ("<memballoon model='none'/>", "<memballoon model='virtio'/>", "balloon"),
+        ("<memballoon model='none'/>", "", "balloon"),
+        # memory devices
+        ("<serial", "<memory model='virtio-mem'><target><size unit='MiB'>512</size>"
+         "</target></memory><serial", "memory-device"),
+        ("<serial", "<memory model='dimm'><target><size unit='MiB'>512</size></target>"
+         "</memory><serial", "memory-device"),
+        ("<serial", "<memory model='nvdimm'><source><path>/x</path></source></memory><serial",
+         "memory-device"),
+        # NICs
+        ("<interface type='server'>", "<interface type='user'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='direct'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='vhostuser'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='hostdev'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='udp'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='client'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='bridge'>", "nic-type"),
+        ("<interface type='server'>", "<interface type='network'>", "nic-type"),
+        ("<model type='virtio'/>", "<model type='e1000e'/>", "nic-model"),
+        ("<model type='virtio'/>", "", "nic-model"),
+        ("<serial", "<interface type='server'><mac address='52:54:00:00:00:02'/><source "
+         "address='127.0.0.1' port='5556'/><model type='virtio'/></interface><serial", "nics"),
+        # devices the dirty log cannot see, or state outside QEMU
+        ("<serial", "<hostdev mode='subsystem' type='pci'/><serial", "hostdev"),
+        ("<serial", "<shmem name='ivshmem'/><serial", "shmem"),
+        ("<serial", "<tpm model='tpm-crb'><backend type='emulator'/></tpm><serial", "tpm"),
+        ("<serial", "<filesystem type='mount'><driver type='virtiofs'/><source dir='/s'/>"
+         "<target dir='s'/></filesystem><serial", "vhost-user"),
+        ("<serial", "<disk type='vhostuser' device='disk'><target dev='vda'/></disk><serial",
+         "vhost-user"),
+        ("<serial", "<redirdev bus='usb' type='spicevmc'/><serial", "redirdev"),
+        # disks: not replicated for libvirt guests yet
+        ("<serial", "<disk type='file' device='disk'><source file='/img/web01.qcow2'/>"
+         "<target dev='vda'/></disk><serial", "disk"),
+        # NUMA
+        ("<vcpu placement='static'>1</vcpu>", "<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0' "
+         "memory='65536' memAccess='shared'/><cell id='1' cpus='1' memory='65536' "
+         "memAccess='shared'/></numa></cpu>", "numa-cells"),
+        # not QEMU
+        ("<domain type='kvm'>", "<domain type='xen'>", "hypervisor"),
+    ],
+)
+def test_what_cannot_be_mirrored_is_named(old: str, new: str, code: str) -> None:
+    assert old in GOOD
+    xml = GOOD.replace(old, new, 1)
+    r = check(xml)
+    assert code in codes(xml), explain(r)
+    assert not r.ok
+    text = explain(r)
+    assert "cannot be mirrored" in text and "why: " in text and "change: " in text
+    for f in r.blocking:
+        assert f.what and f.why and f.fix
+
+
+def test_ram_fix_is_exact_xml() -> None:
+    xml = GOOD.replace("<memoryBacking><source type='file'/><access mode='shared'/>"
+                       "</memoryBacking>", "")
+    (f,) = check(xml).blocking
+    assert "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>" in f.fix
+    assert "virsh edit web01" in f.fix and "memory_backing_dir" in f.fix
+
+
+def test_shared_numa_cell_counts_as_shared() -> None:
+    xml = GOOD.replace("<access mode='shared'/>", "").replace(
+        "<vcpu placement='static'>1</vcpu>",
+        "<vcpu>1</vcpu><cpu><numa><cell id='0' cpus='0' memory='131072' "
+        "memAccess='shared'/></numa></cpu>")
+    assert check(xml).ok
+
+
+def test_every_problem_at_once() -> None:
+    xml = GOOD.replace("<access mode='shared'/>", "").replace(
+        "<memballoon model='none'/>", "<memballoon model='virtio'/>").replace(
+        "<model type='virtio'/>", "<model type='rtl8139'/>")
+    assert codes(xml) == ["balloon", "nic-model", "ram-not-shared-file"]
+    assert "3 thing(s) to change" in explain(check(xml))
+
+
+def test_notes_do_not_block() -> None:
+    xml = GOOD.replace("<serial", "<disk type='file' device='cdrom'><source file='/iso/x.iso'/>"
+                       "<target dev='sda'/><readonly/></disk><serial")
+    r = check(xml)
+    assert r.ok and [f.code for f in r.findings] == ["readonly-media"]
+    assert "note: " in explain(r)
+    no_nic = GOOD.split("<interface")[0] + GOOD.split("</interface>")[1]
+    r = check(no_nic)
+    assert r.ok and [f.code for f in r.findings] == ["no-nic"]
+    nv = GOOD.replace("</os>", "<loader readonly='yes' type='pflash'>/c.fd</loader>"
+                      "<nvram>/var/lib/libvirt/qemu/nvram/web01_VARS.fd</nvram></os>")
+    r = check(nv)
+    assert r.ok and [f.code for f in r.findings] == ["nvram"]
+
+
+def test_disks_when_supported() -> None:
+    xml = GOOD.replace("<serial", "<disk type='file' device='disk'><driver name='qemu' "
+                       "type='raw' discard='unmap'/><source file='/i.raw'/><target dev='vda'/>"
+                       "</disk><serial")
+    assert codes(xml) == ["disk"]
+    assert codes(xml, disks_supported=True) == ["disk-discard"]
+    assert codes(xml.replace(" discard='unmap'", ""), disks_supported=True) == []
+
+
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("", "does not parse"),
+        ("<domain", "does not parse"),
+        ("<network><name>x</name></network>", "root element is <network>"),
+        ("<domain type='kvm'><uuid>x</uuid></domain>", "no <name>"),
+        ('<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaa">]><domain><name>&a;</name>'
+         "</domain>", "DOCTYPE"),
+        ("<domain>" + "<x>" * 10 + "</domain>", "does not parse"),
+        ("<domain><name>x</name>" + " " * (5 << 20) + "</domain>", "not a domain definition"),
+    ],
+)
+def test_not_a_domain(text: str, why: str) -> None:
+    with pytest.raises(DomainXMLError, match=why):
+        check(text)
+
+
+def test_memory_units() -> None:
+    for mem, mib in (("<memory unit='GiB'>2</memory>", 2048), ("<memory>262144</memory>", 256),
+                     ("<memory unit='MiB'>300</memory>", 300)):
+        assert check(GOOD.replace("<memory unit='KiB'>131072</memory>", mem)).ram_mib == mib
+
+
+QMP = ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+       "<qemu:arg value='-qmp'/><qemu:arg value='unix:/run/m.sock,server=on,wait=off'/>"
+       "</qemu:commandline>")
+
+
+@pytest.mark.parametrize(
+    "old,new,why",
+    [
+        ("/usr/bin/qemu-system-x86_64", "/bin/sh", "<emulator>"),
+        ("</domain>", QMP.replace("-qmp", "-chardev") + "</domain>", "qemu:commandline"),
+        ("</domain>", QMP.replace("</qemu:commandline>", "<qemu:arg value='-S'/>"
+                                  "</qemu:commandline>") + "</domain>", "qemu:commandline"),
+        ("</domain>", QMP.replace("</qemu:commandline>", "<qemu:env name='LD_PRELOAD' "
+                                  "value='/tmp/x.so'/></qemu:commandline>") + "</domain>",
+         "qemu:commandline"),
+        ("<serial type='pty'>", "<serial type='pty'><source type='exec'/>", "program"),
+    ],
+)
+def test_a_peers_standby_xml_runs_nothing_of_its_choosing(old: str, new: str, why: str) -> None:
+    from mirror.guests.domaincheck import standby_refusals
+
+    assert standby_refusals(GOOD) == [] and standby_refusals(GOOD.replace(
+        "</domain>", QMP + "</domain>")) == []
+    refused = standby_refusals(GOOD.replace(old, new))
+    assert refused and why in " ".join(refused)
