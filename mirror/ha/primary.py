@@ -125,6 +125,7 @@ def disk_progress_bar(prefix: str) -> Callable[[int, int], None]:
     return disk
 
 
+DISK_LOST_GRACE_S = 5.0  # disk stream ended, standby heartbeating: stop after this long
 SWITCHED_OVER = 10  # PrimaryRun.protect: handed over, become the secondary
 UNPROTECTED = 11  # PrimaryRun.protect: won "unprotected": run on, lead the next generation
 
@@ -263,8 +264,11 @@ class PrimaryRun:
         )
         self.phase = "precopy"
         if self.guest.disk is not None:
-            engine.start_disk(self.address, cfg.disk.port, disk_progress_bar("disk copy"))
-            event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib)
+            mode, blocks = engine.start_disk(
+                self.address, cfg.disk.port, disk_progress_bar("disk copy")
+            )
+            event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib, mode=mode,
+                  resync_blocks=blocks)  # fmt: skip
         paired_at = time.monotonic()  # the standby answered HELLO just now
         engine.precopy(progress_bar("pre-copy"))
         self.phase = "protected"
@@ -292,6 +296,8 @@ class PrimaryRun:
             if d is not None and d.action in (Action.RUN_UNPROTECTED, Action.FENCE):
                 verdict.append(d.action)
                 return True
+            if engine.disk_lost is not None:
+                self._disk_stream_lost(engine.disk_lost, now)
             return self.switch.is_set() or stop.is_set() or (end is not None and now >= end)
 
         while True:
@@ -324,6 +330,21 @@ class PrimaryRun:
             link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
+
+    def _disk_stream_lost(self, lost: tuple[str, float], now: float) -> None:
+        """The disk's stream to the standby ended: no checkpoint can commit, outputs are
+        held.  A standby that is gone is judged so by the controller (heartbeats silent,
+        the unprotected claim won): the guest runs on unprotected, and a returning
+        standby is resynced.  One still heartbeating after ``DISK_LOST_GRACE_S`` (its
+        disk stream broke, not its host): stop, so that it goes on from its last
+        checkpoint, memory and disk, rather than every output being held from now on."""
+        why, since = lost
+        if now - since > DISK_LOST_GRACE_S + self.failover.timeouts.silent_after:
+            raise ReplicationError(
+                f"the guest's disk is no longer replicated ({why}) and the standby "
+                f"{self.link.peer.node or self.address} still answers: stopping; the standby "
+                f"holds the last committed checkpoint (checkpoint {self.engine.acked})"
+            )
 
     def _hand_over(self) -> bool:
         """Planned switchover: a last checkpoint with the guest left paused; once it is

@@ -337,6 +337,8 @@ class CheckpointEngine:
         self._resend_wait = RESEND_AFTER_S  # no ack for this long: resend (see _check_stalled)
         self.metrics = Metrics.of(pair, node)
         outputs.metrics = self.metrics
+        # the disk's stream to the standby ended (why, when): no checkpoints any more
+        self.disk_lost: tuple[str, float] | None = None
 
     # -- the dirty-page scan ------------------------------------------------------
 
@@ -562,8 +564,11 @@ class CheckpointEngine:
         t3 = time.perf_counter()
         state = guest.save_state()
         outs = self.outputs.close_epoch()
-        if guest.disk is not None:  # `stop` drained the guest's I/O: close its disk epoch
-            self._disk_barrier(guest.disk, epoch)
+        if guest.disk is not None and not self._disk_barrier(guest.disk, epoch):
+            if resume:  # not sent: no standby can commit it; its outputs stay held
+                guest.resume()
+            self.epoch = epoch
+            return CheckpointRecord(epoch, 0, 0, 0, 0, 0, 0, 0, 0, len(outs))
         _fault(self._fault, "in-pause", epoch)
         t4 = time.perf_counter()
         if resume:
@@ -695,33 +700,43 @@ class CheckpointEngine:
                 total=self.stats.log_missed_pages,
             )
 
-    def _disk_barrier(self, disk: DiskServer, epoch: int) -> None:
-        """Close the disk's epoch.  If the disk's stream to the standby has ended, the
-        standby can commit no later checkpoint (no disk for it), and this primary does not
-        re-pair a standby while it runs (the disk server could resync it: not wired to the
-        engine yet): it stops, so that the standby goes on from its last checkpoint,
-        memory and disk, rather than the pair holding every output from now on."""
+    def _disk_barrier(self, disk: DiskServer, epoch: int) -> bool:
+        """Close the disk's epoch (in the pause).  False: the disk's stream to the standby
+        has ended, so the standby can commit no later checkpoint (no disk for it): the
+        engine takes no more checkpoints (``disk_lost`` says why; outputs stay held)
+        until the caller decides, as for a lost standby: run unprotected once the
+        controller says so (the disk server records the blocks written meanwhile, for
+        the resync of a returning standby), or stop."""
+        if self.disk_lost is not None:
+            return False
         problem = disk.barrier(epoch)
-        if problem is not None:
-            raise ReplicationError(
-                f"the guest's disk is no longer replicated (checkpoint {epoch}): {problem}; "
-                f"the standby holds the last committed checkpoint"
-            )
+        if problem is None:
+            return True
+        self.disk_lost = (problem, time.monotonic())
+        _event("disk-stream-lost", checkpoint=epoch, reason=problem, acked=self.acked,
+               note="no more checkpoints: outputs held until the standby is judged lost")  # fmt: skip
+        return False
 
-    def start_disk(self, address: str, port: int, progress: Callable[[int, int], None]) -> None:
+    def start_disk(
+        self, address: str, port: int, progress: Callable[[int, int], None]
+    ) -> tuple[str, int]:
         """Pairing with a disk: stream it to the standby's disk server, copying all of it
-        live (the guest runs); returns when the standby's replica is complete."""
+        live (the guest runs); returns when the standby's replica is complete: ("resync",
+        blocks sent) if the replica was known, else ("copy", 0)."""
         disk = self.guest.disk
         if disk is None:
-            return
+            return "none", 0
         try:
+            mode = "resync"
             try:  # a standby whose replica is this disk server's gets only what it lacks
                 disk.replicate(address, port, self.epoch + 1, resync=True)
                 log.info("the standby's disk replica is known: resync of the blocks written since")
             except DiskError as e:
                 log.info("disk: full copy to the standby (%s)", e)
+                mode = "copy"
                 disk.replicate(address, port, self.epoch + 1)
             disk.wait_synced(progress=progress)
+            return mode, int(disk.status()["resync_blocks"]) if mode == "resync" else 0
         except DiskError as e:
             raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
 
@@ -809,6 +824,9 @@ class CheckpointEngine:
         while not should_stop():
             self.pump(next_at)
             self._check_stalled()
+            if self.disk_lost is not None:  # no standby can commit a checkpoint now
+                next_at = time.monotonic() + interval
+                continue
             if len(self.in_flight) >= self.cfg.max_in_flight:
                 next_at = time.monotonic() + 0.001  # window full: the epoch stretches
                 continue
