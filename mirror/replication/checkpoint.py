@@ -714,7 +714,7 @@ class CheckpointEngine:
             return True
         self.disk_lost = (problem, time.monotonic())
         _event("disk-stream-lost", checkpoint=epoch, reason=problem, acked=self.acked,
-               note="no more checkpoints: outputs held until the standby is judged lost")  # fmt: skip
+               note="no checkpoints: outputs held until the standby is judged")  # fmt: skip
         return False
 
     def start_disk(
