@@ -210,3 +210,71 @@ def test_storage_failure_on_the_primary_with_a_real_guest(pair_factory, guest_im
     finally:
         p.close()
         faulty.close()
+
+
+def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -> None:
+    """B's host dies (its whole process group) while A's guest writes its disk: A never
+    stops, runs unprotected on its local disk (the disk server marks the blocks written);
+    B restarts with its replica: A pairs again, pre-copies RAM and resyncs only those
+    blocks (not the whole disk), checkpoints again; then A is killed and B's promoted
+    disk is A's at the checkpoint B committed."""
+    size_mib = 8
+    base = qemu_base(guest_image)
+    p = pair_factory(
+        replace(
+            base,
+            disk=DiskConfig(size_mib=size_mib, port=free_port(), journal_mib=64),
+            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload=rand"),
+        )
+    )
+    try:
+        snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
+        env_b = {"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["B"])}
+        b = Host("hostB", "secondary", p.cfg_b, p.root, env=env_b)
+        p.hosts.append(b)
+        wait_for("the secondary", b.status, 30, p.hosts)
+        a = p.start_primary(env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A"])})
+        p.wait("A protected, the guest writing its disk",
+               lambda: (s := a.status() or {}).get("phase") == "protected" and s["acked"] >= 10
+               and disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
+        gen = (a.status() or {})["generation"]
+        b.signal(signal.SIGKILL)  # B's host dies
+        b.proc.wait()
+        b.wait_group_gone()
+        b.remove_shm_files()
+        p.hosts.remove(b)
+        p.wait("A unprotected", lambda: (a.status() or {}).get("phase") == "unprotected", 30)
+        w0 = disk_status(p.root / "hostA")["writes"]
+        p.wait("the guest writing on, alone",
+               lambda: disk_status(p.root / "hostA").get("writes", 0) >= w0 + 20
+               and disk_status(p.root / "hostA").get("dirty_peer", 0) > 0, 60)  # fmt: skip
+        assert a.proc.poll() is None, a.log_tail()
+        b = Host("hostB", "secondary", p.cfg_b, p.root, env=env_b)  # the same replica image
+        p.hosts.append(b)
+        p.wait("A protected again",
+               lambda: (s := a.status() or {}).get("phase") == "protected"
+               and s["generation"] > gen and s["acked"] >= 20
+               and disk_status(p.root / "hostA").get("writes", 0) >= w0 + 40, 120)  # fmt: skip
+        assert a.proc.poll() is None, a.log_tail()
+        events = [json.loads(line[line.index("{"):]) for line in a.log_path.read_text().splitlines()
+                  if '"disk-synced"' in line]  # fmt: skip
+        assert [e["mode"] for e in events] == ["copy", "resync"], events
+        blocks = events[1]["resync_blocks"]
+        assert 0 < blocks < (size_mib << 20) // 4096, events
+        log_a = a.log_path.read_text()
+        assert '"disk-stream-lost"' in log_a or '"unprotected"' in log_a
+        assert '"re-protecting"' in log_a
+        a.signal(signal.SIGKILL)
+        a.proc.wait()
+        p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+        promoted = p.wait("B's replica promoted", lambda: list(snaps["B"].glob("promoted-*")),
+                          10, [b])  # fmt: skip
+        committed = int(promoted[0].stem.split("-")[1])
+        assert committed >= 20
+        want = snaps["A"] / f"{committed}.img"
+        assert want.exists(), f"no copy of A's disk at checkpoint {committed}"
+        assert differing_blocks(promoted[0].read_bytes(), want.read_bytes()) == 0
+        print(f"resync after B's return: {blocks} blocks of {(size_mib << 20) // 4096}; "
+              f"B promoted at {committed}")  # fmt: skip
+    finally:
+        p.close()
