@@ -87,6 +87,12 @@ class Guest(ABC):
     def alive(self) -> bool:
         """Whether the guest is still there (not crashed or stopped)."""
 
+    def end_reason(self) -> str | None:
+        """None while the guest runs; else how it ended: "shutdown" (the guest powered
+        itself off: not a host failure, its standby must not bring it back), or another
+        word ("killed", "crashed", "unknown") for an end a failover answers."""
+        return None if self.alive else "unknown"
+
     def log_source(self) -> LogSource | None:
         """The process whose writes to RAM a dirty-page log must see, and where it
         hands out userfaultfds; None if this guest cannot have the log."""

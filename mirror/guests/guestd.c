@@ -14,6 +14,9 @@
  * is kept in memory (guest RAM), so memory and disk must come from the same
  * checkpoint for the next append to land right after the last one.
  *
+ * "poweroff" answers "bye", syncs and powers the guest off (reboot(RB_POWER_OFF)): a
+ * guest that shuts itself down, which a mirrored pair must not bring back to life.
+ *
  * usage: guestd PORT INTERVAL_MS [DISK]
  */
 #define _GNU_SOURCE
@@ -26,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/reboot.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -175,6 +179,11 @@ int main(int argc, char **argv) {
                 size_t line = (size_t)(nl - c->in) + 1;
                 static char out[JOURNAL_MAX + 64];
                 int outn = 0;
+                if (line >= 8 && !memcmp(c->in, "poweroff", 8)) {
+                    send_all(c->fd, "bye\n", 4);
+                    sync();
+                    reboot(RB_POWER_OFF);
+                }
                 if (!disk_command(c->in, line, out, sizeof out, &outn)) {
                     memcpy(out, "echo ", 5);
                     memcpy(out + 5, c->in, line);

@@ -58,8 +58,11 @@ for arg in $(cat /proc/cmdline); do
     mirror.port=*) PORT=${arg#mirror.port=} ;;
     mirror.interval=*) INTERVAL=${arg#mirror.interval=} ;;
     mirror.diskload=*) DISKLOAD=${arg#mirror.diskload=} ;;
+    mirror.poweroff=*) POWEROFF=${arg#mirror.poweroff=} ;;
   esac
 done
+# tests: the guest powers itself off after that many seconds (a shutdown from inside)
+[ -n "$POWEROFF" ] && (sleep "$POWEROFF"; sync; poweroff -f) &
 for m in %(modules)s; do insmod /lib/modules/$m.ko || echo "mirror-guest: insmod $m failed"; done
 ip link set lo up
 ip addr add "$IP" dev eth0 && ip link set eth0 up

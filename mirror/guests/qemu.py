@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from mirror.config import QemuConfig
 from mirror.guests import uffd
@@ -343,6 +343,7 @@ class QemuGuest(Guest):
         self.args = args
         self._map: mmap.mmap | None = None
         self.qmp: QMPClient | None = None
+        self._shutdown: EventListener | None = None  # QEMU's SHUTDOWN events
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._saving: concurrent.futures.Future[Any] | None = None
@@ -399,6 +400,11 @@ class QemuGuest(Guest):
         self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="qmp")
         self._loop_thread.start()
         self.qmp = QMPClient(f"qemu-{self.run_dir.name}")
+        # the default listener hears every event and keeps it for ever (a STOP and a
+        # RESUME at each checkpoint: memory without end); only SHUTDOWN is wanted, to
+        # tell a guest that powered itself off from a QEMU that was killed or told to go
+        self.qmp.events.names = {"SHUTDOWN"}
+        self._shutdown = self.qmp.events
         try:
             self._await(self.qmp.connect(str(self.qmp_path)), timeout)
         except (OSError, QMPError) as e:
@@ -488,6 +494,19 @@ class QemuGuest(Guest):
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def end_reason(self) -> str | None:
+        """QEMU exits when the guest powers off (``-no-shutdown`` is not given), after a
+        SHUTDOWN event whose reason says it was the guest's own ("guest-shutdown"); a
+        signal or ``quit`` is the host's doing, and a killed QEMU says nothing."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        heard = self._shutdown.history if self._shutdown is not None else []
+        reasons = [d.get("reason") for e in heard if isinstance(d := e.get("data"), dict)]
+        if "guest-shutdown" in reasons:
+            return "shutdown"
+        return "killed" if code < 0 else "ended"
 
     def log_source(self) -> LogSource | None:
         return LogSource(self.proc.pid, self.uffd_sock) if self.uffd_sock else None

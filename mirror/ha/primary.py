@@ -66,6 +66,9 @@ def lead(
                 run.extra = {**note(), "outputs_released": released + current[0].released}
                 run.write_status()
                 if not guest.alive:
+                    if guest.end_reason() == "shutdown":  # unprotected: nobody to tell
+                        event("guest-shutdown", node=cfg.node.name)
+                        return 0
                     event("guest-died", node=cfg.node.name)
                     return 1
                 run.relink_if_rekeyed()  # the pool may have placed a new standby elsewhere
@@ -301,7 +304,12 @@ class PrimaryRun:
             return self.switch.is_set() or stop.is_set() or (end is not None and now >= end)
 
         while True:
-            engine.run(should_stop, epochs=epochs)
+            try:
+                engine.run(should_stop, epochs=epochs)
+            except Exception:
+                if self.guest.alive or self.guest.end_reason() != "shutdown":
+                    raise  # a guest that died otherwise: its standby goes on (failover)
+                return self._guest_shut_down()
             if not (self.switch.is_set() and not verdict):
                 break
             if self._hand_over():
@@ -329,6 +337,20 @@ class PrimaryRun:
         if not outputs.unprotected:
             link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
+        return 0
+
+    def _guest_shut_down(self) -> int:
+        """The guest powered itself off: no host failed, so its standby must not bring
+        it back.  Tell the standby (a BYE: it stands down, not promoting), release what
+        the guest said before it went (no copy of it will ever run again), exit 0."""
+        self.phase = "stopped"
+        released = self.outputs.go_unprotected()
+        self.link.send(wire.Bye(self.engine.session, self.cfg.node.name,
+                                "the guest shut itself down"))  # fmt: skip
+        time.sleep(0.05)  # let it leave before the socket closes
+        event("guest-shutdown", node=self.cfg.node.name, released=released,
+              checkpoint=self.engine.acked)  # fmt: skip
+        self.write_status()
         return 0
 
     def _disk_stream_lost(self, lost: tuple[str, float], now: float) -> None:

@@ -259,3 +259,22 @@ def test_qemu_guest_reprotected_on_the_returning_host_survives_a_second_kill(qpa
     assert ticks(serial["hostB"])[0] <= ticks(serial["hostA"])[-1] + 1
     assert ticks(serial["hostA2"])[0] <= ticks(serial["hostB"])[-1] + 1
     assert ticks(serial["hostA2"])[0] > ticks(serial["hostB"])[0], seq
+
+
+def test_a_guest_that_powers_itself_off_is_not_brought_back_on_b(
+    qpair, guest_image: Path
+) -> None:
+    # the guest's own shutdown is no host failure: A tells B (BYE), B does not promote
+    base = qemu_base(guest_image)
+    p = qpair(qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.poweroff=20"))
+    b = p.start_secondary()
+    a = p.start_primary()
+    p.wait("A protected", lambda: (a.status() or {}).get("phase") == "protected", 120)
+    assert a.proc.wait(120) == 0, a.log_tail()
+    log_a = a.log_path.read_text()
+    assert '"guest-shutdown"' in log_a and '"guest-died"' not in log_a, log_a[-800:]
+    p.wait("B told", lambda: "standing down, not promoting" in b.log_path.read_text(), 10, [b])
+    time.sleep(5)  # longer than the failover timeout: B would have promoted by now
+    assert b.proc.poll() is None
+    assert (b.status() or {}).get("role") == "secondary", b.log_tail()
+    assert "promoted" not in b.log_path.read_text()
