@@ -421,11 +421,24 @@ class HostAgent:
                     event("role-exited", logging.WARNING, pair=pair, role=d.role, code=code)
                     r.close()
                     del self.running[pair]
+                    if code == 0 and d.role == "primary" and self._guest_shut_down(d):
+                        continue
                 try:
                     why = self.resume(d)
                 except (AgentError, ConfigError, OSError) as e:
                     why = self._wait(d, f"cannot start its role: {e}")
                 log.info("pair %s: %s", pair, why)
+
+    def _guest_shut_down(self, d: PairDef) -> bool:
+        """Whether the primary role ended because its guest powered itself off (it told
+        the standby, which stands down): then nothing is resumed, the pair is kept as
+        ``stopped`` until the operator unpairs it (and pairs it again once it runs)."""
+        if self.role_status(d).get("guest_ended") != "shutdown":
+            return False
+        d.state = "stopped: the guest shut itself down (mirror unpair, start it, pair again)"
+        self.save(d)
+        event("pair-stopped", pair=d.pair, reason="the guest shut itself down")
+        return True
 
     # -- requests from the CLI (control socket) --------------------------------------------
 

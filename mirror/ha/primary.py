@@ -344,6 +344,7 @@ class PrimaryRun:
         it back.  Tell the standby (a BYE: it stands down, not promoting), release what
         the guest said before it went (no copy of it will ever run again), exit 0."""
         self.phase = "stopped"
+        self.extra = {**self.extra, "guest_ended": "shutdown"}  # the host agent reads it
         released = self.outputs.go_unprotected()
         self.link.send(wire.Bye(self.engine.session, self.cfg.node.name,
                                 "the guest shut itself down"))  # fmt: skip

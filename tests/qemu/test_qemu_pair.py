@@ -273,6 +273,7 @@ def test_a_guest_that_powers_itself_off_is_not_brought_back_on_b(
     assert a.proc.wait(120) == 0, a.log_tail()
     log_a = a.log_path.read_text()
     assert '"guest-shutdown"' in log_a and '"guest-died"' not in log_a, log_a[-800:]
+    assert (a.status() or {}).get("guest_ended") == "shutdown"  # what a host agent reads
     p.wait("B told", lambda: "standing down, not promoting" in b.log_path.read_text(), 10, [b])
     time.sleep(5)  # longer than the failover timeout: B would have promoted by now
     assert b.proc.poll() is None
