@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,21 +23,21 @@ from tests.libvirt.conftest import HostFactory
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(300)]
 
 
-def test_the_connection_survives_the_kill_of_host_a_and_the_domain_runs_on_b(
+def test_paired_with_one_command_the_connection_survives_the_kill_of_host_a(
     libvirt_host: HostFactory, guest_image: Path
 ) -> None:
-    # QMP through libvirt here (the other test uses mirror's own monitor socket)
-    base = libvirtdemo.default_base()
-    base = replace(base, libvirt=replace(base.libvirt, qmp="libvirt"))
+    """The demo's flow: an agent per host, `mirror pair web01 --peer hostB` on A, a client,
+    host A killed (agent, role, libvirtd, virtlogd, QEMU)."""
     guest = libvirtdemo.LibvirtDemoGuest()
-    r = qemudemo.run(base, guest=guest, image_dir=guest_image, kill_after=2, run_on=2,
-                     quiet=True)  # fmt: skip
+    r = qemudemo.run(libvirtdemo.default_base(), guest=guest, image_dir=guest_image,
+                     kill_after=2, run_on=2, quiet=True)  # fmt: skip
+    assert r["libvirt"]["pair_output"][-1].startswith("web01 is protected by hostB")
     c = r["client"]
     assert r["connection_survived"], c
     assert c["gaps"] == 0 and c["echo_bad"] == 0 and c["echo_ok"] > 0, c
     assert r["promoted_status"]["role"] == "primary"
     assert r["libvirt"]["on_b"] == {"active": True, "persistent": True, "running": True}
-    assert r["libvirt"]["a_autostart"] is False  # the primary turned it off
+    assert r["libvirt"]["a_autostart"] is False  # A's agent turned it off when pairing
     assert not guest.hosts  # closed by the demo
 
 
