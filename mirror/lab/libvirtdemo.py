@@ -247,9 +247,16 @@ class LibvirtDemoGuest:
     def serial(self, root: Path) -> Path:
         return self.serial_path
 
-    def kill_a(self, a: Host) -> None:
+    def kill_a(self, a: Host) -> str:
+        role = a.role_pid() if isinstance(a, AgentHost) else None
+        lv = self.hosts["A"]
+        qemu, daemons = lv.qemu_pid(DOMAIN), lv.group()
         a.signal(signal.SIGKILL)  # the agent (and, run by an agent, its role)
-        self.hosts["A"].kill()  # its QEMU, libvirtd and virtlogd
+        lv.kill()  # its QEMU, libvirtd and virtlogd
+        what = f"its agent's process group {a.proc.pid}"
+        if role is not None:
+            what += f", its primary role's {role}"
+        return f"SIGKILL to {what}, libvirtd's and virtlogd's {daemons}, QEMU {qemu}"
 
     def report(self) -> dict[str, Any]:
         b: dict[str, Any] = {}

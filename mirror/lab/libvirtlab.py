@@ -211,6 +211,10 @@ class LibvirtHost:
         pids = [self.qemu_pid(p.stem) for p in (self.root / "run" / "qemu").glob("*.pid")]
         return [p for p in pids if p is not None]
 
+    def group(self) -> int | None:
+        """The process group of this host's daemons (and its namespace's holder)."""
+        return self._holder.pid if self._holder is not None else None
+
     def restart_libvirtd(self, timeout: float = 60) -> None:
         """libvirtd stops (SIGTERM) and starts again; the domains' QEMUs go on."""
         self._drop_conn()
