@@ -78,7 +78,8 @@ def agent_toml(root: Path, me: str, peer: str, uri: str, base: Config | None = N
         if not (root / "keys" / f"host{h}.key_secret").exists():
             keys.generate(root / "keys", f"host{h}")
     (root / "shared").mkdir(parents=True, exist_ok=True)
-    epoch = f"\n[checkpoint]\nepoch_ms = {base.checkpoint.epoch_ms}\n" if base else ""
+    cp = base.checkpoint if base else None
+    epoch = f'\n[checkpoint]\nepoch_ms = {cp.epoch_ms}\nscan = "{cp.scan}"\n' if cp else ""
     return f"""[agent]
 node = "host{me}"
 state_dir = "{root / f"host{me}" / "state"}"
@@ -170,16 +171,22 @@ class LibvirtDemoGuest:
         agents = {}
         for h, peer in (("B", "A"), ("A", "B")):
             toml = agent_toml(root, h, peer, self.hosts[h].uri, base)
-            agents[h] = AgentHost(f"host{h}", toml, root, DOMAIN, lan.prefix(h))
+            # in the host's own mount namespace: paths in the domain's XML under
+            # /run/libvirt and /var/log/libvirt are then this host's, as on a real host
+            agents[h] = AgentHost(f"host{h}", toml, root, DOMAIN, [*self.hosts[h].enter(), "--"])
             hosts.append(agents[h])
         for h in ("A", "B"):
             wait_for(f"host {h}'s agent", (agents[h].dir / "state" / "control.sock").exists,
                      60, hosts)  # fmt: skip
         mark("hosts A and B: each its own libvirtd, virtlogd and `mirror agent`")
-        # the serial log in the host's own /var/log/libvirt (the standby's XML is the same)
-        self.serial_path = self.hosts["A"].root / "log" / "web01-serial.log"
+        # the serial log and mirror's QMP socket in the host's own /var/log/libvirt and
+        # /run/libvirt: the standby gets the same XML, and its paths are B's own there
+        self.serial_path = self.hosts["A"].root / "log" / f"{DOMAIN}-serial.log"
+        serial = Path(TARGETS["log"]) / f"{DOMAIN}-serial.log"
+        sock = Path(TARGETS["run"]) / f"mirror-{DOMAIN}-qmp.sock"
         conn = self.hosts["A"].connect()
-        dom = conn.defineXML(demo_domain(img, base, Path(TARGETS["log"]) / "web01-serial.log"))
+        qmp = sock if base.libvirt.qmp == "socket" else None
+        dom = conn.defineXML(demo_domain(img, base, serial, qmp))
         dom.setAutostart(1)
         dom.create()
         mark(f"host A: domain {DOMAIN} defined (autostart on) and started by its libvirtd")
@@ -187,7 +194,8 @@ class LibvirtDemoGuest:
                str(agents["A"].config_path)]  # fmt: skip
         mark(f"host A: $ {' '.join(cmd)}")
         proc = subprocess.Popen(
-            [*lan.prefix("A"), sys.executable, "-m", *cmd], stdin=subprocess.DEVNULL,
+            [*self.hosts["A"].enter(), "--", sys.executable, "-m", *cmd],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )  # fmt: skip

@@ -152,13 +152,17 @@ class LibvirtHost:
                 raise LibvirtUnavailable(f"cannot make host {self.name}'s namespace: {err}")
             time.sleep(0.01)
 
-    def _start(self, daemon: str) -> None:
+    def enter(self) -> list[str]:
+        """The command prefix that runs a program in this host's mount namespace (its own
+        /run/libvirt, /var/lib/libvirt, ...) and network namespace (if any)."""
         assert self._holder is not None
         enter = ["nsenter", "--target", str(self._holder.pid), "--mount"]
-        if self.netns:
-            enter.append("--net")
+        return [*enter, "--net"] if self.netns else enter
+
+    def _start(self, daemon: str) -> None:
+        assert self._holder is not None
         self._daemons[daemon] = subprocess.Popen(
-            [*enter, "--", _tool(daemon), "--pid-file", str(self.root / f"{daemon}.pid")],
+            [*self.enter(), "--", _tool(daemon), "--pid-file", str(self.root / f"{daemon}.pid")],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=open(self.root / f"{daemon}.stderr", "ab"),  # noqa: SIM115
