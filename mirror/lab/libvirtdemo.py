@@ -27,7 +27,7 @@ from typing import Any
 from mirror.config import Config, LibvirtConfig
 from mirror.guests.libvirt import preload_env
 from mirror.hoststate import read_json
-from mirror.lab.demo import Host, wait_for, with_keys
+from mirror.lab.demo import Host, wait_for
 from mirror.lab.libvirtlab import TARGETS, LibvirtHost, check_capable, domain_xml
 from mirror.lab.netlab import GUEST_IP, IC_IP, GuestLan
 from mirror.lab.qemudemo import PORT, Mark
@@ -56,9 +56,7 @@ def qmp_args(sock: Path | None, *, log: bool = False) -> str:
     )
 
 
-def demo_domain(
-    img: Path, base: Config, serial: Path, qmp_sock: Path | None = None, log: bool = False
-) -> str:
+def demo_domain(img: Path, base: Config, serial: Path, qmp_sock: Path | None = None) -> str:
     xml = domain_xml(
         DOMAIN,
         img,
@@ -67,7 +65,7 @@ def demo_domain(
         serial=serial,
         nic_port=NIC_PORT,
     )
-    return xml.replace("</domain>", qmp_args(qmp_sock, log=log) + "</domain>")
+    return xml.replace("</domain>", qmp_args(qmp_sock) + "</domain>")
 
 
 def agent_toml(root: Path, me: str, peer: str, uri: str, base: Config | None = None) -> str:
@@ -213,44 +211,6 @@ class LibvirtDemoGuest:
             raise RuntimeError(f"`mirror pair` failed (exit {code}):\n" +
                                "\n".join(self.pair_output[-10:]))  # fmt: skip
         return agents["A"], agents["B"]
-
-    def configs(
-        self, lan: GuestLan, root: Path, base: Config, img: Path, pair: str
-    ) -> tuple[Config, Config]:
-        """Hand-written role configurations instead of the agents (the libvirtd-restart
-        test: mirror's own QMP socket, whose path differs between the hosts)."""
-        (root / "shared").mkdir(parents=True, exist_ok=True)
-        self._libvirtds(lan, root)
-        log = base.checkpoint.scan in ("auto", "log")
-        sock = {h: root / f"host{h}-qmp.sock" if base.libvirt.qmp == "socket" else None
-                for h in "AB"}  # fmt: skip
-        self.serial_path = root / "hostA-serial.log"
-        conn = self.hosts["A"].connect()
-        dom = conn.defineXML(demo_domain(img, base, self.serial_path, sock["A"], log))
-        dom.setAutostart(1)
-        dom.create()
-        standby = root / "standby.xml"
-        standby.write_text(demo_domain(img, base, root / "hostB-serial.log", sock["B"], log))
-        lv = replace(base.libvirt, domain=DOMAIN, tap="mtap0", bridge="br0")
-        common = replace(
-            base,
-            pair=replace(base.pair, name=pair),
-            guest=replace(base.guest, kind="libvirt"),
-            link=replace(base.link, host=IC_IP["B"], data_port=7400, heartbeat_port=7401),
-            arbiter=replace(base.arbiter, dir=str(root / "shared")),
-        )
-        a = replace(
-            common,
-            node=replace(base.node, name="hostA", state_dir=str(root / "hostA")),
-            libvirt=replace(lv, connect=self.hosts["A"].uri),
-        )
-        b = replace(
-            common,
-            node=replace(base.node, name="hostB", state_dir=str(root / "hostB")),
-            link=replace(common.link, peer_host=IC_IP["A"]),
-            libvirt=replace(lv, connect=self.hosts["B"].uri, standby_xml=str(standby)),
-        )
-        return with_keys(root / "keys", a, b)
 
     def serial(self, root: Path) -> Path:
         return self.serial_path
