@@ -7,6 +7,8 @@ API (small on purpose; tests, the demo and the host-agent tests use it)::
         h.uri                              # "qemu+unix:///system?socket=<root>/run/libvirt-sock"
         conn.createXML(domain_xml("web01", img, nic_port=5555), 0)
         h.qemu_pid("web01")                # QEMU's pid (libvirt's pid file), or None
+        h.enter()                          # ["nsenter", ...]: run a program in this host's
+                                           # mount (and network) namespace
         h.restart_libvirtd()               # stop libvirtd (TERM) and start it again; QEMU stays
         h.kill()                           # the host dies: SIGKILL to every process of it
     # close(): destroys its domains, stops its daemons, unmounts, removes every file
