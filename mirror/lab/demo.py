@@ -48,19 +48,21 @@ class Host:
         self,
         name: str,
         role: str,
-        cfg: Config,
+        cfg: Config | str,
         root: Path,
         *extra: str,
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
     ) -> None:
-        """``extra``: arguments for the role; ``env``: more environment;
-        ``prefix``: run the host inside something, e.g. ``ip netns exec NS``."""
+        """``role``: the `mirror` command (``primary``, ``secondary``, ``agent``); ``cfg``:
+        its configuration (a str: the TOML text as it is); ``extra``: arguments for the
+        role; ``env``: more environment; ``prefix``: run the host inside something, e.g.
+        ``ip netns exec NS``."""
         self.name, self.role = name, role
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.dir / "mirror.toml"
-        self.config_path.write_text(config_mod.to_toml(cfg))
+        self.config_path = self.dir / ("agent.toml" if role == "agent" else "mirror.toml")
+        self.config_path.write_text(cfg if isinstance(cfg, str) else config_mod.to_toml(cfg))
         self.log_path = self.dir / "agent.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(

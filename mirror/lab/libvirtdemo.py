@@ -1,28 +1,37 @@
 """`mirror demo --guest libvirt`: the host-kill demo (mirror/lab/qemudemo.py's flow and
 summary) with the guest run by libvirt.
 
-Each host has its own libvirtd and virtlogd in its network namespace
-(mirror/lab/libvirtlab.py).  On A the demo guest is a persistent domain with autostart
-on, started before mirror is; mirror's primary attaches to it (and turns autostart
-off).  B's secondary keeps a paused standby domain from the XML in ``standby.xml``.
-Killing host A kills its agent, its libvirtd, virtlogd and QEMU.  The report says how
-the domain runs on B (active, persistent) and whether A's definition would autostart.
+It runs the way an operator does: each host has its own libvirtd and virtlogd in its
+network namespace (mirror/lab/libvirtlab.py) and its own `mirror agent`; on A the demo
+guest is a persistent domain with autostart on, started before mirror is; then ONE
+command on A, `mirror pair web01 --peer hostB` (its output is in the timeline): B's
+agent starts the standby (a paused domain of A's XML), A's agent turns autostart off
+and starts the primary, which attaches to the domain.  Killing host A kills its agent,
+its role, its libvirtd, virtlogd and QEMU (by process group and pid).  The report says
+how the domain runs on B (active, persistent) and whether A's definition would
+autostart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mirror.config import Config, LibvirtConfig
 from mirror.guests.libvirt import preload_env
-from mirror.lab.demo import Host, with_keys
-from mirror.lab.libvirtlab import LibvirtHost, check_capable, domain_xml
+from mirror.hoststate import read_json
+from mirror.lab.demo import Host, wait_for
+from mirror.lab.libvirtlab import TARGETS, LibvirtHost, check_capable, domain_xml
 from mirror.lab.netlab import GUEST_IP, IC_IP, GuestLan
-from mirror.lab.qemudemo import PORT
+from mirror.lab.qemudemo import PORT, Mark
+from mirror.replication import keys
 
 DOMAIN = "web01"
 NIC_PORT = 5600  # in each host's own network namespace (nothing else listens there)
@@ -47,18 +56,84 @@ def qmp_args(sock: Path | None, *, log: bool = False) -> str:
     )
 
 
-def demo_domain(root: Path, host: str, img: Path, base: Config) -> str:
+def demo_domain(img: Path, base: Config, serial: Path, qmp_sock: Path | None = None) -> str:
     xml = domain_xml(
         DOMAIN,
         img,
         ram_mib=base.guest.ram_mib,
         cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}",
-        serial=root / f"{host}-serial.log",
+        serial=serial,
         nic_port=NIC_PORT,
     )
-    sock = root / f"{host}-qmp.sock" if base.libvirt.qmp == "socket" else None
-    log = base.checkpoint.scan in ("auto", "log")
-    return xml.replace("</domain>", qmp_args(sock, log=log) + "</domain>")
+    return xml.replace("</domain>", qmp_args(qmp_sock) + "</domain>")
+
+
+def agent_toml(root: Path, me: str, peer: str, uri: str, base: Config | None = None) -> str:
+    """Host ``me``'s agent configuration (``me``, ``peer``: "A" or "B"): its interconnect
+    address in the lab, its libvirtd, the LAN bridge, its key (made in ``root/keys``),
+    the shared directory as arbiter, the other host as its peer."""
+    for h in (me, peer):
+        if not (root / "keys" / f"host{h}.key_secret").exists():
+            keys.generate(root / "keys", f"host{h}")
+    (root / "shared").mkdir(parents=True, exist_ok=True)
+    cp = base.checkpoint if base else None
+    epoch = f'\n[checkpoint]\nepoch_ms = {cp.epoch_ms}\nscan = "{cp.scan}"\n' if cp else ""
+    return f"""[agent]
+node = "host{me}"
+state_dir = "{root / f"host{me}" / "state"}"
+address = "{IC_IP[me]}"
+connect = "{uri}"
+bridge = "br0"
+
+[keys]
+secret_key = "{root / "keys" / f"host{me}.key_secret"}"
+
+[arbiter]
+dir = "{root / "shared"}"
+{epoch}
+[peers.host{peer}]
+address = "{IC_IP[peer]}"
+public_key = "{root / "keys" / f"host{peer}.key"}"
+"""
+
+
+class AgentHost(Host):
+    """A simulated host's `mirror agent`, in its network namespace and a process group of
+    its own; ``status()`` is that of its role of pair ``pair`` (a process group the agent
+    started: killed and stopped along with the agent)."""
+
+    def __init__(self, name: str, toml: str, root: Path, pair: str, prefix: list[str]) -> None:
+        super().__init__(name, "agent", toml, root, prefix=prefix)
+        self.role_dir = self.dir / "state" / "pairs" / pair / "role"
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return dict(read_json(self.role_dir / "status.json"))
+        except (OSError, ValueError):
+            return None
+
+    def role_pid(self) -> int | None:
+        pid = (self.status() or {}).get("pid")
+        return pid if isinstance(pid, int) and pid > 1 else None
+
+    def signal(self, sig: int) -> None:
+        super().signal(sig)
+        if (pid := self.role_pid()) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+
+    def stop(self, timeout: float = 10) -> None:
+        """The agent first (a live agent would start a stopped role again), then the role."""
+        pid = self.role_pid()
+        super().stop(timeout)
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+            while time.monotonic() < deadline + 10:  # until no process of the group is left
+                os.killpg(pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+                time.sleep(0.05)
 
 
 class LibvirtDemoGuest:
@@ -66,50 +141,90 @@ class LibvirtDemoGuest:
 
     def __init__(self) -> None:
         self.hosts: dict[str, LibvirtHost] = {}
+        self.serial_path = Path("/nonexistent")
+        self.pair_output: list[str] = []
 
     def check(self, base: Config) -> None:
         check_capable()
 
-    def configs(
-        self, lan: GuestLan, root: Path, base: Config, img: Path, pair: str
-    ) -> tuple[Config, Config]:
-        (root / "shared").mkdir(parents=True, exist_ok=True)
+    def _libvirtds(self, lan: GuestLan, root: Path) -> None:
         for h in ("A", "B"):
             self.hosts[h] = LibvirtHost(root, h, netns=lan.ns[h])
+        self.hosts["B"].connect()
+
+    def start(
+        self,
+        lan: GuestLan,
+        root: Path,
+        base: Config,
+        img: Path,
+        pair: str,
+        hosts: list[Host],
+        mark: Mark,
+    ) -> tuple[Host, Host]:
+        """As an operator would: a libvirtd and a `mirror agent` on each host, the domain
+        defined (autostart on) and started on A, then ONE command on A: `mirror pair
+        web01 --peer hostB` (its output goes into the timeline)."""
+        self._libvirtds(lan, root)
+        agents = {}
+        for h, peer in (("B", "A"), ("A", "B")):
+            toml = agent_toml(root, h, peer, self.hosts[h].uri, base)
+            # in the host's own mount namespace: paths in the domain's XML under
+            # /run/libvirt and /var/log/libvirt are then this host's, as on a real host
+            agents[h] = AgentHost(f"host{h}", toml, root, DOMAIN, [*self.hosts[h].enter(), "--"])
+            hosts.append(agents[h])
+        for h in ("A", "B"):
+            wait_for(f"host {h}'s agent", (agents[h].dir / "state" / "control.sock").exists,
+                     60, hosts)  # fmt: skip
+        mark("hosts A and B: each its own libvirtd, virtlogd and `mirror agent`")
+        # the serial log and mirror's QMP socket in the host's own /var/log/libvirt and
+        # /run/libvirt: the standby gets the same XML, and its paths are B's own there
+        self.serial_path = self.hosts["A"].root / "log" / f"{DOMAIN}-serial.log"
+        serial = Path(TARGETS["log"]) / f"{DOMAIN}-serial.log"
+        sock = Path(TARGETS["run"]) / f"mirror-{DOMAIN}-qmp.sock"
         conn = self.hosts["A"].connect()
-        dom = conn.defineXML(demo_domain(root, "hostA", img, base))
+        qmp = sock if base.libvirt.qmp == "socket" else None
+        dom = conn.defineXML(demo_domain(img, base, serial, qmp))
         dom.setAutostart(1)
         dom.create()
-        standby = root / "standby.xml"  # what the host agent writes on B when pairing
-        standby.write_text(demo_domain(root, "hostB", img, base))
-        lv = replace(base.libvirt, domain=DOMAIN, tap="mtap0", bridge="br0")
-        common = replace(
-            base,
-            pair=replace(base.pair, name=pair),
-            guest=replace(base.guest, kind="libvirt"),
-            link=replace(base.link, host=IC_IP["B"], data_port=7400, heartbeat_port=7401),
-            arbiter=replace(base.arbiter, dir=str(root / "shared")),
-        )
-        a = replace(
-            common,
-            node=replace(base.node, name="hostA", state_dir=str(root / "hostA")),
-            libvirt=replace(lv, connect=self.hosts["A"].uri),
-        )
-        b = replace(
-            common,
-            node=replace(base.node, name="hostB", state_dir=str(root / "hostB")),
-            link=replace(common.link, peer_host=IC_IP["A"]),
-            libvirt=replace(lv, connect=self.hosts["B"].uri, standby_xml=str(standby)),
-        )
-        self.root = root
-        return with_keys(root / "keys", a, b)
+        mark(f"host A: domain {DOMAIN} defined (autostart on) and started by its libvirtd")
+        cmd = ["mirror", "pair", DOMAIN, "--peer", "hostB", "--agent-config",
+               str(agents["A"].config_path)]  # fmt: skip
+        mark(f"host A: $ {' '.join(cmd)}")
+        proc = subprocess.Popen(
+            [*self.hosts["A"].enter(), "--", sys.executable, "-m", *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.pair_output.append(line.rstrip())
+                mark(f"  | {line.rstrip()}")
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if code != 0:
+            raise RuntimeError(f"`mirror pair` failed (exit {code}):\n" +
+                               "\n".join(self.pair_output[-10:]))  # fmt: skip
+        return agents["A"], agents["B"]
 
     def serial(self, root: Path) -> Path:
-        return root / "hostA-serial.log"
+        return self.serial_path
 
-    def kill_a(self, a: Host) -> None:
-        a.signal(signal.SIGKILL)  # the agent
-        self.hosts["A"].kill()  # its QEMU, libvirtd and virtlogd
+    def kill_a(self, a: Host) -> str:
+        role = a.role_pid() if isinstance(a, AgentHost) else None
+        lv = self.hosts["A"]
+        qemu, daemons = lv.qemu_pid(DOMAIN), lv.group()
+        a.signal(signal.SIGKILL)  # the agent (and, run by an agent, its role)
+        lv.kill()  # its QEMU, libvirtd and virtlogd
+        what = f"its agent's process group {a.proc.pid}"
+        if role is not None:
+            what += f", its primary role's {role}"
+        return f"SIGKILL to {what}, libvirtd's and virtlogd's {daemons}, QEMU {qemu}"
 
     def report(self) -> dict[str, Any]:
         b: dict[str, Any] = {}
@@ -122,6 +237,7 @@ class LibvirtDemoGuest:
         return {
             "libvirt": {
                 "domain": DOMAIN,
+                "pair_output": self.pair_output,
                 "on_b": b,
                 "a_autostart": autostart_a.exists() or autostart_a.is_symlink(),
             }

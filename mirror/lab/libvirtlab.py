@@ -7,6 +7,8 @@ API (small on purpose; tests, the demo and the host-agent tests use it)::
         h.uri                              # "qemu+unix:///system?socket=<root>/run/libvirt-sock"
         conn.createXML(domain_xml("web01", img, nic_port=5555), 0)
         h.qemu_pid("web01")                # QEMU's pid (libvirt's pid file), or None
+        h.enter()                          # ["nsenter", ...]: run a program in this host's
+                                           # mount (and network) namespace
         h.restart_libvirtd()               # stop libvirtd (TERM) and start it again; QEMU stays
         h.kill()                           # the host dies: SIGKILL to every process of it
     # close(): destroys its domains, stops its daemons, unmounts, removes every file
@@ -152,13 +154,17 @@ class LibvirtHost:
                 raise LibvirtUnavailable(f"cannot make host {self.name}'s namespace: {err}")
             time.sleep(0.01)
 
-    def _start(self, daemon: str) -> None:
+    def enter(self) -> list[str]:
+        """The command prefix that runs a program in this host's mount namespace (its own
+        /run/libvirt, /var/lib/libvirt, ...) and network namespace (if any)."""
         assert self._holder is not None
         enter = ["nsenter", "--target", str(self._holder.pid), "--mount"]
-        if self.netns:
-            enter.append("--net")
+        return [*enter, "--net"] if self.netns else enter
+
+    def _start(self, daemon: str) -> None:
+        assert self._holder is not None
         self._daemons[daemon] = subprocess.Popen(
-            [*enter, "--", _tool(daemon), "--pid-file", str(self.root / f"{daemon}.pid")],
+            [*self.enter(), "--", _tool(daemon), "--pid-file", str(self.root / f"{daemon}.pid")],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=open(self.root / f"{daemon}.stderr", "ab"),  # noqa: SIM115
@@ -210,6 +216,10 @@ class LibvirtHost:
     def qemu_pids(self) -> list[int]:
         pids = [self.qemu_pid(p.stem) for p in (self.root / "run" / "qemu").glob("*.pid")]
         return [p for p in pids if p is not None]
+
+    def group(self) -> int | None:
+        """The process group of this host's daemons (and its namespace's holder)."""
+        return self._holder.pid if self._holder is not None else None
 
     def restart_libvirtd(self, timeout: float = 60) -> None:
         """libvirtd stops (SIGTERM) and starts again; the domains' QEMUs go on."""

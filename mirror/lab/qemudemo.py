@@ -108,21 +108,38 @@ def client_events(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+class Mark(Protocol):
+    def __call__(self, what: str, at: float | None = None) -> None: ...
+
+
 class DemoGuest(Protocol):
     """What differs between guest kinds in this demo (mirror/lab/libvirtdemo.py has the
-    libvirt one): how the hosts' guests are set up, where A's console is, how A dies."""
+    libvirt one): how the hosts and their guests are set up and paired, where A's
+    console is, how A dies."""
 
     label: str  # "QEMU", "a libvirt domain", ...
 
     def check(self, base: Config) -> None: ...
 
-    def configs(
-        self, lan: GuestLan, root: Path, base: Config, img: Path, pair: str
-    ) -> tuple[Config, Config]: ...
+    def start(
+        self,
+        lan: GuestLan,
+        root: Path,
+        base: Config,
+        img: Path,
+        pair: str,
+        hosts: list[Host],
+        mark: Mark,
+    ) -> tuple[Host, Host]:
+        """Hosts A and B (appended to ``hosts`` as they start), A's guest being mirrored
+        to B; ``status()`` of each: its pair role's status."""
+        ...
 
     def serial(self, root: Path) -> Path: ...
 
-    def kill_a(self, a: Host) -> None: ...
+    def kill_a(self, a: Host) -> str:
+        """Host A dies at once; what was killed (for the timeline)."""
+        ...
 
     def report(self) -> dict[str, Any]: ...
 
@@ -137,16 +154,26 @@ class QemuDemoGuest:
     def check(self, base: Config) -> None:
         qemu_version(base.qemu.binary)  # a clear error now if QEMU is missing
 
-    def configs(
-        self, lan: GuestLan, root: Path, base: Config, img: Path, pair: str
-    ) -> tuple[Config, Config]:
-        return configs(root, base, img, pair)
+    def start(
+        self,
+        lan: GuestLan,
+        root: Path,
+        base: Config,
+        img: Path,
+        pair: str,
+        hosts: list[Host],
+        mark: Mark,
+    ) -> tuple[Host, Host]:
+        a, b = start_pair(lan, root, *configs(root, base, img, pair), hosts)
+        mark(f"host B: standby ready ({base.guest.ram_mib} MiB image, QEMU waiting on it)")
+        return a, b
 
     def serial(self, root: Path) -> Path:
         return root / "hostA" / "qemu" / "serial.log"
 
-    def kill_a(self, a: Host) -> None:
+    def kill_a(self, a: Host) -> str:
         a.signal(signal.SIGKILL)  # the whole host at once: the agent, and QEMU dies with it
+        return f"SIGKILL to its process group {a.proc.pid}: its agent, and QEMU with it"
 
     def report(self) -> dict[str, Any]:
         return {}
@@ -188,10 +215,7 @@ def run(
     result: dict[str, Any] = {}
     try:
         mark("network namespaces up: LAN bridge, host A, host B, client; interconnect A-B")
-        cfg_a, cfg_b = guest.configs(lan, root, base, img, pair)
-        a, b = start_pair(lan, root, cfg_a, cfg_b, hosts)
-        mark(f"host B: standby ready ({base.guest.ram_mib} MiB image, {guest.label} waiting "
-             f"on it)")  # fmt: skip
+        a, b = guest.start(lan, root, base, img, pair, hosts, mark)
         st = wait_for("the pre-copy", lambda: (a.status() or {}).get("phase") == "protected"
                       and a.status(), 120, hosts)  # fmt: skip
         mark(f"host A: guest running under {guest.label}; sync to B done, "
@@ -202,7 +226,7 @@ def run(
             f"guest: service up on {GUEST_IP}:{PORT} (checkpoint {(a.status() or {}).get('epoch')})"
         )
         client = start_client(lan, log, connect_for=60,
-                              write_every=0.1 if cfg_a.disk.size_mib else 0.0)  # fmt: skip
+                              write_every=0.1 if base.disk.size_mib else 0.0)  # fmt: skip
         connected = wait_for(
             "the client to connect",
             lambda: next((e for e in client_events(log) if e["event"] == "connected"), None),
@@ -221,10 +245,9 @@ def run(
         mark(f"client has read n={counter}; host A at checkpoint {st.get('epoch')} "
              f"(acked {st.get('acked')})")  # fmt: skip
         killed = time.time()
-        guest.kill_a(a)
+        how = guest.kill_a(a)
         a.proc.wait()
-        mark(f"KILLED host A (SIGKILL to its process group {a.proc.pid}, and "
-             f"{guest.label}'s processes)", killed)  # fmt: skip
+        mark(f"KILLED host A ({how})", killed)  # fmt: skip
         promoted = wait_for(
             "host B to promote",
             lambda: (s := b.status()) and s.get("role") == "primary" and s.get("failover_ms") and s,

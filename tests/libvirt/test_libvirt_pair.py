@@ -24,27 +24,32 @@ from tests.libvirt.conftest import HostFactory
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(300)]
 
 
-def test_the_connection_survives_the_kill_of_host_a_and_the_domain_runs_on_b(
+def test_paired_with_one_command_the_connection_survives_the_kill_of_host_a(
     libvirt_host: HostFactory, guest_image: Path
 ) -> None:
-    # QMP through libvirt here (the other test uses mirror's own monitor socket)
+    """The demo's flow: an agent per host, `mirror pair web01 --peer hostB` on A, a client,
+    host A killed (agent, role, libvirtd, virtlogd, QEMU)."""
+    # no -qmp socket in the domain's XML: the agent has the roles use QMP through libvirt
+    # (the other test uses mirror's own monitor socket)
     base = libvirtdemo.default_base()
     base = replace(base, libvirt=replace(base.libvirt, qmp="libvirt"))
     guest = libvirtdemo.LibvirtDemoGuest()
     r = qemudemo.run(base, guest=guest, image_dir=guest_image, kill_after=2, run_on=2,
                      quiet=True)  # fmt: skip
+    assert r["libvirt"]["pair_output"][-1].startswith("web01 is protected by hostB")
     c = r["client"]
     assert r["connection_survived"], c
     assert c["gaps"] == 0 and c["echo_bad"] == 0 and c["echo_ok"] > 0, c
     assert r["promoted_status"]["role"] == "primary"
     assert r["libvirt"]["on_b"] == {"active": True, "persistent": True, "running": True}
-    assert r["libvirt"]["a_autostart"] is False  # the primary turned it off
+    assert r["libvirt"]["a_autostart"] is False  # A's agent turned it off when pairing
     assert not guest.hosts  # closed by the demo
 
 
 def test_libvirtd_restarts_on_both_hosts_while_paired_change_nothing(
     libvirt_host: HostFactory, guest_image: Path
 ) -> None:
+    """Paired the demo's way (agents, `mirror pair`), QMP on the domain's own socket."""
     base = libvirtdemo.default_base()  # qmp = "socket"
     root = Path(tempfile.mkdtemp(prefix="mirror-lvtest-"))
     lan = GuestLan()
@@ -52,8 +57,7 @@ def test_libvirtd_restarts_on_both_hosts_while_paired_change_nothing(
     hosts: list[Host] = []
     client = None
     try:
-        cfg_a, cfg_b = guest.configs(lan, root, base, guest_image, f"lvr{os.getpid()}")
-        a, b = qemudemo.start_pair(lan, root, cfg_a, cfg_b, hosts)
+        a, b = guest.start(lan, root, base, guest_image, "web01", hosts, lambda *_a, **_k: None)
         wait_for("protected", lambda: (a.status() or {}).get("phase") == "protected", 120, hosts)
         serial = guest.serial(root)
         wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)

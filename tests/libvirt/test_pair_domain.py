@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from mirror.hoststate import read_json
+from mirror.lab.libvirtdemo import agent_toml
 from mirror.lab.libvirtlab import domain_xml
-from mirror.lab.netlab import GUEST_IP, IC_IP, GuestLan
+from mirror.lab.netlab import GUEST_IP, GuestLan
 from mirror.lab.qemudemo import PORT
 from mirror.replication import keys
 from tests.libvirt.conftest import HostFactory
@@ -32,27 +33,9 @@ def mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
 
 
 def agent_config(root: Path, me: str, peer: str, uri: str) -> Path:
-    d = root / f"agent{me}"
-    d.mkdir()
-    path = d / "agent.toml"
-    path.write_text(f"""
-[agent]
-node = "host{me}"
-state_dir = "{d / 'state'}"
-address = "{IC_IP[me]}"
-connect = "{uri}"
-bridge = "br0"
-
-[keys]
-secret_key = "{root / 'keys' / f'host{me}.key_secret'}"
-
-[arbiter]
-dir = "{root / 'shared'}"
-
-[peers.host{peer}]
-address = "{IC_IP[peer]}"
-public_key = "{root / 'keys' / f'host{peer}.key'}"
-""")
+    path = root / f"host{me}" / "agent.toml"  # the demo's agent configuration
+    path.parent.mkdir()
+    path.write_text(agent_toml(root, me, peer, uri))
     return path
 
 
@@ -85,12 +68,12 @@ def test_pair_and_unpair_a_libvirt_domain(libvirt_host: HostFactory, guest_image
             cfg = {h: agent_config(tmp_path, h, "B" if h == "A" else "A", x.uri)
                    for h, x in (("A", ha), ("B", hb))}
             for h in ("A", "B"):
-                log = open(tmp_path / f"agent{h}" / "agent.log", "wb")  # noqa: SIM115
+                log = open(tmp_path / f"host{h}" / "agent.log", "wb")  # noqa: SIM115
                 agents.append(subprocess.Popen(
                     ["ip", "netns", "exec", lan.ns[h], sys.executable, "-m", "mirror", "agent",
                      "--config", str(cfg[h])], stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True))
-                role_dirs += [tmp_path / f"agent{h}" / "state" / "pairs" / DOMAIN / "role"]
+                role_dirs += [tmp_path / f"host{h}" / "state" / "pairs" / DOMAIN / "role"]
             deadline = time.monotonic() + 30
             while any(mirror("list", "--agent-config", str(c)).returncode for c in cfg.values()):
                 assert time.monotonic() < deadline, "the agents did not start"
@@ -99,7 +82,7 @@ def test_pair_and_unpair_a_libvirt_domain(libvirt_host: HostFactory, guest_image
             t0 = time.monotonic()
             r = mirror("pair", DOMAIN, "--peer", "hostB", "--agent-config", str(cfg["A"]))
             took = time.monotonic() - t0
-            logs = "".join((tmp_path / f"agent{h}" / "agent.log").read_text() for h in "AB")
+            logs = "".join((tmp_path / f"host{h}" / "agent.log").read_text() for h in "AB")
             assert r.returncode == 0, r.stdout + r.stderr + logs
             print(r.stdout)
             print(f"mirror pair {DOMAIN}: protected in {took:.1f} s")
