@@ -31,6 +31,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from mirror.guests import uffd
+
 MAX_XML = 4 << 20  # a domain's XML is a few KiB; larger is not a domain definition
 
 NIC_TYPES = ("server",)  # what the libvirt backend (mirror/guests/libvirt.py) relays
@@ -453,6 +455,9 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 EMULATORS = ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/kvm")
 
 
+MIRROR_ENV = frozenset({"LD_PRELOAD", uffd.ENV_SOCK})
+
+
 def standby_refusals(xml: str) -> list[str]:
     """Why a standby's host must not run ``xml``, a definition its peer's agent sent (an
     authenticated peer, but no more than that: nothing in the XML may make this host run
@@ -468,8 +473,15 @@ def standby_refusals(xml: str) -> list[str]:
     if cmd is not None:
         args = [a.get("value", "") for a in cmd.findall(f"{{{QEMU_NS}}}arg")]
         ok = args == [] or (len(args) == 2 and args[0] == "-qmp" and args[1].startswith("unix:"))
-        if not ok or cmd.find(f"{{{QEMU_NS}}}env") is not None or len(cmd) != len(args):
-            out.append(f"its <qemu:commandline> passes {args!r} (only -qmp unix:PATH is taken)")
+        # the dirty-page log's preload library and socket: the standby's definition
+        # replaces both with this host's own (mirror.guests.libvirt.standby_xml)
+        envs = [e.get("name") for e in cmd.findall(f"{{{QEMU_NS}}}env")]
+        ok = ok and all(n in MIRROR_ENV for n in envs) and len(cmd) == len(args) + len(envs)
+        if not ok:
+            out.append(
+                f"its <qemu:commandline> passes {args!r} and environment {envs!r} (only "
+                f"-qmp unix:PATH and mirror's own {', '.join(sorted(MIRROR_ENV))} are taken)"
+            )
     for el in root.iter():
         if el.tag in ("script", "hook") or (el.tag == "source" and el.get("type") == "exec"):
             out.append(f"it names a script or program (<{el.tag}>)")

@@ -65,7 +65,7 @@ def demo_domain(img: Path, base: Config, serial: Path, qmp_sock: Path | None = N
         serial=serial,
         nic_port=NIC_PORT,
     )
-    return xml.replace("</domain>", qmp_args(qmp_sock) + "</domain>")
+    return xml.replace("</domain>", qmp_args(qmp_sock, log=True) + "</domain>")
 
 
 def agent_toml(root: Path, me: str, peer: str, uri: str, base: Config | None = None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from mirror.guests.domaincheck import DomainXMLError, check, explain
@@ -190,8 +192,8 @@ QMP = ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0
         ("</domain>", QMP.replace("-qmp", "-chardev") + "</domain>", "qemu:commandline"),
         ("</domain>", QMP.replace("</qemu:commandline>", "<qemu:arg value='-S'/>"
                                   "</qemu:commandline>") + "</domain>", "qemu:commandline"),
-        ("</domain>", QMP.replace("</qemu:commandline>", "<qemu:env name='LD_PRELOAD' "
-                                  "value='/tmp/x.so'/></qemu:commandline>") + "</domain>",
+        ("</domain>", QMP.replace("</qemu:commandline>", "<qemu:env name='LD_LIBRARY_PATH' "
+                                  "value='/tmp'/></qemu:commandline>") + "</domain>",
          "qemu:commandline"),
         ("<serial type='pty'>", "<serial type='pty'><source type='exec'/>", "program"),
     ],
@@ -203,3 +205,20 @@ def test_a_peers_standby_xml_runs_nothing_of_its_choosing(old: str, new: str, wh
         "</domain>", QMP + "</domain>")) == []
     refused = standby_refusals(GOOD.replace(old, new))
     assert refused and why in " ".join(refused)
+
+
+def test_a_peers_preload_library_is_taken_and_replaced_by_this_hosts_own() -> None:
+    # the dirty-page log's <qemu:env>: accepted, because the standby never runs the
+    # peer's values: its definition carries this host's library and a socket of its own
+    from mirror.guests import uffd
+    from mirror.guests.domaincheck import standby_refusals
+    from mirror.guests.libvirt import QEMU_NS, standby_xml
+
+    env = ("<qemu:env name='LD_PRELOAD' value='/tmp/x.so'/>"
+           f"<qemu:env name='{uffd.ENV_SOCK}' value='@peer'/>")
+    xml = GOOD.replace("</domain>", QMP.replace("</qemu:commandline>", env +
+                                                "</qemu:commandline>") + "</domain>")
+    assert standby_refusals(xml) == []
+    ours = ET.fromstring(standby_xml(xml))
+    values = {e.get("name"): e.get("value") for e in ours.iter(f"{{{QEMU_NS}}}env")}
+    assert values.get("LD_PRELOAD") != "/tmp/x.so" and values.get(uffd.ENV_SOCK) != "@peer"
