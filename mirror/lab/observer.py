@@ -7,6 +7,7 @@ primary after a failover connects anew).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -101,4 +102,10 @@ class Observer:
 
     def close(self) -> None:
         self._closing = True
+        # shutdown first: a close() alone leaves the socket listening while the accept
+        # thread is blocked in accept(), and it would answer one more connection with
+        # this (stale) observer's position
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
+        self._accept.join(5)
