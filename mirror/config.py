@@ -107,6 +107,8 @@ class LibvirtConfig:
     standby_xml: str = ""  # secondary: the domain XML of the standby ("": the domain here)
     tap: str = field(default="", metadata=_range(0, 15))  # where released frames go
     bridge: str = field(default="", metadata=_range(0, 15))
+    # the domain's autostart once promoted here (its autostart before it was paired)
+    autostart: bool = False
 
 
 @dataclass(frozen=True)

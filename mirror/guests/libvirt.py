@@ -577,11 +577,13 @@ class LibvirtGuest(Guest):
         self.relay.active = True
         self.standby = False
         self._announce = self._resume_via_libvirt = True
-        # this host's definition now (persistent); autostart stays off
-        self.call(
+        # this host's definition now (persistent), autostart as it was before pairing
+        defined = self.call(
             f"defining the promoted domain {self.name!r} here",
             lambda dom: dom.connect().defineXML(persistent_xml(dom.XMLDesc(0))),
         )
+        if self.settings.autostart:
+            self.call(f"turning autostart of {self.name!r} on", lambda dom: defined.setAutostart(1))
 
     @staticmethod
     def _feed(w: int, state: bytes) -> None:

@@ -251,7 +251,8 @@ class HostAgent:
             data["guest"] = {"kind": "libvirt", "ram_mib": domaincheck.check(xml).ram_mib}
             # QMP on the domain's own monitor socket when its XML adds one, else via libvirt
             qmp = "socket" if qmp_socket_in(xml) else "libvirt"
-            lv: dict[str, Any] = {"domain": d.domain, "connect": d.connect, "qmp": qmp}
+            lv: dict[str, Any] = {"domain": d.domain, "connect": d.connect, "qmp": qmp,
+                                  "autostart": d.autostart}  # once promoted here
             if self.cfg.agent.bridge:
                 lv["bridge"] = self.cfg.agent.bridge
                 lv["tap"] = f"mir{zlib.crc32(d.pair.encode()) & 0xFFFFFF:06x}"
@@ -533,7 +534,7 @@ class HostAgent:
             answer = peerlink.ask(
                 peer, self.public, self.secret, "prepare",
                 {"pair": d.pair, "kind": d.kind, "xml": xml, "guest": d.guest,
-                 "generation": d.generation, "domain": d.domain},
+                 "generation": d.generation, "domain": d.domain, "autostart": d.autostart},
                 timeout=PREPARE_WAIT_S + 10,
             )  # fmt: skip
             prepared = True
@@ -670,7 +671,8 @@ class HostAgent:
             gen = req.get("generation")
             d = PairDef(pair=pair, kind=str(kind), role="secondary", peer=peer,
                         generation=gen if isinstance(gen, int) and gen > 0 else 1,
-                        domain=str(req.get("domain") or pair), connect=self.cfg.agent.connect)
+                        domain=str(req.get("domain") or pair), connect=self.cfg.agent.connect,
+                        autostart=req.get("autostart") is True)
             if kind == "synthetic":
                 d.guest = _synthetic_guest(req.get("guest") or {})
             else:

@@ -232,7 +232,7 @@ class LibvirtDemoGuest:
             dom = self.hosts["B"].connect().lookupByName(DOMAIN)
             state, _ = dom.state()
             b = {"active": bool(dom.isActive()), "persistent": bool(dom.isPersistent()),
-                 "running": state == 1}  # fmt: skip
+                 "running": state == 1, "autostart": bool(dom.autostart())}  # fmt: skip
         autostart_a = self.hosts["A"].root / "etc" / "qemu" / "autostart" / f"{DOMAIN}.xml"
         return {
             "libvirt": {
@@ -265,6 +265,7 @@ def print_libvirt(r: dict[str, Any]) -> None:
     print(
         f"libvirt: domain {lv.get('domain')} on host B: "
         f"{'running' if on_b.get('running') else 'NOT running'}, "
-        f"{'persistent' if on_b.get('persistent') else 'transient'}; host A's definition "
+        f"{'persistent' if on_b.get('persistent') else 'transient'}, autostart "
+        f"{'on' if on_b.get('autostart') else 'off'} (as on A before pairing); host A's definition "
         f"autostarts: {'YES (split-brain risk)' if lv.get('a_autostart') else 'no'}"
     )

@@ -41,7 +41,10 @@ def test_paired_with_one_command_the_connection_survives_the_kill_of_host_a(
     assert r["connection_survived"], c
     assert c["gaps"] == 0 and c["echo_bad"] == 0 and c["echo_ok"] > 0, c
     assert r["promoted_status"]["role"] == "primary"
-    assert r["libvirt"]["on_b"] == {"active": True, "persistent": True, "running": True}
+    # autostart as the domain had it on A before pairing (on)
+    assert r["libvirt"]["on_b"] == {
+        "active": True, "persistent": True, "running": True, "autostart": True
+    }
     assert r["libvirt"]["a_autostart"] is False  # A's agent turned it off when pairing
     assert not guest.hosts  # closed by the demo
 
