@@ -307,6 +307,10 @@ class PrimaryRun:
             try:
                 engine.run(should_stop, epochs=epochs)
             except Exception:
+                # QMP sees the end before the process is gone: give it a moment to exit
+                deadline = time.monotonic() + 5
+                while self.guest.alive and time.monotonic() < deadline:
+                    time.sleep(0.02)
                 if self.guest.alive or self.guest.end_reason() != "shutdown":
                     raise  # a guest that died otherwise: its standby goes on (failover)
                 return self._guest_shut_down()
