@@ -293,18 +293,26 @@ def run(
                 print(f"--- {h.name} log:\n{h.log_tail(25)}", file=sys.stderr)
         raise
     finally:
-        if client is not None and client.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(client.pid, signal.SIGKILL)
-            client.wait()
-        for h in hosts:
-            h.stop()
-        guest.close()
-        lan.close()
+        stop_all(client, hosts, guest, lan)
         if keep:
             print(f"files kept in {root}", file=sys.stderr)
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_all(
+    client: subprocess.Popen[bytes] | None, hosts: list[Host], guest: DemoGuest, lan: GuestLan
+) -> None:
+    """What a demo (or a test built from its parts) started, stopped: the client's
+    process group, every host, what the guest kind holds, the namespaces."""
+    if client is not None and client.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(client.pid, signal.SIGKILL)
+        client.wait()
+    for h in hosts:
+        h.stop()
+    guest.close()
+    lan.close()
 
 
 def _read(path: Path) -> str:

@@ -6,8 +6,6 @@ nothing."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import signal
 import tempfile
@@ -91,12 +89,5 @@ def test_libvirtd_restarts_on_both_hosts_while_paired_change_nothing(
         assert summary.get("error") is None and summary["gaps"] == 0, summary
         assert guest.hosts["B"].connect().lookupByName(libvirtdemo.DOMAIN).isPersistent()
     finally:
-        if client is not None and client.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(client.pid, signal.SIGKILL)
-            client.wait()
-        for h in hosts:
-            h.stop()
-        guest.close()
-        lan.close()
+        qemudemo.stop_all(client, hosts, guest, lan)
         shutil.rmtree(root, ignore_errors=True)

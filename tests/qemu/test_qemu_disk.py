@@ -22,6 +22,7 @@ import pytest
 from mirror.config import DiskConfig
 from mirror.lab.demo import Host, wait_for
 from tests.disk.harness import differing_blocks, free_port
+from tests.integration.conftest import Pair
 from tests.qemu.conftest import qemu_base
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
@@ -40,26 +41,53 @@ def disk_status(host_dir: Path) -> dict[str, Any]:
     return json.loads(line[3:]) if line.startswith("ok ") else {}
 
 
+def disk_pair(pair_factory: Any, guest_image: Path, load: str = "rand", **disk: Any) -> Pair:
+    """A pair of QEMU hosts whose guest has an 8 MiB disk it writes on its own (``load``)."""
+    base = qemu_base(guest_image)
+    return pair_factory(  # type: ignore[no-any-return]
+        replace(
+            base,
+            disk=DiskConfig(**{"size_mib": 8, "port": free_port(), "journal_mib": 64, **disk}),
+            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload={load}"),
+        )
+    )
+
+
+def snapshots(where: Path) -> dict[str, str]:
+    """The environment that has a host's disk server keep copies of its disk in ``where``."""
+    return {"MIRROR_DISK_TEST_SNAPSHOTS": str(where)}
+
+
+def start_with_snapshots(p: Pair, snaps: dict[str, Path]) -> tuple[Host, Host]:
+    """B, then A, each keeping disk copies in ``snaps["B"]``, ``snaps["A"]``."""
+    b = Host("hostB", "secondary", p.cfg_b, p.root, env=snapshots(snaps["B"]))
+    p.hosts.append(b)
+    wait_for("the secondary", b.status, 30, p.hosts)
+    return p.start_primary(env=snapshots(snaps["A"])), b
+
+
+def promoted_disk_equals(p: Pair, host: Host, promoted: Path, source: Path) -> int:
+    """``host`` promoted its replica (a copy in ``promoted``): it is, byte for byte, the
+    copy the old primary kept in ``source`` at that committed checkpoint.  Returns it."""
+    found = p.wait(f"{host.name}'s replica promoted", lambda: list(promoted.glob("promoted-*")),
+                   10, [host])  # fmt: skip
+    committed = int(found[0].stem.split("-")[1])
+    want = source / f"{committed}.img"
+    assert want.exists(), f"no copy of the old primary's disk at checkpoint {committed}"
+    differ = differing_blocks(found[0].read_bytes(), want.read_bytes())
+    assert differ == 0, f"the promoted disk differs at checkpoint {committed} in {differ} blocks"
+    return committed
+
+
 @pytest.mark.parametrize("run", range(KILLS))
 def test_host_kill_with_the_guest_writing_its_disk(
     pair_factory, guest_image: Path, run: int
 ) -> None:
     load = ("rand", "seq")[run % 2]
-    base = qemu_base(guest_image)
-    p = pair_factory(
-        replace(
-            base,
-            disk=DiskConfig(size_mib=8, port=free_port(), journal_mib=64),
-            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload={load}"),
-        )
-    )
+    p = disk_pair(pair_factory, guest_image, load)
     try:
         snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
-        b = Host("hostB", "secondary", p.cfg_b, p.root,
-                 env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["B"])})  # fmt: skip
-        p.hosts.append(b)
-        wait_for("the secondary", b.status, 30, p.hosts)
-        a = p.start_primary(env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A"])})
+        a, b = start_with_snapshots(p, snaps)
         p.wait("A protected, the guest writing its disk",
                lambda: (a.status() or {}).get("phase") == "protected"
                and disk_status(p.root / "hostA").get("writes", 0) >= 40, 180)  # fmt: skip
@@ -67,17 +95,8 @@ def test_host_kill_with_the_guest_writing_its_disk(
         a.signal(signal.SIGKILL)
         a.proc.wait()
         p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
-        promoted = p.wait("B's replica promoted", lambda: list(snaps["B"].glob("promoted-*")),
-                          10, [b])  # fmt: skip
-        committed = int(promoted[0].stem.split("-")[1])
+        committed = promoted_disk_equals(p, b, snaps["B"], snaps["A"])
         assert committed >= 1
-        want = snaps["A"] / f"{committed}.img"
-        assert want.exists(), f"no copy of A's disk at checkpoint {committed}"
-        got = promoted[0].read_bytes()
-        assert differing_blocks(got, want.read_bytes()) == 0, (
-            f"B's disk differs from A's at committed checkpoint {committed} in "
-            f"{differing_blocks(got, want.read_bytes())} blocks"
-        )
         latest = max(int(f.stem) for f in snaps["A"].glob("[0-9]*.img"))
         print(f"QEMU kill {run} ({load}): B promoted at {committed}, A had closed {latest}")
         # the promoted guest goes on writing its disk on B
@@ -106,21 +125,10 @@ def test_reprotection_with_a_disk_survives_a_second_kill(pair_factory, guest_ima
     """A dies; B runs the guest on its replica; A comes back as the secondary (a replica
     of its own, copied live from B); B dies; A goes on, its disk as B's at the checkpoint
     A committed."""
-    base = qemu_base(guest_image)
-    p = pair_factory(
-        replace(
-            base,
-            disk=DiskConfig(size_mib=8, port=free_port(), journal_mib=64),
-            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload=rand"),
-        )
-    )
+    p = disk_pair(pair_factory, guest_image)
     try:
         snaps = {h: p.root / f"snap{h}" for h in ("A", "B", "A2")}
-        b = Host("hostB", "secondary", p.cfg_b, p.root,
-                 env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["B"])})  # fmt: skip
-        p.hosts.append(b)
-        wait_for("the secondary", b.status, 30, p.hosts)
-        a = p.start_primary(env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A"])})
+        a, b = start_with_snapshots(p, snaps)
         p.wait("A's guest writing its disk",
                lambda: disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
         a.signal(signal.SIGKILL)
@@ -128,8 +136,7 @@ def test_reprotection_with_a_disk_survives_a_second_kill(pair_factory, guest_ima
         p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
         cfg_a2 = replace(p.cfg_a, node=replace(p.cfg_a.node, name="hostA",
                                                 state_dir=str(p.root / "hostA2")))  # fmt: skip
-        a2 = Host("hostA2", "secondary", cfg_a2, p.root,
-                  env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A2"])})  # fmt: skip
+        a2 = Host("hostA2", "secondary", cfg_a2, p.root, env=snapshots(snaps["A2"]))
         p.hosts.append(a2)
         p.wait("B protected again, its guest writing",
                lambda: (s := b.status()) and s.get("phase") == "protected" and s["acked"] >= 20
@@ -137,12 +144,7 @@ def test_reprotection_with_a_disk_survives_a_second_kill(pair_factory, guest_ima
         b.signal(signal.SIGKILL)
         b.proc.wait()
         p.wait("A promoted again", lambda: (a2.status() or {}).get("role") == "primary", 30, [a2])
-        promoted = p.wait("A's replica promoted", lambda: list(snaps["A2"].glob("promoted-*")),
-                          10, [a2])  # fmt: skip
-        committed = int(promoted[0].stem.split("-")[1])
-        want = snaps["B"] / f"{committed}.img"
-        assert want.exists(), f"no copy of B's disk at checkpoint {committed}"
-        assert differing_blocks(promoted[0].read_bytes(), want.read_bytes()) == 0
+        promoted_disk_equals(p, a2, snaps["A2"], snaps["B"])
     finally:
         p.close()
 
@@ -156,24 +158,13 @@ def test_storage_failure_on_the_primary_with_a_real_guest(pair_factory, guest_im
     from mirror.cli import status_rows
     from tests.disk.faulty import FaultyImage
 
-    base = qemu_base(guest_image)
-    p = pair_factory(
-        replace(
-            base,
-            disk=DiskConfig(size_mib=8, port=free_port(), journal_mib=64, probe_ms=200),
-            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload=rand"),
-        )
-    )
+    p = disk_pair(pair_factory, guest_image, probe_ms=200)
     (p.root / "faulty").mkdir()
     faulty = FaultyImage(p.root / "faulty", 8 << 20)
     try:
         p.cfg_a = replace(p.cfg_a, disk=replace(p.cfg_a.disk, image=str(faulty.path)))
         snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
-        b = Host("hostB", "secondary", p.cfg_b, p.root,
-                 env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["B"])})  # fmt: skip
-        p.hosts.append(b)
-        wait_for("the secondary", b.status, 30, p.hosts)
-        a = p.start_primary(env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A"])})
+        a, b = start_with_snapshots(p, snaps)
         p.wait("A protected, the guest writing its disk",
                lambda: (a.status() or {}).get("phase") == "protected"
                and disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
@@ -199,12 +190,8 @@ def test_storage_failure_on_the_primary_with_a_real_guest(pair_factory, guest_im
         a.signal(signal.SIGKILL)
         a.proc.wait()
         p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
-        promoted = p.wait("B's replica promoted", lambda: list(snaps["B"].glob("promoted-*")),
-                          10, [b])  # fmt: skip
-        committed = int(promoted[0].stem.split("-")[1])
-        want = snaps["A"] / f"{committed}.img"
-        assert committed >= back_at and want.exists(), (committed, back_at)
-        assert differing_blocks(promoted[0].read_bytes(), want.read_bytes()) == 0
+        committed = promoted_disk_equals(p, b, snaps["B"], snaps["A"])
+        assert committed >= back_at, (committed, back_at)
         print(f"storage fault: {st['resynced_local']} blocks copied back, "
               f"B promoted at {committed}")  # fmt: skip
     finally:
@@ -219,21 +206,10 @@ def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -
     blocks (not the whole disk), checkpoints again; then A is killed and B's promoted
     disk is A's at the checkpoint B committed."""
     size_mib = 8
-    base = qemu_base(guest_image)
-    p = pair_factory(
-        replace(
-            base,
-            disk=DiskConfig(size_mib=size_mib, port=free_port(), journal_mib=64),
-            qemu=replace(base.qemu, append=f"{base.qemu.append} mirror.diskload=rand"),
-        )
-    )
+    p = disk_pair(pair_factory, guest_image, size_mib=size_mib)
     try:
         snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
-        env_b = {"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["B"])}
-        b = Host("hostB", "secondary", p.cfg_b, p.root, env=env_b)
-        p.hosts.append(b)
-        wait_for("the secondary", b.status, 30, p.hosts)
-        a = p.start_primary(env={"MIRROR_DISK_TEST_SNAPSHOTS": str(snaps["A"])})
+        a, b = start_with_snapshots(p, snaps)
         p.wait("A protected, the guest writing its disk",
                lambda: (s := a.status() or {}).get("phase") == "protected" and s["acked"] >= 10
                and disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
@@ -249,7 +225,7 @@ def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -
                lambda: disk_status(p.root / "hostA").get("writes", 0) >= w0 + 20
                and disk_status(p.root / "hostA").get("dirty_peer", 0) > 0, 60)  # fmt: skip
         assert a.proc.poll() is None, a.log_tail()
-        b = Host("hostB", "secondary", p.cfg_b, p.root, env=env_b)  # the same replica image
+        b = Host("hostB", "secondary", p.cfg_b, p.root, env=snapshots(snaps["B"]))  # same replica
         p.hosts.append(b)
         p.wait("A protected again",
                lambda: (s := a.status() or {}).get("phase") == "protected"
@@ -267,13 +243,8 @@ def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -
         a.signal(signal.SIGKILL)
         a.proc.wait()
         p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
-        promoted = p.wait("B's replica promoted", lambda: list(snaps["B"].glob("promoted-*")),
-                          10, [b])  # fmt: skip
-        committed = int(promoted[0].stem.split("-")[1])
+        committed = promoted_disk_equals(p, b, snaps["B"], snaps["A"])
         assert committed >= 20
-        want = snaps["A"] / f"{committed}.img"
-        assert want.exists(), f"no copy of A's disk at checkpoint {committed}"
-        assert differing_blocks(promoted[0].read_bytes(), want.read_bytes()) == 0
         print(f"resync after B's return: {blocks} blocks of {(size_mib << 20) // 4096}; "
               f"B promoted at {committed}")  # fmt: skip
     finally:
