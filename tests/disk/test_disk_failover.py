@@ -47,6 +47,28 @@ class Rig(Harness):
         self.errors: list[str] = []
         self.ops = 0
         self.reads_checked = 0
+        self.threads: list[threading.Thread] = []  # the committer, then two writers
+
+    def start_io(self) -> None:
+        """The committer and a writer on each half of the disk."""
+        self.threads = [threading.Thread(target=self.committer)]
+        self.threads += [threading.Thread(target=self.writer, args=("", s, 0.0005))
+                         for s in (0, 1)]  # fmt: skip
+        for t in self.threads:
+            t.start()
+
+    def stop_io(self) -> int:
+        """The writers finish their requests, then the committer; returns the last
+        checkpoint closed (its model is ``models[it]``).  Idempotent."""
+        self.stop.set()
+        with self.gate:
+            self.gate.notify_all()
+        for t in self.threads[1:]:
+            t.join(10)
+        last = self.epoch - 1
+        for t in self.threads[:1]:
+            t.join(10)
+        return last
 
     def checkpoint(self) -> bool:
         with self.gate:
@@ -116,6 +138,7 @@ class Rig(Harness):
 
     def close(self) -> None:
         try:
+            self.stop_io()
             super().close()
         finally:
             self.faulty.close()
@@ -123,13 +146,9 @@ class Rig(Harness):
 
 def test_local_storage_fails_and_returns_no_guest_error(tmp_path: Path) -> None:
     r = Rig(tmp_path, seed=3)
-    threads: list[threading.Thread] = []
     try:
         r.sync()
-        threads = [threading.Thread(target=r.committer)]
-        threads += [threading.Thread(target=r.writer, args=("", s, 0.0005)) for s in (0, 1)]
-        for t in threads:
-            t.start()
+        r.start_io()
         r.run(0.3)
         assert r.a.status()["storage"] == "local"
         ops_before = r.ops
@@ -145,13 +164,7 @@ def test_local_storage_fails_and_returns_no_guest_error(tmp_path: Path) -> None:
         r.faulty.heal()
         r.run(10, until="local")
         r.run(0.3)
-        r.stop.set()
-        with r.gate:
-            r.gate.notify_all()
-        for t in threads[1:]:
-            t.join(10)
-        last = r.epoch - 1
-        threads[0].join(10)
+        last = r.stop_io()
         r.b.commit(last)
         st = r.a.status()
         assert not r.errors, (
@@ -171,34 +184,19 @@ def test_local_storage_fails_and_returns_no_guest_error(tmp_path: Path) -> None:
               f"{st['resynced_local']} blocks copied back, "
               f"{last} checkpoints")  # fmt: skip
     finally:
-        r.stop.set()
-        with r.gate:
-            r.gate.notify_all()
-        for t in threads:
-            t.join(10)
         r.close()
 
 
 def test_replica_dies_while_primary_runs_on_it_io_suspends(tmp_path: Path) -> None:
     r = Rig(tmp_path, seed=4)
-    threads: list[threading.Thread] = []
     try:
         r.sync()
-        threads = [threading.Thread(target=r.committer)]
-        threads += [threading.Thread(target=r.writer, args=("", s, 0.0005)) for s in (0, 1)]
-        for t in threads:
-            t.start()
+        r.start_io()
         r.run(0.2)
         r.faulty.fail()
         r.run(5, until="remote")
         r.run(0.3)
-        r.stop.set()  # the writers finish their requests; the last checkpoint is committed
-        with r.gate:
-            r.gate.notify_all()
-        for t in threads[1:]:
-            t.join(10)
-        threads[0].join(10)
-        last = r.epoch - 1
+        last = r.stop_io()  # the writers finish their requests; the last checkpoint commits
         r.b.commit(last)
         committed = last
         # the guest writes on (an open epoch), then B dies
@@ -232,9 +230,4 @@ def test_replica_dies_while_primary_runs_on_it_io_suspends(tmp_path: Path) -> No
         assert not r.errors, r.errors[:3]
         assert differing_blocks(r.b_img.read_bytes(), r.models[committed]) == 0
     finally:
-        r.stop.set()
-        with r.gate:
-            r.gate.notify_all()
-        for t in threads:
-            t.join(10)
         r.close()
