@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 from mirror.guests.disk import DiskError, DiskServer, DiskSpec
@@ -159,14 +160,27 @@ class Harness:
 
     # -- checkpoints -------------------------------------------------------------------
 
-    def checkpoint(self) -> bool:
-        """One drained pause: barrier, copy of the image; False if the primary is gone."""
+    @contextlib.contextmanager
+    def drained(self) -> Iterator[None]:
+        """The guest paused with none of its requests in flight, as in a checkpoint."""
         with self.gate:
             self.paused = True
             while self.in_flight:
                 self.gate.wait(0.05)
         try:
-            err = self.a.barrier(self.epoch)
+            yield
+        finally:
+            with self.gate:
+                self.paused = False
+                self.gate.notify_all()
+
+    def checkpoint(self) -> bool:
+        """One drained pause: barrier, copy of the image; False if the primary is gone."""
+        with self.drained():
+            try:
+                err = self.a.barrier(self.epoch)
+            except DiskError:
+                return False
             if err is not None and "server" in err:
                 return False
             assert err is None, err
@@ -175,12 +189,6 @@ class Harness:
                 self.snaps.popitem(last=False)
             self.epoch += 1
             return True
-        except DiskError:
-            return False
-        finally:
-            with self.gate:
-                self.paused = False
-                self.gate.notify_all()
 
     def committer(self) -> None:
         while not self.stop.is_set():

@@ -71,20 +71,13 @@ class Rig(Harness):
         return last
 
     def checkpoint(self) -> bool:
-        with self.gate:
-            self.paused = True
-            while self.in_flight:
-                self.gate.wait(0.05)
-        try:
+        """One drained pause: barrier, and the model of the disk as of it."""
+        with self.drained():
             err = self.a.barrier(self.epoch)
             assert err is None, err
             self.models[self.epoch] = bytes(self.model)
             self.epoch += 1
             return True
-        finally:
-            with self.gate:
-                self.paused = False
-                self.gate.notify_all()
 
     def writer(self, kind: str, seed: int, delay: float = 0.0) -> None:
         """Random 4 KiB writes (some FUA), TRIM, WRITE_ZEROES, FLUSH and reads checked
