@@ -29,7 +29,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror.config import DEFAULT_AGENT_CONFIG, Config, ConfigError, load, parse_hostport
+from mirror.config import (
+    DEFAULT_AGENT_CONFIG,
+    Config,
+    ConfigError,
+    load,
+    parse_hostport,
+    require_arbiter,
+)
 from mirror.guests import image
 from mirror.guests.base import GuestError
 from mirror.ha import agent, control, hostcli, primary, secondary
@@ -344,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
             return manual_failover(cfg, args.force, args.timeout)
         if args.command == "switchover":
             return switchover(cfg, args.timeout)
+        require_arbiter(cfg.arbiter, args.config)  # before anything starts
         stop = agent.stop_on_signals()
         lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
         code: int | None = None
@@ -473,6 +481,8 @@ def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
         ("phase", st.get("phase")),
         ("protection", st.get("protection")),
     ]
+    if st.get("arbiter_unverified"):  # the arbiter has not shown the peer: no failover
+        rows.append(("not protected", st.get("arbiter_unverified")))
     if st.get("role") == "secondary":
         rows += [
             ("committed checkpoint", st.get("committed")),

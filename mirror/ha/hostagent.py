@@ -362,6 +362,9 @@ class HostAgent:
                                                   f"fresh, role {slot.role})")
                 return self._wait(d, f"{d.peer} is alive with the standby: waiting for it to "
                                      f"promote (this host's guest is gone)")
+            if slot is None:  # its silence here is no evidence: it may not use this arbiter
+                return self._wait(d, f"{d.peer}'s storage slot was never seen on this arbiter: "
+                                     f"not starting the guest (is the arbiter shared?)")
             won = arb.claim(gen, self.node, "resume")
         except ArbiterError as e:
             return self._wait(d, f"cannot ask the arbiter ({e}): not starting the guest")

@@ -41,6 +41,7 @@ PHASES = ("stop", "scan", "gather", "state", "resume")  # the pause's split
 STATES = (
     "standby",
     "partitioned",
+    "unverified",
     "claiming-promote",
     "promoted",
     "claim-lost",
@@ -48,6 +49,7 @@ STATES = (
     "claiming-unprotected",
     "unprotected",
     "isolated",
+    "holding",
     "fenced",
     "stopped",
 )
@@ -161,6 +163,14 @@ HEARTBEAT_AGE = Gauge(
     (*LABELS, "path"),
     registry=REGISTRY,
 )
+PEER_SLOT_SEEN = Gauge(
+    "mirror_peer_storage_slot_seen",
+    "1 once this node has seen its peer's storage heartbeat slot change on the arbiter in "
+    "this generation; 0 until then: the peer's silence there is no evidence, failover is "
+    "disabled, and the pair is not protected (the arbiter may not be shared)",
+    LABELS,
+    registry=REGISTRY,
+)
 REJECTED_FRAMES = Counter(
     "mirror_rejected_frames_total",
     "Frames this node rejected (malformed or failing verification), by socket",
@@ -230,6 +240,7 @@ class Metrics:
         self.fenced = FENCED.labels(*labels)
         self.net_age = HEARTBEAT_AGE.labels(*labels, "network")
         self.storage_age = HEARTBEAT_AGE.labels(*labels, "storage")
+        self.peer_slot_seen = PEER_SLOT_SEEN.labels(*labels)
         self.refused_peers = REFUSED_PEERS.labels(*labels)
         self.missed_pages = MISSED_PAGES.labels(*labels)
         self.disk_storage = DISK_STORAGE.labels(*labels)

@@ -160,6 +160,7 @@ def test_secondary_refuses_memory_it_cannot_have(
     cfg.write_text(
         f'[pair]\nname = "{pair_name}"\n[node]\nname = "big"\nstate_dir = "{tmp_path}"\n'
         f"[guest]\nram_mib = {free_mib + 1024}\n[keys]\ninsecure = true\n"
+        f'[arbiter]\ndir = "{tmp_path}"\n'
     )
     run = mirror("secondary", "--config", str(cfg))
     assert run.returncode == 2
