@@ -207,7 +207,7 @@ class Failover:
         self._claim = None
         d = self.controller.step(obs)
         self.metrics.ages(net_age, storage_age)
-        self.metrics.peer_slot_seen.set(1 if self.peer_slot_seen else 0)
+        self.metrics.slot_seen(self.peer_slot_seen if peer else None)
         self.metrics.state.state(self.protection())
         if (d.state, d.action) != self._logged and (
             d.action is not Action.NONE or d.state is not self._logged[0]
@@ -255,6 +255,7 @@ class Failover:
                 f"shared by both hosts?)")
 
     def close(self) -> None:
+        self.metrics.slot_seen(None)
         self.beat.halt.set()
         self.beat.join(2)
 

@@ -167,7 +167,8 @@ PEER_SLOT_SEEN = Gauge(
     "mirror_peer_storage_slot_seen",
     "1 once this node has seen its peer's storage heartbeat slot change on the arbiter in "
     "this generation; 0 until then: the peer's silence there is no evidence, failover is "
-    "disabled, and the pair is not protected (the arbiter may not be shared)",
+    "disabled, and the pair is not protected (the arbiter may not be shared). Exported "
+    "while this node judges a peer",
     LABELS,
     registry=REGISTRY,
 )
@@ -240,7 +241,6 @@ class Metrics:
         self.fenced = FENCED.labels(*labels)
         self.net_age = HEARTBEAT_AGE.labels(*labels, "network")
         self.storage_age = HEARTBEAT_AGE.labels(*labels, "storage")
-        self.peer_slot_seen = PEER_SLOT_SEEN.labels(*labels)
         self.refused_peers = REFUSED_PEERS.labels(*labels)
         self.missed_pages = MISSED_PAGES.labels(*labels)
         self.disk_storage = DISK_STORAGE.labels(*labels)
@@ -282,6 +282,15 @@ class Metrics:
                 PROTECTED.remove(self.pair, self.node)
         else:
             PROTECTED.labels(self.pair, self.node).set(1 if protected else 0)
+
+    def slot_seen(self, seen: bool | None) -> None:
+        """Whether this node has seen its peer's storage slot on the arbiter in this
+        generation; None withdraws the series (no peer is being judged)."""
+        if seen is None:
+            with contextlib.suppress(KeyError):
+                PEER_SLOT_SEEN.remove(self.pair, self.node)
+        else:
+            PEER_SLOT_SEEN.labels(self.pair, self.node).set(1 if seen else 0)
 
     def ages(self, net: float | None, storage: float | None) -> None:
         nan = float("nan")
