@@ -394,6 +394,8 @@ def agent_pair_command(args: argparse.Namespace) -> int:
         for k in ("pair", "kind", "role", "peer", "generation", "state", "phase", "protection",
                   "epoch", "acked", "committed", "waiting", "role_pid"):
             print(f"{k:>12}: {st.get(k)}")
+        if st.get("arbiter_unverified"):  # no failover until the arbiter shows the peer
+            print(f"{'not protected':>12}: {st['arbiter_unverified']}")
         return 0 if st.get("running") else NOT_RUNNING
     cfg = load(path)
     if args.command == "failover":

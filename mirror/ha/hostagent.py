@@ -462,6 +462,7 @@ class HostAgent:
             "running": bool(r and r.alive()), "role_pid": r.pid if r else None,
             "waiting": self.waiting.get(d.pair), "phase": st.get("phase"),
             "protection": st.get("protection"), "epoch": st.get("epoch"),
+            "arbiter_unverified": st.get("arbiter_unverified"),
             "acked": st.get("acked"), "committed": st.get("committed"),
             "role_config": str(self.pair_dir(d.pair) / "mirror.toml"),
             "ports": [d.data_port, d.heartbeat_port, d.disk_port],
