@@ -566,7 +566,16 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         arbiter.peer_age(str(primary))
         time.sleep(silent)
         age = arbiter.peer_age(str(primary))
-        if age is not None and age <= silent:
+        if age is None:  # no slot of its here: its silence says nothing (one primary rule)
+            print(
+                f"mirror: the primary {primary}'s storage slot is not on this arbiter: "
+                f"cannot tell whether it is alive (do both hosts share the arbiter?); "
+                f"refusing to promote a second primary. Use --force only if you know it is "
+                f"dead or fenced.",
+                file=sys.stderr,
+            )
+            return 1
+        if age <= silent:
             print(
                 f"mirror: the primary {primary} is alive on storage (its heartbeat slot "
                 f"changed {age:.2f} s ago): refusing to promote a second primary. Use "

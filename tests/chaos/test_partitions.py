@@ -237,6 +237,13 @@ def test_two_local_arbiter_folders_and_a_cut_never_run_two_guests(
     log_a, log_b = a.log_path.read_text(), b.log_path.read_text()
     assert "claiming nothing" in log_a and "claim-unprotected" not in log_a
     assert "no evidence that it is dead" in log_b and "claim-promote" not in log_b
+    # an operator's failover on B is refused too: A's slot is not on B's arbiter
+    run = subprocess.run(
+        [sys.executable, "-m", "mirror", "failover", "--config", str(b.config_path)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert run.returncode == 1 and "storage slot is not on this arbiter" in run.stderr, run
+    assert (b.status() or {}).get("role") == "secondary" and running_guests(b) == []
     for root in (partitioned.storage_a, partitioned.root / "shared"):  # no claim anywhere
         assert not list((root / partitioned.cfg_a.pair.name / "claims").iterdir())
 
