@@ -104,8 +104,8 @@ class Arbiter(ABC):
         written in that generation).  Until then the peer's storage silence is no
         evidence of anything: the two nodes may not share this arbiter at all (each a
         local folder of its own), and a claim won here would prove nothing
-        (docs/ARCHITECTURE.md, "one primary")."""
-        self._read(peer)
+        (docs/ARCHITECTURE.md, "one primary").  As of the last read (peer_age, peer_slot):
+        the failover's tick reads the slot once for both."""
         return generation in self._live.get(peer, ())
 
     def peer_age(self, peer: str) -> float | None:

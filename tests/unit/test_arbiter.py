@@ -84,12 +84,17 @@ def test_a_peer_is_seen_only_when_its_slot_changes_here_in_the_generation(
         a.beat("primary", 4, 1)
         assert b_alone.peer_age("A") is None and not b_alone.peer_seen("A", 4)
     b = DirectoryArbiter(shared, "p", "B")
-    assert not b.peer_seen("A", 4)  # a slot read once may be a leftover: not yet seen
     assert b.peer_age("A") is not None
+    assert not b.peer_seen("A", 4)  # a slot read once may be a leftover: not yet seen
     a.beat("primary", 3, 2)  # a change, but in another generation
+    b.peer_age("A")
     assert not b.peer_seen("A", 4) and b.peer_seen("A", 3)
     a.beat("primary", 4, 3)
+    assert not b.peer_seen("A", 4)  # judged as of the last read
+    b.peer_age("A")
     assert b.peer_seen("A", 4)
     time.sleep(0.05)
-    assert b.peer_seen("A", 4)  # once seen, it stays seen: its silence is evidence now
-    assert DirectoryArbiter(shared, "p", "C").peer_seen("A", 4) is False  # a new reader
+    assert b.peer_age("A") >= 0.05 and b.peer_seen("A", 4)  # stays seen: silence is evidence
+    c = DirectoryArbiter(shared, "p", "C")
+    c.peer_age("A")
+    assert c.peer_seen("A", 4) is False  # a new reader has seen no change yet
