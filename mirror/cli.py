@@ -29,7 +29,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror.config import DEFAULT_AGENT_CONFIG, Config, ConfigError, load, parse_hostport
+from mirror.config import (
+    DEFAULT_AGENT_CONFIG,
+    Config,
+    ConfigError,
+    load,
+    parse_hostport,
+    require_arbiter,
+)
 from mirror.guests import image
 from mirror.guests.base import GuestError
 from mirror.ha import agent, control, hostcli, primary, secondary
@@ -344,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
             return manual_failover(cfg, args.force, args.timeout)
         if args.command == "switchover":
             return switchover(cfg, args.timeout)
+        require_arbiter(cfg.arbiter, args.config)  # before anything starts
         stop = agent.stop_on_signals()
         lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
         code: int | None = None
@@ -386,6 +394,8 @@ def agent_pair_command(args: argparse.Namespace) -> int:
         for k in ("pair", "kind", "role", "peer", "generation", "state", "phase", "protection",
                   "epoch", "acked", "committed", "waiting", "role_pid"):
             print(f"{k:>12}: {st.get(k)}")
+        if st.get("arbiter_unverified"):  # no failover until the arbiter shows the peer
+            print(f"{'not protected':>12}: {st['arbiter_unverified']}")
         return 0 if st.get("running") else NOT_RUNNING
     cfg = load(path)
     if args.command == "failover":
@@ -473,6 +483,8 @@ def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
         ("phase", st.get("phase")),
         ("protection", st.get("protection")),
     ]
+    if st.get("arbiter_unverified"):  # the arbiter has not shown the peer: no failover
+        rows.append(("not protected", st.get("arbiter_unverified")))
     if st.get("role") == "secondary":
         rows += [
             ("committed checkpoint", st.get("committed")),
@@ -554,7 +566,16 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         arbiter.peer_age(str(primary))
         time.sleep(silent)
         age = arbiter.peer_age(str(primary))
-        if age is not None and age <= silent:
+        if age is None:  # no slot of its here: its silence says nothing (one primary rule)
+            print(
+                f"mirror: the primary {primary}'s storage slot is not on this arbiter: "
+                f"cannot tell whether it is alive (do both hosts share the arbiter?); "
+                f"refusing to promote a second primary. Use --force only if you know it is "
+                f"dead or fenced.",
+                file=sys.stderr,
+            )
+            return 1
+        if age <= silent:
             print(
                 f"mirror: the primary {primary} is alive on storage (its heartbeat slot "
                 f"changed {age:.2f} s ago): refusing to promote a second primary. Use "

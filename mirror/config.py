@@ -128,7 +128,9 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class ArbiterConfig:
-    dir: str = "/var/lib/mirror/arbiter"  # shared storage both hosts see
+    # the storage both hosts share (an NFS mount, a shared disk): no default, as a local
+    # folder on each host would let both run the guest (require_arbiter)
+    dir: str = ""
     etcd: str = ""  # http://HOST:PORT: slots and claims on etcd instead of in dir
     # the etcd arbiter's keys are under PREFIX/PAIR/
     etcd_prefix: str = field(default="/mirror/arbiter", metadata=_range(1, 200))
@@ -275,6 +277,18 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
     check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")
     cfg.metrics.address()
     return cfg
+
+
+def require_arbiter(arbiter: ArbiterConfig, where: str) -> None:
+    """A configuration that runs a pair's role (or an agent's pairs) names its arbiter:
+    ``[arbiter] dir`` (storage both hosts share) or ``[arbiter] etcd``.  There is no
+    default: a local folder on each host is two arbiters, and both hosts would win."""
+    if not arbiter.dir and not arbiter.etcd:
+        raise ConfigError(
+            f"{where}: [arbiter] dir is not set: name the storage both hosts share (an NFS "
+            f"mount or a shared disk), or set [arbiter] etcd; there is no default, as a "
+            f"local folder on each host would let both run the guest"
+        )
 
 
 def check_key_prefix(text: str, where: str) -> str:

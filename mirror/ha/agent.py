@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mirror.config import Config
+from mirror.config import Config, require_arbiter
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.ha.cleanup import clean_start
 from mirror.ha.controller import (
@@ -173,6 +173,7 @@ class Failover:
         self._claim_error = ""  # the last claim failure, logged once (claims retry every tick)
         self._next = 0.0
         self._logged: tuple[State, Action] = (self.controller.state, Action.NONE)
+        self.peer_slot_seen = False  # the peer's slot seen changing here in this generation
         self.metrics = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
         self.beat.start()
 
@@ -191,6 +192,7 @@ class Failover:
             return None
         self._next = now + 0.02
         storage_age = self.arbiter.peer_age(peer) if peer else None
+        self.peer_slot_seen = bool(peer) and self.arbiter.peer_seen(str(peer), self.generation)
         obs = Observation(
             now,
             net_age,
@@ -200,11 +202,13 @@ class Failover:
             self._claim,
             manual_promote,
             session_age,
+            self.peer_slot_seen,
         )
         self._claim = None
         d = self.controller.step(obs)
         self.metrics.ages(net_age, storage_age)
-        self.metrics.state.state(d.state.value)
+        self.metrics.slot_seen(self.peer_slot_seen if peer else None)
+        self.metrics.state.state(self.protection())
         if (d.state, d.action) != self._logged and (
             d.action is not Action.NONE or d.state is not self._logged[0]
         ):  # each change once: an isolated primary holds outputs at every tick
@@ -230,7 +234,28 @@ class Failover:
                 self._claim_error = str(e)
         return d
 
+    def protection(self) -> str:
+        """The controller's state, except "unverified" while it judges the pair healthy
+        (protected, standby) but has not seen the peer's storage slot here yet."""
+        state = self.controller.state
+        if not self.peer_slot_seen and state in (State.PROTECTED, State.STANDBY):
+            return State.UNVERIFIED.value
+        return state.value
+
+    def unverified(self) -> str | None:
+        """Why the pair is not protected by this arbiter yet (None: it is): the peer's
+        storage slot has not been seen here in this generation, so neither node may act on
+        the other's silence (status.json "arbiter_unverified")."""
+        if self.peer_slot_seen:
+            return None
+        where = f"etcd {self.cfg.arbiter.etcd}" if self.cfg.arbiter.etcd \
+            else str(self.cfg.arbiter.dir)
+        return (f"peer's storage slot never seen on this arbiter ({where}) in generation "
+                f"{self.generation}: failover is disabled until it is (is the arbiter "
+                f"shared by both hosts?)")
+
     def close(self) -> None:
+        self.metrics.slot_seen(None)
         self.beat.halt.set()
         self.beat.join(2)
 
@@ -286,7 +311,9 @@ def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False)
     """The pair's arbiter: the shared directory (the default), or etcd when
     ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
     ``prepare``: check the directory now (ArbiterError naming it if it is missing) and
-    create the pair's directory in it; an agent does so once, at start."""
+    create the pair's directory in it; an agent does so once, at start.  A configuration
+    that names neither is a ConfigError (there is no default arbiter)."""
+    require_arbiter(cfg.arbiter, f"pair {cfg.pair.name}'s configuration")
     if cfg.arbiter.etcd:
         from mirror.ha.etcd import Etcd  # the pool's client; no dependency otherwise
         from mirror.ha.etcd_arbiter import EtcdArbiter

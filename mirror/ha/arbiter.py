@@ -76,6 +76,9 @@ class Arbiter(ABC):
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, float]] = {}  # peer -> (seq, local time it changed)
         self._slots: dict[str, Slot] = {}
+        # peer -> the generations in which this reader saw its slot change (it wrote here,
+        # live, while this reader watched): the only slots whose silence is evidence
+        self._live: dict[str, set[int]] = {}
 
     @abstractmethod
     def _load_slot(self, peer: str) -> Slot | None:
@@ -88,7 +91,22 @@ class Arbiter(ABC):
         last = self._seen.get(peer)
         if last is None or last[0] != slot.seq:
             self._seen[peer] = (slot.seq, time.monotonic())
+            if last is not None:  # a change seen here, not a file left from any earlier run
+                live = self._live.setdefault(peer, set())
+                live.add(slot.generation)
+                if len(live) > 8:  # storage is not trusted: keep what can matter, bounded
+                    live.discard(min(live))
         self._slots[peer] = slot
+
+    def peer_seen(self, peer: str, generation: int) -> bool:
+        """Whether this reader has seen ``peer``'s slot change on this arbiter in
+        ``generation`` (at least two different sequence numbers read, the later one
+        written in that generation).  Until then the peer's storage silence is no
+        evidence of anything: the two nodes may not share this arbiter at all (each a
+        local folder of its own), and a claim won here would prove nothing
+        (docs/ARCHITECTURE.md, "one primary").  As of the last read (peer_age, peer_slot):
+        the failover's tick reads the slot once for both."""
+        return generation in self._live.get(peer, ())
 
     def peer_age(self, peer: str) -> float | None:
         """Seconds since the peer's slot last changed, as seen here (None: never seen)."""

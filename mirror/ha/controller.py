@@ -9,13 +9,22 @@ sentence saying why, which the agent logs and tests assert on.
 Secondary (B), judging the primary (A):
     network silent, storage slot stale  -> A is dead: claim "promote"; won -> promote
     network silent, storage slot fresh  -> interconnect cut: do nothing, alert
+    network silent, slot never seen     -> no evidence: do nothing, alert ("unverified")
     both fresh                          -> healthy: nothing
 Primary (A), judging the secondary (B):
     heartbeats stop, B's slot fresh     -> interconnect cut: claim "unprotected";
                                            won -> release held outputs, run on; lost -> fence
     heartbeats stop, B's slot stale     -> B dead: claim "unprotected"; won -> run on
+    heartbeats stop, slot never seen    -> no evidence: hold outputs, claim nothing
+                                           ("holding") until B or its slot is seen
     no storage and no B                 -> isolated: hold outputs; after the fence timeout,
                                            stop the guest (self-fence)
+
+"Never seen": the peer's slot has not been seen to change on this arbiter in this
+generation (Observation.peer_slot_seen).  Its silence there is then no evidence: the
+two nodes may not share the arbiter at all (each a local folder of its own), and a
+claim won at an arbiter the peer does not use proves nothing (docs/ARCHITECTURE.md,
+"one primary").
 """
 
 from __future__ import annotations
@@ -24,6 +33,16 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mirror.ha.arbiter import ClaimResult
+
+UNSEEN_B = (
+    "primary silent on the network, and its storage slot never seen on this arbiter in "
+    "this generation: no evidence that it is dead (the arbiter may not be shared)"
+)
+UNSEEN_A = (
+    "interconnect cut, and the secondary's storage slot never seen on this arbiter in this "
+    "generation: a claim there would prove nothing (the arbiter may not be shared): "
+    "holding outputs, claiming nothing"
+)
 
 
 class Role(Enum):
@@ -35,6 +54,7 @@ class State(Enum):
     # secondary
     STANDBY = "standby"
     PARTITIONED = "partitioned"  # interconnect cut, primary alive on storage
+    UNVERIFIED = "unverified"  # primary silent, its storage slot never seen: no evidence
     CLAIMING_PROMOTE = "claiming-promote"
     PROMOTED = "promoted"
     CLAIM_LOST = "claim-lost"  # never promotes again in this generation
@@ -43,23 +63,28 @@ class State(Enum):
     CLAIMING_UNPROTECTED = "claiming-unprotected"
     UNPROTECTED = "unprotected"
     ISOLATED = "isolated"
+    HOLDING = "holding"  # secondary silent, its storage slot never seen: hold, claim nothing
     FENCED = "fenced"
 
 
 # The allowed transitions, where the states are defined (a state may also stay).
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STANDBY: frozenset({State.PARTITIONED, State.CLAIMING_PROMOTE}),
-    State.PARTITIONED: frozenset({State.STANDBY, State.CLAIMING_PROMOTE}),
+    State.STANDBY: frozenset({State.PARTITIONED, State.UNVERIFIED, State.CLAIMING_PROMOTE}),
+    State.PARTITIONED: frozenset({State.STANDBY, State.UNVERIFIED, State.CLAIMING_PROMOTE}),
+    State.UNVERIFIED: frozenset({State.STANDBY, State.PARTITIONED, State.CLAIMING_PROMOTE}),
     State.CLAIMING_PROMOTE: frozenset(
-        {State.PROMOTED, State.CLAIM_LOST, State.STANDBY, State.PARTITIONED}
+        {State.PROMOTED, State.CLAIM_LOST, State.STANDBY, State.PARTITIONED, State.UNVERIFIED}
     ),
     State.PROMOTED: frozenset(),
     State.CLAIM_LOST: frozenset(),
-    State.PROTECTED: frozenset({State.CLAIMING_UNPROTECTED, State.ISOLATED}),
+    State.PROTECTED: frozenset({State.CLAIMING_UNPROTECTED, State.ISOLATED, State.HOLDING}),
     State.CLAIMING_UNPROTECTED: frozenset(
-        {State.UNPROTECTED, State.FENCED, State.ISOLATED, State.PROTECTED}
+        {State.UNPROTECTED, State.FENCED, State.ISOLATED, State.PROTECTED, State.HOLDING}
     ),
-    State.ISOLATED: frozenset({State.PROTECTED, State.CLAIMING_UNPROTECTED, State.FENCED}),
+    State.ISOLATED: frozenset(
+        {State.PROTECTED, State.CLAIMING_UNPROTECTED, State.FENCED, State.HOLDING}
+    ),
+    State.HOLDING: frozenset({State.PROTECTED, State.CLAIMING_UNPROTECTED, State.ISOLATED}),
     State.UNPROTECTED: frozenset(),
     State.FENCED: frozenset(),
 }
@@ -100,6 +125,10 @@ class Observation:
     # crossed yet (its socket connects on its own), or the last one seen is an earlier
     # session's, and neither is a silent peer.
     session_age: float | None = None
+    # Whether this node has seen the peer's storage slot change on this arbiter in this
+    # generation (Arbiter.peer_seen).  Until it has, the peer's storage silence is no
+    # evidence: nothing is claimed on it.  False by default: no evidence is assumed.
+    peer_slot_seen: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +205,10 @@ class Controller:
             return self._go(State.STANDBY, Action.NONE, "primary healthy on the network")
         if not obs.own_storage_ok:
             return self._go(rest, Action.NONE, "cannot reach storage: not promoting")
+        if not obs.peer_slot_seen:
+            if rest is State.UNVERIFIED:
+                return self._go(rest, Action.NONE, UNSEEN_B + ": still not promoting")
+            return self._go(State.UNVERIFIED, Action.ALERT, UNSEEN_B + ": not promoting")
         if not self._silent(obs.peer_storage_age):
             if rest is State.PARTITIONED:
                 return self._go(rest, Action.NONE, "interconnect still cut: not promoting")
@@ -237,6 +270,8 @@ class Controller:
                 self._isolated_since = None
                 return self._go(State.PROTECTED, Action.NONE, "secondary back: protected")
             return self._go(s, Action.NONE, "secondary healthy")
+        if not obs.peer_slot_seen:
+            return self._go(State.HOLDING, Action.HOLD_OUTPUTS, UNSEEN_A)
         if not self._silent(obs.peer_storage_age):
             return self._go(
                 State.CLAIMING_UNPROTECTED,

@@ -362,6 +362,9 @@ class HostAgent:
                                                   f"fresh, role {slot.role})")
                 return self._wait(d, f"{d.peer} is alive with the standby: waiting for it to "
                                      f"promote (this host's guest is gone)")
+            if slot is None:  # its silence here is no evidence: it may not use this arbiter
+                return self._wait(d, f"{d.peer}'s storage slot was never seen on this arbiter: "
+                                     f"not starting the guest (is the arbiter shared?)")
             won = arb.claim(gen, self.node, "resume")
         except ArbiterError as e:
             return self._wait(d, f"cannot ask the arbiter ({e}): not starting the guest")
@@ -459,6 +462,7 @@ class HostAgent:
             "running": bool(r and r.alive()), "role_pid": r.pid if r else None,
             "waiting": self.waiting.get(d.pair), "phase": st.get("phase"),
             "protection": st.get("protection"), "epoch": st.get("epoch"),
+            "arbiter_unverified": st.get("arbiter_unverified"),
             "acked": st.get("acked"), "committed": st.get("committed"),
             "role_config": str(self.pair_dir(d.pair) / "mirror.toml"),
             "ports": [d.data_port, d.heartbeat_port, d.disk_port],

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mirror.config import DEFAULT_AGENT_CONFIG, AgentConfig, load_agent
+from mirror.config import DEFAULT_AGENT_CONFIG, AgentConfig, load_agent, require_arbiter
 from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import Domains
 from mirror.ha import control
@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_agent(path: str) -> int:
     cfg = load_agent(path)
+    require_arbiter(cfg.arbiter, path)  # every pair of this agent uses it
     stop = stop_on_signals()
     return HostAgent(cfg, config_dir=Path(path).resolve().parent).run(stop)
 

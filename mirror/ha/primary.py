@@ -199,6 +199,8 @@ class PrimaryRun:
             "node": self.cfg.node.name, "generation": self.generation, **agent_record(),
             "ram": str(self.guest.ram_path), "epoch": engine.epoch, "acked": engine.acked,
             "protection": self.protection(),
+            "arbiter_unverified": self.failover.unverified()
+            if self.phase in ("protected", "frozen", "switching-over") else None,
             "heartbeat_age_s": link.peer.age(),
             "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
             if link.peer.node else None,
@@ -213,7 +215,7 @@ class PrimaryRun:
         holds this run's checkpoints; before that (pairing, pre-copy) and after (a
         promoted or unprotected leader with no standby yet) the guest is unprotected."""
         if self.phase in ("protected", "frozen", "switching-over"):
-            return self.failover.controller.state.value
+            return self.failover.protection()
         if self.phase in ("fenced", "stopped", "switched-over"):
             return self.phase
         return "unprotected"

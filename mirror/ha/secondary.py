@@ -41,7 +41,8 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
     promote = False
     crashed = True
     standby.extra_status = lambda: {
-        "protection": failover.controller.state.value,
+        "protection": failover.protection() if standby.primary else failover.controller.state.value,
+        "arbiter_unverified": failover.unverified() if standby.primary else None,
         "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
     }
     manual = threading.Event()  # `mirror failover` (the control socket; SIGUSR1 from a parent)

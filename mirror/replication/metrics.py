@@ -41,6 +41,7 @@ PHASES = ("stop", "scan", "gather", "state", "resume")  # the pause's split
 STATES = (
     "standby",
     "partitioned",
+    "unverified",
     "claiming-promote",
     "promoted",
     "claim-lost",
@@ -48,6 +49,7 @@ STATES = (
     "claiming-unprotected",
     "unprotected",
     "isolated",
+    "holding",
     "fenced",
     "stopped",
 )
@@ -161,6 +163,15 @@ HEARTBEAT_AGE = Gauge(
     (*LABELS, "path"),
     registry=REGISTRY,
 )
+PEER_SLOT_SEEN = Gauge(
+    "mirror_peer_storage_slot_seen",
+    "1 once this node has seen its peer's storage heartbeat slot change on the arbiter in "
+    "this generation; 0 until then: the peer's silence there is no evidence, failover is "
+    "disabled, and the pair is not protected (the arbiter may not be shared). Exported "
+    "while this node judges a peer",
+    LABELS,
+    registry=REGISTRY,
+)
 REJECTED_FRAMES = Counter(
     "mirror_rejected_frames_total",
     "Frames this node rejected (malformed or failing verification), by socket",
@@ -271,6 +282,15 @@ class Metrics:
                 PROTECTED.remove(self.pair, self.node)
         else:
             PROTECTED.labels(self.pair, self.node).set(1 if protected else 0)
+
+    def slot_seen(self, seen: bool | None) -> None:
+        """Whether this node has seen its peer's storage slot on the arbiter in this
+        generation; None withdraws the series (no peer is being judged)."""
+        if seen is None:
+            with contextlib.suppress(KeyError):
+                PEER_SLOT_SEEN.remove(self.pair, self.node)
+        else:
+            PEER_SLOT_SEEN.labels(self.pair, self.node).set(1 if seen else 0)
 
     def ages(self, net: float | None, storage: float | None) -> None:
         nan = float("nan")

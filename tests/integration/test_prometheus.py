@@ -36,7 +36,7 @@ def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 5 rules found" in check.stdout
+    assert "SUCCESS: 6 rules found" in check.stdout
     # each alert fires on the series that should fire it, and not on a healthy pair
     unit = subprocess.run(
         ["promtool", "test", "rules", "mirror-rules.test.yml"],
@@ -148,6 +148,9 @@ def test_prometheus_scrapes_a_running_pair(pair: Pair, prometheus_for: Any) -> N
     assert by_node(taken)["hostB"] == 0  # every series exists on both; B takes none
     assert all(r["metric"]["pair"] == pair.cfg_a.pair.name for r in taken)
     assert by_node(prom.query("mirror_protected")) == {"hostA": 1.0}  # B runs no guest
+    # each has seen the other's storage slot on the (shared) arbiter
+    seen = by_node(prom.query("mirror_peer_storage_slot_seen"))
+    assert seen == {"hostA": 1.0, "hostB": 1.0}, seen
     committed = by_node(prom.query("mirror_standby_committed_checkpoint"))
     assert committed["hostB"] >= 1
     states = {

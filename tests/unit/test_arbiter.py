@@ -67,3 +67,34 @@ def test_unusable_storage_is_a_clear_error(tmp_path: Path) -> None:
         a.beat("primary", 1, 1)
     with pytest.raises(ArbiterError, match=r"claim of generation 1 .* failed"):
         a.claim(1, "A", "promote")
+
+
+def test_a_peer_is_seen_only_when_its_slot_changes_here_in_the_generation(
+    tmp_path: Path,
+) -> None:
+    """Storage silence is evidence only about a slot this reader saw written (live) on
+    this arbiter in this generation: not a slot never written here (a local folder of
+    its own on each host), not a file left from an earlier run, not another generation."""
+    shared, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    shared.mkdir()
+    elsewhere.mkdir()
+    a = DirectoryArbiter(shared, "p", "A")
+    b_alone = DirectoryArbiter(elsewhere, "p", "B")  # B's own local folder
+    for _ in range(3):
+        a.beat("primary", 4, 1)
+        assert b_alone.peer_age("A") is None and not b_alone.peer_seen("A", 4)
+    b = DirectoryArbiter(shared, "p", "B")
+    assert b.peer_age("A") is not None
+    assert not b.peer_seen("A", 4)  # a slot read once may be a leftover: not yet seen
+    a.beat("primary", 3, 2)  # a change, but in another generation
+    b.peer_age("A")
+    assert not b.peer_seen("A", 4) and b.peer_seen("A", 3)
+    a.beat("primary", 4, 3)
+    assert not b.peer_seen("A", 4)  # judged as of the last read
+    b.peer_age("A")
+    assert b.peer_seen("A", 4)
+    time.sleep(0.05)
+    assert b.peer_age("A") >= 0.05 and b.peer_seen("A", 4)  # stays seen: silence is evidence
+    c = DirectoryArbiter(shared, "p", "C")
+    c.peer_age("A")
+    assert c.peer_seen("A", 4) is False  # a new reader has seen no change yet

@@ -18,8 +18,14 @@ def obs(
     own: bool = True,
     committed: int = 5,
     claim: ClaimResult | None = None,
+    seen: bool = True,
 ) -> Observation:
-    return Observation(now, net, storage, own, committed, claim)
+    """``seen``: the peer's storage slot has been seen on the arbiter in this generation
+    (the tables' rows assume it; the "never seen" rows below say otherwise)."""
+    return Observation(now, net, storage, own, committed, claim, peer_slot_seen=seen)
+
+
+SEEN = {"peer_slot_seen": True}  # for the rows that build an Observation whole
 
 
 def secondary() -> Controller:
@@ -70,7 +76,7 @@ def test_b_network_fresh_storage_stale_is_still_healthy():
 
 
 @pytest.mark.parametrize(
-    "net,storage,acts", [(0.5, 0.6, False), (0.51, 0.6, True), (None, None, True)]
+    "net,storage,acts", [(0.5, 0.6, False), (0.51, 0.6, True), (None, 0.6, True)]
 )
 def test_b_silent_means_strictly_more_than_the_threshold(net, storage, acts):
     d = secondary().step(obs(net=net, storage=storage))
@@ -87,7 +93,7 @@ def test_b_lost_claim_never_promotes():
 
 
 def test_b_without_a_committed_checkpoint_does_not_promote():
-    d = secondary().step(obs(net=None, storage=None, committed=0))
+    d = secondary().step(obs(net=None, storage=0.9, committed=0))
     assert d.action is Action.NONE and "no committed checkpoint" in str(d)
 
 
@@ -161,7 +167,7 @@ def test_terminal_states_have_no_way_out():
 
 def test_b_operator_promotion_still_goes_through_the_claim():
     c = secondary()
-    d = c.step(Observation(10.0, 0.1, 0.1, True, 5, None, manual_promote=True))
+    d = c.step(Observation(10.0, 0.1, 0.1, True, 5, None, manual_promote=True, **SEEN))
     assert (d.action, str(d)) == (
         Action.CLAIM_PROMOTE,
         "operator asked to promote: claiming promote",
@@ -171,7 +177,7 @@ def test_b_operator_promotion_still_goes_through_the_claim():
 
 
 def test_b_operator_promotion_needs_a_committed_checkpoint():
-    d = secondary().step(Observation(10.0, 0.1, 0.1, True, 0, None, manual_promote=True))
+    d = secondary().step(Observation(10.0, 0.1, 0.1, True, 0, None, manual_promote=True, **SEEN))
     assert d.action is Action.NONE and "no committed checkpoint" in str(d)
 
 
@@ -213,13 +219,13 @@ def test_b_no_false_partition_alert_at_pairing(stale_net):
     run in 20 it was later than HELLO) or the last one seen is an earlier session's,
     while the primary's storage slot is fresh: that is no interconnect cut."""
     c = secondary()
-    d = c.step(Observation(100.0, stale_net, 0.05, True, 0, None, session_age=0.001))
+    d = c.step(Observation(100.0, stale_net, 0.05, True, 0, None, session_age=0.001, **SEEN))
     assert (d.action, d.state) == (Action.NONE, State.STANDBY)
     assert "interconnect cut" not in str(d)
-    d = c.step(Observation(100.4, stale_net, 0.05, True, 0, None, session_age=0.4))
+    d = c.step(Observation(100.4, stale_net, 0.05, True, 0, None, session_age=0.4, **SEEN))
     assert (d.action, d.state) == (Action.NONE, State.STANDBY)
     # still no heartbeat past the timeout counted from the session: now it is a cut
-    d = c.step(Observation(100.6, stale_net, 0.05, True, 0, None, session_age=0.6))
+    d = c.step(Observation(100.6, stale_net, 0.05, True, 0, None, session_age=0.6, **SEEN))
     assert (d.action, d.state) == (Action.ALERT, State.PARTITIONED)
 
 
@@ -227,13 +233,96 @@ def test_b_session_age_does_not_hide_a_silent_primary():
     """A heartbeat newer than the session start is what counts: a long session whose
     primary went silent on both paths is a dead primary."""
     c = secondary()
-    d = c.step(Observation(100.0, 0.9, 0.9, True, 5, None, session_age=60.0))
+    d = c.step(Observation(100.0, 0.9, 0.9, True, 5, None, session_age=60.0, **SEEN))
     assert d.action is Action.CLAIM_PROMOTE
 
 
 def test_a_no_false_unprotected_claim_before_the_first_heartbeat():
     c = primary()
-    d = c.step(Observation(100.0, None, 0.05, True, 0, None, session_age=0.2))
+    d = c.step(Observation(100.0, None, 0.05, True, 0, None, session_age=0.2, **SEEN))
     assert (d.action, d.state) == (Action.NONE, State.PROTECTED)
-    d = c.step(Observation(100.6, None, 0.05, True, 0, None, session_age=0.6))
+    d = c.step(Observation(100.6, None, 0.05, True, 0, None, session_age=0.6, **SEEN))
     assert d.action is Action.CLAIM_UNPROTECTED
+
+
+# ---- the one-primary rule: silence on a slot never seen is no evidence ------------
+
+
+def test_b_never_promotes_on_a_slot_it_never_saw():
+    """Two hosts with a local arbiter folder each: B never sees A's slot.  Whatever the
+    ages say, B never claims; it alerts once and says why."""
+    c = secondary()
+    d = c.step(obs(net=0.6, storage=None, seen=False))
+    assert (d.action, d.state) == (Action.ALERT, State.UNVERIFIED)
+    assert "storage slot never seen on this arbiter" in str(d) and "not promoting" in str(d)
+    for t in range(50):
+        d = c.step(obs(now=11 + t, net=5.0 + t, storage=None if t % 2 else 99.0, seen=False))
+        assert d.action is Action.NONE and d.state is State.UNVERIFIED, d
+    assert c.step(obs(net=0.1, storage=None, seen=False)).state is State.STANDBY  # healed
+
+
+def test_b_seen_then_silent_promotes_as_before():
+    c = secondary()
+    assert c.step(obs(net=0.1, storage=0.1, seen=True)).state is State.STANDBY
+    d = c.step(obs(net=0.6, storage=0.7, seen=True))
+    assert (d.action, d.state) == (Action.CLAIM_PROMOTE, State.CLAIMING_PROMOTE)
+    assert c.step(obs(net=0.7, storage=0.8, claim=WON)).action is Action.PROMOTE
+
+
+def test_b_unverified_then_slot_seen_judges_normally():
+    c = secondary()
+    c.step(obs(net=0.6, storage=None, seen=False))
+    d = c.step(obs(net=0.7, storage=0.1, seen=True))  # alive on storage: a cut
+    assert (d.action, d.state) == (Action.ALERT, State.PARTITIONED)
+    d = c.step(obs(net=2.0, storage=0.9, seen=True))  # seen, then silent: dead
+    assert d.action is Action.CLAIM_PROMOTE
+
+
+def test_b_operator_may_still_promote_without_the_slot():
+    """`mirror failover` is the operator's decision (it checks the slot itself)."""
+    c = secondary()
+    c.step(obs(net=0.6, storage=None, seen=False))
+    d = c.step(Observation(12.0, 2.0, None, True, 5, None, manual_promote=True))
+    assert d.action is Action.CLAIM_PROMOTE
+
+
+def test_a_never_claims_unprotected_on_a_slot_it_never_saw():
+    """A's interconnect is cut and B's slot was never seen: a claim won at an arbiter B
+    may not use proves nothing, so A claims nothing and holds its outputs."""
+    c = primary()
+    d = c.step(obs(net=0.6, storage=None, seen=False))
+    assert (d.action, d.state) == (Action.HOLD_OUTPUTS, State.HOLDING)
+    assert "never seen on this arbiter" in str(d) and "claiming nothing" in str(d)
+    for t in range(50):  # no timeout makes it a win: it holds (B cannot promote either)
+        d = c.step(obs(now=11 + t, net=5.0 + t, storage=None, seen=False))
+        assert d.action is Action.HOLD_OUTPUTS and d.state is State.HOLDING, d
+    d = c.step(obs(now=70.0, net=0.1, storage=None, seen=False))  # the interconnect is back
+    assert (d.action, d.state) == (Action.NONE, State.PROTECTED)
+
+
+def test_a_holding_without_storage_fences_after_the_timeout():
+    c = primary()
+    c.step(obs(now=100.0, net=0.6, seen=False))
+    assert c.step(obs(now=100.1, net=0.7, own=False, seen=False)).state is State.ISOLATED
+    d = c.step(obs(now=102.2, net=2.8, own=False, seen=False))
+    assert (d.action, d.state) == (Action.FENCE, State.FENCED)
+
+
+def test_a_seen_then_silent_claims_as_before():
+    c = primary()
+    c.step(obs(net=0.1, storage=0.1, seen=True))
+    d = c.step(obs(net=0.6, storage=3.0, seen=True))
+    assert d.action is Action.CLAIM_UNPROTECTED
+    c2 = primary()
+    c2.step(obs(net=0.6, seen=False))
+    d = c2.step(obs(net=0.7, storage=0.1, seen=True))  # seen while cut: alive, a cut
+    assert (d.action, d.state) == (Action.CLAIM_UNPROTECTED, State.CLAIMING_UNPROTECTED)
+
+
+def test_an_observation_assumes_no_slot_was_seen():
+    """The safe default: an Observation that does not say the slot was seen gives no
+    claim on silence."""
+    assert Observation(10.0, None, None, True, 5).peer_slot_seen is False
+    assert secondary().step(Observation(10.0, 9.0, 9.0, True, 5)).action is Action.ALERT
+    d = primary().step(Observation(10.0, 9.0, 9.0, True, 5))
+    assert d.action is Action.HOLD_OUTPUTS
