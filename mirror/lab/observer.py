@@ -31,18 +31,19 @@ def fresh_sockets(n: int, host: str = "127.0.0.1", *, listen: bool = False) -> l
     with _handed_lock:
         try:
             while len(picked) < n:
-                if listen:
-                    s = socket.create_server((host, 0))
-                else:
-                    s = socket.socket()
+                s = socket.socket()
+                try:
+                    if listen:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     s.bind((host, 0))
-                port = s.getsockname()[1]
-                if port in _handed_out or any(p.getsockname()[1] == port for p in picked):
-                    again.append(s)
-                    if len(again) > 4096:
-                        raise OSError(f"no port on {host} this process has not had before")
-                    continue
-                picked.append(s)
+                    if listen:
+                        s.listen()
+                except OSError as e:
+                    s.close()
+                    raise OSError(
+                        e.errno, f"no free port on {host} this process has not had before: {e}"
+                    ) from e
+                (again if s.getsockname()[1] in _handed_out else picked).append(s)
         except BaseException:
             for s in picked:
                 s.close()
