@@ -146,6 +146,7 @@ def run_promoted(
         checkpoint=committed,
         replayed=len(replay),
         observer_position=sink.position,
+        observer_via_port=getattr(sink, "local_port", None),
     )
     failover.close()
     promoted = {"promoted_from": committed, "replayed_outputs": len(replay)}

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,15 @@ from typing import Any
 from mirror import config as config_mod
 from mirror.config import Config, MetricsConfig
 from mirror.hoststate import read_json
-from mirror.lab.observer import Observer
+from mirror.lab.observer import Observer, fresh_sockets
 from mirror.replication import keys
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+    """``n`` distinct free loopback ports that no observer or earlier free_ports() call
+    of this process had (see observer.fresh_sockets)."""
+    socks = fresh_sockets(n)
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

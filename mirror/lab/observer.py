@@ -13,6 +13,47 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+# Every port an observer or free_ports() of this process has had.  Linux's bind to port 0
+# hands the same port out again as soon as it is free (seen: the observers of two
+# consecutive tests on one port), and whatever still knows an old port (a host, a stale
+# connection, a retrying client of an earlier test) then reaches the new owner.  A rig
+# never hands a port out twice: see fresh_sockets.
+_handed_out: set[int] = set()
+_handed_lock = threading.Lock()
+
+
+def fresh_sockets(n: int, host: str = "127.0.0.1", *, listen: bool = False) -> list[socket.socket]:
+    """``n`` TCP sockets bound on ``host`` to ports this process never had before
+    (listening if ``listen``).  A port handed out before is held while the next is
+    picked, so the kernel cannot offer it again."""
+    picked: list[socket.socket] = []
+    again: list[socket.socket] = []
+    with _handed_lock:
+        try:
+            while len(picked) < n:
+                s = socket.socket()
+                try:
+                    if listen:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((host, 0))
+                    if listen:
+                        s.listen()
+                except OSError as e:
+                    s.close()
+                    raise OSError(
+                        e.errno, f"no free port on {host} this process has not had before: {e}"
+                    ) from e
+                (again if s.getsockname()[1] in _handed_out else picked).append(s)
+        except BaseException:
+            for s in picked:
+                s.close()
+            raise
+        finally:
+            for s in again:
+                s.close()
+        _handed_out.update(s.getsockname()[1] for s in picked)
+    return picked
+
 
 @dataclass
 class Seen:
@@ -45,9 +86,14 @@ class Seen:
 
 class Observer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = socket.create_server((host, port))
+        # port 0: a port no earlier observer of this process listened on (fresh_sockets)
+        self.server = (
+            socket.create_server((host, port)) if port else fresh_sockets(1, host, listen=True)[0]
+        )
         self.address = self.server.getsockname()[:2]
         self.seen = Seen()
+        # (peer address, the position answered) of every connection accepted
+        self.accepted: list[tuple[tuple[str, int], int]] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closing = False
@@ -61,12 +107,13 @@ class Observer:
     def _accept_loop(self) -> None:
         while not self._closing:
             try:
-                conn, _ = self.server.accept()
+                conn, peer = self.server.accept()
             except OSError:
                 return
             with self._lock:
                 last = max(self.seen.seqs, default=0)
                 source = len(self._threads)
+                self.accepted.append((peer[:2], last))
             try:
                 conn.sendall(b"at %d\n" % last)  # where this observer is: see ObserverSink
             except OSError:

@@ -118,6 +118,8 @@ class ObserverSink:
                     ) from e
                 time.sleep(0.1)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # this end's port: with it, an observer's log tells which connection was ours
+        self.local_port: int = self._sock.getsockname()[1]
         self.position = self._read_position()
         self._sock.settimeout(10)
 
