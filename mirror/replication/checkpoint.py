@@ -325,6 +325,8 @@ class CheckpointEngine:
         self._verify_next = 0  # the safety net's next slice
         self.epoch = 0  # last checkpoint taken
         self.acked = 0
+        self.sent_epoch = 0  # the highest checkpoint sent: no ack above it is believed
+        self.bogus_acks = 0  # acks of checkpoints never sent (refused, see on_reply)
         self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
         # a dirty set that outgrows a 16th of RAM is a guest writing faster than the
         # pair replicates: no point holding (N+1) buffers that large in memory
@@ -605,6 +607,7 @@ class CheckpointEngine:
         rec.sent_at = time.monotonic()
         corrupt = self._fault is not None and self._fault[:2] == ("corrupt", epoch)
         self.send_pages(msg, corrupt=corrupt and bool(batch.data))
+        self.sent_epoch = epoch
         _fault(self._fault, "after-send", epoch)
         if not self.exact or cfg.encoding == "delta":  # gathered in the pause: see prepare
             self._buffers.prepare(epoch + 1, len(dirty))
@@ -745,6 +748,16 @@ class CheckpointEngine:
         checkpoint is answered by sending the checkpoints in flight again."""
         if getattr(reply, "session", None) != self.session:
             log.debug("answer of another session ignored: %s", reply)
+            return
+        if isinstance(reply, wire.Ack) and reply.epoch > self.sent_epoch:
+            # no standby can hold a checkpoint this primary never sent: believing it would
+            # release the outputs of epochs nobody holds (a faulty or hostile peer)
+            self.bogus_acks += 1
+            self.metrics.rejected("data")
+            if self.bogus_acks == 1 or self.bogus_acks % 1000 == 0:
+                _event("ack-refused", checkpoint=reply.epoch, sent=self.sent_epoch,
+                       refused=self.bogus_acks, note="an ack of a checkpoint never sent: "
+                       "nothing released")  # fmt: skip
             return
         if isinstance(reply, wire.Ack) and reply.epoch > self.acked:
             now = time.monotonic()
