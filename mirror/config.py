@@ -51,6 +51,7 @@ class LinkConfig:
     heartbeat_port: int = field(default=7401, metadata=_range(1, 65535))
     heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
     peer_host: str = ""  # where a promoted node finds its returning peer's standby (default: host)
+    pair_timeout_s: int = field(default=30, metadata=_range(1, 3600))  # HELLO unanswered: fail
 
 
 @dataclass(frozen=True)

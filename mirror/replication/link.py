@@ -17,6 +17,7 @@ size: a larger frame drops the connection before zmq buffers it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
@@ -84,6 +85,12 @@ class PeerSeen:
 
 
 HEARTBEAT_MAX_MSG = 4096  # a heartbeat is under 200 bytes
+SEND_TIMEOUT_S = 1.0  # a data send that zmq cannot queue for this long fails (LinkDown)
+
+
+class LinkDown(ConnectionError):
+    """A message could not be handed to zmq: no connection to the peer completed its
+    CURVE handshake (zmq gives a failed one up for good; :meth:`Link.reconnect`)."""
 
 
 class Guard:
@@ -133,6 +140,7 @@ class Guard:
 def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, max_msg: int) -> zmq.Socket[bytes]:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))  # no send blocks for good
     s.setsockopt(zmq.SNDHWM, 0)
     s.setsockopt(zmq.RCVHWM, 0)
     s.setsockopt(zmq.MAXMSGSIZE, max_msg)
@@ -194,11 +202,34 @@ class _Heartbeats(threading.Thread):
         self.on_reject: Callable[[], None] = lambda: None  # the owner counts them too
         self._halt = threading.Event()
         self._seq = 0
+        self.ctx, self.url, self.keys = ctx, url, keys
+        self._reconnected = 0.0
 
     def _mine(self) -> list[bytes]:
         self._seq += 1
         hb = wire.Heartbeat(self.node, self._seq, self.committed[0], self.session[0])
         return [bytes(f) for f in wire.encode(hb)]
+
+    def _beat(self) -> None:
+        """Send our heartbeat without ever blocking.  zmq has no connection to send on
+        (its CURVE handshake failed: a listener without keys, or a peer that does not
+        admit our key; zmq then gives up on it for good): connect again, at most once a
+        second, so that the right peer is found once it listens."""
+        try:
+            self.sock.send_multipart(self._mine(), zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        now = time.monotonic()
+        if now - self._reconnected < 1.0:
+            return
+        self._reconnected = now
+        self.poller.unregister(self.sock)
+        self.sock.close()
+        self.sock = _socket(self.ctx, zmq.DEALER, HEARTBEAT_MAX_MSG)
+        _secure(self.sock, self.keys, False)
+        self.sock.connect(self.url)
+        self.poller.register(self.sock, zmq.POLLIN)
 
     def _close(self) -> None:
         for _, m in self.monitors:
@@ -217,14 +248,14 @@ class _Heartbeats(threading.Thread):
 
     def run(self) -> None:
         next_beat = time.monotonic()
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         for _, m in self.monitors:
             poller.register(m, zmq.POLLIN)
         try:
             while not self._halt.is_set():
                 if not self.server and time.monotonic() >= next_beat:
-                    self.sock.send_multipart(self._mine())
+                    self._beat()
                     next_beat += self.interval
                 timeout = (
                     max(0.0, next_beat - time.monotonic()) if not self.server else 0.02
@@ -252,7 +283,8 @@ class _Heartbeats(threading.Thread):
                     continue
                 self.peer.saw(hb)
                 if self.server:
-                    self.sock.send_multipart(ident + self._mine())
+                    with contextlib.suppress(zmq.Again):  # never blocks (a heartbeat lost)
+                        self.sock.send_multipart(ident + self._mine(), zmq.NOBLOCK)
         except zmq.ZMQError:
             if not self._halt.is_set():
                 raise
@@ -296,8 +328,14 @@ class Link:
         # the largest frame a peer may send: a page list of the whole RAM (index, lengths,
         # checksums: 16 bytes a page), a data frame, the device state, the header
         biggest = max(16 * max_pages, wire.DATA_FRAME + PAGE_SIZE, wire.MAX_STATE, wire.MAX_HEADER)
-        self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER, biggest + 4096)
+        self._biggest = biggest + 4096
+        self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER, self._biggest)
         _secure(self.data, keys, server)
+        # the client's own: handshakes that failed (no CURVE there, or our key refused)
+        self._failures: zmq.Socket[bytes] | None = (
+            self.data.get_monitor_socket(_HANDSHAKE_FAILED) if not server and keys else None
+        )
+        self.handshake_failures = 0
         monitors = (
             [(endpoint.url(endpoint.data_port), self.data.get_monitor_socket(_HANDSHAKE_FAILED))]
             if self.guard is not None
@@ -353,12 +391,49 @@ class Link:
         return self.heartbeats.peer
 
     def send(self, msg: wire.Message) -> None:
+        """Hand ``msg`` to zmq.  LinkDown if zmq cannot queue it within SEND_TIMEOUT_S
+        (no connection completed its handshake: :meth:`reconnect`)."""
         frames: Sequence[bytes | memoryview] = wire.encode(msg)
         if self.is_server:
             if self._peer_id is None:
                 raise ConnectionError("no primary has connected yet")
             frames = [self._peer_id, *frames]
-        self.data.send_multipart(frames, copy=False)
+        try:
+            self.data.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise LinkDown(
+                f"cannot send to {self.endpoint.host}:{self.endpoint.data_port}: no "
+                f"connection completed a CURVE handshake in {SEND_TIMEOUT_S:g} s"
+            ) from None
+
+    def handshake_failed(self) -> bool:
+        """Client: whether a CURVE handshake with the peer failed since the last call
+        (something listens there without keys or with another key, or does not admit
+        ours).  zmq does not try that connection again: :meth:`reconnect`."""
+        failed = False
+        while self._failures is not None and self._failures.poll(0):
+            try:
+                ev = recv_monitor_message(self._failures)
+            except (zmq.ZMQError, ValueError):
+                break
+            if ev["event"] & _HANDSHAKE_FAILED:
+                failed = True
+                self.handshake_failures += 1
+        return failed
+
+    def reconnect(self) -> None:
+        """Client: a new data socket, connected again (what was queued is dropped)."""
+        if self.is_server:
+            return
+        if self._failures is not None:
+            self._failures.close()
+        self.data.close()
+        self.data = _socket(self.ctx, zmq.DEALER, self._biggest)
+        _secure(self.data, self.keys, False)
+        self._failures = (
+            self.data.get_monitor_socket(_HANDSHAKE_FAILED) if self.keys else None
+        )
+        self.data.connect(self.endpoint.url(self.endpoint.data_port))
 
     def send_corrupted(self, msg: wire.Message) -> None:
         """Testing (MIRROR_FAULT=corrupt): send ``msg`` with one bit of its last frame
@@ -372,7 +447,8 @@ class Link:
             if self._peer_id is None:
                 raise ConnectionError("no primary has connected yet")
             frames = [self._peer_id, *frames]
-        self.data.send_multipart(frames)
+        with contextlib.suppress(zmq.Again):
+            self.data.send_multipart(frames)
 
     def recv(self, timeout: float | None) -> wire.Message | None:
         """The next message, or None after ``timeout`` seconds.  Raises WireError
@@ -388,6 +464,8 @@ class Link:
         return wire.decode(frames, self.max_pages)
 
     def _close_sockets(self) -> None:
+        if getattr(self, "_failures", None) is not None:
+            self._failures.close()  # type: ignore[union-attr]
         self.data.close()
         if self.auth is not None:
             self.auth.stop()
