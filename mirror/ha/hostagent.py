@@ -188,6 +188,12 @@ class HostAgent:
 
     # -- definitions -----------------------------------------------------------------------
 
+    def domain_dirs(self) -> list[str]:
+        """Where the files of a standby's domain may be: [agent] domain_dirs, and the
+        agent's own state_dir."""
+        dirs = [d for d in self.cfg.agent.domain_dirs.split(":") if d]
+        return [*dirs, str(self.cfg.state_dir)]
+
     def pair_dir(self, pair: str) -> Path:
         return self.pairs_dir / check_name(pair)
 
@@ -683,7 +689,7 @@ class HostAgent:
                 if r.name != d.domain or not r.ok:
                     raise AgentError(f"the standby's XML is not mirrorable: "
                                      f"{domaincheck.explain(r)}")
-                refused = domaincheck.standby_refusals(xml)
+                refused = domaincheck.standby_refusals(xml, self.domain_dirs())
                 if refused:
                     raise AgentError(f"{self.node} does not run the standby XML {peer} sent: "
                                      f"{'; '.join(refused)}")
