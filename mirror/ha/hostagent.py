@@ -62,7 +62,7 @@ from mirror.ha import control, peerlink
 from mirror.ha.agent import event, make_arbiter
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.peerlink import PeerAddress, PeerError
-from mirror.hoststate import read_json, write_atomic
+from mirror.hoststate import open_private, private_dir, read_json, write_atomic
 from mirror.replication import keys
 
 log = logging.getLogger("mirror.ha.hostagent")
@@ -199,11 +199,11 @@ class HostAgent:
 
     def save(self, d: PairDef) -> None:
         pdir = self.pair_dir(d.pair)
-        pdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(pdir)
         write_atomic(pdir / "definition.json", json.dumps(asdict(d), indent=1).encode())
 
     def load_defs(self) -> None:
-        self.pairs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.pairs_dir)
         for p in sorted(self.pairs_dir.iterdir()):
             try:
                 d = PairDef.load(p / "definition.json")
@@ -282,8 +282,8 @@ class HostAgent:
         pdir = self.pair_dir(d.pair)
         path = pdir / "mirror.toml"
         write_atomic(path, to_toml(cfg).encode())
-        (pdir / "role").mkdir(mode=0o700, exist_ok=True)
-        with open(pdir / "role.log", "ab") as out:
+        private_dir(pdir / "role")
+        with open_private(pdir / "role.log") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mirror", d.role, "--config", str(path)],
                 stdin=subprocess.DEVNULL,

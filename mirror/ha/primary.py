@@ -20,7 +20,7 @@ from mirror.ha.agent import Failover, begin, current_generation, event, make_arb
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
-from mirror.hoststate import agent_record, write_json
+from mirror.hoststate import agent_record, private_dir, write_json
 from mirror.replication import keys, metrics, wire
 from mirror.replication.checkpoint import (
     CheckpointEngine,
@@ -477,7 +477,7 @@ def run_primary(
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
     keys.load(cfg)  # no keys (and not insecure): refuse before anything starts
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.state_dir)
     generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
     begin(cfg)
     backend = backend_for(cfg)
