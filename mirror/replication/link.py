@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import threading
 import time
@@ -52,6 +53,29 @@ def tune_malloc() -> None:
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
+
+
+def _malloc_in_use() -> int | None:
+    """Bytes this process has allocated with malloc and not freed (every arena; what zmq
+    holds of received messages is there), or None where glibc's mallinfo2 is missing."""
+    try:
+        libc = ctypes.CDLL(None)
+        f = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    m = f()
+    return int(m.uordblks + m.hblkhd)
+
+
+MEMORY_CHECK_S = 0.02  # how often the standby compares what zmq holds with its bound
+MEMORY_SLACK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -147,6 +171,19 @@ def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, max_msg: int) -> zmq
     return s
 
 
+def _rebind(s: zmq.Socket[bytes], url: str, wait: float = 5.0) -> None:
+    """Bind ``s`` at ``url`` again after an unbind (zmq releases the port shortly after)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            s.bind(url)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise ConnectionError(f"cannot bind the interconnect at {url} again: {e}") from e
+            time.sleep(0.01)
+
+
 def _secure(s: zmq.Socket[bytes], keys: LinkKeys | None, server: bool) -> None:
     if keys is None:
         return
@@ -204,6 +241,7 @@ class _Heartbeats(threading.Thread):
         self._seq = 0
         self.ctx, self.url, self.keys = ctx, url, keys
         self._reconnected = 0.0
+        self.rebind = threading.Event()  # server: drop every connection, bind again
 
     def _mine(self) -> list[bytes]:
         self._seq += 1
@@ -254,6 +292,10 @@ class _Heartbeats(threading.Thread):
             poller.register(m, zmq.POLLIN)
         try:
             while not self._halt.is_set():
+                if self.server and self.rebind.is_set():
+                    self.rebind.clear()
+                    self.sock.unbind(self.url)
+                    _rebind(self.sock, self.url)
                 if not self.server and time.monotonic() >= next_beat:
                     self._beat()
                     next_beat += self.interval
@@ -377,6 +419,19 @@ class Link:
             ) from e
         self.heartbeats.start()
         self._peer_id: bytes | None = None  # server: the zmq identity of the last sender
+        # zmq hands over a message only once all its frames are in, and bounds each frame
+        # (MAXMSGSIZE), not their number: a peer could make it buffer a message of any
+        # size.  The server bounds what this process holds in malloc (zmq's buffers are
+        # there): two of the largest messages a pair sends, and some slack; past that the
+        # peers' connections are dropped (a partly received message with them) and taken
+        # again (a real primary reconnects and sends again what was not acknowledged).
+        self.max_message = (
+            wire.MAX_HEADER + 17 * max_pages + PAGE_SIZE * max_pages + wire.MAX_STATE
+        )
+        base = _malloc_in_use() if server else None
+        self.memory_bound = None if base is None else base + 2 * self.max_message + MEMORY_SLACK
+        self.memory_resets = 0
+        self._memory_at = 0.0
 
     @classmethod
     def server(cls, endpoint: Endpoint, node: str, **kw: Any) -> Link:
@@ -454,6 +509,7 @@ class Link:
         """The next message, or None after ``timeout`` seconds.  Raises WireError
         for a malformed message (already read off the socket)."""
         ms = None if timeout is None else int(timeout * 1000)
+        self._check_memory()
         if not self.data.poll(ms):
             return None
         raw = self.data.recv_multipart(copy=False)
@@ -462,6 +518,33 @@ class Link:
             self._peer_id = bytes(frames[0])
             frames = frames[1:]
         return wire.decode(frames, self.max_pages)
+
+    def _check_memory(self) -> None:
+        """Server: past the memory bound, drop the peers' connections (see __init__)."""
+        if self.memory_bound is None:
+            return
+        now = time.monotonic()
+        if now - self._memory_at < MEMORY_CHECK_S:
+            return
+        self._memory_at = now
+        used = _malloc_in_use()
+        if used is None or used <= self.memory_bound:
+            return
+        self.memory_resets += 1
+        log.warning(
+            "%s",
+            json.dumps({
+                "event": "link-memory-bound", "held_mib": used >> 20,
+                "bound_mib": self.memory_bound >> 20, "resets": self.memory_resets,
+                "note": "a peer sent more than any message may hold: its connections were "
+                "dropped (a partly received message with them)",
+            }),
+        )  # fmt: skip
+        url = self.endpoint.url(self.endpoint.data_port)
+        self.data.unbind(url)  # ends the connections accepted there, and their pipes
+        self.heartbeats.rebind.set()
+        self._peer_id = None
+        _rebind(self.data, url)
 
     def _close_sockets(self) -> None:
         if getattr(self, "_failures", None) is not None:
