@@ -51,6 +51,7 @@ class LinkConfig:
     heartbeat_port: int = field(default=7401, metadata=_range(1, 65535))
     heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
     peer_host: str = ""  # where a promoted node finds its returning peer's standby (default: host)
+    pair_timeout_s: int = field(default=30, metadata=_range(1, 3600))  # HELLO unanswered: fail
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,12 @@ class AgentSection:
     pair_ports_to: int = field(default=7699, metadata=_range(1, 65535))
     connect: str = field(default="qemu:///system", metadata=_range(1, 256))  # libvirt URI
     bridge: str = field(default="", metadata=_range(0, 15))  # where guests' frames go
+    # where the files a peer's standby XML names may be (":"-separated; state_dir too)
+    domain_dirs: str = field(
+        default="/var/lib/libvirt:/var/log/libvirt:/run/libvirt:/var/cache/libvirt:"
+        "/var/lib/mirror:/var/cache/mirror",
+        metadata=_range(1, 4096),
+    )
 
 
 @dataclass(frozen=True)
@@ -429,6 +436,12 @@ def agent_from_dict(data: dict[str, Any], source: str = "<agent config>") -> Age
         )
     if a.node in peers:
         raise ConfigError(f"{source}: [peers.{a.node}] is this host itself ([agent] node)")
+    relative = [d for d in a.domain_dirs.split(":") if d and not d.startswith("/")]
+    if relative:
+        raise ConfigError(
+            f"{source}: [agent] domain_dirs must list absolute directories separated by "
+            f"':', got {', '.join(map(repr, relative))}"
+        )
     check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")
     return cfg
 

@@ -1,17 +1,55 @@
-"""Small files in a host's state directory: status snapshots written atomically."""
+"""Small files in a host's state directory: status snapshots written atomically.
+
+What a pair keeps on a host is its owner's only: directories 0700 (an existing looser
+one is tightened, with a note in the log), files 0600 (:func:`private_dir`,
+:func:`write_atomic`, :func:`open_private`; child processes get umask 077)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+log = logging.getLogger("mirror.hoststate")
+
+PRIVATE_UMASK = 0o077  # for the child processes that write in a state dir (QEMU, disk)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` made (with its parents) or, if it exists, its mode made 0700: an
+    existing directory that others could read or enter is tightened, with a note."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+        log.warning(
+            "%s was mode %04o: made it 0700 (what a pair keeps there is this host's only)",
+            path, stat.S_IMODE(st.st_mode),
+        )  # fmt: skip
+    return path
+
+
+def open_private(path: Path, mode: str = "ab") -> IO[bytes]:
+    """Open ``path`` for writing (``ab`` or ``wb``), created 0600 and not through a
+    symlink; an existing file is made 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if mode == "ab" else os.O_TRUNC
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, mode)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with open_private(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mirror.hoststate import PRIVATE_UMASK, open_private, private_dir
+
 log = logging.getLogger("mirror.guests.disk")
 
 
@@ -80,7 +82,7 @@ class DiskServer:
 
     def __init__(self, spec: DiskSpec, *, timeout: float = 10.0) -> None:
         self.spec = spec
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(spec.run_dir)
         args = [
             "--image", str(spec.image), "--size", str(spec.size),
             "--nbd", str(spec.nbd_path), "--control", str(spec.control_path),
@@ -102,8 +104,9 @@ class DiskServer:
             [sys.executable, "-m", "mirror.guests.diskproc", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=open(self.stderr_path, "ab"),  # noqa: SIM115
+            stderr=open_private(self.stderr_path),
             preexec_fn=_die_with_parent,
+            umask=PRIVATE_UMASK,  # the image, the journal, the metadata: ours only
         )
         self._ctl: socket.socket | None = None
         self._buf = b""

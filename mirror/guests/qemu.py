@@ -40,6 +40,7 @@ from mirror.guests import uffd
 from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
 from mirror.guests.disk import DiskServer
 from mirror.guests.synthetic import create_ram_file
+from mirror.hoststate import PRIVATE_UMASK, open_private, private_dir
 
 
 @functools.lru_cache(maxsize=8)
@@ -302,7 +303,7 @@ class QemuGuest(Guest):
         self.settings, self.ram_mib = settings, ram_mib
         self.disk = disk  # the guest's disk server (this guest stops it)
         self._ram_path, self.run_dir, self.owns_ram = ram_path, run_dir, owns_ram
-        run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(run_dir)
         self.qmp_path = run_dir / "qmp.sock"
         self.serial_path = run_dir / "serial.log"
         self.devstate_path = run_dir / "devstate.bin"
@@ -362,9 +363,10 @@ class QemuGuest(Guest):
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=open(run_dir / "qemu.stderr", "wb"),  # noqa: SIM115
+                stderr=open_private(run_dir / "qemu.stderr", "wb"),
                 start_new_session=True,  # a SIGTERM to the host is for the agent alone
                 preexec_fn=_die_with_parent,
+                umask=PRIVATE_UMASK,  # what QEMU writes (serial log, state) is ours only
             )
             self._connect_qmp()
             self.relay.accept(self.proc)

@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mirror.hoststate import private_dir
+
 log = logging.getLogger("mirror.ha.control")
 
 LOCK = "agent.lock"
@@ -65,7 +67,7 @@ class StateDirLock:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
         try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(state_dir)
             self.fd = os.open(
                 state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )

@@ -62,7 +62,7 @@ from mirror.ha import control, peerlink
 from mirror.ha.agent import event, make_arbiter
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.peerlink import PeerAddress, PeerError
-from mirror.hoststate import read_json, write_atomic
+from mirror.hoststate import open_private, private_dir, read_json, write_atomic
 from mirror.replication import keys
 
 log = logging.getLogger("mirror.ha.hostagent")
@@ -188,16 +188,22 @@ class HostAgent:
 
     # -- definitions -----------------------------------------------------------------------
 
+    def domain_dirs(self) -> list[str]:
+        """Where the files of a standby's domain may be: [agent] domain_dirs, and the
+        agent's own state_dir."""
+        dirs = [d for d in self.cfg.agent.domain_dirs.split(":") if d]
+        return [*dirs, str(self.cfg.state_dir)]
+
     def pair_dir(self, pair: str) -> Path:
         return self.pairs_dir / check_name(pair)
 
     def save(self, d: PairDef) -> None:
         pdir = self.pair_dir(d.pair)
-        pdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(pdir)
         write_atomic(pdir / "definition.json", json.dumps(asdict(d), indent=1).encode())
 
     def load_defs(self) -> None:
-        self.pairs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.pairs_dir)
         for p in sorted(self.pairs_dir.iterdir()):
             try:
                 d = PairDef.load(p / "definition.json")
@@ -276,8 +282,8 @@ class HostAgent:
         pdir = self.pair_dir(d.pair)
         path = pdir / "mirror.toml"
         write_atomic(path, to_toml(cfg).encode())
-        (pdir / "role").mkdir(mode=0o700, exist_ok=True)
-        with open(pdir / "role.log", "ab") as out:
+        private_dir(pdir / "role")
+        with open_private(pdir / "role.log") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mirror", d.role, "--config", str(path)],
                 stdin=subprocess.DEVNULL,
@@ -687,7 +693,7 @@ class HostAgent:
                 if r.name != d.domain or not r.ok:
                     raise AgentError(f"the standby's XML is not mirrorable: "
                                      f"{domaincheck.explain(r)}")
-                refused = domaincheck.standby_refusals(xml)
+                refused = domaincheck.standby_refusals(xml, self.domain_dirs())
                 if refused:
                     raise AgentError(f"{self.node} does not run the standby XML {peer} sent: "
                                      f"{'; '.join(refused)}")

@@ -149,6 +149,9 @@ class PeerServer(threading.Thread):
             answer = {"ok": True, **self.handler(peer, req)}
         except (ValueError, UnicodeDecodeError):
             answer = {"ok": False, "error": "not a request (not JSON)"}
+        except RecursionError:  # json nests without a limit of its own: one line, no trace
+            log.warning("refused a request from %s: JSON nested too deeply", peer)
+            answer = {"ok": False, "error": "not a request (JSON nested too deeply)"}
         except PeerError as e:
             answer = {"ok": False, "error": str(e)}
         except Exception as e:  # one bad request never ends the server
@@ -185,13 +188,18 @@ def ask(
     try:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        s.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))  # never blocks for good
         s.curve_secretkey = secret
         s.curve_publickey = public
         s.curve_serverkey = peer.public_key
         s.connect(peer.url())
         rid = int.from_bytes(os.urandom(6), "big")
-        s.send(json.dumps({**(args or {}), "op": op, "id": rid}).encode())
-        if not s.poll(int(timeout * 1000)):
+        try:
+            s.send(json.dumps({**(args or {}), "op": op, "id": rid}).encode())
+            answered = s.poll(int(timeout * 1000))
+        except zmq.Again:
+            answered = False
+        if not answered:
             raise PeerError(
                 f"the agent of {peer.name} at {peer.host}:{peer.port} did not answer {op!r} "
                 f"within {timeout:g} s: is `mirror agent` running there, and is this host in "
@@ -199,7 +207,7 @@ def ask(
             )
         try:
             answer = json.loads(s.recv().decode())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             answer = None
         if not isinstance(answer, dict) or answer.get("id") != rid:
             raise PeerError(f"the agent of {peer.name} gave no valid answer to {op!r}")

@@ -4,6 +4,7 @@ the pair under a new generation until a standby pairs again."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -19,9 +20,14 @@ from mirror.ha.agent import Failover, begin, current_generation, event, make_arb
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
-from mirror.hoststate import agent_record, write_json
+from mirror.hoststate import agent_record, private_dir, write_json
 from mirror.replication import keys, metrics, wire
-from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
+from mirror.replication.checkpoint import (
+    CheckpointEngine,
+    PairingStopped,
+    Progress,
+    ReplicationError,
+)
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.pagediff import PAGE_SIZE
@@ -73,7 +79,7 @@ def lead(
                     return 1
                 run.relink_if_rekeyed()  # the pool may have placed a new standby elsewhere
                 try:
-                    run.engine.handshake(timeout=1.0)
+                    run.engine.handshake(timeout=1.0, stop=stop)
                 except ReplicationError as e:
                     if "refused" in str(e):
                         event("re-pairing-refused", node=cfg.node.name, reason=str(e))
@@ -341,7 +347,8 @@ class PrimaryRun:
             self.write_status()
         self.phase = "stopped"
         if not outputs.unprotected:
-            link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
+            with contextlib.suppress(ConnectionError):  # no connection: nobody to tell
+                link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
 
@@ -352,8 +359,9 @@ class PrimaryRun:
         self.phase = "stopped"
         self.extra = {**self.extra, "guest_ended": "shutdown"}  # the host agent reads it
         released = self.outputs.go_unprotected()
-        self.link.send(wire.Bye(self.engine.session, self.cfg.node.name,
-                                "the guest shut itself down"))  # fmt: skip
+        with contextlib.suppress(ConnectionError):
+            self.link.send(wire.Bye(self.engine.session, self.cfg.node.name,
+                                    "the guest shut itself down"))  # fmt: skip
         time.sleep(0.05)  # let it leave before the socket closes
         event("guest-shutdown", node=self.cfg.node.name, released=released,
               checkpoint=self.engine.acked)  # fmt: skip
@@ -394,7 +402,8 @@ class PrimaryRun:
             event("switchover-failed", node=self.cfg.node.name, reason="no ack of the last "
                   "checkpoint: the guest runs on here")  # fmt: skip
             return False
-        self.link.send(wire.Handover(engine.session, self.cfg.node.name, engine.epoch))
+        with contextlib.suppress(ConnectionError):  # not sent: no answer, it fails below
+            self.link.send(wire.Handover(engine.session, self.cfg.node.name, engine.epoch))
         reply: wire.Message | None = None
         deadline = time.monotonic() + 10
         answer = wire.Ack(engine.session, engine.epoch, 0)
@@ -470,7 +479,7 @@ def run_primary(
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
     keys.load(cfg)  # no keys (and not insecure): refuse before anything starts
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.state_dir)
     generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
     begin(cfg)
     backend = backend_for(cfg)
@@ -496,7 +505,11 @@ def run_primary(
             {"status": run.status, "switchover": switch_now, "detach": detach_on(stop)}
         )
         run.write_status()
-        run.engine.handshake()
+        try:
+            run.engine.handshake(timeout=cfg.link.pair_timeout_s, stop=stop)
+        except PairingStopped:
+            log.info("stopped before a standby answered: the guest never ran")
+            return 0
         guest.resume()
         end = None if duration is None else time.monotonic() + duration
         code = run.protect(stop, end, epochs)

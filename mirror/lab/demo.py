@@ -59,7 +59,7 @@ class Host:
         ``ip netns exec NS``."""
         self.name, self.role = name, role
         self.dir = root / name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a host's state: its own
         self.config_path = self.dir / ("agent.toml" if role == "agent" else "mirror.toml")
         self.config_path.write_text(cfg if isinstance(cfg, str) else config_mod.to_toml(cfg))
         self.log_path = self.dir / "agent.log"

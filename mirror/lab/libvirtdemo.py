@@ -24,7 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mirror.config import Config, LibvirtConfig
+from mirror.config import AgentSection, Config, LibvirtConfig
+from mirror.guests import image
 from mirror.guests.libvirt import preload_env
 from mirror.hoststate import read_json
 from mirror.lab.demo import Host, wait_for
@@ -68,7 +69,10 @@ def demo_domain(img: Path, base: Config, serial: Path, qmp_sock: Path | None = N
     return xml.replace("</domain>", qmp_args(qmp_sock, log=True) + "</domain>")
 
 
-def agent_toml(root: Path, me: str, peer: str, uri: str, base: Config | None = None) -> str:
+def agent_toml(
+    root: Path, me: str, peer: str, uri: str, base: Config | None = None,
+    image_dir: Path | None = None,
+) -> str:  # fmt: skip
     """Host ``me``'s agent configuration (``me``, ``peer``: "A" or "B"): its interconnect
     address in the lab, its libvirtd, the LAN bridge, its key (made in ``root/keys``),
     the shared directory as arbiter, the other host as its peer."""
@@ -77,6 +81,8 @@ def agent_toml(root: Path, me: str, peer: str, uri: str, base: Config | None = N
             keys.generate(root / "keys", f"host{h}")
     (root / "shared").mkdir(parents=True, exist_ok=True)
     cp = base.checkpoint if base else None
+    # the lab's libvirt directories, and the guest image (kernel, initrd) where it is
+    dirs = ":".join([AgentSection().domain_dirs, str(image_dir or image.DEFAULT_DIR), str(root)])
     epoch = f'\n[checkpoint]\nepoch_ms = {cp.epoch_ms}\nscan = "{cp.scan}"\n' if cp else ""
     return f"""[agent]
 node = "host{me}"
@@ -84,6 +90,7 @@ state_dir = "{root / f"host{me}" / "state"}"
 address = "{IC_IP[me]}"
 connect = "{uri}"
 bridge = "br0"
+domain_dirs = "{dirs}"
 
 [keys]
 secret_key = "{root / "keys" / f"host{me}.key_secret"}"
@@ -168,7 +175,7 @@ class LibvirtDemoGuest:
         self._libvirtds(lan, root)
         agents = {}
         for h, peer in (("B", "A"), ("A", "B")):
-            toml = agent_toml(root, h, peer, self.hosts[h].uri, base)
+            toml = agent_toml(root, h, peer, self.hosts[h].uri, base, img)
             # in the host's own mount namespace: paths in the domain's XML under
             # /run/libvirt and /var/log/libvirt are then this host's, as on a real host
             agents[h] = AgentHost(f"host{h}", toml, root, DOMAIN, [*self.hosts[h].enter(), "--"])

@@ -34,6 +34,7 @@ import mmap
 import os
 import secrets
 import signal
+import threading
 import time
 from array import array
 from collections import deque
@@ -47,7 +48,8 @@ from mirror.guests.disk import DiskError, DiskServer
 from mirror.hoststate import percentile
 from mirror.replication import dirtylog, wire
 from mirror.replication import pagediff as pd
-from mirror.replication.link import Link
+from mirror.replication.keys import fingerprint as key_fingerprint
+from mirror.replication.link import Link, LinkDown
 from mirror.replication.metrics import Metrics
 from mirror.replication.outputs import OutputBuffer
 
@@ -99,6 +101,10 @@ def _fault(fault: tuple[str, int, float] | None, point: str, epoch: int) -> None
 
 class ReplicationError(RuntimeError):
     """The standby refused the pair or could not be reached."""
+
+
+class PairingStopped(ReplicationError):
+    """The role was asked to stop (SIGTERM) before a standby answered its HELLO."""
 
 
 @dataclass
@@ -325,6 +331,8 @@ class CheckpointEngine:
         self._verify_next = 0  # the safety net's next slice
         self.epoch = 0  # last checkpoint taken
         self.acked = 0
+        self.sent_epoch = 0  # the highest checkpoint sent: no ack above it is believed
+        self.bogus_acks = 0  # acks of checkpoints never sent (refused, see on_reply)
         self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
         # a dirty set that outgrows a 16th of RAM is a guest writing faster than the
         # pair replicates: no point holding (N+1) buffers that large in memory
@@ -392,19 +400,33 @@ class CheckpointEngine:
 
     # -- session ---------------------------------------------------------------
 
-    def handshake(self, timeout: float = 30.0) -> int:
+    def handshake(self, timeout: float = 30.0, stop: threading.Event | None = None) -> int:
         """HELLO (a new session) until its WELCOME; returns the standby's committed epoch.
-        Answers to anything else (an earlier HELLO, an earlier session) are skipped."""
+        Answers to anything else (an earlier HELLO, an earlier session) are skipped.
+        ReplicationError after ``timeout`` seconds without one (saying whether the
+        peer's CURVE handshake failed: a listener without keys or with another key);
+        PairingStopped as soon as ``stop`` is set.  No send blocks: a connection whose
+        handshake failed is made again for the next HELLO."""
         session = secrets.randbits(63) or 1
         hello = wire.Hello(
             self.pair, self.generation, self.node, len(self.guest.ram), session, self.fingerprint
         )
         deadline = time.monotonic() + timeout
+        failed_before = self.link.handshake_failures
         while time.monotonic() < deadline:
-            self.link.send(hello)
+            if stop is not None and stop.is_set():
+                raise PairingStopped("stopped before a standby answered")
+            if self.link.handshake_failed():
+                self.link.reconnect()
+            try:
+                self.link.send(hello)
+            except LinkDown:
+                self.link.reconnect()
             until = min(deadline, time.monotonic() + 1.0)
             while (left := until - time.monotonic()) > 0:
-                reply = self._recv(left)
+                if stop is not None and stop.is_set():
+                    raise PairingStopped("stopped before a standby answered")
+                reply = self._recv(min(left, 0.2))
                 if getattr(reply, "session", None) != session:
                     continue  # nothing, or the answer to something else
                 if isinstance(reply, wire.Welcome):
@@ -424,9 +446,21 @@ class CheckpointEngine:
                         f"{self.generation}, {len(self.guest.ram) >> 20} MiB, guest "
                         f"{self.fingerprint!r}): {reply.reason}; the standby's log says why"
                     )
+        self.link.handshake_failed()  # count the last ones
+        where = f"{self.link.endpoint.host}:{self.link.endpoint.data_port}"
+        failed = self.link.handshake_failures - failed_before
+        if failed:
+            mine = key_fingerprint(self.link.keys.public) if self.link.keys else "none"
+            raise ReplicationError(
+                f"no standby at {where} completed a CURVE handshake with this host in "
+                f"{timeout:g} s ({failed} attempts failed): what listens there has no keys "
+                f"(a peer with insecure = true, or another program) or is not the standby "
+                f"whose public key is [keys] peer_public_key here, or it does not admit "
+                f"this host's key (fingerprint {mine}); check [keys] "
+                f"on both hosts"
+            )
         raise ReplicationError(
-            f"no answer from the standby at {self.link.endpoint.host}:"
-            f"{self.link.endpoint.data_port} in {timeout:g} s (is it running? do its "
+            f"no answer from the standby at {where} in {timeout:g} s (is it running? do its "
             f"[keys] admit this host's key, and is peer_public_key here its key? its log "
             f"says so if not)"
         )
@@ -605,6 +639,7 @@ class CheckpointEngine:
         rec.sent_at = time.monotonic()
         corrupt = self._fault is not None and self._fault[:2] == ("corrupt", epoch)
         self.send_pages(msg, corrupt=corrupt and bool(batch.data))
+        self.sent_epoch = epoch
         _fault(self._fault, "after-send", epoch)
         if not self.exact or cfg.encoding == "delta":  # gathered in the pause: see prepare
             self._buffers.prepare(epoch + 1, len(dirty))
@@ -626,7 +661,12 @@ class CheckpointEngine:
         ``MIRROR_FAULT=corrupt`` test fault, a frame damaged on the wire)."""
         self._seq += 1
         send = self.link.send_corrupted if corrupt else self.link.send
-        send(replace(msg, session=self.session, seq=self._seq))
+        try:
+            send(replace(msg, session=self.session, seq=self._seq))
+        except LinkDown as e:  # not sent: still in flight, sent again (see _check_stalled)
+            self.link.handshake_failed()
+            _event("send-failed", checkpoint=msg.epoch, part=msg.part, reason=str(e))
+            self.link.reconnect()
 
     def _log_scan(self, epoch: int) -> tuple[array[int], bool]:
         """In the pause: the pages the log lists (and those the safety net found),
@@ -745,6 +785,16 @@ class CheckpointEngine:
         checkpoint is answered by sending the checkpoints in flight again."""
         if getattr(reply, "session", None) != self.session:
             log.debug("answer of another session ignored: %s", reply)
+            return
+        if isinstance(reply, wire.Ack) and reply.epoch > self.sent_epoch:
+            # no standby can hold a checkpoint this primary never sent: believing it would
+            # release the outputs of epochs nobody holds (a faulty or hostile peer)
+            self.bogus_acks += 1
+            self.metrics.rejected("data")
+            if self.bogus_acks == 1 or self.bogus_acks % 1000 == 0:
+                _event("ack-refused", checkpoint=reply.epoch, sent=self.sent_epoch,
+                       refused=self.bogus_acks, note="an ack of a checkpoint never sent: "
+                       "nothing released")  # fmt: skip
             return
         if isinstance(reply, wire.Ack) and reply.epoch > self.acked:
             now = time.monotonic()

@@ -57,7 +57,12 @@ def generate(directory: Path, name: str) -> tuple[Path, Path, bytes]:
     to overwrite either.  Returns both paths and the public key (z85)."""
     if not name or "/" in name or name.startswith(".") or "\0" in name:
         raise ConfigError(f"key name must be a plain file name, got {name!r}")
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--dir {directory} is not a directory: name a directory for the keys")
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ConfigError(f"cannot make the key directory {directory}: {e.strerror}") from None
     public, secret = zmq.curve_keypair()
     pub_path, sec_path = directory / f"{name}.key", directory / f"{name}.key_secret"
     for p in (pub_path, sec_path):
@@ -68,8 +73,11 @@ def generate(directory: Path, name: str) -> tuple[Path, Path, bytes]:
     body_pub = f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
     body_sec = body_pub + f'    secret-key = "{secret.decode()}"\n'
     warn = "#   SECRET: keep this file on its host only (mode 0600)\n"
-    _write_new(sec_path, (head + warn + body_sec).encode(), 0o600)
-    _write_new(pub_path, (head + body_pub).encode(), 0o644)
+    try:
+        _write_new(sec_path, (head + warn + body_sec).encode(), 0o600)
+        _write_new(pub_path, (head + body_pub).encode(), 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot write a key file in {directory}: {e.strerror}") from None
     return pub_path, sec_path, public
 
 

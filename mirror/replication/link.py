@@ -17,7 +17,9 @@ size: a larger frame drops the connection before zmq buffers it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
 import logging
 import threading
 import time
@@ -53,6 +55,29 @@ def tune_malloc() -> None:
         pass
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
+
+
+def _malloc_in_use() -> int | None:
+    """Bytes this process has allocated with malloc and not freed (every arena; what zmq
+    holds of received messages is there), or None where glibc's mallinfo2 is missing."""
+    try:
+        libc = ctypes.CDLL(None)
+        f = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    m = f()
+    return int(m.uordblks + m.hblkhd)
+
+
+MEMORY_CHECK_S = 0.02  # how often the standby compares what zmq holds with its bound
+MEMORY_SLACK = 64 << 20
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str
@@ -84,6 +109,12 @@ class PeerSeen:
 
 
 HEARTBEAT_MAX_MSG = 4096  # a heartbeat is under 200 bytes
+SEND_TIMEOUT_S = 1.0  # a data send that zmq cannot queue for this long fails (LinkDown)
+
+
+class LinkDown(ConnectionError):
+    """A message could not be handed to zmq: no connection to the peer completed its
+    CURVE handshake (zmq gives a failed one up for good; :meth:`Link.reconnect`)."""
 
 
 class Guard:
@@ -133,10 +164,24 @@ class Guard:
 def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, max_msg: int) -> zmq.Socket[bytes]:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))  # no send blocks for good
     s.setsockopt(zmq.SNDHWM, 0)
     s.setsockopt(zmq.RCVHWM, 0)
     s.setsockopt(zmq.MAXMSGSIZE, max_msg)
     return s
+
+
+def _rebind(s: zmq.Socket[bytes], url: str, wait: float = 5.0) -> None:
+    """Bind ``s`` at ``url`` again after an unbind (zmq releases the port shortly after)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            s.bind(url)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise ConnectionError(f"cannot bind the interconnect at {url} again: {e}") from e
+            time.sleep(0.01)
 
 
 def _secure(s: zmq.Socket[bytes], keys: LinkKeys | None, server: bool) -> None:
@@ -194,11 +239,35 @@ class _Heartbeats(threading.Thread):
         self.on_reject: Callable[[], None] = lambda: None  # the owner counts them too
         self._halt = threading.Event()
         self._seq = 0
+        self.ctx, self.url, self.keys = ctx, url, keys
+        self._reconnected = 0.0
+        self.rebind = threading.Event()  # server: drop every connection, bind again
 
     def _mine(self) -> list[bytes]:
         self._seq += 1
         hb = wire.Heartbeat(self.node, self._seq, self.committed[0], self.session[0])
         return [bytes(f) for f in wire.encode(hb)]
+
+    def _beat(self) -> None:
+        """Send our heartbeat without ever blocking.  zmq has no connection to send on
+        (its CURVE handshake failed: a listener without keys, or a peer that does not
+        admit our key; zmq then gives up on it for good): connect again, at most once a
+        second, so that the right peer is found once it listens."""
+        try:
+            self.sock.send_multipart(self._mine(), zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        now = time.monotonic()
+        if now - self._reconnected < 1.0:
+            return
+        self._reconnected = now
+        self.poller.unregister(self.sock)
+        self.sock.close()
+        self.sock = _socket(self.ctx, zmq.DEALER, HEARTBEAT_MAX_MSG)
+        _secure(self.sock, self.keys, False)
+        self.sock.connect(self.url)
+        self.poller.register(self.sock, zmq.POLLIN)
 
     def _close(self) -> None:
         for _, m in self.monitors:
@@ -217,14 +286,18 @@ class _Heartbeats(threading.Thread):
 
     def run(self) -> None:
         next_beat = time.monotonic()
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         for _, m in self.monitors:
             poller.register(m, zmq.POLLIN)
         try:
             while not self._halt.is_set():
+                if self.server and self.rebind.is_set():
+                    self.rebind.clear()
+                    self.sock.unbind(self.url)
+                    _rebind(self.sock, self.url)
                 if not self.server and time.monotonic() >= next_beat:
-                    self.sock.send_multipart(self._mine())
+                    self._beat()
                     next_beat += self.interval
                 timeout = (
                     max(0.0, next_beat - time.monotonic()) if not self.server else 0.02
@@ -252,7 +325,8 @@ class _Heartbeats(threading.Thread):
                     continue
                 self.peer.saw(hb)
                 if self.server:
-                    self.sock.send_multipart(ident + self._mine())
+                    with contextlib.suppress(zmq.Again):  # never blocks (a heartbeat lost)
+                        self.sock.send_multipart(ident + self._mine(), zmq.NOBLOCK)
         except zmq.ZMQError:
             if not self._halt.is_set():
                 raise
@@ -296,8 +370,14 @@ class Link:
         # the largest frame a peer may send: a page list of the whole RAM (index, lengths,
         # checksums: 16 bytes a page), a data frame, the device state, the header
         biggest = max(16 * max_pages, wire.DATA_FRAME + PAGE_SIZE, wire.MAX_STATE, wire.MAX_HEADER)
-        self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER, biggest + 4096)
+        self._biggest = biggest + 4096
+        self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER, self._biggest)
         _secure(self.data, keys, server)
+        # the client's own: handshakes that failed (no CURVE there, or our key refused)
+        self._failures: zmq.Socket[bytes] | None = (
+            self.data.get_monitor_socket(_HANDSHAKE_FAILED) if not server and keys else None
+        )
+        self.handshake_failures = 0
         monitors = (
             [(endpoint.url(endpoint.data_port), self.data.get_monitor_socket(_HANDSHAKE_FAILED))]
             if self.guard is not None
@@ -339,6 +419,19 @@ class Link:
             ) from e
         self.heartbeats.start()
         self._peer_id: bytes | None = None  # server: the zmq identity of the last sender
+        # zmq hands over a message only once all its frames are in, and bounds each frame
+        # (MAXMSGSIZE), not their number: a peer could make it buffer a message of any
+        # size.  The server bounds what this process holds in malloc (zmq's buffers are
+        # there): two of the largest messages a pair sends, and some slack; past that the
+        # peers' connections are dropped (a partly received message with them) and taken
+        # again (a real primary reconnects and sends again what was not acknowledged).
+        self.max_message = (
+            wire.MAX_HEADER + 17 * max_pages + PAGE_SIZE * max_pages + wire.MAX_STATE
+        )
+        base = _malloc_in_use() if server else None
+        self.memory_bound = None if base is None else base + 2 * self.max_message + MEMORY_SLACK
+        self.memory_resets = 0
+        self._memory_at = 0.0
 
     @classmethod
     def server(cls, endpoint: Endpoint, node: str, **kw: Any) -> Link:
@@ -353,12 +446,49 @@ class Link:
         return self.heartbeats.peer
 
     def send(self, msg: wire.Message) -> None:
+        """Hand ``msg`` to zmq.  LinkDown if zmq cannot queue it within SEND_TIMEOUT_S
+        (no connection completed its handshake: :meth:`reconnect`)."""
         frames: Sequence[bytes | memoryview] = wire.encode(msg)
         if self.is_server:
             if self._peer_id is None:
                 raise ConnectionError("no primary has connected yet")
             frames = [self._peer_id, *frames]
-        self.data.send_multipart(frames, copy=False)
+        try:
+            self.data.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise LinkDown(
+                f"cannot send to {self.endpoint.host}:{self.endpoint.data_port}: no "
+                f"connection completed a CURVE handshake in {SEND_TIMEOUT_S:g} s"
+            ) from None
+
+    def handshake_failed(self) -> bool:
+        """Client: whether a CURVE handshake with the peer failed since the last call
+        (something listens there without keys or with another key, or does not admit
+        ours).  zmq does not try that connection again: :meth:`reconnect`."""
+        failed = False
+        while self._failures is not None and self._failures.poll(0):
+            try:
+                ev = recv_monitor_message(self._failures)
+            except (zmq.ZMQError, ValueError):
+                break
+            if ev["event"] & _HANDSHAKE_FAILED:
+                failed = True
+                self.handshake_failures += 1
+        return failed
+
+    def reconnect(self) -> None:
+        """Client: a new data socket, connected again (what was queued is dropped)."""
+        if self.is_server:
+            return
+        if self._failures is not None:
+            self._failures.close()
+        self.data.close()
+        self.data = _socket(self.ctx, zmq.DEALER, self._biggest)
+        _secure(self.data, self.keys, False)
+        self._failures = (
+            self.data.get_monitor_socket(_HANDSHAKE_FAILED) if self.keys else None
+        )
+        self.data.connect(self.endpoint.url(self.endpoint.data_port))
 
     def send_corrupted(self, msg: wire.Message) -> None:
         """Testing (MIRROR_FAULT=corrupt): send ``msg`` with one bit of its last frame
@@ -372,12 +502,14 @@ class Link:
             if self._peer_id is None:
                 raise ConnectionError("no primary has connected yet")
             frames = [self._peer_id, *frames]
-        self.data.send_multipart(frames)
+        with contextlib.suppress(zmq.Again):
+            self.data.send_multipart(frames)
 
     def recv(self, timeout: float | None) -> wire.Message | None:
         """The next message, or None after ``timeout`` seconds.  Raises WireError
         for a malformed message (already read off the socket)."""
         ms = None if timeout is None else int(timeout * 1000)
+        self._check_memory()
         if not self.data.poll(ms):
             return None
         raw = self.data.recv_multipart(copy=False)
@@ -387,7 +519,36 @@ class Link:
             frames = frames[1:]
         return wire.decode(frames, self.max_pages)
 
+    def _check_memory(self) -> None:
+        """Server: past the memory bound, drop the peers' connections (see __init__)."""
+        if self.memory_bound is None:
+            return
+        now = time.monotonic()
+        if now - self._memory_at < MEMORY_CHECK_S:
+            return
+        self._memory_at = now
+        used = _malloc_in_use()
+        if used is None or used <= self.memory_bound:
+            return
+        self.memory_resets += 1
+        log.warning(
+            "%s",
+            json.dumps({
+                "event": "link-memory-bound", "held_mib": used >> 20,
+                "bound_mib": self.memory_bound >> 20, "resets": self.memory_resets,
+                "note": "a peer sent more than any message may hold: its connections were "
+                "dropped (a partly received message with them)",
+            }),
+        )  # fmt: skip
+        url = self.endpoint.url(self.endpoint.data_port)
+        self.data.unbind(url)  # ends the connections accepted there, and their pipes
+        self.heartbeats.rebind.set()
+        self._peer_id = None
+        _rebind(self.data, url)
+
     def _close_sockets(self) -> None:
+        if getattr(self, "_failures", None) is not None:
+            self._failures.close()  # type: ignore[union-attr]
         self.data.close()
         if self.auth is not None:
             self.auth.stop()

@@ -16,9 +16,12 @@ Not here yet: disk replication lag.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from functools import cache
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,7 +29,7 @@ from prometheus_client import (
     Enum,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 
 REGISTRY = CollectorRegistry()
@@ -309,13 +312,68 @@ def served() -> str | None:
     return None if addr is None else f"{addr[0]}:{addr[1]}"
 
 
+MAX_CONNECTIONS = 16  # served at once; more are closed at once (a scrape needs one)
+READ_TIMEOUT_S = 5.0  # a connection that sends nothing for this long is closed
+
+
+class _Quiet(WSGIRequestHandler):
+    timeout = READ_TIMEOUT_S  # on the connection's socket: reads and writes
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them, each with a timeout:
+    idle or slow clients cannot make the agent hold threads and memory without bound."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+    refused = 0  # connections closed at once for want of a slot
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kw)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to report (no traceback)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve(host: str, port: int) -> tuple[str, int]:
     """Serve REGISTRY at http://HOST:PORT/metrics from a daemon thread (once per
     process; a second call returns the first address).  Port 0 picks a free one.
-    Raises OSError when the address cannot be had."""
+    At most MAX_CONNECTIONS connections are served at once, each closed after
+    READ_TIMEOUT_S without progress.  Raises OSError when the address cannot be had."""
     with _lock:
         if "address" not in _served:
-            server, thread = start_http_server(port, host, registry=REGISTRY)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            class Server(_BoundedServer):
+                address_family = family
+
+            server = make_server(
+                host, port, make_wsgi_app(REGISTRY), Server, handler_class=_Quiet
+            )
+            thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+            thread.start()
             _served.update(address=server.server_address[:2], server=server, thread=thread)
         addr = _served["address"]
         return str(addr[0]), int(addr[1])

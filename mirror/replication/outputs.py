@@ -71,10 +71,17 @@ class OutputBuffer:
             return [(o.seq, o.payload) for e, o in self._held if e == ended]
 
     def release_through(self, epoch: int) -> int:
-        """Release every output of epochs <= ``epoch`` to the sink; returns how many."""
+        """Release every output of epochs <= ``epoch`` to the sink; returns how many.
+        An epoch not yet ended (so in no checkpoint) is refused: ValueError, nothing
+        released."""
         out: list[tuple[int, GuestOutput]] = []
         with self._releasing:
             with self._lock:
+                if epoch >= self.epoch and not self.unprotected:
+                    raise ValueError(
+                        f"cannot release the outputs of epoch {epoch}: it has not ended "
+                        f"(the running epoch is {self.epoch}), so no checkpoint holds it"
+                    )
                 while self._held and self._held[0][0] <= epoch:
                     out.append(self._held.popleft())
             if out:

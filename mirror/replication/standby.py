@@ -25,7 +25,7 @@ from typing import Any
 
 from mirror.config import Config
 from mirror.guests.disk import DiskError, DiskServer
-from mirror.hoststate import agent_record, write_atomic, write_json
+from mirror.hoststate import agent_record, private_dir, write_atomic, write_json
 from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
 from mirror.replication.link import Endpoint, Link
@@ -90,7 +90,7 @@ class Standby:
         self.keys = keys.load(cfg)  # before anything is reserved: no keys, no standby
         self.fingerprint = fingerprint  # the guest this standby can run
         self.state_dir = cfg.state_dir
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         self.ram_bytes = cfg.guest.ram_mib << 20
         self.image = StandbyImage(
             image_dir / f"mirror-{cfg.pair.name}-{cfg.node.name}-standby.img", self.ram_bytes

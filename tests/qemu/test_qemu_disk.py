@@ -249,3 +249,26 @@ def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -
               f"B promoted at {committed}")  # fmt: skip
     finally:
         p.close()
+
+
+@pytest.mark.slow
+def test_a_qemu_pairs_files_are_its_owners_only(pair_factory, guest_image: Path) -> None:
+    """QEMU's and the disk server's files too (serial log, QMP socket, device state, the
+    disk image, the replica and its journal) are the owner's only, in 0700 directories."""
+    from tests.integration.test_file_modes import too_wide
+
+    p = disk_pair(pair_factory, guest_image)
+    try:
+        for cfg in (p.cfg_a, p.cfg_b):
+            Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+            os.chmod(cfg.state_dir, 0o755)  # an existing, looser directory
+        b = p.start_secondary()
+        a = p.start_primary()
+        p.wait("A's guest writing its disk",
+               lambda: disk_status(p.root / "hostA").get("writes", 0) >= 5, 180)  # fmt: skip
+        a.stop()
+        b.stop()
+        wide = too_wide(Path(p.cfg_a.state_dir)) + too_wide(Path(p.cfg_b.state_dir))
+        assert not wide, "wider than the owner:\n" + "\n".join(wide)
+    finally:
+        p.close()

@@ -181,7 +181,7 @@ def test_memory_units() -> None:
 
 
 QMP = ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
-       "<qemu:arg value='-qmp'/><qemu:arg value='unix:/run/m.sock,server=on,wait=off'/>"
+       "<qemu:arg value='-qmp'/><qemu:arg value='unix:/run/libvirt/m.sock,server=on,wait=off'/>"
        "</qemu:commandline>")
 
 
@@ -222,3 +222,59 @@ def test_a_peers_preload_library_is_taken_and_replaced_by_this_hosts_own() -> No
     ours = ET.fromstring(standby_xml(xml))
     values = {e.get("name"): e.get("value") for e in ours.iter(f"{{{QEMU_NS}}}env")}
     assert values.get("LD_PRELOAD") != "/tmp/x.so" and values.get(uffd.ENV_SOCK) != "@peer"
+
+
+@pytest.mark.parametrize(
+    "old,new,what",
+    [
+        ("<serial type='pty'><target port='0'/></serial>",
+         "<serial type='file'><source path='/etc/shadow'/></serial>", "<serial>"),
+        ("<serial type='pty'><target port='0'/></serial>",
+         "<serial type='pty'><log file='/etc/shadow'/></serial>", "<log file>"),
+        ("<serial type='pty'><target port='0'/></serial>",
+         "<serial type='unix'><source mode='bind' path='/etc/cron.d/x'/></serial>", "<serial>"),
+        ("<kernel>/var/lib/mirror/guest/vmlinuz</kernel>", "<kernel>/etc/shadow</kernel>",
+         "<kernel>"),
+        ("<initrd>/var/lib/mirror/guest/initramfs.cpio.gz</initrd>",
+         "<initrd>/var/lib/mirror/../../../etc/shadow</initrd>", "<initrd>"),
+        ("<serial type='pty'>", "<disk type='file' device='cdrom'><source file='/etc/shadow'/>"
+         "<target dev='sdb' bus='sata'/><readonly/></disk><serial type='pty'>", "<disk>"),
+        ("<serial type='pty'>", "<disk type='block' device='disk'><source dev='/dev/sda'/>"
+         "<target dev='vdb' bus='virtio'/></disk><serial type='pty'>", "<source dev>"),
+        ("<serial type='pty'>", "<channel type='unix'><source mode='bind' path='/root/x'/>"
+         "<target type='virtio'/></channel><serial type='pty'>", "<channel>"),
+        ("</os>", "<loader readonly='yes'>/etc/shadow</loader></os>", "<loader>"),
+        ("</os>", "<nvram template='/etc/shadow'>/var/lib/libvirt/qemu/nvram/x.fd</nvram></os>",
+         "<nvram template>"),
+        ("<kernel>/var/lib/mirror/guest/vmlinuz</kernel>", "<kernel>vmlinuz</kernel>",
+         "<kernel>"),  # relative: where it lands is not known
+        ("</domain>", QMP.replace("/run/libvirt/m.sock", "/etc/cron.d/x") + "</domain>", "-qmp"),
+    ],
+)
+def test_a_peers_standby_xml_names_files_only_where_a_domains_files_belong(
+    old: str, new: str, what: str
+) -> None:
+    from mirror.guests.domaincheck import standby_refusals
+
+    assert standby_refusals(GOOD.replace("</domain>", QMP + "</domain>")) == []
+    xml = GOOD.replace(old, new)
+    assert xml != GOOD
+    refused = standby_refusals(xml)
+    assert refused, f"{new} was accepted"
+    assert any(what in r and "outside the places a domain's files belong" in r
+               for r in refused), refused
+
+
+def test_the_allowed_places_are_the_agents_and_the_files_there_pass(tmp_path) -> None:
+    from mirror.guests.domaincheck import standby_refusals
+
+    xml = GOOD.replace(
+        "<serial type='pty'><target port='0'/></serial>",
+        f"<serial type='file'><source path='{tmp_path}/log/web01.log'/></serial>",
+    )
+    assert standby_refusals(xml) != []  # not in the default places
+    assert standby_refusals(xml, ["/var/lib/mirror", str(tmp_path)]) == []
+    # a symlink inside an allowed place that leads out of it is judged by its target
+    (tmp_path / "log").symlink_to("/etc")
+    refused = standby_refusals(xml, ["/var/lib/mirror", str(tmp_path)])
+    assert refused and "<serial>" in refused[0]

@@ -44,6 +44,21 @@ def test_keygen_writes_a_secret_file_0600_and_prints_the_public_key(tmp_path: Pa
     assert keys.load_secret(secret) == (pub, sec)
 
 
+def test_keygen_dir_that_is_a_file_is_one_clear_line(tmp_path: Path) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    for target, says in ((afile, "is not a directory"), (afile / "sub", "cannot make the key")):
+        run = subprocess.run(
+            [sys.executable, "-m", "mirror", "keygen", "--dir", str(target)],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 2
+        assert run.stderr.startswith("mirror: error: ") and says in run.stderr, run.stderr
+        assert "Errno" not in run.stderr and len(run.stderr.splitlines()) == 1
+    assert afile.read_text() == "x"
+
+
 def test_a_pair_without_keys_refuses_and_says_how_to_make_them(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"secret_key and peer_public_key not set.*mirror keygen"):
         keys.load(Config())

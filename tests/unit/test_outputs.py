@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
+import pytest
+
+from mirror.config import CheckpointConfig
 from mirror.guests.base import GuestOutput
+from mirror.replication import pagediff as pd
+from mirror.replication import wire
+from mirror.replication.checkpoint import CheckpointEngine
 from mirror.replication.outputs import ObserverSink, OutputBuffer
 
 
@@ -89,3 +96,64 @@ def test_going_unprotected_releases_the_held_outputs_before_any_new_one():
     releasing.join(5)
     adder.join(5)
     assert sent == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_epoch_not_yet_ended_is_never_released():
+    sent: list[int] = []
+    buf = OutputBuffer(lambda outs: sent.extend(o.seq for o in outs))
+    buf.add(out(1))
+    buf.close_epoch()  # epoch 1 ended; epoch 2 runs
+    buf.add(out(2))
+    with pytest.raises(ValueError, match="has not ended"):
+        buf.release_through(2)
+    assert sent == [] and buf.held == 2
+    assert buf.release_through(1) == 1 and sent == [1]
+
+
+class _Guest:
+    """Just what the engine touches in a checkpoint: RAM, pause/resume, a state."""
+
+    kind = "synthetic"
+    disk = None
+
+    def __init__(self, npages: int) -> None:
+        self.ram = pd.alloc_pages(npages)
+
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+
+    def save_state(self) -> bytes:
+        return b"state"
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.sent: list[wire.Message] = []
+        self.committed = [0]
+        self.session = [0]
+
+    def send(self, msg: wire.Message) -> None:
+        self.sent.append(msg)
+
+
+def test_the_engine_refuses_an_ack_of_a_checkpoint_it_never_sent(caplog):
+    sent: list[int] = []
+    outputs = OutputBuffer(lambda outs: sent.extend(o.seq for o in outs))
+    guest, link = _Guest(16), _Link()
+    engine = CheckpointEngine(
+        guest, link, CheckpointConfig(scan="hashed"), outputs,  # type: ignore[arg-type]
+        pair="p", generation=1, node="a",
+    )  # fmt: skip
+    engine.session = 7
+    outputs.add(out(1))
+    engine.checkpoint()  # checkpoint 1 (epoch 1's output) sent
+    outputs.add(out(2))  # epoch 2, in no checkpoint
+    assert [m.epoch for m in link.sent] == [1]  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING):
+        engine.on_reply(wire.Ack(7, 2, 0))  # a checkpoint never sent
+        engine.on_reply(wire.Ack(7, 1000, 0))
+    assert sent == [] and engine.acked == 0 and outputs.held == 2
+    assert engine.bogus_acks == 2 and link.committed[0] == 0
+    assert '"event": "ack-refused"' in caplog.text
+    engine.on_reply(wire.Ack(7, 1, 0))  # the real one still counts
+    assert sent == [1] and engine.acked == 1 and 1 not in engine.in_flight
