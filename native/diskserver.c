@@ -922,7 +922,8 @@ static void cmd_replicate(const char *host, const char *port, uint64_t first, in
         read_until(fd, &a, sizeof a, dl) || le32toh(a.magic) != REC_MAGIC || le32toh(a.type) != R_HELLO ||
         le64toh(a.len) != sizeof mac || read_until(fd, mac, sizeof mac, dl)) {
         close(fd);
-        snprintf(out, outlen, "err the replica at %s:%s did not take the stream (its log says why)", host, port);
+        snprintf(out, outlen, "err the replica at %s:%s did not take our HELLO: its session key differs (it has not "
+                 "taken this pairing session, or it is not this pair's standby; its log says why)", host, port);
         return;
     }
     uint64_t verdict = le64toh(a.offset);
