@@ -884,7 +884,7 @@ static int connect_tcp(const char *host, const char *port, char *err, size_t err
 
 /* `replicate HOST PORT FIRST_EPOCH [resync]`: start the stream and the live copy: the
    whole disk, or with `resync` only the blocks B's replica lacks (B must answer that
-   its replica is this disk server's as of a commit: same pair, generation and sid) */
+   its replica is this disk server's as of a commit: same pair and sid, in any generation) */
 static void cmd_replicate(const char *host, const char *port, uint64_t first, int resync, char *out, size_t outlen) {
     if (S.role != PRIMARY) { snprintf(out, outlen, "err not a primary"); return; }
     pthread_mutex_lock(&S.stream_mu);
@@ -915,7 +915,8 @@ static void cmd_replicate(const char *host, const char *port, uint64_t first, in
     if (RAND_bytes(na, sizeof na) != 1) { close(fd); snprintf(out, outlen, "err no random bytes for the stream"); return; }
     int n = snprintf(hello, sizeof hello, "%s %016" PRIx64 " %s %s ", S.pair, S.sid, resync ? "resync" : "copy",
                      S.plain ? "plain" : "aes-256-gcm");
-    for (int i = 0; i < 32 && n + 2 < (int)sizeof hello - 32; i++) n += sprintf(hello + n, "%02x", na[i]);
+    if (n < 0 || n + 64 >= (int)sizeof hello) { close(fd); snprintf(out, outlen, "err the pair's name is too long for the stream's HELLO"); return; }
+    for (int i = 0; i < 32; i++) n += sprintf(hello + n, "%02x", na[i]);
     struct rec h = {htole32(REC_MAGIC), htole32(R_HELLO), htole64(gen), htole64(S.size), htole64((uint64_t)n + 32)};
     hello_mac(key, nb, &h, hello, (size_t)n, mac);
     if (write_full(fd, &h, sizeof h) || write_full(fd, hello, (size_t)n) || write_full(fd, mac, sizeof mac) ||
@@ -1071,14 +1072,22 @@ static int meta_clear(void) {
     return 0;
 }
 
-static int meta_matches(uint64_t gen, uint64_t sid) {
+/* the replica holds the disk of the primary disk server `sid` of this pair (its life: a
+   later generation of the same server resyncs; a promoted or restarted one has another) */
+static int meta_matches(uint64_t sid) {
     char want[512], got[512] = "";
-    snprintf(want, sizeof want, "%s %" PRIu64 " %016" PRIx64 "\n", S.pair, gen, sid);
+    uint64_t gen = 0, had = 0;
+    int at = 0;
+    snprintf(want, sizeof want, "%s ", S.pair);
     int fd = open(S.meta_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return 0;
     ssize_t n = read(fd, got, sizeof got - 1);
     close(fd);
-    return n > 0 && (got[n] = 0, !strcmp(got, want));
+    if (n <= 0) return 0;
+    got[n] = 0;
+    return !strncmp(got, want, strlen(want)) &&
+           sscanf(got + strlen(want), "%" SCNu64 " %" SCNx64 "%n", &gen, &had, &at) == 2 && got[strlen(want) + at] == '\n' &&
+           had == sid && gen >= 1;
 }
 
 static void meta_write(void) {
@@ -1189,7 +1198,7 @@ static const char *receive(struct hs *x) {
     pthread_mutex_lock(&S.mu);
     if (x->hsize != S.size) refused = "the primary's disk size differs from this replica's", verdict = 3;
     else if (x->hgen != S.generation) refused = "HELLO of another generation than this replica's (its agent's, the arbiter's)", verdict = 2;
-    else if (x->resync && !meta_matches(S.generation, x->sid))
+    else if (x->resync && !meta_matches(x->sid))
         refused = "a resync, but this replica does not hold that primary's disk (it needs a full copy)", verdict = 1;
     pthread_mutex_unlock(&S.mu);
     if (!refused && !x->resync && meta_clear())
