@@ -79,7 +79,8 @@ def _attack(port: int, size: int, how: str, generation: int = 1) -> bytes:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         first = _old_hello(size, generation)
     else:
-        s, verdict = sw.hello(port, os.urandom(32), HELLO_TEXT, size, generation=generation)
+        s, verdict = sw.hello(port, os.urandom(32), HELLO_TEXT, size, generation=generation,
+                              cipher="aes-256-gcm")  # (B's cipher: only the key is wrong)
         assert verdict is None, "the replica answered a HELLO that does not prove the key"
         first = b""
     got = b""
@@ -167,9 +168,9 @@ def test_a_queued_strangers_hello_does_not_fire_at_the_primarys_death(
             s = socket.create_connection(("127.0.0.1", h.port), timeout=5)
             if how == "plain":
                 s.sendall(_old_hello(h.size))
-            else:  # a full HELLO under a wrong key, then a disk copy, all queued
-                s.recv(64)
-                s.sendall(sw.rec(sw.HELLO, 1, h.size, 80) + b"killpair 01 copy " + os.urandom(63))
+            else:  # a well-formed HELLO under a wrong key, then a disk copy, all queued
+                text = f"{HELLO_TEXT} aes-256-gcm {os.urandom(32).hex()}".encode()
+                s.sendall(sw.rec(sw.HELLO, 1, h.size, len(text) + 32) + text + os.urandom(32))
             with contextlib.suppress(OSError):
                 s.sendall(_stranger_records(h.size)[: 1 << 16])
             socks.append(s)
