@@ -286,8 +286,6 @@ static double now_ms(void) {
     return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
 }
 
-/* ---- primary: the stream to B ------------------------------------------------- */
-
 /* ---- the stream's keys: handshake MACs, record AEAD ------------------------------ */
 
 static void hmac256(const unsigned char *key, const void *msg, size_t n, unsigned char out[32]) {
@@ -430,6 +428,8 @@ int mirror_disk_session_key(const unsigned char *secret, const unsigned char *pe
     OPENSSL_cleanse(shared, sizeof shared);
     return 0;
 }
+
+/* ---- primary: the stream to B ------------------------------------------------- */
 
 /* a switch of the disk's path (stream_mu held); readers check storage_seq around a local read */
 static void set_storage(enum storage st) {
