@@ -46,8 +46,9 @@
  * direction) and counter nonces: the 32-byte header is the associated data,
  * the data is encrypted, a 16-byte tag follows every record.  B takes the
  * generation from its own agent only (a HELLO of another is refused), runs
- * every handshake in its own thread under a deadline (at most HS_MAX at once),
- * and an authenticated stream replaces the one before it.
+ * every handshake in its own thread under a deadline (at most HS_MAX at once: a
+ * new connection evicts the oldest), and an authenticated stream replaces the
+ * one before it.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -206,7 +207,9 @@ static struct {
     struct chan tx;           /* primary: records to B (stream_mu) */
     unsigned char *txbuf;     /* primary: a sealed record (stream_mu) */
     size_t txcap;
-    int hs_busy;              /* replica: handshakes in progress (mu) */
+    int hs_threads;           /* replica: handshake threads alive (mu) */
+    struct { int fd; uint64_t seq; } hs_slot[HS_MAX]; /* handshakes in progress (mu; seq 0: free) */
+    uint64_t hs_seq, hs_evicted;
     uint64_t takeover, preempt, hs_refused, max_pending; /* (mu) */
 } S;
 
@@ -1137,7 +1140,7 @@ static int rec_has_data(uint32_t type) { return type == R_WRITE || type == R_SYN
 
 /* one connection's handshake (no lock held): B's challenge, A's HELLO and its MAC under the
    session key; NULL and the channels if it proves the key, else why not (logged) */
-struct hs { int fd; unsigned char nb[32], na[32], key[32]; int resync; uint64_t sid, hsize, hgen; struct chan rx, tx; };
+struct hs { int fd, slot; uint64_t seq; unsigned char nb[32], na[32], key[32]; int resync; uint64_t sid, hsize, hgen; struct chan rx, tx; };
 
 static const char *handshake(struct hs *x) {
     struct rec c = {htole32(REC_MAGIC), htole32(R_HELLO), 0, 0, htole64(32)}, r;
@@ -1306,7 +1309,9 @@ static void *conn_stream_thread(void *arg) {
     setsockopt(x->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     const char *why = handshake(x);
     pthread_mutex_lock(&S.mu);
-    S.hs_busy--;
+    S.hs_threads--;
+    if (S.hs_slot[x->slot].seq == x->seq) S.hs_slot[x->slot].seq = 0; /* (its fd is ours to close) */
+    else if (!why) why = "evicted by newer connections before it proved the key";
     if (why) {
         uint64_t k = ++S.hs_refused;
         pthread_mutex_unlock(&S.mu);
@@ -1354,18 +1359,33 @@ static void *stream_thread(void *arg) {
             close(S.listen_fd); /* promoted: no more streams to take */
             return NULL;
         }
+        /* at most HS_MAX handshakes at once: a new connection evicts the oldest (a stranger's
+           idle connections cannot keep the primary's out: they would have to outnumber
+           HS_MAX within its handshake's round trip); evicted threads end at once */
+        struct hs *x = calloc(1, sizeof *x);
         pthread_mutex_lock(&S.mu);
-        int busy = S.role != REPLICA || S.hs_busy >= HS_MAX;
-        if (!busy) S.hs_busy++;
-        else if (S.role == REPLICA) S.hs_refused++;
+        int slot = -1;
+        if (x && S.role == REPLICA && S.hs_threads < 4 * HS_MAX) {
+            for (int i = 0; i < HS_MAX && slot < 0; i++) if (!S.hs_slot[i].seq) slot = i;
+            if (slot < 0) {
+                slot = 0;
+                for (int i = 1; i < HS_MAX; i++) if (S.hs_slot[i].seq < S.hs_slot[slot].seq) slot = i;
+                shutdown(S.hs_slot[slot].fd, SHUT_RDWR);
+                S.hs_evicted++;
+            }
+            S.hs_slot[slot].fd = fd, S.hs_slot[slot].seq = ++S.hs_seq;
+            x->fd = fd, x->slot = slot, x->seq = S.hs_seq;
+            S.hs_threads++;
+        } else if (S.role == REPLICA) {
+            S.hs_refused++;
+        }
         pthread_mutex_unlock(&S.mu);
-        struct hs *x = busy ? NULL : calloc(1, sizeof *x);
         pthread_t t;
-        if (!x) { close(fd); continue; } /* (too many handshakes at once: each ends by its deadline) */
-        x->fd = fd;
+        if (slot < 0) { close(fd); free(x); continue; }
         if (pthread_create(&t, NULL, conn_stream_thread, x)) {
             pthread_mutex_lock(&S.mu);
-            S.hs_busy--;
+            S.hs_threads--;
+            if (S.hs_slot[slot].seq == x->seq) S.hs_slot[slot].seq = 0;
             pthread_mutex_unlock(&S.mu);
             close(fd);
             free(x);
@@ -1741,7 +1761,8 @@ static void cmd_status(char *out, size_t outlen) {
              ",\"storage_peer\":\"%s\",\"failovers\":%" PRIu64 ",\"switchbacks\":%" PRIu64 ",\"dirty_local\":%" PRIu64
              ",\"resynced_local\":%" PRIu64 ",\"remote_reads\":%" PRIu64 ",\"known\":%s,\"dirty_peer\":%" PRIu64
              ",\"resync_blocks\":%" PRIu64 ",\"copy_pending\":%s,\"generation\":%" PRIu64 ",\"session_key\":%s"
-             ",\"cipher\":\"%s\",\"refused_connections\":%" PRIu64 ",\"max_pending\":%" PRIu64 "}",
+             ",\"cipher\":\"%s\",\"refused_connections\":%" PRIu64 ",\"evicted_handshakes\":%" PRIu64
+             ",\"max_pending\":%" PRIu64 "}",
              S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
              S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
              S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
@@ -1750,7 +1771,7 @@ static void cmd_status(char *out, size_t outlen) {
              S.storage_err, S.peer_host, S.failovers, S.switchbacks, bm_count(S.dirty_local), S.resynced_local,
              S.remote_reads, S.known ? "true" : "false", bm_count(S.dirty_peer), S.resync_blocks,
              S.copy_pending ? "true" : "false", S.generation, S.have_key ? "true" : "false",
-             S.plain ? "plain" : "aes-256-gcm", S.hs_refused, S.max_pending);
+             S.plain ? "plain" : "aes-256-gcm", S.hs_refused, S.hs_evicted, S.max_pending);
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_unlock(&S.stream_mu);
 }

@@ -239,12 +239,13 @@ def test_a_primary_with_another_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_idle_connections_do_not_block_the_primarys_pairing(tmp_path: Path) -> None:
-    """Strangers hold idle connections to B's port (one says nothing, one stops halfway
-    through its HELLO): the primary's copy starts at once, not after they time out."""
+    """Strangers hold 40 idle connections to B's port (more than the 16 handshakes B runs
+    at once; half say nothing, half stop halfway through a HELLO): the primary's copy
+    starts at once, not after they time out."""
     h = Harness(tmp_path, seed=2)
     idle: list[socket.socket] = []
     try:
-        for i in range(4):
+        for i in range(40):
             s = socket.create_connection(("127.0.0.1", h.port), timeout=5)
             if i % 2:
                 s.sendall(sw.rec(sw.HELLO, 1, h.size, 100)[:20])
@@ -252,6 +253,7 @@ def test_idle_connections_do_not_block_the_primarys_pairing(tmp_path: Path) -> N
         t0 = time.monotonic()
         h.sync()
         assert time.monotonic() - t0 < 2.5, "the primary waited for the idle connections"
+        assert h.b.status()["evicted_handshakes"] >= 24
         assert h.checkpoint()
         h.b.commit(1)
         assert differing_blocks(h.b_img.read_bytes(), h.snaps[1]) == 0
