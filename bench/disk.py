@@ -13,12 +13,18 @@ Sizes: 4 KiB writes at queue depth 1 and 16, 1 MiB writes at QD1, 4 KiB reads at
 The barrier's cost: the time of each ``barrier N`` call (the whole control round
 trip from the agent's Python, what the pause gains), p50 and p99, while path 3 runs.
 Ratios printed: replicated / unreplicated, replicated / local.
+
+Path 3 runs twice in the same run: the stream under AES-256-GCM (what a pair runs)
+and with plain records (``--test-plain-stream``, both ends; the handshake is the
+same), and the encryption's cost is printed as their ratio, with the initial
+copy's rate (MiB/s) of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -29,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mirror.guests.disk import DiskServer, DiskSpec
+from mirror.guests.disk import DiskServer, DiskSpec, session_key
 from mirror.hoststate import percentile
 
 CASES = [  # name, qemu-img bench arguments, operations
@@ -48,6 +54,19 @@ def qemu_img_bench(target: str, args: list[str], count: int, fmt: str = "raw") -
     if not m:
         raise RuntimeError(f"qemu-img bench printed no time: {out[-300:]}")
     return count / float(m.group(1))
+
+
+KEY = session_key(None, None, "bench", 1, 1)  # any 32 bytes: both ends hold the same
+
+
+def cpu_s(*pids: int) -> float:
+    """User + system CPU seconds of these processes so far (robust to a loaded machine,
+    unlike the wall-clock rates)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -78,6 +97,46 @@ class Checkpoints(threading.Thread):
             self.b.commit(self.epoch)
 
 
+def replicated(root: Path, url: str, size: int, plain: bool) -> dict[str, Any]:
+    """Path 3 (to a new replica): the copy's rate, each case's rate, the barrier's cost."""
+    name = "plain" if plain else "aes"
+    port = free_port()
+    b = DiskServer(DiskSpec(root / f"b-{name}.img", size, root / f"b-{name}", "bench",
+                            listen=f"127.0.0.1:{port}", journal=root / f"b-{name}.journal",
+                            journal_bytes=512 << 20, session_key=KEY,
+                            plain_stream=plain))  # fmt: skip
+    a = None
+    try:  # the primary on the same image (and NBD socket), with this record cipher
+        a = DiskServer(DiskSpec(root / "a.img", size, root / "a", "bench", session_key=KEY,
+                                plain_stream=plain))  # fmt: skip
+        t, c0 = time.perf_counter(), cpu_s(a.pid, b.pid)
+        a.replicate("127.0.0.1", port, 1)
+        a.wait_synced()
+        copy_mib_s = (size >> 20) / (time.perf_counter() - t)
+        copy_cpu_ms = (cpu_s(a.pid, b.pid) - c0) * 1000 / (size >> 20)
+        cps = Checkpoints(a, b)
+        cps.start()
+        c1, w1 = cpu_s(a.pid, b.pid), a.status()["write_bytes"]
+        ops = {n: qemu_img_bench(url, a2, c) for n, a2, c in CASES}
+        written_mib = (a.status()["write_bytes"] - w1) / (1 << 20)
+        cases_cpu_ms = (cpu_s(a.pid, b.pid) - c1) * 1000 / max(written_mib, 1)
+        cps.halt.set()
+        cps.join(5)
+        return {
+            "ops": ops,
+            "copy_mib_s": round(copy_mib_s, 1),
+            "copy_cpu_ms_per_mib": round(copy_cpu_ms, 2),
+            "cases_cpu_ms_per_mib": round(cases_cpu_ms, 2),
+            "checkpoints": len(cps.barrier_ms),
+            "barrier_ms_p50": round(percentile(cps.barrier_ms, 50), 3),
+            "barrier_ms_p99": round(percentile(cps.barrier_ms, 99), 3),
+        }
+    finally:
+        if a is not None:
+            a.close()
+        b.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.disk", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -90,49 +149,52 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="mirror-bench-disk-", dir=args.dir))
     size = args.mib << 20
     results: dict[str, dict[str, float]] = {}
-    barrier: dict[str, float] = {}
+    runs: dict[str, dict[str, Any]] = {}
     try:
         local = root / "local.img"
         with open(local, "wb") as f:
             f.truncate(size)
         results["local"] = {n: qemu_img_bench(str(local), a, c) for n, a, c in CASES}
         a = DiskServer(DiskSpec(root / "a.img", size, root / "a", "bench"))
+        url = f"nbd+unix:///?socket={a.spec.nbd_path}"
         try:
-            url = f"nbd+unix:///?socket={a.spec.nbd_path}"
             results["served"] = {n: qemu_img_bench(url, a2, c) for n, a2, c in CASES}
-            port = free_port()
-            b = DiskServer(DiskSpec(root / "b.img", size, root / "b", "bench",
-                                    listen=f"127.0.0.1:{port}", journal=root / "b.journal",
-                                    journal_bytes=512 << 20))  # fmt: skip
-            try:
-                a.replicate("127.0.0.1", port, 1)
-                a.wait_synced()
-                cps = Checkpoints(a, b)
-                cps.start()
-                results["replicated"] = {n: qemu_img_bench(url, a2, c) for n, a2, c in CASES}
-                cps.halt.set()
-                cps.join(5)
-                barrier = {
-                    "checkpoints": len(cps.barrier_ms),
-                    "barrier_ms_p50": round(percentile(cps.barrier_ms, 50), 3),
-                    "barrier_ms_p99": round(percentile(cps.barrier_ms, 99), 3),
-                }
-            finally:
-                b.close()
         finally:
             a.close()
+        for plain in (False, True):  # each starts its own primary on a.img, and replica
+            runs["plain" if plain else "aes"] = replicated(root, url, size, plain)
+        results["replicated"] = runs["aes"]["ops"]
+        results["replicated_plain"] = runs["plain"]["ops"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{'case':<16}{'local':>12}{'served':>12}{'replicated':>12}{'repl/served':>13}"
-          f"{'repl/local':>12}   (operations/s; qemu-img bench, raw, {args.mib} MiB)")  # fmt: skip
+    print(f"{'case':<16}{'local':>12}{'served':>12}{'replicated':>12}{'plain rec.':>12}"
+          f"{'repl/served':>13}{'aes/plain':>11}   (operations/s; qemu-img bench, raw, "
+          f"{args.mib} MiB)")  # fmt: skip
     for name, _, _ in CASES:
-        loc, srv, rep = (results[p][name] for p in ("local", "served", "replicated"))
-        print(f"{name:<16}{loc:>12.0f}{srv:>12.0f}{rep:>12.0f}{rep / srv:>13.2f}{rep / loc:>12.2f}")
-    print(
-        f"barrier in the pause: p50 {barrier['barrier_ms_p50']} ms, p99 "
-        f"{barrier['barrier_ms_p99']} ms over {barrier['checkpoints']} checkpoints at 20/s"
-    )
-    out: dict[str, Any] = {"mib": args.mib, "ops_per_s": results, **barrier}
+        loc, srv, rep, unenc = (results[p][name] for p in ("local", "served", "replicated",
+                                                          "replicated_plain"))  # fmt: skip
+        print(f"{name:<16}{loc:>12.0f}{srv:>12.0f}{rep:>12.0f}{unenc:>12.0f}{rep / srv:>13.2f}"
+              f"{rep / unenc:>11.2f}")  # fmt: skip
+    aes, pln = runs["aes"], runs["plain"]
+    print(f"initial copy: {aes['copy_mib_s']} MiB/s under AES-256-GCM, {pln['copy_mib_s']} MiB/s "
+          f"plain ({aes['copy_mib_s'] / pln['copy_mib_s']:.2f}x); CPU of both disk servers per "
+          f"MiB copied: {aes['copy_cpu_ms_per_mib']} ms, {pln['copy_cpu_ms_per_mib']} ms plain "
+          f"(wall-clock rates vary with the load; the CPU is the cipher's cost)")  # fmt: skip
+    print(f"the cases (mostly 4 KiB writes; reads too): CPU of both disk servers per MiB the "
+          f"guest wrote: {aes['cases_cpu_ms_per_mib']} ms under AES-256-GCM, "
+          f"{pln['cases_cpu_ms_per_mib']} ms plain")  # fmt: skip
+    for k, r in (("AES-256-GCM", aes), ("plain records", pln)):
+        print(f"barrier in the pause ({k}): p50 {r['barrier_ms_p50']} ms, p99 "
+              f"{r['barrier_ms_p99']} ms over {r['checkpoints']} checkpoints at 20/s")  # fmt: skip
+    out: dict[str, Any] = {"mib": args.mib, "ops_per_s": results,
+                           "copy_mib_s": {"aes": aes["copy_mib_s"], "plain": pln["copy_mib_s"]},
+                           "copy_cpu_ms_per_mib": {"aes": aes["copy_cpu_ms_per_mib"],
+                                                   "plain": pln["copy_cpu_ms_per_mib"]},
+                           "cases_cpu_ms_per_mib": {"aes": aes["cases_cpu_ms_per_mib"],
+                                                    "plain": pln["cases_cpu_ms_per_mib"]},
+                           **{k: aes[k] for k in ("checkpoints", "barrier_ms_p50",
+                                                  "barrier_ms_p99")},
+                           "plain_barrier_ms_p50": pln["barrier_ms_p50"]}  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -13,7 +13,11 @@ import os
 from cffi import FFI
 
 ffibuilder = FFI()
-ffibuilder.cdef("int mirror_diskserver_main(int argc, char **argv);")
+ffibuilder.cdef(
+    "int mirror_diskserver_main(int argc, char **argv);\n"
+    "int mirror_disk_session_key(const unsigned char *secret, const unsigned char *peer,"
+    " const unsigned char *ctx, size_t n, unsigned char *out);"
+)
 ffibuilder.set_source(
     "mirror._diskserver",
     '#include "diskserver.h"',
@@ -27,7 +31,7 @@ ffibuilder.set_source(
         "-pthread",
         *os.environ.get("MIRROR_NATIVE_CFLAGS", "").split(),
     ],
-    libraries=["pthread"],
+    libraries=["pthread", "crypto"],  # OpenSSL: the stream's AES-256-GCM and HMAC
 )
 
 if __name__ == "__main__":

@@ -34,6 +34,21 @@
  * Every record from the network is checked (type, epoch order, bounds, size);
  * a bad one drops the stream and is logged.  Control commands are lines of
  * text on a unix socket; each answer is one line ("ok ..." or "err ...").
+ *
+ * The stream is under the pair's keys (docs/security.md): the agent hands each
+ * server the pairing session's key and the pair's generation on the control
+ * socket (`session KEYHEX GENERATION`; the key is derived by both agents from
+ * their CurveZMQ key pairs and the interconnect session).  B opens every
+ * connection with a random challenge; A's HELLO carries an HMAC-SHA256 under
+ * the session key over the challenge and the HELLO; B's answer carries one
+ * over both nonces and its verdict.  Records then go under AES-256-GCM with
+ * per-connection keys (HMAC of the session key and both nonces, one per
+ * direction) and counter nonces: the 32-byte header is the associated data,
+ * the data is encrypted, a 16-byte tag follows every record.  B takes the
+ * generation from its own agent only (a HELLO of another is refused), runs
+ * every handshake in its own thread under a deadline (at most HS_MAX at once: a
+ * new connection evicts the oldest), and an authenticated stream replaces the
+ * one before it.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -44,6 +59,11 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -93,6 +113,15 @@ struct rec {
     uint64_t epoch, offset, len;
 };
 #define SYNC_CHUNK (1u << 20)
+#define TAG 16          /* AES-256-GCM tag after every record */
+#define HS_MAX 16       /* handshakes in progress at once on a replica */
+#define HS_MS 3000      /* a handshake's deadline */
+
+struct chan { /* one direction of an authenticated stream */
+    EVP_CIPHER_CTX *ctx; /* NULL: plain records (tests and benches only) */
+    uint64_t ctr;        /* the next record's nonce */
+    int enc;
+};
 
 enum role { PRIMARY, REPLICA };
 enum storage { LOCAL, REMOTE, SUSPENDED }; /* where the primary's disk I/O goes */
@@ -172,6 +201,16 @@ static struct {
     const char *meta_path;
     int meta_written;
     uint64_t hello_sid;
+    /* the pair's session (control `session`): stream_mu and mu both held to change */
+    unsigned char key[32];
+    int have_key, plain;      /* plain: --test-plain-stream, records without AEAD */
+    struct chan tx;           /* primary: records to B (stream_mu) */
+    unsigned char *txbuf;     /* primary: a sealed record (stream_mu) */
+    size_t txcap;
+    int hs_threads;           /* replica: handshake threads alive (mu) */
+    struct { int fd; uint64_t seq; } hs_slot[HS_MAX]; /* handshakes in progress (mu; seq 0: free) */
+    uint64_t hs_seq, hs_evicted;
+    uint64_t takeover, preempt, hs_refused, max_pending; /* (mu) */
 } S;
 
 static void logmsg(const char *fmt, ...) {
@@ -250,6 +289,149 @@ static double now_ms(void) {
     return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
 }
 
+/* ---- the stream's keys: handshake MACs, record AEAD ------------------------------ */
+
+static void hmac256(const unsigned char *key, const void *msg, size_t n, unsigned char out[32]) {
+    unsigned int l = 32;
+    HMAC(EVP_sha256(), key, 32, msg, n, out, &l);
+}
+
+/* a per-connection key: HMAC(session key, label || B's nonce || A's nonce) */
+static void conn_key(const unsigned char *key, const char *label, const unsigned char *nb, const unsigned char *na,
+                     unsigned char out[32]) {
+    unsigned char m[80];
+    memset(m, 0, 16);
+    memcpy(m, label, strlen(label) < 16 ? strlen(label) : 16);
+    memcpy(m + 16, nb, 32);
+    memcpy(m + 48, na, 32);
+    hmac256(key, m, sizeof m, out);
+}
+
+static void chan_free(struct chan *c) {
+    if (c->ctx) EVP_CIPHER_CTX_free(c->ctx);
+    c->ctx = NULL;
+    c->ctr = 0;
+}
+
+static int chan_init(struct chan *c, const unsigned char key[32], int enc, int plain) {
+    chan_free(c);
+    c->enc = enc;
+    if (plain) return 0;
+    c->ctx = EVP_CIPHER_CTX_new();
+    if (!c->ctx) return -1;
+    if (enc ? !EVP_EncryptInit_ex(c->ctx, EVP_aes_256_gcm(), NULL, key, NULL)
+            : !EVP_DecryptInit_ex(c->ctx, EVP_aes_256_gcm(), NULL, key, NULL)) { chan_free(c); return -1; }
+    return 0;
+}
+
+static void chan_iv(struct chan *c, unsigned char iv[12]) {
+    uint64_t n = htole64(c->ctr++);
+    memset(iv, 0, 4);
+    memcpy(iv + 4, &n, 8);
+}
+
+/* header (associated data) and n bytes of data into out: header, ciphertext, tag; its length */
+static size_t seal(struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *out) {
+    memcpy(out, h, sizeof *h);
+    if (!c->ctx) { if (n) memcpy(out + sizeof *h, data, n); return sizeof *h + n; }
+    unsigned char iv[12];
+    int l;
+    chan_iv(c, iv);
+    EVP_EncryptInit_ex(c->ctx, NULL, NULL, NULL, iv);
+    EVP_EncryptUpdate(c->ctx, NULL, &l, (const unsigned char *)h, sizeof *h);
+    if (n) EVP_EncryptUpdate(c->ctx, out + sizeof *h, &l, data, (int)n);
+    EVP_EncryptFinal_ex(c->ctx, out + sizeof *h + n, &l);
+    EVP_CIPHER_CTX_ctrl(c->ctx, EVP_CTRL_GCM_GET_TAG, TAG, out + sizeof *h + n);
+    return sizeof *h + n + TAG;
+}
+
+/* one sealed record to fd (buf: room for the record; the caller's own) */
+static int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf) {
+    return write_full(fd, buf, seal(c, h, data, n, buf));
+}
+
+/* after the header h: n bytes of data (to buf, decrypted in place) and the tag; 0 if they
+   are intact and in order, -1 if the connection ended, -2 if they fail the check */
+static int open_rec(int fd, struct chan *c, const struct rec *h, unsigned char *buf, size_t n) {
+    unsigned char tag[TAG], iv[12];
+    if ((n && read_full(fd, buf, n)) || (c->ctx && read_full(fd, tag, TAG))) return -1;
+    if (!c->ctx) return 0;
+    int l;
+    chan_iv(c, iv);
+    EVP_DecryptInit_ex(c->ctx, NULL, NULL, NULL, iv);
+    EVP_DecryptUpdate(c->ctx, NULL, &l, (const unsigned char *)h, sizeof *h);
+    if (n) EVP_DecryptUpdate(c->ctx, buf, &l, buf, (int)n);
+    EVP_CIPHER_CTX_ctrl(c->ctx, EVP_CTRL_GCM_SET_TAG, TAG, tag);
+    return EVP_DecryptFinal_ex(c->ctx, buf + n, &l) > 0 ? 0 : -2;
+}
+
+/* read n bytes before an absolute deadline (now_ms) */
+static int read_until(int fd, void *buf, size_t n, double deadline) {
+    char *p = buf;
+    while (n) {
+        int left = (int)(deadline - now_ms());
+        if (left <= 0) return -1;
+        struct pollfd pf = {fd, POLLIN, 0};
+        int pr = poll(&pf, 1, left);
+        if (pr < 0 && errno == EINTR) continue;
+        if (pr <= 0) return -1;
+        ssize_t r = recv(fd, p, n, MSG_DONTWAIT);
+        if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        if (r <= 0) return -1;
+        p += r, n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* the HELLO's MAC: over B's challenge, the header and the text */
+static void hello_mac(const unsigned char *key, const unsigned char *nb, const struct rec *h, const char *text,
+                      size_t n, unsigned char out[32]) {
+    unsigned char full[32 + 32 + sizeof *h + 256];
+    memset(full, 0, 32);
+    memcpy(full, "mirror-disk-hello", 17);
+    memcpy(full + 32, nb, 32);
+    memcpy(full + 64, h, sizeof *h);
+    memcpy(full + 64 + sizeof *h, text, n);
+    hmac256(key, full, 64 + sizeof *h + n, out);
+}
+
+/* B's answer's MAC: over both nonces and the verdict */
+static void answer_mac(const unsigned char *key, const unsigned char *nb, const unsigned char *na, uint64_t verdict,
+                       unsigned char out[32]) {
+    unsigned char m[32 + 64 + 8];
+    memset(m, 0, 32);
+    memcpy(m, "mirror-disk-answer", 18);
+    memcpy(m + 32, nb, 32);
+    memcpy(m + 64, na, 32);
+    uint64_t v = htole64(verdict);
+    memcpy(m + 96, &v, 8);
+    hmac256(key, m, sizeof m, out);
+}
+
+/* for the agents (cffi): the session key both ends of a pair derive on their own, from
+   X25519 of this host's secret and the peer's public key (both NULL: insecure mode, no
+   secret) and ctx (pair, generation, interconnect session): HMAC-SHA256(shared, ctx) */
+int mirror_disk_session_key(const unsigned char *secret, const unsigned char *peer, const unsigned char *ctx,
+                            size_t n, unsigned char *out) {
+    unsigned char shared[32] = {0};
+    if (secret && peer) {
+        size_t sl = sizeof shared;
+        EVP_PKEY *sk = EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, NULL, secret, 32);
+        EVP_PKEY *pk = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, peer, 32);
+        EVP_PKEY_CTX *pc = sk ? EVP_PKEY_CTX_new(sk, NULL) : NULL;
+        int ok = pc && pk && EVP_PKEY_derive_init(pc) > 0 && EVP_PKEY_derive_set_peer(pc, pk) > 0 &&
+                 EVP_PKEY_derive(pc, shared, &sl) > 0 && sl == 32;
+        EVP_PKEY_CTX_free(pc);
+        EVP_PKEY_free(pk);
+        EVP_PKEY_free(sk);
+        if (!ok) return -1;
+    }
+    unsigned int l = 32;
+    if (!HMAC(EVP_sha256(), shared, 32, ctx, n, out, &l)) return -1;
+    OPENSSL_cleanse(shared, sizeof shared);
+    return 0;
+}
+
 /* ---- primary: the stream to B ------------------------------------------------- */
 
 /* a switch of the disk's path (stream_mu held); readers check storage_seq around a local read */
@@ -281,7 +463,14 @@ static void peer_lost(const char *why) { /* stream_mu held */
 static void stream_send(uint32_t type, uint64_t epoch, uint64_t off, uint64_t len, const void *data) {
     if (S.peer < 0) return;
     struct rec r = {htole32(REC_MAGIC), htole32(type), htole64(epoch), htole64(off), htole64(len)};
-    if (write_full(S.peer, &r, sizeof r) || (data && len && write_full(S.peer, data, len)))
+    size_t n = data ? len : 0;
+    if (S.txcap < sizeof r + n + TAG) {
+        free(S.txbuf);
+        S.txcap = sizeof r + (n > SYNC_CHUNK ? n : SYNC_CHUNK) + TAG;
+        S.txbuf = malloc(S.txcap);
+        if (!S.txbuf) { S.txcap = 0; peer_lost("out of memory for a record"); return; }
+    }
+    if (send_sealed(S.peer, &S.tx, &r, data, n, S.txbuf))
         peer_lost(errno == EAGAIN || errno == EWOULDBLOCK
                       ? "the replica stopped reading (its journal is full with one epoch)"
                       : strerror(errno));
@@ -352,7 +541,7 @@ static void cmd_committed(uint64_t n, char *out, size_t outlen) {
     snprintf(out, outlen, "ok");
 }
 
-struct reader_arg { int fd; uint64_t gen; };
+struct reader_arg { int fd; uint64_t gen; struct chan rx; };
 
 /* B's answers to READ records on one stream connection; it owns (closes) the socket */
 static void *reply_reader(void *arg) {
@@ -369,8 +558,11 @@ static void *reply_reader(void *arg) {
         while (q && q->id != id) q = q->next;
         pthread_mutex_unlock(&S.rmu);
         if (!q || (err == 0 && len != q->len) || (err && len)) { why = "a read reply that matches no request"; break; }
-        /* q stays linked until done or this connection is dead: its buffer is ours to fill */
-        if (!err && read_full(a.fd, q->buf, len)) break;
+        /* q stays linked until done or this connection is dead: its buffer is ours to fill
+           (a reply that fails its check is never marked done: the connection ends) */
+        int o = open_rec(a.fd, &a.rx, &r, (unsigned char *)q->buf, err ? 0 : len);
+        if (o == -2) why = "a read reply that fails its integrity check";
+        if (o) break;
         pthread_mutex_lock(&S.rmu);
         q->done = 1;
         q->err = err ? -EIO : 0;
@@ -387,12 +579,13 @@ static void *reply_reader(void *arg) {
     pthread_cond_broadcast(&S.io_cv);
     pthread_mutex_unlock(&S.stream_mu);
     close(a.fd);
+    chan_free(&a.rx);
     return NULL;
 }
 
-static void start_reply_reader(int fd, uint64_t gen) {
+static void start_reply_reader(int fd, uint64_t gen, struct chan rx) {
     struct reader_arg *a = malloc(sizeof *a);
-    a->fd = fd, a->gen = gen;
+    a->fd = fd, a->gen = gen, a->rx = rx;
     pthread_t t;
     pthread_create(&t, NULL, reply_reader, a);
     pthread_detach(t);
@@ -694,42 +887,86 @@ static int connect_tcp(const char *host, const char *port, char *err, size_t err
 
 /* `replicate HOST PORT FIRST_EPOCH [resync]`: start the stream and the live copy: the
    whole disk, or with `resync` only the blocks B's replica lacks (B must answer that
-   its replica is this disk server's as of a commit: same pair, generation and sid) */
+   its replica is this disk server's as of a commit: same pair and sid, in any generation) */
 static void cmd_replicate(const char *host, const char *port, uint64_t first, int resync, char *out, size_t outlen) {
     if (S.role != PRIMARY) { snprintf(out, outlen, "err not a primary"); return; }
     pthread_mutex_lock(&S.stream_mu);
     const char *no = S.storage != LOCAL ? "the disk runs on the replica's storage (the local image failed)"
                    : resync && !S.known ? "no replica of this disk server has committed a copy: a full copy is needed"
-                                        : NULL;
+                   : !S.have_key ? "no session key for the disk stream (the agent hands one over when it pairs)"
+                                 : NULL;
+    unsigned char key[32];
+    memcpy(key, S.key, sizeof key);
+    uint64_t gen = S.generation;
     pthread_mutex_unlock(&S.stream_mu);
     if (no) { snprintf(out, outlen, "err %s", no); return; }
     char err[300];
     int fd = connect_tcp(host, port, err, sizeof err);
     if (fd < 0) { snprintf(out, outlen, "err %s", err); return; }
+    /* B's challenge; our HELLO under the session key; B's verdict under it */
+    unsigned char nb[32], na[32], mac[32], want[32];
     char hello[256];
-    int n = snprintf(hello, sizeof hello, "%s %" PRIu64 " %016" PRIx64 " %s", S.pair, S.generation, S.sid,
-                     resync ? "resync" : "copy");
-    struct rec h = {htole32(REC_MAGIC), htole32(R_HELLO), 0, htole64(S.size), htole64((uint64_t)n)}, a;
-    struct timeval tv = {10, 0}, none = {0, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (write_full(fd, &h, sizeof h) || write_full(fd, hello, (size_t)n) || read_full(fd, &a, sizeof a) ||
-        le32toh(a.magic) != REC_MAGIC || le32toh(a.type) != R_HELLO) {
+    struct rec c, a;
+    double dl = now_ms() + 10000;
+    if (read_until(fd, &c, sizeof c, dl) || le32toh(c.magic) != REC_MAGIC || le32toh(c.type) != R_HELLO ||
+        le64toh(c.len) != sizeof nb || read_until(fd, nb, sizeof nb, dl)) {
         close(fd);
-        snprintf(out, outlen, "err the replica at %s:%s did not take the stream (its log says why)", host, port);
+        snprintf(out, outlen, "err the replica at %s:%s did not take the stream (no challenge in 10 s: not a "
+                 "disk server of this version, or its log says why)", host, port);
         return;
     }
-    if (le64toh(a.offset) != 0) {
+    if (RAND_bytes(na, sizeof na) != 1) { close(fd); snprintf(out, outlen, "err no random bytes for the stream"); return; }
+    int n = snprintf(hello, sizeof hello, "%s %016" PRIx64 " %s %s ", S.pair, S.sid, resync ? "resync" : "copy",
+                     S.plain ? "plain" : "aes-256-gcm");
+    if (n < 0 || n + 64 >= (int)sizeof hello) { close(fd); snprintf(out, outlen, "err the pair's name is too long for the stream's HELLO"); return; }
+    for (int i = 0; i < 32; i++) n += sprintf(hello + n, "%02x", na[i]);
+    struct rec h = {htole32(REC_MAGIC), htole32(R_HELLO), htole64(gen), htole64(S.size), htole64((uint64_t)n + 32)};
+    hello_mac(key, nb, &h, hello, (size_t)n, mac);
+    if (write_full(fd, &h, sizeof h) || write_full(fd, hello, (size_t)n) || write_full(fd, mac, sizeof mac) ||
+        read_until(fd, &a, sizeof a, dl) || le32toh(a.magic) != REC_MAGIC || le32toh(a.type) != R_HELLO ||
+        le64toh(a.len) != sizeof mac || read_until(fd, mac, sizeof mac, dl)) {
         close(fd);
-        snprintf(out, outlen, "err the replica at %s:%s does not hold this disk: a full copy is needed", host, port);
+        snprintf(out, outlen, "err the replica at %s:%s did not take our HELLO: its session key differs (it has not "
+                 "taken this pairing session, or it is not this pair's standby; its log says why)", host, port);
         return;
     }
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+    uint64_t verdict = le64toh(a.offset);
+    answer_mac(key, nb, na, verdict, want);
+    if (CRYPTO_memcmp(mac, want, sizeof mac)) {
+        close(fd);
+        snprintf(out, outlen, "err the disk server at %s:%s did not prove the pair's session key (not this "
+                 "pair's standby, or it has not taken this session yet)", host, port);
+        return;
+    }
+    if (verdict != 0) {
+        close(fd);
+        if (verdict == 1)
+            snprintf(out, outlen, "err the replica at %s:%s does not hold this disk: a full copy is needed", host, port);
+        else if (verdict == 2)
+            snprintf(out, outlen, "err the replica at %s:%s refused the stream: it is in another generation than "
+                     "this disk server's %" PRIu64 " (the arbiter's generation moved on?)", host, port, gen);
+        else
+            snprintf(out, outlen, "err the replica at %s:%s refused the stream (its log says why)", host, port);
+        return;
+    }
+    unsigned char kab[32], kba[32];
+    conn_key(key, "a2b", nb, na, kab);
+    conn_key(key, "b2a", nb, na, kba);
+    struct chan rx = {0};
+    if (chan_init(&rx, kba, 0, S.plain)) { close(fd); snprintf(out, outlen, "err cannot set up the stream's cipher"); return; }
     pthread_mutex_lock(&S.stream_mu);
     if (S.peer >= 0) peer_lost("replaced by a new stream");
+    if (chan_init(&S.tx, kab, 1, S.plain)) {
+        pthread_mutex_unlock(&S.stream_mu);
+        chan_free(&rx);
+        close(fd);
+        snprintf(out, outlen, "err cannot set up the stream's cipher");
+        return;
+    }
     S.peer = fd;
     snprintf(S.peer_host, sizeof S.peer_host, "%s", host);
     S.conn_gen++;
-    start_reply_reader(fd, S.conn_gen);
+    start_reply_reader(fd, S.conn_gen, rx);
     S.synced = 0;
     S.lost[0] = 0;
     S.cur_epoch = first;
@@ -783,7 +1020,7 @@ static int jreserve(uint64_t n, uint64_t *pos) {
         uint64_t at = S.jtail, in = at % S.jsize;
         if (in + n > S.jsize) at += S.jsize - in; /* no record wraps: skip the tail end */
         if (at + n - S.jhead <= S.jsize) { *pos = at; S.jtail = at + n; return 0; }
-        if (!S.streaming) return -1;
+        if (!S.streaming || S.preempt) return -1;
         pthread_cond_wait(&S.cv, &S.mu); /* full: stop reading until a commit frees room */
     }
 }
@@ -838,14 +1075,22 @@ static int meta_clear(void) {
     return 0;
 }
 
-static int meta_matches(uint64_t gen, uint64_t sid) {
+/* the replica holds the disk of the primary disk server `sid` of this pair (its life: a
+   later generation of the same server resyncs; a promoted or restarted one has another) */
+static int meta_matches(uint64_t sid) {
     char want[512], got[512] = "";
-    snprintf(want, sizeof want, "%s %" PRIu64 " %016" PRIx64 "\n", S.pair, gen, sid);
+    uint64_t gen = 0, had = 0;
+    int at = 0;
+    snprintf(want, sizeof want, "%s ", S.pair);
     int fd = open(S.meta_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return 0;
     ssize_t n = read(fd, got, sizeof got - 1);
     close(fd);
-    return n > 0 && (got[n] = 0, !strcmp(got, want));
+    if (n <= 0) return 0;
+    got[n] = 0;
+    return !strncmp(got, want, strlen(want)) &&
+           sscanf(got + strlen(want), "%" SCNu64 " %" SCNx64 "%n", &gen, &had, &at) == 2 && got[strlen(want) + at] == '\n' &&
+           had == sid && gen >= 1;
 }
 
 static void meta_write(void) {
@@ -890,60 +1135,108 @@ static int read_view(uint64_t off, uint64_t len, char *buf) {
     return err;
 }
 
-static const char *receive(int fd) {
-    struct rec r;
-    char hello[256];
-    if (read_full(fd, &r, sizeof r)) return "the primary closed the stream";
-    if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_HELLO || le64toh(r.len) >= sizeof hello)
-        return "the stream does not start with a HELLO record";
-    uint64_t hlen = le64toh(r.len);
-    if (read_full(fd, hello, hlen)) return "the primary closed the stream";
-    hello[hlen] = 0;
-    char want[256];
-    snprintf(want, sizeof want, "%s ", S.pair);
-    if (strncmp(hello, want, strlen(want))) return "HELLO from another pair";
-    if (le64toh(r.offset) != S.size) return "the primary's disk size differs from this replica's";
-    uint64_t gen = 0, sid = 0;
-    char mode[16] = "";
-    if (sscanf(hello + strlen(want), "%" SCNu64 " %" SCNx64 " %15s", &gen, &sid, mode) != 3 ||
-        (strcmp(mode, "copy") && strcmp(mode, "resync")))
-        return "a HELLO this replica does not understand";
-    int resync = !strcmp(mode, "resync");
-    const char *refused = NULL;
+/* a replica's record: the data types carry len bytes */
+static int rec_has_data(uint32_t type) { return type == R_WRITE || type == R_SYNC; }
+
+/* one connection's handshake (no lock held): B's challenge, A's HELLO and its MAC under the
+   session key; NULL and the channels if it proves the key, else why not (logged) */
+struct hs { int fd, slot; uint64_t seq; unsigned char nb[32], na[32], key[32]; int resync; uint64_t sid, hsize, hgen; struct chan rx, tx; };
+
+static const char *handshake(struct hs *x) {
+    struct rec c = {htole32(REC_MAGIC), htole32(R_HELLO), 0, 0, htole64(32)}, r;
+    char hello[300];
+    double dl = now_ms() + HS_MS;
     pthread_mutex_lock(&S.mu);
-    if (gen < S.generation) refused = "HELLO from an older generation";
-    else if (resync && !meta_matches(gen, sid))
-        refused = "a resync, but this replica does not hold that primary's disk (it needs a full copy)";
+    int have = S.have_key, plain = S.plain;
+    memcpy(x->key, S.key, 32);
     pthread_mutex_unlock(&S.mu);
-    if (!refused && !resync && meta_clear())
-        refused = "cannot remove the replica's identity file before a full copy";
-    struct rec ans = {htole32(REC_MAGIC), htole32(R_HELLO), 0, htole64(refused ? 1 : 0), 0};
-    if (write_full(fd, &ans, sizeof ans)) return "the primary closed the stream";
+    if (!have) return "no session key yet (the agent hands one over when a primary pairs)";
+    if (RAND_bytes(x->nb, 32) != 1) return "no random bytes for a challenge";
+    if (write_full(x->fd, &c, sizeof c) || write_full(x->fd, x->nb, 32)) return "the peer closed the connection";
+    if (read_until(x->fd, &r, sizeof r, dl)) return "no HELLO within the handshake's deadline";
+    uint64_t hlen = le64toh(r.len);
+    if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_HELLO || hlen <= 32 || hlen > 256 + 32)
+        return "the stream does not start with a HELLO record";
+    if (read_until(x->fd, hello, hlen, dl)) return "no HELLO within the handshake's deadline";
+    size_t tn = hlen - 32;
+    unsigned char want[32];
+    hello_mac(x->key, x->nb, &r, hello, tn, want);
+    if (CRYPTO_memcmp(want, hello + tn, 32)) return "a HELLO without the pair's session key (a stranger, or another session)";
+    hello[tn] = 0;
+    /* authenticated from here on: A's words, under the key of this session */
+    char want_pair[256], mode[16] = "", cipher[16] = "", nahex[65] = "";
+    snprintf(want_pair, sizeof want_pair, "%s ", S.pair);
+    if (strncmp(hello, want_pair, strlen(want_pair))) return "HELLO from another pair";
+    if (sscanf(hello + strlen(want_pair), "%" SCNx64 " %15s %15s %64s", &x->sid, mode, cipher, nahex) != 4 ||
+        (strcmp(mode, "copy") && strcmp(mode, "resync")) || strlen(nahex) != 64)
+        return "a HELLO this replica does not understand";
+    for (int i = 0; i < 32; i++) {
+        unsigned v;
+        if (sscanf(nahex + 2 * i, "%2x", &v) != 1) return "a HELLO this replica does not understand";
+        x->na[i] = (unsigned char)v;
+    }
+    if (strcmp(cipher, plain ? "plain" : "aes-256-gcm")) return "the primary's record cipher differs from this replica's";
+    x->resync = !strcmp(mode, "resync");
+    x->hsize = le64toh(r.offset), x->hgen = le64toh(r.epoch);
+    unsigned char kab[32], kba[32];
+    conn_key(x->key, "a2b", x->nb, x->na, kab);
+    conn_key(x->key, "b2a", x->nb, x->na, kba);
+    if (chan_init(&x->rx, kab, 0, plain) || chan_init(&x->tx, kba, 1, plain)) return "cannot set up the stream's cipher";
+    return NULL;
+}
+
+static int answer(struct hs *x, uint64_t verdict) {
+    struct rec a = {htole32(REC_MAGIC), htole32(R_HELLO), 0, htole64(verdict), htole64(32)};
+    unsigned char mac[32];
+    answer_mac(x->key, x->nb, x->na, verdict, mac);
+    return write_full(x->fd, &a, sizeof a) || write_full(x->fd, mac, sizeof mac);
+}
+
+/* the stream of an authenticated primary (this thread holds S.stream_fd) */
+static const char *receive(struct hs *x) {
+    int fd = x->fd;
+    struct rec r;
+    const char *refused = NULL;
+    uint64_t verdict = 0;
+    pthread_mutex_lock(&S.mu);
+    if (x->hsize != S.size) refused = "the primary's disk size differs from this replica's", verdict = 3;
+    else if (x->hgen != S.generation) refused = "HELLO of another generation than this replica's (its agent's, the arbiter's)", verdict = 2;
+    else if (x->resync && !meta_matches(x->sid))
+        refused = "a resync, but this replica does not hold that primary's disk (it needs a full copy)", verdict = 1;
+    pthread_mutex_unlock(&S.mu);
+    if (!refused && !x->resync && meta_clear())
+        refused = "cannot remove the replica's identity file before a full copy", verdict = 3;
+    if (refused) logmsg("stream from the primary refused: %s", refused); /* (before the primary hears it) */
+    if (answer(x, verdict)) return "the primary closed the stream";
     if (refused) return refused;
     pthread_mutex_lock(&S.mu);
-    S.generation = gen;
-    S.hello_sid = sid;
+    uint64_t gen = S.generation;
+    S.hello_sid = x->sid;
     S.meta_written = 0;
     drop_uncommitted();
     S.consistent = 0; /* the replica is being overwritten, until a commit after the copy */
     S.copied = 0;
     int syncing = 1;
     pthread_mutex_unlock(&S.mu);
-    logmsg("stream from the primary (generation %" PRIu64 "): %s", gen,
-           resync ? "resync of the blocks written since" : "initial sync");
-    char *buf = malloc(MAX_REQ);
-    const char *why = NULL;
+    logmsg("stream from the primary (generation %" PRIu64 ", %s): %s", gen, S.plain ? "plain records" : "AES-256-GCM",
+           x->resync ? "resync of the blocks written since" : "initial sync");
+    unsigned char *buf = malloc(MAX_REQ + TAG), *obuf = malloc(MAX_REQ + sizeof r + TAG);
+    const char *why = buf && obuf ? NULL : "out of memory for the stream's buffers";
     while (!why) {
         if (read_full(fd, &r, sizeof r)) { why = "the primary closed the stream"; break; }
         uint32_t type = le32toh(r.type);
         uint64_t ep = le64toh(r.epoch), off = le64toh(r.offset), len = le64toh(r.len);
-        int has_data = type == R_WRITE || type == R_SYNC;
+        int has_data = rec_has_data(type);
         if (le32toh(r.magic) != REC_MAGIC || type < R_WRITE || type > R_READ) { why = "a record of unknown type"; break; }
         if ((type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC || type == R_READ) &&
             (len == 0 || ((has_data || type == R_READ) && len > MAX_REQ) || off > S.size || len > S.size - off)) {
             why = "a record out of the disk's bounds"; /* (TRIM and ZERO carry no data: any size) */
             break;
         }
+        if (has_data && !syncing && len > S.jsize) { why = "a record larger than the journal"; break; }
+        int o = open_rec(fd, &x->rx, &r, buf, has_data ? len : 0);
+        if (o == -2) { why = "a record that fails its integrity check (altered, replayed or out of order)"; break; }
+        if (o) { why = "the primary closed the stream"; break; }
         if (syncing) {
             if (type == R_BARRIER) { why = "a BARRIER during the initial sync"; break; }
             if (type == R_READ) { why = "a READ during the initial sync"; break; }
@@ -960,19 +1253,17 @@ static const char *receive(int fd) {
                 logmsg("initial copy received: consistent from the commit of epoch %" PRIu64, ep);
                 continue;
             }
-            if (has_data && read_full(fd, buf, len)) { why = "the primary closed the stream"; break; }
-            apply_now(type, off, len, buf);
+            apply_now(type, off, len, (const char *)buf);
             continue;
         }
         if (type == R_SYNC || type == R_SYNC_DONE) { why = "a sync record after the sync"; break; }
         if (type == R_READ) { /* the primary runs on this replica's storage: every record before is in */
-            int e = read_view(off, len, buf);
+            int e = read_view(off, len, (char *)buf);
             struct rec a = {htole32(REC_MAGIC), htole32(R_READ_REPLY), htole64(ep), htole64(e ? (uint64_t)-e : 0),
                             htole64(e ? 0 : len)};
-            if (write_full(fd, &a, sizeof a) || (!e && write_full(fd, buf, len))) { why = "answering a read failed"; break; }
+            if (send_sealed(fd, &x->tx, &a, buf, e ? 0 : len, obuf)) { why = "answering a read failed"; break; }
             continue;
         }
-        if (has_data && len > S.jsize) { why = "a record larger than the journal"; break; }
         pthread_mutex_lock(&S.mu);
         if (ep != S.open_epoch) {
             pthread_mutex_unlock(&S.mu);
@@ -986,22 +1277,77 @@ static const char *receive(int fd) {
             pthread_mutex_unlock(&S.mu);
             continue;
         }
+        /* bounded: at most max_pending records wait for a commit (like the journal's bytes) */
+        while (S.nents - S.first >= S.max_pending && S.streaming && !S.preempt) {
+            if (S.closed_epoch == S.committed) break; /* all of them in the open epoch: no commit frees any */
+            pthread_cond_wait(&S.cv, &S.mu);
+        }
+        if (S.nents - S.first >= S.max_pending) {
+            pthread_mutex_unlock(&S.mu);
+            why = S.streaming && !S.preempt ? "an epoch of more records than the journal's index holds (max_pending)" : "stopped";
+            break;
+        }
         uint64_t pos = 0;
         if (has_data && jreserve(len, &pos)) { pthread_mutex_unlock(&S.mu); why = "stopped"; break; }
         pthread_mutex_unlock(&S.mu);
-        if (has_data) { /* data straight into the journal: no copy kept in memory */
-            if (read_full(fd, buf, len)) { why = "the primary closed the stream"; break; }
-            if (pwrite_full(S.jfd, buf, len, pos % S.jsize)) { why = "writing the journal failed"; break; }
-        }
+        if (has_data && pwrite_full(S.jfd, buf, len, pos % S.jsize)) { why = "writing the journal failed"; break; }
         pthread_mutex_lock(&S.mu);
         if (!has_data) pos = S.jtail; /* where the journal's head goes once it is applied */
         add_entry(type, ep, off, len, pos);
         pthread_mutex_unlock(&S.mu);
     }
     free(buf);
-    pthread_mutex_lock(&S.mu);
-    pthread_mutex_unlock(&S.mu);
+    free(obuf);
     return why;
+}
+
+/* one connection to the replica's stream port: its handshake under a deadline, then (if it
+   proves the session key) it takes over from the stream before it */
+static void *conn_stream_thread(void *arg) {
+    struct hs *x = arg;
+    struct timeval tv = {HS_MS / 1000, (HS_MS % 1000) * 1000}, none = {0, 0};
+    setsockopt(x->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    const char *why = handshake(x);
+    pthread_mutex_lock(&S.mu);
+    S.hs_threads--;
+    if (S.hs_slot[x->slot].seq == x->seq) S.hs_slot[x->slot].seq = 0; /* (its fd is ours to close) */
+    else if (!why) why = "evicted by newer connections before it proved the key";
+    if (why) {
+        uint64_t k = ++S.hs_refused;
+        pthread_mutex_unlock(&S.mu);
+        if (k <= 10 || k % 1000 == 0)
+            logmsg("a connection to the stream port refused (%" PRIu64 " so far): %s", k, why);
+        goto out;
+    }
+    uint64_t me = ++S.takeover;
+    while (S.streaming && S.takeover == me) { /* the stream before: ended (its primary is back) */
+        S.preempt = 1;
+        if (S.stream_fd >= 0) shutdown(S.stream_fd, SHUT_RDWR);
+        pthread_cond_broadcast(&S.cv);
+        pthread_cond_wait(&S.cv, &S.mu);
+    }
+    if (S.takeover != me || S.role != REPLICA) { pthread_mutex_unlock(&S.mu); goto out; }
+    S.preempt = 0;
+    S.stream_fd = x->fd;
+    S.streaming = 1;
+    pthread_mutex_unlock(&S.mu);
+    setsockopt(x->fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
+    int one = 1; /* read answers are a header then data: no Nagle wait between them */
+    setsockopt(x->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    why = receive(x);
+    pthread_mutex_lock(&S.mu);
+    S.streaming = 0;
+    S.stream_fd = -1;
+    pthread_cond_broadcast(&S.cv);
+    pthread_mutex_unlock(&S.mu);
+    logmsg("stream from the primary ended: %s", why);
+out:
+    close(x->fd);
+    chan_free(&x->rx);
+    chan_free(&x->tx);
+    OPENSSL_cleanse(x, sizeof *x);
+    free(x);
+    return NULL;
 }
 
 static void *stream_thread(void *arg) {
@@ -1013,21 +1359,39 @@ static void *stream_thread(void *arg) {
             close(S.listen_fd); /* promoted: no more streams to take */
             return NULL;
         }
-        int one = 1; /* read answers are a header then data: no Nagle wait between them */
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        /* at most HS_MAX handshakes at once: a new connection evicts the oldest (a stranger's
+           idle connections cannot keep the primary's out: they would have to outnumber
+           HS_MAX within its handshake's round trip); evicted threads end at once */
+        struct hs *x = calloc(1, sizeof *x);
         pthread_mutex_lock(&S.mu);
-        if (S.role != REPLICA) { pthread_mutex_unlock(&S.mu); close(fd); continue; }
-        S.stream_fd = fd;
-        S.streaming = 1;
+        int slot = -1;
+        if (x && S.role == REPLICA && S.hs_threads < 4 * HS_MAX) {
+            for (int i = 0; i < HS_MAX && slot < 0; i++) if (!S.hs_slot[i].seq) slot = i;
+            if (slot < 0) {
+                slot = 0;
+                for (int i = 1; i < HS_MAX; i++) if (S.hs_slot[i].seq < S.hs_slot[slot].seq) slot = i;
+                shutdown(S.hs_slot[slot].fd, SHUT_RDWR);
+                S.hs_evicted++;
+            }
+            S.hs_slot[slot].fd = fd, S.hs_slot[slot].seq = ++S.hs_seq;
+            x->fd = fd, x->slot = slot, x->seq = S.hs_seq;
+            S.hs_threads++;
+        } else if (S.role == REPLICA) {
+            S.hs_refused++;
+        }
         pthread_mutex_unlock(&S.mu);
-        const char *why = receive(fd);
-        pthread_mutex_lock(&S.mu);
-        S.streaming = 0;
-        S.stream_fd = -1;
-        pthread_cond_broadcast(&S.cv);
-        pthread_mutex_unlock(&S.mu);
-        logmsg("stream from the primary ended: %s", why);
-        close(fd);
+        pthread_t t;
+        if (slot < 0) { close(fd); free(x); continue; }
+        if (pthread_create(&t, NULL, conn_stream_thread, x)) {
+            pthread_mutex_lock(&S.mu);
+            S.hs_threads--;
+            if (S.hs_slot[slot].seq == x->seq) S.hs_slot[slot].seq = 0;
+            pthread_mutex_unlock(&S.mu);
+            close(fd);
+            free(x);
+            continue;
+        }
+        pthread_detach(t);
     }
 }
 
@@ -1362,6 +1726,28 @@ static void *nbd_accept(void *arg) {
 
 /* ---- control ---------------------------------------------------------------------- */
 
+/* `session KEYHEX GENERATION` (the agent, at each pairing): the pair session's key for the
+   stream and the pair's generation (the arbiter's); the stream running goes on, a new
+   connection must prove this key */
+static void cmd_session(const char *hex, uint64_t gen, char *out, size_t outlen) {
+    unsigned char key[32];
+    if (strlen(hex) != 64 || gen == 0) { snprintf(out, outlen, "err session: a 64-digit hex key and a generation >= 1"); return; }
+    for (int i = 0; i < 32; i++) {
+        unsigned v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1) { snprintf(out, outlen, "err session: the key is not hex"); return; }
+        key[i] = (unsigned char)v;
+    }
+    pthread_mutex_lock(&S.stream_mu);
+    pthread_mutex_lock(&S.mu);
+    memcpy(S.key, key, sizeof key);
+    S.have_key = 1;
+    S.generation = gen;
+    pthread_mutex_unlock(&S.mu);
+    pthread_mutex_unlock(&S.stream_mu);
+    OPENSSL_cleanse(key, sizeof key);
+    snprintf(out, outlen, "ok");
+}
+
 static void cmd_status(char *out, size_t outlen) {
     pthread_mutex_lock(&S.stream_mu);
     pthread_mutex_lock(&S.mu);
@@ -1374,7 +1760,9 @@ static void cmd_status(char *out, size_t outlen) {
              ",\"dropped_records\":%" PRIu64 ",\"commits\":%" PRIu64 ",\"storage\":\"%s\",\"storage_error\":\"%s\""
              ",\"storage_peer\":\"%s\",\"failovers\":%" PRIu64 ",\"switchbacks\":%" PRIu64 ",\"dirty_local\":%" PRIu64
              ",\"resynced_local\":%" PRIu64 ",\"remote_reads\":%" PRIu64 ",\"known\":%s,\"dirty_peer\":%" PRIu64
-             ",\"resync_blocks\":%" PRIu64 ",\"copy_pending\":%s}",
+             ",\"resync_blocks\":%" PRIu64 ",\"copy_pending\":%s,\"generation\":%" PRIu64 ",\"session_key\":%s"
+             ",\"cipher\":\"%s\",\"refused_connections\":%" PRIu64 ",\"evicted_handshakes\":%" PRIu64
+             ",\"max_pending\":%" PRIu64 "}",
              S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
              S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
              S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
@@ -1382,7 +1770,8 @@ static void cmd_status(char *out, size_t outlen) {
              S.dropped_records, S.commits, S.storage == LOCAL ? "local" : S.storage == REMOTE ? "remote" : "suspended",
              S.storage_err, S.peer_host, S.failovers, S.switchbacks, bm_count(S.dirty_local), S.resynced_local,
              S.remote_reads, S.known ? "true" : "false", bm_count(S.dirty_peer), S.resync_blocks,
-             S.copy_pending ? "true" : "false");
+             S.copy_pending ? "true" : "false", S.generation, S.have_key ? "true" : "false",
+             S.plain ? "plain" : "aes-256-gcm", S.hs_refused, S.hs_evicted, S.max_pending);
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_unlock(&S.stream_mu);
 }
@@ -1392,7 +1781,7 @@ static void *ctl_conn(void *arg) {
     FILE *in = fdopen(fd, "r");
     char line[1024], out[4096];
     while (in && fgets(line, sizeof line, in)) {
-        char a[300] = "", b[300] = "", mode[16] = "";
+        char a[300] = "", b[300] = "", mode[16] = "", hex[80] = "";
         uint64_t n = 0;
         int timeout = 0;
         if (sscanf(line, "barrier %" SCNu64, &n) == 1) cmd_barrier(n, out, sizeof out);
@@ -1400,6 +1789,7 @@ static void *ctl_conn(void *arg) {
         else if (sscanf(line, "replicate %299s %299s %" SCNu64 " %15s", a, b, &n, mode) >= 3)
             cmd_replicate(a, b, n, !strcmp(mode, "resync"), out, sizeof out);
         else if (sscanf(line, "committed %" SCNu64, &n) == 1) cmd_committed(n, out, sizeof out);
+        else if (sscanf(line, "session %79s %" SCNu64, hex, &n) == 2) cmd_session(hex, n, out, sizeof out);
         else if (strncmp(line, "promote", 7) == 0) cmd_promote(out, sizeof out);
         else if (strncmp(line, "status", 6) == 0) cmd_status(out, sizeof out);
         else snprintf(out, sizeof out, "err unknown command");
@@ -1427,7 +1817,7 @@ static int usage(void) {
             "usage: diskserver --image PATH --size BYTES --nbd SOCK --control SOCK --pair NAME\n"
             "         [--generation N] [--workers N] [--stall-ms MS] [--probe-ms MS] [--meta PATH]\n"
             "         [--replica HOST:PORT --journal PATH --journal-bytes N]\n"
-            "         [--test-snapshots DIR --test-keep N]\n");
+            "         [--test-snapshots DIR --test-keep N --test-plain-stream 0|1]\n");
     return 2;
 }
 
@@ -1453,6 +1843,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         else if (!strcmp(k, "--journal-bytes")) S.jsize = strtoull(v, NULL, 10);
         else if (!strcmp(k, "--test-snapshots")) S.snap_dir = v;
         else if (!strcmp(k, "--test-keep")) S.snap_keep = atoi(v);
+        else if (!strcmp(k, "--test-plain-stream")) S.plain = !strcmp(v, "1");
         else return usage();
     }
     if (!image || !S.size || !S.nbd_path || !S.ctl_path || !S.pair || S.workers < 1 || S.workers > 64 ||
@@ -1469,6 +1860,7 @@ int mirror_diskserver_main(int argc, char **argv) {
     pthread_cond_init(&S.rcv, NULL);
     S.peer = -1, S.stream_fd = -1, S.listen_fd = -1, S.jfd = -1;
     S.cur_epoch = 1;
+    S.max_pending = S.jsize / 512 + 65536; /* the journal index's bound (about 40 bytes a record) */
     S.role = listen_at ? REPLICA : PRIMARY;
     S.bm_words = ((S.size + BS - 1) / BS + 63) / 64;
     S.dirty_local = calloc(S.bm_words, 8), S.unflushed = calloc(S.bm_words, 8), S.flushing = calloc(S.bm_words, 8);
@@ -1507,7 +1899,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         int one = 1, rbuf = 4 << 20;
         setsockopt(S.listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         setsockopt(S.listen_fd, SOL_SOCKET, SO_RCVBUF, &rbuf, sizeof rbuf);
-        if (bind(S.listen_fd, res->ai_addr, res->ai_addrlen) || listen(S.listen_fd, 4)) {
+        if (bind(S.listen_fd, res->ai_addr, res->ai_addrlen) || listen(S.listen_fd, 64)) {
             logmsg("cannot listen on %s: %s", listen_at, strerror(errno));
             return 1;
         }

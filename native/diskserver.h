@@ -1,7 +1,10 @@
 /* mirror's disk server (diskserver.c): an NBD server replicating per epoch. */
 #ifndef MIRROR_DISKSERVER_H
 #define MIRROR_DISKSERVER_H
+#include <stddef.h>
 /* cdef-begin */
 int mirror_diskserver_main(int argc, char **argv);
+int mirror_disk_session_key(const unsigned char *secret, const unsigned char *peer, const unsigned char *ctx,
+                            size_t n, unsigned char *out);
 /* cdef-end */
 #endif

@@ -12,8 +12,12 @@ before the ack; :meth:`DiskServer.promote` drops every uncommitted epoch.
 Why a socket of the server's own rather than the zmq interconnect: the records
 are produced by C threads on the guest's I/O path; sending them through the
 agent's Python would put a per-write Python step back on that path.  The stream
-carries the pair's name and generation, and the secondary refuses another pair,
-an older generation or another disk size.
+is under the pair's keys all the same: both agents derive a key for each pairing
+session from their CurveZMQ key pairs (:func:`session_key`) and hand it, with the
+pair's generation, to their disk server on its control socket
+(:meth:`DiskServer.session`); a connection that does not prove it is refused, and
+the records go under AES-256-GCM (docs/security.md).  The secondary also refuses
+another pair, another generation than its own agent's, or another disk size.
 """
 
 from __future__ import annotations
@@ -43,6 +47,37 @@ class DiskError(RuntimeError):
     """The disk server could not start, or refused a command."""
 
 
+def session_key(
+    secret: bytes | None, peer: bytes | None, pair: str, generation: int, session: int
+) -> bytes:
+    """The disk stream's key for one pairing session, which both hosts derive on their own:
+    HMAC-SHA256 of X25519(this host's CurveZMQ secret key, the peer's public key) over the
+    pair, the generation and the interconnect session (a random number the primary's HELLO
+    carries under CurveZMQ).  Keys are z85 (40 characters) or raw (32 bytes); both None:
+    an insecure pair (no keys), whose stream proves only the session number."""
+    from mirror._diskserver import ffi, lib  # type: ignore[import-not-found]
+
+    def raw(k: bytes) -> bytes:
+        if len(k) == 40:
+            from zmq.utils import z85
+
+            k = z85.decode(k)
+        if len(k) != 32:
+            raise DiskError("a CurveZMQ key is 32 bytes (40 in z85)")
+        return k
+
+    ctx = b"mirror disk stream 1\0" + pair.encode() + b"\0"
+    ctx += generation.to_bytes(8, "little") + (session & (2**64 - 1)).to_bytes(8, "little")
+    out = ffi.new("unsigned char[32]")
+    if secret is None or peer is None:
+        rc = lib.mirror_disk_session_key(ffi.NULL, ffi.NULL, ctx, len(ctx), out)
+    else:
+        rc = lib.mirror_disk_session_key(raw(secret), raw(peer), ctx, len(ctx), out)
+    if rc:
+        raise DiskError("cannot derive the disk stream's session key from the CurveZMQ keys")
+    return bytes(ffi.buffer(out, 32))
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the agent dies (a host dies whole)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -67,6 +102,10 @@ class DiskSpec:
     meta: Path | None = None  # a replica's identity file (None: IMAGE.replica-id)
     snapshots: Path | None = None  # tests: a copy of the image at each barrier
     keep: int = 8
+    # the stream's session key, handed over on the control socket at start (None: later,
+    # by DiskServer.session at pairing); never on the command line
+    session_key: bytes | None = None
+    plain_stream: bool = False  # tests and benches: records without AEAD (both ends alike)
 
     @property
     def nbd_path(self) -> Path:
@@ -99,6 +138,8 @@ class DiskServer:
         if spec.snapshots is not None:
             spec.snapshots.mkdir(parents=True, exist_ok=True)
             args += ["--test-snapshots", str(spec.snapshots), "--test-keep", str(spec.keep)]
+        if spec.plain_stream:
+            args += ["--test-plain-stream", "1"]
         self.stderr_path = spec.run_dir / "diskserver.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mirror.guests.diskproc", *args],
@@ -124,6 +165,8 @@ class DiskServer:
                 time.sleep(0.005)
             self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._ctl.connect(str(spec.control_path))
+            if spec.session_key is not None:
+                self.session(spec.session_key, spec.generation)
         except BaseException:
             self.close()
             raise
@@ -162,6 +205,14 @@ class DiskServer:
         if text.startswith("ok"):
             return text[3:]
         raise DiskError(text[4:] if text.startswith("err ") else text)
+
+    def session(self, key: bytes, generation: int) -> None:
+        """The pairing session's stream key (32 bytes, :func:`session_key`) and the pair's
+        generation (the arbiter's): a replica takes only a stream that proves this key
+        and names this generation; a primary proves it when it next replicates."""
+        if len(key) != 32 or generation < 1:
+            raise DiskError("a disk session is a 32-byte key and a generation >= 1")
+        self.call(f"session {key.hex()} {generation}")
 
     # -- the primary -----------------------------------------------------------------
 
@@ -227,7 +278,8 @@ class DiskServer:
         keys = ("role", "synced", "peer", "lost", "writes", "write_bytes", "committed",
                 "consistent", "journal_used", "journal_size", "dropped_records",
                 "storage", "storage_error", "failovers", "switchbacks", "dirty_local",
-                "known", "dirty_peer", "resync_blocks")  # fmt: skip
+                "known", "dirty_peer", "resync_blocks", "generation", "session_key",
+                "refused_connections")  # fmt: skip
         return {k: st[k] for k in keys}
 
     def close(self) -> None:

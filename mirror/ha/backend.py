@@ -40,6 +40,9 @@ class OutputSink(Protocol):
 class Backend(ABC):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        # the pair's generation (the arbiter's) a disk server starts in; the agent sets it
+        # before boot/ready, and each pairing hands the disk server the current one
+        self.generation = cfg.pair.generation
 
     def ram_path(self) -> Path:
         cfg = self.cfg
@@ -137,6 +140,7 @@ class QemuBackend(Backend):
             cfg.disk.size_mib << 20,
             cfg.state_dir / "disk",
             cfg.pair.name,
+            generation=max(1, self.generation),
             workers=cfg.disk.workers,
             stall_ms=cfg.disk.stall_ms,
             probe_ms=cfg.disk.probe_ms,

@@ -276,7 +276,7 @@ class PrimaryRun:
         self.phase = "precopy"
         if self.guest.disk is not None:
             mode, blocks = engine.start_disk(
-                self.address, cfg.disk.port, disk_progress_bar("disk copy")
+                self.address, cfg.disk.port, disk_progress_bar("disk copy"), self.keys
             )
             event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib, mode=mode,
                   resync_blocks=blocks)  # fmt: skip
@@ -483,6 +483,7 @@ def run_primary(
     generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
     begin(cfg)
     backend = backend_for(cfg)
+    backend.generation = generation  # the disk server's, until a pairing hands it the current
     current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)
     guest = backend.boot(lambda out: current[0].add(out))  # paused until paired
     event("guest-booted", node=cfg.node.name, kind=cfg.guest.kind, ram=str(guest.ram_path))

@@ -30,6 +30,7 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
     standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
     standby.bind_wait = bind_wait
     standby.generation_now = lambda: current_generation(cfg)  # the arbiter's, at each HELLO
+    backend.generation = standby.generation  # the disk replica's (each HELLO hands the current)
     try:
         # the ready standby: a guest waiting for its state (for QEMU, on the image)
         ready = backend.ready(standby.image.path)

@@ -44,10 +44,11 @@ from typing import Any
 
 from mirror.config import CheckpointConfig
 from mirror.guests.base import Guest
-from mirror.guests.disk import DiskError, DiskServer
+from mirror.guests.disk import DiskError, DiskServer, session_key
 from mirror.hoststate import percentile
 from mirror.replication import dirtylog, wire
 from mirror.replication import pagediff as pd
+from mirror.replication.keys import LinkKeys
 from mirror.replication.keys import fingerprint as key_fingerprint
 from mirror.replication.link import Link, LinkDown
 from mirror.replication.metrics import Metrics
@@ -758,15 +759,25 @@ class CheckpointEngine:
         return False
 
     def start_disk(
-        self, address: str, port: int, progress: Callable[[int, int], None]
+        self,
+        address: str,
+        port: int,
+        progress: Callable[[int, int], None],
+        keys: LinkKeys | None = None,
     ) -> tuple[str, int]:
         """Pairing with a disk: stream it to the standby's disk server, copying all of it
         live (the guest runs); returns when the standby's replica is complete: ("resync",
-        blocks sent) if the replica was known, else ("copy", 0)."""
+        blocks sent) if the replica was known, else ("copy", 0).  The stream is under this
+        session's key (derived from ``keys``, the interconnect's; None: insecure)."""
         disk = self.guest.disk
         if disk is None:
             return "none", 0
         try:
+            disk.session(
+                session_key(keys.secret if keys else None, keys.peer if keys else None,
+                            self.pair, self.generation, self.session),
+                self.generation,
+            )  # fmt: skip
             mode = "resync"
             try:  # a standby whose replica is this disk server's gets only what it lacks
                 disk.replicate(address, port, self.epoch + 1, resync=True)

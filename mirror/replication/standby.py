@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
-from mirror.guests.disk import DiskError, DiskServer
+from mirror.guests.disk import DiskError, DiskServer, session_key
 from mirror.hoststate import agent_record, private_dir, write_atomic, write_json
 from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
@@ -208,6 +208,16 @@ class Standby:
                 f"both hosts need the same QEMU version and machine configuration"
             )
             reason = "guest differs (QEMU version or machine configuration)"
+        if not problem and self.disk is not None:
+            try:  # the disk stream of this session: its key (from both key pairs), this generation
+                k = self.keys
+                self.disk.session(
+                    session_key(k.secret if k else None, k.peer if k else None,
+                                h.pair, h.generation, h.session),
+                    h.generation,
+                )  # fmt: skip
+            except DiskError as e:
+                problem, reason = f"the disk server did not take the session: {e}", "busy"
         if problem:
             log.error("HELLO from %s refused: %s", h.node, problem)
             self.rejected += 1  # a refused HELLO does not end the current session

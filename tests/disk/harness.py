@@ -26,6 +26,7 @@ from mirror.guests.disk import DiskError, DiskServer, DiskSpec
 from tests.disk.nbd import NbdClient, NbdError
 
 BLOCK = 4096
+KEY = bytes(range(32))  # the stream's session key (an agent derives one per pairing)
 REC = 512  # one journal record
 
 
@@ -49,6 +50,7 @@ class Harness:
         journal_bytes: int = 32 << 20,
         stall_ms: int = 5000,
         prefill: bool = True,
+        plain: bool = False,
     ) -> None:
         self.root, self.size = root, size
         self.rng = random.Random(seed)
@@ -58,9 +60,11 @@ class Harness:
         self.port = free_port()
         self.b = DiskServer(
             DiskSpec(self.b_img, size, root / "b", "killpair", listen=f"127.0.0.1:{self.port}",
-                     journal=root / "b.journal", journal_bytes=journal_bytes)
+                     journal=root / "b.journal", journal_bytes=journal_bytes, session_key=KEY,
+                     plain_stream=plain)
         )  # fmt: skip
-        self.a = DiskServer(DiskSpec(self.a_img, size, root / "a", "killpair", stall_ms=stall_ms))
+        self.a = DiskServer(DiskSpec(self.a_img, size, root / "a", "killpair", stall_ms=stall_ms,
+                                     session_key=KEY, plain_stream=plain))
         self.epoch = 1  # the open epoch
         self.snaps: OrderedDict[int, bytes] = OrderedDict()
         self.snaps[0] = self.a_img.read_bytes()  # as of the end of the initial sync (no writes)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mirror.guests.disk import DiskServer, DiskSpec
 from tests.disk.faulty import FaultyImage
-from tests.disk.harness import BLOCK, Harness, differing_blocks
+from tests.disk.harness import BLOCK, KEY, Harness, differing_blocks
 from tests.disk.nbd import NbdClient, NbdError
 
 SIZE = 4 << 20
@@ -41,7 +41,8 @@ class Rig(Harness):
             raise
         # the primary with a short probe period (the Harness's has the default)
         self.a.close()
-        self.a = DiskServer(DiskSpec(self.a_img, SIZE, root / "a", "killpair", probe_ms=100))
+        self.a = DiskServer(DiskSpec(self.a_img, SIZE, root / "a", "killpair", probe_ms=100,
+                                     session_key=KEY))
         self.model = bytearray(content)
         self.models: dict[int, bytes] = {0: bytes(content)}
         self.errors: list[str] = []

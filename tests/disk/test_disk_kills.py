@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mirror.guests.disk import DiskError
-from tests.disk.harness import REC, Harness, differing_blocks
+from tests.disk.harness import KEY, REC, Harness, differing_blocks
 
 KILLS = int(os.environ.get("MIRROR_DISK_KILLS", "30"))
 KINDS = ("seq", "rand4k", "journal")
@@ -82,7 +82,7 @@ def test_promoted_replica_protects_again_and_survives_a_second_kill(tmp_path: Pa
         # B is the primary now; a new replica takes the port B listened on
         a2 = DiskServer(DiskSpec(tmp_path / "a2.img", h.size, tmp_path / "a2", "killpair",
                                  listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
-                                 journal_bytes=32 << 20))  # fmt: skip
+                                 journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
         try:
             second = h.next_pair(a2, tmp_path / "a2.img")
             second.sync()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mirror.guests.disk import DiskError, DiskServer, DiskSpec
-from tests.disk.harness import BLOCK, Harness, differing_blocks
+from tests.disk.harness import BLOCK, KEY, Harness, differing_blocks
 from tests.disk.nbd import NbdClient
 
 SIZE = 8 << 20
@@ -25,7 +25,7 @@ SIZE = 8 << 20
 def replica(h: Harness) -> DiskServer:
     return DiskServer(
         DiskSpec(h.b_img, h.size, h.root / "b", "killpair", listen=f"127.0.0.1:{h.port}",
-                 journal=h.root / "b.journal", journal_bytes=32 << 20)
+                 journal=h.root / "b.journal", journal_bytes=32 << 20, session_key=KEY)
     )  # fmt: skip
 
 
@@ -123,7 +123,7 @@ def test_resync_refused_for_an_unknown_replica_or_a_restarted_primary(tmp_path: 
         assert (tmp_path / "b.img.replica-id").exists()
         # the primary's disk server restarts (a new life: it cannot know what B lacks)
         h.a.close()
-        h.a = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a", "killpair"))
+        h.a = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a", "killpair", session_key=KEY))
         h.b.close()
         h.b = replica(h)
         with pytest.raises(DiskError, match="full copy"):

@@ -232,6 +232,10 @@ def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -
                and s["generation"] > gen and s["acked"] >= 20
                and disk_status(p.root / "hostA").get("writes", 0) >= w0 + 40, 120)  # fmt: skip
         assert a.proc.poll() is None, a.log_tail()
+        # both disk servers hold the pair's generation (the arbiter's), not 1
+        new_gen = (a.status() or {})["generation"]
+        for host in ("hostA", "hostB"):
+            assert disk_status(p.root / host)["generation"] == new_gen > 1, host
         events = [json.loads(line[line.index("{"):]) for line in a.log_path.read_text().splitlines()
                   if '"disk-synced"' in line]  # fmt: skip
         assert [e["mode"] for e in events] == ["copy", "resync"], events
