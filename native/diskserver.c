@@ -54,6 +54,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -262,7 +263,10 @@ static double now_ms(void) {
  * the whole disk it waits on (a slow disk is no error).  An abandoned call keeps its
  * thread until it returns (maybe never; the thread holds no lock) and is counted in
  * L.stuck: the switch back waits until none is left, so that no late write lands on
- * blocks copied back.  A call abandoned before a thread took it never runs. */
+ * blocks copied back.  A call abandoned before a thread took it never runs.
+ * A read or write the kernel can do without blocking (RWF_NOWAIT: in the page cache) is
+ * made by the caller itself, with no hand-off; only the rest goes to an I/O thread
+ * (a file system without RWF_NOWAIT, as FUSE or NFS, always). */
 
 enum { LIO_READ, LIO_WRITE, LIO_ZERO, LIO_TRIM, LIO_SYNC };
 #define LIO_MAX_THREADS 64 /* beyond: new calls queue (and time out) until one returns */
@@ -334,6 +338,19 @@ enum { LIO_DEADLINE, LIO_FAILOVER };
    -ETIMEDOUT past --hang-ms (mode above; locked: the caller holds stream_mu) */
 static int lio_run(int op, char *buf, uint64_t len, uint64_t off, int mode, int locked) {
     int io = op == LIO_READ || op == LIO_WRITE;
+    if (!S.hang_ms) /* off: the caller's own call (a hung image stalls it, and the guest) */
+        return op == LIO_READ ? pread_full(S.img, buf, len, off) : op == LIO_WRITE ? pwrite_full(S.img, buf, len, off)
+             : op == LIO_SYNC ? (fdatasync(S.img) ? -errno : 0) : zero_range(S.img, off, len, op == LIO_TRIM);
+    while (io && len) { /* what needs no waiting, here */
+        struct iovec v = {buf, len};
+        ssize_t r = op == LIO_READ ? preadv2(S.img, &v, 1, (off_t)off, RWF_NOWAIT)
+                                   : pwritev2(S.img, &v, 1, (off_t)off, RWF_NOWAIT);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno != EAGAIN && errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS) return -errno;
+        if (r <= 0) break; /* it would block (or at the end of the file): an I/O thread's */
+        buf += r, off += (uint64_t)r, len -= (uint64_t)r;
+    }
+    if (io && !len) return 0;
     struct lio *q = malloc(sizeof *q + (io ? len : 0));
     if (!q) return -ENOMEM;
     memset(q, 0, sizeof *q);
@@ -736,26 +753,21 @@ static void *probe_thread(void *arg) {
     return NULL;
 }
 
-/* tests only: a copy of the image into `path` (copy_file_range, or reads and writes
-   where the file system has none, as FUSE) */
+/* tests only: a copy of the image into `path` (reads with the deadline: a hung image
+   leaves no copy rather than a barrier that never returns) */
 static void copy_image(const char *path) {
     int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (out < 0) return;
     off_t off = 0;
-    while ((uint64_t)off < S.size) {
-        ssize_t n = copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0);
-        if (n <= 0) break;
+    char *buf = malloc(SYNC_CHUNK);
+    while (buf && (uint64_t)off < S.size) {
+        uint64_t n = S.size - (uint64_t)off < SYNC_CHUNK ? S.size - (uint64_t)off : SYNC_CHUNK;
+        if (lio_run(LIO_READ, buf, n, (uint64_t)off, LIO_DEADLINE, 0) || pwrite_full(out, buf, n, (uint64_t)off)) break;
+        off += (off_t)n;
     }
-    if ((uint64_t)off < S.size) {
-        char *buf = malloc(SYNC_CHUNK);
-        while (buf && (uint64_t)off < S.size) {
-            uint64_t n = S.size - (uint64_t)off < SYNC_CHUNK ? S.size - (uint64_t)off : SYNC_CHUNK;
-            if (pread_full(S.img, buf, n, (uint64_t)off) || pwrite_full(out, buf, n, (uint64_t)off)) break;
-            off += (off_t)n;
-        }
-        free(buf);
-    }
+    free(buf);
     close(out);
+    if ((uint64_t)off < S.size) unlink(path);
 }
 
 static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
@@ -1613,7 +1625,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         else return usage();
     }
     if (!image || !S.size || !S.nbd_path || !S.ctl_path || !S.pair || S.workers < 1 || S.workers > 64 ||
-        S.probe_ms < 1 || S.hang_ms < 1 ||
+        S.probe_ms < 1 || S.hang_ms < 0 ||
         (listen_at && (!journal || S.jsize < 4096)))
         return usage();
     signal(SIGPIPE, SIG_IGN);
