@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         for srv in servers.values():
             srv.close()
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{'case':<16}{'direct':>12}{'deadline':>12}{'ratio':>8}{'ratio range':>16}   (operations/s, "
-          f"medians of {args.rounds} alternating rounds; qemu-img bench over NBD, served, "
-          f"{args.mib} MiB)")  # fmt: skip
+    print(f"{'case':<16}{'direct':>12}{'deadline':>12}{'ratio':>8}{'ratio range':>16}   "
+          f"(operations/s, medians of {args.rounds} alternating rounds; qemu-img bench over "
+          f"NBD, served, {args.mib} MiB)")  # fmt: skip
     for name, _, _ in CASES:
         d, h = statistics.median(ops[0][name]), statistics.median(ops[2000][name])
         r = ratios[name]

@@ -239,7 +239,7 @@ def test_replica_dies_while_primary_runs_on_it_io_suspends(tmp_path: Path) -> No
 
 def _cleaned_up(img: FaultyImage) -> None:
     """The FUSE mount is gone and nbdfuse and nbdkit (one process group) are stopped."""
-    assert str(img.path) not in open("/proc/mounts").read(), "the FUSE mount is left"
+    assert str(img.path) not in Path("/proc/mounts").read_text(), "the FUSE mount is left"
     try:
         os.killpg(img.proc.pid, 0)
         raise AssertionError("nbdfuse or nbdkit is still running")
