@@ -341,12 +341,16 @@ static int lio_run(int op, char *buf, uint64_t len, uint64_t off, int mode, int 
     if (!S.hang_ms) /* off: the caller's own call (a hung image stalls it, and the guest) */
         return op == LIO_READ ? pread_full(S.img, buf, len, off) : op == LIO_WRITE ? pwrite_full(S.img, buf, len, off)
              : op == LIO_SYNC ? (fdatasync(S.img) ? -errno : 0) : zero_range(S.img, off, len, op == LIO_TRIM);
-    while (io && len) { /* what needs no waiting, here */
+    static int nowait[2] = {1, 1}; /* reads, writes: the file system has RWF_NOWAIT */
+    while (io && len && __atomic_load_n(&nowait[op], __ATOMIC_RELAXED)) { /* what needs no waiting, here */
         struct iovec v = {buf, len};
         ssize_t r = op == LIO_READ ? preadv2(S.img, &v, 1, (off_t)off, RWF_NOWAIT)
                                    : pwritev2(S.img, &v, 1, (off_t)off, RWF_NOWAIT);
         if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && errno != EAGAIN && errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS) return -errno;
+        if (r < 0 && errno != EAGAIN) {
+            if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS) return -errno;
+            __atomic_store_n(&nowait[op], 0, __ATOMIC_RELAXED); /* never here: no more tries */
+        }
         if (r <= 0) break; /* it would block (or at the end of the file): an I/O thread's */
         buf += r, off += (uint64_t)r, len -= (uint64_t)r;
     }
@@ -368,22 +372,21 @@ static int lio_run(int op, char *buf, uint64_t len, uint64_t off, int mode, int 
     pthread_cond_signal(&L.cv);
     struct timespec dl;
     clock_gettime(CLOCK_MONOTONIC, &dl);
-    int waited = 0;
+    int logged = 0;
     while (!q->done) {
         dl.tv_sec += S.hang_ms / 1000, dl.tv_nsec += (long)(S.hang_ms % 1000) * 1000000L;
         if (dl.tv_nsec >= 1000000000L) dl.tv_sec++, dl.tv_nsec -= 1000000000L;
         while (!q->done && pthread_cond_timedwait(&q->cv, &L.mu, &dl) != ETIMEDOUT) {}
         if (q->done) break;
-        waited += S.hang_ms;
         if (mode == LIO_FAILOVER) {
             pthread_mutex_unlock(&L.mu);
             int can = lio_can_fail_over(locked);
             pthread_mutex_lock(&L.mu);
             if (q->done) break;
             if (!can) {
-                if (waited == S.hang_ms)
+                if (!logged++)
                     logmsg("the local image has not answered for %d ms and no replica has the whole disk: waiting",
-                           waited);
+                           S.hang_ms);
                 continue;
             }
         }
