@@ -326,3 +326,37 @@ def test_primary_with_a_hung_image_stops(tmp_path: Path) -> None:
     finally:
         r.close()
     _cleaned_up(r.faulty)
+
+
+def test_hung_image_without_a_replica_waits_and_fails_nothing(tmp_path: Path) -> None:
+    """No replica holds the whole disk: a hung image is waited for (a slow disk is no
+    error), and the guest's write completes once the image answers again."""
+    r = Rig(tmp_path, seed=7, hang_ms=300)
+    try:
+        r.faulty.hang()
+        c = NbdClient(r.a.spec.nbd_path, timeout=30.0)
+        done: list[str] = []
+
+        def write() -> None:
+            try:
+                c.write(0, b"\x07" * BLOCK)
+                done.append("ok")
+            except (NbdError, OSError) as e:
+                done.append(f"error: {e}")
+
+        t = threading.Thread(target=write)
+        t.start()
+        t.join(1.5)  # five times the bound
+        assert not done, f"the write was answered while the image hangs: {done}"
+        log = r.a.stderr_path.read_text()
+        assert "no replica has the whole disk: waiting" in log, log[-500:]
+        r.faulty.unhang()
+        t.join(10)
+        assert done == ["ok"], done
+        st = r.a.status()
+        assert st["storage"] == "local" and st["failovers"] == 0 and st["local_timeouts"] == 0, st
+        assert c.read(0, BLOCK) == b"\x07" * BLOCK
+        c.sock.close()
+    finally:
+        r.close()
+    _cleaned_up(r.faulty)
