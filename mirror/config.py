@@ -125,6 +125,9 @@ class DiskConfig:
     stall_ms: int = field(default=5000, metadata=_range(100, 600_000))
     # while the primary's disk runs on the secondary's storage: how often it tries its own
     probe_ms: int = field(default=1000, metadata=_range(10, 600_000))
+    # a call on the primary's own image that has not returned in this long: the image hangs,
+    # and the disk fails over to the secondary's replica as for an I/O error (0: no deadline)
+    hang_ms: int = field(default=2000, metadata=_range(0, 600_000))
 
 
 @dataclass(frozen=True)

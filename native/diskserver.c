@@ -74,6 +74,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -180,6 +181,7 @@ static struct {
     uint64_t failovers, switchbacks, resynced_local, storage_seq, remote_reads;
     double failed_at_ms;
     int probe_ms, probing;
+    int hang_ms;              /* a call on the local image longer than this: it hangs */
     int draining;             /* the switch back's last pass: the guest's writes wait */
     pthread_cond_t io_cv;     /* (stream_mu) suspended I/O waits here */
     pthread_mutex_t flush_mu; /* one local flush at a time */
@@ -432,6 +434,165 @@ int mirror_disk_session_key(const unsigned char *secret, const unsigned char *pe
     return 0;
 }
 
+/* ---- the local image, with a deadline ----------------------------------------------- *
+ *
+ * A local image can hang instead of failing (an NFS server gone, a dying disk): a call
+ * that never returns would hold stream_mu, so the barrier, so the checkpoint and the
+ * guest.  The primary's calls on its image are therefore made by I/O threads, each on a
+ * buffer of its own, and the caller waits at most --hang-ms.  Past that, a call of the
+ * guest's (LIO_FAILOVER) is abandoned and returns -ETIMEDOUT when the disk can run on
+ * B's replica (the caller then fails over as for an error); without a replica holding
+ * the whole disk it waits on (a slow disk is no error).  An abandoned call keeps its
+ * thread until it returns (maybe never; the thread holds no lock) and is counted in
+ * L.stuck: the switch back waits until none is left, so that no late write lands on
+ * blocks copied back.  A call abandoned before a thread took it never runs.
+ * A read or write the kernel can do without blocking (RWF_NOWAIT: in the page cache) is
+ * made by the caller itself, with no hand-off; only the rest goes to an I/O thread
+ * (a file system without RWF_NOWAIT, as FUSE or NFS, always). */
+
+enum { LIO_READ, LIO_WRITE, LIO_ZERO, LIO_TRIM, LIO_SYNC };
+#define LIO_MAX_THREADS 64 /* beyond: new calls queue (and time out) until one returns */
+
+struct lio {
+    int op, res, started, done, abandoned;
+    uint64_t off, len;
+    pthread_cond_t cv;
+    struct lio *next;
+    char data[];
+};
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_condattr_t mono;
+    struct lio *head, *tail;
+    int threads, idle, queued, stuck;
+    uint64_t timeouts;
+} L = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static int lio_do(struct lio *q) {
+    switch (q->op) {
+    case LIO_READ: return pread_full(S.img, q->data, q->len, q->off);
+    case LIO_WRITE: return pwrite_full(S.img, q->data, q->len, q->off);
+    case LIO_SYNC: return fdatasync(S.img) ? -errno : 0;
+    default: return zero_range(S.img, q->off, q->len, q->op == LIO_TRIM);
+    }
+}
+
+static void *lio_thread(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&L.mu);
+    for (;;) {
+        L.idle++;
+        while (!L.head) pthread_cond_wait(&L.cv, &L.mu);
+        L.idle--;
+        struct lio *q = L.head;
+        L.head = q->next, L.queued--;
+        if (!L.head) L.tail = NULL;
+        if (q->abandoned) { pthread_cond_destroy(&q->cv); free(q); continue; }
+        q->started = 1;
+        pthread_mutex_unlock(&L.mu);
+        int r = lio_do(q);
+        pthread_mutex_lock(&L.mu);
+        if (q->abandoned) { /* its caller went on long ago */
+            if (--L.stuck == 0) logmsg("the local image answered every abandoned call");
+            pthread_cond_destroy(&q->cv);
+            free(q);
+            continue;
+        }
+        q->res = r, q->done = 1;
+        pthread_cond_signal(&q->cv);
+    }
+    return NULL;
+}
+
+/* may the disk run on B's replica now (so a hung call be abandoned)? */
+static int lio_can_fail_over(int locked) {
+    if (!locked) pthread_mutex_lock(&S.stream_mu);
+    int can = S.role == PRIMARY && (S.storage != LOCAL || (S.synced && S.peer >= 0));
+    if (!locked) pthread_mutex_unlock(&S.stream_mu);
+    return can;
+}
+
+enum { LIO_DEADLINE, LIO_FAILOVER };
+
+/* op on the local image (buf: len bytes in or out for reads and writes); 0, -errno, or
+   -ETIMEDOUT past --hang-ms (mode above; locked: the caller holds stream_mu) */
+static int lio_run(int op, char *buf, uint64_t len, uint64_t off, int mode, int locked) {
+    int io = op == LIO_READ || op == LIO_WRITE;
+    if (!S.hang_ms) /* off: the caller's own call (a hung image stalls it, and the guest) */
+        return op == LIO_READ ? pread_full(S.img, buf, len, off) : op == LIO_WRITE ? pwrite_full(S.img, buf, len, off)
+             : op == LIO_SYNC ? (fdatasync(S.img) ? -errno : 0) : zero_range(S.img, off, len, op == LIO_TRIM);
+    static int nowait[2] = {1, 1}; /* reads, writes: the file system has RWF_NOWAIT */
+    while (io && len && __atomic_load_n(&nowait[op], __ATOMIC_RELAXED)) { /* what needs no waiting, here */
+        struct iovec v = {buf, len};
+        ssize_t r = op == LIO_READ ? preadv2(S.img, &v, 1, (off_t)off, RWF_NOWAIT)
+                                   : pwritev2(S.img, &v, 1, (off_t)off, RWF_NOWAIT);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno != EAGAIN) {
+            if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS) return -errno;
+            __atomic_store_n(&nowait[op], 0, __ATOMIC_RELAXED); /* never here: no more tries */
+        }
+        if (r <= 0) break; /* it would block (or at the end of the file): an I/O thread's */
+        buf += r, off += (uint64_t)r, len -= (uint64_t)r;
+    }
+    if (io && !len) return 0;
+    struct lio *q = malloc(sizeof *q + (io ? len : 0));
+    if (!q) return -ENOMEM;
+    memset(q, 0, sizeof *q);
+    q->op = op, q->off = off, q->len = len;
+    if (op == LIO_WRITE) memcpy(q->data, buf, len);
+    pthread_mutex_lock(&L.mu);
+    pthread_cond_init(&q->cv, &L.mono);
+    if (L.tail) L.tail->next = q; else L.head = q;
+    L.tail = q, L.queued++;
+    pthread_t t;
+    if (L.queued > L.idle && L.threads < LIO_MAX_THREADS && pthread_create(&t, NULL, lio_thread, NULL) == 0) {
+        pthread_detach(t);
+        L.threads++;
+    }
+    pthread_cond_signal(&L.cv);
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    int logged = 0;
+    while (!q->done) {
+        dl.tv_sec += S.hang_ms / 1000, dl.tv_nsec += (long)(S.hang_ms % 1000) * 1000000L;
+        if (dl.tv_nsec >= 1000000000L) dl.tv_sec++, dl.tv_nsec -= 1000000000L;
+        while (!q->done && pthread_cond_timedwait(&q->cv, &L.mu, &dl) != ETIMEDOUT) {}
+        if (q->done) break;
+        if (mode == LIO_FAILOVER) {
+            pthread_mutex_unlock(&L.mu);
+            int can = lio_can_fail_over(locked);
+            pthread_mutex_lock(&L.mu);
+            if (q->done) break;
+            if (!can) {
+                if (!logged++)
+                    logmsg("the local image has not answered for %d ms and no replica has the whole disk: waiting",
+                           S.hang_ms);
+                continue;
+            }
+        }
+        q->abandoned = 1;
+        if (q->started) L.stuck++;
+        L.timeouts++;
+        pthread_mutex_unlock(&L.mu);
+        return -ETIMEDOUT;
+    }
+    int r = q->res;
+    pthread_mutex_unlock(&L.mu);
+    if (op == LIO_READ && !r) memcpy(buf, q->data, len);
+    pthread_cond_destroy(&q->cv);
+    free(q);
+    return r;
+}
+
+static int lio_stuck(void) {
+    pthread_mutex_lock(&L.mu);
+    int n = L.stuck;
+    pthread_mutex_unlock(&L.mu);
+    return n;
+}
+
 /* ---- primary: the stream to B ------------------------------------------------- */
 
 /* a switch of the disk's path (stream_mu held); readers check storage_seq around a local read */
@@ -655,7 +816,10 @@ static int failover(int e, const char *what) {
     bm_or(S.dirty_local, S.unflushed); /* not known to be on the local image */
     bm_or(S.dirty_local, S.flushing);
     memset(S.unflushed, 0, S.bm_words * 8);
-    snprintf(S.storage_err, sizeof S.storage_err, "%s: %s", what, strerror(-e));
+    if (e == -ETIMEDOUT)
+        snprintf(S.storage_err, sizeof S.storage_err, "%s: no answer in %d ms", what, S.hang_ms);
+    else
+        snprintf(S.storage_err, sizeof S.storage_err, "%s: %s", what, strerror(-e));
     logmsg("the local image failed (%s): the disk runs on the replica's storage at %s", S.storage_err, S.peer_host);
     if (!S.probing) {
         S.probing = 1;
@@ -679,7 +843,7 @@ static int flush_local(void) {
     uint64_t *t = S.flushing; /* the blocks written so far are what this fdatasync makes durable */
     S.flushing = S.unflushed, S.unflushed = t;
     pthread_mutex_unlock(&S.stream_mu);
-    int e = fdatasync(S.img) ? -errno : 0;
+    int e = lio_run(LIO_SYNC, NULL, 0, 0, LIO_FAILOVER, 0);
     pthread_mutex_lock(&S.stream_mu);
     if (e && failover(e, "flush")) {
         e = 0;
@@ -713,11 +877,11 @@ static int copy_back(const uint64_t *bm, char *buf) {
         }
         if (!n) break;
         int r = remote_read_many(q, offs, n);
-        for (int i = 0; i < n && !r; i++) r = pwrite_full(S.img, q[i].buf, q[i].len, offs[i]);
+        for (int i = 0; i < n && !r; i++) r = lio_run(LIO_WRITE, q[i].buf, q[i].len, offs[i], LIO_DEADLINE, 0);
         if (r) return r;
         S.resynced_local += blocks;
     }
-    return fdatasync(S.img) ? -errno : 0;
+    return lio_run(LIO_SYNC, NULL, 0, 0, LIO_DEADLINE, 0);
 }
 
 /* while the disk runs remote: probe the local image; when it works, resync and switch back */
@@ -734,7 +898,10 @@ static void *probe_thread(void *arg) {
             break;
         }
         pthread_mutex_unlock(&S.stream_mu);
-        if (pread_full(S.img, blk, BS, 0) || pwrite_full(S.img, blk, BS, 0) || fdatasync(S.img)) continue;
+        if (lio_stuck()) continue; /* a hung call may still land: copying back must come after it */
+        if (lio_run(LIO_READ, blk, BS, 0, LIO_DEADLINE, 0) || lio_run(LIO_WRITE, blk, BS, 0, LIO_DEADLINE, 0) ||
+            lio_run(LIO_SYNC, NULL, 0, 0, LIO_DEADLINE, 0))
+            continue;
         logmsg("the local image answers again: copying back the blocks written meanwhile");
         int done = 0;
         for (int round = 0; !done; round++) {
@@ -782,26 +949,21 @@ static void *probe_thread(void *arg) {
     return NULL;
 }
 
-/* tests only: a copy of the image into `path` (copy_file_range, or reads and writes
-   where the file system has none, as FUSE) */
+/* tests only: a copy of the image into `path` (reads with the deadline: a hung image
+   leaves no copy rather than a barrier that never returns) */
 static void copy_image(const char *path) {
     int out = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (out < 0) return;
     off_t off = 0;
-    while ((uint64_t)off < S.size) {
-        ssize_t n = copy_file_range(S.img, &off, out, NULL, S.size - (uint64_t)off, 0);
-        if (n <= 0) break;
+    char *buf = malloc(SYNC_CHUNK);
+    while (buf && (uint64_t)off < S.size) {
+        uint64_t n = S.size - (uint64_t)off < SYNC_CHUNK ? S.size - (uint64_t)off : SYNC_CHUNK;
+        if (lio_run(LIO_READ, buf, n, (uint64_t)off, LIO_DEADLINE, 0) || pwrite_full(out, buf, n, (uint64_t)off)) break;
+        off += (off_t)n;
     }
-    if ((uint64_t)off < S.size) {
-        char *buf = malloc(SYNC_CHUNK);
-        while (buf && (uint64_t)off < S.size) {
-            uint64_t n = S.size - (uint64_t)off < SYNC_CHUNK ? S.size - (uint64_t)off : SYNC_CHUNK;
-            if (pread_full(S.img, buf, n, (uint64_t)off) || pwrite_full(out, buf, n, (uint64_t)off)) break;
-            off += (off_t)n;
-        }
-        free(buf);
-    }
+    free(buf);
     close(out);
+    if ((uint64_t)off < S.size) unlink(path);
 }
 
 static void snapshot(uint64_t epoch) { /* tests only: the image as of this barrier */
@@ -841,8 +1003,9 @@ static void *sync_thread(void *arg) {
         uint64_t off = b * BS, n = e * BS > S.size ? S.size - off : (e - b) * BS;
         pthread_mutex_lock(&S.stream_mu);
         if (S.peer < 0 || S.conn_gen != a.gen) { pthread_mutex_unlock(&S.stream_mu); free(buf); return NULL; }
-        int err = pread_full(S.img, buf, n, off);
-        if (err) peer_lost("reading the local image for the disk copy failed");
+        int err = lio_run(LIO_READ, buf, n, off, LIO_DEADLINE, 1);
+        if (err) peer_lost(err == -ETIMEDOUT ? "reading the local image for the disk copy hung"
+                                             : "reading the local image for the disk copy failed");
         else if (is_zero(buf, n)) stream_send(R_ZERO, 0, off, n, NULL);
         else stream_send(R_SYNC, 0, off, n, buf);
         if (a.resync) S.resync_blocks += e - b, S.sync_done_bytes += n;
@@ -1548,7 +1711,8 @@ static int change(uint32_t type, uint64_t off, uint32_t len, const char *data, i
     if (S.role != PRIMARY) { pthread_mutex_unlock(&S.stream_mu); return EPERM; }
     int e = 0;
     if (S.storage == LOCAL) {
-        e = type == R_WRITE ? pwrite_full(S.img, data, len, off) : zero_range(S.img, off, len, type == R_TRIM);
+        e = lio_run(type == R_WRITE ? LIO_WRITE : type == R_TRIM ? LIO_TRIM : LIO_ZERO, (char *)data, len, off,
+                    LIO_FAILOVER, 1);
         if (e && failover(e, type == R_WRITE ? "write" : "zero")) e = 0;
     }
     if (!e) {
@@ -1591,7 +1755,7 @@ static void *worker(void *arg) {
                     e = remote_read(j->offset, j->len, rbuf);
                     break;
                 }
-                e = pread_full(S.img, rbuf, j->len, j->offset);
+                e = lio_run(LIO_READ, rbuf, j->len, j->offset, LIO_FAILOVER, 0);
                 if (e) {
                     pthread_mutex_lock(&S.stream_mu);
                     if (S.role == PRIMARY && failover(e, "read")) e = -EAGAIN;
@@ -1774,6 +1938,12 @@ static void cmd_status(char *out, size_t outlen) {
              S.plain ? "plain" : "aes-256-gcm", S.hs_refused, S.hs_evicted, S.max_pending);
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_unlock(&S.stream_mu);
+    size_t l = strlen(out); /* the local image's hung calls (the section "with a deadline") */
+    pthread_mutex_lock(&L.mu);
+    if (l > 3 && out[l - 1] == '}')
+        snprintf(out + l - 1, outlen - l + 1, ",\"hang_ms\":%d,\"local_timeouts\":%" PRIu64 ",\"local_stuck\":%d}",
+                 S.hang_ms, L.timeouts, L.stuck);
+    pthread_mutex_unlock(&L.mu);
 }
 
 static void *ctl_conn(void *arg) {
@@ -1815,7 +1985,7 @@ static void *ctl_accept(void *arg) {
 static int usage(void) {
     fprintf(stderr,
             "usage: diskserver --image PATH --size BYTES --nbd SOCK --control SOCK --pair NAME\n"
-            "         [--generation N] [--workers N] [--stall-ms MS] [--probe-ms MS] [--meta PATH]\n"
+            "         [--generation N] [--workers N] [--stall-ms MS] [--probe-ms MS] [--hang-ms MS] [--meta PATH]\n"
             "         [--replica HOST:PORT --journal PATH --journal-bytes N]\n"
             "         [--test-snapshots DIR --test-keep N --test-plain-stream 0|1]\n");
     return 2;
@@ -1825,6 +1995,7 @@ int mirror_diskserver_main(int argc, char **argv) {
     const char *image = NULL, *listen_at = NULL, *journal = NULL;
     memset(&S, 0, sizeof S);
     S.workers = 4, S.stall_ms = 5000, S.generation = 1, S.snap_keep = 8, S.probe_ms = 1000;
+    S.hang_ms = 2000;
     S.jsize = 256u << 20;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
@@ -1837,6 +2008,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         else if (!strcmp(k, "--workers")) S.workers = atoi(v);
         else if (!strcmp(k, "--stall-ms")) S.stall_ms = atoi(v);
         else if (!strcmp(k, "--probe-ms")) S.probe_ms = atoi(v);
+        else if (!strcmp(k, "--hang-ms")) S.hang_ms = atoi(v);
         else if (!strcmp(k, "--meta")) S.meta_path = v;
         else if (!strcmp(k, "--replica")) listen_at = v;
         else if (!strcmp(k, "--journal")) journal = v;
@@ -1847,7 +2019,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         else return usage();
     }
     if (!image || !S.size || !S.nbd_path || !S.ctl_path || !S.pair || S.workers < 1 || S.workers > 64 ||
-        S.probe_ms < 1 ||
+        S.probe_ms < 1 || S.hang_ms < 0 ||
         (listen_at && (!journal || S.jsize < 4096)))
         return usage();
     signal(SIGPIPE, SIG_IGN);
@@ -1858,6 +2030,8 @@ int mirror_diskserver_main(int argc, char **argv) {
     pthread_mutex_init(&S.flush_mu, NULL);
     pthread_mutex_init(&S.rmu, NULL);
     pthread_cond_init(&S.rcv, NULL);
+    pthread_condattr_init(&L.mono);
+    pthread_condattr_setclock(&L.mono, CLOCK_MONOTONIC);
     S.peer = -1, S.stream_fd = -1, S.listen_fd = -1, S.jfd = -1;
     S.cur_epoch = 1;
     S.max_pending = S.jsize / 512 + 65536; /* the journal index's bound (about 40 bytes a record) */

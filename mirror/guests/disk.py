@@ -96,6 +96,7 @@ class DiskSpec:
     workers: int = 4
     stall_ms: int = 5000
     probe_ms: int = 1000  # while on the replica's storage: how often to try the local image
+    hang_ms: int = 2000  # a call on the local image longer than this: it hangs (fail over)
     listen: str = ""  # HOST:PORT: a replica, receiving the stream there
     journal: Path | None = None
     journal_bytes: int = 256 << 20
@@ -127,7 +128,7 @@ class DiskServer:
             "--nbd", str(spec.nbd_path), "--control", str(spec.control_path),
             "--pair", spec.pair, "--generation", str(spec.generation),
             "--workers", str(spec.workers), "--stall-ms", str(spec.stall_ms),
-            "--probe-ms", str(spec.probe_ms),
+            "--probe-ms", str(spec.probe_ms), "--hang-ms", str(spec.hang_ms),
         ]  # fmt: skip
         if spec.meta is not None:
             args += ["--meta", str(spec.meta)]
@@ -282,17 +283,24 @@ class DiskServer:
                 "refused_connections")  # fmt: skip
         return {k: st[k] for k in keys}
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the server: SIGTERM, SIGKILL after ``timeout`` s; a server with a call
+        hung on its image in the kernel ends only when the call returns: not waited for."""
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("the disk server (pid %d) has not ended: a call on its image "
+                                "hangs in the kernel; it ends when that call returns",
+                                self.proc.pid)  # fmt: skip
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         for p in (self.spec.nbd_path, self.spec.control_path):

@@ -144,6 +144,7 @@ class QemuBackend(Backend):
             workers=cfg.disk.workers,
             stall_ms=cfg.disk.stall_ms,
             probe_ms=cfg.disk.probe_ms,
+            hang_ms=cfg.disk.hang_ms,
             listen=f"{f'[{host}]' if ':' in host else host}:{cfg.disk.port}" if replica else "",
             journal=cfg.state_dir / "disk" / "journal" if replica else None,
             journal_bytes=cfg.disk.journal_mib << 20,

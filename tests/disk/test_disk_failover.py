@@ -4,7 +4,9 @@ guest from B's replica over the stream (reads of B's view, writes to B only, per
 epoch); the guest sees no error and reads its own writes.  When the image answers
 again, the blocks written meanwhile are copied back and A serves locally again.
 If B dies while A runs on B's storage, A suspends the guest's I/O (no error, no answer)
-and nothing of a committed checkpoint is lost.
+and nothing of a committed checkpoint is lost.  A local image that hangs (nbdkit's pause
+filter: requests held, neither answered nor failed) fails over the same way once a call
+on it has taken longer than the disk server's --hang-ms, without waiting for that call.
 
 Writers are NBD clients on A's real socket, each in its own half of the disk, checking
 every read against a model of what they wrote (the model, copied at each drained
@@ -12,6 +14,7 @@ checkpoint, is the disk as of that checkpoint)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -30,7 +33,7 @@ SIZE = 4 << 20
 class Rig(Harness):
     """A Harness whose primary's image is a FaultyImage, with a model of the disk."""
 
-    def __init__(self, root: Path, seed: int) -> None:
+    def __init__(self, root: Path, seed: int, hang_ms: int = 2000) -> None:
         rng = random.Random(seed)
         content = rng.randbytes(SIZE)
         self.faulty = FaultyImage(root, SIZE, content)
@@ -41,14 +44,16 @@ class Rig(Harness):
             raise
         # the primary with a short probe period (the Harness's has the default)
         self.a.close()
-        self.a = DiskServer(DiskSpec(self.a_img, SIZE, root / "a", "killpair", probe_ms=100,
-                                     session_key=KEY))
+        spec = DiskSpec(self.a_img, SIZE, root / "a", "killpair", probe_ms=100, hang_ms=hang_ms,
+                        session_key=KEY)
+        self.a = DiskServer(spec)
         self.model = bytearray(content)
         self.models: dict[int, bytes] = {0: bytes(content)}
         self.errors: list[str] = []
         self.ops = 0
         self.reads_checked = 0
         self.threads: list[threading.Thread] = []  # the committer, then two writers
+        self.pauses: list[float] = []  # each checkpoint's pause (drain and barrier), s
 
     def start_io(self) -> None:
         """The committer and a writer on each half of the disk."""
@@ -73,12 +78,14 @@ class Rig(Harness):
 
     def checkpoint(self) -> bool:
         """One drained pause: barrier, and the model of the disk as of it."""
+        t0 = time.monotonic()
         with self.drained():
             err = self.a.barrier(self.epoch)
             assert err is None, err
             self.models[self.epoch] = bytes(self.model)
             self.epoch += 1
-            return True
+        self.pauses.append(time.monotonic() - t0)
+        return True
 
     def writer(self, kind: str, seed: int, delay: float = 0.0) -> None:
         """Random 4 KiB writes (some FUA), TRIM, WRITE_ZEROES, FLUSH and reads checked
@@ -132,6 +139,10 @@ class Rig(Harness):
 
     def close(self) -> None:
         try:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.faulty.heal()
+                if self.faulty.hung:  # a call stuck on the image ends (else A could not exit)
+                    self.faulty.unhang()
             self.stop_io()
             super().close()
         finally:
@@ -225,3 +236,128 @@ def test_replica_dies_while_primary_runs_on_it_io_suspends(tmp_path: Path) -> No
         assert differing_blocks(r.b_img.read_bytes(), r.models[committed]) == 0
     finally:
         r.close()
+
+
+def _cleaned_up(img: FaultyImage) -> None:
+    """The FUSE mount is gone and nbdfuse and nbdkit (one process group) are stopped."""
+    assert str(img.path) not in Path("/proc/mounts").read_text(), "the FUSE mount is left"
+    try:
+        os.killpg(img.proc.pid, 0)
+        raise AssertionError("nbdfuse or nbdkit is still running")
+    except ProcessLookupError:
+        pass
+
+
+def test_local_storage_hangs_fails_over_within_the_bound(tmp_path: Path) -> None:
+    hang_s = 1.0  # the disk server's --hang-ms
+    r = Rig(tmp_path, seed=5, hang_ms=int(hang_s * 1000))
+    try:
+        r.sync()
+        r.start_io()
+        r.run(0.3)
+        assert r.a.status()["storage"] == "local"
+        ops_before = r.ops
+        r.pauses.clear()
+        r.faulty.hang()  # A's image now holds every request: no answer, no error
+        t0 = time.monotonic()
+        r.run(hang_s + 5, until="remote")
+        took = time.monotonic() - t0
+        st = r.a.status()
+        assert st["storage"] == "remote" and st["failovers"] == 1, st
+        assert f"no answer in {int(hang_s * 1000)} ms" in st["storage_error"], st
+        assert st["local_timeouts"] >= 1 and st["local_stuck"] >= 1, st
+        # detected within the bound (plus a margin for this shared machine), not before it
+        assert 0.8 * hang_s <= took <= hang_s + 1.5, f"failover {took:.2f} s after the hang"
+        # no checkpoint's pause waited on the stuck call for longer than the bound
+        assert max(r.pauses) <= hang_s + 1.5, f"a pause of {max(r.pauses):.2f} s"
+        r.run(1.0)  # the image still hangs: the guest runs on B's storage
+        st = r.a.status()
+        assert st["storage"] == "remote" and st["local_stuck"] >= 1, st
+        ops_remote = r.ops
+        assert ops_remote > ops_before + 50, "the guest's I/O stopped while A ran on B's storage"
+        r.faulty.unhang()  # the held calls land now (stale); the copy back comes after them
+        r.run(10, until="local")
+        r.run(0.3)
+        last = r.stop_io()
+        r.b.commit(last)
+        st = r.a.status()
+        assert not r.errors, (
+            f"the guest saw {len(r.errors)} errors (I/O errors or wrong data): {r.errors[:3]}"
+        )
+        assert st["storage"] == "local" and st["switchbacks"] == 1 and st["local_stuck"] == 0, st
+        want = r.models[last]
+        assert differing_blocks(r.b_img.read_bytes(), want) == 0, (
+            "B's replica is not the guest's disk"
+        )
+        assert differing_blocks(r.a_img.read_bytes(), want) == 0, (
+            "A's image missed blocks after the switch back"
+        )
+        print(f"hang: failover {took:.2f} s after the image hung (bound {hang_s:g} s), "
+              f"longest checkpoint pause {max(r.pauses) * 1000:.0f} ms, "
+              f"{st['local_timeouts']} calls abandoned, {r.ops} ops "
+              f"({ops_remote - ops_before} while hung), {r.reads_checked} reads checked, "
+              f"0 errors, {st['resynced_local']} blocks copied back")  # fmt: skip
+    finally:
+        r.close()
+    _cleaned_up(r.faulty)
+
+
+def test_primary_with_a_hung_image_stops(tmp_path: Path) -> None:
+    """A's image hangs for good (a call of A's stays in the kernel): the disk runs on B
+    and A's disk server still ends when told to, once the call comes back; its owner's
+    close does not wait for it forever."""
+    r = Rig(tmp_path, seed=6, hang_ms=500)
+    try:
+        r.sync()
+        r.start_io()
+        r.run(0.2)
+        r.faulty.hang()
+        r.run(5, until="remote")
+        last = r.stop_io()
+        r.b.commit(last)
+        assert r.a.status()["local_stuck"] >= 1
+        t0 = time.monotonic()
+        r.a.close(timeout=1.0)  # SIGTERM, then SIGKILL: a thread of A's stays in the kernel
+        assert time.monotonic() - t0 < 5, "closing A's disk server waited on the hung image"
+        assert r.a.proc.poll() is None, "A exited with a call of it still in FUSE?"
+        r.faulty.unhang()  # the call returns: the process ends at once
+        r.a.proc.wait(5)
+        assert not r.errors, r.errors[:3]
+        assert differing_blocks(r.b_img.read_bytes(), r.models[last]) == 0
+    finally:
+        r.close()
+    _cleaned_up(r.faulty)
+
+
+def test_hung_image_without_a_replica_waits_and_fails_nothing(tmp_path: Path) -> None:
+    """No replica holds the whole disk: a hung image is waited for (a slow disk is no
+    error), and the guest's write completes once the image answers again."""
+    r = Rig(tmp_path, seed=7, hang_ms=300)
+    try:
+        r.faulty.hang()
+        c = NbdClient(r.a.spec.nbd_path, timeout=30.0)
+        done: list[str] = []
+
+        def write() -> None:
+            try:
+                c.write(0, b"\x07" * BLOCK)
+                done.append("ok")
+            except (NbdError, OSError) as e:
+                done.append(f"error: {e}")
+
+        t = threading.Thread(target=write)
+        t.start()
+        t.join(1.5)  # five times the bound
+        assert not done, f"the write was answered while the image hangs: {done}"
+        log = r.a.stderr_path.read_text()
+        assert "no replica has the whole disk: waiting" in log, log[-500:]
+        r.faulty.unhang()
+        t.join(10)
+        assert done == ["ok"], done
+        st = r.a.status()
+        assert st["storage"] == "local" and st["failovers"] == 0 and st["local_timeouts"] == 0, st
+        assert c.read(0, BLOCK) == b"\x07" * BLOCK
+        c.sock.close()
+    finally:
+        r.close()
+    _cleaned_up(r.faulty)

@@ -199,6 +199,63 @@ def test_storage_failure_on_the_primary_with_a_real_guest(pair_factory, guest_im
         faulty.close()
 
 
+def test_hung_storage_on_the_primary_with_a_real_guest(pair_factory, guest_image: Path) -> None:
+    """A's disk image hangs (nbdkit's pause filter behind nbdfuse: requests held, neither
+    answered nor failed) while the QEMU guest writes it: within disk.hang_ms A's disk runs
+    on B's replica, the checkpoints go on meanwhile and the guest logs no I/O error; the
+    image resumes (the held writes land), A copies the blocks back and runs locally; then
+    A is killed and B's disk, promoted, is A's at the committed checkpoint."""
+    from tests.disk.faulty import FaultyImage
+
+    hang_ms = 1000
+    p = disk_pair(pair_factory, guest_image, probe_ms=200, hang_ms=hang_ms)
+    (p.root / "faulty").mkdir()
+    faulty = FaultyImage(p.root / "faulty", 8 << 20)
+    try:
+        p.cfg_a = replace(p.cfg_a, disk=replace(p.cfg_a.disk, image=str(faulty.path)))
+        snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
+        a, b = start_with_snapshots(p, snaps)
+        p.wait("A protected, the guest writing its disk",
+               lambda: (a.status() or {}).get("phase") == "protected"
+               and disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
+        faulty.hang()
+        t0 = time.monotonic()
+        p.wait("A's disk on B's storage",
+               lambda: disk_status(p.root / "hostA").get("storage") == "remote", 20)
+        took = time.monotonic() - t0
+        st = disk_status(p.root / "hostA")
+        assert f"no answer in {hang_ms} ms" in st["storage_error"], st
+        assert took <= hang_ms / 1000 + 2.0, f"failover {took:.2f} s after the image hung"
+        acked, w0 = (a.status() or {})["acked"], st["writes"]
+        p.wait("checkpoints and the guest's writes go on while the image hangs",
+               lambda: (a.status() or {}).get("acked", 0) >= acked + 10
+               and disk_status(p.root / "hostA")["writes"] >= w0 + 20, 60)  # fmt: skip
+        assert disk_status(p.root / "hostA")["local_stuck"] >= 1  # the held call: still held
+        faulty.unhang()
+        p.wait("A's disk local again",
+               lambda: disk_status(p.root / "hostA").get("storage") == "local", 30)
+        st = disk_status(p.root / "hostA")
+        assert st["switchbacks"] == 1 and st["local_stuck"] == 0, st
+        back_at = st["open_epoch"]
+        p.wait("checkpoints after the switch back",
+               lambda: (a.status() or {}).get("acked", 0) >= back_at + 5, 30)
+        serial = (p.root / "hostA" / "qemu" / "serial.log").read_text(errors="replace")
+        assert "I/O error" not in serial and "blk_update_request" not in serial, serial[-2000:]
+        a.signal(signal.SIGKILL)
+        a.proc.wait()
+        p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+        committed = promoted_disk_equals(p, b, snaps["B"], snaps["A"])
+        assert committed >= back_at, (committed, back_at)
+        print(f"hung storage: failover {took:.2f} s after the hang (bound {hang_ms} ms), "
+              f"{st['resynced_local']} blocks copied back, B promoted at {committed}")  # fmt: skip
+    finally:
+        if faulty.hung:  # a call held in the kernel would keep A's disk server from ending
+            faulty.unhang()
+        p.close()
+        faulty.close()
+    assert str(faulty.path) not in Path("/proc/mounts").read_text(), "the FUSE mount is left"
+
+
 def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -> None:
     """B's host dies (its whole process group) while A's guest writes its disk: A never
     stops, runs unprotected on its local disk (the disk server marks the blocks written);

@@ -12,6 +12,7 @@ def test_disk_defaults_to_none_and_takes_a_size() -> None:
     cfg = from_dict({"guest": {"kind": "qemu"}, "disk": {"size_mib": 64}})
     assert cfg.disk.size_mib == 64
     assert cfg.disk_image == cfg.state_dir / "disk.img"
+    assert cfg.disk.hang_ms == 2000  # a local call this long: the image hangs (fail over)
 
 
 @pytest.mark.parametrize(
@@ -22,6 +23,7 @@ def test_disk_defaults_to_none_and_takes_a_size() -> None:
          "[disk] port 7400 is also a [link] port"),
         ({"disk": {"journal_mib": 8}}, "journal_mib: value must be within 64"),
         ({"disk": {"probe_ms": 0}}, "probe_ms: value must be within 10"),
+        ({"disk": {"hang_ms": -1}}, "hang_ms: value must be within 0"),
         ({"disk": {"size_mib": "big"}}, "size_mib: must be an integer"),
         ({"disk": {"cache": 1}}, "unknown key(s) cache"),
     ],
