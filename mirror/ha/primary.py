@@ -19,6 +19,7 @@ from mirror.ha.agent import Failover, begin, current_generation, event, make_arb
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
+from mirror.ha.rekey import current as current_rekey
 from mirror.hoststate import agent_record, write_json
 from mirror.replication import keys, metrics, wire
 from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
@@ -89,7 +90,8 @@ def lead(
             cfg, backend, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
         )
         run.retry = retry
-        control.serve({"status": run.status, "detach": detach_on(stop)})
+        control.serve({"status": run.status, "detach": detach_on(stop),
+                       "reload-keys": current_rekey(cfg).control})  # fmt: skip
         run.phase = "unprotected"
         try:
             while not stop.is_set() and (end is None or time.monotonic() < end):
@@ -110,6 +112,8 @@ def lead(
                     event("guest-died", node=cfg.node.name)
                     return 1
                 run.relink_if_rekeyed()  # the pool may have placed a new standby elsewhere
+                if (rekey := current_rekey(cfg)).due():  # SIGHUP or `mirror keys reload`
+                    rekey.apply(run.use_keys)
                 if retry.waiting() > 0:  # the last pairing failed: not before its wait is over
                     stop.wait(min(0.2, retry.waiting()))
                     continue
@@ -231,12 +235,25 @@ class PrimaryRun:
         except ConfigError as e:
             log.error("interconnect keys unreadable, keeping the current ones: %s", e)
             return
-        if new != self.keys:
-            log.info("the peer's key changed (now %s): connecting again",
-                     keys.fingerprint(new.peer) if new else "none")  # fmt: skip
-            self.keys = new
-            self.link.close()
-            self.link = self.engine.link = self._link()
+        self.use_keys(new)
+
+    def use_keys(self, new: keys.LinkKeys | None) -> bool:
+        """Keys read again (a pool's new peer, SIGHUP, `mirror keys reload`): if they
+        differ, connect again with them; the session goes on (what is in flight is sent
+        again, as after any loss), and so does what the peer's heartbeats told.  True:
+        changed."""
+        if new == self.keys:
+            return False
+        log.info("the interconnect keys changed (peer key now %s): connecting again",
+                 keys.fingerprint(new.peer) if new else "none")  # fmt: skip
+        old = self.link
+        self.keys = new
+        old.close()
+        link = self._link()
+        link.heartbeats.peer = old.heartbeats.peer
+        link.committed[0], link.session[0] = old.committed[0], old.session[0]
+        self.link = self.engine.link = link
+        return True
 
     def status(self) -> dict[str, Any]:
         link, engine = self.link, self.engine
@@ -305,13 +322,8 @@ class PrimaryRun:
     def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
         """After the handshake: pre-copy, then checkpoints until stopped, the end, or
         ``epochs`` checkpoints; then as the controller decides.  Exit code 3: fenced."""
-        cfg, engine, outputs, failover, link = (
-            self.cfg,
-            self.engine,
-            self.outputs,
-            self.failover,
-            self.link,
-        )
+        cfg, engine, outputs, failover = self.cfg, self.engine, self.outputs, self.failover
+        rekey = current_rekey(cfg)
         self.phase = "precopy"
         paired_at = time.monotonic()  # the standby answered HELLO just now
         try:
@@ -326,6 +338,8 @@ class PrimaryRun:
         except ReplicationError as e:  # the standby refused or went: nothing it holds is ours
             wait = self.retry.failed(str(e))
             self.phase = "unprotected"
+            # the standby stands down (a BYE) rather than judge this session's end a cut
+            self.link.send(wire.Bye(engine.session, cfg.node.name, "the pairing failed"))
             event("pairing-failed", node=cfg.node.name, generation=self.generation,
                   reason=str(e), failures=self.retry.failures, retry_in_s=wait)  # fmt: skip
             return PAIRING_FAILED
@@ -349,6 +363,9 @@ class PrimaryRun:
                 last_status = now
             # the session began with the standby's WELCOME: before its first heartbeat
             # crosses, the secondary is not silent (the controller's rule)
+            if rekey.due():  # SIGHUP or `mirror keys reload`: between two checkpoints
+                rekey.apply(self.use_keys)
+            link = self.link
             d = failover.tick(
                 link.peer.node or None, link.peer.age(), session_age=now - paired_at
             )
@@ -395,7 +412,7 @@ class PrimaryRun:
             self.write_status()
         self.phase = "stopped"
         if not outputs.unprotected:
-            link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
+            self.link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
 
@@ -570,9 +587,8 @@ def run_primary(
             run.switch.set()
             return {"accepted": True}
 
-        control.serve(
-            {"status": run.status, "switchover": switch_now, "detach": detach_on(stop)}
-        )
+        control.serve({"status": run.status, "switchover": switch_now, "detach": detach_on(stop),
+                       "reload-keys": current_rekey(cfg).control})  # fmt: skip
         run.write_status()
         run.engine.handshake()
         guest.resume()

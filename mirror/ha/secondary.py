@@ -16,6 +16,7 @@ from mirror.ha.agent import Failover, begin, current_generation, event
 from mirror.ha.backend import Backend, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.ha.primary import lead, stop_guest
+from mirror.ha.rekey import current as current_rekey
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.standby import Standby
 
@@ -52,10 +53,14 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         manual.set()
         return {"accepted": True}
 
-    control.serve({"status": standby.status, "failover": failover_now})
+    rekey = current_rekey(cfg)
+    control.serve({"status": standby.status, "failover": failover_now,
+                   "reload-keys": rekey.control})  # fmt: skip
 
     def tick() -> bool:
         nonlocal promote
+        if rekey.due():  # SIGHUP or `mirror keys reload`
+            rekey.apply(lambda new: standby.use_keys(new, stop))
         link = standby.link
         if link is None or standby.primary is None:
             return False  # never paired: nothing to judge
