@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -247,5 +248,49 @@ def test_lost_standby_returns_and_is_resynced(pair_factory, guest_image: Path) -
         assert committed >= 20
         print(f"resync after B's return: {blocks} blocks of {(size_mib << 20) // 4096}; "
               f"B promoted at {committed}")  # fmt: skip
+    finally:
+        p.close()
+
+
+def test_disk_stream_broken_with_the_standby_alive(pair_factory, guest_image: Path) -> None:
+    """B stays alive, only its disk stream breaks (the TCP connection reset under both
+    disk servers with `ss -K`).  Within the grace (DISK_LOST_GRACE_S plus silent_after)
+    A runs on, takes no checkpoint and releases nothing (event disk-stream-lost); beyond
+    it A stops (exit 2, saying why), and B promotes from its last committed checkpoint,
+    its disk byte for byte A's at that checkpoint."""
+    from mirror.ha.primary import DISK_LOST_GRACE_S
+
+    p = disk_pair(pair_factory, guest_image)
+    grace = DISK_LOST_GRACE_S + p.cfg_a.arbiter.silent_after_ms / 1000
+    try:
+        snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
+        a, b = start_with_snapshots(p, snaps)
+        p.wait("A protected, the guest writing its disk",
+               lambda: (s := a.status() or {}).get("phase") == "protected" and s["acked"] >= 10
+               and disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
+        port = p.cfg_b.disk.port
+        cut = time.monotonic()
+        subprocess.run(["ss", "-K", "-t", "(", "dport", "=", f":{port}", "or", "sport", "=",
+                        f":{port}", ")"], check=True, capture_output=True)  # fmt: skip
+        p.wait("A's disk stream lost", lambda: '"disk-stream-lost"' in a.log_path.read_text(), 10)
+        time.sleep(max(0.0, cut + 1.0 - time.monotonic()))  # the acks in flight land
+        held = (a.status() or {})["acked"]
+        time.sleep(max(0.0, cut + grace - 1.0 - time.monotonic()))
+        # within the grace: A runs on, nothing more is acknowledged (outputs held); B waits
+        st = a.status() or {}
+        assert a.proc.poll() is None, a.log_tail()
+        assert st["acked"] == held and st["phase"] == "protected", st
+        assert (b.status() or {}).get("role") == "secondary" and b.proc.poll() is None
+        # beyond it: A stops, saying why; B goes on from its last committed checkpoint
+        code = a.proc.wait(timeout=grace + 20)
+        stopped_after = time.monotonic() - cut
+        assert code == 2, a.log_tail()
+        assert stopped_after >= grace, stopped_after
+        assert "the guest's disk is no longer replicated" in a.log_path.read_text()
+        p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+        committed = promoted_disk_equals(p, b, snaps["B"], snaps["A"])
+        assert committed >= held - 1, (committed, held)
+        print(f"disk stream cut: A stopped {stopped_after:.1f} s later (grace {grace:g} s), "
+              f"B promoted at checkpoint {committed}")  # fmt: skip
     finally:
         p.close()
