@@ -20,6 +20,7 @@ from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.ha.rekey import current as current_rekey
+from mirror.ha.rekey import keyed
 from mirror.hoststate import agent_record, write_json
 from mirror.replication import keys, metrics, wire
 from mirror.replication.checkpoint import CheckpointEngine, Progress, ReplicationError
@@ -197,7 +198,7 @@ class PrimaryRun:
     ) -> None:
         self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
         self.address = address
-        self.keys = keys.load(cfg)
+        self.keys = keys.load(keyed(cfg))  # as last reloaded
         self.link = self._link()
         self.engine = CheckpointEngine(
             guest,
@@ -231,7 +232,7 @@ class PrimaryRun:
         if self.keys is None:
             return
         try:
-            new = keys.load(self.cfg)
+            new = keys.load(keyed(self.cfg))
         except ConfigError as e:
             log.error("interconnect keys unreadable, keeping the current ones: %s", e)
             return
@@ -464,6 +465,9 @@ class PrimaryRun:
         checkpoint, memory and disk, rather than every output being held from now on."""
         why, since = lost
         if now - since > DISK_LOST_GRACE_S + self.failover.timeouts.silent_after:
+            event("disk-stream-lost-stopping", logging.ERROR, node=self.cfg.node.name,
+                  reason=why, lost_for_s=round(now - since, 2), checkpoint=self.engine.acked,
+                  peer=self.link.peer.node)  # fmt: skip
             raise ReplicationError(
                 f"the guest's disk is no longer replicated ({why}) and the standby "
                 f"{self.link.peer.node or self.address} still answers: stopping; the standby "

@@ -113,3 +113,9 @@ def current(cfg: Config) -> Rekey:
     if not _current:
         _current.append(Rekey(cfg, None))
     return _current[0]
+
+
+def keyed(cfg: Config) -> Config:
+    """``cfg`` with the ``[keys]`` last reloaded (a role made after a reload, such as the
+    next generation's primary or the secondary after a switchover, uses them too)."""
+    return replace(cfg, keys=current(cfg).cfg.keys)
