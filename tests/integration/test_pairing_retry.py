@@ -67,6 +67,7 @@ def test_refused_precopy_runs_on_unprotected_and_pairs_again(pair: Pair) -> None
     assert int(again["generation"]) > gen, again
     assert "pairing_failures" not in again, again
     assert a2.proc.poll() is None and b.proc.poll() is None
-    assert (s := b.status()) and s["committed"] >= 5, s
+    pair.wait("B's status at the new checkpoints",
+              lambda: (s := b.status()) and s["committed"] >= 5)  # written every 0.2 s
     time.sleep(0.5)
     assert a2.status()["protection"] == "protected"  # type: ignore[index]
