@@ -218,7 +218,8 @@ class HostAgent:
                 self.server = self._serve_peers()
             elif self.server is not None:
                 self.server.admit.peers = {p.public_key: n for n, p in peers.items()}
-            roles = {}
+            roles: dict[str, str] = {}
+            asked = []
             for pair, r in list(self.running.items()):
                 d = self.defs.get(pair)
                 if d is None or not r.alive():
@@ -226,11 +227,15 @@ class HostAgent:
                 pdir = self.pair_dir(pair)
                 try:
                     write_atomic(pdir / "mirror.toml", to_toml(self.role_config(d)).encode())
-                    a = control.ask(pdir / "role", "reload-keys", timeout=20.0, refused_ok=True)
-                    roles[pair] = a.get("error") or ("changed" if a.get("changed") else
-                                                     "unchanged")  # fmt: skip
-                except (ConfigError, AgentError, control.ControlError, OSError) as e:
+                    asked.append((pair, pdir / "role"))
+                except (ConfigError, AgentError, OSError) as e:
                     roles[pair] = f"not reloaded: {e}"
+        for pair, role_dir in asked:  # not under the lock: each may take a while
+            try:
+                a = control.ask(role_dir, "reload-keys", timeout=20.0, refused_ok=True)
+                roles[pair] = a.get("error") or ("changed" if a.get("changed") else "unchanged")
+            except control.ControlError as e:
+                roles[pair] = f"not reloaded: {e}"
         fields: dict[str, Any] = {
             "own_key": keys.fingerprint(public), "changed": own_changed or peers_changed,
                   "peers": {n: keys.fingerprint(p.public_key) for n, p in peers.items()},
