@@ -39,7 +39,7 @@ from mirror.config import (
 )
 from mirror.guests import image
 from mirror.guests.base import GuestError
-from mirror.ha import agent, control, hostcli, primary, secondary
+from mirror.ha import agent, control, hostcli, primary, rekey, secondary
 from mirror.hoststate import read_json, running
 from mirror.lab import demo, libvirtdemo, qemudemo
 from mirror.pool import cli as pool_cli
@@ -149,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="file name: NAME.key (public) and NAME.key_secret (mode 0600); default: "
         "this host's name",
     )
+
+    p = sub.add_parser("keys", help="the running role's interconnect keys")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = ksub.add_parser(
+        "reload",
+        help="make the running role read its [keys] and key files again (as SIGHUP does)",
+    )
+    k.add_argument("--config", help="the role's configuration (a role run by hand); without "
+                   "it: this host's agent (`mirror agent`) and every role it runs")
+    k.add_argument("--agent-config", default=DEFAULT_AGENT_CONFIG, metavar="F",
+                   help=f"without --config: the agent's configuration (default "
+                        f"{DEFAULT_AGENT_CONFIG})")
 
     p = sub.add_parser("image", help="the demo guest's kernel and initramfs")
     p.add_argument("action", choices=["build"], help="build (or rebuild) the guest image")
@@ -340,9 +352,14 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.command in hostcli.HOST_COMMANDS:
             return hostcli.run(args)
+        if args.command == "keys" and not args.config:
+            answer = hostcli.ask(args, "reload-keys", timeout=120.0)
+            return _print_reload(answer)
         if args.command in ("status", "failover", "switchover") and not args.config:
             return agent_pair_command(args)
         cfg = load(args.config)
+        if args.command == "keys":
+            return reload_keys(cfg)
         if args.command == "status":
             if args.watch:
                 return watch_status(cfg, args.json, args.watch)
@@ -353,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
             return switchover(cfg, args.timeout)
         require_arbiter(cfg.arbiter, args.config)  # before anything starts
         stop = agent.stop_on_signals()
+        rekey.install(cfg, Path(args.config))  # SIGHUP: read the keys again
         lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
         code: int | None = None
         try:
@@ -593,6 +611,30 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         )
         return 1
     print(f"promoted {cfg.node.name} from checkpoint {now.get('promoted_from')}")
+    return 0
+
+
+def reload_keys(cfg: Config) -> int:
+    """`mirror keys reload --config F`: the running role reads its keys again."""
+    return _print_reload(control.ask(cfg.state_dir, "reload-keys", timeout=rekey.APPLY_WAIT_S + 5))
+
+
+def _print_reload(answer: dict[str, Any]) -> int:
+    if not answer.get("reloaded"):
+        print(f"mirror: error: keys not reloaded (the keys in use stay): {answer.get('error')}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    what = "changed: connections made with the old keys end" if answer.get("changed") else (
+        "unchanged")  # fmt: skip
+    if "peers" in answer:  # the agent's: its peers' keys and its roles' reloads
+        print(f"keys reloaded ({what}); this host's key {answer.get('own_key')} (fingerprint)")
+        for name, fp in sorted(dict(answer["peers"]).items()):
+            print(f"  peer {name}: {fp}")
+        for pair, how in sorted(dict(answer.get("roles") or {}).items()):
+            print(f"  pair {pair}: {how}")
+        return 0
+    print(f"keys reloaded ({what}); this host's key {answer.get('own_key')}, the peer's key "
+          f"{answer.get('peer_key')} (fingerprints)")  # fmt: skip
     return 0
 
 

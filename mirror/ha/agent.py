@@ -48,6 +48,7 @@ WARNING_EVENTS = frozenset(
     {
         "guest-died",
         "re-pairing-refused",
+        "pairing-failed",
         "fenced",
         "unprotected",
         "switchover-failed",

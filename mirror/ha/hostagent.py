@@ -53,6 +53,7 @@ from mirror.config import (
     Config,
     ConfigError,
     from_dict,
+    load_agent,
     to_toml,
 )
 from mirror.guests import domaincheck
@@ -157,7 +158,9 @@ class Running:
 
 
 class HostAgent:
-    def __init__(self, cfg: AgentConfig, *, config_dir: Path | None = None) -> None:
+    def __init__(
+        self, cfg: AgentConfig, *, config_dir: Path | None = None, config_path: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.node = cfg.agent.node
         self.dir = cfg.state_dir
@@ -167,24 +170,87 @@ class HostAgent:
         self.running: dict[str, Running] = {}
         self.waiting: dict[str, str] = {}  # pair -> why its role is not started (logged once)
         self.failed: dict[str, PairDef] = {}  # pairings that failed, for the CLI following them
+        self.config_dir = config_dir or (config_path.parent if config_path else Path("."))
+        self.config_path = config_path
+        self.public, self.secret, self.peers = self._keys(cfg)
+        self.reload_wanted = threading.Event()  # SIGHUP; done by the loop
+        self.server: peerlink.PeerServer | None = None
+        self.ctl: control.ControlServer | None = None
+        self.dlock: control.StateDirLock | None = None
+
+    def _keys(self, cfg: AgentConfig) -> tuple[bytes, bytes, dict[str, PeerAddress]]:
+        """This host's key pair and its peers' addresses and keys, as ``cfg`` names them."""
         if not cfg.keys.secret_key:
             raise ConfigError(
                 "[keys] secret_key not set: the agents' interconnect needs this host's key "
                 "(`mirror keygen --dir /etc/mirror --name HOST`)"
             )
-        base = config_dir or Path(".")
+        base = self.config_dir
         secret_path = Path(cfg.keys.secret_key)
-        self.public, self.secret = keys.load_secret(
+        public, secret = keys.load_secret(
             secret_path if secret_path.is_absolute() else base / secret_path
         )
-        self.peers: dict[str, PeerAddress] = {}
+        peers: dict[str, PeerAddress] = {}
         for name, p in cfg.peers.items():
             key = keys.parse_public(p.public_key, None if Path(p.public_key).is_absolute()
                                     else base)
-            self.peers[name] = PeerAddress(name, p.address, p.port, key)
-        self.server: peerlink.PeerServer | None = None
-        self.ctl: control.ControlServer | None = None
-        self.dlock: control.StateDirLock | None = None
+            peers[name] = PeerAddress(name, p.address, p.port, key)
+        return public, secret, peers
+
+    def reload_keys(self, config_path: Path) -> dict[str, Any]:
+        """SIGHUP or `mirror keys reload` (no --config): read the configuration's [keys]
+        and [peers] keys again; the agents' interconnect admits the new peer keys from now
+        on (its port bound again if this host's own key changed), and each running role
+        gets its configuration written again and reloads it.  An error changes nothing."""
+        try:
+            cfg = load_agent(config_path)
+            public, secret, peers = self._keys(cfg)
+        except ConfigError as e:
+            event("keys-reload-failed", logging.ERROR, node=self.node, error=str(e))
+            return {"reloaded": False, "error": str(e)}
+        with self.lock:
+            own_changed = (public, secret) != (self.public, self.secret)
+            peers_changed = peers != self.peers
+            self.cfg = replace(self.cfg, keys=cfg.keys, peers=cfg.peers)
+            self.public, self.secret, self.peers = public, secret, peers
+            if self.server is not None and own_changed:
+                self.server.close()
+                self.server = self._serve_peers()
+            elif self.server is not None:
+                self.server.admit.peers = {p.public_key: n for n, p in peers.items()}
+            roles: dict[str, str] = {}
+            asked = []
+            for pair, r in list(self.running.items()):
+                d = self.defs.get(pair)
+                if d is None or not r.alive():
+                    continue
+                pdir = self.pair_dir(pair)
+                try:
+                    write_atomic(pdir / "mirror.toml", to_toml(self.role_config(d)).encode())
+                    asked.append((pair, pdir / "role"))
+                except (ConfigError, AgentError, OSError) as e:
+                    roles[pair] = f"not reloaded: {e}"
+        for pair, role_dir in asked:  # not under the lock: each may take a while
+            try:
+                a = control.ask(role_dir, "reload-keys", timeout=20.0, refused_ok=True)
+                roles[pair] = a.get("error") or ("changed" if a.get("changed") else "unchanged")
+            except control.ControlError as e:
+                roles[pair] = f"not reloaded: {e}"
+        fields: dict[str, Any] = {
+            "own_key": keys.fingerprint(public), "changed": own_changed or peers_changed,
+                  "peers": {n: keys.fingerprint(p.public_key) for n, p in peers.items()},
+                  "roles": roles}  # fmt: skip
+        event("keys-reloaded", node=self.node, **fields)
+        return {"reloaded": True, **fields}
+
+    def _serve_peers(self) -> peerlink.PeerServer:
+        a = self.cfg.agent
+        server = peerlink.PeerServer(
+            a.address, a.port, self.public, self.secret,
+            {n: p.public_key for n, p in self.peers.items()}, self.peer_request,
+        )  # fmt: skip
+        server.start()
+        return server
 
     # -- definitions -----------------------------------------------------------------------
 
@@ -474,6 +540,11 @@ class HostAgent:
             "ports": [d.data_port, d.heartbeat_port, d.disk_port],
         }  # fmt: skip
 
+    def op_reload_keys(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.config_path is None:
+            raise AgentError("this agent was not started from a configuration file")
+        return self.reload_keys(self.config_path)
+
     def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             return {"node": self.node, "pairs": [self.describe(d) for d in self.defs.values()]}
@@ -755,7 +826,8 @@ class HostAgent:
             self.ctl.request_handlers = {
                 name: _refusing(h) for name, h in (
                     ("list", self.op_list), ("status", self.op_status), ("pair", self.op_pair),
-                    ("progress", self.op_progress), ("unpair", self.op_unpair))
+                    ("progress", self.op_progress), ("unpair", self.op_unpair),
+                    ("reload-keys", self.op_reload_keys))
             }  # fmt: skip
             self.load_defs()
             for pair, d in list(self.defs.items()):
@@ -764,12 +836,7 @@ class HostAgent:
                     self._abandon(d)
                 elif d.state == "active":
                     self.adopt(d)
-            a = self.cfg.agent
-            self.server = peerlink.PeerServer(
-                a.address, a.port, self.public, self.secret,
-                {n: p.public_key for n, p in self.peers.items()}, self.peer_request,
-            )  # fmt: skip
-            self.server.start()
+            self.server = self._serve_peers()
         except BaseException:
             self.close()
             raise
@@ -781,6 +848,9 @@ class HostAgent:
         sd_notify("READY=1")
         try:
             while not stop.is_set():
+                if self.reload_wanted.is_set() and self.config_path is not None:
+                    self.reload_wanted.clear()
+                    self.reload_keys(self.config_path)
                 self.tick()
                 stop.wait(0.5)
         finally:

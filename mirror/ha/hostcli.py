@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -122,7 +123,9 @@ def run_agent(path: str) -> int:
     cfg = load_agent(path)
     require_arbiter(cfg.arbiter, path)  # every pair of this agent uses it
     stop = stop_on_signals()
-    return HostAgent(cfg, config_dir=Path(path).resolve().parent).run(stop)
+    agent = HostAgent(cfg, config_path=Path(path).resolve())
+    signal.signal(signal.SIGHUP, lambda signum, frame: agent.reload_wanted.set())
+    return agent.run(stop)
 
 
 def check_domain(uri: str, domain: str) -> domaincheck.Result:

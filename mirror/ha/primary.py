@@ -20,6 +20,8 @@ from mirror.ha.agent import Failover, begin, current_generation, event, make_arb
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
 from mirror.ha.controller import Action, Role
+from mirror.ha.rekey import current as current_rekey
+from mirror.ha.rekey import keyed
 from mirror.hoststate import agent_record, private_dir, write_json
 from mirror.replication import keys, metrics, wire
 from mirror.replication.checkpoint import (
@@ -35,6 +37,39 @@ from mirror.replication.pagediff import PAGE_SIZE
 log = logging.getLogger("mirror.ha.agent")
 
 
+class PairingRetry:
+    """Pairings that failed after the standby's WELCOME (it refused a pre-copy part or the
+    disk copy, or stopped answering during them): the guest runs on unprotected and the
+    pairing is tried again after a wait that doubles with each failure (up to ``MAX_S``)."""
+
+    FIRST_S, MAX_S = 1.0, 30.0
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.error = ""
+        self.until = 0.0  # monotonic time of the next attempt
+
+    def failed(self, error: str) -> float:
+        """One more failure; returns the wait before the next attempt."""
+        self.failures += 1
+        self.error = error
+        wait = min(self.MAX_S, self.FIRST_S * 2.0 ** (self.failures - 1))
+        self.until = time.monotonic() + wait
+        return wait
+
+    def succeeded(self) -> None:
+        self.failures, self.error, self.until = 0, "", 0.0
+
+    def waiting(self) -> float:
+        return max(0.0, self.until - time.monotonic())
+
+    def status(self) -> dict[str, Any]:
+        if not self.failures:
+            return {}
+        return {"pairing_failures": self.failures, "pairing_error": self.error,
+                "pairing_retry_in_s": round(self.waiting(), 1)}  # fmt: skip
+
+
 def lead(
     cfg: Config,
     backend: Backend,
@@ -45,19 +80,25 @@ def lead(
     stop: threading.Event,
     end: float | None,
     note: Callable[[], dict[str, Any]] = dict,
+    retry: PairingRetry | None = None,
 ) -> int:
     """Run the guest as the pair's only primary under a new ``generation`` (recorded on
     the arbiter, so that nodes of older ones are refused): unprotected while no
     standby answers at ``link.peer_host``, protected again as soon as one pairs.
-    ``current[0]`` is where the guest's outputs go."""
+    ``current[0]`` is where the guest's outputs go.  A pairing that fails after the
+    standby's WELCOME leaves the guest running unprotected; the next is tried under the
+    next generation after ``retry``'s wait."""
     arbiter = make_arbiter(cfg)
     released = 0
+    retry = retry or PairingRetry()
     while not stop.is_set() and (end is None or time.monotonic() < end):
         recorded = warned = False
         run = PrimaryRun(
             cfg, backend, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
         )
-        control.serve({"status": run.status, "detach": detach_on(stop)})
+        run.retry = retry
+        control.serve({"status": run.status, "detach": detach_on(stop),
+                       "reload-keys": current_rekey(cfg).control})  # fmt: skip
         run.phase = "unprotected"
         try:
             while not stop.is_set() and (end is None or time.monotonic() < end):
@@ -78,6 +119,11 @@ def lead(
                     event("guest-died", node=cfg.node.name)
                     return 1
                 run.relink_if_rekeyed()  # the pool may have placed a new standby elsewhere
+                if (rekey := current_rekey(cfg)).due():  # SIGHUP or `mirror keys reload`
+                    rekey.apply(run.use_keys)
+                if retry.waiting() > 0:  # the last pairing failed: not before its wait is over
+                    stop.wait(min(0.2, retry.waiting()))
+                    continue
                 try:
                     run.engine.handshake(timeout=1.0, stop=stop)
                 except ReplicationError as e:
@@ -90,6 +136,9 @@ def lead(
                 current[0] = run.outputs  # held from here on, released on acks
                 run.extra = {**note(), "outputs_released": released}
                 code = run.protect(stop, end, None)
+                if code == PAIRING_FAILED:
+                    run.outputs.go_unprotected()  # what the pairing held: nobody protects it
+                    break  # the next attempt under the next generation, after the wait
                 if code != UNPROTECTED:
                     return code
                 break  # the standby was lost again: lead the next generation
@@ -137,6 +186,7 @@ def disk_progress_bar(prefix: str) -> Callable[[int, int], None]:
 DISK_LOST_GRACE_S = 5.0  # disk stream ended, standby heartbeating: stop after this long
 SWITCHED_OVER = 10  # PrimaryRun.protect: handed over, become the secondary
 UNPROTECTED = 11  # PrimaryRun.protect: won "unprotected": run on, lead the next generation
+PAIRING_FAILED = 12  # PrimaryRun.protect: the pre-copy or disk copy failed: never protected
 
 
 class PrimaryRun:
@@ -154,7 +204,7 @@ class PrimaryRun:
     ) -> None:
         self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
         self.address = address
-        self.keys = keys.load(cfg)
+        self.keys = keys.load(keyed(cfg))  # as last reloaded
         self.link = self._link()
         self.engine = CheckpointEngine(
             guest,
@@ -171,6 +221,7 @@ class PrimaryRun:
         self.extra: dict[str, Any] = {}
         self._disk_storage = "local"  # where the disk server last said its I/O goes
         self.switch = threading.Event()  # `mirror switchover` asks to hand over
+        self.retry = PairingRetry()  # the lead's, shared by its runs
 
     def _link(self) -> Link:
         cfg = self.cfg
@@ -187,16 +238,29 @@ class PrimaryRun:
         if self.keys is None:
             return
         try:
-            new = keys.load(self.cfg)
+            new = keys.load(keyed(self.cfg))
         except ConfigError as e:
             log.error("interconnect keys unreadable, keeping the current ones: %s", e)
             return
-        if new != self.keys:
-            log.info("the peer's key changed (now %s): connecting again",
-                     keys.fingerprint(new.peer) if new else "none")  # fmt: skip
-            self.keys = new
-            self.link.close()
-            self.link = self.engine.link = self._link()
+        self.use_keys(new)
+
+    def use_keys(self, new: keys.LinkKeys | None) -> bool:
+        """Keys read again (a pool's new peer, SIGHUP, `mirror keys reload`): if they
+        differ, connect again with them; the session goes on (what is in flight is sent
+        again, as after any loss), and so does what the peer's heartbeats told.  True:
+        changed."""
+        if new == self.keys:
+            return False
+        log.info("the interconnect keys changed (peer key now %s): connecting again",
+                 keys.fingerprint(new.peer) if new else "none")  # fmt: skip
+        old = self.link
+        self.keys = new
+        old.close()
+        link = self._link()
+        link.heartbeats.peer = old.heartbeats.peer
+        link.committed[0], link.session[0] = old.committed[0], old.session[0]
+        self.link = self.engine.link = link
+        return True
 
     def status(self) -> dict[str, Any]:
         link, engine = self.link, self.engine
@@ -212,6 +276,7 @@ class PrimaryRun:
             if link.peer.node else None,
             "summary": engine.stats.summary(self.outputs), "metrics": metrics.served(),
             **self.extra,
+            **(self.retry.status() if self.protection() == "unprotected" else {}),
             **({"disk": self.guest.disk.summary()} if self.guest.disk else {}),
             "peer_node": link.peer.node,
         }  # fmt: skip
@@ -266,22 +331,29 @@ class PrimaryRun:
     def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
         """After the handshake: pre-copy, then checkpoints until stopped, the end, or
         ``epochs`` checkpoints; then as the controller decides.  Exit code 3: fenced."""
-        cfg, engine, outputs, failover, link = (
-            self.cfg,
-            self.engine,
-            self.outputs,
-            self.failover,
-            self.link,
-        )
+        cfg, engine, outputs, failover = self.cfg, self.engine, self.outputs, self.failover
+        rekey = current_rekey(cfg)
         self.phase = "precopy"
-        if self.guest.disk is not None:
-            mode, blocks = engine.start_disk(
-                self.address, cfg.disk.port, disk_progress_bar("disk copy"), self.keys
-            )
-            event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib, mode=mode,
-                  resync_blocks=blocks)  # fmt: skip
         paired_at = time.monotonic()  # the standby answered HELLO just now
-        engine.precopy(progress_bar("pre-copy"))
+        try:
+            if self.guest.disk is not None:
+                mode, blocks = engine.start_disk(
+                    self.address, cfg.disk.port, disk_progress_bar("disk copy"), self.keys
+                )
+                event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib, mode=mode,
+                      resync_blocks=blocks)  # fmt: skip
+                paired_at = time.monotonic()
+            engine.precopy(progress_bar("pre-copy"))
+        except ReplicationError as e:  # the standby refused or went: nothing it holds is ours
+            wait = self.retry.failed(str(e))
+            self.phase = "unprotected"
+            # the standby stands down (a BYE) rather than judge this session's end a cut
+            with contextlib.suppress(ConnectionError):  # no connection: nobody to tell
+                self.link.send(wire.Bye(engine.session, cfg.node.name, "the pairing failed"))
+            event("pairing-failed", node=cfg.node.name, generation=self.generation,
+                  reason=str(e), failures=self.retry.failures, retry_in_s=wait)  # fmt: skip
+            return PAIRING_FAILED
+        self.retry.succeeded()
         self.phase = "protected"
         log.info(
             "pre-copy of %d MiB done in %.2f s; checkpoints every %d ms (generation %d)",
@@ -301,6 +373,9 @@ class PrimaryRun:
                 last_status = now
             # the session began with the standby's WELCOME: before its first heartbeat
             # crosses, the secondary is not silent (the controller's rule)
+            if rekey.due():  # SIGHUP or `mirror keys reload`: between two checkpoints
+                rekey.apply(self.use_keys)
+            link = self.link
             d = failover.tick(
                 link.peer.node or None, link.peer.age(), session_age=now - paired_at
             )
@@ -348,9 +423,33 @@ class PrimaryRun:
         self.phase = "stopped"
         if not outputs.unprotected:
             with contextlib.suppress(ConnectionError):  # no connection: nobody to tell
-                link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
+                self.link.send(wire.Bye(engine.session, cfg.node.name, "stopped by its operator"))
             time.sleep(0.05)  # let it leave before the socket closes
         return 0
+
+    def claim_unprotected(self) -> int:
+        """The first pairing failed after the guest was resumed (its outputs held): run on
+        unprotected only with this generation's "unprotected" claim (UNPROTECTED); a claim
+        held by the standby stops the guest, as a fenced primary (3)."""
+        node = self.cfg.node.name
+        try:
+            won = self.failover.arbiter.claim(self.generation, node, "unprotected")
+        except ArbiterError as e:
+            raise ReplicationError(
+                f"the pairing failed ({self.retry.error}) and the arbiter cannot be claimed "
+                f"to run on unprotected: {e}"
+            ) from e
+        if not won.won:
+            self.phase = "fenced"
+            self.guest.stop()
+            event("fenced", node=node, held=self.outputs.held,
+                  reason=f"the pairing failed and {won.holder} holds generation "
+                  f"{self.generation} ({won.action})")  # fmt: skip
+            return 3
+        self.engine.metrics.unprotected.inc()
+        event("unprotected", node=node, released=self.outputs.go_unprotected(),
+              reason="the pairing failed")  # fmt: skip
+        return UNPROTECTED
 
     def _guest_shut_down(self) -> int:
         """The guest powered itself off: no host failed, so its standby must not bring
@@ -377,6 +476,9 @@ class PrimaryRun:
         checkpoint, memory and disk, rather than every output being held from now on."""
         why, since = lost
         if now - since > DISK_LOST_GRACE_S + self.failover.timeouts.silent_after:
+            event("disk-stream-lost-stopping", logging.ERROR, node=self.cfg.node.name,
+                  reason=why, lost_for_s=round(now - since, 2), checkpoint=self.engine.acked,
+                  peer=self.link.peer.node)  # fmt: skip
             raise ReplicationError(
                 f"the guest's disk is no longer replicated ({why}) and the standby "
                 f"{self.link.peer.node or self.address} still answers: stopping; the standby "
@@ -502,9 +604,8 @@ def run_primary(
             run.switch.set()
             return {"accepted": True}
 
-        control.serve(
-            {"status": run.status, "switchover": switch_now, "detach": detach_on(stop)}
-        )
+        control.serve({"status": run.status, "switchover": switch_now, "detach": detach_on(stop),
+                       "reload-keys": current_rekey(cfg).control})  # fmt: skip
         run.write_status()
         try:
             run.engine.handshake(timeout=cfg.link.pair_timeout_s, stop=stop)
@@ -514,10 +615,14 @@ def run_primary(
         guest.resume()
         end = None if duration is None else time.monotonic() + duration
         code = run.protect(stop, end, epochs)
+        retry = run.retry
+        if code == PAIRING_FAILED:  # run on alone only with this generation's claim
+            code = run.claim_unprotected()
         if code == UNPROTECTED:  # the secondary is gone: lead on, and pair when one comes
             run.close()
             run = None
-            code = lead(cfg, backend, guest, sink, current, generation + 1, stop, end)
+            code = lead(cfg, backend, guest, sink, current, generation + 1, stop, end,
+                        retry=retry)  # fmt: skip
     finally:
         if run:
             run.close()

@@ -16,6 +16,8 @@ from mirror.ha.agent import Failover, begin, current_generation, event
 from mirror.ha.backend import Backend, backend_for
 from mirror.ha.controller import Action, Role
 from mirror.ha.primary import lead, stop_guest
+from mirror.ha.rekey import current as current_rekey
+from mirror.ha.rekey import keyed
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.standby import Standby
 
@@ -27,7 +29,8 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
     old holder may still be letting go); 0: a port in use is an error at once."""
     begin(cfg)
     backend = backend_for(cfg)
-    standby = Standby(cfg, generation=current_generation(cfg), fingerprint=backend.fingerprint())
+    standby = Standby(keyed(cfg), generation=current_generation(cfg),
+                      fingerprint=backend.fingerprint())  # fmt: skip
     standby.bind_wait = bind_wait
     standby.generation_now = lambda: current_generation(cfg)  # the arbiter's, at each HELLO
     backend.generation = standby.generation  # the disk replica's (each HELLO hands the current)
@@ -54,10 +57,14 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         manual.set()
         return {"accepted": True}
 
-    control.serve({"status": standby.status, "failover": failover_now})
+    rekey = current_rekey(cfg)
+    control.serve({"status": standby.status, "failover": failover_now,
+                   "reload-keys": rekey.control})  # fmt: skip
 
     def tick() -> bool:
         nonlocal promote
+        if rekey.due():  # SIGHUP or `mirror keys reload`
+            rekey.apply(lambda new: standby.use_keys(new, stop))
         link = standby.link
         if link is None or standby.primary is None:
             return False  # never paired: nothing to judge

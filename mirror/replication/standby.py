@@ -371,22 +371,7 @@ class Standby:
         """Serve the primary until ``stop`` is set or ``tick()`` (called at least
         every 50 ms) returns True.  Ports in use: ConnectionError after ``bind_wait`` s."""
         link_cfg = self.cfg.link
-        deadline = time.monotonic() + self.bind_wait
-        while True:  # after a switchover the ports' old holder may still be letting go
-            try:
-                self.link = Link.server(
-                    Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
-                    self.cfg.node.name,
-                    keys=self.keys,
-                    heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
-                    max_pages=self.ram_bytes // pd.PAGE_SIZE,
-                )
-                self.link.heartbeats.on_reject = lambda: self.metrics.rejected("heartbeat")
-                break
-            except ConnectionError:
-                if time.monotonic() > deadline or stop.is_set():
-                    raise
-                time.sleep(0.1)
+        self.link = self._bind(stop, self.bind_wait)
         log.info(
             "standby of pair %s listening on %s:%d, image %s (%d MiB reserved)",
             self.cfg.pair.name,
@@ -414,6 +399,46 @@ class Standby:
         finally:
             self.write_status()
             self.link.close()
+
+    def _bind(self, stop: threading.Event, wait: float) -> Link:
+        """The interconnect's ports, bound (retried for ``wait`` s: after a switchover or a
+        key reload their old holder may still be letting go)."""
+        link_cfg = self.cfg.link
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                link = Link.server(
+                    Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
+                    self.cfg.node.name,
+                    keys=self.keys,
+                    heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
+                    max_pages=self.ram_bytes // pd.PAGE_SIZE,
+                )
+                link.heartbeats.on_reject = lambda: self.metrics.rejected("heartbeat")
+                return link
+            except ConnectionError:
+                if time.monotonic() > deadline or stop.is_set():
+                    raise
+                time.sleep(0.1)
+
+    def use_keys(self, new: keys.LinkKeys | None, stop: threading.Event) -> bool:
+        """Reloaded keys (SIGHUP, `mirror keys reload`): if they differ, bind the ports
+        again with them, so that every connection made with the old ones ends; the
+        session, and what the primary's heartbeats told, go on (its heartbeats resume
+        within an interval when its key is still the admitted one).  True: changed."""
+        if new == self.keys:
+            return False
+        old = self.link
+        assert old is not None
+        self.keys = new
+        old.close()
+        link = self._bind(stop, 10.0)
+        link.heartbeats.peer = old.heartbeats.peer  # a reload is no sign of the peer's death
+        link.committed[0], link.session[0] = old.committed[0], old.session[0]
+        self.link = link
+        log.info("interconnect bound again with the reloaded keys (peer key %s)",
+                 keys.fingerprint(new.peer) if new else "none")  # fmt: skip
+        return True
 
     def close(self, *, remove_image: bool = True, keep_state: bool = False) -> None:
         """Release the image (and remove it, unless a promoted guest now owns it, or it

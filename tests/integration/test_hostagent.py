@@ -291,3 +291,48 @@ def test_cli_without_an_agent(tmp_path: Path) -> None:
     assert r.returncode == 2 and "inside pair_ports_from..pair_ports_to" in r.stderr
     r = mirror("failover", "--agent-config", str(cfg))
     assert r.returncode == 2 and "give DOMAIN" in r.stderr
+
+
+def test_agents_reload_a_rotated_key(agents: tuple[Agent, Agent], pair_name: str,
+                                     tmp_path: Path) -> None:
+    """Host A's key rotated under a protected pair: B's agent reloads (`mirror keys
+    reload`), A's on SIGHUP; both agents and their roles use the new key (the pair is
+    protected again, the agents answer each other), and the old key gets no answer from
+    B's agent any more."""
+    a, b = agents
+    a.start()
+    b.start()
+    obs = Observer()
+    try:
+        r = mirror("pair", pair_name, "--peer", "hostB", "--guest", "synthetic", "--ram-mib",
+                   "16", "--observer", f"127.0.0.1:{obs.port}", "--agent-config", str(a.config),
+                   "--timeout", "60")
+        assert r.returncode == 0, r.stdout + r.stderr
+        k = a.root / "keys"
+        old_pub, old_sec = keys.load_secret(k / "hostA.key_secret")
+        new_pub_file, new_sec_file, new_key = keys.generate(tmp_path / "rotated", "hostA")
+        (k / "hostA.key_secret").write_bytes(new_sec_file.read_bytes())  # mode 0600 stays
+        (k / "hostA.key").write_bytes(new_pub_file.read_bytes())  # B's [peers] hostA
+        r = mirror("keys", "reload", "--agent-config", str(b.config))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"peer hostA: {keys.fingerprint(new_key)}" in r.stdout, r.stdout
+        assert f"pair {pair_name}: changed" in r.stdout, r.stdout
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGHUP)
+        wait("A's agent reloaded", lambda: '"event": "keys-reloaded"' in a.log.read_text())
+        acked0 = (by_pair(a, pair_name) or {}).get("acked", 0)
+        wait("the pair protected with A's new key",
+             lambda: (p := by_pair(a, pair_name)) and p["role"] == "primary"
+             and p["phase"] == "protected" and p["acked"] > acked0 + 20)  # fmt: skip
+        assert (by_pair(b, pair_name) or {}).get("role") == "secondary"
+        # the agents' interconnect: A's new key is B's peer, its old one a stranger
+        port_b = int(b.config.read_text().split("port = ")[1].split()[0])
+        target = peerlink.PeerAddress("hostB", ADDR["hostB"], port_b,
+                                      keys.parse_public(str(k / "hostB.key")))  # fmt: skip
+        _, new_sec = keys.load_secret(k / "hostA.key_secret")
+        assert peerlink.ask(target, new_key, new_sec, "ping")["node"] == "hostB"
+        with pytest.raises(peerlink.PeerError, match="did not answer"):
+            peerlink.ask(target, old_pub, old_sec, "ping", timeout=2)
+        assert obs.seen.gaps() == 0
+    finally:
+        obs.close()

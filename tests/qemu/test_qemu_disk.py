@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -331,5 +332,64 @@ def test_a_qemu_pairs_files_are_its_owners_only(pair_factory, guest_image: Path)
         b.stop()
         wide = too_wide(Path(p.cfg_a.state_dir)) + too_wide(Path(p.cfg_b.state_dir))
         assert not wide, "wider than the owner:\n" + "\n".join(wide)
+    finally:
+        p.close()
+
+
+def event_time(log_text: str, name: str) -> float:
+    """When the first event ``name`` was logged (seconds, from the log line's time)."""
+    import datetime
+
+    for line in log_text.splitlines():
+        if f'{{"event": "{name}"' in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    raise AssertionError(f"no event {name} in the log")
+
+
+def test_disk_stream_broken_with_the_standby_alive(pair_factory, guest_image: Path) -> None:
+    """B stays alive, only its disk stream breaks (the TCP connection reset under both
+    disk servers with `ss -K`).  Within the grace (DISK_LOST_GRACE_S plus silent_after)
+    A runs on, takes no checkpoint and releases nothing (event disk-stream-lost); beyond
+    it A stops (exit 2, saying why), and B promotes from its last committed checkpoint,
+    its disk byte for byte A's at that checkpoint."""
+    from mirror.ha.primary import DISK_LOST_GRACE_S
+
+    p = disk_pair(pair_factory, guest_image)
+    grace = DISK_LOST_GRACE_S + p.cfg_a.arbiter.silent_after_ms / 1000
+    try:
+        snaps = {h: p.root / f"snap{h}" for h in ("A", "B")}
+        a, b = start_with_snapshots(p, snaps)
+        p.wait("A protected, the guest writing its disk",
+               lambda: (s := a.status() or {}).get("phase") == "protected" and s["acked"] >= 10
+               and disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
+        port = p.cfg_b.disk.port
+        cut = time.monotonic()
+        subprocess.run(["ss", "-K", "-t", "(", "dport", "=", f":{port}", "or", "sport", "=",
+                        f":{port}", ")"], check=True, capture_output=True)  # fmt: skip
+        p.wait("A's disk stream lost", lambda: '"disk-stream-lost"' in a.log_path.read_text(), 10)
+        time.sleep(max(0.0, cut + 1.0 - time.monotonic()))  # the acks in flight land
+        held = (a.status() or {})["acked"]
+        time.sleep(max(0.0, cut + grace - 1.0 - time.monotonic()))
+        # within the grace: A runs on, nothing more is acknowledged (outputs held); B waits
+        st = a.status() or {}
+        assert a.proc.poll() is None, a.log_tail()
+        assert st["acked"] == held and st["phase"] == "protected", st
+        assert (b.status() or {}).get("role") == "secondary" and b.proc.poll() is None
+        # beyond it: A stops, saying why; B goes on from its last committed checkpoint
+        assert '"disk-stream-lost-stopping"' not in a.log_path.read_text()
+        code = a.proc.wait(timeout=grace + 30)
+        assert code == 2, a.log_tail()
+        log_a = a.log_path.read_text()
+        assert "the guest's disk is no longer replicated" in log_a
+        # the decision to stop, by the log's clock: the grace after the loss, not before
+        lost = event_time(log_a, "disk-stream-lost")
+        stopped_after = event_time(log_a, "disk-stream-lost-stopping") - lost
+        assert grace - 0.05 <= stopped_after < grace + 2.0, stopped_after
+        p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
+        committed = promoted_disk_equals(p, b, snaps["B"], snaps["A"])
+        assert committed >= held - 1, (committed, held)
+        print(f"disk stream cut: A stopped {stopped_after:.1f} s later (grace {grace:g} s), "
+              f"B promoted at checkpoint {committed}")  # fmt: skip
     finally:
         p.close()
