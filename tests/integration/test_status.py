@@ -124,11 +124,22 @@ def test_status_watch_redraws_in_place(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        text=True,
     )
-    time.sleep(1.5)
+    # until three frames are drawn (by the frames, not a time: a start can take seconds
+    # on a loaded machine), then ^C
+    import select
+
+    assert proc.stdout is not None
+    drawn, deadline = b"", time.monotonic() + 60
+    while drawn.count(b"\x1b[H\x1b[J") < 4 and time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 1)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            drawn += chunk
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(10)
+    rest, err_b = proc.communicate(10)
+    out, err = (drawn + rest).decode(), err_b.decode()
     assert proc.returncode == 0, err
     frames = out.split("\x1b[H\x1b[J")[1:]
     assert len(frames) >= 3, out
