@@ -107,7 +107,9 @@
 /* stream records: 32-byte header (little endian), then len bytes for WRITE/SYNC */
 enum { R_HELLO = 1, R_WRITE, R_ZERO, R_TRIM, R_BARRIER, R_SYNC, R_SYNC_DONE,
        R_READ,        /* A -> B: read B's view (epoch: the request's id); no data */
-       R_READ_REPLY }; /* B -> A: epoch: the id, offset: 0 or an errno, len bytes of data if 0 */
+       R_READ_REPLY,  /* B -> A: epoch: the id, offset: 0 or an errno, len bytes of data if 0 */
+       R_HASHES };    /* B -> A after a hashsync's answer: offset: the first block, len bytes of HASH_LEN each */
+#define HASH_LEN 16   /* per 4 KiB block: the first 16 bytes of its SHA-256 */
 #define REC_MAGIC 0x4d524431U /* "MRD1" */
 struct rec {
     uint32_t magic, type;
@@ -197,6 +199,11 @@ static struct {
     uint64_t *resync_set;  /* the blocks of the resync in progress (back to dirty_peer if it fails) */
     int copy_pending, copy_resync; /* a copy (full or resync) sent, not yet committed by B */
     uint64_t copy_epoch, resync_blocks;
+    /* a promoted replica re-protected by its old primary (hashsync): origin is the sid of the
+       primary whose committed copy this disk was; hashing: the connection (conn_gen) whose
+       hashes are being compared; hash_differ: the blocks that differed */
+    uint64_t origin, hashing, hash_differ;
+    int primary_meta; /* this primary's identity file written ("PAIR GEN SID primary") */
     struct wl { uint64_t epoch, off, len; } *wlog; /* streamed changes of uncommitted epochs */
     size_t wl_head, wl_n, wl_cap;
     /* replica: the file saying whose disk this replica is (pair, generation, sid) */
@@ -1019,7 +1026,7 @@ static void *sync_thread(void *arg) {
         stream_send(R_SYNC_DONE, S.cur_epoch, 0, 0, NULL);
         S.synced = S.peer >= 0;
         S.copy_epoch = S.cur_epoch; /* B's replica is this disk once it commits that epoch */
-        S.copy_pending = S.synced;
+        S.copy_pending = 1;
         if (a.resync) logmsg("resync sent: %" PRIu64 " blocks of %" PRIu64, S.resync_blocks, nb);
     }
     pthread_mutex_unlock(&S.stream_mu);
@@ -1048,27 +1055,140 @@ static int connect_tcp(const char *host, const char *port, char *err, size_t err
     return fd;
 }
 
+/* the first HASH_LEN bytes of SHA-256 of each 4 KiB block of buf (n bytes) into out */
+static void hash_blocks(EVP_MD_CTX *md, const char *buf, uint64_t n, unsigned char *out) {
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned int l;
+    for (uint64_t i = 0; i < n; i += BS, out += HASH_LEN) {
+        EVP_DigestInit_ex(md, EVP_sha256(), NULL);
+        EVP_DigestUpdate(md, buf + i, n - i < BS ? n - i : BS);
+        EVP_DigestFinal_ex(md, d, &l);
+        memcpy(out, d, HASH_LEN);
+    }
+}
+
+static void meta_write_primary(void);
+
+/* a stream to B proved both ways: from now on the guest's changes go to it, and the sync
+   thread copies the whole disk or (resync) the blocks in dirty_peer (stream_mu held) */
+static void stream_begin(int fd, const char *host, const unsigned char kab[32], struct chan rx, int resync) {
+    if (S.peer >= 0) peer_lost("replaced by a new stream");
+    S.hashing = 0;
+    S.peer = fd;
+    snprintf(S.peer_host, sizeof S.peer_host, "%s", host);
+    S.conn_gen++;
+    chan_init(&S.tx, kab, 1, S.plain); /* (the caller checked it can) */
+    start_reply_reader(fd, S.conn_gen, rx);
+    S.synced = 0;
+    S.lost[0] = 0;
+    S.sync_done_bytes = 0;
+    S.resync_blocks = 0;
+    S.copy_resync = resync;
+    S.copy_pending = 1, S.copy_epoch = UINT64_MAX; /* (a resync lost midway gives its blocks back) */
+    if (resync) { /* what B lacks: written while no stream, or in epochs it never committed */
+        memcpy(S.resync_set, S.dirty_peer, S.bm_words * 8);
+        S.sync_total = bm_count(S.resync_set) * BS;
+    } else {
+        S.known = 0;
+        S.sync_total = S.size;
+    }
+    memset(S.dirty_peer, 0, S.bm_words * 8);
+    struct sync_arg *sa = malloc(sizeof *sa);
+    sa->gen = S.conn_gen, sa->resync = resync;
+    pthread_t t;
+    pthread_create(&t, NULL, sync_thread, sa);
+    pthread_detach(t);
+}
+
+struct hash_arg { int fd; uint64_t gen; struct chan rx; unsigned char kab[32]; char host[300]; };
+
+/* hashsync (a promoted replica re-protected by its old primary, whose image also holds
+   that primary's writes after the last commit, which never reached this disk): hash this
+   image, take the replica's hashes, and resync every block that differs plus every block
+   written since promotion (dirty_peer: the guest writes on meanwhile, no stream yet, so a
+   block written after it was hashed is in dirty_peer too) */
+static void *hash_thread(void *arg) {
+    struct hash_arg *a = arg;
+    uint64_t nb = (S.size + BS - 1) / BS, got = 0;
+    unsigned char *mine = malloc(nb * HASH_LEN), *theirs = malloc(nb * HASH_LEN);
+    char *buf = malloc(SYNC_CHUNK);
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    const char *why = mine && theirs && buf && md ? NULL : "out of memory for the disk's block hashes";
+    double t0 = now_ms();
+    for (uint64_t off = 0; !why && off < S.size; off += SYNC_CHUNK) {
+        uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK;
+        if (lio_run(LIO_READ, buf, n, off, LIO_DEADLINE, 0)) why = "reading the local image to hash it failed";
+        else hash_blocks(md, buf, n, mine + off / BS * HASH_LEN);
+        pthread_mutex_lock(&S.stream_mu);
+        if (S.hashing == a->gen) S.sync_done_bytes = off + n;
+        pthread_mutex_unlock(&S.stream_mu);
+    }
+    struct timeval tv = {120, 0}, none = {0, 0}; /* the replica hashes its image meanwhile */
+    setsockopt(a->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    while (!why && got < nb) {
+        struct rec r;
+        if (read_full(a->fd, &r, sizeof r)) { why = "the replica sent no block hashes (closed, or 120 s silent)"; break; }
+        uint64_t first = le64toh(r.offset), len = le64toh(r.len);
+        if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_HASHES || first != got || !len ||
+            len % HASH_LEN || len > SYNC_CHUNK || len / HASH_LEN > nb - got) { why = "a bad block hash record from the replica"; break; }
+        int o = open_rec(a->fd, &a->rx, &r, theirs + got * HASH_LEN, len);
+        if (o) { why = o == -2 ? "block hashes that fail their integrity check" : "the replica closed the stream"; break; }
+        got += len / HASH_LEN;
+    }
+    setsockopt(a->fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+    pthread_mutex_lock(&S.stream_mu);
+    int mine_still = S.hashing == a->gen && S.role == PRIMARY;
+    if (mine_still && !why) {
+        uint64_t differ = 0;
+        for (uint64_t b = 0; b < nb; b++)
+            if (memcmp(mine + b * HASH_LEN, theirs + b * HASH_LEN, HASH_LEN)) {
+                S.dirty_peer[b >> 6] |= 1ull << (b & 63);
+                differ++;
+            }
+        S.hash_differ = differ;
+        logmsg("hashsync: %" PRIu64 " blocks of %" PRIu64 " differ from the replica's (hashed in %.0f ms); with the "
+               "blocks written since: %" PRIu64 " to send", differ, nb, now_ms() - t0, bm_count(S.dirty_peer));
+        stream_begin(a->fd, a->host, a->kab, a->rx, 1);
+        a->fd = -1;
+    } else if (mine_still) {
+        S.hashing = 0;
+        snprintf(S.lost, sizeof S.lost, "hashsync: %s", why);
+        logmsg("hashsync with the replica failed: %s", why);
+    }
+    pthread_mutex_unlock(&S.stream_mu);
+    if (a->fd >= 0) { close(a->fd); chan_free(&a->rx); }
+    EVP_MD_CTX_free(md);
+    free(mine), free(theirs), free(buf);
+    OPENSSL_cleanse(a->kab, sizeof a->kab);
+    free(a);
+    return NULL;
+}
+
 /* `replicate HOST PORT FIRST_EPOCH [resync]`: start the stream and the live copy: the
    whole disk, or with `resync` only the blocks B's replica lacks (B must answer that
-   its replica is this disk server's as of a commit: same pair and sid, in any generation) */
+   its replica is this disk server's as of a commit: same pair and sid, in any generation).
+   A promoted replica (no replica of its own yet) asked for a resync offers a hashsync to
+   its old primary's image: B takes it if that image was the primary disk of `origin` */
 static void cmd_replicate(const char *host, const char *port, uint64_t first, int resync, char *out, size_t outlen) {
     if (S.role != PRIMARY) { snprintf(out, outlen, "err not a primary"); return; }
     pthread_mutex_lock(&S.stream_mu);
+    int hashsync = resync && !S.known && S.origin;
     const char *no = S.storage != LOCAL ? "the disk runs on the replica's storage (the local image failed)"
-                   : resync && !S.known ? "no replica of this disk server has committed a copy: a full copy is needed"
+                   : resync && !S.known && !hashsync ? "no replica of this disk server has committed a copy: a full copy is needed"
                    : !S.have_key ? "no session key for the disk stream (the agent hands one over when it pairs)"
                                  : NULL;
     unsigned char key[32];
     memcpy(key, S.key, sizeof key);
-    uint64_t gen = S.generation;
+    uint64_t gen = S.generation, origin = S.origin;
     pthread_mutex_unlock(&S.stream_mu);
     if (no) { snprintf(out, outlen, "err %s", no); return; }
+    if (!S.primary_meta) meta_write_primary();
     char err[300];
     int fd = connect_tcp(host, port, err, sizeof err);
     if (fd < 0) { snprintf(out, outlen, "err %s", err); return; }
     /* B's challenge; our HELLO under the session key; B's verdict under it */
     unsigned char nb[32], na[32], mac[32], want[32];
-    char hello[256];
+    char hello[256], mode[40];
     struct rec c, a;
     double dl = now_ms() + 10000;
     if (read_until(fd, &c, sizeof c, dl) || le32toh(c.magic) != REC_MAGIC || le32toh(c.type) != R_HELLO ||
@@ -1079,7 +1199,9 @@ static void cmd_replicate(const char *host, const char *port, uint64_t first, in
         return;
     }
     if (RAND_bytes(na, sizeof na) != 1) { close(fd); snprintf(out, outlen, "err no random bytes for the stream"); return; }
-    int n = snprintf(hello, sizeof hello, "%s %016" PRIx64 " %s %s ", S.pair, S.sid, resync ? "resync" : "copy",
+    if (hashsync) snprintf(mode, sizeof mode, "hashsync-%016" PRIx64, origin);
+    else snprintf(mode, sizeof mode, "%s", resync ? "resync" : "copy");
+    int n = snprintf(hello, sizeof hello, "%s %016" PRIx64 " %s %s ", S.pair, S.sid, mode,
                      S.plain ? "plain" : "aes-256-gcm");
     if (n < 0 || n + 64 >= (int)sizeof hello) { close(fd); snprintf(out, outlen, "err the pair's name is too long for the stream's HELLO"); return; }
     for (int i = 0; i < 32; i++) n += sprintf(hello + n, "%02x", na[i]);
@@ -1115,41 +1237,41 @@ static void cmd_replicate(const char *host, const char *port, uint64_t first, in
     unsigned char kab[32], kba[32];
     conn_key(key, "a2b", nb, na, kab);
     conn_key(key, "b2a", nb, na, kba);
-    struct chan rx = {0};
-    if (chan_init(&rx, kba, 0, S.plain)) { close(fd); snprintf(out, outlen, "err cannot set up the stream's cipher"); return; }
-    pthread_mutex_lock(&S.stream_mu);
-    if (S.peer >= 0) peer_lost("replaced by a new stream");
-    if (chan_init(&S.tx, kab, 1, S.plain)) {
-        pthread_mutex_unlock(&S.stream_mu);
-        chan_free(&rx);
+    struct chan rx = {0}, probe = {0};
+    if (chan_init(&rx, kba, 0, S.plain) || chan_init(&probe, kab, 1, S.plain)) {
+        chan_free(&rx), chan_free(&probe);
         close(fd);
         snprintf(out, outlen, "err cannot set up the stream's cipher");
         return;
     }
-    S.peer = fd;
-    snprintf(S.peer_host, sizeof S.peer_host, "%s", host);
-    S.conn_gen++;
-    start_reply_reader(fd, S.conn_gen, rx);
-    S.synced = 0;
-    S.lost[0] = 0;
+    chan_free(&probe);
+    pthread_mutex_lock(&S.stream_mu);
     S.cur_epoch = first;
-    S.sync_done_bytes = 0;
-    S.resync_blocks = 0;
-    S.copy_resync = resync;
-    if (resync) { /* what B lacks: written while no stream, or in epochs it never committed */
-        memcpy(S.resync_set, S.dirty_peer, S.bm_words * 8);
-        S.sync_total = bm_count(S.resync_set) * BS;
-    } else {
-        S.known = 0;
-        S.sync_total = S.size;
+    if (!hashsync) {
+        stream_begin(fd, host, kab, rx, resync);
+    } else { /* the block hashes first (a thread: they take a read of both images) */
+        if (S.peer >= 0) peer_lost("replaced by a new stream");
+        struct hash_arg *ha = calloc(1, sizeof *ha);
+        if (!ha) {
+            pthread_mutex_unlock(&S.stream_mu);
+            chan_free(&rx);
+            close(fd);
+            snprintf(out, outlen, "err out of memory");
+            return;
+        }
+        S.conn_gen++;
+        S.hashing = S.conn_gen;
+        S.synced = 0, S.lost[0] = 0, S.sync_done_bytes = 0, S.sync_total = S.size, S.resync_blocks = 0;
+        snprintf(S.peer_host, sizeof S.peer_host, "%s", host);
+        ha->fd = fd, ha->gen = S.conn_gen, ha->rx = rx;
+        memcpy(ha->kab, kab, 32);
+        snprintf(ha->host, sizeof ha->host, "%s", host);
+        pthread_t t;
+        pthread_create(&t, NULL, hash_thread, ha);
+        pthread_detach(t);
     }
-    memset(S.dirty_peer, 0, S.bm_words * 8);
-    struct sync_arg *sa = malloc(sizeof *sa);
-    sa->gen = S.conn_gen, sa->resync = resync;
     pthread_mutex_unlock(&S.stream_mu);
-    pthread_t t;
-    pthread_create(&t, NULL, sync_thread, sa);
-    pthread_detach(t);
+    OPENSSL_cleanse(kab, sizeof kab);
     snprintf(out, outlen, "ok");
 }
 
@@ -1166,7 +1288,7 @@ static void cmd_barrier(uint64_t n, char *out, size_t outlen) {
         if (S.storage == SUSPENDED)
             snprintf(out, outlen, "err no storage: the local image failed (%s) and the stream to the replica, "
                      "whose storage the disk ran on, ended (%s): the guest's I/O is suspended", S.storage_err, S.lost);
-        else if (!had) snprintf(out, outlen, "err no replica: %s", S.lost[0] ? S.lost : S.peer >= 0 ? "initial sync running" : "not replicating");
+        else if (!had) snprintf(out, outlen, "err no replica: %s", S.lost[0] ? S.lost : S.peer >= 0 || S.hashing ? "initial sync running" : "not replicating");
         else if (S.peer < 0) snprintf(out, outlen, "err %s", S.lost);
         else snprintf(out, outlen, "ok");
     }
@@ -1256,6 +1378,41 @@ static int meta_matches(uint64_t sid) {
            had == sid && gen >= 1;
 }
 
+/* this image is the disk of the primary disk server `sid` of this pair ("PAIR GEN SID primary",
+   written when it first replicates): a replica promoted from its copy may hashsync it back */
+static int meta_matches_primary(uint64_t sid) {
+    char want[300], got[600] = "";
+    uint64_t gen = 0, had = 0;
+    int at = 0;
+    snprintf(want, sizeof want, "%s ", S.pair);
+    int fd = open(S.meta_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, got, sizeof got - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    got[n] = 0;
+    size_t w = strlen(want);
+    return !strncmp(got, want, w) &&
+           sscanf(got + w, "%" SCNu64 " %" SCNx64 " primary%n", &gen, &had, &at) == 2 && at > 0 &&
+           !strcmp(got + w + at, "\n") && had == sid && gen >= 1;
+}
+
+static void meta_write_primary(void) {
+    char tmp[4200], line[512];
+    snprintf(tmp, sizeof tmp, "%s.tmp", S.meta_path);
+    int n = snprintf(line, sizeof line, "%s %" PRIu64 " %016" PRIx64 " primary\n", S.pair, S.generation, S.sid);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || write_full(fd, line, (size_t)n) || fdatasync(fd) || rename(tmp, S.meta_path)) {
+        logmsg("cannot write the image's identity file %s: %s (a re-protection by a promoted replica will need "
+               "a full copy)", S.meta_path, strerror(errno));
+        if (fd >= 0) close(fd);
+        return;
+    }
+    close(fd);
+    sync_dir_of(S.meta_path);
+    S.primary_meta = 1;
+}
+
 static void meta_write(void) {
     char tmp[4200], line[512];
     snprintf(tmp, sizeof tmp, "%s.tmp", S.meta_path);
@@ -1303,7 +1460,7 @@ static int rec_has_data(uint32_t type) { return type == R_WRITE || type == R_SYN
 
 /* one connection's handshake (no lock held): B's challenge, A's HELLO and its MAC under the
    session key; NULL and the channels if it proves the key, else why not (logged) */
-struct hs { int fd, slot; uint64_t seq; unsigned char nb[32], na[32], key[32]; int resync; uint64_t sid, hsize, hgen; struct chan rx, tx; };
+struct hs { int fd, slot; uint64_t seq; unsigned char nb[32], na[32], key[32]; int resync; uint64_t sid, hsize, hgen, origin; struct chan rx, tx; };
 
 static const char *handshake(struct hs *x) {
     struct rec c = {htole32(REC_MAGIC), htole32(R_HELLO), 0, 0, htole64(32)}, r;
@@ -1327,11 +1484,14 @@ static const char *handshake(struct hs *x) {
     if (CRYPTO_memcmp(want, hello + tn, 32)) return "a HELLO without the pair's session key (a stranger, or another session)";
     hello[tn] = 0;
     /* authenticated from here on: A's words, under the key of this session */
-    char want_pair[256], mode[16] = "", cipher[16] = "", nahex[65] = "";
+    char want_pair[256], mode[32] = "", cipher[16] = "", nahex[65] = "";
     snprintf(want_pair, sizeof want_pair, "%s ", S.pair);
     if (strncmp(hello, want_pair, strlen(want_pair))) return "HELLO from another pair";
-    if (sscanf(hello + strlen(want_pair), "%" SCNx64 " %15s %15s %64s", &x->sid, mode, cipher, nahex) != 4 ||
-        (strcmp(mode, "copy") && strcmp(mode, "resync")) || strlen(nahex) != 64)
+    int oat = 0;
+    if (sscanf(hello + strlen(want_pair), "%" SCNx64 " %31s %15s %64s", &x->sid, mode, cipher, nahex) != 4 ||
+        (strcmp(mode, "copy") && strcmp(mode, "resync") &&
+         !(sscanf(mode, "hashsync-%16" SCNx64 "%n", &x->origin, &oat) == 1 && oat == 25 && mode[oat] == 0 && x->origin)) ||
+        strlen(nahex) != 64)
         return "a HELLO this replica does not understand";
     for (int i = 0; i < 32; i++) {
         unsigned v;
@@ -1339,7 +1499,7 @@ static const char *handshake(struct hs *x) {
         x->na[i] = (unsigned char)v;
     }
     if (strcmp(cipher, plain ? "plain" : "aes-256-gcm")) return "the primary's record cipher differs from this replica's";
-    x->resync = !strcmp(mode, "resync");
+    x->resync = !strcmp(mode, "resync") ? 1 : x->origin ? 2 : 0; /* 2: hashsync */
     x->hsize = le64toh(r.offset), x->hgen = le64toh(r.epoch);
     unsigned char kab[32], kba[32];
     conn_key(x->key, "a2b", x->nb, x->na, kab);
@@ -1364,8 +1524,11 @@ static const char *receive(struct hs *x) {
     pthread_mutex_lock(&S.mu);
     if (x->hsize != S.size) refused = "the primary's disk size differs from this replica's", verdict = 3;
     else if (x->hgen != S.generation) refused = "HELLO of another generation than this replica's (its agent's, the arbiter's)", verdict = 2;
-    else if (x->resync && !meta_matches(x->sid))
+    else if (x->resync == 1 && !meta_matches(x->sid))
         refused = "a resync, but this replica does not hold that primary's disk (it needs a full copy)", verdict = 1;
+    else if (x->resync == 2 && !meta_matches_primary(x->origin))
+        refused = "a hashsync, but this image was not the disk of the primary that replica was promoted from "
+                  "(it needs a full copy)", verdict = 1;
     pthread_mutex_unlock(&S.mu);
     if (!refused && !x->resync && meta_clear())
         refused = "cannot remove the replica's identity file before a full copy", verdict = 3;
@@ -1382,9 +1545,23 @@ static const char *receive(struct hs *x) {
     int syncing = 1;
     pthread_mutex_unlock(&S.mu);
     logmsg("stream from the primary (generation %" PRIu64 ", %s): %s", gen, S.plain ? "plain records" : "AES-256-GCM",
-           x->resync ? "resync of the blocks written since" : "initial sync");
+           x->resync == 2 ? "hashsync (this image's block hashes, then the blocks that differ)"
+           : x->resync    ? "resync of the blocks written since" : "initial sync");
     unsigned char *buf = malloc(MAX_REQ + TAG), *obuf = malloc(MAX_REQ + sizeof r + TAG);
     const char *why = buf && obuf ? NULL : "out of memory for the stream's buffers";
+    if (!why && x->resync == 2) { /* the hashes of this image's blocks, for the primary to compare */
+        EVP_MD_CTX *md = EVP_MD_CTX_new();
+        if (!md) why = "out of memory for the block hashes";
+        for (uint64_t off = 0; !why && off < S.size; off += SYNC_CHUNK) {
+            uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK;
+            if (pread_full(S.img, buf, n, off)) { why = "reading the replica to hash it failed"; break; }
+            hash_blocks(md, (const char *)buf, n, buf + SYNC_CHUNK); /* (buf holds MAX_REQ: room for both) */
+            uint64_t hl = (n + BS - 1) / BS * HASH_LEN;
+            struct rec hr = {htole32(REC_MAGIC), htole32(R_HASHES), 0, htole64(off / BS), htole64(hl)};
+            if (send_sealed(fd, &x->tx, &hr, buf + SYNC_CHUNK, hl, obuf)) why = "the primary closed the stream";
+        }
+        if (md) EVP_MD_CTX_free(md);
+    }
     while (!why) {
         if (read_full(fd, &r, sizeof r)) { why = "the primary closed the stream"; break; }
         uint32_t type = le32toh(r.type);
@@ -1641,6 +1818,7 @@ static void cmd_promote(char *out, size_t outlen) {
     uint64_t dropped = S.nents - S.first;
     meta_clear(); /* this disk goes its own way now: no primary's resync fits it any more */
     S.meta_written = 1;
+    uint64_t origin = S.hello_sid; /* the disk of that primary as of a commit: its old image may hashsync */
     S.role = PRIMARY;
     drop_uncommitted();
     if (S.stream_fd >= 0) shutdown(S.stream_fd, SHUT_RDWR);
@@ -1649,6 +1827,7 @@ static void cmd_promote(char *out, size_t outlen) {
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_lock(&S.stream_mu);
     S.cur_epoch = c + 1;
+    S.origin = origin;
     pthread_mutex_unlock(&S.stream_mu);
     if (S.snap_dir) { /* tests: the replica as promoted, before the guest writes it */
         char path[4096];
@@ -1926,8 +2105,8 @@ static void cmd_status(char *out, size_t outlen) {
              ",\"resynced_local\":%" PRIu64 ",\"remote_reads\":%" PRIu64 ",\"known\":%s,\"dirty_peer\":%" PRIu64
              ",\"resync_blocks\":%" PRIu64 ",\"copy_pending\":%s,\"generation\":%" PRIu64 ",\"session_key\":%s"
              ",\"cipher\":\"%s\",\"refused_connections\":%" PRIu64 ",\"evicted_handshakes\":%" PRIu64
-             ",\"max_pending\":%" PRIu64 "}",
-             S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 ? "true" : "false",
+             ",\"max_pending\":%" PRIu64 ",\"hashing\":%s,\"hash_differ\":%" PRIu64 "}",
+             S.role == PRIMARY ? "primary" : "replica", S.size, S.cur_epoch, S.peer >= 0 || S.hashing ? "true" : "false",
              S.synced ? "true" : "false", S.sync_done_bytes, S.sync_total, S.lost, S.writes, S.write_bytes,
              S.barriers, S.committed, S.closed_epoch, S.consistent ? "true" : "false", S.copied ? "true" : "false",
              S.streaming ? "true" : "false", jused(), S.jsize, S.nents - S.first, S.applied_records,
@@ -1935,7 +2114,8 @@ static void cmd_status(char *out, size_t outlen) {
              S.storage_err, S.peer_host, S.failovers, S.switchbacks, bm_count(S.dirty_local), S.resynced_local,
              S.remote_reads, S.known ? "true" : "false", bm_count(S.dirty_peer), S.resync_blocks,
              S.copy_pending ? "true" : "false", S.generation, S.have_key ? "true" : "false",
-             S.plain ? "plain" : "aes-256-gcm", S.hs_refused, S.hs_evicted, S.max_pending);
+             S.plain ? "plain" : "aes-256-gcm", S.hs_refused, S.hs_evicted, S.max_pending, S.hashing ? "true" : "false",
+             S.hash_differ);
     pthread_mutex_unlock(&S.mu);
     pthread_mutex_unlock(&S.stream_mu);
     size_t l = strlen(out); /* the local image's hung calls (the section "with a deadline") */

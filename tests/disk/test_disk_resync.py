@@ -130,3 +130,95 @@ def test_resync_refused_for_an_unknown_replica_or_a_restarted_primary(tmp_path: 
             h.a.replicate("127.0.0.1", h.port, h.epoch, resync=True)
     finally:
         h.close()
+
+
+def _blocks_differing(a: bytes, b: bytes) -> set[int]:
+    return {i // BLOCK for i in range(0, len(a), BLOCK) if a[i : i + BLOCK] != b[i : i + BLOCK]}
+
+
+def test_promoted_replica_resyncs_the_old_primary_by_block_hashes(tmp_path: Path) -> None:
+    """A dies with writes of its own after the last committed checkpoint K that B never
+    got (an epoch in B's journal, dropped at promotion, and writes after its stream
+    ended); B, promoted, writes; A's image comes back as B's replica: B hashes its image,
+    A its own, and only the blocks that differ (plus any B writes meanwhile) are sent, not
+    the whole disk.  After B's death in turn, the promoted replica is B's disk at the
+    checkpoint it committed, byte for byte."""
+    h = Harness(tmp_path, size=SIZE, seed=23)
+    a2: DiskServer | None = None
+    try:
+        h.sync()
+        protected_run(h, 0.3)
+        k = h.epoch - 1
+        assert h.a_img.with_name("a.img.replica-id").read_text().endswith(" primary\n")
+        rng = random.Random(7)
+        nblocks = SIZE // BLOCK
+        c = NbdClient(h.a.spec.nbd_path)
+        # A's writes after K: an epoch B journals but never commits, then the open one
+        a_only = {rng.randrange(nblocks) for _ in range(40)}
+        for i, b in enumerate(sorted(a_only)):
+            c.write(b * BLOCK, rng.randbytes(BLOCK))
+            if i == 25:
+                assert h.a.barrier(h.epoch) is None
+                h.epoch += 1
+        time.sleep(0.1)  # (in B's journal)
+        committed, dropped = h.b.promote()  # A is cut off; B takes over at K
+        assert committed == k and dropped > 0, (committed, dropped)
+        deadline = time.monotonic() + 10
+        while h.a.status()["peer"]:  # B ended A's stream
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        local = {rng.randrange(nblocks) for _ in range(20)}  # A alone, before it dies
+        for b in sorted(local):
+            c.write(b * BLOCK, rng.randbytes(BLOCK))
+        a_only |= local
+        c.close()
+        os.kill(h.a.pid, signal.SIGKILL)  # A's host dies
+        h.a.proc.wait()
+        # B, promoted, serves the guest: its writes
+        cb = NbdClient(h.b.spec.nbd_path)
+        b_writes = {rng.randrange(nblocks) for _ in range(60)}
+        for b in sorted(b_writes):
+            cb.write(b * BLOCK, rng.randbytes(BLOCK))
+        cb.close()
+        differ = _blocks_differing(h.a_img.read_bytes(), h.b_img.read_bytes())
+        assert a_only <= differ and differ <= a_only | b_writes, (len(differ), len(a_only))
+        # A's image comes back as B's replica (a new disk server on it, B's old port)
+        h.a.close()
+        a2 = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
+                                 listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
+                                 journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
+        second = h.next_pair(a2, h.a_img)
+        # the guest on B writes on during the hashing and the resync
+        writer = threading.Thread(target=second.writer, args=("rand4k", 3, 0.002))
+        writer.start()
+        try:  # as the agent does: a resync if the replica takes it, else a full copy
+            h.b.replicate("127.0.0.1", h.port, second.epoch, resync=True)
+        except DiskError:
+            h.b.replicate("127.0.0.1", h.port, second.epoch)
+        h.b.wait_synced(30)
+        second.stop.set()
+        writer.join(10)
+        second.stop.clear()
+        st = h.b.status()
+        sent = st["resync_blocks"]
+        print(f"hashsync: {sent} blocks sent of {nblocks} ({len(differ)} differing, "
+              f"{len(a_only)} written by A alone after K, {st.get('hash_differ')} found by hash)")  # fmt: skip
+        # not the whole disk (a full copy sends no resync_blocks): the blocks that differ,
+        # A's own after K among them, and at most those the guest wrote meanwhile
+        assert len(differ) <= sent < nblocks // 8, (sent, len(differ), nblocks)
+        assert st["hash_differ"] >= len(a_only), st
+        # the next checkpoint commits: A's image is B's disk again
+        assert second.checkpoint()
+        a2.commit(second.epoch - 1)
+        h.b.committed(second.epoch - 1)
+        assert differing_blocks(h.a_img.read_bytes(), h.b_img.read_bytes()) == 0
+        assert h.b.status()["known"] and a2.status()["consistent"]
+        # B dies in turn; A's replica, promoted, is B's disk at the checkpoint it committed
+        second.run_and_kill("rand4k", kill_after=0.4)
+        last, _ = a2.promote()
+        assert last in second.snaps, (last, list(second.snaps))
+        assert differing_blocks(h.a_img.read_bytes(), second.snaps[last]) == 0
+    finally:
+        if a2 is not None:
+            a2.close()
+        h.close()
