@@ -123,10 +123,12 @@ def test_host_kill_demo_keeps_the_disk_journal(root_or_skip: None, guest_image: 
 
 
 def test_reprotection_with_a_disk_survives_a_second_kill(pair_factory, guest_image: Path) -> None:
-    """A dies; B runs the guest on its replica; A comes back as the secondary (a replica
-    of its own, copied live from B); B dies; A goes on, its disk as B's at the checkpoint
-    A committed."""
-    p = disk_pair(pair_factory, guest_image)
+    """A dies; B runs the guest on its replica; A comes back as the secondary on its old
+    image, which B resyncs by block hashes (the blocks that differ: B's writes since it
+    took over and A's own after the last commit), not a full copy; B dies; A goes on,
+    its disk as B's at the checkpoint A committed."""
+    size_mib = 8
+    p = disk_pair(pair_factory, guest_image, size_mib=size_mib)
     try:
         snaps = {h: p.root / f"snap{h}" for h in ("A", "B", "A2")}
         a, b = start_with_snapshots(p, snaps)
@@ -134,18 +136,27 @@ def test_reprotection_with_a_disk_survives_a_second_kill(pair_factory, guest_ima
                lambda: disk_status(p.root / "hostA").get("writes", 0) >= 20, 180)  # fmt: skip
         a.signal(signal.SIGKILL)
         a.proc.wait()
+        a.wait_group_gone()
+        a.remove_shm_files()
+        p.hosts.remove(a)
         p.wait("B promoted", lambda: (b.status() or {}).get("role") == "primary", 30, [b])
-        cfg_a2 = replace(p.cfg_a, node=replace(p.cfg_a.node, name="hostA",
-                                                state_dir=str(p.root / "hostA2")))  # fmt: skip
-        a2 = Host("hostA2", "secondary", cfg_a2, p.root, env=snapshots(snaps["A2"]))
+        # A's host returns with its state and its image: the secondary now
+        a2 = Host("hostA", "secondary", p.cfg_a, p.root, env=snapshots(snaps["A2"]))
         p.hosts.append(a2)
         p.wait("B protected again, its guest writing",
                lambda: (s := b.status()) and s.get("phase") == "protected" and s["acked"] >= 20
                and disk_status(p.root / "hostB").get("writes", 0) >= 20, 120, [b, a2])  # fmt: skip
+        events = [json.loads(line[line.index("{"):]) for line in b.log_path.read_text().splitlines()
+                  if '"disk-synced"' in line]  # fmt: skip
+        assert [e["mode"] for e in events] == ["resync"], events
+        blocks = events[0]["resync_blocks"]
+        assert 0 < blocks < (size_mib << 20) // 4096 // 4, events
         b.signal(signal.SIGKILL)
         b.proc.wait()
         p.wait("A promoted again", lambda: (a2.status() or {}).get("role") == "primary", 30, [a2])
-        promoted_disk_equals(p, a2, snaps["A2"], snaps["B"])
+        committed = promoted_disk_equals(p, a2, snaps["A2"], snaps["B"])
+        print(f"re-protection by the old primary: {blocks} blocks resynced of "
+              f"{(size_mib << 20) // 4096}; A promoted again at {committed}")  # fmt: skip
     finally:
         p.close()
 
