@@ -29,7 +29,9 @@
  * guest writes; B applies everything before SYNC_DONE at once, in stream order,
  * and journals everything after it.  B's replica is consistent (promotable) once the
  * first epoch closed after SYNC_DONE commits: the copy ends mid-epoch, so before that
- * commit the replica holds part of an epoch.
+ * commit the replica holds part of an epoch.  With `resync`, only the blocks the replica
+ * lacks (see cmd_replicate); a promoted replica re-protected by its old primary's image
+ * sends the blocks whose hashes differ (hashsync, see hash_thread).
  *
  * Every record from the network is checked (type, epoch order, bounds, size);
  * a bad one drops the stream and is logged.  Control commands are lines of
@@ -1109,42 +1111,40 @@ struct hash_arg { int fd; uint64_t gen; struct chan rx; unsigned char kab[32]; c
    block written after it was hashed is in dirty_peer too) */
 static void *hash_thread(void *arg) {
     struct hash_arg *a = arg;
-    uint64_t nb = (S.size + BS - 1) / BS, got = 0;
-    unsigned char *mine = malloc(nb * HASH_LEN), *theirs = malloc(nb * HASH_LEN);
+    uint64_t nb = (S.size + BS - 1) / BS, differ = 0;
+    unsigned char mine[SYNC_CHUNK / BS * HASH_LEN], theirs[SYNC_CHUNK / BS * HASH_LEN];
+    uint64_t *diff = calloc(S.bm_words, 8);
     char *buf = malloc(SYNC_CHUNK);
     EVP_MD_CTX *md = EVP_MD_CTX_new();
-    const char *why = mine && theirs && buf && md ? NULL : "out of memory for the disk's block hashes";
+    const char *why = diff && buf && md ? NULL : "out of memory for the disk's block hashes";
     double t0 = now_ms();
-    for (uint64_t off = 0; !why && off < S.size; off += SYNC_CHUNK) {
-        uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK;
-        if (lio_run(LIO_READ, buf, n, off, LIO_DEADLINE, 0)) why = "reading the local image to hash it failed";
-        else hash_blocks(md, buf, n, mine + off / BS * HASH_LEN);
+    struct timeval tv = {120, 0}, none = {0, 0}; /* the replica hashes its image alongside */
+    setsockopt(a->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    for (uint64_t off = 0; !why && off < S.size; off += SYNC_CHUNK) { /* chunk by chunk, both sides in order */
+        uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK, k = (n + BS - 1) / BS;
+        if (lio_run(LIO_READ, buf, n, off, LIO_DEADLINE, 0)) { why = "reading the local image to hash it failed"; break; }
+        hash_blocks(md, buf, n, mine);
+        struct rec r;
+        if (read_full(a->fd, &r, sizeof r)) { why = "the replica sent no block hashes (closed, or 120 s silent)"; break; }
+        if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_HASHES || le64toh(r.offset) != off / BS ||
+            le64toh(r.len) != k * HASH_LEN) { why = "a bad block hash record from the replica"; break; }
+        int o = open_rec(a->fd, &a->rx, &r, theirs, k * HASH_LEN);
+        if (o) { why = o == -2 ? "block hashes that fail their integrity check" : "the replica closed the stream"; break; }
+        for (uint64_t i = 0; i < k; i++)
+            if (memcmp(mine + i * HASH_LEN, theirs + i * HASH_LEN, HASH_LEN)) {
+                uint64_t blk = off / BS + i;
+                diff[blk >> 6] |= 1ull << (blk & 63);
+                differ++;
+            }
         pthread_mutex_lock(&S.stream_mu);
         if (S.hashing == a->gen) S.sync_done_bytes = off + n;
         pthread_mutex_unlock(&S.stream_mu);
-    }
-    struct timeval tv = {120, 0}, none = {0, 0}; /* the replica hashes its image meanwhile */
-    setsockopt(a->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    while (!why && got < nb) {
-        struct rec r;
-        if (read_full(a->fd, &r, sizeof r)) { why = "the replica sent no block hashes (closed, or 120 s silent)"; break; }
-        uint64_t first = le64toh(r.offset), len = le64toh(r.len);
-        if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_HASHES || first != got || !len ||
-            len % HASH_LEN || len > SYNC_CHUNK || len / HASH_LEN > nb - got) { why = "a bad block hash record from the replica"; break; }
-        int o = open_rec(a->fd, &a->rx, &r, theirs + got * HASH_LEN, len);
-        if (o) { why = o == -2 ? "block hashes that fail their integrity check" : "the replica closed the stream"; break; }
-        got += len / HASH_LEN;
     }
     setsockopt(a->fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
     pthread_mutex_lock(&S.stream_mu);
     int mine_still = S.hashing == a->gen && S.role == PRIMARY;
     if (mine_still && !why) {
-        uint64_t differ = 0;
-        for (uint64_t b = 0; b < nb; b++)
-            if (memcmp(mine + b * HASH_LEN, theirs + b * HASH_LEN, HASH_LEN)) {
-                S.dirty_peer[b >> 6] |= 1ull << (b & 63);
-                differ++;
-            }
+        bm_or(S.dirty_peer, diff);
         S.hash_differ = differ;
         logmsg("hashsync: %" PRIu64 " blocks of %" PRIu64 " differ from the replica's (hashed in %.0f ms); with the "
                "blocks written since: %" PRIu64 " to send", differ, nb, now_ms() - t0, bm_count(S.dirty_peer));
@@ -1157,8 +1157,8 @@ static void *hash_thread(void *arg) {
     }
     pthread_mutex_unlock(&S.stream_mu);
     if (a->fd >= 0) { close(a->fd); chan_free(&a->rx); }
-    EVP_MD_CTX_free(md);
-    free(mine), free(theirs), free(buf);
+    if (md) EVP_MD_CTX_free(md);
+    free(diff), free(buf);
     OPENSSL_cleanse(a->kab, sizeof a->kab);
     free(a);
     return NULL;

@@ -220,7 +220,11 @@ class DiskServer:
     def replicate(self, host: str, port: int, first_epoch: int, *, resync: bool = False) -> None:
         """Start streaming to the secondary's server, with a live copy of the whole disk;
         ``resync``: only the blocks its replica lacks (DiskError if this server cannot
-        tell which, or the replica does not hold this server's disk: copy it all then)."""
+        tell which, or the replica does not hold this server's disk: copy it all then).
+        A promoted replica's server, asked for a resync, offers its old primary's image a
+        hashsync instead: both hash every block, and the blocks that differ (and those
+        written since promotion) are sent; the hashing runs after this returns (status
+        ``peer`` true, ``synced`` false, as during any copy)."""
         self.call(f"replicate {host} {port} {first_epoch}{' resync' if resync else ''}")
 
     def committed(self, epoch: int) -> None:

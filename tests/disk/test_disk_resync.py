@@ -202,7 +202,8 @@ def test_promoted_replica_resyncs_the_old_primary_by_block_hashes(tmp_path: Path
         st = h.b.status()
         sent = st["resync_blocks"]
         print(f"hashsync: {sent} blocks sent of {nblocks} ({len(differ)} differing, "
-              f"{len(a_only)} written by A alone after K, {st.get('hash_differ')} found by hash)")  # fmt: skip
+              f"{len(a_only)} written by A alone after K, "
+              f"{st.get('hash_differ')} found by hash)")  # fmt: skip
         # not the whole disk (a full copy sends no resync_blocks): the blocks that differ,
         # A's own after K among them, and at most those the guest wrote meanwhile
         assert len(differ) <= sent < nblocks // 8, (sent, len(differ), nblocks)
@@ -218,6 +219,50 @@ def test_promoted_replica_resyncs_the_old_primary_by_block_hashes(tmp_path: Path
         last, _ = a2.promote()
         assert last in second.snaps, (last, list(second.snaps))
         assert differing_blocks(h.a_img.read_bytes(), second.snaps[last]) == 0
+    finally:
+        if a2 is not None:
+            a2.close()
+        h.close()
+
+
+def test_hashsync_refused_by_an_image_that_was_not_that_primarys(tmp_path: Path) -> None:
+    """A promoted replica offers a hashsync only to the image of the primary it was
+    promoted from: a new disk, or an image whose identity file names another primary
+    server (or is garbage), refuses it and takes the full copy."""
+    h = Harness(tmp_path, size=SIZE, seed=24)
+    a2: DiskServer | None = None
+    try:
+        h.sync()
+        protected_run(h, 0.2)
+        h.b.promote()
+        h.a.close()
+        ident = h.a_img.with_name("a.img.replica-id")
+        pair, gen, sid, _ = ident.read_text().split()
+        other_sid = f"{int(sid, 16) ^ 1:016x}"
+        for text in (None, f"{pair} {gen} {other_sid} primary\n", f"other {gen} {sid} primary\n",
+                     f"{pair} {gen} {sid}\n", "\0" * 40):  # fmt: skip
+            if text is None:
+                ident.unlink()
+            else:
+                ident.write_text(text)
+            a2 = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
+                                     listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
+                                     journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
+            with pytest.raises(DiskError, match="does not hold this disk: a full copy is needed"):
+                h.b.replicate("127.0.0.1", h.port, 1, resync=True)
+            assert "a hashsync, but this image was not" in a2.stderr_path.read_text()
+            a2.close()
+            a2 = None
+        a2 = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
+                                 listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
+                                 journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
+        h.b.replicate("127.0.0.1", h.port, 1)  # the full copy
+        h.b.wait_synced(30)
+        assert h.b.status()["resync_blocks"] == 0
+        second = h.next_pair(a2, h.a_img)
+        assert second.checkpoint()
+        a2.commit(second.epoch - 1)
+        assert differing_blocks(h.a_img.read_bytes(), h.b_img.read_bytes()) == 0
     finally:
         if a2 is not None:
             a2.close()
