@@ -267,3 +267,70 @@ def test_hashsync_refused_by_an_image_that_was_not_that_primarys(tmp_path: Path)
         if a2 is not None:
             a2.close()
         h.close()
+
+
+def test_a_resync_lost_midway_is_sent_again_whole(tmp_path: Path) -> None:
+    """A resync whose stream ends before it is done (here: a replica that takes it, then
+    reads nothing) gives its blocks back: the next resync sends them all again."""
+    import hashlib
+    import hmac
+    import socket as so
+    import struct
+
+    from tests.disk import streamwire as sw
+
+    size = 32 << 20
+    h = Harness(tmp_path, size=size, seed=25, stall_ms=300, plain=True)
+    fake = so.socket()
+    try:
+        h.sync()
+        protected_run(h, 0.2)
+        os.kill(h.b.pid, signal.SIGKILL)  # B's host dies; A writes the whole disk alone
+        h.b.proc.wait()
+        c = NbdClient(h.a.spec.nbd_path)
+        for off in range(0, size, 1 << 20):
+            c.write(off, random.Random(off).randbytes(1 << 20))
+        c.close()
+        assert h.a.status()["dirty_peer"] == size // BLOCK
+        # a replica that answers the resync, then never reads: A's stream stalls midway
+        fake.bind(("127.0.0.1", 0))
+        fake.listen(1)
+        answered = threading.Event()
+
+        def replica_that_stalls() -> None:
+            conn, _ = fake.accept()
+            nb = os.urandom(32)
+            conn.sendall(sw.rec(sw.HELLO, length=32) + nb)
+            head = sw._recv(conn, 32)
+            body = sw._recv(conn, struct.unpack("<IIQQQ", head)[4])
+            na = bytes.fromhex(body[:-32].decode().split()[-1])
+            m = b"mirror-disk-answer".ljust(32, b"\0") + nb + na + (0).to_bytes(8, "little")
+            conn.sendall(sw.rec(sw.HELLO, length=32) + hmac.new(KEY, m, hashlib.sha256).digest())
+            answered.set()
+            time.sleep(5)
+            conn.close()
+
+        t = threading.Thread(target=replica_that_stalls)
+        t.start()
+        h.a.replicate("127.0.0.1", fake.getsockname()[1], h.epoch, resync=True)
+        with pytest.raises(DiskError, match="stopped reading|closed|ended"):
+            h.a.wait_synced(30)
+        t.join(10)
+        st = h.a.status()
+        assert not st["synced"] and st["dirty_peer"] == size // BLOCK, st
+        # B returns: the resync sends every block again, and B's replica is A's disk
+        h.b.close()
+        h.b = DiskServer(
+            DiskSpec(h.b_img, size, tmp_path / "b", "killpair", listen=f"127.0.0.1:{h.port}",
+                     journal=tmp_path / "b.journal", journal_bytes=32 << 20, session_key=KEY,
+                     plain_stream=True)
+        )  # fmt: skip
+        h.a.replicate("127.0.0.1", h.port, h.epoch, resync=True)
+        h.a.wait_synced(30)
+        assert h.a.status()["resync_blocks"] == size // BLOCK
+        assert h.checkpoint()
+        h.b.commit(h.epoch - 1)
+        assert differing_blocks(h.a_img.read_bytes(), h.b_img.read_bytes()) == 0
+    finally:
+        fake.close()
+        h.close()
