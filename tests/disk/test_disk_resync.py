@@ -313,7 +313,7 @@ def test_a_resync_lost_midway_is_sent_again_whole(tmp_path: Path) -> None:
         t = threading.Thread(target=replica_that_stalls)
         t.start()
         h.a.replicate("127.0.0.1", fake.getsockname()[1], h.epoch, resync=True)
-        with pytest.raises(DiskError, match="stopped reading|closed|ended"):
+        with pytest.raises(DiskError, match=r"stopped reading|closed|ended"):
             h.a.wait_synced(30)
         t.join(10)
         st = h.a.status()
