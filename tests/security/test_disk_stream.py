@@ -400,7 +400,9 @@ def test_an_altered_record_ends_the_stream_and_a_replay_is_refused(tmp_path: Pat
             while chunk := s.recv(1 << 16):
                 got += chunk
         s.close()
-        assert len(got) == 64, "the replica answered a replayed HELLO"  # its challenge only
+        # its challenge only (or less of it: B closes with the replay unread, and the
+        # reset may cut the challenge short); an answer would come after it
+        assert len(got) <= 64, "the replica answered a replayed HELLO"
         assert "without the pair's session key" in h.b.stderr_path.read_text()
         assert before is not None
     finally:
