@@ -39,7 +39,7 @@ from mirror.config import (
 )
 from mirror.guests import image
 from mirror.guests.base import GuestError
-from mirror.ha import agent, control, hostcli, primary, rekey, secondary
+from mirror.ha import control, hostcli, primary, rekey, role, secondary
 from mirror.hoststate import read_json, running
 from mirror.lab import demo, libvirtdemo, qemudemo
 from mirror.pool import cli as pool_cli
@@ -277,7 +277,7 @@ def demo_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    agent.setup_logging(args.verbose, args.log_json)
+    role.setup_logging(args.verbose, args.log_json)
     try:
         if args.command == "pool":
             return pool_cli.run(args)
@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "switchover":
             return switchover(cfg, args.timeout)
         require_arbiter(cfg.arbiter, args.config)  # before anything starts
-        stop = agent.stop_on_signals()
+        stop = role.stop_on_signals()
         rekey.install(cfg, Path(args.config))  # SIGHUP: read the keys again
         lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
         code: int | None = None
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             return code
         finally:
-            agent.mark_stopped(cfg, code)
+            role.mark_stopped(cfg, code)
             server.close()
             lock.close()
     except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
@@ -579,7 +579,7 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         return 1
     primary = st.get("primary")
     if primary and not force:
-        arbiter = agent.make_arbiter(cfg, f"{cfg.node.name}-cli", prepare=True)
+        arbiter = role.make_arbiter(cfg, f"{cfg.node.name}-cli", prepare=True)
         silent = cfg.arbiter.silent_after_ms / 1000
         arbiter.peer_age(str(primary))
         time.sleep(silent)

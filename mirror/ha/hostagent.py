@@ -60,9 +60,9 @@ from mirror.guests import domaincheck
 from mirror.guests.libvirt import qmp_socket_in
 from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.ha import control, peerlink
-from mirror.ha.agent import event, make_arbiter
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.peerlink import PeerAddress, PeerError
+from mirror.ha.role import event, make_arbiter
 from mirror.hoststate import open_private, private_dir, read_json, write_atomic
 from mirror.replication import keys
 

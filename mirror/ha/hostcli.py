@@ -24,8 +24,8 @@ from mirror.config import DEFAULT_AGENT_CONFIG, AgentConfig, load_agent, require
 from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import Domains
 from mirror.ha import control
-from mirror.ha.agent import stop_on_signals
 from mirror.ha.hostagent import HostAgent
+from mirror.ha.role import stop_on_signals
 
 HOST_COMMANDS = ("agent", "pair", "unpair", "list")
 

@@ -16,12 +16,12 @@ from typing import Any
 from mirror.config import Config, ConfigError
 from mirror.guests.base import Guest
 from mirror.ha import control
-from mirror.ha.agent import Failover, begin, current_generation, event, make_arbiter
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
-from mirror.ha.controller import Action, Role
 from mirror.ha.rekey import current as current_rekey
 from mirror.ha.rekey import keyed
+from mirror.ha.role import FailoverDriver, begin, current_generation, event, make_arbiter
+from mirror.ha.rules import Action, Role
 from mirror.hoststate import agent_record, private_dir, write_json
 from mirror.replication import keys, metrics, wire
 from mirror.replication.checkpoint import (
@@ -34,7 +34,7 @@ from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.pagediff import PAGE_SIZE
 
-log = logging.getLogger("mirror.ha.agent")
+log = logging.getLogger("mirror.ha.role")
 
 
 class PairingRetry:
@@ -216,7 +216,7 @@ class PrimaryRun:
             node=cfg.node.name,
             fingerprint=backend.fingerprint(),
         )
-        self.failover = Failover(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
+        self.failover = FailoverDriver(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
         self.phase = "pairing"
         self.extra: dict[str, Any] = {}
         self._disk_storage = "local"  # where the disk server last said its I/O goes

@@ -17,7 +17,7 @@ from typing import Any
 
 from mirror import config as config_mod
 from mirror.config import Config, ConfigError
-from mirror.ha.agent import event
+from mirror.ha.role import event
 from mirror.replication import keys
 from mirror.replication.keys import LinkKeys
 

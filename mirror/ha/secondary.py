@@ -12,16 +12,16 @@ from typing import Any
 from mirror.config import Config
 from mirror.guests.base import GuestOutput
 from mirror.ha import control
-from mirror.ha.agent import Failover, begin, current_generation, event
 from mirror.ha.backend import Backend, backend_for
-from mirror.ha.controller import Action, Role
 from mirror.ha.primary import lead, stop_guest
 from mirror.ha.rekey import current as current_rekey
 from mirror.ha.rekey import keyed
+from mirror.ha.role import FailoverDriver, begin, current_generation, event
+from mirror.ha.rules import Action, Role
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.standby import Standby
 
-log = logging.getLogger("mirror.ha.agent")
+log = logging.getLogger("mirror.ha.role")
 
 
 def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0) -> int:
@@ -38,14 +38,15 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         # the ready standby: a guest waiting for its state (for QEMU, on the image)
         ready = backend.ready(standby.image.path)
         standby.disk = getattr(ready, "disk", None)
-        failover = Failover(cfg, Role.SECONDARY, lambda: standby.committed, standby.generation)
+        failover = FailoverDriver(cfg, Role.SECONDARY, lambda: standby.committed,
+                                  standby.generation)
     except BaseException:
         standby.close()
         raise
     promote = False
     crashed = True
     standby.extra_status = lambda: {
-        "protection": failover.protection() if standby.primary else failover.controller.state.value,
+        "protection": failover.protection() if standby.primary else failover.rules.state.value,
         "arbiter_unverified": failover.unverified() if standby.primary else None,
         "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
     }
@@ -112,7 +113,7 @@ def run_promoted(
     cfg: Config,
     backend: Backend,
     standby: Standby,
-    failover: Failover,
+    failover: FailoverDriver,
     stop: threading.Event,
     ready: Any,
 ) -> int:

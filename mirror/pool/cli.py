@@ -164,10 +164,10 @@ def run(args: argparse.Namespace) -> int:
         store = Store(Etcd(args.etcd), args.prefix)
         cmd = args.pool_command
         if cmd == "agent":
-            from mirror.pool.agent import HostAgent, stop_event
+            from mirror.pool.poolagent import PoolAgent, stop_event
 
             logging.getLogger("mirror.pool").setLevel(logging.INFO)
-            return HostAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
+            return PoolAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
                              args.vcpus, promote_wait=args.promote_wait,
                              prefix=store.prefix).run(stop_event())
         if cmd == "status":

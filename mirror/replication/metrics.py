@@ -39,7 +39,7 @@ _PAGE_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 _BYTE_BUCKETS = tuple(float(b * 4096) for b in _PAGE_BUCKETS)
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 PHASES = ("stop", "scan", "gather", "state", "resume")  # the pause's split
-# the controller's states (mirror/ha/controller.py State), plus the agent's own: no
+# the controller's states (mirror/ha/rules.py State), plus the agent's own: no
 # controller yet, or the agent stopped
 STATES = (
     "standby",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mirror.config import ArbiterConfig, Config, ConfigError, from_dict, require_arbiter
-from mirror.ha.agent import make_arbiter
+from mirror.ha.role import make_arbiter
 
 
 def mirror(*args: str) -> subprocess.CompletedProcess[str]:

@@ -27,8 +27,8 @@ from mirror.ha.etcd import Etcd
 from mirror.hoststate import read_json
 from mirror.lab.demo import free_ports
 from mirror.lab.observer import Observer
-from mirror.pool.agent import pair_config
 from mirror.pool.model import pair_name as vm_pair_name
+from mirror.pool.poolagent import pair_config
 from mirror.pool.store import Store
 from tests.integration.conftest import SHM
 from tests.integration.test_pool_kill import Agents, _alive, _pool_cli, _vm_log

@@ -352,8 +352,8 @@ def test_cli_exit_codes_json_for_every_outcome_and_definitions(
 def test_two_pools_share_one_etcd_under_their_prefixes(
     etcd: Etcd, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mirror.pool.agent import pair_config
     from mirror.pool.model import PairSpec
+    from mirror.pool.poolagent import pair_config
 
     a = ["--etcd", etcd.url]
     b = ["--etcd", etcd.url, "--prefix", "/mirror/pool-b"]

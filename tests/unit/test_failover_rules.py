@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mirror.ha.arbiter import ClaimResult
-from mirror.ha.controller import TRANSITIONS, Action, Controller, Observation, Role, State, Timeouts
+from mirror.ha.rules import TRANSITIONS, Action, FailoverRules, Observation, Role, State, Timeouts
 
 WON = ClaimResult(True, "me", "x")
 LOST = ClaimResult(False, "other", "promote")
@@ -28,12 +28,12 @@ def obs(
 SEEN = {"peer_slot_seen": True}  # for the rows that build an Observation whole
 
 
-def secondary() -> Controller:
-    return Controller(Role.SECONDARY, Timeouts(silent_after=0.5, fence_after=2.0))
+def secondary() -> FailoverRules:
+    return FailoverRules(Role.SECONDARY, Timeouts(silent_after=0.5, fence_after=2.0))
 
 
-def primary() -> Controller:
-    return Controller(Role.PRIMARY, Timeouts(silent_after=0.5, fence_after=2.0))
+def primary() -> FailoverRules:
+    return FailoverRules(Role.PRIMARY, Timeouts(silent_after=0.5, fence_after=2.0))
 
 
 # ---- the secondary's table --------------------------------------------------

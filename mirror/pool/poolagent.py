@@ -78,7 +78,7 @@ from mirror.pool.planner import FailurePlan, Planner, analyse
 from mirror.pool.store import ARBITER_PREFIX, PREFIX, Conflict, Snapshot, Store
 from mirror.replication import keys
 
-log = logging.getLogger("mirror.pool.agent")
+log = logging.getLogger("mirror.pool.poolagent")
 
 
 SHM = Path("/dev/shm")
@@ -125,7 +125,7 @@ def pair_config(
     )
 
 
-class HostAgent:
+class PoolAgent:
     def __init__(
         self, etcd_url: str, host: str, ttl: int = 3, run_dir: Path | None = None,
         mem_mb: int | None = None, vcpus: int | None = None, interval: float | None = None,
@@ -434,7 +434,7 @@ class HostAgent:
                     self.reconcile(snap)
                     self.try_lead(snap)
                     if self.leader:
-                        Controller(self.store, self.host, self.waits,
+                        PoolController(self.store, self.host, self.waits,
                                    self.promote_wait).step(snap)
                 except (EtcdError, Conflict) as e:
                     log.warning("host %s: %s", self.host, e)
@@ -448,7 +448,7 @@ class HostAgent:
         return 0
 
 
-class Controller:
+class PoolController:
     """The pool controller's work for one tick (run by the leading agent)."""
 
     def __init__(self, store: Store, me: str, waits: dict[str, float] | None = None,

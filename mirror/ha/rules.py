@@ -141,7 +141,7 @@ class Decision:
         return self.reason
 
 
-class Controller:
+class FailoverRules:
     def __init__(self, role: Role, timeouts: Timeouts = Timeouts()) -> None:
         self.role = role
         self.timeouts = timeouts

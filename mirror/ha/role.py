@@ -2,7 +2,7 @@
 heartbeat and the failover controller's driver.  The roles are mirror/ha/primary.py
 and mirror/ha/secondary.py.
 
-The controller decides (mirror/ha/controller.py); the agent observes and acts.
+The controller decides (mirror/ha/rules.py); the agent observes and acts.
 Each role writes ``status.json`` in the host's state directory, which
 ``mirror status`` and the demo read; the primary also writes ``stats.json``
 when it stops.  Decisions are logged as structured events: one JSON object
@@ -25,10 +25,10 @@ from typing import Any
 from mirror.config import Config, require_arbiter
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.ha.cleanup import clean_start
-from mirror.ha.controller import (
+from mirror.ha.rules import (
     Action,
-    Controller,
     Decision,
+    FailoverRules,
     Observation,
     Role,
     State,
@@ -37,7 +37,7 @@ from mirror.ha.controller import (
 from mirror.hoststate import agent_record, read_json, write_json
 from mirror.replication import metrics
 
-log = logging.getLogger("mirror.ha.agent")
+log = logging.getLogger("mirror.ha.role")
 # decisions an operator must hear of: a cut interconnect, an isolated or fenced primary
 ALERTING = frozenset({Action.ALERT, Action.HOLD_OUTPUTS, Action.FENCE})
 
@@ -150,7 +150,7 @@ class StorageBeat(threading.Thread):
         return self.last_ok is not None and time.monotonic() - self.last_ok <= within
 
 
-class Failover:
+class FailoverDriver:
     """One role's controller with the arbiter: observe, decide, claim."""
 
     def __init__(
@@ -161,7 +161,7 @@ class Failover:
         self.cfg = cfg
         self.arbiter = make_arbiter(cfg)
         self.timeouts = Timeouts(a.silent_after_ms / 1000, a.fence_after_ms / 1000)
-        self.controller = Controller(role, self.timeouts)
+        self.rules = FailoverRules(role, self.timeouts)
         self.beat = StorageBeat(
             self.arbiter,
             a.heartbeat_interval_ms / 1000,
@@ -173,7 +173,7 @@ class Failover:
         self._claim: ClaimResult | None = None
         self._claim_error = ""  # the last claim failure, logged once (claims retry every tick)
         self._next = 0.0
-        self._logged: tuple[State, Action] = (self.controller.state, Action.NONE)
+        self._logged: tuple[State, Action] = (self.rules.state, Action.NONE)
         self.peer_slot_seen = False  # the peer's slot seen changing here in this generation
         self.metrics = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
         self.beat.start()
@@ -206,7 +206,7 @@ class Failover:
             self.peer_slot_seen,
         )
         self._claim = None
-        d = self.controller.step(obs)
+        d = self.rules.step(obs)
         self.metrics.ages(net_age, storage_age)
         self.metrics.slot_seen(self.peer_slot_seen if peer else None)
         self.metrics.state.state(self.protection())
@@ -238,7 +238,7 @@ class Failover:
     def protection(self) -> str:
         """The controller's state, except "unverified" while it judges the pair healthy
         (protected, standby) but has not seen the peer's storage slot here yet."""
-        state = self.controller.state
+        state = self.rules.state
         if not self.peer_slot_seen and state in (State.PROTECTED, State.STANDBY):
             return State.UNVERIFIED.value
         return state.value
