@@ -28,8 +28,9 @@ import sys
 import time
 from typing import Any
 
+from mirror.pool.analysis import analyse
 from mirror.pool.model import VM, Host, Pool
-from mirror.pool.planner import Planner, analyse
+from mirror.pool.planner import Planner
 
 CASES = [
     (16, 1000, 1),

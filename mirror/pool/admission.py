@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mirror.pool.analysis import Analysis, analyse
 from mirror.pool.model import PRIORITIES, VM, Host, Pool, PoolError
-from mirror.pool.planner import Analysis, FailurePlan, Planner, analyse
+from mirror.pool.planner import FailurePlan, Planner
 
 
 class Refused(PoolError):

@@ -35,8 +35,8 @@ from typing import Any, NoReturn
 from mirror.config import ConfigError, parse_hostport
 from mirror.ha.etcd import Etcd, EtcdError
 from mirror.pool import admission
+from mirror.pool.analysis import Analysis, analyse
 from mirror.pool.model import PAIR_PORTS_FROM, PRIORITIES, PairSpec, Pool, PoolError, pair_name
-from mirror.pool.planner import Analysis, analyse
 from mirror.pool.store import PREFIX, Conflict, Snapshot, Store
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"

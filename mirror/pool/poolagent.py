@@ -73,8 +73,9 @@ from mirror.ha.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, r
 from mirror.ha.etcd_arbiter import claim_key
 from mirror.hoststate import read_json, write_atomic
 from mirror.pool import admission
+from mirror.pool.analysis import analyse
 from mirror.pool.model import PairSpec, Placement, Pool, PoolError
-from mirror.pool.planner import FailurePlan, Planner, analyse
+from mirror.pool.planner import FailurePlan, Planner
 from mirror.pool.store import ARBITER_PREFIX, PREFIX, Conflict, Snapshot, Store
 from mirror.replication import keys
 

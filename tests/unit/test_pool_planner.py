@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mirror.pool import admission
+from mirror.pool.analysis import analyse
 from mirror.pool.model import VM, Host, Placement, Pool, PoolError
-from mirror.pool.planner import Planner, analyse
+from mirror.pool.planner import Planner
 
 # -- an independent brute force ------------------------------------------------------------
 
