@@ -17,10 +17,10 @@ upgraded under running guests: a stopped agent leaves its roles running, and a s
 one adopts every role that still answers on its control socket (watching its pid through
 a pidfd).  A role that is gone is resumed safely (:meth:`HostAgent.resume`): a secondary
 is started again (it never runs a guest it has not been sent); a primary's guest only
-after asking the arbiter: if the peer may run the guest (its heartbeat is fresh, or it
-won the generation's claim) this host becomes its secondary instead, and when the peer is
-silent this host first wins the generation's claim (so the peer can never promote in it)
-and leads under the next generation.
+as the "resume" claim allows (mirror/ha/claims.py): if the peer may run the guest (its
+heartbeat is fresh, or it won the generation's claim) this host becomes its secondary
+instead, and when the peer is silent this host first wins the generation's claim (so the
+peer can never promote in it) and leads under the next generation.
 
 The CLI talks to it over ``STATE_DIR/control.sock`` (mirror/ha/control.py: SO_PEERCRED,
 root or the agent's user); agents talk to each other over mirror/ha/peerlink.py
@@ -59,7 +59,7 @@ from mirror.config import (
 from mirror.guests import domaincheck
 from mirror.guests.libvirt import qmp_socket_in
 from mirror.guests.libvirtdom import Domains, LibvirtError
-from mirror.ha import control, peerlink
+from mirror.ha import claims, control, peerlink
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.peerlink import PeerAddress, PeerError
 from mirror.ha.role import event, make_arbiter
@@ -406,7 +406,8 @@ class HostAgent:
         r.close()
 
     def resume(self, d: PairDef) -> str:
-        """Start ``d``'s role again, safely; one sentence saying what was decided."""
+        """Start ``d``'s role again, safely (a primary only as the "resume" claim allows:
+        mirror/ha/claims.py); one sentence saying what was decided."""
         last = self.role_status(d)
         if last.get("role") in ("primary", "secondary") and last.get("role") != d.role:
             d.role = str(last["role"])  # it changed while nobody watched (a promotion)
@@ -416,41 +417,17 @@ class HostAgent:
             self.save(d)
             self.start_role(d)
             return "started its secondary again"
-        try:
-            arb = make_arbiter(self._role_cfg_for_arbiter(d), prepare=True)
-            recorded = arb.generation()
-            age = arb.peer_age(d.peer)
-            if age is not None:
-                # ages are judged from when this reader first saw the slot: look again later
-                time.sleep(1.5 * self.cfg.arbiter.silent_after_ms / 1000)
-                age = arb.peer_age(d.peer)
-            slot = arb.peer_slot(d.peer)
-            silent = self.cfg.arbiter.silent_after_ms / 1000
-            gen = max(d.generation, recorded)
-            if age is not None and age <= silent and slot is not None:
-                if slot.role == "primary" or slot.generation > d.generation:
-                    return self._become_secondary(d, max(gen, slot.generation),
-                                                  f"{d.peer} runs the guest (its heartbeat is "
-                                                  f"fresh, role {slot.role})")
-                return self._wait(d, f"{d.peer} is alive with the standby: waiting for it to "
-                                     f"promote (this host's guest is gone)")
-            if slot is None:  # its silence here is no evidence: it may not use this arbiter
-                return self._wait(d, f"{d.peer}'s storage slot was never seen on this arbiter: "
-                                     f"not starting the guest (is the arbiter shared?)")
-            won = arb.claim(gen, self.node, "resume")
-        except ArbiterError as e:
-            return self._wait(d, f"cannot ask the arbiter ({e}): not starting the guest")
-        if not won.won:
-            return self._become_secondary(d, gen + 1, f"{won.holder} won generation {gen} "
-                                                      f"({won.action})")
-        try:
-            arb.set_generation(gen + 1)
-        except ArbiterError as e:
-            return self._wait(d, f"cannot record generation {gen + 1} ({e})")
-        d.generation = gen + 1
+        r = claims.resume(lambda: make_arbiter(self._role_cfg_for_arbiter(d), prepare=True),
+                          self.node, d.peer, d.generation,
+                          self.cfg.arbiter.silent_after_ms / 1000)  # fmt: skip
+        if r.role == "secondary":
+            return self._become_secondary(d, r.generation, r.why)
+        if r.role != "primary":
+            return self._wait(d, r.why)
+        d.generation = r.generation
         self.save(d)
         self.start_role(d)
-        return f"won generation {gen} ({d.peer} silent): started the primary under {gen + 1}"
+        return r.why
 
     def _become_secondary(self, d: PairDef, generation: int, why: str) -> str:
         d.role, d.generation = "secondary", max(d.generation, generation)
@@ -610,7 +587,7 @@ class HostAgent:
                     write_atomic(self.pair_dir(d.pair) / "original.xml", xml.encode())
             self.save(d)
             arb = make_arbiter(self._role_cfg_for_arbiter(d), prepare=True)
-            d.generation = max(1, arb.generation())
+            d.generation = claims.Claims(arb, self.node).generation(at_least=1)
             self._note(d, f"asking {d.peer} to prepare the standby")
             answer = peerlink.ask(
                 peer, self.public, self.secret, "prepare",

@@ -69,8 +69,8 @@ from mirror.config import (
     OutputConfig,
     PairConfig,
 )
+from mirror.ha import claims
 from mirror.ha.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
-from mirror.ha.etcd_arbiter import claim_key
 from mirror.hoststate import read_json, write_atomic
 from mirror.pool import admission
 from mirror.pool.model import PairSpec, Placement, Pool, PoolError
@@ -334,8 +334,8 @@ class PoolAgent:
 
     def _start(self, vm: str, role: str, pair: PairSpec | None, snap: Snapshot) -> None:
         if role == "primary" and pair is not None and (
-                won := unrecorded_promotion(self.etcd, pair,
-                                            prefix=self.store.arbiter)) is not None:
+                won := claims.unrecorded_promotion(self.etcd, self.store.arbiter, pair.pair,
+                                                   pair.seen_generation)) is not None:
             # a fresh primary here while the pair's standby has promoted (the pool has not
             # recorded it yet) would be a second one: wait for the pool
             log.info("VM %s: its standby %s promoted (generation %d): not starting a primary",
@@ -515,7 +515,8 @@ class PoolController:
                             log.info("controller %s: %s waits for its standby on %s to "
                                      "promote", self.me, vm, p.standby)
                             continue
-                        g, promoted = self.preempt(pair, p.standby)
+                        g, promoted = claims.preempt(self.store.etcd, self.store.arbiter,
+                                                     pair.pair, p.standby)
                         if not promoted:  # it never will: restart the VM as a fresh pair
                             after = snap.pool.copy()
                             after.place(vm, None, None)
@@ -528,8 +529,8 @@ class PoolController:
                     after.pairs[vm] = replace(pair, seen_generation=g)
                 else:  # both hosts lost: it restarts as a fresh pair
                     after.pairs[vm] = replace(pair, seen_generation=max(
-                        [pair.seen_generation, *claims(self.store.etcd, pair,
-                                                       self.store.arbiter)]))
+                        [pair.seen_generation, *claims.held(self.store.etcd, self.store.arbiter,
+                                                            pair.pair)]))
             claim = self.store.key("claims", vm, str(p.epoch))
             body = json.dumps({"node": self.me, "action": "move", "time": time.time()})
             ev = self.store.event_op({
@@ -569,61 +570,12 @@ class PoolController:
             self.store.commit(snap, after, None)
         return self.store.load()
 
-    def preempt(self, pair: PairSpec, standby: str) -> tuple[int, bool]:
-        """The standby has not promoted: take the claim of its generation for the pool, so
-        that it never can (a claim is won once), and move the pair's generation on, so
-        that a fresh pair starts above it.  Returns the generation and whether the standby
-        promoted after all (it won that claim first)."""
-        etcd = self.store.etcd
-        base = f"{self.store.arbiter}/{pair.pair}/"
-        gens: list[int] = []
-        for key in ("generation", f"slot/{standby}"):
-            kv = etcd.get(base + key)
-            if kv is None:
-                continue
-            try:
-                v = json.loads(kv.value)
-                gens.append(int(v["generation"] if isinstance(v, dict) else v))
-            except (ValueError, KeyError, TypeError):
-                continue
-        lo, hi = min(gens, default=1), max(gens, default=1)
-        for g in range(max(1, lo), hi + 1):  # the standby's, and any it may yet be moved to
-            res = claim_key(etcd, f"{base}claims/generation-{g}", "pool", "restart")
-            if res.holder == standby and res.action == "promote":
-                return g, True
-        etcd.put(base + "generation", str(hi + 1))
-        return hi, False
-
     def promotion(self, pair: PairSpec, standby: str) -> int | None:
         """The generation whose promotion ``standby`` won, if it won one the pool has not
         acted on yet; else None (it has not promoted, or not yet)."""
-        won = unrecorded_promotion(self.store.etcd, pair, standby, self.store.arbiter)
+        won = claims.unrecorded_promotion(self.store.etcd, self.store.arbiter, pair.pair,
+                                          pair.seen_generation, standby)
         return None if won is None else won[0]
-
-
-def claims(etcd: Etcd, pair: PairSpec,
-           prefix: str = ARBITER_PREFIX) -> dict[int, tuple[str, str]]:
-    """The pair's arbiter claims (keys under ``prefix``): generation -> (node, action)."""
-    kvs, _ = etcd.get_prefix(f"{prefix}/{pair.pair}/claims/")
-    out: dict[int, tuple[str, str]] = {}
-    for kv in kvs:
-        _, _, gen = kv.key.rpartition("generation-")
-        try:
-            d = json.loads(kv.value)
-            out[int(gen)] = (str(d.get("node")), str(d.get("action")))
-        except (ValueError, AttributeError):
-            continue
-    return out
-
-
-def unrecorded_promotion(
-    etcd: Etcd, pair: PairSpec, node: str | None = None, prefix: str = ARBITER_PREFIX,
-) -> tuple[int, str] | None:
-    """The latest promotion claim (by ``node``, or any) of a generation the pool has not
-    acted on: (generation, the node that won it); None if there is none."""
-    won = [(g, who) for g, (who, action) in claims(etcd, pair, prefix).items()
-           if g > pair.seen_generation and action == "promote" and node in (None, who)]
-    return max(won) if won else None
 
 
 def stop_event() -> threading.Event:
