@@ -9,8 +9,10 @@ in that generation.  Every kind of claim, who makes it and when it may be made:
 
 - ``promote``: a secondary, when the failover rules (mirror/ha/rules.py) find the
   primary silent on both paths (:func:`may_promote`), or when an operator asks
-  (``mirror failover``, checked first by :func:`manual_failover_refusal`; a planned
-  switchover's handover too): :meth:`Claims.claim`, from the failover driver;
+  (``mirror failover``, a planned switchover's handover): :meth:`Claims.claim`, from the
+  failover driver.  The guard ``mirror failover`` applies first, without --force, is
+  :func:`manual_failover_refusal` (the CLI's ``manual_failover`` still has its own copy
+  of it: it is to call this one);
 - ``unprotected``: a primary whose secondary is silent on the network
   (:func:`may_run_unprotected`), or whose first pairing failed after its guest
   resumed (:meth:`Claims.unprotected`);
@@ -19,9 +21,9 @@ in that generation.  Every kind of claim, who makes it and when it may be made:
 - ``restart``: the pool controller, for a pair whose standby has not promoted in
   time (:func:`preempt`: it takes the standby's generation so that it never can).
 
-The rule they share: a peer's silence on the arbiter is evidence only about a slot
-seen there.  A peer whose slot is absent may simply use another arbiter, and a claim
-won where the peer does not ask proves nothing, so nothing is claimed on it.
+The rule of every claim judged on a peer's silence: that silence is evidence only about
+a slot seen there.  A peer whose slot is absent may simply use another arbiter, and a
+claim won where the peer does not ask proves nothing, so nothing is claimed on it.
 
 The pool's own ``claims/VM/EPOCH`` (who moved a VM away from a placement,
 mirror/pool/store.py) are placements, not generations: they stay with the pool.
