@@ -18,6 +18,7 @@ from mirror.guests.base import Guest
 from mirror.ha import control
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.backend import Backend, OutputSink, backend_for
+from mirror.ha.claims import Claims
 from mirror.ha.rekey import current as current_rekey
 from mirror.ha.rekey import keyed
 from mirror.ha.role import FailoverDriver, begin, current_generation, event, make_arbiter
@@ -88,7 +89,7 @@ def lead(
     ``current[0]`` is where the guest's outputs go.  A pairing that fails after the
     standby's WELCOME leaves the guest running unprotected; the next is tried under the
     next generation after ``retry``'s wait."""
-    arbiter = make_arbiter(cfg)
+    claims = Claims(make_arbiter(cfg), cfg.node.name)
     released = 0
     retry = retry or PairingRetry()
     while not stop.is_set() and (end is None or time.monotonic() < end):
@@ -104,7 +105,7 @@ def lead(
             while not stop.is_set() and (end is None or time.monotonic() < end):
                 if not recorded:  # storage failing: the guest runs on; recorded when it can be
                     try:
-                        arbiter.set_generation(generation)
+                        claims.record(generation)
                         recorded = True
                     except ArbiterError as e:
                         if not warned:
@@ -433,7 +434,7 @@ class PrimaryRun:
         held by the standby stops the guest, as a fenced primary (3)."""
         node = self.cfg.node.name
         try:
-            won = self.failover.arbiter.claim(self.generation, node, "unprotected")
+            won = self.failover.claims.unprotected(self.generation)
         except ArbiterError as e:
             raise ReplicationError(
                 f"the pairing failed ({self.retry.error}) and the arbiter cannot be claimed "

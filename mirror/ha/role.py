@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config, require_arbiter
+from mirror.ha import claims
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.ha.cleanup import clean_start
 from mirror.ha.rules import (
@@ -151,7 +152,8 @@ class StorageBeat(threading.Thread):
 
 
 class FailoverDriver:
-    """One role's controller with the arbiter: observe, decide, claim."""
+    """One role's failover rules with the arbiter: observe, decide, claim (through
+    mirror/ha/claims.py)."""
 
     def __init__(
         self, cfg: Config, role: Role, epoch: Callable[[], int], generation: int | None = None
@@ -160,6 +162,7 @@ class FailoverDriver:
         self.generation = cfg.pair.generation if generation is None else generation
         self.cfg = cfg
         self.arbiter = make_arbiter(cfg)
+        self.claims = claims.Claims(self.arbiter, cfg.node.name)
         self.timeouts = Timeouts(a.silent_after_ms / 1000, a.fence_after_ms / 1000)
         self.rules = FailoverRules(role, self.timeouts)
         self.beat = StorageBeat(
@@ -225,9 +228,9 @@ class FailoverDriver:
                 storage_age=storage_age,
             )
         if d.action in (Action.CLAIM_PROMOTE, Action.CLAIM_UNPROTECTED):
-            what = "promote" if d.action is Action.CLAIM_PROMOTE else "unprotected"
+            kind = claims.PROMOTE if d.action is Action.CLAIM_PROMOTE else claims.UNPROTECTED
             try:
-                self._claim = self.arbiter.claim(self.generation, self.cfg.node.name, what)
+                self._claim = self.claims.claim(self.generation, kind)
                 self._claim_error = ""
             except ArbiterError as e:  # storage failing: no claim made; judged again next tick
                 if str(e) != self._claim_error:
@@ -333,7 +336,6 @@ def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False)
 def current_generation(cfg: Config) -> int:
     """The pair's generation: the configured one, or a later one a promotion recorded.
     Checks the arbiter (an agent calls it at start): ArbiterError if it is unusable."""
-    return max(
-        cfg.pair.generation,
-        make_arbiter(cfg, prepare=True).generation(),
+    return claims.Claims(make_arbiter(cfg, prepare=True), cfg.node.name).generation(
+        cfg.pair.generation
     )

@@ -4,7 +4,9 @@ No I/O and no clock of its own: the agent observes (heartbeat ages on both
 paths, whether its own storage writes succeed, claim results, the committed
 checkpoint) and carries out the decision.  Every rule of the decision tables
 in docs/ARCHITECTURE.md is a transition here; each decision carries one
-sentence saying why, which the agent logs and tests assert on.
+sentence saying why, which the agent logs and tests assert on.  Whether a
+claim may be made at all is the claims' rule (mirror/ha/claims.py: may_promote,
+may_run_unprotected), which the transitions ask.
 
 Secondary (B), judging the primary (A):
     network silent, storage slot stale  -> A is dead: claim "promote"; won -> promote
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mirror.ha.arbiter import ClaimResult
+from mirror.ha.claims import Evidence, Refusal, may_promote, may_run_unprotected
 
 UNSEEN_B = (
     "primary silent on the network, and its storage slot never seen on this arbiter in "
@@ -158,6 +161,16 @@ class FailoverRules:
         ages = [a for a in (obs.peer_net_age, obs.session_age) if a is not None]
         return min(ages) if ages else None
 
+    def _evidence(self, obs: Observation) -> Evidence:
+        """What the claims' rules (mirror/ha/claims.py) judge from."""
+        return Evidence(
+            self._silent(self._net_age(obs)),
+            obs.own_storage_ok,
+            obs.peer_slot_seen,
+            self._silent(obs.peer_storage_age),
+            obs.committed,
+        )
+
     def _go(self, state: State, action: Action, reason: str) -> Decision:
         if state is not self.state and state not in TRANSITIONS[self.state]:
             raise AssertionError(f"transition {self.state.value} -> {state.value} not allowed")
@@ -188,8 +201,9 @@ class FailoverRules:
             )
         if s in (State.PROMOTED, State.CLAIM_LOST):
             return self._go(s, Action.NONE, f"{s.value}: nothing more to decide")
+        ev = self._evidence(obs)
         if obs.manual_promote:
-            if obs.committed < 1:
+            if may_promote(ev, operator=True) is not None:
                 return self._go(
                     s,
                     Action.NONE,
@@ -201,15 +215,16 @@ class FailoverRules:
                 "operator asked to promote: claiming promote",
             )
         rest = State.STANDBY if s is State.CLAIMING_PROMOTE else s  # a failed claim: judge anew
-        if not self._silent(self._net_age(obs)):
+        why = may_promote(ev)
+        if why is Refusal.PEER_ON_NETWORK:
             return self._go(State.STANDBY, Action.NONE, "primary healthy on the network")
-        if not obs.own_storage_ok:
+        if why is Refusal.NO_STORAGE:
             return self._go(rest, Action.NONE, "cannot reach storage: not promoting")
-        if not obs.peer_slot_seen:
+        if why is Refusal.SLOT_UNSEEN:
             if rest is State.UNVERIFIED:
                 return self._go(rest, Action.NONE, UNSEEN_B + ": still not promoting")
             return self._go(State.UNVERIFIED, Action.ALERT, UNSEEN_B + ": not promoting")
-        if not self._silent(obs.peer_storage_age):
+        if why is Refusal.PEER_ON_STORAGE:
             if rest is State.PARTITIONED:
                 return self._go(rest, Action.NONE, "interconnect still cut: not promoting")
             return self._go(
@@ -217,7 +232,7 @@ class FailoverRules:
                 Action.ALERT,
                 "interconnect cut, primary's storage heartbeat fresh: not promoting",
             )
-        if obs.committed < 1:
+        if why is Refusal.NO_CHECKPOINT:
             return self._go(
                 rest,
                 Action.NONE,
@@ -248,8 +263,9 @@ class FailoverRules:
             )
         if s in (State.UNPROTECTED, State.FENCED):
             return self._go(s, Action.NONE, f"{s.value}: nothing more to decide")
-        net_silent = self._silent(self._net_age(obs))
-        if not obs.own_storage_ok and net_silent:
+        ev = self._evidence(obs)
+        why = may_run_unprotected(ev)
+        if why is Refusal.NO_STORAGE:  # and the secondary silent on the network
             if s is not State.ISOLATED:
                 self._isolated_since = obs.now
                 return self._go(
@@ -265,14 +281,14 @@ class FailoverRules:
                     f"isolated for {obs.now - since:.1f} s: fencing (stopping the guest)",
                 )
             return self._go(s, Action.HOLD_OUTPUTS, "still isolated: holding outputs")
-        if not net_silent:
+        if why is Refusal.PEER_ON_NETWORK:
             if s is not State.PROTECTED:
                 self._isolated_since = None
                 return self._go(State.PROTECTED, Action.NONE, "secondary back: protected")
             return self._go(s, Action.NONE, "secondary healthy")
-        if not obs.peer_slot_seen:
+        if why is Refusal.SLOT_UNSEEN:
             return self._go(State.HOLDING, Action.HOLD_OUTPUTS, UNSEEN_A)
-        if not self._silent(obs.peer_storage_age):
+        if not ev.peer_storage_silent:
             return self._go(
                 State.CLAIMING_UNPROTECTED,
                 Action.CLAIM_UNPROTECTED,

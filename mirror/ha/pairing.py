@@ -1,0 +1,344 @@
+"""Pairing: how two host agents make a pair of a guest, and undo it.
+
+``mirror pair DOMAIN --peer HOST`` on the guest's host (:meth:`Pairing.op_pair`, carried
+on in a thread): check the domain, keep its definition (``original.xml``), take the
+pair's generation from the arbiter, ask the peer's agent to ``prepare`` the standby (it
+checks the XML it is sent, picks three ports, starts the secondary and answers once it
+listens), mark the domain as paired, start the primary.  Any failure undoes what was
+done, on both hosts.  ``mirror unpair`` ends the pair (the guest runs on, unmirrored)
+and has the peer ``drop`` its standby; a pairing interrupted by the agent's death is
+undone when it starts again (:meth:`Pairing.abandon`).
+
+Agents talk to each other over mirror/ha/peerlink.py (CurveZMQ, only the keys in
+``[peers]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mirror.config import ConfigError
+from mirror.guests import domaincheck
+from mirror.guests.libvirtdom import Domains, LibvirtError
+from mirror.ha import control, peerlink
+from mirror.ha.arbiter import ArbiterError
+from mirror.ha.claims import Claims
+from mirror.ha.pairdef import (
+    KINDS,
+    AgentError,
+    PairDef,
+    arbiter_config,
+    check_name,
+    synthetic_guest,
+)
+from mirror.ha.peerlink import PeerAddress, PeerError
+from mirror.ha.role import make_arbiter
+from mirror.hoststate import write_atomic
+
+if TYPE_CHECKING:
+    from mirror.ha.hostagent import HostAgent
+
+log = logging.getLogger("mirror.ha.hostagent")  # the host agent's log, as before the split
+
+PREPARE_WAIT_S = 60.0  # a standby that is not ready by then will not be
+
+
+class Pairing:
+    """The pairing protocol of one host's agent: its CLI's pair, progress and unpair, and
+    its peers' prepare and drop."""
+
+    def __init__(self, agent: HostAgent) -> None:
+        self.agent = agent
+        self.failed: dict[str, PairDef] = {}  # pairings that failed, for the CLI following them
+
+    def op_pair(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Start pairing (in the background: the CLI follows it with ``status``)."""
+        agent = self.agent
+        kind = req.get("kind", "libvirt")
+        pair = req.get("pair")
+        peer = req.get("peer")
+        if kind not in KINDS:
+            raise AgentError(f"unknown guest kind {kind!r} (known: {', '.join(KINDS)})")
+        if not isinstance(pair, str):
+            raise AgentError("no domain given")
+        check_name(pair)
+        if not isinstance(peer, str) or peer not in agent.peers:
+            raise AgentError(
+                f"unknown peer {peer!r}: this host's agent knows "
+                f"{', '.join(sorted(agent.peers)) or 'no peers'} (add it to [peers])"
+            )
+        with agent.lock:
+            if pair in agent.defs:
+                d = agent.defs[pair]
+                raise AgentError(
+                    f"{pair} is already paired ({d.role} here, peer {d.peer}, state {d.state}): "
+                    f"`mirror unpair {pair}` first"
+                )
+            d = PairDef(pair=pair, kind=kind, role="primary", peer=peer, state="pairing",
+                        domain=pair,
+                        connect=str(req.get("connect") or agent.cfg.agent.connect))
+            if kind == "synthetic":
+                d.guest = synthetic_guest(req)
+            agent.defs[pair] = d
+        threading.Thread(target=self._pair, args=(d,), name=f"pair-{pair}", daemon=True).start()
+        return {"started": True}
+
+    def _note(self, d: PairDef, text: str) -> None:
+        with self.agent.lock:
+            d.progress.append(f"{time.strftime('%H:%M:%S')} {text}")
+            self.agent.save(d)
+        log.info("pair %s: %s", d.pair, text)
+
+    def _pair(self, d: PairDef) -> None:
+        agent = self.agent
+        peer = agent.peers[d.peer]
+        marked = False
+        prepared = False
+        try:
+            xml = ""
+            agent.save(d)
+            if d.kind == "libvirt":
+                with Domains(d.connect) as lv:
+                    xml = lv.inactive_xml(d.domain)
+                    facts = lv.facts(d.domain)
+                    r = domaincheck.check(xml)
+                    if not r.ok:
+                        raise AgentError(domaincheck.explain(r))
+                    if not facts["persistent"]:
+                        raise AgentError(f"{d.domain} is a transient domain: define it first")
+                    d.autostart = bool(facts["autostart"])
+                    write_atomic(agent.pair_dir(d.pair) / "original.xml", xml.encode())
+            agent.save(d)
+            arb = make_arbiter(arbiter_config(d, agent.node, agent.cfg.arbiter), prepare=True)
+            d.generation = Claims(arb, agent.node).generation(at_least=1)
+            self._note(d, f"asking {d.peer} to prepare the standby")
+            answer = peerlink.ask(
+                peer, agent.public, agent.secret, "prepare",
+                {"pair": d.pair, "kind": d.kind, "xml": xml, "guest": d.guest,
+                 "generation": d.generation, "domain": d.domain, "autostart": d.autostart},
+                timeout=PREPARE_WAIT_S + 10,
+            )  # fmt: skip
+            prepared = True
+            d.data_port, d.heartbeat_port, d.disk_port = (
+                int(answer["data_port"]), int(answer["heartbeat_port"]), int(answer["disk_port"])
+            )
+            self._note(d, f"standby ready on {d.peer} ({peer.host}:{d.data_port})")
+            if d.kind == "libvirt":
+                with Domains(d.connect) as lv:
+                    lv.mark_paired(d.domain, d.peer)
+                    marked = True
+                self._note(d, f"{d.domain}: autostart off, marked as paired with {d.peer}")
+            with agent.lock:
+                d.state = "active"
+                agent.save(d)
+                agent.start_role(d)
+            self._note(d, "primary started: pre-copy, then checkpoints")
+        except (AgentError, PeerError, LibvirtError, ConfigError, ArbiterError, OSError,
+                KeyError, ValueError) as e:
+            why = str(e)
+            log.warning("pair %s: pairing failed: %s", d.pair, why)
+            with agent.lock:
+                agent.stop_role(d.pair)
+                if prepared:
+                    with contextlib.suppress(PeerError):
+                        peerlink.ask(peer, agent.public, agent.secret, "drop", {"pair": d.pair})
+                if marked:
+                    with contextlib.suppress(LibvirtError), Domains(d.connect) as lv:
+                        lv.restore(d.domain, xml, d.autostart)
+                d.state = f"failed: {why}"
+                d.progress.append(f"failed: {why}")
+                agent.defs.pop(d.pair, None)
+                shutil.rmtree(agent.pair_dir(d.pair), ignore_errors=True)
+                self.failed[d.pair] = d
+
+    def op_progress(self, req: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        pair = req.get("pair")
+        with agent.lock:
+            if isinstance(pair, str) and pair in self.failed and pair not in agent.defs:
+                d = self.failed[pair]
+                return {"pair": pair, "state": d.state, "progress": d.progress}
+            return agent.describe(agent.definition(req))
+
+    def op_unpair(self, req: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        with agent.lock:
+            d = agent.definition(req)
+            if d.role != "primary" and not req.get("force"):
+                raise AgentError(
+                    f"{d.pair} runs on {d.peer} (this host holds its standby): run `mirror "
+                    f"unpair {d.pair}` on {d.peer}"
+                )
+            done = []
+            if d.role == "primary":  # it ends cleanly (BYE) and lets the guest run on
+                with contextlib.suppress(control.ControlError):
+                    control.ask(agent.pair_dir(d.pair) / "role", "detach", timeout=5)
+                agent.stop_role(d.pair, term_after=10.0)
+                done.append("stopped its primary here (the guest runs on, unmirrored)")
+            else:
+                agent.stop_role(d.pair)
+                done.append(f"stopped its {d.role} here")
+            try:
+                peerlink.ask(agent.peers[d.peer], agent.public, agent.secret, "drop",
+                             {"pair": d.pair}, timeout=30)
+                done.append(f"standby dropped on {d.peer}")
+            except PeerError as e:
+                done.append(f"NOT dropped on {d.peer}: {e}; run `mirror unpair {d.pair} "
+                            f"--force` there")
+            original = agent.pair_dir(d.pair) / "original.xml"
+            if d.kind == "libvirt" and original.exists():
+                with Domains(d.connect) as lv:
+                    lv.restore(d.domain, original.read_text(), d.autostart)
+                done.append(f"{d.domain}'s definition restored (autostart "
+                            f"{'on' if d.autostart else 'off'})")
+            elif d.kind == "libvirt":
+                done.append(f"{d.domain}'s definition here is the one its promotion made: "
+                            f"left as it is")
+            agent.forget(d.pair)
+            return {"done": done}
+
+    def abandon(self, d: PairDef) -> None:
+        """Undo an interrupted pairing: the peer's standby (if it was asked for one), the
+        domain's definition (if it was marked), the pair's directory."""
+        agent = self.agent
+        original = agent.pair_dir(d.pair) / "original.xml"
+        if d.kind == "libvirt" and original.exists():
+            try:
+                with Domains(d.connect) as lv:
+                    lv.restore(d.domain, original.read_text(), d.autostart)
+            except LibvirtError as e:
+                log.warning("pair %s: %s", d.pair, e)
+        peer = agent.peers.get(d.peer)
+        if peer is not None:
+            threading.Thread(target=self._drop_quietly, args=(peer, d.pair), daemon=True,
+                             name=f"drop-{d.pair}").start()
+        agent.forget(d.pair)
+
+    def _drop_quietly(self, peer: PeerAddress, pair: str) -> None:
+        try:
+            peerlink.ask(peer, self.agent.public, self.agent.secret, "drop", {"pair": pair},
+                         timeout=30)
+        except PeerError as e:
+            log.info("pair %s: %s", pair, e)
+
+    # -- requests from peers (the interconnect) --------------------------------------------
+
+    def peer_request(self, peer: str, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        try:
+            if op == "ping":
+                return {"node": self.agent.node}
+            if op == "prepare":
+                return self.prepare(peer, req)
+            if op == "drop":
+                return self.drop(peer, req)
+        except (AgentError, ConfigError, OSError) as e:
+            raise PeerError(str(e)) from None
+        raise PeerError(f"unknown op {op!r}")
+
+    def prepare(self, peer: str, req: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        pair = check_name(str(req.get("pair")))
+        kind = req.get("kind")
+        if kind not in KINDS:
+            raise AgentError(f"unknown guest kind {kind!r}")
+        with agent.lock:
+            old = agent.defs.get(pair)
+            if old is not None:
+                raise AgentError(
+                    f"{agent.node} already has pair {pair} ({old.role} here, peer {old.peer})"
+                )
+            gen = req.get("generation")
+            d = PairDef(pair=pair, kind=str(kind), role="secondary", peer=peer,
+                        generation=gen if isinstance(gen, int) and gen > 0 else 1,
+                        domain=str(req.get("domain") or pair), connect=agent.cfg.agent.connect,
+                        autostart=req.get("autostart") is True)
+            if kind == "synthetic":
+                d.guest = synthetic_guest(req.get("guest") or {})
+            else:
+                xml = req.get("xml")
+                if not isinstance(xml, str):
+                    raise AgentError("no domain XML for the standby")
+                r = domaincheck.check(xml)  # a peer's XML is untrusted input too
+                if r.name != d.domain or not r.ok:
+                    raise AgentError(f"the standby's XML is not mirrorable: "
+                                     f"{domaincheck.explain(r)}")
+                refused = domaincheck.standby_refusals(xml, agent.domain_dirs())
+                if refused:
+                    raise AgentError(f"{agent.node} does not run the standby XML {peer} sent: "
+                                     f"{'; '.join(refused)}")
+            d.data_port, d.heartbeat_port, d.disk_port = self._ports()
+            agent.defs[pair] = d
+            try:
+                agent.save(d)
+                if kind == "libvirt":
+                    write_atomic(agent.pair_dir(pair) / "standby.xml", str(req["xml"]).encode())
+                agent.start_role(d)
+            except BaseException:
+                agent.stop_role(pair)
+                agent.forget(pair)
+                raise
+        deadline = time.monotonic() + PREPARE_WAIT_S
+        while time.monotonic() < deadline:
+            st = agent.role_status(d)
+            if st.get("role") == "secondary" and st.get("pid") == agent.running[pair].pid:
+                return {"data_port": d.data_port, "heartbeat_port": d.heartbeat_port,
+                        "disk_port": d.disk_port}
+            if not agent.running[pair].alive():
+                break
+            time.sleep(0.05)
+        with agent.lock:
+            tail = log_tail(agent.pair_dir(pair) / "role.log")
+            agent.stop_role(pair)
+            agent.forget(pair)
+        raise AgentError(f"the standby of {pair} did not start on {agent.node}: {tail}")
+
+    def drop(self, peer: str, req: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        with agent.lock:
+            d = agent.definition(req)
+            if d.peer != peer:
+                raise AgentError(f"pair {d.pair} is not paired with {peer} here")
+            agent.stop_role(d.pair)
+            agent.forget(d.pair)
+        return {"dropped": True}
+
+    def _ports(self) -> tuple[int, int, int]:
+        used = {p for d in self.agent.defs.values()
+                for p in (d.data_port, d.heartbeat_port, d.disk_port)}
+        a = self.agent.cfg.agent
+        got = []
+        for port in range(a.pair_ports_from, a.pair_ports_to + 1):
+            if port not in used and port_free(a.address, port):
+                got.append(port)
+                if len(got) == 3:
+                    return got[0], got[1], got[2]
+        raise AgentError(
+            f"no 3 free ports left in {a.pair_ports_from}..{a.pair_ports_to} on {a.address} "
+            f"for another pair: widen [agent] pair_ports_from..pair_ports_to"
+        )
+
+
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(lines[-n:]) or "(empty log)"
