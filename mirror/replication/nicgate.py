@@ -1,0 +1,504 @@
+"""Output commit on a tap that libvirt made: every frame the guest sends is held by mirror.
+
+The guest's NIC stays as its domain defines it (``<interface type='bridge'>`` or
+``type='network'``, any model, vhost-net or not): its tap ``vnetN`` stays on its
+bridge and the XML does not change.  :class:`NicGate` puts a gate on the host side
+of that tap (docs/ARCHITECTURE.md, "Output commit on a libvirt tap"):
+
+    guest ─► vnetN ingress ─► tc: hold program ──redirect──► mgateI (mirror's own tap)
+                                                                 │ read by mirror: on_output
+                                                                 ▼ (held per epoch)
+    bridge ◄── vnetN ingress ◄── mirred ingress redirect ◄── mgateI ingress ◄── release()
+    bridge ──────────────────────────────────────────────────► vnetN ──► guest (untouched)
+
+- ``mgateI`` (``I`` = the tap's ifindex) is a tap device mirror creates and owns
+  (IFF_VNET_HDR, offloads on, no qdisc): the kernel hands each frame over whole, with
+  its virtio-net header (GSO, partial checksum), so a frame is released exactly as the
+  guest sent it.  It is not on any bridge.
+- On ``vnetN``'s ingress (a ``clsact`` qdisc), one eBPF program: a frame marked as
+  released (``RELEASE_MARK``) has its mark cleared and goes on into the bridge; any
+  other frame is redirected to ``mgateI`` (a synchronous transmit: when the guest's
+  write returns, the frame is in mirror's queue, so :meth:`NicGate.drain` after a
+  pause takes the whole epoch).
+- :meth:`NicGate.release` writes a frame into ``mgateI``; on its ingress a second
+  program marks it, and ``mirred ingress redirect`` hands it to ``vnetN``'s ingress in
+  the same call, so the bridge sees it arrive from the guest's port: it learns the
+  guest's MAC there, floods it to every port but the guest's, and libvirt's nwfilter
+  rules for ``vnetN`` still apply.  Frames reach the bridge in release order.
+- Frames towards the guest never meet a filter.
+
+Fail closed: ``mgateI`` lives only as long as mirror's file descriptor; if mirror dies
+the device goes, and the hold program's redirect to a missing device drops every frame
+of the guest (nothing leaves unacknowledged).  :func:`stale_gates` finds those (a hold
+filter on a tap whose ``mgateI`` is gone) and :func:`remove_stale` removes them.
+
+Needs root (CAP_NET_ADMIN, CAP_BPF/CAP_SYS_ADMIN), ``tc`` (iproute2), and a kernel
+with clsact, cls_bpf, act_mirred and tun (no gact or skbedit needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import select
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.guests.base import GuestOutput, OutputHandler
+
+# Released frames carry this skb mark from mirror's tap to the guest's tap's ingress,
+# where it is cleared: it never reaches the bridge or the host's stack.
+RELEASE_MARK = 0x6E676174  # "ngat"
+GATE_PREFIX = "mgate"
+HOLD_PREF = 0xC1A0  # the hold filter's priority on the tap's ingress (ours: clsact is ours)
+HOLD_HANDLE = 0x6E67
+HOLD_NAME = "mirror_hold"
+REL_NAME = "mirror_release"
+VNET_HDR_LEN = 10  # struct virtio_net_hdr (tun's default vnet_hdr_sz)
+READ_SIZE = 1 << 18  # a GSO frame is at most 64 KiB here; more shows as truncated
+GATE_TXQUEUELEN = 20000  # frames mirror's tap queues before it must drop (counted)
+
+_TUNSETIFF = 0x400454CA
+_TUNSETOFFLOAD = 0x400454D0
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+_TUN_F = {"csum": 0x01, "tso4": 0x02, "tso6": 0x04, "tso_ecn": 0x08, "ufo": 0x10,
+          "uso4": 0x20, "uso6": 0x40}  # fmt: skip
+
+
+class NicGateError(RuntimeError):
+    """The gate cannot be installed, or was found in a state it cannot handle."""
+
+
+# ---- eBPF: two tiny programs, assembled here (no compiler, no ELF) ------------------
+
+_SYS_BPF = 321  # x86_64
+_BPF_PROG_LOAD, _BPF_OBJ_PIN = 5, 6
+_PROG_SCHED_CLS = 3
+_SKB_MARK = 8  # offsetof(struct __sk_buff, mark)
+_FN_REDIRECT = 23  # bpf_redirect(ifindex, flags)
+BPF_FS = Path("/sys/fs/bpf")
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def _mov_imm(dst: int, imm: int) -> bytes:
+    return _insn(0xB7, dst, imm=imm)  # BPF_ALU64 | BPF_MOV | BPF_K
+
+
+def _hold_program(gate_ifindex: int) -> bytes:
+    """vnetN ingress, direct action: a released frame (its mark) goes on, mark cleared;
+    every other frame goes to mirror's tap (TC_ACT_REDIRECT, or dropped if it is gone)."""
+    return b"".join([
+        _insn(0x61, 2, 1, _SKB_MARK),          # r2 = skb->mark
+        _insn(0x55, 2, 0, 4, RELEASE_MARK),    # if r2 != MARK goto +4
+        _mov_imm(3, 0),
+        _insn(0x63, 1, 3, _SKB_MARK),          # skb->mark = 0
+        _mov_imm(0, 0),                        # TC_ACT_OK: on into the bridge
+        _insn(0x95),                           # exit
+        _mov_imm(1, gate_ifindex),
+        _mov_imm(2, 0),                        # egress of mirror's tap
+        _insn(0x85, imm=_FN_REDIRECT),         # r0 = bpf_redirect(gate, 0)
+        _insn(0x95),
+    ])  # fmt: skip
+
+
+def _release_program() -> bytes:
+    """mgateI ingress, classifier mode: mark the frame, match (the mirred action runs)."""
+    return b"".join([
+        _mov_imm(2, RELEASE_MARK),
+        _insn(0x63, 1, 2, _SKB_MARK),          # skb->mark = MARK
+        _mov_imm(0, -1),                       # match, default class
+        _insn(0x95),
+    ])  # fmt: skip
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    r = libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int(r)
+
+
+def _load_program(name: str, insns: bytes) -> int:
+    """BPF_PROG_LOAD a SCHED_CLS program; its fd.  The verifier's log goes in the error."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into(
+        "<IIQQIIQII16s", attr, 0, _PROG_SCHED_CLS, len(insns) // 8,
+        ctypes.addressof(code), ctypes.addressof(lic), 1, len(log), ctypes.addressof(log),
+        0, 0, name.encode()[:15],
+    )  # fmt: skip
+    try:
+        return _bpf(_BPF_PROG_LOAD, attr)
+    except OSError as e:
+        detail = log.value.decode(errors="replace").strip().splitlines()[-3:]
+        raise NicGateError(
+            f"the kernel refused mirror's tc program {name}: {e.strerror}"
+            + (f" ({' / '.join(detail)})" if detail else "")
+            + " (needs root and a kernel with eBPF and cls_bpf)"
+        ) from e
+
+
+def _pin(fd: int, path: Path) -> None:
+    p = ctypes.create_string_buffer(str(path).encode())
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<QI", attr, 0, ctypes.addressof(p), fd)
+    _bpf(_BPF_OBJ_PIN, attr)
+
+
+def _ensure_bpffs() -> None:
+    """tc attaches a program by its pinned path: /sys/fs/bpf must be a bpf filesystem
+    (systemd mounts it; a bare container may not have it)."""
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1:3] == [str(BPF_FS), "bpf"] for line in f):
+            return
+    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPF_FS)], capture_output=True, text=True)
+    if r.returncode:
+        raise NicGateError(f"cannot mount the bpf filesystem on {BPF_FS}: {r.stderr.strip()}")
+
+
+# ---- tc and ip ------------------------------------------------------------------------
+
+
+def _run(*cmd: str) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        raise NicGateError(f"`{cmd[0]}` not found (Debian package iproute2)") from None
+    if r.returncode:
+        raise NicGateError(f"{' '.join(cmd)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def _ifindex(name: str) -> int:
+    """0 when there is no such device.  (Not from /sys/class/net, which shows the
+    namespace sysfs was mounted in, not the caller's.)"""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
+def _links() -> list[dict[str, object]]:
+    return list(json.loads(_run("ip", "-j", "-s", "link", "show") or "[]"))
+
+
+def _link(name: str) -> dict[str, object]:
+    for link in _links():
+        if link.get("ifname") == name:
+            return link
+    return {}
+
+
+def _master(name: str) -> str:
+    return str(_link(name).get("master", ""))
+
+
+def _ingress_qdisc(dev: str) -> str:
+    """'' (none), 'clsact' or 'ingress' (e.g. libvirt's <bandwidth><outbound> police)."""
+    for q in json.loads(_run("tc", "-j", "qdisc", "show", "dev", dev) or "[]"):
+        if q.get("handle") == "ffff:" and q.get("kind") in ("clsact", "ingress"):
+            return str(q["kind"])
+    return ""
+
+
+def _hold_filter(dev: str) -> dict[str, object] | None:
+    """Our hold filter on ``dev``'s ingress, as ``tc -j`` shows it, or None."""
+    try:
+        out = _run("tc", "-j", "filter", "show", "dev", dev, "ingress")
+    except NicGateError:
+        return None  # no clsact (or the device went)
+    for f in json.loads(out or "[]"):
+        if f.get("pref") == HOLD_PREF and f.get("kind") == "bpf" and "options" in f:
+            return dict(f)
+    return None
+
+
+def gate_name(tap_ifindex: int) -> str:
+    return f"{GATE_PREFIX}{tap_ifindex}"
+
+
+# ---- the gate -------------------------------------------------------------------------
+
+
+@dataclass
+class GateStats:
+    held: int = 0  # frames read from the guest
+    released: int = 0
+    release_errors: int = 0  # writes the kernel refused (counted, never silent)
+    truncated: int = 0  # frames longer than READ_SIZE (cannot happen below 256 KiB GSO)
+
+
+class NicGate:
+    """The gate on one libvirt tap.  ``install()`` starts holding; frames go to
+    ``on_output`` as :class:`GuestOutput` (payload: the 10-byte virtio-net header, then
+    the Ethernet frame), and :meth:`release` sends held ones on, in order.  ``remove()``
+    puts the tap back exactly as it was."""
+
+    def __init__(self, tap: str, bridge: str, mac: str, on_output: OutputHandler | None = None):
+        self.tap, self.bridge, self.mac = tap, bridge, mac.lower()
+        self.on_output: OutputHandler = on_output or (lambda out: None)
+        self.stats = GateStats()
+        self.gate = ""
+        self._fd = -1
+        self._made_clsact = False
+        self._seq = 0
+        self._rx_lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        self._halt = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._buf = bytearray(READ_SIZE)
+
+    # -- install / remove --
+
+    def install(self) -> NicGate:
+        tap = self.tap
+        index = _ifindex(tap)
+        if not index:
+            raise NicGateError(f"no network device {tap!r} on this host: is the guest running?")
+        if self.bridge and _master(tap) != self.bridge:
+            raise NicGateError(
+                f"tap {tap} is not on bridge {self.bridge!r} (its master is "
+                f"{_master(tap) or 'none'}): mirror holds the frames of a tap on its bridge"
+            )
+        gate = gate_name(index)
+        adopt = _hold_filter(tap) is not None
+        if adopt and _ifindex(gate):
+            raise NicGateError(
+                f"tap {tap} is already under mirror's output commit (by the run that owns "
+                f"{gate}): remove that gate first"
+            )
+        # a dead run's gate (its tap is gone): taken over in one step, with no moment
+        # in which the guest's frames pass unheld
+        kind = "" if adopt else _ingress_qdisc(tap)
+        if kind:
+            raise NicGateError(
+                f"tap {tap} already has an {kind} qdisc (libvirt <bandwidth><outbound>, or "
+                f"another tool): mirror needs the tap's ingress hook for output commit; "
+                f"remove the outbound limit from the domain"
+            )
+        _ensure_bpffs()
+        self._open_gate(gate)
+        try:
+            self._attach(index, adopt=adopt)
+        except BaseException:
+            self._teardown()
+            raise
+        self._halt.clear()
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name=f"nicgate-{tap}")
+        self._reader.start()
+        return self
+
+    def _open_gate(self, gate: str) -> None:
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise NicGateError(f"cannot open /dev/net/tun for {gate}: {e.strerror}") from e
+        try:
+            flags = _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", gate.encode(), flags))
+            offloads = sum(_TUN_F.values())
+            try:
+                fcntl.ioctl(fd, _TUNSETOFFLOAD, offloads)
+            except OSError:  # an older kernel: no USO; the rest still passes GSO through
+                fcntl.ioctl(fd, _TUNSETOFFLOAD, offloads & ~(_TUN_F["uso4"] | _TUN_F["uso6"]))
+        except OSError as e:
+            os.close(fd)
+            raise NicGateError(
+                f"cannot create mirror's tap {gate}: {e.strerror} (needs CAP_NET_ADMIN; "
+                f"an existing {gate} belongs to another run)"
+            ) from e
+        self._fd, self.gate = fd, gate
+        try:
+            # no address, no IPv6 (not even MLD reports): the kernel sends nothing of
+            # its own out of mirror's tap, so everything read there is the guest's
+            sysctl = f"/proc/sys/net/ipv6/conf/{gate}/disable_ipv6"
+            if os.path.exists(sysctl):  # (absent when IPv6 is off on the host)
+                Path(sysctl).write_text("1")
+            _run("ip", "link", "set", "dev", gate, "txqueuelen", str(GATE_TXQUEUELEN), "up")
+            _run("tc", "qdisc", "replace", "dev", gate, "root", "noqueue")
+        except NicGateError:
+            self._teardown()
+            raise
+
+    def _attach(self, tap_index: int, *, adopt: bool) -> None:
+        gate_index = _ifindex(self.gate)
+        hold = _load_program(HOLD_NAME, _hold_program(gate_index))
+        rel = _load_program(REL_NAME, _release_program())
+        pins = [BPF_FS / f"mirror-{n}-{os.getpid()}-{tap_index}" for n in ("hold", "rel")]
+        try:
+            for fd, pin in zip((hold, rel), pins, strict=True):
+                pin.unlink(missing_ok=True)
+                _pin(fd, pin)
+            _run("tc", "qdisc", "add", "dev", self.gate, "clsact")
+            _run("tc", "filter", "add", "dev", self.gate, "ingress", "pref", "1",
+                 "protocol", "all", "bpf", "object-pinned", str(pins[1]),
+                 "action", "mirred", "ingress", "redirect", "dev", self.tap)  # fmt: skip
+            # last: from here on, the guest's frames are held
+            if not adopt:
+                _run("tc", "qdisc", "add", "dev", self.tap, "clsact")
+            self._made_clsact = True
+            verb = "replace" if adopt else "add"
+            _run("tc", "filter", verb, "dev", self.tap, "ingress", "pref", str(HOLD_PREF),
+                 "handle", hex(HOLD_HANDLE), "protocol", "all", "bpf", "direct-action",
+                 "object-pinned", str(pins[0]))  # fmt: skip
+        except OSError as e:
+            raise NicGateError(f"cannot pin mirror's tc programs in {BPF_FS}: {e.strerror}") from e
+        finally:
+            os.close(hold)
+            os.close(rel)
+            for pin in pins:
+                pin.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """The tap as it was before install (its clsact removed: it had none), mirror's
+        tap deleted.  From here on the guest's frames go straight to the bridge.
+
+        The frames the guest sent before that are handed to ``on_output`` first, and
+        :meth:`release` still works while that runs: call it with the output buffer
+        unprotected (everything held released), so those last frames go out too."""
+        try:
+            self._unhook()
+            self.drain()
+        finally:
+            self._halt.set()
+            if self._reader is not None:
+                self._reader.join(2)
+                self._reader = None
+            self._teardown()
+
+    def _unhook(self) -> None:
+        if self._made_clsact and _ifindex(self.tap):
+            # deleting the qdisc deletes our filter with it, in one step
+            _run("tc", "qdisc", "del", "dev", self.tap, "clsact")
+        self._made_clsact = False
+
+    def _teardown(self) -> None:
+        try:
+            self._unhook()
+        finally:
+            if self._fd >= 0:
+                with self._rx_lock, self._tx_lock:
+                    os.close(self._fd)  # the non-persistent tap goes with its last fd
+                    self._fd = -1
+
+    # -- frames --
+
+    def _take(self) -> None:
+        """Read every frame queued on mirror's tap and hand each over (lock held)."""
+        while True:
+            try:
+                n = os.readv(self._fd, [self._buf])
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EBADF, errno.EIO):
+                    self._halt.set()
+                return
+            if n <= VNET_HDR_LEN:
+                continue
+            if n >= READ_SIZE:
+                self.stats.truncated += 1
+                continue
+            self._seq += 1
+            self.stats.held += 1
+            self.on_output(GuestOutput(self._seq, bytes(self._buf[:n]), time.monotonic()))
+
+    def _read_loop(self) -> None:
+        os.set_blocking(self._fd, False)
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        while not self._halt.is_set():
+            if poller.poll(100):
+                with self._rx_lock:
+                    if self._fd >= 0:
+                        self._take()
+
+    def drain(self) -> None:
+        """Hand over every frame the guest has sent so far (call it with the guest
+        paused: its sends are synchronous up to mirror's queue, so nothing is in flight)."""
+        with self._rx_lock:
+            if self._fd >= 0:
+                self._take()
+
+    def release(self, outputs: list[GuestOutput]) -> None:
+        """Send held frames on into the bridge, as if the guest had just sent them."""
+        with self._tx_lock:
+            for out in outputs:
+                if self._fd < 0:  # removed: nowhere to send it (counted, not silent)
+                    self.stats.release_errors += 1
+                    continue
+                try:
+                    os.write(self._fd, out.payload)
+                    self.stats.released += 1
+                except OSError:
+                    self.stats.release_errors += 1
+
+    @property
+    def dropped(self) -> int:
+        """Frames the kernel dropped because mirror's queue was full (tx_dropped of
+        mirror's tap): a non-zero value means mirror read too slowly."""
+        stats = _link(self.gate).get("stats64", {})
+        tx = stats.get("tx", {}) if isinstance(stats, dict) else {}
+        return int(tx.get("dropped", 0)) if isinstance(tx, dict) else 0
+
+    def __enter__(self) -> NicGate:
+        return self.install() if self._fd < 0 else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+# ---- a dead run's gates ---------------------------------------------------------------
+
+
+def stale_gates(taps: Iterable[str] | None = None) -> list[str]:
+    """Taps whose frames a dead run of mirror still holds: a hold filter of ours on
+    the tap's ingress, and mirror's tap for it gone (it lives only as long as the run).
+    ``taps``: look only at these (a pair's own taps); None: every device."""
+    with_clsact = {
+        str(q.get("dev"))
+        for q in json.loads(_run("tc", "-j", "qdisc", "show") or "[]")
+        if q.get("kind") == "clsact"
+    }
+    wanted = with_clsact if taps is None else with_clsact & set(taps)
+    stale = []
+    for dev in sorted(wanted):
+        index = _ifindex(dev)
+        if dev.startswith(GATE_PREFIX) or not index or _ifindex(gate_name(index)):
+            continue
+        if _hold_filter(dev) is not None:
+            stale.append(dev)
+    return stale
+
+
+def remove_stale(taps: Iterable[str] | None = None) -> list[str]:
+    """Remove the gates of dead runs: their taps forward straight to the bridge again;
+    returns the taps.  For ``unpair`` and for a guest that will not be protected again;
+    a new run that protects the same guest installs over a stale gate instead
+    (:meth:`NicGate.install` takes it over with no unheld moment)."""
+    done = []
+    for dev in stale_gates(taps):
+        with contextlib.suppress(NicGateError):  # gone meanwhile
+            _run("tc", "qdisc", "del", "dev", dev, "clsact")
+            done.append(dev)
+    return done
