@@ -261,6 +261,7 @@ class NicGate:
         self.gate = ""
         self._fd = -1
         self._made_clsact = False
+        self._dropped = 0
         self._seq = 0
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
@@ -397,6 +398,8 @@ class NicGate:
             self._unhook()
         finally:
             if self._fd >= 0:
+                with contextlib.suppress(NicGateError):
+                    self._dropped = self.dropped
                 with self._rx_lock, self._tx_lock:
                     os.close(self._fd)  # the non-persistent tap goes with its last fd
                     self._fd = -1
@@ -457,6 +460,8 @@ class NicGate:
     def dropped(self) -> int:
         """Frames the kernel dropped because mirror's queue was full (tx_dropped of
         mirror's tap): a non-zero value means mirror read too slowly."""
+        if self._fd < 0:
+            return self._dropped  # as counted when the gate was removed
         stats = _link(self.gate).get("stats64", {})
         tx = stats.get("tx", {}) if isinstance(stats, dict) else {}
         return int(tx.get("dropped", 0)) if isinstance(tx, dict) else 0

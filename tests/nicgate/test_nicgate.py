@@ -310,12 +310,14 @@ def test_dead_run_fails_closed_and_is_cleaned(lab: GateLab) -> None:
     other = gate_on(lab, "vnet", Held())  # a live gate of another run: never touched
     try:
         for _ in range(2):
+            cmd = ["ip", "netns", "exec", lab.ns["H"], sys.executable, "-c", _DEAD_RUN]
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", lab.ns["H"], sys.executable, "-c", _DEAD_RUN, "vtap",
-                 VTAP_MAC],  # fmt: skip
-                stdout=subprocess.PIPE, text=True, start_new_session=True,
+                [*cmd, "vtap", VTAP_MAC],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
                 cwd=Path(__file__).resolve().parents[2],
-            )  # fmt: skip
+            )
             try:
                 assert proc.stdout is not None and proc.stdout.readline() == "installed\n"
             finally:
