@@ -6,7 +6,7 @@
     a guest driven by a socket: the tap ``vtap`` (its fd held here) on br0 too
 
 ``vnet`` stands for the tap libvirt makes for a guest: a guest with a real IP stack
-behind it.  ``vtap`` is a real tap, as QEMU holds one: frames written to its fd are
+behind it (``veth_guest=False``: none, for a guest of libvirt's own on br0).  ``vtap`` is a real tap, as QEMU holds one: frames written to its fd are
 what the guest sends.  :meth:`GateLab.inside` runs code in a namespace (the calling
 thread only; sockets, taps and threads made there stay there).  Needs root.
 """
@@ -56,7 +56,7 @@ def netns(name: str) -> Iterator[None]:
 
 
 class GateLab:
-    def __init__(self, *, vtap: bool = False) -> None:
+    def __init__(self, *, vtap: bool = False, veth_guest: bool = True) -> None:
         check_capable()
         tag = f"{os.getpid() % 100000}x{next(_labs)}"
         self.ns = {k: f"ng{k.lower()}{tag}" for k in ("H", "G", "C")}
@@ -70,7 +70,8 @@ class GateLab:
             h = self.ns["H"]
             _ip("-n", h, "link", "add", "br0", "type", "bridge")
             _ip("-n", h, "link", "set", "br0", "up")
-            for side, port, mac in (("G", "vnet", GUEST_MAC), ("C", "pc", CLIENT_MAC)):
+            sides = [("G", "vnet", GUEST_MAC)] if veth_guest else []
+            for side, port, mac in [*sides, ("C", "pc", CLIENT_MAC)]:
                 _ip("link", "add", port, "netns", h, "type", "veth", "peer", "name", "eth0",
                     "netns", self.ns[side])  # fmt: skip
                 _ip("-n", h, "link", "set", port, "master", "br0", "up")
