@@ -6,9 +6,10 @@
     a guest driven by a socket: the tap ``vtap`` (its fd held here) on br0 too
 
 ``vnet`` stands for the tap libvirt makes for a guest: a guest with a real IP stack
-behind it (``veth_guest=False``: none, for a guest of libvirt's own on br0).  ``vtap`` is a real tap, as QEMU holds one: frames written to its fd are
-what the guest sends.  :meth:`GateLab.inside` runs code in a namespace (the calling
-thread only; sockets, taps and threads made there stay there).  Needs root.
+behind it (``veth_guest=False``: none, for a guest of libvirt's own on br0).  ``vtap``
+is a real tap, as QEMU holds one: frames written to its fd are what the guest sends.
+:meth:`GateLab.inside` runs code in a namespace (the calling thread only; sockets, taps
+and threads made there stay there).  Needs root.
 """
 
 from __future__ import annotations

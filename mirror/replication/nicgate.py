@@ -48,9 +48,10 @@ import select
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,15 +166,23 @@ def _pin(fd: int, path: Path) -> None:
     _bpf(_BPF_OBJ_PIN, attr)
 
 
-def _ensure_bpffs() -> None:
-    """tc attaches a program by its pinned path: /sys/fs/bpf must be a bpf filesystem
-    (systemd mounts it; a bare container may not have it)."""
+@contextlib.contextmanager
+def _pin_dir() -> Iterator[Path]:
+    """A bpf filesystem to pin programs in for as long as tc needs them: /sys/fs/bpf
+    where it is one (systemd mounts it), else a private mount, unmounted after."""
     with open("/proc/self/mounts") as f:
         if any(line.split()[1:3] == [str(BPF_FS), "bpf"] for line in f):
+            yield BPF_FS
             return
-    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPF_FS)], capture_output=True, text=True)
-    if r.returncode:
-        raise NicGateError(f"cannot mount the bpf filesystem on {BPF_FS}: {r.stderr.strip()}")
+    d = Path(tempfile.mkdtemp(prefix="mirror-bpf-"))
+    try:
+        _run("mount", "-t", "bpf", "bpf", str(d))
+        try:
+            yield d
+        finally:
+            _run("umount", str(d))
+    finally:
+        d.rmdir()
 
 
 # ---- tc and ip ------------------------------------------------------------------------
@@ -261,6 +270,7 @@ class NicGate:
         self.gate = ""
         self._fd = -1
         self._made_clsact = False
+        self._tap_index = 0
         self._dropped = 0
         self._seq = 0
         self._rx_lock = threading.Lock()
@@ -282,6 +292,7 @@ class NicGate:
                 f"{_master(tap) or 'none'}): mirror holds the frames of a tap on its bridge"
             )
         gate = gate_name(index)
+        self._tap_index = index
         adopt = _hold_filter(tap) is not None
         if adopt and _ifindex(gate):
             raise NicGateError(
@@ -297,7 +308,6 @@ class NicGate:
                 f"another tool): mirror needs the tap's ingress hook for output commit; "
                 f"remove the outbound limit from the domain"
             )
-        _ensure_bpffs()
         self._open_gate(gate)
         try:
             self._attach(index, adopt=adopt)
@@ -345,7 +355,15 @@ class NicGate:
         gate_index = _ifindex(self.gate)
         hold = _load_program(HOLD_NAME, _hold_program(gate_index))
         rel = _load_program(REL_NAME, _release_program())
-        pins = [BPF_FS / f"mirror-{n}-{os.getpid()}-{tap_index}" for n in ("hold", "rel")]
+        try:
+            with _pin_dir() as where:
+                self._attach_pinned(tap_index, adopt, hold, rel, where)
+        finally:
+            os.close(hold)
+            os.close(rel)
+
+    def _attach_pinned(self, tap_index: int, adopt: bool, hold: int, rel: int, where: Path) -> None:
+        pins = [where / f"mirror-{n}-{os.getpid()}-{tap_index}" for n in ("hold", "rel")]
         try:
             for fd, pin in zip((hold, rel), pins, strict=True):
                 pin.unlink(missing_ok=True)
@@ -363,10 +381,8 @@ class NicGate:
                  "handle", hex(HOLD_HANDLE), "protocol", "all", "bpf", "direct-action",
                  "object-pinned", str(pins[0]))  # fmt: skip
         except OSError as e:
-            raise NicGateError(f"cannot pin mirror's tc programs in {BPF_FS}: {e.strerror}") from e
+            raise NicGateError(f"cannot pin mirror's tc programs in {where}: {e.strerror}") from e
         finally:
-            os.close(hold)
-            os.close(rel)
             for pin in pins:
                 pin.unlink(missing_ok=True)
 
@@ -388,7 +404,9 @@ class NicGate:
             self._teardown()
 
     def _unhook(self) -> None:
-        if self._made_clsact and _ifindex(self.tap):
+        # (a tap of the same name but another ifindex is a new one: ours went with
+        # its guest, and our filters with it)
+        if self._made_clsact and _ifindex(self.tap) == self._tap_index:
             # deleting the qdisc deletes our filter with it, in one step
             _run("tc", "qdisc", "del", "dev", self.tap, "clsact")
         self._made_clsact = False
