@@ -351,3 +351,17 @@ def test_dead_run_fails_closed_and_is_cleaned(lab: GateLab) -> None:
             assert stale_gates() == []
     finally:
         remove(lab, other)
+
+
+def test_the_guest_s_tap_gone_under_the_gate(lab: GateLab) -> None:
+    """The guest is destroyed (its tap goes, our filter with it): remove() still cleans
+    up mirror's own tap, and leaves a new tap of the same name alone."""
+    gate = gate_on(lab, "vtap", Held(), VTAP_MAC)
+    os.close(lab.vtap_fd)
+    lab.vtap_fd = -1
+    lab.vtap_fd = lab._make_vtap()
+    fresh = tc_state(lab, "vtap")
+    remove(lab, gate)
+    assert tc_state(lab, "vtap") == fresh
+    links = json.loads(lab.run("H", "ip", "-j", "link", "show"))
+    assert not [x["ifname"] for x in links if x["ifname"].startswith("mgate")]
