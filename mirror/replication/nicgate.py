@@ -21,10 +21,12 @@ of that tap (docs/ARCHITECTURE.md, "Output commit on a libvirt tap"):
   write returns, the frame is in mirror's queue, so :meth:`NicGate.drain` after a
   pause takes the whole epoch).
 - :meth:`NicGate.release` writes a frame into ``mgateI``; on its ingress a second
-  program marks it, and ``mirred ingress redirect`` hands it to ``vnetN``'s ingress in
-  the same call, so the bridge sees it arrive from the guest's port: it learns the
-  guest's MAC there, floods it to every port but the guest's, and libvirt's nwfilter
-  rules for ``vnetN`` still apply.  Frames reach the bridge in release order.
+  program marks it, and ``mirred ingress redirect`` hands it to ``vnetN``'s ingress
+  (through the writing CPU's backlog, run when the write leaves its softirq-off
+  section, so before it returns), and the bridge sees it arrive from the guest's
+  port: it learns the guest's MAC there, floods it to every port but the guest's, and
+  libvirt's nwfilter rules for ``vnetN`` still apply.  Frames reach the bridge in
+  release order (see docs/ARCHITECTURE.md for the one exception).
 - Frames towards the guest never meet a filter.
 
 Fail closed: ``mgateI`` lives only as long as mirror's file descriptor; if mirror dies
