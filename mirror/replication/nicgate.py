@@ -493,6 +493,75 @@ class NicGate:
         self.remove()
 
 
+# ---- every NIC of a domain ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Nic:
+    tap: str  # libvirt's tap (``<target dev=...>`` of the live XML)
+    bridge: str  # its bridge (``<source bridge=...>``, or the network's bridge)
+    mac: str
+
+
+class GateSet:
+    """Gates on every NIC of a domain, one output stream: each output's payload is a
+    2-byte big-endian NIC index (the position in ``nics``), then the gate's payload
+    (virtio-net header, frame); numbered in the order the frames were read.  The same
+    order of NICs on both hosts routes a released frame to the same NIC."""
+
+    def __init__(self, nics: list[Nic], on_output: OutputHandler | None = None) -> None:
+        self.nics = list(nics)
+        self.on_output: OutputHandler = on_output or (lambda out: None)
+        self.gates: list[NicGate] = []
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def _tagged(self, index: int) -> OutputHandler:
+        tag = index.to_bytes(2, "big")
+
+        def add(out: GuestOutput) -> None:
+            with self._lock:
+                self._seq += 1
+                tagged = GuestOutput(self._seq, tag + out.payload, out.produced_at)
+            self.on_output(tagged)
+
+        return add
+
+    def install(self) -> GateSet:
+        """All or none: a NIC that cannot be held removes the gates already on."""
+        try:
+            for i, nic in enumerate(self.nics):
+                self.gates.append(NicGate(nic.tap, nic.bridge, nic.mac, self._tagged(i)).install())
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def drain(self) -> None:
+        for g in self.gates:
+            g.drain()
+
+    def release(self, outputs: list[GuestOutput]) -> None:
+        """In order, each to its NIC; an output naming no NIC is counted on the first."""
+        for out in outputs:
+            index = int.from_bytes(out.payload[:2], "big")
+            if index < len(self.gates):
+                g = self.gates[index]
+                g.release([GuestOutput(out.seq, out.payload[2:], out.produced_at)])
+            elif self.gates:
+                self.gates[0].stats.release_errors += 1
+
+    def remove(self) -> None:
+        errors: list[NicGateError] = []
+        while self.gates:
+            try:
+                self.gates.pop().remove()
+            except NicGateError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
 # ---- a dead run's gates ---------------------------------------------------------------
 
 

@@ -26,6 +26,8 @@ from mirror.lab.gatelab import CLIENT_IP, CLIENT_MAC, GUEST_IP, GUEST_MAC, VTAP_
 from mirror.lab.netlab import NetLabUnavailable
 from mirror.replication.nicgate import (
     VNET_HDR_LEN,
+    GateSet,
+    Nic,
     NicGate,
     NicGateError,
     remove_stale,
@@ -365,3 +367,50 @@ def test_the_guest_s_tap_gone_under_the_gate(lab: GateLab) -> None:
     assert tc_state(lab, "vtap") == fresh
     links = json.loads(lab.run("H", "ip", "-j", "link", "show"))
     assert not [x["ifname"] for x in links if x["ifname"].startswith("mgate")]
+
+
+def fdb_port(lab: GateLab, mac_: str) -> str:
+    """The bridge port br0 learned ``mac_`` on ('' if none)."""
+    for e in json.loads(lab.run("H", "bridge", "-j", "fdb", "show", "br", "br0")):
+        if e.get("mac") == mac_ and "self" not in e.get("flags", []):
+            return str(e.get("ifname", ""))
+    return ""
+
+
+def test_every_nic_of_a_domain(lab: GateLab) -> None:
+    """Two NICs, one output stream: each frame tagged with its NIC, released through
+    that NIC's own port (the bridge learns each guest MAC on its own tap); installing
+    is all or none."""
+    held, sniff = Held(), Sniffer(lab)
+    nics = [Nic("vtap", "br0", VTAP_MAC), Nic("vnet", "br0", GUEST_MAC)]
+    with lab.inside("H"):
+        gates = GateSet(nics, held).install()
+    try:
+        lab.static_neighbours()
+        with lab.inside("G"):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(5):
+            os.write(lab.vtap_fd, bytes(VNET_HDR_LEN) + guest_frame(i))
+            udp.sendto(b"nic1-%d" % i, (CLIENT_IP, 9))
+        outs = held.wait(lambda o: sum(b"nic1-" in x.payload for x in o) == 5
+                         and sum(x.payload[:2] == b"\0\0" for x in o) == 5)  # fmt: skip
+        assert [o.seq for o in outs] == list(range(1, len(outs) + 1))
+        assert all(o.payload[:2] == b"\0\1" for o in outs if b"nic1-" in o.payload)
+        assert [o.payload[2:] for o in outs if o.payload[:2] == b"\0\0"] == [
+            bytes(VNET_HDR_LEN) + guest_frame(i) for i in range(5)
+        ]
+        assert numbered(sniff.collect(0.3)) == []
+        with lab.inside("H"):
+            gates.release(held.take())
+        frames = sniff.collect(0.5)
+        assert numbered(frames) == list(range(5))
+        assert sum(b"nic1-" in f for f in frames) == 5
+        assert fdb_port(lab, VTAP_MAC) == "vtap" and fdb_port(lab, GUEST_MAC) == "vnet"
+    finally:
+        with lab.inside("H"):
+            gates.remove()
+        sniff.close()
+    before = tc_state(lab, "vtap")
+    with lab.inside("H"), pytest.raises(NicGateError, match="no network device 'gone0'"):
+        GateSet([Nic("vtap", "br0", VTAP_MAC), Nic("gone0", "br0", GUEST_MAC)]).install()
+    assert tc_state(lab, "vtap") == before, "the first NIC's gate was taken off again"
