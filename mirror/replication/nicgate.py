@@ -347,7 +347,9 @@ class NicGate:
             sysctl = f"/proc/sys/net/ipv6/conf/{gate}/disable_ipv6"
             if os.path.exists(sysctl):  # (absent when IPv6 is off on the host)
                 Path(sysctl).write_text("1")
-            _run("ip", "link", "set", "dev", gate, "txqueuelen", str(GATE_TXQUEUELEN), "up")
+            mtu = str(_link(self.tap).get("mtu", 1500))  # the guest's frames fit as they are
+            _run("ip", "link", "set", "dev", gate, "mtu", mtu, "txqueuelen", str(GATE_TXQUEUELEN),
+                 "up")  # fmt: skip
             _run("tc", "qdisc", "replace", "dev", gate, "root", "noqueue")
         except NicGateError:
             self._teardown()
