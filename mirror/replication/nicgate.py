@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import json
 import os
@@ -269,6 +268,7 @@ class NicGate:
         self.tap, self.bridge, self.mac = tap, bridge, mac.lower()
         self.on_output: OutputHandler = on_output or (lambda out: None)
         self.stats = GateStats()
+        self.error = ""  # why the gate stopped reading ('' while it works): fail closed
         self.gate = ""
         self._fd = -1
         self._made_clsact = False
@@ -433,11 +433,12 @@ class NicGate:
         while True:
             try:
                 n = os.readv(self._fd, [self._buf])
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
-                if e.errno in (errno.EBADF, errno.EIO):
-                    self._halt.set()
+            except OSError as e:  # mirror's tap deleted under it (EBADFD), or closed
+                self._fail(f"reading {self.gate}: {e.strerror}")
+                return
+            if n == 0:
                 return
             if n <= VNET_HDR_LEN:
                 continue
@@ -448,12 +449,20 @@ class NicGate:
             self.stats.held += 1
             self.on_output(GuestOutput(self._seq, bytes(self._buf[:n]), time.monotonic()))
 
+    def _fail(self, why: str) -> None:
+        """The gate cannot go on; the guest's frames stay held (dropped at its tap)."""
+        if not self.error:
+            self.error = why
+        self._halt.set()
+
     def _read_loop(self) -> None:
         os.set_blocking(self._fd, False)
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         while not self._halt.is_set():
-            if poller.poll(100):
+            for _, ev in poller.poll(100):
+                if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self._fail(f"{self.gate} is gone (poll events {ev:#x})")
                 with self._rx_lock:
                     if self._fd >= 0:
                         self._take()

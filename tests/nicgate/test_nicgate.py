@@ -414,3 +414,26 @@ def test_every_nic_of_a_domain(lab: GateLab) -> None:
     with lab.inside("H"), pytest.raises(NicGateError, match="no network device 'gone0'"):
         GateSet([Nic("vtap", "br0", VTAP_MAC), Nic("gone0", "br0", GUEST_MAC)]).install()
     assert tc_state(lab, "vtap") == before, "the first NIC's gate was taken off again"
+
+
+def test_mirror_s_tap_deleted_under_a_live_gate(lab: GateLab) -> None:
+    """Someone deletes mirror's tap: the gate says why it stopped, and the guest's
+    frames stay held (none reach the client)."""
+    held, sniff = Held(), Sniffer(lab)
+    gate = gate_on(lab, "vtap", held, VTAP_MAC)
+    try:
+        lab.run("H", "ip", "link", "del", gate.gate)
+        deadline = time.monotonic() + 3
+        while not gate.error:
+            assert time.monotonic() < deadline, "the gate did not notice"
+            time.sleep(0.02)
+        assert gate.gate in gate.error
+        for i in range(10):
+            os.write(lab.vtap_fd, bytes(VNET_HDR_LEN) + guest_frame(i))
+        assert numbered(sniff.collect(0.5)) == []
+        with lab.inside("H"):
+            assert stale_gates() == ["vtap"]
+    finally:
+        remove(lab, gate)
+        sniff.close()
+    assert "clsact" not in tc_state(lab, "vtap")
