@@ -15,7 +15,7 @@ of that tap (docs/ARCHITECTURE.md, "Output commit on a libvirt tap"):
   (IFF_VNET_HDR, offloads on, no qdisc): the kernel hands each frame over whole, with
   its virtio-net header (GSO, partial checksum), so a frame is released exactly as the
   guest sent it.  It is not on any bridge.
-- On ``vnetN``'s ingress (a ``clsact`` qdisc), one eBPF program: a frame marked as
+- On ``vnetN``'s ingress (a ``clsact`` qdisc), one eBPF program (tcprog.py): a frame marked as
   released (``RELEASE_MARK``) has its mark cleared and goes on into the bridge; any
   other frame is redirected to ``mgateI`` (a synchronous transmit: when the guest's
   write returns, the frame is in mirror's queue, so :meth:`NicGate.drain` after a
@@ -41,7 +41,6 @@ with clsact, cls_bpf, act_mirred and tun (no gact or skbedit needed).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -49,18 +48,15 @@ import select
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.guests.base import GuestOutput, OutputHandler
+from mirror.replication import tcprog
 
-# Released frames carry this skb mark from mirror's tap to the guest's tap's ingress,
-# where it is cleared: it never reaches the bridge or the host's stack.
-RELEASE_MARK = 0x6E676174  # "ngat"
 GATE_PREFIX = "mgate"
 HOLD_PREF = 0xC1A0  # the hold filter's priority on the tap's ingress (ours: clsact is ours)
 HOLD_HANDLE = 0x6E67
@@ -81,109 +77,6 @@ _TUN_F = {"csum": 0x01, "tso4": 0x02, "tso6": 0x04, "tso_ecn": 0x08, "ufo": 0x10
 
 class NicGateError(RuntimeError):
     """The gate cannot be installed, or was found in a state it cannot handle."""
-
-
-# ---- eBPF: two tiny programs, assembled here (no compiler, no ELF) ------------------
-
-_SYS_BPF = 321  # x86_64
-_BPF_PROG_LOAD, _BPF_OBJ_PIN = 5, 6
-_PROG_SCHED_CLS = 3
-_SKB_MARK = 8  # offsetof(struct __sk_buff, mark)
-_FN_REDIRECT = 23  # bpf_redirect(ifindex, flags)
-BPF_FS = Path("/sys/fs/bpf")
-
-
-def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
-
-
-def _mov_imm(dst: int, imm: int) -> bytes:
-    return _insn(0xB7, dst, imm=imm)  # BPF_ALU64 | BPF_MOV | BPF_K
-
-
-def _hold_program(gate_ifindex: int) -> bytes:
-    """vnetN ingress, direct action: a released frame (its mark) goes on, mark cleared;
-    every other frame goes to mirror's tap (TC_ACT_REDIRECT, or dropped if it is gone)."""
-    return b"".join([
-        _insn(0x61, 2, 1, _SKB_MARK),          # r2 = skb->mark
-        _insn(0x55, 2, 0, 4, RELEASE_MARK),    # if r2 != MARK goto +4
-        _mov_imm(3, 0),
-        _insn(0x63, 1, 3, _SKB_MARK),          # skb->mark = 0
-        _mov_imm(0, 0),                        # TC_ACT_OK: on into the bridge
-        _insn(0x95),                           # exit
-        _mov_imm(1, gate_ifindex),
-        _mov_imm(2, 0),                        # egress of mirror's tap
-        _insn(0x85, imm=_FN_REDIRECT),         # r0 = bpf_redirect(gate, 0)
-        _insn(0x95),
-    ])  # fmt: skip
-
-
-def _release_program() -> bytes:
-    """mgateI ingress, classifier mode: mark the frame, match (the mirred action runs)."""
-    return b"".join([
-        _mov_imm(2, RELEASE_MARK),
-        _insn(0x63, 1, 2, _SKB_MARK),          # skb->mark = MARK
-        _mov_imm(0, -1),                       # match, default class
-        _insn(0x95),
-    ])  # fmt: skip
-
-
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    r = libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return int(r)
-
-
-def _load_program(name: str, insns: bytes) -> int:
-    """BPF_PROG_LOAD a SCHED_CLS program; its fd.  The verifier's log goes in the error."""
-    code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(1 << 16)
-    attr = ctypes.create_string_buffer(128)
-    struct.pack_into(
-        "<IIQQIIQII16s", attr, 0, _PROG_SCHED_CLS, len(insns) // 8,
-        ctypes.addressof(code), ctypes.addressof(lic), 1, len(log), ctypes.addressof(log),
-        0, 0, name.encode()[:15],
-    )  # fmt: skip
-    try:
-        return _bpf(_BPF_PROG_LOAD, attr)
-    except OSError as e:
-        detail = log.value.decode(errors="replace").strip().splitlines()[-3:]
-        raise NicGateError(
-            f"the kernel refused mirror's tc program {name}: {e.strerror}"
-            + (f" ({' / '.join(detail)})" if detail else "")
-            + " (needs root and a kernel with eBPF and cls_bpf)"
-        ) from e
-
-
-def _pin(fd: int, path: Path) -> None:
-    p = ctypes.create_string_buffer(str(path).encode())
-    attr = ctypes.create_string_buffer(16)
-    struct.pack_into("<QI", attr, 0, ctypes.addressof(p), fd)
-    _bpf(_BPF_OBJ_PIN, attr)
-
-
-@contextlib.contextmanager
-def _pin_dir() -> Iterator[Path]:
-    """A bpf filesystem to pin programs in for as long as tc needs them: /sys/fs/bpf
-    where it is one (systemd mounts it), else a private mount, unmounted after."""
-    with open("/proc/self/mounts") as f:
-        if any(line.split()[1:3] == [str(BPF_FS), "bpf"] for line in f):
-            yield BPF_FS
-            return
-    d = Path(tempfile.mkdtemp(prefix="mirror-bpf-"))
-    try:
-        _run("mount", "-t", "bpf", "bpf", str(d))
-        try:
-            yield d
-        finally:
-            _run("umount", str(d))
-    finally:
-        d.rmdir()
 
 
 # ---- tc and ip ------------------------------------------------------------------------
@@ -356,22 +249,24 @@ class NicGate:
             raise
 
     def _attach(self, tap_index: int, *, adopt: bool) -> None:
-        gate_index = _ifindex(self.gate)
-        hold = _load_program(HOLD_NAME, _hold_program(gate_index))
-        rel = _load_program(REL_NAME, _release_program())
+        fds: list[int] = []
         try:
-            with _pin_dir() as where:
-                self._attach_pinned(tap_index, adopt, hold, rel, where)
+            fds.append(tcprog.load_program(HOLD_NAME, tcprog.hold_program(_ifindex(self.gate))))
+            fds.append(tcprog.load_program(REL_NAME, tcprog.release_program()))
+            with tcprog.pin_dir() as where:
+                self._attach_pinned(tap_index, adopt, fds[0], fds[1], where)
+        except tcprog.BpfError as e:
+            raise NicGateError(str(e)) from e
         finally:
-            os.close(hold)
-            os.close(rel)
+            for fd in fds:
+                os.close(fd)
 
     def _attach_pinned(self, tap_index: int, adopt: bool, hold: int, rel: int, where: Path) -> None:
         pins = [where / f"mirror-{n}-{os.getpid()}-{tap_index}" for n in ("hold", "rel")]
         try:
             for fd, pin in zip((hold, rel), pins, strict=True):
                 pin.unlink(missing_ok=True)
-                _pin(fd, pin)
+                tcprog.pin(fd, pin)
             _run("tc", "qdisc", "add", "dev", self.gate, "clsact")
             _run("tc", "filter", "add", "dev", self.gate, "ingress", "pref", "1",
                  "protocol", "all", "bpf", "object-pinned", str(pins[1]),
