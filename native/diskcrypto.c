@@ -1,4 +1,4 @@
-/* mirror's disk server: the stream's keys.  The session key (derived by both agents,
+/* mirror's disk server: the stream's keys.  The session key (derived by both roles,
  * mirror_disk_session_key), per-connection keys, the handshake's MACs, the records'
  * AES-256-GCM (struct chan), and the block hashes a hashsync compares. */
 #include "diskserver_internal.h"

@@ -1,4 +1,4 @@
-"""The guest's disk, replicated per epoch: the agent's commands to its disk server's
+"""The guest's disk, replicated per epoch: a role's commands to its disk server's
 replication (the epoch engine and the standby drive them, as they drive RAM's).
 
 The disk server (native/diskserver.c and its parts; its process and NBD export, the
@@ -11,13 +11,13 @@ before the ack; :meth:`ReplicatedDisk.promote` drops every uncommitted epoch.
 
 Why a socket of the server's own rather than the zmq interconnect: the records
 are produced by C threads on the guest's I/O path; sending them through the
-agent's Python would put a per-write Python step back on that path.  The stream
-is under the pair's keys all the same: both agents derive a key for each pairing
+role's Python would put a per-write Python step back on that path.  The stream
+is under the pair's keys all the same: both roles derive a key for each pairing
 session from their CurveZMQ key pairs (:func:`session_key`) and hand it, with the
 pair's generation, to their disk server on its control socket
 (:meth:`ReplicatedDisk.session`); a connection that does not prove it is refused, and
 the records go under AES-256-GCM (docs/security.md).  The secondary also refuses
-another pair, another generation than its own agent's, or another disk size.
+another pair, another generation than its own role's, or another disk size.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class ReplicatedDisk(DiskServer):
         return int(committed), int(dropped)
 
     def summary(self) -> dict[str, Any]:
-        """For the agent's status file: the disk's replication, in a few fields."""
+        """For the role's status file: the disk's replication, in a few fields."""
         try:
             st = self.status()
         except DiskError as e:
