@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mirror.guests.disk import DiskServer, DiskSpec, session_key
 from mirror.hoststate import percentile
+from mirror.replication.disk import DiskSpec, ReplicatedDisk, session_key
 
 CASES = [  # name, qemu-img bench arguments, operations
     ("write 4K QD1", ["-w", "-s", "4096", "-d", "1"], 20000),
@@ -78,7 +78,7 @@ def free_port() -> int:
 class Checkpoints(threading.Thread):
     """Barrier on A every 50 ms, commit on B 10 ms later (as a standby does)."""
 
-    def __init__(self, a: DiskServer, b: DiskServer) -> None:
+    def __init__(self, a: ReplicatedDisk, b: ReplicatedDisk) -> None:
         super().__init__(daemon=True)
         self.a, self.b = a, b
         self.halt = threading.Event()
@@ -101,14 +101,14 @@ def replicated(root: Path, url: str, size: int, plain: bool) -> dict[str, Any]:
     """Path 3 (to a new replica): the copy's rate, each case's rate, the barrier's cost."""
     name = "plain" if plain else "aes"
     port = free_port()
-    b = DiskServer(DiskSpec(root / f"b-{name}.img", size, root / f"b-{name}", "bench",
-                            listen=f"127.0.0.1:{port}", journal=root / f"b-{name}.journal",
-                            journal_bytes=512 << 20, session_key=KEY,
-                            plain_stream=plain))  # fmt: skip
+    b = ReplicatedDisk(DiskSpec(root / f"b-{name}.img", size, root / f"b-{name}", "bench",
+                                listen=f"127.0.0.1:{port}", journal=root / f"b-{name}.journal",
+                                journal_bytes=512 << 20, session_key=KEY,
+                                plain_stream=plain))  # fmt: skip
     a = None
     try:  # the primary on the same image (and NBD socket), with this record cipher
-        a = DiskServer(DiskSpec(root / "a.img", size, root / "a", "bench", session_key=KEY,
-                                plain_stream=plain))  # fmt: skip
+        a = ReplicatedDisk(DiskSpec(root / "a.img", size, root / "a", "bench", session_key=KEY,
+                                    plain_stream=plain))  # fmt: skip
         t, c0 = time.perf_counter(), cpu_s(a.pid, b.pid)
         a.replicate("127.0.0.1", port, 1)
         a.wait_synced()
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(local, "wb") as f:
             f.truncate(size)
         results["local"] = {n: qemu_img_bench(str(local), a, c) for n, a, c in CASES}
-        a = DiskServer(DiskSpec(root / "a.img", size, root / "a", "bench"))
+        a = ReplicatedDisk(DiskSpec(root / "a.img", size, root / "a", "bench"))
         url = f"nbd+unix:///?socket={a.spec.nbd_path}"
         try:
             results["served"] = {n: qemu_img_bench(url, a2, c) for n, a2, c in CASES}

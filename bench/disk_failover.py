@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.disk import Checkpoints, free_port
-from mirror.guests.disk import DiskServer, DiskSpec
 from mirror.hoststate import percentile
 from mirror.lab.faultdisk import FaultToolsMissing, FaultyImage
 from mirror.lab.nbdclient import NbdClient, NbdError
+from mirror.replication.disk import DiskSpec, ReplicatedDisk
 
 BLOCK = 4096
 
@@ -69,7 +69,7 @@ class Client(threading.Thread):
         self.c.close()
 
 
-def wait_storage(a: DiskServer, want: str, timeout: float = 20) -> float:
+def wait_storage(a: ReplicatedDisk, want: str, timeout: float = 20) -> float:
     deadline = time.monotonic() + timeout
     while a.status()["storage"] != want:
         if time.monotonic() > deadline:
@@ -82,11 +82,11 @@ def one_run(root: Path, size: int, hang_ms: int = 0) -> dict[str, float]:
     faulty = FaultyImage(root, size)
     try:
         port = free_port()
-        b = DiskServer(DiskSpec(root / "b.img", size, root / "b", "bench",
-                                listen=f"127.0.0.1:{port}", journal=root / "b.journal",
-                                journal_bytes=256 << 20))  # fmt: skip
-        a = DiskServer(DiskSpec(faulty.path, size, root / "a", "bench", probe_ms=100,
-                                hang_ms=hang_ms or 2000))  # fmt: skip
+        b = ReplicatedDisk(DiskSpec(root / "b.img", size, root / "b", "bench",
+                                    listen=f"127.0.0.1:{port}", journal=root / "b.journal",
+                                    journal_bytes=256 << 20))  # fmt: skip
+        a = ReplicatedDisk(DiskSpec(faulty.path, size, root / "a", "bench", probe_ms=100,
+                                    hang_ms=hang_ms or 2000))  # fmt: skip
         try:
             a.replicate("127.0.0.1", port, 1)
             a.wait_synced()

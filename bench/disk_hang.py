@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench.disk import CASES, Checkpoints, free_port, qemu_img_bench
-from mirror.guests.disk import DiskServer, DiskSpec
+from mirror.replication.disk import DiskSpec, ReplicatedDisk
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,20 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="mirror-bench-hang-", dir=args.dir))
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
     ops: dict[int, dict[str, list[float]]] = {0: {}, 2000: {}}
-    servers: dict[int, DiskServer] = {}
-    replicas: list[DiskServer] = []
+    servers: dict[int, ReplicatedDisk] = {}
+    replicas: list[ReplicatedDisk] = []
     cps: list[Checkpoints] = []
     try:
         for hang_ms in (0, 2000):
             spec = DiskSpec(root / f"{hang_ms}.img", args.mib << 20, root / str(hang_ms), "bench",
                             hang_ms=hang_ms)  # fmt: skip
-            servers[hang_ms] = DiskServer(spec)
+            servers[hang_ms] = ReplicatedDisk(spec)
             if args.replicated:
                 port = free_port()
-                replicas.append(DiskServer(DiskSpec(
-                    root / f"r{hang_ms}.img", args.mib << 20, root / f"r{hang_ms}", "bench",
-                    listen=f"127.0.0.1:{port}", journal=root / f"r{hang_ms}.journal",
-                    journal_bytes=512 << 20)))  # fmt: skip
+                replicas.append(ReplicatedDisk(DiskSpec(
+                        root / f"r{hang_ms}.img", args.mib << 20, root / f"r{hang_ms}", "bench",
+                        listen=f"127.0.0.1:{port}", journal=root / f"r{hang_ms}.journal",
+                        journal_bytes=512 << 20)))  # fmt: skip
                 servers[hang_ms].replicate("127.0.0.1", port, 1)
                 servers[hang_ms].wait_synced()
                 cps.append(Checkpoints(servers[hang_ms], replicas[-1]))

@@ -1,4 +1,5 @@
-/* mirror's disk server (diskserver.c): an NBD server replicating per epoch. */
+/* mirror's disk server (diskserver.c and its parts): an NBD server replicating per epoch.
+   The cffi binding's declarations; the parts share diskserver_internal.h. */
 #ifndef MIRROR_DISKSERVER_H
 #define MIRROR_DISKSERVER_H
 #include <stddef.h>

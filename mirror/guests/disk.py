@@ -1,23 +1,13 @@
-"""The guest's disk, replicated per epoch: the agent's handle on its disk server (a device
-backend of the guest, like the NIC relay; the epoch engine and the standby drive it).
+"""The guest's disk as a device: the disk server process and its control socket.
 
-The server (native/diskserver.c, one process per host) serves the disk to QEMU
-over NBD on a unix socket.  On the primary it writes the local image and streams
-every change to the secondary's server as it happens; :meth:`DiskServer.barrier`
-closes an epoch inside the checkpoint's pause (after QMP ``stop`` drained the
-guest's I/O).  On the secondary it journals the stream;
-:meth:`DiskServer.commit` applies epoch N (durably) when checkpoint N commits,
-before the ack; :meth:`DiskServer.promote` drops every uncommitted epoch.
-
-Why a socket of the server's own rather than the zmq interconnect: the records
-are produced by C threads on the guest's I/O path; sending them through the
-agent's Python would put a per-write Python step back on that path.  The stream
-is under the pair's keys all the same: both agents derive a key for each pairing
-session from their CurveZMQ key pairs (:func:`session_key`) and hand it, with the
-pair's generation, to their disk server on its control socket
-(:meth:`DiskServer.session`); a connection that does not prove it is refused, and
-the records go under AES-256-GCM (docs/security.md).  The secondary also refuses
-another pair, another generation than its own agent's, or another disk size.
+The server (native/diskserver.c and its parts, one process per host) serves the disk to
+QEMU over NBD on a unix socket (:attr:`DiskSpec.nbd_path`, which QEMU's ``-blockdev``
+names); this module starts it (``python -m mirror.guests.diskproc``), reads its answers
+on the control socket, and stops it.  What the same process does beyond the device, the
+epoch stream to the secondary, the secondary's journal, barrier and commit, storage
+failover and resync, is replication: mirror.replication.disk drives it
+(:class:`~mirror.replication.disk.ReplicatedDisk`, this class's subclass that the
+backends start).
 """
 
 from __future__ import annotations
@@ -33,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,37 +36,6 @@ class DiskError(RuntimeError):
     """The disk server could not start, or refused a command."""
 
 
-def session_key(
-    secret: bytes | None, peer: bytes | None, pair: str, generation: int, session: int
-) -> bytes:
-    """The disk stream's key for one pairing session, which both hosts derive on their own:
-    HMAC-SHA256 of X25519(this host's CurveZMQ secret key, the peer's public key) over the
-    pair, the generation and the interconnect session (a random number the primary's HELLO
-    carries under CurveZMQ).  Keys are z85 (40 characters) or raw (32 bytes); both None:
-    an insecure pair (no keys), whose stream proves only the session number."""
-    from mirror._diskserver import ffi, lib  # type: ignore[import-not-found]
-
-    def raw(k: bytes) -> bytes:
-        if len(k) == 40:
-            from zmq.utils import z85
-
-            k = z85.decode(k)
-        if len(k) != 32:
-            raise DiskError("a CurveZMQ key is 32 bytes (40 in z85)")
-        return k
-
-    ctx = b"mirror disk stream 1\0" + pair.encode() + b"\0"
-    ctx += generation.to_bytes(8, "little") + (session & (2**64 - 1)).to_bytes(8, "little")
-    out = ffi.new("unsigned char[32]")
-    if secret is None or peer is None:
-        rc = lib.mirror_disk_session_key(ffi.NULL, ffi.NULL, ctx, len(ctx), out)
-    else:
-        rc = lib.mirror_disk_session_key(raw(secret), raw(peer), ctx, len(ctx), out)
-    if rc:
-        raise DiskError("cannot derive the disk stream's session key from the CurveZMQ keys")
-    return bytes(ffi.buffer(out, 32))
-
-
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the agent dies (a host dies whole)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -86,7 +44,8 @@ def _die_with_parent() -> None:
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """What a disk server serves, and where."""
+    """What a disk server serves, and where: its command line (the device's settings, and
+    its replication's: a replica's port and journal, the stream's key)."""
 
     image: Path
     size: int
@@ -104,7 +63,7 @@ class DiskSpec:
     snapshots: Path | None = None  # tests: a copy of the image at each barrier
     keep: int = 8
     # the stream's session key, handed over on the control socket at start (None: later,
-    # by DiskServer.session at pairing); never on the command line
+    # by ReplicatedDisk.session at pairing); never on the command line
     session_key: bytes | None = None
     plain_stream: bool = False  # tests and benches: records without AEAD (both ends alike)
 
@@ -118,7 +77,9 @@ class DiskSpec:
 
 
 class DiskServer:
-    """A running disk server (a child process) and a connection to its control socket."""
+    """A running disk server (a child process) and a connection to its control socket:
+    the guest's device (QEMU connects to ``spec.nbd_path``); the commands of its
+    replication are :class:`~mirror.replication.disk.ReplicatedDisk`'s."""
 
     def __init__(self, spec: DiskSpec, *, timeout: float = 10.0) -> None:
         self.spec = spec
@@ -166,8 +127,6 @@ class DiskServer:
                 time.sleep(0.005)
             self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._ctl.connect(str(spec.control_path))
-            if spec.session_key is not None:
-                self.session(spec.session_key, spec.generation)
         except BaseException:
             self.close()
             raise
@@ -207,85 +166,9 @@ class DiskServer:
             return text[3:]
         raise DiskError(text[4:] if text.startswith("err ") else text)
 
-    def session(self, key: bytes, generation: int) -> None:
-        """The pairing session's stream key (32 bytes, :func:`session_key`) and the pair's
-        generation (the arbiter's): a replica takes only a stream that proves this key
-        and names this generation; a primary proves it when it next replicates."""
-        if len(key) != 32 or generation < 1:
-            raise DiskError("a disk session is a 32-byte key and a generation >= 1")
-        self.call(f"session {key.hex()} {generation}")
-
-    # -- the primary -----------------------------------------------------------------
-
-    def replicate(self, host: str, port: int, first_epoch: int, *, resync: bool = False) -> None:
-        """Start streaming to the secondary's server, with a live copy of the whole disk;
-        ``resync``: only the blocks its replica lacks (DiskError if this server cannot
-        tell which, or the replica does not hold this server's disk: copy it all then).
-        A promoted replica's server, asked for a resync, offers its old primary's image a
-        hashsync instead: both hash every block, and the blocks that differ (and those
-        written since promotion) are sent; the hashing runs after this returns (status
-        ``peer`` true, ``synced`` false, as during any copy)."""
-        self.call(f"replicate {host} {port} {first_epoch}{' resync' if resync else ''}")
-
-    def committed(self, epoch: int) -> None:
-        """The secondary acknowledged checkpoint ``epoch``: its replica holds the disk's
-        epochs <= ``epoch`` (what a resync after a break needs to send shrinks)."""
-        self.call(f"committed {epoch}")
-
-    def wait_synced(
-        self, timeout: float = 600.0, progress: Callable[[int, int], None] | None = None
-    ) -> None:
-        """Until the initial copy is done (``progress(done, total)`` as it goes)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if progress:
-                progress(st["sync_bytes"], st["sync_total"])
-            if st["synced"]:
-                return
-            if not st["peer"]:
-                raise DiskError(f"the disk stream to the secondary ended: {st['lost']}")
-            if time.monotonic() > deadline:
-                raise DiskError(f"the initial disk sync did not finish in {timeout:g} s")
-            time.sleep(0.05)
-
-    def barrier(self, epoch: int) -> str | None:
-        """Close epoch ``epoch`` (in the checkpoint's pause); None, or why the
-        disk is not replicated (the guest's I/O goes on either way)."""
-        try:
-            self.call(f"barrier {epoch}")
-        except DiskError as e:
-            return str(e)
-        return None
-
-    # -- the secondary ---------------------------------------------------------------
-
-    def commit(self, epoch: int, timeout_ms: int = 10_000) -> None:
-        """Apply epochs <= ``epoch`` to the replica, fdatasync; DiskError if it cannot."""
-        self.call(f"commit {epoch} {timeout_ms}", timeout=timeout_ms / 1000 + 30)
-
-    def promote(self) -> tuple[int, int]:
-        """Drop every uncommitted epoch and serve the replica read-write:
-        (the committed epoch, the records dropped)."""
-        committed, dropped = self.call("promote").split()
-        return int(committed), int(dropped)
-
     def status(self) -> dict[str, Any]:
         st: dict[str, Any] = json.loads(self.call("status"))
         return st
-
-    def summary(self) -> dict[str, Any]:
-        """For the agent's status file: the disk's replication, in a few fields."""
-        try:
-            st = self.status()
-        except DiskError as e:
-            return {"error": str(e)}
-        keys = ("role", "synced", "peer", "lost", "writes", "write_bytes", "committed",
-                "consistent", "journal_used", "journal_size", "dropped_records",
-                "storage", "storage_error", "failovers", "switchbacks", "dirty_local",
-                "known", "dirty_peer", "resync_blocks", "generation", "session_key",
-                "refused_connections")  # fmt: skip
-        return {k: st[k] for k in keys}
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the server: SIGTERM, SIGKILL after ``timeout`` s; a server with a call

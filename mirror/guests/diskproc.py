@@ -1,6 +1,6 @@
 """``python -m mirror.guests.diskproc ARGS``: this process becomes the disk server.
 
-The server is C (native/diskserver.c, multi-threaded); this module only hands it
+The server is C (native/diskserver.c and its parts, multi-threaded); this module only hands it
 the command line.  cffi releases the GIL for the call, and the server never
 returns to Python while it runs.
 """

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 from mirror.config import Config
 from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
-from mirror.guests.disk import DiskError, DiskServer, DiskSpec
 from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest, SyntheticParams
+from mirror.replication.disk import DiskError, DiskSpec, ReplicatedDisk
 
 log = logging.getLogger("mirror.ha.backend")
 
@@ -126,7 +126,7 @@ class QemuBackend(Backend):
             )
         return self._fingerprint
 
-    def disk_server(self, *, replica: bool) -> DiskServer | None:
+    def disk_server(self, *, replica: bool) -> ReplicatedDisk | None:
         """This host's disk server: the primary's on its image, or the secondary's replica
         receiving the stream on ``link.host:disk.port``.  None: the guest has no disk."""
         cfg = self.cfg
@@ -152,7 +152,7 @@ class QemuBackend(Backend):
             keep=16,
         )
         try:
-            return DiskServer(spec)
+            return ReplicatedDisk(spec)
         except DiskError as e:
             raise GuestError(f"the guest's disk {cfg.disk_image}: {e}") from e
 

@@ -31,6 +31,7 @@ from mirror.replication.checkpoint import (
     Progress,
     ReplicationError,
 )
+from mirror.replication.disk import replicated
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.pagediff import PAGE_SIZE
@@ -278,7 +279,7 @@ class PrimaryRun:
             "summary": engine.stats.summary(self.outputs), "metrics": metrics.served(),
             **self.extra,
             **(self.retry.status() if self.protection() == "unprotected" else {}),
-            **({"disk": self.guest.disk.summary()} if self.guest.disk else {}),
+            **({"disk": replicated(self.guest.disk).summary()} if self.guest.disk else {}),
             "peer_node": link.peer.node,
         }  # fmt: skip
 

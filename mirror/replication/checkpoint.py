@@ -44,10 +44,10 @@ from typing import Any
 
 from mirror.config import CheckpointConfig
 from mirror.guests.base import Guest
-from mirror.guests.disk import DiskError, DiskServer, session_key
 from mirror.hoststate import percentile
 from mirror.replication import dirtylog, wire
 from mirror.replication import pagediff as pd
+from mirror.replication.disk import DiskError, ReplicatedDisk, replicated, session_key
 from mirror.replication.keys import LinkKeys
 from mirror.replication.keys import fingerprint as key_fingerprint
 from mirror.replication.link import Link, LinkDown
@@ -599,7 +599,7 @@ class CheckpointEngine:
         t3 = time.perf_counter()
         state = guest.save_state()
         outs = self.outputs.close_epoch()
-        if guest.disk is not None and not self._disk_barrier(guest.disk, epoch):
+        if guest.disk is not None and not self._disk_barrier(replicated(guest.disk), epoch):
             if resume:  # not sent: no standby can commit it; its outputs stay held
                 guest.resume()
             self.epoch = epoch
@@ -741,7 +741,7 @@ class CheckpointEngine:
                 total=self.stats.log_missed_pages,
             )
 
-    def _disk_barrier(self, disk: DiskServer, epoch: int) -> bool:
+    def _disk_barrier(self, disk: ReplicatedDisk, epoch: int) -> bool:
         """Close the disk's epoch (in the pause).  False: the disk's stream to the standby
         has ended, so the standby can commit no later checkpoint (no disk for it): the
         engine takes no more checkpoints (``disk_lost`` says why; outputs stay held)
@@ -769,9 +769,9 @@ class CheckpointEngine:
         live (the guest runs); returns when the standby's replica is complete: ("resync",
         blocks sent) if the replica was known, else ("copy", 0).  The stream is under this
         session's key (derived from ``keys``, the interconnect's; None: insecure)."""
-        disk = self.guest.disk
-        if disk is None:
+        if self.guest.disk is None:
             return "none", 0
+        disk = replicated(self.guest.disk)
         try:
             disk.session(
                 session_key(keys.secret if keys else None, keys.peer if keys else None,
@@ -820,7 +820,7 @@ class CheckpointEngine:
             self.outputs.release_through(reply.epoch)
             if self.guest.disk is not None:  # what a resync of the standby's disk would send
                 try:
-                    self.guest.disk.committed(reply.epoch)
+                    replicated(self.guest.disk).committed(reply.epoch)
                 except DiskError as e:
                     log.warning("the disk server did not take commit %d: %s", reply.epoch, e)
             self.link.committed[0] = reply.epoch  # our heartbeats tell the standby

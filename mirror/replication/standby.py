@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config
-from mirror.guests.disk import DiskError, DiskServer, session_key
 from mirror.hoststate import agent_record, private_dir, write_atomic, write_json
 from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
+from mirror.replication.disk import DiskError, ReplicatedDisk, session_key
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.metrics import STATES, Metrics, served
 
@@ -118,7 +118,7 @@ class Standby:
         self.link: Link | None = None
         self.bind_wait = 10.0  # seconds serve() waits for ports in use (see serve)
         self.metrics = Metrics.of(cfg.pair.name, cfg.node.name)
-        self.disk: DiskServer | None = None  # the disk replica, committed with each checkpoint
+        self.disk: ReplicatedDisk | None = None  # the disk replica, committed with each checkpoint
 
     # -- the protocol ---------------------------------------------------------
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from mirror.guests.disk import DiskError, DiskServer, DiskSpec
+from mirror.replication.disk import DiskError, DiskSpec, ReplicatedDisk
 from tests.disk.nbd import NbdClient, NbdError
 
 BLOCK = 4096
@@ -58,13 +58,13 @@ class Harness:
         if prefill:
             self.a_img.write_bytes(self.rng.randbytes(size))
         self.port = free_port()
-        self.b = DiskServer(
+        self.b = ReplicatedDisk(
             DiskSpec(self.b_img, size, root / "b", "killpair", listen=f"127.0.0.1:{self.port}",
                      journal=root / "b.journal", journal_bytes=journal_bytes, session_key=KEY,
                      plain_stream=plain)
         )  # fmt: skip
-        self.a = DiskServer(DiskSpec(self.a_img, size, root / "a", "killpair", stall_ms=stall_ms,
-                                     session_key=KEY, plain_stream=plain))
+        self.a = ReplicatedDisk(DiskSpec(self.a_img, size, root / "a", "killpair",
+                                         stall_ms=stall_ms, session_key=KEY, plain_stream=plain))
         self.epoch = 1  # the open epoch
         self.snaps: OrderedDict[int, bytes] = OrderedDict()
         self.snaps[0] = self.a_img.read_bytes()  # as of the end of the initial sync (no writes)
@@ -76,7 +76,7 @@ class Harness:
         self.commit_error = ""
         self.journal_oks: list[tuple[int, int]] = []  # (K, epoch it was answered in)
 
-    def next_pair(self, replica: DiskServer, replica_img: Path) -> Harness:
+    def next_pair(self, replica: ReplicatedDisk, replica_img: Path) -> Harness:
         """The rig for the next generation: the promoted replica is the primary, streaming
         to ``replica`` (on the same port); epochs start again at 1."""
         nxt = Harness.__new__(Harness)

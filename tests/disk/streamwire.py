@@ -1,5 +1,5 @@
 """The disk stream's handshake from Python, as a primary (with the session key) or as a
-stranger (with a wrong key, or none): what native/diskserver.c's cmd_replicate does.
+stranger (with a wrong key, or none): what native/diskstream.c's cmd_replicate does.
 
 Records after the handshake are sent as they are: a replica started with
 ``plain_stream`` takes them (the record checks are then the same as under AEAD); a

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from mirror.guests.disk import DiskServer, DiskSpec
+from mirror.replication.disk import DiskSpec, ReplicatedDisk
 from tests.disk.faulty import FaultyImage
 from tests.disk.harness import BLOCK, KEY, Harness, differing_blocks
 from tests.disk.nbd import NbdClient, NbdError
@@ -46,7 +46,7 @@ class Rig(Harness):
         self.a.close()
         spec = DiskSpec(self.a_img, SIZE, root / "a", "killpair", probe_ms=100, hang_ms=hang_ms,
                         session_key=KEY)
-        self.a = DiskServer(spec)
+        self.a = ReplicatedDisk(spec)
         self.model = bytearray(content)
         self.models: dict[int, bytes] = {0: bytes(content)}
         self.errors: list[str] = []

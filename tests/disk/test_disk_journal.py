@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.guests.disk import DiskError
+from mirror.replication.disk import DiskError
 from tests.disk import streamwire
 from tests.disk.harness import KEY, Harness, differing_blocks
 from tests.disk.nbd import NbdClient

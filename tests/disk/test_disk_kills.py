@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.guests.disk import DiskError
+from mirror.replication.disk import DiskError
 from tests.disk.harness import KEY, REC, Harness, differing_blocks
 
 KILLS = int(os.environ.get("MIRROR_DISK_KILLS", "30"))
@@ -72,7 +72,7 @@ def test_promoted_replica_protects_again_and_survives_a_second_kill(tmp_path: Pa
     """A dies; B, promoted, streams to a new replica on the same port (A back as the
     secondary) with a live copy; B dies in turn; the new replica, promoted, is B's disk at
     the checkpoint it committed."""
-    from mirror.guests.disk import DiskServer, DiskSpec
+    from mirror.replication.disk import DiskSpec, ReplicatedDisk
 
     h = Harness(tmp_path, seed=11)
     try:
@@ -80,9 +80,9 @@ def test_promoted_replica_protects_again_and_survives_a_second_kill(tmp_path: Pa
         h.run_and_kill("rand4k", kill_after=0.3)
         first, _ = h.b.promote()
         # B is the primary now; a new replica takes the port B listened on
-        a2 = DiskServer(DiskSpec(tmp_path / "a2.img", h.size, tmp_path / "a2", "killpair",
-                                 listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
-                                 journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
+        a2 = ReplicatedDisk(DiskSpec(tmp_path / "a2.img", h.size, tmp_path / "a2", "killpair",
+                                     listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
+                                     journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
         try:
             second = h.next_pair(a2, tmp_path / "a2.img")
             second.sync()

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from mirror.guests.disk import DiskError, DiskServer, DiskSpec
+from mirror.replication.disk import DiskError, DiskSpec, ReplicatedDisk
 from tests.disk.harness import BLOCK, KEY, Harness, differing_blocks
 from tests.disk.nbd import NbdClient
 
 SIZE = 8 << 20
 
 
-def replica(h: Harness) -> DiskServer:
-    return DiskServer(
+def replica(h: Harness) -> ReplicatedDisk:
+    return ReplicatedDisk(
         DiskSpec(h.b_img, h.size, h.root / "b", "killpair", listen=f"127.0.0.1:{h.port}",
                  journal=h.root / "b.journal", journal_bytes=32 << 20, session_key=KEY)
     )  # fmt: skip
@@ -123,7 +123,7 @@ def test_resync_refused_for_an_unknown_replica_or_a_restarted_primary(tmp_path: 
         assert (tmp_path / "b.img.replica-id").exists()
         # the primary's disk server restarts (a new life: it cannot know what B lacks)
         h.a.close()
-        h.a = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a", "killpair", session_key=KEY))
+        h.a = ReplicatedDisk(DiskSpec(h.a_img, h.size, tmp_path / "a", "killpair", session_key=KEY))
         h.b.close()
         h.b = replica(h)
         with pytest.raises(DiskError, match="full copy"):
@@ -144,7 +144,7 @@ def test_promoted_replica_resyncs_the_old_primary_by_block_hashes(tmp_path: Path
     the whole disk.  After B's death in turn, the promoted replica is B's disk at the
     checkpoint it committed, byte for byte."""
     h = Harness(tmp_path, size=SIZE, seed=23)
-    a2: DiskServer | None = None
+    a2: ReplicatedDisk | None = None
     try:
         h.sync()
         protected_run(h, 0.3)
@@ -184,9 +184,9 @@ def test_promoted_replica_resyncs_the_old_primary_by_block_hashes(tmp_path: Path
         assert a_only <= differ and differ <= a_only | b_writes, (len(differ), len(a_only))
         # A's image comes back as B's replica (a new disk server on it, B's old port)
         h.a.close()
-        a2 = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
-                                 listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
-                                 journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
+        a2 = ReplicatedDisk(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
+                                     listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
+                                     journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
         second = h.next_pair(a2, h.a_img)
         # the guest on B writes on during the hashing and the resync
         writer = threading.Thread(target=second.writer, args=("rand4k", 3, 0.002))
@@ -230,7 +230,7 @@ def test_hashsync_refused_by_an_image_that_was_not_that_primarys(tmp_path: Path)
     promoted from: a new disk, or an image whose identity file names another primary
     server (or is garbage), refuses it and takes the full copy."""
     h = Harness(tmp_path, size=SIZE, seed=24)
-    a2: DiskServer | None = None
+    a2: ReplicatedDisk | None = None
     try:
         h.sync()
         protected_run(h, 0.2)
@@ -245,17 +245,18 @@ def test_hashsync_refused_by_an_image_that_was_not_that_primarys(tmp_path: Path)
                 ident.unlink()
             else:
                 ident.write_text(text)
-            a2 = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
-                                     listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
-                                     journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
+            a2 = ReplicatedDisk(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
+                                         listen=f"127.0.0.1:{h.port}",
+                                         journal=tmp_path / "a2.journal",
+                                         journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
             with pytest.raises(DiskError, match="does not hold this disk: a full copy is needed"):
                 h.b.replicate("127.0.0.1", h.port, 1, resync=True)
             assert "a hashsync, but this image was not" in a2.stderr_path.read_text()
             a2.close()
             a2 = None
-        a2 = DiskServer(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
-                                 listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
-                                 journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
+        a2 = ReplicatedDisk(DiskSpec(h.a_img, h.size, tmp_path / "a2", "killpair",
+                                     listen=f"127.0.0.1:{h.port}", journal=tmp_path / "a2.journal",
+                                     journal_bytes=32 << 20, session_key=KEY))  # fmt: skip
         h.b.replicate("127.0.0.1", h.port, 1)  # the full copy
         h.b.wait_synced(30)
         assert h.b.status()["resync_blocks"] == 0
@@ -320,7 +321,7 @@ def test_a_resync_lost_midway_is_sent_again_whole(tmp_path: Path) -> None:
         assert not st["synced"] and st["dirty_peer"] == size // BLOCK, st
         # B returns: the resync sends every block again, and B's replica is A's disk
         h.b.close()
-        h.b = DiskServer(
+        h.b = ReplicatedDisk(
             DiskSpec(h.b_img, size, tmp_path / "b", "killpair", listen=f"127.0.0.1:{h.port}",
                      journal=tmp_path / "b.journal", journal_bytes=32 << 20, session_key=KEY,
                      plain_stream=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.guests.disk import DiskError
+from mirror.replication.disk import DiskError
 from tests.disk import streamwire as sw
 from tests.disk.harness import KEY, Harness, differing_blocks
 from tests.disk.nbd import NbdClient
@@ -415,7 +415,7 @@ def test_the_session_key_is_the_same_on_both_hosts_and_only_theirs() -> None:
     get the same key; another session, generation or host gets another."""
     import zmq
 
-    from mirror.guests.disk import session_key
+    from mirror.replication.disk import session_key
 
     a_pub, a_sec = zmq.curve_keypair()
     b_pub, b_sec = zmq.curve_keypair()
