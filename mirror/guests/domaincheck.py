@@ -542,7 +542,7 @@ def standby_refusals(xml: str, dirs: Sequence[str] = DEFAULT_DOMAIN_DIRS) -> lis
         args = [a.get("value", "") for a in cmd.findall(f"{{{QEMU_NS}}}arg")]
         ok = args == [] or (len(args) == 2 and args[0] == "-qmp" and args[1].startswith("unix:"))
         # the dirty-page log's preload library and socket: the standby's definition
-        # replaces both with this host's own (mirror.guests.libvirt.standby_xml)
+        # replaces both with this host's own (mirror.guests.libvirtxml.standby_xml)
         envs = [e.get("name") for e in cmd.findall(f"{{{QEMU_NS}}}env")]
         ok = ok and all(n in MIRROR_ENV for n in envs) and len(cmd) == len(args) + len(envs)
         if not ok:

@@ -33,30 +33,29 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import itertools
-import json
 import mmap
 import os
 import select
 import threading
 import time
 import xml.etree.ElementTree as ET
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 from mirror.config import LibvirtConfig
 from mirror.guests import uffd
 from mirror.guests.base import Guest, GuestError, LogSource, OutputHandler
+from mirror.guests.libvirtqmp import LibvirtMonitor, Monitor, SocketMonitor
+from mirror.guests.libvirtxml import (
+    MEMORY_FIX,
+    persistent_xml,
+    server_nic,
+    standby_xml,
+)
+from mirror.guests.libvirtxml import qmp_socket_in as qmp_socket_in  # (ha/hostagent.py)
 from mirror.guests.qemu import NetRelay
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-ET.register_namespace("qemu", QEMU_NS)
 RAM_OBJECTS = ("/objects/pc.ram", "/objects/ram-node0")
-MEMORY_FIX = (
-    "add <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking> "
-    "to the domain (and put qemu.conf's memory_backing_dir on tmpfs)"
-)
 
 
 def _libvirt() -> Any:
@@ -78,278 +77,6 @@ def open_conn(uri: str) -> Any:
             f"cannot connect to libvirt at {uri!r}: {e}; is libvirtd running? "
             f"(set [libvirt] connect)"
         ) from None
-
-
-# ---- QMP: through libvirt, or a socket of mirror's own ------------------------------
-
-
-class Monitor(ABC):
-    """QMP commands to one QEMU; ``submit`` starts one and returns its future."""
-
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qmp")
-
-    @abstractmethod
-    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        """One command (``fd``: passed with it, for getfd/add-fd); GuestError if it fails."""
-
-    def submit(
-        self, name: str, args: dict[str, Any] | None = None
-    ) -> concurrent.futures.Future[Any]:
-        return self._pool.submit(self.execute, name, args)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class LibvirtMonitor(Monitor):
-    """QMP through libvirt; ``call`` runs a function of the domain, reconnecting once
-    to a libvirtd that restarted (LibvirtGuest.call)."""
-
-    def __init__(self, call: Any) -> None:
-        super().__init__()
-        self.call = call
-
-    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        import libvirt_qemu
-
-        cmd = json.dumps({"execute": name, **({"arguments": args} if args else {})})
-        if fd >= 0:
-            text, _ = self.call(
-                f"QMP {name} through libvirt",
-                lambda dom: libvirt_qemu.qemuMonitorCommandWithFiles(dom, cmd, [fd], 0),
-            )
-        else:
-            text = self.call(
-                f"QMP {name} through libvirt",
-                lambda dom: libvirt_qemu.qemuMonitorCommand(dom, cmd, 0),
-            )
-        answer = json.loads(text)
-        if "error" in answer:
-            raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
-        return answer.get("return")
-
-
-class SocketMonitor(Monitor):
-    """A QMP socket of mirror's own (plain JSON lines; no libvirt in the path)."""
-
-    def __init__(self, path: str, timeout: float = 30) -> None:
-        super().__init__()
-        import socket
-
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._buf = b""
-        self._lock = threading.Lock()
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-            self._line()  # the greeting
-            self.execute("qmp_capabilities")
-        except OSError as e:
-            self.sock.close()
-            raise GuestError(
-                f"cannot use the QMP socket {path}: {e}; the domain's XML must have "
-                f"<qemu:commandline> -qmp unix:{path},server=on,wait=off, or set "
-                f'[libvirt] qmp = "libvirt"'
-            ) from None
-
-    def _line(self) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise OSError("QEMU closed the QMP socket")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        import socket
-
-        msg = json.dumps({"execute": name, **({"arguments": args} if args else {})}).encode()
-        with self._lock:
-            try:
-                if fd >= 0:
-                    self.sock.sendmsg(
-                        [msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
-                    )
-                else:
-                    self.sock.sendall(msg)
-                while True:
-                    answer = self._line()
-                    if "return" in answer or "error" in answer:
-                        break  # (events are skipped: libvirt has its own monitor for them)
-            except OSError as e:
-                raise GuestError(f"QMP {name} on {self.path} failed: {e}") from None
-        if "error" in answer:
-            raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
-        return answer["return"]
-
-    def close(self) -> None:
-        super().close()
-        self.sock.close()
-
-
-# ---- the domain's XML ---------------------------------------------------------------
-
-
-def qmp_socket_in(xml: str) -> str:
-    """The path of a ``-qmp unix:PATH,...`` in the domain's <qemu:commandline>, or ""."""
-    args = [a.get("value", "") for a in ET.fromstring(xml).iter(f"{{{QEMU_NS}}}arg")]
-    for flag, value in itertools.pairwise(args):
-        if flag == "-qmp" and value.startswith("unix:"):
-            return value[5:].split(",")[0]
-    return ""
-
-
-def server_nic(xml: str, name: str) -> tuple[str, int]:
-    """Where the domain's ``type='server'`` NIC listens; GuestError saying what to change."""
-    nics = ET.fromstring(xml).findall("./devices/interface")
-    if len(nics) != 1 or nics[0].get("type") != "server":
-        kinds = [n.get("type") for n in nics]
-        raise GuestError(
-            f"domain {name!r} has NICs {kinds}: mirror needs exactly one "
-            f"<interface type='server'><source address='127.0.0.1' port='P'/><model "
-            f"type='virtio'/></interface> (its frames pass mirror's output commit)"
-        )
-    src = nics[0].find("source")
-    if src is None or not (src.get("port") or "").isdigit():
-        raise GuestError(f"domain {name!r}: its type='server' NIC has no <source port=...>")
-    return src.get("address") or "127.0.0.1", int(src.get("port", "0"))
-
-
-def problems(xml: str, qmp: str = "socket") -> list[str]:
-    """Why mirror cannot protect the domain of ``xml`` as it is, each with what to
-    change (empty: it can).  What ``mirror pair --check`` explains; the primary checks
-    the same on the running domain (the RAM file through QMP) when it attaches."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as e:
-        return [f"the domain XML does not parse: {e}"]
-    name = root.findtext("name") or "?"
-    found = []
-    mb = root.find("memoryBacking")
-    if (
-        mb is None
-        or mb.find("source") is None
-        or mb.find("source").get("type") != "file"  # type: ignore[union-attr]
-        or mb.find("access") is None
-        or mb.find("access").get("mode") != "shared"  # type: ignore[union-attr]
-    ):
-        found.append(f"its RAM is not a shared file (mirror maps it): {MEMORY_FIX}")
-    try:
-        server_nic(xml, name)
-    except GuestError as e:
-        found.append(str(e).replace(f"domain {name!r} has", "it has", 1))
-    if qmp == "socket" and not qmp_socket_in(xml):
-        found.append(
-            "no QMP socket of mirror's own: add <qemu:commandline><qemu:arg value='-qmp'/>"
-            "<qemu:arg value='unix:PATH,server=on,wait=off'/></qemu:commandline>, or set "
-            '[libvirt] qmp = "libvirt" (slower checkpoints)'
-        )
-    if root.findall("./devices/disk"):
-        found.append(
-            "it has disks: their writes are not replicated by this backend yet; remove "
-            "them or wait for the disk support"
-        )
-    for b in root.findall("./devices/memballoon"):
-        if b.get("model") != "none":
-            found.append(
-                "a memory balloon changes RAM behind mirror's dirty-page log: "
-                "<memballoon model='none'/>"
-            )
-    if root.find("./devices/memory") is not None:
-        found.append("memory devices (virtio-mem, DIMMs) plug RAM behind mirror's back")
-    if root.find("./devices/hostdev") is not None:
-        found.append("a passed-through host device has state mirror cannot copy: remove it")
-    return found
-
-
-def fingerprint_of(xml: str, conn: Any) -> str:
-    """What both hosts must agree on: QEMU's version, the canonical machine type, RAM,
-    vCPUs and the devices whose state moves (NIC models, disks, balloon, video)."""
-    root = ET.fromstring(xml)
-    os_type = root.find("./os/type")
-    machine = os_type.get("machine", "") if os_type is not None else ""
-    arch = os_type.get("arch", "x86_64") if os_type is not None else "x86_64"
-    emulator = root.findtext("./devices/emulator") or None
-    with contextlib.suppress(Exception):  # "q35" and "pc-q35-7.2" are the same machine
-        caps = ET.fromstring(conn.getDomainCapabilities(emulator, arch, machine, None))
-        machine = caps.findtext("machine") or machine
-    mem = root.find("memory")
-    kib = (
-        int(mem.text or 0)
-        << {"KiB": 0, "k": 0, "MiB": 10, "M": 10, "GiB": 20, "G": 20}.get(mem.get("unit", "KiB"), 0)
-        if mem is not None
-        else 0
-    )
-    devs = []
-    for nic in root.findall("./devices/interface"):
-        model = nic.find("model")
-        devs.append(f"nic:{nic.get('type')}:{model.get('type') if model is not None else ''}")
-    for disk in root.findall("./devices/disk"):
-        t = disk.find("target")
-        devs.append(f"disk:{t.get('bus') if t is not None else ''}:{disk.get('device')}")
-    for tag in ("memballoon", "video", "tpm", "rng", "watchdog"):
-        for d in root.findall(f"./devices/{tag}"):
-            devs.append(f"{tag}:{d.get('model') or ''}")
-    ver = conn.getVersion()
-    return (
-        f"libvirt qemu {ver // 1000000}.{ver // 1000 % 1000}.{ver % 1000} machine={machine} "
-        f"vcpus={root.findtext('vcpu')} ram={kib >> 10}M {' '.join(sorted(devs))}"
-    )
-
-
-def standby_xml(xml: str) -> str:
-    """The standby's definition: the domain's, waiting for incoming state (``-incoming
-    defer``, no configuration section: ``xen-save-devices-state`` writes none), and with
-    the preload library that lets mirror log its dirty pages once it is promoted."""
-    root = ET.fromstring(xml)
-    for attr in ("id",):
-        root.attrib.pop(attr, None)
-    cmd = root.find(f"{{{QEMU_NS}}}commandline")
-    if cmd is None:
-        cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
-    for value in ("-incoming", "defer", "-global", "migration.send-configuration=off"):
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
-    for env in cmd.findall(f"{{{QEMU_NS}}}env"):  # a socket name of its own, below
-        if env.get("name") in ("LD_PRELOAD", uffd.ENV_SOCK):
-            cmd.remove(env)
-    for name, value in preload_env().items():
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=name, value=value)
-    return ET.tostring(root, encoding="unicode")
-
-
-def preload_env() -> dict[str, str]:
-    """The <qemu:env> a domain needs for mirror's dirty-page log (QEMU then hands out
-    userfaultfds of its memory at an abstract socket); empty without the library."""
-    lib = uffd.preload_library()
-    if lib is None:
-        return {}
-    return {"LD_PRELOAD": str(lib), uffd.ENV_SOCK: uffd.unique_name("lv")}
-
-
-def persistent_xml(xml: str) -> str:
-    """The definition a promoted domain gets: the standby's, without what made it one."""
-    root = ET.fromstring(xml)
-    root.attrib.pop("id", None)
-    cmd = root.find(f"{{{QEMU_NS}}}commandline")
-    if cmd is not None:
-        args = cmd.findall(f"{{{QEMU_NS}}}arg")
-        values = [a.get("value") for a in args]
-        drop: set[int] = set()
-        for i, v in enumerate(values):
-            if (
-                v in ("-incoming", "-global")
-                and i + 1 < len(values)
-                and (v == "-incoming" or values[i + 1] == "migration.send-configuration=off")
-            ):
-                drop |= {i, i + 1}
-        for i in sorted(drop, reverse=True):
-            cmd.remove(args[i])
-        if not list(cmd):
-            root.remove(cmd)
-    return ET.tostring(root, encoding="unicode")
 
 
 # ---- the guest ----------------------------------------------------------------------

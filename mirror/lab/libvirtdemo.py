@@ -26,7 +26,7 @@ from typing import Any
 
 from mirror.config import AgentSection, Config, LibvirtConfig
 from mirror.guests import image
-from mirror.guests.libvirt import preload_env
+from mirror.guests.libvirtxml import preload_env
 from mirror.hoststate import read_json
 from mirror.lab.demo import Host, wait_for
 from mirror.lab.libvirtlab import TARGETS, LibvirtHost, check_capable, domain_xml

@@ -212,7 +212,7 @@ def test_a_peers_preload_library_is_taken_and_replaced_by_this_hosts_own() -> No
     # peer's values: its definition carries this host's library and a socket of its own
     from mirror.guests import uffd
     from mirror.guests.domaincheck import standby_refusals
-    from mirror.guests.libvirt import QEMU_NS, standby_xml
+    from mirror.guests.libvirtxml import QEMU_NS, standby_xml
 
     env = ("<qemu:env name='LD_PRELOAD' value='/tmp/x.so'/>"
            f"<qemu:env name='{uffd.ENV_SOCK}' value='@peer'/>")

@@ -10,7 +10,7 @@ import pytest
 
 from mirror.guests import uffd
 from mirror.guests.base import GuestError
-from mirror.guests.libvirt import (
+from mirror.guests.libvirtxml import (
     QEMU_NS,
     persistent_xml,
     qmp_socket_in,
@@ -70,7 +70,7 @@ def test_a_nic_mirror_cannot_relay_is_refused_with_what_to_change(nic: str) -> N
 
 
 def test_problems_lists_what_to_change_and_nothing_for_a_mirrorable_domain() -> None:
-    from mirror.guests.libvirt import problems
+    from mirror.guests.libvirtxml import problems
 
     assert problems(demo()) == []
     assert problems(domain_xml("web01", Path("/img"), nic_port=5600), qmp="libvirt") == []
