@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
+import logging
 import mmap
 import os
 import select
@@ -43,11 +45,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mirror.config import LibvirtConfig
-from mirror.guests import uffd
+from mirror.guests import libvirtram, uffd
 from mirror.guests.base import Guest, GuestError, LogSource, OutputHandler
 from mirror.guests.libvirtqmp import LibvirtMonitor, Monitor, SocketMonitor
 from mirror.guests.libvirtxml import (
-    MEMORY_FIX,
     persistent_xml,
     server_nic,
     standby_xml,
@@ -55,7 +56,7 @@ from mirror.guests.libvirtxml import (
 from mirror.guests.libvirtxml import qmp_socket_in as qmp_socket_in  # (ha/hostagent.py)
 from mirror.guests.qemu import NetRelay
 
-RAM_OBJECTS = ("/objects/pc.ram", "/objects/ram-node0")
+log = logging.getLogger("mirror.guests.libvirt")
 
 
 def _libvirt() -> Any:
@@ -82,23 +83,30 @@ def open_conn(uri: str) -> Any:
 # ---- the guest ----------------------------------------------------------------------
 
 
-def _qemu_pid_mapping(path: str) -> int:
-    """The pid of the process that maps ``path`` (QEMU; libvirt does not tell it)."""
-    st = os.stat(path)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} {st.st_ino} "
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+def _copy(src: int, dst: int, size: int, what: str) -> None:
+    """``size`` bytes from the start of ``src`` to the start of ``dst``, in the kernel:
+    copy_file_range, or sendfile where the two are on different filesystems (a memfd is
+    on the kernel's internal tmpfs, the image on /dev/shm: EXDEV)."""
+    n = 0
+    while n < size:
         try:
-            with open(f"/proc/{entry.name}/comm") as f:
-                if not f.read().startswith("qemu"):
-                    continue
-            with open(f"/proc/{entry.name}/maps") as f:
-                if any(key in line for line in f):
-                    return int(entry.name)
-        except OSError:
-            continue
-    raise GuestError(f"no QEMU process maps {path}")
+            k = os.copy_file_range(src, dst, size - n, n, n)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP) or n:
+                raise GuestError(f"{what}: {e.strerror}") from None
+            break
+        if k <= 0:
+            raise GuestError(f"{what}: short copy")
+        n += k
+    os.lseek(dst, n, os.SEEK_SET)
+    while n < size:
+        try:
+            k = os.sendfile(dst, src, n, size - n)
+        except OSError as e:
+            raise GuestError(f"{what}: {e.strerror}") from None
+        if k <= 0:
+            raise GuestError(f"{what}: short copy")
+        n += k
 
 
 class LibvirtGuest(Guest):
@@ -123,6 +131,10 @@ class LibvirtGuest(Guest):
         try:
             xml = dom.XMLDesc(0)
             self.xml = xml
+            self._has_balloon = any(
+                b.get("model") != "none" for b in ET.fromstring(xml).iter("memballoon")
+            )
+            self._balloon: int | None = None  # its size as last seen (the primary's)
             if settings.qmp == "socket":
                 path = settings.qmp_socket or qmp_socket_in(xml)
                 if not path:
@@ -134,17 +146,18 @@ class LibvirtGuest(Guest):
                 self.monitor = SocketMonitor(path)
             else:
                 self.monitor = LibvirtMonitor(self.call)
-            self._ram_path = Path(self._find_ram())
-            size = ram_mib << 20
-            if self._ram_path.stat().st_size != size:
-                raise GuestError(
-                    f"domain {self.name!r} has {self._ram_path.stat().st_size >> 20} MiB of "
-                    f"RAM but guest.ram_mib = {ram_mib}: make them agree"
-                )
-            self.pid = _qemu_pid_mapping(str(self._ram_path))
+            self.pid = libvirtram.qemu_pid(self.monitor, self.name)
             self._pidfd = os.pidfd_open(self.pid)
+            ram = libvirtram.find_ram(self.monitor, self.pid, self.name)
+            self._ram_path, self.backing = ram.path, ram.backing
+            size = ram_mib << 20
             fd = os.open(self._ram_path, os.O_RDWR)
             try:
+                if os.fstat(fd).st_size != size or ram.size != size:
+                    raise GuestError(
+                        f"domain {self.name!r} has {ram.size >> 20} MiB of RAM but "
+                        f"guest.ram_mib = {ram_mib}: make them agree"
+                    )
                 self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
             finally:
                 os.close(fd)
@@ -192,19 +205,6 @@ class LibvirtGuest(Guest):
         except libvirt.libvirtError as e:
             raise GuestError(f"{what}: {e}") from None
 
-    def _find_ram(self) -> str:
-        assert self.monitor is not None
-        for obj in RAM_OBJECTS:
-            try:
-                path = self.monitor.execute("qom-get", {"path": obj, "property": "mem-path"})
-                shared = self.monitor.execute("qom-get", {"path": obj, "property": "share"})
-            except GuestError:
-                continue
-            if not shared:
-                raise GuestError(f"domain {self.name!r}: its RAM file is not shared: {MEMORY_FIX}")
-            return str(path)
-        raise GuestError(f"domain {self.name!r}: its RAM is not file-backed: {MEMORY_FIX}")
-
     # -- the two ways in ------------------------------------------------------------
 
     @classmethod
@@ -236,6 +236,7 @@ class LibvirtGuest(Guest):
             g.relay.on_output = on_output
             g.command("stop")  # the pre-copy first; resume() lets it run
             g.relay.drain()
+            g._balloon = g._balloon_size()
         except BaseException:
             g.stop(destroy=False)
             raise
@@ -273,15 +274,10 @@ class LibvirtGuest(Guest):
         QEMU through a passed pipe, then (at resume) run."""
         assert self.relay is not None and self.monitor is not None and self._map is not None
         self.relay.on_output = on_output
-        with open(image, "rb") as f:  # in-kernel copy: tmpfs to tmpfs
+        with open(image, "rb") as f:  # in-kernel copy: tmpfs to tmpfs (or to QEMU's memfd)
             fd = os.open(self._ram_path, os.O_WRONLY)
             try:
-                n, left = 0, len(self._map)
-                while left:
-                    k = os.copy_file_range(f.fileno(), fd, left, n, n)
-                    if k <= 0:
-                        raise GuestError(f"copying {image} into {self._ram_path}: short copy")
-                    n, left = n + k, left - k
+                _copy(f.fileno(), fd, len(self._map), f"copying {image} into {self._ram_path}")
             finally:
                 os.close(fd)
         r, w = os.pipe()
@@ -301,6 +297,7 @@ class LibvirtGuest(Guest):
                 raise GuestError(f"loading the device state into {self.name!r}: migration {st}")
             time.sleep(0.002)
         writer.join(5)
+        self._balloon = self._balloon_size()  # as the checkpoint left it, before it runs
         self.relay.active = True
         self.standby = False
         self._announce = self._resume_via_libvirt = True
@@ -386,12 +383,43 @@ class LibvirtGuest(Guest):
                 return LogSource(self.pid, kv.split(b"=", 1)[1].decode())
         return None
 
+    def _balloon_size(self) -> int | None:
+        """The balloon's size as QEMU has it now (None: the domain has no balloon)."""
+        if not self._has_balloon:
+            return None
+        assert self.monitor is not None
+        return int(self.monitor.execute("query-balloon")["actual"])
+
+    def ram_discarded(self) -> bool:
+        """Pages a balloon takes are discarded by QEMU (a hole punched in the RAM file or
+        memfd) without a write the dirty-page log sees.  Its size is watched (QMP
+        ``query-balloon`` after each checkpoint; QMP's BALLOON_CHANGE event is rate-limited
+        to one a second): a change means a full compare of RAM at the next checkpoint.
+        Free page reporting, which discards without a change of size, is refused
+        (log_blockers; domaincheck)."""
+        if not self._has_balloon:
+            return False
+        try:
+            size = self._balloon_size()
+        except GuestError as e:
+            log.warning("domain %s: the balloon's size is unknown (%s): RAM compared", self.name, e)
+            return True
+        if size == self._balloon:
+            return False
+        log.info("domain %s: its balloon went from %s to %s bytes: RAM compared in full",
+                 self.name, self._balloon, size)  # fmt: skip
+        self._balloon = size
+        return True
+
     def log_blockers(self) -> list[str]:
         root = ET.fromstring(self.xml)
         found = []
         for b in root.findall("./devices/memballoon"):
-            if b.get("model") != "none":
-                found.append("a memory balloon (frees guest pages behind the log)")
+            if b.get("freePageReporting") == "on":
+                found.append(
+                    "a balloon with free page reporting (the host discards the pages the "
+                    "guest reports free, behind the log, with no change of the balloon's size)"
+                )
         if root.find("./devices/memory") is not None:
             found.append("memory devices (virtio-mem/DIMMs plug RAM behind the log)")
         if root.find("./devices/interface[@type='vhostuser']") is not None:

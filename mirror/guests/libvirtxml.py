@@ -14,12 +14,13 @@ from typing import Any
 
 from mirror.guests import uffd
 from mirror.guests.base import GuestError
+from mirror.guests.domaincheck import has_preload
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
 MEMORY_FIX = (
-    "add <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking> "
-    "to the domain (and put qemu.conf's memory_backing_dir on tmpfs)"
+    "run `mirror pair DOMAIN --prepare` (it writes <memoryBacking><source type='memfd'/><access "
+    "mode='shared'/></memoryBacking>), then restart the domain"
 )
 
 
@@ -61,12 +62,11 @@ def problems(xml: str, qmp: str = "socket") -> list[str]:
     mb = root.find("memoryBacking")
     if (
         mb is None
-        or mb.find("source") is None
-        or mb.find("source").get("type") != "file"  # type: ignore[union-attr]
-        or mb.find("access") is None
-        or mb.find("access").get("mode") != "shared"  # type: ignore[union-attr]
+        or _get(mb, "source", "type") not in ("file", "memfd")
+        or _get(mb, "access", "mode") != "shared"
+        or mb.find("hugepages") is not None
     ):
-        found.append(f"its RAM is not a shared file (mirror maps it): {MEMORY_FIX}")
+        found.append(f"its RAM is not a shared memfd or file (mirror maps it): {MEMORY_FIX}")
     try:
         server_nic(xml, name)
     except GuestError as e:
@@ -83,10 +83,10 @@ def problems(xml: str, qmp: str = "socket") -> list[str]:
             "them or wait for the disk support"
         )
     for b in root.findall("./devices/memballoon"):
-        if b.get("model") != "none":
+        if b.get("freePageReporting") == "on":
             found.append(
-                "a memory balloon changes RAM behind mirror's dirty-page log: "
-                "<memballoon model='none'/>"
+                "a balloon's free page reporting discards RAM behind mirror's dirty-page log: "
+                "<memballoon freePageReporting='off'>"
             )
     if root.find("./devices/memory") is not None:
         found.append("memory devices (virtio-mem, DIMMs) plug RAM behind mirror's back")
@@ -180,3 +180,73 @@ def persistent_xml(xml: str) -> str:
         if not list(cmd):
             root.remove(cmd)
     return ET.tostring(root, encoding="unicode")
+
+
+def prepared_xml(xml: str) -> tuple[str, list[str]]:
+    """The domain's definition with what mirror needs of it at its next start, and each
+    change made (none: nothing to do); everything else as it was.  RAM: private anonymous
+    RAM becomes a shared memfd (a file or memfd mapped private becomes shared); the
+    dirty-page log's preload library in ``<qemu:env>``; a balloon's free page reporting off.
+    GuestError for what it cannot change (hugetlbfs)."""
+    root = ET.fromstring(xml)
+    changes = []
+    mb = root.find("memoryBacking")
+    if mb is not None and mb.find("hugepages") is not None:
+        raise GuestError(
+            "its RAM is on hugetlbfs (<memoryBacking><hugepages/>): the dirty-page log and the "
+            "page scans work on 4 KiB pages; remove <hugepages/> first (`virsh edit`)"
+        )
+    source = "" if mb is None else _get(mb, "source", "type")
+    access = "" if mb is None else _get(mb, "access", "mode")
+    cells = [c for c in root.findall("cpu/numa/cell") if c.get("memAccess", "shared") != "shared"]
+    if source not in ("file", "memfd") or access != "shared" or cells:
+        if mb is None:
+            mb = ET.SubElement(root, "memoryBacking")
+        src = mb.find("source")
+        if src is None:
+            src = ET.SubElement(mb, "source")
+        if source not in ("file", "memfd"):
+            src.attrib.clear()
+            src.set("type", "memfd")
+        acc = mb.find("access")
+        if acc is None:
+            acc = ET.SubElement(mb, "access")
+        acc.set("mode", "shared")
+        for c in cells:
+            c.set("memAccess", "shared")
+        changes.append(
+            f"<memoryBacking><source type='{src.get('type')}'/><access mode='shared'/>"
+            f"</memoryBacking>: guest RAM mirror can map (through QEMU's fd of it; no "
+            f"host-wide setting)"
+        )
+    env = preload_env()
+    if env and not has_preload(root):
+        cmd = root.find(f"{{{QEMU_NS}}}commandline")
+        if cmd is None:
+            cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
+        theirs = ""
+        for e in cmd.findall(f"{{{QEMU_NS}}}env"):
+            if e.get("name") in ("LD_PRELOAD", uffd.ENV_SOCK):
+                if e.get("name") == "LD_PRELOAD":
+                    theirs = e.get("value", "")
+                cmd.remove(e)
+        env["LD_PRELOAD"] = f"{env['LD_PRELOAD']} {theirs}".strip()
+        for k, v in env.items():
+            ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=k, value=v)
+        changes.append(
+            f"<qemu:env> LD_PRELOAD={env['LD_PRELOAD']} and {uffd.ENV_SOCK}: the dirty-page "
+            f"log's preload (checkpoints scan only the pages written)"
+        )
+    for b in root.findall("devices/memballoon"):
+        if b.get("freePageReporting") == "on":
+            b.set("freePageReporting", "off")
+            changes.append(
+                "<memballoon freePageReporting='off'>: the host would discard reported pages "
+                "behind the dirty-page log, with no change of the balloon's size"
+            )
+    return (ET.tostring(root, encoding="unicode") if changes else xml), changes
+
+
+def _get(el: ET.Element, child: str, attr: str) -> str:
+    c = el.find(child)
+    return "" if c is None else c.get(attr, "")

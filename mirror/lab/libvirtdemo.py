@@ -57,7 +57,12 @@ def qmp_args(sock: Path | None, *, log: bool = False) -> str:
     )
 
 
-def demo_domain(img: Path, base: Config, serial: Path, qmp_sock: Path | None = None) -> str:
+def demo_domain(
+    img: Path, base: Config, serial: Path, qmp_sock: Path | None = None, *,
+    backing: str = "file", balloon: bool = False,
+) -> str:  # fmt: skip
+    """``backing``: the guest RAM's <memoryBacking> source ("file" or "memfd", shared);
+    ``balloon``: a virtio balloon instead of none."""
     xml = domain_xml(
         DOMAIN,
         img,
@@ -65,7 +70,9 @@ def demo_domain(img: Path, base: Config, serial: Path, qmp_sock: Path | None = N
         cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}",
         serial=serial,
         nic_port=NIC_PORT,
-    )
+    ).replace("<source type='file'/>", f"<source type='{backing}'/>")
+    if balloon:
+        xml = xml.replace("<memballoon model='none'/>", "<memballoon model='virtio'/>")
     return xml.replace("</domain>", qmp_args(qmp_sock, log=True) + "</domain>")
 
 
@@ -146,7 +153,8 @@ class AgentHost(Host):
 class LibvirtDemoGuest:
     label = "libvirt"
 
-    def __init__(self) -> None:
+    def __init__(self, *, backing: str = "file", balloon: bool = False) -> None:
+        self.backing, self.balloon = backing, balloon  # the domain's (demo_domain)
         self.hosts: dict[str, LibvirtHost] = {}
         self.serial_path = Path("/nonexistent")
         self.pair_output: list[str] = []
@@ -191,7 +199,9 @@ class LibvirtDemoGuest:
         sock = Path(TARGETS["run"]) / f"mirror-{DOMAIN}-qmp.sock"
         conn = self.hosts["A"].connect()
         qmp = sock if base.libvirt.qmp == "socket" else None
-        dom = conn.defineXML(demo_domain(img, base, serial, qmp))
+        dom = conn.defineXML(
+            demo_domain(img, base, serial, qmp, backing=self.backing, balloon=self.balloon)
+        )
         dom.setAutostart(1)
         dom.create()
         mark(f"host A: domain {DOMAIN} defined (autostart on) and started by its libvirtd")

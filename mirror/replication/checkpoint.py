@@ -148,6 +148,7 @@ class Stats:
     scan_note: str = ""  # why it is not the one asked for (auto without the log)
     log_losses: int = 0  # times the dirty-page log was lost (a full hashed scan each)
     log_missed_pages: int = 0  # pages the safety net found changed but not logged
+    ram_discards: int = 0  # times the guest's RAM was discarded (a balloon): a full compare
     verified_pages: int = 0  # pages the safety net compared with the standby's table
     precopy_rounds: int = 0
 
@@ -191,6 +192,7 @@ class Stats:
             "scan_note": self.scan_note,
             "log_losses": self.log_losses,
             "log_missed_pages": self.log_missed_pages,
+            "ram_discards": self.ram_discards,
             "verified_pages": self.verified_pages,
         }
 
@@ -705,6 +707,11 @@ class CheckpointEngine:
             if self._open_log():
                 self.log_state = "fresh"
                 _event("dirty-log-restored", checkpoint=epoch)
+            return
+        if self.guest.ram_discarded():  # e.g. a balloon inflated: holes the log cannot see
+            self.log_state = "fresh"  # so the next pause compares all of RAM with the table
+            self.stats.ram_discards += 1
+            _event("ram-discarded", checkpoint=epoch, fallback="hashed scan of all of RAM")
             return
         if logged and self.cfg.verify_slices:
             self._verify_slice(epoch)
