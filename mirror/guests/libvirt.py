@@ -2,9 +2,12 @@
 
 The primary ATTACHES to the running domain (it does not boot it):
 
-- RAM: the domain's shared memory file (``<memoryBacking><source type='file'/><access
-  mode='shared'/>``), found with QMP ``qom-get /objects/pc.ram mem-path`` (never guessed)
-  and mapped;
+- RAM: a shared memfd (``<memoryBacking><source type='memfd'/><access mode='shared'/>``,
+  mapped through QEMU's fd of it) or a shared file (``<source type='file'/>``), found
+  through QMP and /proc, never guessed (mirror/guests/libvirtram.py);
+- a virtio balloon: its size is read after each checkpoint (``ram_discarded``): QEMU
+  punches the pages it takes out of the RAM behind the dirty-page log, so after a
+  change the next checkpoint compares all of RAM;
 - QMP: through libvirt (``qemuMonitorCommand``, untainted) or through a monitor socket of
   mirror's own that the domain's XML adds (``<qemu:commandline>`` ``-qmp unix:PATH``):
   ``[libvirt] qmp`` picks (bench/libvirt_pause.py measures both);
@@ -20,13 +23,14 @@ The primary ATTACHES to the running domain (it does not boot it):
 
 The secondary runs the standby: a transient domain of the same definition, started
 paused with ``-incoming defer``.  Promotion copies the standby image into the domain's
-RAM file, passes a pipe with ``getfd``, ``migrate-incoming fd:``, feeds it the device
-state, resumes through libvirt, ``announce-self``, and defines the domain persistent
-on this host.
+RAM (its file, or its memfd through QEMU's fd), passes a pipe with ``getfd``,
+``migrate-incoming fd:``, feeds it the device state, resumes through libvirt,
+``announce-self``, and defines the domain persistent on this host.
 
 The dirty-page log needs a userfaultfd made inside QEMU: the standby domains mirror
 defines carry the preload library (``<qemu:env>``); a domain attached as it is has the
-log only if its XML has it too, otherwise the primary scans (hashed scan).
+log only if its XML has it too (``mirror pair --prepare`` writes it), otherwise the primary
+scans (hashed scan).
 """
 
 from __future__ import annotations

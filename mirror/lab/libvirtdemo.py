@@ -59,15 +59,17 @@ def qmp_args(sock: Path | None, *, log: bool = False) -> str:
 
 def demo_domain(
     img: Path, base: Config, serial: Path, qmp_sock: Path | None = None, *,
-    backing: str = "file", balloon: bool = False,
+    backing: str = "file", balloon: bool = False, kernel_args: str = "",
 ) -> str:  # fmt: skip
     """``backing``: the guest RAM's <memoryBacking> source ("file" or "memfd", shared);
-    ``balloon``: a virtio balloon instead of none."""
+    ``balloon``: a virtio balloon instead of none; ``kernel_args``: more for the guest's
+    kernel."""
     xml = domain_xml(
         DOMAIN,
         img,
         ram_mib=base.guest.ram_mib,
-        cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}",
+        cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT} {kernel_args}"
+        .strip(),
         serial=serial,
         nic_port=NIC_PORT,
     ).replace("<source type='file'/>", f"<source type='{backing}'/>")
@@ -153,8 +155,10 @@ class AgentHost(Host):
 class LibvirtDemoGuest:
     label = "libvirt"
 
-    def __init__(self, *, backing: str = "file", balloon: bool = False) -> None:
-        self.backing, self.balloon = backing, balloon  # the domain's (demo_domain)
+    def __init__(
+        self, *, backing: str = "file", balloon: bool = False, kernel_args: str = ""
+    ) -> None:
+        self.domain_options = {"backing": backing, "balloon": balloon, "kernel_args": kernel_args}
         self.hosts: dict[str, LibvirtHost] = {}
         self.serial_path = Path("/nonexistent")
         self.pair_output: list[str] = []
@@ -200,7 +204,7 @@ class LibvirtDemoGuest:
         conn = self.hosts["A"].connect()
         qmp = sock if base.libvirt.qmp == "socket" else None
         dom = conn.defineXML(
-            demo_domain(img, base, serial, qmp, backing=self.backing, balloon=self.balloon)
+            demo_domain(img, base, serial, qmp, **self.domain_options)  # type: ignore[arg-type]
         )
         dom.setAutostart(1)
         dom.create()
