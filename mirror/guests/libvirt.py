@@ -415,6 +415,9 @@ class LibvirtGuest(Guest):
         self._balloon = size
         return True
 
+    def discards_ram(self) -> bool:
+        return self._has_balloon
+
     def log_blockers(self) -> list[str]:
         root = ET.fromstring(self.xml)
         found = []
