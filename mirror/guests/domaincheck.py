@@ -319,7 +319,8 @@ def _balloon(devices: ET.Element, name: str) -> list[Finding]:
             now,
             "QEMU discards the pages the balloon takes, unseen by the dirty-page log; mirror "
             "watches the balloon's size while paired and compares all of RAM at the checkpoint "
-            "after a change (`virsh setmem`): one long pause per change, nothing lost",
+            "after a change (`virsh setmem`): one long pause per change, nothing lost (the "
+            "pages it moves without a change of size are found by the log's safety net)",
             "nothing to change (free page reporting stays off: " + PAGE_REPORTING_WHY + ")",
             blocking=False,
         )
