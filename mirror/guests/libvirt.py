@@ -240,7 +240,7 @@ class LibvirtGuest(Guest):
             g.relay.on_output = on_output
             g.command("stop")  # the pre-copy first; resume() lets it run
             g.relay.drain()
-            g._balloon = g._balloon_size()
+            g._balloon = g._balloon_now()
         except BaseException:
             g.stop(destroy=False)
             raise
@@ -301,7 +301,7 @@ class LibvirtGuest(Guest):
                 raise GuestError(f"loading the device state into {self.name!r}: migration {st}")
             time.sleep(0.002)
         writer.join(5)
-        self._balloon = self._balloon_size()  # as the checkpoint left it, before it runs
+        self._balloon = self._balloon_now()  # as the checkpoint left it, before it runs
         self.relay.active = True
         self.standby = False
         self._announce = self._resume_via_libvirt = True
@@ -393,6 +393,15 @@ class LibvirtGuest(Guest):
             return None
         assert self.monitor is not None
         return int(self.monitor.execute("query-balloon")["actual"])
+
+    def _balloon_now(self) -> int | None:
+        """The size to watch from (None if unknown: the first look compares all of RAM);
+        never an error on the way to running the guest (attaching, promoting)."""
+        try:
+            return self._balloon_size()
+        except GuestError as e:
+            log.warning("domain %s: the balloon's size is unknown (%s)", self.name, e)
+            return None
 
     def ram_discarded(self) -> bool:
         """Pages a balloon takes are discarded by QEMU (a hole punched in the RAM file or
