@@ -36,7 +36,8 @@ from typing import Any
 from mirror.config import LibvirtConfig, QemuConfig
 from mirror.guests import image
 from mirror.guests.base import Guest
-from mirror.guests.libvirt import LibvirtGuest, LibvirtMonitor, Monitor, SocketMonitor
+from mirror.guests.libvirt import LibvirtGuest
+from mirror.guests.libvirtqmp import LibvirtMonitor, Monitor, SocketMonitor
 from mirror.guests.qemu import QemuGuest
 from mirror.lab.demo import free_ports, wait_for
 from mirror.lab.libvirtdemo import qmp_args

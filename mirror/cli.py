@@ -521,6 +521,8 @@ def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
                 "pause",
                 f"p50 {summary.get('pause_ms_p50')} ms, p99 {summary.get('pause_ms_p99')} ms",
             ),
+            ("scan", f"{summary.get('scan') or '?'}"
+                     + (f" ({summary['scan_note']})" if summary.get("scan_note") else "")),
             ("replication", f"{summary.get('dirty_mb_per_s')} MB/s of dirty pages"),
             (
                 "outputs",

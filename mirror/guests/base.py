@@ -98,6 +98,18 @@ class Guest(ABC):
         hands out userfaultfds; None if this guest cannot have the log."""
         return None
 
+    def ram_discarded(self) -> bool:
+        """Whether the hypervisor may have discarded guest pages since the last call,
+        unseen by a dirty-page log (a balloon that changed size): the next checkpoint then
+        compares all of RAM.  Asked after a checkpoint's resume, never in the pause."""
+        return False
+
+    def discards_ram(self) -> bool:
+        """Whether the hypervisor may punch holes in this guest's RAM at any time (a
+        balloon moving its pages): a page the safety net finds changed to zero behind
+        the log is then such a hole (sent all the same), not a page the log missed."""
+        return False
+
     def log_blockers(self) -> list[str]:
         """What this guest has that changes RAM behind a dirty-page log's back
         (a balloon, virtio-mem, discard of RAM, vhost-user): the log is refused."""

@@ -8,17 +8,24 @@ printed and pairing goes on.  Nothing here talks to libvirt: ``mirror pair --che
 
 What mirror needs of a domain, and why:
 
-- RAM on a shared file (``<memoryBacking><source type='file'/><access mode='shared'/>``):
-  the agent maps the guest's RAM from that file to copy the pages written in each epoch;
-  anonymous or private RAM is not visible to it.  One RAM backend: no NUMA cells beyond
-  one, no memory devices (DIMMs, virtio-mem, virtio-pmem, NVDIMM), no hugepages (the
-  dirty-page log and the scans work on 4 KiB pages).
-- Nothing that changes guest memory behind the dirty-page log, or keeps guest state
-  outside QEMU's RAM and device state: no memory balloon (``<memballoon model='none'/>``:
-  libvirt adds a virtio balloon when the element is absent), no discard of RAM, no
-  vhost-user devices (another process writes guest RAM), no passthrough (hostdev, SR-IOV,
-  vDPA: DMA the log cannot see, device state QEMU cannot save), no shared memory devices,
-  no emulated TPM (its state lives in swtpm), no virtiofs.
+- RAM mirror can map: ``<memoryBacking><source type='memfd'/><access mode='shared'/>``
+  (mapped through QEMU's fd of its memfd; no host-wide setting) or ``<source type='file'/>``
+  with shared access (mapped from the file).  Private anonymous RAM (no ``<memoryBacking>``,
+  what virt-install writes) is visible to no other process: ``mirror pair --prepare`` writes
+  the memfd backing (and the dirty-page log's preload) for the domain's next start.  One RAM
+  backend: no NUMA cells beyond one, no memory devices (DIMMs, virtio-mem, virtio-pmem,
+  NVDIMM), no hugetlbfs (the dirty-page log and the scans work on 4 KiB pages).
+- The dirty-page log's preload (``<qemu:env>`` LD_PRELOAD and MIRROR_UFFD_SOCK): without it
+  the checkpoints use the hashed scan (a note; ``--prepare`` adds it).
+- A virtio balloon is accepted: QEMU discards the pages it takes behind the dirty-page
+  log, so mirror watches its size while paired and compares all of RAM after a change
+  (mirror/guests/libvirt.py ``ram_discarded``).  Free page reporting is refused: its
+  discards change no size, so nothing would tell mirror.
+- Nothing else that changes guest memory behind the dirty-page log, or keeps guest state
+  outside QEMU's RAM and device state: no discard of RAM, no vhost-user devices (another
+  process writes guest RAM), no passthrough (hostdev, SR-IOV, vDPA: DMA the log cannot
+  see, device state QEMU cannot save), no shared memory devices, no emulated TPM (its state
+  lives in swtpm), no virtiofs.
 - At most one NIC, of a type the libvirt backend puts under output commit (a socket
   ``server`` NIC now; bridge, network and ethernet later) and model virtio; never user-mode
   networking (slirp keeps TCP state inside QEMU, outside the checkpoint) or macvtap
@@ -75,6 +82,26 @@ class Result:
     def blocking(self) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if f.blocking)
 
+    @property
+    def scan(self) -> str:
+        """How its checkpoints find the written pages: "log" (the dirty-page log, where the
+        kernel has it: Linux >= 6.7) or "hashed" (no preload in the XML)."""
+        return "hashed" if any(f.code == "no-preload" for f in self.findings) else "log"
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """A domain as `mirror pair` finds it: its running guest (the live XML; None when it is
+    not running) and its next boot (the persistent definition, which the standby is made
+    of).  Both must be mirrorable."""
+
+    next_boot: Result
+    running: Result | None
+
+    @property
+    def ok(self) -> bool:
+        return self.running is not None and self.running.ok and self.next_boot.ok
+
 
 class DomainXMLError(ValueError):
     """The text is not a domain definition; the message says why."""
@@ -121,13 +148,14 @@ def check(xml: str, *, disks_supported: bool = False) -> Result:
     devices = root.find("devices")
     if devices is None:
         devices = ET.Element("devices")
-    out += _balloon(devices)
+    out += _balloon(devices, name)
     out += _memory_devices(devices)
     nics = devices.findall("interface")
     out += _nics(nics)
     out += _disks(devices, disks_supported)
     out += _other_devices(devices)
     out += _firmware(root)
+    out += _preload(root, name)
     nic_text = tuple(
         f"{n.get('type')} {_attr(n, 'model', 'type') or 'default'} {_attr(n, 'mac', 'address')}"
         for n in nics
@@ -162,7 +190,21 @@ def _hypervisor(root: ET.Element) -> list[Finding]:
     ]
 
 
-MEMORY_BACKING = "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
+MEMORY_BACKING = "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+RAM_SOURCES = ("file", "memfd")  # shared: mirror maps the file, or QEMU's memfd through its fd
+PAGE_REPORTING_WHY = (
+    "the guest reports free pages and the host discards them, with no change of the "
+    "balloon's size: nothing tells mirror, and the dirty-page log does not see a discard, so "
+    "the standby would keep stale contents unseen"
+)
+
+
+def prepare_fix(name: str) -> str:
+    """The one step that gives a domain what mirror needs of it at its next start."""
+    return (
+        f"run `mirror pair {name} --prepare`: it writes {MEMORY_BACKING} (no host-wide "
+        f"change) and the dirty-page log's preload into its definition; then restart the domain"
+    )
 
 
 def _memory(root: ET.Element, name: str) -> list[Finding]:
@@ -172,31 +214,35 @@ def _memory(root: ET.Element, name: str) -> list[Finding]:
     access = "" if mb is None else _attr(mb, "access", "mode")
     numa = root.findall("cpu/numa/cell")
     cell_access = {c.get("memAccess", "") for c in numa}
-    shared = access == "shared" or (bool(numa) and cell_access == {"shared"})
-    if source != "file" or not shared:
-        now = (
-            "no <memoryBacking>" if mb is None
-            else f"<memoryBacking> with source type {source or 'anonymous (none given)'!r} "
-            f"and access mode {access or 'private (none given)'!r}"
-        )  # fmt: skip
-        out.append(
-            Finding(
-                "ram-not-shared-file",
-                f"the guest's RAM: {now}",
-                "mirror maps the guest's RAM from its backing file to copy the pages written "
-                "in each epoch; anonymous, memfd or private RAM is not visible to it",
-                f"add {MEMORY_BACKING} to the domain (`virsh edit {name}`; takes effect at its "
-                f"next start), and point memory_backing_dir in /etc/libvirt/qemu.conf at a "
-                f"tmpfs such as /dev/shm (the default, /var/lib/libvirt/qemu/ram, is on disk)",
-            )
-        )
+    shared = (access == "shared" and cell_access <= {"", "shared"}) or (
+        bool(numa) and cell_access == {"shared"}
+    )
     if mb is not None and mb.find("hugepages") is not None:
         out.append(
             Finding(
                 "hugepages",
-                "the guest's RAM is on hugepages (<memoryBacking><hugepages/>)",
+                f"the guest's RAM is on hugetlbfs (<memoryBacking><hugepages/>"
+                f"{', source ' + repr(source) if source else ''})",
                 "the dirty-page log and the page scans work on 4 KiB pages",
-                "remove <hugepages/> from <memoryBacking>",
+                "remove <hugepages/> from <memoryBacking> (takes effect at its next start)",
+            )
+        )
+    elif source not in RAM_SOURCES or not shared:
+        if source in RAM_SOURCES:
+            now = f"a {source} that QEMU maps private (access mode {access or 'private'!r})"
+        else:
+            now = "private anonymous memory " + (
+                "(no <memoryBacking>)" if mb is None
+                else f"(<memoryBacking> source {source or 'anonymous (none given)'!r}, access "
+                f"{access or 'private (none given)'!r})"
+            )  # fmt: skip
+        out.append(
+            Finding(
+                "ram-private",
+                f"the guest's RAM is {now}",
+                "mirror maps the guest's RAM to copy the pages written in each epoch; memory "
+                "QEMU keeps private is visible to no other process",
+                prepare_fix(name),
             )
         )
     if mb is not None and mb.find("discard") is not None:
@@ -221,19 +267,62 @@ def _memory(root: ET.Element, name: str) -> list[Finding]:
     return out
 
 
-def _balloon(devices: ET.Element) -> list[Finding]:
-    b = devices.find("memballoon")
-    model = "virtio (libvirt's default when absent)" if b is None else b.get("model", "")
-    if b is not None and model == "none":
+def has_preload(root: ET.Element) -> bool:
+    """Whether QEMU gets the dirty-page log's preload library from the XML."""
+    cmd = root.find(f"{{{QEMU_NS}}}commandline")
+    envs = {} if cmd is None else {e.get("name"): e.get("value", "")
+                                   for e in cmd.findall(f"{{{QEMU_NS}}}env")}  # fmt: skip
+    return bool(envs.get(uffd.ENV_SOCK)) and "_uffdpreload" in (envs.get("LD_PRELOAD") or "")
+
+
+def _preload(root: ET.Element, name: str) -> list[Finding]:
+    if has_preload(root):
         return []
     return [
         Finding(
+            "no-preload",
+            "the dirty-page log's preload is not in the domain's <qemu:commandline> "
+            f"(<qemu:env name='LD_PRELOAD'/> and {uffd.ENV_SOCK})",
+            "without it each checkpoint finds the written pages by hashing all of RAM (the "
+            "hashed scan): the pause grows with RAM (p50 23-26 ms against 4 ms with the log "
+            "at 128 MiB here)",
+            f"`mirror pair {name} --prepare` adds it (takes effect at its next start)",
+            blocking=False,
+        )
+    ]
+
+
+def _balloon(devices: ET.Element, name: str) -> list[Finding]:
+    b = devices.find("memballoon")
+    model = "virtio" if b is None else b.get("model", "")
+    if model == "none":
+        return []
+    now = f"a memory balloon <memballoon model={model!r}>" + (
+        " (libvirt's default when the element is absent)" if b is None else ""
+    )
+    if not model.startswith("virtio"):
+        return [Finding("balloon", now, "mirror watches the size of a virtio balloon only",
+                        "set <memballoon model='none'/> in <devices>")]  # fmt: skip
+    if b is not None and b.get("freePageReporting") == "on":
+        return [
+            Finding(
+                "balloon-page-reporting",
+                f"{now} with freePageReporting='on'",
+                PAGE_REPORTING_WHY,
+                f"set freePageReporting='off' on <memballoon> (`mirror pair {name} --prepare` "
+                f"does it)",
+            )
+        ]
+    return [
+        Finding(
             "balloon",
-            f"a memory balloon: <memballoon model={model!r}>",
-            "a balloon hands guest pages back to the host without writing them: the "
-            "dirty-page log does not see them and the standby keeps stale contents",
-            "set <memballoon model='none'/> in <devices> (an absent element is not enough: "
-            "libvirt then adds a virtio balloon)",
+            now,
+            "QEMU discards the pages the balloon takes, unseen by the dirty-page log; mirror "
+            "watches the balloon's size while paired and compares all of RAM at the checkpoint "
+            "after a change (`virsh setmem`): one long pause per change, nothing lost (the "
+            "pages it moves without a change of size are found by the log's safety net)",
+            "nothing to change (free page reporting stays off: " + PAGE_REPORTING_WHY + ")",
+            blocking=False,
         )
     ]
 
@@ -434,6 +523,48 @@ def _firmware(root: ET.Element) -> list[Finding]:
     ]
 
 
+SCANS = {
+    "log": "the dirty-page log (the preload is in its XML; Linux >= 6.7, else hashed)",
+    "hashed": "the hashed scan (no preload in its XML: the pause grows with RAM)",
+}
+
+
+def assess(inactive: str, live: str | None) -> Assessment:
+    """Both XMLs checked (DomainXMLError if either is not a domain definition)."""
+    return Assessment(check(inactive), None if live is None else check(live))
+
+
+def explain_assessment(a: Assessment) -> str:
+    """What `mirror pair --check` prints: the running guest and the next boot, each with
+    its findings and the scan its checkpoints would use."""
+    name = a.next_boot.name
+    if a.ok:
+        notes = len({(f.code, f.what) for r in (a.running, a.next_boot) if r for f in r.findings})
+        head = f"{name}: can be mirrored" + (f" (with {notes} note(s))" if notes else "")
+    else:
+        head = f"{name}: cannot be mirrored"
+    lines = [head]
+    parts: list[tuple[str, Result | None]] = [
+        ("the running guest (live XML)", a.running), ("its next boot (persistent definition)",
+                                                     a.next_boot),
+    ]  # fmt: skip
+    for label, r in parts:
+        if r is None:
+            lines.append(f"  {label}: not running: mirror protects a running domain; start it "
+                         f"(virsh start {name})")  # fmt: skip
+            continue
+        if r is a.next_boot and a.running is not None and r.findings == a.running.findings:
+            lines.append(f"  {label}: the same")
+            continue
+        state = "can be mirrored" if r.ok else f"{len(r.blocking)} thing(s) to change"
+        lines.append(f"  {label}: {state}; checkpoints would use {SCANS[r.scan]}")
+        lines += ["  " + line for line in explain(r).splitlines()[1:]]
+    if a.running is not None and not a.running.ok and a.next_boot.ok:
+        lines.append(f"  its definition is ready: restart {name} (virsh shutdown {name}, then "
+                     f"virsh start {name}) for the running guest to have it")  # fmt: skip
+    return "\n".join(lines)
+
+
 def explain(r: Result) -> str:
     """The findings as an operator reads them."""
     if not r.findings:
@@ -542,7 +673,7 @@ def standby_refusals(xml: str, dirs: Sequence[str] = DEFAULT_DOMAIN_DIRS) -> lis
         args = [a.get("value", "") for a in cmd.findall(f"{{{QEMU_NS}}}arg")]
         ok = args == [] or (len(args) == 2 and args[0] == "-qmp" and args[1].startswith("unix:"))
         # the dirty-page log's preload library and socket: the standby's definition
-        # replaces both with this host's own (mirror.guests.libvirt.standby_xml)
+        # replaces both with this host's own (mirror.guests.libvirtxml.standby_xml)
         envs = [e.get("name") for e in cmd.findall(f"{{{QEMU_NS}}}env")]
         ok = ok and all(n in MIRROR_ENV for n in envs) and len(cmd) == len(args) + len(envs)
         if not ok:

@@ -2,9 +2,12 @@
 
 The primary ATTACHES to the running domain (it does not boot it):
 
-- RAM: the domain's shared memory file (``<memoryBacking><source type='file'/><access
-  mode='shared'/>``), found with QMP ``qom-get /objects/pc.ram mem-path`` (never guessed)
-  and mapped;
+- RAM: a shared memfd (``<memoryBacking><source type='memfd'/><access mode='shared'/>``,
+  mapped through QEMU's fd of it) or a shared file (``<source type='file'/>``), found
+  through QMP and /proc, never guessed (mirror/guests/libvirtram.py);
+- a virtio balloon: its size is read after each checkpoint (``ram_discarded``): QEMU
+  punches the pages it takes out of the RAM behind the dirty-page log, so after a
+  change the next checkpoint compares all of RAM;
 - QMP: through libvirt (``qemuMonitorCommand``, untainted) or through a monitor socket of
   mirror's own that the domain's XML adds (``<qemu:commandline>`` ``-qmp unix:PATH``):
   ``[libvirt] qmp`` picks (bench/libvirt_pause.py measures both);
@@ -20,43 +23,44 @@ The primary ATTACHES to the running domain (it does not boot it):
 
 The secondary runs the standby: a transient domain of the same definition, started
 paused with ``-incoming defer``.  Promotion copies the standby image into the domain's
-RAM file, passes a pipe with ``getfd``, ``migrate-incoming fd:``, feeds it the device
-state, resumes through libvirt, ``announce-self``, and defines the domain persistent
-on this host.
+RAM (its file, or its memfd through QEMU's fd), passes a pipe with ``getfd``,
+``migrate-incoming fd:``, feeds it the device state, resumes through libvirt,
+``announce-self``, and defines the domain persistent on this host.
 
 The dirty-page log needs a userfaultfd made inside QEMU: the standby domains mirror
 defines carry the preload library (``<qemu:env>``); a domain attached as it is has the
-log only if its XML has it too, otherwise the primary scans (hashed scan).
+log only if its XML has it too (``mirror pair --prepare`` writes it), otherwise the primary
+scans (hashed scan).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import itertools
-import json
+import errno
+import logging
 import mmap
 import os
 import select
 import threading
 import time
 import xml.etree.ElementTree as ET
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 from mirror.config import LibvirtConfig
-from mirror.guests import uffd
+from mirror.guests import libvirtram, uffd
 from mirror.guests.base import Guest, GuestError, LogSource, OutputHandler
+from mirror.guests.libvirtqmp import LibvirtMonitor, Monitor, SocketMonitor
+from mirror.guests.libvirtxml import (
+    persistent_xml,
+    server_nic,
+    standby_xml,
+)
+from mirror.guests.libvirtxml import qmp_socket_in as qmp_socket_in  # (ha/hostagent.py)
 from mirror.guests.qemu import NetRelay
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-ET.register_namespace("qemu", QEMU_NS)
-RAM_OBJECTS = ("/objects/pc.ram", "/objects/ram-node0")
-MEMORY_FIX = (
-    "add <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking> "
-    "to the domain (and put qemu.conf's memory_backing_dir on tmpfs)"
-)
+log = logging.getLogger("mirror.guests.libvirt")
 
 
 def _libvirt() -> Any:
@@ -80,298 +84,33 @@ def open_conn(uri: str) -> Any:
         ) from None
 
 
-# ---- QMP: through libvirt, or a socket of mirror's own ------------------------------
-
-
-class Monitor(ABC):
-    """QMP commands to one QEMU; ``submit`` starts one and returns its future."""
-
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qmp")
-
-    @abstractmethod
-    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        """One command (``fd``: passed with it, for getfd/add-fd); GuestError if it fails."""
-
-    def submit(
-        self, name: str, args: dict[str, Any] | None = None
-    ) -> concurrent.futures.Future[Any]:
-        return self._pool.submit(self.execute, name, args)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class LibvirtMonitor(Monitor):
-    """QMP through libvirt; ``call`` runs a function of the domain, reconnecting once
-    to a libvirtd that restarted (LibvirtGuest.call)."""
-
-    def __init__(self, call: Any) -> None:
-        super().__init__()
-        self.call = call
-
-    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        import libvirt_qemu
-
-        cmd = json.dumps({"execute": name, **({"arguments": args} if args else {})})
-        if fd >= 0:
-            text, _ = self.call(
-                f"QMP {name} through libvirt",
-                lambda dom: libvirt_qemu.qemuMonitorCommandWithFiles(dom, cmd, [fd], 0),
-            )
-        else:
-            text = self.call(
-                f"QMP {name} through libvirt",
-                lambda dom: libvirt_qemu.qemuMonitorCommand(dom, cmd, 0),
-            )
-        answer = json.loads(text)
-        if "error" in answer:
-            raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
-        return answer.get("return")
-
-
-class SocketMonitor(Monitor):
-    """A QMP socket of mirror's own (plain JSON lines; no libvirt in the path)."""
-
-    def __init__(self, path: str, timeout: float = 30) -> None:
-        super().__init__()
-        import socket
-
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._buf = b""
-        self._lock = threading.Lock()
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-            self._line()  # the greeting
-            self.execute("qmp_capabilities")
-        except OSError as e:
-            self.sock.close()
-            raise GuestError(
-                f"cannot use the QMP socket {path}: {e}; the domain's XML must have "
-                f"<qemu:commandline> -qmp unix:{path},server=on,wait=off, or set "
-                f'[libvirt] qmp = "libvirt"'
-            ) from None
-
-    def _line(self) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise OSError("QEMU closed the QMP socket")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        import socket
-
-        msg = json.dumps({"execute": name, **({"arguments": args} if args else {})}).encode()
-        with self._lock:
-            try:
-                if fd >= 0:
-                    self.sock.sendmsg(
-                        [msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
-                    )
-                else:
-                    self.sock.sendall(msg)
-                while True:
-                    answer = self._line()
-                    if "return" in answer or "error" in answer:
-                        break  # (events are skipped: libvirt has its own monitor for them)
-            except OSError as e:
-                raise GuestError(f"QMP {name} on {self.path} failed: {e}") from None
-        if "error" in answer:
-            raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
-        return answer["return"]
-
-    def close(self) -> None:
-        super().close()
-        self.sock.close()
-
-
-# ---- the domain's XML ---------------------------------------------------------------
-
-
-def qmp_socket_in(xml: str) -> str:
-    """The path of a ``-qmp unix:PATH,...`` in the domain's <qemu:commandline>, or ""."""
-    args = [a.get("value", "") for a in ET.fromstring(xml).iter(f"{{{QEMU_NS}}}arg")]
-    for flag, value in itertools.pairwise(args):
-        if flag == "-qmp" and value.startswith("unix:"):
-            return value[5:].split(",")[0]
-    return ""
-
-
-def server_nic(xml: str, name: str) -> tuple[str, int]:
-    """Where the domain's ``type='server'`` NIC listens; GuestError saying what to change."""
-    nics = ET.fromstring(xml).findall("./devices/interface")
-    if len(nics) != 1 or nics[0].get("type") != "server":
-        kinds = [n.get("type") for n in nics]
-        raise GuestError(
-            f"domain {name!r} has NICs {kinds}: mirror needs exactly one "
-            f"<interface type='server'><source address='127.0.0.1' port='P'/><model "
-            f"type='virtio'/></interface> (its frames pass mirror's output commit)"
-        )
-    src = nics[0].find("source")
-    if src is None or not (src.get("port") or "").isdigit():
-        raise GuestError(f"domain {name!r}: its type='server' NIC has no <source port=...>")
-    return src.get("address") or "127.0.0.1", int(src.get("port", "0"))
-
-
-def problems(xml: str, qmp: str = "socket") -> list[str]:
-    """Why mirror cannot protect the domain of ``xml`` as it is, each with what to
-    change (empty: it can).  What ``mirror pair --check`` explains; the primary checks
-    the same on the running domain (the RAM file through QMP) when it attaches."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as e:
-        return [f"the domain XML does not parse: {e}"]
-    name = root.findtext("name") or "?"
-    found = []
-    mb = root.find("memoryBacking")
-    if (
-        mb is None
-        or mb.find("source") is None
-        or mb.find("source").get("type") != "file"  # type: ignore[union-attr]
-        or mb.find("access") is None
-        or mb.find("access").get("mode") != "shared"  # type: ignore[union-attr]
-    ):
-        found.append(f"its RAM is not a shared file (mirror maps it): {MEMORY_FIX}")
-    try:
-        server_nic(xml, name)
-    except GuestError as e:
-        found.append(str(e).replace(f"domain {name!r} has", "it has", 1))
-    if qmp == "socket" and not qmp_socket_in(xml):
-        found.append(
-            "no QMP socket of mirror's own: add <qemu:commandline><qemu:arg value='-qmp'/>"
-            "<qemu:arg value='unix:PATH,server=on,wait=off'/></qemu:commandline>, or set "
-            '[libvirt] qmp = "libvirt" (slower checkpoints)'
-        )
-    if root.findall("./devices/disk"):
-        found.append(
-            "it has disks: their writes are not replicated by this backend yet; remove "
-            "them or wait for the disk support"
-        )
-    for b in root.findall("./devices/memballoon"):
-        if b.get("model") != "none":
-            found.append(
-                "a memory balloon changes RAM behind mirror's dirty-page log: "
-                "<memballoon model='none'/>"
-            )
-    if root.find("./devices/memory") is not None:
-        found.append("memory devices (virtio-mem, DIMMs) plug RAM behind mirror's back")
-    if root.find("./devices/hostdev") is not None:
-        found.append("a passed-through host device has state mirror cannot copy: remove it")
-    return found
-
-
-def fingerprint_of(xml: str, conn: Any) -> str:
-    """What both hosts must agree on: QEMU's version, the canonical machine type, RAM,
-    vCPUs and the devices whose state moves (NIC models, disks, balloon, video)."""
-    root = ET.fromstring(xml)
-    os_type = root.find("./os/type")
-    machine = os_type.get("machine", "") if os_type is not None else ""
-    arch = os_type.get("arch", "x86_64") if os_type is not None else "x86_64"
-    emulator = root.findtext("./devices/emulator") or None
-    with contextlib.suppress(Exception):  # "q35" and "pc-q35-7.2" are the same machine
-        caps = ET.fromstring(conn.getDomainCapabilities(emulator, arch, machine, None))
-        machine = caps.findtext("machine") or machine
-    mem = root.find("memory")
-    kib = (
-        int(mem.text or 0)
-        << {"KiB": 0, "k": 0, "MiB": 10, "M": 10, "GiB": 20, "G": 20}.get(mem.get("unit", "KiB"), 0)
-        if mem is not None
-        else 0
-    )
-    devs = []
-    for nic in root.findall("./devices/interface"):
-        model = nic.find("model")
-        devs.append(f"nic:{nic.get('type')}:{model.get('type') if model is not None else ''}")
-    for disk in root.findall("./devices/disk"):
-        t = disk.find("target")
-        devs.append(f"disk:{t.get('bus') if t is not None else ''}:{disk.get('device')}")
-    for tag in ("memballoon", "video", "tpm", "rng", "watchdog"):
-        for d in root.findall(f"./devices/{tag}"):
-            devs.append(f"{tag}:{d.get('model') or ''}")
-    ver = conn.getVersion()
-    return (
-        f"libvirt qemu {ver // 1000000}.{ver // 1000 % 1000}.{ver % 1000} machine={machine} "
-        f"vcpus={root.findtext('vcpu')} ram={kib >> 10}M {' '.join(sorted(devs))}"
-    )
-
-
-def standby_xml(xml: str) -> str:
-    """The standby's definition: the domain's, waiting for incoming state (``-incoming
-    defer``, no configuration section: ``xen-save-devices-state`` writes none), and with
-    the preload library that lets mirror log its dirty pages once it is promoted."""
-    root = ET.fromstring(xml)
-    for attr in ("id",):
-        root.attrib.pop(attr, None)
-    cmd = root.find(f"{{{QEMU_NS}}}commandline")
-    if cmd is None:
-        cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
-    for value in ("-incoming", "defer", "-global", "migration.send-configuration=off"):
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
-    for env in cmd.findall(f"{{{QEMU_NS}}}env"):  # a socket name of its own, below
-        if env.get("name") in ("LD_PRELOAD", uffd.ENV_SOCK):
-            cmd.remove(env)
-    for name, value in preload_env().items():
-        ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=name, value=value)
-    return ET.tostring(root, encoding="unicode")
-
-
-def preload_env() -> dict[str, str]:
-    """The <qemu:env> a domain needs for mirror's dirty-page log (QEMU then hands out
-    userfaultfds of its memory at an abstract socket); empty without the library."""
-    lib = uffd.preload_library()
-    if lib is None:
-        return {}
-    return {"LD_PRELOAD": str(lib), uffd.ENV_SOCK: uffd.unique_name("lv")}
-
-
-def persistent_xml(xml: str) -> str:
-    """The definition a promoted domain gets: the standby's, without what made it one."""
-    root = ET.fromstring(xml)
-    root.attrib.pop("id", None)
-    cmd = root.find(f"{{{QEMU_NS}}}commandline")
-    if cmd is not None:
-        args = cmd.findall(f"{{{QEMU_NS}}}arg")
-        values = [a.get("value") for a in args]
-        drop: set[int] = set()
-        for i, v in enumerate(values):
-            if (
-                v in ("-incoming", "-global")
-                and i + 1 < len(values)
-                and (v == "-incoming" or values[i + 1] == "migration.send-configuration=off")
-            ):
-                drop |= {i, i + 1}
-        for i in sorted(drop, reverse=True):
-            cmd.remove(args[i])
-        if not list(cmd):
-            root.remove(cmd)
-    return ET.tostring(root, encoding="unicode")
-
-
 # ---- the guest ----------------------------------------------------------------------
 
 
-def _qemu_pid_mapping(path: str) -> int:
-    """The pid of the process that maps ``path`` (QEMU; libvirt does not tell it)."""
-    st = os.stat(path)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x} {st.st_ino} "
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+def _copy(src: int, dst: int, size: int, what: str) -> None:
+    """``size`` bytes from the start of ``src`` to the start of ``dst``, in the kernel:
+    copy_file_range, or sendfile where the two are on different filesystems (a memfd is
+    on the kernel's internal tmpfs, the image on /dev/shm: EXDEV)."""
+    n = 0
+    while n < size:
         try:
-            with open(f"/proc/{entry.name}/comm") as f:
-                if not f.read().startswith("qemu"):
-                    continue
-            with open(f"/proc/{entry.name}/maps") as f:
-                if any(key in line for line in f):
-                    return int(entry.name)
-        except OSError:
-            continue
-    raise GuestError(f"no QEMU process maps {path}")
+            k = os.copy_file_range(src, dst, size - n, n, n)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP) or n:
+                raise GuestError(f"{what}: {e.strerror}") from None
+            break
+        if k <= 0:
+            raise GuestError(f"{what}: short copy")
+        n += k
+    os.lseek(dst, n, os.SEEK_SET)
+    while n < size:
+        try:
+            k = os.sendfile(dst, src, n, size - n)
+        except OSError as e:
+            raise GuestError(f"{what}: {e.strerror}") from None
+        if k <= 0:
+            raise GuestError(f"{what}: short copy")
+        n += k
 
 
 class LibvirtGuest(Guest):
@@ -396,6 +135,10 @@ class LibvirtGuest(Guest):
         try:
             xml = dom.XMLDesc(0)
             self.xml = xml
+            self._has_balloon = any(
+                b.get("model") != "none" for b in ET.fromstring(xml).iter("memballoon")
+            )
+            self._balloon: int | None = None  # its size as last seen (the primary's)
             if settings.qmp == "socket":
                 path = settings.qmp_socket or qmp_socket_in(xml)
                 if not path:
@@ -407,17 +150,18 @@ class LibvirtGuest(Guest):
                 self.monitor = SocketMonitor(path)
             else:
                 self.monitor = LibvirtMonitor(self.call)
-            self._ram_path = Path(self._find_ram())
-            size = ram_mib << 20
-            if self._ram_path.stat().st_size != size:
-                raise GuestError(
-                    f"domain {self.name!r} has {self._ram_path.stat().st_size >> 20} MiB of "
-                    f"RAM but guest.ram_mib = {ram_mib}: make them agree"
-                )
-            self.pid = _qemu_pid_mapping(str(self._ram_path))
+            self.pid = libvirtram.qemu_pid(self.monitor, self.name)
             self._pidfd = os.pidfd_open(self.pid)
+            ram = libvirtram.find_ram(self.monitor, self.pid, self.name)
+            self._ram_path, self.backing = ram.path, ram.backing
+            size = ram_mib << 20
             fd = os.open(self._ram_path, os.O_RDWR)
             try:
+                if os.fstat(fd).st_size != size or ram.size != size:
+                    raise GuestError(
+                        f"domain {self.name!r} has {ram.size >> 20} MiB of RAM but "
+                        f"guest.ram_mib = {ram_mib}: make them agree"
+                    )
                 self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
             finally:
                 os.close(fd)
@@ -465,19 +209,6 @@ class LibvirtGuest(Guest):
         except libvirt.libvirtError as e:
             raise GuestError(f"{what}: {e}") from None
 
-    def _find_ram(self) -> str:
-        assert self.monitor is not None
-        for obj in RAM_OBJECTS:
-            try:
-                path = self.monitor.execute("qom-get", {"path": obj, "property": "mem-path"})
-                shared = self.monitor.execute("qom-get", {"path": obj, "property": "share"})
-            except GuestError:
-                continue
-            if not shared:
-                raise GuestError(f"domain {self.name!r}: its RAM file is not shared: {MEMORY_FIX}")
-            return str(path)
-        raise GuestError(f"domain {self.name!r}: its RAM is not file-backed: {MEMORY_FIX}")
-
     # -- the two ways in ------------------------------------------------------------
 
     @classmethod
@@ -509,6 +240,7 @@ class LibvirtGuest(Guest):
             g.relay.on_output = on_output
             g.command("stop")  # the pre-copy first; resume() lets it run
             g.relay.drain()
+            g._balloon = g._balloon_now()
         except BaseException:
             g.stop(destroy=False)
             raise
@@ -546,15 +278,10 @@ class LibvirtGuest(Guest):
         QEMU through a passed pipe, then (at resume) run."""
         assert self.relay is not None and self.monitor is not None and self._map is not None
         self.relay.on_output = on_output
-        with open(image, "rb") as f:  # in-kernel copy: tmpfs to tmpfs
+        with open(image, "rb") as f:  # in-kernel copy: tmpfs to tmpfs (or to QEMU's memfd)
             fd = os.open(self._ram_path, os.O_WRONLY)
             try:
-                n, left = 0, len(self._map)
-                while left:
-                    k = os.copy_file_range(f.fileno(), fd, left, n, n)
-                    if k <= 0:
-                        raise GuestError(f"copying {image} into {self._ram_path}: short copy")
-                    n, left = n + k, left - k
+                _copy(f.fileno(), fd, len(self._map), f"copying {image} into {self._ram_path}")
             finally:
                 os.close(fd)
         r, w = os.pipe()
@@ -574,6 +301,7 @@ class LibvirtGuest(Guest):
                 raise GuestError(f"loading the device state into {self.name!r}: migration {st}")
             time.sleep(0.002)
         writer.join(5)
+        self._balloon = self._balloon_now()  # as the checkpoint left it, before it runs
         self.relay.active = True
         self.standby = False
         self._announce = self._resume_via_libvirt = True
@@ -659,12 +387,55 @@ class LibvirtGuest(Guest):
                 return LogSource(self.pid, kv.split(b"=", 1)[1].decode())
         return None
 
+    def _balloon_size(self) -> int | None:
+        """The balloon's size as QEMU has it now (None: the domain has no balloon)."""
+        if not self._has_balloon:
+            return None
+        assert self.monitor is not None
+        return int(self.monitor.execute("query-balloon")["actual"])
+
+    def _balloon_now(self) -> int | None:
+        """The size to watch from (None if unknown: the first look compares all of RAM);
+        never an error on the way to running the guest (attaching, promoting)."""
+        try:
+            return self._balloon_size()
+        except GuestError as e:
+            log.warning("domain %s: the balloon's size is unknown (%s)", self.name, e)
+            return None
+
+    def ram_discarded(self) -> bool:
+        """Pages a balloon takes are discarded by QEMU (a hole punched in the RAM file or
+        memfd) without a write the dirty-page log sees.  Its size is watched (QMP
+        ``query-balloon`` after each checkpoint; QMP's BALLOON_CHANGE event is rate-limited
+        to one a second): a change means a full compare of RAM at the next checkpoint.
+        Free page reporting, which discards without a change of size, is refused
+        (log_blockers; domaincheck)."""
+        if not self._has_balloon:
+            return False
+        try:
+            size = self._balloon_size()
+        except GuestError as e:
+            log.warning("domain %s: the balloon's size is unknown (%s): RAM compared", self.name, e)
+            return True
+        if size == self._balloon:
+            return False
+        log.info("domain %s: its balloon went from %s to %s bytes: RAM compared in full",
+                 self.name, self._balloon, size)  # fmt: skip
+        self._balloon = size
+        return True
+
+    def discards_ram(self) -> bool:
+        return self._has_balloon
+
     def log_blockers(self) -> list[str]:
         root = ET.fromstring(self.xml)
         found = []
         for b in root.findall("./devices/memballoon"):
-            if b.get("model") != "none":
-                found.append("a memory balloon (frees guest pages behind the log)")
+            if b.get("freePageReporting") == "on":
+                found.append(
+                    "a balloon with free page reporting (the host discards the pages the "
+                    "guest reports free, behind the log, with no change of the balloon's size)"
+                )
         if root.find("./devices/memory") is not None:
             found.append("memory devices (virtio-mem/DIMMs plug RAM behind the log)")
         if root.find("./devices/interface[@type='vhostuser']") is not None:

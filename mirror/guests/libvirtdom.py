@@ -6,7 +6,12 @@ exactly as it was.  libvirt-python is imported here, when a command needs it.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any
+
+from mirror.guests.base import GuestError
+from mirror.guests.domaincheck import Assessment, Finding, assess, check
+from mirror.guests.libvirtxml import prepared_xml
 
 META_URI = "https://github.com/mirror/pair"  # the namespace of mirror's <metadata> element
 META_KEY = "mirror"
@@ -79,6 +84,43 @@ class Domains:
             "active": bool(d.isActive()),
             "autostart": bool(d.autostart()) if d.isPersistent() else False,
         }
+
+    def assess(self, name: str) -> Assessment:
+        """`mirror pair --check`: the running guest (live XML) and the next boot (the
+        persistent definition; a transient domain has none: a blocking finding)."""
+        d = self._dom(name)
+        live = self.live_xml(name) if d.isActive() else None
+        if not d.isPersistent():
+            assert live is not None  # a transient domain exists only while it runs
+            r = check(live)
+            transient = Finding(
+                "transient",
+                f"{name} is a transient domain (no persistent definition)",
+                "the standby's host gets the domain's persistent definition, and this host's "
+                "is marked so that it never boots the guest behind the pair's back",
+                f"define it: virsh dumpxml {name} > {name}.xml; virsh define {name}.xml",
+            )
+            return Assessment(replace(r, findings=(transient, *r.findings)), r)
+        return assess(self.inactive_xml(name), live)
+
+    def prepare(self, name: str) -> list[str]:
+        """`mirror pair --prepare`: write what mirror needs into the domain's persistent
+        definition, for its next start (libvirtxml.prepared_xml); each change made."""
+        d = self._dom(name)
+        if not d.isPersistent():
+            raise LibvirtError(f"{name} is a transient domain: define it first (virsh define)")
+        try:
+            xml, changes = prepared_xml(self.inactive_xml(name))
+        except GuestError as e:
+            raise LibvirtError(f"{name}: {e}") from None
+        if changes:
+            try:
+                self.conn.defineXML(xml)
+            except self.lv.libvirtError as e:
+                raise LibvirtError(
+                    f"cannot define {name}'s prepared definition: {e.get_error_message()}"
+                ) from None
+        return changes
 
     def mark_paired(self, name: str, peer: str) -> None:
         """Autostart off and a ``<mirror:pair peer=...>`` metadata element in the persistent

@@ -208,13 +208,14 @@ class LibvirtBackend(Backend):
 
     def fingerprint(self) -> str:
         from mirror.guests import libvirt as lv
+        from mirror.guests.libvirtxml import fingerprint_of
 
         if self._fingerprint is None:
             s = self.cfg.libvirt
             conn = lv.open_conn(s.connect)
             try:
                 xml = self._xml if self._xml is not None else self._standby_source(conn)
-                self._fingerprint = lv.fingerprint_of(xml, conn)
+                self._fingerprint = fingerprint_of(xml, conn)
             finally:
                 conn.close()
         return self._fingerprint

@@ -64,6 +64,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--check", action="store_true",
                    help="only say whether DOMAIN can be mirrored, and what to change; "
                         "changes nothing")
+    p.add_argument("--prepare", action="store_true",
+                   help="write what DOMAIN needs into its persistent definition, for its next "
+                        "start (shared memfd RAM, the dirty-page log's preload); pairs nothing")
     p.add_argument("--guest", choices=["libvirt", "synthetic"], default="libvirt",
                    help="libvirt (default); synthetic: a synthetic guest named DOMAIN (tests)")
     p.add_argument("--ram-mib", type=_number(1, 1 << 20), default=64,
@@ -128,10 +131,21 @@ def run_agent(path: str) -> int:
     return agent.run(stop)
 
 
-def check_domain(uri: str, domain: str) -> domaincheck.Result:
+def check_domain(uri: str, domain: str) -> domaincheck.Assessment:
     with Domains(uri) as lv:
-        xml = lv.inactive_xml(domain)
-    return domaincheck.check(xml)
+        return lv.assess(domain)
+
+
+def prepare_domain(uri: str, domain: str) -> int:
+    with Domains(uri) as lv:
+        changes = lv.prepare(domain)
+        a = lv.assess(domain)
+    print(f"{domain}: its definition now has, for its next start:" if changes else
+          f"{domain}: its definition has what mirror needs already")  # fmt: skip
+    for c in changes:
+        print(f"  - {c}")
+    print(domaincheck.explain_assessment(a))
+    return 0 if a.ok else 1
 
 
 def pair(args: argparse.Namespace) -> int:
@@ -143,16 +157,18 @@ def pair(args: argparse.Namespace) -> int:
                 cfg = load_agent(args.agent_config)
                 uri = cfg.agent.connect
             except Exception:
-                if not args.check:
+                if not (args.check or args.prepare):
                     raise
                 uri = "qemu:///system"
+        if args.prepare:
+            return prepare_domain(uri, args.domain)
         r = check_domain(uri, args.domain)
-        print(domaincheck.explain(r))
+        print(domaincheck.explain_assessment(r))
         if not r.ok:
             return 1
         if args.check:
             return 0
-    elif args.check:
+    elif args.check or args.prepare:
         print(f"{args.domain}: a synthetic guest can always be mirrored")
         return 0
     if not args.peer:

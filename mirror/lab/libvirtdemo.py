@@ -26,7 +26,7 @@ from typing import Any
 
 from mirror.config import AgentSection, Config, LibvirtConfig
 from mirror.guests import image
-from mirror.guests.libvirt import preload_env
+from mirror.guests.libvirtxml import preload_env
 from mirror.hoststate import read_json
 from mirror.lab.demo import Host, wait_for
 from mirror.lab.libvirtlab import TARGETS, LibvirtHost, check_capable, domain_xml
@@ -57,15 +57,24 @@ def qmp_args(sock: Path | None, *, log: bool = False) -> str:
     )
 
 
-def demo_domain(img: Path, base: Config, serial: Path, qmp_sock: Path | None = None) -> str:
+def demo_domain(
+    img: Path, base: Config, serial: Path, qmp_sock: Path | None = None, *,
+    backing: str = "file", balloon: bool = False, kernel_args: str = "",
+) -> str:  # fmt: skip
+    """``backing``: the guest RAM's <memoryBacking> source ("file" or "memfd", shared);
+    ``balloon``: a virtio balloon instead of none; ``kernel_args``: more for the guest's
+    kernel."""
     xml = domain_xml(
         DOMAIN,
         img,
         ram_mib=base.guest.ram_mib,
-        cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}",
+        cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT} {kernel_args}"
+        .strip(),
         serial=serial,
         nic_port=NIC_PORT,
-    )
+    ).replace("<source type='file'/>", f"<source type='{backing}'/>")
+    if balloon:
+        xml = xml.replace("<memballoon model='none'/>", "<memballoon model='virtio'/>")
     return xml.replace("</domain>", qmp_args(qmp_sock, log=True) + "</domain>")
 
 
@@ -146,7 +155,10 @@ class AgentHost(Host):
 class LibvirtDemoGuest:
     label = "libvirt"
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, backing: str = "file", balloon: bool = False, kernel_args: str = ""
+    ) -> None:
+        self.domain_options = {"backing": backing, "balloon": balloon, "kernel_args": kernel_args}
         self.hosts: dict[str, LibvirtHost] = {}
         self.serial_path = Path("/nonexistent")
         self.pair_output: list[str] = []
@@ -191,7 +203,9 @@ class LibvirtDemoGuest:
         sock = Path(TARGETS["run"]) / f"mirror-{DOMAIN}-qmp.sock"
         conn = self.hosts["A"].connect()
         qmp = sock if base.libvirt.qmp == "socket" else None
-        dom = conn.defineXML(demo_domain(img, base, serial, qmp))
+        dom = conn.defineXML(
+            demo_domain(img, base, serial, qmp, **self.domain_options)  # type: ignore[arg-type]
+        )
         dom.setAutostart(1)
         dom.create()
         mark(f"host A: domain {DOMAIN} defined (autostart on) and started by its libvirtd")

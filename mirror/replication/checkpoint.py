@@ -148,6 +148,8 @@ class Stats:
     scan_note: str = ""  # why it is not the one asked for (auto without the log)
     log_losses: int = 0  # times the dirty-page log was lost (a full hashed scan each)
     log_missed_pages: int = 0  # pages the safety net found changed but not logged
+    ram_discards: int = 0  # times the guest's RAM was discarded (a balloon): a full compare
+    ram_discarded_pages: int = 0  # holes the safety net found where a balloon punches them
     verified_pages: int = 0  # pages the safety net compared with the standby's table
     precopy_rounds: int = 0
 
@@ -191,6 +193,8 @@ class Stats:
             "scan_note": self.scan_note,
             "log_losses": self.log_losses,
             "log_missed_pages": self.log_missed_pages,
+            "ram_discards": self.ram_discards,
+            "ram_discarded_pages": self.ram_discarded_pages,
             "verified_pages": self.verified_pages,
         }
 
@@ -706,8 +710,21 @@ class CheckpointEngine:
                 self.log_state = "fresh"
                 _event("dirty-log-restored", checkpoint=epoch)
             return
+        if self._ram_discarded(epoch):
+            return
         if logged and self.cfg.verify_slices:
             self._verify_slice(epoch)
+
+    def _ram_discarded(self, epoch: int) -> bool:
+        """Whether the guest's RAM was discarded behind the log (a balloon that changed
+        size punches holes the log cannot see): then the next pause compares all of RAM
+        with the table, as after a log set up again."""
+        if not self.guest.ram_discarded():
+            return False
+        self.log_state = "fresh"
+        self.stats.ram_discards += 1
+        _event("ram-discarded", checkpoint=epoch, fallback="hashed scan of all of RAM")
+        return True
 
     def _verify_slice(self, epoch: int) -> None:
         """The safety net: compare the next slice of RAM with the table (what the
@@ -730,9 +747,24 @@ class CheckpointEngine:
             return
         missed = [p for p in differ if p not in written]
         if missed:
+            self._pending.update(missed)
+            # a balloon's holes found before the guest told its new size: asked again now
+            if self._ram_discarded(epoch):
+                return
+            if self.guest.discards_ram():
+                # pages that read as a hole (zero) where a balloon punches them without a
+                # change of size (it moves its pages: compaction): not the log's miss
+                zero, ram = bytes(PS), self.guest.ram
+                holes = [p for p in missed if ram[p * PS : (p + 1) * PS] == zero]
+                if holes:
+                    self.stats.ram_discarded_pages += len(holes)
+                    _event("ram-holes", checkpoint=epoch, pages=len(holes), first=holes[:8])
+                    punched = set(holes)
+                    missed = [p for p in missed if p not in punched]
+                if not missed:
+                    return
             self.stats.log_missed_pages += len(missed)
             self.metrics.missed_pages.inc(len(missed))
-            self._pending.update(missed)
             _event(
                 "dirty-log-missed-pages",
                 checkpoint=epoch,

@@ -95,7 +95,8 @@ def find_mapping(pid: int, ram_path: Path, size: int) -> int:
         lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError as e:
         raise DirtyLogError(f"cannot find the RAM mapping of process {pid}: {e}") from e
-    want = os.path.realpath(ram_path)
+    # a memfd (/proc/PID/fd/N) resolves to "/memfd:NAME (deleted)", as maps names it
+    want = os.path.realpath(ram_path).removesuffix(" (deleted)")
     runs: list[tuple[int, int, int]] = []  # (start, end, file offset)
     for line in lines:
         f = line.split(maxsplit=5)

@@ -73,7 +73,7 @@ def test_the_primary_refuses_a_domain_it_cannot_mirror_and_says_what_to_change(
     )
     conn.createXML(anon, 0)
     s = LibvirtConfig(domain="anon", connect=h.uri, qmp="libvirt")
-    with pytest.raises(GuestError, match="not file-backed: add <memoryBacking>"):
+    with pytest.raises(GuestError, match=r"private anonymous memory .*mirror pair anon --prepare"):
         LibvirtGuest.attach(s, 128, lambda out: None)
     with pytest.raises(GuestError, match="no <qemu:commandline> -qmp"):
         LibvirtGuest.attach(replace(s, qmp="socket"), 128, lambda out: None)

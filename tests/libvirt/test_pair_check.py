@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from mirror.guests.libvirtdom import Domains
+from mirror.lab.demo import free_ports
 from mirror.lab.libvirtlab import domain_xml
 from tests.libvirt.conftest import HostFactory
 
@@ -29,11 +32,12 @@ def inactive(conn: object, name: str) -> str:
     return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
 
 
-def test_check_and_restore_on_a_real_libvirtd(libvirt_host: HostFactory, tmp_path: Path) -> None:
+def test_check_and_restore_on_a_real_libvirtd(libvirt_host: HostFactory, tmp_path: Path,
+                                             guest_image: Path) -> None:
     h = libvirt_host("A")
     conn = h.connect()
     img = tmp_path / "img"  # defining does not read the kernel
-    good = domain_xml("web01", img, nic_port=5555)
+    good = domain_xml("web01", guest_image, nic_port=free_ports(1)[0])
     bad = (
         domain_xml("legacy", img, nic_port=5556)
         .replace("<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>",
@@ -46,17 +50,25 @@ def test_check_and_restore_on_a_real_libvirtd(libvirt_host: HostFactory, tmp_pat
     conn.defineXML(bad)
     before = {n: inactive(conn, n) for n in ("web01", "legacy")}
 
+    # mirror protects a running domain: a shut-off one is not "can be mirrored"
+    r = mirror("pair", "web01", "--check", "--connect", h.uri)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the running guest (live XML): not running" in r.stdout
+    conn.lookupByName("web01").create()
     r = mirror("pair", "web01", "--check", "--connect", h.uri)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "web01: can be mirrored" in r.stdout
+    assert r.stdout.startswith("web01: can be mirrored")
+    assert "its next boot (persistent definition): the same" in r.stdout
 
     r = mirror("pair", "legacy", "--check", "--connect", h.uri)
     assert r.returncode == 1, r.stdout + r.stderr
     out = r.stdout
     # libvirt added a virtio balloon to the definition: the check sees what libvirt has
-    for code in ("ram-not-shared-file", "balloon", "nics", "nic-type", "nic-model"):
+    # (a note: it is accepted)
+    for code in ("ram-private", "balloon", "nics", "nic-type", "nic-model"):
         assert f"[{code}]" in out, out
-    assert "<memballoon model='none'/>" in out and "<access mode='shared'/>" in out
+    assert "note: a memory balloon <memballoon model='virtio'>" in out
+    assert "--prepare" in out and "<access mode='shared'/>" in out
     assert out.count("why: ") >= 5 and out.count("change: ") >= 5
 
     r = mirror("pair", "nosuch", "--check", "--connect", h.uri)
@@ -82,3 +94,97 @@ def test_check_and_restore_on_a_real_libvirtd(libvirt_host: HostFactory, tmp_pat
     assert conn.lookupByName("web01").autostart() == 1
     for n in ("web01", "legacy"):
         conn.lookupByName(n).undefine()
+
+
+def _without(xml: str, *tags: str) -> str:
+    """``xml`` canonical, without the elements ``tags``."""
+    root = ET.fromstring(xml)
+    for parent in list(root.iter()):
+        for child in list(parent):
+            if child.tag in tags:
+                parent.remove(child)
+    return ET.canonicalize(ET.tostring(root, encoding="unicode"), strip_text=True)
+
+
+def test_prepare_gives_an_anonymous_ram_domain_what_it_needs_at_its_next_start(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """What virt-install writes (no <memoryBacking>, libvirt's default virtio balloon):
+    `--prepare` writes the memfd backing and the dirty-page log's preload into the
+    persistent definition and nothing else; `--check` tells the running guest (restart
+    needed, hashed scan) from the next boot (mirrorable, the log); after a restart it can
+    be mirrored, its RAM is mapped through QEMU's memfd and the dirty-page log works."""
+    from mirror.config import LibvirtConfig
+    from mirror.guests.libvirt import LibvirtGuest
+    from mirror.replication import dirtylog
+
+    h = libvirt_host("A")
+    conn = h.connect()
+    anon = (
+        domain_xml("web02", guest_image, nic_port=free_ports(1)[0])
+        .replace("<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>",
+                 "")
+        .replace("<memballoon model='none'/>", "")
+    )  # fmt: skip
+    dom = conn.defineXML(anon)
+    dom.create()
+    before = inactive(conn, "web02")
+
+    r = mirror("pair", "web02", "--check", "--connect", h.uri)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "[ram-private]" in r.stdout and "mirror pair web02 --prepare" in r.stdout
+    assert "checkpoints would use the hashed scan" in r.stdout
+    assert inactive(conn, "web02") == before  # --check changes nothing
+
+    r = mirror("pair", "web02", "--prepare", "--connect", h.uri)
+    assert r.returncode == 1, r.stdout + r.stderr  # the running guest needs a restart
+    out = r.stdout
+    assert out.startswith("web02: its definition now has, for its next start:\n"), out
+    assert out.count("\n  - ") == 2 and "source type='memfd'" in out and "LD_PRELOAD=" in out
+    assert "restart web02" in out
+    assert ("the running guest (live XML): 1 thing(s) to change; checkpoints would use the "
+            "hashed scan") in out, out  # fmt: skip
+    assert ("its next boot (persistent definition): can be mirrored; checkpoints would use "
+            "the dirty-page log") in out, out  # fmt: skip
+    after = inactive(conn, "web02")
+    q = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+    # exactly the memory backing and the preload were written, the rest is as it was
+    assert _without(after, "memoryBacking", f"{q}commandline") == _without(before)
+    mb = ET.fromstring(after).find("memoryBacking")
+    assert mb is not None and [(c.tag, c.attrib) for c in mb] == [
+        ("source", {"type": "memfd"}), ("access", {"mode": "shared"})]
+    envs = [e.get("name") for e in ET.fromstring(after).iter(f"{q}env")]
+    assert sorted(envs) == ["LD_PRELOAD", "MIRROR_UFFD_SOCK"]
+    assert not [a for a in ET.fromstring(after).iter(f"{q}arg")]
+    # a second time: nothing more to write
+    r = mirror("pair", "web02", "--prepare", "--connect", h.uri)
+    assert "web02: its definition has what mirror needs already" in r.stdout
+    assert inactive(conn, "web02") == after
+
+    dom.destroy()
+    dom.create()
+    r = mirror("pair", "web02", "--check", "--connect", h.uri)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("web02: can be mirrored (with 1 note(s))"), r.stdout
+    assert "checkpoints would use the dirty-page log" in r.stdout
+    assert "its next boot (persistent definition): the same" in r.stdout
+
+    g = LibvirtGuest.attach(LibvirtConfig(domain="web02", connect=h.uri, qmp="libvirt"), 128,
+                            lambda out: None)  # fmt: skip
+    try:
+        assert g.backing == "memfd" and str(g.ram_path).startswith(f"/proc/{g.pid}/fd/")
+        assert g.pid == h.qemu_pid("web02") and g.log_source() is not None
+        assert g.log_blockers() == []  # the balloon is watched, not a blocker
+        log = dirtylog.DirtyLog(g)
+        try:
+            g.resume()
+            deadline = time.monotonic() + 10
+            while not len(log.scan()):  # the guest's own writes, through QEMU's mapping
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        finally:
+            log.close()
+        assert not g.ram_discarded()  # its balloon did not change size
+    finally:
+        g.detach()
+    assert conn.lookupByName("web02").isActive()

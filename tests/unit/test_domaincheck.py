@@ -6,7 +6,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from mirror.guests.domaincheck import DomainXMLError, check, explain
+from mirror.guests.domaincheck import (
+    DomainXMLError,
+    assess,
+    check,
+    explain,
+    explain_assessment,
+)
 
 GOOD = """<domain type='kvm'>
   <name>web01</name>
@@ -29,33 +35,48 @@ GOOD = """<domain type='kvm'>
 </domain>"""
 
 
+PRELOAD = (
+    "<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+    "<qemu:env name='LD_PRELOAD' value='/usr/lib/python3/dist-packages/mirror/_uffdpreload.so'/>"
+    "<qemu:env name='MIRROR_UFFD_SOCK' value='@mirror-uffd-web01'/></qemu:commandline>"
+)
+GOOD_LOG = GOOD.replace("</domain>", PRELOAD + "</domain>")  # with the dirty-page log
+
+
 def codes(xml: str, **kw: bool) -> list[str]:
     return sorted(f.code for f in check(xml, **kw).blocking)
 
 
 def test_the_demo_domain_can_be_mirrored() -> None:
-    r = check(GOOD)
-    assert r.ok and r.findings == ()
+    r = check(GOOD_LOG)
+    assert r.ok and r.findings == () and r.scan == "log"
     assert (r.name, r.ram_mib, r.vcpus) == ("web01", 128, 1)
     assert r.nics == ("server virtio 52:54:00:12:34:56",)
     assert explain(r) == "web01: can be mirrored"
+    # without the preload: mirrored all the same, with the hashed scan, and a note saying so
+    r = check(GOOD)
+    assert r.ok and [f.code for f in r.findings] == ["no-preload"] and r.scan == "hashed"
+    assert "--prepare" in r.findings[0].fix and "hashed scan" in r.findings[0].why
 
 
 @pytest.mark.parametrize(
     "old,new,code",
     [
-        # RAM: anonymous, private, memfd, no backing at all
+        # RAM: anonymous, private, no backing at all, hugetlbfs
         ("<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>", "",
-         "ram-not-shared-file"),
-        ("<access mode='shared'/>", "<access mode='private'/>", "ram-not-shared-file"),
-        ("<access mode='shared'/>", "", "ram-not-shared-file"),
-        ("<source type='file'/>", "<source type='memfd'/>", "ram-not-shared-file"),
-        ("<source type='file'/>", "<source type='anonymous'/>", "ram-not-shared-file"),
+         "ram-private"),
+        ("<access mode='shared'/>", "<access mode='private'/>", "ram-private"),
+        ("<access mode='shared'/>", "", "ram-private"),
+        ("<source type='file'/><access mode='shared'/>", "<source type='memfd'/>",
+         "ram-private"),
+        ("<source type='file'/>", "<source type='anonymous'/>", "ram-private"),
         ("<source type='file'/>", "<source type='file'/><hugepages/>", "hugepages"),
+        ("<source type='file'/><access mode='shared'/>", "<hugepages/>", "hugepages"),
         ("<source type='file'/>", "<source type='file'/><discard/>", "ram-discard"),
-        # the balloon: present, or absent (libvirt adds a virtio one)
-        ("<memballoon model='none'/>", "<memballoon model='virtio'/>", "balloon"),
-        ("<memballoon model='none'/>", "", "balloon"),
+        # the balloon: free page reporting discards behind the log with no change of size
+        ("<memballoon model='none'/>", "<memballoon model='virtio' freePageReporting='on'/>",
+         "balloon-page-reporting"),
+        ("<memballoon model='none'/>", "<memballoon model='xen'/>", "balloon"),
         # memory devices
         ("<serial", "<memory model='virtio-mem'><target><size unit='MiB'>512</size>"
          "</target></memory><serial", "memory-device"),
@@ -108,12 +129,60 @@ def test_what_cannot_be_mirrored_is_named(old: str, new: str, code: str) -> None
         assert f.what and f.why and f.fix
 
 
-def test_ram_fix_is_exact_xml() -> None:
+def test_ram_fix_is_one_step_and_exact_xml() -> None:
     xml = GOOD.replace("<memoryBacking><source type='file'/><access mode='shared'/>"
                        "</memoryBacking>", "")
     (f,) = check(xml).blocking
-    assert "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>" in f.fix
-    assert "virsh edit web01" in f.fix and "memory_backing_dir" in f.fix
+    assert f.code == "ram-private" and "private anonymous memory (no <memoryBacking>)" in f.what
+    assert "mirror pair web01 --prepare" in f.fix and "restart" in f.fix
+    assert "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>" in f.fix
+    assert "memory_backing_dir" not in f.fix  # no host-wide change
+
+
+def test_memfd_ram_and_a_virtio_balloon_are_accepted() -> None:
+    memfd = GOOD_LOG.replace("<source type='file'/>", "<source type='memfd'/>")
+    assert check(memfd).ok and check(memfd).findings == ()
+    for balloon in ("<memballoon model='virtio'/>", "",  # absent: libvirt adds a virtio one
+                    "<memballoon model='virtio' freePageReporting='off' autodeflate='on'>"
+                    "<stats period='10'/></memballoon>"):
+        r = check(memfd.replace("<memballoon model='none'/>", balloon))
+        assert r.ok and [f.code for f in r.findings] == ["balloon"], explain(r)
+        assert not r.findings[0].blocking and "setmem" in r.findings[0].why
+        assert "free page reporting stays off" in r.findings[0].fix
+
+
+def test_hugetlbfs_ram_is_named_as_such() -> None:
+    for mb in ("<memoryBacking><hugepages/></memoryBacking>",
+               "<memoryBacking><hugepages/><source type='memfd'/><access mode='shared'/>"
+               "</memoryBacking>"):
+        r = check(GOOD.replace("<memoryBacking><source type='file'/><access mode='shared'/>"
+                               "</memoryBacking>", mb))
+        assert [f.code for f in r.blocking] == ["hugepages"]
+        assert "hugetlbfs" in r.blocking[0].what and "anonymous" not in explain(r)
+
+
+def test_the_running_guest_and_the_next_boot_are_both_checked() -> None:
+    anon = GOOD.replace("<memoryBacking><source type='file'/><access mode='shared'/>"
+                        "</memoryBacking>", "")
+    memfd = GOOD_LOG.replace("<source type='file'/>", "<source type='memfd'/>")
+    # prepared, not restarted yet: the running guest still has anonymous RAM
+    a = assess(memfd, anon)
+    assert not a.ok and a.next_boot.ok and a.running is not None and not a.running.ok
+    text = explain_assessment(a)
+    assert "the running guest (live XML): 1 thing(s) to change; checkpoints would use the " \
+        "hashed scan" in text, text
+    assert "its next boot (persistent definition): can be mirrored; checkpoints would use " \
+        "the dirty-page log" in text, text
+    assert "restart web01" in text and "[ram-private]" in text
+    # restarted: both the same
+    a = assess(memfd, memfd)
+    assert a.ok and "its next boot (persistent definition): the same" in explain_assessment(a)
+    assert explain_assessment(a).startswith("web01: can be mirrored\n")
+    # not running: mirror attaches to a running domain
+    a = assess(memfd, None)
+    assert not a.ok and "not running" in explain_assessment(a)
+    # running fine, but the next boot (the standby's definition) is not
+    assert not assess(anon, memfd).ok
 
 
 def test_shared_numa_cell_counts_as_shared() -> None:
@@ -126,13 +195,15 @@ def test_shared_numa_cell_counts_as_shared() -> None:
 
 def test_every_problem_at_once() -> None:
     xml = GOOD.replace("<access mode='shared'/>", "").replace(
-        "<memballoon model='none'/>", "<memballoon model='virtio'/>").replace(
+        "<memballoon model='none'/>", "<memballoon model='virtio' freePageReporting='on'/>"
+    ).replace(
         "<model type='virtio'/>", "<model type='rtl8139'/>")
-    assert codes(xml) == ["balloon", "nic-model", "ram-not-shared-file"]
+    assert codes(xml) == ["balloon-page-reporting", "nic-model", "ram-private"]
     assert "3 thing(s) to change" in explain(check(xml))
 
 
 def test_notes_do_not_block() -> None:
+    GOOD = GOOD_LOG  # (the notes below are its only findings)
     xml = GOOD.replace("<serial", "<disk type='file' device='cdrom'><source file='/iso/x.iso'/>"
                        "<target dev='sda'/><readonly/></disk><serial")
     r = check(xml)
@@ -212,7 +283,7 @@ def test_a_peers_preload_library_is_taken_and_replaced_by_this_hosts_own() -> No
     # peer's values: its definition carries this host's library and a socket of its own
     from mirror.guests import uffd
     from mirror.guests.domaincheck import standby_refusals
-    from mirror.guests.libvirt import QEMU_NS, standby_xml
+    from mirror.guests.libvirtxml import QEMU_NS, standby_xml
 
     env = ("<qemu:env name='LD_PRELOAD' value='/tmp/x.so'/>"
            f"<qemu:env name='{uffd.ENV_SOCK}' value='@peer'/>")

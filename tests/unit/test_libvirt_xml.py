@@ -10,7 +10,7 @@ import pytest
 
 from mirror.guests import uffd
 from mirror.guests.base import GuestError
-from mirror.guests.libvirt import (
+from mirror.guests.libvirtxml import (
     QEMU_NS,
     persistent_xml,
     qmp_socket_in,
@@ -70,24 +70,91 @@ def test_a_nic_mirror_cannot_relay_is_refused_with_what_to_change(nic: str) -> N
 
 
 def test_problems_lists_what_to_change_and_nothing_for_a_mirrorable_domain() -> None:
-    from mirror.guests.libvirt import problems
+    from mirror.guests.libvirtxml import problems
 
     assert problems(demo()) == []
     assert problems(domain_xml("web01", Path("/img"), nic_port=5600), qmp="libvirt") == []
+    memfd = demo().replace("<source type='file'/>", "<source type='memfd'/>")
+    balloon = memfd.replace("<memballoon model='none'/>", "<memballoon model='virtio'/>")
+    assert problems(balloon) == []
     bad = (
         domain_xml("web01", Path("/img"))
         .replace("<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>", "")
-        .replace("<memballoon model='none'/>", "<memballoon model='virtio'/><disk type='file' "
-                 "device='disk'><target dev='vda' bus='virtio'/></disk>")
+        .replace("<memballoon model='none'/>", "<memballoon model='virtio' freePageReporting="
+                 "'on'/><disk type='file' device='disk'><target dev='vda' bus='virtio'/></disk>")
     )  # fmt: skip
     found = problems(bad)
     assert len(found) == 5, found
     for words in (
-        "<memoryBacking>",
+        "--prepare",
         "type='server'",
         "-qmp",
         "disks",
-        "<memballoon model='none'/>",
+        "freePageReporting='off'",
     ):
         assert any(words in f for f in found), (words, found)
     assert problems("<domain>")[0].startswith("the domain XML does not parse")
+
+
+def _without(xml: str, *tags: str) -> str:
+    """``xml`` canonical, without the elements ``tags`` (and the qemu namespace's)."""
+    root = ET.fromstring(xml)
+    for parent in list(root.iter()):
+        for child in list(parent):
+            if child.tag in tags:
+                parent.remove(child)
+    return ET.canonicalize(ET.tostring(root, encoding="unicode"), strip_text=True)
+
+
+def test_prepare_writes_the_memory_backing_and_the_preload_and_nothing_else() -> None:
+    from mirror.guests.domaincheck import check
+    from mirror.guests.libvirtxml import prepared_xml
+
+    anon = domain_xml("web01", Path("/img"), nic_port=5600).replace(
+        "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>", ""
+    ).replace("<memballoon model='none'/>", "<memballoon model='virtio'><stats period='5'/>"
+              "</memballoon>")  # fmt: skip
+    assert [f.code for f in check(anon).blocking] == ["ram-private"]
+    xml, changes = prepared_xml(anon)
+    assert len(changes) == 2, changes
+    assert changes[0].startswith("<memoryBacking><source type='memfd'/><access mode='shared'/>")
+    assert "LD_PRELOAD=" in changes[1] and "_uffdpreload" in changes[1]
+    root = ET.fromstring(xml)
+    assert root.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
+    assert root.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
+    envs = {e.get("name"): e.get("value") for e in root.iter(f"{Q}env")}
+    assert set(envs) == {"LD_PRELOAD", uffd.ENV_SOCK} and envs[uffd.ENV_SOCK].startswith("@")
+    r = check(xml)
+    assert r.ok and r.scan == "log" and [f.code for f in r.findings] == ["balloon"]
+    # everything else as it was
+    assert _without(xml, "memoryBacking", f"{Q}commandline") == _without(anon)
+    # a second time: nothing to do, the text unchanged
+    assert prepared_xml(xml) == (xml, [])
+
+
+def test_prepare_keeps_what_the_operator_has_and_fixes_only_what_is_wrong() -> None:
+    from mirror.guests.base import GuestError
+    from mirror.guests.libvirtxml import prepared_xml
+
+    base = domain_xml("web01", Path("/img"), nic_port=5600)
+    # a shared file stays a file; locked RAM stays locked; free page reporting goes off
+    xml = base.replace("<access mode='shared'/>", "<access mode='private'/><locked/>").replace(
+        "<memballoon model='none'/>", "<memballoon model='virtio' freePageReporting='on'/>")
+    out, changes = prepared_xml(xml)
+    root = ET.fromstring(out)
+    mb = root.find("memoryBacking")
+    assert mb is not None and mb.find("locked") is not None
+    assert mb.find("source").get("type") == "file"  # type: ignore[union-attr]
+    assert mb.find("access").get("mode") == "shared"  # type: ignore[union-attr]
+    assert root.find("devices/memballoon").get("freePageReporting") == "off"  # type: ignore[union-attr]
+    assert len(changes) == 3 and "freePageReporting='off'" in changes[2]
+    # the operator's own preload library is kept, after mirror's
+    theirs = base.replace("</domain>", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:env "
+                          "name='LD_PRELOAD' value='/opt/x.so'/></qemu:commandline></domain>")
+    out, _ = prepared_xml(theirs)
+    (pre,) = [e.get("value", "") for e in ET.fromstring(out).iter(f"{Q}env")
+              if e.get("name") == "LD_PRELOAD"]  # fmt: skip
+    assert "_uffdpreload" in pre and pre.endswith(" /opt/x.so")
+    # hugetlbfs: not something to rewrite behind the operator's back
+    with pytest.raises(GuestError, match="hugetlbfs"):
+        prepared_xml(base.replace("<source type='file'/>", "<hugepages/>"))
