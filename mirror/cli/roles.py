@@ -39,10 +39,11 @@ from mirror.config import (
 )
 from mirror.guests import image
 from mirror.guests.base import GuestError
-from mirror.ha import control, hostcli, primary, rekey, role, secondary
+from mirror.cli import host as hostcli
+from mirror.cli import pool as pool_cli
+from mirror.ha import control, primary, rekey, role, secondary
 from mirror.hoststate import read_json, running
 from mirror.lab import demo, libvirtdemo, qemudemo
-from mirror.pool import cli as pool_cli
 from mirror.replication import keys
 from mirror.replication.standby import StandbyError
 
