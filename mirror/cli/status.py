@@ -14,8 +14,6 @@ from mirror.cli.args import domain_or_config, json_flag, within
 from mirror.config import Config
 from mirror.hoststate import read_json, running
 
-NOT_RUNNING = output.NOT_RUNNING  # the agent that last reported is not running
-
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("status", help="what this host's agent reports")
@@ -73,7 +71,7 @@ def show_status(cfg: Config, as_json: bool) -> int:
     if st is None:
         return output.fail(why)
     print(_render(st, as_json))
-    return output.OK if st["running"] else NOT_RUNNING
+    return output.OK if st["running"] else output.NOT_RUNNING
 
 
 def watch_status(cfg: Config, as_json: bool, every: float) -> int:
