@@ -137,25 +137,12 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
     primary = st.get("primary")
     if primary and not force:
         from mirror.ha import role
+        from mirror.ha.claims import manual_failover_refusal
 
         arbiter = role.make_arbiter(cfg, f"{cfg.node.name}-cli", prepare=True)
-        silent = cfg.arbiter.silent_after_ms / 1000
-        arbiter.peer_age(str(primary))
-        time.sleep(silent)
-        age = arbiter.peer_age(str(primary))
-        if age is None:  # no slot of its here: its silence says nothing (one primary rule)
-            return output.fail(
-                f"the primary {primary}'s storage slot is not on this arbiter: "
-                f"cannot tell whether it is alive (do both hosts share the arbiter?); "
-                f"refusing to promote a second primary. Use --force only if you know it is "
-                f"dead or fenced."
-            )
-        if age <= silent:
-            return output.fail(
-                f"the primary {primary} is alive on storage (its heartbeat slot "
-                f"changed {age:.2f} s ago): refusing to promote a second primary. Use "
-                f"--force only if you know it is dead or fenced."
-            )
+        why = manual_failover_refusal(arbiter, str(primary), cfg.arbiter.silent_after_ms / 1000)
+        if why is not None:
+            return output.fail(why)
     control.ask(cfg.state_dir, "failover")
     now = _wait_status(cfg, lambda s: s.get("role") == "primary", timeout)
     if now is None:
