@@ -11,8 +11,8 @@ in that generation.  Every kind of claim, who makes it and when it may be made:
   primary silent on both paths (:func:`may_promote`), or when an operator asks
   (``mirror failover``, a planned switchover's handover): :meth:`Claims.claim`, from the
   failover driver.  The guard ``mirror failover`` applies first, without --force, is
-  :func:`manual_failover_refusal` (the CLI's ``manual_failover`` still has its own copy
-  of it: it is to call this one);
+  :func:`manual_failover_refusal` (the CLI's ``manual_failover``, in
+  mirror/cli/roles.py, asks it);
 - ``unprotected``: a primary whose secondary is silent on the network
   (:func:`may_run_unprotected`), or whose first pairing failed after its guest
   resumed (:meth:`Claims.unprotected`);

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 PRIORITIES = ("mirrored", "restart", "best-effort")
+PREFIX = "/mirror/pool/"  # the default pool's etcd key prefix
 GUARANTEED = ("mirrored", "restart")
 
 

@@ -40,9 +40,9 @@ from typing import Any
 from mirror.config import ConfigError, check_key_prefix
 from mirror.ha.etcd import KV, Etcd, delete_op, mod_is, put_op
 from mirror.pool.analysis import Analysis
+from mirror.pool.model import PREFIX as PREFIX  # the default pool's (model: no etcd to read it)
 from mirror.pool.model import VM, Host, PairSpec, Placement, Pool, PoolError
 
-PREFIX = "/mirror/pool/"  # the default pool's
 ARBITER_PREFIX = "/mirror/arbiter"  # the default pool's pairs' arbiter keys (a pair's default)
 _RESERVED = ("/mirror/arbiter/", PREFIX)
 

@@ -167,7 +167,7 @@ def test_storage_failure_on_the_primary_with_a_real_guest(pair_factory, guest_im
     (hostB); an event), the guest's kernel logs no I/O error and its writes go on; the
     image answers again: A copies the blocks back and runs locally; then A is killed and
     B's disk, promoted, is A's at the committed checkpoint."""
-    from mirror.cli import status_rows
+    from mirror.cli.status import status_rows
     from tests.disk.faulty import FaultyImage
 
     p = disk_pair(pair_factory, guest_image, probe_ms=200)

@@ -251,7 +251,7 @@ def test_bad_files_and_state_are_one_line(tmp_path: Path, pair_name: str) -> Non
 def test_last_resort_handler_prints_one_line(tmp_path: Path) -> None:
     """An error nobody foresaw is still one line (with -v, the traceback too)."""
     code = (
-        "import sys, mirror.cli as c\n"
+        "import sys, mirror.cli.app as c\n"
         "def boom(*a, **k): raise KeyError('surprise')\n"
         "c.run = boom\n"
         "sys.exit(c.main(sys.argv[1:]))\n"

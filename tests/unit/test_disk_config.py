@@ -35,7 +35,7 @@ def test_bad_disk_settings_are_clear_errors(data: dict[str, object], message: st
 
 
 def test_status_shows_where_the_primary_disk_runs() -> None:
-    from mirror.cli import status_rows
+    from mirror.cli.status import status_rows
 
     def row(disk: dict[str, object]) -> object:
         rows = dict(status_rows({"role": "primary", "peer_node": "hostB", "disk": disk}))

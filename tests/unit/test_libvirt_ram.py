@@ -109,7 +109,7 @@ def test_a_shared_file_is_mapped_from_its_path(tmp_path: Any) -> None:
 
 
 def test_status_says_which_scan_runs() -> None:
-    from mirror.cli import status_rows
+    from mirror.cli.status import status_rows
 
     note = "no dirty-page log: the libvirt guest was not started with the preload library"
     rows = dict(status_rows({"role": "primary", "summary": {"scan": "hashed", "scan_note": note}}))

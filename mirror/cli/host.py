@@ -13,43 +13,24 @@ option, no agent, no such domain, libvirt unreachable).
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mirror.cli import output
+from mirror.cli.args import agent_config, json_flag, within
 from mirror.config import DEFAULT_AGENT_CONFIG, AgentConfig, load_agent, require_arbiter
-from mirror.guests import domaincheck
-from mirror.guests.libvirtdom import Domains
 from mirror.ha import control
-from mirror.ha.hostagent import HostAgent
-from mirror.ha.role import stop_on_signals
+
+if TYPE_CHECKING:
+    from mirror.guests import domaincheck
 
 HOST_COMMANDS = ("agent", "pair", "unpair", "list")
 
 
-def _number(lo: float, hi: float) -> Any:
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be within {lo:.0f}..{hi:.0f}, got {text}")
-        return int(v) if v.is_integer() else v
-
-    return parse
-
-
 def _agent_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--agent-config",
-        default=DEFAULT_AGENT_CONFIG,
-        metavar="F",
-        help=f"this host's agent configuration (default {DEFAULT_AGENT_CONFIG})",
-    )
+    agent_config(p, "this host's agent configuration")
 
 
 def add_parsers(sub: Any) -> None:
@@ -69,11 +50,11 @@ def add_parsers(sub: Any) -> None:
                         "start (shared memfd RAM, the dirty-page log's preload); pairs nothing")
     p.add_argument("--guest", choices=["libvirt", "synthetic"], default="libvirt",
                    help="libvirt (default); synthetic: a synthetic guest named DOMAIN (tests)")
-    p.add_argument("--ram-mib", type=_number(1, 1 << 20), default=64,
+    p.add_argument("--ram-mib", type=within(int, 1, 1 << 20), default=64,
                    help="--guest synthetic: its RAM (MiB)")
     p.add_argument("--observer", metavar="HOST:PORT",
                    help="--guest synthetic: where its released outputs go")
-    p.add_argument("--timeout", type=_number(1, 86400), default=120.0, metavar="S",
+    p.add_argument("--timeout", type=within(float, 1, 86400), default=120.0, metavar="S",
                    help="seconds to wait for protection (default 120)")
     _agent_config_arg(p)
 
@@ -84,7 +65,7 @@ def add_parsers(sub: Any) -> None:
     _agent_config_arg(p)
 
     p = sub.add_parser("list", help="the pairs this host's agent runs")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    json_flag(p)
     _agent_config_arg(p)
 
 
@@ -94,6 +75,7 @@ def agent_dir(path: str) -> Path:
 
 def ask(args: argparse.Namespace, op: str, fields: dict[str, Any] | None = None,
         timeout: float = 10.0) -> dict[str, Any]:
+    """Ask this host's agent (``args.agent_config``'s) over its control socket."""
     return control.ask(agent_dir(args.agent_config), op, timeout, fields,
                        start_with="`mirror agent` (or its systemd unit mirror-agent)")
 
@@ -107,22 +89,30 @@ def run(args: argparse.Namespace) -> int:
         a = ask(args, "unpair", {"pair": args.domain, "force": args.force}, timeout=90)
         for line in a.get("done", []):
             print(f"{args.domain}: {line}")
-        return 0
+        return output.OK
     if args.command == "list":
-        a = ask(args, "list")
-        if args.json:
-            print(json.dumps(a["pairs"], indent=1))
-            return 0
-        print(f"{'PAIR':<20} {'ROLE':<10} {'PEER':<12} {'GEN':>4} {'PHASE':<14} PROTECTION")
-        for p in a["pairs"]:
-            phase = p.get("phase") or (p.get("waiting") and "waiting") or p.get("state")
-            print(f"{p['pair']:<20} {p['role']:<10} {p['peer']:<12} {p['generation']:>4} "
-                  f"{phase!s:<14} {p.get('protection')}")
-        return 0
+        return list_pairs(args)
     raise AssertionError(args.command)
 
 
+def list_pairs(args: argparse.Namespace) -> int:
+    """`mirror list` (and `mirror status` with neither DOMAIN nor --config)."""
+    a = ask(args, "list")
+    if args.json:
+        output.print_json(a["pairs"])
+        return output.OK
+    print(f"{'PAIR':<20} {'ROLE':<10} {'PEER':<12} {'GEN':>4} {'PHASE':<14} PROTECTION")
+    for p in a["pairs"]:
+        phase = p.get("phase") or (p.get("waiting") and "waiting") or p.get("state")
+        print(f"{p['pair']:<20} {p['role']:<10} {p['peer']:<12} {p['generation']:>4} "
+              f"{phase!s:<14} {p.get('protection')}")
+    return output.OK
+
+
 def run_agent(path: str) -> int:
+    from mirror.ha.hostagent import HostAgent
+    from mirror.ha.role import stop_on_signals
+
     cfg = load_agent(path)
     require_arbiter(cfg.arbiter, path)  # every pair of this agent uses it
     stop = stop_on_signals()
@@ -132,11 +122,16 @@ def run_agent(path: str) -> int:
 
 
 def check_domain(uri: str, domain: str) -> domaincheck.Assessment:
+    from mirror.guests.libvirtdom import Domains
+
     with Domains(uri) as lv:
         return lv.assess(domain)
 
 
 def prepare_domain(uri: str, domain: str) -> int:
+    from mirror.guests import domaincheck
+    from mirror.guests.libvirtdom import Domains
+
     with Domains(uri) as lv:
         changes = lv.prepare(domain)
         a = lv.assess(domain)
@@ -145,12 +140,14 @@ def prepare_domain(uri: str, domain: str) -> int:
     for c in changes:
         print(f"  - {c}")
     print(domaincheck.explain_assessment(a))
-    return 0 if a.ok else 1
+    return output.OK if a.ok else output.FAILED
 
 
 def pair(args: argparse.Namespace) -> int:
     cfg: AgentConfig | None = None
     if args.guest == "libvirt":
+        from mirror.guests import domaincheck
+
         uri = args.connect
         if uri is None:
             try:
@@ -165,16 +162,14 @@ def pair(args: argparse.Namespace) -> int:
         r = check_domain(uri, args.domain)
         print(domaincheck.explain_assessment(r))
         if not r.ok:
-            return 1
+            return output.FAILED
         if args.check:
-            return 0
+            return output.OK
     elif args.check or args.prepare:
         print(f"{args.domain}: a synthetic guest can always be mirrored")
-        return 0
+        return output.OK
     if not args.peer:
-        print("mirror: error: --peer HOST is needed (a [peers] name of the agent "
-              "configuration)", file=sys.stderr)
-        return 2
+        return output.error("--peer HOST is needed (a [peers] name of the agent configuration)")
     fields: dict[str, Any] = {"pair": args.domain, "peer": args.peer, "kind": args.guest}
     if args.connect:
         fields["connect"] = args.connect
@@ -196,16 +191,13 @@ def follow(args: argparse.Namespace, start: float) -> int:
         try:
             st = ask(args, "progress", {"pair": args.domain})
         except control.ControlError as e:
-            print(f"mirror: error: {e}", file=sys.stderr)
-            return 2
+            return output.error(e)
         progress = st.get("progress") or []
         for line in progress[seen:]:
             print(f"{time.monotonic() - start:6.1f}s  {line.split(' ', 1)[-1]}")
         seen = len(progress)
         if str(st.get("state", "")).startswith("failed"):
-            print(f"mirror: pairing {args.domain} failed (nothing is left of it)",
-                  file=sys.stderr)
-            return 1
+            return output.fail(f"pairing {args.domain} failed (nothing is left of it)")
         phase = st.get("phase")
         if phase and phase != last_phase:
             print(f"{time.monotonic() - start:6.1f}s  primary: {phase}")
@@ -213,14 +205,27 @@ def follow(args: argparse.Namespace, start: float) -> int:
         if phase == "protected":
             print(f"{args.domain} is protected by {st.get('peer')} "
                   f"({time.monotonic() - start:.1f} s)")
-            return 0
+            return output.OK
         time.sleep(0.2)
-    print(f"mirror: {args.domain} not protected within {args.timeout:g} s: see `mirror status "
-          f"{args.domain}` and the role's log", file=sys.stderr)
-    return 1
+    return output.fail(f"{args.domain} not protected within {args.timeout:g} s: see `mirror "
+                       f"status {args.domain}` and the role's log")
 
 
 def role_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """Where the role of pair DOMAIN keeps its configuration (asked of the agent)."""
     st = ask(args, "status", {"pair": args.domain})
     return str(st["role_config"]), st
+
+
+def show_pair(st: dict[str, Any], as_json: bool) -> int:
+    """`mirror status DOMAIN`: what the agent reports of the pair's role; exit 3
+    (NOT_RUNNING) when its role does not run."""
+    if as_json:
+        output.print_json(st)
+        return output.OK
+    for k in ("pair", "kind", "role", "peer", "generation", "state", "phase", "protection",
+              "epoch", "acked", "committed", "waiting", "role_pid"):
+        print(f"{k:>12}: {st.get(k)}")
+    if st.get("arbiter_unverified"):  # no failover until the arbiter shows the peer
+        print(f"{'not protected':>12}: {st['arbiter_unverified']}")
+    return output.OK if st.get("running") else output.NOT_RUNNING

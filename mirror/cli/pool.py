@@ -28,50 +28,29 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+from mirror.cli import output
+from mirror.cli.args import within
 from mirror.config import ConfigError, parse_hostport
-from mirror.ha.etcd import Etcd, EtcdError
-from mirror.pool import admission
-from mirror.pool.analysis import Analysis, analyse
-from mirror.pool.model import PAIR_PORTS_FROM, PRIORITIES, PairSpec, Pool, PoolError, pair_name
-from mirror.pool.store import PREFIX, Conflict, Snapshot, Store
+from mirror.pool.model import (
+    PAIR_PORTS_FROM,
+    PREFIX,
+    PRIORITIES,
+    PairSpec,
+    Pool,
+    PoolError,
+    pair_name,
+)
+
+if TYPE_CHECKING:  # the commands import them (etcd3gw, numpy): not `mirror pool --help`
+    from mirror.pool import admission
+    from mirror.pool.analysis import Analysis
+    from mirror.pool.store import Snapshot, Store
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse for the pool's commands: with ``--json``, bad input also prints
-    ``{"error": ..., "exit": 2}`` on stdout (the usage and message still go to stderr)."""
-
-    _json = False
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if args is not None:
-            self._json = "--json" in args
-        return super().parse_known_args(args, namespace)
-
-    def error(self, message: str) -> NoReturn:
-        if self._json:
-            print(json.dumps({"error": f"{self.prog}: error: {message}", "exit": 2}))
-        super().error(message)
-
-
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be within {lo}..{hi}, got {v}")
-        return v
-
-    return parse
 
 
 def add_parser(sub: Any) -> None:
@@ -91,13 +70,13 @@ def add_parser(sub: Any) -> None:
                           description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     ps = pool.add_subparsers(dest="pool_command", required=True, metavar="POOL_COMMAND",
-                             parser_class=_Parser)
+                             parser_class=output.JsonErrorParser)
     ps.add_parser("status", parents=[common], help="hosts, VMs, placements, tolerated failures")
     p = ps.add_parser("plan", parents=[common], help="what-if: the plan for N host failures")
-    p.add_argument("--failures", type=_int(0, 64), metavar="N",
+    p.add_argument("--failures", type=within(int, 0, 64), metavar="N",
                    help="failures to plan for (default: the pool's failures_to_tolerate)")
     p = ps.add_parser("config", parents=[common], help="failures to tolerate, overcommit")
-    p.add_argument("--failures", type=_int(0, 64), metavar="N",
+    p.add_argument("--failures", type=within(int, 0, 64), metavar="N",
                    help="failures_to_tolerate: host failures every protected VM must survive")
     p.add_argument("--allow-overcommit", choices=["yes", "no"],
                    help="yes: changes that break the guarantee go through with a warning")
@@ -106,8 +85,8 @@ def add_parser(sub: Any) -> None:
         dest="host_command", required=True, metavar="HOST_COMMAND")
     p = hp.add_parser("add", parents=[common], help="a host joins the pool")
     p.add_argument("name")
-    p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
-    p.add_argument("--vcpus", type=_int(1, 1 << 16), required=True, metavar="N")
+    p.add_argument("--mem", type=within(int, 1, 1 << 30), required=True, metavar="MIB")
+    p.add_argument("--vcpus", type=within(int, 1, 1 << 16), required=True, metavar="N")
     p = hp.add_parser("remove", parents=[common], help="an empty host leaves the pool")
     p.add_argument("name")
     p = hp.add_parser("maintenance", parents=[common],
@@ -119,12 +98,12 @@ def add_parser(sub: Any) -> None:
         dest="vm_command", required=True, metavar="VM_COMMAND")
     p = vp.add_parser("add", parents=[common], help="start a VM (a mirrored one is a pair)")
     p.add_argument("name")
-    p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
-    p.add_argument("--vcpus", type=_int(1, 1 << 16), default=1, metavar="N",
+    p.add_argument("--mem", type=within(int, 1, 1 << 30), required=True, metavar="MIB")
+    p.add_argument("--vcpus", type=within(int, 1, 1 << 16), default=1, metavar="N",
                    help="vCPUs (default 1)")
     p.add_argument("--priority", required=True, metavar="P",
                    help=f"one of {', '.join(PRIORITIES)}")
-    p.add_argument("--order", type=_int(0, 1 << 20), default=0, metavar="N",
+    p.add_argument("--order", type=within(int, 0, 1 << 20), default=0, metavar="N",
                    help="restart order within its priority: lower first (default 0)")
     p.add_argument("--host", help="run it on this host (default: the planner chooses)")
     p.add_argument("--standby", help="mirrored: its standby's host (default: planner)")
@@ -134,32 +113,36 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--link-ports", metavar="D,H",
                    help="the pair's interconnect data and heartbeat ports (default: the "
                    f"lowest two free from {PAIR_PORTS_FROM})")
-    p.add_argument("--guest-ram-mib", type=_int(1, 1 << 20), default=16, metavar="MIB",
+    p.add_argument("--guest-ram-mib", type=within(int, 1, 1 << 20), default=16, metavar="MIB",
                    help="the pair's synthetic guest's RAM (default 16)")
     p = vp.add_parser("remove", parents=[common], help="stop and forget a VM")
     p.add_argument("name")
     p = vp.add_parser("resize", parents=[common], help="change a VM's memory or vCPUs")
     p.add_argument("name")
-    p.add_argument("--mem", type=_int(1, 1 << 30), required=True, metavar="MIB")
-    p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
+    p.add_argument("--mem", type=within(int, 1, 1 << 30), required=True, metavar="MIB")
+    p.add_argument("--vcpus", type=within(int, 1, 1 << 16), metavar="N")
 
     p = ps.add_parser("agent", parents=[common],
                       help="run this host's pool agent (and the controller, if elected)")
     p.add_argument("--host", required=True, help="this host's name in the pool")
-    p.add_argument("--ttl", type=_int(1, 600), default=3, metavar="S",
+    p.add_argument("--ttl", type=within(int, 1, 600), default=3, metavar="S",
                    help="lease TTL: the host is dead S seconds after its agent stops (default 3)")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
                    help="where the VM stand-ins log their starts and stops (vms.log)")
-    p.add_argument("--mem", type=_int(1, 1 << 30), metavar="MIB",
+    p.add_argument("--mem", type=within(int, 1, 1 << 30), metavar="MIB",
                    help="add the host with this memory if the pool does not know it")
-    p.add_argument("--vcpus", type=_int(1, 1 << 16), metavar="N")
-    p.add_argument("--promote-wait", type=_int(1, 3600), default=10, metavar="S",
+    p.add_argument("--vcpus", type=within(int, 1, 1 << 16), metavar="N")
+    p.add_argument("--promote-wait", type=within(int, 1, 3600), default=10, metavar="S",
                    help="controller: a pair's standby that has not promoted S seconds after "
                    "its primary's host was found dead never will: the VM restarts as a "
                    "fresh pair (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mirror.ha.etcd import Etcd, EtcdError
+    from mirror.pool import admission
+    from mirror.pool.store import Conflict, Store
+
     try:
         store = Store(Etcd(args.etcd), args.prefix)
         cmd = args.pool_command
@@ -177,21 +160,19 @@ def run(args: argparse.Namespace) -> int:
         return change(store, args)
     except admission.Refused as r:
         if args.json:
-            print(json.dumps({"refused": str(r), "exit": 1, "analysis": None
+            print(json.dumps({"refused": str(r), "exit": output.FAILED, "analysis": None
                               if r.analysis is None else r.analysis.to_json(False)}))
-        print(f"mirror pool: {r}", file=sys.stderr)
-        return 1
+        return output.fail(str(r), prog="mirror pool")
     except (PoolError, EtcdError, Conflict) as e:
-        if args.json:
-            print(json.dumps({"error": str(e), "exit": 2}))
-        print(f"mirror pool: error: {e}", file=sys.stderr)
-        return 2
+        return output.error(e, prog="mirror pool", as_json=args.json)
     except BrokenPipeError:  # `| head`
         sys.stderr.close()
-        return 0
+        return output.OK
 
 
 def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
+    from mirror.pool import admission
+
     kw: dict[str, Any] = {"keep": "single"}
     cmd = args.pool_command
     if cmd == "config":
@@ -222,6 +203,8 @@ def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
 
 def _add_pair(pool: Pool, args: argparse.Namespace, **kw: Any) -> admission.Outcome:
     """`vm add --observer`: a mirrored VM that runs as a real pair (``pairs/NAME``)."""
+    from mirror.pool import admission
+
     if args.priority != "mirrored":
         raise PoolError("--observer is only for mirrored VMs (they run as pairs)")
     try:
@@ -263,7 +246,7 @@ def change(store: Store, args: argparse.Namespace) -> int:
         print(f"{out.summary}: done. {_tolerance_line(out.pool, a)}")
     if out.warning:
         print(f"mirror pool: {out.warning}", file=sys.stderr)
-    return 0
+    return output.OK
 
 
 def _tolerance_line(pool: Pool, a: Analysis) -> str:
@@ -307,6 +290,9 @@ def _snapshot(store: Store) -> Snapshot:
 
 
 def status(store: Store, as_json: bool) -> int:
+    from mirror.pool import admission
+    from mirror.pool.analysis import analyse
+
     snap = _snapshot(store)
     pool = snap.pool
     a = analyse(pool, keep="none")
@@ -333,7 +319,7 @@ def status(store: Store, as_json: bool) -> int:
             "etcd": store.etcd.url, "prefix": store.prefix, "version": snap.version,
             "leader": snap.leader, **_verdict(pool, a, a), "hosts": hosts, "vms": vms,
         }, indent=1))
-        return 0
+        return output.OK
     print(f"pool {store.prefix} on etcd {store.etcd.url} (version {snap.version}, controller: "
           f"{snap.leader or 'none'})")
     print(f"failures_to_tolerate {pool.failures_to_tolerate}, allow_overcommit "
@@ -356,7 +342,7 @@ def status(store: Store, as_json: bool) -> int:
         print(f"{v['name']:<14} {v['priority']:<12} {v['order']:>5} {v['mem_mb']:>8} "
               f"{v['vcpus']:>5}  {v['host'] or '-':<12} {v['standby'] or '-':<12} "
               f"{v['running_on'] or '-'}" + _pair_line(pool.pairs.get(str(v["name"]))))
-    return 0
+    return output.OK
 
 
 def _pair_line(spec: PairSpec | None) -> str:
@@ -367,6 +353,9 @@ def _pair_line(spec: PairSpec | None) -> str:
 
 
 def plan(store: Store, failures: int | None, as_json: bool) -> int:
+    from mirror.pool import admission
+    from mirror.pool.analysis import analyse
+
     snap = _snapshot(store)
     pool = snap.pool
     k = pool.failures_to_tolerate if failures is None else failures
@@ -375,7 +364,7 @@ def plan(store: Store, failures: int | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps({**_verdict(pool, a, own), "plans": [
             fp.to_json() for fp in a.plans.values()]}, indent=1))
-        return 0
+        return output.OK
     verdict = "survivable" if a.survives else "NOT survivable"
     print(f"{k} host failure(s): {verdict}. {_tolerance_line(pool, a)}")
     if not a.survives:
@@ -405,4 +394,4 @@ def plan(store: Store, failures: int | None, as_json: bool) -> int:
             print(f"  best-effort VMs not restarted: {', '.join(fp.lost)}")
     if quiet:
         print(f"\nnothing moves if any one of these fails: {'; '.join(quiet)}")
-    return 0
+    return output.OK

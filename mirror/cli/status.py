@@ -1,0 +1,158 @@
+"""`mirror status --config F [--json] [--watch [S]]`: what a role's agent last reported
+(its STATE_DIR/status.json), in words or as JSON; once, or redrawn in place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from mirror.cli import output
+from mirror.cli.args import domain_or_config, json_flag, within
+from mirror.config import Config
+from mirror.hoststate import read_json, running
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("status", help="what this host's agent reports")
+    domain_or_config(p, "host configuration (TOML)")
+    json_flag(p)
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=1.0,
+        type=within(float, 0.1, 3600),
+        metavar="S",
+        help="refresh in place every S seconds (default 1) until interrupted",
+    )
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    """`mirror status --config F`."""
+    if args.watch:
+        return watch_status(cfg, args.json, args.watch)
+    return show_status(cfg, args.json)
+
+
+def _read_status(cfg: Config) -> tuple[dict[str, Any] | None, str]:
+    """The agent's last report, or None and why not."""
+    path = cfg.state_dir / "status.json"
+    try:
+        st = read_json(path)
+    except FileNotFoundError:
+        return None, f"no agent has reported in {cfg.state_dir} (no {path.name})"
+    except (OSError, ValueError) as e:
+        return None, f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
+    if not isinstance(st, dict):
+        return None, f"{path} is not an agent's report (not a JSON object)"
+    st = dict(st)
+    st["running"] = running(st)
+    at = st.get("reported_at")
+    try:
+        st["report_age_s"] = round(max(0.0, time.time() - float(at)), 1)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        st["report_age_s"] = round(max(0.0, time.time() - path.stat().st_mtime), 1)
+    return st, ""
+
+
+def _render(st: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(st, indent=1)
+    lines = [f"{k:>24}: {v}" for k, v in status_rows(st)]
+    return "\n".join(lines)
+
+
+def show_status(cfg: Config, as_json: bool) -> int:
+    """Exit 0: the agent runs; 1: no agent has reported; 3 (NOT_RUNNING): the agent
+    that last reported is not running (killed, or stopped)."""
+    st, why = _read_status(cfg)
+    if st is None:
+        return output.fail(why)
+    print(_render(st, as_json))
+    return output.OK if st["running"] else output.NOT_RUNNING
+
+
+def watch_status(cfg: Config, as_json: bool, every: float) -> int:
+    """`mirror status --watch`: the status redrawn in place every ``every`` seconds
+    (cursor home, clear below) until interrupted."""
+    try:
+        while True:
+            st, why = _read_status(cfg)
+            text = f"mirror: {why}" if st is None else _render(st, as_json)
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"\x1b[H\x1b[J{cfg.node.name} at {stamp} (every {every:g} s)\n")
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return output.OK
+
+
+def _age(v: object) -> str:
+    return "never seen" if v is None else f"{float(v):.2f} s"  # type: ignore[arg-type]
+
+
+def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
+    """The status an operator reads first, in words; everything else with --json."""
+    summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
+    assert isinstance(summary, dict)
+    age = st.get("report_age_s")
+    if st.get("running", True):
+        agent_row = f"running (pid {st.get('pid')}, reported {age} s ago)"
+    elif st.get("phase") == "stopped":
+        agent_row = f"not running (stopped; last report {age} s ago)"
+    else:
+        agent_row = f"not running (last report {age} s ago); what it last reported:"
+    rows: list[tuple[str, object]] = [
+        ("agent", agent_row),
+        ("node", f"{st.get('node')} of pair {st.get('pair')}, generation {st.get('generation')}"),
+        ("role", st.get("role")),
+        ("phase", st.get("phase")),
+        ("protection", st.get("protection")),
+    ]
+    if st.get("arbiter_unverified"):  # the arbiter has not shown the peer: no failover
+        rows.append(("not protected", st.get("arbiter_unverified")))
+    if st.get("role") == "secondary":
+        rows += [
+            ("committed checkpoint", st.get("committed")),
+            ("primary", st.get("primary") or "none (not paired)"),
+        ]
+    elif "promoted_from" in st:
+        ms = st.get("failover_ms")
+        rows += [
+            ("promoted from checkpoint", st.get("promoted_from")),
+            ("failover", f"{ms:.0f} ms" if isinstance(ms, int | float) else "in progress"),
+        ]
+    if st.get("role") == "primary":
+        rows += [
+            ("checkpoints", f"{st.get('epoch')} taken, {st.get('acked')} acknowledged"),
+            (
+                "pause",
+                f"p50 {summary.get('pause_ms_p50')} ms, p99 {summary.get('pause_ms_p99')} ms",
+            ),
+            ("scan", f"{summary.get('scan') or '?'}"
+                     + (f" ({summary['scan_note']})" if summary.get("scan_note") else "")),
+            ("replication", f"{summary.get('dirty_mb_per_s')} MB/s of dirty pages"),
+            (
+                "outputs",
+                f"{summary.get('outputs_released')} released, {summary.get('outputs_held')} held",
+            ),
+        ]
+    disk = st.get("disk")
+    if st.get("role") == "primary" and isinstance(disk, dict) and "storage" in disk:
+        storage = disk["storage"]
+        if storage == "remote":  # the local image failed: the disk runs on the secondary's
+            peer = st.get("peer_node") or "the secondary"
+            storage = f"remote ({peer}): local image failed: {disk.get('storage_error')}"
+        elif storage == "suspended":
+            storage = f"suspended: local image failed ({disk.get('storage_error')}), secondary gone"
+        rows.append(("storage", storage))
+    if "heartbeat_age_s" in st:
+        rows.append(("peer heartbeat, network", _age(st.get("heartbeat_age_s"))))
+    if "storage_age_s" in st:
+        rows.append(("peer heartbeat, storage", _age(st.get("storage_age_s"))))
+    if st.get("metrics"):
+        rows.append(("metrics", f"http://{st.get('metrics')}/metrics"))
+    return rows
