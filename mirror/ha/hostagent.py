@@ -15,6 +15,10 @@ heartbeat is fresh, or it won the generation's claim) this host becomes its seco
 instead, and when the peer is silent this host first wins the generation's claim (so the
 peer can never promote in it) and leads under the next generation.
 
+Every pair's metrics are served on the agent's one port, ``[agent] metrics_listen``
+(mirror/ha/agentmetrics.py); the roles also log to journald or syslog with their pair as a
+field (``[agent] log``: mirror/ha/logsink.py), and each role.log is capped (:func:`cap_log`).
+
 The CLI talks to it over ``STATE_DIR/control.sock`` (mirror/ha/control.py: SO_PEERCRED,
 root or the agent's user); agents talk to each other over mirror/ha/peerlink.py
 (CurveZMQ, only the keys in ``[peers]``).

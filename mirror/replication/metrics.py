@@ -418,10 +418,22 @@ def _trusted_peer(conn: socket.socket) -> bool:
     return uid in (0, os.geteuid())
 
 
+_sockets: set[Path] = set()  # served by this process (a role that becomes the other)
+
+
 def serve_socket(path: str | Path) -> None:
     """Serve REGISTRY's text on the unix socket ``path`` (made 0600, a leftover replaced)
-    from a daemon thread, for this process's life.  OSError when it cannot be made."""
+    from a daemon thread, for this process's life (once per path).  OSError when it cannot
+    be made."""
     path = Path(path)
+    with _lock:
+        if path in _sockets:
+            return
+        _serve_socket(path)
+        _sockets.add(path)
+
+
+def _serve_socket(path: Path) -> None:
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     # through the directory's descriptor: a long path does not meet the 108-byte limit
     where = f"/proc/self/fd/{dfd}/{path.name}"

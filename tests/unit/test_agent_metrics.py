@@ -72,6 +72,8 @@ def test_role_socket_serves_the_registry_on_a_long_path(long_dir: Path) -> None:
     fams = {f.name: f for f in agentmetrics.read_role(path)}
     assert any(s.labels == {"pair": "unit-sock", "node": "n"}
                for s in fams["mirror_checkpoints"].samples)
+    metrics.serve_socket(path)  # again (a primary that became the secondary): the same one
+    assert any(f.name == "mirror_checkpoints" for f in agentmetrics.read_role(path))
 
 
 def test_a_stuck_role_costs_one_timeout_and_reads_as_down(
