@@ -166,9 +166,43 @@ class KeysConfig:
 class MetricsConfig:
     # HOST:PORT where the agent serves Prometheus metrics (/metrics); "" serves none
     listen: str = "127.0.0.1:9470"
+    # a unix socket (absolute path) where the role hands its metrics to the host agent,
+    # which serves every pair's on its one port ([agent] metrics_listen); "": none
+    socket: str = ""
 
     def address(self) -> tuple[str, int] | None:
+        if self.socket and not self.socket.startswith("/"):
+            raise ConfigError(f"metrics.socket must be an absolute path, got {self.socket!r}")
         return parse_hostport(self.listen, "metrics.listen") if self.listen else None
+
+
+LOG_KINDS = ("journal", "syslog")
+LOG_SOCKETS = {"journal": "/run/systemd/journal/socket", "syslog": "/dev/log"}
+
+
+def parse_log_sink(text: str, where: str) -> tuple[str, str] | None:
+    """A log sink: "" (none), "journal" or "syslog" (their usual sockets), or
+    "journal:/PATH" / "syslog:/PATH" (a unix datagram socket); (kind, path) or None."""
+    if not text:
+        return None
+    kind, sep, path = text.partition(":")
+    if kind in LOG_KINDS and (not sep or path.startswith("/")):
+        return kind, path or LOG_SOCKETS[kind]
+    raise ConfigError(
+        f'{where} must be "", "journal", "syslog", "journal:/PATH" or "syslog:/PATH", '
+        f"got {text!r}"
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where the role also sends its log lines, with the pair as a field (the host agent
+    sets it from [agent] log): journald's native socket or syslog; "": stderr only."""
+
+    sink: str = ""
+
+    def target(self) -> tuple[str, str] | None:
+        return parse_log_sink(self.sink, "log.sink")
 
 
 @dataclass(frozen=True)
@@ -185,6 +219,7 @@ class Config:
     arbiter: ArbiterConfig = ArbiterConfig()
     keys: KeysConfig = KeysConfig()
     metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
 
     @property
     def state_dir(self) -> Path:
@@ -280,6 +315,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
     cfg.output.address()
     check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")
     cfg.metrics.address()
+    cfg.log.target()
     return cfg
 
 
@@ -368,6 +404,13 @@ class AgentSection:
         "/var/lib/mirror:/var/cache/mirror",
         metadata=_range(1, 4096),
     )
+    # HOST:PORT where the agent serves every pair's metrics (/metrics, each series with
+    # its pair's label); "" serves none
+    metrics_listen: str = "127.0.0.1:9470"
+    # where the roles also log, with the pair as a field: "auto" (journald's socket when
+    # it exists, else /dev/log, else nowhere), "journal", "syslog", "journal:/PATH",
+    # "syslog:/PATH", or "none" (only STATE_DIR/pairs/PAIR/role.log)
+    log: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -446,6 +489,16 @@ def agent_from_dict(data: dict[str, Any], source: str = "<agent config>") -> Age
             f"':', got {', '.join(map(repr, relative))}"
         )
     check_key_prefix(cfg.arbiter.etcd_prefix, f"{source}: [arbiter] etcd_prefix")
+    if a.metrics_listen:
+        parse_hostport(a.metrics_listen, f"{source}: [agent] metrics_listen")
+    if a.log not in ("auto", "none"):
+        try:
+            parse_log_sink(a.log, "")
+        except ConfigError:
+            raise ConfigError(
+                f'{source}: [agent] log must be "auto", "none", "journal", "syslog", '
+                f'"journal:/PATH" or "syslog:/PATH", got {a.log!r}'
+            ) from None
     return cfg
 
 

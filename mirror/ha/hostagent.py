@@ -15,6 +15,10 @@ heartbeat is fresh, or it won the generation's claim) this host becomes its seco
 instead, and when the peer is silent this host first wins the generation's claim (so the
 peer can never promote in it) and leads under the next generation.
 
+Every pair's metrics are served on the agent's one port, ``[agent] metrics_listen``
+(mirror/ha/agentmetrics.py); the roles also log to journald or syslog with their pair as a
+field (``[agent] log``: mirror/ha/logsink.py), and each role.log is capped (:func:`cap_log`).
+
 The CLI talks to it over ``STATE_DIR/control.sock`` (mirror/ha/control.py: SO_PEERCRED,
 root or the agent's user); agents talk to each other over mirror/ha/peerlink.py
 (CurveZMQ, only the keys in ``[peers]``).
@@ -37,20 +41,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mirror.config import AgentConfig, Config, ConfigError, load_agent, to_toml
+from mirror.config import (
+    AgentConfig,
+    Config,
+    ConfigError,
+    load_agent,
+    parse_hostport,
+    to_toml,
+)
 from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import LibvirtError
-from mirror.ha import claims, control, pairdef, peerlink
+from mirror.ha import agentmetrics, claims, control, pairdef, peerlink
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.pairdef import AgentError, PairDef, arbiter_config, check_name
 from mirror.ha.pairing import Pairing
 from mirror.ha.peerlink import PeerAddress, PeerError
-from mirror.ha.role import event, make_arbiter
+from mirror.ha.role import JsonFormatter, event, make_arbiter
 from mirror.hoststate import open_private, private_dir, read_json, write_atomic
 from mirror.replication import keys
 
 log = logging.getLogger("mirror.ha.hostagent")
-
+ROLE_LOG_MAX = 4 << 20  # bytes of a role's role.log; beyond, it becomes role.log.1
+LOG_CHECK_S = 10.0  # how often the roles' logs are measured
 
 
 def sd_notify(state: str) -> None:
@@ -105,6 +117,8 @@ class HostAgent:
         self.server: peerlink.PeerServer | None = None
         self.ctl: control.ControlServer | None = None
         self.dlock: control.StateDirLock | None = None
+        self.metrics: agentmetrics.AgentMetrics | None = None
+        self._logs_checked = 0.0
         self.pairing = Pairing(self)
 
     def _keys(self, cfg: AgentConfig) -> tuple[bytes, bytes, dict[str, PeerAddress]]:
@@ -216,9 +230,12 @@ class HostAgent:
         path = pdir / "mirror.toml"
         write_atomic(path, to_toml(cfg).encode())
         private_dir(pdir / "role")
+        # the agent's own log format for its roles' (their stderr, and their [log] sink)
+        as_json = any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
         with open_private(pdir / "role.log") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mirror", d.role, "--config", str(path)],
+                [sys.executable, "-m", "mirror", d.role, "--config", str(path),
+                 *(["--log-json"] if as_json else [])],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -309,8 +326,30 @@ class HostAgent:
         self.waiting[d.pair] = why
         return why
 
+    def metric_targets(self) -> list[tuple[str, Path]]:
+        """(pair, its role's metrics socket) of each active pair (for a scrape: not under
+        the lock, which a pairing may hold for long)."""
+        defs = dict(self.defs)
+        return [(p, self.pair_dir(p) / "role" / agentmetrics.SOCKET)
+                for p, d in sorted(defs.items()) if d.state == "active"]
+
+    def cap_logs(self) -> None:
+        """Each role's role.log: ROLE_LOG_MAX bytes at most (:func:`cap_log`)."""
+        for pair in list(self.defs):
+            path = self.pair_dir(pair) / "role.log"
+            try:
+                if cap_log(path):
+                    log.info("pair %s: %s moved to role.log.1 (over %d bytes)", pair, path,
+                             ROLE_LOG_MAX)
+            except OSError as e:
+                log.debug("pair %s: %s not capped: %s", pair, path, e)
+
     def tick(self) -> None:
         """Watch each role: follow its role changes, resume what is gone."""
+        now = time.monotonic()
+        if now - self._logs_checked >= LOG_CHECK_S:
+            self._logs_checked = now
+            self.cap_logs()
         with self.lock:
             for pair, d in list(self.defs.items()):
                 if d.state != "active":
@@ -409,6 +448,7 @@ class HostAgent:
                 elif d.state == "active":
                     self.adopt(d)
             self.server = self._serve_peers()
+            self.metrics = self._serve_metrics()
         except BaseException:
             self.close()
             raise
@@ -430,8 +470,28 @@ class HostAgent:
             self.close()
         return 0
 
+    def _serve_metrics(self) -> agentmetrics.AgentMetrics | None:
+        """Every pair's metrics on ``[agent] metrics_listen`` (None when it is "")."""
+        listen = self.cfg.agent.metrics_listen
+        if not listen:
+            return None
+        try:
+            served = agentmetrics.AgentMetrics(
+                parse_hostport(listen, "[agent] metrics_listen"), self.metric_targets,
+                self.node)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot serve metrics on {listen}: {e.strerror or e}; set [agent] "
+                f'metrics_listen to a free HOST:PORT, or "" to serve none'
+            ) from None
+        event("metrics-served", node=self.node, address=served.address)
+        return served
+
     def close(self) -> None:
         """Stop serving; the roles go on (a restarted agent adopts them)."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -443,6 +503,18 @@ class HostAgent:
         if self.dlock is not None:
             self.dlock.close()
             self.dlock = None
+
+
+def cap_log(path: Path, limit: int = ROLE_LOG_MAX) -> bool:
+    """A log over ``limit`` bytes is copied to PATH.1 (replacing the earlier copy) and
+    emptied; whether it was.  Its writer appends (O_APPEND), so its next lines start the
+    file again; lines written between the copy and the truncation are lost."""
+    if path.stat().st_size <= limit:
+        return False
+    with open(path, "rb") as src, open_private(path.with_name(path.name + ".1"), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.truncate(path, 0)
+    return True
 
 
 def _refusing(handler: control.RequestHandler) -> control.RequestHandler:

@@ -9,8 +9,9 @@ One directory per pair under ``STATE_DIR/pairs/PAIR/``:
 - ``original.xml`` (the primary's host, libvirt guests): the domain's definition before
   pairing, which ``mirror unpair`` defines again; ``standby.xml`` (the secondary's): the
   definition the standby runs from;
-- ``role/``: the role's state directory (its status.json, control socket, lock);
-  ``role.log``: its log.
+- ``role/``: the role's state directory (its status.json, control socket, lock, and
+  ``metrics.sock``, where the agent reads its metrics); ``role.log``: its stderr
+  (ROLE_LOG_MAX bytes at most: then it is moved to ``role.log.1``, one copy kept).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from mirror.config import AgentConfig, ArbiterConfig, Config, ConfigError, from_dict
 from mirror.guests import domaincheck
 from mirror.guests.libvirt import qmp_socket_in
+from mirror.ha import agentmetrics, logsink
 from mirror.ha.peerlink import PeerAddress
 from mirror.hoststate import private_dir, read_json, write_atomic
 
@@ -126,7 +128,10 @@ def role_config(d: PairDef, cfg: AgentConfig, peers: dict[str, PeerAddress],
         "arbiter": asdict(cfg.arbiter),
         "keys": {"secret_key": str(Path(cfg.keys.secret_key).resolve()),
                  "peer_public_key": peer.public_key.decode()},
-        "metrics": {"listen": ""},  # many pairs per host: no port each (yet)
+        # many pairs per host: each hands its metrics to the agent, which serves them
+        # all on one port (mirror/ha/agentmetrics.py)
+        "metrics": {"listen": "", "socket": str(pdir / "role" / agentmetrics.SOCKET)},
+        "log": {"sink": logsink.resolve(cfg.agent.log)},
     }
     if d.kind == "synthetic":
         g = dict(d.guest)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import Config, require_arbiter
-from mirror.ha import claims
+from mirror.ha import claims, logsink
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.ha.cleanup import clean_start
 from mirror.ha.rules import (
@@ -211,6 +211,7 @@ class FailoverDriver:
         self._claim = None
         d = self.rules.step(obs)
         self.metrics.ages(net_age, storage_age)
+        self.metrics.storage_ok.set(1 if obs.own_storage_ok else 0)
         self.metrics.slot_seen(self.peer_slot_seen if peer else None)
         self.metrics.state.state(self.protection())
         if (d.state, d.action) != self._logged and (
@@ -289,6 +290,7 @@ def begin(cfg: Config) -> None:
     """An agent role starts: serve its metrics, remove what a dead earlier run of this
     pair and node left behind (mirror/ha/cleanup.py)."""
     start_metrics(cfg)
+    logsink.attach(cfg.log, cfg.pair.name, cfg.node.name)
     removed = clean_start(cfg)
     if removed:
         event("cleaned-leftovers", node=cfg.node.name, removed=removed)
@@ -299,6 +301,12 @@ def start_metrics(cfg: Config) -> str | None:
     also in status.json as "metrics"); None when it is "".  A taken address is an
     error that says so (RuntimeError)."""
     addr = cfg.metrics.address()
+    if cfg.metrics.socket:  # for the host agent that runs this role
+        try:
+            metrics.serve_socket(cfg.metrics.socket)
+        except OSError as e:
+            raise RuntimeError(f"cannot serve metrics on {cfg.metrics.socket}: "
+                               f"{e.strerror or e}") from None
     if addr is None:
         return None
     try:

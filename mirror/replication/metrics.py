@@ -4,7 +4,10 @@ One agent process is one node of one pair, so every series carries the labels
 ``pair`` and ``node`` (``Metrics.of(pair, node)`` binds them).  Names follow
 Prometheus' conventions: base units in the name (``_seconds``, ``_bytes``),
 ``_total`` on counters.  The agent serves them over HTTP when ``[metrics] listen``
-is set (:func:`serve`); deploy/prometheus/mirror-rules.yml alerts on them.
+is set (:func:`serve`); deploy/prometheus/mirror-rules.yml alerts on them.  A role the
+host agent runs hands them to it on a unix socket instead (``[metrics] socket``:
+:func:`serve_socket`, :func:`scrape_socket`); the host agent serves every pair's on one
+port (mirror/ha/agentmetrics.py).
 
 The checkpoint pause is the hottest path: nothing here is called inside it.  The
 epoch engine records a checkpoint's figures after the guest runs again (after the
@@ -16,9 +19,14 @@ Not here yet: disk replication lag.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import socket
+import struct
 import threading
+import time
 from functools import cache
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -29,8 +37,11 @@ from prometheus_client import (
     Enum,
     Gauge,
     Histogram,
+    generate_latest,
     make_wsgi_app,
 )
+
+log = logging.getLogger("mirror.replication.metrics")
 
 REGISTRY = CollectorRegistry()
 LABELS = ("pair", "node")
@@ -166,6 +177,13 @@ HEARTBEAT_AGE = Gauge(
     (*LABELS, "path"),
     registry=REGISTRY,
 )
+STORAGE_OK = Gauge(
+    "mirror_storage_heartbeat_ok",
+    "1 while this node's storage heartbeat writes to the arbiter succeed, 0 while they "
+    "fail (its storage path is dead: the peer cannot tell it from a dead node)",
+    LABELS,
+    registry=REGISTRY,
+)
 PEER_SLOT_SEEN = Gauge(
     "mirror_peer_storage_slot_seen",
     "1 once this node has seen its peer's storage heartbeat slot change on the arbiter in "
@@ -244,6 +262,7 @@ class Metrics:
         self.fenced = FENCED.labels(*labels)
         self.net_age = HEARTBEAT_AGE.labels(*labels, "network")
         self.storage_age = HEARTBEAT_AGE.labels(*labels, "storage")
+        self.storage_ok = STORAGE_OK.labels(*labels)
         self.refused_peers = REFUSED_PEERS.labels(*labels)
         self.missed_pages = MISSED_PAGES.labels(*labels)
         self.disk_storage = DISK_STORAGE.labels(*labels)
@@ -357,23 +376,130 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
 
+def serve_registry(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+    """Serve ``registry`` at http://HOST:PORT/metrics from a daemon thread; the server
+    (``shutdown()`` and ``server_close()`` end it).  Port 0 picks a free one.  At most
+    MAX_CONNECTIONS connections are served at once, each closed after READ_TIMEOUT_S
+    without progress.  Raises OSError when the address cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(_BoundedServer):
+        address_family = family
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
 def serve(host: str, port: int) -> tuple[str, int]:
-    """Serve REGISTRY at http://HOST:PORT/metrics from a daemon thread (once per
-    process; a second call returns the first address).  Port 0 picks a free one.
-    At most MAX_CONNECTIONS connections are served at once, each closed after
-    READ_TIMEOUT_S without progress.  Raises OSError when the address cannot be had."""
+    """Serve REGISTRY at http://HOST:PORT/metrics (:func:`serve_registry`), once per
+    process; a second call returns the first address."""
     with _lock:
         if "address" not in _served:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-            class Server(_BoundedServer):
-                address_family = family
-
-            server = make_server(
-                host, port, make_wsgi_app(REGISTRY), Server, handler_class=_Quiet
-            )
-            thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-            thread.start()
-            _served.update(address=server.server_address[:2], server=server, thread=thread)
+            server = serve_registry(REGISTRY, host, port)
+            _served.update(address=server.server_address[:2], server=server)
         addr = _served["address"]
         return str(addr[0]), int(addr[1])
+
+
+# -- a role's metrics for its host agent: a unix socket -----------------------------------
+#
+# The host agent connects to the role's socket; the role writes the text exposition of
+# REGISTRY and closes.  Nothing is read from the client.  One client at a time, each
+# given SOCKET_TIMEOUT_S; only root or the role's own user is answered (SO_PEERCRED).
+
+SOCKET_TIMEOUT_S = 2.0
+MAX_EXPOSITION = 8 << 20  # bytes an agent reads from one role at most
+
+
+def _trusted_peer(conn: socket.socket) -> bool:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
+                                                          socket.SO_PEERCRED, 12))
+    return uid in (0, os.geteuid())
+
+
+_sockets: set[Path] = set()  # served by this process (a role that becomes the other)
+
+
+def serve_socket(path: str | Path) -> None:
+    """Serve REGISTRY's text on the unix socket ``path`` (made 0600, a leftover replaced)
+    from a daemon thread, for this process's life (once per path).  OSError when it cannot
+    be made."""
+    path = Path(path)
+    with _lock:
+        if path in _sockets:
+            return
+        _serve_socket(path)
+        _sockets.add(path)
+
+
+def _serve_socket(path: Path) -> None:
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # through the directory's descriptor: a long path does not meet the 108-byte limit
+    where = f"/proc/self/fd/{dfd}/{path.name}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path.name, dir_fd=dfd)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(where)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+        os.close(dfd)
+    sock.listen(8)
+
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError as e:
+                log.warning("metrics socket %s: %s", path, e)
+                time.sleep(1)
+                continue
+            with conn:
+                try:
+                    conn.settimeout(SOCKET_TIMEOUT_S)
+                    if _trusted_peer(conn):
+                        conn.sendall(generate_latest(REGISTRY))
+                except OSError:
+                    pass  # a client that went away or took too long: the next one
+
+    threading.Thread(target=run, name="metrics-socket", daemon=True).start()
+
+
+def scrape_socket(path: str | Path, timeout: float = SOCKET_TIMEOUT_S) -> bytes:
+    """A role's metrics text from its socket ``path``, within ``timeout`` seconds in all;
+    OSError (TimeoutError, ConnectionRefusedError...) when there is none."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(f"/proc/self/fd/{dfd}/{path.name}")
+            if not _trusted_peer(s):
+                raise PermissionError(f"{path} is served by another user: not read")
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{path}: no complete answer within {timeout:g} s")
+                s.settimeout(left)
+                chunk = s.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > MAX_EXPOSITION:
+                    raise OSError(f"{path}: more than {MAX_EXPOSITION} bytes: not read")
+                chunks.append(chunk)
+    finally:
+        os.close(dfd)
+
+
+# The host agent's own series (mirror/ha/agentmetrics.py makes them at each scrape).
+ROLE_UP = ("mirror_agent_role_up", "1 when the pair's role answered the host agent's last "
+           "scrape of its metrics, 0 when it did not (dead, stuck, or not started)")

@@ -35,7 +35,7 @@ def mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
 
 class Agent:
     def __init__(self, root: Path, name: str, peer: str, port: int, peer_port: int,
-                 ports: tuple[int, int]) -> None:
+                 ports: tuple[int, int], metrics_port: int, log: str = "auto") -> None:
         self.name, self.root = name, root
         self.dir = root / name
         self.dir.mkdir(exist_ok=True)
@@ -49,6 +49,8 @@ address = "{ADDR[name]}"
 port = {port}
 pair_ports_from = {ports[0]}
 pair_ports_to = {ports[1]}
+metrics_listen = "127.0.0.1:{metrics_port}"
+log = "{log}"
 
 [keys]
 secret_key = "{k / (name + '.key_secret')}"
@@ -67,11 +69,14 @@ public_key = "{k / (peer + '.key')}"
 """)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "agent.log"
+        self.metrics = f"127.0.0.1:{metrics_port}"
+        self.extra: list[str] = []  # options before the command (--log-json)
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mirror", "agent", "--config", str(self.config)],
+                [sys.executable, "-m", "mirror", *self.extra, "agent", "--config",
+                 str(self.config)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         deadline = time.monotonic() + 20
@@ -114,14 +119,20 @@ def kill_group(pid: int) -> None:
 
 
 @pytest.fixture
-def agents(tmp_path: Path, pair_name: str, no_leftovers: None) -> Iterator[tuple[Agent, Agent]]:
+def agents(tmp_path: Path, pair_name: str, no_leftovers: None,
+           request: pytest.FixtureRequest) -> Iterator[tuple[Agent, Agent]]:
     (tmp_path / "shared").mkdir()
     for n in ("hostA", "hostB", "stranger"):
         keys.generate(tmp_path / "keys", n)
-    pa, pb = free_ports(2)
+    pa, pb, ma, mb = free_ports(4)
     base = 20000 + (os.getpid() * 7) % 30000
-    a = Agent(tmp_path, "hostA", "hostB", pa, pb, (base, base + 20))
-    b = Agent(tmp_path, "hostB", "hostA", pb, pa, (base + 40, base + 60))
+    # [agent] log of each (a test's own sinks: "{root}" is its tmp_path)
+    log = {n: v.replace("{root}", str(tmp_path))
+           for n, v in getattr(request, "param", {}).items()}
+    a = Agent(tmp_path, "hostA", "hostB", pa, pb, (base, base + 20), ma,
+              log.get("hostA", "auto"))
+    b = Agent(tmp_path, "hostB", "hostA", pb, pa, (base + 40, base + 60), mb,
+              log.get("hostB", "auto"))
     try:
         yield a, b
     finally:
