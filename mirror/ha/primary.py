@@ -24,15 +24,12 @@ from mirror.ha.role import FailoverDriver, begin, current_generation, event, mak
 from mirror.ha.rules import Action, Role
 from mirror.hoststate import agent_record, private_dir, write_json
 from mirror.replication import keys, metrics, wire
-from mirror.replication.checkpoint import (
-    CheckpointEngine,
-    PairingStopped,
-    Progress,
-    ReplicationError,
-)
+from mirror.replication.checkpoint import CheckpointEngine
+from mirror.replication.inflight import PairingStopped, ReplicationError
 from mirror.replication.link import Endpoint, Link
 from mirror.replication.outputs import OutputBuffer
 from mirror.replication.pagediff import PAGE_SIZE
+from mirror.replication.precopy import Progress
 
 log = logging.getLogger("mirror.ha.role")
 
