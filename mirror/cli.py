@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             return code
         finally:
-            role.mark_stopped(cfg, code)
+            role.mark_stopped(cfg.state_dir, cfg.pair.name, cfg.node.name, code)
             server.close()
             lock.close()
     except (ConfigError, GuestError, StandbyError, ConnectionError, RuntimeError, OSError) as e:
@@ -579,7 +579,9 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         return 1
     primary = st.get("primary")
     if primary and not force:
-        arbiter = role.make_arbiter(cfg, f"{cfg.node.name}-cli", prepare=True)
+        arbiter = role.make_arbiter(
+            cfg.arbiter, cfg.pair.name, f"{cfg.node.name}-cli", prepare=True
+        )
         silent = cfg.arbiter.silent_after_ms / 1000
         arbiter.peer_age(str(primary))
         time.sleep(silent)

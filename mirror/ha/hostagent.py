@@ -49,7 +49,6 @@ from typing import Any
 
 from mirror.config import (
     AgentConfig,
-    ArbiterConfig,
     Config,
     ConfigError,
     from_dict,
@@ -417,7 +416,7 @@ class HostAgent:
             self.start_role(d)
             return "started its secondary again"
         try:
-            arb = make_arbiter(self._role_cfg_for_arbiter(d), prepare=True)
+            arb = make_arbiter(self.cfg.arbiter, d.pair, self.node, prepare=True)
             recorded = arb.generation()
             age = arb.peer_age(d.peer)
             if age is not None:
@@ -464,13 +463,6 @@ class HostAgent:
             event("role-waiting", logging.WARNING, pair=d.pair, reason=why)
         self.waiting[d.pair] = why
         return why
-
-    def _role_cfg_for_arbiter(self, d: PairDef) -> Config:
-        return Config(
-            pair=replace(Config().pair, name=d.pair),
-            node=replace(Config().node, name=self.node),
-            arbiter=ArbiterConfig(**asdict(self.cfg.arbiter)),
-        )
 
     def tick(self) -> None:
         """Watch each role: follow its role changes, resume what is gone."""
@@ -609,7 +601,7 @@ class HostAgent:
                     d.autostart = bool(facts["autostart"])
                     write_atomic(self.pair_dir(d.pair) / "original.xml", xml.encode())
             self.save(d)
-            arb = make_arbiter(self._role_cfg_for_arbiter(d), prepare=True)
+            arb = make_arbiter(self.cfg.arbiter, d.pair, self.node, prepare=True)
             d.generation = max(1, arb.generation())
             self._note(d, f"asking {d.peer} to prepare the standby")
             answer = peerlink.ask(

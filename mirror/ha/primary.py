@@ -71,7 +71,7 @@ def lead(
     ``current[0]`` is where the guest's outputs go.  A pairing that fails after the
     standby's WELCOME leaves the guest running unprotected; the next is tried under the
     next generation after ``retry``'s wait."""
-    arbiter = make_arbiter(cfg)
+    arbiter = make_arbiter(cfg.arbiter, cfg.pair.name, cfg.node.name)
     released = 0
     retry = retry or PairingRetry()
     while not stop.is_set() and (end is None or time.monotonic() < end):
@@ -146,10 +146,11 @@ def run_primary(
     last one (acknowledged) until stopped.  Exit code 3: fenced.  After a switchover
     this host becomes the secondary, or, without ``stay``, exits (0).
     """
-    keys.load(cfg)  # no keys (and not insecure): refuse before anything starts
+    keys.load(cfg.keys)  # no keys (and not insecure): refuse before anything starts
     private_dir(cfg.state_dir)
-    generation = current_generation(cfg)  # the arbiter first: unusable, nothing is booted
-    begin(cfg)
+    # the arbiter first: unusable, nothing is booted
+    generation = current_generation(cfg.arbiter, cfg.pair, cfg.node.name)
+    begin(cfg.metrics, cfg.pair.name, cfg.node.name, cfg.state_dir)
     backend = backend_for(cfg)
     backend.generation = generation  # the disk server's, until a pairing hands it the current
     current: list[OutputBuffer] = []  # where the guest's outputs go (a later pairing swaps it)

@@ -121,7 +121,7 @@ class PrimaryRun:
     ) -> None:
         self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
         self.address = address
-        self.keys = keys.load(keyed(cfg))  # as last reloaded
+        self.keys = keys.load(keyed(cfg).keys)  # as last reloaded
         self.link = self._link()
         self.engine = CheckpointEngine(
             guest,
@@ -133,7 +133,8 @@ class PrimaryRun:
             node=cfg.node.name,
             fingerprint=backend.fingerprint(),
         )
-        self.failover = FailoverDriver(cfg, Role.PRIMARY, lambda: self.engine.acked, generation)
+        self.failover = FailoverDriver(cfg.arbiter, Role.PRIMARY, lambda: self.engine.acked,
+                                       generation, pair=cfg.pair.name, node=cfg.node.name)
         self.phase = "pairing"
         self.extra: dict[str, Any] = {}
         self._disk_storage = "local"  # where the disk server last said its I/O goes
@@ -155,7 +156,7 @@ class PrimaryRun:
         if self.keys is None:
             return
         try:
-            new = keys.load(keyed(self.cfg))
+            new = keys.load(keyed(self.cfg).keys)
         except ConfigError as e:
             log.error("interconnect keys unreadable, keeping the current ones: %s", e)
             return

@@ -48,7 +48,7 @@ class Rekey:
         cfg = self.cfg
         if self.path is not None:
             cfg = replace(cfg, keys=config_mod.load(self.path).keys)
-        new = keys.load(cfg)
+        new = keys.load(cfg.keys)
         if (new is None) != self.cfg.keys.insecure:
             raise ConfigError(
                 "a reload cannot switch the interconnect between insecure and keyed: "

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mirror.config import Config, require_arbiter
+from mirror.config import ArbiterConfig, MetricsConfig, PairConfig, require_arbiter
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.ha.cleanup import clean_start
 from mirror.ha.rules import (
@@ -154,12 +154,19 @@ class FailoverDriver:
     """One role's controller with the arbiter: observe, decide, claim."""
 
     def __init__(
-        self, cfg: Config, role: Role, epoch: Callable[[], int], generation: int | None = None
+        self,
+        arbiter: ArbiterConfig,
+        role: Role,
+        epoch: Callable[[], int],
+        generation: int,
+        *,
+        pair: str,
+        node: str,
     ) -> None:
-        a = cfg.arbiter
-        self.generation = cfg.pair.generation if generation is None else generation
-        self.cfg = cfg
-        self.arbiter = make_arbiter(cfg)
+        a = arbiter
+        self.generation = generation
+        self.arbiter_cfg, self.node = arbiter, node
+        self.arbiter = make_arbiter(arbiter, pair, node)
         self.timeouts = Timeouts(a.silent_after_ms / 1000, a.fence_after_ms / 1000)
         self.rules = FailoverRules(role, self.timeouts)
         self.beat = StorageBeat(
@@ -175,7 +182,7 @@ class FailoverDriver:
         self._next = 0.0
         self._logged: tuple[State, Action] = (self.rules.state, Action.NONE)
         self.peer_slot_seen = False  # the peer's slot seen changing here in this generation
-        self.metrics = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
+        self.metrics = metrics.Metrics.of(pair, node)
         self.beat.start()
 
     def tick(
@@ -217,7 +224,7 @@ class FailoverDriver:
             event(
                 "decision",
                 logging.WARNING if d.action in ALERTING else logging.INFO,
-                node=self.cfg.node.name,
+                node=self.node,
                 action=d.action.value,
                 state=d.state.value,
                 reason=d.reason,
@@ -227,7 +234,7 @@ class FailoverDriver:
         if d.action in (Action.CLAIM_PROMOTE, Action.CLAIM_UNPROTECTED):
             what = "promote" if d.action is Action.CLAIM_PROMOTE else "unprotected"
             try:
-                self._claim = self.arbiter.claim(self.generation, self.cfg.node.name, what)
+                self._claim = self.arbiter.claim(self.generation, self.node, what)
                 self._claim_error = ""
             except ArbiterError as e:  # storage failing: no claim made; judged again next tick
                 if str(e) != self._claim_error:
@@ -249,8 +256,8 @@ class FailoverDriver:
         the other's silence (status.json "arbiter_unverified")."""
         if self.peer_slot_seen:
             return None
-        where = f"etcd {self.cfg.arbiter.etcd}" if self.cfg.arbiter.etcd \
-            else str(self.cfg.arbiter.dir)
+        a = self.arbiter_cfg
+        where = f"etcd {a.etcd}" if a.etcd else str(a.dir)
         return (f"peer's storage slot never seen on this arbiter ({where}) in generation "
                 f"{self.generation}: failover is disabled until it is (is the arbiter "
                 f"shared by both hosts?)")
@@ -261,11 +268,11 @@ class FailoverDriver:
         self.beat.join(2)
 
 
-def mark_stopped(cfg: Config, code: int | None) -> None:
+def mark_stopped(state_dir: Path, pair: str, node: str, code: int | None) -> None:
     """The last status of an agent that ends (not one that is killed): its phase is
     "stopped", so that no earlier phase reads as current.  ``code``: its exit code
     (None: it ended by an exception)."""
-    path = cfg.state_dir / "status.json"
+    path = state_dir / "status.json"
     try:
         st = dict(read_json(path))
     except (OSError, ValueError, TypeError):
@@ -273,7 +280,7 @@ def mark_stopped(cfg: Config, code: int | None) -> None:
     if st.get("pid") != os.getpid():
         return  # not this process's report (it never wrote one)
     st.update(phase="stopped", protection="stopped", exit_code=code, **agent_record())
-    m = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
+    m = metrics.Metrics.of(pair, node)
     m.state.state("stopped")
     m.guest_here(None)
     try:
@@ -282,58 +289,53 @@ def mark_stopped(cfg: Config, code: int | None) -> None:
         log.error("cannot write %s: %s", path, e)
 
 
-def begin(cfg: Config) -> None:
-    """An agent role starts: serve its metrics, remove what a dead earlier run of this
-    pair and node left behind (mirror/ha/cleanup.py)."""
-    start_metrics(cfg)
-    removed = clean_start(cfg)
+def begin(served: MetricsConfig, pair: str, node: str, state_dir: Path) -> None:
+    """An agent role starts: serve its metrics (``served``), remove what a dead earlier run
+    of this pair and node left behind (mirror/ha/cleanup.py)."""
+    start_metrics(served)
+    removed = clean_start(pair, node, state_dir)
     if removed:
-        event("cleaned-leftovers", node=cfg.node.name, removed=removed)
+        event("cleaned-leftovers", node=node, removed=removed)
 
 
-def start_metrics(cfg: Config) -> str | None:
+def start_metrics(served: MetricsConfig) -> str | None:
     """Serve this agent's Prometheus metrics where ``[metrics] listen`` says ("HOST:PORT",
     also in status.json as "metrics"); None when it is "".  A taken address is an
     error that says so (RuntimeError)."""
-    addr = cfg.metrics.address()
+    addr = served.address()
     if addr is None:
         return None
     try:
         host, port = metrics.serve(*addr)
     except OSError as e:
         raise RuntimeError(
-            f"cannot serve metrics on {cfg.metrics.listen}: {e.strerror or e}; set "
+            f"cannot serve metrics on {served.listen}: {e.strerror or e}; set "
             f'[metrics] listen to a free HOST:PORT, or "" to serve none'
         ) from None
     return f"{host}:{port}"
 
 
-def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False) -> Arbiter:
-    """The pair's arbiter: the shared directory (the default), or etcd when
-    ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
+def make_arbiter(arbiter: ArbiterConfig, pair: str, node: str, *, prepare: bool = False) -> Arbiter:
+    """``pair``'s arbiter as ``node`` sees it: the shared directory (the default), or etcd
+    when ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
     ``prepare``: check the directory now (ArbiterError naming it if it is missing) and
     create the pair's directory in it; an agent does so once, at start.  A configuration
     that names neither is a ConfigError (there is no default arbiter)."""
-    require_arbiter(cfg.arbiter, f"pair {cfg.pair.name}'s configuration")
-    if cfg.arbiter.etcd:
+    require_arbiter(arbiter, f"pair {pair}'s configuration")
+    if arbiter.etcd:
         from mirror.ha.etcd import Etcd  # the pool's client; no dependency otherwise
         from mirror.ha.etcd_arbiter import EtcdArbiter
 
         # short: a storage path that does not answer within a heartbeat or two is down
-        etcd = Etcd(
-            cfg.arbiter.etcd, timeout=max(0.2, 2 * cfg.arbiter.heartbeat_interval_ms / 1000)
-        )
-        return EtcdArbiter(etcd, cfg.pair.name, node or cfg.node.name,
-                           prefix=cfg.arbiter.etcd_prefix)
-    return DirectoryArbiter(
-        Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name, prepare=prepare
-    )
+        etcd = Etcd(arbiter.etcd, timeout=max(0.2, 2 * arbiter.heartbeat_interval_ms / 1000))
+        return EtcdArbiter(etcd, pair, node, prefix=arbiter.etcd_prefix)
+    return DirectoryArbiter(Path(arbiter.dir), pair, node, prepare=prepare)
 
 
-def current_generation(cfg: Config) -> int:
+def current_generation(arbiter: ArbiterConfig, pair: PairConfig, node: str) -> int:
     """The pair's generation: the configured one, or a later one a promotion recorded.
     Checks the arbiter (an agent calls it at start): ArbiterError if it is unusable."""
     return max(
-        cfg.pair.generation,
-        make_arbiter(cfg, prepare=True).generation(),
+        pair.generation,
+        make_arbiter(arbiter, pair.name, node, prepare=True).generation(),
     )
