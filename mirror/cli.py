@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
             return switchover(cfg, args.timeout)
         require_arbiter(cfg.arbiter, args.config)  # before anything starts
         stop = role.stop_on_signals()
-        rekey.install(cfg, Path(args.config))  # SIGHUP: read the keys again
+        rekey.install(cfg.keys, cfg.node.name, Path(args.config))  # SIGHUP: read the keys again
         lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
         code: int | None = None
         try:

@@ -81,7 +81,7 @@ def lead(
         )
         run.retry = retry
         control.serve({"status": run.status, "detach": detach_on(stop),
-                       "reload-keys": current_rekey(cfg).control})  # fmt: skip
+                       "reload-keys": current_rekey(cfg.keys, cfg.node.name).control})  # fmt: skip
         run.phase = "unprotected"
         try:
             while not stop.is_set() and (end is None or time.monotonic() < end):
@@ -102,7 +102,8 @@ def lead(
                     event("guest-died", node=cfg.node.name)
                     return 1
                 run.relink_if_rekeyed()  # the pool may have placed a new standby elsewhere
-                if (rekey := current_rekey(cfg)).due():  # SIGHUP or `mirror keys reload`
+                rekey = current_rekey(cfg.keys, cfg.node.name)
+                if rekey.due():  # SIGHUP or `mirror keys reload`
                     rekey.apply(run.use_keys)
                 if retry.waiting() > 0:  # the last pairing failed: not before its wait is over
                     stop.wait(min(0.2, retry.waiting()))
@@ -172,7 +173,7 @@ def run_primary(
             return {"accepted": True}
 
         control.serve({"status": run.status, "switchover": switch_now, "detach": detach_on(stop),
-                       "reload-keys": current_rekey(cfg).control})  # fmt: skip
+                       "reload-keys": current_rekey(cfg.keys, cfg.node.name).control})  # fmt: skip
         run.write_status()
         try:
             run.engine.handshake(timeout=cfg.link.pair_timeout_s, stop=stop)

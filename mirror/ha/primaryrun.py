@@ -121,7 +121,7 @@ class PrimaryRun:
     ) -> None:
         self.cfg, self.guest, self.outputs, self.generation = cfg, guest, outputs, generation
         self.address = address
-        self.keys = keys.load(keyed(cfg).keys)  # as last reloaded
+        self.keys = keys.load(keyed(cfg.keys, cfg.node.name))  # as last reloaded
         self.link = self._link()
         self.engine = CheckpointEngine(
             guest,
@@ -156,7 +156,7 @@ class PrimaryRun:
         if self.keys is None:
             return
         try:
-            new = keys.load(keyed(self.cfg).keys)
+            new = keys.load(keyed(self.cfg.keys, self.cfg.node.name))
         except ConfigError as e:
             log.error("interconnect keys unreadable, keeping the current ones: %s", e)
             return
@@ -250,7 +250,7 @@ class PrimaryRun:
         """After the handshake: pre-copy, then checkpoints until stopped, the end, or
         ``epochs`` checkpoints; then as the controller decides.  Exit code 3: fenced."""
         cfg, engine, outputs, failover = self.cfg, self.engine, self.outputs, self.failover
-        rekey = current_rekey(cfg)
+        rekey = current_rekey(cfg.keys, cfg.node.name)
         self.phase = "precopy"
         paired_at = time.monotonic()  # the standby answered HELLO just now
         try:

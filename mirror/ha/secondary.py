@@ -31,7 +31,7 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
     backend = backend_for(cfg)
     node = cfg.node.name
     standby = Standby(
-        cfg.link, keyed(cfg).keys, pair=cfg.pair.name, node=node,
+        cfg.link, keyed(cfg.keys, cfg.node.name), pair=cfg.pair.name, node=node,
         generation=current_generation(cfg.arbiter, cfg.pair, node), ram_mib=cfg.guest.ram_mib,
         state_dir=cfg.state_dir, silent_after_ms=cfg.arbiter.silent_after_ms,
         fingerprint=backend.fingerprint(),
@@ -64,7 +64,7 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         manual.set()
         return {"accepted": True}
 
-    rekey = current_rekey(cfg)
+    rekey = current_rekey(cfg.keys, cfg.node.name)
     control.serve({"status": standby.status, "failover": failover_now,
                    "reload-keys": rekey.control})  # fmt: skip
 
