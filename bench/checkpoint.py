@@ -107,7 +107,7 @@ def running_pair(
             link = Link.client(
                 Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port),
                 "hostA",
-                keys=keys.load(cfg_a),
+                keys=keys.load(cfg_a.keys),
             )
             yield guest, link, cfg_a, holder
         finally:
@@ -313,7 +313,7 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
             link = Link.client(
                 Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port),
                 "hostA",
-                keys=keys.load(cfg_a),
+                keys=keys.load(cfg_a.keys),
             )
             engine = CheckpointEngine(
                 guest,
@@ -415,7 +415,7 @@ def link_capacity(
             link = Link.client(
                 Endpoint("127.0.0.1", cfg_b.link.data_port, cfg_b.link.heartbeat_port),
                 "bench",
-                keys=keys.load(cfg_a),
+                keys=keys.load(cfg_a.keys),
             )
             session = 1
             link.session[0] = session

@@ -104,7 +104,7 @@ def rig(
             link = Link.client(
                 Endpoint("127.0.0.1", cfg_a.link.data_port, cfg_a.link.heartbeat_port),
                 "hostA",
-                keys=keys.load(cfg_a),
+                keys=keys.load(cfg_a.keys),
             )
             engine = CheckpointEngine(
                 guest, link, cfg_a.checkpoint, outputs, pair=cfg_a.pair.name, generation=1,

@@ -86,7 +86,7 @@ def run_role(cfg: Config, args: argparse.Namespace) -> int:
 
     require_arbiter(cfg.arbiter, args.config)  # before anything starts
     stop = role.stop_on_signals()
-    rekey.install(cfg, Path(args.config))  # SIGHUP: read the keys again
+    rekey.install(cfg.keys, cfg.node.name, Path(args.config))  # SIGHUP: read the keys again
     lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
     code: int | None = None
     try:
@@ -102,7 +102,7 @@ def run_role(cfg: Config, args: argparse.Namespace) -> int:
             )
         return code
     finally:
-        role.mark_stopped(cfg, code)
+        role.mark_stopped(cfg.state_dir, cfg.pair.name, cfg.node.name, code)
         server.close()
         lock.close()
 
@@ -139,7 +139,8 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
         from mirror.ha import role
         from mirror.ha.claims import manual_failover_refusal
 
-        arbiter = role.make_arbiter(cfg, f"{cfg.node.name}-cli", prepare=True)
+        arbiter = role.make_arbiter(cfg.arbiter, cfg.pair.name, f"{cfg.node.name}-cli",
+                                    prepare=True)
         why = manual_failover_refusal(arbiter, str(primary), cfg.arbiter.silent_after_ms / 1000)
         if why is not None:
             return output.fail(why)

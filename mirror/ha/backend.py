@@ -16,10 +16,21 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mirror.config import Config
+from mirror.config import (
+    Config,
+    DiskConfig,
+    GuestConfig,
+    LibvirtConfig,
+    LinkConfig,
+    NodeConfig,
+    OutputConfig,
+    PairConfig,
+    QemuConfig,
+)
 from mirror.guests.base import Guest, GuestError, GuestOutput, OutputHandler
 from mirror.guests.synthetic import SHM_DIR, GuestProcess, SyntheticGuest, SyntheticParams
 from mirror.replication.disk import DiskError, DiskSpec, ReplicatedDisk
@@ -37,8 +48,27 @@ class OutputSink(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class GuestSettings:
+    """The sections of the configuration a guest backend reads (never [checkpoint],
+    [arbiter], [keys] or [metrics]): the guest, its kind's section, its disk, where its
+    outputs go; the pair's and node's names and state directory for its files; and
+    ``link.host``, where a replica's disk stream listens."""
+
+    pair: PairConfig
+    node: NodeConfig
+    link: LinkConfig
+    guest: GuestConfig
+    output: OutputConfig
+    qemu: QemuConfig
+    libvirt: LibvirtConfig
+    disk: DiskConfig
+    state_dir: Path
+    disk_image: Path
+
+
 class Backend(ABC):
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: GuestSettings) -> None:
         self.cfg = cfg
         # the pair's generation (the arbiter's) a disk server starts in; the agent sets it
         # before boot/ready, and each pairing hands the disk server the current one
@@ -113,7 +143,7 @@ class _RelaySink:
 
 
 class QemuBackend(Backend):
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: GuestSettings) -> None:
         super().__init__(cfg)
         self._fingerprint: str | None = None
 
@@ -201,7 +231,7 @@ class QemuBackend(Backend):
 
 
 class LibvirtBackend(Backend):
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: GuestSettings) -> None:
         super().__init__(cfg)
         self._fingerprint: str | None = None
         self._xml: str | None = None  # the attached domain's live XML (primary)
@@ -261,7 +291,12 @@ class LibvirtBackend(Backend):
 
 
 def backend_for(cfg: Config) -> Backend:
+    """The backend of ``cfg``'s guest kind, given the sections it reads."""
     kinds: dict[str, type[Backend]] = {
         "synthetic": SyntheticBackend, "qemu": QemuBackend, "libvirt": LibvirtBackend,
     }  # fmt: skip
-    return kinds[cfg.guest.kind](cfg)
+    settings = GuestSettings(
+        cfg.pair, cfg.node, cfg.link, cfg.guest, cfg.output, cfg.qemu, cfg.libvirt, cfg.disk,
+        cfg.state_dir, cfg.disk_image,
+    )  # fmt: skip
+    return kinds[cfg.guest.kind](settings)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mirror.config import Config
 from mirror.hoststate import read_json, running
 
 SHM = Path("/dev/shm")
@@ -62,9 +61,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def leftovers(cfg: Config, shm: Path = SHM) -> list[Path]:
-    """What a dead earlier run of this pair and node left, that is safe to remove now."""
-    prefix = f"mirror-{cfg.pair.name}-{cfg.node.name}-"
+def leftovers(pair: str, node: str, state_dir: Path, shm: Path = SHM) -> list[Path]:
+    """What a dead earlier run of ``pair`` on ``node`` left, that is safe to remove now."""
+    prefix = f"mirror-{pair}-{node}-"
     candidates: list[Path] = []
     for p in shm.glob(f"{prefix}*"):
         rest = p.name[len(prefix) :]
@@ -76,11 +75,11 @@ def leftovers(cfg: Config, shm: Path = SHM) -> list[Path]:
                 candidates.append(p)
     used = _in_use({str(p) for p in candidates})
     found = [p for p in candidates if str(p) not in used]
-    qemu_dir = cfg.state_dir / "qemu"
+    qemu_dir = state_dir / "qemu"
     socks = [qemu_dir / n for n in ("qmp.sock", "net.sock") if (qemu_dir / n).exists()]
     if socks:
         try:
-            last = read_json(cfg.state_dir / "status.json")
+            last = read_json(state_dir / "status.json")
         except (OSError, ValueError):
             last = None
         if not isinstance(last, dict) or not running(last):
@@ -88,10 +87,10 @@ def leftovers(cfg: Config, shm: Path = SHM) -> list[Path]:
     return sorted(found)
 
 
-def clean_start(cfg: Config, shm: Path = SHM) -> list[str]:
+def clean_start(pair: str, node: str, state_dir: Path, shm: Path = SHM) -> list[str]:
     """Remove :func:`leftovers`; returns what was removed (for the agent's log)."""
     removed = []
-    for p in leftovers(cfg, shm):
+    for p in leftovers(pair, node, state_dir, shm):
         try:
             p.unlink()
             removed.append(str(p))

@@ -53,7 +53,7 @@ from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import LibvirtError
 from mirror.ha import agentmetrics, claims, control, pairdef, peerlink
 from mirror.ha.arbiter import ArbiterError
-from mirror.ha.pairdef import AgentError, PairDef, arbiter_config, check_name
+from mirror.ha.pairdef import AgentError, PairDef, check_name
 from mirror.ha.pairing import Pairing
 from mirror.ha.peerlink import PeerAddress, PeerError
 from mirror.ha.role import JsonFormatter, event, make_arbiter
@@ -301,8 +301,8 @@ class HostAgent:
             self.save(d)
             self.start_role(d)
             return "started its secondary again"
-        arbiter = arbiter_config(d, self.node, self.cfg.arbiter)
-        r = claims.resume(lambda: make_arbiter(arbiter, prepare=True), self.node, d.peer,
+        r = claims.resume(lambda: make_arbiter(self.cfg.arbiter, d.pair, self.node, prepare=True),
+                          self.node, d.peer,
                           d.generation, self.cfg.arbiter.silent_after_ms / 1000)
         if r.role == "secondary":
             return self._become_secondary(d, r.generation, r.why)

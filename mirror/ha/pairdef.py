@@ -20,11 +20,11 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirror.config import AgentConfig, ArbiterConfig, Config, ConfigError, from_dict
+from mirror.config import AgentConfig, Config, ConfigError, from_dict
 from mirror.guests import domaincheck
 from mirror.guests.libvirt import qmp_socket_in
 from mirror.ha import agentmetrics, logsink
@@ -166,15 +166,6 @@ def role_config(d: PairDef, cfg: AgentConfig, peers: dict[str, PeerAddress],
                 f"cannot be paired with it"
             ) from None
         raise
-
-
-def arbiter_config(d: PairDef, node: str, arbiter: ArbiterConfig) -> Config:
-    """Just enough of the role's configuration to open the pair's arbiter."""
-    return Config(
-        pair=replace(Config().pair, name=d.pair),
-        node=replace(Config().node, name=node),
-        arbiter=ArbiterConfig(**asdict(arbiter)),
-    )
 
 
 def synthetic_guest(req: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from mirror.ha.pairdef import (
     KINDS,
     AgentError,
     PairDef,
-    arbiter_config,
     check_name,
     synthetic_guest,
 )
@@ -116,7 +115,7 @@ class Pairing:
                     d.autostart = bool(facts["autostart"])
                     write_atomic(agent.pair_dir(d.pair) / "original.xml", xml.encode())
             agent.save(d)
-            arb = make_arbiter(arbiter_config(d, agent.node, agent.cfg.arbiter), prepare=True)
+            arb = make_arbiter(agent.cfg.arbiter, d.pair, agent.node, prepare=True)
             d.generation = Claims(arb, agent.node).generation(at_least=1)
             self._note(d, f"asking {d.peer} to prepare the standby")
             answer = peerlink.ask(

@@ -11,12 +11,11 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mirror import config as config_mod
-from mirror.config import Config, ConfigError
+from mirror.config import ConfigError, KeysConfig
 from mirror.ha.role import event
 from mirror.replication import keys
 from mirror.replication.keys import LinkKeys
@@ -28,8 +27,8 @@ class Rekey:
     """The role's key reloads: requested by a signal or the control socket, applied by
     the role's loop (:meth:`apply`)."""
 
-    def __init__(self, cfg: Config, path: Path | None) -> None:
-        self.cfg, self.path = cfg, path
+    def __init__(self, key_files: KeysConfig, node: str, path: Path | None) -> None:
+        self.keys, self.node, self.path = key_files, node, path  # keys: as last reloaded
         self._want = threading.Event()
         self._done = threading.Condition()
         self._seq = 0  # reloads applied (or failed) so far
@@ -42,38 +41,38 @@ class Rekey:
     def due(self) -> bool:
         return self._want.is_set()
 
-    def load(self) -> tuple[Config, LinkKeys | None]:
-        """The configuration as it is now on disk (its ``[keys]``) and the keys it names;
+    def load(self) -> tuple[KeysConfig, LinkKeys | None]:
+        """The configuration's ``[keys]`` as it is now on disk and the keys it names;
         ConfigError if either is wrong."""
-        cfg = self.cfg
+        key_files = self.keys
         if self.path is not None:
-            cfg = replace(cfg, keys=config_mod.load(self.path).keys)
-        new = keys.load(cfg)
-        if (new is None) != self.cfg.keys.insecure:
+            key_files = config_mod.load(self.path).keys
+        new = keys.load(key_files)
+        if (new is None) != self.keys.insecure:
             raise ConfigError(
                 "a reload cannot switch the interconnect between insecure and keyed: "
                 "restart the role for that"
             )
-        return cfg, new
+        return key_files, new
 
     def apply(self, use: Callable[[LinkKeys | None], bool]) -> None:
         """Read the keys and hand them to ``use`` (True: they differed and are in use now).
         Called by the role's own loop."""
         self._want.clear()
         try:
-            cfg, new = self.load()
+            key_files, new = self.load()
         except ConfigError as e:
-            event("keys-reload-failed", logging.ERROR, node=self.cfg.node.name, error=str(e))
+            event("keys-reload-failed", logging.ERROR, node=self.node, error=str(e))
             result: dict[str, Any] = {"reloaded": False, "error": str(e)}
         else:
             changed = use(new)
-            self.cfg = cfg
+            self.keys = key_files
             fields: dict[str, Any] = {
                 "own_key": keys.fingerprint(new.public) if new else None,
                 "peer_key": keys.fingerprint(new.peer) if new else None,
                 "changed": changed,
             }
-            event("keys-reloaded", node=self.cfg.node.name, **fields)
+            event("keys-reloaded", node=self.node, **fields)
             result = {"reloaded": True, **fields}
         with self._done:
             self._seq += 1
@@ -99,23 +98,24 @@ class Rekey:
 _current: list[Rekey] = []
 
 
-def install(cfg: Config, path: Path | None) -> Rekey:
-    """The process's reloads: SIGHUP asks for one (call from the main thread)."""
-    r = Rekey(cfg, path)
+def install(key_files: KeysConfig, node: str, path: Path | None) -> Rekey:
+    """The process's reloads of the ``[keys]`` in the configuration file ``path`` (now:
+    ``key_files``): SIGHUP asks for one (call from the main thread)."""
+    r = Rekey(key_files, node, path)
     _current[:] = [r]
     signal.signal(signal.SIGHUP, lambda signum, frame: r.request())
     return r
 
 
-def current(cfg: Config) -> Rekey:
-    """The installed reloads (a role run in-process by a test: one that reads ``cfg``'s
-    key files again, asked only through the control socket)."""
+def current(key_files: KeysConfig, node: str) -> Rekey:
+    """The installed reloads (a role run in-process by a test: one that reads the key
+    files ``key_files`` names again, asked only through the control socket)."""
     if not _current:
-        _current.append(Rekey(cfg, None))
+        _current.append(Rekey(key_files, node, None))
     return _current[0]
 
 
-def keyed(cfg: Config) -> Config:
-    """``cfg`` with the ``[keys]`` last reloaded (a role made after a reload, such as the
-    next generation's primary or the secondary after a switchover, uses them too)."""
-    return replace(cfg, keys=current(cfg).cfg.keys)
+def keyed(key_files: KeysConfig, node: str) -> KeysConfig:
+    """The ``[keys]`` last reloaded (``key_files`` if never: a role made after a reload, such
+    as the next generation's primary or the secondary after a switchover, uses them too)."""
+    return current(key_files, node).keys

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mirror.config import Config, require_arbiter
+from mirror.config import ArbiterConfig, LogConfig, MetricsConfig, PairConfig, require_arbiter
 from mirror.ha import claims, logsink
 from mirror.ha.arbiter import Arbiter, ArbiterError, ClaimResult, DirectoryArbiter
 from mirror.ha.cleanup import clean_start
@@ -156,13 +156,20 @@ class FailoverDriver:
     mirror/ha/claims.py)."""
 
     def __init__(
-        self, cfg: Config, role: Role, epoch: Callable[[], int], generation: int | None = None
+        self,
+        arbiter: ArbiterConfig,
+        role: Role,
+        epoch: Callable[[], int],
+        generation: int,
+        *,
+        pair: str,
+        node: str,
     ) -> None:
-        a = cfg.arbiter
-        self.generation = cfg.pair.generation if generation is None else generation
-        self.cfg = cfg
-        self.arbiter = make_arbiter(cfg)
-        self.claims = claims.Claims(self.arbiter, cfg.node.name)
+        a = arbiter
+        self.generation = generation
+        self.arbiter_cfg, self.node = arbiter, node
+        self.arbiter = make_arbiter(arbiter, pair, node)
+        self.claims = claims.Claims(self.arbiter, node)
         self.timeouts = Timeouts(a.silent_after_ms / 1000, a.fence_after_ms / 1000)
         self.rules = FailoverRules(role, self.timeouts)
         self.beat = StorageBeat(
@@ -178,7 +185,7 @@ class FailoverDriver:
         self._next = 0.0
         self._logged: tuple[State, Action] = (self.rules.state, Action.NONE)
         self.peer_slot_seen = False  # the peer's slot seen changing here in this generation
-        self.metrics = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
+        self.metrics = metrics.Metrics.of(pair, node)
         self.beat.start()
 
     def tick(
@@ -221,7 +228,7 @@ class FailoverDriver:
             event(
                 "decision",
                 logging.WARNING if d.action in ALERTING else logging.INFO,
-                node=self.cfg.node.name,
+                node=self.node,
                 action=d.action.value,
                 state=d.state.value,
                 reason=d.reason,
@@ -253,8 +260,8 @@ class FailoverDriver:
         the other's silence (status.json "arbiter_unverified")."""
         if self.peer_slot_seen:
             return None
-        where = f"etcd {self.cfg.arbiter.etcd}" if self.cfg.arbiter.etcd \
-            else str(self.cfg.arbiter.dir)
+        a = self.arbiter_cfg
+        where = f"etcd {a.etcd}" if a.etcd else str(a.dir)
         return (f"peer's storage slot never seen on this arbiter ({where}) in generation "
                 f"{self.generation}: failover is disabled until it is (is the arbiter "
                 f"shared by both hosts?)")
@@ -265,11 +272,11 @@ class FailoverDriver:
         self.beat.join(2)
 
 
-def mark_stopped(cfg: Config, code: int | None) -> None:
+def mark_stopped(state_dir: Path, pair: str, node: str, code: int | None) -> None:
     """The last status of an agent that ends (not one that is killed): its phase is
     "stopped", so that no earlier phase reads as current.  ``code``: its exit code
     (None: it ended by an exception)."""
-    path = cfg.state_dir / "status.json"
+    path = state_dir / "status.json"
     try:
         st = dict(read_json(path))
     except (OSError, ValueError, TypeError):
@@ -277,7 +284,7 @@ def mark_stopped(cfg: Config, code: int | None) -> None:
     if st.get("pid") != os.getpid():
         return  # not this process's report (it never wrote one)
     st.update(phase="stopped", protection="stopped", exit_code=code, **agent_record())
-    m = metrics.Metrics.of(cfg.pair.name, cfg.node.name)
+    m = metrics.Metrics.of(pair, node)
     m.state.state("stopped")
     m.guest_here(None)
     try:
@@ -286,26 +293,29 @@ def mark_stopped(cfg: Config, code: int | None) -> None:
         log.error("cannot write %s: %s", path, e)
 
 
-def begin(cfg: Config) -> None:
-    """An agent role starts: serve its metrics, remove what a dead earlier run of this
-    pair and node left behind (mirror/ha/cleanup.py)."""
-    start_metrics(cfg)
-    logsink.attach(cfg.log, cfg.pair.name, cfg.node.name)
-    removed = clean_start(cfg)
+def begin(served: MetricsConfig, pair: str, node: str, state_dir: Path, *,
+          log: LogConfig | None = None) -> None:
+    """A role starts: serve its metrics (``served``), send its log lines where ``log``
+    says (mirror/ha/logsink.py), remove what a dead earlier run of this pair and node
+    left behind (mirror/ha/cleanup.py)."""
+    start_metrics(served)
+    if log is not None:
+        logsink.attach(log, pair, node)
+    removed = clean_start(pair, node, state_dir)
     if removed:
-        event("cleaned-leftovers", node=cfg.node.name, removed=removed)
+        event("cleaned-leftovers", node=node, removed=removed)
 
 
-def start_metrics(cfg: Config) -> str | None:
+def start_metrics(served: MetricsConfig) -> str | None:
     """Serve this agent's Prometheus metrics where ``[metrics] listen`` says ("HOST:PORT",
     also in status.json as "metrics"); None when it is "".  A taken address is an
     error that says so (RuntimeError)."""
-    addr = cfg.metrics.address()
-    if cfg.metrics.socket:  # for the host agent that runs this role
+    addr = served.address()
+    if served.socket:  # for the host agent that runs this role
         try:
-            metrics.serve_socket(cfg.metrics.socket)
+            metrics.serve_socket(served.socket)
         except OSError as e:
-            raise RuntimeError(f"cannot serve metrics on {cfg.metrics.socket}: "
+            raise RuntimeError(f"cannot serve metrics on {served.socket}: "
                                f"{e.strerror or e}") from None
     if addr is None:
         return None
@@ -313,37 +323,32 @@ def start_metrics(cfg: Config) -> str | None:
         host, port = metrics.serve(*addr)
     except OSError as e:
         raise RuntimeError(
-            f"cannot serve metrics on {cfg.metrics.listen}: {e.strerror or e}; set "
+            f"cannot serve metrics on {served.listen}: {e.strerror or e}; set "
             f'[metrics] listen to a free HOST:PORT, or "" to serve none'
         ) from None
     return f"{host}:{port}"
 
 
-def make_arbiter(cfg: Config, node: str | None = None, *, prepare: bool = False) -> Arbiter:
-    """The pair's arbiter: the shared directory (the default), or etcd when
-    ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
+def make_arbiter(arbiter: ArbiterConfig, pair: str, node: str, *, prepare: bool = False) -> Arbiter:
+    """``pair``'s arbiter as ``node`` sees it: the shared directory (the default), or etcd
+    when ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
     ``prepare``: check the directory now (ArbiterError naming it if it is missing) and
     create the pair's directory in it; an agent does so once, at start.  A configuration
     that names neither is a ConfigError (there is no default arbiter)."""
-    require_arbiter(cfg.arbiter, f"pair {cfg.pair.name}'s configuration")
-    if cfg.arbiter.etcd:
+    require_arbiter(arbiter, f"pair {pair}'s configuration")
+    if arbiter.etcd:
         from mirror.ha.etcd import Etcd  # the pool's client; no dependency otherwise
         from mirror.ha.etcd_arbiter import EtcdArbiter
 
         # short: a storage path that does not answer within a heartbeat or two is down
-        etcd = Etcd(
-            cfg.arbiter.etcd, timeout=max(0.2, 2 * cfg.arbiter.heartbeat_interval_ms / 1000)
-        )
-        return EtcdArbiter(etcd, cfg.pair.name, node or cfg.node.name,
-                           prefix=cfg.arbiter.etcd_prefix)
-    return DirectoryArbiter(
-        Path(cfg.arbiter.dir), cfg.pair.name, node or cfg.node.name, prepare=prepare
-    )
+        etcd = Etcd(arbiter.etcd, timeout=max(0.2, 2 * arbiter.heartbeat_interval_ms / 1000))
+        return EtcdArbiter(etcd, pair, node, prefix=arbiter.etcd_prefix)
+    return DirectoryArbiter(Path(arbiter.dir), pair, node, prepare=prepare)
 
 
-def current_generation(cfg: Config) -> int:
+def current_generation(arbiter: ArbiterConfig, pair: PairConfig, node: str) -> int:
     """The pair's generation: the configured one, or a later one a promotion recorded.
     Checks the arbiter (an agent calls it at start): ArbiterError if it is unusable."""
-    return claims.Claims(make_arbiter(cfg, prepare=True), cfg.node.name).generation(
-        cfg.pair.generation
+    return claims.Claims(make_arbiter(arbiter, pair.name, node, prepare=True), node).generation(
+        pair.generation
     )

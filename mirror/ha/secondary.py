@@ -27,19 +27,25 @@ log = logging.getLogger("mirror.ha.role")
 def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0) -> int:
     """``bind_wait``: seconds to wait for the interconnect ports (after a switchover their
     old holder may still be letting go); 0: a port in use is an error at once."""
-    begin(cfg)
+    begin(cfg.metrics, cfg.pair.name, cfg.node.name, cfg.state_dir, log=cfg.log)
     backend = backend_for(cfg)
-    standby = Standby(keyed(cfg), generation=current_generation(cfg),
-                      fingerprint=backend.fingerprint())  # fmt: skip
+    node = cfg.node.name
+    standby = Standby(
+        cfg.link, keyed(cfg.keys, cfg.node.name), pair=cfg.pair.name, node=node,
+        generation=current_generation(cfg.arbiter, cfg.pair, node), ram_mib=cfg.guest.ram_mib,
+        state_dir=cfg.state_dir, silent_after_ms=cfg.arbiter.silent_after_ms,
+        fingerprint=backend.fingerprint(),
+    )  # fmt: skip
     standby.bind_wait = bind_wait
-    standby.generation_now = lambda: current_generation(cfg)  # the arbiter's, at each HELLO
+    # the arbiter's, at each HELLO
+    standby.generation_now = lambda: current_generation(cfg.arbiter, cfg.pair, node)
     backend.generation = standby.generation  # the disk replica's (each HELLO hands the current)
     try:
         # the ready standby: a guest waiting for its state (for QEMU, on the image)
         ready = backend.ready(standby.image.path)
         standby.disk = getattr(ready, "disk", None)
-        failover = FailoverDriver(cfg, Role.SECONDARY, lambda: standby.committed,
-                                  standby.generation)
+        failover = FailoverDriver(cfg.arbiter, Role.SECONDARY, lambda: standby.committed,
+                                  standby.generation, pair=cfg.pair.name, node=node)
     except BaseException:
         standby.close()
         raise
@@ -58,7 +64,7 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         manual.set()
         return {"accepted": True}
 
-    rekey = current_rekey(cfg)
+    rekey = current_rekey(cfg.keys, cfg.node.name)
     control.serve({"status": standby.status, "failover": failover_now,
                    "reload-keys": rekey.control})  # fmt: skip
 

@@ -23,48 +23,42 @@ takes the log where the kernel has it, else the hashed scan):
 Delta encoding compares against the shadow inside the pause.  At most
 ``max_in_flight`` checkpoints wait for their ack; when the window is full
 the epoch stretches until an ack comes.
+The engine's three parts: this module, the pause path (stop, scan, gather, save the
+device state, resume) and the loop that takes a checkpoint every epoch; the send/ack
+bookkeeping, its base class (mirror/replication/inflight.py: the session, what is in
+flight, acks and the output release, resends); the pre-copy before the first
+checkpoint (mirror/replication/precopy.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import mmap
 import os
-import secrets
 import signal
-import threading
 import time
 from array import array
-from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from mirror.config import CheckpointConfig
 from mirror.guests.base import Guest
-from mirror.hoststate import percentile
 from mirror.replication import dirtylog, wire
 from mirror.replication import pagediff as pd
+from mirror.replication import precopy as precopy_mod
 from mirror.replication.disk import DiskError, ReplicatedDisk, replicated, session_key
+from mirror.replication.inflight import (
+    CheckpointRecord,
+    InFlight,
+    ReplicationError,
+    SendBuffers,
+    event,
+)
 from mirror.replication.keys import LinkKeys
-from mirror.replication.keys import fingerprint as key_fingerprint
-from mirror.replication.link import Link, LinkDown
-from mirror.replication.metrics import Metrics
+from mirror.replication.link import Link
 from mirror.replication.outputs import OutputBuffer
 
 log = logging.getLogger("mirror.replication.checkpoint")
-RESEND_AFTER_S = 2.0  # no ack for that long: the checkpoints in flight go again
-RESEND_MAX_S = 32.0  # each stall resend doubles the wait, up to this, until an ack
-RECENT = 10_000  # checkpoints kept for percentiles (about 8 minutes at 50 ms)
 PS = pd.PAGE_SIZE
-PRECOPY_ROUNDS = 12  # log-driven pre-copy: at most this many rounds after the first
-
-
-def _event(name: str, **fields: Any) -> None:
-    """A structured event (the agent's format: one JSON object on one log line)."""
-    log.warning("%s", json.dumps({"event": name, **fields}, default=str))
 
 
 def _fault_point() -> tuple[str, int, float] | None:
@@ -100,211 +94,10 @@ def _fault(fault: tuple[str, int, float] | None, point: str, epoch: int) -> None
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-class ReplicationError(RuntimeError):
-    """The standby refused the pair or could not be reached."""
+class CheckpointEngine(InFlight):
+    """The primary's engine for one pairing: the pre-copy, then a checkpoint every epoch
+    (the session, sends and acks are its base class's)."""
 
-
-class PairingStopped(ReplicationError):
-    """The role was asked to stop (SIGTERM) before a standby answered its HELLO."""
-
-
-@dataclass
-class CheckpointRecord:
-    epoch: int
-    stop_ms: float
-    scan_ms: float
-    gather_ms: float
-    state_ms: float
-    resume_ms: float
-    pause_ms: float
-    pages: int
-    bytes_sent: int
-    outputs: int
-    sent_at: float = 0.0
-    ack_ms: float | None = None
-
-
-@dataclass
-class Progress:
-    done_pages: int
-    total_pages: int
-    round: int = 0  # log-driven pre-copy: 0 sends all of RAM, then what was written meanwhile
-
-
-@dataclass
-class Stats:
-    """Counts since the start, and the recent checkpoints for percentiles and rates:
-    an agent runs for months, and its status is summarised every half second."""
-
-    started: float = field(default_factory=time.monotonic)
-    precopy_s: float = 0.0
-    precopy_pages: int = 0
-    records: deque[CheckpointRecord] = field(default_factory=lambda: deque(maxlen=RECENT))
-    taken: int = 0
-    acked: int = 0
-    bytes_sent: int = 0
-    rejects: int = 0
-    scan: str = ""  # the dirty-page scan in use: log, hashed or exact
-    scan_note: str = ""  # why it is not the one asked for (auto without the log)
-    log_losses: int = 0  # times the dirty-page log was lost (a full hashed scan each)
-    log_missed_pages: int = 0  # pages the safety net found changed but not logged
-    ram_discards: int = 0  # times the guest's RAM was discarded (a balloon): a full compare
-    ram_discarded_pages: int = 0  # holes the safety net found where a balloon punches them
-    verified_pages: int = 0  # pages the safety net compared with the standby's table
-    precopy_rounds: int = 0
-
-    def add(self, rec: CheckpointRecord) -> None:
-        self.records.append(rec)
-        self.taken += 1
-        self.bytes_sent += rec.bytes_sent
-
-    def summary(self, outputs: OutputBuffer) -> dict[str, Any]:
-        recs = list(self.records)
-        pauses = [r.pause_ms for r in recs]
-        acked = [r.ack_ms for r in recs if r.ack_ms is not None]
-        span = (recs[-1].sent_at - recs[0].sent_at) if len(recs) > 1 else 0.0
-        dirty = sum(r.pages for r in recs[1:]) * PS  # recent: the rate now
-        lat = [x * 1000 for x in outputs.latencies]
-
-        def split(name: str) -> float:
-            return round(percentile([getattr(r, name) for r in recs], 50), 3)
-
-        return {
-            "checkpoints": self.taken,
-            "acked": self.acked,
-            "pause_ms_p50": round(percentile(pauses, 50), 3),
-            "pause_ms_p99": round(percentile(pauses, 99), 3),
-            "pause_split_ms_p50": {
-                k: split(f"{k}_ms") for k in ("stop", "scan", "gather", "state", "resume")
-            },
-            "ack_ms_p50": round(percentile(acked, 50), 3),
-            "dirty_pages_p50": percentile([float(r.pages) for r in recs], 50),
-            "dirty_mb_per_s": round(dirty / span / 1e6, 2) if span else 0.0,
-            "bytes_sent": self.bytes_sent,
-            "output_latency_ms_p50": round(percentile(lat, 50), 3),
-            "output_latency_ms_p99": round(percentile(lat, 99), 3),
-            "outputs_released": outputs.released,
-            "outputs_held": outputs.held,
-            "precopy_s": round(self.precopy_s, 3),
-            "precopy_pages": self.precopy_pages,
-            "precopy_rounds": self.precopy_rounds,
-            "rejects": self.rejects,
-            "scan": self.scan,
-            "scan_note": self.scan_note,
-            "log_losses": self.log_losses,
-            "log_missed_pages": self.log_missed_pages,
-            "ram_discards": self.ram_discards,
-            "ram_discarded_pages": self.ram_discarded_pages,
-            "verified_pages": self.verified_pages,
-        }
-
-
-class SendBuffers:
-    """A ring of page-aligned send buffers, reused so that gathering a checkpoint
-    does not page-fault a fresh buffer every epoch.
-
-    zmq sends them without copying, so a buffer may be reused only once its
-    message has surely left: the ring has one slot more than the messages
-    that may await an ack, and a slot comes round again only after the
-    message that used it was acknowledged.
-    """
-
-    def __init__(self, in_flight: int, prepare_max: int = 1 << 30) -> None:
-        self._slots: list[mmap.mmap | None] = [None] * (in_flight + 1)
-        self.prepare_max = prepare_max  # pages: prepare() never faults in more
-
-    def get(self, seq: int, npages: int) -> mmap.mmap:
-        slot = seq % len(self._slots)
-        buf = self._slots[slot]
-        if buf is None or len(buf) < npages * PS:
-            if buf is not None:
-                _drop(buf)
-            buf = pd.alloc_pages(max(1, npages + npages // 4))  # room to grow
-            self._slots[slot] = buf
-        return buf
-
-    def prepare(self, seq: int, npages: int) -> None:
-        """Off the pause: make the buffer that message ``seq`` will use hold ``npages``
-        pages with room to grow, its memory faulted in now, so that the gather inside
-        the next pause is a plain copy (a freshly grown buffer faults on every page:
-        at 16k dirty pages that was 69 of a 77 ms pause).  The slot's previous message
-        is acknowledged by the time ``seq - 1`` is sent (see the class docstring)."""
-        slot = seq % len(self._slots)
-        buf = self._slots[slot]
-        want = min(npages + npages // 4, self.prepare_max)
-        if buf is not None and len(buf) >= want * PS:
-            return
-        if buf is not None:
-            _drop(buf)
-        buf = pd.alloc_pages(max(1, want))
-        _populate(buf)
-        self._slots[slot] = buf
-
-
-def _drop(buf: mmap.mmap) -> None:
-    """Unmap a buffer now, or, while zmq still holds a view of an acknowledged
-    message's frame (it frees it a little later, on its own thread), when the last
-    view goes."""
-    with contextlib.suppress(BufferError):
-        buf.close()
-
-
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; the mmap module does not name it
-
-
-def _populate(buf: mmap.mmap) -> None:
-    """Fault every page of ``buf`` in (writable), as a first write would."""
-    try:
-        buf.madvise(_MADV_POPULATE_WRITE)
-    except OSError:  # an older kernel: touch one byte per page
-        view = memoryview(buf)
-        view[::PS] = bytes(len(buf) // PS)
-        view.release()
-
-
-class _PartSender:
-    """Pre-copy parts sent with at most a window of them awaiting the standby's ack."""
-
-    def __init__(self, engine: CheckpointEngine, progress: Callable[[Progress], None] | None):
-        self.engine, self.progress = engine, progress
-        self.window = max(2, engine.cfg.max_in_flight)
-        self.buffers = SendBuffers(self.window)
-        self.sent = self.acked = self.pages = self.total = self.done = self.round = 0
-        self.sizes: dict[int, int] = {}
-
-    def buffer(self, npages: int) -> mmap.mmap:
-        return self.buffers.get(self.sent, npages)
-
-    def send(self, batch: pd.EncodedPages, *, final: bool) -> None:
-        self.engine.send_pages(wire.Pages.of(0, batch, part=self.sent, final=final))
-        self.engine.metrics.replicated.inc(len(batch.data))
-        self.sizes[self.sent] = len(batch.index)
-        self.sent += 1
-        self.pages += len(batch.index)
-        self._wait(self.window - 1)
-
-    def finish(self) -> None:
-        self._wait(0)
-
-    def _wait(self, allowed: int) -> None:
-        while self.sent - self.acked > allowed:
-            reply = self.engine._recv(10.0)
-            if reply is None:
-                raise ReplicationError("the standby stopped answering during pre-copy")
-            if getattr(reply, "session", None) != self.engine.session:
-                continue  # not of this session: a stale answer
-            if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.PAGES:
-                raise ReplicationError(
-                    f"the standby rejected pre-copy part {reply.part}: {reply.reason}"
-                )
-            if isinstance(reply, wire.Ack) and reply.epoch == 0:
-                self.done += self.sizes.pop(self.acked, 0)
-                self.acked += 1
-                if self.progress:
-                    self.progress(Progress(self.done, max(self.total, self.done), self.round))
-
-
-class CheckpointEngine:
     def __init__(
         self,
         guest: Guest,
@@ -317,11 +110,13 @@ class CheckpointEngine:
         node: str,
         fingerprint: str = "synthetic",
     ) -> None:
-        self.guest, self.link, self.cfg, self.outputs = guest, link, cfg, outputs
-        self.fingerprint = fingerprint
-        self.pair, self.generation, self.node = pair, generation, node
+        super().__init__(
+            guest, link, outputs, pair=pair, generation=generation, node=node,
+            fingerprint=fingerprint,
+        )  # fmt: skip
+        self.cfg = cfg
+        self.epoch = 0  # last checkpoint taken
         self.npages = len(guest.ram) // PS
-        self.stats = Stats()
         self.method = self._choose_scan()
         self.exact = self.method == "exact"
         self.shadow = pd.alloc_pages(self.npages) if self.exact or cfg.encoding == "delta" else None
@@ -334,22 +129,10 @@ class CheckpointEngine:
         self.log_state = "ok"
         self._pending: set[int] = set()  # pages to send with the next checkpoint (safety net)
         self._verify_next = 0  # the safety net's next slice
-        self.epoch = 0  # last checkpoint taken
-        self.acked = 0
-        self.sent_epoch = 0  # the highest checkpoint sent: no ack above it is believed
-        self.bogus_acks = 0  # acks of checkpoints never sent (refused, see on_reply)
-        self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
         # a dirty set that outgrows a 16th of RAM is a guest writing faster than the
         # pair replicates: no point holding (N+1) buffers that large in memory
         self._buffers = SendBuffers(cfg.max_in_flight, prepare_max=max(1, self.npages // 16))
         self._fault = _fault_point()
-        self.session = 0  # this pairing's session (0: not paired)
-        self._seq = 0  # PAGES messages sent in this session, resends included
-        self._resent_at_seq = 0  # the first send number of the last resend
-        self._resent_at = 0.0  # when (monotonic)
-        self._resend_wait = RESEND_AFTER_S  # no ack for this long: resend (see _check_stalled)
-        self.metrics = Metrics.of(pair, node)
-        outputs.metrics = self.metrics
         # the disk's stream to the standby ended (why, when): no checkpoints any more
         self.disk_lost: tuple[str, float] | None = None
 
@@ -381,7 +164,7 @@ class CheckpointEngine:
         self.stats.scan, self.stats.scan_note = "hashed", f"no dirty-page log: {reason}"
         return "hashed"
 
-    def _open_log(self) -> bool:
+    def open_log(self) -> bool:
         """Set the log up (its first scan write-protects all of RAM); False if it cannot."""
         self.close_log()
         try:
@@ -403,169 +186,12 @@ class CheckpointEngine:
         """Release what the engine holds in the guest (the log's registration)."""
         self.close_log()
 
-    # -- session ---------------------------------------------------------------
+    # -- pre-copy (mirror/replication/precopy.py) ------------------------------
 
-    def handshake(self, timeout: float = 30.0, stop: threading.Event | None = None) -> int:
-        """HELLO (a new session) until its WELCOME; returns the standby's committed epoch.
-        Answers to anything else (an earlier HELLO, an earlier session) are skipped.
-        ReplicationError after ``timeout`` seconds without one (saying whether the
-        peer's CURVE handshake failed: a listener without keys or with another key);
-        PairingStopped as soon as ``stop`` is set.  No send blocks: a connection whose
-        handshake failed is made again for the next HELLO."""
-        session = secrets.randbits(63) or 1
-        hello = wire.Hello(
-            self.pair, self.generation, self.node, len(self.guest.ram), session, self.fingerprint
-        )
-        deadline = time.monotonic() + timeout
-        failed_before = self.link.handshake_failures
-        while time.monotonic() < deadline:
-            if stop is not None and stop.is_set():
-                raise PairingStopped("stopped before a standby answered")
-            if self.link.handshake_failed():
-                self.link.reconnect()
-            try:
-                self.link.send(hello)
-            except LinkDown:
-                self.link.reconnect()
-            until = min(deadline, time.monotonic() + 1.0)
-            while (left := until - time.monotonic()) > 0:
-                if stop is not None and stop.is_set():
-                    raise PairingStopped("stopped before a standby answered")
-                reply = self._recv(min(left, 0.2))
-                if getattr(reply, "session", None) != session:
-                    continue  # nothing, or the answer to something else
-                if isinstance(reply, wire.Welcome):
-                    log.info(
-                        "paired with %s (generation %d), its committed epoch %d",
-                        reply.node,
-                        reply.generation,
-                        reply.committed,
-                    )
-                    self.session = session
-                    self._seq = self._resent_at_seq = 0
-                    self.link.session[0] = session
-                    return reply.committed
-                if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.HELLO:
-                    raise ReplicationError(
-                        f"the standby refused this primary (pair {self.pair!r}, generation "
-                        f"{self.generation}, {len(self.guest.ram) >> 20} MiB, guest "
-                        f"{self.fingerprint!r}): {reply.reason}; the standby's log says why"
-                    )
-        self.link.handshake_failed()  # count the last ones
-        where = f"{self.link.endpoint.host}:{self.link.endpoint.data_port}"
-        failed = self.link.handshake_failures - failed_before
-        if failed:
-            mine = key_fingerprint(self.link.keys.public) if self.link.keys else "none"
-            raise ReplicationError(
-                f"no standby at {where} completed a CURVE handshake with this host in "
-                f"{timeout:g} s ({failed} attempts failed): what listens there has no keys "
-                f"(a peer with insecure = true, or another program) or is not the standby "
-                f"whose public key is [keys] peer_public_key here, or it does not admit "
-                f"this host's key (fingerprint {mine}); check [keys] "
-                f"on both hosts"
-            )
-        raise ReplicationError(
-            f"no answer from the standby at {where} in {timeout:g} s (is it running? do its "
-            f"[keys] admit this host's key, and is peer_public_key here its key? its log "
-            f"says so if not)"
-        )
-
-    def _recv(self, timeout: float) -> wire.Message | None:
-        try:
-            return self.link.recv(timeout)
-        except wire.WireError as e:
-            log.error("malformed frame from the standby ignored: %s", e)
-            self.metrics.rejected("data")
-            return None
-
-    # -- pre-copy -------------------------------------------------------------
-
-    def precopy(self, progress: Callable[[Progress], None] | None = None) -> None:
+    def precopy(self, progress: Callable[[precopy_mod.Progress], None] | None = None) -> None:
         """Copy all of RAM to the standby while the guest runs (with the log: then, in
         rounds, what was written meanwhile, until what is left is small)."""
-        t0 = time.monotonic()
-        if self.method == "log":
-            self.log_state = "ok"
-            self._open_log()  # before the first copy: every later write is logged
-        sender = _PartSender(self, progress)
-        if self.method == "log":
-            self._precopy_rounds(sender)
-        else:
-            self._precopy_once(sender)
-        sender.finish()
-        self.stats.precopy_s = time.monotonic() - t0
-        self.stats.precopy_pages = sender.pages
-
-    def _precopy_once(self, sender: _PartSender) -> None:
-        ram = self.guest.ram
-        chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
-        if self.exact:
-            assert self.shadow is not None
-            pd.scan_exact(ram, self.shadow, threads=self.cfg.threads)  # shadow := RAM, live
-        # The hashed scan's table must hold the hashes of exactly what the standby gets:
-        # hashing live RAM and copying it a moment later lets a page that changes and
-        # changes back in between (A-B-A) look clean forever.  So each part is copied
-        # first (into the shadow, or a scratch buffer) and hashed from that copy.
-        scratch = None if self.exact or self.shadow is not None else pd.alloc_pages(chunk)
-        parts = [range(s, min(s + chunk, self.npages)) for s in range(0, self.npages, chunk)]
-        sender.total = self.npages
-        for n, pages in enumerate(parts):
-            buf = sender.buffer(len(pages))
-            if self.exact:
-                assert self.shadow is not None
-                batch = pd.gather(self.shadow, pages, out=buf)
-            else:
-                batch = self._precopy_hashed(pages, scratch, buf)
-            sender.send(batch, final=n == len(parts) - 1)
-
-    def _precopy_rounds(self, sender: _PartSender) -> None:
-        """Pre-copy driven by the log: all of RAM, then the pages written during the
-        previous round, until they are few (or after PRECOPY_ROUNDS rounds); what
-        is written after the last round's scan goes with the first checkpoint."""
-        assert self.log is not None and self.table is not None
-        chunk = max(1, (self.cfg.precopy_chunk_mib << 20) // PS)
-        small = max(256, self.npages // 512)
-        todo: array[int] | range = range(self.npages)
-        sender.total = self.npages
-        for rnd in range(PRECOPY_ROUNDS + 1):
-            sender.round = rnd
-            for a in range(0, len(todo), chunk):
-                pages = todo[a : a + chunk]
-                batch = pd.gather(self.guest.ram, pages, out=sender.buffer(len(pages)))
-                pd.hash_gathered(self.table, batch)  # the table: what the standby holds
-                if self.shadow is not None:  # delta encoding: the shadow too
-                    pd.apply_encoded(self.shadow, batch)
-                last = a + chunk >= len(todo)
-                left = len(self.log.written(0, self.npages)) if last else small + 1
-                final = last and (left <= small or rnd == PRECOPY_ROUNDS)
-                sender.send(batch, final=final)
-                if final:
-                    self.stats.precopy_rounds = rnd + 1
-                    return
-            todo = self.log.scan()
-            sender.total += len(todo)
-            if not todo:  # nothing written during the round: an empty last part
-                sender.send(pd.gather(self.guest.ram, [], out=sender.buffer(1)), final=True)
-                self.stats.precopy_rounds = rnd + 1
-                return
-
-    def _precopy_hashed(
-        self, pages: range, scratch: mmap.mmap | None, buf: mmap.mmap
-    ) -> pd.EncodedPages:
-        """One pre-copy part for the hashed scan: copy, hash the copy, send the copy."""
-        assert self.table is not None
-        a, b = pages.start * PS, pages.stop * PS
-        if scratch is None:  # delta encoding keeps a shadow: the copy goes there
-            assert self.shadow is not None
-            snap = memoryview(self.shadow)[a:b]
-        else:
-            snap = memoryview(scratch)[: b - a]
-        snap[:] = memoryview(self.guest.ram)[a:b]
-        per_page = pd.hash_table_size(PS)
-        table = memoryview(self.table)[pages.start * per_page : pages.stop * per_page]
-        pd.scan_hashed(snap, table, threads=self.cfg.threads)
-        batch = pd.gather(snap, range(len(pages)), out=buf)
-        return replace(batch, index=array("I", pages))
+        precopy_mod.precopy(self, progress)
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -661,18 +287,6 @@ class CheckpointEngine:
             self._after_log_checkpoint(epoch, logged)
         return rec
 
-    def send_pages(self, msg: wire.Pages, *, corrupt: bool = False) -> None:
-        """Send ``msg`` in this session under the next send number (``corrupt``: the
-        ``MIRROR_FAULT=corrupt`` test fault, a frame damaged on the wire)."""
-        self._seq += 1
-        send = self.link.send_corrupted if corrupt else self.link.send
-        try:
-            send(replace(msg, session=self.session, seq=self._seq))
-        except LinkDown as e:  # not sent: still in flight, sent again (see _check_stalled)
-            self.link.handshake_failed()
-            _event("send-failed", checkpoint=msg.epoch, part=msg.part, reason=str(e))
-            self.link.reconnect()
-
     def _log_scan(self, epoch: int) -> tuple[array[int], bool]:
         """In the pause: the pages the log lists (and those the safety net found),
         or, with the log lost or just set up again, a full hashed scan."""
@@ -701,14 +315,14 @@ class CheckpointEngine:
     def _lost(self, epoch: int, e: Exception) -> None:
         self.stats.log_losses += 1
         self.log_state = "lost"
-        _event("dirty-log-lost", checkpoint=epoch, reason=str(e), fallback="hashed scan")
+        event("dirty-log-lost", checkpoint=epoch, reason=str(e), fallback="hashed scan")
 
     def _after_log_checkpoint(self, epoch: int, logged: bool) -> None:
         """After the resume: set a lost log up again, or check a slice of RAM."""
         if self.log_state == "lost":
-            if self._open_log():
+            if self.open_log():
                 self.log_state = "fresh"
-                _event("dirty-log-restored", checkpoint=epoch)
+                event("dirty-log-restored", checkpoint=epoch)
             return
         if self._ram_discarded(epoch):
             return
@@ -723,7 +337,7 @@ class CheckpointEngine:
             return False
         self.log_state = "fresh"
         self.stats.ram_discards += 1
-        _event("ram-discarded", checkpoint=epoch, fallback="hashed scan of all of RAM")
+        event("ram-discarded", checkpoint=epoch, fallback="hashed scan of all of RAM")
         return True
 
     def _verify_slice(self, epoch: int) -> None:
@@ -758,14 +372,14 @@ class CheckpointEngine:
                 holes = [p for p in missed if ram[p * PS : (p + 1) * PS] == zero]
                 if holes:
                     self.stats.ram_discarded_pages += len(holes)
-                    _event("ram-holes", checkpoint=epoch, pages=len(holes), first=holes[:8])
+                    event("ram-holes", checkpoint=epoch, pages=len(holes), first=holes[:8])
                     punched = set(holes)
                     missed = [p for p in missed if p not in punched]
                 if not missed:
                     return
             self.stats.log_missed_pages += len(missed)
             self.metrics.missed_pages.inc(len(missed))
-            _event(
+            event(
                 "dirty-log-missed-pages",
                 checkpoint=epoch,
                 pages=len(missed),
@@ -786,7 +400,7 @@ class CheckpointEngine:
         if problem is None:
             return True
         self.disk_lost = (problem, time.monotonic())
-        _event("disk-stream-lost", checkpoint=epoch, reason=problem, acked=self.acked,
+        event("disk-stream-lost", checkpoint=epoch, reason=problem, acked=self.acked,
                note="no checkpoints: outputs held until the standby is judged")  # fmt: skip
         return False
 
@@ -822,93 +436,6 @@ class CheckpointEngine:
             return mode, int(disk.status()["resync_blocks"]) if mode == "resync" else 0
         except DiskError as e:
             raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
-
-    def on_reply(self, reply: wire.Message) -> None:
-        """Act on the standby's answer.  Nothing it says stops this primary: a REJECT of a
-        checkpoint is answered by sending the checkpoints in flight again."""
-        if getattr(reply, "session", None) != self.session:
-            log.debug("answer of another session ignored: %s", reply)
-            return
-        if isinstance(reply, wire.Ack) and reply.epoch > self.sent_epoch:
-            # no standby can hold a checkpoint this primary never sent: believing it would
-            # release the outputs of epochs nobody holds (a faulty or hostile peer)
-            self.bogus_acks += 1
-            self.metrics.rejected("data")
-            if self.bogus_acks == 1 or self.bogus_acks % 1000 == 0:
-                _event("ack-refused", checkpoint=reply.epoch, sent=self.sent_epoch,
-                       refused=self.bogus_acks, note="an ack of a checkpoint never sent: "
-                       "nothing released")  # fmt: skip
-            return
-        if isinstance(reply, wire.Ack) and reply.epoch > self.acked:
-            now = time.monotonic()
-            for e in sorted(e for e in self.in_flight if e <= reply.epoch):
-                _, rec = self.in_flight.pop(e)
-                rec.ack_ms = (now - rec.sent_at) * 1000
-                self.stats.acked += 1
-                self.metrics.acked.inc()
-                self.metrics.ack_latency.observe(rec.ack_ms / 1000)
-            self.acked = reply.epoch
-            self._resend_wait = RESEND_AFTER_S
-            self.outputs.release_through(reply.epoch)
-            if self.guest.disk is not None:  # what a resync of the standby's disk would send
-                try:
-                    replicated(self.guest.disk).committed(reply.epoch)
-                except DiskError as e:
-                    log.warning("the disk server did not take commit %d: %s", reply.epoch, e)
-            self.link.committed[0] = reply.epoch  # our heartbeats tell the standby
-        elif (
-            isinstance(reply, wire.Reject)
-            and reply.answers == wire.Kind.PAGES
-            and reply.epoch > self.acked
-            and reply.seq >= self._resent_at_seq  # not about a sending already superseded
-        ):
-            self.stats.rejects += 1
-            log.error(
-                "the standby rejected checkpoint %d: %s; sending checkpoints %s again",
-                reply.epoch,
-                reply.reason,
-                sorted(self.in_flight),
-            )
-            self.resend()
-
-    def resend(self) -> None:
-        """Send every checkpoint in flight again, in order, under new send numbers: the
-        standby acks again those it holds and takes the rest in order."""
-        self._resent_at_seq = self._seq + 1
-        self._resent_at = time.monotonic()
-        for e in sorted(self.in_flight):
-            self.send_pages(self.in_flight[e][0])
-
-    def _check_stalled(self) -> None:
-        """No ack for the oldest checkpoint in flight for a while (a message lost on a
-        reconnect, or dropped by the standby as malformed): send them again.  The wait
-        doubles with each such resend until an ack comes: a standby that is only slow
-        (a large dirty set on a loaded host) would otherwise get every checkpoint again
-        every 2 s, queued behind the ones it is still reading, and never catch up."""
-        if not self.in_flight:
-            return
-        now = time.monotonic()
-        oldest = self.in_flight[min(self.in_flight)][1].sent_at
-        if now - max(oldest, self._resent_at) > self._resend_wait:
-            log.warning(
-                "no ack for checkpoint %d in %.1f s: sending checkpoints %s again",
-                min(self.in_flight),
-                now - oldest,
-                sorted(self.in_flight),
-            )
-            self.resend()
-            self._resend_wait = min(2 * self._resend_wait, RESEND_MAX_S)
-
-    def pump(self, until: float) -> None:
-        """Handle replies until the monotonic time ``until``."""
-        while True:
-            left = until - time.monotonic()
-            reply = self._recv(max(0.0, left))
-            if reply is not None:
-                self.on_reply(reply)
-            if left <= 0:
-                return
-
     def run(self, should_stop: Callable[[], bool], *, epochs: int | None = None) -> None:
         """Checkpoint every epoch until ``should_stop()``, or after ``epochs`` checkpoints
         (then wait for their acks and leave the guest paused at the last one)."""
@@ -934,6 +461,3 @@ class CheckpointEngine:
         while self.in_flight and not should_stop():
             self.pump(time.monotonic() + 0.05)
             self._check_stalled()
-
-    def records_json(self) -> list[dict[str, Any]]:
-        return [asdict(r) for r in self.stats.records]

@@ -22,7 +22,7 @@ from pathlib import Path
 import zmq
 from zmq.utils import z85
 
-from mirror.config import Config, ConfigError
+from mirror.config import ConfigError, KeysConfig
 
 log = logging.getLogger("mirror.replication.keys")
 Z85_KEY_LEN = 40  # a 32-byte key in z85
@@ -165,10 +165,9 @@ HOW = (
 )
 
 
-def load(cfg: Config) -> LinkKeys | None:
-    """The keys ``cfg`` names (None: insecure, logged loudly).  A ConfigError says what is
-    missing or wrong and how to make keys."""
-    k = cfg.keys
+def load(k: KeysConfig) -> LinkKeys | None:
+    """The keys the ``[keys]`` section ``k`` names (None: insecure, logged loudly).  A
+    ConfigError says what is missing or wrong and how to make keys."""
     if k.insecure:
         if k.secret_key or k.peer_public_key:
             raise ConfigError(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mirror.config import Config
+from mirror.config import KeysConfig, LinkConfig
 from mirror.hoststate import agent_record, private_dir, write_atomic, write_json
 from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
@@ -80,24 +80,33 @@ class StandbyImage:
 class Standby:
     def __init__(
         self,
-        cfg: Config,
+        link: LinkConfig,
+        key_files: KeysConfig,
         *,
+        pair: str,
+        node: str,
+        generation: int,
+        ram_mib: int,
+        state_dir: Path,
+        silent_after_ms: int,
         image_dir: Path = SHM,
-        generation: int | None = None,
         fingerprint: str = "synthetic",
     ) -> None:
-        self.cfg = cfg
-        self.keys = keys.load(cfg)  # before anything is reserved: no keys, no standby
+        """The standby of ``pair`` on ``node``, listening where ``link`` says, with the
+        interconnect keys ``key_files`` names; a guest of ``ram_mib`` MiB (its image in
+        ``image_dir``).  ``silent_after_ms``: the arbiter's, for whether a primary still
+        heartbeats."""
+        self.link_cfg, self.pair, self.node = link, pair, node
+        self.ram_mib, self.silent_after_ms = ram_mib, silent_after_ms
+        self.keys = keys.load(key_files)  # before anything is reserved: no keys, no standby
         self.fingerprint = fingerprint  # the guest this standby can run
-        self.state_dir = cfg.state_dir
+        self.state_dir = state_dir
         private_dir(self.state_dir)
-        self.ram_bytes = cfg.guest.ram_mib << 20
-        self.image = StandbyImage(
-            image_dir / f"mirror-{cfg.pair.name}-{cfg.node.name}-standby.img", self.ram_bytes
-        )
+        self.ram_bytes = ram_mib << 20
+        self.image = StandbyImage(image_dir / f"mirror-{pair}-{node}-standby.img", self.ram_bytes)
         self.state_path = self.state_dir / "committed.state"
         self.committed = 0  # epoch of the checkpoint the image holds (0: none yet)
-        self.generation = cfg.pair.generation if generation is None else generation
+        self.generation = generation
         # the pair's current generation, the arbiter's: a HELLO of another is refused
         self.generation_now: Callable[[], int] = lambda: self.generation
         self.committed_generation = 0  # the generation whose checkpoint the image holds
@@ -117,7 +126,7 @@ class Standby:
         self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
         self.link: Link | None = None
         self.bind_wait = 10.0  # seconds serve() waits for ports in use (see serve)
-        self.metrics = Metrics.of(cfg.pair.name, cfg.node.name)
+        self.metrics = Metrics.of(pair, node)
         self.disk: ReplicatedDisk | None = None  # the disk replica, committed with each checkpoint
 
     # -- the protocol ---------------------------------------------------------
@@ -176,8 +185,8 @@ class Standby:
             current, problem, reason = None, f"cannot read the pair's generation: {e}", "busy"
         if problem:
             pass
-        elif h.pair != self.cfg.pair.name:
-            problem = f"pair {h.pair!r} is not this standby's pair {self.cfg.pair.name!r}"
+        elif h.pair != self.pair:
+            problem = f"pair {h.pair!r} is not this standby's pair {self.pair!r}"
             reason = "wrong pair"
         elif h.generation != current:
             problem = (
@@ -199,7 +208,7 @@ class Standby:
         elif h.ram_bytes != self.ram_bytes:
             problem = (
                 f"guest RAM of {h.ram_bytes} bytes does not match this standby's "
-                f"{self.ram_bytes} (guest.ram_mib = {self.cfg.guest.ram_mib})"
+                f"{self.ram_bytes} (guest.ram_mib = {self.ram_mib})"
             )
             reason = "guest RAM size differs"
         elif h.guest != self.fingerprint:
@@ -242,16 +251,16 @@ class Standby:
     def _welcome(self) -> wire.Welcome:
         assert self.session is not None
         return wire.Welcome(
-            self.cfg.pair.name,
+            self.pair,
             self.generation,
-            self.cfg.node.name,
+            self.node,
             self.committed,
             self.session.session,
         )
 
     def _primary_alive(self) -> bool:
         age = self.link.peer.age() if self.link else None
-        return age is not None and age <= self.cfg.arbiter.silent_after_ms / 1000
+        return age is not None and age <= self.silent_after_ms / 1000
 
     def _reject(self, msg: wire.Pages | wire.Handover, reason: str) -> wire.Reject:
         """Refuse one message of the live session; the session and the image stay."""
@@ -334,8 +343,8 @@ class Standby:
         return {
             "role": "secondary",
             "phase": "standby" if self.primary else "waiting for a primary",
-            "pair": self.cfg.pair.name,
-            "node": self.cfg.node.name,
+            "pair": self.pair,
+            "node": self.node,
             "generation": self.generation,
             "committed": self.committed,
             "image": str(self.image.path),
@@ -370,11 +379,11 @@ class Standby:
     def serve(self, stop: threading.Event, tick: Callable[[], bool] = lambda: False) -> None:
         """Serve the primary until ``stop`` is set or ``tick()`` (called at least
         every 50 ms) returns True.  Ports in use: ConnectionError after ``bind_wait`` s."""
-        link_cfg = self.cfg.link
+        link_cfg = self.link_cfg
         self.link = self._bind(stop, self.bind_wait)
         log.info(
             "standby of pair %s listening on %s:%d, image %s (%d MiB reserved)",
-            self.cfg.pair.name,
+            self.pair,
             link_cfg.host,
             link_cfg.data_port,
             self.image.path,
@@ -403,13 +412,13 @@ class Standby:
     def _bind(self, stop: threading.Event, wait: float) -> Link:
         """The interconnect's ports, bound (retried for ``wait`` s: after a switchover or a
         key reload their old holder may still be letting go)."""
-        link_cfg = self.cfg.link
+        link_cfg = self.link_cfg
         deadline = time.monotonic() + wait
         while True:
             try:
                 link = Link.server(
                     Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
-                    self.cfg.node.name,
+                    self.node,
                     keys=self.keys,
                     heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
                     max_pages=self.ram_bytes // pd.PAGE_SIZE,

@@ -28,7 +28,7 @@ def test_no_arbiter_has_no_default() -> None:
     require_arbiter(ArbiterConfig(dir="/srv/shared"), "x")  # either names one
     require_arbiter(ArbiterConfig(etcd="http://127.0.0.1:2379"), "x")
     with pytest.raises(ConfigError, match=r"\[arbiter\] dir is not set"):
-        make_arbiter(Config())  # a configuration built in code: no arbiter either
+        make_arbiter(Config().arbiter, "mirror", "host")  # one built in code: no arbiter either
 
 
 @pytest.mark.parametrize("role", ["primary", "secondary"])

@@ -15,7 +15,8 @@ from mirror.guests.base import Guest, OutputHandler
 from mirror.guests.synthetic import SHM_DIR, SyntheticGuest, SyntheticParams
 from mirror.replication import dirtylog
 from mirror.replication import pagediff as pd
-from mirror.replication.checkpoint import CheckpointEngine, ReplicationError
+from mirror.replication.checkpoint import CheckpointEngine
+from mirror.replication.inflight import ReplicationError
 from mirror.replication.outputs import OutputBuffer
 from tests.dirtylog_rig import rig
 from tests.integration.conftest import Pair

@@ -32,7 +32,7 @@ class Driver:
         self.link = Link.client(
             Endpoint("127.0.0.1", cfg.link.data_port, cfg.link.heartbeat_port),
             "driver",
-            keys=keys.load(pair.cfg_a) if link_keys is None else link_keys,
+            keys=keys.load(pair.cfg_a.keys) if link_keys is None else link_keys,
         )
         self.npages = (cfg.guest.ram_mib << 20) // PS
         self.ram = pd.alloc_pages(self.npages)

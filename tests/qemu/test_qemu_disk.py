@@ -364,7 +364,7 @@ def test_disk_stream_broken_with_the_standby_alive(pair_factory, guest_image: Pa
     A runs on, takes no checkpoint and releases nothing (event disk-stream-lost); beyond
     it A stops (exit 2, saying why), and B promotes from its last committed checkpoint,
     its disk byte for byte A's at that checkpoint."""
-    from mirror.ha.primary import DISK_LOST_GRACE_S
+    from mirror.ha.primaryrun import DISK_LOST_GRACE_S
 
     p = disk_pair(pair_factory, guest_image)
     grace = DISK_LOST_GRACE_S + p.cfg_a.arbiter.silent_after_ms / 1000

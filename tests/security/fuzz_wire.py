@@ -65,7 +65,11 @@ def make_standby(image_dir: Path) -> Standby:
         guest=GuestConfig(ram_mib=RAM_MIB),
         keys=KeysConfig(insecure=True),
     )
-    sb = Standby(cfg, image_dir=image_dir)
+    sb = Standby(
+        cfg.link, cfg.keys, pair=cfg.pair.name, node=cfg.node.name,
+        generation=cfg.pair.generation, ram_mib=cfg.guest.ram_mib, state_dir=cfg.state_dir,
+        silent_after_ms=cfg.arbiter.silent_after_ms, image_dir=image_dir,
+    )  # fmt: skip
     reply = sb.handle(wire.Hello("fuzz", 1, "primary", RAM_MIB << 20, SESSION))
     assert isinstance(reply, wire.Welcome), reply
     return sb

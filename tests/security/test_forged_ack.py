@@ -20,7 +20,7 @@ class FakeStandby(threading.Thread):
 
     def __init__(self, pair: Pair, forged: int | None) -> None:
         super().__init__(daemon=True)
-        k = keys.load(pair.cfg_b)
+        k = keys.load(pair.cfg_b.keys)
         assert k is not None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.socks = []

@@ -47,7 +47,7 @@ def test_sighup_admits_the_rotated_key_and_refuses_the_old(pair: Pair, tmp_path:
     b = pair.start_secondary()
     a = pair.start_primary()
     pair.wait("A protected", lambda: protected(a))
-    old = keys.load(pair.cfg_a)
+    old = keys.load(pair.cfg_a.keys)
     assert old is not None
     # rotation on A: a new key pair; B's configured peer key file gets its public key
     new_pub, new_sec, new_key = keys.generate(tmp_path / "rotated", "hostA-2")

@@ -39,7 +39,7 @@ def test_a_huge_multipart_message_cannot_grow_the_standby(pair: Pair) -> None:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    a_keys = keys.load(pair.cfg_a)
+    a_keys = keys.load(pair.cfg_a.keys)
     assert a_keys is not None
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     s = ctx.socket(zmq.DEALER)

@@ -133,7 +133,7 @@ def test_fuzzing_the_ports_of_a_running_pair(pair: Pair) -> None:
     pair.wait("protected", lambda: (s := a.status()) and s.get("acked", 0) >= 5)
     link = pair.cfg_b.link
     ports = (link.data_port, link.heartbeat_port)
-    right, standby = keys.load(pair.cfg_a), keys.load(pair.cfg_b)
+    right, standby = keys.load(pair.cfg_a.keys), keys.load(pair.cfg_b.keys)
     assert right is not None and standby is not None
     stranger_public, stranger_secret = zmq.curve_keypair()
     ram = pair.cfg_b.guest.ram_mib << 20

@@ -64,7 +64,7 @@ def test_a_stranger_is_refused_and_the_pair_goes_on(pair: Pair, kind: str, tmp_p
     b = pair.start_secondary()
     a = pair.start_primary("--checkpoints", str(N))
     pair.wait("protected", lambda: (s := a.status()) and s.get("acked", 0) >= 5)
-    standby_key = keys.load(pair.cfg_b)
+    standby_key = keys.load(pair.cfg_b.keys)
     assert standby_key is not None
     link_keys = None if kind == "no-key" else stranger_keys(tmp_path, standby_key.public)
     ram = pair.cfg_b.guest.ram_mib << 20
@@ -93,7 +93,7 @@ def test_the_right_key_with_another_session_changes_nothing(pair: Pair) -> None:
     b = pair.start_secondary()
     a = pair.start_primary("--checkpoints", str(N))
     pair.wait("protected", lambda: (s := a.status()) and s.get("acked", 0) >= 5)
-    right = keys.load(pair.cfg_a)
+    right = keys.load(pair.cfg_a.keys)
     ram = pair.cfg_b.guest.ram_mib << 20
     s = Stranger(endpoint(pair), pair.cfg_b.pair.name, ram, right, session=987654321,
                  hellos=False).start()  # fmt: skip
@@ -117,7 +117,7 @@ def test_a_fake_standby_receives_nothing(pair: Pair, tmp_path: Path) -> None:
     """A process that takes the standby's address first (with a key of its own, or with
     none) gets not one byte of the guest's RAM; the real standby then pairs."""
     ep = endpoint(pair)
-    standby = keys.load(pair.cfg_b)
+    standby = keys.load(pair.cfg_b.keys)
     assert standby is not None
     own = stranger_keys(tmp_path, standby.peer, "fake-standby")
     for fake_keys in (own, None):

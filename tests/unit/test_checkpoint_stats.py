@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mirror.replication.checkpoint import RECENT, CheckpointRecord, Stats
+from mirror.replication.inflight import RECENT, CheckpointRecord, Stats
 from mirror.replication.outputs import OutputBuffer
 
 

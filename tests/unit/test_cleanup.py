@@ -56,18 +56,21 @@ def test_clean_start_removes_only_a_dead_runs_files(tmp_path: Path) -> None:
             make(f"mirror-q-n-{dead}.ram"),  # another pair's
         ]
         (state / "qemu" / "qmp.sock").write_text("")  # no live agent reported in state
-        assert leftovers(cfg, shm) == sorted([*gone, state / "qemu" / "qmp.sock"])
+        assert leftovers(cfg.pair.name, cfg.node.name, cfg.state_dir, shm) == sorted(
+            [*gone, state / "qemu" / "qmp.sock"]
+        )
         mapped = make(f"mirror-p-n-{dead_pid()}.ram")  # pid dead, but a process maps it
         h = holder(mapped)
         try:
-            removed = clean_start(cfg, shm)
+            removed = clean_start(cfg.pair.name, cfg.node.name, cfg.state_dir, shm)
             assert sorted(removed) == sorted(str(p) for p in [*gone, state / "qemu" / "qmp.sock"])
             assert all(p.exists() for p in [*stays, mapped])
             assert not any(p.exists() for p in gone)
         finally:
             h.kill()
             h.wait()
-        assert clean_start(cfg, shm) == [str(mapped)]  # its holder is gone now
+        # its holder is gone now
+        assert clean_start(cfg.pair.name, cfg.node.name, cfg.state_dir, shm) == [str(mapped)]
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -87,7 +90,7 @@ def test_a_live_agent_keeps_its_sockets_and_image(tmp_path: Path) -> None:
     img.write_bytes(b"\0" * 4096)
     h = holder(img)
     try:
-        assert leftovers(cfg, shm) == []
+        assert leftovers(cfg.pair.name, cfg.node.name, cfg.state_dir, shm) == []
     finally:
         h.kill()
         h.wait()

@@ -61,7 +61,7 @@ def test_keygen_dir_that_is_a_file_is_one_clear_line(tmp_path: Path) -> None:
 
 def test_a_pair_without_keys_refuses_and_says_how_to_make_them(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"secret_key and peer_public_key not set.*mirror keygen"):
-        keys.load(Config())
+        keys.load(Config().keys)
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[node]\nstate_dir = "{tmp_path}"\n[arbiter]\ndir = "{tmp_path}"\n')
     run = subprocess.run(
@@ -78,7 +78,7 @@ def test_a_pair_without_keys_refuses_and_says_how_to_make_them(tmp_path: Path) -
 def test_z85_text_or_file_and_the_errors(tmp_path: Path) -> None:
     pub_a, sec_a, key_a = keys.generate(tmp_path, "a")
     _, sec_b, key_b = keys.generate(tmp_path, "b")
-    assert keys.load(keyed(tmp_path, str(sec_a), key_b.decode())) == keys.LinkKeys(
+    assert keys.load(keyed(tmp_path, str(sec_a), key_b.decode()).keys) == keys.LinkKeys(
         key_a, keys.load_secret(sec_a)[1], key_b
     )
     # a path of exactly 40 characters is a path (z85 has '/', '.', '-' and letters too)
@@ -100,18 +100,18 @@ def test_z85_text_or_file_and_the_errors(tmp_path: Path) -> None:
         (str(tmp_path / "nope"), key_b.decode(), "cannot read"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            keys.load(keyed(tmp_path, secret, peer))
+            keys.load(keyed(tmp_path, secret, peer).keys)
     os.chmod(sec_a, 0o644)
     with pytest.raises(ConfigError, match=r"readable by others.*chmod 600"):
-        keys.load(keyed(tmp_path, str(sec_a), key_b.decode()))
+        keys.load(keyed(tmp_path, str(sec_a), key_b.decode()).keys)
 
 
 def test_insecure_is_logged_loudly(caplog: pytest.LogCaptureFixture) -> None:
     cfg = replace(Config(), keys=KeysConfig(insecure=True))
-    assert keys.load(cfg) is None
+    assert keys.load(cfg.keys) is None
     assert any(r.levelname == "WARNING" and "INSECURE" in r.message for r in caplog.records)
     with pytest.raises(ConfigError, match="insecure = true but keys are set"):
-        keys.load(replace(Config(), keys=KeysConfig(secret_key="x", insecure=True)))
+        keys.load(replace(Config(), keys=KeysConfig(secret_key="x", insecure=True)).keys)
 
 
 def test_keys_section_round_trips_through_toml() -> None:

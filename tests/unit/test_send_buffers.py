@@ -8,13 +8,8 @@ import time
 import types
 from typing import cast
 
-from mirror.replication.checkpoint import (
-    PS,
-    RESEND_AFTER_S,
-    RESEND_MAX_S,
-    CheckpointEngine,
-    SendBuffers,
-)
+from mirror.replication.checkpoint import CheckpointEngine
+from mirror.replication.inflight import PS, RESEND_AFTER_S, RESEND_MAX_S, SendBuffers
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
