@@ -164,7 +164,7 @@ class KeysConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    # HOST:PORT where the agent serves Prometheus metrics (/metrics); "" serves none
+    # HOST:PORT where the role serves Prometheus metrics (/metrics); "" serves none
     listen: str = "127.0.0.1:9470"
     # a unix socket (absolute path) where the role hands its metrics to the host agent,
     # which serves every pair's on its one port ([agent] metrics_listen); "": none
@@ -320,7 +320,7 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
 
 
 def require_arbiter(arbiter: ArbiterConfig, where: str) -> None:
-    """A configuration that runs a pair's role (or an agent's pairs) names its arbiter:
+    """A configuration that runs a pair's role (or a host agent's pairs) names its arbiter:
     ``[arbiter] dir`` (storage both hosts share) or ``[arbiter] etcd``.  There is no
     default: a local folder on each host is two arbiters, and both hosts would win."""
     if not arbiter.dir and not arbiter.etcd:
@@ -388,12 +388,12 @@ def to_toml(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class AgentSection:
-    """This host's agent: who it is, where it keeps its pairs, where peers reach it."""
+    """The host agent (`mirror agent`): who it is, where it keeps its pairs, where peers reach it."""
 
     node: str = field(default="host", metadata={**_range(1, 64), **_FILENAME})
     state_dir: str = "/var/lib/mirror/agent"  # control.sock, agent.lock, pairs/PAIR/
-    address: str = "127.0.0.1"  # this host's interconnect address (peers' agents and pairs)
-    port: int = field(default=7600, metadata=_range(1, 65535))  # the agents' interconnect
+    address: str = "127.0.0.1"  # this host's interconnect address (peers' host agents and pairs)
+    port: int = field(default=7600, metadata=_range(1, 65535))  # the host agents' interconnect
     pair_ports_from: int = field(default=7610, metadata=_range(1, 65535))  # pairs' link ports
     pair_ports_to: int = field(default=7699, metadata=_range(1, 65535))
     connect: str = field(default="qemu:///system", metadata=_range(1, 256))  # libvirt URI
@@ -404,7 +404,7 @@ class AgentSection:
         "/var/lib/mirror:/var/cache/mirror",
         metadata=_range(1, 4096),
     )
-    # HOST:PORT where the agent serves every pair's metrics (/metrics, each series with
+    # HOST:PORT where the host agent serves every pair's metrics (/metrics, each series with
     # its pair's label); "" serves none
     metrics_listen: str = "127.0.0.1:9470"
     # where the roles also log, with the pair as a field: "auto" (journald's socket when
@@ -420,10 +420,10 @@ class AgentKeys:
 
 @dataclass(frozen=True)
 class PeerConfig:
-    """A host whose agent this one works with (``[peers.NAME]``)."""
+    """A host whose host agent this one works with (``[peers.NAME]``)."""
 
     address: str = ""  # its interconnect address
-    port: int = field(default=7600, metadata=_range(1, 65535))  # its agent's port
+    port: int = field(default=7600, metadata=_range(1, 65535))  # its host agent's port
     public_key: str = ""  # its public key: its .key file or the 40-character z85 text
 
 

@@ -94,9 +94,9 @@ def process_identity(pid: int) -> str | None:
 _own: dict[int, str | None] = {}
 
 
-def agent_record() -> dict[str, Any]:
-    """What an agent's status says about the process that wrote it (for :func:`running`)
-    and when (wall clock, for the age of a dead agent's last report)."""
+def process_record() -> dict[str, Any]:
+    """What a role's or host agent's status says about the process that wrote it (for :func:`running`)
+    and when (wall clock, for the age of a dead process's last report)."""
     pid = os.getpid()
     if pid not in _own:
         _own[pid] = process_identity(pid)
@@ -104,7 +104,7 @@ def agent_record() -> dict[str, Any]:
 
 
 def running(status: dict[str, Any]) -> bool:
-    """Whether the agent that wrote ``status`` still runs: its pid is alive and is the
+    """Whether the process that wrote ``status`` still runs: its pid is alive and is the
     same process (same boot, same start time), not a later one given the same pid."""
     pid, ident = status.get("pid"), status.get("process")
     if type(pid) is not int or pid <= 0 or not isinstance(ident, str):

@@ -123,7 +123,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--vcpus", type=within(int, 1, 1 << 16), metavar="N")
 
     p = ps.add_parser("agent", parents=[common],
-                      help="run this host's pool agent (and the controller, if elected)")
+                      help="run this host's pool agent (and the pool controller, if elected)")
     p.add_argument("--host", required=True, help="this host's name in the pool")
     p.add_argument("--ttl", type=within(int, 1, 600), default=3, metavar="S",
                    help="lease TTL: the host is dead S seconds after its agent stops (default 3)")
@@ -133,7 +133,7 @@ def add_parser(sub: Any) -> None:
                    help="add the host with this memory if the pool does not know it")
     p.add_argument("--vcpus", type=within(int, 1, 1 << 16), metavar="N")
     p.add_argument("--promote-wait", type=within(int, 1, 3600), default=10, metavar="S",
-                   help="controller: a pair's standby that has not promoted S seconds after "
+                   help="pool controller: a pair's standby that has not promoted S seconds after "
                    "its primary's host was found dead never will: the VM restarts as a "
                    "fresh pair (default 10)")
 
@@ -320,7 +320,7 @@ def status(store: Store, as_json: bool) -> int:
             "leader": snap.leader, **_verdict(pool, a, a), "hosts": hosts, "vms": vms,
         }, indent=1))
         return output.OK
-    print(f"pool {store.prefix} on etcd {store.etcd.url} (version {snap.version}, controller: "
+    print(f"pool {store.prefix} on etcd {store.etcd.url} (version {snap.version}, pool controller: "
           f"{snap.leader or 'none'})")
     print(f"failures_to_tolerate {pool.failures_to_tolerate}, allow_overcommit "
           f"{'yes' if pool.allow_overcommit else 'no'}")

@@ -37,7 +37,7 @@ OutputHandler = Callable[[GuestOutput], None]
 
 @dataclass(frozen=True)
 class LogSource:
-    """Where the agent gets a userfaultfd of the process that writes guest RAM
+    """Where the role gets a userfaultfd of the process that writes guest RAM
     (mirror/guests/uffd.py), for the dirty-page log."""
 
     pid: int

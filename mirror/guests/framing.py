@@ -1,6 +1,6 @@
 """Length-prefixed msgpack messages over a stream socket (local control channels).
 
-Used between an agent and the guest processes it runs; the interconnect
+Used between a role and the guest processes it runs; the interconnect
 between hosts uses zmq frames instead (see wire.py and link.py).
 """
 

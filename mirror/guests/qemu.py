@@ -7,7 +7,7 @@ configuration on the standby image, with ``-S -incoming defer``, waits ready;
 promotion is ``migrate-incoming`` of the committed device state, ``cont`` and
 ``announce-self``.
 
-The guest's NIC is a ``-netdev stream`` whose other end is this host's agent
+The guest's NIC is a ``-netdev stream`` whose other end is this host's role
 (:class:`NetRelay`): frames the guest sends are outputs, held per epoch and
 released on ack into the host's network through a TAP device (on a bridge);
 frames from the network go straight to the guest.
@@ -111,7 +111,7 @@ class NetRelay:
     """This host's end of the guest's NIC.
 
     QEMU connects to ``path`` (frames: 4-byte big-endian length, then the frame).
-    Frames from the guest go to ``on_output`` (the agent holds them until their
+    Frames from the guest go to ``on_output`` (the role holds them until their
     checkpoint is acknowledged, then :meth:`release` writes them to the TAP
     device); frames from the TAP device go straight to the guest while the relay
     is active (a standby's relay is not: its guest does not run yet)."""
@@ -274,7 +274,7 @@ class NetRelay:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the agent dies (a host dies whole)."""
+    """In the child before exec: SIGKILL when the role dies (a host dies whole)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -328,13 +328,13 @@ class QemuGuest(Guest):
             "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={self.relay.path}",
             "-device", f"virtio-net-pci,netdev=n0,mac={settings.mac},romfile=",
         ]  # fmt: skip
-        if disk is not None:  # virtio-blk over NBD from the agent's disk server
+        if disk is not None:  # virtio-blk over NBD from the role's disk server
             args += [
                 "-blockdev",
                 f"driver=nbd,node-name=d0,server.type=unix,server.path={disk.spec.nbd_path}",
                 "-device", "virtio-blk-pci,drive=d0",
             ]  # fmt: skip
-        args.append("-S")  # the agent lets it run (cont) when it is paired
+        args.append("-S")  # the role lets it run (cont) when it is paired
         if incoming:
             args += [
                 "-incoming", "defer",
@@ -364,7 +364,7 @@ class QemuGuest(Guest):
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=open_private(run_dir / "qemu.stderr", "wb"),
-                start_new_session=True,  # a SIGTERM to the host is for the agent alone
+                start_new_session=True,  # a SIGTERM to the host is for the role alone
                 preexec_fn=_die_with_parent,
                 umask=PRIVATE_UMASK,  # what QEMU writes (serial log, state) is ours only
             )

@@ -7,15 +7,15 @@ guest resumed from a wrong image shows it.  Resumed from any committed
 checkpoint it produces exactly the outputs the original would have.
 
 The guest runs as its own process (``python -m mirror.guests.synthetic``),
-writing the shared RAM file as a hypervisor would; the agent drives it over
+writing the shared RAM file as a hypervisor would; the role drives it over
 a socketpair with length-prefixed msgpack messages:
 
-    agent -> guest: ["init", {...}], ["pause"], ["resume"], ["state"], ["quit"]
-    guest -> agent: ["ready"], ["outs", [[seq, payload], ...]], ["paused", seq],
+    role -> guest: ["init", {...}], ["pause"], ["resume"], ["state"], ["quit"]
+    guest -> role: ["ready"], ["outs", [[seq, payload], ...]], ["paused", seq],
                     ["state", bytes]
 
 Outputs travel on the same ordered channel as the "paused" reply, so every
-output made before a pause reaches the agent before pause() returns.
+output made before a pause reaches the role before pause() returns.
 """
 
 from __future__ import annotations
@@ -179,9 +179,9 @@ def reference_outputs(params: SyntheticParams, count: int) -> list[tuple[int, by
 
 
 def _guest_main(fd: int) -> int:
-    # The agent drives this process and stops it over the channel; a SIGTERM to the
-    # host's process group is the agent's to handle (it pauses and stops us
-    # cleanly).  If the agent dies, the channel closes and we end.
+    # The role drives this process and stops it over the channel; a SIGTERM to the
+    # host's process group is the role's to handle (it pauses and stops us
+    # cleanly).  If the role dies, the channel closes and we end.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
@@ -203,7 +203,7 @@ def _guest_main(fd: int) -> int:
     # the checkpoints see whatever share of the epoch the pause takes.
     running, t0, done = False, None, 0
     rate = params.outputs_per_s
-    burst = max(1, rate // 50)  # stay responsive to the agent: at most 20 ms of ticks at once
+    burst = max(1, rate // 50)  # stay responsive to the role: at most 20 ms of ticks at once
     while True:
         timeout: float | None = None
         if running and t0 is not None:
@@ -238,7 +238,7 @@ def _guest_main(fd: int) -> int:
                 return 0
 
 
-# ---- the agent's handle on it -----------------------------------------------
+# ---- the role's handle on it ------------------------------------------------
 
 
 class SyntheticGuest(Guest):

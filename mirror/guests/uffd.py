@@ -1,4 +1,4 @@
-"""Userfaultfds from a guest's process: the agent's half of native/uffd_preload.c.
+"""Userfaultfds from a guest's process: the role's half of native/uffd_preload.c.
 
 A userfaultfd logs the writes of the process that made it, so the dirty-page log
 of a guest (mirror/replication/dirtylog.py) needs one made inside the process

@@ -1,7 +1,7 @@
 """Who runs the guest.
 
-controller (failover rules as a pure state machine), arbiter (storage
+rules (the failover rules: a pure state machine), claims (the generations), arbiter (storage
 heartbeats and claims on a shared directory), etcd and etcd_arbiter (the same
-on etcd), agent (what both roles share), primary and secondary (the roles),
-backend (the agent's view of a guest: synthetic or QEMU, and its output sink).
+on etcd), role (what both roles share), primary and secondary (the roles),
+backend (a role's view of a guest: synthetic or QEMU, and its output sink).
 """

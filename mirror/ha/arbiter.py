@@ -20,7 +20,7 @@ Shared storage is not trusted: what is read from it is validated (a slot or
 claim that is not what mirror writes is ignored as garbage, never a crash),
 nothing in the pair's directory is followed if it is a symlink (every file is
 opened relative to the directory's descriptor with O_NOFOLLOW), and storage
-errors are :class:`ArbiterError`, which the agents survive.  ``arbiter.dir``
+errors are :class:`ArbiterError`, which the roles survive.  ``arbiter.dir``
 itself must exist (a missing mount is an error naming it); only the pair's
 subdirectory in it is created.
 
@@ -202,8 +202,8 @@ class DirectoryArbiter(Arbiter):
 
     def __init__(self, root: Path, pair: str, node: str, *, prepare: bool = True) -> None:
         """``prepare``: check now that ``root`` exists and create the pair's directory
-        in it (an agent does at start; later a storage failure is an ArbiterError of
-        the operation that meets it, which the agent survives)."""
+        in it (a role does at start; later a storage failure is an ArbiterError of
+        the operation that meets it, which the role survives)."""
         self.root = Path(root)
         self.pair = _component("pair name", pair)
         self.node = _component("node name", node)

@@ -1,16 +1,17 @@
-"""How an operator's command reaches this host's agent, and only it.
+"""How an operator's command reaches a daemon of this host (a role run by hand, or the
+host agent: whichever owns the state directory), and only it.
 
-- ``STATE_DIR/agent.lock``: the agent holds an exclusive ``flock`` on it for its
-  whole life, so two agents cannot share a state directory (the second one is
+- ``STATE_DIR/agent.lock``: the daemon holds an exclusive ``flock`` on it for its
+  whole life, so two daemons cannot share a state directory (the second one is
   told which pid holds it, and exits 2).  The lock dies with its process: a
-  killed agent never leaves a stale lock.
-- ``STATE_DIR/control.sock``: a unix socket the agent serves, made by the agent
-  after it took the lock (a socket file left by a dead agent is replaced), mode
+  killed daemon never leaves a stale lock.
+- ``STATE_DIR/control.sock``: a unix socket the daemon serves, made by the daemon
+  after it took the lock (a socket file left by a dead daemon is replaced), mode
   0600.  ``mirror failover``, ``mirror switchover`` send it one JSON request
   line (``{"op": "status" | "failover" | "switchover" | "detach"}``; the host
-  agent's socket takes ``list``, ``status``, ``pair``, ``progress``, ``unpair``
+  daemon's socket takes ``list``, ``status``, ``pair``, ``progress``, ``unpair``
   with their fields beside ``op``) and read one JSON answer line.  Both ends
-  check the other's credentials (SO_PEERCRED): the agent answers only root or
+  check the other's credentials (SO_PEERCRED): the daemon answers only root or
   its own user, and the command talks only to a socket served by root or its
   own user.  Nothing is ever signalled by a pid
   read from a file: a stale status file cannot make a command touch whatever
@@ -41,6 +42,7 @@ from mirror.hoststate import private_dir
 
 log = logging.getLogger("mirror.ha.control")
 
+# the name of earlier versions, kept: an old and a new daemon exclude each other
 LOCK = "agent.lock"
 SOCKET = "control.sock"
 MAX_REQUEST = 4096
@@ -48,7 +50,7 @@ MAX_ANSWER = 1 << 20
 
 
 class ControlError(RuntimeError):
-    """The agent cannot be reached (or cannot start its control); the message says why."""
+    """The daemon cannot be reached (or cannot start its control); the message says why."""
 
 
 def _peer_uid(sock: socket.socket) -> tuple[int, int]:
@@ -82,9 +84,9 @@ class StateDirLock:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
             os.close(self.fd)
             raise ControlError(
-                f"another mirror agent (pid {holder or '?'}) uses the state directory "
-                f"{state_dir}: two agents cannot share one; stop it, or give this host's "
-                f"agent its own node.state_dir"
+                f"another mirror daemon (pid {holder or '?'}) uses the state directory "
+                f"{state_dir}: two daemons cannot share one; stop it, or give this host's "
+                f"daemon its own node.state_dir"
             ) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)  # for the message above only
@@ -110,7 +112,7 @@ class ControlServer(threading.Thread):
         self.max_request = max_request
         self._dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(SOCKET, dir_fd=self._dfd)  # a dead agent's: we hold the lock
+            os.unlink(SOCKET, dir_fd=self._dfd)  # a dead daemon's: we hold the lock
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window before a chmod
         try:
@@ -169,7 +171,7 @@ class ControlServer(threading.Thread):
             takes = sorted({*self.handlers, *self.request_handlers})
             answer: dict[str, Any] = {
                 "ok": False,
-                "error": f"this agent does not take {op!r} now (it takes: "
+                "error": f"this daemon does not take {op!r} now (it takes: "
                 f"{', '.join(takes) or 'nothing yet'})",
             }
         else:
@@ -197,28 +199,28 @@ def ask(
     refused_ok: bool = False,
     start_with: str = "`mirror primary` or `mirror secondary`",
 ) -> dict[str, Any]:
-    """Send ``op`` (with ``args``, the request's other fields) to the agent of
-    ``state_dir``; its answer.  ControlError (saying why) if no agent serves there, or
-    the socket is not one an agent of ours serves; also when the agent refuses, unless
+    """Send ``op`` (with ``args``, the request's other fields) to the daemon of
+    ``state_dir``; its answer.  ControlError (saying why) if no daemon serves there, or
+    the socket is not one a daemon of ours serves; also when the daemon refuses, unless
     ``refused_ok`` (then the answer, ``ok`` false and ``error``, is returned)."""
     path = state_dir / SOCKET
     try:
         dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise ControlError(
-            f"no agent runs in {state_dir}: {e.strerror} (start it with {start_with})"
+            f"no daemon runs in {state_dir}: {e.strerror} (start it with {start_with})"
         ) from e
     try:
         try:
             st = os.stat(SOCKET, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             raise ControlError(
-                f"no agent runs in {state_dir} (no control socket {path}): start it with "
+                f"no daemon runs in {state_dir} (no control socket {path}): start it with "
                 f"{start_with}"
             ) from None
         if not stat.S_ISSOCK(st.st_mode) or not _trusted(st.st_uid):
             raise ControlError(
-                f"{path} is not an agent's control socket (a {stat.filemode(st.st_mode)} "
+                f"{path} is not a daemon's control socket (a {stat.filemode(st.st_mode)} "
                 f"owned by uid {st.st_uid}): refusing to use it"
             )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -228,11 +230,11 @@ def ask(
                 sock.connect(f"/proc/self/fd/{dfd}/{SOCKET}")
             except ConnectionRefusedError:
                 raise ControlError(
-                    f"no agent runs in {state_dir}: its control socket {path} is left from an "
-                    f"agent that is gone"
+                    f"no daemon runs in {state_dir}: its control socket {path} is left from a "
+                    f"daemon that is gone"
                 ) from None
             except OSError as e:
-                raise ControlError(f"cannot reach the agent at {path}: {e.strerror}") from e
+                raise ControlError(f"cannot reach the daemon at {path}: {e.strerror}") from e
             pid, uid = _peer_uid(sock)
             if not _trusted(uid):
                 raise ControlError(
@@ -248,7 +250,7 @@ def ask(
                         break
                     data += chunk
             except OSError as e:
-                raise ControlError(f"the agent at {path} did not answer: {e}") from e
+                raise ControlError(f"the daemon at {path} did not answer: {e}") from e
     finally:
         os.close(dfd)
     try:
@@ -256,18 +258,18 @@ def ask(
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        raise ControlError(f"the agent at {path} gave no valid answer to {op!r}")
+        raise ControlError(f"the daemon at {path} gave no valid answer to {op!r}")
     if not answer.get("ok") and not refused_ok:
-        raise ControlError(f"the agent at {path} refused {op!r}: {answer.get('error')}")
+        raise ControlError(f"the daemon at {path} refused {op!r}: {answer.get('error')}")
     return answer
 
 
-# The one agent of this process (a process runs one agent; its roles follow each other).
+# The one daemon of this process (a process runs one daemon; its roles follow each other).
 _server: ControlServer | None = None
 
 
 def start(state_dir: Path) -> tuple[StateDirLock, ControlServer]:
-    """Lock ``state_dir`` and serve its control socket, for this process's agent."""
+    """Lock ``state_dir`` and serve its control socket, for this process's daemon."""
     global _server
     lock = StateDirLock(state_dir)
     try:

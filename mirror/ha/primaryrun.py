@@ -1,5 +1,5 @@
 """One pairing of the primary role (one generation): pair with a standby, pre-copy,
-checkpoint every epoch, act on the controller's decisions, hand over on a switchover.
+checkpoint every epoch, act on the failover rules' decisions, hand over on a switchover.
 The role around it (booting the guest, leading the next generations) is
 mirror/ha/primary.py."""
 
@@ -21,7 +21,7 @@ from mirror.ha.rekey import current as current_rekey
 from mirror.ha.rekey import keyed
 from mirror.ha.role import FailoverDriver, event
 from mirror.ha.rules import Action, Role
-from mirror.hoststate import agent_record, write_json
+from mirror.hoststate import process_record, write_json
 from mirror.replication import keys, metrics, wire
 from mirror.replication.checkpoint import CheckpointEngine
 from mirror.replication.disk import replicated
@@ -109,7 +109,7 @@ PAIRING_FAILED = 12  # PrimaryRun.protect: the pre-copy or disk copy failed: nev
 
 class PrimaryRun:
     """The primary side of one pairing (one generation): pair with a standby, pre-copy,
-    checkpoint, and act on the controller's decisions.  The guest is the caller's."""
+    checkpoint, and act on the failover rules' decisions.  The guest is the caller's."""
 
     def __init__(
         self,
@@ -185,7 +185,7 @@ class PrimaryRun:
         link, engine = self.link, self.engine
         return {
             "role": "primary", "phase": self.phase, "pair": self.cfg.pair.name,
-            "node": self.cfg.node.name, "generation": self.generation, **agent_record(),
+            "node": self.cfg.node.name, "generation": self.generation, **process_record(),
             "ram": str(self.guest.ram_path), "epoch": engine.epoch, "acked": engine.acked,
             "protection": self.protection(),
             "arbiter_unverified": self.failover.unverified()
@@ -201,7 +201,7 @@ class PrimaryRun:
         }  # fmt: skip
 
     def protection(self) -> str:
-        """The pair's real protection: the controller's judgement only while a standby
+        """The pair's real protection: the failover rules' judgement only while a standby
         holds this run's checkpoints; before that (pairing, pre-copy) and after (a
         promoted or unprotected leader with no standby yet) the guest is unprotected."""
         if self.phase in ("protected", "frozen", "switching-over"):
@@ -249,7 +249,7 @@ class PrimaryRun:
 
     def protect(self, stop: threading.Event, end: float | None, epochs: int | None) -> int:
         """After the handshake: pre-copy, then checkpoints until stopped, the end, or
-        ``epochs`` checkpoints; then as the controller decides.  Exit code 3: fenced."""
+        ``epochs`` checkpoints; then as the failover rules decide.  Exit code 3: fenced."""
         cfg, engine, outputs, failover = self.cfg, self.engine, self.outputs, self.failover
         rekey = current_rekey(cfg.keys, cfg.node.name)
         self.phase = "precopy"
@@ -291,7 +291,7 @@ class PrimaryRun:
                 self.write_status()
                 last_status = now
             # the session began with the standby's WELCOME: before its first heartbeat
-            # crosses, the secondary is not silent (the controller's rule)
+            # crosses, the secondary is not silent (the failover rules')
             if rekey.due():  # SIGHUP or `mirror keys reload`: between two checkpoints
                 rekey.apply(self.use_keys)
             link = self.link
@@ -388,7 +388,7 @@ class PrimaryRun:
 
     def _disk_stream_lost(self, lost: tuple[str, float], now: float) -> None:
         """The disk's stream to the standby ended: no checkpoint can commit, outputs are
-        held.  A standby that is gone is judged so by the controller (heartbeats silent,
+        held.  A standby that is gone is judged so by the failover rules (heartbeats silent,
         the unprotected claim won): the guest runs on unprotected, and a returning
         standby is resynced.  One still heartbeating after ``DISK_LOST_GRACE_S`` (its
         disk stream broke, not its host): stop, so that it goes on from its last

@@ -1,8 +1,8 @@
 """What both roles of a host's daemon share: structured events, signals, the storage
-heartbeat and the failover controller's driver.  The roles are mirror/ha/primary.py
+heartbeat and the failover driver.  The roles are mirror/ha/primary.py
 and mirror/ha/secondary.py.
 
-The controller decides (mirror/ha/rules.py); the agent observes and acts.
+The failover rules decide (mirror/ha/rules.py); the failover driver observes and acts.
 Each role writes ``status.json`` in the host's state directory, which
 ``mirror status`` and the demo read; the primary also writes ``stats.json``
 when it stops.  Decisions are logged as structured events: one JSON object
@@ -35,7 +35,7 @@ from mirror.ha.rules import (
     State,
     Timeouts,
 )
-from mirror.hoststate import agent_record, read_json, write_json
+from mirror.hoststate import process_record, read_json, write_json
 from mirror.replication import metrics
 
 log = logging.getLogger("mirror.ha.role")
@@ -247,7 +247,7 @@ class FailoverDriver:
         return d
 
     def protection(self) -> str:
-        """The controller's state, except "unverified" while it judges the pair healthy
+        """The failover rules' state, except "unverified" while it judges the pair healthy
         (protected, standby) but has not seen the peer's storage slot here yet."""
         state = self.rules.state
         if not self.peer_slot_seen and state in (State.PROTECTED, State.STANDBY):
@@ -273,7 +273,7 @@ class FailoverDriver:
 
 
 def mark_stopped(state_dir: Path, pair: str, node: str, code: int | None) -> None:
-    """The last status of an agent that ends (not one that is killed): its phase is
+    """The last status of a role that ends (not one that is killed): its phase is
     "stopped", so that no earlier phase reads as current.  ``code``: its exit code
     (None: it ended by an exception)."""
     path = state_dir / "status.json"
@@ -283,7 +283,7 @@ def mark_stopped(state_dir: Path, pair: str, node: str, code: int | None) -> Non
         return
     if st.get("pid") != os.getpid():
         return  # not this process's report (it never wrote one)
-    st.update(phase="stopped", protection="stopped", exit_code=code, **agent_record())
+    st.update(phase="stopped", protection="stopped", exit_code=code, **process_record())
     m = metrics.Metrics.of(pair, node)
     m.state.state("stopped")
     m.guest_here(None)
@@ -307,7 +307,7 @@ def begin(served: MetricsConfig, pair: str, node: str, state_dir: Path, *,
 
 
 def start_metrics(served: MetricsConfig) -> str | None:
-    """Serve this agent's Prometheus metrics where ``[metrics] listen`` says ("HOST:PORT",
+    """Serve this role's Prometheus metrics where ``[metrics] listen`` says ("HOST:PORT",
     also in status.json as "metrics"); None when it is "".  A taken address is an
     error that says so (RuntimeError)."""
     addr = served.address()
@@ -333,7 +333,7 @@ def make_arbiter(arbiter: ArbiterConfig, pair: str, node: str, *, prepare: bool 
     """``pair``'s arbiter as ``node`` sees it: the shared directory (the default), or etcd
     when ``arbiter.etcd`` names one (slots and claims as keys; claims are transactions).
     ``prepare``: check the directory now (ArbiterError naming it if it is missing) and
-    create the pair's directory in it; an agent does so once, at start.  A configuration
+    create the pair's directory in it; a role does so once, at start.  A configuration
     that names neither is a ConfigError (there is no default arbiter)."""
     require_arbiter(arbiter, f"pair {pair}'s configuration")
     if arbiter.etcd:
@@ -348,7 +348,7 @@ def make_arbiter(arbiter: ArbiterConfig, pair: str, node: str, *, prepare: bool 
 
 def current_generation(arbiter: ArbiterConfig, pair: PairConfig, node: str) -> int:
     """The pair's generation: the configured one, or a later one a promotion recorded.
-    Checks the arbiter (an agent calls it at start): ArbiterError if it is unusable."""
+    Checks the arbiter (a role calls it at start): ArbiterError if it is unusable."""
     return claims.Claims(make_arbiter(arbiter, pair.name, node, prepare=True), node).generation(
         pair.generation
     )

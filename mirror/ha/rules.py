@@ -1,10 +1,10 @@
 """Failover decisions as a pure state machine: observations in, decisions out.
 
-No I/O and no clock of its own: the agent observes (heartbeat ages on both
+No I/O and no clock of its own: the failover driver observes (heartbeat ages on both
 paths, whether its own storage writes succeed, claim results, the committed
 checkpoint) and carries out the decision.  Every rule of the decision tables
 in docs/ARCHITECTURE.md is a transition here; each decision carries one
-sentence saying why, which the agent logs and tests assert on.  Whether a
+sentence saying why, which the role logs and tests assert on.  Whether a
 claim may be made at all is the claims' rule (mirror/ha/claims.py: may_promote,
 may_run_unprotected), which the transitions ask.
 
@@ -117,9 +117,9 @@ class Observation:
     peer_storage_age: float | None
     own_storage_ok: bool
     committed: int = 0  # secondary: the checkpoint its image holds
-    # The answer to the claim asked for at the last step.  The agent always answers
+    # The answer to the claim asked for at the last step.  The failover driver always answers
     # on the next step, so None while claiming means the claim could not be made
-    # (storage failing): the controller then judges again.
+    # (storage failing): the rules then judge again.
     claim: ClaimResult | None = None
     manual_promote: bool = False  # secondary: an operator ran `mirror failover`
     # Seconds since the current session with the peer began (HELLO answered); None: no

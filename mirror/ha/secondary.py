@@ -1,5 +1,5 @@
 """The secondary role: hold the standby (image, committed state, a ready guest), judge
-the primary through the controller, and promote when it decides so."""
+the primary through the failover rules, and promote when they decide so."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ GuestLan (the QEMU demo and tests):
                         │                                      └── lan0 ─ br0 ─ tap  [host B]
     interconnect        [A] 10.77.0.1 ──veth── 10.77.0.2 [B]
 
-Each host has a bridge ``br0`` with its LAN port; the agent adds the guest's
+Each host has a bridge ``br0`` with its LAN port; the role adds the guest's
 TAP device to it.  The guest has the LAN address 10.0.0.10 wherever it runs.
 NetLab (the partition tests of the synthetic guest):
 

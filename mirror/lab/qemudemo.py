@@ -5,7 +5,7 @@ On one machine (mirror/lab/netlab.py): namespaces for host A, host B, a client a
 the LAN; the interconnect on its own link; a shared directory as the storage
 path.  The guest boots on A and is mirrored to B; the client opens ONE TCP
 connection to the guest, reads its counter stream and sends echo requests;
-then host A is killed (SIGKILL to its process group: the agent, and QEMU with
+then host A is killed (SIGKILL to its process group: the role, and QEMU with
 it).  B promotes, and the same connection goes on from B.  The demo prints a
 timeline and a summary; everything it made is removed at the end, whatever
 happened.
@@ -147,7 +147,7 @@ class DemoGuest(Protocol):
 
 
 class QemuDemoGuest:
-    """mirror's own QEMU: the agent boots it; SIGKILL to A's group takes QEMU along."""
+    """mirror's own QEMU: the role boots it; SIGKILL to A's group takes QEMU along."""
 
     label = "QEMU"
 
@@ -172,8 +172,8 @@ class QemuDemoGuest:
         return root / "hostA" / "qemu" / "serial.log"
 
     def kill_a(self, a: Host) -> str:
-        a.signal(signal.SIGKILL)  # the whole host at once: the agent, and QEMU dies with it
-        return f"SIGKILL to its process group {a.proc.pid}: its agent, and QEMU with it"
+        a.signal(signal.SIGKILL)  # the whole host at once: the role, and QEMU dies with it
+        return f"SIGKILL to its process group {a.proc.pid}: its role, and QEMU with it"
 
     def report(self) -> dict[str, Any]:
         return {}

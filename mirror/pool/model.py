@@ -37,7 +37,7 @@ class Host:
     mem_mb: int
     vcpus: int
     state: str = "up"
-    agent: bool = False  # an agent has registered for it (so a lapsed lease means dead)
+    agent: bool = False  # a pool agent has registered for it (so a lapsed lease means dead)
 
     def to_json(self) -> dict[str, Any]:
         return {"mem_mb": self.mem_mb, "vcpus": self.vcpus, "state": self.state,

@@ -3,26 +3,26 @@
 Each host runs ``mirror pool agent --host NAME``.  It
 
 - registers the host: a lease, and ``members/NAME`` attached to it, written
-  in the same transaction that marks the host as having an agent; it keeps
+  in the same transaction that marks the host as having a pool agent; it keeps
   the lease alive.  A host whose lease expires is dead;
 - runs the VMs placed on it: one process per VM (``mirror.pool.vmproc``, a
   stand-in for the hypervisor's VM), started when a placement names this
   host, stopped when it no longer does, restarted if it exits.  A mirrored
-  VM with pair settings (``pairs/VM``) is a real pair instead: the agent of
-  its host runs ``mirror primary`` and the agent of its standby's host runs
-  ``mirror secondary``, children in the agent's process group, with a config
+  VM with pair settings (``pairs/VM``) is a real pair instead: the pool agent of
+  its host runs ``mirror primary`` and the pool agent of its standby's host runs
+  ``mirror secondary``, children in the pool agent's process group, with a config
   written in ``RUN_DIR/pairs/VM/HOST/`` (the pool's etcd as the pair's
-  arbiter).  When the pool records that the standby promoted, the agent
+  arbiter).  When the pool records that the standby promoted, the pool agent
   keeps that process: it is the VM's primary now.  A host that
   is not ``up`` (declared dead, or in maintenance) runs nothing.  Before it
   starts a VM it creates ``running/VM`` attached to its lease, in a
   transaction that fails if another host holds it: a VM moved away from a
   live host starts on its new host only once the old one has stopped it
-  (a dead host's key goes with its lease).  An agent that cannot renew its
+  (a dead host's key goes with its lease).  A pool agent that cannot renew its
   lease for 70 % of its TTL stops its VMs (it may be declared dead);
-- takes part in electing the controller: ``leader`` is created, attached to
-  the agent's lease, by whoever gets there first (a transaction), and
-  passes to another agent when the leader's lease expires.
+- takes part in electing the pool controller: ``leader`` is created, attached to
+  the pool agent's lease, by whoever gets there first (a transaction), and
+  passes to another pool agent when the leader's lease expires.
 
 The controller (leader only) is mirror/pool/poolcontroller.py.
 """
@@ -96,7 +96,7 @@ def pair_config(
     its arbiter (keys under ``arbiter_prefix``, the pool's), the VM's interconnect ports
     (on loopback: every host is 127.0.0.1) and observer, and its synthetic guest; this
     host's interconnect key and its peer's public key (``peer.key`` in ``state_dir``,
-    which the agent keeps to the peer the pool places)."""
+    which the pool agent keeps to the peer the pool places)."""
     return Config(
         keys=KeysConfig(secret_key=str(secret_key or ""),
                         peer_public_key=str(state_dir / PEER_KEY)),
@@ -129,7 +129,7 @@ class PoolAgent:
         self.interval = interval if interval is not None else min(1.0, ttl / 4)
         self.lease = 0
         self.promote_wait = promote_wait
-        self.waits: dict[str, float] = {}  # the controller's: VM -> since when it waits
+        self.waits: dict[str, float] = {}  # the pool controller's: VM -> since when it waits
         self.procs: dict[str, Child] = {}
         self.placed: dict[str, Placement] = {}  # the placements of the last reconcile
         self.leader = False
@@ -146,7 +146,7 @@ class PoolAgent:
                 if self.mem_mb is None or self.vcpus is None:
                     raise PoolError(
                         f"unknown host {self.host!r}: add it with `mirror pool host add` "
-                        f"or give the agent --mem and --vcpus"
+                        f"or give the pool agent --mem and --vcpus"
                     )
                 pool = admission.add_host(pool, self.host, self.mem_mb, self.vcpus,
                                           keep="single").pool
@@ -204,7 +204,7 @@ class PoolAgent:
                 continue
             if c.role == "secondary" and w == "primary":
                 if self._promoted_here(c):
-                    # the pair's own controller promoted this standby: it runs the VM now
+                    # the pair's own failover rules promoted this standby: it runs the VM now
                     log.warning("VM %s: its standby here promoted; it is the primary now", vm)
                     c.role = "primary"
                     continue
@@ -289,7 +289,7 @@ class PoolAgent:
 
     def publish_key(self) -> None:
         """Make this host's interconnect key pair (once) and publish its public key in etcd
-        (``hostkeys/HOST``), whence the agents configure the pairs this host is part of."""
+        (``hostkeys/HOST``), whence the pool agents configure the pairs this host is part of."""
         if not self.secret_key.exists():
             keys.generate(self.key_dir, self.host)
         public, _ = keys.load_secret(self.secret_key)
@@ -299,7 +299,7 @@ class PoolAgent:
         """Keep ``peer.key`` of VM's pair role here to its peer's published public key (the
         standby's host for a primary, the primary's for a standby).  While the peer or its
         key is not known, a key nobody holds stands in, and False: a primary starts with
-        it and pairs with no one until the agent writes the real key (it reconnects
+        it and pairs with no one until the pool agent writes the real key (it reconnects
         then); a secondary (whose ZAP handler admits the key it started with) waits."""
         p = snap.pool.placements.get(vm)
         peer = None if p is None else p.standby if p.host == self.host else p.host
@@ -395,7 +395,7 @@ class PoolAgent:
             self._stop(vm, release)
 
     def fence(self) -> None:
-        """No lease renewed for most of its TTL: it may have expired and the controller
+        """No lease renewed for most of its TTL: it may have expired and the pool controller
         may be restarting this host's VMs elsewhere, so stop them here now."""
         if self.procs:
             log.warning("host %s cannot renew its lease: stopping its %d VM(s)",

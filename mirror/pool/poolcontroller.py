@@ -1,11 +1,11 @@
 """The pool controller: the work of whichever pool agent leads (mirror/pool/poolagent.py).
 
-Every tick: a host with an agent, ``up``, whose member key has gone is declared dead
+Every tick: a host with a pool agent, ``up``, whose member key has gone is declared dead
 (one transaction); then it carries out the plan for what lost its place, VM by VM in
 priority order (mirrored pairs first: the pair's own failover rules promote the standby,
 the pool records the promotion, for a real pair only once the standby has won the
 pair's promotion claim on etcd, and reserves the new standby on the planned host, where
-the agent starts ``mirror secondary`` and the promoted primary pairs with it under the
+the pool agent starts ``mirror secondary`` and the promoted primary pairs with it under the
 next generation; a standby that has not promoted in time never will: the pool takes
 its generation's "restart" claim, mirror/ha/claims.py, and the pair restarts fresh; then
 ``restart`` VMs by their order; then best-effort ones if room is left).  Each VM's move
@@ -36,7 +36,7 @@ PROMOTE_WAIT_S = 10.0  # a real pair's standby that has not promoted by then nev
 
 
 class PoolController:
-    """The pool controller's work for one tick (run by the leading agent)."""
+    """The pool controller's work for one tick (run by the leading pool agent)."""
 
     def __init__(self, store: Store, me: str, waits: dict[str, float] | None = None,
                  promote_wait: float = PROMOTE_WAIT_S) -> None:

@@ -13,8 +13,8 @@ several pools share one etcd (values JSON):
     version             a counter every change bumps
     plan                the analysis of the current state (and single-failure plans)
     members/NAME        a live host agent, attached to its lease (gone: host dead)
-    running/VM          the host whose agent runs VM now, attached to that agent's lease
-    leader              the agent whose controller acts, attached to its lease
+    running/VM          the host whose pool agent runs VM now, attached to that pool agent's lease
+    leader              the pool agent whose pool controller acts, attached to its lease
     claims/VM/EPOCH     who moved VM away from placement EPOCH (exactly one)
     events/SEQ          what the controller did, in order
 
@@ -80,7 +80,7 @@ class Snapshot:
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     plan: dict[str, Any] | None = None
     leader: str | None = None
-    running: dict[str, str] = field(default_factory=dict)  # VM -> host whose agent runs it
+    running: dict[str, str] = field(default_factory=dict)  # VM -> host whose pool agent runs it
     hostkeys: dict[str, str] = field(default_factory=dict)  # host -> its public key (z85)
 
 

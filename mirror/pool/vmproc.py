@@ -4,7 +4,7 @@
 
 It appends ``start VM HOST PID TIME`` to LOG (one write, O_APPEND), then
 sleeps until SIGTERM, when it appends ``stop ...``.  It dies with the host
-agent's process group.
+the pool agent's process group.
 """
 
 from __future__ import annotations

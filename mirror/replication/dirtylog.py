@@ -65,7 +65,7 @@ def probe() -> str | None:
     if feats < 0:
         if feats in (-errno.EPERM, -errno.EACCES):
             return (
-                f"userfaultfd refused ({_err(feats)}): run the agent as root, or set "
+                f"userfaultfd refused ({_err(feats)}): run mirror as root, or set "
                 f"vm.unprivileged_userfaultfd=1"
             )
         return f"no userfaultfd ({_err(feats)}): {_KERNEL}"
@@ -159,7 +159,7 @@ class DirtyLog:
                 self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise DirtyLogError(
-                    f"cannot open /proc/{self.pid}/pagemap: {e.strerror} (the agent needs "
+                    f"cannot open /proc/{self.pid}/pagemap: {e.strerror} (the role needs "
                     f"ptrace read rights on the guest's process: root or the same uid)"
                 ) from e
             self._walk(protect=True)  # the first scan protects every page: the log starts

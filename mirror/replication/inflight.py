@@ -42,7 +42,7 @@ PS = pd.PAGE_SIZE
 
 
 def event(name: str, **fields: Any) -> None:
-    """A structured event (the agent's format: one JSON object on one log line)."""
+    """A structured event (the roles' format: one JSON object on one log line)."""
     log.warning("%s", json.dumps({"event": name, **fields}, default=str))
 
 
@@ -73,7 +73,7 @@ class CheckpointRecord:
 @dataclass
 class Stats:
     """Counts since the start, and the recent checkpoints for percentiles and rates:
-    an agent runs for months, and its status is summarised every half second."""
+    a role runs for months, and its status is summarised every half second."""
 
     started: float = field(default_factory=time.monotonic)
     precopy_s: float = 0.0

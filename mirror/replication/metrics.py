@@ -1,9 +1,9 @@
-"""Every Prometheus metric an agent exports, defined here and nowhere else.
+"""Every Prometheus metric a role exports, defined here and nowhere else.
 
-One agent process is one node of one pair, so every series carries the labels
+One role process is one node of one pair, so every series carries the labels
 ``pair`` and ``node`` (``Metrics.of(pair, node)`` binds them).  Names follow
 Prometheus' conventions: base units in the name (``_seconds``, ``_bytes``),
-``_total`` on counters.  The agent serves them over HTTP when ``[metrics] listen``
+``_total`` on counters.  The role serves them over HTTP when ``[metrics] listen``
 is set (:func:`serve`); deploy/prometheus/mirror-rules.yml alerts on them.  A role the
 host agent runs hands them to it on a unix socket instead (``[metrics] socket``:
 :func:`serve_socket`, :func:`scrape_socket`); the host agent serves every pair's on one
@@ -50,8 +50,8 @@ _PAGE_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 _BYTE_BUCKETS = tuple(float(b * 4096) for b in _PAGE_BUCKETS)
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 PHASES = ("stop", "scan", "gather", "state", "resume")  # the pause's split
-# the controller's states (mirror/ha/rules.py State), plus the agent's own: no
-# controller yet, or the agent stopped
+# the failover rules' states (mirror/ha/rules.py State), plus the role's own: no
+# rules yet, or the role stopped
 STATES = (
     "standby",
     "partitioned",
@@ -344,7 +344,7 @@ class _Quiet(WSGIRequestHandler):
 
 class _BoundedServer(ThreadingMixIn, WSGIServer):
     """A thread per connection, at most MAX_CONNECTIONS of them, each with a timeout:
-    idle or slow clients cannot make the agent hold threads and memory without bound."""
+    idle or slow clients cannot make the role hold threads and memory without bound."""
 
     daemon_threads = True
     block_on_close = False
@@ -409,7 +409,7 @@ def serve(host: str, port: int) -> tuple[str, int]:
 # given SOCKET_TIMEOUT_S; only root or the role's own user is answered (SO_PEERCRED).
 
 SOCKET_TIMEOUT_S = 2.0
-MAX_EXPOSITION = 8 << 20  # bytes an agent reads from one role at most
+MAX_EXPOSITION = 8 << 20  # bytes the host agent reads from one role at most
 
 
 def _trusted_peer(conn: socket.socket) -> bool:

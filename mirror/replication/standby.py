@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.config import KeysConfig, LinkConfig
-from mirror.hoststate import agent_record, private_dir, write_atomic, write_json
+from mirror.hoststate import private_dir, process_record, write_atomic, write_json
 from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
 from mirror.replication.disk import DiskError, ReplicatedDisk, session_key
@@ -123,7 +123,7 @@ class Standby:
         self._status_at = 0.0
         self.last_ack_at = 0.0  # monotonic time of the last ack sent
         self.handover = False  # the primary handed over (planned switchover)
-        self.extra_status: Callable[[], dict[str, Any]] = dict  # the agent adds its part
+        self.extra_status: Callable[[], dict[str, Any]] = dict  # the role adds its part
         self.link: Link | None = None
         self.bind_wait = 10.0  # seconds serve() waits for ports in use (see serve)
         self.metrics = Metrics.of(pair, node)
@@ -359,7 +359,7 @@ class Standby:
             "failed_handshakes": (
                 self.link.guard.failed_handshakes if self.link and self.link.guard else 0
             ),
-            **agent_record(),
+            **process_record(),
             "metrics": served(),
             "heartbeat_age_s": peer.age() if peer else None,
             "last_outputs": [[s, p.decode(errors="replace")] for _, s, p in self.outputs_tail[-5:]],

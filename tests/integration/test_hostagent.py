@@ -294,7 +294,7 @@ def test_cli_without_an_agent(tmp_path: Path) -> None:
     cfg.write_text(f'[agent]\nnode = "h"\nstate_dir = "{tmp_path / "s"}"\n')
     r = mirror("list", "--agent-config", str(cfg))
     assert r.returncode == 2
-    assert "no agent runs in" in r.stderr and "mirror agent" in r.stderr
+    assert "no daemon runs in" in r.stderr and "mirror agent" in r.stderr
     r = mirror("list", "--agent-config", str(tmp_path / "none.toml"))
     assert r.returncode == 2 and "cannot read the agent configuration" in r.stderr
     cfg.write_text('[agent]\nnode = "h"\nport = 7615\n')

@@ -100,7 +100,7 @@ def test_two_agents_cannot_share_a_state_directory(pair: Pair, tmp_path: Path) -
     path.write_text(config_mod.to_toml(cfg))
     run = mirror("secondary", "--config", str(path))
     one_line_error(
-        run, f"another mirror agent (pid {b.proc.pid}) uses the state directory {cfg.state_dir}"
+        run, f"another mirror daemon (pid {b.proc.pid}) uses the state directory {cfg.state_dir}"
     )
     assert b.proc.poll() is None and (b.status() or {}).get("role") == "secondary"
     assert not shm_files(cfg.pair.name)
@@ -165,7 +165,7 @@ def test_a_stale_status_file_never_signals_its_pid(tmp_path: Path, pair_name: st
             {"role": "secondary", "committed": 9, "primary": None, "pid": victim.pid},
         )
         run = mirror("failover", "--config", str(cfg), "--force")
-        one_line_error(run, f"no agent runs in {state}", "no control socket")
+        one_line_error(run, f"no daemon runs in {state}", "no control socket")
 
         dead = socket.socket(socket.AF_UNIX)  # a socket file left by an agent that is gone
         dead.bind(str(state / "control.sock"))
@@ -180,7 +180,7 @@ def test_a_stale_status_file_never_signals_its_pid(tmp_path: Path, pair_name: st
         (state / "control.sock").unlink()
         (state / "control.sock").write_text("not a socket")
         run = mirror("failover", "--config", str(cfg), "--force")
-        one_line_error(run, "is not an agent's control socket")
+        one_line_error(run, "is not a daemon's control socket")
         time.sleep(0.2)
         assert victim.poll() is None, "an unrelated process was signalled"
         with open(f"/proc/{victim.pid}/status") as f:
@@ -233,8 +233,8 @@ def test_bad_files_and_state_are_one_line(tmp_path: Path, pair_name: str) -> Non
     state.mkdir()
     for junk in (b"\xff{garbage", b"[]", b'{"role": "secondary", "committed": 3, "pid": "12ab"}'):
         (state / "status.json").write_bytes(junk)
-        one_line_error(mirror("failover", "--config", str(cfg)), "no agent runs in")
-        one_line_error(mirror("switchover", "--config", str(cfg)), "no agent runs in")
+        one_line_error(mirror("failover", "--config", str(cfg)), "no daemon runs in")
+        one_line_error(mirror("switchover", "--config", str(cfg)), "no daemon runs in")
     # a state directory that is a file; a lock file planted as a symlink
     bad = tmp_path / "file-state"
     bad.write_text("x")

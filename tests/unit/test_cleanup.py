@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mirror.config import Config, NodeConfig, PairConfig
 from mirror.ha.cleanup import clean_start, leftovers
-from mirror.hoststate import agent_record, process_identity, running
+from mirror.hoststate import process_identity, process_record, running
 
 
 def dead_pid() -> int:
@@ -84,7 +84,7 @@ def test_a_live_agent_keeps_its_sockets_and_image(tmp_path: Path) -> None:
     state = tmp_path / "state"
     (state / "qemu").mkdir(parents=True)
     cfg = replace(Config(), node=NodeConfig(name="n", state_dir=str(state)))
-    write_json(state / "status.json", agent_record())  # this process: a live agent
+    write_json(state / "status.json", process_record())  # this process: a live agent
     (state / "qemu" / "net.sock").write_text("")
     img = shm / f"mirror-{cfg.pair.name}-n-standby.img"
     img.write_bytes(b"\0" * 4096)
@@ -97,7 +97,7 @@ def test_a_live_agent_keeps_its_sockets_and_image(tmp_path: Path) -> None:
 
 
 def test_running_is_robust_against_pid_reuse() -> None:
-    me = agent_record()
+    me = process_record()
     assert running(me)
     time.sleep(0.05)  # start times count in 10 ms ticks: a reused pid starts later
     other = subprocess.Popen(["sleep", "60"])  # alive, with a pid a report could name
