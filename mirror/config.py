@@ -388,7 +388,8 @@ def to_toml(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class AgentSection:
-    """The host agent (`mirror agent`): who it is, where it keeps its pairs, where peers reach it."""
+    """The host agent (`mirror agent`): who it is, where it keeps its pairs, where peers
+    reach it."""
 
     node: str = field(default="host", metadata={**_range(1, 64), **_FILENAME})
     state_dir: str = "/var/lib/mirror/agent"  # control.sock, agent.lock, pairs/PAIR/

@@ -95,7 +95,7 @@ _own: dict[int, str | None] = {}
 
 
 def process_record() -> dict[str, Any]:
-    """What a role's or host agent's status says about the process that wrote it (for :func:`running`)
+    """What a daemon's status says about the process that wrote it (for :func:`running`)
     and when (wall clock, for the age of a dead process's last report)."""
     pid = os.getpid()
     if pid not in _own:

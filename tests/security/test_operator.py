@@ -171,11 +171,11 @@ def test_a_stale_status_file_never_signals_its_pid(tmp_path: Path, pair_name: st
         dead.bind(str(state / "control.sock"))
         dead.close()
         run = mirror("failover", "--config", str(cfg), "--force")
-        one_line_error(run, "left from an agent that is gone")
+        one_line_error(run, "left from a daemon that is gone")
         write_json(state / "status.json", {"role": "primary", "phase": "protected",
                                            "pid": victim.pid})  # fmt: skip
         run = mirror("switchover", "--config", str(cfg))
-        one_line_error(run, "left from an agent that is gone")
+        one_line_error(run, "left from a daemon that is gone")
 
         (state / "control.sock").unlink()
         (state / "control.sock").write_text("not a socket")
