@@ -72,12 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parsers(sub)  # image, demo
     pool.add_parser(sub)
     host.add_parsers(sub)  # agent, pair, unpair, list
-    p = sub.add_parser("completion", help="print a bash completion script "
-                       "(source <(mirror completion bash))")
-    p.add_argument("shell", choices=["bash"])
+    sub.add_parser("completion", help="print a bash completion script "
+                   "(source <(mirror completion bash))").add_argument("shell", choices=["bash"])
     sub.add_parser("man", help="print the manual page (roff: mirror man | man -l -)")
-    for p in commands(ap):
-        _anywhere(p)
+    for cmd in commands(ap):
+        _anywhere(cmd)
     return ap
 
 
@@ -152,7 +151,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "man":
         from mirror.cli import manual
 
-        print(manual.manpage(build_parser()), end="")
+        print(manual.manpage(build_parser(), version()), end="")
         return output.OK
     if cmd in host.HOST_COMMANDS:
         return host.run(args)

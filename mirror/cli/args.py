@@ -6,7 +6,6 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-
 N = TypeVar("N", int, float)
 
 # mirror.config.DEFAULT_AGENT_CONFIG (a unit test checks they agree): not imported here,

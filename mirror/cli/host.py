@@ -113,8 +113,8 @@ def list_pairs(args: argparse.Namespace) -> int:
 
 
 def run_agent(path: str) -> int:
-    from mirror.ha.hostagent import HostAgent
     from mirror.config import load_agent, require_arbiter
+    from mirror.ha.hostagent import HostAgent
     from mirror.ha.role import stop_on_signals
 
     cfg = load_agent(path)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mirror.cli import output
 from mirror.cli.args import DEFAULT_AGENT_CONFIG

@@ -120,5 +120,5 @@ class JsonErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if self._json:
-            json_outcome(message, ERROR, usage=self.format_usage().strip())
+            json_outcome(message, ERROR, usage=" ".join(self.format_usage().split()))
         super().error(message)
