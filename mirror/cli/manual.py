@@ -1,6 +1,7 @@
 """`mirror completion bash` and `mirror man`: a bash completion script and the manual
 page (roff), both generated from the parsers, so they name every command and option as
-the command line takes them (docs/mirror.1 is `mirror man`'s output; a test keeps it so).
+the command line takes them, from the code installed (no copy to go stale:
+`mirror man | man -l -`, or `mirror man > /usr/local/share/man/man1/mirror.1`).
 """
 
 from __future__ import annotations
