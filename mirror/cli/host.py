@@ -228,9 +228,9 @@ def role_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def show_pair(st: dict[str, Any], as_json: bool) -> int:
     """`mirror status DOMAIN`: what the agent reports of the pair's role; exit 3
     (NOT_RUNNING) when its role does not run."""
-    if as_json:
+    if as_json:  # the same exit code as the words
         output.print_json(st)
-        return output.OK
+        return output.OK if st.get("running") else output.NOT_RUNNING
     for k in ("pair", "kind", "role", "peer", "generation", "state", "phase", "protection",
               "epoch", "acked", "committed", "waiting", "role_pid"):
         print(f"{k:>12}: {st.get(k)}")

@@ -129,6 +129,9 @@ def test_errors_are_json_under_json(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert err == f"mirror: error: {obj['error']}\n"
     rc, out, err = _run(capsys, "status", "--config", str(tmp_path / "none.toml"))
     assert rc == 2 and out == "" and err.startswith("mirror: error: cannot read config")
+    assert _exit(["pool", "--json", "--bogusflag"]) == 2  # before the pool command too
+    out = capsys.readouterr()
+    assert json.loads(out.out)["exit"] == 2 and "error:" in out.err
 
 
 def test_internal_error_and_interrupt_under_json(
