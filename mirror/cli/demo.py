@@ -184,19 +184,16 @@ def run(args: argparse.Namespace) -> int:
     return output.FAILED
 
 
-def run_qemu(args: argparse.Namespace) -> int:
-    """`mirror demo --guest qemu|libvirt`."""
+def qemu_base(args: argparse.Namespace, default: Config) -> Config:
+    """The qemu and libvirt demos' configuration: ``--config``'s (else ``default``, the
+    demo's own: 128 MiB), with the options given over it (``--ram-mib`` over its
+    ``[guest] ram_mib``)."""
     from dataclasses import replace
 
     from mirror.config import load
-    from mirror.lab import libvirtdemo, qemudemo
 
-    libvirt = args.guest == "libvirt"
-    default = libvirtdemo.default_base() if libvirt else qemudemo.default_base()
-    # --config's [guest] ram_mib stands unless --ram-mib is given; without --config the
-    # demo's default (128)
     base = load(args.config) if args.config else default
-    base = replace(
+    return replace(
         base,
         guest=replace(base.guest, ram_mib=args.ram_mib or base.guest.ram_mib),
         checkpoint=replace(
@@ -205,6 +202,14 @@ def run_qemu(args: argparse.Namespace) -> int:
             scan=args.scan or base.checkpoint.scan,
         ),
     )
+
+
+def run_qemu(args: argparse.Namespace) -> int:
+    """`mirror demo --guest qemu|libvirt`."""
+    from mirror.lab import libvirtdemo, qemudemo
+
+    libvirt = args.guest == "libvirt"
+    base = qemu_base(args, libvirtdemo.default_base() if libvirt else qemudemo.default_base())
     r = qemudemo.run(
         base,
         guest=libvirtdemo.LibvirtDemoGuest() if libvirt else None,

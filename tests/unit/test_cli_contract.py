@@ -176,6 +176,24 @@ def test_demo_options_not_given_are_none() -> None:
     assert ap.parse_args(["demo"]).ram_mib is None
 
 
+def test_the_qemu_demo_takes_ram_mib_from_config(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mirror.cli.demo import qemu_base
+    from mirror.config import Config
+
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text("[guest]\nram_mib = 96\n[checkpoint]\nepoch_ms = 40\n")
+    default = replace(Config(), guest=replace(Config().guest, ram_mib=128))
+    ap = build_parser()
+    given = qemu_base(ap.parse_args(["demo", "--guest", "qemu", "--config", str(cfg)]), default)
+    assert given.guest.ram_mib == 96 and given.checkpoint.epoch_ms == 40
+    over = qemu_base(ap.parse_args(["demo", "--guest", "qemu", "--config", str(cfg),
+                                    "--ram-mib", "64"]), default)
+    assert over.guest.ram_mib == 64
+    assert qemu_base(ap.parse_args(["demo", "--guest", "qemu"]), default).guest.ram_mib == 128
+
+
 def test_keygen_prints_absolute_paths_that_work_from_anywhere(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
