@@ -7,6 +7,7 @@ host     the host agent: agent, pair, unpair, list; status|failover|switchover D
 keys     keygen, keys reload
 demo     demo, image (the demos, mirror/lab, are imported by these only)
 pool     pool ... (etcd, the planner: imported by these only)
+manual   completion bash, man: generated from the parsers
 args     the shared options and the one number check
 output   the output contract: exit codes, --json, the one-line errors
 """

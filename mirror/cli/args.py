@@ -6,9 +6,11 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-from mirror.config import DEFAULT_AGENT_CONFIG
-
 N = TypeVar("N", int, float)
+
+# mirror.config.DEFAULT_AGENT_CONFIG (a unit test checks they agree): not imported here,
+# so that `mirror --help` needs no configuration code
+DEFAULT_AGENT_CONFIG = "/etc/mirror/agent.toml"
 
 LOG_JSON_HELP = (
     "log one JSON object per line (time, level, logger, and an event's fields or "

@@ -5,26 +5,39 @@ are imported by these commands only."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.cli import output
 from mirror.cli.args import json_flag, within
-from mirror.config import Config, load, parse_hostport
-from mirror.guests import image
+
+if TYPE_CHECKING:  # imported by the commands: not by `mirror --help`
+    from mirror.config import Config
+
+# mirror.guests.image.DEFAULT_DIR, in words (resolved when a command runs)
+IMAGE_DIR_HELP = ("default $MIRROR_IMAGE_DIR, else /var/cache/mirror/guest as root, "
+                  "~/.cache/mirror/guest otherwise")
+
+
+def _image_dir(given: str | None) -> Path:
+    from mirror.guests import image
+
+    return Path(given) if given else image.DEFAULT_DIR
 
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("image", help="the demo guest's kernel and initramfs")
     p.add_argument("action", choices=["build"], help="build (or rebuild) the guest image")
-    p.add_argument(
-        "--dir",
-        default=str(image.DEFAULT_DIR),
-        help=f"where to put it (default {image.DEFAULT_DIR}, or $MIRROR_IMAGE_DIR)",
-    )
+    p.add_argument("--dir", help=f"where to put it ({IMAGE_DIR_HELP})")
 
-    p = sub.add_parser("demo", help="a primary and a secondary on this machine, then a summary")
+    p = sub.add_parser(
+        "demo", help="a primary and a secondary on this machine, then a summary",
+        description="A primary and a secondary on this machine, then a summary. Exit 0: "
+        "the demo held (synthetic: the observer saw no gap, no duplicate and one source at "
+        "a time, and with --kill-after the secondary promoted; qemu, libvirt: the client's "
+        "TCP connection survived the kill); 1: it did not (the summary says what); 2: an "
+        "error.")
     p.add_argument(
         "--guest",
         choices=["synthetic", "qemu", "libvirt"],
@@ -38,7 +51,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--ram-mib",
         type=within(int, 1, 1 << 20),
-        help="guest RAM (default 256; 128 for --guest qemu)",
+        help="guest RAM (default: --config's [guest] ram_mib, else 256; 128 for --guest "
+        "qemu|libvirt)",
     )
     p.add_argument(
         "--dirty-rate",
@@ -85,20 +99,24 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--run-on",
         type=within(float, 0, 1e6),
-        default=3.0,
         metavar="S",
-        help="with --kill-after: seconds the promoted guest runs before the end (default 3)",
+        help="with --kill-after: seconds the promoted guest runs before the end (default 3; "
+        "5 for --guest qemu|libvirt)",
     )
     p.add_argument(
         "--image-dir",
-        default=str(image.DEFAULT_DIR),
-        help="--guest qemu: the guest image (built there first if missing)",
+        help=f"--guest qemu|libvirt: the guest image, built there first if missing "
+        f"({IMAGE_DIR_HELP})",
     )
     json_flag(p, "print the summary as JSON")
     p.add_argument("--keep", action="store_true", help="keep the hosts' files (logs, stats)")
 
 
 def demo_config(args: argparse.Namespace) -> Config:
+    from dataclasses import replace
+
+    from mirror.config import Config, load
+
     base = load(args.config) if args.config else Config()
     g = base.guest
     guest = replace(
@@ -117,15 +135,34 @@ def demo_config(args: argparse.Namespace) -> Config:
 
 
 def build_image(args: argparse.Namespace) -> int:
-    image.build(Path(args.dir))
+    from mirror.guests import image
+
+    image.build(_image_dir(args.dir))
     return output.OK
 
 
+def held(result: dict[str, Any], kill_after: float | None) -> str | None:
+    """Why the synthetic demo did not hold (None: it did): its observer saw outputs
+    lost, repeated or from two sources at once, or a killed primary was not followed by
+    a promotion."""
+    why = []
+    if result.get("observer_gaps"):
+        why.append(f"{result['observer_gaps']} outputs lost (gaps)")
+    if result.get("observer_duplicates"):
+        why.append(f"{result['observer_duplicates']} outputs repeated")
+    if result.get("observer_interleaved"):
+        why.append("outputs from two sources interleaved")
+    if kill_after is not None and "failover_ms" not in result:
+        why.append("the secondary did not promote after the kill")
+    return "; ".join(why) or None
+
+
 def run(args: argparse.Namespace) -> int:
-    """`mirror demo`: 0 done (--guest qemu|libvirt: the client's connection survived,
-    else 1)."""
+    """`mirror demo`: 0 the demo held, 1 it did not (synthetic: see `held`; qemu,
+    libvirt: the client's connection did not survive)."""
     if args.guest in ("qemu", "libvirt"):
         return run_qemu(args)
+    from mirror.config import parse_hostport
     from mirror.lab import demo
 
     if args.observer:
@@ -137,10 +174,34 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         quiet=args.json,
         kill_after=args.kill_after,
-        run_on=args.run_on,
+        run_on=3.0 if args.run_on is None else args.run_on,
     )
     (demo.dump_json if args.json else demo.print_summary)(result)
-    return output.OK
+    why = held(result, args.kill_after)
+    if why is None:
+        return output.OK
+    print(f"mirror: the demo did not hold: {why}", file=sys.stderr)
+    return output.FAILED
+
+
+def qemu_base(args: argparse.Namespace, default: Config) -> Config:
+    """The qemu and libvirt demos' configuration: ``--config``'s (else ``default``, the
+    demo's own: 128 MiB), with the options given over it (``--ram-mib`` over its
+    ``[guest] ram_mib``)."""
+    from dataclasses import replace
+
+    from mirror.config import load
+
+    base = load(args.config) if args.config else default
+    return replace(
+        base,
+        guest=replace(base.guest, ram_mib=args.ram_mib or base.guest.ram_mib),
+        checkpoint=replace(
+            base.checkpoint,
+            epoch_ms=args.epoch_ms or base.checkpoint.epoch_ms,
+            scan=args.scan or base.checkpoint.scan,
+        ),
+    )
 
 
 def run_qemu(args: argparse.Namespace) -> int:
@@ -148,23 +209,13 @@ def run_qemu(args: argparse.Namespace) -> int:
     from mirror.lab import libvirtdemo, qemudemo
 
     libvirt = args.guest == "libvirt"
-    default = libvirtdemo.default_base() if libvirt else qemudemo.default_base()
-    base = load(args.config) if args.config else default
-    base = replace(
-        base,
-        guest=replace(base.guest, ram_mib=args.ram_mib or 128),
-        checkpoint=replace(
-            base.checkpoint,
-            epoch_ms=args.epoch_ms or base.checkpoint.epoch_ms,
-            scan=args.scan or base.checkpoint.scan,
-        ),
-    )
+    base = qemu_base(args, libvirtdemo.default_base() if libvirt else qemudemo.default_base())
     r = qemudemo.run(
         base,
         guest=libvirtdemo.LibvirtDemoGuest() if libvirt else None,
-        image_dir=Path(args.image_dir),
+        image_dir=_image_dir(args.image_dir),
         kill_after=args.kill_after or 5.0,
-        run_on=args.run_on if args.run_on != 3.0 else 5.0,
+        run_on=5.0 if args.run_on is None else args.run_on,
         keep=args.keep,
         quiet=args.json,
     )

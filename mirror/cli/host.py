@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mirror.cli import output
-from mirror.cli.args import agent_config, json_flag, within
-from mirror.config import DEFAULT_AGENT_CONFIG, AgentConfig, load_agent, require_arbiter
-from mirror.ha import control
+from mirror.cli.args import DEFAULT_AGENT_CONFIG, agent_config, json_flag, within
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported by the commands: not by `mirror --help`
+    from mirror.config import AgentConfig
     from mirror.guests import domaincheck
 
 HOST_COMMANDS = ("agent", "pair", "unpair", "list")
@@ -70,12 +69,16 @@ def add_parsers(sub: Any) -> None:
 
 
 def agent_dir(path: str) -> Path:
+    from mirror.config import load_agent
+
     return load_agent(path).state_dir
 
 
 def ask(args: argparse.Namespace, op: str, fields: dict[str, Any] | None = None,
         timeout: float = 10.0) -> dict[str, Any]:
     """Ask this host's agent (``args.agent_config``'s) over its control socket."""
+    from mirror.ha import control
+
     return control.ask(agent_dir(args.agent_config), op, timeout, fields,
                        start_with="`mirror agent` (or its systemd unit mirror-agent)")
 
@@ -110,6 +113,7 @@ def list_pairs(args: argparse.Namespace) -> int:
 
 
 def run_agent(path: str) -> int:
+    from mirror.config import load_agent, require_arbiter
     from mirror.ha.hostagent import HostAgent
     from mirror.ha.role import stop_on_signals
 
@@ -151,6 +155,8 @@ def pair(args: argparse.Namespace) -> int:
         uri = args.connect
         if uri is None:
             try:
+                from mirror.config import load_agent
+
                 cfg = load_agent(args.agent_config)
                 uri = cfg.agent.connect
             except Exception:
@@ -184,6 +190,8 @@ def pair(args: argparse.Namespace) -> int:
 
 def follow(args: argparse.Namespace, start: float) -> int:
     """Print the pairing's progress until the pair is protected (0), or fails (1)."""
+    from mirror.ha import control
+
     seen = 0
     last_phase = None
     deadline = start + args.timeout
@@ -220,9 +228,9 @@ def role_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 def show_pair(st: dict[str, Any], as_json: bool) -> int:
     """`mirror status DOMAIN`: what the agent reports of the pair's role; exit 3
     (NOT_RUNNING) when its role does not run."""
-    if as_json:
+    if as_json:  # the same exit code as the words
         output.print_json(st)
-        return output.OK
+        return output.OK if st.get("running") else output.NOT_RUNNING
     for k in ("pair", "kind", "role", "peer", "generation", "state", "phase", "protection",
               "epoch", "acked", "committed", "waiting", "role_pid"):
         print(f"{k:>12}: {st.get(k)}")

@@ -4,13 +4,15 @@ the running role, or this host's agent and every role it runs, reads its keys ag
 from __future__ import annotations
 
 import argparse
-import socket
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.cli import output
-from mirror.config import DEFAULT_AGENT_CONFIG, Config
-from mirror.ha import control
+from mirror.cli.args import DEFAULT_AGENT_CONFIG
+
+if TYPE_CHECKING:  # imported by the commands: not by `mirror --help`
+    from mirror.config import Config
 
 
 def add_parsers(sub: Any) -> None:
@@ -21,7 +23,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--dir", default="/etc/mirror", help="where to write it (default /etc/mirror)")
     p.add_argument(
         "--name",
-        default=socket.gethostname(),
+        default=os.uname().nodename,  # socket.gethostname(), without socket
         help="file name: NAME.key (public) and NAME.key_secret (mode 0600); default: "
         "this host's name",
     )
@@ -42,7 +44,8 @@ def add_parsers(sub: Any) -> None:
 def keygen(args: argparse.Namespace) -> int:
     from mirror.replication import keys  # zmq
 
-    pub, sec, key = keys.generate(Path(args.dir), args.name)
+    # absolute paths: a role's configuration reads [keys] secret_key from wherever it runs
+    pub, sec, key = keys.generate(Path(args.dir).absolute(), args.name)
     print(f"secret key: {sec} (mode 0600; keep it on this host)")
     print(f"public key: {pub}")
     print(f"public key (z85): {key.decode()}")
@@ -56,7 +59,7 @@ AGENT_RELOAD_WAIT_S = 120.0  # `mirror keys reload` through the agent: every rol
 
 def reload_keys(cfg: Config) -> int:
     """`mirror keys reload --config F`: the running role reads its keys again."""
-    from mirror.ha import rekey  # zmq
+    from mirror.ha import control, rekey  # zmq
 
     return print_reload(control.ask(cfg.state_dir, "reload-keys", timeout=rekey.APPLY_WAIT_S + 5))
 

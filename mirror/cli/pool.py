@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -34,20 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from mirror.cli import output
 from mirror.cli.args import within
-from mirror.config import ConfigError, parse_hostport
-from mirror.pool.model import (
-    PAIR_PORTS_FROM,
-    PREFIX,
-    PRIORITIES,
-    PairSpec,
-    Pool,
-    PoolError,
-    pair_name,
-)
+from mirror.pool import PAIR_PORTS_FROM, PREFIX, PRIORITIES
 
 if TYPE_CHECKING:  # the commands import them (etcd3gw, numpy): not `mirror pool --help`
     from mirror.pool import admission
     from mirror.pool.analysis import Analysis
+    from mirror.pool.model import PairSpec, Pool
     from mirror.pool.store import Snapshot, Store
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -128,7 +119,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ttl", type=within(int, 1, 600), default=3, metavar="S",
                    help="lease TTL: the host is dead S seconds after its agent stops (default 3)")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
-                   help="where the VM stand-ins log their starts and stops (vms.log)")
+                   help="this agent's directory: its interconnect key pair (keys/), its "
+                   "pairs' roles (pairs/) and the VM stand-ins' starts and stops (vms.log); "
+                   "default /var/lib/mirror/pool-HOST as root, else "
+                   "$XDG_STATE_HOME/mirror/pool-HOST")
     p.add_argument("--mem", type=within(int, 1, 1 << 30), metavar="MIB",
                    help="add the host with this memory if the pool does not know it")
     p.add_argument("--vcpus", type=within(int, 1, 1 << 16), metavar="N")
@@ -139,14 +133,18 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mirror.config import ConfigError
     from mirror.ha.etcd import Etcd, EtcdError
     from mirror.pool import admission
+    from mirror.pool.model import PoolError
     from mirror.pool.store import Conflict, Store
 
     try:
         store = Store(Etcd(args.etcd), args.prefix)
         cmd = args.pool_command
         if cmd == "agent":
+            import logging
+
             from mirror.pool.poolagent import PoolAgent, stop_event
 
             logging.getLogger("mirror.pool").setLevel(logging.INFO)
@@ -160,10 +158,10 @@ def run(args: argparse.Namespace) -> int:
         return change(store, args)
     except admission.Refused as r:
         if args.json:
-            print(json.dumps({"refused": str(r), "exit": output.FAILED, "analysis": None
-                              if r.analysis is None else r.analysis.to_json(False)}))
+            output.json_outcome(r, output.FAILED, refused=str(r), analysis=None
+                                if r.analysis is None else r.analysis.to_json(False))
         return output.fail(str(r), prog="mirror pool")
-    except (PoolError, EtcdError, Conflict) as e:
+    except (PoolError, EtcdError, Conflict, ConfigError, OSError) as e:
         return output.error(e, prog="mirror pool", as_json=args.json)
     except BrokenPipeError:  # `| head`
         sys.stderr.close()
@@ -172,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
     from mirror.pool import admission
+    from mirror.pool.model import PoolError
 
     kw: dict[str, Any] = {"keep": "single"}
     cmd = args.pool_command
@@ -203,7 +202,9 @@ def _op(args: argparse.Namespace) -> Callable[[Pool], admission.Outcome]:
 
 def _add_pair(pool: Pool, args: argparse.Namespace, **kw: Any) -> admission.Outcome:
     """`vm add --observer`: a mirrored VM that runs as a real pair (``pairs/NAME``)."""
+    from mirror.config import ConfigError, parse_hostport
     from mirror.pool import admission
+    from mirror.pool.model import PairSpec, PoolError, pair_name
 
     if args.priority != "mirrored":
         raise PoolError("--observer is only for mirrored VMs (they run as pairs)")
@@ -284,8 +285,18 @@ def _verdict(pool: Pool, a: Analysis, own: Analysis) -> dict[str, Any]:
 
 
 def _snapshot(store: Store) -> Snapshot:
+    """The pool's state; an error if nothing at all is stored under its prefix (a
+    mistyped --prefix would otherwise show an empty pool that tolerates anything)."""
+    from mirror.pool.model import PoolError
+
     snap = store.load()
-    snap.pool.check()
+    pool = snap.pool
+    if not (snap.version or snap.members or pool.hosts or pool.vms):
+        raise PoolError(
+            f"no pool under prefix {store.prefix} on etcd at {store.etcd.url} (no key "
+            f"there): is --prefix (or $MIRROR_POOL_PREFIX) right? `mirror pool host add` "
+            f"or `mirror pool config` starts a pool there")
+    pool.check()
     return snap
 
 

@@ -10,12 +10,13 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.cli import output
 from mirror.cli.args import LOG_JSON_HELP, domain_or_config, within
-from mirror.config import Config, require_arbiter
-from mirror.ha import control
+
+if TYPE_CHECKING:  # imported by the commands: not by `mirror --help`
+    from mirror.config import Config
 
 
 def add_run_parsers(sub: Any) -> None:
@@ -82,7 +83,8 @@ def add_handover_parsers(sub: Any) -> None:
 
 def run_role(cfg: Config, args: argparse.Namespace) -> int:
     """`mirror primary|secondary --config F`: until SIGTERM (or --duration)."""
-    from mirror.ha import primary, rekey, role, secondary
+    from mirror.config import require_arbiter
+    from mirror.ha import control, primary, rekey, role, secondary
 
     require_arbiter(cfg.arbiter, args.config)  # before anything starts
     stop = role.stop_on_signals()
@@ -111,6 +113,8 @@ def _wait_status(
     cfg: Config, done: Callable[[dict[str, Any]], bool], timeout: float
 ) -> dict[str, Any] | None:
     """The agent's status once ``done`` holds for it, or None after ``timeout`` s."""
+    from mirror.ha import control
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.1)
@@ -126,6 +130,8 @@ def _wait_status(
 def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
     """`mirror failover`: ask this host's secondary (through its control socket) to
     promote now."""
+    from mirror.ha import control
+
     st = control.ask(cfg.state_dir, "status")
     if st.get("role") != "secondary":
         return output.fail(
@@ -158,6 +164,8 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
 def switchover(cfg: Config, timeout: float) -> int:
     """`mirror switchover`: ask this host's primary (through its control socket) to hand
     over to its secondary."""
+    from mirror.ha import control
+
     st = control.ask(cfg.state_dir, "status")
     if st.get("role") != "primary" or st.get("phase") != "protected":
         return output.fail(

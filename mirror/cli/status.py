@@ -7,12 +7,13 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.cli import output
 from mirror.cli.args import domain_or_config, json_flag, within
-from mirror.config import Config
-from mirror.hoststate import read_json, running
+
+if TYPE_CHECKING:  # imported by the commands: not by `mirror --help`
+    from mirror.config import Config
 
 
 def add_parsers(sub: Any) -> None:
@@ -36,17 +37,22 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     return show_status(cfg, args.json)
 
 
-def _read_status(cfg: Config) -> tuple[dict[str, Any] | None, str]:
-    """The agent's last report, or None and why not."""
+def _read_status(cfg: Config) -> tuple[dict[str, Any] | None, str, int]:
+    """The role's last report, or None, why not and the exit code that says so
+    (NOT_RUNNING: no role has reported; ERROR: the report cannot be read)."""
+    from mirror.hoststate import read_json, running
+
     path = cfg.state_dir / "status.json"
     try:
         st = read_json(path)
     except FileNotFoundError:
-        return None, f"no agent has reported in {cfg.state_dir} (no {path.name})"
+        return None, (f"not running: no role has reported in {cfg.state_dir} (no "
+                      f"{path.name}; start it with `mirror primary|secondary --config F`)"
+                      ), output.NOT_RUNNING
     except (OSError, ValueError) as e:
-        return None, f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
+        return None, f"cannot read {path}: {getattr(e, 'strerror', None) or e}", output.ERROR
     if not isinstance(st, dict):
-        return None, f"{path} is not an agent's report (not a JSON object)"
+        return None, f"{path} is not a role's report (not a JSON object)", output.ERROR
     st = dict(st)
     st["running"] = running(st)
     at = st.get("reported_at")
@@ -54,7 +60,7 @@ def _read_status(cfg: Config) -> tuple[dict[str, Any] | None, str]:
         st["report_age_s"] = round(max(0.0, time.time() - float(at)), 1)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         st["report_age_s"] = round(max(0.0, time.time() - path.stat().st_mtime), 1)
-    return st, ""
+    return st, "", output.OK
 
 
 def _render(st: dict[str, Any], as_json: bool) -> str:
@@ -65,11 +71,13 @@ def _render(st: dict[str, Any], as_json: bool) -> str:
 
 
 def show_status(cfg: Config, as_json: bool) -> int:
-    """Exit 0: the agent runs; 1: no agent has reported; 3 (NOT_RUNNING): the agent
-    that last reported is not running (killed, or stopped)."""
-    st, why = _read_status(cfg)
+    """Exit 0: the role runs; 3 (NOT_RUNNING): no role has reported, or the one that
+    last reported is not running (killed, or stopped); 2: its report cannot be read."""
+    st, why, code = _read_status(cfg)
     if st is None:
-        return output.fail(why)
+        if code == output.NOT_RUNNING:
+            return output.not_running(why, as_json)
+        return output.error(why, as_json=as_json)
     print(_render(st, as_json))
     return output.OK if st["running"] else output.NOT_RUNNING
 
@@ -79,7 +87,7 @@ def watch_status(cfg: Config, as_json: bool, every: float) -> int:
     (cursor home, clear below) until interrupted."""
     try:
         while True:
-            st, why = _read_status(cfg)
+            st, why, _ = _read_status(cfg)
             text = f"mirror: {why}" if st is None else _render(st, as_json)
             stamp = time.strftime("%H:%M:%S")
             sys.stdout.write(f"\x1b[H\x1b[J{cfg.node.name} at {stamp} (every {every:g} s)\n")

@@ -16,6 +16,7 @@ put_op, delete_op, range_op, mod_is and absent), and leases.  Every failure is a
 from __future__ import annotations
 
 import base64
+import re
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -89,6 +90,18 @@ def absent(key: str) -> dict[str, Any]:
     return {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
 
 
+def _reason(e: Exception, detail: str) -> str:
+    """Why a connection failed, in a few words: the system's message (``Connection
+    refused``) out of requests' long text, a timeout, or the exception's name."""
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", detail)
+    if m:
+        return m.group(1).strip()
+    if isinstance(e, etcd3gw_errors.ConnectionTimeoutError | requests.Timeout) or \
+            "timed out" in detail.lower():
+        return "no answer in time (timed out)"
+    return detail[:200] or type(e).__name__
+
+
 class Etcd:
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         self.url = url.rstrip("/")
@@ -109,10 +122,10 @@ class Etcd:
             etcd3gw_errors.ConnectionTimeoutError,
             requests.RequestException,
         )
+        detail = (getattr(e, "detail_text", None) or str(e)).strip()
         if isinstance(e, unreachable):
-            return EtcdError(f"etcd at {self.url} is unreachable: {e}")
-        detail = getattr(e, "detail_text", None) or str(e)
-        return EtcdError(f"etcd at {self.url} refused {what}: {detail.strip()[:200]}")
+            return EtcdError(f"etcd at {self.url} is unreachable: {_reason(e, detail)}")
+        return EtcdError(f"etcd at {self.url} refused {what}: {detail[:200]}")
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` to the gateway's ``path`` (e.g. "kv/range"); its JSON answer."""

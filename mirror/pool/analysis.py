@@ -27,6 +27,12 @@ except ImportError:  # pragma: no cover - numpy is optional: the composed check 
     np = None  # type: ignore[assignment]
 
 
+BOUND_NOTE = (
+    "a proof that the pool does not tolerate more failures than 'tolerated': one larger "
+    "failure set and what finds no room after it, checked without planning moves; not a "
+    "plan the controller would carry out (`mirror pool plan --failures N` shows those)")
+
+
 @dataclass
 class Analysis:
     """What the planner proved about every failure set of size 0..k (and beyond, while its
@@ -68,8 +74,9 @@ class Analysis:
             "tolerates_any_number": self.tolerates_all,
             "up_hosts": self.up_hosts,
             "breaking": None if self.breaking is None else self.breaking.to_json(),
+            # a proof of the bound on ``tolerated``, not a plan: planned without moves
             "breaks_beyond": None if self.breaks_beyond is None
-            else self.breaks_beyond.to_json(),
+            else {"proof_only": True, "note": BOUND_NOTE, **self.breaks_beyond.to_json()},
             "checked_failure_sets": self.checked,
             "seconds": round(self.seconds, 4),
             "gave_up": self.gave_up,

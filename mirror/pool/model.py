@@ -22,8 +22,11 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-PRIORITIES = ("mirrored", "restart", "best-effort")
-PREFIX = "/mirror/pool/"  # the default pool's etcd key prefix
+# defined in mirror/pool/__init__.py (light, for `mirror pool --help`), re-exported here
+from mirror.pool import PAIR_PORTS_FROM as PAIR_PORTS_FROM
+from mirror.pool import PREFIX as PREFIX
+from mirror.pool import PRIORITIES as PRIORITIES
+
 GUARANTEED = ("mirrored", "restart")
 
 
@@ -94,7 +97,6 @@ def over(free_mb: int, free_vcpus: int) -> str:
     return " and ".join(p for p in parts if p) + " over"
 
 
-PAIR_PORTS_FROM = 7600  # where `vm add` starts allocating a pair's interconnect ports
 
 
 def pair_name(vm: str) -> str:

@@ -36,7 +36,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -73,6 +72,16 @@ log = logging.getLogger("mirror.pool.poolagent")
 
 SHM = Path("/dev/shm")
 PEER_KEY = "peer.key"  # a pair role's peer's public key, in its state_dir
+
+
+def default_root(host: str) -> Path:
+    """A pool agent's directory without ``--run-dir``: /var/lib/mirror/pool-HOST as root,
+    else $XDG_STATE_HOME/mirror/pool-HOST (~/.local/state/...): a state directory, not
+    $TMPDIR (its secret key lives there)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/mirror") / f"pool-{host}"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "mirror" / f"pool-{host}"
 
 
 @dataclass
@@ -278,10 +287,14 @@ class PoolAgent:
     # -- interconnect keys ---------------------------------------------------------------------
 
     @property
+    def root(self) -> Path:
+        """Where this agent keeps its key pair and its pairs' roles: ``--run-dir``, else a
+        state directory of this host's (never $TMPDIR: the secret key lives there)."""
+        return self.run_dir if self.run_dir is not None else default_root(self.host)
+
+    @property
     def key_dir(self) -> Path:
-        root = self.run_dir if self.run_dir is not None else \
-            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
-        return root / "keys"
+        return self.root / "keys"
 
     @property
     def secret_key(self) -> Path:
@@ -360,9 +373,7 @@ class PoolAgent:
                  "pair " + role if role != "vm" else "VM", self.host, self.procs[vm].proc.pid)
 
     def pair_dir(self, vm: str) -> Path:
-        root = self.run_dir if self.run_dir is not None else \
-            Path(tempfile.gettempdir()) / f"mirror-pool-{self.host}"
-        return root / "pairs" / vm / self.host
+        return self.root / "pairs" / vm / self.host
 
     @staticmethod
     def _promoted_here(c: Child) -> bool:

@@ -120,16 +120,21 @@ def load_secret(path: Path) -> tuple[bytes, bytes]:
         st = path.stat()
     except OSError as e:
         raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
+    public, secret = _read_cert(path, what)  # first: a public key is no secret to guard
+    if public is None or secret is None:
+        if public is not None:
+            raise ConfigError(
+                f"{what}: {path} is a public key, not the secret one: give the .key_secret "
+                f"file `mirror keygen` wrote ({path.with_suffix('.key_secret').name})"
+            )
+        raise ConfigError(
+            f"{what}: {path} holds no secret key (give the .key_secret file `mirror keygen` "
+            f"wrote, not the public .key)"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise ConfigError(
             f"{what}: {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}): "
             f"run `chmod 600 {path}` (and make new keys if others may have read it)"
-        )
-    public, secret = _read_cert(path, what)
-    if public is None or secret is None:
-        raise ConfigError(
-            f"{what}: {path} holds no secret key (give the .key_secret file `mirror keygen` "
-            f"wrote, not the public .key)"
         )
     if zmq.curve_public(secret) != public:
         raise ConfigError(f"{what}: {path}: its public key does not match its secret key")

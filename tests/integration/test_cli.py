@@ -109,8 +109,13 @@ def test_missing_config_and_bad_options(tmp_path: Path) -> None:
 def test_status_reports_what_the_agent_wrote(tmp_path: Path) -> None:
     cfg = tmp_path / "m.toml"
     cfg.write_text(f'[node]\nname = "hostB"\nstate_dir = "{tmp_path}"\n')
-    run = mirror("status", "--config", str(cfg))
-    assert run.returncode == 1 and "no agent has reported" in run.stderr
+    run = mirror("status", "--config", str(cfg))  # nothing reported: not running, exit 3
+    assert run.returncode == 3 and run.stdout == "", run
+    assert run.stderr.startswith("mirror: error: not running: no role has reported")
+    run = mirror("status", "--config", str(cfg), "--json")
+    assert run.returncode == 3 and json.loads(run.stdout) == {
+        "ok": False, "error": run.stderr.strip().removeprefix("mirror: error: "), "exit": 3,
+        "running": False}
     (tmp_path / "status.json").write_text('{"role": "secondary", "committed": 7}')
     run = mirror("status", "--config", str(cfg), "--json")  # no pid: no running agent
     assert run.returncode == 3 and json.loads(run.stdout)["committed"] == 7
@@ -121,7 +126,7 @@ def test_status_reports_what_the_agent_wrote(tmp_path: Path) -> None:
     for garbage in ("[1, 2]", "{not json", '{"pid": "x", "reported_at": "soon"}'):
         (tmp_path / "status.json").write_text(garbage)
         run = mirror("status", "--config", str(cfg))
-        assert run.returncode in (1, 3) and "Traceback" not in run.stderr, run.stderr
+        assert run.returncode in (2, 3) and "Traceback" not in run.stderr, run.stderr
 
 
 def test_a_metrics_port_in_use_is_a_clear_error(

@@ -94,7 +94,8 @@ def test_z85_text_or_file_and_the_errors(tmp_path: Path) -> None:
         shutil.rmtree(short)
     for secret, peer, match in [
         (str(sec_a), str(sec_b), "is a SECRET key file"),
-        (str(pub_a), key_b.decode(), "readable by others"),  # a public key file is 0644
+        # a public key file (0644) given as the secret: said so, not "chmod 600" (issue 24)
+        (str(pub_a), key_b.decode(), "is a public key, not the secret one"),
         (str(sec_a), key_a.decode(), "this host's own public key"),
         (str(sec_a), "short", "neither a 40-character z85 public key nor a key file"),
         (str(tmp_path / "nope"), key_b.decode(), "cannot read"),

@@ -181,7 +181,7 @@ def test_cli_changes_status_plan_and_refusals(
     assert json.dumps(Store(etcd).load().pool.to_json()) == before  # nothing committed
     dead = f"http://127.0.0.1:{_closed_port()}"
     rc, _, err = _cli(capsys, dead, "status")
-    assert rc == 2 and f"etcd at {dead} is unreachable" in err
+    assert rc == 2 and f"etcd at {dead} is unreachable: Connection refused" in err
 
     rc, out, _ = _cli(capsys, url, "status", "--json")
     st = json.loads(out)
@@ -270,7 +270,14 @@ def test_cli_exit_codes_json_for_every_outcome_and_definitions(
     etcd: Etcd, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = ["--etcd", etcd.url]
-    # an empty pool tolerates any number of failures: nothing needs a host
+    # nothing under the prefix (a mistyped --prefix): no pool there, an error
+    rc, st, err = _j(capsys, "status", *url)
+    assert rc == 2 and st["ok"] is False and "no pool under prefix /mirror/pool/" in st["error"]
+    assert "is --prefix (or $MIRROR_POOL_PREFIX) right?" in err
+    rc, st, _ = _j(capsys, "plan", "--prefix", "/mirror/pol/", *url)
+    assert rc == 2 and "no pool under prefix /mirror/pol/" in st["error"]
+    # a pool with no host tolerates any number of failures: nothing needs a host
+    assert main(["pool", "config", "--failures", "1", *url]) == 0
     rc, st, _ = _j(capsys, "status", *url)
     assert rc == 0 and not st["overcommitted"] and st["survives"] and st["breaking"] is None
     assert st["tolerates_any_number"]
@@ -311,7 +318,7 @@ def test_cli_exit_codes_json_for_every_outcome_and_definitions(
     assert rc == 1 and "failed-over VMs never preempt it" in out["refused"], out
     # errors exit 2, with JSON on stdout too: bad input, unknown names, argparse's own
     rc, out, _ = _j(capsys, "vm", "resize", "nope", "--mem", "1", *url)
-    assert rc == 2 and out == {"error": "unknown VM 'nope'", "exit": 2}
+    assert rc == 2 and out == {"ok": False, "error": "unknown VM 'nope'", "exit": 2}
     with pytest.raises(SystemExit) as e:
         main(["pool", "vm", "add", "x", "--mem", "lots", "--priority", "restart", "--json",
               *url])
@@ -329,6 +336,7 @@ def test_cli_exit_codes_json_for_every_outcome_and_definitions(
         assert st[key] == pl[key], key
     assert st["survives"] and st["breaking"] is None and not st["overcommitted"]
     assert st["breaks_beyond"] is not None and len(st["breaks_beyond"]["failed"]) == 2
+    assert st["breaks_beyond"]["proof_only"] and "not a plan" in st["breaks_beyond"]["note"]
     rc, pl2, _ = _j(capsys, "plan", "--failures", "2", *url)
     assert not pl2["survives"] and pl2["breaking"] is not None and not pl2["overcommitted"]
     # beyond what it tolerates: a and b fail: web's standby on c survived: it runs there
