@@ -1,7 +1,8 @@
 """A libvirt domain with its NICs as operators define them (``<interface type='bridge'>``),
 mirrored between two simulated hosts (a libvirtd and a `mirror agent` each): its frames
 are held by the gate on its tap (mirror/replication/nicgate.py), its XML is never changed,
-a client's TCP connection survives the kill of host A, and `mirror unpair` on B after
+libvirtd restarts on both hosts leave the gates in place, a client's TCP connection
+survives the kill of host A, and `mirror unpair` on B after
 the failover leaves the guest reachable, its definition as the operator gave it and no
 gate on its tap."""
 
@@ -90,6 +91,17 @@ def test_bridged_nics_pair_survive_a_host_kill_and_unpair_on_b_gives_them_back(
         n = len(qemudemo.client_events(log))
         wait_for("the client reading", lambda: len(qemudemo.client_events(log)) > n + 5, 30,
                  hosts)  # fmt: skip
+
+        # libvirtd restarts on both hosts: the gates stay, the checkpoints go on
+        for h in ("A", "B"):
+            guest.hosts[h].restart_libvirtd()
+            tap_h = tap_a if h == "A" else tap_b
+            assert all(gated(lan, h, t) for t in tap_h), f"{h}'s libvirtd restart kept the gate"
+            acked = (a.status() or {}).get("acked", 0)
+            wait_for(f"checkpoints after {h}'s libvirtd restart",
+                     lambda acked=acked: (a.status() or {}).get("acked", 0) > acked + 10,
+                     30, hosts)  # fmt: skip
+        assert (a.status() or {}).get("phase") == "protected"
 
         guest.kill_a(a)
         a.proc.wait()
