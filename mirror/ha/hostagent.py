@@ -40,7 +40,7 @@ from typing import Any
 from mirror.config import AgentConfig, Config, ConfigError, load_agent, to_toml
 from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import LibvirtError
-from mirror.ha import claims, control, pairdef, peerlink
+from mirror.ha import claims, cleanup, control, pairdef, peerlink
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.pairdef import AgentError, PairDef, arbiter_config, check_name
 from mirror.ha.pairing import Pairing
@@ -409,6 +409,11 @@ class HostAgent:
                 elif d.state == "active":
                     self.adopt(d)
             self.server = self._serve_peers()
+            # gates a dead run left on domains no longer paired (their own pairs' are
+            # taken over by their next run): in the background, libvirt may be slow
+            threading.Thread(target=cleanup.ungate_unpaired, daemon=True, name="ungate",
+                             args=(self.cfg.agent.connect,
+                                   [d.domain for d in self.defs.values()])).start()
         except BaseException:
             self.close()
             raise

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mirror.config import ConfigError
 from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import Domains, LibvirtError
-from mirror.ha import control, peerlink
+from mirror.ha import cleanup, control, peerlink
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.claims import Claims
 from mirror.ha.pairdef import (
@@ -158,6 +158,8 @@ class Pairing:
                 if marked:
                     with contextlib.suppress(LibvirtError), Domains(d.connect) as lv:
                         lv.restore(d.domain, xml, d.autostart)
+                if d.kind == "libvirt":  # a primary killed while holding: its NICs free
+                    cleanup.ungate(d.connect, d.domain)
                 d.state = f"failed: {why}"
                 d.progress.append(f"failed: {why}")
                 agent.defs.pop(d.pair, None)
@@ -218,6 +220,8 @@ class Pairing:
             except PeerError as e:
                 done.append(f"NOT dropped on {d.peer}: {e}; run `mirror unpair {d.pair} "
                             f"--force` there")
+            if d.kind == "libvirt" and cleanup.ungate(d.connect, d.domain):
+                done.append(f"removed the gate a dead run left on {d.domain}'s NICs")
             original = agent.pair_dir(d.pair) / "original.xml"
             if d.kind == "libvirt" and original.exists():
                 with Domains(d.connect) as lv:
@@ -243,6 +247,8 @@ class Pairing:
                     lv.restore(d.domain, original.read_text(), d.autostart)
             except LibvirtError as e:
                 log.warning("pair %s: %s", d.pair, e)
+        if d.kind == "libvirt":
+            cleanup.ungate(d.connect, d.domain)
         peer = agent.peers.get(d.peer)
         if peer is not None:
             threading.Thread(target=self._drop_quietly, args=(peer, d.pair), daemon=True,
