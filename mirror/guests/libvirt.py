@@ -360,9 +360,12 @@ class LibvirtGuest(Guest):
         self._announce = self._resume_via_libvirt = True
         # this host's definition now (persistent): the definition the operator gave (the
         # one the peer sent), autostart as it was before pairing; none of the standby's
-        if self.settings.standby_xml:
-            given = Path(self.settings.standby_xml).read_text()
-        else:
+        try:
+            given = Path(self.settings.standby_xml).read_text() if self.settings.standby_xml else ""
+        except OSError as e:  # (gone meanwhile) the running definition, without the standby's
+            log.warning("domain %s: [libvirt] standby_xml: %s", self.name, e.strerror)
+            given = ""
+        if not given:
             given = persistent_xml(self.call("the domain's XML", lambda dom: dom.XMLDesc(0)))
         defined = self.call(
             f"defining the promoted domain {self.name!r} here",

@@ -229,8 +229,8 @@ class Pairing:
                 done.append(f"{d.domain}'s definition restored (autostart "
                             f"{'on' if d.autostart else 'off'})")
             elif d.kind == "libvirt":
-                done.append(f"{d.domain}'s definition here is the one its promotion made: "
-                            f"left as it is")
+                done.append(f"{d.domain}'s definition here is the one its promotion made "
+                            f"(the definition as given on {d.peer}): left as it is")
             agent.forget(d.pair)
             return {"done": done}
 
