@@ -118,6 +118,7 @@ def test_bridged_nics_pair_survive_a_host_kill_and_unpair_on_b_gives_them_back(
              str(b.config_path)], capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
+        assert "the definition as given on hostA): left as it is" in r.stdout, r.stdout
         assert inactive(dom_b) == original
         assert dom_b.isActive()
         assert not any(gated(lan, "B", t) for t in taps(dom_b.XMLDesc(0)))
