@@ -150,22 +150,25 @@ def prepare_domain(uri: str, domain: str) -> int:
 def pair(args: argparse.Namespace) -> int:
     cfg: AgentConfig | None = None
     if args.guest == "libvirt":
+        from mirror.config import load_agent
         from mirror.guests import domaincheck
 
-        uri = args.connect
-        if uri is None:
-            try:
-                from mirror.config import load_agent
-
-                cfg = load_agent(args.agent_config)
-                uri = cfg.agent.connect
-            except Exception:
-                if not (args.check or args.prepare):
-                    raise
-                uri = "qemu:///system"
-        if args.prepare:
+        if args.prepare:  # needs no agent: only the domain's definition changes
+            uri = args.connect
+            if uri is None:
+                try:
+                    uri = load_agent(args.agent_config).agent.connect
+                except Exception:
+                    uri = "qemu:///system"
             return prepare_domain(uri, args.domain)
-        r = check_domain(uri, args.domain)
+        # --check is what pair checks: the agent's configuration, the peer, the domain
+        cfg = load_agent(args.agent_config)
+        if args.peer is not None and args.peer not in cfg.peers:
+            return output.error(f"unknown peer {args.peer!r}: this host's agent knows "
+                                f"{', '.join(sorted(cfg.peers)) or 'no peers'} (add it to "
+                                f"[peers] of {args.agent_config})")
+        uri = args.connect or cfg.agent.connect
+        r = domaincheck.with_agent(check_domain(uri, args.domain), cfg.agent.bridge)
         print(domaincheck.explain_assessment(r))
         if not r.ok:
             return output.FAILED

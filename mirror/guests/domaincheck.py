@@ -26,10 +26,12 @@ What mirror needs of a domain, and why:
   process writes guest RAM), no passthrough (hostdev, SR-IOV, vDPA: DMA the log cannot
   see, device state QEMU cannot save), no shared memory devices, no emulated TPM (its state
   lives in swtpm), no virtiofs.
-- At most one NIC, of a type the libvirt backend puts under output commit (a socket
-  ``server`` NIC now; bridge, network and ethernet later) and model virtio; never user-mode
-  networking (slirp keeps TCP state inside QEMU, outside the checkpoint) or macvtap
-  (``direct``: frames leave from the kernel).
+- NICs as defined: any number of ``bridge`` and ``network`` NICs (on a bridge), any
+  model: mirror holds every frame on the host side of each tap (replication/nicgate.py),
+  which takes the tap's ingress hook, so no ``<bandwidth><outbound>``; or one socket
+  ``server`` NIC (relayed).  Never user-mode networking (slirp keeps TCP state inside
+  QEMU, outside the checkpoint), macvtap (``direct``: frames leave from the kernel, no
+  tap), ``ethernet`` (its tap is on no bridge) or passed-through NICs.
 - Disks: not replicated yet (the disk work); a read-only CD-ROM is a note.
 """
 
@@ -38,19 +40,19 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mirror.guests import uffd
 
 MAX_XML = 4 << 20  # a domain's XML is a few KiB; larger is not a domain definition
 
-NIC_TYPES = ("server",)  # what the libvirt backend (mirror/guests/libvirt.py) relays
-# kinds that can be put under output commit but that the backend does not relay yet
-NIC_LATER = ("bridge", "network", "ethernet")
+# what the libvirt backend (mirror/guests/libvirt.py) holds: bridge and network NICs on
+# their taps (replication/nicgate.py), or one socket NIC (relayed to [agent] bridge)
+NIC_TYPES = ("bridge", "network", "server")
 NIC_FIX = (
-    "make it <interface type='server'><source address='127.0.0.1' port='P'/>"
-    "<model type='virtio'/></interface> (P: a free port; mirror's agent connects there and "
-    "releases the guest's frames to its own TAP device and bridge)"
+    "make it <interface type='bridge'><source bridge='BR'/></interface> or <interface "
+    "type='network'> on a bridged network (any model; mirror holds its frames on the host "
+    "side of its tap, the XML unchanged)"
 )
 
 
@@ -350,22 +352,13 @@ def _memory_devices(devices: ET.Element) -> list[Finding]:
 
 def _nics(nics: list[ET.Element]) -> list[Finding]:
     out = []
-    if len(nics) > 1:
-        macs = ", ".join(_attr(n, "mac", "address") or "?" for n in nics)
-        out.append(
-            Finding(
-                "nics",
-                f"{len(nics)} NICs ({macs})",
-                "mirror puts one NIC under output commit (each outgoing frame held until its "
-                "epoch's checkpoint is acknowledged)",
-                "keep one <interface> in <devices>",
-            )
-        )
     why_type = {
         "user": "user-mode networking (slirp) keeps the guest's connections inside QEMU, "
         "outside any checkpoint: they would be lost on failover",
-        "direct": "macvtap sends the guest's frames to the wire from the kernel, where mirror "
-        "cannot hold them until their checkpoint is acknowledged",
+        "direct": "macvtap sends the guest's frames to the wire from the kernel, with no tap "
+        "on a bridge where mirror could hold them until their checkpoint is acknowledged",
+        "ethernet": "its tap is on no bridge (routed or scripted by the host): mirror holds "
+        "and releases the frames of a tap on a bridge",
         "hostdev": "a passed-through NIC writes guest RAM by DMA (unseen by the dirty-page log) "
         "and its state cannot be saved",
         "vdpa": "a vDPA NIC writes guest RAM by DMA (unseen by the dirty-page log)",
@@ -375,27 +368,32 @@ def _nics(nics: list[ET.Element]) -> list[Finding]:
         "udp": "a UDP socket NIC drops frames without back-pressure",
         "mcast": "a multicast socket NIC cannot be put under output commit",
     }
+    servers = [n for n in nics if n.get("type") == "server"]
+    if servers and len(nics) > 1:
+        out.append(
+            Finding(
+                "nics",
+                f"{len(nics)} NICs, one of them a socket NIC <interface type='server'>",
+                "the socket NIC is relayed alone (NICs as defined are held on their taps)",
+                NIC_FIX,
+            )
+        )
     for n in nics:
         kind = n.get("type", "")
         mac = _attr(n, "mac", "address") or "?"
         if kind not in NIC_TYPES:
             why = why_type.get(kind, "mirror cannot put this kind of NIC under output commit")
-            if kind in NIC_LATER:
-                why = (
-                    "mirror's libvirt backend holds a guest's frames until their checkpoint "
-                    "is acknowledged on a socket NIC only (moving the TAP onto a bridge of "
-                    "mirror's is not done yet)"
-                )
             out.append(Finding("nic-type", f"the NIC {mac} is <interface type={kind!r}>", why,
                                NIC_FIX))
-        model = _attr(n, "model", "type")
-        if model != "virtio":
+        elif n.find("bandwidth/outbound") is not None:
             out.append(
                 Finding(
-                    "nic-model",
-                    f"the NIC {mac} has model {model or 'none given (rtl8139)'!r}",
-                    "mirror's standby and its checks know the virtio NIC",
-                    f"set <model type='virtio'/> in the NIC {mac}'s <interface>",
+                    "nic-bandwidth",
+                    f"the NIC {mac} has <bandwidth><outbound> (libvirt polices it on the "
+                    f"tap's ingress)",
+                    "mirror holds the guest's frames on that same ingress hook of the tap "
+                    "(a gate per NIC), which the limit's qdisc takes",
+                    f"remove <outbound> from the NIC {mac}'s <bandwidth> (<inbound> may stay)",
                 )
             )
         if _attr(n, "driver", "name") == "vhostuser" or _attr(n, "backend", "type") == "vhostuser":
@@ -532,6 +530,32 @@ SCANS = {
 def assess(inactive: str, live: str | None) -> Assessment:
     """Both XMLs checked (DomainXMLError if either is not a domain definition)."""
     return Assessment(check(inactive), None if live is None else check(live))
+
+
+def with_agent(a: Assessment, bridge: str) -> Assessment:
+    """What this host's agent configuration adds: a socket NIC's frames are released to
+    ``[agent] bridge``; with none, the guest would reach nobody (NICs as defined need no
+    setting: their frames go on into their own bridge)."""
+    if bridge:
+        return a
+
+    def add(r: Result | None) -> Result | None:
+        if r is None or not any(n.startswith("server ") for n in r.nics):
+            return r
+        nowhere = Finding(
+            "nic-nowhere",
+            "its socket NIC (<interface type='server'>) would be released to [agent] bridge, "
+            "which is empty in the agent's configuration",
+            "mirror releases a socket NIC's frames to a tap of its own on that bridge: the "
+            "guest would say it is protected and reach nobody",
+            "set [agent] bridge = \"BR\" in the agent configuration, or give the domain a "
+            "bridge or network NIC (held on its own tap, no setting needed)",
+        )
+        return replace(r, findings=(*r.findings, nowhere))
+
+    nb = add(a.next_boot)
+    assert nb is not None
+    return Assessment(nb, add(a.running))
 
 
 def explain_assessment(a: Assessment) -> str:

@@ -13,11 +13,13 @@ The primary ATTACHES to the running domain (it does not boot it):
   ``[libvirt] qmp`` picks (bench/libvirt_pause.py measures both);
 - device state: ``xen-save-devices-state`` into a memfd of the agent passed with
   ``add-fd`` (libvirt's seccomp forbids ``exec:``; AppArmor would forbid paths);
-- the NIC: ``<interface type='server'>`` (``-netdev socket,listen=``, the framing of
-  ``-netdev stream``): the agent's NetRelay dials it, holds the guest's frames until
-  their checkpoint is acknowledged and releases them to a TAP device on a bridge.  It
-  is libvirt's own configuration, so a libvirtd restart leaves it as it is (a TAP moved
-  behind libvirt's back is put back on its old bridge by a restarted libvirtd);
+- the NICs as the domain defines them (``<interface type='bridge'>`` or
+  ``type='network'``, any model): every one is held by a gate on the host side of its
+  tap (mirror/replication/nicgate.py, made by the backend: ``gates``), the domain's XML
+  untouched; a libvirtd restart leaves the gate in place (libvirtd does not touch tc on
+  a running domain's tap).  Or, as before, one ``<interface type='server'>``
+  (``-netdev socket,listen=``): the agent's NetRelay dials it, holds the guest's frames
+  and releases them to a TAP device of its own on ``[libvirt] bridge``;
 - autostart of the domain is turned off: this host's definition must never boot the
   guest again behind the pair's back.
 
@@ -45,22 +47,42 @@ import select
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from mirror.config import LibvirtConfig
 from mirror.guests import libvirtram, uffd
-from mirror.guests.base import Guest, GuestError, LogSource, OutputHandler
+from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
 from mirror.guests.libvirtqmp import LibvirtMonitor, Monitor, SocketMonitor
 from mirror.guests.libvirtxml import (
+    gated_nics,
     persistent_xml,
     server_nic,
     standby_xml,
+    uses_server_nic,
 )
 from mirror.guests.libvirtxml import qmp_socket_in as qmp_socket_in  # (ha/hostagent.py)
 from mirror.guests.qemu import NetRelay
 
 log = logging.getLogger("mirror.guests.libvirt")
+
+
+class Gates(Protocol):
+    """Output commit on the domain's own taps (replication/nicgate.py's GateSet): holds
+    every frame the guest sends (to ``on_output``) once installed."""
+
+    on_output: OutputHandler
+
+    def drain(self) -> None: ...
+
+    def release(self, outputs: list[GuestOutput]) -> None: ...
+
+    def remove(self) -> None: ...
+
+
+# the gates on (tap, bridge, mac) of each NIC, in order, installed (all or none)
+GatesFactory = Callable[[list[tuple[str, str, str]], OutputHandler], Gates]
 
 
 def _libvirt() -> Any:
@@ -117,13 +139,16 @@ class LibvirtGuest(Guest):
     kind: ClassVar[str] = "libvirt"
 
     def __init__(
-        self, settings: LibvirtConfig, ram_mib: int, conn: Any, dom: Any, *, standby: bool
+        self, settings: LibvirtConfig, ram_mib: int, conn: Any, dom: Any, *, standby: bool,
+        gates: GatesFactory | None = None,
     ) -> None:
         self.settings, self.ram_mib, self.conn, self.dom = settings, ram_mib, conn, dom
         self.name = dom.name()
         self.standby = standby
         self.monitor: Monitor | None = None
         self.relay: NetRelay | None = None
+        self.gates: Gates | None = None
+        self._early: list[GuestOutput] = []  # frames held before protection (attach)
         self._map: mmap.mmap | None = None
         self._saving: concurrent.futures.Future[Any] | None = None
         self._state_fd = self._state_wfd = -1
@@ -165,12 +190,20 @@ class LibvirtGuest(Guest):
                 self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
             finally:
                 os.close(fd)
-            addr = server_nic(xml, self.name)
-            self.relay = NetRelay(
-                Path("/nonexistent"), settings.tap, settings.bridge, active=not standby,
-                connect=addr,
-            )  # fmt: skip
-            self.relay.dial()
+            if uses_server_nic(xml):
+                addr = server_nic(xml, self.name)
+                self.relay = NetRelay(
+                    Path("/nonexistent"), settings.tap, settings.bridge, active=not standby,
+                    connect=addr,
+                )  # fmt: skip
+                self.relay.dial()
+            else:
+                nics = gated_nics(xml, self.name)
+                if nics:
+                    if gates is None:
+                        raise GuestError(f"domain {self.name!r}: no gate for its NICs")
+                    # from here on every frame the guest sends is held
+                    self.gates = gates(nics, self._early.append)
             if not standby:
                 self._state_fd = os.memfd_create(f"mirror-devstate-{self.name}")
                 # QEMU's copy shares this description's offset: lseek here, write there
@@ -213,7 +246,8 @@ class LibvirtGuest(Guest):
 
     @classmethod
     def attach(
-        cls, settings: LibvirtConfig, ram_mib: int, on_output: OutputHandler
+        cls, settings: LibvirtConfig, ram_mib: int, on_output: OutputHandler,
+        gates: GatesFactory | None = None,
     ) -> LibvirtGuest:
         """The primary: the RUNNING domain ``settings.domain``, paused until resume()."""
         libvirt = _libvirt()
@@ -229,17 +263,24 @@ class LibvirtGuest(Guest):
                 f"domain {settings.domain!r} is not running: start it (virsh start "
                 f"{settings.domain}); mirror attaches to a running domain"
             )
-        g = cls(settings, ram_mib, conn, dom, standby=False)  # refuses before any change
+        g = cls(settings, ram_mib, conn, dom, standby=False, gates=gates)  # refuses first
         try:
             # this host's definition must never boot the guest behind the pair's back
             g.call(
                 f"turning autostart of {g.name!r} off",
                 lambda d: d.setAutostart(0) if d.isPersistent() and d.autostart() else None,
             )
-            assert g.relay is not None
-            g.relay.on_output = on_output
+            if g.relay is not None:
+                g.relay.on_output = on_output
             g.command("stop")  # the pre-copy first; resume() lets it run
-            g.relay.drain()
+            if g.relay is not None:
+                g.relay.drain()
+            if g.gates is not None:
+                # what it sent before this pause was never protected: it goes out now
+                g.gates.drain()
+                g.gates.release(g._early)
+                g._early.clear()
+                g.gates.on_output = on_output
             g._balloon = g._balloon_now()
         except BaseException:
             g.stop(destroy=False)
@@ -247,8 +288,12 @@ class LibvirtGuest(Guest):
         return g
 
     @classmethod
-    def ready(cls, settings: LibvirtConfig, ram_mib: int) -> LibvirtGuest:
-        """The secondary's standby: a transient paused domain waiting for its state."""
+    def ready(
+        cls, settings: LibvirtConfig, ram_mib: int, gates: GatesFactory | None = None
+    ) -> LibvirtGuest:
+        """The secondary's standby: a transient paused domain waiting for its state, its
+        NICs' gates on already (a paused QEMU sends nothing; promotion releases the
+        committed frames through them before the guest runs)."""
         libvirt = _libvirt()
         conn = open_conn(settings.connect)
         if settings.standby_xml:
@@ -271,13 +316,20 @@ class LibvirtGuest(Guest):
             dom = conn.createXML(standby_xml(xml), libvirt.VIR_DOMAIN_START_PAUSED)
         except (libvirt.libvirtError, ET.ParseError) as e:
             raise GuestError(f"cannot start the standby domain {settings.domain!r}: {e}") from None
-        return cls(settings, ram_mib, conn, dom, standby=True)
+        return cls(settings, ram_mib, conn, dom, standby=True, gates=gates)
 
     def go_on_from(self, image: Path, state: bytes, on_output: OutputHandler) -> None:
         """Promotion: the committed image into the domain's RAM, the device state into
         QEMU through a passed pipe, then (at resume) run."""
-        assert self.relay is not None and self.monitor is not None and self._map is not None
-        self.relay.on_output = on_output
+        assert self.monitor is not None and self._map is not None
+        if self.relay is not None:
+            self.relay.on_output = on_output
+        if self.gates is not None:
+            if self._early:  # a paused standby sends nothing; counted if it did
+                log.warning("domain %s: %d frame(s) of the standby dropped", self.name,
+                            len(self._early))  # fmt: skip
+                self._early.clear()
+            self.gates.on_output = on_output
         with open(image, "rb") as f:  # in-kernel copy: tmpfs to tmpfs (or to QEMU's memfd)
             fd = os.open(self._ram_path, os.O_WRONLY)
             try:
@@ -302,13 +354,22 @@ class LibvirtGuest(Guest):
             time.sleep(0.002)
         writer.join(5)
         self._balloon = self._balloon_now()  # as the checkpoint left it, before it runs
-        self.relay.active = True
+        if self.relay is not None:
+            self.relay.active = True
         self.standby = False
         self._announce = self._resume_via_libvirt = True
-        # this host's definition now (persistent), autostart as it was before pairing
+        # this host's definition now (persistent): the definition the operator gave (the
+        # one the peer sent), autostart as it was before pairing; none of the standby's
+        try:
+            given = Path(self.settings.standby_xml).read_text() if self.settings.standby_xml else ""
+        except OSError as e:  # (gone meanwhile) the running definition, without the standby's
+            log.warning("domain %s: [libvirt] standby_xml: %s", self.name, e.strerror)
+            given = ""
+        if not given:
+            given = persistent_xml(self.call("the domain's XML", lambda dom: dom.XMLDesc(0)))
         defined = self.call(
             f"defining the promoted domain {self.name!r} here",
-            lambda dom: dom.connect().defineXML(persistent_xml(dom.XMLDesc(0))),
+            lambda dom: dom.connect().defineXML(given),
         )
         if self.settings.autostart:
             self.call(f"turning autostart of {self.name!r} on", lambda dom: defined.setAutostart(1))
@@ -443,9 +504,12 @@ class LibvirtGuest(Guest):
         return found
 
     def pause(self) -> None:
-        assert self.monitor is not None and self.relay is not None
+        assert self.monitor is not None
         self.monitor.execute("stop")
-        self.relay.drain()
+        if self.gates is not None:
+            self.gates.drain()
+        elif self.relay is not None:
+            self.relay.drain()
         os.lseek(self._state_wfd, 0, os.SEEK_SET)
         self._saving = self.monitor.submit(
             "xen-save-devices-state", {"filename": f"/dev/fdset/{self._fdset}", "live": False}
@@ -477,9 +541,20 @@ class LibvirtGuest(Guest):
         n = os.lseek(self._state_wfd, 0, os.SEEK_CUR)  # where QEMU's writes ended
         return os.pread(self._state_fd, n, 0)
 
+    def release(self, outputs: list[GuestOutput]) -> None:
+        """The output sink: released frames go out through each NIC's gate (or the relay)."""
+        if self.gates is not None:
+            self.gates.release(outputs)
+        elif self.relay is not None:
+            self.relay.release(outputs)
+
     def detach(self) -> None:
-        """Let go of the domain and leave it running (``mirror unpair``'s end: its NIC
-        then reaches no one until its XML is put back)."""
+        """Let go of the domain and leave it running (``mirror unpair``'s end): its NICs'
+        gates go (what it sends from here on goes straight out; a socket NIC reaches no
+        one until its XML is put back)."""
+        if self.gates is not None:
+            gates = self.gates
+            gates.on_output = lambda out: gates.release([out])  # unprotected from here
         with contextlib.suppress(GuestError):
             if self.monitor is not None and self.command("query-status").get("status") == "paused":
                 self.command("cont")
@@ -504,6 +579,12 @@ class LibvirtGuest(Guest):
         if self.relay is not None:
             self.relay.close()
             self.relay = None
+        if self.gates is not None:
+            gates, self.gates = self.gates, None
+            try:
+                gates.remove()  # the taps as they were
+            except Exception as e:  # (a broken gate holds: fail closed, and say so)
+                log.error("domain %s: removing the gate on its NICs: %s", self.name, e)
         if self._map is not None:
             self._map.close()
             self._map = None

@@ -33,6 +33,40 @@ def qmp_socket_in(xml: str) -> str:
     return ""
 
 
+GATED_NIC_TYPES = ("bridge", "network")  # NICs whose tap mirror's gate holds (nicgate.py)
+
+
+def uses_server_nic(xml: str) -> bool:
+    """Whether the domain's NIC is a ``type='server'`` socket (relayed by NetRelay)
+    rather than NICs as defined (held by the gate on their taps)."""
+    return any(n.get("type") == "server" for n in ET.fromstring(xml).findall("./devices/interface"))
+
+
+def gated_nics(live_xml: str, name: str) -> list[tuple[str, str, str]]:
+    """Every NIC of the running domain, in document order (both hosts list them the same
+    way): (its tap, its bridge, its MAC), from the live XML (a ``type='network'`` NIC's
+    live ``<source>`` names the network's bridge).  GuestError for a NIC that the gate
+    cannot hold, saying why."""
+    out = []
+    for n in ET.fromstring(live_xml).findall("./devices/interface"):
+        kind = n.get("type", "")
+        mac = _get(n, "mac", "address")
+        if kind not in GATED_NIC_TYPES:
+            raise GuestError(
+                f"domain {name!r}: its NIC {mac or '?'} is <interface type={kind!r}>: mirror "
+                f"holds the frames of bridge and network NICs (or one type='server' NIC)"
+            )
+        tap, bridge = _get(n, "target", "dev"), _get(n, "source", "bridge")
+        if not tap or not bridge:
+            raise GuestError(
+                f"domain {name!r}: its NIC {mac or '?'} has no tap on a bridge in the live XML "
+                f"(target dev {tap!r}, bridge {bridge!r}): a network that is not a bridge "
+                f"(macvtap, hostdev) cannot be held"
+            )
+        out.append((tap, bridge, mac))
+    return out
+
+
 def server_nic(xml: str, name: str) -> tuple[str, int]:
     """Where the domain's ``type='server'`` NIC listens; GuestError saying what to change."""
     nics = ET.fromstring(xml).findall("./devices/interface")
@@ -67,10 +101,18 @@ def problems(xml: str, qmp: str = "socket") -> list[str]:
         or mb.find("hugepages") is not None
     ):
         found.append(f"its RAM is not a shared memfd or file (mirror maps it): {MEMORY_FIX}")
-    try:
-        server_nic(xml, name)
-    except GuestError as e:
-        found.append(str(e).replace(f"domain {name!r} has", "it has", 1))
+    nics = root.findall("./devices/interface")
+    if any(n.get("type") == "server" for n in nics):
+        try:
+            server_nic(xml, name)
+        except GuestError as e:
+            found.append(str(e).replace(f"domain {name!r} has", "it has", 1))
+    for n in nics:
+        if n.get("type") not in (*GATED_NIC_TYPES, "server"):
+            found.append(
+                f"its NIC {_get(n, 'mac', 'address') or '?'} is <interface type="
+                f"{n.get('type')!r}>: mirror holds the frames of bridge and network NICs"
+            )
     if qmp == "socket" and not qmp_socket_in(xml):
         found.append(
             "no QMP socket of mirror's own: add <qemu:commandline><qemu:arg value='-qmp'/>"

@@ -7,8 +7,10 @@ promote the standby from a checkpoint, and where its released outputs go.
   the guest's TAP device; after a failover the resumed guest's TCP peers resend
   what they lack, and committed frames the dead primary may not have released
   are sent again (Ethernet may duplicate; TCP drops what it has);
-- libvirt: the same NIC relay, on a domain libvirt runs (mirror/guests/libvirt.py): the
-  primary attaches to the running domain, the secondary keeps a paused standby domain.
+- libvirt: a domain libvirt runs (mirror/guests/libvirt.py): the primary attaches to the
+  running domain, the secondary keeps a paused standby domain; outputs are the frames of
+  its NICs as defined, held and released by a gate on each tap
+  (mirror/replication/nicgate.py), or the NIC relay of a ``type='server'`` NIC.
 """
 
 from __future__ import annotations
@@ -142,6 +144,30 @@ class _RelaySink:
         pass
 
 
+class _GuestSink:
+    """The guest's own release (a libvirt domain: its NICs' gates, or its relay)."""
+
+    def __init__(self, guest: Any) -> None:
+        self.guest = guest
+        self.position: int | None = None  # a network does not say where it is
+
+    def __call__(self, outputs: list[GuestOutput]) -> None:
+        self.guest.release(outputs)
+
+    def close(self) -> None:
+        pass
+
+
+def _gates(nics: list[tuple[str, str, str]], on_output: OutputHandler) -> Any:
+    """Output commit on a libvirt domain's own taps, installed (all NICs or none)."""
+    from mirror.replication.nicgate import GateSet, Nic, NicGateError
+
+    try:
+        return GateSet([Nic(*n) for n in nics], on_output).install()
+    except NicGateError as e:
+        raise GuestError(f"cannot hold the guest's frames on its NICs: {e}") from None
+
+
 class QemuBackend(Backend):
     def __init__(self, cfg: GuestSettings) -> None:
         super().__init__(cfg)
@@ -267,17 +293,17 @@ class LibvirtBackend(Backend):
     def boot(self, on_output: OutputHandler) -> Guest:
         from mirror.guests.libvirt import LibvirtGuest
 
-        g = LibvirtGuest.attach(self.cfg.libvirt, self.cfg.guest.ram_mib, on_output)
+        g = LibvirtGuest.attach(self.cfg.libvirt, self.cfg.guest.ram_mib, on_output, _gates)
         self._xml = g.xml
         return g
 
     def sink(self, guest: Any) -> OutputSink:
-        return _RelaySink(guest)
+        return _GuestSink(guest)
 
     def ready(self, image: Path) -> Any:
         from mirror.guests.libvirt import LibvirtGuest
 
-        return LibvirtGuest.ready(self.cfg.libvirt, self.cfg.guest.ram_mib)
+        return LibvirtGuest.ready(self.cfg.libvirt, self.cfg.guest.ram_mib, _gates)
 
     def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
         ready.go_on_from(image, state.read_bytes(), on_output)

@@ -13,14 +13,28 @@ node left, once it is sure that run is gone:
   that last reported in STATE_DIR is not running (pid and start time, hoststate.running).
 
 Files of other pairs or nodes are never touched.
+
+NIC gates (mirror/replication/nicgate.py): a gate whose run died holds its guest's
+frames (fail closed) until removed.  :func:`ungate` removes the dead gates on a
+domain's taps (unpair, a failed or interrupted pairing);
+:func:`ungate_unpaired` those on every running domain of this host's libvirt that
+is no longer paired (the agent's start).  A pair's own taps are left to its next run,
+which takes the gate over with no unheld moment.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from pathlib import Path
 
+from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.hoststate import read_json, running
+from mirror.replication import nicgate
+
+log = logging.getLogger("mirror.ha.hostagent")
 
 SHM = Path("/dev/shm")
 
@@ -97,3 +111,40 @@ def clean_start(pair: str, node: str, state_dir: Path, shm: Path = SHM) -> list[
         except FileNotFoundError:
             pass
     return removed
+
+
+def taps_of(live_xml: str) -> list[str]:
+    """The taps libvirt made for a running domain's NICs (its live XML)."""
+    root = ET.fromstring(live_xml)
+    return [t.get("dev", "") for t in root.findall("./devices/interface/target") if t.get("dev")]
+
+
+def ungate(uri: str, domain: str) -> list[str]:
+    """Remove the gates of dead runs on ``domain``'s taps (it is no longer paired here);
+    the taps done.  Nothing if the domain does not run or libvirt cannot say."""
+    try:
+        with Domains(uri) as lv:
+            if not lv.facts(domain)["active"]:
+                return []
+            taps = taps_of(lv.live_xml(domain))
+        return nicgate.remove_stale(taps) if taps else []
+    except (LibvirtError, nicgate.NicGateError, ET.ParseError) as e:
+        log.warning("domain %s: cannot look for a dead run's gate on its NICs: %s", domain, e)
+        return []
+
+
+def ungate_unpaired(uri: str, paired: Iterable[str]) -> list[str]:
+    """Remove dead runs' gates on the taps of every running domain of the libvirt at
+    ``uri`` that is not in ``paired``; the taps done (nothing if libvirt is unreachable)."""
+    keep = set(paired)
+    try:
+        with Domains(uri) as lv:
+            taps = [t for d in lv.conn.listAllDomains(lv.lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                    if d.name() not in keep for t in taps_of(d.XMLDesc(0))]  # fmt: skip
+        return nicgate.remove_stale(taps) if taps else []
+    except (LibvirtError, nicgate.NicGateError, ET.ParseError) as e:
+        log.info("no dead gates looked for at %s: %s", uri, e)
+        return []
+    except Exception as e:  # (libvirtError of a domain that went meanwhile)
+        log.info("no dead gates looked for at %s: %s", uri, e)
+        return []

@@ -51,7 +51,7 @@ from mirror.config import (
 )
 from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import LibvirtError
-from mirror.ha import agentmetrics, claims, control, pairdef, peerlink
+from mirror.ha import agentmetrics, claims, cleanup, control, pairdef, peerlink
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.pairdef import AgentError, PairDef, check_name
 from mirror.ha.pairing import Pairing
@@ -449,6 +449,11 @@ class HostAgent:
                     self.adopt(d)
             self.server = self._serve_peers()
             self.metrics = self._serve_metrics()
+            # gates a dead run left on domains no longer paired (their own pairs' are
+            # taken over by their next run): in the background, libvirt may be slow
+            threading.Thread(target=cleanup.ungate_unpaired, daemon=True, name="ungate",
+                             args=(self.cfg.agent.connect,
+                                   [d.domain for d in self.defs.values()])).start()
         except BaseException:
             self.close()
             raise

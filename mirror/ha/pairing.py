@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mirror.config import ConfigError
 from mirror.guests import domaincheck
 from mirror.guests.libvirtdom import Domains, LibvirtError
-from mirror.ha import control, peerlink
+from mirror.ha import cleanup, control, peerlink
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.claims import Claims
 from mirror.ha.pairdef import (
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mirror.ha.hostagent")  # the host agent's log, as before the split
 
 PREPARE_WAIT_S = 60.0  # a standby that is not ready by then will not be
+PROTECT_WAIT_S = 3600.0  # a pre-copy longer than this: pairing ends, the agent keeps the pair
 
 
 class Pairing:
@@ -105,11 +106,13 @@ class Pairing:
             agent.save(d)
             if d.kind == "libvirt":
                 with Domains(d.connect) as lv:
+                    # what `mirror pair --check` says, on both XMLs: the running guest
+                    # (not running: refused) and its next boot (the standby's definition)
+                    a = domaincheck.with_agent(lv.assess(d.domain), agent.cfg.agent.bridge)
+                    if not a.ok:
+                        raise AgentError(domaincheck.explain_assessment(a))
                     xml = lv.inactive_xml(d.domain)
                     facts = lv.facts(d.domain)
-                    r = domaincheck.check(xml)
-                    if not r.ok:
-                        raise AgentError(domaincheck.explain(r))
                     if not facts["persistent"]:
                         raise AgentError(f"{d.domain} is a transient domain: define it first")
                     d.autostart = bool(facts["autostart"])
@@ -135,10 +138,13 @@ class Pairing:
                     marked = True
                 self._note(d, f"{d.domain}: autostart off, marked as paired with {d.peer}")
             with agent.lock:
-                d.state = "active"
                 agent.save(d)
                 agent.start_role(d)
             self._note(d, "primary started: pre-copy, then checkpoints")
+            self._until_protected(d)
+            with agent.lock:
+                d.state = "active"  # from here on the agent keeps it running
+                agent.save(d)
         except (AgentError, PeerError, LibvirtError, ConfigError, ArbiterError, OSError,
                 KeyError, ValueError) as e:
             why = str(e)
@@ -151,11 +157,33 @@ class Pairing:
                 if marked:
                     with contextlib.suppress(LibvirtError), Domains(d.connect) as lv:
                         lv.restore(d.domain, xml, d.autostart)
+                if d.kind == "libvirt":  # a primary killed while holding: its NICs free
+                    cleanup.ungate(d.connect, d.domain)
                 d.state = f"failed: {why}"
                 d.progress.append(f"failed: {why}")
                 agent.defs.pop(d.pair, None)
                 shutil.rmtree(agent.pair_dir(d.pair), ignore_errors=True)
                 self.failed[d.pair] = d
+
+    def _until_protected(self, d: PairDef) -> None:
+        """Wait for the new primary to be protected; AgentError (the pairing is undone) if
+        its role ends before (it could not attach, the domain stopped, the standby never
+        answered): a pair that never ran is no pair."""
+        agent = self.agent
+        deadline = time.monotonic() + PROTECT_WAIT_S
+        while time.monotonic() < deadline:
+            with agent.lock:
+                r = agent.running.get(d.pair)
+                st = agent.role_status(d)
+                if r is None or not r.alive():
+                    tail = log_tail(agent.pair_dir(d.pair) / "role.log")
+                    raise AgentError(f"the primary of {d.pair} ended before it was "
+                                     f"protected: {tail}")  # fmt: skip
+                if st.get("pid") == r.pid and st.get("phase") == "protected":
+                    return
+            time.sleep(0.1)
+        log.warning("pair %s: not protected after %.0f s: the agent keeps it running",
+                    d.pair, PROTECT_WAIT_S)  # fmt: skip
 
     def op_progress(self, req: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent
@@ -191,6 +219,8 @@ class Pairing:
             except PeerError as e:
                 done.append(f"NOT dropped on {d.peer}: {e}; run `mirror unpair {d.pair} "
                             f"--force` there")
+            if d.kind == "libvirt" and cleanup.ungate(d.connect, d.domain):
+                done.append(f"removed the gate a dead run left on {d.domain}'s NICs")
             original = agent.pair_dir(d.pair) / "original.xml"
             if d.kind == "libvirt" and original.exists():
                 with Domains(d.connect) as lv:
@@ -198,8 +228,8 @@ class Pairing:
                 done.append(f"{d.domain}'s definition restored (autostart "
                             f"{'on' if d.autostart else 'off'})")
             elif d.kind == "libvirt":
-                done.append(f"{d.domain}'s definition here is the one its promotion made: "
-                            f"left as it is")
+                done.append(f"{d.domain}'s definition here is the one its promotion made "
+                            f"(the definition as given on {d.peer}): left as it is")
             agent.forget(d.pair)
             return {"done": done}
 
@@ -207,6 +237,8 @@ class Pairing:
         """Undo an interrupted pairing: the peer's standby (if it was asked for one), the
         domain's definition (if it was marked), the pair's directory."""
         agent = self.agent
+        with contextlib.suppress(control.ControlError):  # a primary it had started lets go
+            control.ask(agent.pair_dir(d.pair) / "role", "detach", timeout=5)
         original = agent.pair_dir(d.pair) / "original.xml"
         if d.kind == "libvirt" and original.exists():
             try:
@@ -214,6 +246,8 @@ class Pairing:
                     lv.restore(d.domain, original.read_text(), d.autostart)
             except LibvirtError as e:
                 log.warning("pair %s: %s", d.pair, e)
+        if d.kind == "libvirt":
+            cleanup.ungate(d.connect, d.domain)
         peer = agent.peers.get(d.peer)
         if peer is not None:
             threading.Thread(target=self._drop_quietly, args=(peer, d.pair), daemon=True,

@@ -60,10 +60,12 @@ def qmp_args(sock: Path | None, *, log: bool = False) -> str:
 def demo_domain(
     img: Path, base: Config, serial: Path, qmp_sock: Path | None = None, *,
     backing: str = "file", balloon: bool = False, kernel_args: str = "",
+    bridges: tuple[str, ...] = (),
 ) -> str:  # fmt: skip
     """``backing``: the guest RAM's <memoryBacking> source ("file" or "memfd", shared);
     ``balloon``: a virtio balloon instead of none; ``kernel_args``: more for the guest's
-    kernel."""
+    kernel; ``bridges``: its NICs as defined, ``<interface type='bridge'>`` on each of
+    these bridges, instead of the socket NIC."""
     xml = domain_xml(
         DOMAIN,
         img,
@@ -71,7 +73,8 @@ def demo_domain(
         cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT} {kernel_args}"
         .strip(),
         serial=serial,
-        nic_port=NIC_PORT,
+        nic_port=None if bridges else NIC_PORT,
+        bridges=bridges,
     ).replace("<source type='file'/>", f"<source type='{backing}'/>")
     if balloon:
         xml = xml.replace("<memballoon model='none'/>", "<memballoon model='virtio'/>")
@@ -156,9 +159,11 @@ class LibvirtDemoGuest:
     label = "libvirt"
 
     def __init__(
-        self, *, backing: str = "file", balloon: bool = False, kernel_args: str = ""
+        self, *, backing: str = "file", balloon: bool = False, kernel_args: str = "",
+        bridges: tuple[str, ...] = (),
     ) -> None:
-        self.domain_options = {"backing": backing, "balloon": balloon, "kernel_args": kernel_args}
+        self.domain_options = {"backing": backing, "balloon": balloon, "kernel_args": kernel_args,
+                               "bridges": bridges}  # fmt: skip
         self.hosts: dict[str, LibvirtHost] = {}
         self.serial_path = Path("/nonexistent")
         self.pair_output: list[str] = []

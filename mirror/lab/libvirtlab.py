@@ -298,10 +298,13 @@ def domain_xml(
     nic_port: int | None = None,
     mac: str = "52:54:00:12:34:56",
     machine: str = "q35",
+    bridges: tuple[str, ...] = (),
 ) -> str:
     """The demo guest as a libvirt domain that mirror can protect: RAM file-backed and
     shared, no balloon, the NIC (if ``nic_port``) a ``type='server'`` socket on
-    127.0.0.1:nic_port that mirror's agent connects to."""
+    127.0.0.1:nic_port that mirror's agent connects to; or (``bridges``) a NIC as
+    operators define them, ``<interface type='bridge'>``, on each bridge named (the
+    first with ``mac``, the others with the last byte of ``mac`` counting up)."""
     nic = (
         f"<interface type='server'><mac address='{mac}'/>"
         f"<source address='127.0.0.1' port='{nic_port}'/><model type='virtio'/>"
@@ -309,6 +312,12 @@ def domain_xml(
         if nic_port
         else ""
     )
+    for i, br in enumerate(bridges):
+        m = f"{mac[:-2]}{(int(mac[-2:], 16) + i) % 256:02x}"
+        nic += (
+            f"<interface type='bridge'><mac address='{m}'/><source bridge='{escape(br)}'/>"
+            f"<model type='virtio'/><rom enabled='no'/></interface>"
+        )
     ser = (
         f"<serial type='file'><source path='{escape(str(serial))}'/></serial>"
         if serial

@@ -3,6 +3,7 @@ made, QEMU (TCG) behind it; the XML untouched; a libvirtd restart leaves the gat
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -143,4 +144,53 @@ def test_a_bridged_domain_s_frames_are_held_and_survive_a_libvirtd_restart(
         assert nic_of(dom.XMLDesc(0)) == nic_of(xml_before)
         assert recv_line(client, 3.0), "after remove(): the guest's lines come directly"
         client.close()
+        dom.destroy()
+
+
+def test_a_dead_run_s_gate_is_removed_by_the_agent_s_cleanup_unless_still_paired(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """A role killed with its gate on holds its guest's frames (fail closed): `mirror
+    unpair` (cleanup.ungate) and the agent's start (cleanup.ungate_unpaired, for domains
+    no longer paired) remove that gate; a domain still paired keeps it (its next run
+    takes it over)."""
+    import signal
+    import subprocess
+    import sys
+
+    from mirror.ha import cleanup
+    from tests.nicgate.test_nicgate import _DEAD_RUN
+
+    try:
+        lab = GateLab(veth_guest=False)
+    except NetLabUnavailable as e:
+        pytest.skip(f"{e} (needs root; CI runs as root)")
+    with lab:
+        h = libvirt_host("A", netns=lab.ns["H"])
+        dom = h.connect().createXML(bridge_nic_xml("web01", guest_image, h.root / "s.log"), 0)
+        m = re.search(r"<target dev='([^']+)'", dom.XMLDesc(0))
+        assert m
+        tap = m.group(1)
+        before = tc_state(lab, tap)
+        for how in ("unpair", "agent start"):
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", lab.ns["H"], sys.executable, "-c", _DEAD_RUN, tap,
+                 GUEST_MAC], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                cwd=Path(__file__).resolve().parents[2],
+            )  # fmt: skip
+            try:
+                assert proc.stdout is not None and proc.stdout.readline() == "installed\n"
+            finally:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            held = tc_state(lab, tap)
+            assert "mirror_hold" in held
+            with lab.inside("H"):
+                assert cleanup.ungate_unpaired(h.uri, ["web01"]) == []  # still paired
+                assert tc_state(lab, tap) == held
+                if how == "unpair":
+                    assert cleanup.ungate(h.uri, "web01") == [tap]
+                else:
+                    assert cleanup.ungate_unpaired(h.uri, ["other"]) == [tap]
+            assert tc_state(lab, tap) == before, how
         dom.destroy()

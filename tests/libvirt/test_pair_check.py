@@ -14,6 +14,7 @@ import pytest
 
 from mirror.guests.libvirtdom import Domains
 from mirror.lab.demo import free_ports
+from mirror.lab.libvirtdemo import agent_toml
 from mirror.lab.libvirtlab import domain_xml
 from tests.libvirt.conftest import HostFactory
 
@@ -49,31 +50,44 @@ def test_check_and_restore_on_a_real_libvirtd(libvirt_host: HostFactory, tmp_pat
     conn.defineXML(good)
     conn.defineXML(bad)
     before = {n: inactive(conn, n) for n in ("web01", "legacy")}
+    # --check checks what pair checks: the agent's configuration and the peer too
+    agent = tmp_path / "agent.toml"
+    agent.write_text(agent_toml(tmp_path, "A", "B", h.uri))
+    r = mirror("pair", "web01", "--check", "--connect", h.uri, "--agent-config",
+               str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "missing.toml" in r.stderr, r.stdout + r.stderr
+    (tmp_path / "bad.toml").write_text("[agent]\nnode = 3\n")
+    r = mirror("pair", "web01", "--check", "--agent-config", str(tmp_path / "bad.toml"))
+    assert r.returncode == 2 and "bad.toml" in r.stderr, r.stdout + r.stderr
+    r = mirror("pair", "web01", "--check", "--peer", "hostZ", "--agent-config", str(agent))
+    assert r.returncode == 2 and "unknown peer 'hostZ'" in r.stderr, r.stdout + r.stderr
+    cfg = ("--agent-config", str(agent), "--peer", "hostB")
 
     # mirror protects a running domain: a shut-off one is not "can be mirrored"
-    r = mirror("pair", "web01", "--check", "--connect", h.uri)
+    r = mirror("pair", "web01", "--check", "--connect", h.uri, *cfg)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "the running guest (live XML): not running" in r.stdout
     conn.lookupByName("web01").create()
-    r = mirror("pair", "web01", "--check", "--connect", h.uri)
+    r = mirror("pair", "web01", "--check", "--connect", h.uri, *cfg)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("web01: can be mirrored")
     assert "its next boot (persistent definition): the same" in r.stdout
 
-    r = mirror("pair", "legacy", "--check", "--connect", h.uri)
+    r = mirror("pair", "legacy", "--check", "--connect", h.uri, *cfg)
     assert r.returncode == 1, r.stdout + r.stderr
     out = r.stdout
     # libvirt added a virtio balloon to the definition: the check sees what libvirt has
     # (a note: it is accepted)
-    for code in ("ram-private", "balloon", "nics", "nic-type", "nic-model"):
+    for code in ("ram-private", "balloon", "nics", "nic-type"):
         assert f"[{code}]" in out, out
     assert "note: a memory balloon <memballoon model='virtio'>" in out
     assert "--prepare" in out and "<access mode='shared'/>" in out
     assert out.count("why: ") >= 5 and out.count("change: ") >= 5
 
-    r = mirror("pair", "nosuch", "--check", "--connect", h.uri)
+    r = mirror("pair", "nosuch", "--check", "--connect", h.uri, *cfg)
     assert r.returncode == 2 and "no domain 'nosuch'" in r.stderr and "legacy" in r.stderr
-    r = mirror("pair", "web01", "--check", "--connect", "qemu+unix:///system?socket=/nonexistent")
+    r = mirror("pair", "web01", "--check", "--connect", "qemu+unix:///system?socket=/nonexistent",
+               *cfg)
     assert r.returncode == 2 and "cannot connect to libvirt" in r.stderr
 
     # --check changed nothing
@@ -107,7 +121,7 @@ def _without(xml: str, *tags: str) -> str:
 
 
 def test_prepare_gives_an_anonymous_ram_domain_what_it_needs_at_its_next_start(
-    libvirt_host: HostFactory, guest_image: Path
+    libvirt_host: HostFactory, guest_image: Path, tmp_path: Path
 ) -> None:
     """What virt-install writes (no <memoryBacking>, libvirt's default virtio balloon):
     `--prepare` writes the memfd backing and the dirty-page log's preload into the
@@ -129,8 +143,11 @@ def test_prepare_gives_an_anonymous_ram_domain_what_it_needs_at_its_next_start(
     dom = conn.defineXML(anon)
     dom.create()
     before = inactive(conn, "web02")
+    agent = tmp_path / "agent.toml"
+    agent.write_text(agent_toml(tmp_path, "A", "B", h.uri))
+    cfg = ("--agent-config", str(agent), "--peer", "hostB")
 
-    r = mirror("pair", "web02", "--check", "--connect", h.uri)
+    r = mirror("pair", "web02", "--check", "--connect", h.uri, *cfg)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "[ram-private]" in r.stdout and "mirror pair web02 --prepare" in r.stdout
     assert "checkpoints would use the hashed scan" in r.stdout
@@ -163,7 +180,7 @@ def test_prepare_gives_an_anonymous_ram_domain_what_it_needs_at_its_next_start(
 
     dom.destroy()
     dom.create()
-    r = mirror("pair", "web02", "--check", "--connect", h.uri)
+    r = mirror("pair", "web02", "--check", "--connect", h.uri, *cfg)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("web02: can be mirrored (with 1 note(s))"), r.stdout
     assert "checkpoints would use the dirty-page log" in r.stdout

@@ -12,6 +12,7 @@ from mirror.guests.domaincheck import (
     check,
     explain,
     explain_assessment,
+    with_agent,
 )
 
 GOOD = """<domain type='kvm'>
@@ -91,10 +92,9 @@ def test_the_demo_domain_can_be_mirrored() -> None:
         ("<interface type='server'>", "<interface type='hostdev'>", "nic-type"),
         ("<interface type='server'>", "<interface type='udp'>", "nic-type"),
         ("<interface type='server'>", "<interface type='client'>", "nic-type"),
-        ("<interface type='server'>", "<interface type='bridge'>", "nic-type"),
-        ("<interface type='server'>", "<interface type='network'>", "nic-type"),
-        ("<model type='virtio'/>", "<model type='e1000e'/>", "nic-model"),
-        ("<model type='virtio'/>", "", "nic-model"),
+        ("<interface type='server'>", "<interface type='ethernet'>", "nic-type"),
+        ("<model type='virtio'/>", "<model type='virtio'/><bandwidth><outbound average='1000'/>"
+         "</bandwidth>", "nic-bandwidth"),
         ("<serial", "<interface type='server'><mac address='52:54:00:00:00:02'/><source "
          "address='127.0.0.1' port='5556'/><model type='virtio'/></interface><serial", "nics"),
         # devices the dirty log cannot see, or state outside QEMU
@@ -197,8 +197,8 @@ def test_every_problem_at_once() -> None:
     xml = GOOD.replace("<access mode='shared'/>", "").replace(
         "<memballoon model='none'/>", "<memballoon model='virtio' freePageReporting='on'/>"
     ).replace(
-        "<model type='virtio'/>", "<model type='rtl8139'/>")
-    assert codes(xml) == ["balloon-page-reporting", "nic-model", "ram-private"]
+        "<interface type='server'>", "<interface type='direct'>")
+    assert codes(xml) == ["balloon-page-reporting", "nic-type", "ram-private"]
     assert "3 thing(s) to change" in explain(check(xml))
 
 
@@ -349,3 +349,38 @@ def test_the_allowed_places_are_the_agents_and_the_files_there_pass(tmp_path) ->
     (tmp_path / "log").symlink_to("/etc")
     refused = standby_refusals(xml, ["/var/lib/mirror", str(tmp_path)])
     assert refused and "<serial>" in refused[0]
+
+
+NIC = ("<interface type='server'>\n      <mac address='52:54:00:12:34:56'/><source "
+       "address='127.0.0.1' port='5555'/>\n      <model type='virtio'/>\n    </interface>")
+
+
+def test_nics_as_defined_are_held_any_number_and_any_model() -> None:
+    assert NIC in GOOD_LOG
+    nics = (
+        "<interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/>"
+        "<model type='e1000e'/></interface>"
+        "<interface type='network'><mac address='52:54:00:00:00:02'/><source network='default'/>"
+        "<model type='rtl8139'/><bandwidth><inbound average='1000'/></bandwidth></interface>"
+        "<interface type='bridge'><mac address='52:54:00:00:00:03'/><source bridge='br1'/>"
+        "</interface>"
+    )
+    xml = GOOD_LOG.replace(NIC, nics)
+    r = check(xml)
+    assert r.ok and r.findings == (), explain(r)
+    assert len(r.nics) == 3
+    # no setting of the agent's is needed for them
+    assert with_agent(assess(xml, xml), "").ok
+    # one <outbound> limit takes the tap's ingress hook: that NIC's finding alone
+    limited = xml.replace("<inbound average='1000'/>", "<outbound average='1000'/>")
+    assert codes(limited) == ["nic-bandwidth"]
+
+
+def test_a_socket_nic_with_no_agent_bridge_would_reach_nobody() -> None:
+    a = assess(GOOD_LOG, GOOD_LOG)
+    assert a.ok and with_agent(a, "br0").ok
+    nowhere = with_agent(a, "")
+    assert not nowhere.ok
+    assert [f.code for f in nowhere.next_boot.findings] == ["nic-nowhere"]
+    assert "reach nobody" in explain_assessment(nowhere)
+    assert explain_assessment(nowhere).count("[nic-nowhere]") == 1  # (the same: said once)
