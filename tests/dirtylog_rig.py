@@ -49,6 +49,12 @@ class Rig:
             for i in range(1, n + 1):
                 if between:
                     between(i)
+                # the engine's window, as run() keeps it: a send buffer is reused only once
+                # its checkpoint was acknowledged (SendBuffers), so never more in flight
+                window_deadline = time.monotonic() + 30
+                while len(eng.in_flight) >= eng.cfg.max_in_flight:
+                    assert time.monotonic() < window_deadline, "no ack for 30 s"
+                    eng.pump(time.monotonic() + 0.005)
                 eng.checkpoint(resume=i < n)
                 sent = set(eng.in_flight[eng.epoch][0].index)
                 if i > 1:  # the shadow holds RAM as of the previous pause from here on
