@@ -510,7 +510,7 @@ def load_agent(path: str | Path) -> AgentConfig:
         raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(
-            f"cannot read the agent configuration {path}: {e.strerror} (give it with "
+            f"cannot read the host agent configuration {path}: {e.strerror} (give it with "
             f"--agent-config, see docs/configuration.md)"
         ) from e
     try:

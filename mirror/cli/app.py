@@ -1,4 +1,4 @@
-"""The `mirror` command: thin; it reads configuration and runs an agent role or the demo.
+"""The `mirror` command: thin; it reads configuration and runs a role or the demo.
 
 mirror secondary --config F              run this host's standby
 mirror primary --config F [--duration S] [--checkpoints N]
@@ -11,9 +11,9 @@ mirror image build [--dir D]             the demo guest (Debian kernel + busybox
 mirror demo [--guest synthetic|qemu|libvirt] ... a primary and a secondary on this machine
 mirror pool COMMAND ...                  pool HA on etcd (mirror pool --help)
 mirror agent [--config F]                this host's host agent: every pair role on the host
-mirror pair DOMAIN --peer HOST [--check] mirror a libvirt domain onto HOST (via the agents)
-mirror unpair DOMAIN | list              undo it | the pairs this host's agent runs
-mirror status|failover|switchover DOMAIN the same for a pair the agent runs
+mirror pair DOMAIN --peer HOST [--check] mirror a libvirt domain onto HOST (via the host agents)
+mirror unpair DOMAIN | list              undo it | the pairs this host agent runs
+mirror status|failover|switchover DOMAIN the same for a pair the host agent runs
 mirror completion bash | man             a bash completion script | the manual page
 
 -v and --log-json go anywhere on the command line. Exit codes: 0 done, 1 refused or not
@@ -173,8 +173,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def through_agent(args: argparse.Namespace) -> int:
-    """`mirror status|failover|switchover [DOMAIN]` without --config: through this host's
-    agent, which names the pair's role configuration (and so its control socket)."""
+    """`mirror status|failover|switchover [DOMAIN]` without --config: through this
+    host agent, which names the pair's role configuration (and so its control socket)."""
     from mirror.config import ConfigError, load
 
     if args.domain is None:

@@ -40,17 +40,17 @@ def within(kind: type[N], lo: float, hi: float) -> Callable[[str], N]:
 
 
 def agent_config(p: argparse.ArgumentParser, help: str) -> None:
-    """``--agent-config F``: this host's agent's configuration (and so its socket)."""
+    """``--agent-config F``: this host agent's configuration (and so its socket)."""
     p.add_argument("--agent-config", default=DEFAULT_AGENT_CONFIG, metavar="F",
                    help=f"{help} (default {DEFAULT_AGENT_CONFIG})")
 
 
 def domain_or_config(p: argparse.ArgumentParser, config_help: str) -> None:
-    """A role run by hand (``--config F``) or a pair of this host's agent (``DOMAIN``)."""
+    """A role run by hand (``--config F``) or a pair of this host agent (``DOMAIN``)."""
     p.add_argument("domain", nargs="?", metavar="DOMAIN",
-                   help="a pair this host's agent runs (instead of --config)")
+                   help="a pair this host agent runs (instead of --config)")
     p.add_argument("--config", help=config_help)
-    agent_config(p, "with DOMAIN: the agent's configuration")
+    agent_config(p, "with DOMAIN: the host agent's configuration")
 
 
 def json_flag(p: argparse.ArgumentParser, help: str = "print JSON") -> None:

@@ -1,13 +1,13 @@
 """The host agent's commands: `mirror agent`, `mirror pair`, `unpair`, `list`, and
-`status|failover|switchover DOMAIN` (routed by the local agent to that pair's role).
+`status|failover|switchover DOMAIN` (routed by the local host agent to that pair's role).
 
-They talk to this host's agent over its control socket (``[agent] state_dir`` of
+They talk to this host agent over its control socket (``[agent] state_dir`` of
 ``--agent-config``, default /etc/mirror/agent.toml; mirror/ha/control.py).
-``mirror pair --check`` needs no agent: it reads the domain from libvirt and explains.
+``mirror pair --check`` needs no host agent: it reads the domain from libvirt and explains.
 
 Exit codes of `mirror pair`: 0 protected (or, with --check, can be mirrored); 1 cannot
 be mirrored (every reason printed) or pairing failed or timed out; 2 an error (bad
-option, no agent, no such domain, libvirt unreachable).
+option, no host agent, no such domain, libvirt unreachable).
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ HOST_COMMANDS = ("agent", "pair", "unpair", "list")
 
 
 def _agent_config_arg(p: argparse.ArgumentParser) -> None:
-    agent_config(p, "this host's agent configuration")
+    agent_config(p, "the host agent's configuration")
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("agent", help="this host's agent: runs every pair role on the host")
+    p = sub.add_parser("agent", help="this host agent: runs every pair role on the host")
     p.add_argument("--config", default=DEFAULT_AGENT_CONFIG,
                    help=f"agent configuration (default {DEFAULT_AGENT_CONFIG})")
 
     p = sub.add_parser("pair", help="mirror a libvirt domain of this host onto a peer host")
     p.add_argument("domain", metavar="DOMAIN", help="the libvirt domain (also the pair's name)")
-    p.add_argument("--peer", help="the peer host (a [peers] name in the agent configuration)")
+    p.add_argument("--peer", help="the peer host (a [peers] name in the host agent configuration)")
     p.add_argument("--connect", metavar="URI", help="libvirt URI (default: [agent] connect)")
     p.add_argument("--check", action="store_true",
                    help="only say whether DOMAIN can be mirrored, and what to change; "
@@ -63,7 +63,7 @@ def add_parsers(sub: Any) -> None:
                    help="on the standby's host: drop this host's part even so")
     _agent_config_arg(p)
 
-    p = sub.add_parser("list", help="the pairs this host's agent runs")
+    p = sub.add_parser("list", help="the pairs this host agent runs")
     json_flag(p)
     _agent_config_arg(p)
 
@@ -76,7 +76,7 @@ def agent_dir(path: str) -> Path:
 
 def ask(args: argparse.Namespace, op: str, fields: dict[str, Any] | None = None,
         timeout: float = 10.0) -> dict[str, Any]:
-    """Ask this host's agent (``args.agent_config``'s) over its control socket."""
+    """Ask this host agent (``args.agent_config``'s) over its control socket."""
     from mirror.ha import control
 
     return control.ask(agent_dir(args.agent_config), op, timeout, fields,
@@ -118,7 +118,7 @@ def run_agent(path: str) -> int:
     from mirror.ha.role import stop_on_signals
 
     cfg = load_agent(path)
-    require_arbiter(cfg.arbiter, path)  # every pair of this agent uses it
+    require_arbiter(cfg.arbiter, path)  # every pair of this host agent uses it
     stop = stop_on_signals()
     agent = HostAgent(cfg, config_path=Path(path).resolve())
     signal.signal(signal.SIGHUP, lambda signum, frame: agent.reload_wanted.set())
@@ -153,7 +153,7 @@ def pair(args: argparse.Namespace) -> int:
         from mirror.config import load_agent
         from mirror.guests import domaincheck
 
-        if args.prepare:  # needs no agent: only the domain's definition changes
+        if args.prepare:  # needs no host agent: only the domain's definition changes
             uri = args.connect
             if uri is None:
                 try:
@@ -161,10 +161,10 @@ def pair(args: argparse.Namespace) -> int:
                 except Exception:
                     uri = "qemu:///system"
             return prepare_domain(uri, args.domain)
-        # --check is what pair checks: the agent's configuration, the peer, the domain
+        # --check is what pair checks: the host agent's configuration, the peer, the domain
         cfg = load_agent(args.agent_config)
         if args.peer is not None and args.peer not in cfg.peers:
-            return output.error(f"unknown peer {args.peer!r}: this host's agent knows "
+            return output.error(f"unknown peer {args.peer!r}: this host agent knows "
                                 f"{', '.join(sorted(cfg.peers)) or 'no peers'} (add it to "
                                 f"[peers] of {args.agent_config})")
         uri = args.connect or cfg.agent.connect
@@ -178,7 +178,8 @@ def pair(args: argparse.Namespace) -> int:
         print(f"{args.domain}: a synthetic guest can always be mirrored")
         return output.OK
     if not args.peer:
-        return output.error("--peer HOST is needed (a [peers] name of the agent configuration)")
+        return output.error("--peer HOST is needed (a [peers] name of the host agent's "
+                            "configuration)")
     fields: dict[str, Any] = {"pair": args.domain, "peer": args.peer, "kind": args.guest}
     if args.connect:
         fields["connect"] = args.connect
@@ -223,13 +224,13 @@ def follow(args: argparse.Namespace, start: float) -> int:
 
 
 def role_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """Where the role of pair DOMAIN keeps its configuration (asked of the agent)."""
+    """Where the role of pair DOMAIN keeps its configuration (asked of the host agent)."""
     st = ask(args, "status", {"pair": args.domain})
     return str(st["role_config"]), st
 
 
 def show_pair(st: dict[str, Any], as_json: bool) -> int:
-    """`mirror status DOMAIN`: what the agent reports of the pair's role; exit 3
+    """`mirror status DOMAIN`: what the host agent reports of the pair's role; exit 3
     (NOT_RUNNING) when its role does not run."""
     if as_json:  # the same exit code as the words
         output.print_json(st)

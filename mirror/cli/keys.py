@@ -1,5 +1,5 @@
 """`mirror keygen`: this host's interconnect key pair (CurveZMQ); `mirror keys reload`:
-the running role, or this host's agent and every role it runs, reads its keys again."""
+the running role, or this host agent and every role it runs, reads its keys again."""
 
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def add_parsers(sub: Any) -> None:
         help="make the running role read its [keys] and key files again (as SIGHUP does)",
     )
     k.add_argument("--config", help="the role's configuration (a role run by hand); without "
-                   "it: this host's agent (`mirror agent`) and every role it runs")
+                   "it: this host agent (`mirror agent`) and every role it runs")
     k.add_argument("--agent-config", default=DEFAULT_AGENT_CONFIG, metavar="F",
-                   help=f"without --config: the agent's configuration (default "
+                   help=f"without --config: the host agent's configuration (default "
                         f"{DEFAULT_AGENT_CONFIG})")
 
 
@@ -54,7 +54,7 @@ def keygen(args: argparse.Namespace) -> int:
     return output.OK
 
 
-AGENT_RELOAD_WAIT_S = 120.0  # `mirror keys reload` through the agent: every role's reload
+AGENT_RELOAD_WAIT_S = 120.0  # `mirror keys reload` through the host agent: every role's reload
 
 
 def reload_keys(cfg: Config) -> int:
@@ -65,12 +65,12 @@ def reload_keys(cfg: Config) -> int:
 
 
 def print_reload(answer: dict[str, Any]) -> int:
-    """The role's (or the agent's) answer to reload-keys."""
+    """The role's (or the host agent's) answer to reload-keys."""
     if not answer.get("reloaded"):
         return output.error(f"keys not reloaded (the keys in use stay): {answer.get('error')}")
     what = "changed: connections made with the old keys end" if answer.get("changed") else (
         "unchanged")  # fmt: skip
-    if "peers" in answer:  # the agent's: its peers' keys and its roles' reloads
+    if "peers" in answer:  # the host agent's: its peers' keys and its roles' reloads
         print(f"keys reloaded ({what}); this host's key {answer.get('own_key')} (fingerprint)")
         for name, fp in sorted(dict(answer["peers"]).items()):
             print(f"  peer {name}: {fp}")

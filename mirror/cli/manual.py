@@ -15,7 +15,7 @@ EXIT_CODES = (
     (0, "done (status: the role runs; pair: protected; demo: it held)"),
     (1, "refused or not protected: the reason is printed (admission control, a domain "
         "that cannot be mirrored, a failover refused, a demo that lost outputs)"),
-    (2, "an error: a bad option or configuration, no agent, etcd or libvirt unreachable"),
+    (2, "an error: a bad option or configuration, no host agent, etcd or libvirt unreachable"),
     (3, "not running: status found no role, or the one that last reported is gone"),
     (130, "interrupted"),
 )

@@ -3,7 +3,7 @@ docs/operating.md, "Exit codes and --json").
 
 Exit codes: 0 done; 1 refused or not protected (the reason is printed: admission
 control, a domain that cannot be mirrored, a promotion that did not happen, a demo that
-lost or repeated outputs); 2 an error (a bad option or configuration, no agent, etcd or
+lost or repeated outputs); 2 an error (a bad option or configuration, no host agent, etcd or
 libvirt unreachable); 3 not running (`mirror status`: no role has reported, or the one
 that last reported is not running); 130 interrupted.
 
@@ -36,7 +36,7 @@ INTERRUPTED = 130
 
 
 def known_errors() -> tuple[type[Exception], ...]:
-    """The errors a command expects (bad input, a peer or an agent unreachable): one
+    """The errors a command expects (bad input, a peer or a host agent unreachable): one
     line, exit 2. GuestError, StandbyError and ControlError are RuntimeErrors."""
     from mirror.config import ConfigError  # not at import: `mirror --help` is fast
 

@@ -117,9 +117,10 @@ def add_parser(sub: Any) -> None:
                       help="run this host's pool agent (and the pool controller, if elected)")
     p.add_argument("--host", required=True, help="this host's name in the pool")
     p.add_argument("--ttl", type=within(int, 1, 600), default=3, metavar="S",
-                   help="lease TTL: the host is dead S seconds after its agent stops (default 3)")
+                   help="lease TTL: the host is dead S seconds after its pool agent stops "
+                        "(default 3)")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
-                   help="this agent's directory: its interconnect key pair (keys/), its "
+                   help="this pool agent's directory: its interconnect key pair (keys/), its "
                    "pairs' roles (pairs/) and the VM stand-ins' starts and stops (vms.log); "
                    "default /var/lib/mirror/pool-HOST as root, else "
                    "$XDG_STATE_HOME/mirror/pool-HOST")

@@ -46,7 +46,7 @@ def add_run_parsers(sub: Any) -> None:
         "--leave-after-switchover",
         action="store_true",
         help="after a switchover exit instead of becoming the secondary (the pool's "
-        "agent uses it: the new standby is on another host)",
+        "pool agent uses it: the new standby is on another host)",
     )
 
 
@@ -89,7 +89,7 @@ def run_role(cfg: Config, args: argparse.Namespace) -> int:
     require_arbiter(cfg.arbiter, args.config)  # before anything starts
     stop = role.stop_on_signals()
     rekey.install(cfg.keys, cfg.node.name, Path(args.config))  # SIGHUP: read the keys again
-    lock, server = control.start(cfg.state_dir)  # one agent per state_dir; its socket
+    lock, server = control.start(cfg.state_dir)  # one daemon per state_dir; its socket
     code: int | None = None
     try:
         if args.command == "secondary":
@@ -112,7 +112,7 @@ def run_role(cfg: Config, args: argparse.Namespace) -> int:
 def _wait_status(
     cfg: Config, done: Callable[[dict[str, Any]], bool], timeout: float
 ) -> dict[str, Any] | None:
-    """The agent's status once ``done`` holds for it, or None after ``timeout`` s."""
+    """The role's status once ``done`` holds for it, or None after ``timeout`` s."""
     from mirror.ha import control
 
     deadline = time.monotonic() + timeout
@@ -135,7 +135,7 @@ def manual_failover(cfg: Config, force: bool, timeout: float) -> int:
     st = control.ask(cfg.state_dir, "status")
     if st.get("role") != "secondary":
         return output.fail(
-            f"the agent in {cfg.state_dir} is not a secondary (role "
+            f"the role in {cfg.state_dir} is not a secondary (role "
             f"{st.get('role')!r}): nothing to promote"
         )
     if not st.get("committed"):
@@ -169,7 +169,7 @@ def switchover(cfg: Config, timeout: float) -> int:
     st = control.ask(cfg.state_dir, "status")
     if st.get("role") != "primary" or st.get("phase") != "protected":
         return output.fail(
-            f"the agent in {cfg.state_dir} is not a protected primary (role "
+            f"the role in {cfg.state_dir} is not a protected primary (role "
             f"{st.get('role')!r}, phase {st.get('phase')!r}): nothing to hand over"
         )
     answer = control.ask(cfg.state_dir, "switchover")

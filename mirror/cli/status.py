@@ -1,4 +1,4 @@
-"""`mirror status --config F [--json] [--watch [S]]`: what a role's agent last reported
+"""`mirror status --config F [--json] [--watch [S]]`: what a role last reported
 (its STATE_DIR/status.json), in words or as JSON; once, or redrawn in place."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # imported by the commands: not by `mirror --help`
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("status", help="what this host's agent reports")
+    p = sub.add_parser("status", help="what this host's daemon (a role, or the host agent) reports")
     domain_or_config(p, "host configuration (TOML)")
     json_flag(p)
     p.add_argument(

@@ -37,7 +37,7 @@ class DiskError(RuntimeError):
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the agent dies (a host dies whole)."""
+    """In the child before exec: SIGKILL when the role dies (a host dies whole)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 

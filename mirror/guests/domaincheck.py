@@ -533,7 +533,7 @@ def assess(inactive: str, live: str | None) -> Assessment:
 
 
 def with_agent(a: Assessment, bridge: str) -> Assessment:
-    """What this host's agent configuration adds: a socket NIC's frames are released to
+    """What this host agent configuration adds: a socket NIC's frames are released to
     ``[agent] bridge``; with none, the guest would reach nobody (NICs as defined need no
     setting: their frames go on into their own bridge)."""
     if bridge:
@@ -545,10 +545,10 @@ def with_agent(a: Assessment, bridge: str) -> Assessment:
         nowhere = Finding(
             "nic-nowhere",
             "its socket NIC (<interface type='server'>) would be released to [agent] bridge, "
-            "which is empty in the agent's configuration",
+            "which is empty in the host agent's configuration",
             "mirror releases a socket NIC's frames to a tap of its own on that bridge: the "
             "guest would say it is protected and reach nobody",
-            "set [agent] bridge = \"BR\" in the agent configuration, or give the domain a "
+            "set [agent] bridge = \"BR\" in the host agent configuration, or give the domain a "
             "bridge or network NIC (held on its own tap, no setting needed)",
         )
         return replace(r, findings=(*r.findings, nowhere))
@@ -615,8 +615,8 @@ EMULATORS = ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/k
 MIRROR_ENV = frozenset({"LD_PRELOAD", uffd.ENV_SOCK})
 
 
-# where a domain's files belong on a host (the agent's [agent] domain_dirs by default):
-# libvirt's own directories and mirror's; the agent adds its state_dir
+# where a domain's files belong on a host (the host agent's [agent] domain_dirs by default):
+# libvirt's own directories and mirror's; the host agent adds its state_dir
 DEFAULT_DOMAIN_DIRS = (
     "/var/lib/libvirt", "/var/log/libvirt", "/run/libvirt", "/var/cache/libvirt",
     "/var/lib/mirror", "/var/cache/mirror",
@@ -673,14 +673,14 @@ def path_refusals(root: ET.Element, dirs: Sequence[str]) -> list[str]:
                 named.append(("the -qmp socket", qmp))
     return [
         f"{what} is {path!r}, outside the places a domain's files belong on this host "
-        f"({', '.join(dirs)}; the agent's [agent] domain_dirs)"
+        f"({', '.join(dirs)}; the host agent's [agent] domain_dirs)"
         for what, path in named
         if not _inside(path, dirs)
     ]
 
 
 def standby_refusals(xml: str, dirs: Sequence[str] = DEFAULT_DOMAIN_DIRS) -> list[str]:
-    """Why a standby's host must not run ``xml``, a definition its peer's agent sent (an
+    """Why a standby's host must not run ``xml``, a definition its peer's host agent sent (an
     authenticated peer, but no more than that: nothing in the XML may make this host run
     a program of the peer's choosing, or read or write a file outside ``dirs``).  Empty:
     acceptable.  Beyond ``check``: the emulator is QEMU at a standard path;

@@ -11,14 +11,14 @@ The primary ATTACHES to the running domain (it does not boot it):
 - QMP: through libvirt (``qemuMonitorCommand``, untainted) or through a monitor socket of
   mirror's own that the domain's XML adds (``<qemu:commandline>`` ``-qmp unix:PATH``):
   ``[libvirt] qmp`` picks (bench/libvirt_pause.py measures both);
-- device state: ``xen-save-devices-state`` into a memfd of the agent passed with
+- device state: ``xen-save-devices-state`` into a memfd of the role passed with
   ``add-fd`` (libvirt's seccomp forbids ``exec:``; AppArmor would forbid paths);
 - the NICs as the domain defines them (``<interface type='bridge'>`` or
   ``type='network'``, any model): every one is held by a gate on the host side of its
   tap (mirror/replication/nicgate.py, made by the backend: ``gates``), the domain's XML
   untouched; a libvirtd restart leaves the gate in place (libvirtd does not touch tc on
   a running domain's tap).  Or, as before, one ``<interface type='server'>``
-  (``-netdev socket,listen=``): the agent's NetRelay dials it, holds the guest's frames
+  (``-netdev socket,listen=``): the role's NetRelay dials it, holds the guest's frames
   and releases them to a TAP device of its own on ``[libvirt] bridge``;
 - autostart of the domain is turned off: this host's definition must never boot the
   guest again behind the pair's back.

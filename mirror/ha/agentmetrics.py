@@ -1,8 +1,8 @@
 """Every pair's metrics on one port per host: the host agent's ``[agent] metrics_listen``.
 
-Each role the agent starts serves its metrics (mirror/replication/metrics.py) on a unix
+Each role the host agent starts serves its metrics (mirror/replication/metrics.py) on a unix
 socket in its own state directory (``[metrics] socket`` in its generated configuration:
-``STATE_DIR/pairs/PAIR/role/metrics.sock``).  A scrape of the agent asks every active
+``STATE_DIR/pairs/PAIR/role/metrics.sock``).  A scrape of the host agent asks every active
 pair's role at once, each within SCRAPE_TIMEOUT_S, and answers with all their series
 merged by family, each sample's ``pair`` label set to the pair it was read from (the
 roles' series carry ``pair`` and ``node`` already), plus ``mirror_agent_role_up{pair,
@@ -60,7 +60,7 @@ def merge(per_pair: dict[str, list[Metric]]) -> list[Metric]:
 
 
 class PairsCollector:
-    """The agent's registry's one collector: every running pair's series, gathered at
+    """The host agent's registry's one collector: every running pair's series, gathered at
     each scrape."""
 
     def __init__(self, targets: Targets, node: str) -> None:

@@ -1,4 +1,4 @@
-"""What the agent needs of a kind of guest, in one place: boot it, keep a ready standby,
+"""What the role needs of a kind of guest, in one place: boot it, keep a ready standby,
 promote the standby from a checkpoint, and where its released outputs go.
 
 - synthetic: outputs go to the observer (TCP, `output.observer`), which can say
@@ -72,7 +72,7 @@ class GuestSettings:
 class Backend(ABC):
     def __init__(self, cfg: GuestSettings) -> None:
         self.cfg = cfg
-        # the pair's generation (the arbiter's) a disk server starts in; the agent sets it
+        # the pair's generation (the arbiter's) a disk server starts in; the role sets it
         # before boot/ready, and each pairing hands the disk server the current one
         self.generation = cfg.pair.generation
 

@@ -1,7 +1,7 @@
 """Clean start: what a dead earlier run of this pair and node left behind, removed.
 
 A host killed whole cannot clean up (docs/operating.md, "What a dead host leaves
-behind").  When an agent starts, it removes what an earlier run of its own pair and
+behind").  When a role starts, it removes what an earlier run of its own pair and
 node left, once it is sure that run is gone:
 
 - guest RAM files ``/dev/shm/mirror-PAIR-NODE-PID.ram`` whose PID is not running and
@@ -9,7 +9,7 @@ node left, once it is sure that run is gone:
 - the standby image ``/dev/shm/mirror-PAIR-NODE-standby.img`` when no process has it
   open or mapped (a live standby or a promoted guest maps it; a new standby would
   refuse to start while it exists);
-- QEMU's sockets in ``STATE_DIR/qemu/`` (``qmp.sock``, ``net.sock``) when the agent
+- QEMU's sockets in ``STATE_DIR/qemu/`` (``qmp.sock``, ``net.sock``) when the role
   that last reported in STATE_DIR is not running (pid and start time, hoststate.running).
 
 Files of other pairs or nodes are never touched.
@@ -18,7 +18,7 @@ NIC gates (mirror/replication/nicgate.py): a gate whose run died holds its guest
 frames (fail closed) until removed.  :func:`ungate` removes the dead gates on a
 domain's taps (unpair, a failed or interrupted pairing);
 :func:`ungate_unpaired` those on every running domain of this host's libvirt that
-is no longer paired (the agent's start).  A pair's own taps are left to its next run,
+is no longer paired (the host agent's start).  A pair's own taps are left to its next run,
 which takes the gate over with no unheld moment.
 """
 
@@ -102,7 +102,7 @@ def leftovers(pair: str, node: str, state_dir: Path, shm: Path = SHM) -> list[Pa
 
 
 def clean_start(pair: str, node: str, state_dir: Path, shm: Path = SHM) -> list[str]:
-    """Remove :func:`leftovers`; returns what was removed (for the agent's log)."""
+    """Remove :func:`leftovers`; returns what was removed (for the role's log)."""
     removed = []
     for p in leftovers(pair, node, state_dir, shm):
         try:

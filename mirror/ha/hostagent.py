@@ -2,10 +2,10 @@
 
 It keeps one directory per pair under ``STATE_DIR/pairs/PAIR/`` (its definition, the
 role's configuration and state: mirror/ha/pairdef.py); pairs are made and undone with
-the peer's agent by mirror/ha/pairing.py.
+the peer's host agent by mirror/ha/pairing.py.
 
 Each role is an unchanged ``mirror primary`` or ``mirror secondary --config mirror.toml``
-process in a session (process group) of its own, so that the agent can be restarted or
+process in a session (process group) of its own, so that the host agent can be restarted or
 upgraded under running guests: a stopped agent leaves its roles running, and a started
 one adopts every role that still answers on its control socket (watching its pid through
 a pidfd).  A role that is gone is resumed safely (:meth:`HostAgent.resume`): a secondary
@@ -15,12 +15,12 @@ heartbeat is fresh, or it won the generation's claim) this host becomes its seco
 instead, and when the peer is silent this host first wins the generation's claim (so the
 peer can never promote in it) and leads under the next generation.
 
-Every pair's metrics are served on the agent's one port, ``[agent] metrics_listen``
+Every pair's metrics are served on the host agent's one port, ``[agent] metrics_listen``
 (mirror/ha/agentmetrics.py); the roles also log to journald or syslog with their pair as a
 field (``[agent] log``: mirror/ha/logsink.py), and each role.log is capped (:func:`cap_log`).
 
 The CLI talks to it over ``STATE_DIR/control.sock`` (mirror/ha/control.py: SO_PEERCRED,
-root or the agent's user); agents talk to each other over mirror/ha/peerlink.py
+root or the host agent's user); agents talk to each other over mirror/ha/peerlink.py
 (CurveZMQ, only the keys in ``[peers]``).
 """
 
@@ -125,7 +125,7 @@ class HostAgent:
         """This host's key pair and its peers' addresses and keys, as ``cfg`` names them."""
         if not cfg.keys.secret_key:
             raise ConfigError(
-                "[keys] secret_key not set: the agents' interconnect needs this host's key "
+                "[keys] secret_key not set: the host agents' interconnect needs this host's key "
                 "(`mirror keygen --dir /etc/mirror --name HOST`)"
             )
         base = self.config_dir
@@ -142,7 +142,7 @@ class HostAgent:
 
     def reload_keys(self, config_path: Path) -> dict[str, Any]:
         """SIGHUP or `mirror keys reload` (no --config): read the configuration's [keys]
-        and [peers] keys again; the agents' interconnect admits the new peer keys from now
+        and [peers] keys again; the host agents' interconnect admits the new peer keys from now
         on (its port bound again if this host's own key changed), and each running role
         gets its configuration written again and reloads it.  An error changes nothing."""
         try:
@@ -230,7 +230,7 @@ class HostAgent:
         path = pdir / "mirror.toml"
         write_atomic(path, to_toml(cfg).encode())
         private_dir(pdir / "role")
-        # the agent's own log format for its roles' (their stderr, and their [log] sink)
+        # the host agent's own log format for its roles' (their stderr, and their [log] sink)
         as_json = any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
         with open_private(pdir / "role.log") as out:
             proc = subprocess.Popen(
@@ -239,7 +239,7 @@ class HostAgent:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives the agent; stopped by its group
+                start_new_session=True,  # outlives the host agent; stopped by its group
             )
         self.running[d.pair] = Running(proc.pid, proc)
         self.waiting.pop(d.pair, None)
@@ -442,7 +442,7 @@ class HostAgent:
             }  # fmt: skip
             self.load_defs()
             for pair, d in list(self.defs.items()):
-                if d.state == "pairing":  # an agent killed while pairing: undo it
+                if d.state == "pairing":  # a host agent killed while pairing: undo it
                     log.warning("pair %s: pairing was interrupted: undoing it", pair)
                     self.pairing.abandon(d)
                 elif d.state == "active":

@@ -41,7 +41,7 @@ def priority(level: int) -> int:
 
 
 def resolve(setting: str) -> str:
-    """The role's ``[log] sink`` for the agent's ``[agent] log`` setting: "auto" is
+    """The role's ``[log] sink`` for the host agent's ``[agent] log`` setting: "auto" is
     journald's socket when it exists, else /dev/log when it exists, else ""."""
     if setting == "none":
         return ""

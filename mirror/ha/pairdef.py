@@ -10,7 +10,7 @@ One directory per pair under ``STATE_DIR/pairs/PAIR/``:
   pairing, which ``mirror unpair`` defines again; ``standby.xml`` (the secondary's): the
   definition the standby runs from;
 - ``role/``: the role's state directory (its status.json, control socket, lock, and
-  ``metrics.sock``, where the agent reads its metrics); ``role.log``: its stderr
+  ``metrics.sock``, where the host agent reads its metrics); ``role.log``: its stderr
   (ROLE_LOG_MAX bytes at most: then it is moved to ``role.log.1``, one copy kept).
 """
 
@@ -43,7 +43,7 @@ class AgentError(RuntimeError):
 
 @dataclass
 class PairDef:
-    """One pair as this host's agent keeps it (``definition.json``)."""
+    """One pair as this host agent keeps it (``definition.json``)."""
 
     pair: str
     kind: str  # "libvirt" or "synthetic"
@@ -105,7 +105,7 @@ def load_all(pairs_dir: Path) -> dict[str, PairDef]:
 
 def role_config(d: PairDef, cfg: AgentConfig, peers: dict[str, PeerAddress],
                 pdir: Path) -> Config:
-    """The role's configuration from the definition (this host's agent configuration
+    """The role's configuration from the definition (this host agent configuration
     ``cfg``, its ``peers``, the pair's directory ``pdir``); ConfigError if this mirror
     cannot run it (a libvirt guest without the libvirt backend)."""
     peer = peers.get(d.peer)
@@ -128,7 +128,7 @@ def role_config(d: PairDef, cfg: AgentConfig, peers: dict[str, PeerAddress],
         "arbiter": asdict(cfg.arbiter),
         "keys": {"secret_key": str(Path(cfg.keys.secret_key).resolve()),
                  "peer_public_key": peer.public_key.decode()},
-        # many pairs per host: each hands its metrics to the agent, which serves them
+        # many pairs per host: each hands its metrics to the host agent, which serves them
         # all on one port (mirror/ha/agentmetrics.py)
         "metrics": {"listen": "", "socket": str(pdir / "role" / agentmetrics.SOCKET)},
         "log": {"sink": logsink.resolve(cfg.agent.log)},

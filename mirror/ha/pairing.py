@@ -2,14 +2,14 @@
 
 ``mirror pair DOMAIN --peer HOST`` on the guest's host (:meth:`Pairing.op_pair`, carried
 on in a thread): check the domain, keep its definition (``original.xml``), take the
-pair's generation from the arbiter, ask the peer's agent to ``prepare`` the standby (it
+pair's generation from the arbiter, ask the peer's host agent to ``prepare`` the standby (it
 checks the XML it is sent, picks three ports, starts the secondary and answers once it
 listens), mark the domain as paired, start the primary.  Any failure undoes what was
 done, on both hosts.  ``mirror unpair`` ends the pair (the guest runs on, unmirrored)
-and has the peer ``drop`` its standby; a pairing interrupted by the agent's death is
+and has the peer ``drop`` its standby; a pairing interrupted by the host agent's death is
 undone when it starts again (:meth:`Pairing.abandon`).
 
-Agents talk to each other over mirror/ha/peerlink.py (CurveZMQ, only the keys in
+Host agents talk to each other over mirror/ha/peerlink.py (CurveZMQ, only the keys in
 ``[peers]``).
 """
 
@@ -47,11 +47,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("mirror.ha.hostagent")  # the host agent's log, as before the split
 
 PREPARE_WAIT_S = 60.0  # a standby that is not ready by then will not be
-PROTECT_WAIT_S = 3600.0  # a pre-copy longer than this: pairing ends, the agent keeps the pair
+PROTECT_WAIT_S = 3600.0  # a pre-copy longer than this: pairing ends, the host agent keeps the pair
 
 
 class Pairing:
-    """The pairing protocol of one host's agent: its CLI's pair, progress and unpair, and
+    """The pairing protocol of one host agent: its CLI's pair, progress and unpair, and
     its peers' prepare and drop."""
 
     def __init__(self, agent: HostAgent) -> None:
@@ -71,7 +71,7 @@ class Pairing:
         check_name(pair)
         if not isinstance(peer, str) or peer not in agent.peers:
             raise AgentError(
-                f"unknown peer {peer!r}: this host's agent knows "
+                f"unknown peer {peer!r}: this host agent knows "
                 f"{', '.join(sorted(agent.peers)) or 'no peers'} (add it to [peers])"
             )
         with agent.lock:
@@ -143,7 +143,7 @@ class Pairing:
             self._note(d, "primary started: pre-copy, then checkpoints")
             self._until_protected(d)
             with agent.lock:
-                d.state = "active"  # from here on the agent keeps it running
+                d.state = "active"  # from here on the host agent keeps it running
                 agent.save(d)
         except (AgentError, PeerError, LibvirtError, ConfigError, ArbiterError, OSError,
                 KeyError, ValueError) as e:
@@ -182,7 +182,7 @@ class Pairing:
                 if st.get("pid") == r.pid and st.get("phase") == "protected":
                     return
             time.sleep(0.1)
-        log.warning("pair %s: not protected after %.0f s: the agent keeps it running",
+        log.warning("pair %s: not protected after %.0f s: the host agent keeps it running",
                     d.pair, PROTECT_WAIT_S)  # fmt: skip
 
     def op_progress(self, req: dict[str, Any]) -> dict[str, Any]:

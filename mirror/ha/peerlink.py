@@ -35,7 +35,7 @@ DOMAIN = b"mirror-agent"
 
 
 class PeerError(RuntimeError):
-    """A peer's agent could not be asked, or refused; the message says which and why."""
+    """A peer's host agent could not be asked, or refused; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class _Admit:
         if key not in self.refused and len(self.refused) < 1024:
             self.refused.add(key)
             log.warning(
-                "refused an agent with an unknown CURVE key (fingerprint %s): only the peers "
-                "in [peers] may ask this agent anything",
+                "refused a host agent with an unknown CURVE key (fingerprint %s): only the peers "
+                "in [peers] may ask this host agent anything",
                 fingerprint(key),
             )
         return False
@@ -107,7 +107,7 @@ class PeerServer(threading.Thread):
         except zmq.ZMQError as e:
             self.close()
             raise PeerError(
-                f"cannot serve the agents' interconnect on {host}:{port}: {e.strerror} (set "
+                f"cannot serve the host agents' interconnect on {host}:{port}: {e.strerror} (set "
                 f"[agent] address and port to this host's interconnect address and a free port)"
             ) from None
         self.handler = handler
@@ -180,7 +180,7 @@ def ask(
     args: dict[str, Any] | None = None,
     timeout: float = 10.0,
 ) -> dict[str, Any]:
-    """Ask ``peer``'s agent ``op``; its answer.  PeerError if it does not answer within
+    """Ask ``peer``'s host agent ``op``; its answer.  PeerError if it does not answer within
     ``timeout`` (it is down, unreachable, or does not know this host's key: the
     handshake then fails and nothing is said) or refuses."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -201,7 +201,7 @@ def ask(
             answered = False
         if not answered:
             raise PeerError(
-                f"the agent of {peer.name} at {peer.host}:{peer.port} did not answer {op!r} "
+                f"the host agent of {peer.name} at {peer.host}:{peer.port} did not answer {op!r} "
                 f"within {timeout:g} s: is `mirror agent` running there, and is this host in "
                 f"its [peers] with this host's public key?"
             )
@@ -210,9 +210,9 @@ def ask(
         except (ValueError, UnicodeDecodeError, RecursionError):
             answer = None
         if not isinstance(answer, dict) or answer.get("id") != rid:
-            raise PeerError(f"the agent of {peer.name} gave no valid answer to {op!r}")
+            raise PeerError(f"the host agent of {peer.name} gave no valid answer to {op!r}")
         if not answer.get("ok"):
-            raise PeerError(f"the agent of {peer.name} refused {op!r}: {answer.get('error')}")
+            raise PeerError(f"the host agent of {peer.name} refused {op!r}: {answer.get('error')}")
         return answer
     finally:
         s.close(0)

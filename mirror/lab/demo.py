@@ -230,7 +230,7 @@ def run(
             st = a.status()
             last_status = st or last_status
             if kill_after is not None and time.monotonic() - started >= kill_after:
-                a.signal(signal.SIGKILL)  # the whole host at once: agent and guest
+                a.signal(signal.SIGKILL)  # the whole host at once: role and guest
                 a.proc.wait()
                 killed_at = time.monotonic()
                 say(

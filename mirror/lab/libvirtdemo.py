@@ -5,8 +5,8 @@ It runs the way an operator does: each host has its own libvirtd and virtlogd in
 network namespace (mirror/lab/libvirtlab.py) and its own `mirror agent`; on A the demo
 guest is a persistent domain with autostart on, started before mirror is; then ONE
 command on A, `mirror pair web01 --peer hostB` (its output is in the timeline): B's
-agent starts the standby (a paused domain of A's XML), A's agent turns autostart off
-and starts the primary, which attaches to the domain.  Killing host A kills its agent,
+agent starts the standby (a paused domain of A's XML), A's host agent turns autostart off
+and starts the primary, which attaches to the domain.  Killing host A kills its host agent,
 its role, its libvirtd, virtlogd and QEMU (by process group and pid).  The report says
 how the domain runs on B (active, persistent) and whether A's definition would
 autostart.
@@ -85,7 +85,7 @@ def agent_toml(
     root: Path, me: str, peer: str, uri: str, base: Config | None = None,
     image_dir: Path | None = None,
 ) -> str:  # fmt: skip
-    """Host ``me``'s agent configuration (``me``, ``peer``: "A" or "B"): its interconnect
+    """Host ``me``'s host agent configuration (``me``, ``peer``: "A" or "B"): its interconnect
     address in the lab, its libvirtd, the LAN bridge, its key (made in ``root/keys``),
     the shared directory as arbiter, the other host as its peer."""
     for h in (me, peer):
@@ -118,8 +118,8 @@ public_key = "{root / "keys" / f"host{peer}.key"}"
 
 class AgentHost(Host):
     """A simulated host's `mirror agent`, in its network namespace and a process group of
-    its own; ``status()`` is that of its role of pair ``pair`` (a process group the agent
-    started: killed and stopped along with the agent)."""
+    its own; ``status()`` is that of its role of pair ``pair`` (a process group the host agent
+    started: killed and stopped along with the host agent)."""
 
     def __init__(self, name: str, toml: str, root: Path, pair: str, prefix: list[str]) -> None:
         super().__init__(name, "agent", toml, root, prefix=prefix)
@@ -142,7 +142,7 @@ class AgentHost(Host):
                 os.killpg(pid, sig)
 
     def stop(self, timeout: float = 10) -> None:
-        """The agent first (a live agent would start a stopped role again), then the role."""
+        """The host agent first (a live agent would start a stopped role again), then the role."""
         pid = self.role_pid()
         super().stop(timeout)
         if pid is None:
@@ -245,9 +245,9 @@ class LibvirtDemoGuest:
         role = a.role_pid() if isinstance(a, AgentHost) else None
         lv = self.hosts["A"]
         qemu, daemons = lv.qemu_pid(DOMAIN), lv.group()
-        a.signal(signal.SIGKILL)  # the agent (and, run by an agent, its role)
+        a.signal(signal.SIGKILL)  # the host agent (and, run by a host agent, its role)
         lv.kill()  # its QEMU, libvirtd and virtlogd
-        what = f"its agent's process group {a.proc.pid}"
+        what = f"its host agent's process group {a.proc.pid}"
         if role is not None:
             what += f", its primary role's {role}"
         return f"SIGKILL to {what}, libvirtd's and virtlogd's {daemons}, QEMU {qemu}"

@@ -302,7 +302,7 @@ def domain_xml(
 ) -> str:
     """The demo guest as a libvirt domain that mirror can protect: RAM file-backed and
     shared, no balloon, the NIC (if ``nic_port``) a ``type='server'`` socket on
-    127.0.0.1:nic_port that mirror's agent connects to; or (``bridges``) a NIC as
+    127.0.0.1:nic_port that mirror's role connects to; or (``bridges``) a NIC as
     operators define them, ``<interface type='bridge'>``, on each bridge named (the
     first with ``mac``, the others with the last byte of ``mac`` counting up)."""
     nic = (

@@ -296,7 +296,7 @@ def test_cli_without_an_agent(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "no daemon runs in" in r.stderr and "mirror agent" in r.stderr
     r = mirror("list", "--agent-config", str(tmp_path / "none.toml"))
-    assert r.returncode == 2 and "cannot read the agent configuration" in r.stderr
+    assert r.returncode == 2 and "cannot read the host agent configuration" in r.stderr
     cfg.write_text('[agent]\nnode = "h"\nport = 7615\n')
     r = mirror("list", "--agent-config", str(cfg))
     assert r.returncode == 2 and "inside pair_ports_from..pair_ports_to" in r.stderr

@@ -41,7 +41,7 @@ def test_errors_name_the_key(data: dict[str, object], why: str) -> None:
 
 
 def test_load_agent_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read the agent configuration"):
+    with pytest.raises(ConfigError, match="cannot read the host agent configuration"):
         load_agent(tmp_path / "none.toml")
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"[agent\n")
