@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mirror.config import ConfigError
-from mirror.guests import domaincheck
+from mirror.guests import domaincheck, standbycheck
 from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.ha import cleanup, control, peerlink
 from mirror.ha.arbiter import ArbiterError
@@ -303,7 +303,7 @@ class Pairing:
                 if r.name != d.domain or not r.ok:
                     raise AgentError(f"the standby's XML is not mirrorable: "
                                      f"{domaincheck.explain(r)}")
-                refused = domaincheck.standby_refusals(xml, agent.domain_dirs())
+                refused = standbycheck.standby_refusals(xml, agent.domain_dirs())
                 if refused:
                     raise AgentError(f"{agent.node} does not run the standby XML {peer} sent: "
                                      f"{'; '.join(refused)}")

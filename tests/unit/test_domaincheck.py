@@ -270,7 +270,7 @@ QMP = ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0
     ],
 )
 def test_a_peers_standby_xml_runs_nothing_of_its_choosing(old: str, new: str, why: str) -> None:
-    from mirror.guests.domaincheck import standby_refusals
+    from mirror.guests.standbycheck import standby_refusals
 
     assert standby_refusals(GOOD) == [] and standby_refusals(GOOD.replace(
         "</domain>", QMP + "</domain>")) == []
@@ -282,8 +282,8 @@ def test_a_peers_preload_library_is_taken_and_replaced_by_this_hosts_own() -> No
     # the dirty-page log's <qemu:env>: accepted, because the standby never runs the
     # peer's values: its definition carries this host's library and a socket of its own
     from mirror.guests import uffd
-    from mirror.guests.domaincheck import standby_refusals
     from mirror.guests.libvirtxml import QEMU_NS, standby_xml
+    from mirror.guests.standbycheck import standby_refusals
 
     env = ("<qemu:env name='LD_PRELOAD' value='/tmp/x.so'/>"
            f"<qemu:env name='{uffd.ENV_SOCK}' value='@peer'/>")
@@ -325,7 +325,7 @@ def test_a_peers_preload_library_is_taken_and_replaced_by_this_hosts_own() -> No
 def test_a_peers_standby_xml_names_files_only_where_a_domains_files_belong(
     old: str, new: str, what: str
 ) -> None:
-    from mirror.guests.domaincheck import standby_refusals
+    from mirror.guests.standbycheck import standby_refusals
 
     assert standby_refusals(GOOD.replace("</domain>", QMP + "</domain>")) == []
     xml = GOOD.replace(old, new)
@@ -337,7 +337,7 @@ def test_a_peers_standby_xml_names_files_only_where_a_domains_files_belong(
 
 
 def test_the_allowed_places_are_the_agents_and_the_files_there_pass(tmp_path) -> None:
-    from mirror.guests.domaincheck import standby_refusals
+    from mirror.guests.standbycheck import standby_refusals
 
     xml = GOOD.replace(
         "<serial type='pty'><target port='0'/></serial>",
