@@ -108,13 +108,13 @@ def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
     assert isinstance(summary, dict)
     age = st.get("report_age_s")
     if st.get("running", True):
-        agent_row = f"running (pid {st.get('pid')}, reported {age} s ago)"
+        process_row = f"running (pid {st.get('pid')}, reported {age} s ago)"
     elif st.get("phase") == "stopped":
-        agent_row = f"not running (stopped; last report {age} s ago)"
+        process_row = f"not running (stopped; last report {age} s ago)"
     else:
-        agent_row = f"not running (last report {age} s ago); what it last reported:"
+        process_row = f"not running (last report {age} s ago); what it last reported:"
     rows: list[tuple[str, object]] = [
-        ("agent", agent_row),
+        ("process", process_row),
         ("node", f"{st.get('node')} of pair {st.get('pair')}, generation {st.get('generation')}"),
         ("role", st.get("role")),
         ("phase", st.get("phase")),

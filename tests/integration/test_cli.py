@@ -122,7 +122,7 @@ def test_status_reports_what_the_agent_wrote(tmp_path: Path) -> None:
     assert json.loads(run.stdout)["running"] is False
     run = mirror("status", "--config", str(cfg))
     assert run.returncode == 3 and "committed checkpoint: 7" in run.stdout
-    assert "agent: not running (last report " in run.stdout
+    assert "process: not running (last report " in run.stdout
     for garbage in ("[1, 2]", "{not json", '{"pid": "x", "reported_at": "soon"}'):
         (tmp_path / "status.json").write_text(garbage)
         run = mirror("status", "--config", str(cfg))

@@ -45,7 +45,7 @@ def test_status_promoted_killed_restarted_and_stopped(pair: Pair) -> None:
     assert run.returncode == 0, run.stderr
     view = rows(run)
     assert (view["phase"], view["protection"]) == ("protected", "protected"), run.stdout
-    assert view["agent"].startswith(f"running (pid {a.proc.pid},"), run.stdout
+    assert view["process"].startswith(f"running (pid {a.proc.pid},"), run.stdout
     st = as_json(status(a.config_path, "--json"))
     assert st["running"] is True and st["protection"] == "protected"
 
@@ -57,7 +57,7 @@ def test_status_promoted_killed_restarted_and_stopped(pair: Pair) -> None:
     a.proc.wait()
     run = status(a.config_path)
     assert run.returncode == 3, run.stdout + run.stderr
-    assert rows(run)["agent"].startswith("not running (last report "), run.stdout
+    assert rows(run)["process"].startswith("not running (last report "), run.stdout
     st = as_json(status(a.config_path, "--json"))
     assert st["running"] is False and float(st["report_age_s"]) >= 0  # type: ignore[arg-type]
     # a healthy run logged nothing at WARNING, and no carriage-return progress text
@@ -100,7 +100,7 @@ def test_status_promoted_killed_restarted_and_stopped(pair: Pair) -> None:
     run = status(b.config_path)
     assert run.returncode == 3, run.stdout
     view = rows(run)
-    assert view["agent"].startswith("not running (stopped; last report"), run.stdout
+    assert view["process"].startswith("not running (stopped; last report"), run.stdout
     assert (view["phase"], view["protection"]) == ("stopped", "stopped"), run.stdout
     assert not shm_files(pair.cfg_b.pair.name + "-hostB")
 
