@@ -264,7 +264,8 @@ static const char *receive(struct hs *x) {
            x->resync == 2 ? "hashsync (this image's block hashes, then the blocks that differ)"
            : x->resync    ? "resync of the blocks written since" : "initial sync");
     unsigned char *buf = malloc(MAX_REQ + TAG), *obuf = malloc(MAX_REQ + sizeof r + TAG);
-    const char *why = buf && obuf ? NULL : "out of memory for the stream's buffers";
+    struct rd in = {fd, malloc(RD_BUF), 0, 0, RD_BUF};
+    const char *why = buf && obuf && in.buf ? NULL : "out of memory for the stream's buffers";
     if (!why && x->resync == 2) { /* the hashes of this image's blocks, for the primary to compare */
         EVP_MD_CTX *md = EVP_MD_CTX_new();
         if (!md) why = "out of memory for the block hashes";
@@ -279,7 +280,7 @@ static const char *receive(struct hs *x) {
         if (md) EVP_MD_CTX_free(md);
     }
     while (!why) {
-        if (read_full(fd, &r, sizeof r)) { why = "the primary closed the stream"; break; }
+        if (rd_read(&in, &r, sizeof r)) { why = "the primary closed the stream"; break; }
         uint32_t type = le32toh(r.type);
         uint64_t ep = le64toh(r.epoch), off = le64toh(r.offset), len = le64toh(r.len);
         int has_data = rec_has_data(type);
@@ -290,7 +291,7 @@ static const char *receive(struct hs *x) {
             break;
         }
         if (has_data && !syncing && len > S.jsize) { why = "a record larger than the journal"; break; }
-        int o = open_rec(fd, &x->rx, &r, buf, has_data ? len : 0);
+        int o = open_rec(&in, &x->rx, &r, buf, has_data ? len : 0);
         if (o == -2) { why = "a record that fails its integrity check (altered, replayed or out of order)"; break; }
         if (o) { why = "the primary closed the stream"; break; }
         if (syncing) {
@@ -354,6 +355,7 @@ static const char *receive(struct hs *x) {
     }
     free(buf);
     free(obuf);
+    free(in.buf);
     return why;
 }
 
