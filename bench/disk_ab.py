@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mirror.guests.disk as guest_disk
 from bench.disk import CASES, KEY, Checkpoints, free_port, qemu_img_bench
 from mirror.replication.disk import DiskSpec, ReplicatedDisk
 
@@ -47,11 +46,11 @@ def server_program(exe: str | None) -> Iterator[None]:
             cmd = [exe, *cmd[3:]]
         return real(cmd, *a, **kw)
 
-    guest_disk.subprocess.Popen = popen  # type: ignore[assignment,misc]
+    setattr(subprocess, "Popen", popen)  # (mirror.guests.disk starts its server with it)  # noqa: B010
     try:
         yield
     finally:
-        guest_disk.subprocess.Popen = real  # type: ignore[misc]
+        setattr(subprocess, "Popen", real)  # noqa: B010
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         ops = {p: {} for p in paths}
         for i in range(args.rounds):
             for name, a2, c in CASES:
-                order = paths[i % len(paths):] + paths[:i % len(paths)]
-                for p in order:
-                    fmt_args = a2
-                    ops[p].setdefault(name, []).append(qemu_img_bench(urls[p], fmt_args, c // 4))
+                k = i % len(paths)
+                for p in paths[k:] + paths[:k]:  # the order turns each round
+                    ops[p].setdefault(name, []).append(qemu_img_bench(urls[p], a2, c // 4))
     finally:
         for cp in cps:
             cp.halt.set()
@@ -117,23 +115,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<16}" + "".join(f"{statistics.median(ops[p][name]):>17.0f}" for p in ops))
     ratios: dict[str, dict[str, float]] = {}
     for build in ("base", "this"):
-        rep, srv = ops[f"{build} replicated"], ops[f"{build} served"]
-        r4 = [x / y for x, y in zip(rep["write 4K QD1"], srv["write 4K QD1"], strict=True)]
+        rep, srvd = ops[f"{build} replicated"], ops[f"{build} served"]
+        r4 = [x / y for x, y in zip(rep["write 4K QD1"], srvd["write 4K QD1"], strict=True)]
         r1 = [x / y for x, y in zip(rep["write 1M QD1"], ops["local"]["write 1M QD1"],
                                     strict=True)]  # fmt: skip
-        r16 = [x / y for x, y in zip(rep["write 4K QD16"], srv["write 4K QD16"], strict=True)]
+        r16 = [x / y for x, y in zip(rep["write 4K QD16"], srvd["write 4K QD16"], strict=True)]
         ratios[build] = {"4K QD1 replicated/served": statistics.median(r4),
                          "4K QD16 replicated/served": statistics.median(r16),
                          "1M QD1 replicated/local": statistics.median(r1)}  # fmt: skip
+        rng = f"ranges 4K {min(r4):.2f}-{max(r4):.2f}, 1M {min(r1):.2f}-{max(r1):.2f}"
         print(f"{build}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios[build].items())
-              + f"  (ranges 4K {min(r4):.2f}-{max(r4):.2f}, 1M {min(r1):.2f}-{max(r1):.2f})")
+              + f"  ({rng})")  # fmt: skip
     for p in ("served", "replicated"):
         print(f"this / base, {p}: " + ", ".join(
             f"{name} {statistics.median([x / y for x, y in zip(ops[f'this {p}'][name], ops[f'base {p}'][name], strict=True)]):.2f}"  # noqa: E501
             for name, _, _ in CASES))  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"mib": args.mib, "rounds": args.rounds,
-                                               "ops_per_s": ops, "ratios": ratios}, indent=2))
+        out = {"mib": args.mib, "rounds": args.rounds, "ops_per_s": ops, "ratios": ratios}
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -60,13 +60,15 @@ static size_t seal(struct chan *c, const struct rec *h, const void *data, size_t
 }
 
 /* one sealed record to fd in one send (buf: room for the record; the caller's own); plain
-   records go without a copy: the header and the data as they are */
-int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf) {
+   records go without a copy: the header and the data as they are.  more: another record
+   follows before anyone waits on this one (MSG_MORE: TCP may hold it to fill a segment) */
+int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf, int more) {
     if (!c->ctx) {
         struct iovec v[2] = {{(void *)h, sizeof *h}, {(void *)data, n}};
-        return writev_full(fd, v, n ? 2 : 1);
+        return writev_full(fd, v, n ? 2 : 1, more ? MSG_MORE : 0);
     }
-    return write_full(fd, buf, seal(c, h, data, n, buf));
+    struct iovec v = {buf, seal(c, h, data, n, buf)};
+    return writev_full(fd, &v, 1, more ? MSG_MORE : 0);
 }
 
 /* after the header h: n bytes of data (to buf, decrypted in place) and the tag; 0 if they

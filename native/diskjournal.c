@@ -275,7 +275,7 @@ static const char *receive(struct hs *x) {
             hash_blocks(md, (const char *)buf, n, buf + SYNC_CHUNK); /* (buf holds MAX_REQ: room for both) */
             uint64_t hl = (n + BS - 1) / BS * HASH_LEN;
             struct rec hr = {htole32(REC_MAGIC), htole32(R_HASHES), 0, htole64(off / BS), htole64(hl)};
-            if (send_sealed(fd, &x->tx, &hr, buf + SYNC_CHUNK, hl, obuf)) why = "the primary closed the stream";
+            if (send_sealed(fd, &x->tx, &hr, buf + SYNC_CHUNK, hl, obuf, 0)) why = "the primary closed the stream";
         }
         if (md) EVP_MD_CTX_free(md);
     }
@@ -318,7 +318,7 @@ static const char *receive(struct hs *x) {
             int e = read_view(off, len, (char *)buf);
             struct rec a = {htole32(REC_MAGIC), htole32(R_READ_REPLY), htole64(ep), htole64(e ? (uint64_t)-e : 0),
                             htole64(e ? 0 : len)};
-            if (send_sealed(fd, &x->tx, &a, buf, e ? 0 : len, obuf)) { why = "answering a read failed"; break; }
+            if (send_sealed(fd, &x->tx, &a, buf, e ? 0 : len, obuf, 0)) { why = "answering a read failed"; break; }
             continue;
         }
         pthread_mutex_lock(&S.mu);

@@ -72,7 +72,7 @@ static void reply(struct conn *c, uint64_t handle, uint32_t err, const void *dat
         htobe32(NBD_SIMPLE_REPLY), htobe32(err), handle};
     struct iovec v[2] = {{&h, sizeof h}, {(void *)data, data ? len : 0}};
     pthread_mutex_lock(&c->wmu);
-    writev_full(c->fd, v, data && len ? 2 : 1);
+    writev_full(c->fd, v, data && len ? 2 : 1, 0);
     pthread_mutex_unlock(&c->wmu);
 }
 

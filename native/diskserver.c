@@ -98,12 +98,13 @@ int write_full(int fd, const void *buf, size_t n) {
 }
 
 /* the buffers of v (n of them, changed as they go) in order, in as few sends as the socket
-   takes: one, mostly (a record's header, data and tag; a reply's header and data) */
-int writev_full(int fd, struct iovec *v, int n) {
+   takes: one, mostly (a record's header, data and tag; a reply's header and data); flags:
+   sendmsg's (MSG_MORE: more follows at once, the kernel may hold this in its buffer) */
+int writev_full(int fd, struct iovec *v, int n, int flags) {
     while (n && !v->iov_len) v++, n--;
     while (n) {
         struct msghdr m = {.msg_iov = v, .msg_iovlen = (size_t)n};
-        ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL);
+        ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL | flags);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0 && errno == ENOTSOCK) r = writev(fd, v, n);
         if (r <= 0) return -1;

@@ -206,7 +206,7 @@ static inline void bm_or(uint64_t *dst, const uint64_t *src) {
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int read_full(int fd, void *buf, size_t n);
 int write_full(int fd, const void *buf, size_t n);
-int writev_full(int fd, struct iovec *v, int n);
+int writev_full(int fd, struct iovec *v, int n, int flags);
 struct rd { /* a stream read through a buffer: a record's header, data and tag in one recv (mostly) */
     int fd;
     unsigned char *buf; /* NULL: unbuffered (a reader that hands the socket on) */
@@ -224,7 +224,7 @@ void conn_key(const unsigned char *key, const char *label, const unsigned char *
               unsigned char out[32]);
 void chan_free(struct chan *c);
 int chan_init(struct chan *c, const unsigned char key[32], int enc, int plain);
-int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf);
+int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf, int more);
 int open_rec(struct rd *in, struct chan *c, const struct rec *h, unsigned char *buf, size_t n);
 void hello_mac(const unsigned char *key, const unsigned char *nb, const struct rec *h, const char *text, size_t n,
                unsigned char out[32]);

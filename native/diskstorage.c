@@ -51,7 +51,8 @@ static struct {
     uint64_t timeouts;
     struct change *watched; /* the guest's changes in their local call (the watchdog's) */
     pthread_cond_t wcv;     /* the watchdog waits here (monotonic) */
-    int watchdog;           /* started */
+    int watchdog, wd_idle;  /* started; asleep without a deadline (a new call wakes it) */
+    uint64_t calls;         /* changes watched so far */
 } L = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
 static int lio_do(struct lio *q) {
@@ -220,12 +221,19 @@ static void unwatch(struct change *c) { /* L.mu held */
 /* wakes at the earliest deadline of the changes' local calls; abandons those past it */
 static void *watchdog(void *arg) {
     (void)arg;
+    uint64_t seen = 0;
     pthread_mutex_lock(&L.mu);
     for (;;) {
         double first = 0;
         for (struct change *c = L.watched; c; c = c->wnext)
             if (!first || c->wake < first) first = c->wake;
-        if (!first) { pthread_cond_wait(&L.wcv, &L.mu); continue; }
+        if (!first && seen == L.calls) { /* no call for a whole period: sleep until the next one */
+            L.wd_idle = 1;
+            while (L.wd_idle) pthread_cond_wait(&L.wcv, &L.mu);
+            continue;
+        }
+        if (!first) first = now_ms() + S.hang_ms; /* calls come and go: look again in a period */
+        seen = L.calls;
         if (now_ms() < first) {
             struct timespec ts;
             ms_to_ts(first, &ts);
@@ -282,8 +290,12 @@ static int local_change(struct change *c) {
     }
     c->wprev = NULL, c->wnext = L.watched;
     if (L.watched) L.watched->wprev = c;
-    else pthread_cond_signal(&L.wcv); /* the watchdog sleeps without a deadline: this is the first */
     L.watched = c;
+    L.calls++;
+    if (L.wd_idle) { /* the watchdog sleeps without a deadline (the first call in a period): wake it */
+        L.wd_idle = 0;
+        pthread_cond_signal(&L.wcv);
+    }
     pthread_mutex_unlock(&L.mu);
     int e = LOCAL_CALL();
 #undef LOCAL_CALL

@@ -36,7 +36,10 @@ void stream_send(uint32_t type, uint64_t epoch, uint64_t off, uint64_t len, cons
         S.txbuf = malloc(S.txcap);
         if (!S.txbuf) { S.txcap = 0; peer_lost("out of memory for a record"); return; }
     }
-    if (send_sealed(S.peer, &S.tx, &r, data, n, S.txbuf))
+    /* a change or a copy's chunk: no one waits on it before a record that does (a BARRIER,
+       a READ, SYNC_DONE): the kernel may gather them into full segments (MSG_MORE) */
+    int more = type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC;
+    if (send_sealed(S.peer, &S.tx, &r, data, n, S.txbuf, more))
         peer_lost(errno == EAGAIN || errno == EWOULDBLOCK
                       ? "the replica stopped reading (its journal is full with one epoch)"
                       : strerror(errno));
