@@ -71,6 +71,7 @@ struct rec {
 #define SYNC_CHUNK (1u << 20)
 #define RD_BUF (256u << 10) /* a stream reader's buffer */
 #define TAG 16          /* AES-256-GCM tag after every record */
+#define SEAL_CHUNK (128u << 10) /* a large record is sealed, sent and opened in chunks of this */
 #define HS_MAX 16       /* handshakes in progress at once on a replica */
 
 struct chan { /* one direction of an authenticated stream */
