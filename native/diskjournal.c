@@ -505,7 +505,7 @@ void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
     while (b < S.nents && S.ents[b].epoch <= n) b++;
     size_t cnt = b - a;
     struct entry *todo = malloc((cnt ? cnt : 1) * sizeof *todo);
-    memcpy(todo, S.ents + a, cnt * sizeof *todo);
+    if (cnt) memcpy(todo, S.ents + a, cnt * sizeof *todo);
     uint64_t head = b < S.nents ? S.ents[b].pos : S.jtail, drops = S.drops;
     pthread_mutex_unlock(&S.mu);
     char *buf = NULL;
