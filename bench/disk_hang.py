@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.disk import CASES, Checkpoints, free_port, qemu_img_bench
+from bench.disk import CASES, KEY, Checkpoints, free_port, qemu_img_bench
 from mirror.replication.disk import DiskSpec, ReplicatedDisk
 
 
@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for hang_ms in (0, 2000):
             spec = DiskSpec(root / f"{hang_ms}.img", args.mib << 20, root / str(hang_ms), "bench",
-                            hang_ms=hang_ms)  # fmt: skip
+                            hang_ms=hang_ms, session_key=KEY)  # fmt: skip
             servers[hang_ms] = ReplicatedDisk(spec)
             if args.replicated:
                 port = free_port()
                 replicas.append(ReplicatedDisk(DiskSpec(
                         root / f"r{hang_ms}.img", args.mib << 20, root / f"r{hang_ms}", "bench",
                         listen=f"127.0.0.1:{port}", journal=root / f"r{hang_ms}.journal",
-                        journal_bytes=512 << 20)))  # fmt: skip
+                        journal_bytes=512 << 20, session_key=KEY)))  # fmt: skip
                 servers[hang_ms].replicate("127.0.0.1", port, 1)
                 servers[hang_ms].wait_synced()
                 cps.append(Checkpoints(servers[hang_ms], replicas[-1]))

@@ -59,22 +59,64 @@ static size_t seal(struct chan *c, const struct rec *h, const void *data, size_t
     return sizeof *h + n + TAG;
 }
 
-/* one sealed record to fd (buf: room for the record; the caller's own) */
-int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf) {
-    return write_full(fd, buf, seal(c, h, data, n, buf));
+/* a large record sealed and sent a chunk at a time (the peer decrypts one chunk while this
+   side encrypts the next); 0 or -1 */
+static int send_chunked(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf,
+                        int more) {
+    unsigned char iv[12];
+    int l;
+    chan_iv(c, iv);
+    EVP_EncryptInit_ex(c->ctx, NULL, NULL, NULL, iv);
+    EVP_EncryptUpdate(c->ctx, NULL, &l, (const unsigned char *)h, sizeof *h);
+    memcpy(buf, h, sizeof *h);
+    size_t at = sizeof *h;
+    for (size_t done = 0; done < n;) {
+        size_t k = n - done < SEAL_CHUNK ? n - done : SEAL_CHUNK;
+        if (!EVP_EncryptUpdate(c->ctx, buf + at, &l, (const unsigned char *)data + done, (int)k) || (size_t)l != k)
+            return -1;
+        at += k, done += k;
+        if (done == n) {
+            EVP_EncryptFinal_ex(c->ctx, buf + at, &l);
+            EVP_CIPHER_CTX_ctrl(c->ctx, EVP_CTRL_GCM_GET_TAG, TAG, buf + at);
+            at += TAG;
+        }
+        struct iovec v = {buf, at};
+        if (writev_full(fd, &v, 1, done < n || more ? MSG_MORE : 0)) return -1;
+        at = 0;
+    }
+    return 0;
+}
+
+/* one sealed record to fd in one send (buf: room for the record; the caller's own); plain
+   records go without a copy: the header and the data as they are; a large sealed one a
+   chunk at a time.  more: another record follows before anyone waits on this one
+   (MSG_MORE: TCP may hold it to fill a segment) */
+int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf, int more) {
+    if (!c->ctx) {
+        struct iovec v[2] = {{(void *)h, sizeof *h}, {(void *)data, n}};
+        return writev_full(fd, v, n ? 2 : 1, more ? MSG_MORE : 0);
+    }
+    if (n > 2 * SEAL_CHUNK) return send_chunked(fd, c, h, data, n, buf, more);
+    struct iovec v = {buf, seal(c, h, data, n, buf)};
+    return writev_full(fd, &v, 1, more ? MSG_MORE : 0);
 }
 
 /* after the header h: n bytes of data (to buf, decrypted in place) and the tag; 0 if they
    are intact and in order, -1 if the connection ended, -2 if they fail the check */
-int open_rec(int fd, struct chan *c, const struct rec *h, unsigned char *buf, size_t n) {
+int open_rec(struct rd *in, struct chan *c, const struct rec *h, unsigned char *buf, size_t n) {
     unsigned char tag[TAG], iv[12];
-    if ((n && read_full(fd, buf, n)) || (c->ctx && read_full(fd, tag, TAG))) return -1;
-    if (!c->ctx) return 0;
+    if (!c->ctx) return n && rd_read(in, buf, n) ? -1 : 0;
     int l;
     chan_iv(c, iv);
     EVP_DecryptInit_ex(c->ctx, NULL, NULL, NULL, iv);
     EVP_DecryptUpdate(c->ctx, NULL, &l, (const unsigned char *)h, sizeof *h);
-    if (n) EVP_DecryptUpdate(c->ctx, buf, &l, buf, (int)n);
+    for (size_t done = 0; done < n;) { /* a chunk at a time, as it arrives (nothing is used before the tag's check) */
+        size_t k = n - done < SEAL_CHUNK ? n - done : SEAL_CHUNK;
+        if (rd_read(in, buf + done, k)) return -1;
+        EVP_DecryptUpdate(c->ctx, buf + done, &l, buf + done, (int)k);
+        done += k;
+    }
+    if (rd_read(in, tag, TAG)) return -1;
     EVP_CIPHER_CTX_ctrl(c->ctx, EVP_CTRL_GCM_SET_TAG, TAG, tag);
     return EVP_DecryptFinal_ex(c->ctx, buf + n, &l) > 0 ? 0 : -2;
 }

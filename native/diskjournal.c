@@ -264,7 +264,8 @@ static const char *receive(struct hs *x) {
            x->resync == 2 ? "hashsync (this image's block hashes, then the blocks that differ)"
            : x->resync    ? "resync of the blocks written since" : "initial sync");
     unsigned char *buf = malloc(MAX_REQ + TAG), *obuf = malloc(MAX_REQ + sizeof r + TAG);
-    const char *why = buf && obuf ? NULL : "out of memory for the stream's buffers";
+    struct rd in = {fd, malloc(RD_BUF), 0, 0, RD_BUF};
+    const char *why = buf && obuf && in.buf ? NULL : "out of memory for the stream's buffers";
     if (!why && x->resync == 2) { /* the hashes of this image's blocks, for the primary to compare */
         EVP_MD_CTX *md = EVP_MD_CTX_new();
         if (!md) why = "out of memory for the block hashes";
@@ -274,12 +275,12 @@ static const char *receive(struct hs *x) {
             hash_blocks(md, (const char *)buf, n, buf + SYNC_CHUNK); /* (buf holds MAX_REQ: room for both) */
             uint64_t hl = (n + BS - 1) / BS * HASH_LEN;
             struct rec hr = {htole32(REC_MAGIC), htole32(R_HASHES), 0, htole64(off / BS), htole64(hl)};
-            if (send_sealed(fd, &x->tx, &hr, buf + SYNC_CHUNK, hl, obuf)) why = "the primary closed the stream";
+            if (send_sealed(fd, &x->tx, &hr, buf + SYNC_CHUNK, hl, obuf, 0)) why = "the primary closed the stream";
         }
         if (md) EVP_MD_CTX_free(md);
     }
     while (!why) {
-        if (read_full(fd, &r, sizeof r)) { why = "the primary closed the stream"; break; }
+        if (rd_read(&in, &r, sizeof r)) { why = "the primary closed the stream"; break; }
         uint32_t type = le32toh(r.type);
         uint64_t ep = le64toh(r.epoch), off = le64toh(r.offset), len = le64toh(r.len);
         int has_data = rec_has_data(type);
@@ -290,7 +291,7 @@ static const char *receive(struct hs *x) {
             break;
         }
         if (has_data && !syncing && len > S.jsize) { why = "a record larger than the journal"; break; }
-        int o = open_rec(fd, &x->rx, &r, buf, has_data ? len : 0);
+        int o = open_rec(&in, &x->rx, &r, buf, has_data ? len : 0);
         if (o == -2) { why = "a record that fails its integrity check (altered, replayed or out of order)"; break; }
         if (o) { why = "the primary closed the stream"; break; }
         if (syncing) {
@@ -317,7 +318,7 @@ static const char *receive(struct hs *x) {
             int e = read_view(off, len, (char *)buf);
             struct rec a = {htole32(REC_MAGIC), htole32(R_READ_REPLY), htole64(ep), htole64(e ? (uint64_t)-e : 0),
                             htole64(e ? 0 : len)};
-            if (send_sealed(fd, &x->tx, &a, buf, e ? 0 : len, obuf)) { why = "answering a read failed"; break; }
+            if (send_sealed(fd, &x->tx, &a, buf, e ? 0 : len, obuf, 0)) { why = "answering a read failed"; break; }
             continue;
         }
         pthread_mutex_lock(&S.mu);
@@ -354,6 +355,7 @@ static const char *receive(struct hs *x) {
     }
     free(buf);
     free(obuf);
+    free(in.buf);
     return why;
 }
 
@@ -451,6 +453,25 @@ void *stream_thread(void *arg) {
     }
 }
 
+/* a journaled record's data onto the replica by the kernel (copy_file_range: no copy through
+   this process); 0, or -1: not done (the caller copies it itself) */
+static int copy_range(uint64_t from, uint64_t to, uint64_t len) {
+    static int unsupported;
+    if (__atomic_load_n(&unsupported, __ATOMIC_RELAXED)) return -1;
+    loff_t a = (loff_t)from, b = (loff_t)to;
+    while (len) {
+        ssize_t r = copy_file_range(S.jfd, &a, S.img, &b, len, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            if (r < 0 && (errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL))
+                __atomic_store_n(&unsupported, 1, __ATOMIC_RELAXED);
+            return -1; /* (what it copied is copied again: the same bytes) */
+        }
+        len -= (uint64_t)r;
+    }
+    return 0;
+}
+
 void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
     double t0 = now_ms();
     pthread_mutex_lock(&S.mu);
@@ -484,7 +505,7 @@ void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
     while (b < S.nents && S.ents[b].epoch <= n) b++;
     size_t cnt = b - a;
     struct entry *todo = malloc((cnt ? cnt : 1) * sizeof *todo);
-    memcpy(todo, S.ents + a, cnt * sizeof *todo);
+    if (cnt) memcpy(todo, S.ents + a, cnt * sizeof *todo);
     uint64_t head = b < S.nents ? S.ents[b].pos : S.jtail, drops = S.drops;
     pthread_mutex_unlock(&S.mu);
     char *buf = NULL;
@@ -493,6 +514,7 @@ void cmd_commit(uint64_t n, int timeout_ms, char *out, size_t outlen) {
     for (size_t i = 0; i < cnt && !err; i++) { /* the receiver only appends: no lock needed */
         struct entry *e = &todo[i];
         if (e->type == R_WRITE) {
+            if (copy_range(e->pos % S.jsize, e->offset, e->len) == 0) continue; /* in the kernel, one copy */
             if (bufcap < e->len) { free(buf); bufcap = e->len; buf = malloc(bufcap); }
             err = pread_full(S.jfd, buf, e->len, e->pos % S.jsize);
             if (!err) err = pwrite_full(S.img, buf, e->len, e->offset);

@@ -35,6 +35,7 @@ struct conn {
 };
 
 struct job {
+    struct change ch; /* a change's (diskstorage.c): first, so a change is its job */
     struct conn *c;
     uint16_t flags, type;
     uint64_t handle, offset;
@@ -56,11 +57,22 @@ static void conn_put(struct conn *c) {
     if (last) { close(c->fd); pthread_mutex_destroy(&c->wmu); free(c); }
 }
 
+/* one reference less on a job: its worker's, and a takeover's (diskstorage.c) */
+static void job_put(struct change *ch) {
+    struct job *j = (struct job *)ch;
+    if (__atomic_sub_fetch(&ch->refs, 1, __ATOMIC_ACQ_REL)) return;
+    free(j->data);
+    conn_put(j->c);
+    free(j);
+}
+
+/* the reply: its header and data in one send */
 static void reply(struct conn *c, uint64_t handle, uint32_t err, const void *data, uint32_t len) {
     struct { uint32_t magic, err; uint64_t handle; } __attribute__((packed)) h = {
         htobe32(NBD_SIMPLE_REPLY), htobe32(err), handle};
+    struct iovec v[2] = {{&h, sizeof h}, {(void *)data, data ? len : 0}};
     pthread_mutex_lock(&c->wmu);
-    if (write_full(c->fd, &h, sizeof h) == 0 && data && len) write_full(c->fd, data, len);
+    writev_full(c->fd, v, data && len ? 2 : 1, 0);
     pthread_mutex_unlock(&c->wmu);
 }
 
@@ -69,6 +81,15 @@ static uint32_t nbd_errno(int e) {
     case EPERM: case EIO: case ENOMEM: case EINVAL: case ENOSPC: return (uint32_t)e;
     default: return EIO;
     }
+}
+
+/* a change whose local call hung, answered by the takeover's thread, which then serves as
+   a worker in the place of the one left in the call */
+static void job_resume(struct change *ch, int e) {
+    struct job *j = (struct job *)ch;
+    reply(j->c, j->handle, e ? nbd_errno(-e) : 0, NULL, 0);
+    job_put(ch);
+    nbd_worker(NULL);
 }
 
 void *nbd_worker(void *arg) {
@@ -95,15 +116,19 @@ void *nbd_worker(void *arg) {
             reply(j->c, j->handle, err, err ? NULL : rbuf, j->len);
             break;
         }
-        case NBD_CMD_WRITE: {
-            int e = disk_change(R_WRITE, j->offset, j->len, j->data, fua);
-            err = e ? nbd_errno(-e) : 0;
-            reply(j->c, j->handle, err, NULL, 0);
-            break;
-        }
+        case NBD_CMD_WRITE:
         case NBD_CMD_WRITE_ZEROES:
         case NBD_CMD_TRIM: {
-            int e = j->len ? disk_change(j->type == NBD_CMD_TRIM ? R_TRIM : R_ZERO, j->offset, j->len, NULL, fua) : 0;
+            if (!j->len) { reply(j->c, j->handle, 0, NULL, 0); break; }
+            j->ch.type = j->type == NBD_CMD_WRITE ? R_WRITE : j->type == NBD_CMD_TRIM ? R_TRIM : R_ZERO;
+            j->ch.off = j->offset, j->ch.len = j->len, j->ch.data = j->data, j->ch.fua = fua;
+            j->ch.resume = job_resume, j->ch.put = job_put;
+            int e = disk_change(&j->ch);
+            if (e == DISK_TAKEN) { /* answered by a takeover long ago: this thread's place is taken */
+                job_put(&j->ch);
+                free(rbuf);
+                return NULL;
+            }
             err = e ? nbd_errno(-e) : 0;
             reply(j->c, j->handle, err, NULL, 0);
             break;
@@ -117,9 +142,7 @@ void *nbd_worker(void *arg) {
         default:
             reply(j->c, j->handle, EINVAL, NULL, 0);
         }
-        free(j->data);
-        conn_put(j->c);
-        free(j);
+        job_put(&j->ch);
     }
     return NULL;
 }
@@ -170,6 +193,7 @@ static void *conn_thread(void *arg) {
             struct { uint32_t magic; uint16_t flags, type; uint64_t handle, offset; uint32_t len; } __attribute__((packed)) r;
             if (read_full(c->fd, &r, sizeof r) || be32toh(r.magic) != NBD_REQ_MAGIC) break;
             struct job *j = calloc(1, sizeof *j);
+            j->ch.refs = 1;
             j->c = c, j->flags = be16toh(r.flags), j->type = be16toh(r.type);
             j->handle = r.handle, j->offset = be64toh(r.offset), j->len = be32toh(r.len);
             if (j->type == NBD_CMD_DISC) { free(j); break; }

@@ -12,8 +12,11 @@
  * data) BEFORE QEMU gets its answer, so when QMP `stop` has drained the guest's
  * I/O, every write the guest saw completed is in the stream.  The agent then
  * sends `barrier N` on the control socket (inside the checkpoint's pause): a
- * BARRIER record closes epoch N.  Changes and the barrier are serialised by one
- * mutex, so the stream's order is the local image's order.
+ * BARRIER record closes epoch N.  Changes are ordered per range: overlapping ones
+ * reach the local image and the stream one after the other, in the same order;
+ * changes of different blocks make their local calls at once (outside the stream's
+ * lock; their records commute).  The barrier waits for the local calls under way,
+ * so every change is in one epoch on the image and in the stream alike.
  *
  * Replica role: receives the stream into a ring journal file (bounded: when it
  * is full the receiver stops reading, TCP pushes back and the primary's writes
@@ -91,6 +94,44 @@ int write_full(int fd, const void *buf, size_t n) {
         if (r <= 0) return -1;
         p += r, n -= (size_t)r;
     }
+    return 0;
+}
+
+/* the buffers of v (n of them, changed as they go) in order, in as few sends as the socket
+   takes: one, mostly (a record's header, data and tag; a reply's header and data); flags:
+   sendmsg's (MSG_MORE: more follows at once, the kernel may hold this in its buffer) */
+int writev_full(int fd, struct iovec *v, int n, int flags) {
+    while (n && !v->iov_len) v++, n--;
+    while (n) {
+        struct msghdr m = {.msg_iov = v, .msg_iovlen = (size_t)n};
+        ssize_t r = sendmsg(fd, &m, MSG_NOSIGNAL | flags);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno == ENOTSOCK) r = writev(fd, v, n);
+        if (r <= 0) return -1;
+        while (n && (size_t)r >= v->iov_len) r -= (ssize_t)v->iov_len, v++, n--;
+        if (n) v->iov_base = (char *)v->iov_base + r, v->iov_len -= (size_t)r;
+        while (n && !v->iov_len) v++, n--;
+    }
+    return 0;
+}
+
+/* n bytes from the stream: what the buffer holds, then one recv of all the socket has (up
+   to its size) for a small rest, or straight into place for a large one */
+int rd_read(struct rd *r, void *dst, size_t n) {
+    char *p = dst;
+    size_t have = r->tail - r->head, k = have < n ? have : n;
+    if (k) memcpy(p, r->buf + r->head, k), r->head += k, p += k, n -= k;
+    if (!n) return 0;
+    if (!r->buf || n >= r->cap / 2) return read_full(r->fd, p, n);
+    r->head = r->tail = 0;
+    while (r->tail < n) {
+        ssize_t g = read(r->fd, r->buf + r->tail, r->cap - r->tail);
+        if (g < 0 && errno == EINTR) continue;
+        if (g <= 0) return -1;
+        r->tail += (size_t)g;
+    }
+    memcpy(p, r->buf, n);
+    r->head = n;
     return 0;
 }
 

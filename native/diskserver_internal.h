@@ -15,7 +15,8 @@
  *   diskcrypto.c   the stream's keys: the handshake's MACs, the records' AEAD, block hashes
  *
  * Locks: stream_mu (the primary's stream and storage path), mu (the replica's journal),
- * rmu (remote reads), L.mu (diskstorage.c's I/O threads), Q.mu (disknbd.c's queue).
+ * rmu (remote reads), L.mu (diskstorage.c's I/O threads and watchdog), Q.mu (disknbd.c's
+ * queue).  Order: stream_mu before mu, stream_mu before L.mu.
  */
 #ifndef MIRROR_DISKSERVER_INTERNAL_H
 #define MIRROR_DISKSERVER_INTERNAL_H
@@ -68,7 +69,9 @@ struct rec {
     uint64_t epoch, offset, len;
 };
 #define SYNC_CHUNK (1u << 20)
+#define RD_BUF (256u << 10) /* a stream reader's buffer */
 #define TAG 16          /* AES-256-GCM tag after every record */
+#define SEAL_CHUNK (128u << 10) /* a large record is sealed, sent and opened in chunks of this */
 #define HS_MAX 16       /* handshakes in progress at once on a replica */
 
 struct chan { /* one direction of an authenticated stream */
@@ -82,6 +85,23 @@ enum storage { LOCAL, REMOTE, SUSPENDED }; /* where the primary's disk I/O goes 
 #define BS 4096u                           /* one bit of a dirty bitmap */
 
 struct rreq;  /* a read sent to B, waiting for its reply (diskstorage.c) */
+
+/* a guest's change of the disk (a request of disknbd.c's), on its way through diskstorage.c */
+struct change {
+    uint32_t type, len;  /* R_WRITE, R_ZERO, R_TRIM */
+    uint64_t off;
+    const char *data;    /* R_WRITE: len bytes */
+    int fua, local;      /* local: it makes a call on the local image */
+    int refs;            /* its owner's, and a takeover's (atomic) */
+    /* answer the request from a takeover's thread, then serve as a worker (never returns) */
+    void (*resume)(struct change *c, int e);
+    void (*put)(struct change *c); /* one reference less (the last frees it) */
+    /* diskstorage.c's: the changes in flight (stream_mu), the local calls watched (L.mu) */
+    struct change *rnext, *rprev, *wnext, *wprev;
+    double wake;         /* when the watchdog looks at its local call next */
+    int state, logged;
+};
+#define DISK_TAKEN 1 /* disk_change: its local call hung, and a takeover answered the request */
 struct entry; /* one journaled record on the replica (diskjournal.c) */
 
 struct disk_state { /* the server's state: one per process (diskserver.c defines it) */
@@ -126,7 +146,10 @@ struct disk_state { /* the server's state: one per process (diskserver.c defines
     int probe_ms, probing;
     int hang_ms;              /* a call on the local image longer than this: it hangs */
     int draining;             /* the switch back's last pass: the guest's writes wait */
-    pthread_cond_t io_cv;     /* (stream_mu) suspended I/O waits here */
+    pthread_cond_t io_cv;     /* (stream_mu) suspended I/O waits here, and changes for each other */
+    struct change *inflight;  /* (stream_mu) the changes under way: an overlapping one waits */
+    int local_busy;           /* (stream_mu) changes in their local call (outside stream_mu) */
+    int holding;              /* (stream_mu) a barrier waits for them: new changes wait */
     pthread_mutex_t flush_mu; /* one local flush at a time */
     /* remote reads over the stream: rmu guards these */
     pthread_mutex_t rmu;
@@ -184,6 +207,13 @@ static inline void bm_or(uint64_t *dst, const uint64_t *src) {
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int read_full(int fd, void *buf, size_t n);
 int write_full(int fd, const void *buf, size_t n);
+int writev_full(int fd, struct iovec *v, int n, int flags);
+struct rd { /* a stream read through a buffer: a record's header, data and tag in one recv (mostly) */
+    int fd;
+    unsigned char *buf; /* NULL: unbuffered (a reader that hands the socket on) */
+    size_t head, tail, cap;
+};
+int rd_read(struct rd *r, void *dst, size_t n);
 int pread_full(int fd, void *buf, size_t n, uint64_t off);
 int pwrite_full(int fd, const void *buf, size_t n, uint64_t off);
 int zero_range(int fd, uint64_t off, uint64_t len, int punch);
@@ -195,8 +225,8 @@ void conn_key(const unsigned char *key, const char *label, const unsigned char *
               unsigned char out[32]);
 void chan_free(struct chan *c);
 int chan_init(struct chan *c, const unsigned char key[32], int enc, int plain);
-int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf);
-int open_rec(int fd, struct chan *c, const struct rec *h, unsigned char *buf, size_t n);
+int send_sealed(int fd, struct chan *c, const struct rec *h, const void *data, size_t n, unsigned char *buf, int more);
+int open_rec(struct rd *in, struct chan *c, const struct rec *h, unsigned char *buf, size_t n);
 void hello_mac(const unsigned char *key, const unsigned char *nb, const struct rec *h, const char *text, size_t n,
                unsigned char out[32]);
 void answer_mac(const unsigned char *key, const unsigned char *nb, const unsigned char *na, uint64_t verdict,
@@ -212,7 +242,9 @@ void lio_counts(uint64_t *timeouts, int *stuck);
 void set_storage(enum storage st);
 void start_reply_reader(int fd, uint64_t gen, struct chan rx);
 int disk_read(uint64_t off, uint32_t len, char *buf);
-int disk_change(uint32_t type, uint64_t off, uint32_t len, const char *data, int fua);
+int disk_change(struct change *c);
+void changes_hold(void);
+void changes_release(void);
 int disk_flush(void);
 
 /* diskstream.c */

@@ -8,18 +8,29 @@
 /* ---- the local image, with a deadline ----------------------------------------------- *
  *
  * A local image can hang instead of failing (an NFS server gone, a dying disk): a call
- * that never returns would hold stream_mu, so the barrier, so the checkpoint and the
- * guest.  The primary's calls on its image are therefore made by I/O threads, each on a
- * buffer of its own, and the caller waits at most --hang-ms.  Past that, a call of the
- * guest's (LIO_FAILOVER) is abandoned and returns -ETIMEDOUT when the disk can run on
- * B's replica (the caller then fails over as for an error); without a replica holding
- * the whole disk it waits on (a slow disk is no error).  An abandoned call keeps its
- * thread until it returns (maybe never; the thread holds no lock) and is counted in
- * L.stuck: the switch back waits until none is left, so that no late write lands on
- * blocks copied back.  A call abandoned before a thread took it never runs.
- * A read or write the kernel can do without blocking (RWF_NOWAIT: in the page cache) is
- * made by the caller itself, with no hand-off; only the rest goes to an I/O thread
- * (a file system without RWF_NOWAIT, as FUSE or NFS, always). */
+ * that never returns would hold the guest's request, the barrier, so the checkpoint and
+ * the guest.  Every call on the image is therefore made under a deadline, --hang-ms.
+ *
+ * The guest's changes (the hot path: writes, zeroes, trims) are made by the NBD worker
+ * itself, outside any lock, and watched: one watchdog thread wakes at the earliest
+ * deadline of the calls in flight.  A call past it is abandoned when the disk can run on
+ * B's replica: a takeover thread finishes its request as for an error (storage failover:
+ * the change goes to B, the guest gets its answer) and then serves as a worker in the
+ * abandoned one's place; the abandoned worker, if its call ever returns, drops the request
+ * and ends.  Without a replica holding the whole disk the call is waited for (a slow disk
+ * is no error).
+ *
+ * Every other call (reads, flushes, the copies and probes) is made by I/O threads, each on
+ * a buffer of its own, and the caller waits at most --hang-ms.  Past that, a call of the
+ * guest's (LIO_FAILOVER) is abandoned and returns -ETIMEDOUT when the disk can run on B's
+ * replica (the caller then fails over as for an error); without one it waits on.  A read
+ * the kernel can do without blocking (RWF_NOWAIT: in the page cache) is made by the
+ * caller itself, with no hand-off.
+ *
+ * An abandoned call (either kind) is counted in L.stuck until it returns (maybe never;
+ * its thread holds no lock): the switch back waits until none is left, so that no late
+ * write lands on blocks copied back.  A call abandoned before a thread took it never runs.
+ */
 
 #define LIO_MAX_THREADS 64 /* beyond: new calls queue (and time out) until one returns */
 
@@ -38,6 +49,10 @@ static struct {
     struct lio *head, *tail;
     int threads, idle, queued, stuck;
     uint64_t timeouts;
+    struct change *watched; /* the guest's changes in their local call (the watchdog's) */
+    pthread_cond_t wcv;     /* the watchdog waits here (monotonic) */
+    int watchdog, wd_idle;  /* started; asleep without a deadline (a new call wakes it) */
+    uint64_t calls;         /* changes watched so far */
 } L = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
 static int lio_do(struct lio *q) {
@@ -164,6 +179,7 @@ static int lio_stuck(void) {
 void lio_init(void) {
     pthread_condattr_init(&L.mono);
     pthread_condattr_setclock(&L.mono, CLOCK_MONOTONIC);
+    pthread_cond_init(&L.wcv, &L.mono);
 }
 
 /* the hung calls so far: (timeouts) abandoned, (stuck) of them not returned yet */
@@ -171,6 +187,128 @@ void lio_counts(uint64_t *timeouts, int *stuck) {
     pthread_mutex_lock(&L.mu);
     *timeouts = L.timeouts, *stuck = L.stuck;
     pthread_mutex_unlock(&L.mu);
+}
+
+/* ---- the guest's changes on the local image: the worker's own call, watched ---------- */
+
+enum { W_RUN = 1, W_DONE, W_GONE };
+
+static int change_end(struct change *c, int e);
+
+static void ms_to_ts(double ms, struct timespec *ts) {
+    ts->tv_sec = (time_t)(ms / 1000);
+    ts->tv_nsec = (long)((ms - (double)ts->tv_sec * 1000) * 1e6);
+    if (ts->tv_nsec >= 1000000000L) ts->tv_sec++, ts->tv_nsec -= 1000000000L;
+    if (ts->tv_nsec < 0) ts->tv_nsec = 0;
+}
+
+/* an abandoned change's request: finished as for an error (stream_mu), answered, and then
+   this thread serves as a worker in the abandoned one's place */
+static void *takeover(void *arg) {
+    struct change *c = arg;
+    pthread_mutex_lock(&S.stream_mu);
+    int e = change_end(c, -ETIMEDOUT); /* (releases stream_mu) */
+    c->resume(c, e);
+    return NULL;
+}
+
+static void unwatch(struct change *c) { /* L.mu held */
+    if (c->wprev) c->wprev->wnext = c->wnext; else L.watched = c->wnext;
+    if (c->wnext) c->wnext->wprev = c->wprev;
+    c->wnext = c->wprev = NULL;
+}
+
+/* wakes at the earliest deadline of the changes' local calls; abandons those past it */
+static void *watchdog(void *arg) {
+    (void)arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&L.mu);
+    for (;;) {
+        double first = 0;
+        for (struct change *c = L.watched; c; c = c->wnext)
+            if (!first || c->wake < first) first = c->wake;
+        if (!first && seen == L.calls) { /* no call for a whole period: sleep until the next one */
+            L.wd_idle = 1;
+            while (L.wd_idle) pthread_cond_wait(&L.wcv, &L.mu);
+            continue;
+        }
+        if (!first) first = now_ms() + S.hang_ms; /* calls come and go: look again in a period */
+        seen = L.calls;
+        if (now_ms() < first) {
+            struct timespec ts;
+            ms_to_ts(first, &ts);
+            pthread_cond_timedwait(&L.wcv, &L.mu, &ts);
+            continue;
+        }
+        pthread_mutex_unlock(&L.mu); /* (stream_mu before L.mu) */
+        int can = lio_can_fail_over(0);
+        pthread_mutex_lock(&L.mu);
+        double now = now_ms();
+        for (struct change *c = L.watched, *next; c; c = next) {
+            next = c->wnext;
+            if (c->wake > now) continue;
+            pthread_t t;
+            if (can) {
+                c->state = W_GONE;
+                __atomic_add_fetch(&c->refs, 1, __ATOMIC_ACQ_REL); /* the takeover's */
+                if (pthread_create(&t, NULL, takeover, c) == 0) {
+                    pthread_detach(t);
+                    unwatch(c);
+                    L.stuck++;
+                    L.timeouts++;
+                    continue;
+                }
+                c->state = W_RUN;
+                __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL);
+            } else if (!c->logged++) {
+                logmsg("the local image has not answered for %d ms and no replica has the whole disk: waiting",
+                       S.hang_ms);
+            }
+            c->wake = now + S.hang_ms; /* look again later */
+        }
+    }
+    return NULL;
+}
+
+/* the change's call on the local image, by this thread; 0, -errno, or DISK_TAKEN: it hung,
+   was abandoned, and a takeover answered its request (this thread must leave it and end) */
+static int local_change(struct change *c) {
+    int op = c->type == R_WRITE ? LIO_WRITE : c->type == R_TRIM ? LIO_TRIM : LIO_ZERO;
+#define LOCAL_CALL() (op == LIO_WRITE ? pwrite_full(S.img, c->data, c->len, c->off) \
+                                      : zero_range(S.img, c->off, c->len, op == LIO_TRIM))
+    if (!S.hang_ms) return LOCAL_CALL(); /* off: a hung image stalls the guest */
+    c->wake = now_ms() + S.hang_ms, c->state = W_RUN, c->logged = 0;
+    pthread_mutex_lock(&L.mu);
+    if (!L.watchdog) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, watchdog, NULL)) {
+            pthread_mutex_unlock(&L.mu);
+            return lio_run(op, (char *)c->data, c->len, c->off, LIO_FAILOVER, 0); /* (no thread: the old way) */
+        }
+        pthread_detach(t);
+        L.watchdog = 1;
+    }
+    c->wprev = NULL, c->wnext = L.watched;
+    if (L.watched) L.watched->wprev = c;
+    L.watched = c;
+    L.calls++;
+    if (L.wd_idle) { /* the watchdog sleeps without a deadline (the first call in a period): wake it */
+        L.wd_idle = 0;
+        pthread_cond_signal(&L.wcv);
+    }
+    pthread_mutex_unlock(&L.mu);
+    int e = LOCAL_CALL();
+#undef LOCAL_CALL
+    pthread_mutex_lock(&L.mu);
+    if (c->state == W_GONE) { /* its caller went on long ago */
+        if (--L.stuck == 0) logmsg("the local image answered every abandoned call");
+        pthread_mutex_unlock(&L.mu);
+        return DISK_TAKEN;
+    }
+    unwatch(c);
+    c->state = W_DONE;
+    pthread_mutex_unlock(&L.mu);
+    return e;
 }
 
 /* ---- primary: storage failover onto B's replica --------------------------------- *
@@ -207,9 +345,10 @@ static void *reply_reader(void *arg) {
     struct reader_arg a = *(struct reader_arg *)arg;
     free(arg);
     const char *why = "the replica closed the stream";
+    struct rd in = {a.fd, malloc(RD_BUF), 0, 0, RD_BUF}; /* (no buffer: unbuffered) */
     for (;;) {
         struct rec r;
-        if (read_full(a.fd, &r, sizeof r)) break;
+        if (rd_read(&in, &r, sizeof r)) break;
         uint64_t id = le64toh(r.epoch), err = le64toh(r.offset), len = le64toh(r.len);
         if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_READ_REPLY) { why = "a bad record from the replica"; break; }
         pthread_mutex_lock(&S.rmu);
@@ -219,7 +358,7 @@ static void *reply_reader(void *arg) {
         if (!q || (err == 0 && len != q->len) || (err && len)) { why = "a read reply that matches no request"; break; }
         /* q stays linked until done or this connection is dead: its buffer is ours to fill
            (a reply that fails its check is never marked done: the connection ends) */
-        int o = open_rec(a.fd, &a.rx, &r, (unsigned char *)q->buf, err ? 0 : len);
+        int o = open_rec(&in, &a.rx, &r, (unsigned char *)q->buf, err ? 0 : len);
         if (o == -2) why = "a read reply that fails its integrity check";
         if (o) break;
         pthread_mutex_lock(&S.rmu);
@@ -239,6 +378,7 @@ static void *reply_reader(void *arg) {
     pthread_mutex_unlock(&S.stream_mu);
     close(a.fd);
     chan_free(&a.rx);
+    free(in.buf);
     return NULL;
 }
 
@@ -395,8 +535,9 @@ static void *probe_thread(void *arg) {
             pthread_mutex_unlock(&S.stream_mu);
             break;
         }
+        int busy = S.local_busy; /* changes in a local call begun before the failover */
         pthread_mutex_unlock(&S.stream_mu);
-        if (lio_stuck()) continue; /* a hung call may still land: copying back must come after it */
+        if (busy || lio_stuck()) continue; /* a hung call may still land: copying back must come after it */
         if (lio_run(LIO_READ, blk, BS, 0, LIO_DEADLINE, 0) || lio_run(LIO_WRITE, blk, BS, 0, LIO_DEADLINE, 0) ||
             lio_run(LIO_SYNC, NULL, 0, 0, LIO_DEADLINE, 0))
             continue;
@@ -449,30 +590,69 @@ static void *probe_thread(void *arg) {
 
 /* ---- the guest's I/O (the NBD requests, disknbd.c) ------------------------------------ */
 
-/* one change of the image: local, then the stream, under one lock (stream order = image order);
-   0 or -errno (-EPERM: not a primary) */
-int disk_change(uint32_t type, uint64_t off, uint32_t len, const char *data, int fua) {
+static int overlaps(const struct change *c) { /* stream_mu held */
+    for (const struct change *o = S.inflight; o; o = o->rnext)
+        if (o->off < c->off + c->len && c->off < o->off + o->len) return 1;
+    return 0;
+}
+
+/* one change of the image: local, then the stream.  Per range in order: a change waits
+   while one under way overlaps it, so overlapping changes reach the image and the stream
+   in the same order; changes of different blocks make their local calls at once, outside
+   stream_mu (the stream's records of different blocks commute).  A barrier waits for the
+   local calls under way (changes_hold), so a change is in the epoch its record is in.
+   0, -errno (-EPERM: not a primary), or DISK_TAKEN (local_change) */
+int disk_change(struct change *c) {
     pthread_mutex_lock(&S.stream_mu);
-    while (S.draining) pthread_cond_wait(&S.io_cv, &S.stream_mu);
+    while (S.draining || S.holding || overlaps(c)) pthread_cond_wait(&S.io_cv, &S.stream_mu);
     if (S.role != PRIMARY) { pthread_mutex_unlock(&S.stream_mu); return -EPERM; }
+    c->rprev = NULL, c->rnext = S.inflight;
+    if (S.inflight) S.inflight->rprev = c;
+    S.inflight = c;
     int e = 0;
-    if (S.storage == LOCAL) {
-        e = lio_run(type == R_WRITE ? LIO_WRITE : type == R_TRIM ? LIO_TRIM : LIO_ZERO, (char *)data, len, off,
-                    LIO_FAILOVER, 1);
-        if (e && failover(e, type == R_WRITE ? "write" : "zero")) e = 0;
+    c->local = S.storage == LOCAL;
+    if (c->local) {
+        S.local_busy++;
+        pthread_mutex_unlock(&S.stream_mu);
+        e = local_change(c);
+        if (e == DISK_TAKEN) return e;
+        pthread_mutex_lock(&S.stream_mu);
     }
+    return change_end(c, e);
+}
+
+/* the rest of a change after its local call (e: its result; a change that made none: 0):
+   storage failover if it failed, then the stream (stream_mu held; released); 0 or -errno */
+static int change_end(struct change *c, int e) {
+    if (c->local) S.local_busy--;
+    if (e && failover(e, c->type == R_WRITE ? "write" : "zero")) e = 0;
     if (!e) {
         if (S.storage != LOCAL) wait_for_peer(); /* B alone holds the disk: on to B, or wait */
-        bm_set(S.storage == LOCAL ? S.unflushed : S.dirty_local, off, len);
-        stream_send(type, S.cur_epoch, off, len, type == R_WRITE ? data : NULL);
-        if (S.peer >= 0) wlog_add(S.cur_epoch, off, len);
-        else bm_set(S.dirty_peer, off, len); /* no stream: a returning replica needs it */
+        bm_set(S.storage == LOCAL ? S.unflushed : S.dirty_local, c->off, c->len);
+        stream_send(c->type, S.cur_epoch, c->off, c->len, c->type == R_WRITE ? c->data : NULL);
+        if (S.peer >= 0) wlog_add(S.cur_epoch, c->off, c->len);
+        else bm_set(S.dirty_peer, c->off, c->len); /* no stream: a returning replica needs it */
         if (S.storage != LOCAL) wait_for_peer(); /* not known to be on B: never answered */
-        S.writes++, S.write_bytes += len;
+        S.writes++, S.write_bytes += c->len;
     }
+    if (c->rprev) c->rprev->rnext = c->rnext; else S.inflight = c->rnext;
+    if (c->rnext) c->rnext->rprev = c->rprev;
+    pthread_cond_broadcast(&S.io_cv); /* an overlapping change, a barrier may wait for this one */
     pthread_mutex_unlock(&S.stream_mu);
-    if (!e && fua) e = flush_local();
+    if (!e && c->fua) e = flush_local();
     return e;
+}
+
+/* a barrier: the changes in their local call finish (their records go in this epoch), new
+   ones wait until changes_release (stream_mu held) */
+void changes_hold(void) {
+    S.holding++;
+    while (S.local_busy) pthread_cond_wait(&S.io_cv, &S.stream_mu);
+}
+
+void changes_release(void) {
+    S.holding--;
+    pthread_cond_broadcast(&S.io_cv);
 }
 
 /* FLUSH: on the primary, flush_local; on B, fdatasync of the replica.  On B, every commit

@@ -36,7 +36,10 @@ void stream_send(uint32_t type, uint64_t epoch, uint64_t off, uint64_t len, cons
         S.txbuf = malloc(S.txcap);
         if (!S.txbuf) { S.txcap = 0; peer_lost("out of memory for a record"); return; }
     }
-    if (send_sealed(S.peer, &S.tx, &r, data, n, S.txbuf))
+    /* a change or a copy's chunk: no one waits on it before a record that does (a BARRIER,
+       a READ, SYNC_DONE): the kernel may gather them into full segments (MSG_MORE) */
+    int more = type == R_WRITE || type == R_ZERO || type == R_TRIM || type == R_SYNC;
+    if (send_sealed(S.peer, &S.tx, &r, data, n, S.txbuf, more))
         peer_lost(errno == EAGAIN || errno == EWOULDBLOCK
                       ? "the replica stopped reading (its journal is full with one epoch)"
                       : strerror(errno));
@@ -227,15 +230,16 @@ static void *hash_thread(void *arg) {
     double t0 = now_ms();
     struct timeval tv = {120, 0}, none = {0, 0}; /* the replica hashes its image alongside */
     setsockopt(a->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct rd in = {a->fd, NULL, 0, 0, 0}; /* unbuffered: the socket goes on to the reply reader */
     for (uint64_t off = 0; !why && off < S.size; off += SYNC_CHUNK) { /* chunk by chunk, both sides in order */
         uint64_t n = S.size - off < SYNC_CHUNK ? S.size - off : SYNC_CHUNK, k = (n + BS - 1) / BS;
         if (lio_run(LIO_READ, buf, n, off, LIO_DEADLINE, 0)) { why = "reading the local image to hash it failed"; break; }
         hash_blocks(md, buf, n, mine);
         struct rec r;
-        if (read_full(a->fd, &r, sizeof r)) { why = "the replica sent no block hashes (closed, or 120 s silent)"; break; }
+        if (rd_read(&in, &r, sizeof r)) { why = "the replica sent no block hashes (closed, or 120 s silent)"; break; }
         if (le32toh(r.magic) != REC_MAGIC || le32toh(r.type) != R_HASHES || le64toh(r.offset) != off / BS ||
             le64toh(r.len) != k * HASH_LEN) { why = "a bad block hash record from the replica"; break; }
-        int o = open_rec(a->fd, &a->rx, &r, theirs, k * HASH_LEN);
+        int o = open_rec(&in, &a->rx, &r, theirs, k * HASH_LEN);
         if (o) { why = o == -2 ? "block hashes that fail their integrity check" : "the replica closed the stream"; break; }
         for (uint64_t i = 0; i < k; i++)
             if (memcmp(mine + i * HASH_LEN, theirs + i * HASH_LEN, HASH_LEN)) {
@@ -384,8 +388,13 @@ void cmd_replicate(const char *host, const char *port, uint64_t first, int resyn
 
 void cmd_barrier(uint64_t n, char *out, size_t outlen) {
     pthread_mutex_lock(&S.stream_mu);
-    if (S.role != PRIMARY) snprintf(out, outlen, "err not a primary");
-    else if (n != S.cur_epoch) snprintf(out, outlen, "err barrier %" PRIu64 " but the open epoch is %" PRIu64, n, S.cur_epoch);
+    if (S.role != PRIMARY) {
+        snprintf(out, outlen, "err not a primary");
+        pthread_mutex_unlock(&S.stream_mu);
+        return;
+    }
+    changes_hold(); /* the changes in their local call: into this epoch, both image and stream */
+    if (n != S.cur_epoch) snprintf(out, outlen, "err barrier %" PRIu64 " but the open epoch is %" PRIu64, n, S.cur_epoch);
     else {
         int had = S.synced;
         if (had) stream_send(R_BARRIER, n, 0, 0, NULL);
@@ -399,5 +408,6 @@ void cmd_barrier(uint64_t n, char *out, size_t outlen) {
         else if (S.peer < 0) snprintf(out, outlen, "err %s", S.lost);
         else snprintf(out, outlen, "ok");
     }
+    changes_release();
     pthread_mutex_unlock(&S.stream_mu);
 }
