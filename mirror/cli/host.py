@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
 def list_pairs(args: argparse.Namespace) -> int:
     """`mirror list` (and `mirror status` with neither DOMAIN nor --config)."""
     a = ask(args, "list")
-    if args.json:
-        output.print_json(a["pairs"])
+    if args.json:  # one object, as every --json answer
+        output.print_json({"ok": True, "pairs": a["pairs"]})
         return output.OK
     print(f"{'PAIR':<20} {'ROLE':<10} {'PEER':<12} {'GEN':>4} {'PHASE':<14} PROTECTION")
     for p in a["pairs"]:

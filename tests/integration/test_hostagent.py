@@ -96,7 +96,9 @@ public_key = "{k / (peer + '.key')}"
     def list(self) -> list[dict[str, Any]]:
         r = mirror("list", "--json", "--agent-config", str(self.config), timeout=20)
         assert r.returncode == 0, r.stderr
-        return list(json.loads(r.stdout))
+        obj = json.loads(r.stdout)
+        assert obj["ok"] is True, obj
+        return list(obj["pairs"])
 
     def role_pids(self) -> list[int]:
         pids = []

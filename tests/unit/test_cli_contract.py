@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from mirror.cli import app, manual, output
+from mirror.cli import app, host, manual, output
 from mirror.cli.app import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +117,18 @@ def test_status_with_no_report_is_not_running_3(
     (tmp_path / "status.json").write_text("{not json")  # unreadable: an error
     rc, out, err = _run(capsys, "status", "--config", cfg, "--json")
     assert rc == 2 and json.loads(out)["exit"] == 2 and "cannot read" in err
+
+
+def test_list_json_is_one_object(capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mirror list --json` (and `status --json` with neither DOMAIN nor --config) gives
+    one JSON object, as every --json answer: {"ok": true, "pairs": [...]}."""
+    pairs = [{"pair": "web", "role": "primary", "peer": "hostB", "generation": 1}]
+    monkeypatch.setattr(host, "ask", lambda args, op, fields=None, **kw: {"pairs": pairs})
+    for argv in (["list", "--json"], ["status", "--json"]):
+        rc, out, err = _run(capsys, *argv)
+        assert rc == 0 and json.loads(out) == {"ok": True, "pairs": pairs}, argv
+        assert err == ""
 
 
 def test_errors_are_json_under_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
