@@ -14,9 +14,10 @@ from mirror.cli.app import build_parser
 from mirror.cli.manual import tree
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = ["README.md", "docs/operating.md", "docs/install.md", "docs/pool.md",
-         "docs/troubleshooting.md", "docs/security.md", "docs/configuration.md",
-         "docs/testing.md"]
+PAGES = ["README.md", "docs/operating.md", "docs/host-agent.md", "docs/observing.md",
+         "docs/failover.md", "docs/guests.md", "docs/demos.md", "docs/install.md",
+         "docs/pool.md", "docs/troubleshooting.md", "docs/security.md",
+         "docs/configuration.md", "docs/testing.md"]
 PREFIX = re.compile(r"^(?:\$ )?(?:sudo )?(?:\S*/bin/)?mirror (?=\S)")
 INLINE = re.compile(r"`((?:sudo )?(?:\S*/bin/)?mirror [^`]+)`")
 
