@@ -1,6 +1,6 @@
 """Clean start: what a dead earlier run of this pair and node left behind, removed.
 
-A host killed whole cannot clean up (docs/operating.md, "What a dead host leaves
+A host killed whole cannot clean up (docs/failover.md, "What a dead host leaves
 behind").  When a role starts, it removes what an earlier run of its own pair and
 node left, once it is sure that run is gone:
 

@@ -108,7 +108,7 @@ class ObserverSink:
     A promoted standby uses it to release exactly the committed outputs the
     observer lacks, as a TCP receiver's acknowledgements let a resumed sender
     go on without loss or repetition; an endpoint that says nothing gets
-    at-least-once delivery across a failover (see docs/operating.md, "Failover").
+    at-least-once delivery across a failover (see docs/failover.md).
     """
 
     def __init__(self, host: str, port: int, *, connect_timeout: float = 10.0) -> None:

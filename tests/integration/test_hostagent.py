@@ -287,7 +287,7 @@ def test_interconnect_admits_known_peers_only(agents: tuple[Agent, Agent]) -> No
         peerlink.ask(target, spub, ssec, "prepare", {"pair": "x", "kind": "synthetic"},
                      timeout=2)
     text = a.log.read_text()
-    assert "refused an agent with an unknown CURVE key" in text
+    assert "refused a host agent with an unknown CURVE key" in text
     assert list((a.dir / "state" / "pairs").iterdir()) == []
 
 
