@@ -40,7 +40,7 @@ def values(fams: dict[str, Any], name: str, *labels: str) -> dict[tuple[str, ...
 
 
 def test_a_pool_agent_serves_its_pair_roles_metrics_labelled_by_pair(
-    pool_pair: tuple[str, Path, Agents, Observer, str],
+    pool_pair: tuple[str, Path, Agents, Observer, str],  # noqa: F811
 ) -> None:
     url, root, agents, observer, vm = pool_pair
     for h in ("h1", "h2"):
