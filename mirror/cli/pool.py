@@ -12,7 +12,7 @@ mirror pool vm add NAME --mem MIB [--vcpus N] --priority mirrored|restart|best-e
 mirror pool vm remove NAME
 mirror pool vm resize NAME --mem MIB [--vcpus N]
 mirror pool agent --host NAME [--ttl S] [--run-dir DIR] [--mem MIB --vcpus N]
-                   [--promote-wait S]
+                   [--promote-wait S] [--metrics-listen HOST:PORT]
 
 Every command takes --etcd URL (default $MIRROR_ETCD or http://127.0.0.1:2379),
 --prefix P (the pool's etcd key prefix: default $MIRROR_POOL_PREFIX or /mirror/pool/;
@@ -131,6 +131,11 @@ def add_parser(sub: Any) -> None:
                    help="pool controller: a pair's standby that has not promoted S seconds after "
                    "its primary's host was found dead never will: the VM restarts as a "
                    "fresh pair (default 10)")
+    p.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                   help="serve the metrics of this host's pair roles here (/metrics, each "
+                   "series labelled by pair); default none: a pool's hosts share one machine "
+                   "today, so each agent needs a port of its own, e.g. 127.0.0.1:9471 (the "
+                   "host agent's is 9470)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("mirror.pool").setLevel(logging.INFO)
             return PoolAgent(args.etcd, args.host, args.ttl, args.run_dir, args.mem,
                              args.vcpus, promote_wait=args.promote_wait,
-                             prefix=store.prefix).run(stop_event())
+                             prefix=store.prefix,
+                             metrics_listen=args.metrics_listen).run(stop_event())
         if cmd == "status":
             return status(store, args.json)
         if cmd == "plan":

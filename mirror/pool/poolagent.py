@@ -20,6 +20,10 @@ Each host runs ``mirror pool agent --host NAME``.  It
   live host starts on its new host only once the old one has stopped it
   (a dead host's key goes with its lease).  A pool agent that cannot renew its
   lease for 70 % of its TTL stops its VMs (it may be declared dead);
+- serves its real pairs' roles' metrics on one port, ``--metrics-listen`` (as the host
+  agent does: mirror/ha/agentmetrics.py): each role hands its metrics over a unix socket
+  in its state directory, the pool agent serves them all labelled by pair, with
+  ``mirror_agent_role_up``.  The stand-in VM processes have no metrics;
 - takes part in electing the pool controller: ``leader`` is created, attached to
   the pool agent's lease, by whoever gets there first (a transaction), and
   passes to another pool agent when the leader's lease expires.
@@ -49,6 +53,7 @@ from mirror.config import (
     ArbiterConfig,
     CheckpointConfig,
     Config,
+    ConfigError,
     GuestConfig,
     KeysConfig,
     LinkConfig,
@@ -56,8 +61,9 @@ from mirror.config import (
     NodeConfig,
     OutputConfig,
     PairConfig,
+    parse_hostport,
 )
-from mirror.ha import claims
+from mirror.ha import agentmetrics, claims
 from mirror.ha.etcd import Etcd, EtcdError, absent, delete_op, mod_is, put_op, range_op
 from mirror.hoststate import read_json, write_atomic
 from mirror.pool import admission
@@ -93,6 +99,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     role: str
     state_dir: Path | None = None
+    pair: str | None = None  # a pair role's pair name (its metrics' ``pair`` label)
     held: bool = False
     switch_until: float | None = None  # handing over to its standby: stop it by then
 
@@ -105,7 +112,8 @@ def pair_config(
     its arbiter (keys under ``arbiter_prefix``, the pool's), the VM's interconnect ports
     (on loopback: every host is 127.0.0.1) and observer, and its synthetic guest; this
     host's interconnect key and its peer's public key (``peer.key`` in ``state_dir``,
-    which the pool agent keeps to the peer the pool places)."""
+    which the pool agent keeps to the peer the pool places).  Its metrics go to the pool
+    agent over a unix socket in ``state_dir`` (``metrics.sock``), no port of its own."""
     return Config(
         keys=KeysConfig(secret_key=str(secret_key or ""),
                         peer_public_key=str(state_dir / PEER_KEY)),
@@ -119,7 +127,10 @@ def pair_config(
         output=OutputConfig(observer=spec.observer),
         arbiter=ArbiterConfig(dir=str(state_dir / "arbiter"), etcd=etcd_url,
                               etcd_prefix=arbiter_prefix),
-        metrics=MetricsConfig(listen=""),  # many pairs per host: no metrics port each (yet)
+        # many pairs per host: each hands its metrics to the pool agent, which serves them
+        # all on one port (--metrics-listen)
+        metrics=MetricsConfig(listen="",
+                              socket=str((state_dir / agentmetrics.SOCKET).absolute())),
     )
 
 
@@ -127,7 +138,7 @@ class PoolAgent:
     def __init__(
         self, etcd_url: str, host: str, ttl: int = 3, run_dir: Path | None = None,
         mem_mb: int | None = None, vcpus: int | None = None, interval: float | None = None,
-        promote_wait: float = PROMOTE_WAIT_S, prefix: str = PREFIX,
+        promote_wait: float = PROMOTE_WAIT_S, prefix: str = PREFIX, metrics_listen: str = "",
     ) -> None:
         self.etcd = Etcd(etcd_url, timeout=max(1.0, ttl / 2))
         self.store = Store(self.etcd, prefix)
@@ -142,6 +153,8 @@ class PoolAgent:
         self.procs: dict[str, Child] = {}
         self.placed: dict[str, Placement] = {}  # the placements of the last reconcile
         self.leader = False
+        self.metrics_listen = metrics_listen  # HOST:PORT; "": no metrics served
+        self.metrics: agentmetrics.AgentMetrics | None = None
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -368,7 +381,7 @@ class PoolAgent:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "mirror", role, "--config", str(cfg_path), *extra],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-            self.procs[vm] = Child(proc, role, state, held=role == "primary")
+            self.procs[vm] = Child(proc, role, state, held=role == "primary", pair=pair.pair)
         log.info("VM %s: %s started on %s (pid %d)", vm,
                  "pair " + role if role != "vm" else "VM", self.host, self.procs[vm].proc.pid)
 
@@ -413,9 +426,45 @@ class PoolAgent:
                         self.host, len(self.procs))
             self.stop_all(release=False)
 
+    # -- metrics -------------------------------------------------------------------------------
+
+    def metric_targets(self) -> list[tuple[str, Path]]:
+        """(pair, its role's metrics socket) of each pair role this host runs (the stand-in
+        VMs have no metrics); read from the scrape's thread, hence the copy."""
+        return sorted((c.pair, c.state_dir / agentmetrics.SOCKET)
+                      for c in list(self.procs.values())
+                      if c.pair is not None and c.state_dir is not None)
+
+    def serve_metrics(self) -> agentmetrics.AgentMetrics | None:
+        """Its pairs' metrics on ``--metrics-listen`` (None when it is ""); a bad or taken
+        address is a ConfigError (one line, exit 2)."""
+        if not self.metrics_listen:
+            return None
+        try:
+            served = agentmetrics.AgentMetrics(
+                parse_hostport(self.metrics_listen, "--metrics-listen"), self.metric_targets,
+                self.host)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot serve metrics on {self.metrics_listen}: {e.strerror or e}; give "
+                f'--metrics-listen a free HOST:PORT, or "" to serve none'
+            ) from None
+        log.info("host %s serves its pairs' metrics on http://%s/metrics", self.host,
+                 served.address)
+        return served
+
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> int:
+        self.metrics = self.serve_metrics()  # first: a taken port changes nothing in the pool
+        try:
+            return self._run(stop)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+
+    def _run(self, stop: threading.Event) -> int:
         self.publish_key()
         self.register()
         next_keepalive = 0.0
