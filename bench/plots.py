@@ -114,6 +114,7 @@ def scan_rates(rows: list[dict[str, Any]], path: Path) -> Path | None:
                 ls=":" if ceiling else "-", label=case, color=f"C{i}")  # fmt: skip
     ax.set_xlabel("pages dirty (%)")
     ax.set_ylabel("GB/s of guest RAM scanned")
+    ax.set_ylim(bottom=0)  # rates are compared from zero, never from the lowest one
     ax.set_title(f"page-diff scans, {ram} MiB, {threads} thread(s); dotted: ceilings")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
