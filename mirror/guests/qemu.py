@@ -401,16 +401,26 @@ class QemuGuest(Guest):
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="qmp")
         self._loop_thread.start()
-        self.qmp = QMPClient(f"qemu-{self.run_dir.name}")
-        # the default listener hears every event and keeps it for ever (a STOP and a
-        # RESUME at each checkpoint: memory without end); only SHUTDOWN is wanted, to
-        # tell a guest that powered itself off from a QEMU that was killed or told to go
-        self.qmp.events.names = {"SHUTDOWN"}
-        self._shutdown = self.qmp.events
-        try:
-            self._await(self.qmp.connect(str(self.qmp_path)), timeout)
-        except (OSError, QMPError) as e:
-            raise GuestError(f"QMP connect to {self.qmp_path} failed: {e}") from e
+        while True:
+            self.qmp = QMPClient(f"qemu-{self.run_dir.name}")
+            # the default listener hears every event and keeps it for ever (a STOP and a
+            # RESUME at each checkpoint: memory without end); only SHUTDOWN is wanted, to
+            # tell a guest that powered itself off from a QEMU that was killed or told to go
+            self.qmp.events.names = {"SHUTDOWN"}
+            self._shutdown = self.qmp.events
+            try:
+                self._await(self.qmp.connect(str(self.qmp_path)), timeout)
+                return
+            except (OSError, QMPError) as e:
+                # QEMU binds its socket (the file appears) a moment before it listens: a
+                # refused connection then is that moment, tried again while QEMU lives
+                root = getattr(e, "exc", None) or e.__cause__ or e.__context__  # ConnectError's
+                refused = isinstance(e, ConnectionRefusedError) or isinstance(
+                    root, ConnectionRefusedError)
+                if refused and self.proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                raise GuestError(f"QMP connect to {self.qmp_path} failed: {e}") from e
 
     def _await(self, coro: Any, timeout: float | None = 60.0) -> Any:
         assert self._loop is not None
