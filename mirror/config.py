@@ -110,6 +110,11 @@ class LibvirtConfig:
     bridge: str = field(default="", metadata=_range(0, 15))
     # the domain's autostart once promoted here (its autostart before it was paired)
     autostart: bool = False
+    # its one writable disk, replicated through mirror's disk server (mirror/guests/
+    # libvirtdisk.py): the NBD export's size in bytes, which both hosts must agree on, and
+    # the disk's virtual size; the host agent sets both at pairing (0: from the image)
+    disk_bytes: int = field(default=0, metadata=_range(0, 1 << 60))
+    disk_virtual: int = field(default=0, metadata=_range(0, 1 << 60))
 
 
 @dataclass(frozen=True)

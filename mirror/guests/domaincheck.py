@@ -32,7 +32,10 @@ What mirror needs of a domain, and why:
   ``server`` NIC (relayed).  Never user-mode networking (slirp keeps TCP state inside
   QEMU, outside the checkpoint), macvtap (``direct``: frames leave from the kernel, no
   tap), ``ethernet`` (its tap is on no bridge) or passed-through NICs.
-- Disks: not replicated yet (the disk work); a read-only CD-ROM is a note.
+- Disks: one writable disk, a raw or qcow2 file (any bus, cache or discard mode), replicated
+  through mirror's disk server below QEMU's format layer (mirror/guests/libvirtdisk.py);
+  no backing chain, no block or network disks, no shareable disks; a read-only CD-ROM is
+  a note.
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ def parse(xml: str) -> ET.Element:
     return root
 
 
-def check(xml: str, *, disks_supported: bool = False) -> Result:
+def check(xml: str) -> Result:
     """Every finding about the domain in ``xml`` (DomainXMLError if it is not one)."""
     root = parse(xml)
     name = (root.findtext("name") or "").strip()
@@ -152,7 +155,7 @@ def check(xml: str, *, disks_supported: bool = False) -> Result:
     out += _memory_devices(devices)
     nics = devices.findall("interface")
     out += _nics(nics)
-    out += _disks(devices, disks_supported)
+    out += _disks(devices)
     out += _other_devices(devices)
     out += _firmware(root)
     out += _preload(root, name)
@@ -416,8 +419,9 @@ def _nics(nics: list[ET.Element]) -> list[Finding]:
     return out
 
 
-def _disks(devices: ET.Element, supported: bool) -> list[Finding]:
-    out = []
+def _disks(devices: ET.Element) -> list[Finding]:
+    out: list[Finding] = []
+    writable: list[str] = []
     for d in devices.findall("disk"):
         dev = d.get("device", "disk")
         target = _attr(d, "target", "dev") or "?"
@@ -447,26 +451,64 @@ def _disks(devices: ET.Element, supported: bool) -> list[Finding]:
                     )
                 )
             continue
-        if not supported:
+        writable.append(target)
+        kind = d.get("type", "file")
+        fmt = _attr(d, "driver", "type") or "raw"
+        if kind != "file":
             out.append(
                 Finding(
-                    "disk",
-                    f"a writable disk {target} ({path or 'no source'})",
-                    "mirror does not replicate a libvirt domain's disks yet: the standby "
-                    "would go on with a disk of another moment than its memory",
-                    f"remove the disk {target} (boot from <kernel>/<initrd>), or wait for "
-                    f"disk replication",
+                    "disk-type",
+                    f"the disk {target} is a <disk type='{kind}'> ({path or 'no source'})",
+                    "mirror replicates a disk's file through its own disk server, below "
+                    "QEMU's format layer: block devices, volumes and network disks are not "
+                    "files it can open on both hosts",
+                    f"make the disk {target} a file (raw or qcow2), e.g. qemu-img convert "
+                    f"it to a file and point <source file=...> at it",
                 )
             )
-        elif _attr(d, "driver", "discard") == "unmap":
+        elif fmt not in ("raw", "qcow2"):
             out.append(
                 Finding(
-                    "disk-discard",
-                    f"the disk {target} passes discards to its image (discard='unmap')",
-                    "a discard may free blocks under the replica's feet",
-                    f"remove discard='unmap' from the disk {target}'s <driver>",
+                    "disk-format",
+                    f"the disk {target} is in the {fmt} format",
+                    "mirror replicates raw and qcow2 images",
+                    f"convert the disk {target} to qcow2 (qemu-img convert -O qcow2)",
                 )
             )
+        backing = d.find("backingStore/source")
+        if backing is not None:
+            out.append(
+                Finding(
+                    "disk-backing",
+                    f"the disk {target} has a backing chain "
+                    f"({backing.get('file') or backing.get('dev') or '?'})",
+                    "mirror replicates one file per disk: a backing file would be missing "
+                    "or stale on the peer",
+                    f"flatten the disk {target} (virsh blockpull {d.get('name') or ''}"
+                    f"{target}, or qemu-img convert) and define it without <backingStore>",
+                )
+            )
+        if d.find("shareable") is not None:
+            out.append(
+                Finding(
+                    "disk-shared",
+                    f"the disk {target} is shareable",
+                    "another guest writes it too: its writes would not be in this pair's "
+                    "checkpoints",
+                    f"remove <shareable/> from the disk {target}, or the disk",
+                )
+            )
+    if len(writable) > 1:
+        out.append(
+            Finding(
+                "disk-many",
+                f"{len(writable)} writable disks ({', '.join(writable)})",
+                "mirror replicates one writable disk per domain (one disk server and "
+                "one epoch barrier per checkpoint)",
+                f"keep one writable disk (e.g. {writable[0]}); make the others read-only or "
+                f"remove them",
+            )
+        )
     return out
 
 

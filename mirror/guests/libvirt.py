@@ -52,8 +52,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from mirror.config import LibvirtConfig
-from mirror.guests import libvirtram, uffd
+from mirror.guests import libvirtdisk, libvirtram, uffd
 from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
+from mirror.guests.disk import DiskServer
 from mirror.guests.libvirtqmp import LibvirtMonitor, Monitor, SocketMonitor
 from mirror.guests.libvirtxml import (
     gated_nics,
@@ -83,6 +84,8 @@ class Gates(Protocol):
 
 # the gates on (tap, bridge, mac) of each NIC, in order, installed (all or none)
 GatesFactory = Callable[[list[tuple[str, str, str]], OutputHandler], Gates]
+# the disk server of the domain's one writable disk, from its XML (None: no disk)
+DiskFactory = Callable[[str], "DiskServer | None"]
 
 
 def _libvirt() -> Any:
@@ -144,6 +147,9 @@ class LibvirtGuest(Guest):
     ) -> None:
         self.settings, self.ram_mib, self.conn, self.dom = settings, ram_mib, conn, dom
         self.name = dom.name()
+        self.disk: DiskServer | None = None
+        self._disk_opts: dict[str, Any] | None = None  # its format node, while through mirror
+        self._disk_path = ""
         self.standby = standby
         self.monitor: Monitor | None = None
         self.relay: NetRelay | None = None
@@ -248,6 +254,7 @@ class LibvirtGuest(Guest):
     def attach(
         cls, settings: LibvirtConfig, ram_mib: int, on_output: OutputHandler,
         gates: GatesFactory | None = None,
+        disk: DiskFactory | None = None,
     ) -> LibvirtGuest:
         """The primary: the RUNNING domain ``settings.domain``, paused until resume()."""
         libvirt = _libvirt()
@@ -272,6 +279,9 @@ class LibvirtGuest(Guest):
             )
             if g.relay is not None:
                 g.relay.on_output = on_output
+            if disk is not None:
+                g.disk = disk(g.xml)
+                g._disk_through()  # every write of the guest's disk, from here on
             g.command("stop")  # the pre-copy first; resume() lets it run
             if g.relay is not None:
                 g.relay.drain()
@@ -289,7 +299,11 @@ class LibvirtGuest(Guest):
 
     @classmethod
     def ready(
-        cls, settings: LibvirtConfig, ram_mib: int, gates: GatesFactory | None = None
+        cls,
+        settings: LibvirtConfig,
+        ram_mib: int,
+        gates: GatesFactory | None = None,
+        disk: DiskFactory | None = None,
     ) -> LibvirtGuest:
         """The secondary's standby: a transient paused domain waiting for its state, its
         NICs' gates on already (a paused QEMU sends nothing; promotion releases the
@@ -312,11 +326,53 @@ class LibvirtGuest(Guest):
                     f"no domain {settings.domain!r} defined at {settings.connect} and no "
                     f"[libvirt] standby_xml: define it here, or give its XML"
                 ) from None
+        # the replica's server first: the standby's QEMU opens the disk's file at its start
+        server = disk(xml) if disk is not None else None
         try:
-            dom = conn.createXML(standby_xml(xml), libvirt.VIR_DOMAIN_START_PAUSED)
-        except (libvirt.libvirtError, ET.ParseError) as e:
-            raise GuestError(f"cannot start the standby domain {settings.domain!r}: {e}") from None
-        return cls(settings, ram_mib, conn, dom, standby=True, gates=gates)
+            try:
+                dom = conn.createXML(standby_xml(xml), libvirt.VIR_DOMAIN_START_PAUSED)
+            except (libvirt.libvirtError, ET.ParseError) as e:
+                raise GuestError(
+                    f"cannot start the standby domain {settings.domain!r}: {e}"
+                ) from None
+            g = cls(settings, ram_mib, conn, dom, standby=True, gates=gates)
+        except BaseException:
+            if server is not None:
+                server.close()
+            raise
+        g.disk = server
+        return g
+
+    def _disk_through(self) -> None:
+        """The disk's file through this host's disk server, below QEMU's format node
+        (mirror/guests/libvirtdisk.py); nothing without a disk server."""
+        if self.disk is None:
+            return
+        assert self.monitor is not None
+        d = libvirtdisk.the_disk(self.call("the domain's XML", lambda dom: dom.XMLDesc(0)),
+                                 self.name)  # fmt: skip
+        if d is None:
+            raise GuestError(f"domain {self.name!r} has no disk for its disk server")
+        opts = libvirtdisk.format_node(self.monitor, self.pid, d, self.name)
+        libvirtdisk.through(self.monitor, opts, self.disk.spec.nbd_path)
+        self._disk_opts, self._disk_path = opts, d.path
+        log.info("domain %s: its disk %s (%s) goes through mirror's disk server", self.name,
+                 d.target, d.path)  # fmt: skip
+
+    def _disk_back(self) -> None:
+        """The disk's format node on libvirt's own file node again (the guest runs on)."""
+        if self._disk_opts is None or self.monitor is None or not self.alive:
+            return
+        opts, self._disk_opts = self._disk_opts, None
+        try:
+            libvirtdisk.restore(self.monitor, opts, self._disk_path)
+        except GuestError as e:
+            log.error(
+                "domain %s: its disk stays on mirror's disk server, which stops: %s "
+                "(the guest's disk I/O fails until it is restarted)",
+                self.name,
+                e,
+            )
 
     def go_on_from(self, image: Path, state: bytes, on_output: OutputHandler) -> None:
         """Promotion: the committed image into the domain's RAM, the device state into
@@ -353,6 +409,9 @@ class LibvirtGuest(Guest):
                 raise GuestError(f"loading the device state into {self.name!r}: migration {st}")
             time.sleep(0.002)
         writer.join(5)
+        # the promoted replica's server serves the disk from here on (what the guest writes
+        # is what a resync of the old primary sends)
+        self._disk_through()
         self._balloon = self._balloon_now()  # as the checkpoint left it, before it runs
         if self.relay is not None:
             self.relay.active = True
@@ -555,6 +614,7 @@ class LibvirtGuest(Guest):
         if self.gates is not None:
             gates = self.gates
             gates.on_output = lambda out: gates.release([out])  # unprotected from here
+        self._disk_back()
         with contextlib.suppress(GuestError):
             if self.monitor is not None and self.command("query-status").get("status") == "paused":
                 self.command("cont")
@@ -573,9 +633,14 @@ class LibvirtGuest(Guest):
                     lambda dom: dom.destroy() if dom.isActive() else None,
                     reconnect_for=5,
                 )
+        if not destroy:
+            self._disk_back()  # (a guest left running keeps its disk)
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
         if self.relay is not None:
             self.relay.close()
             self.relay = None

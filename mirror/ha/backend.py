@@ -168,6 +168,38 @@ def _gates(nics: list[tuple[str, str, str]], on_output: OutputHandler) -> Any:
         raise GuestError(f"cannot hold the guest's frames on its NICs: {e}") from None
 
 
+def _disk_server(
+    cfg: GuestSettings, generation: int, image: Path, size: int, *, replica: bool,
+    meta: Path | None = None,
+) -> ReplicatedDisk:  # fmt: skip
+    """A disk server on ``image`` (``size`` bytes): the primary's, or (``replica``) the
+    secondary's, receiving the stream on ``link.host:disk.port``."""
+    # tests: copies of the disk at each barrier (primary) and at promotion (replica)
+    snapshots = os.environ.get("MIRROR_DISK_TEST_SNAPSHOTS")
+    host = cfg.link.host
+    spec = DiskSpec(
+        image,
+        size,
+        cfg.state_dir / "disk",
+        cfg.pair.name,
+        generation=max(1, generation),
+        workers=cfg.disk.workers,
+        stall_ms=cfg.disk.stall_ms,
+        probe_ms=cfg.disk.probe_ms,
+        hang_ms=cfg.disk.hang_ms,
+        listen=f"{f'[{host}]' if ':' in host else host}:{cfg.disk.port}" if replica else "",
+        journal=cfg.state_dir / "disk" / "journal" if replica else None,
+        journal_bytes=cfg.disk.journal_mib << 20,
+        meta=meta,
+        snapshots=Path(snapshots) if snapshots else None,
+        keep=16,
+    )
+    try:
+        return ReplicatedDisk(spec)
+    except DiskError as e:
+        raise GuestError(f"the guest's disk {image}: {e}") from e
+
+
 class QemuBackend(Backend):
     def __init__(self, cfg: GuestSettings) -> None:
         super().__init__(cfg)
@@ -188,29 +220,8 @@ class QemuBackend(Backend):
         cfg = self.cfg
         if not cfg.disk.size_mib:
             return None
-        # tests: copies of the disk at each barrier (primary) and at promotion (replica)
-        snapshots = os.environ.get("MIRROR_DISK_TEST_SNAPSHOTS")
-        host = cfg.link.host
-        spec = DiskSpec(
-            cfg.disk_image,
-            cfg.disk.size_mib << 20,
-            cfg.state_dir / "disk",
-            cfg.pair.name,
-            generation=max(1, self.generation),
-            workers=cfg.disk.workers,
-            stall_ms=cfg.disk.stall_ms,
-            probe_ms=cfg.disk.probe_ms,
-            hang_ms=cfg.disk.hang_ms,
-            listen=f"{f'[{host}]' if ':' in host else host}:{cfg.disk.port}" if replica else "",
-            journal=cfg.state_dir / "disk" / "journal" if replica else None,
-            journal_bytes=cfg.disk.journal_mib << 20,
-            snapshots=Path(snapshots) if snapshots else None,
-            keep=16,
-        )
-        try:
-            return ReplicatedDisk(spec)
-        except DiskError as e:
-            raise GuestError(f"the guest's disk {cfg.disk_image}: {e}") from e
+        return _disk_server(cfg, self.generation, cfg.disk_image, cfg.disk.size_mib << 20,
+                            replica=replica)  # fmt: skip
 
     def boot(self, on_output: OutputHandler) -> Guest:
         from mirror.guests.qemu import QemuGuest
@@ -243,12 +254,7 @@ class QemuBackend(Backend):
             raise
 
     def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
-        if ready.disk is not None:  # the replica drops every uncommitted epoch, serves writes
-            try:
-                committed, dropped = ready.disk.promote()
-            except DiskError as e:
-                raise GuestError(f"cannot promote the disk replica: {e}") from e
-            log.info("disk replica promoted at checkpoint %d (%d dropped)", committed, dropped)
+        _promote_disk(ready)
         ready.go_on_from(state, on_output)
         return ready  # type: ignore[no-any-return]
 
@@ -290,10 +296,55 @@ class LibvirtBackend(Backend):
                 f"no domain {s.domain!r} defined at {s.connect} and no [libvirt] standby_xml"
             ) from None
 
+    def _domain_disk(self, xml: str, *, replica: bool) -> ReplicatedDisk | None:
+        """The disk server of the domain's one writable disk (None: it has none): on the
+        primary on the image itself, on the secondary on its replica at the same path
+        (this host's file); the export's size as the host agent set it for both."""
+        from mirror.guests import libvirtdisk
+
+        s = self.cfg.libvirt
+        d = libvirtdisk.the_disk(xml, s.domain)
+        if d is None:
+            return None
+        size = s.disk_bytes
+        if not replica:
+            need = libvirtdisk.export_size(d)  # (and refuses what cannot be replicated)
+            size = size or need
+            if os.stat(d.path).st_size > size:
+                raise GuestError(f"the disk {d.target} ({d.path}) is larger than its export "
+                                 f"({size} bytes): pair the domain again")  # fmt: skip
+            libvirtdisk.grow(d.path, size)
+        elif not size:
+            raise GuestError(f"the standby of {s.domain!r} has a disk but no [libvirt] "
+                             f"disk_bytes: pair it through the host agents")  # fmt: skip
+        new = replica and not os.path.exists(d.path)
+        if new:  # the replica at the path the XML names, in this host's file system
+            try:
+                os.makedirs(os.path.dirname(d.path), mode=0o711, exist_ok=True)
+            except OSError as e:
+                raise GuestError(f"cannot make the directory of the disk's replica {d.path}: "
+                                 f"{e.strerror}") from None  # fmt: skip
+        if replica and not new:
+            libvirtdisk.grow(d.path, size)
+        meta = self.cfg.state_dir / "disk-replica-id"
+        disk = _disk_server(self.cfg, self.generation, Path(d.path), size, replica=replica,
+                            meta=meta)  # fmt: skip
+        try:
+            if new and d.fmt == "qcow2":  # the standby's QEMU reads a header at its start
+                libvirtdisk.placeholder(d.path, str(self.cfg.state_dir),
+                                        s.disk_virtual or size)  # fmt: skip
+        except BaseException:
+            disk.close()
+            raise
+        return disk
+
     def boot(self, on_output: OutputHandler) -> Guest:
         from mirror.guests.libvirt import LibvirtGuest
 
-        g = LibvirtGuest.attach(self.cfg.libvirt, self.cfg.guest.ram_mib, on_output, _gates)
+        g = LibvirtGuest.attach(
+            self.cfg.libvirt, self.cfg.guest.ram_mib, on_output, _gates,
+            disk=lambda xml: self._domain_disk(xml, replica=False),
+        )  # fmt: skip
         self._xml = g.xml
         return g
 
@@ -303,9 +354,13 @@ class LibvirtBackend(Backend):
     def ready(self, image: Path) -> Any:
         from mirror.guests.libvirt import LibvirtGuest
 
-        return LibvirtGuest.ready(self.cfg.libvirt, self.cfg.guest.ram_mib, _gates)
+        return LibvirtGuest.ready(
+            self.cfg.libvirt, self.cfg.guest.ram_mib, _gates,
+            disk=lambda xml: self._domain_disk(xml, replica=True),
+        )  # fmt: skip
 
     def launch(self, ready: Any, image: Path, state: Path, on_output: OutputHandler) -> Guest:
+        _promote_disk(ready)
         ready.go_on_from(image, state.read_bytes(), on_output)
         # the domain runs on its own RAM file now (a copy): the image's memory goes back
         # when the standby unmaps it (the qemu backend's guest runs on the image itself)
@@ -314,6 +369,18 @@ class LibvirtBackend(Backend):
 
     def discard(self, ready: Any) -> None:
         ready.stop()
+
+
+def _promote_disk(ready: Any) -> None:
+    """The replica drops every uncommitted epoch and serves writes (before the guest
+    runs on it)."""
+    if ready.disk is None:
+        return
+    try:
+        committed, dropped = ready.disk.promote()
+    except DiskError as e:
+        raise GuestError(f"cannot promote the disk replica: {e}") from e
+    log.info("disk replica promoted at checkpoint %d (%d dropped)", committed, dropped)
 
 
 def backend_for(cfg: Config) -> Backend:

@@ -156,7 +156,11 @@ def role_config(d: PairDef, cfg: AgentConfig, peers: dict[str, PeerAddress],
             lv["tap"] = f"mir{zlib.crc32(d.pair.encode()) & 0xFFFFFF:06x}"
         if not primary:
             lv["standby_xml"] = str(xml_file)
+        for k in ("disk_bytes", "disk_virtual"):  # its disk's export (libvirt_disk())
+            if d.guest.get(k):
+                lv[k] = d.guest[k]
         data["libvirt"] = lv
+        data["disk"] = {"port": d.disk_port} if d.disk_port else {}
     try:
         return from_dict(data, f"pair {d.pair}'s role configuration")
     except ConfigError as e:
@@ -166,6 +170,19 @@ def role_config(d: PairDef, cfg: AgentConfig, peers: dict[str, PeerAddress],
                 f"cannot be paired with it"
             ) from None
         raise
+
+
+def libvirt_disk(req: dict[str, Any]) -> dict[str, Any]:
+    """A libvirt pair's disk (its export's size and its virtual size, in bytes) from a
+    request (untrusted: whole numbers, checked like a configuration's)."""
+    g: dict[str, Any] = {k: req[k] for k in ("disk_bytes", "disk_virtual") if k in req}
+    if not all(type(v) is int for v in g.values()):
+        raise AgentError(f"a disk's sizes are whole numbers of bytes: {g}")
+    try:
+        from_dict({"libvirt": g}, "the domain's disk")
+    except ConfigError as e:
+        raise AgentError(str(e)) from None
+    return g
 
 
 def synthetic_guest(req: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mirror.config import ConfigError
-from mirror.guests import domaincheck, standbycheck
+from mirror.guests import domaincheck, libvirtdisk, standbycheck
+from mirror.guests.base import GuestError
 from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.ha import cleanup, control, peerlink
 from mirror.ha.arbiter import ArbiterError
@@ -35,6 +36,7 @@ from mirror.ha.pairdef import (
     AgentError,
     PairDef,
     check_name,
+    libvirt_disk,
     synthetic_guest,
 )
 from mirror.ha.peerlink import PeerAddress, PeerError
@@ -116,6 +118,10 @@ class Pairing:
                     if not facts["persistent"]:
                         raise AgentError(f"{d.domain} is a transient domain: define it first")
                     d.autostart = bool(facts["autostart"])
+                    try:  # its disk's export, for both hosts
+                        d.guest = libvirtdisk.disk_sizes(xml)
+                    except GuestError as e:
+                        raise AgentError(str(e)) from None
                     write_atomic(agent.pair_dir(d.pair) / "original.xml", xml.encode())
             agent.save(d)
             arb = make_arbiter(agent.cfg.arbiter, d.pair, agent.node, prepare=True)
@@ -296,6 +302,7 @@ class Pairing:
             if kind == "synthetic":
                 d.guest = synthetic_guest(req.get("guest") or {})
             else:
+                d.guest = libvirt_disk(req.get("guest") or {})
                 xml = req.get("xml")
                 if not isinstance(xml, str):
                     raise AgentError("no domain XML for the standby")

@@ -259,7 +259,8 @@ class PrimaryRun:
                 mode, blocks = engine.start_disk(
                     self.address, cfg.disk.port, disk_progress_bar("disk copy"), self.keys
                 )
-                event("disk-synced", node=cfg.node.name, mib=cfg.disk.size_mib, mode=mode,
+                mib = self.guest.disk.spec.size >> 20
+                event("disk-synced", node=cfg.node.name, mib=mib, mode=mode,
                       resync_blocks=blocks)  # fmt: skip
                 paired_at = time.monotonic()
             engine.precopy(progress_bar("pre-copy"))

@@ -35,6 +35,7 @@ from mirror.lab.qemudemo import PORT, Mark
 from mirror.replication import keys
 
 DOMAIN = "web01"
+DISK_MIB = 64  # the demo domain's disk (virtual size)
 NIC_PORT = 5600  # in each host's own network namespace (nothing else listens there)
 
 
@@ -60,12 +61,12 @@ def qmp_args(sock: Path | None, *, log: bool = False) -> str:
 def demo_domain(
     img: Path, base: Config, serial: Path, qmp_sock: Path | None = None, *,
     backing: str = "file", balloon: bool = False, kernel_args: str = "",
-    bridges: tuple[str, ...] = (),
+    bridges: tuple[str, ...] = (), disk: tuple[str, str, str] | None = None,
 ) -> str:  # fmt: skip
     """``backing``: the guest RAM's <memoryBacking> source ("file" or "memfd", shared);
     ``balloon``: a virtio balloon instead of none; ``kernel_args``: more for the guest's
     kernel; ``bridges``: its NICs as defined, ``<interface type='bridge'>`` on each of
-    these bridges, instead of the socket NIC."""
+    these bridges, instead of the socket NIC; ``disk``: (path, format, bus) of its disk."""
     xml = domain_xml(
         DOMAIN,
         img,
@@ -75,6 +76,7 @@ def demo_domain(
         serial=serial,
         nic_port=None if bridges else NIC_PORT,
         bridges=bridges,
+        disk=disk,
     ).replace("<source type='file'/>", f"<source type='{backing}'/>")
     if balloon:
         xml = xml.replace("<memballoon model='none'/>", "<memballoon model='virtio'/>")
@@ -160,10 +162,16 @@ class LibvirtDemoGuest:
 
     def __init__(
         self, *, backing: str = "file", balloon: bool = False, kernel_args: str = "",
-        bridges: tuple[str, ...] = (),
+        bridges: tuple[str, ...] = (), disk: str = "", disk_bus: str = "virtio",
     ) -> None:
-        self.domain_options = {"backing": backing, "balloon": balloon, "kernel_args": kernel_args,
-                               "bridges": bridges}  # fmt: skip
+        """``disk``: "raw" or "qcow2": the domain has a disk of that format (DISK_MIB, in
+        A's /var/lib/libvirt/images) on ``disk_bus``, which the guest keeps its journal on."""
+        self.disk = disk
+        self.domain_options = {
+            "backing": backing, "balloon": balloon, "kernel_args": kernel_args,
+            "bridges": bridges,
+            "disk": (f"{TARGETS['lib']}/images/{DOMAIN}.{disk}", disk, disk_bus) if disk else None,
+        }  # fmt: skip
         self.hosts: dict[str, LibvirtHost] = {}
         self.serial_path = Path("/nonexistent")
         self.pair_output: list[str] = []
@@ -206,6 +214,12 @@ class LibvirtDemoGuest:
         self.serial_path = self.hosts["A"].root / "log" / f"{DOMAIN}-serial.log"
         serial = Path(TARGETS["log"]) / f"{DOMAIN}-serial.log"
         sock = Path(TARGETS["run"]) / f"mirror-{DOMAIN}-qmp.sock"
+        if self.disk:  # an image as an operator makes one, in A's own images directory
+            images = self.hosts["A"].root / "lib" / "images"
+            images.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", self.disk,
+                            str(images / f"{DOMAIN}.{self.disk}"), f"{DISK_MIB}M"],
+                           check=True, capture_output=True)  # fmt: skip
         conn = self.hosts["A"].connect()
         qmp = sock if base.libvirt.qmp == "socket" else None
         dom = conn.defineXML(

@@ -299,12 +299,14 @@ def domain_xml(
     mac: str = "52:54:00:12:34:56",
     machine: str = "q35",
     bridges: tuple[str, ...] = (),
+    disk: tuple[str, str, str] | None = None,
 ) -> str:
     """The demo guest as a libvirt domain that mirror can protect: RAM file-backed and
     shared, no balloon, the NIC (if ``nic_port``) a ``type='server'`` socket on
     127.0.0.1:nic_port that mirror's role connects to; or (``bridges``) a NIC as
     operators define them, ``<interface type='bridge'>``, on each bridge named (the
-    first with ``mac``, the others with the last byte of ``mac`` counting up)."""
+    first with ``mac``, the others with the last byte of ``mac`` counting up); ``disk``:
+    (path, format, bus) of a writable disk as virt-install writes it (vda on virtio)."""
     nic = (
         f"<interface type='server'><mac address='{mac}'/>"
         f"<source address='127.0.0.1' port='{nic_port}'/><model type='virtio'/>"
@@ -318,6 +320,16 @@ def domain_xml(
             f"<interface type='bridge'><mac address='{m}'/><source bridge='{escape(br)}'/>"
             f"<model type='virtio'/><rom enabled='no'/></interface>"
         )
+    if disk:
+        path, fmt, bus = disk
+        dev = "vda" if bus == "virtio" else "sda"
+        nic += (
+            f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' "
+            f"discard='unmap'/><source file='{escape(path)}'/><target dev='{dev}' "
+            f"bus='{bus}'/></disk>"
+        )
+        if bus == "scsi":
+            nic += "<controller type='scsi' model='virtio-scsi'/>"
     ser = (
         f"<serial type='file'><source path='{escape(str(serial))}'/></serial>"
         if serial

@@ -106,9 +106,22 @@ def test_the_demo_domain_can_be_mirrored() -> None:
         ("<serial", "<disk type='vhostuser' device='disk'><target dev='vda'/></disk><serial",
          "vhost-user"),
         ("<serial", "<redirdev bus='usb' type='spicevmc'/><serial", "redirdev"),
-        # disks: not replicated for libvirt guests yet
-        ("<serial", "<disk type='file' device='disk'><source file='/img/web01.qcow2'/>"
-         "<target dev='vda'/></disk><serial", "disk"),
+        # disks mirror cannot replicate
+        ("<serial", "<disk type='block' device='disk'><source dev='/dev/sdb'/>"
+         "<target dev='vda'/></disk><serial", "disk-type"),
+        ("<serial", "<disk type='network' device='disk'><source protocol='nbd' name='x'/>"
+         "<target dev='vda'/></disk><serial", "disk-type"),
+        ("<serial", "<disk type='file' device='disk'><driver name='qemu' type='vmdk'/>"
+         "<source file='/img/w.vmdk'/><target dev='vda'/></disk><serial", "disk-format"),
+        ("<serial", "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+         "<source file='/img/w.qcow2'/><backingStore type='file'><format type='qcow2'/>"
+         "<source file='/img/base.qcow2'/></backingStore><target dev='vda'/></disk><serial",
+         "disk-backing"),
+        ("<serial", "<disk type='file' device='disk'><source file='/img/w.raw'/>"
+         "<target dev='vda'/><shareable/></disk><serial", "disk-shared"),
+        ("<serial", "<disk type='file' device='disk'><source file='/img/w.raw'/>"
+         "<target dev='vda'/></disk><disk type='file' device='disk'><source file='/img/x.raw'/>"
+         "<target dev='vdb'/></disk><serial", "disk-many"),
         # NUMA
         ("<vcpu placement='static'>1</vcpu>", "<vcpu>2</vcpu><cpu><numa><cell id='0' cpus='0' "
          "memory='65536' memAccess='shared'/><cell id='1' cpus='1' memory='65536' "
@@ -218,13 +231,16 @@ def test_notes_do_not_block() -> None:
     assert r.ok and [f.code for f in r.findings] == ["nvram"]
 
 
-def test_disks_when_supported() -> None:
-    xml = GOOD.replace("<serial", "<disk type='file' device='disk'><driver name='qemu' "
-                       "type='raw' discard='unmap'/><source file='/i.raw'/><target dev='vda'/>"
-                       "</disk><serial")
-    assert codes(xml) == ["disk"]
-    assert codes(xml, disks_supported=True) == ["disk-discard"]
-    assert codes(xml.replace(" discard='unmap'", ""), disks_supported=True) == []
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("bus", ["virtio", "scsi", "sata"])
+def test_one_raw_or_qcow2_file_disk_on_any_bus_is_replicated(fmt: str, bus: str) -> None:
+    xml = GOOD_LOG.replace("<serial", f"<disk type='file' device='disk'><driver name='qemu' "
+                           f"type='{fmt}' cache='none' discard='unmap'/><source file='/i.img'/>"
+                           f"<target dev='vda' bus='{bus}'/></disk><disk type='file' "
+                           f"device='cdrom'><source file='/iso/x.iso'/><target dev='sdb'/>"
+                           f"<readonly/></disk><serial")
+    r = check(xml)
+    assert r.ok and [f.code for f in r.findings] == ["readonly-media"], explain(r)  # a note
 
 
 @pytest.mark.parametrize(
