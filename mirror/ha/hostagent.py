@@ -438,7 +438,8 @@ class HostAgent:
                 name: _refusing(h) for name, h in (
                     ("list", self.op_list), ("status", self.op_status),
                     ("pair", self.pairing.op_pair), ("progress", self.pairing.op_progress),
-                    ("unpair", self.pairing.op_unpair), ("reload-keys", self.op_reload_keys))
+                    ("unpair", self.pairing.op_unpair), ("reload-keys", self.op_reload_keys),
+                    ("check", self.pairing.op_check))
             }  # fmt: skip
             self.load_defs()
             for pair, d in list(self.defs.items()):
