@@ -267,4 +267,6 @@ def show_pair(st: dict[str, Any], as_json: bool) -> int:
         print(f"{k:>12}: {st.get(k)}")
     if st.get("arbiter_unverified"):  # no failover until the arbiter shows the peer
         print(f"{'not protected':>12}: {st['arbiter_unverified']}")
+    for fault in st.get("output_faults") or []:  # a NIC's gate broke (replication/nicgate.py)
+        print(f"{'NIC gate':>12}: BROKEN: {fault}")
     return output.OK if st.get("running") else output.NOT_RUNNING

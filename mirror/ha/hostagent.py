@@ -411,6 +411,7 @@ class HostAgent:
             "waiting": self.waiting.get(d.pair), "phase": st.get("phase"),
             "protection": st.get("protection"), "epoch": st.get("epoch"),
             "arbiter_unverified": st.get("arbiter_unverified"),
+            "output_faults": st.get("output_faults") or [],
             "acked": st.get("acked"), "committed": st.get("committed"),
             "role_config": str(self.pair_dir(d.pair) / "mirror.toml"),
             "ports": [d.data_port, d.heartbeat_port, d.disk_port],
