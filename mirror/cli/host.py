@@ -152,6 +152,9 @@ def check_standby(
         answer = ask(args, "check", {"domain": args.domain, "peer": args.peer,
                                      "connect": uri}, timeout=40)  # fmt: skip
     except control.ControlError as e:
+        if "unknown op 'check'" in str(e) or "does not take 'check'" in str(e):
+            # a host agent (there, or here) from before the check was asked of peers
+            return domaincheck.with_standby(a, here, args.peer, "its host agent is older")
         if "no daemon runs" not in str(e):  # this host agent asked, the peer did not answer
             return domaincheck.with_standby(a, [], args.peer, str(e), blocking=True)
         return domaincheck.with_standby(a, here, args.peer, "no host agent runs here")
