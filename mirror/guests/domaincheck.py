@@ -541,14 +541,17 @@ def _firmware(root: ET.Element, name: str) -> list[Finding]:
             f"UEFI firmware (<os firmware='efi'> or a pflash <loader>): its variables are in "
             f"the NVRAM file {path}, one per host",
             "mirror replicates the guest's RAM and its devices' state, not the "
-            "NVRAM file nor QEMU's flash copy of it: the standby's QEMU loads the peer's own "
+            "NVRAM file nor QEMU's flash copy of it (a RAM block of its own, system.flash1, "
+            "beside the guest's RAM backend): the standby's QEMU loads the peer's own "
             "file when the standby starts (libvirt makes it from the firmware's template if "
             "it is absent), so after a failover the firmware sees the peer's variables: "
             "boot entries, BootOrder and Secure Boot keys written on this host are not there "
             "(the guest runs on; they matter at its next boot)",
             f"copy {path} to the peer, at the same path, before `mirror pair` (and again, "
             f"with a new pairing, after the guest changes UEFI variables); nothing to change "
-            f"if its variables are the template's",
+            f"if its variables are the template's. Keep the same firmware package (ovmf) on "
+            f"both hosts: the firmware's code is a flash of QEMU's too, read from each "
+            f"host's own file",
             blocking=False,
         )
     ]
