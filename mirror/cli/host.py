@@ -125,11 +125,40 @@ def run_agent(path: str) -> int:
     return agent.run(stop)
 
 
-def check_domain(uri: str, domain: str) -> domaincheck.Assessment:
+def check_domain(uri: str, domain: str) -> tuple[domaincheck.Assessment, str | None]:
+    """The domain's assessment, and its persistent definition (None: transient)."""
     from mirror.guests.libvirtdom import Domains
 
     with Domains(uri) as lv:
-        return lv.assess(domain)
+        a = lv.assess(domain)
+        return a, lv.inactive_xml(domain) if lv.facts(domain)["persistent"] else None
+
+
+def check_standby(
+    args: argparse.Namespace, uri: str, a: domaincheck.Assessment, xml: str | None
+) -> domaincheck.Assessment:
+    """``a`` with what the standby's host refuses in the definition pairing sends it: the
+    peer's own answer (through this host agent), or without a host agent here, what
+    every host refuses (a note says the peer was not asked)."""
+    from mirror.guests import domaincheck, standbycheck
+    from mirror.ha import control
+
+    if xml is None:  # transient: a finding of its own already
+        return a
+    here = standbycheck.program_refusals(domaincheck.parse(xml))
+    if not args.peer:
+        return domaincheck.with_standby(a, here, "", "no --peer given")
+    try:
+        answer = ask(args, "check", {"domain": args.domain, "peer": args.peer,
+                                     "connect": uri}, timeout=40)  # fmt: skip
+    except control.ControlError as e:
+        if "unknown op 'check'" in str(e) or "does not take 'check'" in str(e):
+            # a host agent (there, or here) from before the check was asked of peers
+            return domaincheck.with_standby(a, here, args.peer, "its host agent is older")
+        if "no daemon runs" not in str(e):  # this host agent asked, the peer did not answer
+            return domaincheck.with_standby(a, [], args.peer, str(e), blocking=True)
+        return domaincheck.with_standby(a, here, args.peer, "no host agent runs here")
+    return domaincheck.with_standby(a, list(answer.get("refused", [])), args.peer, "")
 
 
 def prepare_domain(uri: str, domain: str) -> int:
@@ -168,7 +197,8 @@ def pair(args: argparse.Namespace) -> int:
                                 f"{', '.join(sorted(cfg.peers)) or 'no peers'} (add it to "
                                 f"[peers] of {args.agent_config})")
         uri = args.connect or cfg.agent.connect
-        r = domaincheck.with_agent(check_domain(uri, args.domain), cfg.agent.bridge)
+        a, xml = check_domain(uri, args.domain)
+        r = check_standby(args, uri, domaincheck.with_agent(a, cfg.agent.bridge), xml)
         print(domaincheck.explain_assessment(r))
         if not r.ok:
             return output.FAILED
@@ -240,4 +270,6 @@ def show_pair(st: dict[str, Any], as_json: bool) -> int:
         print(f"{k:>12}: {st.get(k)}")
     if st.get("arbiter_unverified"):  # no failover until the arbiter shows the peer
         print(f"{'not protected':>12}: {st['arbiter_unverified']}")
+    for fault in st.get("output_faults") or []:  # a NIC's gate broke (replication/nicgate.py)
+        print(f"{'NIC gate':>12}: BROKEN: {fault}")
     return output.OK if st.get("running") else output.NOT_RUNNING

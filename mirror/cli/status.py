@@ -122,6 +122,8 @@ def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
     ]
     if st.get("arbiter_unverified"):  # the arbiter has not shown the peer: no failover
         rows.append(("not protected", st.get("arbiter_unverified")))
+    if st.get("output_faults"):  # a NIC's gate broke: frames dropped, or leaving unheld
+        rows.append(("NIC gates BROKEN", "; ".join(map(str, st["output_faults"]))))
     if st.get("role") == "secondary":
         rows += [
             ("committed checkpoint", st.get("committed")),

@@ -110,6 +110,12 @@ class Guest(ABC):
         the log is then such a hole (sent all the same), not a page the log missed."""
         return False
 
+    def output_faults(self) -> list[str]:
+        """What keeps this guest's outputs from passing output commit as they should,
+        found while it runs (a libvirt domain's broken NIC gate); empty while all is
+        well.  Cheap: for a role's status."""
+        return []
+
     def log_blockers(self) -> list[str]:
         """What this guest has that changes RAM behind a dirty-page log's back
         (a balloon, virtio-mem, discard of RAM, vhost-user): the log is refused."""

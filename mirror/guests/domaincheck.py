@@ -100,10 +100,19 @@ class Assessment:
 
     next_boot: Result
     running: Result | None
+    # what the standby's host refuses in the definition it gets (standbycheck), and who
+    # checked it ("": not checked)
+    standby: tuple[Finding, ...] = ()
+    standby_label: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.running is not None and self.running.ok and self.next_boot.ok
+        return (
+            self.running is not None
+            and self.running.ok
+            and self.next_boot.ok
+            and not any(f.blocking for f in self.standby)
+        )
 
 
 class DomainXMLError(ValueError):
@@ -157,7 +166,7 @@ def check(xml: str) -> Result:
     out += _nics(nics)
     out += _disks(devices)
     out += _other_devices(devices)
-    out += _firmware(root)
+    out += _firmware(root, name)
     out += _preload(root, name)
     nic_text = tuple(
         f"{n.get('type')} {_attr(n, 'model', 'type') or 'default'} {_attr(n, 'mac', 'address')}"
@@ -369,16 +378,8 @@ def _nics(nics: list[ET.Element]) -> list[Finding]:
         "udp": "a UDP socket NIC drops frames without back-pressure",
         "mcast": "a multicast socket NIC cannot be put under output commit",
     }
-    servers = [n for n in nics if n.get("type") == "server"]
-    if servers and len(nics) > 1:
-        out.append(
-            Finding(
-                "nics",
-                f"{len(nics)} NICs, one of them a socket NIC <interface type='server'>",
-                "the socket NIC is relayed alone (NICs as defined are held on their taps)",
-                NIC_FIX,
-            )
-        )
+    # one finding per NIC at most, each naming that NIC and its one change
+    mixed = len(nics) > 1
     for n in nics:
         kind = n.get("type", "")
         mac = _attr(n, "mac", "address") or "?"
@@ -386,6 +387,22 @@ def _nics(nics: list[ET.Element]) -> list[Finding]:
             why = why_type.get(kind, "mirror cannot put this kind of NIC under output commit")
             out.append(Finding("nic-type", f"the NIC {mac} is <interface type={kind!r}>", why,
                                NIC_FIX))
+        elif "vhostuser" in (_attr(n, "driver", "name"), _attr(n, "backend", "type")):
+            out.append(Finding("vhost-user", f"the NIC {mac} uses a vhost-user backend",
+                               why_type["vhostuser"],
+                               "use the kernel's vhost-net (<driver name='vhost'/>) or "
+                               "QEMU's"))  # fmt: skip
+        elif kind == "server" and mixed:
+            out.append(
+                Finding(
+                    "nics",
+                    f"the NIC {mac} is a socket NIC <interface type='server'>, one of "
+                    f"{len(nics)} NICs",
+                    "a socket NIC is relayed alone: mirror holds NICs as defined on their "
+                    "taps, or one socket NIC, not both",
+                    f"make the NIC {mac} " + NIC_FIX.removeprefix("make it "),
+                )
+            )
         elif n.find("bandwidth/outbound") is not None:
             out.append(
                 Finding(
@@ -395,15 +412,6 @@ def _nics(nics: list[ET.Element]) -> list[Finding]:
                     "mirror holds the guest's frames on that same ingress hook of the tap "
                     "(a gate per NIC), which the limit's qdisc takes",
                     f"remove <outbound> from the NIC {mac}'s <bandwidth> (<inbound> may stay)",
-                )
-            )
-        if _attr(n, "driver", "name") == "vhostuser" or _attr(n, "backend", "type") == "vhostuser":
-            out.append(
-                Finding(
-                    "vhost-user",
-                    f"the NIC {mac} uses a vhost-user backend",
-                    why_type["vhostuser"],
-                    "use the kernel's vhost-net (<driver name='vhost'/>) or QEMU's",
                 )
             )
     if not nics:
@@ -522,13 +530,18 @@ def _other_devices(devices: ET.Element) -> list[Finding]:
         ("redirdev", "redirdev", "a redirected USB device cannot be saved or moved"),
         ("smartcard", "smartcard", "a passed-through smartcard cannot be saved or moved"),
     ):
+        # one finding per kind: virt-install's SPICE gives two <redirdev type='spicevmc'>
+        kinds: dict[str, int] = {}
         for el in devices.findall(tag):
+            kind = f" type={el.get('type')!r}" if el.get("type") else ""
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, n in kinds.items():
             out.append(
                 Finding(
                     code,
-                    f"a <{tag}{' type=' + repr(el.get('type')) if el.get('type') else ''}> device",
+                    f"a <{tag}{kind}> device" if n == 1 else f"{n} <{tag}{kind}> devices",
                     why,
-                    f"remove the <{tag}> from <devices>",
+                    f"remove the <{tag}>{' elements' if n > 1 else ''} from <devices>",
                 )
             )
     for fs in devices.findall("filesystem"):
@@ -545,17 +558,42 @@ def _other_devices(devices: ET.Element) -> list[Finding]:
     return out
 
 
-def _firmware(root: ET.Element) -> list[Finding]:
-    nv = root.find("os/nvram")
-    if nv is None:
+NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"  # where libvirt keeps a domain's UEFI variables
+
+
+def _firmware(root: ET.Element, name: str) -> list[Finding]:
+    """UEFI: its variables live in a file of each host's, outside what mirror copies."""
+    os_el = root.find("os")
+    if os_el is None:
         return []
+    nv = os_el.find("nvram")
+    loader = os_el.find("loader")
+    efi = (
+        os_el.get("firmware") == "efi"
+        or nv is not None
+        or (loader is not None and loader.get("type") == "pflash")
+    )
+    if not efi:
+        return []
+    path = (nv.text or "").strip() if nv is not None else ""
+    path = path or f"{NVRAM_DIR}/{name}_VARS.fd"  # libvirt's own name for it
     return [
         Finding(
             "nvram",
-            f"UEFI variables in {(nv.text or nv.get('template') or 'an NVRAM file').strip()}",
-            "the NVRAM file is not replicated: variables the guest changes after pairing are "
-            "lost on failover",
-            "nothing to change if the guest does not write UEFI variables at run time",
+            f"UEFI firmware (<os firmware='efi'> or a pflash <loader>): its variables are in "
+            f"the NVRAM file {path}, one per host",
+            "mirror replicates the guest's RAM and its devices' state, not the "
+            "NVRAM file nor QEMU's flash copy of it (a RAM block of its own, system.flash1, "
+            "beside the guest's RAM backend): the standby's QEMU loads the peer's own "
+            "file when the standby starts (libvirt makes it from the firmware's template if "
+            "it is absent), so after a failover the firmware sees the peer's variables: "
+            "boot entries, BootOrder and Secure Boot keys written on this host are not there "
+            "(the guest runs on; they matter at its next boot)",
+            f"copy {path} to the peer, at the same path, before `mirror pair` (and again, "
+            f"with a new pairing, after the guest changes UEFI variables); nothing to change "
+            f"if its variables are the template's. Keep the same firmware package (ovmf) on "
+            f"both hosts: the firmware's code is a flash of QEMU's too, read from each "
+            f"host's own file",
             blocking=False,
         )
     ]
@@ -598,6 +636,61 @@ def with_agent(a: Assessment, bridge: str) -> Assessment:
     return Assessment(nb, add(a.running))
 
 
+STANDBY_WHY = (
+    "the standby's host runs nothing of its peer's choosing and reads or writes no file "
+    "outside the places a domain's files belong there: it refuses the standby's definition "
+    "(the persistent one, as sent) and the pairing with it"
+)
+
+
+def _standby_fix(refusal: str, peer: str) -> str:
+    if "qemu:commandline" in refusal:
+        return ("remove those <qemu:arg>/<qemu:env> from the definition (`virsh edit`): "
+                "only -qmp unix:PATH and mirror's own preload are taken")  # fmt: skip
+    if "LD_PRELOAD" in refusal:
+        return ("install the library in the system library directories of both hosts (or "
+                "remove it from <qemu:env name='LD_PRELOAD'>)")  # fmt: skip
+    if "outside the places" in refusal:
+        return (f"put the file in one of those places on both hosts (and change the XML), or "
+                f"add its directory to [agent] domain_dirs on {peer or 'the peer'}")  # fmt: skip
+    return "remove it from the definition (`virsh edit`)"
+
+
+def with_standby(
+    a: Assessment, refusals: list[str], peer: str, not_asked: str = "", *,
+    blocking: bool = False,
+) -> Assessment:  # fmt: skip
+    """``a`` with what the standby's host refuses in the definition it would get
+    (mirror/guests/standbycheck.py): asked of ``peer`` itself, or when it was not asked
+    (``not_asked`` says why) checked here for what every host refuses.  ``blocking``: the
+    peer was to be asked and did not answer (pairing would fail the same way)."""
+    found = [
+        Finding("standby-refused", r, STANDBY_WHY, _standby_fix(r, peer))
+        for r in dict.fromkeys(refusals)
+    ]
+    if blocking:
+        found.append(
+            Finding(
+                "standby-unasked",
+                f"{peer} did not answer: {not_asked}",
+                "pairing asks the peer's host agent to check and prepare the standby",
+                f"start `mirror agent` on {peer}, and check its address and key in [peers]",
+            )
+        )
+    if not peer:
+        label = f"the standby ({not_asked}: checked here for what every host refuses)"
+    elif not not_asked:
+        label = f"the standby on {peer} (as {peer} checks its definition)"
+    elif blocking:
+        label = f"the standby on {peer}"
+    else:
+        label = (
+            f"the standby on {peer} (not asked: {not_asked}; checked here for what every "
+            "host refuses)"
+        )
+    return replace(a, standby=tuple(found), standby_label=label)
+
+
 def explain_assessment(a: Assessment) -> str:
     """What `mirror pair --check` prints: the running guest and the next boot, each with
     its findings and the scan its checkpoints would use."""
@@ -623,6 +716,15 @@ def explain_assessment(a: Assessment) -> str:
         state = "can be mirrored" if r.ok else f"{len(r.blocking)} thing(s) to change"
         lines.append(f"  {label}: {state}; checkpoints would use {SCANS[r.scan]}")
         lines += ["  " + line for line in explain(r).splitlines()[1:]]
+    if a.standby_label:
+        label = a.standby_label
+        if not a.standby:
+            lines.append(f"  {label}: can run")
+        else:
+            lines.append(f"  {label}: {len(a.standby)} thing(s) to change")
+            for i, f in enumerate(a.standby, 1):
+                lines += [f"    {i}. {f.what} [{f.code}]", f"       why: {f.why}",
+                          f"       change: {f.fix}"]  # fmt: skip
     if a.running is not None and not a.running.ok and a.next_boot.ok:
         lines.append(f"  its definition is ready: restart {name} (virsh shutdown {name}, then "
                      f"virsh start {name}) for the running guest to have it")  # fmt: skip

@@ -81,6 +81,8 @@ class Gates(Protocol):
 
     def remove(self) -> None: ...
 
+    def faults(self) -> list[str]: ...
+
 
 # the gates on (tap, bridge, mac) of each NIC, in order, installed (all or none)
 GatesFactory = Callable[[list[tuple[str, str, str]], OutputHandler], Gates]
@@ -546,6 +548,10 @@ class LibvirtGuest(Guest):
 
     def discards_ram(self) -> bool:
         return self._has_balloon
+
+    def output_faults(self) -> list[str]:
+        """Its NICs' gates that no longer hold as they should (GateSet.faults)."""
+        return [] if self.gates is None else self.gates.faults()
 
     def log_blockers(self) -> list[str]:
         root = ET.fromstring(self.xml)

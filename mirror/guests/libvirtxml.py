@@ -175,7 +175,8 @@ def fingerprint_of(xml: str, conn: Any) -> str:
 def standby_xml(xml: str) -> str:
     """The standby's definition: the domain's, waiting for incoming state (``-incoming
     defer``, no configuration section: ``xen-save-devices-state`` writes none), and with
-    the preload library that lets mirror log its dirty pages once it is promoted."""
+    the preload library that lets mirror log its dirty pages once it is promoted (this
+    host's, first in LD_PRELOAD; the operator's own libraries after it, as they were)."""
     root = ET.fromstring(xml)
     for attr in ("id",):
         root.attrib.pop(attr, None)
@@ -184,10 +185,19 @@ def standby_xml(xml: str) -> str:
         cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
     for value in ("-incoming", "defer", "-global", "migration.send-configuration=off"):
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
+    theirs = ""  # the operator's own preload libraries (standbycheck: this host's, found)
     for env in cmd.findall(f"{{{QEMU_NS}}}env"):  # a socket name of its own, below
         if env.get("name") in ("LD_PRELOAD", uffd.ENV_SOCK):
+            if env.get("name") == "LD_PRELOAD":
+                theirs = env.get("value", "")
             cmd.remove(env)
-    for name, value in preload_env().items():
+    ours = preload_env()
+    kept = " ".join(e for e in uffd.preload_entries(theirs) if not uffd.is_mirror_preload(e))
+    if ours:
+        ours["LD_PRELOAD"] = uffd.join_preload(ours["LD_PRELOAD"], theirs)
+    elif kept:  # (a build without mirror's library: the operator's alone)
+        ours = {"LD_PRELOAD": kept}
+    for name, value in ours.items():
         ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=name, value=value)
     return ET.tostring(root, encoding="unicode")
 
@@ -272,7 +282,7 @@ def prepared_xml(xml: str) -> tuple[str, list[str]]:
                 if e.get("name") == "LD_PRELOAD":
                     theirs = e.get("value", "")
                 cmd.remove(e)
-        env["LD_PRELOAD"] = f"{env['LD_PRELOAD']} {theirs}".strip()
+        env["LD_PRELOAD"] = uffd.join_preload(env["LD_PRELOAD"], theirs)
         for k, v in env.items():
             ET.SubElement(cmd, f"{{{QEMU_NS}}}env", name=k, value=v)
         changes.append(

@@ -2,9 +2,11 @@
 
 A definition that arrives over the interconnect is untrusted input: it may not name a
 program to run (the emulator must be at a standard path; `<qemu:commandline>` only a
-`-qmp unix:` socket, and only mirror's own environment), nor a file outside the host's
-domain directories (``[agent] domain_dirs``).  Pure, over the XML; the operator's own
-domain is checked by mirror/guests/domaincheck.py.
+`-qmp unix:` socket, and only mirror's own environment, its LD_PRELOAD naming besides
+mirror's library only libraries the host installed), nor a file outside the host's
+domain directories (``[agent] domain_dirs``; firmware also from its firmware
+directories).  Pure, over the XML; the operator's own domain is checked by
+mirror/guests/domaincheck.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ DEFAULT_DOMAIN_DIRS = (
 # the attributes and the <os> elements that name a file on the host
 PATH_ATTRS = ("file", "path", "dir", "socket", "template")  # and a <source dev>
 OS_FILES = ("kernel", "initrd", "dtb", "loader", "nvram")
+# firmware images a domain's <loader> and <nvram template> may name besides: read only,
+# installed by the host's packages (ovmf, qemu-system-data, seabios)
+FIRMWARE_DIRS = ("/usr/share/OVMF", "/usr/share/edk2", "/usr/share/AAVMF", "/usr/share/qemu",
+                 "/usr/share/seabios")  # fmt: skip
+FIRMWARE_FILES = {("loader", ""), ("nvram", "template")}
+# where an operator's own LD_PRELOAD libraries may be: the host's system library
+# directories (what its packages install; a bare name is searched there by ld.so)
+LIBRARY_DIRS = ("/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib")
+LIBRARY_SUBDIRS = ((), (f"{os.uname().machine}-linux-gnu",))  # Debian's multiarch
 
 
 def _inside(path: str, dirs: Sequence[str]) -> bool:
@@ -55,14 +66,17 @@ def path_refusals(root: ET.Element, dirs: Sequence[str]) -> list[str]:
     would create, truncate, write or read it for the peer.  Paths are compared after
     "..", and symlinks that exist on this host, are resolved."""
     named: list[tuple[str, str]] = []  # (what, path)
+    firmware: list[tuple[str, str]] = []  # the same, where firmware dirs are allowed too
     for name in OS_FILES:
         for el in root.findall(f"os/{name}"):
             text = (el.text or "").strip()
             if text:
-                named.append((f"<os><{name}>", text))
+                (firmware if (name, "") in FIRMWARE_FILES else named).append(
+                    (f"<os><{name}>", text))  # fmt: skip
             for attr in ("template",):
                 if el.get(attr):
-                    named.append((f"<os><{name} {attr}>", el.get(attr, "")))
+                    (firmware if (name, attr) in FIRMWARE_FILES else named).append(
+                        (f"<os><{name} {attr}>", el.get(attr, "")))  # fmt: skip
     devices = root.find("devices")
     for dev in [] if devices is None else list(devices):
         for el in dev.iter():
@@ -78,24 +92,71 @@ def path_refusals(root: ET.Element, dirs: Sequence[str]) -> list[str]:
             qmp = _qmp_path(a.get("value", ""))
             if qmp:
                 named.append(("the -qmp socket", qmp))
-    return [
+    out = [
         f"{what} is {path!r}, outside the places a domain's files belong on this host "
         f"({', '.join(dirs)}; the host agent's [agent] domain_dirs)"
         for what, path in named
         if not _inside(path, dirs)
     ]
+    return out + [
+        f"{what} is {path!r}, outside the places a domain's files belong on this host "
+        f"({', '.join(dirs)}; the host agent's [agent] domain_dirs) and its firmware "
+        f"directories ({', '.join(FIRMWARE_DIRS)})"
+        for what, path in firmware
+        if not _inside(path, [*dirs, *FIRMWARE_DIRS])
+    ]
+
+
+def preload_refusals(value: str) -> list[str]:
+    """Why this host does not preload the libraries of an LD_PRELOAD ``value`` from a
+    peer's definition into its standby's QEMU (mirror's own library is replaced by this
+    host's, mirror.guests.libvirtxml.standby_xml): each other one must be a library of
+    this host's system library directories (a path there, or a bare name ld.so looks for
+    there) that exists here."""
+    out = []
+    for entry in uffd.preload_entries(value):
+        if uffd.is_mirror_preload(entry):
+            continue
+        if "$" in entry or "\0" in entry:
+            out.append(f"its LD_PRELOAD names {entry!r}: no ld.so tokens ($LIB, $ORIGIN) "
+                       f"are taken")  # fmt: skip
+            continue
+        if "/" in entry and not _inside(entry, LIBRARY_DIRS):
+            out.append(
+                f"its LD_PRELOAD names {entry!r}, outside this host's system library "
+                f"directories ({', '.join(LIBRARY_DIRS)}): a standby's QEMU loads only "
+                f"libraries the host installed (install it there on both hosts)"
+            )
+            continue
+        # a bare name: ld.so searches the system's directories (no LD_LIBRARY_PATH is taken)
+        where = (
+            [entry]
+            if "/" in entry
+            else [os.path.join(d, *sub, entry) for d in LIBRARY_DIRS for sub in LIBRARY_SUBDIRS]
+        )
+        if not any(os.path.isfile(p) for p in where):
+            out.append(f"its LD_PRELOAD names {entry!r}, which this host does not have "
+                       f"(install it on both hosts)")  # fmt: skip
+    return out
 
 
 def standby_refusals(xml: str, dirs: Sequence[str] = DEFAULT_DOMAIN_DIRS) -> list[str]:
     """Why a standby's host must not run ``xml``, a definition its peer's host agent sent (an
     authenticated peer, but no more than that: nothing in the XML may make this host run
     a program of the peer's choosing, or read or write a file outside ``dirs``).  Empty:
-    acceptable.  Beyond ``check``: the emulator is QEMU at a standard path;
-    ``<qemu:commandline>`` holds at most a ``-qmp unix:`` monitor socket and no
-    environment; no hooks or scripts; every file it names is inside ``dirs``
-    (:func:`path_refusals`)."""
+    acceptable.  Beyond ``check``: :func:`program_refusals` and every file it names is
+    inside ``dirs`` (:func:`path_refusals`)."""
     root = parse(xml)
-    out = path_refusals(root, dirs)
+    return path_refusals(root, dirs) + program_refusals(root)
+
+
+def program_refusals(root: ET.Element) -> list[str]:
+    """What a standby's host refuses in a definition whatever its directories: the
+    emulator is QEMU at a standard path; ``<qemu:commandline>`` holds at most a ``-qmp
+    unix:`` monitor socket and no environment but mirror's preload (LD_PRELOAD, whose
+    other libraries must pass :func:`preload_refusals`, and MIRROR_UFFD_SOCK); no hooks
+    or scripts.  The same on every host: ``mirror pair --check`` says them before pairing."""
+    out = []
     emulator = (root.findtext("devices/emulator") or "").strip()
     if emulator and emulator not in EMULATORS:
         out.append(f"its <emulator> is {emulator!r}, not one of {', '.join(EMULATORS)}")
@@ -112,6 +173,9 @@ def standby_refusals(xml: str, dirs: Sequence[str] = DEFAULT_DOMAIN_DIRS) -> lis
                 f"its <qemu:commandline> passes {args!r} and environment {envs!r} (only "
                 f"-qmp unix:PATH and mirror's own {', '.join(sorted(MIRROR_ENV))} are taken)"
             )
+        for e in cmd.findall(f"{{{QEMU_NS}}}env"):
+            if e.get("name") == "LD_PRELOAD":
+                out += preload_refusals(e.get("value", ""))
     for el in root.iter():
         if el.tag in ("script", "hook") or (el.tag == "source" and el.get("type") == "exec"):
             out.append(f"it names a script or program (<{el.tag}>)")

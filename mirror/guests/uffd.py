@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import os
+import re
 import socket
 import struct
 from pathlib import Path
@@ -31,6 +32,23 @@ def preload_library() -> Path | None:
     return found[0] if found else None
 
 
+def preload_entries(value: str) -> list[str]:
+    """The libraries an LD_PRELOAD value names (ld.so splits it at spaces and colons)."""
+    return [e for e in re.split(r"[:\s]+", value) if e]
+
+
+def is_mirror_preload(entry: str) -> bool:
+    """Whether an LD_PRELOAD entry is mirror's preload library (of any installation)."""
+    return Path(entry).name.startswith("_uffdpreload")
+
+
+def join_preload(lib: str, value: str) -> str:
+    """LD_PRELOAD with mirror's library ``lib`` first, then the operator's own libraries
+    of ``value`` in their order (any other copy of mirror's dropped)."""
+    theirs = [e for e in preload_entries(value) if not is_mirror_preload(e)]
+    return " ".join([lib, *theirs])
+
+
 def unique_name(kind: str) -> str:
     return f"@mirror-uffd-{kind}-{os.getpid()}-{os.urandom(6).hex()}"
 
@@ -42,8 +60,7 @@ def preload_env(sock: str, base: dict[str, str] | None = None) -> dict[str, str]
     if lib is None:
         return None
     env = dict(os.environ if base is None else base)
-    old = env.get("LD_PRELOAD", "")
-    env["LD_PRELOAD"] = f"{lib} {old}".strip()
+    env["LD_PRELOAD"] = join_preload(str(lib), env.get("LD_PRELOAD", ""))
     env[ENV_SOCK] = sock
     return env
 

@@ -411,6 +411,7 @@ class HostAgent:
             "waiting": self.waiting.get(d.pair), "phase": st.get("phase"),
             "protection": st.get("protection"), "epoch": st.get("epoch"),
             "arbiter_unverified": st.get("arbiter_unverified"),
+            "output_faults": st.get("output_faults") or [],
             "acked": st.get("acked"), "committed": st.get("committed"),
             "role_config": str(self.pair_dir(d.pair) / "mirror.toml"),
             "ports": [d.data_port, d.heartbeat_port, d.disk_port],
@@ -438,7 +439,8 @@ class HostAgent:
                 name: _refusing(h) for name, h in (
                     ("list", self.op_list), ("status", self.op_status),
                     ("pair", self.pairing.op_pair), ("progress", self.pairing.op_progress),
-                    ("unpair", self.pairing.op_unpair), ("reload-keys", self.op_reload_keys))
+                    ("unpair", self.pairing.op_unpair), ("reload-keys", self.op_reload_keys),
+                    ("check", self.pairing.op_check))
             }  # fmt: skip
             self.load_defs()
             for pair, d in list(self.defs.items()):

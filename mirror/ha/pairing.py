@@ -278,6 +278,8 @@ class Pairing:
                 return self.prepare(peer, req)
             if op == "drop":
                 return self.drop(peer, req)
+            if op == "check":
+                return self.check(peer, req)
         except (AgentError, ConfigError, OSError) as e:
             raise PeerError(str(e)) from None
         raise PeerError(f"unknown op {op!r}")
@@ -339,6 +341,39 @@ class Pairing:
             agent.stop_role(pair)
             agent.forget(pair)
         raise AgentError(f"the standby of {pair} did not start on {agent.node}: {tail}")
+
+    def check(self, peer: str, req: dict[str, Any]) -> dict[str, Any]:
+        """What :meth:`prepare` would refuse in the standby XML ``peer`` sends, starting
+        nothing (``mirror pair --check --peer`` on the peer: the same checks as pairing)."""
+        xml, domain = req.get("xml"), req.get("domain")
+        if not isinstance(xml, str) or not isinstance(domain, str):
+            raise AgentError("no domain XML to check")
+        try:
+            r = domaincheck.check(xml)
+        except domaincheck.DomainXMLError as e:
+            return {"node": self.agent.node, "refused": [str(e)]}
+        refused = [] if r.name == domain else [f"its <name> is {r.name!r}, not {domain!r}"]
+        if not r.ok:  # (what the peer's own --check says, found again here)
+            refused += [f.what for f in r.blocking]
+        refused += standbycheck.standby_refusals(xml, self.agent.domain_dirs())
+        return {"node": self.agent.node, "refused": refused}
+
+    def op_check(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`mirror pair DOMAIN --check --peer HOST` (the CLI, over the control socket): what
+        HOST refuses in the definition pairing would send it."""
+        agent = self.agent
+        peer, domain = req.get("peer"), req.get("domain")
+        if not isinstance(peer, str) or peer not in agent.peers:
+            raise AgentError(
+                f"unknown peer {peer!r}: this host agent knows "
+                f"{', '.join(sorted(agent.peers)) or 'no peers'} (add it to [peers])"
+            )
+        if not isinstance(domain, str):
+            raise AgentError("no domain given")
+        with Domains(str(req.get("connect") or agent.cfg.agent.connect)) as lv:
+            xml = lv.inactive_xml(check_name(domain))
+        return peerlink.ask(agent.peers[peer], agent.public, agent.secret, "check",
+                            {"domain": domain, "xml": xml}, timeout=20)  # fmt: skip
 
     def drop(self, peer: str, req: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent

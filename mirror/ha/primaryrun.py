@@ -139,6 +139,7 @@ class PrimaryRun:
         self.phase = "pairing"
         self.extra: dict[str, Any] = {}
         self._disk_storage = "local"  # where the disk server last said its I/O goes
+        self._output_faults: list[str] = []  # the guest's broken NIC gates, as last reported
         self.switch = threading.Event()  # `mirror switchover` asks to hand over
         self.retry = PairingRetry()  # the lead's, shared by its runs
 
@@ -198,6 +199,7 @@ class PrimaryRun:
             **(self.retry.status() if self.protection() == "unprotected" else {}),
             **({"disk": replicated(self.guest.disk).summary()} if self.guest.disk else {}),
             "peer_node": link.peer.node,
+            "output_faults": self.guest.output_faults(),
         }  # fmt: skip
 
     def protection(self) -> str:
@@ -226,6 +228,18 @@ class PrimaryRun:
         disk = st.get("disk")
         if isinstance(disk, dict) and disk.get("storage") in ("local", "remote", "suspended"):
             self.disk_storage_changed(disk, st.get("peer_node"))
+        self.output_faults_changed(st["output_faults"])
+
+    def output_faults_changed(self, faults: list[str]) -> None:
+        """A NIC's gate broke (or was found whole again): the metric, and an event."""
+        self.engine.metrics.nic_gates_broken.set(len(faults))
+        if faults == self._output_faults:
+            return
+        self._output_faults = faults
+        if faults:
+            event("nic-gate-broken", logging.ERROR, node=self.cfg.node.name, faults=faults)
+        else:
+            event("nic-gates-holding", node=self.cfg.node.name)
 
     def disk_storage_changed(self, disk: dict[str, Any], peer: str | None) -> None:
         """The disk server switched its path (local image failed, back, or suspended):

@@ -55,6 +55,8 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         "protection": failover.protection() if standby.primary else failover.rules.state.value,
         "arbiter_unverified": failover.unverified() if standby.primary else None,
         "storage_age_s": failover.arbiter.peer_age(standby.primary) if standby.primary else None,
+        # the ready standby's NIC gates (a libvirt domain's): promotion releases through them
+        "output_faults": ready.output_faults() if hasattr(ready, "output_faults") else [],
     }
     manual = threading.Event()  # `mirror failover` (the control socket; SIGUSR1 from a parent)
     cause = ["failure"]  # why a promotion comes: the primary died, unless an operator asked

@@ -25,8 +25,9 @@ from contextlib import AbstractContextManager, contextmanager
 
 from mirror.lab.netlab import NetLabUnavailable, check_capable
 
-GUEST_IP, CLIENT_IP = "10.0.0.10", "10.0.0.2"
+GUEST_IP, CLIENT_IP, QGUEST_IP = "10.0.0.10", "10.0.0.2", "10.0.0.11"
 GUEST_MAC, CLIENT_MAC, VTAP_MAC = "52:54:00:6e:67:0a", "52:54:00:6e:67:02", "52:54:00:6e:67:0b"
+QGUEST_MAC = "52:54:00:6e:67:0c"
 _CLONE_NEWNET = 0x40000000
 _labs = itertools.count()
 
@@ -57,10 +58,14 @@ def netns(name: str) -> Iterator[None]:
 
 
 class GateLab:
-    def __init__(self, *, vtap: bool = False, veth_guest: bool = True) -> None:
+    def __init__(
+        self, *, vtap: bool = False, veth_guest: bool = True, qemu_guest: bool = False
+    ) -> None:
         check_capable()
         tag = f"{os.getpid() % 100000}x{next(_labs)}"
-        self.ns = {k: f"ng{k.lower()}{tag}" for k in ("H", "G", "C")}
+        # Q (qemu_guest): an empty namespace for a guest stack behind a QEMU netdev
+        # (bench/nicgate.py moves QEMU's tap there)
+        self.ns = {k: f"ng{k.lower()}{tag}" for k in ("H", "G", "C", "Q")[: 4 if qemu_guest else 3]}
         self._made: list[str] = []
         self.vtap_fd = -1
         try:

@@ -237,6 +237,15 @@ DISK_DIRTY_LOCAL = Gauge(
     registry=REGISTRY,
 )
 
+NIC_GATES_BROKEN = Gauge(
+    "mirror_nic_gates_broken",
+    "NICs of this node's guest whose output-commit gate no longer holds as it should (a "
+    "libvirt domain's NICs as defined, mirror/replication/nicgate.py): their frames are "
+    "dropped, or leave unheld if the hold filter is gone; 0 while every gate holds",
+    LABELS,
+    registry=REGISTRY,
+)
+
 
 class Metrics:
     """The series of one pair and node; get it with :meth:`of`."""
@@ -268,6 +277,7 @@ class Metrics:
         self.disk_storage = DISK_STORAGE.labels(*labels)
         self.disk_failovers = DISK_FAILOVERS.labels(*labels)
         self.disk_dirty_local = DISK_DIRTY_LOCAL.labels(*labels)
+        self.nic_gates_broken = NIC_GATES_BROKEN.labels(*labels)
         for cause in ("failure", "operator", "switchover"):
             PROMOTIONS.labels(*labels, cause)  # each cause exported from 0
         for sock in ("data", "heartbeat"):

@@ -32,7 +32,10 @@ of that tap (docs/ARCHITECTURE.md, "Output commit on a libvirt tap"):
 Fail closed: ``mgateI`` lives only as long as mirror's file descriptor; if mirror dies
 the device goes, and the hold program's redirect to a missing device drops every frame
 of the guest (nothing leaves unacknowledged).  :func:`stale_gates` finds those (a hold
-filter on a tap whose ``mgateI`` is gone) and :func:`remove_stale` removes them.
+filter on a tap whose ``mgateI`` is gone) and :func:`remove_stale` removes them.  A
+gate that breaks while mirror runs (its tap deleted, a filter deleted by another tool)
+is found by :meth:`GateSet.faults`, which a role reports (status, metrics, an event):
+a deleted hold filter lets the guest's frames pass unheld, the rest drop them.
 
 Needs root (CAP_NET_ADMIN, CAP_BPF/CAP_SYS_ADMIN), ``tc`` (iproute2), and a kernel
 with clsact, cls_bpf, act_mirred and tun (no gact or skbedit needed).
@@ -65,6 +68,7 @@ REL_NAME = "mirror_release"
 VNET_HDR_LEN = 10  # struct virtio_net_hdr (tun's default vnet_hdr_sz)
 READ_SIZE = 1 << 18  # a GSO frame is at most 64 KiB here; more shows as truncated
 GATE_TXQUEUELEN = 20000  # frames mirror's tap queues before it must drop (counted)
+WATCH_S = 1.0  # how often a GateSet looks whether its gates still hold (GateSet.faults)
 
 _TUNSETIFF = 0x400454CA
 _TUNSETOFFLOAD = 0x400454D0
@@ -134,6 +138,15 @@ def _hold_filter(dev: str) -> dict[str, object] | None:
         if f.get("pref") == HOLD_PREF and f.get("kind") == "bpf" and "options" in f:
             return dict(f)
     return None
+
+
+def _release_filter(gate: str) -> bool:
+    """Whether mirror's tap ``gate`` still has the release filter on its ingress."""
+    try:
+        out = _run("tc", "-j", "filter", "show", "dev", gate, "ingress")
+    except NicGateError:
+        return False
+    return any(f.get("kind") == "bpf" and "options" in f for f in json.loads(out or "[]"))
 
 
 def gate_name(tap_ifindex: int) -> str:
@@ -382,6 +395,29 @@ class NicGate:
                 except OSError:
                     self.stats.release_errors += 1
 
+    def fault(self) -> str:
+        """Why this installed gate no longer holds the guest's frames as it should ('' while
+        it does, and once removed).  Broken, it either drops them (fail closed: mirror's
+        tap, its reader or the release filter gone) or, worse, lets them pass unheld (the
+        hold filter on the guest's tap gone).  Runs ``tc``: not for the pause."""
+        if self._fd < 0:
+            return ""
+        tap, gate = self.tap, self.gate
+        if self.error:
+            return f"{self.error}: the guest's frames on {tap} are dropped (fail closed)"
+        if _ifindex(tap) != self._tap_index:
+            return ""  # the guest's tap is gone (the guest ended): nothing to hold
+        if not _ifindex(gate):
+            return f"mirror's tap {gate} is gone: the guest's frames on {tap} are dropped " \
+                "(fail closed)"  # fmt: skip
+        if _hold_filter(tap) is None:
+            return (f"the hold filter on {tap}'s ingress is gone: the guest's frames leave "
+                    f"unheld, before their checkpoint is acknowledged")  # fmt: skip
+        if not _release_filter(gate):
+            return (f"the release filter on {gate}'s ingress is gone: released frames are "
+                    f"dropped (fail closed)")  # fmt: skip
+        return ""
+
     @property
     def dropped(self) -> int:
         """Frames the kernel dropped because mirror's queue was full (tx_dropped of
@@ -415,12 +451,18 @@ class GateSet:
     (virtio-net header, frame); numbered in the order the frames were read.  The same
     order of NICs on both hosts routes a released frame to the same NIC."""
 
-    def __init__(self, nics: list[Nic], on_output: OutputHandler | None = None) -> None:
+    def __init__(
+        self, nics: list[Nic], on_output: OutputHandler | None = None, watch_s: float = WATCH_S
+    ) -> None:
         self.nics = list(nics)
         self.on_output: OutputHandler = on_output or (lambda out: None)
         self.gates: list[NicGate] = []
         self._lock = threading.Lock()
         self._seq = 0
+        self.watch_s = watch_s
+        self._faults: list[str] = []
+        self._halt = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def _tagged(self, index: int) -> OutputHandler:
         tag = index.to_bytes(2, "big")
@@ -441,7 +483,28 @@ class GateSet:
         except BaseException:
             self.remove()
             raise
+        # (a thread made here is in the caller's network namespace, as the gates are)
+        self._halt.clear()
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="nicgate-watch")
+        self._watcher.start()
         return self
+
+    def check(self) -> list[str]:
+        """Every gate that no longer holds its NIC's frames as it should, as "TAP: why"
+        (:meth:`NicGate.fault`); runs ``tc``."""
+        return [f"{g.tap}: {why}" for g in list(self.gates) if (why := g.fault())]
+
+    def faults(self) -> list[str]:
+        """What :meth:`check` found last (every ``watch_s`` seconds, on a thread of its
+        own): cheap, for a role's status."""
+        return list(self._faults)
+
+    def _watch(self) -> None:
+        while not self._halt.wait(self.watch_s):
+            try:
+                self._faults = self.check()
+            except Exception as e:  # (tc itself failing is a finding, not the end)
+                self._faults = [f"the gates cannot be checked: {e}"]
 
     def drain(self) -> None:
         for g in self.gates:
@@ -458,6 +521,11 @@ class GateSet:
                 self.gates[0].stats.release_errors += 1
 
     def remove(self) -> None:
+        self._halt.set()
+        if self._watcher is not None:
+            self._watcher.join(30)
+            self._watcher = None
+        self._faults = []
         errors: list[NicGateError] = []
         while self.gates:
             try:

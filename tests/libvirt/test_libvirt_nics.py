@@ -133,3 +133,44 @@ def test_bridged_nics_pair_survive_a_host_kill_and_unpair_on_b_gives_them_back(
     finally:
         qemudemo.stop_all(client, hosts, guest, lan)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_gate_broken_while_paired_is_reported(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """Another tool deletes the hold filter on the paired guest's tap (its frames then
+    leave unheld): the primary's status.json and `mirror status DOMAIN` say so, naming
+    the tap, while the guest runs."""
+    from mirror.replication.nicgate import HOLD_PREF
+
+    base = libvirtdemo.default_base()
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvgate-"))
+    lan = GuestLan()
+    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",))
+    hosts: list[Host] = []
+    try:
+        a, b = guest.start(lan, root, base, guest_image, "web01", hosts, lambda *_a, **_k: None)
+        wait_for("protected", lambda: (a.status() or {}).get("phase") == "protected", 120, hosts)
+        dom_a = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
+        (tap,) = taps(dom_a.XMLDesc(0))
+        assert gated(lan, "A", tap) and (a.status() or {}).get("output_faults") == []
+        assert (b.status() or {}).get("output_faults") == []  # B's standby: held, whole
+
+        def status() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "mirror", "status", "web01", "--agent-config",
+                 str(a.config_path)], capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+
+        assert "BROKEN" not in status().stdout
+        lan.run("A", "tc", "filter", "del", "dev", tap, "ingress", "pref", str(HOLD_PREF))
+        wait_for("the broken gate reported",
+                 lambda: (a.status() or {}).get("output_faults"), 30, hosts)  # fmt: skip
+        (fault,) = (a.status() or {})["output_faults"]
+        assert fault.startswith(f"{tap}: the hold filter on {tap}'s ingress is gone"), fault
+        r = status()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"NIC gate: BROKEN: {tap}: the hold filter" in r.stdout, r.stdout
+    finally:
+        qemudemo.stop_all(None, hosts, guest, lan)
+        shutil.rmtree(root, ignore_errors=True)

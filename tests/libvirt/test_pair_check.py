@@ -205,3 +205,40 @@ def test_prepare_gives_an_anonymous_ram_domain_what_it_needs_at_its_next_start(
     finally:
         g.detach()
     assert conn.lookupByName("web02").isActive()
+
+
+def test_a_uefi_domain_gets_the_nvram_note_from_what_libvirt_says(
+    libvirt_host: HostFactory, guest_image: Path, tmp_path: Path
+) -> None:
+    """What virt-install writes for UEFI (`<os firmware='efi'>`): libvirt 9.0 picks the
+    firmware and the NVRAM file at start (they are in the live XML only); --check names
+    the file in both and says it is one per host, not replicated."""
+    import re
+
+    if not Path("/usr/share/OVMF").is_dir():
+        pytest.skip("no UEFI firmware here (Debian package ovmf; scripts/setup installs it)")
+    h = libvirt_host("A")
+    conn = h.connect()
+    xml = re.sub(r"<os>.*?</os>", "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm"
+                 "</type></os><features><acpi/></features>",
+                 domain_xml("efi01", guest_image, nic_port=free_ports(1)[0]), flags=re.S)
+    dom = conn.defineXML(xml)
+    dom.createWithFlags(1)  # VIR_DOMAIN_START_PAUSED: the firmware never runs
+    try:
+        assert "<nvram" not in inactive(conn, "efi01") and "<nvram" in dom.XMLDesc(0)
+        agent = tmp_path / "agent.toml"
+        agent.write_text(agent_toml(tmp_path, "A", "B", h.uri))
+        r = mirror("pair", "efi01", "--check", "--agent-config", str(agent))
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout
+        # the live XML and the definition name the same file (libvirt's own name for it)
+        assert out.count("[nvram]") == 1 and "its next boot (persistent definition): the same" \
+            in out, out
+        assert "the NVRAM file /var/lib/libvirt/qemu/nvram/efi01_VARS.fd, one per host" in out
+        assert "not the NVRAM file nor QEMU's flash copy of it" in out
+        # the standby's host takes the definition (its firmware comes from libvirt there)
+        assert "the standby (no --peer given: checked here for what every host refuses): " \
+            "can run" in out, out
+    finally:
+        dom.destroy()
+        dom.undefineFlags(4)  # VIR_DOMAIN_UNDEFINE_NVRAM

@@ -10,10 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
+from mirror.guests import uffd
+from mirror.guests.domaincheck import QEMU_NS
 from mirror.guests.libvirtdom import META_URI
 from mirror.hoststate import read_json
 from mirror.lab.libvirtdemo import agent_toml
@@ -26,6 +29,7 @@ from tests.libvirt.conftest import HostFactory
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(300)]
 
 DOMAIN = "web01"
+LIBZ = "/usr/lib/x86_64-linux-gnu/libz.so.1"  # a library every Debian host has
 
 
 def mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -62,6 +66,9 @@ def test_pair_and_unpair_a_libvirt_domain(libvirt_host: HostFactory, guest_image
             xml = domain_xml(DOMAIN, guest_image, nic_port=5600,
                              cmdline=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 "
                                      f"mirror.port={PORT}")
+            # the operator's own preload library (one both hosts have): kept on B
+            xml = xml.replace("</domain>", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:env "
+                              f"name='LD_PRELOAD' value='{LIBZ}'/></qemu:commandline></domain>")
             dom = conn.defineXML(xml)
             dom.setAutostart(1)
             dom.create()
@@ -92,6 +99,10 @@ def test_pair_and_unpair_a_libvirt_domain(libvirt_host: HostFactory, guest_image
             assert DOMAIN in listed and "secondary" in listed
             standby = hb.connect().lookupByName(DOMAIN)
             assert standby.isActive() and not standby.isPersistent()  # the paused standby
+            envs = {e.get("name"): e.get("value", "") for e in
+                    ET.fromstring(standby.XMLDesc(0)).iter(f"{{{QEMU_NS}}}env")}  # fmt: skip
+            preload = uffd.preload_entries(envs["LD_PRELOAD"])
+            assert preload[-1] == LIBZ and uffd.is_mirror_preload(preload[0]), preload
             marked = inactive(conn)
             assert 'peer="hostB"' in marked and not conn.lookupByName(DOMAIN).autostart()
 
@@ -207,6 +218,37 @@ def test_a_pair_that_cannot_run_is_refused_up_front_or_undone_whole(
             flags = libvirt.VIR_DOMAIN_XML_INACTIVE
             assert META_URI not in dom.XMLDesc(flags)  # type: ignore[attr-defined]
             print(r.stdout + r.stderr)
+
+            # 4. a <qemu:commandline> argument the standby's host refuses, and a preload
+            # library it lacks: `--check --peer` asks hostB (through this host agent), and
+            # says both before pairing, as the standby's; pairing refuses the same
+            argv = domain_xml("argv01", guest_image, bridges=("br0",), cmdline=cmdline)
+            argv = argv.replace("</domain>", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'>"
+                                "<qemu:arg value='-msg'/><qemu:arg value='timestamp=on'/>"
+                                "<qemu:env name='LD_PRELOAD' value='libnonexistent-mirror.so'/>"
+                                "</qemu:commandline></domain>")  # fmt: skip
+            dom, before = define("argv01", argv)
+            dom.create()  # type: ignore[attr-defined]
+            r = mirror("pair", "argv01", "--check", "--peer", "hostB", "--agent-config",
+                       str(cfg["A"]))  # fmt: skip
+            assert r.returncode == 1, r.stdout + r.stderr
+            out = r.stdout
+            assert "the running guest (live XML): can be mirrored" in out, out
+            assert "the standby on hostB (as hostB checks its definition): 2 thing(s) to " \
+                "change" in out, out
+            assert out.count("[standby-refused]") == 2 and "'-msg'" in out, out
+            assert "libnonexistent-mirror.so', which this host does not have" in out, out
+            r = pair("argv01")
+            assert r.returncode == 1 and "'-msg'" in r.stdout + r.stderr, r.stdout + r.stderr
+            nothing_left("argv01", before)
+            # without a host agent here: what every host refuses, checked here, and a note
+            (tmp_path / "alone.toml").write_text(cfg["A"].read_text().replace(
+                str(tmp_path / "hostA" / "state"), str(tmp_path / "alone")))  # fmt: skip
+            r = mirror("pair", "argv01", "--check", "--peer", "hostB", "--agent-config",
+                       str(tmp_path / "alone.toml"))  # fmt: skip
+            assert r.returncode == 1 and "not asked: no host agent runs here" in r.stdout, \
+                r.stdout + r.stderr
+            dom.destroy()  # type: ignore[attr-defined]
         finally:
             for p in agents:
                 with contextlib.suppress(ProcessLookupError):

@@ -25,6 +25,7 @@ from mirror.guests.base import GuestOutput
 from mirror.lab.gatelab import CLIENT_IP, CLIENT_MAC, GUEST_IP, GUEST_MAC, VTAP_MAC, GateLab
 from mirror.lab.netlab import NetLabUnavailable
 from mirror.replication.nicgate import (
+    HOLD_PREF,
     VNET_HDR_LEN,
     GateSet,
     Nic,
@@ -437,3 +438,44 @@ def test_mirror_s_tap_deleted_under_a_live_gate(lab: GateLab) -> None:
         remove(lab, gate)
         sniff.close()
     assert "clsact" not in tc_state(lab, "vtap")
+
+
+def test_a_gate_broken_while_the_guest_runs_is_reported(lab: GateLab) -> None:
+    """Another tool deletes the hold filter on one NIC's tap (that NIC's frames then leave
+    unheld), then mirror's own tap of the other NIC (its frames are dropped): the GateSet
+    reports each, naming the tap and what it means, within a few watch periods; a role
+    puts that in its status and metrics."""
+    held, sniff = Held(), Sniffer(lab)
+    nics = [Nic("vtap", "br0", VTAP_MAC), Nic("vnet", "br0", GUEST_MAC)]
+    with lab.inside("H"):
+        gates = GateSet(nics, held, watch_s=0.1).install()
+
+    def faults_until(pred: object) -> list[str]:
+        deadline = time.monotonic() + 5
+        while not pred(gates.faults()):  # type: ignore[operator]
+            assert time.monotonic() < deadline, f"not reported: {gates.faults()}"
+            time.sleep(0.05)
+        return gates.faults()
+
+    try:
+        time.sleep(0.3)
+        assert gates.faults() == [] and gates.check() == []
+        # the hold filter goes: reported, and the guest's frames really pass unheld
+        lab.run("H", "tc", "filter", "del", "dev", "vtap", "ingress", "pref", str(HOLD_PREF))
+        (fault,) = faults_until(lambda f: len(f) == 1)
+        assert fault.startswith("vtap: the hold filter on vtap's ingress is gone")
+        assert "unheld" in fault
+        for i in range(3):
+            os.write(lab.vtap_fd, bytes(VNET_HDR_LEN) + guest_frame(i))
+        assert numbered(sniff.collect(0.5)) == [0, 1, 2], "the broken gate did not pass them"
+        # mirror's tap of the second NIC goes: reported as well (its frames dropped)
+        lab.run("H", "ip", "link", "del", gates.gates[1].gate)
+        faults = faults_until(lambda f: len(f) == 2)
+        assert faults[0] == fault and faults[1].startswith("vnet: ")
+        assert "dropped (fail closed)" in faults[1]
+    finally:
+        with lab.inside("H"):
+            gates.remove()
+        sniff.close()
+    assert gates.faults() == []
+    assert "clsact" not in tc_state(lab, "vtap") and "clsact" not in tc_state(lab, "vnet")

@@ -294,21 +294,53 @@ def test_a_peers_standby_xml_runs_nothing_of_its_choosing(old: str, new: str, wh
     assert refused and why in " ".join(refused)
 
 
-def test_a_peers_preload_library_is_taken_and_replaced_by_this_hosts_own() -> None:
+def test_a_peers_preload_library_is_replaced_and_the_operators_own_are_kept() -> None:
     # the dirty-page log's <qemu:env>: accepted, because the standby never runs the
-    # peer's values: its definition carries this host's library and a socket of its own
+    # peer's copy of mirror's library (this host's own comes first, with a socket of its
+    # own); the operator's own libraries are kept after it, if this host has them in its
+    # system library directories
     from mirror.guests import uffd
     from mirror.guests.libvirtxml import QEMU_NS, standby_xml
     from mirror.guests.standbycheck import standby_refusals
 
-    env = ("<qemu:env name='LD_PRELOAD' value='/tmp/x.so'/>"
+    libz = "/usr/lib/x86_64-linux-gnu/libz.so.1"  # (a library every Debian host has)
+    env = (f"<qemu:env name='LD_PRELOAD' value='/tmp/_uffdpreload.so:{libz} libm.so.6'/>"
            f"<qemu:env name='{uffd.ENV_SOCK}' value='@peer'/>")
     xml = GOOD.replace("</domain>", QMP.replace("</qemu:commandline>", env +
                                                 "</qemu:commandline>") + "</domain>")
     assert standby_refusals(xml) == []
     ours = ET.fromstring(standby_xml(xml))
-    values = {e.get("name"): e.get("value") for e in ours.iter(f"{{{QEMU_NS}}}env")}
-    assert values.get("LD_PRELOAD") != "/tmp/x.so" and values.get(uffd.ENV_SOCK) != "@peer"
+    values = {e.get("name"): e.get("value", "") for e in ours.iter(f"{{{QEMU_NS}}}env")}
+    entries = uffd.preload_entries(values["LD_PRELOAD"])
+    assert "/tmp/_uffdpreload.so" not in entries and values[uffd.ENV_SOCK] != "@peer"
+    lib = uffd.preload_library()
+    assert entries == ([str(lib)] if lib else []) + [libz, "libm.so.6"]
+    # a library of the peer's choosing, or one this host lacks: refused, each named
+    for bad, why in (("/tmp/x.so", "outside this host's system library directories"),
+                     ("/usr/lib/nonexistent-mirror-test.so", "which this host does not have"),
+                     ("libnonexistent-mirror-test.so", "which this host does not have"),
+                     ("$ORIGIN/x.so", "no ld.so tokens"),
+                     ("/usr/lib/../../tmp/x.so", "outside this host's system library")):
+        refused = standby_refusals(xml.replace("libm.so.6", bad))
+        assert len(refused) == 1 and why in refused[0] and "LD_PRELOAD" in refused[0], refused
+
+
+def test_prepare_keeps_the_operators_preload_and_one_copy_of_mirrors() -> None:
+    from mirror.guests import uffd
+    from mirror.guests.libvirtxml import QEMU_NS, prepared_xml
+
+    lib = uffd.preload_library()
+    if lib is None:
+        pytest.skip("mirror's preload library is not built")
+    # an older installation's library, no socket: replaced by this one's, once
+    xml = GOOD.replace("</domain>", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:env "
+                       "name='LD_PRELOAD' value='/opt/a.so:/old/mirror/_uffdpreload.so "
+                       "/opt/b.so'/></qemu:commandline></domain>")
+    out, changes = prepared_xml(xml)
+    (pre,) = [e.get("value", "") for e in ET.fromstring(out).iter(f"{{{QEMU_NS}}}env")
+              if e.get("name") == "LD_PRELOAD"]  # fmt: skip
+    assert uffd.preload_entries(pre) == [str(lib), "/opt/a.so", "/opt/b.so"], pre
+    assert any("LD_PRELOAD=" in c for c in changes)
 
 
 @pytest.mark.parametrize(
@@ -400,3 +432,90 @@ def test_a_socket_nic_with_no_agent_bridge_would_reach_nobody() -> None:
     assert [f.code for f in nowhere.next_boot.findings] == ["nic-nowhere"]
     assert "reach nobody" in explain_assessment(nowhere)
     assert explain_assessment(nowhere).count("[nic-nowhere]") == 1  # (the same: said once)
+
+
+def test_uefi_firmware_gets_the_nvram_note_with_its_file() -> None:
+    # what virt-install writes for UEFI: <os firmware='efi'>, no <nvram> in the definition
+    # (libvirt picks the file, <nvram> shows up in the live XML)
+    efi = GOOD_LOG.replace("<os>", "<os firmware='efi'>")
+    r = check(efi)
+    assert r.ok and [f.code for f in r.findings] == ["nvram"]
+    (f,) = r.findings
+    assert "/var/lib/libvirt/qemu/nvram/web01_VARS.fd" in f.what and "one per host" in f.what
+    assert "not the NVRAM file" in f.why and "peer's variables" in f.why
+    assert f.fix.startswith("copy /var/lib/libvirt/qemu/nvram/web01_VARS.fd to the peer")
+    live = efi.replace("</os>", "<loader readonly='yes' type='pflash'>/usr/share/OVMF/"
+                       "OVMF_CODE_4M.fd</loader><nvram template='/usr/share/OVMF/OVMF_VARS_4M"
+                       ".fd'>/var/lib/libvirt/qemu/nvram/web01_VARS.fd</nvram></os>")
+    assert [f.code for f in check(live).findings] == ["nvram"]
+    pflash = GOOD_LOG.replace("</os>", "<loader type='pflash'>/usr/share/OVMF/OVMF_CODE.fd"
+                              "</loader></os>")
+    assert [f.code for f in check(pflash).findings] == ["nvram"]
+    # the firmware's own files are taken by the standby's host (its packages installed
+    # them), the NVRAM file where a domain's files belong
+    from mirror.guests.standbycheck import standby_refusals
+
+    assert standby_refusals(live) == []
+    assert "<nvram template>" in " ".join(standby_refusals(live.replace(
+        "/usr/share/OVMF/OVMF_VARS_4M.fd", "/etc/shadow")))  # fmt: skip
+    assert "<nvram>" in " ".join(standby_refusals(live.replace(
+        "/var/lib/libvirt/qemu/nvram/web01_VARS.fd", "/usr/share/OVMF/x.fd")))  # fmt: skip
+
+
+def test_two_redirected_usb_devices_are_one_finding() -> None:
+    # virt-install's SPICE graphics come with two <redirdev type='spicevmc'>
+    two = GOOD_LOG.replace("<serial", "<redirdev bus='usb' type='spicevmc'/>"
+                           "<redirdev bus='usb' type='spicevmc'/><serial")
+    r = check(two)
+    assert [f.code for f in r.findings] == ["redirdev"]
+    assert r.findings[0].what == "2 <redirdev type='spicevmc'> devices"
+    assert explain_assessment(assess(two, two)).count("[redirdev]") == 1
+
+
+def test_nic_findings_do_not_overlap() -> None:
+    direct = ("<interface type='direct'><mac address='52:54:00:00:00:07'/><source dev='eth0' "
+              "mode='bridge'/></interface>")
+    both = GOOD_LOG.replace("<serial", direct + "<serial")
+    r = check(both)
+    # one finding per NIC, each naming its own MAC and its own change
+    assert sorted(f.code for f in r.findings) == ["nic-type", "nics"]
+    by_code = {f.code: f for f in r.findings}
+    assert "52:54:00:00:00:07" in by_code["nic-type"].what
+    assert "52:54:00:12:34:56" in by_code["nics"].what
+    assert "52:54:00:00:00:07" not in by_code["nics"].what
+    # a bridge NIC on a vhost-user backend: the backend's finding alone
+    vu = GOOD_LOG.replace(NIC, "<interface type='bridge'><mac address='52:54:00:00:00:08'/>"
+                          "<source bridge='br0'/><backend type='vhostuser'/></interface>")
+    assert [f.code for f in check(vu).findings] == ["vhost-user"]
+    # two socket NICs: each its own finding
+    two = GOOD_LOG.replace("<serial", NIC.replace("12:34:56", "12:34:57") + "<serial")
+    assert [f.code for f in check(two).findings] == ["nics", "nics"]
+
+
+def test_check_says_what_the_standbys_host_refuses_before_pairing() -> None:
+    from mirror.guests.domaincheck import parse, with_standby
+    from mirror.guests.standbycheck import program_refusals
+
+    argv = GOOD_LOG.replace("</qemu:commandline>", "<qemu:arg value='-msg'/><qemu:arg "
+                            "value='timestamp=on'/></qemu:commandline>")
+    a = assess(argv, argv)
+    assert a.ok  # this host runs it as it is
+    refused = program_refusals(parse(argv))
+    assert refused and "-msg" in refused[0]
+    # asked of the peer (or not asked: what every host refuses, checked here)
+    for peer, not_asked in (("hostB", ""), ("hostB", "no host agent runs here"),
+                            ("", "no --peer given")):
+        b = with_standby(a, refused, peer, not_asked)
+        assert not b.ok
+        text = explain_assessment(b)
+        assert text.startswith("web01: cannot be mirrored") and "[standby-refused]" in text
+        assert "the standby" in text and "1 thing(s) to change" in text
+        assert "remove those <qemu:arg>" in text
+        if not_asked:
+            assert not_asked in text
+    ok = with_standby(a, [], "hostB")
+    assert ok.ok and "the standby on hostB (as hostB checks its definition): can run" in \
+        explain_assessment(ok)
+    # a peer that does not answer fails the check, as it would fail the pairing
+    gone = with_standby(a, [], "hostB", "did not answer 'check' within 20 s", blocking=True)
+    assert not gone.ok and "[standby-unasked]" in explain_assessment(gone)
