@@ -212,7 +212,7 @@ def run_qemu(args: argparse.Namespace) -> int:
     base = qemu_base(args, libvirtdemo.default_base() if libvirt else qemudemo.default_base())
     r = qemudemo.run(
         base,
-        guest=libvirtdemo.LibvirtDemoGuest() if libvirt else None,
+        guest=libvirtdemo.LibvirtDemoGuest(operator=True) if libvirt else None,
         image_dir=_image_dir(args.image_dir),
         kill_after=args.kill_after or 5.0,
         run_on=5.0 if args.run_on is None else args.run_on,

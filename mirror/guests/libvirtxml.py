@@ -158,7 +158,10 @@ def fingerprint_of(xml: str, conn: Any) -> str:
     devs = []
     for nic in root.findall("./devices/interface"):
         model = nic.find("model")
-        devs.append(f"nic:{nic.get('type')}:{model.get('type') if model is not None else ''}")
+        # a network NIC on a bridge is a bridge NIC in the live XML: both a tap (the virtio
+        # features QEMU offers depend on the backend: tap, socket, ...)
+        kind = "tap" if nic.get("type") in ("bridge", "network") else nic.get("type")
+        devs.append(f"nic:{kind}:{model.get('type') if model is not None else ''}")
     for disk in root.findall("./devices/disk"):
         t = disk.find("target")
         devs.append(f"disk:{t.get('bus') if t is not None else ''}:{disk.get('device')}")

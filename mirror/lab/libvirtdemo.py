@@ -83,6 +83,60 @@ def demo_domain(
     return xml.replace("</domain>", qmp_args(qmp_sock, log=True) + "</domain>")
 
 
+NETWORK = "lan"  # the libvirt network of each host's LAN bridge (forward mode bridge)
+
+
+def operator_domain(img: Path, base: Config, serial: Path, disk: str) -> str:
+    """The demo guest defined as virt-install defines a server (``--os-variant debian12
+    --graphics none``), after ``mirror pair --prepare``: RAM on a shared memfd with the
+    dirty-page log's preload, a virtio balloon, a ``network`` NIC, a qcow2 disk on virtio
+    with discard, a virtio RNG, the guest agent's channel, a serial console (to a file,
+    which the demo reads), booting the demo image's kernel."""
+    mac = "52:54:00:12:34:56"
+    return f"""<domain type='qemu'>
+  <name>{DOMAIN}</name>
+  <memory unit='KiB'>{base.guest.ram_mib * 1024}</memory>
+  <currentMemory unit='KiB'>{base.guest.ram_mib * 1024}</currentMemory>
+  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
+  <vcpu placement='static'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{img / "vmlinuz"}</kernel>
+    <initrd>{img / "initramfs.cpio.gz"}</initrd>
+    <cmdline>console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <clock offset='utc'>
+    <timer name='rtc' tickpolicy='catchup'/><timer name='pit' tickpolicy='delay'/>
+    <timer name='hpet' present='no'/>
+  </clock>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <pm><suspend-to-mem enabled='no'/><suspend-to-disk enabled='no'/></pm>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb' model='qemu-xhci' ports='15'/>
+    <interface type='network'>
+      <mac address='{mac}'/>
+      <source network='{NETWORK}'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    <console type='file'><source path='{serial}'/><target type='serial' port='0'/></console>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <memballoon model='virtio'/>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+  </devices>
+{qmp_args(None, log=True)}</domain>
+"""
+
+
 def agent_toml(
     root: Path, me: str, peer: str, uri: str, base: Config | None = None,
     image_dir: Path | None = None,
@@ -163,10 +217,18 @@ class LibvirtDemoGuest:
     def __init__(
         self, *, backing: str = "file", balloon: bool = False, kernel_args: str = "",
         bridges: tuple[str, ...] = (), disk: str = "", disk_bus: str = "virtio",
+        operator: bool = False,
     ) -> None:
         """``disk``: "raw" or "qcow2": the domain has a disk of that format (DISK_MIB, in
-        A's /var/lib/libvirt/images) on ``disk_bus``, which the guest keeps its journal on."""
+        A's /var/lib/libvirt/images) on ``disk_bus``, which the guest keeps its journal on;
+        ``operator``: the domain as virt-install defines it instead (operator_domain(), with
+        a qcow2 disk): the demo's."""
+        self.operator = operator
+        if operator:
+            disk = "qcow2"
         self.disk = disk
+        self.xml_before: dict[str, str] = {}
+        self.xml_after: dict[str, str] = {}
         self.domain_options = {
             "backing": backing, "balloon": balloon, "kernel_args": kernel_args,
             "bridges": bridges,
@@ -214,6 +276,14 @@ class LibvirtDemoGuest:
         self.serial_path = self.hosts["A"].root / "log" / f"{DOMAIN}-serial.log"
         serial = Path(TARGETS["log"]) / f"{DOMAIN}-serial.log"
         sock = Path(TARGETS["run"]) / f"mirror-{DOMAIN}-qmp.sock"
+        if self.operator:  # the LAN bridge as a libvirt network on each host
+            for h in ("A", "B"):
+                net = self.hosts[h].connect().networkDefineXML(
+                    f"<network><name>{NETWORK}</name><forward mode='bridge'/>"
+                    f"<bridge name='br0'/></network>"
+                )
+                net.create()
+                net.setAutostart(1)
         if self.disk:  # an image as an operator makes one, in A's own images directory
             images = self.hosts["A"].root / "lib" / "images"
             images.mkdir(parents=True, exist_ok=True)
@@ -222,11 +292,14 @@ class LibvirtDemoGuest:
                            check=True, capture_output=True)  # fmt: skip
         conn = self.hosts["A"].connect()
         qmp = sock if base.libvirt.qmp == "socket" else None
-        dom = conn.defineXML(
-            demo_domain(img, base, serial, qmp, **self.domain_options)  # type: ignore[arg-type]
-        )
+        if self.operator:
+            xml = operator_domain(img, base, serial, f"{TARGETS['lib']}/images/{DOMAIN}.qcow2")
+        else:
+            xml = demo_domain(img, base, serial, qmp, **self.domain_options)  # type: ignore[arg-type]
+        dom = conn.defineXML(xml)
         dom.setAutostart(1)
         dom.create()
+        self.xml_before = {"live": dom.XMLDesc(0), "defined": dom.XMLDesc(2)}
         mark(f"host A: domain {DOMAIN} defined (autostart on) and started by its libvirtd")
         cmd = ["mirror", "pair", DOMAIN, "--peer", "hostB", "--agent-config",
                str(agents["A"].config_path)]  # fmt: skip
@@ -250,6 +323,8 @@ class LibvirtDemoGuest:
         if code != 0:
             raise RuntimeError(f"`mirror pair` failed (exit {code}):\n" +
                                "\n".join(self.pair_output[-10:]))  # fmt: skip
+        dom = self.hosts["A"].connect().lookupByName(DOMAIN)
+        self.xml_after = {"live": dom.XMLDesc(0), "defined": dom.XMLDesc(2)}
         return agents["A"], agents["B"]
 
     def serial(self, root: Path) -> Path:
@@ -274,9 +349,15 @@ class LibvirtDemoGuest:
             b = {"active": bool(dom.isActive()), "persistent": bool(dom.isPersistent()),
                  "running": state == 1, "autostart": bool(dom.autostart())}  # fmt: skip
         autostart_a = self.hosts["A"].root / "etc" / "qemu" / "autostart" / f"{DOMAIN}.xml"
+        before, after = self.xml_before, self.xml_after
         return {
             "libvirt": {
                 "domain": DOMAIN,
+                # A's XML once paired against before: the running domain's byte for byte;
+                # the definition apart from mirror's pair mark (<metadata>, mark_paired)
+                "xml_live_unchanged": bool(before) and before.get("live") == after.get("live"),
+                "xml_defined_unchanged_but_mark": bool(before)
+                and _unmarked(after.get("defined", "")) == _unmarked(before.get("defined", "")),
                 "pair_output": self.pair_output,
                 "on_b": b,
                 "a_autostart": autostart_a.exists() or autostart_a.is_symlink(),
@@ -299,9 +380,25 @@ def default_base(ram_mib: int = 128, epoch_ms: int = 50) -> Config:
     )
 
 
+def _unmarked(xml: str) -> str:
+    """A definition without mirror's pair mark (the <metadata> element mark_paired adds)."""
+    import re
+
+    xml = re.sub(r"\s*<mirror:pair [^>]*/>", "", xml)
+    return re.sub(r"\s*<metadata>\s*</metadata>", "", xml)
+
+
 def print_libvirt(r: dict[str, Any]) -> None:
     lv = r.get("libvirt", {})
     on_b = lv.get("on_b", {})
+    if "xml_live_unchanged" in lv:
+        print(
+            "libvirt: domain XML on host A once paired: running domain "
+            f"{'byte for byte as before' if lv['xml_live_unchanged'] else 'CHANGED'}; "
+            "definition "
+            + ("byte for byte as before apart from mirror's pair mark (<metadata>)"
+               if lv["xml_defined_unchanged_but_mark"] else "CHANGED")
+        )  # fmt: skip
     print(
         f"libvirt: domain {lv.get('domain')} on host B: "
         f"{'running' if on_b.get('running') else 'NOT running'}, "
