@@ -25,13 +25,15 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(300)]
 def test_paired_with_one_command_the_connection_survives_the_kill_of_host_a(
     libvirt_host: HostFactory, guest_image: Path
 ) -> None:
-    """The demo's flow: an agent per host, `mirror pair web01 --peer hostB` on A, a client,
-    host A killed (agent, role, libvirtd, virtlogd, QEMU)."""
+    """The demo (`mirror demo --guest libvirt`): an agent per host, the domain as
+    virt-install defines it (a qcow2 disk holding the guest's journal, a network NIC, a
+    balloon, memfd RAM), `mirror pair web01 --peer hostB` on A, a client, host A killed
+    (agent, role, libvirtd, virtlogd, QEMU)."""
     # no -qmp socket in the domain's XML: the agent has the roles use QMP through libvirt
     # (the other test uses mirror's own monitor socket)
     base = libvirtdemo.default_base()
     base = replace(base, libvirt=replace(base.libvirt, qmp="libvirt"))
-    guest = libvirtdemo.LibvirtDemoGuest()
+    guest = libvirtdemo.LibvirtDemoGuest(operator=True)
     r = qemudemo.run(base, guest=guest, image_dir=guest_image, kill_after=2, run_on=2,
                      quiet=True)  # fmt: skip
     assert r["libvirt"]["pair_output"][-1].startswith("web01 is protected by hostB")
@@ -44,6 +46,10 @@ def test_paired_with_one_command_the_connection_survives_the_kill_of_host_a(
         "active": True, "persistent": True, "running": True, "autostart": True
     }
     assert r["libvirt"]["a_autostart"] is False  # A's agent turned it off when pairing
+    # every write the guest acknowledged is in the journal B's guest reads back
+    assert c["journal_intact"] and c["write_ok"] > 10, c
+    # pairing changed nothing of the running domain's XML, and the definition only by the mark
+    assert r["libvirt"]["xml_live_unchanged"] and r["libvirt"]["xml_defined_unchanged_but_mark"]
     assert not guest.hosts  # closed by the demo
 
 
