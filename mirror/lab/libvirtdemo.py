@@ -217,12 +217,15 @@ class LibvirtDemoGuest:
     def __init__(
         self, *, backing: str = "file", balloon: bool = False, kernel_args: str = "",
         bridges: tuple[str, ...] = (), disk: str = "", disk_bus: str = "virtio",
-        operator: bool = False,
+        operator: bool = False, disk_file: Path | None = None,
     ) -> None:
         """``disk``: "raw" or "qcow2": the domain has a disk of that format (DISK_MIB, in
         A's /var/lib/libvirt/images) on ``disk_bus``, which the guest keeps its journal on;
         ``operator``: the domain as virt-install defines it instead (operator_domain(), with
-        a qcow2 disk): the demo's."""
+        a qcow2 disk): the demo's; ``disk_file``: A's disk is that file (a file of this
+        machine's, e.g. mirror/lab/faultdisk.py's, made before start()), bind-mounted at
+        the path the XML names in A's mount namespace."""
+        self.disk_file = disk_file
         self.operator = operator
         if operator:
             disk = "qcow2"
@@ -287,9 +290,15 @@ class LibvirtDemoGuest:
         if self.disk:  # an image as an operator makes one, in A's own images directory
             images = self.hosts["A"].root / "lib" / "images"
             images.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["qemu-img", "create", "-q", "-f", self.disk,
-                            str(images / f"{DOMAIN}.{self.disk}"), f"{DISK_MIB}M"],
-                           check=True, capture_output=True)  # fmt: skip
+            target = images / f"{DOMAIN}.{self.disk}"
+            if self.disk_file is None:
+                subprocess.run(["qemu-img", "create", "-q", "-f", self.disk, str(target),
+                                f"{DISK_MIB}M"], check=True, capture_output=True)  # fmt: skip
+            else:  # (its mount is in A's namespace: made before it, copied into it)
+                target.touch()
+                subprocess.run([*self.hosts["A"].enter(), "--", "mount", "--bind",
+                                str(self.disk_file), f"{TARGETS['lib']}/images/{target.name}"],
+                               check=True, capture_output=True)  # fmt: skip
         conn = self.hosts["A"].connect()
         qmp = sock if base.libvirt.qmp == "socket" else None
         if self.operator:

@@ -3,8 +3,10 @@ replicated between two simulated hosts (a libvirtd and a `mirror agent` each) th
 mirror's disk server below QEMU's format layer (mirror/guests/libvirtdisk.py):
 
 - its XML never changes (the disk's source stays the operator's file);
-- the guest keeps a journal on the disk, written by a client over TCP: after host A is
-  killed, every write the guest acknowledged is in the journal B's guest reads back;
+- the guest keeps a journal on the disk, written by a client over TCP: through libvirtd
+  restarts on both hosts and the kill of host A, every write the guest acknowledged is in
+  the journal B's guest reads back;
+- A's storage fails (real EIO) and returns while the guest writes: no write fails;
 - B's replica is a sound image (``qemu-img check``);
 - `mirror unpair` gives the disk back to libvirt's own file node, with the guest running
   and still writing it."""
@@ -104,11 +106,14 @@ def test_qcow2_disk_is_replicated_and_every_acknowledged_write_survives_a_host_k
         log = root / "client.jsonl"
         client = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
         wait_for("the guest's journal writes", lambda: writes(log) > 20, 60, hosts)
-        # a libvirtd restart on A: QEMU keeps its disk on mirror's server, checkpoints go on
-        guest.hosts["A"].restart_libvirtd()
-        acked = (a.status() or {}).get("acked", 0)
-        wait_for("checkpoints after A's libvirtd restart",
-                 lambda: (a.status() or {}).get("acked", 0) > acked + 10, 30, hosts)  # fmt: skip
+        # libvirtd restarts on A and B: QEMU keeps its disk on mirror's server (A) and the
+        # standby its replica (B), checkpoints go on
+        for h in ("A", "B"):
+            guest.hosts[h].restart_libvirtd()
+            acked = (a.status() or {}).get("acked", 0)
+            wait_for(f"checkpoints after {h}'s libvirtd restart",
+                     lambda acked=acked: (a.status() or {}).get("acked", 0) > acked + 10, 30,
+                     hosts)  # fmt: skip
         n = writes(log)
         wait_for("more journal writes", lambda: writes(log) > n + 20, 60, hosts)
 
@@ -165,4 +170,64 @@ def test_unpair_gives_the_disk_back_to_libvirt_with_the_guest_writing(
         check_image(dom_a, guest.hosts["A"].root / "lib" / "images" / f"web01.{fmt}", fmt)
     finally:
         qemudemo.stop_all(client, hosts, guest, lan)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_storage_failure_on_a_leaves_the_guest_writing_on_bs_storage(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """A's image (raw, on nbdkit behind its error filter, through FUSE: real EIO in the
+    kernel) starts failing while the guest writes its journal: A's disk server serves the
+    guest from B's replica, no write fails; the image returns, the server goes back to it
+    (resync); then host A is killed and B's guest has every acknowledged write."""
+    from mirror.lab.faultdisk import FaultyImage, missing_tools
+
+    if missing_tools():
+        pytest.skip(f"{missing_tools()}")
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvdisk-"))
+    faulty = FaultyImage(root, libvirtdemo.DISK_MIB << 20)  # before the hosts' namespaces
+    lan = GuestLan()
+    hosts: list[Host] = []
+    client = None
+    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), disk="raw", disk_file=faulty.path)
+    try:
+        a, b, _ = start(root, lan, guest, hosts, guest_image)
+        serial = guest.serial(root)
+        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
+        log = root / "client.jsonl"
+        client = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
+        wait_for("the guest's journal writes", lambda: writes(log) > 20, 60, hosts)
+        assert (a.status() or {})["disk"]["storage"] == "local"
+
+        faulty.fail()  # every read, write and flush of A's image: EIO
+        wait_for("A's disk on B's storage",
+                 lambda: (a.status() or {}).get("disk", {}).get("storage") == "remote", 30,
+                 hosts)  # fmt: skip
+        st = (a.status() or {})["disk"]
+        assert st["failovers"] == 1 and "Input/output error" in st["storage_error"], st
+        n = writes(log)
+        wait_for("journal writes on B's storage", lambda: writes(log) > n + 20, 60, hosts)
+        assert (a.status() or {}).get("phase") == "protected"
+
+        faulty.heal()
+        wait_for("A's disk back on its own storage",
+                 lambda: (a.status() or {}).get("disk", {}).get("storage") == "local", 60,
+                 hosts)  # fmt: skip
+        wait_for("the resync", lambda: (a.status() or {})["disk"]["dirty_local"] == 0, 60, hosts)
+        assert (a.status() or {})["disk"]["switchbacks"] == 1
+        n = writes(log)
+        wait_for("journal writes after", lambda: writes(log) > n + 20, 60, hosts)
+
+        guest.kill_a(a)
+        a.proc.wait()
+        wait_for("B promoted", lambda: (b.status() or {}).get("role") == "primary", 60, [b])
+        n = writes(log)
+        wait_for("journal writes on B", lambda: writes(log) > n + 10, 60, [b])
+        client.send_signal(signal.SIGTERM)
+        client.wait(30)
+        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
+        assert summary.get("error") is None and summary["journal_intact"], summary
+    finally:
+        qemudemo.stop_all(client, hosts, guest, lan)
+        faulty.close()
         shutil.rmtree(root, ignore_errors=True)
