@@ -209,7 +209,11 @@ class CheckpointEngine(InFlight):
     def precopy(self, progress: Callable[[precopy_mod.Progress], None] | None = None) -> None:
         """Copy all of RAM to the standby while the guest runs (with the log: then, in
         rounds, what was written meanwhile, until what is left is small)."""
-        precopy_mod.precopy(self, progress)
+        try:
+            precopy_mod.precopy(self, progress)
+        except BaseException:  # the pairing failed: a guest that runs on runs at full speed
+            self.release_throttle()
+            raise
 
     # -- checkpoints ----------------------------------------------------------
 

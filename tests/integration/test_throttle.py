@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,8 +82,19 @@ def test_throttle_engages_above_capacity_and_releases_when_the_writer_stops(
     for s in samples:  # the cap on the send buffers held all along
         assert s["send_buffer_bytes"] <= s["send_buffer_cap_bytes"]
     assert samples[0]["send_buffer_cap_bytes"] == 3 * (32 << 20)  # max_in_flight 2, + 1
-    view = Path(a.dir / "status.json").read_text()
-    assert '"throttle"' in view
+    # the metrics say so too (the primary's own /metrics)
+    served = st["metrics"]
+    assert served, "the primary serves no metrics"
+    text = urllib.request.urlopen(f"http://{served}/metrics", timeout=10).read().decode()
+    series = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mirror_") and 'node="hostA"' in line
+    }
+    assert series["mirror_throttle_level"] == 0
+    assert series["mirror_throttled_seconds"] > 0.5
+    assert series["mirror_replication_capacity_bytes_per_second"] > 0
+    assert 0 < series["mirror_send_buffer_bytes"] <= 3 * (32 << 20)
 
 
 NO_THROTTLE = replace(
