@@ -325,7 +325,9 @@ class CheckpointEngine(InFlight):
         d = throttle.observe(rec.pause_ms, rec.bytes_sent, window_full=window_full,
                              capacity=self.capacity.bytes_per_s, now=now)  # fmt: skip
         rec.throttle_level = d.level
-        self.metrics.throttle(d.level, throttle.throttled_s, self.capacity.bytes_per_s)
+        self.metrics.throttle(
+            d.level, throttle.throttled_s, self.capacity.bytes_per_s, throttle.cannot_hold
+        )
         if d.changed:
             log.debug("throttle: %s", d.why)
             self._set_speed(d.speed)

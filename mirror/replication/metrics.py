@@ -229,6 +229,13 @@ THROTTLED = Gauge(
     LABELS,
     registry=REGISTRY,
 )
+CANNOT_HOLD = Gauge(
+    "mirror_throttle_cannot_hold",
+    "1 while the throttle, at its lowest speed, still cannot keep checkpoints within "
+    "checkpoint.max_pause_ms (event throttle-cannot-hold); 0 otherwise",
+    LABELS,
+    registry=REGISTRY,
+)
 CAPACITY = Gauge(
     "mirror_replication_capacity_bytes_per_second",
     "The pair's capacity (link and standby) as measured from the acks; 0: not measured yet",
@@ -301,6 +308,7 @@ class Metrics:
         self.disk_storage = DISK_STORAGE.labels(*labels)
         self.throttle_level = THROTTLE_LEVEL.labels(*labels)
         self.throttled = THROTTLED.labels(*labels)
+        self.cannot_hold = CANNOT_HOLD.labels(*labels)
         self.capacity = CAPACITY.labels(*labels)
         self.in_flight_bytes = IN_FLIGHT.labels(*labels)
         self.send_buffers = SEND_BUFFERS.labels(*labels)
@@ -328,9 +336,12 @@ class Metrics:
         self.replicated.inc(sent)
         self.checkpoints.inc()
 
-    def throttle(self, level: float, throttled_s: float, capacity: float) -> None:
+    def throttle(
+        self, level: float, throttled_s: float, capacity: float, cannot_hold: bool = False
+    ) -> None:
         """The throttle after a checkpoint (after the resume)."""
         self.throttle_level.set(level)
+        self.cannot_hold.set(1 if cannot_hold else 0)
         self.throttled.set(throttled_s)
         self.capacity.set(capacity)
 

@@ -156,8 +156,8 @@ class Throttle:
         self.speed = round(max(MIN_SPEED, old / 2), 3)
         if old == 1.0 and self.speed < 1.0:
             self.engaged += 1
-        return Decision(self.speed, self.speed != old, 0.0,
-                        f"pre-copy not converging: speed {old:.2f} -> {self.speed:.2f}")  # fmt: skip
+        why = f"pre-copy not converging: speed {old:.2f} -> {self.speed:.2f}"
+        return Decision(self.speed, self.speed != old, 0.0, why)
 
     def release(self, now: float) -> None:
         """Back to full speed (the engine stops: an unprotected guest runs free)."""

@@ -6,6 +6,8 @@ processes, the guest its own process."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import replace
@@ -57,6 +59,7 @@ def test_throttle_engages_above_capacity_and_releases_when_the_writer_stops(
     engaged = pair.wait("the throttle engaged",
                         lambda: (t := throttle()) and t["level"] > 0 and t, 60)  # fmt: skip
     assert engaged["active"] and engaged["max_pause_ms"] == 4
+
     # the writer stops at its 3000th output (later, as it runs slowed): then released (a
     # release before, the load wavering, does not count)
     def released_after_the_writer() -> dict[str, Any] | None:
@@ -82,6 +85,11 @@ def test_throttle_engages_above_capacity_and_releases_when_the_writer_stops(
     for s in samples:  # the cap on the send buffers held all along
         assert s["send_buffer_bytes"] <= s["send_buffer_cap_bytes"]
     assert samples[0]["send_buffer_cap_bytes"] == 3 * (32 << 20)  # max_in_flight 2, + 1
+    # `mirror status` says so in words
+    run = subprocess.run([sys.executable, "-m", "mirror", "status", "--config", str(a.config_path)],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    row = next(line for line in run.stdout.splitlines() if line.strip().startswith("throttle:"))
+    assert "off now; throttled" in row and "pause budget 4 ms" in row, run.stdout
     # the metrics say so too (the primary's own /metrics)
     served = st["metrics"]
     assert served, "the primary serves no metrics"
