@@ -161,3 +161,37 @@ class CpuLimit:
                 (self.group / "vcpus").rmdir()
         with contextlib.suppress(OSError):
             self.group.rmdir()
+
+
+def stale_groups(prefix: str, root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
+    """mirror's cgroups ``PREFIX-PID`` (v2 at ``root``, v1 under ``root/cpu``) whose PID
+    (the role that made them) is no longer running: left by a role killed whole."""
+    found = []
+    for hier in (root, root / "cpu"):
+        for group in hier.glob(f"{prefix}*"):
+            pid = group.name[len(prefix) :]
+            if not (group.is_dir() and pid.isdigit()) or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                found.append(group)
+            except PermissionError:
+                pass
+    return found
+
+
+def remove_stale(prefix: str, root: Path = Path("/sys/fs/cgroup")) -> list[str]:
+    """Remove :func:`stale_groups` (a group that still holds a thread stays: rmdir
+    refuses it); returns what was removed."""
+    removed = []
+    for group in stale_groups(prefix, root):
+        with contextlib.suppress(OSError):
+            (group / "vcpus").rmdir()
+        try:
+            group.rmdir()
+            removed.append(str(group))
+        except OSError:
+            continue
+    return removed
+

@@ -550,7 +550,9 @@ class QemuGuest(Guest):
             return None
         try:
             tids = [int(c["thread-id"]) for c in self.command("query-cpus-fast")]
-            self._cpulimit = CpuLimit.create(self._ram_path.stem, self.proc.pid, tids)
+            # mirror-PAIR-NODE-PID, as the RAM file: a killed role's is found by its PID
+            name = self._ram_path.stem.removeprefix("mirror-")
+            self._cpulimit = CpuLimit.create(name, self.proc.pid, tids)
         except (GuestError, CpuLimitError, KeyError, TypeError, ValueError) as e:
             return f"QEMU's vCPU threads cannot be given a CPU quota: {e}"
         return None

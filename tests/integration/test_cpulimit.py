@@ -58,3 +58,31 @@ def test_a_busy_thread_is_held_to_its_quota_and_freed() -> None:
 def test_no_threads_is_a_clear_error() -> None:
     with pytest.raises(CpuLimitError, match="no threads"):
         CpuLimit.create("none", os.getpid(), [])
+
+
+def test_clean_start_removes_a_dead_runs_cgroup_only(tmp_path: Path) -> None:
+    from mirror.ha.cleanup import clean_start
+
+    root = Path("/sys/fs/cgroup")
+    hier = root if (root / "cgroup.controllers").exists() else root / "cpu"
+    if os.geteuid() != 0 or not (hier / "cgroup.procs").exists():
+        pytest.skip("no writable cpu cgroup hierarchy here")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    pair = f"tcl{os.getpid()}"
+    left = hier / f"mirror-{pair}-n-{dead.pid}"  # a role killed whole left it
+    live = hier / f"mirror-{pair}-n-{alive.pid}"  # a running role's
+    other = hier / f"mirror-{pair}x-n-{dead.pid}"  # another pair's
+    try:
+        for g in (left, live, other):
+            g.mkdir()
+        removed = clean_start(pair, "n", tmp_path)
+        assert removed == [str(left)] and not left.exists()
+        assert live.is_dir() and other.is_dir()
+    finally:
+        alive.kill()
+        alive.wait()
+        for g in (left, live, other):
+            if g.exists():
+                g.rmdir()
