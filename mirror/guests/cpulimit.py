@@ -194,4 +194,3 @@ def remove_stale(prefix: str, root: Path = Path("/sys/fs/cgroup")) -> list[str]:
         except OSError:
             continue
     return removed
-
