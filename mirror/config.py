@@ -63,6 +63,10 @@ class CheckpointConfig:
     encoding: str = field(default="raw", metadata=_choices("raw", "delta"))
     precopy_chunk_mib: int = field(default=32, metadata=_range(1, 4096))
     verify_slices: int = field(default=64, metadata=_range(0, 1 << 20))  # 0: no safety net
+    # the throttle: a guest dirtying faster than the pair replicates is slowed so that each
+    # checkpoint's pause fits this budget (and its bytes what the pair commits in an
+    # epoch); 0: no throttle
+    max_pause_ms: int = field(default=0, metadata=_range(0, 10_000))
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class GuestConfig:
     hot_pct: int = field(default=10, metadata=_range(1, 100))
     seed: int = field(default=1, metadata=_range(0, 2**63 - 1))
     fill_pct: int = field(default=50, metadata=_range(0, 100))
+    # the guest writes pages only until its Nth output, then only emits (0: always)
+    dirty_outputs: int = field(default=0, metadata=_range(0, 2**63 - 1))
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,19 @@ def _age(v: object) -> str:
     return "never seen" if v is None else f"{float(v):.2f} s"  # type: ignore[arg-type]
 
 
+def throttle_row(t: dict[str, Any]) -> str:
+    """The throttle (checkpoint.max_pause_ms) in words."""
+    if not t.get("active"):
+        return str(t.get("note") or "off")
+    level = float(t.get("level") or 0)
+    now = f"level {level:.2f} (the guest at {100 * (1 - level):.0f}% speed)" if level else "off now"
+    row = (f"{now}; throttled {t.get('throttled_s')} s in all; pause budget "
+           f"{t.get('max_pause_ms')} ms; capacity {t.get('capacity_mb_per_s')} MB/s")  # fmt: skip
+    if t.get("cannot_hold"):
+        row += "; CANNOT HOLD the guest: at its slowest it still overruns the budget"
+    return row
+
+
 def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
     """The status an operator reads first, in words; everything else with --json."""
     summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
@@ -150,6 +163,9 @@ def status_rows(st: dict[str, Any]) -> list[tuple[str, object]]:
                 f"{summary.get('outputs_released')} released, {summary.get('outputs_held')} held",
             ),
         ]
+    throttle = st.get("throttle")
+    if st.get("role") == "primary" and isinstance(throttle, dict) and throttle.get("max_pause_ms"):
+        rows.append(("throttle", throttle_row(throttle)))
     disk = st.get("disk")
     if st.get("role") == "primary" and isinstance(disk, dict) and "storage" in disk:
         storage = disk["storage"]

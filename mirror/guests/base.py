@@ -115,6 +115,15 @@ class Guest(ABC):
         found while it runs (a libvirt domain's broken NIC gate); empty while all is
         well.  Cheap: for a role's status."""
         return []
+    def throttle_blocker(self) -> str | None:
+        """None if this guest can be slowed (checkpoint.max_pause_ms, the throttle),
+        else why not: one line for the operator.  Asked once, when a pairing starts."""
+        return f"the {self.kind} guest has no way to be slowed"
+
+    def set_speed(self, speed: float) -> None:
+        """Let the guest run at ``speed`` (0 < speed <= 1) of its full speed; 1 releases
+        it.  Called after a checkpoint's resume, never in the pause."""
+        raise GuestError(self.throttle_blocker() or f"the {self.kind} guest cannot be slowed")
 
     def log_blockers(self) -> list[str]:
         """What this guest has that changes RAM behind a dirty-page log's back

@@ -165,6 +165,8 @@ class LibvirtGuest(Guest):
         self._announce = False
         self._resume_via_libvirt = False
         self._stopped = False
+        # the throttle: the domain's live (vcpu_period, vcpu_quota) before mirror set one
+        self._quota: tuple[int, int] | None = None
         try:
             xml = dom.XMLDesc(0)
             self.xml = xml
@@ -567,6 +569,39 @@ class LibvirtGuest(Guest):
         if root.find("./devices/interface[@type='vhostuser']") is not None:
             found.append("a vhost-user NIC (writes RAM through its own mapping)")
         return found
+
+    def throttle_blocker(self) -> str | None:
+        """The throttle sets the domain's live vCPU quota (``<cputune>``'s
+        ``vcpu_quota``, virDomainSetSchedulerParameters), where libvirt manages its
+        CPU cgroup; None once the domain's own values are known."""
+        if self._quota is not None:
+            return None
+        live = _libvirt().VIR_DOMAIN_AFFECT_LIVE
+        try:
+            params = self.call(
+                f"reading {self.name!r}'s scheduler parameters",
+                lambda dom: dom.schedulerParametersFlags(live),
+            )
+        except GuestError as e:
+            return f"libvirt cannot give {self.name!r} a vCPU quota: {e}"
+        if "vcpu_quota" not in params:
+            return (f"libvirt gives {self.name!r} no vcpu_quota (it does not manage the "
+                    f"domain's cpu cgroup here)")  # fmt: skip
+        self._quota = (int(params.get("vcpu_period") or 0), int(params["vcpu_quota"]))
+        return None
+
+    def set_speed(self, speed: float) -> None:
+        if self._quota is None:
+            raise GuestError(f"the domain {self.name!r} has no vCPU quota to set")
+        period, own = self._quota
+        if speed >= 1.0:  # the domain's own quota (a negative one: none)
+            params = {"vcpu_quota": own if own > 0 else -1}
+        else:
+            period = period or 100_000
+            params = {"vcpu_period": period, "vcpu_quota": max(1000, int(speed * period))}
+        live = _libvirt().VIR_DOMAIN_AFFECT_LIVE
+        self.call(f"setting {self.name!r}'s vCPU quota",
+                  lambda dom: dom.setSchedulerParametersFlags(params, live))  # fmt: skip
 
     def pause(self) -> None:
         assert self.monitor is not None

@@ -38,6 +38,7 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 from mirror.config import QemuConfig
 from mirror.guests import uffd
 from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
+from mirror.guests.cpulimit import CpuLimit, CpuLimitError
 from mirror.guests.disk import DiskServer
 from mirror.guests.synthetic import create_ram_file
 from mirror.hoststate import PRIVATE_UMASK, open_private, private_dir
@@ -302,6 +303,7 @@ class QemuGuest(Guest):
                 )
         self.settings, self.ram_mib = settings, ram_mib
         self.disk = disk  # the guest's disk server (this guest stops it)
+        self._cpulimit: CpuLimit | None = None  # the throttle's quota on the vCPU threads
         self._ram_path, self.run_dir, self.owns_ram = ram_path, run_dir, owns_ram
         private_dir(run_dir)
         self.qmp_path = run_dir / "qmp.sock"
@@ -541,6 +543,28 @@ class QemuGuest(Guest):
             pass  # "No balloon device has been activated": what we want
         return sorted(set(found))
 
+    def throttle_blocker(self) -> str | None:
+        """The throttle slows the vCPU threads (QMP query-cpus-fast) with a CPU quota on
+        a cgroup mirror makes for them (mirror/guests/cpulimit.py); None once it exists."""
+        if self._cpulimit is not None:
+            return None
+        try:
+            tids = [int(c["thread-id"]) for c in self.command("query-cpus-fast")]
+            # mirror-PAIR-NODE-PID, as the RAM file: a killed role's is found by its PID
+            name = self._ram_path.stem.removeprefix("mirror-")
+            self._cpulimit = CpuLimit.create(name, self.proc.pid, tids)
+        except (GuestError, CpuLimitError, KeyError, TypeError, ValueError) as e:
+            return f"QEMU's vCPU threads cannot be given a CPU quota: {e}"
+        return None
+
+    def set_speed(self, speed: float) -> None:
+        if self._cpulimit is None:
+            raise GuestError("QEMU's vCPU threads have no CPU quota (no cgroup was made)")
+        try:
+            self._cpulimit.set_share(speed)
+        except CpuLimitError as e:
+            raise GuestError(str(e)) from e
+
     def pause(self) -> None:
         """Stop the guest; QEMU starts saving its device state at once, while the
         caller scans RAM (:meth:`save_state` collects it)."""
@@ -594,6 +618,9 @@ class QemuGuest(Guest):
         if self._map is not None:
             self._map.close()
             self._map = None
+        if self._cpulimit is not None:
+            self._cpulimit.close()
+            self._cpulimit = None
         self.relay.close()
         if self.disk is not None:
             self.disk.close()

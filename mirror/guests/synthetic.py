@@ -10,7 +10,7 @@ The guest runs as its own process (``python -m mirror.guests.synthetic``),
 writing the shared RAM file as a hypervisor would; the role drives it over
 a socketpair with length-prefixed msgpack messages:
 
-    role -> guest: ["init", {...}], ["pause"], ["resume"], ["state"], ["quit"]
+    role -> guest: ["init", {...}], ["pause"], ["resume"], ["state"], ["speed", s], ["quit"]
     guest -> role: ["ready"], ["outs", [[seq, payload], ...]], ["paused", seq],
                     ["state", bytes]
 
@@ -68,6 +68,7 @@ class SyntheticParams:
     hot_pct: int = 10
     seed: int = 1
     fill_pct: int = 50  # share of pages with content at boot
+    dirty_outputs: int = 0  # the guest writes pages only until its Nth output; 0: always
 
     @classmethod
     def from_config(cls, guest: GuestConfig) -> SyntheticParams:
@@ -79,6 +80,7 @@ class SyntheticParams:
             hot_pct=guest.hot_pct,
             seed=guest.seed,
             fill_pct=guest.fill_pct,
+            dirty_outputs=guest.dirty_outputs,
         )
 
     def __post_init__(self) -> None:
@@ -89,6 +91,7 @@ class SyntheticParams:
             (1 <= self.hot_pct <= 100, "hot_pct", "1..100"),
             (0 <= self.fill_pct <= 100, "fill_pct", "0..100"),
             (0 <= self.seed < 1 << 63, "seed", "0..2^63-1"),
+            (0 <= self.dirty_outputs < 1 << 63, "dirty_outputs", "0..2^63-1"),
         ]
         for ok, name, allowed in checks:
             if not ok:
@@ -107,6 +110,8 @@ class SyntheticParams:
     def pages_for_tick(self, seq: int) -> int:
         """Pages the tick that makes output ``seq + 1`` dirties (a pure function of seq)."""
         rate, per = self.dirty_pages_per_s, self.outputs_per_s
+        if self.dirty_outputs and seq >= self.dirty_outputs:
+            return 0  # the writer has stopped
         return (seq + 1) * rate // per - seq * rate // per
 
     def to_dict(self) -> dict[str, int]:
@@ -178,6 +183,23 @@ def reference_outputs(params: SyntheticParams, count: int) -> list[tuple[int, by
 # ---- the guest process ---------------------------------------------------
 
 
+class _Clock:
+    """The guest's clock: seconds since it first ran, going at ``speed`` of the wall clock."""
+
+    def __init__(self, speed: float) -> None:
+        self._base, self._at, self.speed = 0.0, time.monotonic(), speed
+
+    def now(self) -> float:
+        return self._base + (time.monotonic() - self._at) * self.speed
+
+    def set_speed(self, speed: float) -> None:
+        self._base, self._at, self.speed = self.now(), time.monotonic(), speed
+
+    def until(self, t: float) -> float:
+        """Wall-clock seconds until the guest's clock reads ``t``."""
+        return max(0.0, (t - self.now()) / self.speed)
+
+
 def _guest_main(fd: int) -> int:
     # The role drives this process and stops it over the channel; a SIGTERM to the
     # host's process group is the role's to handle (it pauses and stops us
@@ -201,13 +223,15 @@ def _guest_main(fd: int) -> int:
     # Rates are wall-clock rates: time spent paused is made up after the resume
     # (a backlog of at most half a second), so the configured dirty rate is what
     # the checkpoints see whatever share of the epoch the pause takes.
-    running, t0, done = False, None, 0
+    # Throttled (["speed", s], the role's throttle), the guest's clock runs at s of the
+    # wall clock: its ticks, and so its writes and outputs, come at s of the rate.
+    running, clock, done, speed = False, None, 0, 1.0
     rate = params.outputs_per_s
     burst = max(1, rate // 50)  # stay responsive to the role: at most 20 ms of ticks at once
     while True:
         timeout: float | None = None
-        if running and t0 is not None:
-            due = int((time.monotonic() - t0) * rate) - done
+        if running and clock is not None:
+            due = int(clock.now() * rate) - done
             if due > rate // 2:
                 done += due - rate // 2
                 due = rate // 2
@@ -217,7 +241,7 @@ def _guest_main(fd: int) -> int:
                 send_msg(sock, ["outs", outs])
                 timeout = 0
             else:
-                timeout = max(0.0, t0 + (done + 1) / rate - time.monotonic())
+                timeout = clock.until((done + 1) / rate)
         if not select.select([sock], [], [], timeout)[0]:
             continue
         try:
@@ -230,8 +254,12 @@ def _guest_main(fd: int) -> int:
                 send_msg(sock, ["paused", int(cpu.regs[0])])
             case "resume":
                 running = True
-                if t0 is None:
-                    t0 = time.monotonic()
+                if clock is None:
+                    clock = _Clock(speed)
+            case "speed":
+                speed = min(1.0, max(0.01, float(msg[1])))
+                if clock is not None:
+                    clock.set_speed(speed)
             case "state":
                 send_msg(sock, ["state", pack_state(params, list(cpu.regs))])
             case "quit":
@@ -381,6 +409,12 @@ class SyntheticGuest(Guest):
 
     def resume(self) -> None:
         send_msg(self._sock, ["resume"])
+
+    def throttle_blocker(self) -> str | None:
+        return None  # its writer runs at a speed the role sets
+
+    def set_speed(self, speed: float) -> None:
+        send_msg(self._sock, ["speed", float(speed)])
 
     def save_state(self) -> bytes:
         send_msg(self._sock, ["state"])

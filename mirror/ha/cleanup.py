@@ -10,7 +10,9 @@ node left, once it is sure that run is gone:
   open or mapped (a live standby or a promoted guest maps it; a new standby would
   refuse to start while it exists);
 - QEMU's sockets in ``STATE_DIR/qemu/`` (``qmp.sock``, ``net.sock``) when the role
-  that last reported in STATE_DIR is not running (pid and start time, hoststate.running).
+  that last reported in STATE_DIR is not running (pid and start time, hoststate.running);
+- the throttle's cgroup ``mirror-PAIR-NODE-PID`` (mirror/guests/cpulimit.py) whose PID
+  is not running (empty once its QEMU died).
 
 Files of other pairs or nodes are never touched.
 
@@ -30,6 +32,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 
+from mirror.guests import cpulimit
 from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.hoststate import read_json, running
 from mirror.replication import nicgate
@@ -102,8 +105,9 @@ def leftovers(pair: str, node: str, state_dir: Path, shm: Path = SHM) -> list[Pa
 
 
 def clean_start(pair: str, node: str, state_dir: Path, shm: Path = SHM) -> list[str]:
-    """Remove :func:`leftovers`; returns what was removed (for the role's log)."""
-    removed = []
+    """Remove :func:`leftovers` and a dead run's throttle cgroups; returns what was
+    removed (for the role's log)."""
+    removed = cpulimit.remove_stale(f"mirror-{pair}-{node}-")
     for p in leftovers(pair, node, state_dir, shm):
         try:
             p.unlink()

@@ -32,6 +32,7 @@ checkpoint (mirror/replication/precopy.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -39,9 +40,10 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from mirror.config import CheckpointConfig
-from mirror.guests.base import Guest
+from mirror.guests.base import Guest, GuestError
 from mirror.replication import dirtylog, wire
 from mirror.replication import pagediff as pd
 from mirror.replication import precopy as precopy_mod
@@ -56,6 +58,7 @@ from mirror.replication.inflight import (
 from mirror.replication.keys import LinkKeys
 from mirror.replication.link import Link
 from mirror.replication.outputs import OutputBuffer
+from mirror.replication.throttle import Throttle
 
 log = logging.getLogger("mirror.replication.checkpoint")
 PS = pd.PAGE_SIZE
@@ -131,10 +134,25 @@ class CheckpointEngine(InFlight):
         self._verify_next = 0  # the safety net's next slice
         # a dirty set that outgrows a 16th of RAM is a guest writing faster than the
         # pair replicates: no point holding (N+1) buffers that large in memory
-        self._buffers = SendBuffers(cfg.max_in_flight, prepare_max=max(1, self.npages // 16))
+        self._buffers = SendBuffers(
+            cfg.max_in_flight, prepare_max=max(1, self.npages // 16), max_pages=self.npages
+        )
         self._fault = _fault_point()
         # the disk's stream to the standby ended (why, when): no checkpoints any more
         self.disk_lost: tuple[str, float] | None = None
+        # the throttle (checkpoint.max_pause_ms; mirror/replication/throttle.py)
+        self.throttle: Throttle | None = None
+        self.throttle_note = ""  # why there is none although one was asked for
+        self._window_full = False  # the window of checkpoints in flight filled this epoch
+        self._applied_speed = 1.0  # the speed the guest was last set to
+        if cfg.max_pause_ms > 0:
+            blocker = guest.throttle_blocker()
+            if blocker is None:
+                self.throttle = Throttle(cfg.max_pause_ms, cfg.epoch_ms)
+            else:
+                self.throttle_note = f"no throttle: {blocker}"
+                event("throttle-unavailable", reason=blocker,
+                      note="checkpoints go on unthrottled")  # fmt: skip
 
     # -- the dirty-page scan ------------------------------------------------------
 
@@ -191,7 +209,11 @@ class CheckpointEngine(InFlight):
     def precopy(self, progress: Callable[[precopy_mod.Progress], None] | None = None) -> None:
         """Copy all of RAM to the standby while the guest runs (with the log: then, in
         rounds, what was written meanwhile, until what is left is small)."""
-        precopy_mod.precopy(self, progress)
+        try:
+            precopy_mod.precopy(self, progress)
+        except BaseException:  # the pairing failed: a guest that runs on runs at full speed
+            self.release_throttle()
+            raise
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -285,7 +307,89 @@ class CheckpointEngine(InFlight):
         )  # fmt: skip
         if self.method == "log":
             self._after_log_checkpoint(epoch, logged)
+        self._throttle_after(rec)
         return rec
+
+    # -- the throttle (after the resume and the send: never in the pause) ----------
+
+    def _throttle_after(self, rec: CheckpointRecord) -> None:
+        """Tell the throttle this checkpoint's figures and apply its decision."""
+        window_full, self._window_full = self._window_full, False
+        rec.in_flight_bytes = self.in_flight_bytes
+        self.metrics.in_flight(rec.in_flight_bytes, self._buffers.held_bytes)
+        throttle = self.throttle
+        if throttle is None:
+            return
+        was_holding = throttle.cannot_hold
+        now = time.monotonic()
+        d = throttle.observe(rec.pause_ms, rec.bytes_sent, window_full=window_full,
+                             capacity=self.capacity.bytes_per_s, now=now)  # fmt: skip
+        rec.throttle_level = d.level
+        self.metrics.throttle(
+            d.level, throttle.throttled_s, self.capacity.bytes_per_s, throttle.cannot_hold
+        )
+        if d.changed:
+            log.debug("throttle: %s", d.why)
+            self._set_speed(d.speed)
+        if throttle.cannot_hold and not was_holding:
+            event("throttle-cannot-hold", level=d.level, load=round(d.load, 2),
+                  pause_ms=round(rec.pause_ms, 2), max_pause_ms=self.cfg.max_pause_ms,
+                  bytes=rec.bytes_sent, capacity_mb_per_s=round(self.capacity.bytes_per_s / 1e6, 1),
+                  note="the guest at its slowest still overruns the budget")  # fmt: skip
+
+    def _set_speed(self, speed: float) -> None:
+        throttle = self.throttle
+        assert throttle is not None
+        before = self._applied_speed
+        try:
+            self.guest.set_speed(speed)
+        except (GuestError, OSError) as e:
+            self.throttle = None
+            self.throttle_note = f"no throttle: {e}"
+            event("throttle-unavailable", reason=str(e), note="checkpoints go on unthrottled")
+            return
+        self._applied_speed = speed
+        if before == 1.0 and speed < 1.0:
+            event("throttle-engaged", level=throttle.level, checkpoint=self.epoch,
+                  capacity_mb_per_s=round(self.capacity.bytes_per_s / 1e6, 1))  # fmt: skip
+        elif before < 1.0 and speed == 1.0:
+            event("throttle-released", checkpoint=self.epoch,
+                  throttled_s=round(throttle.throttled_s, 2))  # fmt: skip
+
+    def slow_precopy(self) -> None:
+        """A pre-copy round did not converge: the throttle, if any, halves the speed."""
+        if self.throttle is not None:
+            d = self.throttle.converge(time.monotonic())
+            log.info("throttle: %s", d.why)
+            if d.changed:
+                self._set_speed(d.speed)
+
+    def release_throttle(self) -> None:
+        """The guest at full speed again (checkpoints end: it runs on alone, or stops)."""
+        if self.throttle is None:
+            return
+        self.throttle.release(time.monotonic())
+        self.metrics.throttle(0.0, self.throttle.throttled_s, self.capacity.bytes_per_s)
+        if self._applied_speed < 1.0:
+            with contextlib.suppress(GuestError, OSError):  # a guest that is gone
+                self._set_speed(1.0)
+
+    def throttle_status(self) -> dict[str, Any]:
+        """The throttle in the status (``summary.throttle``)."""
+        t = self.throttle
+        return {
+            "max_pause_ms": self.cfg.max_pause_ms,
+            "active": t is not None,
+            "level": t.level if t else 0.0,
+            "throttled_s": round(t.throttled_s, 2) if t else 0.0,
+            "engaged": t.engaged if t else 0,
+            "cannot_hold": t.cannot_hold if t else False,
+            "note": self.throttle_note,
+            "capacity_mb_per_s": round(self.capacity.bytes_per_s / 1e6, 1),
+            "in_flight_bytes": self.in_flight_bytes,
+            "send_buffer_bytes": self._buffers.held_bytes,
+            "send_buffer_cap_bytes": self._buffers.cap_bytes,
+        }
 
     def _log_scan(self, epoch: int) -> tuple[array[int], bool]:
         """In the pause: the pages the log lists (and those the safety net found),
@@ -439,6 +543,12 @@ class CheckpointEngine(InFlight):
     def run(self, should_stop: Callable[[], bool], *, epochs: int | None = None) -> None:
         """Checkpoint every epoch until ``should_stop()``, or after ``epochs`` checkpoints
         (then wait for their acks and leave the guest paused at the last one)."""
+        try:
+            self._run(should_stop, epochs)
+        finally:
+            self.release_throttle()
+
+    def _run(self, should_stop: Callable[[], bool], epochs: int | None) -> None:
         interval = self.cfg.epoch_ms / 1000
         next_at = time.monotonic() + interval
         while not should_stop():
@@ -449,6 +559,7 @@ class CheckpointEngine(InFlight):
                 continue
             if len(self.in_flight) >= self.cfg.max_in_flight:
                 next_at = time.monotonic() + 0.001  # window full: the epoch stretches
+                self._window_full = True  # over capacity: the throttle is told
                 continue
             if epochs is not None and self.epoch == epochs - 1:
                 self._final_checkpoint(should_stop)

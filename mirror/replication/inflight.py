@@ -33,6 +33,7 @@ from mirror.replication.keys import fingerprint as key_fingerprint
 from mirror.replication.link import Link, LinkDown
 from mirror.replication.metrics import Metrics
 from mirror.replication.outputs import OutputBuffer
+from mirror.replication.throttle import Capacity
 
 log = logging.getLogger("mirror.replication.checkpoint")  # the engine's one log
 RESEND_AFTER_S = 2.0  # no ack for that long: the checkpoints in flight go again
@@ -68,6 +69,8 @@ class CheckpointRecord:
     outputs: int
     sent_at: float = 0.0
     ack_ms: float | None = None
+    in_flight_bytes: int = 0  # after it was sent: its bytes and those still unacknowledged
+    throttle_level: float = 0.0  # the throttle's level decided after it (0: full speed)
 
 
 @dataclass
@@ -148,9 +151,25 @@ class SendBuffers:
     message that used it was acknowledged.
     """
 
-    def __init__(self, in_flight: int, prepare_max: int = 1 << 30) -> None:
+    def __init__(
+        self, in_flight: int, prepare_max: int = 1 << 30, max_pages: int = 1 << 40
+    ) -> None:
         self._slots: list[mmap.mmap | None] = [None] * (in_flight + 1)
         self.prepare_max = prepare_max  # pages: prepare() never faults in more
+        # pages: no buffer is ever larger (a checkpoint never holds more pages than the
+        # guest has), so the ring holds at most (in_flight + 1) x max_pages, whatever
+        # the guest's dirty rate
+        self.max_pages = max_pages
+
+    @property
+    def cap_bytes(self) -> int:
+        """The most the ring can ever hold."""
+        return len(self._slots) * self.max_pages * PS
+
+    @property
+    def held_bytes(self) -> int:
+        """What the ring holds now."""
+        return sum(len(b) for b in self._slots if b is not None and not b.closed)
 
     def get(self, seq: int, npages: int) -> mmap.mmap:
         slot = seq % len(self._slots)
@@ -158,7 +177,8 @@ class SendBuffers:
         if buf is None or len(buf) < npages * PS:
             if buf is not None:
                 _drop(buf)
-            buf = pd.alloc_pages(max(1, npages + npages // 4))  # room to grow
+            # room to grow, never past the cap
+            buf = pd.alloc_pages(max(1, min(npages + npages // 4, self.max_pages)))
             self._slots[slot] = buf
         return buf
 
@@ -170,7 +190,7 @@ class SendBuffers:
         is acknowledged by the time ``seq - 1`` is sent (see the class docstring)."""
         slot = seq % len(self._slots)
         buf = self._slots[slot]
-        want = min(npages + npages // 4, self.prepare_max)
+        want = min(npages + npages // 4, self.prepare_max, self.max_pages)
         if buf is not None and len(buf) >= want * PS:
             return
         if buf is not None:
@@ -231,6 +251,12 @@ class InFlight:
         self._resend_wait = RESEND_AFTER_S  # no ack for this long: resend (see _check_stalled)
         self.metrics = Metrics.of(pair, node)
         outputs.metrics = self.metrics
+        self.capacity = Capacity()  # the pair's, measured from the acks
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes of the checkpoints sent and not yet acknowledged."""
+        return sum(rec.bytes_sent for _, rec in self.in_flight.values())
 
     def handshake(self, timeout: float = 30.0, stop: threading.Event | None = None) -> int:
         """HELLO (a new session) until its WELCOME; returns the standby's committed epoch.
@@ -334,7 +360,14 @@ class InFlight:
             return
         if isinstance(reply, wire.Ack) and reply.epoch > self.acked:
             now = time.monotonic()
-            for e in sorted(e for e in self.in_flight if e <= reply.epoch):
+            covered = sorted(e for e in self.in_flight if e <= reply.epoch)
+            if covered:
+                self.capacity.acked(
+                    sum(self.in_flight[e][1].bytes_sent for e in covered),
+                    self.in_flight[covered[0]][1].sent_at,
+                    now,
+                )
+            for e in covered:
                 _, rec = self.in_flight.pop(e)
                 rec.ack_ms = (now - rec.sent_at) * 1000
                 self.stats.acked += 1

@@ -215,6 +215,46 @@ MISSED_PAGES = Counter(
     registry=REGISTRY,
 )
 
+THROTTLE_LEVEL = Gauge(
+    "mirror_throttle_level",
+    "How much the throttle slows the guest (checkpoint.max_pause_ms): 0 runs it at full "
+    "speed, 0.95 at a twentieth of it",
+    LABELS,
+    registry=REGISTRY,
+)
+THROTTLED = Gauge(
+    "mirror_throttled_seconds",
+    "Seconds the throttle has held the guest below full speed (this engine's life; a "
+    "counter that restarts with a new pairing)",
+    LABELS,
+    registry=REGISTRY,
+)
+CANNOT_HOLD = Gauge(
+    "mirror_throttle_cannot_hold",
+    "1 while the throttle, at its lowest speed, still cannot keep checkpoints within "
+    "checkpoint.max_pause_ms (event throttle-cannot-hold); 0 otherwise",
+    LABELS,
+    registry=REGISTRY,
+)
+CAPACITY = Gauge(
+    "mirror_replication_capacity_bytes_per_second",
+    "The pair's capacity (link and standby) as measured from the acks; 0: not measured yet",
+    LABELS,
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "mirror_in_flight_bytes",
+    "Bytes of checkpoints sent and not yet acknowledged",
+    LABELS,
+    registry=REGISTRY,
+)
+SEND_BUFFERS = Gauge(
+    "mirror_send_buffer_bytes",
+    "Bytes the primary's send buffers hold (capped at (max_in_flight + 1) x guest RAM)",
+    LABELS,
+    registry=REGISTRY,
+)
+
 
 DISK_STORAGE = Enum(
     "mirror_disk_storage",
@@ -275,6 +315,12 @@ class Metrics:
         self.refused_peers = REFUSED_PEERS.labels(*labels)
         self.missed_pages = MISSED_PAGES.labels(*labels)
         self.disk_storage = DISK_STORAGE.labels(*labels)
+        self.throttle_level = THROTTLE_LEVEL.labels(*labels)
+        self.throttled = THROTTLED.labels(*labels)
+        self.cannot_hold = CANNOT_HOLD.labels(*labels)
+        self.capacity = CAPACITY.labels(*labels)
+        self.in_flight_bytes = IN_FLIGHT.labels(*labels)
+        self.send_buffers = SEND_BUFFERS.labels(*labels)
         self.disk_failovers = DISK_FAILOVERS.labels(*labels)
         self.disk_dirty_local = DISK_DIRTY_LOCAL.labels(*labels)
         self.nic_gates_broken = NIC_GATES_BROKEN.labels(*labels)
@@ -299,6 +345,19 @@ class Metrics:
         self.checkpoint_bytes.observe(sent)
         self.replicated.inc(sent)
         self.checkpoints.inc()
+
+    def throttle(
+        self, level: float, throttled_s: float, capacity: float, cannot_hold: bool = False
+    ) -> None:
+        """The throttle after a checkpoint (after the resume)."""
+        self.throttle_level.set(level)
+        self.cannot_hold.set(1 if cannot_hold else 0)
+        self.throttled.set(throttled_s)
+        self.capacity.set(capacity)
+
+    def in_flight(self, nbytes: int, buffers: int) -> None:
+        self.in_flight_bytes.set(nbytes)
+        self.send_buffers.set(buffers)
 
     def promoted(self, cause: str) -> None:
         PROMOTIONS.labels(self.pair, self.node, cause).inc()

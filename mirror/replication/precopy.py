@@ -139,8 +139,11 @@ def _precopy_rounds(engine: CheckpointEngine, sender: _PartSender) -> None:
             if final:
                 engine.stats.precopy_rounds = rnd + 1
                 return
+        sent = len(todo)
         todo = engine.log.scan()
         sender.total += len(todo)
+        if len(todo) > small and 2 * len(todo) > sent:  # not converging: slow the guest
+            engine.slow_precopy()
         if not todo:  # nothing written during the round: an empty last part
             sender.send(pd.gather(engine.guest.ram, [], out=sender.buffer(1)), final=True)
             engine.stats.precopy_rounds = rnd + 1

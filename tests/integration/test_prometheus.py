@@ -36,7 +36,7 @@ def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 10 rules found" in check.stdout
+    assert "SUCCESS: 11 rules found" in check.stdout
     # each alert fires on the series that should fire it, and not on a healthy pair
     unit = subprocess.run(
         ["promtool", "test", "rules", "mirror-rules.test.yml"],
