@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -519,3 +520,16 @@ def test_check_says_what_the_standbys_host_refuses_before_pairing() -> None:
     # a peer that does not answer fails the check, as it would fail the pairing
     gone = with_standby(a, [], "hostB", "did not answer 'check' within 20 s", blocking=True)
     assert not gone.ok and "[standby-unasked]" in explain_assessment(gone)
+
+
+def test_a_virt_install_debian12_server_needs_one_change_which_prepare_makes() -> None:
+    """What `virt-install --os-variant debian12 --graphics none --disk size=10 --network
+    network=default` defines (qcow2 disk with discard, network NIC, balloon, RNG, agent
+    channel, empty CD-ROM, host-passthrough CPU): one change, the memory backing, which
+    `mirror pair --prepare` writes (with the preload); after it, none."""
+    from mirror.guests.libvirtxml import prepared_xml
+
+    xml = (Path(__file__).parent / "data" / "virt-install-debian12.xml").read_text()
+    assert codes(xml) == ["ram-private"]
+    r = check(prepared_xml(xml)[0])
+    assert r.ok and not r.blocking, explain(r)
