@@ -215,13 +215,19 @@ class LibvirtGuest(Guest):
                     # from here on every frame the guest sends is held
                     self.gates = gates(nics, self._early.append)
             if not standby:
-                self._state_fd = os.memfd_create(f"mirror-devstate-{self.name}")
-                # QEMU's copy shares this description's offset: lseek here, write there
-                self._state_wfd = os.open(f"/proc/self/fd/{self._state_fd}", os.O_WRONLY)
-                self._fdset = self.monitor.execute("add-fd", {}, fd=self._state_wfd)["fdset-id"]
+                self._state_channel()
         except BaseException:
             self.stop(destroy=standby)
             raise
+
+    def _state_channel(self) -> None:
+        """Where QEMU saves the device state at each checkpoint: a memfd of this process,
+        passed to QEMU once (``add-fd``); a primary's (and a promoted standby's)."""
+        assert self.monitor is not None
+        self._state_fd = os.memfd_create(f"mirror-devstate-{self.name}")
+        # QEMU's copy shares this description's offset: lseek here, write there
+        self._state_wfd = os.open(f"/proc/self/fd/{self._state_fd}", os.O_WRONLY)
+        self._fdset = self.monitor.execute("add-fd", {}, fd=self._state_wfd)["fdset-id"]
 
     def call(self, what: str, fn: Any, reconnect_for: float = 60) -> Any:
         """``fn(domain)``; if libvirtd restarted meanwhile (the connection broke), once
@@ -416,6 +422,8 @@ class LibvirtGuest(Guest):
         # the promoted replica's server serves the disk from here on (what the guest writes
         # is what a resync of the old primary sends)
         self._disk_through()
+        if self._state_fd < 0:  # checkpoints of its own once its old primary is back
+            self._state_channel()
         self._balloon = self._balloon_now()  # as the checkpoint left it, before it runs
         if self.relay is not None:
             self.relay.active = True

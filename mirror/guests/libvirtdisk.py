@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -42,9 +43,10 @@ from typing import Any
 
 from mirror.guests.base import GuestError
 
+log = logging.getLogger("mirror.guests.libvirtdisk")
+
 FORMATS = ("raw", "qcow2")
-NODE = "mirror-disk0"  # the NBD node mirror adds
-FDNAME = "mirror-disk0"
+PREFIX = "mirror-disk-"  # the NBD node a role adds: PREFIX + the role's pid (and its fd's name)
 
 
 @dataclass(frozen=True)
@@ -232,28 +234,49 @@ def format_node(monitor: Any, pid: int, disk: DomainDisk, name: str) -> dict[str
     )
 
 
+def _ours(monitor: Any) -> list[str]:
+    """The NBD nodes mirror's roles added to this QEMU (a role that died leaves its own)."""
+    return [
+        str(n["node-name"]) for n in monitor.execute("query-named-block-nodes", {"flat": True})
+        if str(n.get("node-name", "")).startswith(PREFIX)
+    ]  # fmt: skip
+
+
+def _drop(monitor: Any, names: list[str]) -> None:
+    for name in names:
+        try:
+            monitor.execute("blockdev-del", {"node-name": name})
+        except GuestError as e:
+            log.warning("QEMU kept the block node %s: %s", name, e)
+
+
 def through(monitor: Any, opts: dict[str, Any], nbd_path: Path) -> None:
     """The format node's file becomes the disk server's NBD export (a socket connected
-    here and passed to QEMU: no path QEMU must be allowed to open)."""
+    here and passed to QEMU: no path QEMU must be allowed to open).  A node left by a
+    role that died (its server gone with it: the guest's disk I/O failed meanwhile) is
+    replaced."""
+    node = f"{PREFIX}{os.getpid()}"
+    stale = [n for n in _ours(monitor) if n != node]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(nbd_path))
-        monitor.execute("getfd", {"fdname": FDNAME}, fd=s.fileno())
+        monitor.execute("getfd", {"fdname": node}, fd=s.fileno())
     except OSError as e:
         raise GuestError(f"cannot connect to the disk server at {nbd_path}: {e.strerror}") from None
     finally:
         s.close()
     nbd: dict[str, Any] = {
-        "driver": "nbd", "node-name": NODE, "server": {"type": "fd", "str": FDNAME},
+        "driver": "nbd", "node-name": node, "server": {"type": "fd", "str": node},
     }  # fmt: skip
     if "discard" in opts:  # the guest's discards reach the server (TRIM, replicated)
         nbd["discard"] = opts["discard"]
     monitor.execute("blockdev-add", nbd)
     try:
-        monitor.execute("blockdev-reopen", {"options": [{**opts, "file": NODE}]})
+        monitor.execute("blockdev-reopen", {"options": [{**opts, "file": node}]})
     except GuestError:
-        monitor.execute("blockdev-del", {"node-name": NODE})
+        _drop(monitor, [node])
         raise
+    _drop(monitor, stale)
 
 
 def restore(monitor: Any, opts: dict[str, Any], path: str) -> None:
@@ -267,4 +290,4 @@ def restore(monitor: Any, opts: dict[str, Any], path: str) -> None:
         raise GuestError(f"the disk's file {path}: {e.strerror}") from None
     monitor.execute("block_resize", {"node-name": opts["file"], "size": size})
     monitor.execute("blockdev-reopen", {"options": [opts]})
-    monitor.execute("blockdev-del", {"node-name": NODE})
+    _drop(monitor, _ours(monitor))

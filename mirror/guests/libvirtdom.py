@@ -122,6 +122,17 @@ class Domains:
                 ) from None
         return changes
 
+    def destroy(self, name: str) -> bool:
+        """Stop the domain now if it runs (True if it did)."""
+        d = self._dom(name)
+        try:
+            if not d.isActive():
+                return False
+            d.destroy()
+        except self.lv.libvirtError as e:
+            raise LibvirtError(f"cannot stop {name}: {e.get_error_message()}") from None
+        return True
+
     def mark_paired(self, name: str, peer: str) -> None:
         """Autostart off and a ``<mirror:pair peer=...>`` metadata element in the persistent
         definition: this host's libvirt must not boot the guest behind the pair's back."""

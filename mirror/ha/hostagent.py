@@ -50,7 +50,7 @@ from mirror.config import (
     to_toml,
 )
 from mirror.guests import domaincheck
-from mirror.guests.libvirtdom import LibvirtError
+from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.ha import agentmetrics, claims, cleanup, control, pairdef, peerlink
 from mirror.ha.arbiter import ArbiterError
 from mirror.ha.pairdef import AgentError, PairDef, check_name
@@ -317,6 +317,17 @@ class HostAgent:
         d.role, d.generation = "secondary", max(d.generation, generation)
         self.save(d)
         event("role-changed", pair=d.pair, role="secondary", reason=why)
+        if d.kind == "libvirt":
+            # the guest this host still runs is its dead primary role's: fenced (the peer
+            # runs the guest in a later generation; its NICs' gates and its disk held
+            # everything since the role died), and in the way of the standby
+            try:
+                with Domains(d.connect) as lv:
+                    if lv.destroy(d.domain):
+                        event("stale-guest-destroyed", logging.WARNING, pair=d.pair,
+                              domain=d.domain, reason=why)  # fmt: skip
+            except LibvirtError as e:
+                log.warning("pair %s: %s", d.pair, e)
         self.start_role(d)
         return f"{why}: started as its secondary"
 

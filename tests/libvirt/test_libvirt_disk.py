@@ -14,6 +14,7 @@ mirror's disk server below QEMU's format layer (mirror/guests/libvirtdisk.py):
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -99,7 +100,7 @@ def test_qcow2_disk_is_replicated_and_every_acknowledged_write_survives_a_host_k
         # the XML as defined: the disk is the operator's file; QEMU has mirror's node below
         assert disks(inactive(dom_a)) == disks(original)
         assert f"<source file='{IMAGE}.qcow2'" in dom_a.XMLDesc(0)
-        assert "mirror-disk0" in nodes(dom_a)
+        assert any(n.startswith("mirror-disk-") for n in nodes(dom_a))
 
         serial = guest.serial(root)
         wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
@@ -124,7 +125,8 @@ def test_qcow2_disk_is_replicated_and_every_acknowledged_write_survives_a_host_k
         wait_for("journal writes on B", lambda: writes(log) > n + 10, 60, [b])
         dom_b = guest.hosts["B"].connect().lookupByName(libvirtdemo.DOMAIN)
         assert disks(inactive(dom_b)) == disks(original)
-        assert "mirror-disk0" in nodes(dom_b)  # B's disk server serves the promoted guest
+        # B's disk server serves the promoted guest
+        assert any(n.startswith("mirror-disk-") for n in nodes(dom_b))
         client.send_signal(signal.SIGTERM)
         client.wait(30)
         summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
@@ -160,7 +162,8 @@ def test_unpair_gives_the_disk_back_to_libvirt_with_the_guest_writing(
         assert r.returncode == 0, r.stdout + r.stderr
         dom_a = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
         assert dom_a.isActive() and inactive(dom_a) == original
-        assert "mirror-disk0" not in nodes(dom_a)  # the format node on libvirt's file again
+        # the format node on libvirt's file again
+        assert not any(n.startswith("mirror-disk-") for n in nodes(dom_a))
         n = writes(log)
         wait_for("journal writes after unpair", lambda: writes(log) > n + 20, 60, hosts)
         client.send_signal(signal.SIGTERM)
@@ -230,4 +233,46 @@ def test_a_storage_failure_on_a_leaves_the_guest_writing_on_bs_storage(
     finally:
         qemudemo.stop_all(client, hosts, guest, lan)
         faulty.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_primary_role_killed_alone_fails_over_and_its_host_becomes_the_standby(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """The primary role (not its host) is SIGKILLed while the guest writes: its disk server
+    goes with it (the guest's disk I/O on A fails; its NICs' gates hold every frame), B
+    promotes from its replica, A's host agent stops A's fenced guest and starts the
+    standby there, B protects the guest again onto A (the disk resynced the other way),
+    and no write the guest acknowledged is lost."""
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvdisk-"))
+    lan = GuestLan()
+    hosts: list[Host] = []
+    client = None
+    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), disk="qcow2")
+    try:
+        a, b, _ = start(root, lan, guest, hosts, guest_image)
+        serial = guest.serial(root)
+        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
+        log = root / "client.jsonl"
+        client = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
+        wait_for("the guest's journal writes", lambda: writes(log) > 20, 60, hosts)
+        assert isinstance(a, libvirtdemo.AgentHost)
+        old = a.role_pid()
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        wait_for("B promoted", lambda: (b.status() or {}).get("role") == "primary", 60, hosts)
+        wait_for("B protected again, A its standby",
+                 lambda: (b.status() or {}).get("phase") == "protected"
+                 and (a.status() or {}).get("role") == "secondary", 180, hosts)  # fmt: skip
+        dom_b = guest.hosts["B"].connect().lookupByName(libvirtdemo.DOMAIN)
+        assert any(n.startswith("mirror-disk-") for n in nodes(dom_b))
+        assert (b.status() or {})["disk"]["synced"]
+        n = writes(log)
+        wait_for("journal writes on B", lambda: writes(log) > n + 20, 60, hosts)
+        client.send_signal(signal.SIGTERM)
+        client.wait(30)
+        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
+        assert summary.get("error") is None and summary["journal_intact"], summary
+    finally:
+        qemudemo.stop_all(client, hosts, guest, lan)
         shutil.rmtree(root, ignore_errors=True)
