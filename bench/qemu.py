@@ -36,7 +36,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import mmap
 import os
 import shutil
 import signal
@@ -47,11 +46,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, cast
 
 from bench import floor
+from bench.libvirt import one_pause
 from mirror.config import QemuConfig
 from mirror.guests import image
+from mirror.guests.base import Guest
 from mirror.guests.qemu import QemuGuest
 from mirror.lab import qemudemo
 from mirror.lab.demo import Host, wait_for
@@ -82,25 +83,6 @@ def _qemu_own(g: QemuGuest) -> dict[str, float]:
 
 def _wait_service(g: QemuGuest) -> None:
     wait_for("the guest's service", lambda: "guestd: tick" in g.serial_path.read_text(), 120, [])
-
-
-def _log_checkpoint(
-    g: QemuGuest | OldPath, dlog: dirtylog.DirtyLog, out: mmap.mmap
-) -> dict[str, float]:
-    """One checkpoint with the dirty-page log: pause (today: stop and the device-state
-    save in one write), the log's scan and gather, the state, resume; its split."""
-    t0 = time.perf_counter()
-    g.pause()
-    t1 = time.perf_counter()
-    dirty = dlog.scan()
-    pd.gather(g.ram, dirty, out=out)
-    t2 = time.perf_counter()
-    g.save_state()
-    t3 = time.perf_counter()
-    g.resume()
-    t4 = time.perf_counter()
-    return {"stop": t1 - t0, "scan": t2 - t1, "state": t3 - t2, "cont": t4 - t3,
-            "pause": t4 - t0, "pages": len(dirty)}  # fmt: skip
 
 
 class OldPath:
@@ -173,6 +155,7 @@ def path_ab(img: Path, ram_mib: int, rounds: int) -> dict[str, Any]:
             logs.append(dirtylog.DirtyLog(g))
         old = OldPath(guests[1])
         out = pd.alloc_pages(len(guests[0].ram) // pd.PAGE_SIZE)
+        table = bytearray()  # (the log's rounds use no table)
         rows: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
         for i in range(rounds):
             order: list[tuple[str, QemuGuest | OldPath, dirtylog.DirtyLog]] = [
@@ -181,7 +164,7 @@ def path_ab(img: Path, ram_mib: int, rounds: int) -> dict[str, Any]:
             ]
             for name, path, dlog in order[:: 1 if i % 2 else -1]:
                 time.sleep(0.05)
-                rows[name].append(_log_checkpoint(path, dlog, out))
+                rows[name].append(one_pause(cast(Guest, path), table, out, 1, dlog))
     finally:
         for dlog in logs:
             dlog.close()
@@ -191,9 +174,9 @@ def path_ab(img: Path, ram_mib: int, rounds: int) -> dict[str, Any]:
             g.stop()
         shutil.rmtree(root, ignore_errors=True)
     res: dict[str, Any] = {
-        k: {f: _ms(median(r[f] for r in v)) for f in v[0] if f != "pages"} for k, v in rows.items()
+        k: {f: _ms(median(r[f] for r in v)) for f in v[0] if f != "dirty"} for k, v in rows.items()
     }
-    res["dirty_pages_p50"] = median(r["pages"] for v in rows.values() for r in v)
+    res["dirty_pages_p50"] = median(r["dirty"] for v in rows.values() for r in v)
     return res
 
 
@@ -220,24 +203,13 @@ def pause_rounds(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str
         for _ in range(rounds):
             if dlog is not None:
                 time.sleep(0.05)
-                logged.append(_log_checkpoint(g, dlog, out))
-                log_counts.append(int(logged[-1].pop("pages")))
+                logged.append(one_pause(g, table, out, threads, dlog))
+                log_counts.append(int(logged[-1].pop("dirty")))
             time.sleep(0.05)
             own.append(_qemu_own(g))
             time.sleep(0.05)  # the guest runs an epoch
-            t0 = time.perf_counter()
-            g.pause()
-            t1 = time.perf_counter()
-            dirty = pd.scan_hashed(ram, table, threads=threads)
-            pd.gather(ram, dirty, out=out)
-            t2 = time.perf_counter()
-            g.save_state()
-            t3 = time.perf_counter()
-            g.resume()
-            t4 = time.perf_counter()
-            dirty_counts.append(len(dirty))
-            mirror.append({"stop": t1 - t0, "scan": t2 - t1, "state": t3 - t2,
-                           "cont": t4 - t3, "pause": t4 - t0})  # fmt: skip
+            mirror.append(one_pause(g, table, out, threads))
+            dirty_counts.append(int(mirror[-1].pop("dirty")))
             time.sleep(0.05)
             t0 = time.perf_counter()
             g.command("stop")
