@@ -3,15 +3,13 @@
 A real secondary (`mirror secondary`, its own process group) and, in this
 process, the primary's engine driving a real synthetic guest process whose
 dirty rate makes about the requested share of its pages dirty each epoch.
-The floor of a pause is what any checkpoint of that RAM must do while the
-guest is stopped: scan all of it (a plain page-by-page memcmp) plus copy the
-dirty bytes (a plain memcpy); it is measured here on buffers of the same
-size with the same number of dirty pages, after the run, on the same machine.
+Each pause is printed beside its floor (bench/floor.py: the guest's bare checkpoint,
+stop, device state and resume with nothing between, plus a memcpy of the dirty bytes),
+measured on the same guest after the run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import tempfile
@@ -23,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 
-from bench.workloads import Workload, time_round_robin
+from bench import floor
 from mirror.config import ArbiterConfig, CheckpointConfig, Config, GuestConfig, KeysConfig
 from mirror.guests.synthetic import SHM_DIR, SyntheticGuest, SyntheticParams
 from mirror.lab.demo import Host, pair_configs, wait_for
@@ -49,7 +47,8 @@ class CheckpointResult:
     split_ms_p50: dict[str, float]
     replication_gbps: float  # dirty bytes / (send -> ack) time, median over checkpoints
     precopy_gbps: float
-    scan: str = "exact"  # the dirty-page scan method (checkpoint.scan)
+    scan: str = "exact"  # the dirty-page scan method the engine ran (checkpoint.scan)
+    floor: floor.Floor | None = None  # floor_ms's parts
 
     @property
     def pause_over_floor(self) -> float:
@@ -62,24 +61,6 @@ def dirty_rate_for(npages: int, pct: float, epoch_ms: int) -> int:
     share = min(pct / 100, 0.99)
     writes = -npages * math.log(1 - share) if share > 0 else 0
     return int(writes * 1000 / epoch_ms)
-
-
-def floor_ms(ram_mib: int, dirty_pages: int, repeat: int = 7) -> float:
-    wl = Workload(ram_mib)
-    wl.shadow[:] = wl.ram
-    src, dst = pd.alloc_pages(max(1, dirty_pages)), pd.alloc_pages(max(1, dirty_pages))
-    nbytes = dirty_pages * PS
-    src_p = ctypes.addressof(ctypes.c_char.from_buffer(src))
-    dst_p = ctypes.addressof(ctypes.c_char.from_buffer(dst))
-    pct = 100 * dirty_pages / wl.npages
-    t = time_round_robin(
-        {
-            "scan": (lambda: pd.memcmp_ceiling(wl.ram, wl.shadow), lambda: wl.dirty(pct)),
-            "copy": (lambda: ctypes.memmove(dst_p, src_p, nbytes), None),
-        },
-        repeat,
-    )
-    return (t["scan"] + t["copy"]) * 1000
 
 
 def insecure(cfg: Config) -> Config:
@@ -130,26 +111,12 @@ class MethodResult:
     pause_ms_p50: float
     pause_ms_p99: float
     split_ms_p50: dict[str, float]
-    floor_ms: float  # stop + resume round trip of the guest + a memcpy of the dirty bytes
+    floor_ms: float  # bench/floor.py: the guest's bare checkpoint + a memcpy of the dirty bytes
     precopy_s: float
 
     @property
     def pause_over_floor(self) -> float:
         return self.pause_ms_p50 / self.floor_ms if self.floor_ms else math.inf
-
-
-def copy_ms(pages: int, repeat: int = 5) -> float:
-    """A plain memcpy of ``pages`` pages (median)."""
-    src, dst = pd.alloc_pages(max(1, pages)), pd.alloc_pages(max(1, pages))
-    src[:] = os.urandom(64) * (len(src) // 64)
-    src_p = ctypes.addressof(ctypes.c_char.from_buffer(src))
-    dst_p = ctypes.addressof(ctypes.c_char.from_buffer(dst))
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        ctypes.memmove(dst_p, src_p, pages * PS)
-        times.append(time.perf_counter() - t)
-    return median(times) * 1000
 
 
 def compare_methods(
@@ -189,31 +156,49 @@ def compare_methods(
                 engine.precopy()
                 g.resume()
                 engine.run(threading.Event().is_set, epochs=checkpoints)
+                s = summary(engine)
             finally:
                 engine.close()
-            recs = list(engine.stats.records)[2:]  # the first ones carry the pre-copy's tail
-            dirty = median(r.pages for r in recs)
-            split = {
-                k: round(median(getattr(r, f"{k}_ms") for r in recs), 3)
-                for k in ("stop", "scan", "gather", "state", "resume")
-            }
-            pauses = sorted(r.pause_ms for r in recs)
-            floor = split["stop"] + split["resume"] + copy_ms(int(dirty))
             out.append(
                 MethodResult(
-                    ram_mib,
-                    case,
-                    engine.method,
-                    len(recs),
-                    dirty,
-                    median(pauses),
-                    pauses[min(len(pauses) - 1, round(0.99 * (len(pauses) - 1)))],
-                    split,
-                    round(floor, 3),
+                    ram_mib, case, engine.method, s.checkpoints, s.dirty_pages_p50,
+                    s.pause_ms_p50, s.pause_ms_p99, s.split_ms_p50, s.floor.ms,
                     engine.stats.precopy_s,
                 )
-            )
+            )  # fmt: skip
     return out
+
+
+@dataclass
+class Summary:
+    """The pauses of an engine's run (after its first two checkpoints, which carry the
+    pre-copy's tail) and their floor, measured on its guest just after."""
+
+    checkpoints: int
+    dirty_pages_p50: float
+    pause_ms_p50: float
+    pause_ms_p99: float
+    split_ms_p50: dict[str, float]
+    floor: floor.Floor
+    replication_gbps: float  # dirty bytes / (send -> ack) time, median
+
+
+def summary(engine: CheckpointEngine) -> Summary:
+    """The run's figures; the guest must still run (its floor is measured now)."""
+    recs = list(engine.stats.records)[2:]
+    dirty = median(r.pages for r in recs)
+    split = {
+        k: round(median(getattr(r, f"{k}_ms") for r in recs), 3)
+        for k in ("stop", "scan", "gather", "state", "resume")
+    }
+    pauses = sorted(r.pause_ms for r in recs)
+    rates = [r.bytes_sent / (r.ack_ms / 1000) / 1e9 for r in recs if r.ack_ms]
+    return Summary(
+        len(recs), dirty, median(pauses),
+        pauses[min(len(pauses) - 1, round(0.99 * (len(pauses) - 1)))], split,
+        floor.measure(floor.bare_checkpoint(engine.guest), int(dirty)),
+        median(rates) if rates else 0.0,
+    )  # fmt: skip
 
 
 def print_methods(rows: list[MethodResult]) -> None:
@@ -371,29 +356,13 @@ def run_case(
     base = base if curve else insecure(base)
     with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
         engine.run(threading.Event().is_set, epochs=checkpoints)
-        recs = list(engine.stats.records)[2:]  # the first ones carry the pre-copy's tail
-        precopy_s = engine.stats.precopy_s
-    dirty = median(r.pages for r in recs)
-    rates = [r.bytes_sent / (r.ack_ms / 1000) / 1e9 for r in recs if r.ack_ms]
-    split = {
-        k: round(median(getattr(r, f"{k}_ms") for r in recs), 3)
-        for k in ("stop", "scan", "gather", "state", "resume")
-    }
-    pauses = sorted(r.pause_ms for r in recs)
+        s = summary(engine)
+        precopy_s, method = engine.stats.precopy_s, engine.method
     return CheckpointResult(
-        ram_mib,
-        pct,
-        epoch_ms,
-        len(recs),
-        dirty,
-        median(pauses),
-        pauses[min(len(pauses) - 1, round(0.99 * (len(pauses) - 1)))],
-        floor_ms(ram_mib, int(dirty)),
-        split,
-        median(rates) if rates else 0.0,
-        (ram_mib << 20) / precopy_s / 1e9,
-        scan,
-    )
+        ram_mib, pct, epoch_ms, s.checkpoints, s.dirty_pages_p50, s.pause_ms_p50,
+        s.pause_ms_p99, s.floor.ms, s.split_ms_p50, s.replication_gbps,
+        (ram_mib << 20) / precopy_s / 1e9, method, s.floor,
+    )  # fmt: skip
 
 
 def link_capacity(

@@ -1,23 +1,29 @@
 """QEMU guests: the checkpoint pause beside QEMU's own full snapshot, and the guest's
 counter rate protected vs unprotected.
 
-    python -m bench.qemu [--rounds N] [--ram-mib M] [--rates] [--json PATH]
+    python -m bench.qemu [--rounds N] [--ram-mib M] [--before] [--rates] [--json PATH]
 
 1. Pause (no root needed): one 128 MiB guest under QEMU (TCG), idle but for its
    service (light load).  Rounds alternate, in the same run, between
-   - mirror's checkpoint: ``stop``; hashed scan of the RAM file (2 threads) and
-     gather of the dirty pages, while QEMU saves the device state; ``cont``;
+   - mirror's checkpoint: ``stop`` and the device-state save sent in one write;
+     hashed scan of the RAM file (2 threads) and gather of the dirty pages, while
+     QEMU saves the device state; ``cont``;
    - the full snapshot (the baseline): ``stop``; a copy of all of RAM; the
      device state (``xen-save-devices-state``); ``cont``.
    - mirror's checkpoint with the dirty-page log: ``stop``; the log's scan of
      QEMU's pagemap and gather of the pages it lists; device state; ``cont``
      (the log spans the two epochs since its last scan, so it lists more pages);
    Each is split into stop, scan/copy, device state (time waited for it after
-   the scan), cont; medians are printed with the ratio mirror / full.  The log's
-   floor: two QMP round trips and a memcpy of the bytes of the pages it listed.  The
-   floor of any such pause is measured in the same run too: two QMP round
-   trips and one plain read pass over the guest's RAM.
-2. ``--rates`` (root: namespaces and TAP devices): the guest's counter stream as
+   the scan), cont; medians are printed with the ratio mirror / full.
+   - a bare round: ``stop``, a no-op QMP round trip, the device-state save alone,
+     ``cont``, each waited for: what QEMU itself spends on each (less the no-op).
+   The floor (bench/floor.py), on the same guest after the rounds: its bare ``stop`` +
+   ``cont`` and a memcpy of as many pages as the method found dirty.
+2. ``--before``: today's pause path (QMP on a plain socket, ``stop`` and the device-state
+   save in one write, the state into a memfd) beside the one before issue 23 (qemu.qmp's
+   asyncio client, the save sent after ``stop``'s answer, the state through a file): two
+   guests alike, a log checkpoint on each in turn.
+3. ``--rates`` (root: namespaces and TAP devices): the guest's counter stream as
    its TCP client reads it (lines per second), protected at 20, 50 and 100 ms
    epochs, and unprotected in the same run (the secondary killed: the primary
    runs on alone, releasing at once); the ratio protected / unprotected.
@@ -26,19 +32,27 @@ counter rate protected vs unprotected.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, cast
 
+from bench import floor
+from bench.libvirt import one_pause
 from mirror.config import QemuConfig
 from mirror.guests import image
+from mirror.guests.base import Guest
 from mirror.guests.qemu import QemuGuest
 from mirror.lab import qemudemo
 from mirror.lab.demo import Host, wait_for
@@ -51,6 +65,121 @@ def _ms(t: float) -> float:
     return round(t * 1000, 3)
 
 
+def _qemu_own(g: QemuGuest) -> dict[str, float]:
+    """A bare round on the running guest, each command waited for: ``stop``, a no-op
+    (``query-status``: the QMP round trip itself, QEMU idle), the device-state save
+    alone, ``cont``; what QEMU spends on each is its round trip less the no-op's."""
+    t0 = time.perf_counter()
+    g.command("stop")
+    t1 = time.perf_counter()
+    g.command("query-status")
+    t2 = time.perf_counter()
+    g.save_state()
+    t3 = time.perf_counter()
+    g.command("cont")
+    t4 = time.perf_counter()
+    return {"stop": t1 - t0, "noop": t2 - t1, "state": t3 - t2, "cont": t4 - t3}
+
+
+def _wait_service(g: QemuGuest) -> None:
+    wait_for("the guest's service", lambda: "guestd: tick" in g.serial_path.read_text(), 120, [])
+
+
+class OldPath:
+    """The pause path before issue 23, the same run's baseline: qemu.qmp's asyncio client
+    on a thread of its own, ``stop`` waited for, then the device-state save into a file
+    in the guest's run directory (read back after), then ``cont``."""
+
+    def __init__(self, g: QemuGuest) -> None:
+        from qemu.qmp import QMPClient
+
+        assert g.qmp is not None
+        g.qmp.close()  # QEMU serves one client on its socket
+        g.qmp = None
+        self.g, self.ram = g, g.ram
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.client = QMPClient("bench-old-path")
+        self.client.events.names = {"SHUTDOWN"}
+        self._run(self.client.connect(str(g.qmp_path))).result(30)
+        self.saving: concurrent.futures.Future[Any] | None = None
+
+    def _run(self, coro: Any) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def command(self, name: str, **args: Any) -> Any:
+        return self._run(self.client.execute(name, args or None)).result(60)
+
+    def pause(self) -> None:
+        self.command("stop")
+        self.g.relay.drain()
+        self.saving = self._run(self.client.execute(
+            "xen-save-devices-state", {"filename": str(self.g.devstate_path), "live": False}
+        ))  # fmt: skip
+
+    def save_state(self) -> bytes:
+        assert self.saving is not None
+        self.saving.result(60)
+        return self.g.devstate_path.read_bytes()
+
+    def resume(self) -> None:
+        self.command("cont")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.command("quit")
+        with contextlib.suppress(Exception):
+            self._run(self.client.disconnect()).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(2)
+        self.loop.close()
+
+
+def path_ab(img: Path, ram_mib: int, rounds: int) -> dict[str, Any]:
+    """Today's pause path and the one before issue 23 in the same run: two guests alike,
+    a log checkpoint on each in turn (the order swapped every round)."""
+    root = Path(tempfile.mkdtemp(prefix="mirror-bench-qemu-ab-"))
+    cfg = QemuConfig(kernel=str(img / "vmlinuz"), initrd=str(img / "initramfs.cpio.gz"))
+    guests: list[QemuGuest] = []
+    logs: list[dirtylog.DirtyLog] = []
+    old = None
+    try:
+        for name in ("new", "old"):
+            ram_path = Path(f"/dev/shm/mirror-bench-qemu-{os.getpid()}-{name}.ram")
+            g = QemuGuest.boot(cfg, ram_mib, ram_path, root / name, lambda out: None)
+            guests.append(g)
+            g.resume()
+        for g in guests:
+            _wait_service(g)
+            logs.append(dirtylog.DirtyLog(g))
+        old = OldPath(guests[1])
+        out = pd.alloc_pages(len(guests[0].ram) // pd.PAGE_SIZE)
+        table = bytearray()  # (the log's rounds use no table)
+        rows: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
+        for i in range(rounds):
+            order: list[tuple[str, QemuGuest | OldPath, dirtylog.DirtyLog]] = [
+                ("new", guests[0], logs[0]),
+                ("old", old, logs[1]),
+            ]
+            for name, path, dlog in order[:: 1 if i % 2 else -1]:
+                time.sleep(0.05)
+                rows[name].append(one_pause(cast(Guest, path), table, out, 1, dlog))
+    finally:
+        for dlog in logs:
+            dlog.close()
+        if old is not None:
+            old.close()
+        for g in guests:
+            g.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    res: dict[str, Any] = {
+        k: {f: _ms(median(r[f] for r in v)) for f in v[0] if f != "dirty"} for k, v in rows.items()
+    }
+    res["dirty_pages_p50"] = median(r["dirty"] for v in rows.values() for r in v)
+    return res
+
+
 def pause_rounds(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="mirror-bench-qemu-"))
     ram_path = Path(f"/dev/shm/mirror-bench-qemu-{os.getpid()}.ram")
@@ -58,8 +187,7 @@ def pause_rounds(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str
     g = QemuGuest.boot(cfg, ram_mib, ram_path, run_dir, lambda out: None)
     try:
         g.resume()
-        wait_for("the guest's service", lambda: "guestd: tick" in g.serial_path.read_text(),
-                 120, [])  # fmt: skip
+        _wait_service(g)
         ram = g.ram
         table = bytearray(pd.hash_table_size(len(ram)))
         pd.scan_hashed(ram, table, threads=threads)
@@ -67,56 +195,21 @@ def pause_rounds(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str
         full = pd.alloc_pages(len(ram) // pd.PAGE_SIZE)
         mirror: list[dict[str, float]] = []
         snapshot: list[dict[str, float]] = []
-        floor: list[dict[str, float]] = []
+        own: list[dict[str, float]] = []
         logged: list[dict[str, float]] = []
-        log_floor: list[float] = []
         dirty_counts = []
         log_counts = []
         dlog = dirtylog.DirtyLog(g) if dirtylog.probe() is None else None
-        copy_src = pd.alloc_pages(len(ram) // pd.PAGE_SIZE)
         for _ in range(rounds):
             if dlog is not None:
                 time.sleep(0.05)
-                t0 = time.perf_counter()
-                g.pause()
-                t1 = time.perf_counter()
-                ldirty = dlog.scan()
-                pd.gather(ram, ldirty, out=out)
-                t2 = time.perf_counter()
-                g.save_state()
-                t3 = time.perf_counter()
-                g.resume()
-                t4 = time.perf_counter()
-                log_counts.append(len(ldirty))
-                logged.append({"stop": t1 - t0, "scan": t2 - t1, "state": t3 - t2,
-                               "cont": t4 - t3, "pause": t4 - t0})  # fmt: skip
-                n = len(ldirty) * pd.PAGE_SIZE  # the floor: a memcpy of the same bytes
-                t0 = time.perf_counter()
-                memoryview(full)[:n] = memoryview(copy_src)[:n]
-                log_floor.append(time.perf_counter() - t0)
-            # the floor, in the same run: a plain read pass over the RAM (what any scan
-            # from outside must do) and two QMP round trips (the stop and the cont)
-            t0 = time.perf_counter()
-            g.command("query-status")
-            g.command("query-status")
-            t1 = time.perf_counter()
-            pd.read_ceiling(ram, threads=threads)
-            t2 = time.perf_counter()
-            floor.append({"qmp": t1 - t0, "read": t2 - t1, "pause": t2 - t0})
+                logged.append(one_pause(g, table, out, threads, dlog))
+                log_counts.append(int(logged[-1].pop("dirty")))
+            time.sleep(0.05)
+            own.append(_qemu_own(g))
             time.sleep(0.05)  # the guest runs an epoch
-            t0 = time.perf_counter()
-            g.pause()  # stop; QEMU starts saving the device state
-            t1 = time.perf_counter()
-            dirty = pd.scan_hashed(ram, table, threads=threads)
-            pd.gather(ram, dirty, out=out)
-            t2 = time.perf_counter()
-            g.save_state()
-            t3 = time.perf_counter()
-            g.resume()
-            t4 = time.perf_counter()
-            dirty_counts.append(len(dirty))
-            mirror.append({"stop": t1 - t0, "scan": t2 - t1, "state": t3 - t2,
-                           "cont": t4 - t3, "pause": t4 - t0})  # fmt: skip
+            mirror.append(one_pause(g, table, out, threads))
+            dirty_counts.append(int(mirror[-1].pop("dirty")))
             time.sleep(0.05)
             t0 = time.perf_counter()
             g.command("stop")
@@ -130,6 +223,12 @@ def pause_rounds(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str
             t4 = time.perf_counter()
             snapshot.append({"stop": t1 - t0, "scan": t2 - t1, "state": t3 - t2,
                              "cont": t4 - t3, "pause": t4 - t0})  # fmt: skip
+        # the floor (bench/floor.py), on the same guest: its bare checkpoint (stop,
+        # device state, cont) and a memcpy of as many pages as each method found dirty
+        bare = floor.bare_checkpoint(g)
+        floors = {"hashed": floor.measure(bare, round(median(dirty_counts)), rounds)}
+        if log_counts:
+            floors["log"] = floor.measure(bare, round(median(log_counts)), rounds)
     finally:
         if dlog is not None:
             dlog.close()
@@ -139,24 +238,20 @@ def pause_rounds(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str
     def med(rows: list[dict[str, float]]) -> dict[str, float]:
         return {k: _ms(median(r[k] for r in rows)) for k in rows[0]}
 
-    m, f, fl = med(mirror), med(snapshot), med(floor)
+    m, f, q = med(mirror), med(snapshot), med(own)
     return {
         "ram_mib": ram_mib, "rounds": rounds, "threads": threads,
         "dirty_pages_p50": median(dirty_counts), "mirror_ms": m, "full_snapshot_ms": f,
         "pause_ratio_mirror_over_full": round(m["pause"] / f["pause"], 3),
-        "floor_ms": fl, "pause_ratio_mirror_over_floor": round(m["pause"] / fl["pause"], 3),
-        **_log_result(logged, log_counts, fl["qmp"], log_floor, med),
+        "floor": asdict(floors["hashed"]) | {"ms": floors["hashed"].ms},
+        "pause_ratio_mirror_over_floor": round(m["pause"] / floors["hashed"].ms, 3),
+        "qemu_round_trips_ms": q,
+        "log": None if not logged else {
+            "dirty_pages_p50": median(log_counts), "ms": med(logged),
+            "floor": asdict(floors["log"]) | {"ms": floors["log"].ms},
+            "pause_over_floor": round(med(logged)["pause"] / floors["log"].ms, 3),
+        },
     }  # fmt: skip
-
-
-def _log_result(logged: list[dict[str, float]], counts: list[int], qmp_ms: float,
-                copies: list[float], med: Any) -> dict[str, Any]:  # fmt: skip
-    if not logged:
-        return {"log": None}
-    lm = med(logged)
-    floor = round(qmp_ms + _ms(median(copies)), 3)
-    return {"log": {"dirty_pages_p50": median(counts), "ms": lm, "floor_ms": floor,
-                    "pause_over_floor": round(lm["pause"] / floor, 3)}}  # fmt: skip
 
 
 def _rate(log: Path, since: float, until: float) -> float:
@@ -209,6 +304,14 @@ def rate_run(img: Path, epoch_ms: int, window: float) -> dict[str, Any]:
     }
 
 
+_HEADER = f"  {'':22} {'stop':>7} {'scan/copy':>10} {'dev state':>10} {'cont':>7} {'pause':>8}"
+
+
+def _row(name: str, r: dict[str, float]) -> str:
+    return (f"  {name:22} {r['stop']:7.2f} {r['scan']:10.2f} {r['state']:10.2f} "
+            f"{r['cont']:7.2f} {r['pause']:8.2f}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.qemu",
@@ -219,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ram-mib", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="scan threads (default 2)")
     ap.add_argument("--rates", action="store_true", help="also the counter rates (root)")
+    ap.add_argument("--before", action="store_true",
+                    help="also today's pause path beside the one before issue 23 (two guests, "
+                         "same run)")  # fmt: skip
     ap.add_argument("--window", type=float, default=8.0, help="seconds per rate window")
     ap.add_argument("--image-dir", default=str(image.DEFAULT_DIR))
     ap.add_argument("--json", help="write the results here too")
@@ -228,29 +334,45 @@ def main(argv: list[str] | None = None) -> int:
     p = res["pause"]
     print(f"checkpoint pause, {args.ram_mib} MiB QEMU guest (TCG), light load, medians of "
           f"{args.rounds} (dirty pages p50 {p['dirty_pages_p50']}):")  # fmt: skip
-    print(f"  {'':22} {'stop':>7} {'scan/copy':>10} {'dev state':>10} {'cont':>7} {'pause':>8}")
+    print(_HEADER)
     for name, key in (("mirror (hashed, 2t)", "mirror_ms"), ("full snapshot", "full_snapshot_ms")):
-        r = p[key]
-        print(f"  {name:22} {r['stop']:7.2f} {r['scan']:10.2f} {r['state']:10.2f} "
-              f"{r['cont']:7.2f} {r['pause']:8.2f}")  # fmt: skip
+        print(_row(name, p[key]))
     if p.get("log"):
+        print(_row("mirror (dirty log)", p["log"]["ms"])
+              + f"   (dirty pages p50 {p['log']['dirty_pages_p50']})")  # fmt: skip
+    q = p["qemu_round_trips_ms"]
+    own = {k: round(max(0.0, q[k] - q["noop"]), 2) for k in ("stop", "state", "cont")}
+    print(f"  QMP round trips (same run, bare): stop {q['stop']:.2f}, no-op {q['noop']:.2f}, "
+          f"device-state save alone {q['state']:.2f}, cont {q['cont']:.2f}; QEMU's own in "
+          f"them (less the no-op): stop {own['stop']}, save {own['state']}, "
+          f"cont {own['cont']}")  # fmt: skip
+    for name, row, fl in (("log", p["log"] and p["log"]["ms"], p["log"] and p["log"]["floor"]),
+                          ("hashed", p["mirror_ms"], p["floor"])):  # fmt: skip
+        if not row:
+            continue
+        ratio = row["pause"] / fl["ms"]
+        print(f"  {name}: floor {fl['ms']:.2f} ms = bare checkpoint {fl['bare_ms']:.2f} "
+              f"+ memcpy of {fl['pages']} pages {fl['copy_ms']:.2f}; pause / floor "
+              f"{ratio:.2f}" + (f" ({'ok' if ratio <= 2.5 else 'MISS'}: target <= 2.5)"
+                                if name == "log" else ""))  # fmt: skip
+    if p.get("log"):  # where the log's pause goes: QEMU's own work, the wire, ours
         r = p["log"]["ms"]
-        print(f"  {'mirror (dirty log)':22} {r['stop']:7.2f} {r['scan']:10.2f} {r['state']:10.2f} "
-              f"{r['cont']:7.2f} {r['pause']:8.2f}   (dirty pages p50 "
-              f"{p['log']['dirty_pages_p50']})")  # fmt: skip
-        ok = "ok" if p["log"]["pause_over_floor"] <= 1.5 else "MISS"
-        print(f"  log floor (same run): two QMP round trips + a memcpy of its dirty bytes = "
-              f"{p['log']['floor_ms']:.2f} ms; log pause / floor: "
-              f"{p['log']['pause_over_floor']} ({ok}: target <= 1.5)")  # fmt: skip
-        with_state = p["log"]["floor_ms"] + p["full_snapshot_ms"]["state"]
-        print(f"  with QEMU's device-state save of the full snapshot added to that floor: "
-              f"{with_state:.2f} ms; log pause / that: "
-              f"{r['pause'] / with_state:.2f}")  # fmt: skip
-    fl = p["floor_ms"]
-    print(f"  floor (same run): two QMP round trips {fl['qmp']:.2f} + a read pass over RAM "
-          f"{fl['read']:.2f} = {fl['pause']:.2f} ms")  # fmt: skip
-    print(f"  pause ratio mirror / full snapshot: {p['pause_ratio_mirror_over_full']}; "
-          f"mirror / floor: {p['pause_ratio_mirror_over_floor']}")  # fmt: skip
+        qemu_ms = own["stop"] + own["cont"] + r["state"]
+        wire_ms = 2 * q["noop"]
+        print(f"  log pause {r['pause']:.2f} ms: QEMU's own {qemu_ms:.2f} (stop {own['stop']}, "
+              f"cont {own['cont']}, the save's rest after the scan {r['state']:.2f}), two QMP "
+              f"round trips {wire_ms:.2f}, mirror's {r['pause'] - qemu_ms - wire_ms:.2f} (scan + "
+              f"gather {r['scan']:.2f}, the rest: Python, the NIC relay's drain)")  # fmt: skip
+    print(f"  pause ratio mirror / full snapshot: {p['pause_ratio_mirror_over_full']}")
+    if args.before:
+        ab = res["before"] = path_ab(img, args.ram_mib, args.rounds)
+        print(f"the pause path, same run: two {args.ram_mib} MiB guests, a log checkpoint on "
+              f"each in turn, medians of {args.rounds} (dirty pages p50 "
+              f"{ab['dirty_pages_p50']}):")  # fmt: skip
+        print(_HEADER)
+        print(_row("today", ab["new"]) + "   (QMP socket; stop + save in one write; memfd)")
+        print(_row("before issue 23", ab["old"]) + "   (qemu.qmp asyncio; save after stop; file)")
+        print(f"  today / before: {ab['new']['pause'] / ab['old']['pause']:.2f}")
     if args.rates:
         res["rates"] = [rate_run(img, e, args.window) for e in (20, 50, 100)]
         print("guest counter rate (lines/s at the client), protected vs unprotected:")

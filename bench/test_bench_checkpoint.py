@@ -1,24 +1,21 @@
 """pytest-benchmark suite: one checkpoint of a running synthetic guest, to the standby's ack,
-beside the floor (a plain scan of the same RAM plus a memcpy of the same dirty bytes).
+beside the floor (bench/floor.py: the guest's bare checkpoint plus a memcpy of the same
+dirty bytes).
 
     pytest bench/test_bench_checkpoint.py --bench-ram-mib 256
 """
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from bench import floor
 from bench.checkpoint import case_config, running_engine
-from bench.workloads import Workload
-from mirror.replication import pagediff as pd
 from mirror.replication.checkpoint import CheckpointEngine
-
-PS = pd.PAGE_SIZE
 
 
 @pytest.fixture(scope="module", params=[1, 10], ids=lambda p: f"{p}pct")
@@ -52,19 +49,12 @@ def test_checkpoint_to_ack(benchmark: Any, engine: tuple[CheckpointEngine, int])
 
 
 def test_floor(benchmark: Any, engine: tuple[CheckpointEngine, int]) -> None:
-    """A plain memcmp scan of the same RAM size plus a memcpy of the same dirty bytes."""
+    """The guest's bare checkpoint (stop, device state, resume) plus a memcpy of the same
+    dirty bytes: bench/floor.py, the floor of every bench."""
     eng, pct = engine
     benchmark.group = group(eng, pct)
     recent = sorted(r.pages for r in list(eng.stats.records)[-15:]) or [1]
-    dirty = max(1, recent[len(recent) // 2])
-    wl = Workload(len(eng.guest.ram) >> 20)
-    wl.shadow[:] = wl.ram
-    src, dst = pd.alloc_pages(dirty), pd.alloc_pages(dirty)
-    src_p = ctypes.addressof(ctypes.c_char.from_buffer(src))
-    dst_p = ctypes.addressof(ctypes.c_char.from_buffer(dst))
-
-    def floor() -> None:
-        pd.memcmp_ceiling(wl.ram, wl.shadow)
-        ctypes.memmove(dst_p, src_p, dirty * PS)
-
-    benchmark.pedantic(floor, rounds=15, iterations=1)
+    bare, copy = floor.bare_checkpoint(eng.guest), floor.copier(recent[len(recent) // 2])
+    benchmark.pedantic(
+        lambda: (bare(), copy()), setup=lambda: time.sleep(0.02), rounds=15, iterations=1
+    )

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
 from mirror.guests.base import GuestError
+from mirror.guests.qmp import QmpSocket
 
 
 class Monitor(ABC):
@@ -63,60 +63,23 @@ class LibvirtMonitor(Monitor):
 
 
 class SocketMonitor(Monitor):
-    """A QMP socket of mirror's own (plain JSON lines; no libvirt in the path)."""
+    """A QMP socket of mirror's own (mirror/guests/qmp.py; no libvirt in the path)."""
 
     def __init__(self, path: str, timeout: float = 30) -> None:
         super().__init__()
-        import socket
-
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._buf = b""
-        self._lock = threading.Lock()
         try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-            self._line()  # the greeting
-            self.execute("qmp_capabilities")
+            self.qmp = QmpSocket(path, timeout=timeout)
         except OSError as e:
-            self.sock.close()
             raise GuestError(
                 f"cannot use the QMP socket {path}: {e}; the domain's XML must have "
                 f"<qemu:commandline> -qmp unix:{path},server=on,wait=off, or set "
                 f'[libvirt] qmp = "libvirt"'
             ) from None
 
-    def _line(self) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise OSError("QEMU closed the QMP socket")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)  # type: ignore[no-any-return]
-
     def execute(self, name: str, args: dict[str, Any] | None = None, fd: int = -1) -> Any:
-        import socket
-
-        msg = json.dumps({"execute": name, **({"arguments": args} if args else {})}).encode()
-        with self._lock:
-            try:
-                if fd >= 0:
-                    self.sock.sendmsg(
-                        [msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))]
-                    )
-                else:
-                    self.sock.sendall(msg)
-                while True:
-                    answer = self._line()
-                    if "return" in answer or "error" in answer:
-                        break  # (events are skipped: libvirt has its own monitor for them)
-            except OSError as e:
-                raise GuestError(f"QMP {name} on {self.path} failed: {e}") from None
-        if "error" in answer:
-            raise GuestError(f"QMP {name} failed: {answer['error'].get('desc')}")
-        return answer["return"]
+        return self.qmp.execute(name, args, fd)
 
     def close(self) -> None:
         super().close()
-        self.sock.close()
+        self.qmp.close()

@@ -15,8 +15,6 @@ frames from the network go straight to the guest.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import fcntl
@@ -33,13 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from qemu.qmp import EventListener, QMPClient, QMPError
-
 from mirror.config import QemuConfig
 from mirror.guests import uffd
 from mirror.guests.base import Guest, GuestError, GuestOutput, LogSource, OutputHandler
 from mirror.guests.cpulimit import CpuLimit, CpuLimitError
 from mirror.guests.disk import DiskServer
+from mirror.guests.qmp import QmpSocket, StateFd
 from mirror.guests.synthetic import create_ram_file
 from mirror.hoststate import PRIVATE_UMASK, open_private, private_dir
 
@@ -345,11 +342,9 @@ class QemuGuest(Guest):
             ]  # fmt: skip
         self.args = args
         self._map: mmap.mmap | None = None
-        self.qmp: QMPClient | None = None
-        self._shutdown: EventListener | None = None  # QEMU's SHUTDOWN events
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
-        self._saving: concurrent.futures.Future[Any] | None = None
+        self.qmp: QmpSocket | None = None
+        self._state: StateFd | None = None  # where QEMU saves the device state
+        self._saving: int | None = None  # the id of a save whose answer is not taken yet
         self._announce = False
         # The dirty-page log: QEMU hands out userfaultfds of its mm at this abstract
         # socket (the preload library; nothing on its command line changes).
@@ -397,52 +392,38 @@ class QemuGuest(Guest):
             if time.monotonic() > deadline:
                 raise GuestError(f"QEMU's QMP socket {self.qmp_path} did not appear")
             time.sleep(0.01)
-        # qemu.qmp is asyncio: its loop runs on a thread of its own, so that a command
-        # can be started now and its answer taken later (the device state is saved by
-        # QEMU while mirror scans the RAM).
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="qmp")
-        self._loop_thread.start()
         while True:
-            self.qmp = QMPClient(f"qemu-{self.run_dir.name}")
-            # the default listener hears every event and keeps it for ever (a STOP and a
-            # RESUME at each checkpoint: memory without end); only SHUTDOWN is wanted, to
-            # tell a guest that powered itself off from a QEMU that was killed or told to go
-            self.qmp.events.names = {"SHUTDOWN"}
-            self._shutdown = self.qmp.events
             try:
-                self._await(self.qmp.connect(str(self.qmp_path)), timeout)
+                # only SHUTDOWN is kept, to tell a guest that powered itself off from a
+                # QEMU that was killed or told to go (a STOP and a RESUME at each
+                # checkpoint are read and dropped)
+                self.qmp = QmpSocket(str(self.qmp_path), keep=frozenset({"SHUTDOWN"}))
                 return
-            except (OSError, QMPError) as e:
+            except ConnectionRefusedError:
                 # QEMU binds its socket (the file appears) a moment before it listens: a
                 # refused connection then is that moment, tried again while QEMU lives
-                root = getattr(e, "exc", None) or e.__cause__ or e.__context__  # ConnectError's
-                refused = isinstance(e, ConnectionRefusedError) or isinstance(
-                    root, ConnectionRefusedError)
-                if refused and self.proc.poll() is None and time.monotonic() < deadline:
+                if self.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.02)
                     continue
+                raise GuestError(f"QMP connect to {self.qmp_path} failed: refused") from None
+            except (OSError, GuestError) as e:
                 raise GuestError(f"QMP connect to {self.qmp_path} failed: {e}") from e
 
-    def _await(self, coro: Any, timeout: float | None = 60.0) -> Any:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def submit(self, name: str, **args: Any) -> concurrent.futures.Future[Any]:
-        """Start one QMP command; its answer is the future's result."""
-        if self.qmp is None or self._loop is None:
+    def _qmp(self, name: str) -> QmpSocket:
+        if self.qmp is None:
             raise GuestError(f"QMP {name}: not connected")
-        return asyncio.run_coroutine_threadsafe(self.qmp.execute(name, args or None), self._loop)
+        return self.qmp
 
-    def answer(self, name: str, fut: concurrent.futures.Future[Any], timeout: float = 60) -> Any:
+    def answer(self, name: str, ident: int, timeout: float = 60) -> Any:
+        """The answer to a command sent earlier; GuestError (with QEMU's words) if it failed."""
         try:
-            return fut.result(timeout)
-        except (OSError, QMPError, EOFError, concurrent.futures.TimeoutError) as e:
-            raise GuestError(f"QMP {name} failed: {e} {self._stderr()}".strip()) from e
+            return self._qmp(name).wait(ident, timeout)
+        except GuestError as e:
+            raise GuestError(f"{e} {self._stderr()}".strip()) from None
 
     def command(self, name: str, **args: Any) -> Any:
         """One QMP command, waited for; GuestError (with QEMU's words) if it fails."""
-        return self.answer(name, self.submit(name, **args))
+        return self.answer(name, self._qmp(name).send((name, args or None))[0])
 
     # -- the Guest interface ------------------------------------------------------
 
@@ -516,7 +497,9 @@ class QemuGuest(Guest):
         code = self.proc.poll()
         if code is None:
             return None
-        heard = self._shutdown.history if self._shutdown is not None else []
+        if self.qmp is not None:
+            self.qmp.drain()  # its last words are still in the socket
+        heard = self.qmp.events if self.qmp is not None else []
         reasons = [d.get("reason") for e in heard if isinstance(d := e.get("data"), dict)]
         if "guest-shutdown" in reasons:
             return "shutdown"
@@ -565,35 +548,35 @@ class QemuGuest(Guest):
         except CpuLimitError as e:
             raise GuestError(str(e)) from e
 
+    def _state_file(self) -> StateFd:
+        if self._state is None:  # once: the memfd QEMU saves the device state into
+            self._state = StateFd(self._qmp("add-fd").execute, self.run_dir.name)
+        return self._state
+
     def pause(self) -> None:
-        """Stop the guest; QEMU starts saving its device state at once, while the
-        caller scans RAM (:meth:`save_state` collects it)."""
-        self.command("stop")
+        """Stop the guest and start the device-state save in the same write: QEMU saves
+        while the caller scans RAM (:meth:`save_state` collects it)."""
+        save = self._state_file().command()
+        stop, self._saving = self._qmp("stop").send(("stop", None), save)
+        self.answer("stop", stop)
         self.relay.drain()
-        self._saving = self.submit(
-            "xen-save-devices-state", filename=str(self.devstate_path), live=False
-        )
 
     def resume(self) -> None:
         if self._saving is not None:  # a pause whose state nobody asked for
-            self.answer("xen-save-devices-state", self._saving)
-            self._saving = None
+            saving, self._saving = self._saving, None
+            self.answer("xen-save-devices-state", saving)
         self.command("cont")
         if self._announce:
             self._announce = False
             self.command("announce-self", initial=50, max=550, rounds=5, step=100)
 
     def save_state(self) -> bytes:
-        fut, self._saving = self._saving, None
-        if fut is None:
-            fut = self.submit(
-                "xen-save-devices-state", filename=str(self.devstate_path), live=False
-            )
-        self.answer("xen-save-devices-state", fut)
-        try:
-            return self.devstate_path.read_bytes()
-        except OSError as e:
-            raise GuestError(f"reading the device state {self.devstate_path}: {e}") from e
+        state = self._state_file()
+        saving, self._saving = self._saving, None
+        if saving is None:  # not paused by pause(): saved now
+            saving = self._qmp("xen-save-devices-state").send(state.command())[0]
+        self.answer("xen-save-devices-state", saving)
+        return state.read()
 
     def stop(self) -> None:
         proc = getattr(self, "proc", None)
@@ -601,14 +584,11 @@ class QemuGuest(Guest):
             with contextlib.suppress(GuestError):  # QEMU may already be gone
                 if proc is not None and proc.poll() is None:
                     self.command("quit")
-            with contextlib.suppress(Exception):  # a broken connection: nothing to save
-                self._await(self.qmp.disconnect(), 5)
+            self.qmp.close()
             self.qmp = None
-        if self._loop is not None and self._loop_thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop_thread.join(2)
-            self._loop.close()
-            self._loop = None
+        if self._state is not None:
+            self._state.close()
+            self._state = None
         if proc is not None:
             try:
                 proc.wait(5)
