@@ -22,12 +22,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 from bench.workloads import Workload, time_round_robin
-from mirror.config import ArbiterConfig, CheckpointConfig, Config, GuestConfig, KeysConfig
+from mirror.config import (
+    ArbiterConfig,
+    CheckpointConfig,
+    Config,
+    GuestConfig,
+    KeysConfig,
+    PairConfig,
+)
 from mirror.guests.synthetic import SHM_DIR, SyntheticGuest, SyntheticParams
 from mirror.lab.demo import Host, pair_configs, wait_for
-from mirror.replication import keys, wire
+from mirror.replication import keys, pagecrypt, wire
 from mirror.replication import pagediff as pd
 from mirror.replication.checkpoint import CheckpointEngine
 from mirror.replication.link import Endpoint, Link
@@ -397,13 +405,24 @@ def run_case(
 
 
 def link_capacity(
-    ram_mib: int = 256, batch_mib: int = 64, rounds: int = 8, *, curve: bool = True
+    ram_mib: int = 256,
+    batch_mib: int = 64,
+    rounds: int = 8,
+    *,
+    curve: bool = True,
+    sealed: bool = True,
 ) -> float:
     """GB/s of page data that the interconnect and a real standby commit, with no
     guest competing for the CPU: prebuilt checkpoints sent one after another to
     a `mirror secondary` process, each timed from send to ack (median after two
-    rounds of warm-up).  ``curve``: encrypted and authenticated (the default of a pair)."""
-    base = replace(Config(), guest=replace(GuestConfig(), ram_mib=ram_mib))
+    rounds of warm-up).  ``curve``: with keys (the default of a pair), the pages sealed
+    under AES-256-GCM off CURVE (what a pair does) or, with ``sealed=False``, on the
+    CurveZMQ data socket as before pagecrypt (the old way, for comparison)."""
+    base = replace(
+        Config(),
+        pair=PairConfig(f"capacity-{os.getpid()}"),  # its own standby image in /dev/shm
+        guest=replace(GuestConfig(), ram_mib=ram_mib),
+    )
     base = base if curve else insecure(base)
     with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp:
         root = Path(tmp)
@@ -422,8 +441,14 @@ def link_capacity(
             link.send(
                 wire.Hello(cfg_b.pair.name, cfg_b.pair.generation, "bench", ram_mib << 20, session)
             )
-            if not isinstance(link.recv(30), wire.Welcome):
+            welcome = link.recv(30)
+            if not isinstance(welcome, wire.Welcome):
                 raise RuntimeError("the secondary refused the benchmark's HELLO")
+            if curve and sealed:
+                lk = keys.load(cfg_a.keys)
+                assert lk is not None and welcome.bulk_port
+                key = pagecrypt.page_key(lk, cfg_b.pair.name, cfg_b.pair.generation, session)
+                link.seal_pages(welcome.bulk_port, key)
             npages = (ram_mib << 20) // PS
             ram = pd.alloc_pages(npages)
             ram[:] = os.urandom(len(ram))
@@ -498,3 +523,57 @@ def print_results(
             f"  {'ok  ' if r.replication_gbps >= 1 else 'MISS'} replication {where}: "
             f"{r.replication_gbps:.2f} GB/s"
         )
+
+
+def capacities(rounds: int = 3, **kw: Any) -> dict[str, list[float]]:
+    """The link + standby capacity three ways, each way once per round in rotating order
+    (the machine's noise hits all alike): the pages sealed off CURVE (a pair's default),
+    the pages on the CurveZMQ data socket (the way before it), and no keys at all."""
+    ways: dict[str, dict[str, bool]] = {
+        "sealed": {"curve": True, "sealed": True},
+        "curve": {"curve": True, "sealed": False},
+        "plain": {"curve": False},
+    }
+    out: dict[str, list[float]] = {w: [] for w in ways}
+    names = list(ways)
+    for r in range(rounds):
+        for w in names[r % 3 :] + names[: r % 3]:
+            out[w].append(link_capacity(**ways[w], **kw))
+    return out
+
+
+def print_capacities(caps: dict[str, list[float]]) -> None:
+    sealed, curve, plain = (median(caps[w]) for w in ("sealed", "curve", "plain"))
+    per_round = [s / p for s, p in zip(caps["sealed"], caps["plain"], strict=True)]
+    print(
+        "link + standby capacity (64 MiB checkpoints, no guest running), median of "
+        f"{len(caps['plain'])} rounds:"
+    )
+    print(f"  pages sealed (AES-256-GCM, off CURVE): {sealed:.2f} GB/s")
+    print(f"  pages on CURVE (XSalsa20-Poly1305):     {curve:.2f} GB/s")
+    print(f"  no keys (plain):                        {plain:.2f} GB/s")
+    print(
+        f"  sealed/plain {sealed / plain:.2f}x (per round "
+        f"{', '.join(f'{x:.2f}' for x in per_round)}); curve/plain {curve / plain:.2f}x"
+    )
+    print(f"  {'ok  ' if sealed / plain >= 0.85 else 'MISS'} sealed/plain >= 0.85x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.checkpoint",
+        description="The link + standby capacity with the pages sealed, on CURVE, and "
+        "without keys, in the same run (rotating order).",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="each way this many times")
+    ap.add_argument("--ram-mib", type=int, default=256, help="the pair's RAM")
+    ap.add_argument("--batch-mib", type=int, default=64, help="each checkpoint's pages")
+    args = ap.parse_args(argv)
+    print_capacities(capacities(args.rounds, ram_mib=args.ram_mib, batch_mib=args.batch_mib))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
