@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -379,6 +380,14 @@ class Link:
         biggest = max(16 * max_pages, wire.DATA_FRAME + PAGE_SIZE, wire.MAX_STATE, wire.MAX_HEADER)
         self._biggest = biggest + 4096
         self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER, self._biggest)
+        # the client's data connection keeps one routing id across reconnects, so that the
+        # standby's answers to sealed pages (which come on the pages socket) find it; the
+        # server lets a reconnected client take its id over
+        self._routing_id = b"mirror-" + secrets.token_bytes(8)
+        if server:
+            self.data.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        else:
+            self.data.setsockopt(zmq.ROUTING_ID, self._routing_id)
         _secure(self.data, keys, server)
         # the client's own: handshakes that failed (no CURVE there, or our key refused)
         self._failures: zmq.Socket[bytes] | None = (
@@ -445,6 +454,10 @@ class Link:
             ) from e
         self.heartbeats.start()
         self._peer_id: bytes | None = None  # server: the zmq identity of the last sender
+        # server: the data connection of the session's primary (the sender of the HELLO
+        # the standby accepted), where the answers to sealed pages go
+        self.primary_id: bytes | None = None
+        self.last_sealed = False  # server: the last message recv returned came sealed
         # zmq hands over a message only once all its frames are in, and bounds each frame
         # (MAXMSGSIZE), not their number: a peer could make it buffer a message of any
         # size.  The server bounds what this process holds in malloc (zmq's buffers are
@@ -509,17 +522,24 @@ class Link:
                 f"port took nothing in {SEND_TIMEOUT_S:g} s"
             ) from None
 
-    def send(self, msg: wire.Message) -> None:
+    def pair_with_last_sender(self) -> None:
+        """Server: the sender of the last data message (an accepted HELLO) is the
+        session's primary: the answers to its sealed pages go to it."""
+        self.primary_id = self._peer_id
+
+    def send(self, msg: wire.Message, *, to_primary: bool = False) -> None:
         """Hand ``msg`` to zmq.  LinkDown if zmq cannot queue it within SEND_TIMEOUT_S
-        (no connection completed its handshake: :meth:`reconnect`)."""
+        (no connection completed its handshake: :meth:`reconnect`).  Server: to the last
+        sender, or (``to_primary``) to the session's primary (:meth:`pair_with_last_sender`)."""
         if isinstance(msg, wire.Pages) and self._seal_key is not None and not self.is_server:
             self._send_sealed(msg)
             return
         frames: Sequence[bytes | memoryview] = wire.encode(msg)
         if self.is_server:
-            if self._peer_id is None:
+            to = self.primary_id if to_primary else self._peer_id
+            if to is None:
                 raise ConnectionError("no primary has connected yet")
-            frames = [self._peer_id, *frames]
+            frames = [to, *frames]
         try:
             self.data.send_multipart(frames, copy=False)
         except zmq.Again:
@@ -551,6 +571,7 @@ class Link:
             self._failures.close()
         self.data.close()
         self.data = _socket(self.ctx, zmq.DEALER, self._biggest)
+        self.data.setsockopt(zmq.ROUTING_ID, self._routing_id)
         _secure(self.data, self.keys, False)
         self._failures = (
             self.data.get_monitor_socket(_HANDSHAKE_FAILED) if self.keys else None
@@ -600,20 +621,25 @@ class Link:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = dict(poller.poll(None if left is None else int(left * 1000)))
-            if ready.get(self.data):
-                return self._recv_data()
+            # one part of the bulk, then one message of the data socket: neither starves
+            # the other (a peer flooding one socket cannot hold the other up)
             if ready.get(self.bulk):
                 raw = self.bulk.recv_multipart(copy=False)
                 if self.opener is None:
                     raise pagecrypt.SealError("sealed pages before any session: dropped")
                 whole = self.opener.take(bytes(raw[0].buffer), [f.buffer for f in raw[1:]])
                 if whole is not None:
+                    self.last_sealed = True
                     return wire.decode(whole, self.max_pages)
+            if ready.get(self.data):
+                return self._recv_data()
+            if ready.get(self.bulk):
                 continue  # the next part is likely on its way: wait on within the timeout
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
     def _recv_data(self) -> wire.Message:
+        self.last_sealed = False
         raw = self.data.recv_multipart(copy=False)
         frames: list[Any] = [f.buffer for f in raw]
         if self.is_server:

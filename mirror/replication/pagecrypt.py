@@ -32,11 +32,10 @@ from typing import Any
 
 import msgpack
 
+from mirror._pagediff import ffi, lib
 from mirror.replication.disk import session_key
 from mirror.replication.keys import LinkKeys
 from mirror.replication.wire import WireError
-
-from mirror._pagediff import ffi, lib  # isort: skip
 
 STREAM = b"mirror checkpoint pages 1"  # the key's label in the shared derivation
 MAGIC = b"MPG1"

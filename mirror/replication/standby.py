@@ -254,6 +254,7 @@ class Standby:
         self.generation = current
         if self.link:
             self.link.session[0] = h.session
+            self.link.pair_with_last_sender()
             if self.link.bulk is not None and self.keys is not None:  # this session's pages key
                 self.link.open_pages(
                     pagecrypt.page_key(self.keys, h.pair, h.generation, h.session)
@@ -415,16 +416,18 @@ class Standby:
             self.write_status()
             while not stop.is_set() and not tick():
                 reply: wire.Message | None = None
+                sealed = False  # answers to sealed pages go to the session's primary
                 try:
                     msg = self.link.recv(0.05)
+                    sealed = self.link.last_sealed
                 except pagecrypt.SealError as e:
-                    reply = self._sealed_refused(e)
+                    reply, sealed = self._sealed_refused(e), True
                 except wire.WireError as e:
                     self._drop(f"a malformed frame ({e})")
                 else:
                     reply = self.handle(msg) if msg is not None else None
                 if reply is not None:
-                    self.link.send(reply)
+                    self.link.send(reply, to_primary=sealed)
                     if isinstance(reply, wire.Ack):
                         self.last_ack_at = time.monotonic()
                 if isinstance(reply, wire.Reject) or time.monotonic() - self._status_at > 0.2:
@@ -471,6 +474,7 @@ class Standby:
         link.committed[0], link.session[0] = old.committed[0], old.session[0]
         if link.bulk is not None:  # the session's pages key: the session goes on
             link.opener = old.opener
+        link.primary_id = old.primary_id  # its routing id survives its reconnection
         self.link = link
         log.info("interconnect bound again with the reloaded keys (peer key %s)",
                  keys.fingerprint(new.peer) if new else "none")  # fmt: skip
