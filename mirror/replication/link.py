@@ -499,11 +499,6 @@ class Link:
         """Server, at each pairing: the new session's pages key (None: none)."""
         self.opener = pagecrypt.Opener(key) if key is not None else None
 
-    @property
-    def sealing(self) -> bool:
-        """Client: whether PAGES go sealed (on the bulk socket)."""
-        return self._seal_key is not None
-
     def _send_sealed(self, msg: wire.Pages, corrupt: bool = False) -> None:
         assert self.bulk is not None and self._seal_key is not None
         parts = pagecrypt.sealed_messages(self._seal_key, msg.seq, wire.encode(msg))
