@@ -4,10 +4,13 @@ exactly, fails over onto its standby, and is protected again, sealed the other w
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 
-from mirror.lab.demo import Host
-from tests.integration.conftest import Pair
+import pytest
+
+from mirror.lab.demo import Host, free_ports
+from tests.integration.conftest import SMALL, Pair
 
 
 def test_sealed_pages_replicate_and_fail_over(pair: Pair) -> None:
@@ -51,4 +54,15 @@ def test_a_corrupted_sealed_part_is_rejected_and_sent_again(pair: Pair) -> None:
     log = b.log_path.read_text()
     assert "checkpoint 7 part 0 rejected: checkpoint 7 part 0: its sealed data part" in log
     assert "does not verify" in log
+    assert Path(st_a["ram"]).read_bytes() == Path(st_b["image"]).read_bytes()
+
+
+@pytest.mark.pair_config(replace(SMALL, link=replace(SMALL.link, bulk_port=free_ports(1)[0])))
+def test_a_configured_pages_port_is_the_one_used(pair: Pair) -> None:
+    port = pair.cfg_b.link.bulk_port
+    b = pair.start_secondary()
+    a = pair.start_primary("--checkpoints", "8")
+    st_a = pair.wait("A frozen", lambda: (s := a.status()) and s["phase"] == "frozen" and s)
+    st_b = pair.wait("B at 8", lambda: (s := b.status()) and s["committed"] == 8 and s)
+    assert st_b["pages_port"] == port and st_b["sealed_parts"] >= 16, st_b
     assert Path(st_a["ram"]).read_bytes() == Path(st_b["image"]).read_bytes()

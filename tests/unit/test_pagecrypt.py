@@ -145,3 +145,15 @@ def test_the_native_seal_refuses_a_wrong_nonce_and_zeroes_what_it_refused() -> N
         with pytest.raises(SealError):
             pagecrypt.open_in_place(KEY, seq, part, aad, buf)
         assert buf[:5000] == bytes(5000)
+
+
+def test_the_pages_port_is_configured_apart_from_the_others() -> None:
+    from mirror.config import ConfigError, from_dict
+
+    assert from_dict({}).link.bulk_port == 0  # the system picks one
+    assert from_dict({"link": {"bulk_port": 7405}}).link.bulk_port == 7405
+    for bad in (7400, 7401):
+        with pytest.raises(ConfigError, match=r"bulk_port .* is also the data or heartbeat"):
+            from_dict({"link": {"bulk_port": bad}})
+    with pytest.raises(ConfigError):
+        from_dict({"link": {"bulk_port": 70000}})
