@@ -628,8 +628,8 @@ class Link:
                     return wire.decode(whole, self.max_pages)
             if ready.get(self.data):
                 return self._recv_data()
-            if ready.get(self.bulk):
-                continue  # the next part is likely on its way: wait on within the timeout
+            # the next part is likely on its way: wait on, but never past the timeout (a
+            # peer that never stops sending must not keep the caller from its other work)
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
