@@ -303,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                     mib, pages=args.same_pages, methods=("log",), threads=max(args.threads),
                     checkpoints=args.checkpoints,
                 )  # fmt: skip
-        progress("link + standby capacity, with and without CURVE")
+        progress("link + standby capacity: pages sealed, on CURVE, without keys")
         capacity = ckpt.link_capacity()
+        curve_capacity = ckpt.link_capacity(sealed=False)
         plain_capacity = ckpt.link_capacity(curve=False)
         ckpt.print_methods(mrows)
-        ckpt.print_results(results, capacity, plain, plain_capacity)
+        ckpt.print_results(results, capacity, plain, plain_capacity, curve_capacity)
         if args.plot_methods:
             ckpt.plot_methods(mrows, args.plot_methods)
             print(f"wrote {args.plot_methods}")
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         out["checkpoint_rows_without_curve"] = [asdict(r) for r in plain]
         out["link_capacity_gbps"] = capacity
         out["link_capacity_gbps_without_curve"] = plain_capacity
+        out["link_capacity_gbps_pages_on_curve"] = curve_capacity
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -49,6 +49,9 @@ class LinkConfig:
     host: str = "127.0.0.1"
     data_port: int = field(default=7400, metadata=_range(1, 65535))
     heartbeat_port: int = field(default=7401, metadata=_range(1, 65535))
+    # with keys, where the secondary takes the sealed pages (0: a port the system picks,
+    # named in its WELCOME under CURVE); docs/security.md "What is encrypted"
+    bulk_port: int = field(default=0, metadata=_range(0, 65535))
     heartbeat_interval_ms: int = field(default=100, metadata=_range(5, 10000))
     peer_host: str = ""  # where a promoted node finds its returning peer's standby (default: host)
     pair_timeout_s: int = field(default=30, metadata=_range(1, 3600))  # HELLO unanswered: fail
@@ -308,6 +311,11 @@ def from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(
             f"{source}: [link] data_port and heartbeat_port must differ, "
             f"both are {cfg.link.data_port}"
+        )
+    if cfg.link.bulk_port and cfg.link.bulk_port in (cfg.link.data_port, cfg.link.heartbeat_port):
+        raise ConfigError(
+            f"{source}: [link] bulk_port {cfg.link.bulk_port} is also the data or heartbeat "
+            f"port: pick another, or 0 (a port the system picks)"
         )
     if cfg.disk.size_mib and cfg.guest.kind != "qemu":
         raise ConfigError(

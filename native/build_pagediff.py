@@ -21,8 +21,9 @@ SOURCES = [
     "synthguest.c",
     "tablehash.c",
     "dirtylog.c",
+    "pagecrypt.c",  # the checkpoint stream's page sealing (AES-256-GCM, OpenSSL)
 ]
-HEADERS = ["pagediff.h", "dirtylog.h"]
+HEADERS = ["pagediff.h", "dirtylog.h", "pagecrypt.h"]
 
 
 def read_cdef() -> str:
@@ -46,12 +47,12 @@ ffibuilder = FFI()
 ffibuilder.cdef(read_cdef())
 ffibuilder.set_source(
     "mirror._pagediff",
-    '#include "pagediff.h"\n#include "dirtylog.h"',
+    '#include "pagediff.h"\n#include "dirtylog.h"\n#include "pagecrypt.h"',
     # setuptools wants source paths relative to the project root
     sources=[f"native/{name}" for name in SOURCES],
     include_dirs=["native"],
     extra_compile_args=compile_args(),
-    libraries=["pthread"],
+    libraries=["pthread", "crypto"],  # OpenSSL: the pages' AES-256-GCM
 )
 
 if __name__ == "__main__":

@@ -32,13 +32,21 @@ __all__ = ["DiskError", "DiskSpec", "ReplicatedDisk", "replicated", "session_key
 
 
 def session_key(
-    secret: bytes | None, peer: bytes | None, pair: str, generation: int, session: int
+    secret: bytes | None,
+    peer: bytes | None,
+    pair: str,
+    generation: int,
+    session: int,
+    *,
+    stream: bytes = b"mirror disk stream 1",
 ) -> bytes:
     """The disk stream's key for one pairing session, which both hosts derive on their own:
     HMAC-SHA256 of X25519(this host's CurveZMQ secret key, the peer's public key) over the
     pair, the generation and the interconnect session (a random number the primary's HELLO
     carries under CurveZMQ).  Keys are z85 (40 characters) or raw (32 bytes); both None:
-    an insecure pair (no keys), whose stream proves only the session number."""
+    an insecure pair (no keys), whose stream proves only the session number.  ``stream``
+    names what the key is for (the disk stream's, or the checkpoint pages' of
+    mirror.replication.pagecrypt): one derivation, a key of its own for each."""
     from mirror._diskserver import ffi, lib  # type: ignore[import-not-found]
 
     def raw(k: bytes) -> bytes:
@@ -50,7 +58,7 @@ def session_key(
             raise DiskError("a CurveZMQ key is 32 bytes (40 in z85)")
         return k
 
-    ctx = b"mirror disk stream 1\0" + pair.encode() + b"\0"
+    ctx = stream + b"\0" + pair.encode() + b"\0"
     ctx += generation.to_bytes(8, "little") + (session & (2**64 - 1)).to_bytes(8, "little")
     out = ffi.new("unsigned char[32]")
     if secret is None or peer is None:

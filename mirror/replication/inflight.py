@@ -26,8 +26,8 @@ from typing import Any
 
 from mirror.guests.base import Guest
 from mirror.hoststate import percentile
+from mirror.replication import pagecrypt, wire
 from mirror.replication import pagediff as pd
-from mirror.replication import wire
 from mirror.replication.disk import DiskError, replicated
 from mirror.replication.keys import fingerprint as key_fingerprint
 from mirror.replication.link import Link, LinkDown
@@ -297,6 +297,13 @@ class InFlight:
                     self.session = session
                     self._seq = self._resent_at_seq = 0
                     self.link.session[0] = session
+                    keys = self.link.keys  # with keys, PAGES go sealed (pagecrypt), off CURVE
+                    self.link.seal_pages(
+                        reply.bulk_port,
+                        pagecrypt.page_key(keys, self.pair, self.generation, session)
+                        if keys is not None and reply.bulk_port
+                        else None,
+                    )
                     return reply.committed
                 if isinstance(reply, wire.Reject) and reply.answers == wire.Kind.HELLO:
                     raise ReplicationError(

@@ -13,6 +13,12 @@ complete a handshake only with the holder of the standby's secret key, so it
 sends nothing to anyone else.  A refused key is logged once, by fingerprint;
 so is a peer that tried without CURVE.  Every socket has a maximum message
 size: a larger frame drops the connection before zmq buffers it.
+
+With keys, the PAGES messages (the bulk of what a pair sends) leave CURVE: the
+secondary binds a third socket for them (``bulk``, on ``[link] bulk_port``, or a port
+the system picks, named in its WELCOME), and the primary sends each PAGES message there
+sealed part by part under AES-256-GCM with the session's key
+(mirror.replication.pagecrypt); the secondary opens each part as it arrives.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +38,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from mirror.replication import wire
+from mirror.replication import pagecrypt, wire
 from mirror.replication.keys import LinkKeys, fingerprint
 from mirror.replication.pagediff import PAGE_SIZE
 
@@ -353,6 +360,7 @@ class Link:
         keys: LinkKeys | None,
         heartbeat_interval: float = 0.1,
         max_pages: int = wire.MAX_PAGES - 1,
+        bulk_port: int = 0,
     ) -> None:
         tune_malloc()
         self.endpoint = endpoint
@@ -372,6 +380,14 @@ class Link:
         biggest = max(16 * max_pages, wire.DATA_FRAME + PAGE_SIZE, wire.MAX_STATE, wire.MAX_HEADER)
         self._biggest = biggest + 4096
         self.data = _socket(self.ctx, zmq.ROUTER if server else zmq.DEALER, self._biggest)
+        # the client's data connection keeps one routing id across reconnects, so that the
+        # standby's answers to sealed pages (which come on the pages socket) find it; the
+        # server lets a reconnected client take its id over
+        self._routing_id = b"mirror-" + secrets.token_bytes(8)
+        if server:
+            self.data.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        else:
+            self.data.setsockopt(zmq.ROUTING_ID, self._routing_id)
         _secure(self.data, keys, server)
         # the client's own: handshakes that failed (no CURVE there, or our key refused)
         self._failures: zmq.Socket[bytes] | None = (
@@ -385,9 +401,26 @@ class Link:
         )
         self.committed = [0]
         self.session = [0]  # the session this side is in (0: none); heartbeats carry it
+        # the sealed pages' socket (server, with keys): no CURVE, every part AEAD-sealed
+        # (pagecrypt); a head holds the page list and the device state, sealed together
+        self.bulk: zmq.Socket[bytes] | None = None
+        self.bulk_port = 0
+        self._bulk_max = (
+            17 * max_pages + wire.MAX_STATE + wire.MAX_HEADER + 4096 + pagecrypt.TAG
+        )
+        self.opener: pagecrypt.Opener | None = None  # server: this session's, once paired
+        self._seal_key: bytes | None = None  # client: this session's, once paired
         try:
             if server:
                 self.data.bind(endpoint.url(endpoint.data_port))
+                if keys is not None:
+                    self.bulk = _socket(self.ctx, zmq.ROUTER, self._bulk_max)
+                    # port 0: one the system picks ("*"), named in the WELCOME
+                    self.bulk.bind(endpoint.url(bulk_port) if bulk_port else
+                                   endpoint.url(0)[:-1] + "*")  # fmt: skip
+                    last = self.bulk.getsockopt(zmq.LAST_ENDPOINT)
+                    assert isinstance(last, bytes)
+                    self.bulk_port = int(last.rsplit(b":", 1)[1])
             else:
                 self.data.connect(endpoint.url(endpoint.data_port))
             self.heartbeats = _Heartbeats(
@@ -405,6 +438,8 @@ class Link:
         except zmq.ZMQError as e:
             for _, m in monitors:
                 m.close()
+            if self.bulk is not None:
+                self.bulk.close()
             self._close_sockets()
             hint = (
                 ": another process listens there (a second standby of this pair on this "
@@ -419,6 +454,10 @@ class Link:
             ) from e
         self.heartbeats.start()
         self._peer_id: bytes | None = None  # server: the zmq identity of the last sender
+        # server: the data connection of the session's primary (the sender of the HELLO
+        # the standby accepted), where the answers to sealed pages go
+        self.primary_id: bytes | None = None
+        self.last_sealed = False  # server: the last message recv returned came sealed
         # zmq hands over a message only once all its frames are in, and bounds each frame
         # (MAXMSGSIZE), not their number: a peer could make it buffer a message of any
         # size.  The server bounds what this process holds in malloc (zmq's buffers are
@@ -445,14 +484,57 @@ class Link:
     def peer(self) -> PeerSeen:
         return self.heartbeats.peer
 
-    def send(self, msg: wire.Message) -> None:
+    def seal_pages(self, port: int, key: bytes | None) -> None:
+        """Client, at each pairing: send PAGES sealed under ``key`` to the standby's
+        ``port`` (its WELCOME's ``bulk_port``), or (0, None) on the data socket."""
+        if self.bulk is not None:
+            self.bulk.close()
+            self.bulk = None
+        self._seal_key = key if port and key else None
+        if self._seal_key is not None:
+            self.bulk = _socket(self.ctx, zmq.DEALER, self._bulk_max)
+            self.bulk.connect(self.endpoint.url(port))
+
+    def open_pages(self, key: bytes | None) -> None:
+        """Server, at each pairing: the new session's pages key (None: none)."""
+        self.opener = pagecrypt.Opener(key) if key is not None else None
+
+    def _send_sealed(self, msg: wire.Pages, corrupt: bool = False) -> None:
+        assert self.bulk is not None and self._seal_key is not None
+        parts = pagecrypt.sealed_messages(self._seal_key, msg.seq, wire.encode(msg))
+        if corrupt:  # MIRROR_FAULT=corrupt: one bit of the last part flipped on the wire
+            whole = list(parts)
+            last = bytearray(whole[-1][1])
+            last[len(last) // 2] ^= 0x04
+            whole[-1][1] = last
+            parts = iter(whole)
+        try:
+            for part in parts:  # each sealed while zmq sends the one before
+                self.bulk.send_multipart(part, copy=False)
+        except zmq.Again:
+            raise LinkDown(
+                f"cannot send sealed pages to {self.endpoint.host}: the standby's pages "
+                f"port took nothing in {SEND_TIMEOUT_S:g} s"
+            ) from None
+
+    def pair_with_last_sender(self) -> None:
+        """Server: the sender of the last data message (an accepted HELLO) is the
+        session's primary: the answers to its sealed pages go to it."""
+        self.primary_id = self._peer_id
+
+    def send(self, msg: wire.Message, *, to_primary: bool = False) -> None:
         """Hand ``msg`` to zmq.  LinkDown if zmq cannot queue it within SEND_TIMEOUT_S
-        (no connection completed its handshake: :meth:`reconnect`)."""
+        (no connection completed its handshake: :meth:`reconnect`).  Server: to the last
+        sender, or (``to_primary``) to the session's primary (:meth:`pair_with_last_sender`)."""
+        if isinstance(msg, wire.Pages) and self._seal_key is not None and not self.is_server:
+            self._send_sealed(msg)
+            return
         frames: Sequence[bytes | memoryview] = wire.encode(msg)
         if self.is_server:
-            if self._peer_id is None:
+            to = self.primary_id if to_primary else self._peer_id
+            if to is None:
                 raise ConnectionError("no primary has connected yet")
-            frames = [self._peer_id, *frames]
+            frames = [to, *frames]
         try:
             self.data.send_multipart(frames, copy=False)
         except zmq.Again:
@@ -484,6 +566,7 @@ class Link:
             self._failures.close()
         self.data.close()
         self.data = _socket(self.ctx, zmq.DEALER, self._biggest)
+        self.data.setsockopt(zmq.ROUTING_ID, self._routing_id)
         _secure(self.data, self.keys, False)
         self._failures = (
             self.data.get_monitor_socket(_HANDSHAKE_FAILED) if self.keys else None
@@ -493,6 +576,11 @@ class Link:
     def send_corrupted(self, msg: wire.Message) -> None:
         """Testing (MIRROR_FAULT=corrupt): send ``msg`` with one bit of its last frame
         flipped, as a bad link would deliver it."""
+        if isinstance(msg, wire.Pages) and self._seal_key is not None and not self.is_server:
+            log.warning("MIRROR_FAULT: sending a corrupted copy of %s", type(msg).__name__)
+            with contextlib.suppress(LinkDown):
+                self._send_sealed(msg, corrupt=True)
+            return
         frames = [bytes(f) for f in wire.encode(msg)]
         last = bytearray(frames[-1])
         last[len(last) // 2] ^= 0x04
@@ -508,10 +596,45 @@ class Link:
     def recv(self, timeout: float | None) -> wire.Message | None:
         """The next message, or None after ``timeout`` seconds.  Raises WireError
         for a malformed message (already read off the socket)."""
-        ms = None if timeout is None else int(timeout * 1000)
         self._check_memory()
+        if self.bulk is not None and self.is_server:
+            return self._recv_either(timeout)
+        ms = None if timeout is None else int(timeout * 1000)
         if not self.data.poll(ms):
             return None
+        return self._recv_data()
+
+    def _recv_either(self, timeout: float | None) -> wire.Message | None:
+        """Server with keys: the next message of the data socket, or the next PAGES
+        message whose last sealed part came in on the bulk socket (each part opened as
+        it arrives).  SealError (a WireError) for a part refused."""
+        assert self.bulk is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self.data, zmq.POLLIN)
+        poller.register(self.bulk, zmq.POLLIN)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = dict(poller.poll(None if left is None else int(left * 1000)))
+            # one part of the bulk, then one message of the data socket: neither starves
+            # the other (a peer flooding one socket cannot hold the other up)
+            if ready.get(self.bulk):
+                raw = self.bulk.recv_multipart(copy=False)
+                if self.opener is None:
+                    raise pagecrypt.SealError("sealed pages before any session: dropped")
+                whole = self.opener.take(bytes(raw[0].buffer), [f.buffer for f in raw[1:]])
+                if whole is not None:
+                    self.last_sealed = True
+                    return wire.decode(whole, self.max_pages)
+            if ready.get(self.data):
+                return self._recv_data()
+            # the next part is likely on its way: wait on, but never past the timeout (a
+            # peer that never stops sending must not keep the caller from its other work)
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _recv_data(self) -> wire.Message:
+        self.last_sealed = False
         raw = self.data.recv_multipart(copy=False)
         frames: list[Any] = [f.buffer for f in raw]
         if self.is_server:
@@ -545,10 +668,16 @@ class Link:
         self.heartbeats.rebind.set()
         self._peer_id = None
         _rebind(self.data, url)
+        if self.bulk is not None:
+            bulk_url = self.endpoint.url(self.bulk_port)
+            self.bulk.unbind(bulk_url)
+            _rebind(self.bulk, bulk_url)
 
     def _close_sockets(self) -> None:
         if getattr(self, "_failures", None) is not None:
             self._failures.close()  # type: ignore[union-attr]
+        if getattr(self, "bulk", None) is not None:
+            self.bulk.close()  # type: ignore[union-attr]
         self.data.close()
         if self.auth is not None:
             self.auth.stop()

@@ -25,7 +25,7 @@ from typing import Any
 
 from mirror.config import KeysConfig, LinkConfig
 from mirror.hoststate import private_dir, process_record, write_atomic, write_json
-from mirror.replication import keys, wire
+from mirror.replication import keys, pagecrypt, wire
 from mirror.replication import pagediff as pd
 from mirror.replication.disk import DiskError, ReplicatedDisk, session_key
 from mirror.replication.link import Endpoint, Link
@@ -169,6 +169,20 @@ class Standby:
         self._drop(f"unexpected {type(msg).__name__} on the data link")
         return None
 
+    def _sealed_refused(self, e: pagecrypt.SealError) -> wire.Reject | None:
+        """A sealed part refused (pagecrypt): nothing of it applied.  When the message's
+        head had verified (it is the live primary's, damaged on the way) it is REJECTed,
+        so that the primary sends it again at once; anything else is dropped unanswered."""
+        if e.refused is None or self.session is None or e.refused[0] != self.session.session:
+            self._drop(f"a sealed part ({e})")
+            return None
+        session, seq, epoch, part = e.refused
+        log.error("checkpoint %d part %d rejected: %s; image stays at checkpoint %d",
+                  epoch, part, e, self.committed)  # fmt: skip
+        self.rejected += 1
+        self.metrics.rejected("data")
+        return wire.Reject(session, wire.Kind.PAGES, seq, epoch, part, str(e))
+
     def _drop(self, what: str) -> None:
         self.dropped += 1
         if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -240,6 +254,11 @@ class Standby:
         self.generation = current
         if self.link:
             self.link.session[0] = h.session
+            self.link.pair_with_last_sender()
+            if self.link.bulk is not None and self.keys is not None:  # this session's pages key
+                self.link.open_pages(
+                    pagecrypt.page_key(self.keys, h.pair, h.generation, h.session)
+                )
         log.info(
             "session with %s (generation %d), committed epoch %d",
             h.node,
@@ -256,6 +275,7 @@ class Standby:
             self.node,
             self.committed,
             self.session.session,
+            self.link.bulk_port if self.link and self.link.opener is not None else 0,
         )
 
     def _primary_alive(self) -> bool:
@@ -359,6 +379,9 @@ class Standby:
             "failed_handshakes": (
                 self.link.guard.failed_handshakes if self.link and self.link.guard else 0
             ),
+            # the pages sealed off CURVE (pagecrypt): their port, the parts opened this session
+            "pages_port": self.link.bulk_port if self.link else 0,
+            "sealed_parts": self.link.opener.opened if self.link and self.link.opener else 0,
             **process_record(),
             "metrics": served(),
             "heartbeat_age_s": peer.age() if peer else None,
@@ -393,14 +416,18 @@ class Standby:
             self.write_status()
             while not stop.is_set() and not tick():
                 reply: wire.Message | None = None
+                sealed = False  # answers to sealed pages go to the session's primary
                 try:
                     msg = self.link.recv(0.05)
+                    sealed = self.link.last_sealed
+                except pagecrypt.SealError as e:
+                    reply, sealed = self._sealed_refused(e), True
                 except wire.WireError as e:
                     self._drop(f"a malformed frame ({e})")
                 else:
                     reply = self.handle(msg) if msg is not None else None
                 if reply is not None:
-                    self.link.send(reply)
+                    self.link.send(reply, to_primary=sealed)
                     if isinstance(reply, wire.Ack):
                         self.last_ack_at = time.monotonic()
                 if isinstance(reply, wire.Reject) or time.monotonic() - self._status_at > 0.2:
@@ -409,7 +436,7 @@ class Standby:
             self.write_status()
             self.link.close()
 
-    def _bind(self, stop: threading.Event, wait: float) -> Link:
+    def _bind(self, stop: threading.Event, wait: float, bulk_port: int = 0) -> Link:
         """The interconnect's ports, bound (retried for ``wait`` s: after a switchover or a
         key reload their old holder may still be letting go)."""
         link_cfg = self.link_cfg
@@ -420,6 +447,7 @@ class Standby:
                     Endpoint(link_cfg.host, link_cfg.data_port, link_cfg.heartbeat_port),
                     self.node,
                     keys=self.keys,
+                    bulk_port=bulk_port or link_cfg.bulk_port,
                     heartbeat_interval=link_cfg.heartbeat_interval_ms / 1000,
                     max_pages=self.ram_bytes // pd.PAGE_SIZE,
                 )
@@ -441,9 +469,12 @@ class Standby:
         assert old is not None
         self.keys = new
         old.close()
-        link = self._bind(stop, 10.0)
+        link = self._bind(stop, 10.0, old.bulk_port)  # the port the primary was told
         link.heartbeats.peer = old.heartbeats.peer  # a reload is no sign of the peer's death
         link.committed[0], link.session[0] = old.committed[0], old.session[0]
+        if link.bulk is not None:  # the session's pages key: the session goes on
+            link.opener = old.opener
+        link.primary_id = old.primary_id  # its routing id survives its reconnection
         self.link = link
         log.info("interconnect bound again with the reloaded keys (peer key %s)",
                  keys.fingerprint(new.peer) if new else "none")  # fmt: skip

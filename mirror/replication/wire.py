@@ -8,7 +8,7 @@ on the first thing wrong.  Page contents are verified later, by per-page
 checksums, when the standby stages them.
 
     HELLO       {k, version, pair, generation, node, ram_bytes, session, guest, page_size}
-    WELCOME     {k, version, pair, generation, node, committed, session}
+    WELCOME     {k, version, pair, generation, node, committed, session, bulk_port}
     PAGES       {k, session, seq, epoch, part, final, count, data_len, state_len, state_sum,
                  outputs, frames}
                 + frames: index (u32 LE), kinds (u8), lens (u32 LE), checksums (u64 LE),
@@ -52,7 +52,8 @@ import msgpack
 
 from mirror.replication.pagediff import PAGE_SIZE, EncodedPages, PageKind, checksum_bytes
 
-PROTOCOL_VERSION = 3  # 2: HELLO carries the guest's fingerprint; 3: sessions, REJECT answers
+PROTOCOL_VERSION = 4  # 2: HELLO carries the guest's fingerprint; 3: sessions, REJECT answers;
+# 4: WELCOME names the port of the sealed pages (mirror.replication.pagecrypt)
 MAX_HEADER = 1 << 20
 MAX_NAME = 128
 MAX_PAGES = 1 << 32
@@ -101,6 +102,7 @@ class Welcome:
     node: str
     committed: int
     session: int
+    bulk_port: int = 0  # where PAGES go sealed, off CURVE (0: on the data socket)
     version: int = PROTOCOL_VERSION
 
 
@@ -400,7 +402,7 @@ def decode(frames: Sequence[bytes | memoryview], max_pages: int = MAX_PAGES - 1)
             _check_version(h)
             return Welcome(
                 _str(h, "pair"), _int(h, "generation"), _str(h, "node"), _int(h, "committed"),
-                _int(h, "session", 1, MAX_SESSION),
+                _int(h, "session", 1, MAX_SESSION), _int(h, "bulk_port", 0, 65535),
             )  # fmt: skip
         case Kind.ACK:
             return Ack(_int(h, "session", 0, MAX_SESSION), _int(h, "epoch"), _int(h, "part"))
