@@ -13,6 +13,7 @@ mirror's disk server below QEMU's format layer (mirror/guests/libvirtdisk.py):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,112 +75,120 @@ def writes(log: Path) -> int:
     return len(qemudemo.client_events(log))
 
 
-def start(
-    root: Path, lan: GuestLan, guest: libvirtdemo.LibvirtDemoGuest, hosts: list[Host],
-    guest_image: Path,
-) -> tuple[Host, Host, str]:  # fmt: skip
-    base = libvirtdemo.default_base()
-    a, b = guest.start(lan, root, base, guest_image, "web01", hosts, lambda *_a, **_k: None)
-    assert guest.pair_output[-1].startswith("web01 is protected by hostB"), guest.pair_output
-    wait_for("protected", lambda: (a.status() or {}).get("phase") == "protected", 120, hosts)
-    st = a.status() or {}
-    assert st["disk"]["synced"] and st["disk"]["peer"], st.get("disk")
-    original = (a.dir / "state" / "pairs" / "web01" / "original.xml").read_text()
-    return a, b, original
+@dataclass
+class Lab:
+    """A pair running the demo domain with a disk, the client writing its journal."""
+
+    root: Path
+    guest: libvirtdemo.LibvirtDemoGuest
+    a: Host
+    b: Host
+    original: str  # A's definition before pairing
+    log: Path  # the client's events
+    client: subprocess.Popen[bytes] | None = None
+
+    def dom(self, host: str) -> Any:
+        return self.guest.hosts[host].connect().lookupByName(libvirtdemo.DOMAIN)
+
+    def more_writes(self, what: str, hosts: list[Host], k: int = 20) -> None:
+        n = writes(self.log)
+        wait_for(what, lambda: writes(self.log) > n + k, 60, hosts)
+
+    def journal(self) -> dict[str, Any]:
+        """The client stopped: its summary (the journal read back from the guest)."""
+        assert self.client is not None
+        self.client.send_signal(signal.SIGTERM)
+        self.client.wait(30)
+        summary: dict[str, Any] = next(
+            e for e in qemudemo.client_events(self.log) if e["event"] == "summary"
+        )
+        assert summary.get("error") is None and summary["journal_intact"], summary
+        return summary
+
+
+@contextlib.contextmanager
+def paired(guest_image: Path, **kw: Any) -> Iterator[tuple[Lab, list[Host]]]:
+    """The demo domain (``kw``: LibvirtDemoGuest's) paired with one `mirror pair`, its disk
+    synced, the guest's service up and the client writing its journal every 50 ms;
+    everything stopped after."""
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvdisk-"))
+    lan = GuestLan()
+    hosts: list[Host] = []
+    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), **kw)
+    lab = None
+    try:
+        base = libvirtdemo.default_base()
+        a, b = guest.start(lan, root, base, guest_image, "web01", hosts, lambda *_a, **_k: None)
+        assert guest.pair_output[-1].startswith("web01 is protected by hostB"), guest.pair_output
+        wait_for("protected", lambda: (a.status() or {}).get("phase") == "protected", 120, hosts)
+        st = a.status() or {}
+        assert st["disk"]["synced"] and st["disk"]["peer"], st.get("disk")
+        original = (a.dir / "state" / "pairs" / "web01" / "original.xml").read_text()
+        lab = Lab(root, guest, a, b, original, root / "client.jsonl")
+        serial = guest.serial(root)
+        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
+        lab.client = qemudemo.start_client(lan, lab.log, connect_for=60, write_every=0.05)
+        wait_for("the guest's journal writes", lambda: writes(lab.log) > 20, 60, hosts)
+        yield lab, hosts
+    finally:
+        qemudemo.stop_all(lab.client if lab else None, hosts, guest, lan)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_qcow2_disk_is_replicated_and_every_acknowledged_write_survives_a_host_kill(
     libvirt_host: HostFactory, guest_image: Path
 ) -> None:
-    root = Path(tempfile.mkdtemp(prefix="mirror-lvdisk-"))
-    lan = GuestLan()
-    hosts: list[Host] = []
-    client = None
-    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), disk="qcow2")
-    try:
-        a, b, original = start(root, lan, guest, hosts, guest_image)
-        dom_a = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
+    with paired(guest_image, disk="qcow2") as (lab, hosts):
+        a, b = lab.a, lab.b
+        dom_a = lab.dom("A")
         # the XML as defined: the disk is the operator's file; QEMU has mirror's node below
-        assert disks(inactive(dom_a)) == disks(original)
+        assert disks(inactive(dom_a)) == disks(lab.original)
         assert f"<source file='{IMAGE}.qcow2'" in dom_a.XMLDesc(0)
         assert any(n.startswith("mirror-disk-") for n in nodes(dom_a))
-
-        serial = guest.serial(root)
-        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
-        log = root / "client.jsonl"
-        client = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
-        wait_for("the guest's journal writes", lambda: writes(log) > 20, 60, hosts)
         # libvirtd restarts on A and B: QEMU keeps its disk on mirror's server (A) and the
         # standby its replica (B), checkpoints go on
         for h in ("A", "B"):
-            guest.hosts[h].restart_libvirtd()
+            lab.guest.hosts[h].restart_libvirtd()
             acked = (a.status() or {}).get("acked", 0)
             wait_for(f"checkpoints after {h}'s libvirtd restart",
                      lambda acked=acked: (a.status() or {}).get("acked", 0) > acked + 10, 30,
                      hosts)  # fmt: skip
-        n = writes(log)
-        wait_for("more journal writes", lambda: writes(log) > n + 20, 60, hosts)
+        lab.more_writes("more journal writes", hosts)
 
-        guest.kill_a(a)
+        lab.guest.kill_a(a)
         a.proc.wait()
         wait_for("B promoted", lambda: (b.status() or {}).get("role") == "primary", 60, [b])
-        n = writes(log)
-        wait_for("journal writes on B", lambda: writes(log) > n + 10, 60, [b])
-        dom_b = guest.hosts["B"].connect().lookupByName(libvirtdemo.DOMAIN)
-        assert disks(inactive(dom_b)) == disks(original)
+        lab.more_writes("journal writes on B", [b], 10)
+        dom_b = lab.dom("B")
+        assert disks(inactive(dom_b)) == disks(lab.original)
         # B's disk server serves the promoted guest
         assert any(n.startswith("mirror-disk-") for n in nodes(dom_b))
-        client.send_signal(signal.SIGTERM)
-        client.wait(30)
-        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
-        assert summary.get("error") is None, summary
-        assert summary["journal_intact"], summary  # every acknowledged write is on B
+        summary = lab.journal()  # every acknowledged write is on B
         assert summary["write_ok"] > 40, summary
-        check_image(dom_b, guest.hosts["B"].root / "lib" / "images" / "web01.qcow2", "qcow2")
-    finally:
-        qemudemo.stop_all(client, hosts, guest, lan)
-        shutil.rmtree(root, ignore_errors=True)
+        check_image(dom_b, lab.guest.hosts["B"].root / "lib" / "images" / "web01.qcow2", "qcow2")
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_unpair_gives_the_disk_back_to_libvirt_with_the_guest_writing(
     libvirt_host: HostFactory, guest_image: Path, fmt: str
 ) -> None:
-    root = Path(tempfile.mkdtemp(prefix="mirror-lvdisk-"))
-    lan = GuestLan()
-    hosts: list[Host] = []
-    client = None
-    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), disk=fmt)
-    try:
-        a, _b, original = start(root, lan, guest, hosts, guest_image)
-        serial = guest.serial(root)
-        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
-        log = root / "client.jsonl"
-        client = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
-        wait_for("the guest's journal writes", lambda: writes(log) > 20, 60, hosts)
+    with paired(guest_image, disk=fmt) as (lab, hosts):
         r = subprocess.run(
             [sys.executable, "-m", "mirror", "unpair", "web01", "--agent-config",
-             str(a.config_path)], capture_output=True, text=True, timeout=120,
+             str(lab.a.config_path)], capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
-        dom_a = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
-        assert dom_a.isActive() and inactive(dom_a) == original
+        dom_a = lab.dom("A")
+        assert dom_a.isActive() and inactive(dom_a) == lab.original
         # the format node on libvirt's file again
         assert not any(n.startswith("mirror-disk-") for n in nodes(dom_a))
-        n = writes(log)
-        wait_for("journal writes after unpair", lambda: writes(log) > n + 20, 60, hosts)
-        client.send_signal(signal.SIGTERM)
-        client.wait(30)
-        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
-        assert summary.get("error") is None and summary["journal_intact"], summary
-        check_image(dom_a, guest.hosts["A"].root / "lib" / "images" / f"web01.{fmt}", fmt)
-    finally:
-        qemudemo.stop_all(client, hosts, guest, lan)
-        shutil.rmtree(root, ignore_errors=True)
+        lab.more_writes("journal writes after unpair", hosts)
+        lab.journal()
+        check_image(dom_a, lab.guest.hosts["A"].root / "lib" / "images" / f"web01.{fmt}", fmt)
 
 
 def test_a_storage_failure_on_a_leaves_the_guest_writing_on_bs_storage(
-    libvirt_host: HostFactory, guest_image: Path
+    libvirt_host: HostFactory, guest_image: Path, tmp_path: Path
 ) -> None:
     """A's image (raw, on nbdkit behind its error filter, through FUSE: real EIO in the
     kernel) starts failing while the guest writes its journal: A's disk server serves the
@@ -187,53 +198,37 @@ def test_a_storage_failure_on_a_leaves_the_guest_writing_on_bs_storage(
 
     if missing_tools():
         pytest.skip(f"{missing_tools()}")
-    root = Path(tempfile.mkdtemp(prefix="mirror-lvdisk-"))
-    faulty = FaultyImage(root, libvirtdemo.DISK_MIB << 20)  # before the hosts' namespaces
-    lan = GuestLan()
-    hosts: list[Host] = []
-    client = None
-    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), disk="raw", disk_file=faulty.path)
+    faulty = FaultyImage(tmp_path, libvirtdemo.DISK_MIB << 20)  # before the hosts' namespaces
     try:
-        a, b, _ = start(root, lan, guest, hosts, guest_image)
-        serial = guest.serial(root)
-        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
-        log = root / "client.jsonl"
-        client = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
-        wait_for("the guest's journal writes", lambda: writes(log) > 20, 60, hosts)
-        assert (a.status() or {})["disk"]["storage"] == "local"
+        with paired(guest_image, disk="raw", disk_file=faulty.path) as (lab, hosts):
+            a, b = lab.a, lab.b
 
-        faulty.fail()  # every read, write and flush of A's image: EIO
-        wait_for("A's disk on B's storage",
-                 lambda: (a.status() or {}).get("disk", {}).get("storage") == "remote", 30,
-                 hosts)  # fmt: skip
-        st = (a.status() or {})["disk"]
-        assert st["failovers"] == 1 and "Input/output error" in st["storage_error"], st
-        n = writes(log)
-        wait_for("journal writes on B's storage", lambda: writes(log) > n + 20, 60, hosts)
-        assert (a.status() or {}).get("phase") == "protected"
+            def disk() -> dict[str, Any]:
+                return dict((a.status() or {}).get("disk") or {})
 
-        faulty.heal()
-        wait_for("A's disk back on its own storage",
-                 lambda: (a.status() or {}).get("disk", {}).get("storage") == "local", 60,
-                 hosts)  # fmt: skip
-        wait_for("the resync", lambda: (a.status() or {})["disk"]["dirty_local"] == 0, 60, hosts)
-        assert (a.status() or {})["disk"]["switchbacks"] == 1
-        n = writes(log)
-        wait_for("journal writes after", lambda: writes(log) > n + 20, 60, hosts)
+            assert disk()["storage"] == "local"
+            faulty.fail()  # every read, write and flush of A's image: EIO
+            wait_for("A's disk on B's storage", lambda: disk().get("storage") == "remote", 30,
+                     hosts)  # fmt: skip
+            st = disk()
+            assert st["failovers"] == 1 and "Input/output error" in st["storage_error"], st
+            lab.more_writes("journal writes on B's storage", hosts)
+            assert (a.status() or {}).get("phase") == "protected"
 
-        guest.kill_a(a)
-        a.proc.wait()
-        wait_for("B promoted", lambda: (b.status() or {}).get("role") == "primary", 60, [b])
-        n = writes(log)
-        wait_for("journal writes on B", lambda: writes(log) > n + 10, 60, [b])
-        client.send_signal(signal.SIGTERM)
-        client.wait(30)
-        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
-        assert summary.get("error") is None and summary["journal_intact"], summary
+            faulty.heal()
+            wait_for("A's disk back on its own storage", lambda: disk().get("storage") == "local",
+                     60, hosts)  # fmt: skip
+            wait_for("the resync", lambda: disk()["dirty_local"] == 0, 60, hosts)
+            assert disk()["switchbacks"] == 1
+            lab.more_writes("journal writes after", hosts)
+
+            lab.guest.kill_a(a)
+            a.proc.wait()
+            wait_for("B promoted", lambda: (b.status() or {}).get("role") == "primary", 60, [b])
+            lab.more_writes("journal writes on B", [b], 10)
+            lab.journal()
     finally:
-        qemudemo.stop_all(client, hosts, guest, lan)
         faulty.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_primary_role_killed_alone_fails_over_and_its_host_becomes_the_standby(
@@ -244,18 +239,8 @@ def test_a_primary_role_killed_alone_fails_over_and_its_host_becomes_the_standby
     promotes from its replica, A's host agent stops A's fenced guest and starts the
     standby there, B protects the guest again onto A (the disk resynced the other way),
     and no write the guest acknowledged is lost."""
-    root = Path(tempfile.mkdtemp(prefix="mirror-lvdisk-"))
-    lan = GuestLan()
-    hosts: list[Host] = []
-    client = None
-    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), disk="qcow2")
-    try:
-        a, b, _ = start(root, lan, guest, hosts, guest_image)
-        serial = guest.serial(root)
-        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
-        log = root / "client.jsonl"
-        client = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
-        wait_for("the guest's journal writes", lambda: writes(log) > 20, 60, hosts)
+    with paired(guest_image, disk="qcow2") as (lab, hosts):
+        a, b = lab.a, lab.b
         assert isinstance(a, libvirtdemo.AgentHost)
         old = a.role_pid()
         assert old is not None
@@ -264,15 +249,7 @@ def test_a_primary_role_killed_alone_fails_over_and_its_host_becomes_the_standby
         wait_for("B protected again, A its standby",
                  lambda: (b.status() or {}).get("phase") == "protected"
                  and (a.status() or {}).get("role") == "secondary", 180, hosts)  # fmt: skip
-        dom_b = guest.hosts["B"].connect().lookupByName(libvirtdemo.DOMAIN)
-        assert any(n.startswith("mirror-disk-") for n in nodes(dom_b))
+        assert any(n.startswith("mirror-disk-") for n in nodes(lab.dom("B")))
         assert (b.status() or {})["disk"]["synced"]
-        n = writes(log)
-        wait_for("journal writes on B", lambda: writes(log) > n + 20, 60, hosts)
-        client.send_signal(signal.SIGTERM)
-        client.wait(30)
-        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
-        assert summary.get("error") is None and summary["journal_intact"], summary
-    finally:
-        qemudemo.stop_all(client, hosts, guest, lan)
-        shutil.rmtree(root, ignore_errors=True)
+        lab.more_writes("journal writes on B", hosts)
+        lab.journal()
