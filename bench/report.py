@@ -227,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--checkpoint-scan",
         nargs="+",
-        choices=["exact", "hashed"],
-        default=["exact"],
+        choices=["log", "exact", "hashed"],
+        default=["log"],
         metavar="METHOD",
-        help="dirty-page scan methods for the checkpoint suite (default: exact)",
+        help="dirty-page scan methods for the checkpoint suite (default: log, mirror's "
+        "default where the kernel has it)",
     )
     ap.add_argument("--plot", metavar="DIR", help="write PNG plots of the figures into DIR")
     ap.add_argument(
