@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import time
@@ -99,3 +100,15 @@ def pair(
     for h in p.hosts:  # every process of every group is gone
         with pytest.raises(ProcessLookupError):
             os.killpg(h.proc.pid, 0)
+
+
+def log_events(text: str, name: str) -> list[dict[str, Any]]:
+    """The structured events called ``name`` in a role's log text (its JSON lines)."""
+    found = []
+    for line in text.splitlines():
+        start = line.find('{"event": ')
+        if start >= 0:
+            obj = json.loads(line[start:])
+            if obj["event"] == name:
+                found.append(obj)
+    return found

@@ -5,7 +5,6 @@ under the next generation, until the pair is protected again."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from dataclasses import replace
@@ -13,23 +12,13 @@ from dataclasses import replace
 import pytest
 
 from mirror.config import ArbiterConfig
-from tests.integration.conftest import SMALL, Pair
+from tests.integration.conftest import SMALL, Pair, log_events
 
 # B must not judge A dead while A restarts: a restarted A pairs with the standby that
 # still holds A's last checkpoints of this generation
 SLOW_JUDGE = replace(SMALL, arbiter=replace(ArbiterConfig(), silent_after_ms=15_000,
                                             fence_after_ms=30_000))  # fmt: skip
 
-
-def events(text: str, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in text.splitlines():
-        start = line.find('{"event": ')
-        if start >= 0:
-            obj = json.loads(line[start:])
-            if obj["event"] == name:
-                found.append(obj)
-    return found
 
 
 @pytest.mark.pair_config(SLOW_JUDGE)
@@ -53,10 +42,10 @@ def test_refused_precopy_runs_on_unprotected_and_pairs_again(pair: Pair) -> None
     assert seen["protection"] == "unprotected", seen
     assert seen["pairing_retry_in_s"] <= 1.0, seen
     assert "pre-copy" in str(seen["pairing_error"]), seen
-    failed = events(a2.log_path.read_text(), "pairing-failed")
+    failed = log_events(a2.log_path.read_text(), "pairing-failed")
     assert failed and failed[0]["retry_in_s"] == 1.0, failed
     assert "pre-copy refused" in str(failed[0]["reason"]), failed
-    unprotected = events(a2.log_path.read_text(), "unprotected")
+    unprotected = log_events(a2.log_path.read_text(), "unprotected")
     assert unprotected and unprotected[0]["reason"] == "the pairing failed", unprotected
     # then the next generation's pairing: protected again, checkpoints acked
     again = pair.wait(

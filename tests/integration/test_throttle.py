@@ -5,7 +5,6 @@ processes, the guest its own process."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -16,8 +15,7 @@ from typing import Any
 import pytest
 
 from mirror.config import CheckpointConfig, Config, GuestConfig
-from mirror.lab.demo import Host
-from tests.integration.conftest import Pair
+from tests.integration.conftest import Pair, log_events
 
 # 32 MiB written at 150,000 pages a second: about 10 MB dirty per 30 ms epoch, which
 # takes more than 4 ms to gather and more than an epoch to replicate on these machines;
@@ -29,16 +27,6 @@ WRITER = replace(
     checkpoint=replace(CheckpointConfig(), epoch_ms=30, max_pause_ms=4),
 )  # fmt: skip
 
-
-def events(host: Host, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in host.log_path.read_text().splitlines():
-        start = line.find('{"event"')
-        if start >= 0:
-            with_event = json.loads(line[start:])
-            if with_event["event"] == name:
-                found.append(with_event)
-    return found
 
 
 @pytest.mark.pair_config(WRITER)
@@ -71,8 +59,8 @@ def test_throttle_engages_above_capacity_and_releases_when_the_writer_stops(
     released = pair.wait("the throttle released", released_after_the_writer, 90)
     assert released["throttled_s"] > 0.5 and not released["cannot_hold"]
     assert released["capacity_mb_per_s"] > 0  # measured from the acks meanwhile
-    assert len(events(a, "throttle-engaged")) >= 1
-    assert len(events(a, "throttle-released")) >= 1
+    assert len(log_events(a.log_path.read_text(), "throttle-engaged")) >= 1
+    assert len(log_events(a.log_path.read_text(), "throttle-released")) >= 1
     st = a.status()
     assert st is not None
     summary = st["summary"]
