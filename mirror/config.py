@@ -119,6 +119,10 @@ class LibvirtConfig:
     bridge: str = field(default="", metadata=_range(0, 15))
     # the domain's autostart once promoted here (its autostart before it was paired)
     autostart: bool = False
+    # a domain paired live (`mirror pair --live`): private anonymous RAM (no <memoryBacking>)
+    # is read from QEMU's process and its dirty-page log made inside QEMU by injection
+    # (mirror/guests/procram.py); false: such a domain is refused (`--prepare` and a restart)
+    private_ram: bool = False
     # its one writable disk, replicated through mirror's disk server (mirror/guests/
     # libvirtdisk.py): the NBD export's size in bytes, which both hosts must agree on, and
     # the disk's virtual size; the host agent sets both at pairing (0: from the image)

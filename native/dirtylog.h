@@ -48,6 +48,31 @@ int64_t dl_scan(int pagemap_fd, uint64_t start, uint64_t npages, int protect,
  * -errno of the step that failed (written to *step: 1 userfaultfd, 3 API or
  * register, 4 pagemap open, 5 PAGEMAP_SCAN, 6 a write that the log missed). */
 int dl_self_test(int *step);
+
+/* A userfaultfd made INSIDE process `pid` without its cooperation (a guest
+ * started without the preload library): one of its threads that is blocked in
+ * a system call is stopped with ptrace (PTRACE_SEIZE + PTRACE_INTERRUPT), made
+ * to run userfaultfd(O_CLOEXEC | O_NONBLOCK [| UFFD_USER_MODE_ONLY when the
+ * plain call is refused]) from its own `syscall` instruction (no code is
+ * written into the process), the fd is copied here (pidfd_getfd), the
+ * process's copy closed the same way, and the thread's registers put back as
+ * they were (an interrupted system call restarts as the kernel would have
+ * restarted it).  x86_64 only.  Returns this process's fd, or -errno of the
+ * step written to *step: 1 no thread in a system call, 2 ptrace, 3 the
+ * thread's registers, 4 userfaultfd() in the process, 5 pidfd_getfd,
+ * 6 close() in the process, 7 not supported on this architecture. */
+int dl_uffd_inject(int pid, int *step);
+
+/* Read pages of another process (process_vm_readv: root or ptrace rights):
+ * `n` pages listed in idx (ascending or not) of the region of `npages` pages
+ * at address `base` of process `pid`, into out (room for n pages), one after
+ * another.  Returns 0 or -errno (-EFAULT: the region is not all mapped). */
+int dl_read_pages(int pid, uint64_t base, uint64_t npages, const uint32_t *idx,
+                  uint64_t n, uint8_t *out);
+
+/* Read [first, first + count) pages of that region into out. */
+int dl_read_range(int pid, uint64_t base, uint64_t first, uint64_t count,
+                  uint8_t *out);
 /* cdef-end */
 
 #endif

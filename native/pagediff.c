@@ -205,7 +205,8 @@ int64_t pd_gather(const uint8_t *ram, uint64_t npages, const uint32_t *idx,
         }
         if (!out || out_cap - o < PS)
             return PD_ENOSPC;
-        memcpy(out + o, p, PS);
+        if (out + o != p) /* (pd_gather of out itself: pages moved down over zeros) */
+            memmove(out + o, p, PS);
         if (sums) /* of the copy: what travels, even if ram changes meanwhile */
             sums[k] = checksum_page(out + o);
         o += PS;

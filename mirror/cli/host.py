@@ -47,6 +47,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--prepare", action="store_true",
                    help="write what DOMAIN needs into its persistent definition, for its next "
                         "start (shared memfd RAM, the dirty-page log's preload); pairs nothing")
+    p.add_argument("--live", action="store_true",
+                   help="pair the running domain as it runs, without a restart: RAM that only "
+                        "QEMU maps (no <memoryBacking>, virt-install's) is read from QEMU's "
+                        "process and its dirty-page log made inside QEMU; with --check, also "
+                        "tries that on the domain (changing nothing)")
     p.add_argument("--guest", choices=["libvirt", "synthetic"], default="libvirt",
                    help="libvirt (default); synthetic: a synthetic guest named DOMAIN (tests)")
     p.add_argument("--ram-mib", type=within(int, 1, 1 << 20), default=64,
@@ -149,8 +154,9 @@ def check_standby(
     if not args.peer:
         return domaincheck.with_standby(a, here, "", "no --peer given")
     try:
-        answer = ask(args, "check", {"domain": args.domain, "peer": args.peer,
-                                     "connect": uri}, timeout=40)  # fmt: skip
+        answer = ask(args, "check", {"domain": args.domain, "peer": args.peer, "connect": uri,
+                                     "live": bool(getattr(args, "live", False))},
+                     timeout=40)  # fmt: skip
     except control.ControlError as e:
         if "unknown op 'check'" in str(e) or "does not take 'check'" in str(e):
             # a host agent (there, or here) from before the check was asked of peers
@@ -159,6 +165,44 @@ def check_standby(
             return domaincheck.with_standby(a, [], args.peer, str(e), blocking=True)
         return domaincheck.with_standby(a, here, args.peer, "no host agent runs here")
     return domaincheck.with_standby(a, list(answer.get("refused", [])), args.peer, "")
+
+
+def live_assessment(
+    uri: str, domain: str, a: domaincheck.Assessment
+) -> domaincheck.Assessment:
+    """``a`` as pairing it live sees it (domaincheck.live), with what the running domain
+    itself refuses when it is tried (libvirt.live_probe: a userfaultfd made inside QEMU and
+    closed at once) and what this kernel lacks for the dirty-page log."""
+    from dataclasses import replace
+
+    from mirror.guests import domaincheck
+    from mirror.guests.libvirt import live_probe
+    from mirror.guests.libvirtdom import Domains
+    from mirror.replication import dirtylog
+
+    a = domaincheck.live(a)
+    if a.running is None:
+        return a
+    found = []
+    with Domains(uri) as lv:
+        try:
+            lv.require_running(domain)
+        except Exception as e:  # (LibvirtError) paused
+            found.append(str(e))
+    if not found:
+        found = live_probe(uri, domain)
+    why = dirtylog.probe()
+    if why:
+        found.append(f"this host cannot keep a dirty-page log: {why}")
+    extra = tuple(
+        domaincheck.Finding(
+            "live-refused", f, "pairing it live reads its RAM from QEMU and makes its "
+            "dirty-page log inside QEMU, as this check just tried",
+            "what the message says; or `mirror pair --prepare` and a restart",
+        )
+        for f in found
+    )
+    return replace(a, running=replace(a.running, findings=(*a.running.findings, *extra)))
 
 
 def prepare_domain(uri: str, domain: str) -> int:
@@ -197,7 +241,12 @@ def pair(args: argparse.Namespace) -> int:
                                 f"{', '.join(sorted(cfg.peers)) or 'no peers'} (add it to "
                                 f"[peers] of {args.agent_config})")
         uri = args.connect or cfg.agent.connect
+        if args.live and args.prepare:
+            return output.error("--live pairs the domain as it runs; --prepare changes it "
+                                "for its next start: one or the other")
         a, xml = check_domain(uri, args.domain)
+        if args.live:
+            a = live_assessment(uri, args.domain, a)
         r = check_standby(args, uri, domaincheck.with_agent(a, cfg.agent.bridge), xml)
         print(domaincheck.explain_assessment(r))
         if not r.ok:
@@ -211,6 +260,8 @@ def pair(args: argparse.Namespace) -> int:
         return output.error("--peer HOST is needed (a [peers] name of the host agent's "
                             "configuration)")
     fields: dict[str, Any] = {"pair": args.domain, "peer": args.peer, "kind": args.guest}
+    if args.live:
+        fields["live"] = True
     if args.connect:
         fields["connect"] = args.connect
     if args.guest == "synthetic":

@@ -41,7 +41,7 @@ class LogSource:
     (mirror/guests/uffd.py), for the dirty-page log."""
 
     pid: int
-    socket: str  # a path, or "@name" for an abstract unix socket
+    socket: str  # a path, or "@name" for an abstract unix socket; "": made by injection
 
 
 class Guest(ABC):

@@ -610,6 +610,40 @@ def assess(inactive: str, live: str | None) -> Assessment:
     return Assessment(check(inactive), None if live is None else check(live))
 
 
+PRIVATE_RAM = "the guest's RAM is private anonymous memory"
+
+
+def live_result(r: Result) -> Result:
+    """A domain's findings when it is paired live (``mirror pair --live``): its private
+    anonymous RAM is read from QEMU's process and its dirty-page log made inside QEMU
+    (mirror/guests/procram.py), so neither blocks; the standby runs on a shared memfd."""
+    out = []
+    for f in r.findings:
+        if f.code == "no-preload":
+            continue  # the log comes from a userfaultfd made inside QEMU
+        if f.code == "ram-private" and f.what.startswith(PRIVATE_RAM):
+            f = Finding(
+                "ram-private",
+                f.what,
+                "paired live: mirror reads its RAM from QEMU's process (process_vm_readv) "
+                "and makes its dirty-page log inside QEMU; the standby runs on a shared memfd "
+                "(and so does the guest after a failover, until its next boot)",
+                f"nothing for --live; {prepare_fix(r.name)} to have it mapped instead",
+                blocking=False,
+            )
+        out.append(f)
+    return replace(r, findings=tuple(out))
+
+
+def live(a: Assessment) -> Assessment:
+    """:func:`live_result` of both of the assessment's XMLs."""
+    return replace(
+        a,
+        next_boot=live_result(a.next_boot),
+        running=None if a.running is None else live_result(a.running),
+    )
+
+
 def with_agent(a: Assessment, bridge: str) -> Assessment:
     """What this host agent configuration adds: a socket NIC's frames are released to
     ``[agent] bridge``; with none, the guest would reach nobody (NICs as defined need no

@@ -64,6 +64,7 @@ from mirror.guests.libvirtxml import (
     uses_server_nic,
 )
 from mirror.guests.libvirtxml import qmp_socket_in as qmp_socket_in  # (ha/hostagent.py)
+from mirror.guests.procram import ProcessRam
 from mirror.guests.qemu import NetRelay
 
 log = logging.getLogger("mirror.guests.libvirt")
@@ -109,6 +110,36 @@ def open_conn(uri: str) -> Any:
             f"cannot connect to libvirt at {uri!r}: {e}; is libvirtd running? "
             f"(set [libvirt] connect)"
         ) from None
+
+
+def live_probe(uri: str, name: str) -> list[str]:
+    """What stops pairing the running domain ``name`` live (``mirror pair --live --check``),
+    tried on it with nothing left behind: its QEMU found, its RAM found (private RAM read
+    from QEMU's process: its first and last page), a userfaultfd made inside QEMU and
+    closed at once.  Empty: nothing stops it."""
+    libvirt = _libvirt()
+    conn = open_conn(uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return [f"no domain {name!r} at {uri}"]
+        if not dom.isActive():
+            return [f"{name} is not running"]
+        monitor = LibvirtMonitor(lambda what, fn, *_: fn(dom))
+        try:
+            pid = libvirtram.qemu_pid(monitor, name)
+            ram = libvirtram.find_ram(monitor, pid, name, private_ok=True)
+            if ram.backing == "private":
+                ProcessRam(pid, ram.address, ram.size, f"domain {name!r}'s RAM")
+            if not libvirtram.has_preload(pid):
+                os.close(uffd.inject(pid))
+        except (GuestError, libvirt.libvirtError) as e:
+            return [str(e)]
+        return []
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 # ---- the guest ----------------------------------------------------------------------
@@ -158,6 +189,7 @@ class LibvirtGuest(Guest):
         self.gates: Gates | None = None
         self._early: list[GuestOutput] = []  # frames held before protection (attach)
         self._map: mmap.mmap | None = None
+        self._proc: ProcessRam | None = None  # private RAM (paired live): read from QEMU
         self._saving: concurrent.futures.Future[Any] | None = None
         self._state_fd = self._state_wfd = -1
         self._fdset = -1
@@ -187,19 +219,29 @@ class LibvirtGuest(Guest):
                 self.monitor = LibvirtMonitor(self.call)
             self.pid = libvirtram.qemu_pid(self.monitor, self.name)
             self._pidfd = os.pidfd_open(self.pid)
-            ram = libvirtram.find_ram(self.monitor, self.pid, self.name)
+            ram = libvirtram.find_ram(self.monitor, self.pid, self.name,
+                                      private_ok=settings.private_ram and not standby)
             self._ram_path, self.backing = ram.path, ram.backing
             size = ram_mib << 20
-            fd = os.open(self._ram_path, os.O_RDWR)
-            try:
-                if os.fstat(fd).st_size != size or ram.size != size:
-                    raise GuestError(
-                        f"domain {self.name!r} has {ram.size >> 20} MiB of RAM but "
-                        f"guest.ram_mib = {ram_mib}: make them agree"
-                    )
-                self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-            finally:
-                os.close(fd)
+            if ram.size != size:
+                raise GuestError(
+                    f"domain {self.name!r} has {ram.size >> 20} MiB of RAM but "
+                    f"guest.ram_mib = {ram_mib}: make them agree"
+                )
+            if ram.backing == "private":  # paired live: read from QEMU, never mapped
+                self._proc = ProcessRam(self.pid, ram.address, size,
+                                        f"domain {self.name!r}'s RAM")  # fmt: skip
+            else:
+                fd = os.open(self._ram_path, os.O_RDWR)
+                try:
+                    if os.fstat(fd).st_size != size:
+                        raise GuestError(
+                            f"domain {self.name!r}: its RAM file is {os.fstat(fd).st_size} "
+                            f"bytes, not guest.ram_mib = {ram_mib} MiB"
+                        )
+                    self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+                finally:
+                    os.close(fd)
             if uses_server_nic(xml):
                 addr = server_nic(xml, self.name)
                 self.relay = NetRelay(
@@ -464,7 +506,9 @@ class LibvirtGuest(Guest):
         return self.monitor.execute(name, args or None)
 
     @property
-    def ram(self) -> mmap.mmap:
+    def ram(self) -> mmap.mmap | ProcessRam:  # type: ignore[override]
+        if self._proc is not None:
+            return self._proc
         assert self._map is not None
         return self._map
 
@@ -517,6 +561,8 @@ class LibvirtGuest(Guest):
         for kv in env:
             if kv.startswith(uffd.ENV_SOCK.encode() + b"="):
                 return LogSource(self.pid, kv.split(b"=", 1)[1].decode())
+        if self.settings.private_ram:  # paired live, no preload: made inside QEMU
+            return LogSource(self.pid, "")
         return None
 
     def _balloon_size(self) -> int | None:

@@ -122,6 +122,17 @@ class Domains:
                 ) from None
         return changes
 
+    def require_running(self, name: str) -> None:
+        """LibvirtError unless the domain runs (not paused, not shut off): what pairing it
+        live (``--live``) protects is a guest that runs."""
+        d = self._dom(name)
+        state = d.state()[0]
+        if state == self.lv.VIR_DOMAIN_RUNNING:
+            return
+        if state == self.lv.VIR_DOMAIN_PAUSED:
+            raise LibvirtError(f"{name} is paused: resume it (virsh resume {name}) first")
+        raise LibvirtError(f"{name} is not running: start it (virsh start {name}) first")
+
     def destroy(self, name: str) -> bool:
         """Stop the domain now if it runs (True if it did)."""
         d = self._dom(name)

@@ -13,8 +13,11 @@
     mapped through QEMU's own fd of it: of QEMU's fds, the memfd QEMU made for that backend
     (named ``memory-backend-memfd``) of exactly the backend's size and mapped shared by
     QEMU; none or more than one such is an error, not a pick;
-  - anything else (private anonymous RAM, ``memory-backend-ram``; a backend without
-    ``share``; hugetlbfs) is refused with the change to make.
+  - private anonymous RAM (``memory-backend-ram``: no ``<memoryBacking>``), for a domain
+    paired live (``[libvirt] private_ram``): read from QEMU's process at the address QEMU
+    gives for guest-physical 0 (HMP ``gpa2hva``), which must be in that backend;
+  - anything else (a backend without ``share``; hugetlbfs; private RAM otherwise) is
+    refused with the change to make.
 
 No host-wide setting is needed for memfd RAM (no ``memory_backing_dir`` in qemu.conf).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,7 @@ class GuestRam:
     backing: str  # "file" or "memfd"
     size: int  # bytes
     backend: str  # its QOM path
+    address: int = 0  # "private": where QEMU maps it
 
 
 def qemu_pid(monitor: Monitor, name: str) -> int:
@@ -65,6 +70,15 @@ def qemu_pid(monitor: Monitor, name: str) -> int:
             f"{sorted(holders) or 'no process'})"
         )
     return holders.pop()
+
+
+def has_preload(pid: int) -> bool:
+    """Whether QEMU ``pid`` runs with the dirty-page log's preload (its environment)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(kv.startswith(b"MIRROR_UFFD_SOCK=") for kv in env)
 
 
 def _holders(link: str, key: tuple[int, int]) -> set[int]:
@@ -92,8 +106,9 @@ def _backends(monitor: Monitor) -> list[str]:
     ]
 
 
-def find_ram(monitor: Monitor, pid: int, name: str) -> GuestRam:
-    """The guest's RAM (GuestError saying what to change if mirror cannot map it)."""
+def find_ram(monitor: Monitor, pid: int, name: str, *, private_ok: bool = False) -> GuestRam:
+    """The guest's RAM (GuestError saying what to change if mirror cannot map it);
+    ``private_ok``: private anonymous RAM too (read from the process, not mapped)."""
     backends = _backends(monitor)
     if len(backends) != 1:
         raise GuestError(
@@ -106,6 +121,10 @@ def find_ram(monitor: Monitor, pid: int, name: str) -> GuestRam:
         return monitor.execute("qom-get", {"path": obj, "property": p})
 
     kind = str(prop("type"))
+    if kind == "memory-backend-ram" and private_ok:
+        size = int(prop("size"))  # type: ignore[call-overload]
+        return GuestRam(pid, Path(f"/proc/{pid}/mem"), "private", size, obj,
+                        _address(monitor, obj, size, name))  # fmt: skip
     if kind == "memory-backend-ram":
         raise GuestError(
             f"domain {name!r}: its RAM is private anonymous memory ({kind}), which no other "
@@ -132,6 +151,36 @@ def find_ram(monitor: Monitor, pid: int, name: str) -> GuestRam:
             raise GuestError(_hugetlbfs(name, f"a hugetlbfs file ({path})"))
         return GuestRam(pid, path, "file", size, obj)
     return GuestRam(pid, _memfd(pid, size, name), "memfd", size, obj)
+
+
+def _gpa2hva(monitor: Monitor, gpa: int) -> tuple[str, int]:
+    """(the RAM block, the host address) QEMU gives for guest-physical address ``gpa``."""
+    text = str(monitor.execute("human-monitor-command", {"command-line": f"gpa2hva {gpa:#x}"}))
+    m = re.search(r"\((?P<block>[^)]*)\) is (?P<hva>0x[0-9a-fA-F]+)", text)
+    if m is None:
+        raise GuestError(f"QEMU's gpa2hva {gpa:#x} said {text.strip()!r}")
+    return m["block"], int(m["hva"], 16)
+
+
+LOW_RAM = 0x80000000  # guest RAM below this is at guest-physical = offset (pc and q35)
+
+
+def _address(monitor: Monitor, backend: str, size: int, name: str) -> int:
+    """Where QEMU maps the private RAM of ``backend`` (its id is its last path part): the
+    host address of guest-physical 0, checked at the last low page too (one mapping)."""
+    block, base = _gpa2hva(monitor, 0)
+    if block != backend.rsplit("/", 1)[-1]:
+        raise GuestError(
+            f"domain {name!r}: guest-physical 0 is in {block!r}, not its RAM backend {backend}"
+        )
+    last = min(size, LOW_RAM) - PAGE
+    _, at = _gpa2hva(monitor, last)
+    if at != base + last:
+        raise GuestError(
+            f"domain {name!r}: its private RAM is not one mapping in QEMU (0x{base:x} + "
+            f"{last:#x} is not 0x{at:x}): mirror reads it as one"
+        )
+    return base
 
 
 def _hugetlbfs(name: str, what: str) -> str:

@@ -177,12 +177,14 @@ def fingerprint_of(xml: str, conn: Any) -> str:
 
 def standby_xml(xml: str) -> str:
     """The standby's definition: the domain's, waiting for incoming state (``-incoming
-    defer``, no configuration section: ``xen-save-devices-state`` writes none), and with
+    defer``, no configuration section: ``xen-save-devices-state`` writes none), on RAM
+    mirror maps (a shared memfd if the domain's is private: paired live), and with
     the preload library that lets mirror log its dirty pages once it is promoted (this
     host's, first in LD_PRELOAD; the operator's own libraries after it, as they were)."""
     root = ET.fromstring(xml)
     for attr in ("id",):
         root.attrib.pop(attr, None)
+    _share_ram(root)  # a domain paired live has private RAM: its standby's is a memfd
     cmd = root.find(f"{{{QEMU_NS}}}commandline")
     if cmd is None:
         cmd = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
@@ -251,29 +253,9 @@ def prepared_xml(xml: str) -> tuple[str, list[str]]:
             "its RAM is on hugetlbfs (<memoryBacking><hugepages/>): the dirty-page log and the "
             "page scans work on 4 KiB pages; remove <hugepages/> first (`virsh edit`)"
         )
-    source = "" if mb is None else _get(mb, "source", "type")
-    access = "" if mb is None else _get(mb, "access", "mode")
-    cells = [c for c in root.findall("cpu/numa/cell") if c.get("memAccess", "shared") != "shared"]
-    if source not in ("file", "memfd") or access != "shared" or cells:
-        if mb is None:
-            mb = ET.SubElement(root, "memoryBacking")
-        src = mb.find("source")
-        if src is None:
-            src = ET.SubElement(mb, "source")
-        if source not in ("file", "memfd"):
-            src.attrib.clear()
-            src.set("type", "memfd")
-        acc = mb.find("access")
-        if acc is None:
-            acc = ET.SubElement(mb, "access")
-        acc.set("mode", "shared")
-        for c in cells:
-            c.set("memAccess", "shared")
-        changes.append(
-            f"<memoryBacking><source type='{src.get('type')}'/><access mode='shared'/>"
-            f"</memoryBacking>: guest RAM mirror can map (through QEMU's fd of it; no "
-            f"host-wide setting)"
-        )
+    shared = _share_ram(root)
+    if shared:
+        changes.append(shared)
     env = preload_env()
     if env and not has_preload(root):
         cmd = root.find(f"{{{QEMU_NS}}}commandline")
@@ -300,6 +282,36 @@ def prepared_xml(xml: str) -> tuple[str, list[str]]:
                 "behind the dirty-page log, with no change of the balloon's size"
             )
     return (ET.tostring(root, encoding="unicode") if changes else xml), changes
+
+
+def _share_ram(root: ET.Element) -> str:
+    """RAM mirror can map, in ``root`` (changed in place): private anonymous RAM becomes a
+    shared memfd, a file or memfd mapped private becomes shared; the change made, or ""."""
+    mb = root.find("memoryBacking")
+    source = "" if mb is None else _get(mb, "source", "type")
+    access = "" if mb is None else _get(mb, "access", "mode")
+    cells = [c for c in root.findall("cpu/numa/cell") if c.get("memAccess", "shared") != "shared"]
+    if source not in ("file", "memfd") or access != "shared" or cells:
+        if mb is None:
+            mb = ET.SubElement(root, "memoryBacking")
+        src = mb.find("source")
+        if src is None:
+            src = ET.SubElement(mb, "source")
+        if source not in ("file", "memfd"):
+            src.attrib.clear()
+            src.set("type", "memfd")
+        acc = mb.find("access")
+        if acc is None:
+            acc = ET.SubElement(mb, "access")
+        acc.set("mode", "shared")
+        for c in cells:
+            c.set("memAccess", "shared")
+        return (
+            f"<memoryBacking><source type='{src.get('type')}'/><access mode='shared'/>"
+            f"</memoryBacking>: guest RAM mirror can map (through QEMU's fd of it; no "
+            f"host-wide setting)"
+        )
+    return ""
 
 
 def _get(el: ET.Element, child: str, attr: str) -> str:

@@ -13,6 +13,7 @@ SCM_RIGHTS.  Nothing else about the process or its command line changes.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ import struct
 from pathlib import Path
 
 import mirror
+from mirror._pagediff import ffi, lib
 from mirror.guests.base import GuestError, LogSource
 
 ENV_SOCK = "MIRROR_UFFD_SOCK"
@@ -100,3 +102,37 @@ def fetch(source: LogSource, timeout: float = 5.0) -> int:
         for extra in fds[1:]:
             os.close(extra)
         return fds[0]
+
+
+_INJECT_STEPS = {
+    1: "finding a thread of it blocked in a system call",
+    2: "ptrace (PTRACE_SEIZE)",
+    3: "its registers",
+    4: "userfaultfd() inside it",
+    5: "pidfd_getfd",
+    6: "close() inside it",
+    7: "injection (x86_64 only)",
+}
+
+
+def inject(pid: int) -> int:
+    """A new userfaultfd made inside process ``pid`` without the preload library: one of
+    its threads runs userfaultfd() from its own ``syscall`` instruction under ptrace, the
+    fd is copied here and closed there (native/dirtylog.c, dl_uffd_inject).  The
+    caller owns the fd.  GuestError saying which step failed and why."""
+    step = ffi.new("int *")
+    rc = lib.dl_uffd_inject(pid, step)
+    if rc >= 0:
+        return int(rc)
+    name = errno.errorcode.get(-rc, str(-rc))
+    why = f"{name}: {os.strerror(-rc)}"
+    hint = ""
+    if rc in (-errno.EPERM, -errno.EACCES) and step[0] == 2:
+        hint = (" (mirror needs ptrace rights over QEMU: run it as root, and no debugger "
+                "may be attached to QEMU; kernel.yama.ptrace_scope 3 forbids it)")
+    elif step[0] == 4 and rc in (-errno.EPERM, -errno.EACCES, -errno.ENOSYS):
+        hint = " (QEMU's seccomp sandbox or the kernel refuses userfaultfd)"
+    raise GuestError(
+        f"no userfaultfd made inside process {pid}: {_INJECT_STEPS.get(step[0], 'step ?')} "
+        f"failed ({why}){hint}"
+    )

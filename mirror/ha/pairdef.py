@@ -57,6 +57,7 @@ class PairDef:
     connect: str = ""
     autostart: bool = False  # the domain's autostart before pairing (restored by unpair)
     guest: dict[str, Any] = field(default_factory=dict)  # synthetic: ram_mib, ... observer
+    live: bool = False  # paired live (`mirror pair --live`): private RAM read from QEMU
     state: str = "active"  # "pairing", "active", "failed: ..."
     progress: list[str] = field(default_factory=list)
 
@@ -156,6 +157,8 @@ def role_config(d: PairDef, cfg: AgentConfig, peers: dict[str, PeerAddress],
             lv["tap"] = f"mir{zlib.crc32(d.pair.encode()) & 0xFFFFFF:06x}"
         if not primary:
             lv["standby_xml"] = str(xml_file)
+        if d.live:  # its RAM may be private: read from QEMU, the log made inside it
+            lv["private_ram"] = True
         for k in ("disk_bytes", "disk_virtual"):  # its disk's export (libvirt_disk())
             if d.guest.get(k):
                 lv[k] = d.guest[k]

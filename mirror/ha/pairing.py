@@ -88,6 +88,7 @@ class Pairing:
                         connect=str(req.get("connect") or agent.cfg.agent.connect))
             if kind == "synthetic":
                 d.guest = synthetic_guest(req)
+            d.live = req.get("live") is True
             agent.defs[pair] = d
         threading.Thread(target=self._pair, args=(d,), name=f"pair-{pair}", daemon=True).start()
         return {"started": True}
@@ -111,6 +112,9 @@ class Pairing:
                     # what `mirror pair --check` says, on both XMLs: the running guest
                     # (not running: refused) and its next boot (the standby's definition)
                     a = domaincheck.with_agent(lv.assess(d.domain), agent.cfg.agent.bridge)
+                    if d.live:
+                        a = domaincheck.live(a)
+                        lv.require_running(d.domain)
                     if not a.ok:
                         raise AgentError(domaincheck.explain_assessment(a))
                     xml = lv.inactive_xml(d.domain)
@@ -130,7 +134,8 @@ class Pairing:
             answer = peerlink.ask(
                 peer, agent.public, agent.secret, "prepare",
                 {"pair": d.pair, "kind": d.kind, "xml": xml, "guest": d.guest,
-                 "generation": d.generation, "domain": d.domain, "autostart": d.autostart},
+                 "generation": d.generation, "domain": d.domain, "autostart": d.autostart,
+                 "live": d.live},
                 timeout=PREPARE_WAIT_S + 10,
             )  # fmt: skip
             prepared = True
@@ -300,7 +305,7 @@ class Pairing:
             d = PairDef(pair=pair, kind=str(kind), role="secondary", peer=peer,
                         generation=gen if isinstance(gen, int) and gen > 0 else 1,
                         domain=str(req.get("domain") or pair), connect=agent.cfg.agent.connect,
-                        autostart=req.get("autostart") is True)
+                        autostart=req.get("autostart") is True, live=req.get("live") is True)
             if kind == "synthetic":
                 d.guest = synthetic_guest(req.get("guest") or {})
             else:
@@ -309,6 +314,8 @@ class Pairing:
                 if not isinstance(xml, str):
                     raise AgentError("no domain XML for the standby")
                 r = domaincheck.check(xml)  # a peer's XML is untrusted input too
+                if d.live:
+                    r = domaincheck.live_result(r)
                 if r.name != d.domain or not r.ok:
                     raise AgentError(f"the standby's XML is not mirrorable: "
                                      f"{domaincheck.explain(r)}")
@@ -352,6 +359,8 @@ class Pairing:
             r = domaincheck.check(xml)
         except domaincheck.DomainXMLError as e:
             return {"node": self.agent.node, "refused": [str(e)]}
+        if req.get("live") is True:
+            r = domaincheck.live_result(r)
         refused = [] if r.name == domain else [f"its <name> is {r.name!r}, not {domain!r}"]
         if not r.ok:  # (what the peer's own --check says, found again here)
             refused += [f.what for f in r.blocking]
@@ -373,7 +382,8 @@ class Pairing:
         with Domains(str(req.get("connect") or agent.cfg.agent.connect)) as lv:
             xml = lv.inactive_xml(check_name(domain))
         return peerlink.ask(agent.peers[peer], agent.public, agent.secret, "check",
-                            {"domain": domain, "xml": xml}, timeout=20)  # fmt: skip
+                            {"domain": domain, "xml": xml, "live": req.get("live") is True},
+                            timeout=20)  # fmt: skip
 
     def drop(self, peer: str, req: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent

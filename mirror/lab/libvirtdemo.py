@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -86,18 +87,23 @@ def demo_domain(
 NETWORK = "lan"  # the libvirt network of each host's LAN bridge (forward mode bridge)
 
 
-def operator_domain(img: Path, base: Config, serial: Path, disk: str) -> str:
+def operator_domain(
+    img: Path, base: Config, serial: Path, disk: str, *, prepared: bool = True
+) -> str:
     """The demo guest defined as virt-install defines a server (``--os-variant debian12
-    --graphics none``), after ``mirror pair --prepare``: RAM on a shared memfd with the
-    dirty-page log's preload, a virtio balloon, a ``network`` NIC, a qcow2 disk on virtio
-    with discard, a virtio RNG, the guest agent's channel, a serial console (to a file,
-    which the demo reads), booting the demo image's kernel."""
+    --graphics none``), after ``mirror pair --prepare`` (``prepared=False``: as virt-install
+    left it, private anonymous RAM and no preload, for ``mirror pair --live``): RAM on a
+    shared memfd with the dirty-page log's preload, a virtio balloon, a ``network`` NIC, a
+    qcow2 disk on virtio with discard, a virtio RNG, the guest agent's channel, a serial
+    console (to a file, which the demo reads), booting the demo image's kernel."""
     mac = "52:54:00:12:34:56"
+    backing = ("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+               if prepared else "")  # fmt: skip
     return f"""<domain type='qemu'>
   <name>{DOMAIN}</name>
   <memory unit='KiB'>{base.guest.ram_mib * 1024}</memory>
   <currentMemory unit='KiB'>{base.guest.ram_mib * 1024}</currentMemory>
-  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
+  {backing}
   <vcpu placement='static'>1</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
@@ -133,7 +139,7 @@ def operator_domain(img: Path, base: Config, serial: Path, disk: str) -> str:
     <memballoon model='virtio'/>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
   </devices>
-{qmp_args(None, log=True)}</domain>
+{qmp_args(None, log=prepared)}</domain>
 """
 
 
@@ -217,15 +223,22 @@ class LibvirtDemoGuest:
     def __init__(
         self, *, backing: str = "file", balloon: bool = False, kernel_args: str = "",
         bridges: tuple[str, ...] = (), disk: str = "", disk_bus: str = "virtio",
-        operator: bool = False, disk_file: Path | None = None,
+        operator: bool = False, disk_file: Path | None = None, live: bool = False,
+        before_pair: Callable[[], None] | None = None,
     ) -> None:
         """``disk``: "raw" or "qcow2": the domain has a disk of that format (DISK_MIB, in
         A's /var/lib/libvirt/images) on ``disk_bus``, which the guest keeps its journal on;
         ``operator``: the domain as virt-install defines it instead (operator_domain(), with
         a qcow2 disk): the demo's; ``disk_file``: A's disk is that file (a file of this
         machine's, e.g. mirror/lab/faultdisk.py's, made before start()), bind-mounted at
-        the path the XML names in A's mount namespace."""
+        the path the XML names in A's mount namespace; ``live``: the operator's domain as
+        virt-install left it (private RAM, no preload), paired with ``mirror pair --live``;
+        ``before_pair``: called once the domain runs, before it is paired."""
         self.disk_file = disk_file
+        self.live = live
+        self.before_pair = before_pair
+        if live:
+            operator = True
         self.operator = operator
         if operator:
             disk = "qcow2"
@@ -302,7 +315,8 @@ class LibvirtDemoGuest:
         conn = self.hosts["A"].connect()
         qmp = sock if base.libvirt.qmp == "socket" else None
         if self.operator:
-            xml = operator_domain(img, base, serial, f"{TARGETS['lib']}/images/{DOMAIN}.qcow2")
+            xml = operator_domain(img, base, serial, f"{TARGETS['lib']}/images/{DOMAIN}.qcow2",
+                                  prepared=not self.live)
         else:
             xml = demo_domain(img, base, serial, qmp, **self.domain_options)  # type: ignore[arg-type]
         dom = conn.defineXML(xml)
@@ -310,8 +324,10 @@ class LibvirtDemoGuest:
         dom.create()
         self.xml_before = {"live": dom.XMLDesc(0), "defined": dom.XMLDesc(2)}
         mark(f"host A: domain {DOMAIN} defined (autostart on) and started by its libvirtd")
-        cmd = ["mirror", "pair", DOMAIN, "--peer", "hostB", "--agent-config",
-               str(agents["A"].config_path)]  # fmt: skip
+        if self.before_pair is not None:
+            self.before_pair()
+        cmd = ["mirror", "pair", DOMAIN, "--peer", "hostB", *(["--live"] if self.live else []),
+               "--agent-config", str(agents["A"].config_path)]  # fmt: skip
         mark(f"host A: $ {' '.join(cmd)}")
         proc = subprocess.Popen(
             [*self.hosts["A"].enter(), "--", sys.executable, "-m", *cmd],

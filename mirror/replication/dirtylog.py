@@ -27,6 +27,7 @@ from pathlib import Path
 from mirror._pagediff import ffi, lib
 from mirror.guests import uffd
 from mirror.guests.base import Guest, GuestError
+from mirror.guests.procram import ProcessRam
 
 PAGE_SIZE: int = lib.PD_PAGE_SIZE
 SIMULATE_ENV = "MIRROR_DIRTYLOG_SIMULATE"  # "old-kernel": testing hook, PAGEMAP_SCAN refused
@@ -139,13 +140,18 @@ class DirtyLog:
             )
         self.pid = source.pid
         self.npages = len(guest.ram) // PAGE_SIZE
-        self.start = find_mapping(source.pid, guest.ram_path, len(guest.ram))
+        ram = guest.ram
+        self.start: int
+        if isinstance(ram, ProcessRam):  # private RAM: its own address in the process
+            self.start = ram.base
+        else:
+            self.start = find_mapping(source.pid, guest.ram_path, len(ram))
         self._out = array("I", bytes(4 * self.npages))
         self._out_p = ffi.from_buffer("uint32_t[]", self._out)
         self.uffd = -1
         self.pagemap = -1
         try:
-            self.uffd = uffd.fetch(source)
+            self.uffd = uffd.fetch(source) if source.socket else uffd.inject(source.pid)
         except GuestError as e:
             raise DirtyLogError(str(e)) from e
         try:

