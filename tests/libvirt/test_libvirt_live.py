@@ -102,7 +102,10 @@ def test_a_running_domain_with_private_ram_is_paired_live_and_survives_a_host_ki
         assert "<memoryBacking>" not in inactive(dom_a)
         # the dirty-page log, made inside QEMU: mirror holds the only userfaultfd
         roles = a.status() or {}
-        assert roles.get("phase") == "protected"
+        assert roles["summary"]["scan"] == "log", roles["summary"]
+        assert re.fullmatch(r"/proc/\d+/mem", roles["ram"]), roles["ram"]
+        qemu = lab.guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
+        assert qemu is not None and uffds(qemu) == 0  # QEMU's own copy was closed at once
         serial = lab.guest.serial(lab.root)
         assert boots(serial) == 1
         # B's standby: on a shared memfd, waiting
@@ -126,3 +129,58 @@ def test_a_running_domain_with_private_ram_is_paired_live_and_survives_a_host_ki
         after = counters(lab.log)
         assert after == sorted(after) and len(after) > len(seen)
         check_image(dom_b, lab.guest.hosts["B"].root / "lib" / "images" / "web01.qcow2", "qcow2")
+
+
+def test_a_live_pairing_the_peer_refuses_changes_nothing(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """B cannot start the standby (its libvirt network is gone): `mirror pair --live`
+    fails with the reason, and the domain on A runs on as it was."""
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvlive-"))
+    lan = GuestLan()
+    hosts: list[Host] = []
+    log = root / "client.jsonl"
+    box: dict[str, Any] = {}
+    guest: libvirtdemo.LibvirtDemoGuest
+
+    def before_pair() -> None:
+        serial = guest.serial(root)
+        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
+        box["client"] = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
+        wait_for("journal writes before pairing", lambda: writes(log) > 10, 60, hosts)
+        dom = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
+        box["defined"] = inactive(dom)
+        net = guest.hosts["B"].connect().networkLookupByName(libvirtdemo.NETWORK)
+        net.destroy()
+        net.undefine()
+
+    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True, before_pair=before_pair)
+    try:
+        with pytest.raises(RuntimeError, match="pair"):
+            guest.start(lan, root, libvirtdemo.default_base(), guest_image, "web01", hosts,
+                        lambda *_a, **_k: None)  # fmt: skip
+        said = "\n".join(guest.pair_output)
+        assert "did not start on hostB" in said or "network" in said, said
+        assert "Traceback" not in said
+        dom = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
+        assert dom.isActive() and inactive(dom) == box["defined"] and dom.autostart() == 1
+        qemu = guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
+        assert qemu is not None and uffds(qemu) == 0
+        assert boots(guest.serial(root)) == 1
+        n = writes(log)
+        wait_for("journal writes after", lambda: writes(log) > n + 10, 60, hosts)
+        a = next(h for h in hosts if h.name == "hostA")
+        assert isinstance(a, libvirtdemo.AgentHost)
+        listed = subprocess.run(
+            [*guest.hosts["A"].enter(), "--", sys.executable, "-m", "mirror", "list",
+             "--agent-config", str(a.config_path)], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "web01" not in listed.stdout, listed.stdout
+        client = box["client"]
+        client.send_signal(signal.SIGTERM)
+        client.wait(30)
+        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
+        assert summary.get("error") is None and summary["journal_intact"], summary
+    finally:
+        qemudemo.stop_all(box.get("client"), hosts, guest, lan)
+        shutil.rmtree(root, ignore_errors=True)
