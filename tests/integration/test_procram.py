@@ -13,8 +13,8 @@ import sys
 from array import array
 
 import pytest
-
 from mirror._pagediff import ffi, lib
+
 from mirror.guests import uffd
 from mirror.guests.base import GuestError
 from mirror.guests.procram import ProcessRam
@@ -26,20 +26,21 @@ if dirtylog.probe() is not None:
 
 PAGES = 8192  # 32 MiB
 WRITER = r"""
+PAGES = {pages}
 import ctypes, mmap, os, random, sys, time
-m = mmap.mmap(-1, %d * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m = mmap.mmap(-1, PAGES * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 m.madvise(mmap.MADV_HUGEPAGE)
 m[:] = os.urandom(len(m))  # populated: huge pages where the kernel gives them
 print(hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
 sys.stdin.readline()  # the log is set up
 r = random.Random(7)
 while True:  # random pages, each a few bytes at a random place
-    p = r.randrange(%d)
+    p = r.randrange(PAGES)
     o = p * 4096 + r.randrange(4088)
     m[o:o + 8] = r.randbytes(8)
     if r.random() < 0.001:
         time.sleep(0.0005)
-""" % (PAGES, PAGES)
+""".replace("{pages}", str(PAGES))
 
 
 def test_a_log_made_by_injection_sees_every_write_to_private_memory() -> None:
@@ -95,7 +96,7 @@ def test_a_gone_process_reads_as_a_clear_error() -> None:
     w = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     w.kill()
     w.wait()
-    with pytest.raises(GuestError, match="gone|failed"):
+    with pytest.raises(GuestError, match=r"gone|failed"):
         ProcessRam(w.pid, 0x10000, 4096)
     with pytest.raises(GuestError, match="no userfaultfd made inside process"):
         uffd.inject(w.pid)
