@@ -226,6 +226,9 @@ def pair(args: argparse.Namespace) -> int:
         from mirror.config import load_agent
         from mirror.guests import domaincheck
 
+        if args.live and args.prepare:
+            return output.error("--live pairs the domain as it runs; --prepare changes it "
+                                "for its next start: one or the other")
         if args.prepare:  # needs no host agent: only the domain's definition changes
             uri = args.connect
             if uri is None:
@@ -241,9 +244,6 @@ def pair(args: argparse.Namespace) -> int:
                                 f"{', '.join(sorted(cfg.peers)) or 'no peers'} (add it to "
                                 f"[peers] of {args.agent_config})")
         uri = args.connect or cfg.agent.connect
-        if args.live and args.prepare:
-            return output.error("--live pairs the domain as it runs; --prepare changes it "
-                                "for its next start: one or the other")
         a, xml = check_domain(uri, args.domain)
         if args.live:
             a = live_assessment(uri, args.domain, a)

@@ -242,3 +242,46 @@ def test_a_uefi_domain_gets_the_nvram_note_from_what_libvirt_says(
     finally:
         dom.destroy()
         dom.undefineFlags(4)  # VIR_DOMAIN_UNDEFINE_NVRAM
+
+
+def test_live_check_tries_the_running_domain_and_changes_nothing(
+    libvirt_host: HostFactory, guest_image: Path, tmp_path: Path
+) -> None:
+    """What virt-install writes, running: `--check` alone refuses it (a restart needed);
+    `--check --live` says it can be paired as it runs (its RAM read from QEMU, the log made
+    inside QEMU, as the check just tried) and leaves no userfaultfd in QEMU and its
+    definition as it was; paused, it is refused with one line; with --prepare, an error."""
+    import os
+
+    h = libvirt_host("A")
+    conn = h.connect()
+    anon = domain_xml("web03", guest_image, nic_port=free_ports(1)[0]).replace(
+        "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>", "")
+    dom = conn.defineXML(anon)
+    dom.create()
+    before = inactive(conn, "web03")
+    agent = tmp_path / "agent.toml"
+    agent.write_text(agent_toml(tmp_path, "A", "B", h.uri))
+    cfg = ("--agent-config", str(agent), "--peer", "hostB", "--connect", h.uri)
+
+    r = mirror("pair", "web03", "--check", *cfg)
+    assert r.returncode == 1 and "[ram-private]" in r.stdout, r.stdout + r.stderr
+    r = mirror("pair", "web03", "--check", "--live", *cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("web03: can be mirrored"), r.stdout
+    assert "paired live: mirror reads its RAM from QEMU's process" in r.stdout
+    assert "checkpoints would use the dirty-page log" in r.stdout
+    pid = h.qemu_pid("web03")
+    assert pid is not None
+    held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert "anon_inode:[userfaultfd]" not in held
+    assert inactive(conn, "web03") == before and dom.isActive()
+
+    dom.suspend()
+    r = mirror("pair", "web03", "--check", "--live", *cfg)
+    assert r.returncode == 1 and "web03 is paused: resume it" in r.stdout, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    dom.resume()
+    r = mirror("pair", "web03", "--live", "--prepare", *cfg)
+    assert r.returncode != 0 and "one or the other" in r.stderr + r.stdout
+    dom.destroy()
