@@ -47,6 +47,13 @@ def add_parsers(sub: Any) -> None:
         "(needs root); libvirt: the same with a libvirt domain (each host runs its own "
         "libvirtd)",
     )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="--guest libvirt: the domain as virt-install leaves it (private RAM, no "
+        "preload), running with the client connected, then paired as it runs with "
+        "`mirror pair --live` (no restart)",
+    )
     p.add_argument("--config", help="base configuration (TOML); the options below override it")
     p.add_argument(
         "--ram-mib",
@@ -160,6 +167,8 @@ def held(result: dict[str, Any], kill_after: float | None) -> str | None:
 def run(args: argparse.Namespace) -> int:
     """`mirror demo`: 0 the demo held, 1 it did not (synthetic: see `held`; qemu,
     libvirt: the client's connection did not survive)."""
+    if args.live and args.guest != "libvirt":
+        return output.error("--live is for --guest libvirt (a libvirt domain paired as it runs)")
     if args.guest in ("qemu", "libvirt"):
         return run_qemu(args)
     from mirror.config import parse_hostport
@@ -212,7 +221,7 @@ def run_qemu(args: argparse.Namespace) -> int:
     base = qemu_base(args, libvirtdemo.default_base() if libvirt else qemudemo.default_base())
     r = qemudemo.run(
         base,
-        guest=libvirtdemo.LibvirtDemoGuest(operator=True) if libvirt else None,
+        guest=libvirtdemo.LibvirtDemoGuest(operator=True, live=args.live) if libvirt else None,
         image_dir=_image_dir(args.image_dir),
         kill_after=args.kill_after or 5.0,
         run_on=5.0 if args.run_on is None else args.run_on,

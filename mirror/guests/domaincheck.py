@@ -600,7 +600,8 @@ def _firmware(root: ET.Element, name: str) -> list[Finding]:
 
 
 SCANS = {
-    "log": "the dirty-page log (the preload is in its XML; Linux >= 6.7, else hashed)",
+    "log": "the dirty-page log (the preload in its XML, or made inside QEMU when paired "
+    "live; Linux >= 6.7, else hashed)",
     "hashed": "the hashed scan (no preload in its XML: the pause grows with RAM)",
 }
 

@@ -215,26 +215,43 @@ def run(
     result: dict[str, Any] = {}
     try:
         mark("network namespaces up: LAN bridge, host A, host B, client; interconnect A-B")
+        writes = base.disk.size_mib or guest_writes_disk(guest)
+        early: list[subprocess.Popen[bytes]] = []
+        if getattr(guest, "live", False):  # paired as it runs: the client connects first
+
+            def client_first() -> None:
+                serial = guest.serial(root)
+                wait_for("the guest's service", lambda: "guestd: listening" in _read(serial),
+                         120, hosts)  # fmt: skip
+                mark(f"guest: service up on {GUEST_IP}:{PORT}, not yet protected")
+                early.append(start_client(lan, log, connect_for=60,
+                                          write_every=0.1 if writes else 0.0))  # fmt: skip
+                c = wait_for("the client to connect", lambda: next(
+                    (e for e in client_events(log) if e["event"] == "connected"), None), 60,
+                    hosts)  # fmt: skip
+                mark(f"client: one TCP connection to {GUEST_IP}:{PORT}", c["t"])
+
+            guest.before_pair = client_first  # type: ignore[attr-defined]
         a, b = guest.start(lan, root, base, img, pair, hosts, mark)
+        client = early[0] if early else None
         st = wait_for("the pre-copy", lambda: (a.status() or {}).get("phase") == "protected"
                       and a.status(), 120, hosts)  # fmt: skip
         mark(f"host A: guest running under {guest.label}; sync to B done, "
              f"checkpoints every {base.checkpoint.epoch_ms} ms")  # fmt: skip
-        serial = guest.serial(root)
-        wait_for("the guest's service", lambda: "guestd: listening" in _read(serial), 120, hosts)
-        mark(
-            f"guest: service up on {GUEST_IP}:{PORT} (checkpoint {(a.status() or {}).get('epoch')})"
-        )
-        client = start_client(lan, log, connect_for=60,
-                              write_every=0.1 if base.disk.size_mib or guest_writes_disk(guest)
-                              else 0.0)  # fmt: skip
-        connected = wait_for(
-            "the client to connect",
-            lambda: next((e for e in client_events(log) if e["event"] == "connected"), None),
-            60,
-            hosts,
-        )
-        mark(f"client: one TCP connection to {GUEST_IP}:{PORT}", connected["t"])
+        if client is None:  # (paired live: it connected before the pairing)
+            serial = guest.serial(root)
+            wait_for("the guest's service", lambda: "guestd: listening" in _read(serial), 120,
+                     hosts)  # fmt: skip
+            mark(f"guest: service up on {GUEST_IP}:{PORT} (checkpoint "
+                 f"{(a.status() or {}).get('epoch')})")  # fmt: skip
+            client = start_client(lan, log, connect_for=60, write_every=0.1 if writes else 0.0)
+            connected = wait_for(
+                "the client to connect",
+                lambda: next((e for e in client_events(log) if e["event"] == "connected"), None),
+                60,
+                hosts,
+            )
+            mark(f"client: one TCP connection to {GUEST_IP}:{PORT}", connected["t"])
         end = time.monotonic() + kill_after
         while time.monotonic() < end:
             time.sleep(0.1)
