@@ -88,14 +88,17 @@ def start_pair(
 
 
 def start_client(
-    lan: GuestLan, log: Path, connect_for: float = 120, write_every: float = 0.0
+    lan: GuestLan, log: Path, connect_for: float = 120, write_every: float = 0.0,
+    echo_every: float = 0.2, gaps_over: float = 0.0,
 ) -> subprocess.Popen[bytes]:
     """The TCP client in its namespace, in a process group of its own (``write_every``:
-    it also writes the guest's disk journal, and reads it back at the end)."""
+    it also writes the guest's disk journal, and reads it back at the end; ``gaps_over``:
+    it logs every silence longer than that)."""
     return subprocess.Popen(
         [*lan.prefix("C"), sys.executable, "-m", "mirror.lab.tcpclient",
          "--connect", f"{GUEST_IP}:{PORT}", "--log", str(log),
-         "--connect-for", str(connect_for), "--write-every", str(write_every)],
+         "--connect-for", str(connect_for), "--write-every", str(write_every),
+         "--echo-every", str(echo_every), "--gaps-over", str(gaps_over)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip

@@ -105,6 +105,7 @@ def run(
     connect_for: float,
     log: TextIO,
     write_every: float = 0.0,
+    gaps_over: float = 0.0,
 ) -> int:
     c = Client(log)
     stop = []
@@ -137,7 +138,8 @@ def run(
                 pending += b"journal\n"
             elif time.monotonic() > asked_journal:
                 break
-        r, _, _ = select.select([sock], [], [], 0.05)
+        wait = min(0.05, max(0.0, next_echo - time.monotonic()))
+        r, _, _ = select.select([sock], [], [], wait)
         now = time.time()
         if r:
             try:
@@ -152,6 +154,8 @@ def run(
                 c.max_silence, c.max_silence_at = now - last_rx, now
             if now - last_rx > 0.3:
                 c.emit("resumed-after-silence", silence_s=round(now - last_rx, 3))
+            elif gaps_over and now - last_rx > gaps_over:
+                c.emit("silence", silence_s=round(now - last_rx, 4))
             last_rx = now
             buf += data
             *lines, buf = buf.split(b"\n")
@@ -200,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="send `write K` this often (a guest with a disk); read the journal back at the end",
     )
+    ap.add_argument("--gaps-over", type=float, default=0.0, metavar="S",
+                    help="log every silence longer than S (event `silence`; 0: none)")
     ap.add_argument("--log", required=True, help="JSON lines of events")
     args = ap.parse_args(argv)
     host, _, port = args.connect.rpartition(":")
     with open(args.log, "a") as log:
-        return run(host, int(port), args.echo_every, args.connect_for, log, args.write_every)
+        return run(host, int(port), args.echo_every, args.connect_for, log, args.write_every,
+                   args.gaps_over)
 
 
 if __name__ == "__main__":
