@@ -20,8 +20,10 @@ hostB --live`, and waits W after it is protected.  Printed per round and as medi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +34,7 @@ from typing import Any
 from mirror.guests import image
 from mirror.lab import libvirtdemo, qemudemo
 from mirror.lab.demo import Host, wait_for
-from mirror.lab.netlab import GuestLan
+from mirror.lab.netlab import IC_IP, GuestLan
 
 WINDOW_S = 3.0
 
@@ -44,7 +46,35 @@ def _longest(events: list[dict[str, Any]], a: float, b: float) -> float:
                default=0.0)  # fmt: skip
 
 
-def one_round(img: Path, ram_mib: int) -> dict[str, Any]:
+def _migrate(guest: libvirtdemo.LibvirtDemoGuest, src: str, dst: str) -> dict[str, Any]:
+    """`virsh migrate --live --copy-storage-all` of the domain from host ``src`` to ``dst``
+    (the client-driven API: the bench holds both connections), the migration stream and
+    the disk's NBD on the interconnect; its time and libvirt's own downtime figure."""
+    import libvirt
+
+    dconn = guest.hosts[dst].connect()
+    images = guest.hosts[dst].root / "lib" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    target = images / f"{libvirtdemo.DOMAIN}.qcow2"
+    if not target.exists():  # (libvirt copies the disk into an image that must be there)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target),
+                        f"{libvirtdemo.DISK_MIB}M"], check=True)  # fmt: skip
+    dom = guest.hosts[src].connect().lookupByName(libvirtdemo.DOMAIN)
+    params = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{IC_IP[dst]}:49200",
+              libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: IC_IP[dst]}  # fmt: skip
+    t0 = time.time()
+    flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_NON_SHARED_DISK
+    moved = dom.migrate3(dconn, params, flags)
+    t1 = time.time()
+    stats: dict[str, Any] = {}
+    with contextlib.suppress(libvirt.libvirtError):
+        stats = moved.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    return {"from": t0, "to": t1, "s": round(t1 - t0, 2), "downtime_ms": stats.get("downtime")}
+
+
+def one_round(
+    img: Path, ram_mib: int, keep: bool = False, migrate: bool = True
+) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="mirror-blive-"))
     lan = GuestLan()
     hosts: list[Host] = []
@@ -60,6 +90,9 @@ def one_round(img: Path, ram_mib: int) -> dict[str, Any]:
         wait_for("the client", lambda: any(e["event"] == "connected"
                                            for e in qemudemo.client_events(log)), 60, hosts)
         time.sleep(WINDOW_S)
+        if migrate:  # the baseline: libvirt's own live migration there and back
+            box["migrations"] = [_migrate(guest, "A", "B"), _migrate(guest, "B", "A")]
+            time.sleep(WINDOW_S)
         box["pair_at"] = time.time()
 
     guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True, before_pair=before_pair)
@@ -74,7 +107,15 @@ def one_round(img: Path, ram_mib: int) -> dict[str, Any]:
         pair_at = box["pair_at"]
         said = guest.pair_output[-1]  # "web01 is protected by hostB (2.5 s)"
         took = float(said.rsplit("(", 1)[1].split()[0]) if "(" in said else protected_at - pair_at
+        migs = box.get("migrations", [])
+        mig = {
+            f"migrate_{i}_{k}": v
+            for i, m in enumerate(migs, 1)
+            for k, v in (("s", m["s"]), ("downtime_ms", m["downtime_ms"]),
+                         ("silence_ms", round(_longest(ev, m["from"], m["to"] + 0.5), 1)))
+        }  # fmt: skip
         return {
+            **mig,
             "to_protected_s": round(took, 2),
             "silence_before_ms": round(_longest(ev, pair_at - WINDOW_S, pair_at), 1),
             "silence_pairing_ms": round(_longest(ev, pair_at, protected_at), 1),
@@ -84,7 +125,10 @@ def one_round(img: Path, ram_mib: int) -> dict[str, Any]:
         }
     finally:
         qemudemo.stop_all(box.get("client"), hosts, guest, lan)
-        shutil.rmtree(root, ignore_errors=True)
+        if keep:
+            print(f"files kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,17 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ram-mib", type=int, default=128)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--keep", action="store_true", help="keep each round's files (logs)")
+    ap.add_argument("--no-migrate", action="store_true",
+                    help="without the baseline (libvirt's live migration there and back)")
     args = ap.parse_args(argv)
+    with contextlib.suppress(ImportError):  # libvirt's errors are reported, not printed
+        import libvirt
+
+        libvirt.registerErrorHandler(lambda ctx, err: None, None)
     img = image.ensure(image.DEFAULT_DIR, say=lambda s: None)
     rows = []
     for i in range(args.rounds):
-        r = one_round(Path(img), args.ram_mib)
+        r = one_round(Path(img), args.ram_mib, args.keep, not args.no_migrate)
         rows.append(r)
         print(f"round {i + 1}: " + ", ".join(f"{k} {v}" for k, v in r.items()), flush=True)
     target = 30 + args.ram_mib / 1000
-    med = {k: median(float(r[k]) for r in rows if r[k] is not None)
-           for k in ("to_protected_s", "silence_before_ms", "silence_pairing_ms",
-                     "silence_after_ms", "pause_p50_ms")}  # fmt: skip
+    keys = [k for k in rows[0] if k != "connection_broken"]
+    med = {k: median(float(r[k]) for r in rows if r.get(k) is not None)
+           for k in keys if any(r.get(k) is not None for r in rows)}  # fmt: skip
     print(f"\n{args.ram_mib} MiB, {args.rounds} rounds, medians:")
     print(f"  mirror pair --live to protected: {med['to_protected_s']:.2f} s "
           f"(target < {target:.1f} s: 30 s + RAM / 1 GB/s)")
@@ -110,6 +161,18 @@ def main(argv: list[str] | None = None) -> int:
           f"(baseline), while pairing {med['silence_pairing_ms']:.1f} ms "
           f"({med['silence_pairing_ms'] / max(med['silence_before_ms'], 1):.1f}x), protected "
           f"{med['silence_after_ms']:.1f} ms; checkpoint pause p50 {med['pause_p50_ms']:.1f} ms")
+    if "migrate_1_s" in med:
+        print(f"  beside it, libvirt's own `virsh migrate --live --copy-storage-all` of the "
+              f"same domain (to B, then back to A): {med['migrate_1_s']:.2f} s and "
+              f"{med['migrate_2_s']:.2f} s, libvirt's downtime "
+              f"{med.get('migrate_1_downtime_ms', float('nan')):.0f} ms and "
+              f"{med.get('migrate_2_downtime_ms', float('nan')):.0f} ms, the client's longest "
+              f"silence {med['migrate_1_silence_ms']:.1f} ms and "
+              f"{med['migrate_2_silence_ms']:.1f} ms")
+        base = max(med["migrate_1_silence_ms"], med["migrate_2_silence_ms"])
+        print(f"  pairing live / migrating: longest silence "
+              f"{med['silence_pairing_ms'] / max(base, 1):.2f}x (target <= 1 + one checkpoint "
+              f"pause: {(base + med['pause_p50_ms']) / max(base, 1):.2f}x)")
     if any(r["connection_broken"] for r in rows):
         print("  a client's connection broke")
     if args.json:

@@ -165,6 +165,12 @@ def run_primary(
         outputs = OutputBuffer(sink)
         current.append(outputs)
         run = PrimaryRun(cfg, backend, guest, outputs, generation, cfg.link.host)
+        # a running domain paired as it runs: it runs on (and its outputs pass) until its
+        # first checkpoint; no reason to stop it while the standby answers
+        live = cfg.guest.kind == "libvirt" and cfg.libvirt.private_ram
+        if live:
+            outputs.passing = True
+            guest.resume()
         signal.signal(signal.SIGUSR2, lambda signum, frame: run.switch.set() if run else None)
 
         def switch_now() -> dict[str, Any]:
@@ -181,7 +187,8 @@ def run_primary(
         except PairingStopped:
             log.info("stopped before a standby answered: the guest never ran")
             return 0
-        guest.resume()
+        if not live:
+            guest.resume()
         end = None if duration is None else time.monotonic() + duration
         code = run.protect(stop, end, epochs)
         retry = run.retry

@@ -227,6 +227,8 @@ class CheckpointEngine(InFlight):
             self.log.drop()
         t0 = time.perf_counter()
         guest.pause()
+        if self.outputs.passing:  # paired live: the first checkpoint holds what they came from
+            self.outputs.hold()
         t1 = time.perf_counter()
         buf = None
         logged = False  # the dirty pages came from the log: the table is set after the resume

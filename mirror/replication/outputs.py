@@ -38,11 +38,15 @@ class OutputBuffer:
         # first checkpoint (those made during the pre-copy wait for it by design)
         self.latencies: deque[float] = deque(maxlen=100_000)
         self.unprotected = False
+        # a running domain paired as it runs (`mirror pair --live`): its outputs pass as they
+        # come until the first checkpoint's pause (nothing protects them before it, as
+        # nothing did before pairing; that checkpoint holds the state that made them)
+        self.passing = False
         self.metrics: Metrics | None = None  # the epoch engine's: hold times observed
 
     def add(self, output: GuestOutput) -> None:
         with self._lock:
-            if not self.unprotected:
+            if not self.unprotected and not self.passing:
                 self._held.append((self.epoch, output))
                 return
         with self._releasing:
@@ -61,6 +65,11 @@ class OutputBuffer:
                 self._sink(held)
                 self.released += len(held)
         return len(held)
+
+    def hold(self) -> None:
+        """From now on every output waits for its checkpoint (the end of ``passing``)."""
+        with self._releasing, self._lock:
+            self.passing = False
 
     def close_epoch(self) -> list[tuple[int, bytes]]:
         """End the running epoch (guest paused); returns its outputs, which ride
