@@ -157,3 +157,21 @@ def test_the_engine_refuses_an_ack_of_a_checkpoint_it_never_sent(caplog):
     assert '"event": "ack-refused"' in caplog.text
     engine.on_reply(wire.Ack(7, 1, 0))  # the real one still counts
     assert sent == [1] and engine.acked == 1 and 1 not in engine.in_flight
+
+
+def test_a_domain_paired_live_passes_its_outputs_until_the_first_checkpoint():
+    """`mirror pair --live`: before the first checkpoint nothing protects the guest (as
+    before pairing), so its outputs pass as they come; from hold() (the first checkpoint's
+    pause) each waits for its checkpoint."""
+    sent: list[int] = []
+    buf = OutputBuffer(lambda outs: sent.extend(o.seq for o in outs))
+    buf.passing = True
+    buf.add(out(1))
+    buf.add(out(2))
+    assert sent == [1, 2] and buf.held == 0
+    buf.hold()
+    assert buf.close_epoch() == []  # the first checkpoint carries none of them
+    buf.add(out(3))
+    assert sent == [1, 2] and buf.held == 1
+    buf.close_epoch()
+    assert buf.release_through(2) == 1 and sent == [1, 2, 3]
