@@ -679,6 +679,10 @@ STANDBY_WHY = (
 
 
 def _standby_fix(refusal: str, peer: str) -> str:
+    if "CPU" in refusal:
+        return ("give the domain a CPU model both hosts run (<cpu mode='custom'><model>: "
+                "`virsh domcapabilities` on each host lists them), or pair it with a host of "
+                "the same CPU")  # fmt: skip
     if "qemu:commandline" in refusal:
         return ("remove those <qemu:arg>/<qemu:env> from the definition (`virsh edit`): "
                 "only -qmp unix:PATH and mirror's own preload are taken")  # fmt: skip

@@ -6,6 +6,7 @@ exactly as it was.  libvirt-python is imported here, when a command needs it.
 from __future__ import annotations
 
 import contextlib
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from typing import Any
 
@@ -121,6 +122,42 @@ class Domains:
                     f"cannot define {name}'s prepared definition: {e.get_error_message()}"
                 ) from None
         return changes
+
+    def guest_cpu(self, name: str) -> str:
+        """The CPU the running guest ``name`` has, as a ``<cpu>`` the standby's host must
+        be able to run (virConnectCompareCPU): this host's CPU for host-passthrough,
+        host-model and maximum (what the guest sees follows the host); the guest's own
+        ``<cpu>`` for a named model with features.  "" for a TCG domain (type 'qemu':
+        QEMU emulates its CPU on any host) or one without ``<cpu>``."""
+        root = ET.fromstring(self.live_xml(name))
+        cpu = root.find("cpu")
+        if root.get("type") != "kvm" or cpu is None:
+            return ""
+        if cpu.get("mode", "custom") == "custom":
+            return ET.tostring(cpu, encoding="unicode") if cpu.find("model") is not None else ""
+        host = ET.fromstring(self.conn.getCapabilities()).find("host/cpu")
+        return "" if host is None else ET.tostring(host, encoding="unicode")
+
+    def cpu_refusal(self, cpu: str) -> str:
+        """Why this host cannot run a guest whose CPU is ``cpu`` (guest_cpu() of its
+        primary's host; untrusted input); "" if it can."""
+        if not cpu:
+            return ""
+        try:
+            ET.fromstring(cpu)
+            r = self.conn.compareCPU(cpu, 0)
+        except ET.ParseError as e:
+            return f"the guest's CPU description is not XML ({e})"
+        except self.lv.libvirtError as e:
+            return f"this host cannot compare its CPU with the guest's: {e.get_error_message()}"
+        if r == self.lv.VIR_CPU_COMPARE_INCOMPATIBLE:
+            root = ET.fromstring(cpu)
+            model = (root.findtext("model") or "?").strip()
+            return (
+                f"this host's CPU lacks features of the guest's CPU ({model}, as the primary's "
+                f"host gives it): the guest could not go on here after a failover"
+            )
+        return ""
 
     def require_running(self, name: str) -> None:
         """LibvirtError unless the domain runs (not paused, not shut off): what pairing it

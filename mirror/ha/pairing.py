@@ -105,7 +105,7 @@ class Pairing:
         marked = False
         prepared = False
         try:
-            xml = ""
+            xml = cpu = ""
             agent.save(d)
             if d.kind == "libvirt":
                 with Domains(d.connect) as lv:
@@ -118,6 +118,7 @@ class Pairing:
                     if not a.ok:
                         raise AgentError(domaincheck.explain_assessment(a))
                     xml = lv.inactive_xml(d.domain)
+                    cpu = lv.guest_cpu(d.domain)
                     facts = lv.facts(d.domain)
                     if not facts["persistent"]:
                         raise AgentError(f"{d.domain} is a transient domain: define it first")
@@ -135,7 +136,7 @@ class Pairing:
                 peer, agent.public, agent.secret, "prepare",
                 {"pair": d.pair, "kind": d.kind, "xml": xml, "guest": d.guest,
                  "generation": d.generation, "domain": d.domain, "autostart": d.autostart,
-                 "live": d.live},
+                 "live": d.live, "cpu": cpu},
                 timeout=PREPARE_WAIT_S + 10,
             )  # fmt: skip
             prepared = True
@@ -320,6 +321,7 @@ class Pairing:
                     raise AgentError(f"the standby's XML is not mirrorable: "
                                      f"{domaincheck.explain(r)}")
                 refused = standbycheck.standby_refusals(xml, agent.domain_dirs())
+                refused += self._cpu_refusals(req)
                 if refused:
                     raise AgentError(f"{agent.node} does not run the standby XML {peer} sent: "
                                      f"{'; '.join(refused)}")
@@ -365,7 +367,17 @@ class Pairing:
         if not r.ok:  # (what the peer's own --check says, found again here)
             refused += [f.what for f in r.blocking]
         refused += standbycheck.standby_refusals(xml, self.agent.domain_dirs())
+        refused += self._cpu_refusals(req)
         return {"node": self.agent.node, "refused": refused}
+
+    def _cpu_refusals(self, req: dict[str, Any]) -> list[str]:
+        """What this host says of the guest's CPU its peer sent (Domains.cpu_refusal)."""
+        cpu = req.get("cpu")
+        if not isinstance(cpu, str) or not cpu:
+            return []
+        with Domains(self.agent.cfg.agent.connect) as lv:
+            why = lv.cpu_refusal(cpu)
+        return [why] if why else []
 
     def op_check(self, req: dict[str, Any]) -> dict[str, Any]:
         """`mirror pair DOMAIN --check --peer HOST` (the CLI, over the control socket): what
@@ -381,9 +393,10 @@ class Pairing:
             raise AgentError("no domain given")
         with Domains(str(req.get("connect") or agent.cfg.agent.connect)) as lv:
             xml = lv.inactive_xml(check_name(domain))
+            cpu = lv.guest_cpu(domain) if lv.facts(domain)["active"] else ""
         return peerlink.ask(agent.peers[peer], agent.public, agent.secret, "check",
-                            {"domain": domain, "xml": xml, "live": req.get("live") is True},
-                            timeout=20)  # fmt: skip
+                            {"domain": domain, "xml": xml, "live": req.get("live") is True,
+                             "cpu": cpu}, timeout=20)  # fmt: skip
 
     def drop(self, peer: str, req: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent

@@ -285,3 +285,41 @@ def test_live_check_tries_the_running_domain_and_changes_nothing(
     r = mirror("pair", "web03", "--live", "--prepare", *cfg)
     assert r.returncode != 0 and "one or the other" in r.stderr + r.stdout
     dom.destroy()
+
+
+def test_the_standbys_host_refuses_a_guest_cpu_it_cannot_run(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """The standby's host compares the guest's CPU (as its primary's host gives it) with its
+    own (virConnectCompareCPU): its own CPU passes; the same with a feature it lacks, or
+    text that is no CPU, is refused with one line; a TCG domain's CPU is not compared."""
+    from mirror.guests.libvirtdom import Domains
+
+    h = libvirt_host("A")
+    conn = h.connect()
+    with Domains(h.uri) as lv:
+        host = ET.fromstring(conn.getCapabilities()).find("host/cpu")
+        assert host is not None
+        own = ET.tostring(host, encoding="unicode")
+        assert lv.cpu_refusal(own) == ""
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+        # (its /proc/cpuinfo flag, libvirt's name): one this machine lacks
+        lacking = next(name for flag, name in (
+            ("avx512_vp2intersect", "avx512-vp2intersect"), ("amx_tile", "amx-tile"),
+            ("avx512_fp16", "avx512-fp16"), ("avx512f", "avx512f"), ("sha_ni", "sha-ni"),
+        ) if flag not in flags)  # fmt: skip
+        more = ET.fromstring(own)
+        ET.SubElement(more, "feature", policy="require", name=lacking)
+        why = lv.cpu_refusal(ET.tostring(more, encoding="unicode"))
+        assert "lacks features of the guest's CPU" in why, why
+        assert lv.cpu_refusal("<cpu><model>") != ""
+        dom = conn.defineXML(domain_xml("web04", guest_image, nic_port=free_ports(1)[0]))
+        dom.create()
+        try:
+            assert lv.guest_cpu("web04") == ""  # type 'qemu': emulated on any host
+        finally:
+            dom.destroy()
