@@ -50,6 +50,8 @@ static struct {
     struct job *head, *tail;
 } Q = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL};
 
+static int open_conns; /* NBD connections whose reader runs (QEMU's) */
+
 static void conn_put(struct conn *c) {
     pthread_mutex_lock(&Q.mu);
     int last = --c->refs == 0;
@@ -211,9 +213,12 @@ static void *conn_thread(void *arg) {
         }
     }
     shutdown(c->fd, SHUT_RD);
+    __atomic_sub_fetch(&open_conns, 1, __ATOMIC_SEQ_CST);
     conn_put(c);
     return NULL;
 }
+
+int nbd_open_conns(void) { return __atomic_load_n(&open_conns, __ATOMIC_SEQ_CST); }
 
 void *nbd_accept(void *arg) {
     int lfd = (int)(intptr_t)arg;
@@ -222,6 +227,7 @@ void *nbd_accept(void *arg) {
         if (fd < 0) { if (errno == EINTR || errno == ECONNABORTED) continue; return NULL; }
         struct conn *c = calloc(1, sizeof *c);
         c->fd = fd, c->refs = 1;
+        __atomic_add_fetch(&open_conns, 1, __ATOMIC_SEQ_CST);
         pthread_mutex_init(&c->wmu, NULL);
         pthread_t t;
         pthread_create(&t, NULL, conn_thread, c);

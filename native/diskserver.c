@@ -306,6 +306,36 @@ static void *ctl_accept(void *arg) {
     }
 }
 
+/* ---- the role gone (its death signal, SIGUSR2) --------------------------------------
+ * The server outlives its role so that the guest's disk does not fail with it: the stream
+ * to B ends (no role, no barrier: nothing more could commit there) and QEMU is served on
+ * from the local image until it lets go of the disk (the host agent gives it back to
+ * libvirt's own file, or the guest ends); then the server exits. */
+
+static int orphan_pipe[2] = {-1, -1};
+
+static void on_orphan(int sig) {
+    (void)sig;
+    char b = 1;
+    if (write(orphan_pipe[1], &b, 1) < 0) { /* nothing to do in a handler */ }
+}
+
+static void *orphan_thread(void *arg) {
+    (void)arg;
+    char b;
+    while (read(orphan_pipe[0], &b, 1) < 0 && errno == EINTR) {}
+    int n = nbd_open_conns();
+    logmsg("its role is gone: the stream ends%s", n ? "; QEMU is served on until it lets go" : "");
+    pthread_mutex_lock(&S.stream_mu);
+    if (S.peer >= 0) peer_lost("its role is gone");
+    pthread_mutex_unlock(&S.stream_mu);
+    if (S.listen_fd >= 0) shutdown(S.listen_fd, SHUT_RDWR); /* a replica takes no stream more */
+    while (nbd_open_conns() > 0) usleep(50 * 1000);
+    logmsg("no role and no client: exiting");
+    _exit(0);
+    return NULL;
+}
+
 static int usage(void) {
     fprintf(stderr,
             "usage: diskserver --image PATH --size BYTES --nbd SOCK --control SOCK --pair NAME\n"
@@ -347,6 +377,7 @@ int mirror_diskserver_main(int argc, char **argv) {
         (listen_at && (!journal || S.jsize < 4096)))
         return usage();
     signal(SIGPIPE, SIG_IGN);
+    if (pipe2(orphan_pipe, O_CLOEXEC)) { logmsg("pipe: %s", strerror(errno)); return 1; }
     pthread_mutex_init(&S.stream_mu, NULL);
     pthread_mutex_init(&S.mu, NULL);
     pthread_cond_init(&S.cv, NULL);
@@ -406,6 +437,12 @@ int mirror_diskserver_main(int argc, char **argv) {
     int nfd = listen_unix(S.nbd_path), cfd = listen_unix(S.ctl_path);
     if (nfd < 0 || cfd < 0) return 1;
     pthread_t t;
+    pthread_create(&t, NULL, orphan_thread, NULL);
+    pthread_detach(t);
+    struct sigaction sa = {.sa_handler = on_orphan};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR2, &sa, NULL);
+    if (getppid() == 1) on_orphan(SIGUSR2); /* (its role died while it started) */
     for (int i = 0; i < S.workers; i++) { pthread_create(&t, NULL, nbd_worker, NULL); pthread_detach(t); }
     pthread_create(&t, NULL, nbd_accept, (void *)(intptr_t)nfd);
     pthread_detach(t);

@@ -266,6 +266,7 @@ void cmd_promote(char *out, size_t outlen);
 /* disknbd.c */
 void *nbd_worker(void *arg);
 void *nbd_accept(void *arg);
+int nbd_open_conns(void); /* QEMU's connections open now */
 
 #pragma GCC visibility pop
 #endif

@@ -37,9 +37,12 @@ class DiskError(RuntimeError):
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the role dies (a host dies whole)."""
+    """In the child before exec: SIGUSR2 when the role dies.  The server then ends its
+    stream to the replica and serves QEMU on from the local image until QEMU lets go of
+    the disk (a role that dies alone does not take the guest's disk with it: the host
+    agent gives the disk back to libvirt's own file, or the guest ends), then exits."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    libc.prctl(1, signal.SIGUSR2)  # PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,36 @@ def live_probe(uri: str, name: str) -> list[str]:
             conn.close()
 
 
+def disk_back(uri: str, name: str) -> bool:
+    """The running domain ``name``'s disk given back to libvirt's own file node, off the
+    NBD node a role that died left below its format node (its disk server serves on until
+    then: it exits once QEMU lets go); what `unpair` does with the role alive.  False if
+    there was nothing to give back."""
+    libvirt = _libvirt()
+    conn = open_conn(uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        if not dom.isActive():
+            return False
+        monitor = LibvirtMonitor(lambda what, fn, *_: fn(dom))
+        if not libvirtdisk.ours(monitor):
+            return False
+        disk = libvirtdisk.the_disk(dom.XMLDesc(0), name)
+        if disk is None:
+            return False
+        pid = libvirtram.qemu_pid(monitor, name)
+        libvirtdisk.restore(monitor, libvirtdisk.format_node(monitor, pid, disk, name), disk.path)
+        log.warning("domain %s: its disk is on libvirt's own file node again (a role that died "
+                    "had it on mirror's disk server)", name)  # fmt: skip
+        return True
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
 # ---- the guest ----------------------------------------------------------------------
 
 

@@ -234,7 +234,7 @@ def format_node(monitor: Any, pid: int, disk: DomainDisk, name: str) -> dict[str
     )
 
 
-def _ours(monitor: Any) -> list[str]:
+def ours(monitor: Any) -> list[str]:
     """The NBD nodes mirror's roles added to this QEMU (a role that died leaves its own)."""
     return [
         str(n["node-name"]) for n in monitor.execute("query-named-block-nodes", {"flat": True})
@@ -253,10 +253,10 @@ def _drop(monitor: Any, names: list[str]) -> None:
 def through(monitor: Any, opts: dict[str, Any], nbd_path: Path) -> None:
     """The format node's file becomes the disk server's NBD export (a socket connected
     here and passed to QEMU: no path QEMU must be allowed to open).  A node left by a
-    role that died (its server gone with it: the guest's disk I/O failed meanwhile) is
+    role that died (its server serves on until its client lets go, then exits) is
     replaced."""
     node = f"{PREFIX}{os.getpid()}"
-    stale = [n for n in _ours(monitor) if n != node]
+    stale = [n for n in ours(monitor) if n != node]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(str(nbd_path))
@@ -290,4 +290,4 @@ def restore(monitor: Any, opts: dict[str, Any], path: str) -> None:
         raise GuestError(f"the disk's file {path}: {e.strerror}") from None
     monitor.execute("block_resize", {"node-name": opts["file"], "size": size})
     monitor.execute("blockdev-reopen", {"options": [opts]})
-    _drop(monitor, _ours(monitor))
+    _drop(monitor, ours(monitor))

@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mirror.guests import cpulimit
+from mirror.guests.base import GuestError
+from mirror.guests.libvirt import disk_back as libvirt_disk_back
 from mirror.guests.libvirtdom import Domains, LibvirtError
 from mirror.hoststate import read_json, running
 from mirror.replication import nicgate
@@ -135,6 +137,16 @@ def ungate(uri: str, domain: str) -> list[str]:
     except (LibvirtError, nicgate.NicGateError, ET.ParseError) as e:
         log.warning("domain %s: cannot look for a dead run's gate on its NICs: %s", domain, e)
         return []
+
+
+def disk_back(uri: str, domain: str) -> bool:
+    """A dead role's NBD node under ``domain``'s disk replaced by libvirt's own file node
+    (guests.libvirt.disk_back); False if there was none or it could not be done (logged)."""
+    try:
+        return libvirt_disk_back(uri, domain)
+    except (GuestError, LibvirtError) as e:
+        log.warning("domain %s: its disk could not be given back to libvirt: %s", domain, e)
+        return False
 
 
 def ungate_unpaired(uri: str, paired: Iterable[str]) -> list[str]:

@@ -162,6 +162,12 @@ class Pairing:
             why = str(e)
             log.warning("pair %s: pairing failed: %s", d.pair, why)
             with agent.lock:
+                r = agent.running.get(d.pair)
+                if d.kind == "libvirt" and r is not None and not r.alive():
+                    # a role that died: its disk server serves the guest on until the disk
+                    # is back on libvirt's own file (then it exits; the rest of its group
+                    # goes with stop_role)
+                    cleanup.disk_back(d.connect, d.domain)
                 agent.stop_role(d.pair)
                 if prepared:
                     with contextlib.suppress(PeerError):

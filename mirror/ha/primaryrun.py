@@ -268,6 +268,7 @@ class PrimaryRun:
         cfg, engine, outputs, failover = self.cfg, self.engine, self.outputs, self.failover
         rekey = current_rekey(cfg.keys, cfg.node.name)
         self.phase = "precopy"
+        self.write_status()  # (`mirror status` shows the copy under way)
         paired_at = time.monotonic()  # the standby answered HELLO just now
         try:
             if self.guest.disk is not None:

@@ -224,7 +224,8 @@ class LibvirtDemoGuest:
         self, *, backing: str = "file", balloon: bool = False, kernel_args: str = "",
         bridges: tuple[str, ...] = (), disk: str = "", disk_bus: str = "virtio",
         operator: bool = False, disk_file: Path | None = None, live: bool = False,
-        before_pair: Callable[[], None] | None = None,
+        before_pair: Callable[[], None] | None = None, pair_args: tuple[str, ...] = (),
+        must_pair: bool = True,
     ) -> None:
         """``disk``: "raw" or "qcow2": the domain has a disk of that format (DISK_MIB, in
         A's /var/lib/libvirt/images) on ``disk_bus``, which the guest keeps its journal on;
@@ -237,6 +238,8 @@ class LibvirtDemoGuest:
         self.disk_file = disk_file
         self.live = live
         self.before_pair = before_pair
+        self.pair_args, self.must_pair = pair_args, must_pair
+        self.pair_code: int | None = None
         if live:
             operator = True
         self.operator = operator
@@ -327,7 +330,7 @@ class LibvirtDemoGuest:
         if self.before_pair is not None:
             self.before_pair()
         cmd = ["mirror", "pair", DOMAIN, "--peer", "hostB", *(["--live"] if self.live else []),
-               "--agent-config", str(agents["A"].config_path)]  # fmt: skip
+               *self.pair_args, "--agent-config", str(agents["A"].config_path)]  # fmt: skip
         mark(f"host A: $ {' '.join(cmd)}")
         proc = subprocess.Popen(
             [*self.hosts["A"].enter(), "--", sys.executable, "-m", *cmd],
@@ -345,7 +348,8 @@ class LibvirtDemoGuest:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        if code != 0:
+        self.pair_code = code
+        if code != 0 and self.must_pair:
             raise RuntimeError(f"`mirror pair` failed (exit {code}):\n" +
                                "\n".join(self.pair_output[-10:]))  # fmt: skip
         dom = self.hosts["A"].connect().lookupByName(DOMAIN)
@@ -356,14 +360,19 @@ class LibvirtDemoGuest:
         return self.serial_path
 
     def kill_a(self, a: Host) -> str:
-        role = a.role_pid() if isinstance(a, AgentHost) else None
-        lv = self.hosts["A"]
+        return self.kill_host(a, "A")
+
+    def kill_host(self, h: Host, name: str) -> str:
+        """Host ``name`` ("A" or "B") dies whole: its host agent (``h``) and role, its
+        QEMU, libvirtd and virtlogd, SIGKILLed."""
+        role = h.role_pid() if isinstance(h, AgentHost) else None
+        lv = self.hosts[name]
         qemu, daemons = lv.qemu_pid(DOMAIN), lv.group()
-        a.signal(signal.SIGKILL)  # the host agent (and, run by a host agent, its role)
+        h.signal(signal.SIGKILL)  # the host agent (and, run by a host agent, its role)
         lv.kill()  # its QEMU, libvirtd and virtlogd
-        what = f"its host agent's process group {a.proc.pid}"
+        what = f"its host agent's process group {h.proc.pid}"
         if role is not None:
-            what += f", its primary role's {role}"
+            what += f", its role's {role}"
         return f"SIGKILL to {what}, libvirtd's and virtlogd's {daemons}, QEMU {qemu}"
 
     def report(self) -> dict[str, Any]:

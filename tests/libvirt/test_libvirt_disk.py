@@ -235,7 +235,7 @@ def test_a_primary_role_killed_alone_fails_over_and_its_host_becomes_the_standby
     libvirt_host: HostFactory, guest_image: Path
 ) -> None:
     """The primary role (not its host) is SIGKILLed while the guest writes: its disk server
-    goes with it (the guest's disk I/O on A fails; its NICs' gates hold every frame), B
+    stops streaming (no role: nothing more commits on B; its NICs' gates hold every frame), B
     promotes from its replica, A's host agent stops A's fenced guest and starts the
     standby there, B protects the guest again onto A (the disk resynced the other way),
     and no write the guest acknowledged is lost."""

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,83 @@ def test_a_live_pairing_the_peer_refuses_changes_nothing(
         client.wait(30)
         summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
         assert summary.get("error") is None and summary["journal_intact"], summary
+    finally:
+        qemudemo.stop_all(box.get("client"), hosts, guest, lan)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("lost", ["the standby's host", "the primary role"])
+def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
+    libvirt_host: HostFactory, guest_image: Path, lost: str
+) -> None:
+    """Killed during the pre-copy: host B whole (its agent, the standby, libvirtd), or A's
+    primary role alone.  The guest on A runs on, never rebooted, its client's connection
+    intact and its journal writes acknowledged again; with the role gone the pairing is
+    undone (A's definition byte for byte, autostart on, the disk back on libvirt's own file
+    node, no userfaultfd in QEMU); with host B gone the pair stays, unprotected, for B's
+    return."""
+    import threading
+
+    from tests.libvirt.test_libvirt_disk import nodes
+
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvlive-"))
+    lan = GuestLan()
+    hosts: list[Host] = []
+    log = root / "client.jsonl"
+    box: dict[str, Any] = {}
+    guest: libvirtdemo.LibvirtDemoGuest
+
+    def kill_in_precopy() -> None:
+        a = next(h for h in hosts if h.name == "hostA")
+        b = next(h for h in hosts if h.name == "hostB")
+        assert isinstance(a, libvirtdemo.AgentHost)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            st = a.status() or {}
+            if st.get("phase") == "precopy" and a.role_pid() == st.get("pid"):
+                if lost == "the primary role":
+                    os.kill(int(st["pid"]), signal.SIGKILL)
+                else:
+                    guest.kill_host(b, "B")
+                box["killed"] = time.time()
+                return
+            time.sleep(0.005)
+
+    def before_pair() -> None:
+        serial = guest.serial(root)
+        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
+        box["client"] = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
+        wait_for("journal writes before pairing", lambda: writes(log) > 10, 60, hosts)
+        box["defined"] = inactive(guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN))
+        box["killer"] = threading.Thread(target=kill_in_precopy, daemon=True)
+        box["killer"].start()
+
+    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True, before_pair=before_pair,
+                                         pair_args=("--timeout", "20"), must_pair=False)
+    try:
+        guest.start(lan, root, libvirtdemo.default_base(), guest_image, "web01", hosts,
+                    lambda *_a, **_k: None)  # fmt: skip
+        box["killer"].join(10)
+        assert "killed" in box, "the pre-copy was never seen"
+        assert guest.pair_code != 0, guest.pair_output
+        said = "\n".join(guest.pair_output)
+        assert "Traceback" not in said
+        dom = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
+        assert dom.isActive() and boots(guest.serial(root)) == 1
+        n = writes(log)
+        wait_for("journal writes after the loss", lambda: writes(log) > n + 20, 60, [])
+        qemu = guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
+        assert qemu is not None
+        if lost == "the primary role":  # the pairing undone, the domain as it was
+            wait_for("the pairing undone", lambda: inactive(dom) == box["defined"], 30, [])
+            assert dom.autostart() == 1 and uffds(qemu) == 0
+            assert not any(x.startswith("mirror-disk-") for x in nodes(dom)), hosts[-1].log_tail(40)
+        client = box["client"]
+        client.send_signal(signal.SIGTERM)
+        client.wait(30)
+        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
+        assert summary.get("error") is None and summary["journal_intact"], summary
+        assert summary["repeats"] == 0 and connections(log) == 1
     finally:
         qemudemo.stop_all(box.get("client"), hosts, guest, lan)
         shutil.rmtree(root, ignore_errors=True)
