@@ -352,8 +352,9 @@ class LibvirtDemoGuest:
         if code != 0 and self.must_pair:
             raise RuntimeError(f"`mirror pair` failed (exit {code}):\n" +
                                "\n".join(self.pair_output[-10:]))  # fmt: skip
-        dom = self.hosts["A"].connect().lookupByName(DOMAIN)
-        self.xml_after = {"live": dom.XMLDesc(0), "defined": dom.XMLDesc(2)}
+        if code == 0:
+            dom = self.hosts["A"].connect().lookupByName(DOMAIN)
+            self.xml_after = {"live": dom.XMLDesc(0), "defined": dom.XMLDesc(2)}
         return agents["A"], agents["B"]
 
     def serial(self, root: Path) -> Path:

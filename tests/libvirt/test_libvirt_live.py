@@ -187,7 +187,7 @@ def test_a_live_pairing_the_peer_refuses_changes_nothing(
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("lost", ["the standby's host", "the primary role"])
+@pytest.mark.parametrize("lost", ["the standby's host", "the primary role", "the primary's host"])
 def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
     libvirt_host: HostFactory, guest_image: Path, lost: str
 ) -> None:
@@ -196,7 +196,8 @@ def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
     intact and its journal writes acknowledged again; with the role gone the pairing is
     undone (A's definition byte for byte, autostart on, the disk back on libvirt's own file
     node, no userfaultfd in QEMU); with host B gone the pair stays, unprotected, for B's
-    return."""
+    return; with host A gone the guest is gone with it (it was not protected yet) and B
+    never runs it (no checkpoint committed there)."""
     import threading
 
     from tests.libvirt.test_libvirt_disk import nodes
@@ -218,6 +219,8 @@ def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
             if st.get("phase") == "precopy" and a.role_pid() == st.get("pid"):
                 if lost == "the primary role":
                     os.kill(int(st["pid"]), signal.SIGKILL)
+                elif lost == "the primary's host":
+                    guest.kill_host(a, "A")
                 else:
                     guest.kill_host(b, "B")
                 box["killed"] = time.time()
@@ -243,6 +246,15 @@ def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
         assert guest.pair_code != 0, guest.pair_output
         said = "\n".join(guest.pair_output)
         assert "Traceback" not in said
+        if lost == "the primary's host":
+            b = next(h for h in hosts if h.name == "hostB")
+            time.sleep(5)  # B judges A gone: nothing committed, nothing to promote
+            assert (b.status() or {}).get("role") != "primary", b.status()
+            conn_b = guest.hosts["B"].connect()
+            running = [d.name() for d in conn_b.listAllDomains()
+                       if d.isActive() and d.state()[0] == 1]  # VIR_DOMAIN_RUNNING
+            assert running == [], running
+            return
         dom = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
         assert dom.isActive() and boots(guest.serial(root)) == 1
         n = writes(log)
@@ -262,3 +274,31 @@ def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
     finally:
         qemudemo.stop_all(box.get("client"), hosts, guest, lan)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_unpair_after_a_live_pairing_leaves_the_domain_as_the_operator_gave_it(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """`mirror unpair` of a domain paired live: it runs on with its private RAM, its
+    definition byte for byte as before pairing, its disk on libvirt's own file node, no
+    userfaultfd in QEMU, the client's connection and journal writes going on."""
+    from tests.libvirt.test_libvirt_disk import nodes
+
+    with live_paired(guest_image) as (lab, hosts, _lan):
+        assert isinstance(lab.a, libvirtdemo.AgentHost)
+        r = subprocess.run(
+            [*lab.guest.hosts["A"].enter(), "--", sys.executable, "-m", "mirror", "unpair",
+             "web01", "--agent-config", str(lab.a.config_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        dom = lab.dom("A")
+        assert dom.isActive() and inactive(dom) == lab.guest.xml_before["defined"]
+        assert "<memoryBacking>" not in dom.XMLDesc(0)
+        assert not any(x.startswith("mirror-disk-") for x in nodes(dom))
+        qemu = lab.guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
+        assert qemu is not None and uffds(qemu) == 0
+        lab.more_writes("journal writes after unpair", hosts)
+        summary = lab.journal()
+        assert summary["repeats"] == 0 and connections(lab.log) == 1
+        assert boots(lab.guest.serial(lab.root)) == 1
