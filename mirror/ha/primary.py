@@ -54,6 +54,18 @@ def stop_guest(guest: Guest) -> None:
     (guest.detach if DETACHED.is_set() else guest.stop)()
 
 
+def switching(run: PrimaryRun) -> Callable[[], dict[str, Any]]:
+    """`mirror switchover` (the control socket) for ``run``: accepted while protected."""
+
+    def switch_now() -> dict[str, Any]:
+        if run.phase != "protected":
+            return {"accepted": False, "phase": run.phase}
+        run.switch.set()
+        return {"accepted": True}
+
+    return switch_now
+
+
 def lead(
     cfg: Config,
     backend: Backend,
@@ -81,7 +93,8 @@ def lead(
             cfg, backend, guest, OutputBuffer(sink), generation, cfg.link.peer_host or cfg.link.host
         )
         run.retry = retry
-        control.serve({"status": run.status, "detach": detach_on(stop),
+        control.serve({"status": run.status, "switchover": switching(run),
+                       "detach": detach_on(stop),
                        "reload-keys": current_rekey(cfg.keys, cfg.node.name).control})  # fmt: skip
         run.phase = "unprotected"
         try:
@@ -173,13 +186,8 @@ def run_primary(
             guest.resume()
         signal.signal(signal.SIGUSR2, lambda signum, frame: run.switch.set() if run else None)
 
-        def switch_now() -> dict[str, Any]:
-            if run is None or run.phase != "protected":
-                return {"accepted": False, "phase": run.phase if run else "unprotected"}
-            run.switch.set()
-            return {"accepted": True}
-
-        control.serve({"status": run.status, "switchover": switch_now, "detach": detach_on(stop),
+        control.serve({"status": run.status, "switchover": switching(run),
+                       "detach": detach_on(stop),
                        "reload-keys": current_rekey(cfg.keys, cfg.node.name).control})  # fmt: skip
         run.write_status()
         try:

@@ -14,6 +14,7 @@ from mirror.guests.base import GuestOutput
 from mirror.ha import control
 from mirror.ha.backend import Backend, backend_for
 from mirror.ha.primary import lead, stop_guest
+from mirror.ha.primaryrun import SWITCHED_OVER
 from mirror.ha.rekey import current as current_rekey
 from mirror.ha.rekey import keyed
 from mirror.ha.role import FailoverDriver, begin, current_generation, event
@@ -93,13 +94,13 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
         promote = d is not None and d.action is Action.PROMOTE
         return promote
 
+    code = 0
     try:
         standby.serve(stop, tick)
         crashed = False
         if promote:
             failover.metrics.promoted("switchover" if standby.handover else cause[0])
-            return run_promoted(cfg, backend, standby, failover, stop, ready)
-        return 0
+            code = run_promoted(cfg, backend, standby, failover, stop, ready)
     finally:
         if not promote:
             backend.discard(ready)
@@ -115,6 +116,10 @@ def run_secondary(cfg: Config, stop: threading.Event, *, bind_wait: float = 0.0)
                 committed=standby.committed,
             )
         standby.close(remove_image=not keep, keep_state=keep and not promote)
+    if code == SWITCHED_OVER:  # handed over again (`mirror switchover` of the promoted guest)
+        log.info("switched over: this host is the secondary again")
+        return run_secondary(cfg, stop, bind_wait=10.0)
+    return code
 
 
 def run_promoted(

@@ -302,3 +302,40 @@ def test_unpair_after_a_live_pairing_leaves_the_domain_as_the_operator_gave_it(
         summary = lab.journal()
         assert summary["repeats"] == 0 and connections(lab.log) == 1
         assert boots(lab.guest.serial(lab.root)) == 1
+
+
+def test_a_domain_paired_live_goes_to_b_and_back_by_switchover(
+    libvirt_host: HostFactory, guest_image: Path
+) -> None:
+    """`mirror switchover` of a domain paired live: the guest moves to B (its memfd
+    standby) and A holds the standby; a second switchover, from B, brings it back to A, its
+    original host (now on a memfd of mirror's standby); the client's connection from before
+    the pairing goes on throughout and every acknowledged journal write is there."""
+
+    def switchover(lab: Lab, host: str, agent: Host) -> None:
+        assert isinstance(agent, libvirtdemo.AgentHost)
+        r = subprocess.run(
+            [*lab.guest.hosts[host].enter(), "--", sys.executable, "-m", "mirror",
+             "switchover", "web01", "--agent-config", str(agent.config_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0 and "switched over" in r.stdout, r.stdout + r.stderr
+
+    with live_paired(guest_image) as (lab, hosts, _lan):
+        a, b = lab.a, lab.b
+        switchover(lab, "A", a)
+        wait_for("B primary and protected, A its standby",
+                 lambda: (b.status() or {}).get("phase") == "protected"
+                 and (a.status() or {}).get("role") == "secondary", 180, hosts)  # fmt: skip
+        assert "<source type='memfd'/>" in lab.dom("B").XMLDesc(0)
+        lab.more_writes("journal writes on B", hosts)
+        switchover(lab, "B", b)
+        wait_for("A primary and protected again",
+                 lambda: (a.status() or {}).get("phase") == "protected"
+                 and (b.status() or {}).get("role") == "secondary", 180, hosts)  # fmt: skip
+        dom_a = lab.dom("A")
+        assert "<source type='memfd'/>" in dom_a.XMLDesc(0)
+        assert "<memoryBacking>" not in inactive(dom_a)  # its definition: the operator's
+        lab.more_writes("journal writes back on A", hosts)
+        summary = lab.journal()
+        assert summary["repeats"] == 0 and connections(lab.log) == 1, summary
