@@ -374,6 +374,93 @@ def run_case(
     )  # fmt: skip
 
 
+@dataclass
+class EarlyResult:
+    """Early send off and on, alternating on one engine, guest and secondary (same run)."""
+
+    ram_mib: int
+    dirty_pct: float
+    epoch_ms: int
+    at_pct: int
+    max_pause_ms: int
+    rounds: int
+    off_checkpoints: int
+    on_checkpoints: int
+    off_pause_p50: float
+    off_pause_p99: float
+    on_pause_p50: float
+    on_pause_p99: float
+    off_pages_p50: float  # pages in the pause
+    on_pages_p50: float
+    on_early_pages_p50: float  # pages sent early (while the guest ran)
+    on_early_ms_p50: float  # the early send's time (off the pause)
+    off_ack_ms_p50: float
+    on_ack_ms_p50: float
+    off_throttle_p50: float  # the throttle's level (0: full speed)
+    on_throttle_p50: float
+
+    @property
+    def ratio_p50(self) -> float:
+        return self.on_pause_p50 / self.off_pause_p50
+
+    @property
+    def ratio_p99(self) -> float:
+        return self.on_pause_p99 / self.off_pause_p99
+
+
+def _p(values: list[float], pct: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, round(pct / 100 * (len(v) - 1)))] if v else 0.0
+
+
+def compare_early(
+    ram_mib: int,
+    pct: float,
+    *,
+    epoch_ms: int = 50,
+    rounds: int = 4,
+    checkpoints: int = 20,
+    threads: int = 2,
+    at_pct: int = 70,
+    max_pause_ms: int = 0,
+) -> EarlyResult:
+    """Pause with and without ``checkpoint.early_send`` in the same run: one engine, one
+    guest, one secondary; ``rounds`` rounds of ``checkpoints`` checkpoints without, then
+    with (the first 2 of each dropped: the switch)."""
+    base = case_config(ram_mib, pct, epoch_ms, threads, "log")
+    ck = replace(base.checkpoint, early_send=True, early_send_at_pct=at_pct,
+                 max_pause_ms=max_pause_ms)  # fmt: skip
+    base = replace(base, checkpoint=ck)
+    modes = {False: replace(ck, early_send=False), True: ck}
+    recs: dict[bool, list[Any]] = {False: [], True: []}
+    with running_engine(base, f"mirror-bench-early-{ram_mib}.ram") as engine:
+        if engine.method != "log":
+            raise RuntimeError(f"the early send needs the dirty-page log: {engine.stats.scan_note}")
+        for _ in range(rounds):
+            for on in (False, True):
+                engine.cfg = modes[on]
+                first = engine.epoch + 3
+                target = engine.epoch + checkpoints
+                engine.run(lambda t=target: engine.epoch >= t)  # type: ignore[misc]
+                recs[on] += [r for r in engine.stats.records if first <= r.epoch <= target]
+        while engine.in_flight:  # the acks of the last ones
+            engine.pump(time.monotonic() + 0.05)
+    off, on = recs[False], recs[True]
+
+    def med(rs: list[Any], name: str) -> float:
+        vals = [getattr(r, name) for r in rs if getattr(r, name) is not None]
+        return round(median(vals), 3) if vals else 0.0
+
+    return EarlyResult(
+        ram_mib, pct, epoch_ms, at_pct, max_pause_ms, rounds, len(off), len(on),
+        round(_p([r.pause_ms for r in off], 50), 3), round(_p([r.pause_ms for r in off], 99), 3),
+        round(_p([r.pause_ms for r in on], 50), 3), round(_p([r.pause_ms for r in on], 99), 3),
+        med(off, "pages"), med(on, "pages"), med(on, "early_pages"), med(on, "early_ms"),
+        med(off, "ack_ms"), med(on, "ack_ms"), med(off, "throttle_level"),
+        med(on, "throttle_level"),
+    )  # fmt: skip
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of this process and of process ``pid`` (all threads)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
