@@ -76,7 +76,8 @@ def _fault_point() -> tuple[str, int, float] | None:
     later, so that chaos tests hit moments random timing rarely does.  Points:
     "in-pause" (guest stopped, nothing sent), "after-send" (the checkpoint handed
     to zmq; with a delay, on the wire or being applied by the standby), "after-early"
-    (an early part of that checkpoint handed to zmq, the guest running: checkpoint.early_send).  And
+    (the first early part from that checkpoint on handed to zmq, the guest running:
+    checkpoint.early_send).  And
     "corrupt" (no kill): that checkpoint's first sending has one bit of its page
     data flipped, as a bad link would; the standby must reject it and the primary
     send it again, intact.  "lose-log" (no kill): just before that checkpoint the
@@ -250,7 +251,8 @@ class CheckpointEngine(InFlight):
         msg = wire.Pages.of(epoch, batch, part=part, final=False)
         self.send_pages(msg)
         parts.append(msg)
-        _fault(self._fault, "after-early", epoch)
+        if self._fault is not None and self._fault[0] == "after-early" and epoch >= self._fault[1]:
+            _fault(self._fault, "after-early", self._fault[1])  # the first from that epoch on
         # the table describes what the standby holds once this epoch commits (the copy,
         # not live RAM: a page written since is in the log again)
         pd.hash_gathered(self.table, batch)

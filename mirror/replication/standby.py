@@ -470,6 +470,7 @@ class Standby:
             "commits": self.commits,
             "early_pages": self.early_pages,
             "early_staged_parts": len(self.early),
+            "early_staged_epoch": self.early_epoch if self.early else 0,
             "rejected": self.rejected,
             "dropped": self.dropped,
             "refused_keys": self.link.guard.refused if self.link and self.link.guard else 0,
