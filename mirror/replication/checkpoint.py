@@ -416,7 +416,9 @@ class CheckpointEngine(InFlight):
         self.sent_epoch = epoch
         _fault(self._fault, "after-send", epoch)
         if not self.exact or cfg.encoding == "delta":  # gathered in the pause: see prepare
-            self._buffers.prepare(epoch + 1, len(dirty))
+            # sized for the whole epoch, early pages included: a skipped early send (the
+            # window full) must not fault a fresh buffer in inside the next pause
+            self._buffers.prepare(epoch + 1, self._last_epoch_pages)
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)
         self.stats.add(rec)
