@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -398,6 +398,8 @@ class EarlyResult:
     on_ack_ms_p50: float
     off_throttle_p50: float  # the throttle's level (0: full speed)
     on_throttle_p50: float
+    off_split_ms_p50: dict[str, float] = field(default_factory=dict)
+    on_split_ms_p50: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio_p50(self) -> float:
@@ -425,8 +427,9 @@ def compare_early(
     max_pause_ms: int = 0,
 ) -> EarlyResult:
     """Pause with and without ``checkpoint.early_send`` in the same run: one engine, one
-    guest, one secondary; ``rounds`` rounds of ``checkpoints`` checkpoints without, then
-    with (the first 2 of each dropped: the switch)."""
+    guest, one secondary; after ``checkpoints`` checkpoints of warm-up (left out: the
+    pre-copy's wake), ``rounds`` rounds of ``checkpoints`` checkpoints without, then with
+    (the first 2 of each left out: the switch)."""
     base = case_config(ram_mib, pct, epoch_ms, threads, "log")
     ck = replace(base.checkpoint, early_send=True, early_send_at_pct=at_pct,
                  max_pause_ms=max_pause_ms)  # fmt: skip
@@ -436,12 +439,15 @@ def compare_early(
     with running_engine(base, f"mirror-bench-early-{ram_mib}.ram") as engine:
         if engine.method != "log":
             raise RuntimeError(f"the early send needs the dirty-page log: {engine.stats.scan_note}")
+        warm = engine.epoch + checkpoints  # the pre-copy's wake (and the throttle's start)
+        engine.cfg = modes[False]
+        engine.run(lambda: engine.epoch >= warm, release=False)
         for _ in range(rounds):
             for on in (False, True):
                 engine.cfg = modes[on]
                 first = engine.epoch + 3
                 target = engine.epoch + checkpoints
-                engine.run(lambda t=target: engine.epoch >= t)  # type: ignore[misc]
+                engine.run(lambda t=target: engine.epoch >= t, release=False)  # type: ignore[misc]
                 recs[on] += [r for r in engine.stats.records if first <= r.epoch <= target]
         while engine.in_flight:  # the acks of the last ones
             engine.pump(time.monotonic() + 0.05)
@@ -458,6 +464,8 @@ def compare_early(
         med(off, "pages"), med(on, "pages"), med(on, "early_pages"), med(on, "early_ms"),
         med(off, "ack_ms"), med(on, "ack_ms"), med(off, "throttle_level"),
         med(on, "throttle_level"),
+        {k: med(off, f"{k}_ms") for k in ("stop", "scan", "gather", "state", "resume")},
+        {k: med(on, f"{k}_ms") for k in ("stop", "scan", "gather", "state", "resume")},
     )  # fmt: skip
 
 

@@ -62,6 +62,10 @@ def report_early(r: EarlyResult) -> list[str]:
         f"pages in the pause p50 {r.on_pages_p50:.0f}, sent early p50 "
         f"{r.on_early_pages_p50:.0f} (in {r.on_early_ms_p50:.2f} ms, guest running), "
         f"ack p50 {r.on_ack_ms_p50:.1f} ms ({r.on_checkpoints} checkpoints)",
+        "  split p50 ms (stop scan gather state resume): without "
+        + " ".join(f"{v:g}" for v in r.off_split_ms_p50.values())
+        + ", with "
+        + " ".join(f"{v:g}" for v in r.on_split_ms_p50.values()),
         f"  with / without: pause p50 {r.ratio_p50:.2f}, p99 {r.ratio_p99:.2f}"
         + (
             f"; throttle level p50 {r.off_throttle_p50:g} / {r.on_throttle_p50:g}"

@@ -162,6 +162,7 @@ class CheckpointEngine(InFlight):
         self._early_due: list[float] = []  # when (monotonic) this epoch's early sends are due
         self._early_rec = [0, 0, 0, 0.0]  # this epoch's early parts, pages, bytes, ms
         self._last_epoch_pages = 0  # the last checkpoint's pages, early ones included
+        self._resumed_at = 0.0  # when (monotonic) the guest last resumed after a checkpoint
         self._applied_speed = 1.0  # the speed the guest was last set to
         if cfg.max_pause_ms > 0:
             blocker = guest.throttle_blocker()
@@ -199,16 +200,19 @@ class CheckpointEngine(InFlight):
         return True
 
     def _plan_early(self, next_at: float) -> None:
-        """The early sends of the epoch that ends at ``next_at``."""
+        """The early sends of the epoch that ends at ``next_at``: at ``early_send_at_pct``
+        of the time from the guest's resume to ``next_at`` (an epoch shortened because
+        the engine is behind keeps its early send), none closer than a tenth of an epoch
+        to the stop (nothing to gain there)."""
         if not self._early_ready():
             self._early_due = []
             return
         interval = self.cfg.epoch_ms / 1000
-        start, now = next_at - interval, time.monotonic()
+        now = time.monotonic()
+        start = min(self._resumed_at or now, now)
         n, pct = self.cfg.early_sends, self.cfg.early_send_at_pct / 100
-        self._early_due = [
-            t for k in range(1, n + 1) if now < (t := start + interval * pct * k / n) < next_at
-        ]
+        points = (max(now, start + (next_at - start) * pct * k / n) for k in range(1, n + 1))
+        self._early_due = [t for t in points if t < next_at - interval / 10]
 
     def early_send(self) -> int:
         """While the guest runs: the pages the log lists since its last scan (which
@@ -374,6 +378,7 @@ class CheckpointEngine(InFlight):
         if resume:
             guest.resume()
         t5 = time.perf_counter()
+        self._resumed_at = time.monotonic()
         # The guest runs again; what follows is off the pause.
         if batch is None:  # exact scan, raw: the shadow holds the checkpoint's pages
             assert self.shadow is not None
@@ -681,13 +686,21 @@ class CheckpointEngine(InFlight):
             return mode, int(disk.status()["resync_blocks"]) if mode == "resync" else 0
         except DiskError as e:
             raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
-    def run(self, should_stop: Callable[[], bool], *, epochs: int | None = None) -> None:
+    def run(
+        self,
+        should_stop: Callable[[], bool],
+        *,
+        epochs: int | None = None,
+        release: bool = True,
+    ) -> None:
         """Checkpoint every epoch until ``should_stop()``, or after ``epochs`` checkpoints
-        (then wait for their acks and leave the guest paused at the last one)."""
+        (then wait for their acks and leave the guest paused at the last one).  The
+        throttle is released at the end unless ``release`` is false (a bench going on)."""
         try:
             self._run(should_stop, epochs)
         finally:
-            self.release_throttle()
+            if release:
+                self.release_throttle()
 
     def _run(self, should_stop: Callable[[], bool], epochs: int | None) -> None:
         interval = self.cfg.epoch_ms / 1000
