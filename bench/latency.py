@@ -53,7 +53,7 @@ def report_early(r: EarlyResult) -> list[str]:
     throttle = f", throttle {r.max_pause_ms} ms" if r.max_pause_ms else ""
     return [
         f"early send: {r.ram_mib} MiB synthetic guest, {r.dirty_pct:g}% dirty per "
-        f"{r.epoch_ms} ms epoch, scan log{throttle}, early send at {r.at_pct}% of the epoch, "
+        f"{r.epoch_ms} ms epoch, scan log{throttle}, early send at {r.at_pct}%, "
         f"{r.rounds} rounds off/on, real secondary",
         f"  without: pause p50 {r.off_pause_p50:.2f} ms, p99 {r.off_pause_p99:.2f} ms, "
         f"pages in the pause p50 {r.off_pages_p50:.0f}, ack p50 {r.off_ack_ms_p50:.1f} ms "
