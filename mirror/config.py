@@ -75,8 +75,9 @@ class CheckpointConfig:
     # evenly spread up to it) the pages
     # written so far go to the standby as an uncommitted part of the epoch, so the pause
     # carries only what was written since; skipped when the previous epoch had fewer than
-    # early_send_min_pages dirty pages or the window of checkpoints in flight is full
-    early_send: bool = False
+    # early_send_min_pages dirty pages or the window of checkpoints in flight is full (on by
+    # default; without the log or with delta encoding it is off, status early_send.note why)
+    early_send: bool = True
     early_send_at_pct: int = field(default=60, metadata=_range(10, 95))
     early_sends: int = field(default=1, metadata=_range(1, 4))
     early_send_min_pages: int = field(default=256, metadata=_range(0, 1 << 30))
