@@ -58,6 +58,8 @@ class CheckpointResult:
     precopy_gbps: float
     scan: str = "exact"  # the dirty-page scan method the engine ran (checkpoint.scan)
     floor: floor.Floor | None = None  # floor_ms's parts
+    early_send: bool = False  # pages sent while the guest ran (checkpoint.early_send)
+    early_pages_p50: float = 0.0  # then dirty_pages_p50 is the pause's pages
 
     @property
     def pause_over_floor(self) -> float:
@@ -331,7 +333,12 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
 
 
 def case_config(
-    ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1, scan: str = "exact"
+    ram_mib: int,
+    pct: float,
+    epoch_ms: int = 50,
+    threads: int = 1,
+    scan: str = "exact",
+    early_send: bool = CheckpointConfig.early_send,
 ) -> Config:
     """A pair whose synthetic guest dirties about ``pct``% of its pages per epoch.  The
     secondary is patient (silent after 10 minutes): on these 2 busy cores a long
@@ -346,7 +353,8 @@ def case_config(
             dirty_pages_per_s=dirty_rate_for((ram_mib << 20) // PS, pct, epoch_ms),
         ),
         checkpoint=replace(
-            CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2, scan=scan
+            CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2, scan=scan,
+            early_send=early_send,
         ),
     )
 
@@ -360,17 +368,20 @@ def run_case(
     threads: int = 1,
     curve: bool = True,
     scan: str = "exact",
+    early_send: bool = CheckpointConfig.early_send,
 ) -> CheckpointResult:
-    base = case_config(ram_mib, pct, epoch_ms, threads, scan)
+    base = case_config(ram_mib, pct, epoch_ms, threads, scan, early_send)
     base = base if curve else insecure(base)
     with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
         engine.run(threading.Event().is_set, epochs=checkpoints)
         s = summary(engine)
         precopy_s, method = engine.stats.precopy_s, engine.method
+        early = bool(engine.early_status()["on"]) and method == "log"
+        early_p50 = median(r.early_pages for r in list(engine.stats.records)[2:])
     return CheckpointResult(
         ram_mib, pct, epoch_ms, s.checkpoints, s.dirty_pages_p50, s.pause_ms_p50,
         s.pause_ms_p99, s.floor.ms, s.split_ms_p50, s.replication_gbps,
-        (ram_mib << 20) / precopy_s / 1e9, method, s.floor,
+        (ram_mib << 20) / precopy_s / 1e9, method, s.floor, early, early_p50,
     )  # fmt: skip
 
 

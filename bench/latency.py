@@ -31,16 +31,22 @@ def report(r: CheckpointResult) -> list[str]:
     split = ", ".join(f"{k} {v:g}" for k, v in r.split_ms_p50.items())
     lines = [
         f"checkpoint pause: {r.ram_mib} MiB synthetic guest, {r.dirty_pct:g}% dirty per "
-        f"{r.epoch_ms} ms epoch, scan {r.scan}, {r.checkpoints} checkpoints, real secondary",
+        f"{r.epoch_ms} ms epoch, scan {r.scan}, {r.checkpoints} checkpoints, real secondary"
+        + (", early send on" if r.early_send else ""),
         f"  pause p50 {r.pause_ms_p50:.2f} ms, p99 {r.pause_ms_p99:.2f} ms "
-        f"(dirty pages p50 {r.dirty_pages_p50:.0f})",
+        + (
+            f"(pages in the pause p50 {r.dirty_pages_p50:.0f}, sent early p50 "
+            f"{r.early_pages_p50:.0f})"
+            if r.early_send
+            else f"(dirty pages p50 {r.dirty_pages_p50:.0f})"
+        ),
         f"  split p50 ms: {split}",
     ]
     if r.floor is not None:
         lines.append(f"  {r.floor.describe()} (same guest, same run)")
     lines.append(f"  pause p50 / floor: {r.pause_over_floor:.2f}")
     asked = r.dirty_pct / 100 * (r.ram_mib << 20) / pd.PAGE_SIZE
-    if r.dirty_pages_p50 > 2 * asked + 64:
+    if r.dirty_pages_p50 + r.early_pages_p50 > 2 * asked + 64:
         lines.append(
             f"  note: {r.dirty_pages_p50:.0f} dirty pages a checkpoint, not the {asked:.0f} "
             f"asked: the guest wrote faster than the pair replicated (the dirty set grew "
@@ -91,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--checkpoints", type=int, default=40)
     ap.add_argument("--json", help="write the result here too")
-    ap.add_argument("--early-send", choices=("off", "both"), default="off",
-                    help="both: without and with checkpoint.early_send, same run")  # fmt: skip
+    ap.add_argument("--early-send", choices=("on", "off", "both"),
+                    default="on" if d.early_send else "off",
+                    help="checkpoint.early_send (default: the pair's); both: without and "
+                    "with, alternating in the same run")  # fmt: skip
     at = d.early_send_at_pct
     ap.add_argument("--early-at-pct", type=int, default=at,
                     help=f"checkpoint.early_send_at_pct (default {at})")  # fmt: skip
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     r = run_case(
         args.ram_mib, args.dirty_pct, epoch_ms=args.epoch_ms, checkpoints=args.checkpoints,
-        threads=args.threads, scan=args.scan,
+        threads=args.threads, scan=args.scan, early_send=args.early_send == "on",
     )  # fmt: skip
     print("\n".join(report(r)))
     if args.json:

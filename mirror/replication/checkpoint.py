@@ -187,9 +187,9 @@ class CheckpointEngine(InFlight):
         elif cfg.encoding != "raw":
             why = "needs checkpoint.encoding = \"raw\""
         if why:
-            if not self.early_note:
+            if not self.early_note:  # on by default: said once, and in the status
                 self.early_note = f"no early send: {why}"
-                event("early-send-unavailable", reason=why)
+                log.info("checkpoint.early_send: %s", self.early_note)
             return False
         if self._early_buffers is None:
             slots = (cfg.max_in_flight + 1) * cfg.early_sends
