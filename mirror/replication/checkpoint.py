@@ -163,6 +163,7 @@ class CheckpointEngine(InFlight):
         self._early_rec = [0, 0, 0, 0.0]  # this epoch's early parts, pages, bytes, ms
         self._last_epoch_pages = 0  # the last checkpoint's pages, early ones included
         self._resumed_at = 0.0  # when (monotonic) the guest last resumed after a checkpoint
+        self._early_at = 0.0  # when this epoch's first early part went (capacity: see on_reply)
         self._applied_speed = 1.0  # the speed the guest was last set to
         if cfg.max_pause_ms > 0:
             blocker = guest.throttle_blocker()
@@ -262,6 +263,8 @@ class CheckpointEngine(InFlight):
         pd.hash_gathered(self.table, batch)
         self._early_buffers.prepare(epoch * cfg.early_sends + part + 1, len(dirty))
         acc = self._early_rec
+        if not acc[0]:
+            self._early_at = time.monotonic() - (time.perf_counter() - t0)
         acc[0] += 1
         acc[1] += len(dirty)
         acc[2] += len(batch.data)
@@ -416,6 +419,7 @@ class CheckpointEngine(InFlight):
         )
         self._last_epoch_pages = len(dirty) + int(early_pages)
         rec.sent_at = time.monotonic()
+        rec.early_at, self._early_at = (self._early_at if early_parts else 0.0), 0.0
         corrupt = self._fault is not None and self._fault[:2] == ("corrupt", epoch)
         self.send_pages(msg, corrupt=corrupt and bool(batch.data))
         self.sent_epoch = epoch

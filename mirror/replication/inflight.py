@@ -77,6 +77,7 @@ class CheckpointRecord:
     early_pages: int = 0
     early_bytes: int = 0
     early_ms: float = 0.0
+    early_at: float = 0.0  # when (monotonic) its first early part was sent (0: none)
 
 
 @dataclass
@@ -383,9 +384,10 @@ class InFlight:
             now = time.monotonic()
             covered = sorted(e for e in self.in_flight if e <= reply.epoch)
             if covered:
+                first = self.in_flight[covered[0]][1]  # its early parts were on the link first
                 self.capacity.acked(
                     sum(self.in_flight[e][1].bytes_sent for e in covered),
-                    self.in_flight[covered[0]][1].sent_at,
+                    first.early_at or first.sent_at,
                     now,
                 )
             for e in covered:
