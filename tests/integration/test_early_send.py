@@ -227,3 +227,23 @@ def test_a_failover_after_an_early_send_resumes_from_the_last_commit(pair: Pair)
     outs = [(s, p) for s, p, _ in pair.observer.snapshot()]
     assert [s for s, _ in outs] == list(range(1, len(outs) + 1)), "outputs lost or repeated"
     assert outs == reference_outputs(params, len(outs)), "outputs differ from the guest's own"
+
+
+TWO_SENDS = replace(EARLY, checkpoint=replace(EARLY.checkpoint, early_sends=2))
+
+
+@pytest.mark.pair_config(TWO_SENDS)
+def test_two_early_sends_an_epoch_commit_in_order(pair: Pair) -> None:
+    """``early_sends = 2``: two early parts in most epochs (a page written in both
+    intervals goes twice, the later copy wins), and the image is RAM at checkpoint N."""
+    n = 30
+    b = pair.start_secondary()
+    a = pair.start_primary("--checkpoints", str(n))
+    st_a = pair.wait("A frozen", lambda: (s := a.status()) and s["phase"] == "frozen" and s, 90)
+    st_b = pair.wait("B at N", lambda: (s := b.status()) and s["committed"] == n and s)
+    assert Path(st_a["ram"]).read_bytes() == Path(st_b["image"]).read_bytes()
+    a.stop()
+    recs = json.loads((pair.root / "hostA" / "stats.json").read_text())["checkpoints"][3:]
+    assert sum(1 for r in recs if r["early_parts"] == 2) >= len(recs) // 2, [
+        r["early_parts"] for r in recs
+    ]
