@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -58,6 +58,8 @@ class CheckpointResult:
     precopy_gbps: float
     scan: str = "exact"  # the dirty-page scan method the engine ran (checkpoint.scan)
     floor: floor.Floor | None = None  # floor_ms's parts
+    early_send: bool = False  # pages sent while the guest ran (checkpoint.early_send)
+    early_pages_p50: float = 0.0  # then dirty_pages_p50 is the pause's pages
 
     @property
     def pause_over_floor(self) -> float:
@@ -331,7 +333,12 @@ def running_engine(base: Config, ram_name: str) -> Iterator[CheckpointEngine]:
 
 
 def case_config(
-    ram_mib: int, pct: float, epoch_ms: int = 50, threads: int = 1, scan: str = "exact"
+    ram_mib: int,
+    pct: float,
+    epoch_ms: int = 50,
+    threads: int = 1,
+    scan: str = "exact",
+    early_send: bool = CheckpointConfig.early_send,
 ) -> Config:
     """A pair whose synthetic guest dirties about ``pct``% of its pages per epoch.  The
     secondary is patient (silent after 10 minutes): on these 2 busy cores a long
@@ -346,7 +353,8 @@ def case_config(
             dirty_pages_per_s=dirty_rate_for((ram_mib << 20) // PS, pct, epoch_ms),
         ),
         checkpoint=replace(
-            CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2, scan=scan
+            CheckpointConfig(), epoch_ms=epoch_ms, threads=threads, max_in_flight=2, scan=scan,
+            early_send=early_send,
         ),
     )
 
@@ -360,17 +368,115 @@ def run_case(
     threads: int = 1,
     curve: bool = True,
     scan: str = "exact",
+    early_send: bool = CheckpointConfig.early_send,
 ) -> CheckpointResult:
-    base = case_config(ram_mib, pct, epoch_ms, threads, scan)
+    base = case_config(ram_mib, pct, epoch_ms, threads, scan, early_send)
     base = base if curve else insecure(base)
     with running_engine(base, f"mirror-bench-{ram_mib}.ram") as engine:
         engine.run(threading.Event().is_set, epochs=checkpoints)
         s = summary(engine)
         precopy_s, method = engine.stats.precopy_s, engine.method
+        early = bool(engine.early_status()["on"]) and method == "log"
+        early_p50 = median(r.early_pages for r in list(engine.stats.records)[2:])
     return CheckpointResult(
         ram_mib, pct, epoch_ms, s.checkpoints, s.dirty_pages_p50, s.pause_ms_p50,
         s.pause_ms_p99, s.floor.ms, s.split_ms_p50, s.replication_gbps,
-        (ram_mib << 20) / precopy_s / 1e9, method, s.floor,
+        (ram_mib << 20) / precopy_s / 1e9, method, s.floor, early, early_p50,
+    )  # fmt: skip
+
+
+@dataclass
+class EarlyResult:
+    """Early send off and on, alternating on one engine, guest and secondary (same run)."""
+
+    ram_mib: int
+    dirty_pct: float
+    epoch_ms: int
+    at_pct: int
+    max_pause_ms: int
+    rounds: int
+    off_checkpoints: int
+    on_checkpoints: int
+    off_pause_p50: float
+    off_pause_p99: float
+    on_pause_p50: float
+    on_pause_p99: float
+    off_pages_p50: float  # pages in the pause
+    on_pages_p50: float
+    on_early_pages_p50: float  # pages sent early (while the guest ran)
+    on_early_ms_p50: float  # the early send's time (off the pause)
+    off_ack_ms_p50: float
+    on_ack_ms_p50: float
+    off_throttle_p50: float  # the throttle's level (0: full speed)
+    on_throttle_p50: float
+    off_split_ms_p50: dict[str, float] = field(default_factory=dict)
+    on_split_ms_p50: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio_p50(self) -> float:
+        return self.on_pause_p50 / self.off_pause_p50
+
+    @property
+    def ratio_p99(self) -> float:
+        return self.on_pause_p99 / self.off_pause_p99
+
+
+def _p(values: list[float], pct: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, round(pct / 100 * (len(v) - 1)))] if v else 0.0
+
+
+def compare_early(
+    ram_mib: int,
+    pct: float,
+    *,
+    epoch_ms: int = 50,
+    rounds: int = 4,
+    checkpoints: int = 20,
+    threads: int = 2,
+    at_pct: int = 70,
+    max_pause_ms: int = 0,
+) -> EarlyResult:
+    """Pause with and without ``checkpoint.early_send`` in the same run: one engine, one
+    guest, one secondary; after ``checkpoints`` checkpoints of warm-up (left out: the
+    pre-copy's wake), ``rounds`` rounds of ``checkpoints`` checkpoints without, then with
+    (the first 2 of each left out: the switch)."""
+    base = case_config(ram_mib, pct, epoch_ms, threads, "log")
+    ck = replace(base.checkpoint, early_send=True, early_send_at_pct=at_pct,
+                 max_pause_ms=max_pause_ms)  # fmt: skip
+    base = replace(base, checkpoint=ck)
+    modes = {False: replace(ck, early_send=False), True: ck}
+    recs: dict[bool, list[Any]] = {False: [], True: []}
+    with running_engine(base, f"mirror-bench-early-{ram_mib}.ram") as engine:
+        if engine.method != "log":
+            raise RuntimeError(f"the early send needs the dirty-page log: {engine.stats.scan_note}")
+        warm = engine.epoch + checkpoints  # the pre-copy's wake (and the throttle's start)
+        engine.cfg = modes[False]
+        engine.run(lambda: engine.epoch >= warm, release=False)
+        for _ in range(rounds):
+            for on in (False, True):
+                engine.cfg = modes[on]
+                first = engine.epoch + 3
+                target = engine.epoch + checkpoints
+                engine.run(lambda t=target: engine.epoch >= t, release=False)  # type: ignore[misc]
+                recs[on] += [r for r in engine.stats.records if first <= r.epoch <= target]
+        while engine.in_flight:  # the acks of the last ones
+            engine.pump(time.monotonic() + 0.05)
+    off, on = recs[False], recs[True]
+
+    def med(rs: list[Any], name: str) -> float:
+        vals = [getattr(r, name) for r in rs if getattr(r, name) is not None]
+        return round(median(vals), 3) if vals else 0.0
+
+    return EarlyResult(
+        ram_mib, pct, epoch_ms, at_pct, max_pause_ms, rounds, len(off), len(on),
+        round(_p([r.pause_ms for r in off], 50), 3), round(_p([r.pause_ms for r in off], 99), 3),
+        round(_p([r.pause_ms for r in on], 50), 3), round(_p([r.pause_ms for r in on], 99), 3),
+        med(off, "pages"), med(on, "pages"), med(on, "early_pages"), med(on, "early_ms"),
+        med(off, "ack_ms"), med(on, "ack_ms"), med(off, "throttle_level"),
+        med(on, "throttle_level"),
+        {k: med(off, f"{k}_ms") for k in ("stop", "scan", "gather", "state", "resume")},
+        {k: med(on, f"{k}_ms") for k in ("stop", "scan", "gather", "state", "resume")},
     )  # fmt: skip
 
 

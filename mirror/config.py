@@ -70,6 +70,17 @@ class CheckpointConfig:
     # checkpoint's pause fits this budget (and its bytes what the pair commits in an
     # epoch); 0: no throttle
     max_pause_ms: int = field(default=0, metadata=_range(0, 10_000))
+    # send while the guest runs (with the dirty-page log, raw encoding): at early_send_at_pct
+    # of the time from the resume to the next stop (and, with early_sends = N, at N points
+    # evenly spread up to it) the pages
+    # written so far go to the standby as an uncommitted part of the epoch, so the pause
+    # carries only what was written since; skipped when the previous epoch had fewer than
+    # early_send_min_pages dirty pages or the window of checkpoints in flight is full (on by
+    # default; without the log or with delta encoding it is off, status early_send.note why)
+    early_send: bool = True
+    early_send_at_pct: int = field(default=60, metadata=_range(10, 95))
+    early_sends: int = field(default=1, metadata=_range(1, 4))
+    early_send_min_pages: int = field(default=256, metadata=_range(0, 1 << 30))
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ class PrimaryRun:
             "storage_age_s": self.failover.arbiter.peer_age(link.peer.node)
             if link.peer.node else None,
             "summary": engine.stats.summary(self.outputs), "metrics": metrics.served(),
-            "throttle": engine.throttle_status(),
+            "throttle": engine.throttle_status(), "early_send": engine.early_status(),
             **self.extra,
             **(self.retry.status() if self.protection() == "unprotected" else {}),
             **({"disk": replicated(self.guest.disk).summary()} if self.guest.disk else {}),

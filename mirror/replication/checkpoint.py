@@ -20,6 +20,12 @@ takes the log where the kernel has it, else the hashed scan):
   buffer is gathered from the shadow after the guest runs again;
 - the hashed scan has no shadow: it gathers from RAM inside the pause.
 
+With the log and ``checkpoint.early_send``, the pages written early in the epoch are
+read from the log (which protects them again), copied and sent while the guest runs, as
+uncommitted early parts of the epoch (:meth:`CheckpointEngine.early_send`); the pause
+then carries only what was written since.  The standby commits them only with the
+epoch's final part (mirror/replication/standby.py).
+
 Delta encoding compares against the shadow inside the pause.  At most
 ``max_in_flight`` checkpoints wait for their ack; when the window is full
 the epoch stretches until an ack comes.
@@ -69,7 +75,9 @@ def _fault_point() -> tuple[str, int, float] | None:
     (SIGKILL to its own process group) at that point of that checkpoint, DELAY_MS
     later, so that chaos tests hit moments random timing rarely does.  Points:
     "in-pause" (guest stopped, nothing sent), "after-send" (the checkpoint handed
-    to zmq; with a delay, on the wire or being applied by the standby).  And
+    to zmq; with a delay, on the wire or being applied by the standby), "after-early"
+    (the first early part from that checkpoint on handed to zmq, the guest running:
+    checkpoint.early_send).  And
     "corrupt" (no kill): that checkpoint's first sending has one bit of its page
     data flipped, as a bad link would; the standby must reject it and the primary
     send it again, intact.  "lose-log" (no kill): just before that checkpoint the
@@ -79,12 +87,15 @@ def _fault_point() -> tuple[str, int, float] | None:
         return None
     point, epoch, *delay = spec.split(":")
     try:
-        if point not in ("in-pause", "after-send", "corrupt", "lose-log") or len(delay) > 1:
+        if point not in ("in-pause", "after-send", "after-early", "corrupt", "lose-log") or len(
+            delay
+        ) > 1:
             raise ValueError
         return point, int(epoch), float(delay[0]) if delay else 0.0
     except ValueError:
         raise ValueError(
-            f"MIRROR_FAULT must be in-pause|after-send|corrupt|lose-log:EPOCH[:DELAY_MS], "
+            f"MIRROR_FAULT must be in-pause|after-send|after-early|corrupt|lose-log:EPOCH"
+            f"[:DELAY_MS], "
             f"got {spec!r}"
         ) from None
 
@@ -144,6 +155,15 @@ class CheckpointEngine(InFlight):
         self.throttle: Throttle | None = None
         self.throttle_note = ""  # why there is none although one was asked for
         self._window_full = False  # the window of checkpoints in flight filled this epoch
+        # send while the guest runs (checkpoint.early_send): their own ring of buffers,
+        # each at most a quarter of RAM (more pages than that go in the pause)
+        self.early_note = ""  # why there is no early send although one was asked for
+        self._early_buffers: SendBuffers | None = None
+        self._early_due: list[float] = []  # when (monotonic) this epoch's early sends are due
+        self._early_rec = [0, 0, 0, 0.0]  # this epoch's early parts, pages, bytes, ms
+        self._last_epoch_pages = 0  # the last checkpoint's pages, early ones included
+        self._resumed_at = 0.0  # when (monotonic) the guest last resumed after a checkpoint
+        self._early_at = 0.0  # when this epoch's first early part went (capacity: see on_reply)
         self._applied_speed = 1.0  # the speed the guest was last set to
         if cfg.max_pause_ms > 0:
             blocker = guest.throttle_blocker()
@@ -153,6 +173,104 @@ class CheckpointEngine(InFlight):
                 self.throttle_note = f"no throttle: {blocker}"
                 event("throttle-unavailable", reason=blocker,
                       note="checkpoints go on unthrottled")  # fmt: skip
+
+    # -- send while the guest runs (checkpoint.early_send) --------------------------
+
+    def _early_ready(self) -> bool:
+        """Whether early sends can be made now (the log, raw pages); the first time it
+        cannot although asked, why goes in ``early_note``."""
+        cfg = self.cfg
+        if not cfg.early_send:
+            return False
+        why = ""
+        if self.method != "log":
+            why = f"needs the dirty-page log (the scan is {self.method})"
+        elif cfg.encoding != "raw":
+            why = "needs checkpoint.encoding = \"raw\""
+        if why:
+            if not self.early_note:  # on by default: said once, and in the status
+                self.early_note = f"no early send: {why}"
+                log.info("checkpoint.early_send: %s", self.early_note)
+            return False
+        if self._early_buffers is None:
+            slots = (cfg.max_in_flight + 1) * cfg.early_sends
+            self._early_buffers = SendBuffers(
+                slots - 1, prepare_max=max(1, self.npages // 16),
+                max_pages=max(1, self.npages // 4),
+            )  # fmt: skip
+        return True
+
+    def _plan_early(self, next_at: float) -> None:
+        """The early sends of the epoch that ends at ``next_at``: at ``early_send_at_pct``
+        of the time from the guest's resume to ``next_at`` (an epoch shortened because
+        the engine is behind keeps its early send), none closer than a tenth of an epoch
+        to the stop (nothing to gain there)."""
+        if not self._early_ready():
+            self._early_due = []
+            return
+        interval = self.cfg.epoch_ms / 1000
+        now = time.monotonic()
+        start = min(self._resumed_at or now, now)
+        n, pct = self.cfg.early_sends, self.cfg.early_send_at_pct / 100
+        points = (max(now, start + (next_at - start) * pct * k / n) for k in range(1, n + 1))
+        self._early_due = [t for t in points if t < next_at - interval / 10]
+
+    def early_send(self) -> int:
+        """While the guest runs: the pages the log lists since its last scan (which
+        protects them again, so later writes are seen) copied and sent to the standby as
+        an early part of the running epoch, uncommitted until its final part.  Skipped
+        (0) when the window of checkpoints in flight is full (the link is busy) or the
+        last checkpoint had fewer than ``early_send_min_pages`` pages.  Returns the pages
+        sent."""
+        cfg, epoch = self.cfg, self.epoch + 1
+        if (
+            self.log is None
+            or self.log_state != "ok"
+            or self.disk_lost is not None
+            or not self._early_ready()
+        ):
+            return 0
+        if (
+            len(self.in_flight) >= cfg.max_in_flight
+            or self._last_epoch_pages < cfg.early_send_min_pages
+        ):
+            self.stats.early_skipped += 1
+            return 0
+        assert self._early_buffers is not None and self.table is not None
+        t0 = time.perf_counter()
+        try:
+            dirty = self.log.scan()
+        except dirtylog.DirtyLogError as e:
+            self._lost(epoch, e)  # the pause scans all of RAM against the table
+            return 0
+        if not dirty:
+            return 0
+        cap = self._early_buffers.max_pages
+        if len(dirty) > cap:  # the rest goes in the pause (the safety net's way in)
+            self._pending.update(dirty[cap:])
+            dirty = dirty[:cap]
+        parts = self.early_parts.setdefault(epoch, [])
+        part = len(parts)
+        buf = self._early_buffers.get(epoch * cfg.early_sends + part, len(dirty))
+        batch = pd.gather(self.guest.ram, dirty, out=buf)
+        msg = wire.Pages.of(epoch, batch, part=part, final=False)
+        self.send_pages(msg)
+        parts.append(msg)
+        if self._fault is not None and self._fault[0] == "after-early" and epoch >= self._fault[1]:
+            _fault(self._fault, "after-early", self._fault[1])  # the first from that epoch on
+        # the table describes what the standby holds once this epoch commits (the copy,
+        # not live RAM: a page written since is in the log again)
+        pd.hash_gathered(self.table, batch)
+        self._early_buffers.prepare(epoch * cfg.early_sends + part + 1, len(dirty))
+        acc = self._early_rec
+        if not acc[0]:
+            self._early_at = time.monotonic() - (time.perf_counter() - t0)
+        acc[0] += 1
+        acc[1] += len(dirty)
+        acc[2] += len(batch.data)
+        acc[3] += (time.perf_counter() - t0) * 1000
+        self.stats.early_sends += 1
+        return len(dirty)
 
     # -- the dirty-page scan ------------------------------------------------------
 
@@ -256,6 +374,8 @@ class CheckpointEngine(InFlight):
         if guest.disk is not None and not self._disk_barrier(replicated(guest.disk), epoch):
             if resume:  # not sent: no standby can commit it; its outputs stay held
                 guest.resume()
+            self.early_parts.pop(epoch, None)
+            self._early_rec = [0, 0, 0, 0.0]
             self.epoch = epoch
             return CheckpointRecord(epoch, 0, 0, 0, 0, 0, 0, 0, 0, len(outs))
         _fault(self._fault, "in-pause", epoch)
@@ -263,6 +383,7 @@ class CheckpointEngine(InFlight):
         if resume:
             guest.resume()
         t5 = time.perf_counter()
+        self._resumed_at = time.monotonic()
         # The guest runs again; what follows is off the pause.
         if batch is None:  # exact scan, raw: the shadow holds the checkpoint's pages
             assert self.shadow is not None
@@ -277,7 +398,10 @@ class CheckpointEngine(InFlight):
                 pd.hash_pages(self.shadow, batch.index, self.table)
             else:
                 pd.hash_gathered(self.table, batch)
-        msg = wire.Pages.of(epoch, batch, state=state, outputs=outs)
+        early_parts, early_pages, early_bytes, early_ms = self._early_rec
+        self._early_rec = [0, 0, 0, 0.0]
+        # the final part counts the early parts before it: the standby commits all or none
+        msg = wire.Pages.of(epoch, batch, part=int(early_parts), state=state, outputs=outs)
         ms = 1000.0
         rec = CheckpointRecord(
             epoch,
@@ -288,16 +412,24 @@ class CheckpointEngine(InFlight):
             (t5 - t4) * ms,
             (t5 - t0) * ms,
             len(dirty),
-            len(batch.data) + len(state),
+            len(batch.data) + len(state) + int(early_bytes),
             len(outs),
+            early_parts=int(early_parts),
+            early_pages=int(early_pages),
+            early_bytes=int(early_bytes),
+            early_ms=early_ms,
         )
+        self._last_epoch_pages = len(dirty) + int(early_pages)
         rec.sent_at = time.monotonic()
+        rec.early_at, self._early_at = (self._early_at if early_parts else 0.0), 0.0
         corrupt = self._fault is not None and self._fault[:2] == ("corrupt", epoch)
         self.send_pages(msg, corrupt=corrupt and bool(batch.data))
         self.sent_epoch = epoch
         _fault(self._fault, "after-send", epoch)
         if not self.exact or cfg.encoding == "delta":  # gathered in the pause: see prepare
-            self._buffers.prepare(epoch + 1, len(dirty))
+            # sized for the whole epoch, early pages included: a skipped early send (the
+            # window full) must not fault a fresh buffer in inside the next pause
+            self._buffers.prepare(epoch + 1, self._last_epoch_pages)
         self.epoch = epoch
         self.in_flight[epoch] = (msg, rec)
         self.stats.add(rec)
@@ -318,7 +450,7 @@ class CheckpointEngine(InFlight):
         """Tell the throttle this checkpoint's figures and apply its decision."""
         window_full, self._window_full = self._window_full, False
         rec.in_flight_bytes = self.in_flight_bytes
-        self.metrics.in_flight(rec.in_flight_bytes, self._buffers.held_bytes)
+        self.metrics.in_flight(rec.in_flight_bytes, self._buffers.held_bytes + self._early_held())
         throttle = self.throttle
         if throttle is None:
             return
@@ -389,8 +521,26 @@ class CheckpointEngine(InFlight):
             "note": self.throttle_note,
             "capacity_mb_per_s": round(self.capacity.bytes_per_s / 1e6, 1),
             "in_flight_bytes": self.in_flight_bytes,
-            "send_buffer_bytes": self._buffers.held_bytes,
-            "send_buffer_cap_bytes": self._buffers.cap_bytes,
+            "send_buffer_bytes": self._buffers.held_bytes + self._early_held(),
+            "send_buffer_cap_bytes": self._buffers.cap_bytes + self._early_cap(),
+        }
+
+    def _early_held(self) -> int:
+        return self._early_buffers.held_bytes if self._early_buffers else 0
+
+    def _early_cap(self) -> int:
+        return self._early_buffers.cap_bytes if self._early_buffers else 0
+
+    def early_status(self) -> dict[str, Any]:
+        """The early send in the status (``summary.early_send``)."""
+        return {
+            "on": self.cfg.early_send and not self.early_note,
+            "note": self.early_note,
+            "at_pct": self.cfg.early_send_at_pct,
+            "sends": self.stats.early_sends,
+            "skipped": self.stats.early_skipped,
+            "buffer_bytes": self._early_held(),
+            "buffer_cap_bytes": self._early_cap(),
         }
 
     def _log_scan(self, epoch: int) -> tuple[array[int], bool]:
@@ -542,22 +692,37 @@ class CheckpointEngine(InFlight):
             return mode, int(disk.status()["resync_blocks"]) if mode == "resync" else 0
         except DiskError as e:
             raise ReplicationError(f"the disk's copy to {address}:{port} failed: {e}") from e
-    def run(self, should_stop: Callable[[], bool], *, epochs: int | None = None) -> None:
+    def run(
+        self,
+        should_stop: Callable[[], bool],
+        *,
+        epochs: int | None = None,
+        release: bool = True,
+    ) -> None:
         """Checkpoint every epoch until ``should_stop()``, or after ``epochs`` checkpoints
-        (then wait for their acks and leave the guest paused at the last one)."""
+        (then wait for their acks and leave the guest paused at the last one).  The
+        throttle is released at the end unless ``release`` is false (a bench going on)."""
         try:
             self._run(should_stop, epochs)
         finally:
-            self.release_throttle()
+            if release:
+                self.release_throttle()
 
     def _run(self, should_stop: Callable[[], bool], epochs: int | None) -> None:
         interval = self.cfg.epoch_ms / 1000
         next_at = time.monotonic() + interval
+        self._plan_early(next_at)
         while not should_stop():
-            self.pump(next_at)
+            early = self._early_due[0] if self._early_due else None
+            self.pump(next_at if early is None else min(early, next_at))
             self._check_stalled()
             if self.disk_lost is not None:  # no standby can commit a checkpoint now
                 next_at = time.monotonic() + interval
+                self._early_due = []
+                continue
+            if early is not None and time.monotonic() < next_at:  # the guest runs on
+                self._early_due.pop(0)
+                self.early_send()
                 continue
             if len(self.in_flight) >= self.cfg.max_in_flight:
                 next_at = time.monotonic() + 0.001  # window full: the epoch stretches
@@ -568,6 +733,7 @@ class CheckpointEngine(InFlight):
                 return
             self.checkpoint()
             next_at = max(next_at + interval, time.monotonic() + interval / 4)
+            self._plan_early(next_at)
 
     def _final_checkpoint(self, should_stop: Callable[[], bool]) -> None:
         self.checkpoint(resume=False)

@@ -71,6 +71,13 @@ class CheckpointRecord:
     ack_ms: float | None = None
     in_flight_bytes: int = 0  # after it was sent: its bytes and those still unacknowledged
     throttle_level: float = 0.0  # the throttle's level decided after it (0: full speed)
+    # sent early, while the guest ran the epoch (checkpoint.early_send): its early parts,
+    # their pages and bytes (in bytes_sent too), and the time they took (off the pause)
+    early_parts: int = 0
+    early_pages: int = 0
+    early_bytes: int = 0
+    early_ms: float = 0.0
+    early_at: float = 0.0  # when (monotonic) its first early part was sent (0: none)
 
 
 @dataclass
@@ -94,6 +101,8 @@ class Stats:
     ram_discarded_pages: int = 0  # holes the safety net found where a balloon punches them
     verified_pages: int = 0  # pages the safety net compared with the standby's table
     precopy_rounds: int = 0
+    early_sends: int = 0  # early parts sent (checkpoint.early_send)
+    early_skipped: int = 0  # early sends skipped: the window full, or too few dirty pages
 
     def add(self, rec: CheckpointRecord) -> None:
         self.records.append(rec)
@@ -138,6 +147,9 @@ class Stats:
             "ram_discards": self.ram_discards,
             "ram_discarded_pages": self.ram_discarded_pages,
             "verified_pages": self.verified_pages,
+            "early_sends": self.early_sends,
+            "early_skipped": self.early_skipped,
+            "early_pages_p50": percentile([float(r.early_pages) for r in recs], 50),
         }
 
 
@@ -244,6 +256,9 @@ class InFlight:
         self.sent_epoch = 0  # the highest checkpoint sent: no ack above it is believed
         self.bogus_acks = 0  # acks of checkpoints never sent (refused, see on_reply)
         self.in_flight: dict[int, tuple[wire.Pages, CheckpointRecord]] = {}
+        # the early parts of checkpoints not yet acknowledged (those of the running epoch
+        # included): sent again, before their final part, by a resend
+        self.early_parts: dict[int, list[wire.Pages]] = {}
         self.session = 0  # this pairing's session (0: not paired)
         self._seq = 0  # PAGES messages sent in this session, resends included
         self._resent_at_seq = 0  # the first send number of the last resend
@@ -369,9 +384,10 @@ class InFlight:
             now = time.monotonic()
             covered = sorted(e for e in self.in_flight if e <= reply.epoch)
             if covered:
+                first = self.in_flight[covered[0]][1]  # its early parts were on the link first
                 self.capacity.acked(
                     sum(self.in_flight[e][1].bytes_sent for e in covered),
-                    self.in_flight[covered[0]][1].sent_at,
+                    first.early_at or first.sent_at,
                     now,
                 )
             for e in covered:
@@ -380,6 +396,8 @@ class InFlight:
                 self.stats.acked += 1
                 self.metrics.acked.inc()
                 self.metrics.ack_latency.observe(rec.ack_ms / 1000)
+            for e in [e for e in self.early_parts if e <= reply.epoch]:
+                del self.early_parts[e]
             self.acked = reply.epoch
             self._resend_wait = RESEND_AFTER_S
             self.outputs.release_through(reply.epoch)
@@ -405,12 +423,16 @@ class InFlight:
             self.resend()
 
     def resend(self) -> None:
-        """Send every checkpoint in flight again, in order, under new send numbers: the
+        """Send every checkpoint in flight again, in order, under new send numbers (each
+        with its early parts, from part 0; the running epoch's early parts too): the
         standby acks again those it holds and takes the rest in order."""
         self._resent_at_seq = self._seq + 1
         self._resent_at = time.monotonic()
-        for e in sorted(self.in_flight):
-            self.send_pages(self.in_flight[e][0])
+        for e in sorted(self.in_flight.keys() | self.early_parts.keys()):
+            for part in self.early_parts.get(e, ()):  # early parts first, in order
+                self.send_pages(part)
+            if e in self.in_flight:
+                self.send_pages(self.in_flight[e][0])
 
     def _check_stalled(self) -> None:
         """No ack for the oldest checkpoint in flight for a while (a message lost on a

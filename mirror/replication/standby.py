@@ -10,6 +10,13 @@ verify is rejected (a REJECT naming that message) with a logged error, and the
 image left as the last committed checkpoint; the session goes on, and the primary
 sends it again.  Frames of no session or another one, and malformed frames, are
 dropped unanswered: nothing a frame says can drop the committed checkpoint.
+
+A checkpoint may come in parts (checkpoint.early_send): early parts, sent while the
+primary's guest still runs the epoch, are staged and verified as they come and held
+aside, unacknowledged; the final part names how many came before it, and only when it
+arrives, verifies and all of them are staged are they committed (the early parts in
+order, then the final one: a page sent again wins).  Until then the image is the last
+committed checkpoint: a promotion, a new session or a rejected part discards them.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from mirror.replication.metrics import STATES, Metrics, served
 log = logging.getLogger("mirror.replication.standby")
 SHM = Path("/dev/shm")
 TAIL_OUTPUTS = 100_000  # committed outputs kept for a promotion
+MAX_EARLY_PARTS = 16  # early parts of one checkpoint that a standby stages
 
 
 class StandbyError(RuntimeError):
@@ -128,6 +136,13 @@ class Standby:
         self.bind_wait = 10.0  # seconds serve() waits for ports in use (see serve)
         self.metrics = Metrics.of(pair, node)
         self.disk: ReplicatedDisk | None = None  # the disk replica, committed with each checkpoint
+        # the early parts of checkpoint committed + 1 staged so far (never in the image
+        # before its final part), and their page data's bytes (at most the guest's RAM)
+        # per part: (its staged batches, its page data bytes, its pages)
+        self.early: list[tuple[list[pd.StagedBatch], int, int]] = []
+        self.early_epoch = 0
+        self.early_bytes = 0
+        self.early_pages = 0  # pages staged early and committed (counted at the commit)
 
     # -- the protocol ---------------------------------------------------------
 
@@ -248,6 +263,7 @@ class Standby:
             # the reason says nothing of this pair's names, generation or sizes
             return wire.Reject(h.session, wire.Kind.HELLO, 0, 0, 0, f"refused: {reason}")
         assert current is not None
+        self.drop_early()
         self.session = h
         self.primary = h.node
         self.paired_at = time.monotonic()
@@ -290,8 +306,64 @@ class Standby:
             return wire.Reject(msg.session, wire.Kind.PAGES, msg.seq, msg.epoch, msg.part, reason)
         return wire.Reject(msg.session, wire.Kind.HANDOVER, 0, msg.epoch, 0, reason)
 
-    def _pages(self, m: wire.Pages) -> wire.Message:
+    def drop_early(self) -> None:
+        """Forget the staged early parts (nothing of them was applied)."""
+        self.early, self.early_epoch, self.early_bytes = [], 0, 0
+
+    def _early_part(self, m: wire.Pages) -> wire.Message | None:
+        """An early part of checkpoint ``m.epoch``: staged and verified, held aside, not
+        answered (a REJECT if it cannot be staged: the primary sends the epoch again)."""
+        if m.epoch <= self.committed:
+            return None  # a resend of a checkpoint it holds: its final part is acked
+        if m.epoch != self.committed + 1:
+            return self._reject(
+                m, f"early part of checkpoint {m.epoch} out of order: committed is "
+                f"{self.committed}"
+            )
+        staged_parts = len(self.early) if self.early_epoch == m.epoch else 0
+        problem = None
+        if m.state or m.outputs:
+            problem = "an early part carries no device state and no outputs"
+        elif pd.PageKind.DELTA in bytes(m.kinds):
+            problem = "an early part carries no delta pages"
+        elif m.part >= MAX_EARLY_PARTS:
+            problem = f"more than {MAX_EARLY_PARTS} early parts"
+        elif m.part > staged_parts:
+            problem = (
+                f"early part {m.part} of checkpoint {m.epoch} out of order: "
+                f"{staged_parts} staged"
+            )
+        else:
+            if self.early_epoch != m.epoch:
+                self.drop_early()
+            # a part sent again (a resend starts over at part 0): it and those after go
+            del self.early[m.part :]
+            self.early_bytes = sum(n for _, n, _ in self.early)
+            if self.early_bytes + m.data_len > self.ram_bytes:
+                problem = "early parts of more page data than the guest's RAM"
+        if problem is not None:
+            self.drop_early()
+            return self._reject(m, problem)
+        try:
+            staged = [
+                pd.stage_pages(self.image.map, m.index[a:b], m.kinds[a:b], m.lens[a:b], frame,
+                               m.checksums[a:b])
+                for a, b, frame in m.slices()
+            ]  # fmt: skip
+        except pd.PageDiffError as e:
+            log.error("checkpoint %d early part %d rejected: %s; image stays at checkpoint %d",
+                      m.epoch, m.part, e, self.committed)  # fmt: skip
+            self.drop_early()
+            return self._reject(m, str(e))
+        self.early_epoch = m.epoch
+        self.early.append((staged, m.data_len, m.count))
+        self.early_bytes += m.data_len
+        return None
+
+    def _pages(self, m: wire.Pages) -> wire.Message | None:
         assert self.session is not None
+        if m.epoch and not m.final:
+            return self._early_part(m)
         if m.epoch == 0:
             if self.committed and self.committed_generation >= self.session.generation:
                 # only a primary of a later generation starts over with a pre-copy
@@ -306,6 +378,21 @@ class Standby:
             return self._reject(
                 m, f"checkpoint {m.epoch} out of order: committed is {self.committed}"
             )
+        early: list[tuple[list[pd.StagedBatch], int, int]] = []
+        if m.epoch:
+            early = self.early if self.early_epoch == m.epoch else []
+            problem = None
+            if len(early) != m.part:
+                problem = (
+                    f"checkpoint {m.epoch} follows {m.part} early parts, {len(early)} staged"
+                )
+            elif early and pd.PageKind.DELTA in bytes(m.kinds):
+                problem = "a checkpoint sent in parts carries no delta pages"
+            if problem is not None:
+                log.error("checkpoint %d rejected: %s; image stays at checkpoint %d",
+                          m.epoch, problem, self.committed)  # fmt: skip
+                self.drop_early()
+                return self._reject(m, problem)
         try:
             if m.state and pd.checksum_bytes(m.state) != m.state_sum:
                 raise pd.CorruptEncoding("device state does not match its checksum")
@@ -323,12 +410,14 @@ class Standby:
                 e,
                 self.committed,
             )
+            self.drop_early()
             return self._reject(m, str(e))
         if m.epoch and self.disk is not None:
             try:  # the disk's epoch N, durably, before RAM N commits and is acknowledged
                 self.disk.commit(m.epoch)
             except DiskError as e:
                 log.error("checkpoint %d rejected: its disk epoch: %s", m.epoch, e)
+                self.drop_early()
                 return self._reject(m, f"disk: {e}")
         if m.epoch == 0 and self.committed:
             # A new generation's pre-copy overwrites the image: it holds no committed
@@ -340,8 +429,14 @@ class Standby:
                 self.committed,
             )
             self.committed = 0
+        # the early parts in the order sent, then the final part: the last copy of a page wins
+        for batches, _, _ in early:
+            for batch in batches:
+                batch.commit()
+        self.early_pages += sum(n for _, _, n in early)
         for batch in staged:
             batch.commit()
+        self.drop_early()
         if m.epoch == 0:
             self.precopied += m.count
         else:
@@ -373,6 +468,9 @@ class Standby:
             "primary": self.primary,
             "precopied_pages": self.precopied,
             "commits": self.commits,
+            "early_pages": self.early_pages,
+            "early_staged_parts": len(self.early),
+            "early_staged_epoch": self.early_epoch if self.early else 0,
             "rejected": self.rejected,
             "dropped": self.dropped,
             "refused_keys": self.link.guard.refused if self.link and self.link.guard else 0,

@@ -21,6 +21,11 @@ Two parts, neither doing I/O:
   again within a few epochs); a pre-copy round that does not converge halves it.  At
   its lowest speed and still over budget for
   ``CANNOT_HOLD_EPOCHS`` epochs, the guest cannot be held: reported, never hidden.
+  From full speed, a pause over budget that its bytes do not explain (fewer than
+  ``ENGAGE_MIN_BYTES``, the window not full, the bytes within capacity) engages only when
+  ``ENGAGE_EPOCHS`` checkpoints in a row overrun: on a loaded host one pause is sometimes
+  late for reasons that slowing the guest cannot help (a guest that wrote nothing was
+  throttled again by one such pause).
 
 The guest backends apply the speed (mirror/guests: the synthetic guest's writer, a QEMU's
 vCPU threads under a CPU quota).
@@ -35,6 +40,10 @@ CANNOT_HOLD_EPOCHS = 20  # at MIN_SPEED and over budget this many epochs: report
 RAISE_BELOW = 0.75  # the speed rises only while the load is under this share of the budget
 CAPACITY_MIN_BYTES = 1 << 20  # acks of smaller checkpoints measure the round trip only
 CAPACITY_ALPHA = 0.25  # weight of a new capacity sample
+# a pause overrun with fewer bytes than this (and the window not full) is noise until it
+# repeats: from full speed it engages only after ENGAGE_EPOCHS such checkpoints in a row
+ENGAGE_MIN_BYTES = 1 << 20
+ENGAGE_EPOCHS = 3
 
 
 class Capacity:
@@ -95,6 +104,7 @@ class Throttle:
         self.throttled_s = 0.0  # time spent at a speed below 1
         self.engaged = 0  # times it went from unthrottled to throttled
         self.over = 0  # consecutive checkpoints over budget at MIN_SPEED
+        self.overruns = 0  # consecutive small pause overruns at full speed (see ENGAGE_EPOCHS)
         self.cannot_hold = False
         self._at: float | None = None  # when the last decision was taken (monotonic)
 
@@ -122,7 +132,20 @@ class Throttle:
         self._at = now
         load = self.load(pause_ms, nbytes, window_full, capacity)
         old = self.speed
-        if load > 1.0:
+        noise = (
+            old == 1.0
+            and load > 1.0
+            and not window_full
+            and nbytes < ENGAGE_MIN_BYTES
+            and (capacity <= 0 or nbytes <= capacity * self.epoch_s)
+        )
+        self.overruns = self.overruns + 1 if noise else 0
+        if noise and self.overruns < ENGAGE_EPOCHS:
+            why = (
+                f"load {load:.2f} from the pause alone ({nbytes} bytes): speed stays "
+                f"{old:.2f} unless it repeats ({self.overruns} of {ENGAGE_EPOCHS})"
+            )
+        elif load > 1.0:
             # proportional: the dirty set scales with the speed; aim a little under budget
             self.speed = max(MIN_SPEED, old * max(0.5, 0.9 / load))
             why = f"load {load:.2f} over budget: speed {old:.2f} -> {self.speed:.2f}"
@@ -164,4 +187,4 @@ class Throttle:
         if self._at is not None and self.speed < 1.0:
             self.throttled_s += now - self._at
         self._at = None
-        self.speed, self.over, self.cannot_hold = 1.0, 0, False
+        self.speed, self.over, self.cannot_hold, self.overruns = 1.0, 0, False, 0

@@ -52,8 +52,10 @@ import msgpack
 
 from mirror.replication.pagediff import PAGE_SIZE, EncodedPages, PageKind, checksum_bytes
 
-PROTOCOL_VERSION = 4  # 2: HELLO carries the guest's fingerprint; 3: sessions, REJECT answers;
-# 4: WELCOME names the port of the sealed pages (mirror.replication.pagecrypt)
+PROTOCOL_VERSION = 5  # 2: HELLO carries the guest's fingerprint; 3: sessions, REJECT answers;
+# 4: WELCOME names the port of the sealed pages (mirror.replication.pagecrypt); 5: a
+# checkpoint may come in parts, the early ones (final false) sent while the guest runs
+# and committed only with the final one, whose ``part`` counts them
 MAX_HEADER = 1 << 20
 MAX_NAME = 128
 MAX_PAGES = 1 << 32
@@ -108,7 +110,14 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Pages:
-    """A batch of pages (a pre-copy part or a checkpoint) and its frames."""
+    """A batch of pages (a pre-copy part or a checkpoint) and its frames.
+
+    Pre-copy (epoch 0): parts 0, 1, ... each committed and acknowledged on its own.  A
+    checkpoint (epoch >= 1): zero or more early parts (``final`` false, parts 0..k-1, raw
+    pages only, no state or outputs), sent while the guest runs the epoch, then the final
+    part (``part`` = k, the number of early parts before it) with the device state and the
+    outputs; the standby stages the early parts and commits them, then the final one,
+    only when the final part arrives and all k verified."""
 
     epoch: int
     part: int

@@ -198,7 +198,7 @@ def test_wrong_version_pair_generation_size_and_guest_are_refused(
     driver.link.data.send_multipart([msgpack.packb(head)])
     driver.no_reply()  # another version: logged by the standby, not answered
     log = (pair.root / "hostB" / "agent.log").read_text()
-    assert "peer speaks protocol version 99, this node speaks version 4" in log
+    assert "peer speaks protocol version 99, this node speaks version 5" in log
     for change, words in [
         ({"pair": "other"}, "wrong pair"),
         ({"generation": 0}, "not the current generation"),

@@ -72,7 +72,8 @@ def test_throttle_engages_above_capacity_and_releases_when_the_writer_stops(
     assert t["throttled_s"] == pytest.approx(released["throttled_s"], abs=0.05)
     for s in samples:  # the cap on the send buffers held all along
         assert s["send_buffer_bytes"] <= s["send_buffer_cap_bytes"]
-    assert samples[0]["send_buffer_cap_bytes"] == 3 * (32 << 20)  # max_in_flight 2, + 1
+    # max_in_flight 2, + 1; and the early parts' ring (checkpoint.early_send): 3 x RAM / 4
+    assert samples[0]["send_buffer_cap_bytes"] == 3 * (32 << 20) + 3 * (8 << 20)
     # `mirror status` says so in words
     run = subprocess.run([sys.executable, "-m", "mirror", "status", "--config", str(a.config_path)],
                          capture_output=True, text=True, timeout=30)  # fmt: skip
@@ -104,7 +105,8 @@ NO_THROTTLE = replace(
 def test_send_buffers_hold_their_cap_unthrottled(pair: Pair) -> None:
     """No throttle and a guest rewriting nearly all of its RAM every epoch: the epoch
     stretches, each checkpoint holds nearly the whole guest, and the send buffers still
-    never hold more than (max_in_flight + 1) x RAM."""
+    never hold more than (max_in_flight + 1) x RAM, plus the early parts' ring
+    ((max_in_flight + 1) x RAM / 4)."""
     pair.start_secondary()
     a = pair.start_primary()
     seen: list[dict[str, Any]] = []
@@ -117,6 +119,7 @@ def test_send_buffers_hold_their_cap_unthrottled(pair: Pair) -> None:
 
     pair.wait("checkpoints", sample, 90)
     assert seen and not seen[-1]["active"] and seen[-1]["level"] == 0
-    cap = 3 * (32 << 20)
+    cap = 3 * (32 << 20) + 3 * (8 << 20)  # and the early parts' ring: 3 x RAM / 4
+    assert seen[-1]["send_buffer_cap_bytes"] == cap
     assert max(s["send_buffer_bytes"] for s in seen) <= cap
     assert max(s["send_buffer_bytes"] for s in seen) > (32 << 20)  # it did grow: a real test

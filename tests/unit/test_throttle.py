@@ -9,6 +9,7 @@ from mirror.replication import pagediff as pd
 from mirror.replication.inflight import SendBuffers
 from mirror.replication.throttle import (
     CANNOT_HOLD_EPOCHS,
+    ENGAGE_EPOCHS,
     MIN_SPEED,
     Capacity,
     Throttle,
@@ -73,6 +74,26 @@ def test_a_full_window_counts_as_over_capacity() -> None:
     t = Throttle(BUDGET_MS, EPOCH_MS)
     d = t.observe(2.0, 1_000_000, window_full=True, capacity=0.0, now=1.0)
     assert d.load == 1.25 and d.speed < 1.0 and "over budget" in d.why
+
+
+def test_one_late_pause_with_few_bytes_does_not_engage() -> None:
+    """A loaded host: one pause of a guest that wrote almost nothing comes late.  Slowing
+    the guest cannot help that; only overruns that repeat engage from full speed."""
+    t = Throttle(BUDGET_MS, EPOCH_MS)
+    now = 0.0
+    for pause in (40.0, FIXED_MS, 40.0, FIXED_MS) * 5:  # noisy, never twice in a row
+        now += EPOCH_MS / 1000
+        d = t.observe(pause, 64 * 4096, window_full=False, capacity=CAPACITY, now=now)
+        assert d.speed == 1.0, d.why
+    assert t.engaged == 0 and t.throttled_s == 0
+    for i in range(ENGAGE_EPOCHS):  # the same overrun, epoch after epoch: engages
+        now += EPOCH_MS / 1000
+        d = t.observe(40.0, 64 * 4096, window_full=False, capacity=CAPACITY, now=now)
+        assert (d.speed < 1.0) == (i == ENGAGE_EPOCHS - 1), d.why
+    # an overrun that its bytes explain engages at once
+    t = Throttle(BUDGET_MS, EPOCH_MS)
+    d = t.observe(40.0, 30_000_000, window_full=False, capacity=CAPACITY, now=1.0)
+    assert d.speed < 1.0 and "over budget" in d.why
 
 
 def test_a_guest_that_cannot_be_held_is_reported() -> None:

@@ -92,7 +92,7 @@ def test_wrong_version_names_both_versions():
         }
     )
     with pytest.raises(
-        wire.VersionMismatch, match="peer speaks protocol version 1, this node speaks version 4"
+        wire.VersionMismatch, match="peer speaks protocol version 1, this node speaks version 5"
     ):
         wire.decode([head])
 
