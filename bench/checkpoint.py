@@ -454,12 +454,12 @@ def compare_early(
         engine.cfg = modes[False]
         engine.run(lambda: engine.epoch >= warm, release=False)
         for _ in range(rounds):
-            for on in (False, True):
-                engine.cfg = modes[on]
+            for early in (False, True):
+                engine.cfg = modes[early]
                 first = engine.epoch + 3
                 target = engine.epoch + checkpoints
                 engine.run(lambda t=target: engine.epoch >= t, release=False)  # type: ignore[misc]
-                recs[on] += [r for r in engine.stats.records if first <= r.epoch <= target]
+                recs[early] += [r for r in engine.stats.records if first <= r.epoch <= target]
         while engine.in_flight:  # the acks of the last ones
             engine.pump(time.monotonic() + 0.05)
     off, on = recs[False], recs[True]
