@@ -73,6 +73,12 @@ class GateLab:
                 _ip("netns", "add", ns)
                 self._made.append(ns)
                 _ip("-n", ns, "link", "set", "lo", "up")
+                # IPv4 only: no IPv6 start-up (MLD reports, router solicitations) sent at
+                # random times after a link comes up, before or after a gate is on
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                                "net.ipv6.conf.all.disable_ipv6=1",
+                                "net.ipv6.conf.default.disable_ipv6=1"],
+                               capture_output=True, check=True)  # fmt: skip
             h = self.ns["H"]
             _ip("-n", h, "link", "add", "br0", "type", "bridge")
             _ip("-n", h, "link", "set", "br0", "up")

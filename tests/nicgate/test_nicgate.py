@@ -178,7 +178,8 @@ def test_ip_arp_tcp_udp_held_inbound_straight(lab: GateLab) -> None:
         arp = held.wait(lambda o: any(x.payload[VNET_HDR_LEN + 12 :][:2] == b"\x08\x06" for x in o))
         assert arp, "the guest's ARP request was handed to the gate"
         frames = sniff.collect(0.5)
-        assert not any(f[6:12] == mac(GUEST_MAC) for f in frames), "a frame of the guest leaked"
+        leaked = [f[:60].hex() for f in frames if f[6:12] == mac(GUEST_MAC)]
+        assert not leaked, f"a frame of the guest leaked: {leaked}"
 
         # inbound goes straight to the guest while its own frames stay held
         lab.static_neighbours()
@@ -265,7 +266,7 @@ def test_remove_restores_the_tap(lab: GateLab) -> None:
     gate = gate_on(lab, "vnet", held)
     assert tc_state(lab, "vnet") != before
     remove(lab, gate)
-    held.take()  # what the guest sent while the gate was on (its IPv6 start-up)
+    held.take()  # what the guest sent while the gate was on
     assert tc_state(lab, "vnet") == before
     links = json.loads(lab.run("H", "ip", "-j", "link", "show"))
     assert not [x["ifname"] for x in links if x["ifname"].startswith("mgate")]
