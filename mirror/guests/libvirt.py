@@ -47,7 +47,7 @@ import select
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -112,21 +112,34 @@ def open_conn(uri: str) -> Any:
         ) from None
 
 
-def live_probe(uri: str, name: str) -> list[str]:
-    """What stops pairing the running domain ``name`` live (``mirror pair --live --check``),
-    tried on it with nothing left behind: its QEMU found, its RAM found (private RAM read
-    from QEMU's process: its first and last page), a userfaultfd made inside QEMU and
-    closed at once.  Empty: nothing stops it."""
+@contextlib.contextmanager
+def _running(uri: str, name: str) -> Iterator[tuple[Any, Monitor] | None]:
+    """The running domain ``name`` at ``uri`` and QMP through libvirt to it (None: no
+    such domain, or it does not run); the connection closed after."""
     libvirt = _libvirt()
     conn = open_conn(uri)
     try:
         try:
             dom = conn.lookupByName(name)
         except libvirt.libvirtError:
-            return [f"no domain {name!r} at {uri}"]
-        if not dom.isActive():
-            return [f"{name} is not running"]
-        monitor = LibvirtMonitor(lambda what, fn, *_: fn(dom))
+            yield None
+            return
+        yield (dom, LibvirtMonitor(lambda what, fn, *_: fn(dom))) if dom.isActive() else None
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def live_probe(uri: str, name: str) -> list[str]:
+    """What stops pairing the running domain ``name`` live (``mirror pair --live --check``),
+    tried on it with nothing left behind: its QEMU found, its RAM found (private RAM read
+    from QEMU's process: its first and last page), a userfaultfd made inside QEMU and
+    closed at once.  Empty: nothing stops it."""
+    libvirt = _libvirt()
+    with _running(uri, name) as found:
+        if found is None:
+            return [f"{name} is not running at {uri}"]
+        _dom, monitor = found
         try:
             pid = libvirtram.qemu_pid(monitor, name)
             ram = libvirtram.find_ram(monitor, pid, name, private_ok=True)
@@ -137,9 +150,6 @@ def live_probe(uri: str, name: str) -> list[str]:
         except (GuestError, libvirt.libvirtError) as e:
             return [str(e)]
         return []
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
 
 
 def disk_back(uri: str, name: str) -> bool:
@@ -147,16 +157,10 @@ def disk_back(uri: str, name: str) -> bool:
     NBD node a role that died left below its format node (its disk server serves on until
     then: it exits once QEMU lets go); what `unpair` does with the role alive.  False if
     there was nothing to give back."""
-    libvirt = _libvirt()
-    conn = open_conn(uri)
-    try:
-        try:
-            dom = conn.lookupByName(name)
-        except libvirt.libvirtError:
+    with _running(uri, name) as found:
+        if found is None:
             return False
-        if not dom.isActive():
-            return False
-        monitor = LibvirtMonitor(lambda what, fn, *_: fn(dom))
+        dom, monitor = found
         if not libvirtdisk.ours(monitor):
             return False
         disk = libvirtdisk.the_disk(dom.XMLDesc(0), name)
@@ -167,9 +171,6 @@ def disk_back(uri: str, name: str) -> bool:
         log.warning("domain %s: its disk is on libvirt's own file node again (a role that died "
                     "had it on mirror's disk server)", name)  # fmt: skip
         return True
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
 
 
 # ---- the guest ----------------------------------------------------------------------

@@ -345,11 +345,7 @@ class Standby:
             self.drop_early()
             return self._reject(m, problem)
         try:
-            staged = [
-                pd.stage_pages(self.image.map, m.index[a:b], m.kinds[a:b], m.lens[a:b], frame,
-                               m.checksums[a:b])
-                for a, b, frame in m.slices()
-            ]  # fmt: skip
+            staged = self._stage(m)
         except pd.PageDiffError as e:
             log.error("checkpoint %d early part %d rejected: %s; image stays at checkpoint %d",
                       m.epoch, m.part, e, self.committed)  # fmt: skip
@@ -359,6 +355,14 @@ class Standby:
         self.early.append((staged, m.data_len, m.count))
         self.early_bytes += m.data_len
         return None
+
+    def _stage(self, m: wire.Pages) -> list[pd.StagedBatch]:
+        """Every data frame of ``m`` staged and verified (PageDiffError), nothing written."""
+        return [
+            pd.stage_pages(self.image.map, m.index[a:b], m.kinds[a:b], m.lens[a:b], frame,
+                           m.checksums[a:b])
+            for a, b, frame in m.slices()
+        ]  # fmt: skip
 
     def _pages(self, m: wire.Pages) -> wire.Message | None:
         assert self.session is not None
@@ -397,11 +401,7 @@ class Standby:
             if m.state and pd.checksum_bytes(m.state) != m.state_sum:
                 raise pd.CorruptEncoding("device state does not match its checksum")
             # every data frame staged and verified before any page is written
-            staged = [
-                pd.stage_pages(self.image.map, m.index[a:b], m.kinds[a:b], m.lens[a:b], frame,
-                               m.checksums[a:b])
-                for a, b, frame in m.slices()
-            ]  # fmt: skip
+            staged = self._stage(m)
         except pd.PageDiffError as e:
             log.error(
                 "checkpoint %d part %d rejected: %s; image stays at checkpoint %d",

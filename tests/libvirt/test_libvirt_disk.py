@@ -75,6 +75,19 @@ def writes(log: Path) -> int:
     return len(qemudemo.client_events(log))
 
 
+def stop_client(client: subprocess.Popen[bytes] | None, log: Path) -> dict[str, Any]:
+    """The client stopped: its summary (its journal read back from the guest), its
+    connection unbroken and every write the guest acknowledged in the journal."""
+    assert client is not None
+    client.send_signal(signal.SIGTERM)
+    client.wait(30)
+    summary: dict[str, Any] = next(
+        e for e in qemudemo.client_events(log) if e["event"] == "summary"
+    )
+    assert summary.get("error") is None and summary["journal_intact"], summary
+    return summary
+
+
 @dataclass
 class Lab:
     """A pair running the demo domain with a disk, the client writing its journal."""
@@ -96,14 +109,7 @@ class Lab:
 
     def journal(self) -> dict[str, Any]:
         """The client stopped: its summary (the journal read back from the guest)."""
-        assert self.client is not None
-        self.client.send_signal(signal.SIGTERM)
-        self.client.wait(30)
-        summary: dict[str, Any] = next(
-            e for e in qemudemo.client_events(self.log) if e["event"] == "summary"
-        )
-        assert summary.get("error") is None and summary["journal_intact"], summary
-        return summary
+        return stop_client(self.client, self.log)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from mirror.lab import libvirtdemo, qemudemo
 from mirror.lab.demo import Host, wait_for
 from mirror.lab.netlab import GuestLan
 from tests.libvirt.conftest import HostFactory
-from tests.libvirt.test_libvirt_disk import Lab, check_image, inactive, writes
+from tests.libvirt.test_libvirt_disk import Lab, check_image, inactive, stop_client, writes
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(500)]
 
@@ -59,37 +60,76 @@ def connections(log: Path) -> int:
     return sum(e.get("event") == "connected" for e in qemudemo.client_events(log))
 
 
+@dataclass
+class LiveRun:
+    """One run of the lab: the operator's domain started on A, the client connected and
+    writing its journal before `mirror pair web01 --peer hostB --live` (its ``then``
+    called after that, still before the pairing)."""
+
+    root: Path
+    lan: GuestLan
+    guest: libvirtdemo.LibvirtDemoGuest
+    hosts: list[Host] = field(default_factory=list)
+    client: subprocess.Popen[bytes] | None = None
+    defined: str = ""  # A's definition before pairing
+
+    @property
+    def log(self) -> Path:
+        return self.root / "client.jsonl"
+
+    def start(self, guest_image: Path) -> tuple[Host, Host]:
+        return self.guest.start(self.lan, self.root, libvirtdemo.default_base(), guest_image,
+                                "web01", self.hosts, lambda *_a, **_k: None)  # fmt: skip
+
+    def host(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+
+@contextlib.contextmanager
+def live_run(then: Callable[[LiveRun], None] | None = None, **kw: Any) -> Iterator[LiveRun]:
+    """A LiveRun (``kw``: LibvirtDemoGuest's), everything stopped after."""
+    root = Path(tempfile.mkdtemp(prefix="mirror-lvlive-"))
+    run = LiveRun(root, GuestLan(), libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True))
+
+    def before_pair() -> None:  # the guest's service up, the client connected and writing
+        serial = run.guest.serial(root)
+        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120,
+                 run.hosts)  # fmt: skip
+        run.client = qemudemo.start_client(run.lan, run.log, connect_for=60, write_every=0.05)
+        wait_for("journal writes before pairing", lambda: writes(run.log) > 10, 60, run.hosts)
+        run.defined = inactive(run.guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN))
+        if then is not None:
+            then(run)
+
+    run.guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True,
+                                             before_pair=before_pair, **kw)  # fmt: skip
+    try:
+        yield run
+    finally:
+        qemudemo.stop_all(run.client, run.hosts, run.guest, run.lan)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def stopped_client(run: LiveRun) -> dict[str, Any]:
+    """The client stopped: its summary (its journal read back); the connection from
+    before the pairing intact, every acknowledged write in the journal, no reboot seen."""
+    summary = stop_client(run.client, run.log)
+    assert summary["repeats"] == 0 and connections(run.log) == 1, summary
+    return summary
+
+
 @contextlib.contextmanager
 def live_paired(guest_image: Path) -> Iterator[tuple[Lab, list[Host], GuestLan]]:
-    """The operator's domain started on A, the client connected and writing its journal,
-    then `mirror pair web01 --peer hostB --live`; everything stopped after."""
-    root = Path(tempfile.mkdtemp(prefix="mirror-lvlive-"))
-    lan = GuestLan()
-    hosts: list[Host] = []
-    log = root / "client.jsonl"
-    box: dict[str, Any] = {}
-    guest: libvirtdemo.LibvirtDemoGuest
-
-    def before_pair() -> None:  # the guest's service up, the client connected
-        serial = guest.serial(root)
-        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
-        box["client"] = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
-        wait_for("journal writes before pairing", lambda: writes(log) > 20, 60, hosts)
-        box["before"] = writes(log)
-
-    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True, before_pair=before_pair)
-    lab = None
-    try:
-        base = libvirtdemo.default_base()
-        a, b = guest.start(lan, root, base, guest_image, "web01", hosts, lambda *_a, **_k: None)
-        assert guest.pair_output[-1].startswith("web01 is protected by hostB"), guest.pair_output
-        wait_for("protected", lambda: (a.status() or {}).get("phase") == "protected", 120, hosts)
+    """A LiveRun paired and protected, as a Lab."""
+    with live_run() as run:
+        a, b = run.start(guest_image)
+        assert run.guest.pair_output[-1].startswith("web01 is protected by hostB"), \
+            run.guest.pair_output
+        wait_for("protected", lambda: (a.status() or {}).get("phase") == "protected", 120,
+                 run.hosts)  # fmt: skip
         original = (a.dir / "state" / "pairs" / "web01" / "original.xml").read_text()
-        lab = Lab(root, guest, a, b, original, log, box["client"])
-        yield lab, hosts, lan
-    finally:
-        qemudemo.stop_all(lab.client if lab else box.get("client"), hosts, guest, lan)
-        shutil.rmtree(root, ignore_errors=True)
+        lab = Lab(run.root, run.guest, a, b, original, run.log, run.client)
+        yield lab, run.hosts, run.lan
 
 
 def test_a_running_domain_with_private_ram_is_paired_live_and_survives_a_host_kill(
@@ -137,54 +177,33 @@ def test_a_live_pairing_the_peer_refuses_changes_nothing(
 ) -> None:
     """B cannot start the standby (its libvirt network is gone): `mirror pair --live`
     fails with the reason, and the domain on A runs on as it was."""
-    root = Path(tempfile.mkdtemp(prefix="mirror-lvlive-"))
-    lan = GuestLan()
-    hosts: list[Host] = []
-    log = root / "client.jsonl"
-    box: dict[str, Any] = {}
-    guest: libvirtdemo.LibvirtDemoGuest
 
-    def before_pair() -> None:
-        serial = guest.serial(root)
-        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
-        box["client"] = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
-        wait_for("journal writes before pairing", lambda: writes(log) > 10, 60, hosts)
-        dom = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
-        box["defined"] = inactive(dom)
-        net = guest.hosts["B"].connect().networkLookupByName(libvirtdemo.NETWORK)
+    def no_network_on_b(run: LiveRun) -> None:
+        net = run.guest.hosts["B"].connect().networkLookupByName(libvirtdemo.NETWORK)
         net.destroy()
         net.undefine()
 
-    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True, before_pair=before_pair)
-    try:
+    with live_run(no_network_on_b) as run:
         with pytest.raises(RuntimeError, match="pair"):
-            guest.start(lan, root, libvirtdemo.default_base(), guest_image, "web01", hosts,
-                        lambda *_a, **_k: None)  # fmt: skip
-        said = "\n".join(guest.pair_output)
+            run.start(guest_image)
+        said = "\n".join(run.guest.pair_output)
         assert "did not start on hostB" in said or "network" in said, said
         assert "Traceback" not in said
-        dom = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
-        assert dom.isActive() and inactive(dom) == box["defined"] and dom.autostart() == 1
-        qemu = guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
+        dom = run.guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
+        assert dom.isActive() and inactive(dom) == run.defined and dom.autostart() == 1
+        qemu = run.guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
         assert qemu is not None and uffds(qemu) == 0
-        assert boots(guest.serial(root)) == 1
-        n = writes(log)
-        wait_for("journal writes after", lambda: writes(log) > n + 10, 60, hosts)
-        a = next(h for h in hosts if h.name == "hostA")
+        assert boots(run.guest.serial(run.root)) == 1
+        n = writes(run.log)
+        wait_for("journal writes after", lambda: writes(run.log) > n + 10, 60, run.hosts)
+        a = run.host("hostA")
         assert isinstance(a, libvirtdemo.AgentHost)
         listed = subprocess.run(
-            [*guest.hosts["A"].enter(), "--", sys.executable, "-m", "mirror", "list",
+            [*run.guest.hosts["A"].enter(), "--", sys.executable, "-m", "mirror", "list",
              "--agent-config", str(a.config_path)], capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert "web01" not in listed.stdout, listed.stdout
-        client = box["client"]
-        client.send_signal(signal.SIGTERM)
-        client.wait(30)
-        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
-        assert summary.get("error") is None and summary["journal_intact"], summary
-    finally:
-        qemudemo.stop_all(box.get("client"), hosts, guest, lan)
-        shutil.rmtree(root, ignore_errors=True)
+        stopped_client(run)
 
 
 @pytest.mark.parametrize("lost", ["the standby's host", "the primary role", "the primary's host"])
@@ -202,16 +221,10 @@ def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
 
     from tests.libvirt.test_libvirt_disk import nodes
 
-    root = Path(tempfile.mkdtemp(prefix="mirror-lvlive-"))
-    lan = GuestLan()
-    hosts: list[Host] = []
-    log = root / "client.jsonl"
-    box: dict[str, Any] = {}
-    guest: libvirtdemo.LibvirtDemoGuest
+    killed: list[float] = []
 
-    def kill_in_precopy() -> None:
-        a = next(h for h in hosts if h.name == "hostA")
-        b = next(h for h in hosts if h.name == "hostB")
+    def kill_in_precopy(run: LiveRun) -> None:
+        a, b = run.host("hostA"), run.host("hostB")
         assert isinstance(a, libvirtdemo.AgentHost)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -220,60 +233,46 @@ def test_a_live_pairing_that_loses_a_side_midway_leaves_the_guest_running(
                 if lost == "the primary role":
                     os.kill(int(st["pid"]), signal.SIGKILL)
                 elif lost == "the primary's host":
-                    guest.kill_host(a, "A")
+                    run.guest.kill_host(a, "A")
                 else:
-                    guest.kill_host(b, "B")
-                box["killed"] = time.time()
+                    run.guest.kill_host(b, "B")
+                killed.append(time.time())
                 return
             time.sleep(0.005)
 
-    def before_pair() -> None:
-        serial = guest.serial(root)
-        wait_for("the service", lambda: "guestd: listening" in serial.read_text(), 120, hosts)
-        box["client"] = qemudemo.start_client(lan, log, connect_for=60, write_every=0.05)
-        wait_for("journal writes before pairing", lambda: writes(log) > 10, 60, hosts)
-        box["defined"] = inactive(guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN))
-        box["killer"] = threading.Thread(target=kill_in_precopy, daemon=True)
-        box["killer"].start()
+    killer: list[threading.Thread] = []
 
-    guest = libvirtdemo.LibvirtDemoGuest(bridges=("br0",), live=True, before_pair=before_pair,
-                                         pair_args=("--timeout", "20"), must_pair=False)
-    try:
-        guest.start(lan, root, libvirtdemo.default_base(), guest_image, "web01", hosts,
-                    lambda *_a, **_k: None)  # fmt: skip
-        box["killer"].join(10)
-        assert "killed" in box, "the pre-copy was never seen"
-        assert guest.pair_code != 0, guest.pair_output
-        said = "\n".join(guest.pair_output)
+    def start_killer(run: LiveRun) -> None:
+        killer.append(threading.Thread(target=kill_in_precopy, args=(run,), daemon=True))
+        killer[0].start()
+
+    with live_run(start_killer, pair_args=("--timeout", "20"), must_pair=False) as run:
+        run.start(guest_image)
+        killer[0].join(10)
+        assert killed, "the pre-copy was never seen"
+        assert run.guest.pair_code != 0, run.guest.pair_output
+        said = "\n".join(run.guest.pair_output)
         assert "Traceback" not in said
         if lost == "the primary's host":
-            b = next(h for h in hosts if h.name == "hostB")
+            b = run.host("hostB")
             time.sleep(5)  # B judges A gone: nothing committed, nothing to promote
             assert (b.status() or {}).get("role") != "primary", b.status()
-            conn_b = guest.hosts["B"].connect()
+            conn_b = run.guest.hosts["B"].connect()
             running = [d.name() for d in conn_b.listAllDomains()
                        if d.isActive() and d.state()[0] == 1]  # VIR_DOMAIN_RUNNING
             assert running == [], running
             return
-        dom = guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
-        assert dom.isActive() and boots(guest.serial(root)) == 1
-        n = writes(log)
-        wait_for("journal writes after the loss", lambda: writes(log) > n + 20, 60, [])
-        qemu = guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
+        dom = run.guest.hosts["A"].connect().lookupByName(libvirtdemo.DOMAIN)
+        assert dom.isActive() and boots(run.guest.serial(run.root)) == 1
+        n = writes(run.log)
+        wait_for("journal writes after the loss", lambda: writes(run.log) > n + 20, 60, [])
+        qemu = run.guest.hosts["A"].qemu_pid(libvirtdemo.DOMAIN)
         assert qemu is not None
         if lost == "the primary role":  # the pairing undone, the domain as it was
-            wait_for("the pairing undone", lambda: inactive(dom) == box["defined"], 30, [])
+            wait_for("the pairing undone", lambda: inactive(dom) == run.defined, 30, [])
             assert dom.autostart() == 1 and uffds(qemu) == 0
-            assert not any(x.startswith("mirror-disk-") for x in nodes(dom)), hosts[-1].log_tail(40)
-        client = box["client"]
-        client.send_signal(signal.SIGTERM)
-        client.wait(30)
-        summary = next(e for e in qemudemo.client_events(log) if e["event"] == "summary")
-        assert summary.get("error") is None and summary["journal_intact"], summary
-        assert summary["repeats"] == 0 and connections(log) == 1
-    finally:
-        qemudemo.stop_all(box.get("client"), hosts, guest, lan)
-        shutil.rmtree(root, ignore_errors=True)
+            assert not any(x.startswith("mirror-disk-") for x in nodes(dom))
+        stopped_client(run)
 
 
 def test_unpair_after_a_live_pairing_leaves_the_domain_as_the_operator_gave_it(
