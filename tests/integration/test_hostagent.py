@@ -120,6 +120,16 @@ def kill_group(pid: int) -> None:
         time.sleep(0.05)
 
 
+def pair_port_base() -> int:
+    """The first of 61 ports for the two agents' pair ports: below the kernel's ephemeral
+    range, where free_ports() finds the agents' own (a range over them is refused)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    span = max(low - 61 - 20000, 1)
+    return 20000 + (os.getpid() * 7) % span
+
+
 @pytest.fixture
 def agents(tmp_path: Path, pair_name: str, no_leftovers: None,
            request: pytest.FixtureRequest) -> Iterator[tuple[Agent, Agent]]:
@@ -127,7 +137,7 @@ def agents(tmp_path: Path, pair_name: str, no_leftovers: None,
     for n in ("hostA", "hostB", "stranger"):
         keys.generate(tmp_path / "keys", n)
     pa, pb, ma, mb = free_ports(4)
-    base = 20000 + (os.getpid() * 7) % 30000
+    base = pair_port_base()
     # [agent] log of each (a test's own sinks: "{root}" is its tmp_path)
     log = {n: v.replace("{root}", str(tmp_path))
            for n, v in getattr(request, "param", {}).items()}
