@@ -1,5 +1,5 @@
 """A network fuzz of a running pair's ports: random and mutated frames, at least 1,000 a
-second for MIRROR_NETFUZZ_SECONDS (default 60), while the pair checkpoints.  Mutated
+second for MIRROR_NETFUZZ_SECONDS (default 30), while the pair checkpoints.  Mutated
 messages come over CURVE with the primary's key (so that they get past the transport
 and reach the standby's decoder and session checks) and without any key; random bytes
 come over plain TCP too.  Nothing may crash and the pair must stay protected: the
@@ -22,7 +22,7 @@ from mirror.replication import keys, wire
 from mirror.replication import pagediff as pd
 from tests.integration.conftest import Pair
 
-SECONDS = float(os.environ.get("MIRROR_NETFUZZ_SECONDS", "60"))
+SECONDS = float(os.environ.get("MIRROR_NETFUZZ_SECONDS", "30"))
 
 
 def seed_messages(pair_name: str, ram: int) -> list[list[bytes]]:
