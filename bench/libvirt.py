@@ -78,7 +78,7 @@ def summary(rows: list[dict[str, float]]) -> dict[str, float]:
 def run(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="mirror-bench-lv-"))
     ram_path = Path(f"/dev/shm/mirror-bench-lvq-{os.getpid()}.ram")
-    cfg = QemuConfig(kernel=str(img / "vmlinuz"), initrd=str(img / "initramfs.cpio.gz"))
+    cfg = QemuConfig(kernel=str(image.kernel(img)), initrd=str(img / "initramfs.cpio.gz"))
     own: QemuGuest | None = None
     lvg: LibvirtGuest | None = None
     host: LibvirtHost | None = None

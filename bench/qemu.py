@@ -140,7 +140,7 @@ def path_ab(img: Path, ram_mib: int, rounds: int) -> dict[str, Any]:
     """Today's pause path and the one before issue 23 in the same run: two guests alike,
     a log checkpoint on each in turn (the order swapped every round)."""
     root = Path(tempfile.mkdtemp(prefix="mirror-bench-qemu-ab-"))
-    cfg = QemuConfig(kernel=str(img / "vmlinuz"), initrd=str(img / "initramfs.cpio.gz"))
+    cfg = QemuConfig(kernel=str(image.kernel(img)), initrd=str(img / "initramfs.cpio.gz"))
     guests: list[QemuGuest] = []
     logs: list[dirtylog.DirtyLog] = []
     old = None
@@ -183,7 +183,7 @@ def path_ab(img: Path, ram_mib: int, rounds: int) -> dict[str, Any]:
 def pause_rounds(img: Path, ram_mib: int, rounds: int, threads: int) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix="mirror-bench-qemu-"))
     ram_path = Path(f"/dev/shm/mirror-bench-qemu-{os.getpid()}.ram")
-    cfg = QemuConfig(kernel=str(img / "vmlinuz"), initrd=str(img / "initramfs.cpio.gz"))
+    cfg = QemuConfig(kernel=str(image.kernel(img)), initrd=str(img / "initramfs.cpio.gz"))
     g = QemuGuest.boot(cfg, ram_mib, ram_path, run_dir, lambda out: None)
     try:
         g.resume()

@@ -17,12 +17,15 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +86,66 @@ class ImageError(RuntimeError):
     """The guest image could not be built; the message says what to do."""
 
 
+# The kernel QEMU boots: the uncompressed ELF inside Debian's bzImage, by its PVH entry
+# point (QEMU's pvh.bin).  It skips the bzImage's decompression, which under TCG took
+# about 3 s of a 6 s boot and, under checkpoints, dirtied some 65 MB of guest RAM.
+PVH_KERNEL = "vmlinux"
+XEN_ELFNOTE_PHYS32_ENTRY = 18  # the note that makes an ELF kernel bootable by PVH
+
+
+def kernel(img: Path) -> Path:
+    """The kernel to boot in the image folder ``img``: the PVH ``vmlinux`` where the
+    build could unpack one, else the ``vmlinuz`` as Debian ships it."""
+    pvh = img / PVH_KERNEL
+    return pvh if pvh.exists() else img / "vmlinuz"
+
+
+def pvh_kernel(bzimage: bytes) -> bytes | None:
+    """The uncompressed ELF kernel inside a bzImage, if it is compressed with xz or gzip
+    and has a PVH entry point; None otherwise (then the bzImage is booted as it is)."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        return None
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = bzimage[start : start + length]
+    try:
+        if payload.startswith(b"\xfd7zXZ\x00"):
+            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+        elif payload.startswith(b"\x1f\x8b"):
+            elf = zlib.decompressobj(wbits=31).decompress(payload)
+        else:
+            return None
+    except (lzma.LZMAError, zlib.error):
+        return None
+    return elf if _has_pvh_note(elf) else None
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """Whether a 64-bit little-endian ELF has Xen's PHYS32_ENTRY note (PT_NOTE segments)."""
+    if len(elf) < 64 or elf[:5] != b"\x7fELF\x02" or elf[5] != 1:
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if at + 56 > len(elf):
+            return False
+        p_type, = struct.unpack_from("<I", elf, at)
+        if p_type != 4:  # PT_NOTE
+            continue
+        off, = struct.unpack_from("<Q", elf, at + 8)
+        size, = struct.unpack_from("<Q", elf, at + 32)
+        pos, end = off, min(off + size, len(elf))
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
@@ -140,6 +203,7 @@ def recipe() -> str:
     h = hashlib.sha256(GUESTD_SRC.read_bytes())
     h.update(INIT.encode())
     h.update(" ".join(MODULES).encode())
+    h.update(b"kernel: the PVH vmlinux where one unpacks")
     return h.hexdigest()
 
 
@@ -189,15 +253,25 @@ def build(out: Path = DEFAULT_DIR, *, say: Callable[[str], None] = print) -> Pat
         initrd = gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
         (out / "initramfs.cpio.gz").write_bytes(initrd)
         shutil.copyfile(vmlinuz, out / "vmlinuz")
+        say("image: unpacking the kernel for a PVH boot")
+        elf = pvh_kernel(vmlinuz.read_bytes())
+        (out / PVH_KERNEL).unlink(missing_ok=True)
+        if elf is None:
+            say("image: the kernel has no PVH entry (or is not xz/gzip): vmlinuz is booted")
+        else:
+            tmp_elf = out / f".{PVH_KERNEL}.tmp"
+            tmp_elf.write_bytes(elf)
+            tmp_elf.rename(out / PVH_KERNEL)
     manifest = {
         "kernel_package": debs[-1].name,
+        "kernel": kernel(out).name,
         "vmlinuz_sha256": _sha256(out / "vmlinuz"),
         "initramfs_sha256": _sha256(out / "initramfs.cpio.gz"),
         "append": "console=ttyS0 quiet mirror.ip=10.0.0.10/24 mirror.port=7000",
         "recipe": recipe(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    say(f"image: {out}/vmlinuz and {out}/initramfs.cpio.gz ({len(initrd) >> 10} KiB)")
+    say(f"image: {kernel(out)} and {out}/initramfs.cpio.gz ({len(initrd) >> 10} KiB)")
     return out
 
 

@@ -107,7 +107,7 @@ def operator_domain(
   <vcpu placement='static'>1</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{img / "vmlinuz"}</kernel>
+    <kernel>{image.kernel(img)}</kernel>
     <initrd>{img / "initramfs.cpio.gz"}</initrd>
     <cmdline>console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}</cmdline>
   </os>

@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+from mirror.guests import image
+
 CAPS_CACHE = Path("/var/cache/mirror/libvirt-qemu-capabilities")
 TARGETS = {
     "etc": "/etc/libvirt",
@@ -342,7 +344,7 @@ def domain_xml(
   <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>
   <os>
     <type arch='x86_64' machine='{machine}'>hvm</type>
-    <kernel>{escape(str(image_dir / "vmlinuz"))}</kernel>
+    <kernel>{escape(str(image.kernel(image_dir)))}</kernel>
     <initrd>{escape(str(image_dir / "initramfs.cpio.gz"))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>

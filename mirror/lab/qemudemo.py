@@ -40,7 +40,7 @@ def configs(root: Path, base: Config, img: Path, pair: str) -> tuple[Config, Con
         (root / "shared").mkdir(parents=True, exist_ok=True)
     qemu = replace(
         base.qemu,
-        kernel=str(img / "vmlinuz"),
+        kernel=str(image.kernel(img)),
         initrd=str(img / "initramfs.cpio.gz"),
         append=f"console=ttyS0 quiet mirror.ip={GUEST_IP}/24 mirror.port={PORT}",
         tap="mtap0",

@@ -72,7 +72,7 @@ def balloon_image(guest_image: Path, tmp_path: Path) -> Path:
                              ("init", 0o100755, init.encode())])  # fmt: skip
     initrd = (guest_image / "initramfs.cpio.gz").read_bytes() + gzip.compress(extra, mtime=0)
     (out / "initramfs.cpio.gz").write_bytes(initrd)
-    shutil.copyfile(guest_image / "vmlinuz", out / "vmlinuz")
+    shutil.copyfile(image.kernel(guest_image), out / image.kernel(guest_image).name)
     return out
 
 

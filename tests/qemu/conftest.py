@@ -31,7 +31,7 @@ def qemu_base(img: Path, *, ram_mib: int = 128, epoch_ms: int = 50) -> Config:
     return replace(
         base,
         guest=replace(base.guest, kind="qemu", ram_mib=ram_mib),
-        qemu=QemuConfig(kernel=str(img / "vmlinuz"), initrd=str(img / "initramfs.cpio.gz")),
+        qemu=QemuConfig(kernel=str(image.kernel(img)), initrd=str(img / "initramfs.cpio.gz")),
         checkpoint=replace(base.checkpoint, epoch_ms=epoch_ms),
     )
 
