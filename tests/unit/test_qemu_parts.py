@@ -3,11 +3,15 @@ initramfs archive, the configuration, the version check, the example configs."""
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,6 +92,47 @@ def test_initramfs_archive_lists_in_busybox_cpio(tmp_path: Path) -> None:
                    cwd=out, check=True, capture_output=True)  # fmt: skip
     assert (out / "init").read_bytes() == b"#!x\n"
     assert (out / "bin" / "sh").is_symlink() and str((out / "bin" / "sh").readlink()) == "busybox"
+
+
+def _elf(note_type: int) -> bytes:
+    """A 64-bit ELF with one PT_NOTE segment holding one note named "Xen"."""
+    note = struct.pack("<III", 4, 8, note_type) + b"Xen\0" + (0x1000000).to_bytes(8, "little")
+    ident = b"\x7fELF\x02\x01\x01" + b"\0" * 9
+    header = ident + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, 120, 0, 0, len(note), len(note), 4)
+    return header + phdr + note + b"\0" * 64
+
+
+def _bzimage(payload: bytes, setup_sects: int = 3) -> bytes:
+    """A bzImage's layout: the setup header, then the protected-mode code whose
+    ``payload_offset`` bytes in is the compressed kernel."""
+    setup = bytearray((setup_sects + 1) * 512)
+    setup[0x1F1] = setup_sects
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", setup, 0x248, 100, len(payload))
+    return bytes(setup) + b"\x90" * 100 + payload + struct.pack("<I", 1234)
+
+
+@pytest.mark.parametrize("compress", [
+    lambda b: lzma.compress(b, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
+    lambda b: gzip.compress(b, mtime=0),
+], ids=["xz", "gzip"])  # fmt: skip
+def test_the_pvh_kernel_is_unpacked_from_a_bzimage_only_when_it_has_the_entry(
+    compress: Callable[[bytes], bytes], tmp_path: Path
+) -> None:
+    pvh = _elf(image.XEN_ELFNOTE_PHYS32_ENTRY)
+    assert image.pvh_kernel(_bzimage(compress(pvh))) == pvh
+    assert image.pvh_kernel(_bzimage(compress(pvh), setup_sects=31)) == pvh
+    # no PVH entry (another Xen note), an unknown compression, a truncated or no bzImage
+    assert image.pvh_kernel(_bzimage(compress(_elf(17)))) is None
+    assert image.pvh_kernel(_bzimage(b"\x02\x21\x4c\x18" + pvh)) is None
+    assert image.pvh_kernel(_bzimage(compress(pvh)[:40])) is None
+    assert image.pvh_kernel(pvh) is None
+    # the image folder boots vmlinux where the build unpacked one, else vmlinuz
+    (tmp_path / "vmlinuz").write_bytes(b"bz")
+    assert image.kernel(tmp_path) == tmp_path / "vmlinuz"
+    (tmp_path / "vmlinux").write_bytes(pvh)
+    assert image.kernel(tmp_path) == tmp_path / "vmlinux"
 
 
 def test_qemu_settings_are_validated() -> None:
