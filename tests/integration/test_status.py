@@ -124,21 +124,29 @@ def test_status_watch_redraws_in_place(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
+        # ^C as at a terminal: a run started in the background by a shell without job
+        # control (a CI runner's) inherits SIGINT ignored, and Python then keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # until three frames are drawn (by the frames, not a time: a start can take seconds
     # on a loaded machine), then ^C
     import select
 
     assert proc.stdout is not None
-    drawn, deadline = b"", time.monotonic() + 60
-    while drawn.count(b"\x1b[H\x1b[J") < 4 and time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 1)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            drawn += chunk
-    proc.send_signal(signal.SIGINT)
-    rest, err_b = proc.communicate(10)
+    try:
+        drawn, deadline = b"", time.monotonic() + 60
+        while drawn.count(b"\x1b[H\x1b[J") < 4 and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                drawn += chunk
+        proc.send_signal(signal.SIGINT)
+        rest, err_b = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:  # it did not end on ^C: the test fails, nothing left running
+            proc.kill()
+            proc.communicate()
     out, err = (drawn + rest).decode(), err_b.decode()
     assert proc.returncode == 0, err
     frames = out.split("\x1b[H\x1b[J")[1:]
